@@ -1,0 +1,260 @@
+"""The one config schema: typed, frozen, nested dataclasses, filled from YAML and `--set a.b=c` overrides.
+
+Loading is generic over the dataclasses (no per-key code): unknown keys, wrong types and impossible values are
+rejected with a `UserError` that names the dotted key. Keys that docs and launch scripts rely on keep their names:
+`train.steps`, `train.seed`, `data.global_batch`, `data.seq_len`, `checkpoint.every`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from analogjax.data.spec import DataConfig
+from analogjax.errors import UserError
+from analogjax.models.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """Where the teacher comes from; it is never trained and never written into a student checkpoint."""
+
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(preset="tiny-teacher"))
+    checkpoint: str | None = None  # an Orbax checkpoint directory written by analogjax (its params item)
+    hf_path: str | None = None  # a Hugging Face folder (safetensors + config.json)
+    # With neither path the teacher is randomly initialised: useful for tests and benchmarks only.
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh sizes. One of them may be -1: it takes all remaining devices."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclass(frozen=True)
+class LossTerm:
+    """One weighted term of the distillation objective.
+
+    kind: a logit divergence (forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl, tvd, soft_ce), `ce` on the
+    labels, or a feature term (hidden_mse, hidden_cosine) over `distill.layer_map`.
+    """
+
+    kind: str
+    weight: float = 1.0
+    beta: float = 0.5  # jsd mixture weight on the teacher
+    alpha: float = 0.1  # skew_kl / skew_reverse_kl skew
+    # Multiply by T² so gradient scale does not depend on T (Hinton et al. 2015). None = on for forward_kl and
+    # soft_ce (they share a gradient), off for the rest.
+    t2_scale: bool | None = None
+    schedule: str = "constant"  # constant | linear | cosine, from weight at step 0 to final_weight at train.steps
+    final_weight: float | None = None
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """The objective: loss = Σ weightᵢ(step)·termᵢ, each masked and divided by the global valid-token count."""
+
+    terms: tuple[LossTerm, ...] = (LossTerm("forward_kl", 0.5), LossTerm("ce", 0.5))
+    temperature: float = 2.0
+    temperature_schedule: str = "constant"
+    final_temperature: float | None = None
+    layer_map: tuple[tuple[int, int], ...] = ()  # (student layer, teacher layer) pairs for hidden_* terms
+    fused: bool = True  # chunked loss that never holds [tokens, vocab] logits
+    chunk_size: int = 512  # tokens per chunk of the fused loss
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    learning_rate: float = 3e-3
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio at train.steps
+    weight_decay: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global-norm clipping; 0 disables
+    grad_accum: int = 1  # microbatches per step
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 0  # steps between saves; 0 = only the final save
+    keep: int = 3
+    async_save: bool = True
+    init_path: str | None = None  # student init checkpoint when the workdir has none
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 100
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # 0 = only at the end
+    eval_batches: int = 4
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(preset="tiny"))
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    topology: str | None = None  # target TPU topology for `compile-check`, e.g. v5p-256
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Config from a YAML file (or the defaults when path is None) with `a.b=c` overrides applied on top."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise UserError(f"{path}: malformed YAML: {' '.join(str(exc).split())}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise UserError(f"{path}: the top level must be a mapping of sections")
+        raw = loaded or {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set expects key=value, got {item!r}")
+        _set_dotted(raw, key.strip(), yaml.safe_load(text) if text.strip() else "")
+    return from_dict(Config, raw)
+
+
+def from_dict(cls: type, raw: Any, prefix: str = "") -> Any:
+    """Build dataclass `cls` from nested dicts, naming the dotted key of any unknown or mistyped entry."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{prefix or 'config'}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise UserError(f"unknown config key: {_join(prefix, str(unknown[0]))}")
+    raw = _apply_defaults_hook(cls, raw, prefix)
+    kwargs = {name: _coerce(hints[name], value, _join(prefix, name)) for name, value in raw.items()}
+    try:
+        built = cls(**kwargs)
+    except TypeError as exc:  # a required field left out
+        raise UserError(f"{prefix or 'config'}: {exc}") from None
+    # A dataclass may check its own values; it is told its dotted prefix so errors name the real key.
+    check = getattr(built, "check", None)
+    if check is not None:
+        check(prefix)
+    return built
+
+
+def _apply_defaults_hook(cls: type, raw: dict, prefix: str) -> dict:
+    # A dataclass may name a preset whose fields fill in what the YAML leaves out (models do).
+    hook = getattr(cls, "from_preset_dict", None)
+    return hook(raw, prefix) if hook else raw
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for option in options:
+            try:
+                return _coerce(option, value, key)
+            except UserError as exc:
+                errors.append(str(exc))
+        raise UserError(errors[0])
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{key}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise UserError(f"{key}: expected {len(args)} items, got {len(value)}")
+        return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{key}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise UserError(f"{key}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise UserError(f"{key}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise UserError(f"{key}: expected a string, got {value!r}")
+    if hint is Any:
+        return value
+    raise TypeError(f"config schema uses an unsupported type at {key}: {hint!r}")
+
+
+def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    node = raw
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"--set {dotted}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Serialisation and identity
+
+
+def to_dict(config: Any) -> Any:
+    """Plain JSON/YAML-able form (tuples become lists); `from_dict` reads it back to an equal config."""
+    if dataclasses.is_dataclass(config):
+        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, tuple):
+        return [to_dict(v) for v in config]
+    return config
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short stable hash of config sections: a workdir remembers it to refuse a resume under another config."""
+    text = json.dumps([to_dict(p) for p in parts], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def run_identity(config: Config) -> dict[str, str]:
+    """What must match for a workdir's checkpoints to be resumed: the student's shape and the data it reads."""
+    return {"model": fingerprint(config.model), "data": fingerprint(config.data, config.train.seed)}

@@ -1,0 +1,133 @@
+"""The device mesh, the logical-axis rules, and born-sharded parameters.
+
+The rule tables below are the only place where physical mesh axes are named. Models name logical axes
+(`embed`, `mlp`, `heads`, ...); the rules map them to `data`, `fsdp`, `tensor`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from analogjax.errors import UserError
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the batch is split over both: fsdp is data parallelism with sharded weights
+
+# Activations (shared by both models). Sequence and width stay whole; heads, ffn and vocab follow the tensor axis.
+_ACTIVATION_RULES = (
+    ("batch", BATCH_AXES),
+    ("length", None),
+    ("act_embed", None),
+    ("act_mlp", "tensor"),
+    ("act_heads", "tensor"),
+    ("act_vocab", "tensor"),
+)
+
+# The student is trained: params, gradients and two Adam moments (16 bytes/param in float32) are sharded over fsdp
+# (ZeRO-3), the wide dims over tensor. It stays replicated over `data`, so gradients need no weight re-gathers there.
+STUDENT_RULES = _ACTIVATION_RULES + (
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("norm", None),
+    ("layers", None),
+    ("teacher_embed", None),
+)
+
+# The teacher is frozen: no gradients and no optimizer state, so nothing ever needs its full replica per data group.
+# It is by far the larger model, so its weights are spread over every non-tensor axis (data too), gathered layer by
+# layer in the forward pass: memory, not bandwidth, is what a 70B teacher beside a 1B student runs out of.
+TEACHER_RULES = _ACTIVATION_RULES + (
+    ("vocab", "tensor"),
+    ("embed", ("fsdp", "data")),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("norm", None),
+    ("layers", None),
+)
+
+
+def mesh_shape(data: int, fsdp: int, tensor: int, device_count: int) -> tuple[int, int, int]:
+    """Resolve the one -1 entry and check the product against the devices that exist."""
+    sizes = {"mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor}
+    free = [k for k, v in sizes.items() if v == -1]
+    if len(free) > 1:
+        raise UserError(f"{free[1]}: only one mesh axis may be -1")
+    for key, value in sizes.items():
+        if value == 0 or value < -1:
+            raise UserError(f"{key} must be positive or -1, got {value}")
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    if free:
+        if device_count % fixed:
+            raise UserError(f"{free[0]}: {device_count} devices are not divisible by the other axes' product {fixed}")
+        sizes[free[0]] = device_count // fixed
+    total = math.prod(sizes.values())
+    if total > device_count:
+        raise UserError(f"mesh: asks for {total} devices ({data}x{fsdp}x{tensor}) but only {device_count} exist")
+    if total < device_count:
+        raise UserError(f"mesh: {data}x{fsdp}x{tensor} = {total} devices, but {device_count} exist; use -1 on one axis")
+    return sizes["mesh.data"], sizes["mesh.fsdp"], sizes["mesh.tensor"]
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: list | None = None) -> Mesh:
+    devices = list(jax.devices()) if devices is None else list(devices)
+    shape = mesh_shape(data, fsdp, tensor, len(devices))
+    # Auto axes: GSPMD propagates shardings from the parameters and the few constraints we place.
+    if devices == list(jax.devices()):
+        return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 3)
+    return Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def check_batch(global_batch: int, mesh: Mesh, grad_accum: int = 1) -> None:
+    ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    if global_batch % (ways * grad_accum):
+        raise UserError(
+            f"data.global_batch ({global_batch}) must be divisible by data x fsdp ({ways})"
+            + (f" x optim.grad_accum ({grad_accum})" if grad_accum > 1 else "")
+        )
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """[batch, seq] arrays: rows split over data and fsdp."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def logical_shardings(logical_specs: Any, mesh: Mesh, rules) -> Any:
+    """Tree of PartitionSpecs of logical names → tree of NamedShardings on `mesh`."""
+    return nn.logical_to_mesh_sharding(logical_specs, mesh, list(rules))
+
+
+def init_sharded(init_boxed: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh, rules) -> tuple[Any, Any]:
+    """Parameters born sharded: abstract shapes → shardings → a jitted init that writes each shard in place.
+
+    `init_boxed(rng)` returns params boxed with logical names (linen's `init`). Returns (params, shardings);
+    nothing is ever materialised whole on one host.
+    """
+    abstract = jax.eval_shape(init_boxed, rng)
+    shardings = logical_shardings(nn.get_partition_spec(abstract), mesh, rules)
+    params = jax.jit(lambda r: nn.unbox(init_boxed(r)), out_shardings=shardings)(rng)
+    return params, shardings
+
+
+def abstract_sharded(init_boxed: Callable[[jax.Array], Any], mesh: Mesh, rules) -> Any:
+    """ShapeDtypeStructs carrying shardings: the restore target for checkpoints and the AOT compile input."""
+    abstract = jax.eval_shape(init_boxed, jax.random.key(0))
+    shardings = logical_shardings(nn.get_partition_spec(abstract), mesh, rules)
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(abstract), shardings
+    )

@@ -1,0 +1,1 @@
+"""Decoder models: the Llama-family transformer, its presets, and Hugging Face interop."""

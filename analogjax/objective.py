@@ -1,0 +1,146 @@
+"""The distillation objective: config terms → weighted, scheduled, masked sums over the fused (or plain) loss.
+
+loss = Σᵢ wᵢ(step)·termᵢ, every token term divided by the *global* valid-token count (so the mean is exact across
+hosts and microbatches), hidden-state terms by their own count. Everything is returned as (sum, count) pairs too,
+so logged means stay exact when summed across steps or processes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from analogjax.config import DistillConfig, LossTerm
+from analogjax.errors import UserError
+from analogjax.fused_loss import TeacherHead, fused_distill_loss, plain_distill_loss
+from analogjax.hidden_matching import hidden_loss
+from analogjax.losses import DIVERGENCES
+
+HIDDEN_KINDS = {"hidden_mse": "mse", "hidden_cosine": "cosine"}
+SCHEDULES = ("constant", "linear", "cosine")
+T2_BY_DEFAULT = ("forward_kl", "soft_ce")  # the Hinton family: gradient ∝ 1/T² without the factor
+
+
+def check_distill(cfg: DistillConfig) -> None:
+    """Names the offending key; called when the run is built (the loss registry lives here, not in config)."""
+    known = set(DIVERGENCES) | {"ce"} | set(HIDDEN_KINDS)
+    if not cfg.terms:
+        raise UserError("distill.terms: at least one loss term is needed")
+    for i, term in enumerate(cfg.terms):
+        key = f"distill.terms[{i}]"
+        if term.kind not in known:
+            raise UserError(f"{key}.kind: unknown loss term {term.kind!r} (known: {', '.join(sorted(known))})")
+        if term.schedule not in SCHEDULES:
+            raise UserError(f"{key}.schedule must be one of {', '.join(SCHEDULES)}, got {term.schedule!r}")
+        if term.kind in HIDDEN_KINDS and not cfg.layer_map:
+            raise UserError(f"{key}: {term.kind} needs distill.layer_map (student layer, teacher layer) pairs")
+        if term.kind == "jsd" and not 0.0 <= term.beta <= 1.0:
+            raise UserError(f"{key}.beta must lie in [0, 1], got {term.beta}")
+        if term.kind.startswith("skew") and not 0.0 <= term.alpha < 1.0:
+            raise UserError(f"{key}.alpha must lie in [0, 1), got {term.alpha}")
+    if cfg.temperature <= 0 or (cfg.final_temperature is not None and cfg.final_temperature <= 0):
+        raise UserError("distill.temperature must be positive")
+    if cfg.temperature_schedule not in SCHEDULES:
+        raise UserError(f"distill.temperature_schedule must be one of {', '.join(SCHEDULES)}")
+    if cfg.chunk_size <= 0:
+        raise UserError("distill.chunk_size must be positive")
+
+
+def needs_teacher(cfg: DistillConfig) -> bool:
+    return any(t.kind != "ce" for t in cfg.terms)
+
+
+def needs_layers(cfg: DistillConfig) -> bool:
+    return any(t.kind in HIDDEN_KINDS for t in cfg.terms)
+
+
+def scheduled(start: float, end: float | None, kind: str, step: jax.Array, total_steps: int) -> jax.Array:
+    """Value at `step` moving from `start` (step 0) to `end` (step total_steps); driven by the checkpointed step."""
+    if end is None or kind == "constant":
+        return jnp.float32(start)
+    frac = jnp.clip(step.astype(jnp.float32) / max(total_steps, 1), 0.0, 1.0)
+    if kind == "cosine":
+        frac = 0.5 * (1.0 - jnp.cos(math.pi * frac))
+    return jnp.float32(start) + (end - start) * frac
+
+
+def _t2(term: LossTerm) -> bool:
+    return term.kind in T2_BY_DEFAULT if term.t2_scale is None else term.t2_scale
+
+
+def _params(term: LossTerm) -> tuple:
+    if term.kind == "jsd":
+        return (("beta", term.beta),)
+    if term.kind.startswith("skew"):
+        return (("alpha", term.alpha),)
+    return ()
+
+
+class Outputs(NamedTuple):
+    """What the student (or teacher) forward hands the objective."""
+
+    hidden_nd: jax.Array  # final normed hidden states, tokens flattened
+    head_dv: jax.Array | None  # LM head; None when the teacher is a logits-only function
+    logits_nv: jax.Array | None  # a bring-your-own teacher's logits
+    layers: Any = None  # per-layer residual streams [l, b, s, d] for hidden-state terms
+
+
+def objective(
+    cfg: DistillConfig,
+    total_steps: int,
+    step: jax.Array,
+    student: Outputs,
+    teacher: Outputs | None,
+    batch: dict[str, jax.Array],
+    valid_count: jax.Array,
+    vocab_size: int | None,
+    hidden_proj: Any = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(normalised loss, metric sums). `valid_count` is the global Σ loss_mask of the whole (all-microbatch) batch."""
+    temperature = scheduled(cfg.temperature, cfg.final_temperature, cfg.temperature_schedule, step, total_steps)
+    weights = [scheduled(t.weight, t.final_weight, t.schedule, step, total_steps) for t in cfg.terms]
+    kd = [i for i, t in enumerate(cfg.terms) if t.kind in DIVERGENCES]
+    ce_weight = sum((w for t, w in zip(cfg.terms, weights) if t.kind == "ce"), jnp.float32(0.0))
+    kd_weights = [weights[i] * (temperature**2 if _t2(cfg.terms[i]) else 1.0) for i in kd]
+
+    if teacher is None:  # pretraining or a CE-only baseline: the same loss, teacher-free
+        teacher_arg = None
+    elif teacher.head_dv is not None:
+        teacher_arg = TeacherHead(jax.lax.stop_gradient(teacher.hidden_nd), jax.lax.stop_gradient(teacher.head_dv))
+    else:
+        teacher_arg = jax.lax.stop_gradient(teacher.logits_nv)
+    loss_fn = fused_distill_loss if cfg.fused else plain_distill_loss
+    sums = loss_fn(
+        student.hidden_nd,
+        student.head_dv,
+        teacher_arg,
+        batch["targets"].reshape(-1),
+        batch["loss_mask"].reshape(-1).astype(jnp.float32),
+        kd_terms=tuple((cfg.terms[i].kind, _params(cfg.terms[i])) for i in kd),
+        kd_weights=jnp.stack(kd_weights) if kd else jnp.zeros((0,), jnp.float32),
+        ce_weight=ce_weight,
+        temperature=temperature,
+        vocab_size=vocab_size,
+        chunk_size=cfg.chunk_size,
+    )
+    loss = sums["loss"] / valid_count
+    metrics = {name: sums[name] for name in ("ce", "teacher_ce", "kl", "agreement") if name in sums}
+    for j, i in enumerate(kd):
+        metrics[f"term_{i}_{cfg.terms[i].kind}"] = sums["kd_terms"][j]
+
+    for i, term in enumerate(cfg.terms):
+        if term.kind not in HIDDEN_KINDS:
+            continue
+        # hidden_loss returns Σ over valid tokens of the per-token loss (averaged over layer pairs) and Σ weights;
+        # dividing by the global valid count keeps it exact across microbatches and hosts, like the logit terms.
+        h_sum, _ = hidden_loss(
+            hidden_proj, student.layers, teacher.layers, batch["loss_mask"], cfg.layer_map, HIDDEN_KINDS[term.kind]
+        )
+        loss = loss + weights[i] * h_sum / valid_count
+        metrics[f"term_{i}_{term.kind}"] = h_sum
+    metrics["loss"] = loss * valid_count
+    metrics["temperature"] = temperature * valid_count  # every metric is a sum over valid tokens
+    return loss, metrics

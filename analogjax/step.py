@@ -1,0 +1,158 @@
+"""The distill step and the eval step: pure functions, jitted once by the loop with explicit shardings.
+
+distill_step(state, teacher_params, batch) -> (state, metrics). The teacher's forward runs inside the same jitted
+step (on the same sharded batch, its own sharding rules) and outside autodiff; it is an input, never optimised,
+never part of the state and so never checkpointed with the student.
+
+Metrics come back as sums over valid tokens plus `count` (and a few per-step scalars), so the loop can average
+exactly over steps and hosts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from analogjax.config import DistillConfig, OptimConfig
+from analogjax.objective import Outputs, needs_layers, objective
+
+# A bring-your-own teacher: (params, tokens, segment_ids, positions) -> float32 logits [b, s, v].
+TeacherLogitsFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+class TrainState(struct.PyTreeNode):
+    step: jax.Array  # int32 scalar; drives the LR and loss-weight schedules, so resuming resumes them too
+    params: Any  # {"model": student params, "hidden_proj": projections for hidden-state terms (if any)}
+    opt_state: Any
+    rng: jax.Array  # uint32[2] raw key data: checkpointable as a plain array
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """A teacher as functions of its params. analogjax models give `features` (hidden + head, so the fused loss
+    never materialises the teacher's logits either); any other model gives `logits`."""
+
+    logits: TeacherLogitsFn | None = None
+    features: Callable[..., tuple[Any, jax.Array]] | None = None  # (params, tok, seg, pos, collect) -> (Features, head)
+    rules: tuple = ()  # its logical-axis rules (mesh.TEACHER_RULES for analogjax models)
+    vocab_size: int | None = None
+
+
+def model_teacher(model, rules) -> Teacher:
+    """Wrap an analogjax Transformer as a Teacher."""
+
+    def features(params, tokens, segment_ids, positions, collect_layers):
+        return model.features(params, tokens, segment_ids, positions, collect_layers), model.head(params)
+
+    return Teacher(logits=model, features=features, rules=tuple(rules), vocab_size=model.cfg.vocab_size)
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=cfg.learning_rate,
+        warmup_steps=min(cfg.warmup_steps, max(total_steps - 1, 0)),
+        decay_steps=max(total_steps, cfg.warmup_steps + 1),
+        end_value=cfg.learning_rate * cfg.min_lr_ratio,
+    )
+    chain = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
+    chain.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay))
+    return optax.chain(*chain)
+
+
+def _flat(x_bsd: jax.Array) -> jax.Array:
+    return x_bsd.reshape(-1, x_bsd.shape[-1])
+
+
+def forward_outputs(student, student_rules, teacher: Teacher | None, params, teacher_params, batch, collect_layers):
+    """Student (differentiable) and teacher (constant) outputs for one (micro)batch."""
+    tokens, seg, pos = batch["tokens"], batch["segment_ids"], batch["positions"]
+    with nn.logical_axis_rules(list(student_rules)):
+        feats = student.features(params["model"], tokens, seg, pos, collect_layers)
+        s_out = Outputs(_flat(feats.hidden_bsd), student.head(params["model"]), None, feats.layers_lbsd)
+    if teacher is None:
+        return s_out, None
+    with nn.logical_axis_rules(list(teacher.rules)):
+        if teacher.features is not None:
+            t_feats, t_head = teacher.features(teacher_params, tokens, seg, pos, collect_layers)
+            t_out = Outputs(_flat(t_feats.hidden_bsd), t_head, None, t_feats.layers_lbsd)
+        else:
+            logits_bsv = teacher.logits(teacher_params, tokens, seg, pos)
+            t_out = Outputs(None, None, logits_bsv.reshape(-1, logits_bsv.shape[-1]), None)
+    return s_out, jax.tree.map(jax.lax.stop_gradient, t_out)
+
+
+def make_distill_step(
+    student,
+    student_rules,
+    teacher: Teacher | None,
+    tx: optax.GradientTransformation,
+    distill: DistillConfig,
+    total_steps: int,
+    grad_accum: int = 1,
+) -> Callable:
+    """Build the pure step. `teacher=None` gives the same step with a CE-only objective (pretraining, baselines)."""
+    collect = needs_layers(distill)
+    shared_vocab = min(student.cfg.vocab_size, teacher.vocab_size or student.cfg.vocab_size) if teacher else None
+
+    def loss_fn(params, teacher_params, batch, step, valid_count):
+        s_out, t_out = forward_outputs(student, student_rules, teacher, params, teacher_params, batch, collect)
+        return objective(
+            distill, total_steps, step, s_out, t_out, batch, valid_count, shared_vocab, params.get("hidden_proj")
+        )
+
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+
+    def distill_step(state: TrainState, teacher_params, batch: dict[str, jax.Array]):
+        # The global valid-token count of the whole step: every microbatch divides by it, so accumulated
+        # gradients equal the full-batch gradient exactly.
+        valid_count = jnp.maximum(batch["loss_mask"].astype(jnp.float32).sum(), 1.0)
+        if grad_accum == 1:
+            grads, sums = grad_fn(state.params, teacher_params, batch, state.step, valid_count)
+        else:
+            micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
+
+            def accumulate(carry, mb):
+                g, s = grad_fn(state.params, teacher_params, mb, state.step, valid_count)
+                return jax.tree.map(jnp.add, carry, (g, s)), None
+
+            zeros = jax.tree.map(
+                jnp.zeros_like,
+                jax.eval_shape(grad_fn, state.params, teacher_params,
+                               jax.tree.map(lambda x: x[0], micro), state.step, valid_count),
+            )
+            (grads, sums), _ = jax.lax.scan(accumulate, zeros, micro)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(sums, count=valid_count, grad_norm=optax.global_norm(grads))
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, metrics
+
+    return distill_step
+
+
+def make_eval_step(student, student_rules, teacher: Teacher | None, chunk_size: int = 512) -> Callable:
+    """Held-out metrics at T=1 (sums + count): ce, teacher_ce, kl = KL(teacher‖student), agreement."""
+    from analogjax.config import LossTerm
+
+    # Forward KL at T=1 without T² (a measurement, not a training signal); the fused path never holds logits.
+    measure = DistillConfig(
+        terms=(LossTerm("forward_kl", 1.0, t2_scale=False),) if teacher else (LossTerm("ce", 1.0),),
+        temperature=1.0,
+        chunk_size=chunk_size,
+    )
+    shared_vocab = min(student.cfg.vocab_size, teacher.vocab_size or student.cfg.vocab_size) if teacher else None
+
+    def eval_step(params, teacher_params, batch):
+        valid_count = jnp.maximum(batch["loss_mask"].astype(jnp.float32).sum(), 1.0)
+        s_out, t_out = forward_outputs(student, student_rules, teacher, params, teacher_params, batch, False)
+        _, sums = objective(measure, 1, jnp.int32(0), s_out, t_out, batch, valid_count, shared_vocab)
+        return dict(sums, count=valid_count)
+
+    return eval_step
