@@ -1,0 +1,294 @@
+"""Distillation loss on the student's lm_head without ever holding [tokens, vocab] logits.
+
+`fused_distill_loss` walks over token chunks with lax.scan and holds only [chunk, V] logits (student and teacher) at a
+time. Because the loss is a scalar, the forward loop also computes d loss / d logits for the chunk and turns it into the
+chunk's share of d student_hidden and d student_head right away (the Liger trick); the custom VJP's backward only scales
+those by the incoming cotangent. So the fused path costs the same matmuls as the plain one (student forward, two
+gradient matmuls, teacher forward) and its memory does not grow with the number of tokens.
+
+`plain_distill_loss` is the same objective on full logits with ordinary autodiff: the reference for the tests, the
+baseline for bench/loss.py and a fallback.
+
+Both return *sums* (the caller divides by the global Σ weights):
+  loss        Σ_t w_t (Σ_i kd_weights[i] · div_i(t) + ce_weight · ce(t))   (differentiable w.r.t. student only)
+  kd_terms    [n_terms] Σ_t w_t div_i(t) at the given temperature
+  ce          Σ w · student hard-label cross-entropy at T = 1
+  weight      Σ w
+and, for teachers with full logits (TeacherHead or a logits array):
+  teacher_ce  Σ w · teacher cross-entropy at T = 1
+  kl          Σ w · KL(teacher‖student) at T = 1 (a diagnostic, independent of the kd terms)
+  agreement   Σ w · [argmax student == argmax teacher]
+A TopKTeacher also gives `agreement` (its top-1 id); sparse teachers give no teacher_ce or kl (they need full logits).
+
+Sharding: everything is plain jnp under jit, so GSPMD partitions it. With student_head [D, V] sharded over `tensor` on
+V and tokens over `data`, each chunk's logits are [data, tensor]-sharded; log-softmax, target pick (a masked sum, not a
+gather) and argmax (two reductions) reduce shard-locally and all-reduce per-token scalars. Chunks take every
+n_chunks-th token, so each chunk spans all data shards evenly. Cost to know: d student_head is summed over data shards
+once per chunk (an all-reduce of [D, V/tensor] per chunk) instead of once per step.
+
+Tied embeddings: pass embed.T as student_head; its gradient comes back transposed through the caller's autodiff.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from analogjax import losses
+from analogjax.errors import UserError
+from analogjax.sparse_teacher import SampledTeacher, TopKTeacher, resolve_sparse_term
+
+
+class TeacherHead(NamedTuple):
+    hidden: jax.Array  # [N, Dt] the teacher's final-normed hidden states
+    head: jax.Array  # [Dt, Vt] the teacher's lm_head
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """Everything static about one objective: resolved kd terms and how to read the teacher."""
+
+    teacher_kind: str  # "dense" (logits or TeacherHead), "topk", "sampled"
+    terms: tuple[Callable[..., jax.Array], ...]
+    vocab_size: int | None
+    temperature_is_one: bool
+
+
+class _Coefficients(NamedTuple):
+    kd_weights: jax.Array  # [n_terms]
+    ce_weight: jax.Array
+    temperature: jax.Array
+
+
+def _prepare(student_head, teacher, targets, weights, kd_terms, kd_weights, ce_weight, temperature, vocab_size):
+    """Validate the static structure and split the teacher into row-aligned arrays and an optional head."""
+    if isinstance(teacher, TeacherHead):
+        kind, teacher_rows, teacher_head = "dense", teacher.hidden, teacher.head
+    elif isinstance(teacher, TopKTeacher):
+        kind, teacher_rows, teacher_head = "topk", teacher, None
+    elif isinstance(teacher, SampledTeacher):
+        kind, teacher_rows, teacher_head = "sampled", teacher, None
+    else:
+        kind, teacher_rows, teacher_head = "dense", teacher, None
+    kd_terms = tuple(kd_terms)
+    if kind == "dense":
+        terms = tuple(losses.resolve_term(name, params) for name, params in kd_terms)
+        teacher_width = (teacher_head if teacher_head is not None else teacher_rows).shape[-1]
+        student_width = student_head.shape[-1]
+        if vocab_size is None and teacher_width != student_width:
+            raise UserError(
+                f"teacher vocabulary {teacher_width} != student vocabulary {student_width}; set vocab_size to the shared "
+                "real vocabulary when they differ only by padding"
+            )
+        if vocab_size is not None and vocab_size > min(teacher_width, student_width):
+            raise UserError(f"vocab_size {vocab_size} exceeds a model's vocabulary ({teacher_width}, {student_width})")
+    else:
+        terms = tuple(resolve_sparse_term(name, params, teacher) for name, params in kd_terms)
+    kd_weights = jnp.asarray(kd_weights, jnp.float32).reshape(-1)
+    if kd_weights.shape[0] != len(terms):
+        raise UserError(f"kd_weights has {kd_weights.shape[0]} entries for {len(terms)} kd terms")
+    temperature_is_one = isinstance(temperature, (int, float)) and float(temperature) == 1.0
+    spec = _Spec(kind, terms, vocab_size, temperature_is_one)
+    coefficients = _Coefficients(kd_weights, jnp.asarray(ce_weight, jnp.float32), jnp.asarray(temperature, jnp.float32))
+    rows = (jnp.asarray(targets, jnp.int32), jnp.asarray(weights, jnp.float32), teacher_rows)
+    return spec, rows, teacher_head, coefficients
+
+
+def _mask_columns(logits: jax.Array, vocab_size: int | None) -> jax.Array:
+    """Columns >= vocab_size become -inf: exactly the same math as slicing them off (their probability is 0 and
+    0·log 0 = 0), but a vocabulary sharded over `tensor` keeps its layout, where a slice would reshard every chunk."""
+    if vocab_size is None or vocab_size == logits.shape[-1]:
+        return logits
+    columns = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    return jnp.where(columns < vocab_size, logits, -jnp.inf)
+
+
+def _to_width(teacher_logits: jax.Array, width: int) -> jax.Array:
+    """Slice or -inf-pad the teacher's logits to the student's width; the student side is never resized, so only the
+    gradient-free teacher pays for resharding when padded vocabularies differ."""
+    teacher_width = teacher_logits.shape[-1]
+    if teacher_width > width:
+        return teacher_logits[..., :width]
+    if teacher_width < width:
+        pad = [(0, 0)] * (teacher_logits.ndim - 1) + [(0, width - teacher_width)]
+        return jnp.pad(teacher_logits, pad, constant_values=-jnp.inf)
+    return teacher_logits
+
+
+def _weighted_sum(weights: jax.Array, values: jax.Array) -> jax.Array:
+    """Σ w·v where w ≠ 0, so a masked token with an infinite or undefined value cannot turn the sum into NaN."""
+    return jnp.sum(jnp.where(weights != 0, weights * values, 0.0))
+
+
+def _objective(spec: _Spec, student_logits, targets, weights, teacher_rows, teacher_head, coefficients):
+    """(loss sum, metric sums) for a block of tokens; student_logits [n, Vs] float32 carry the only gradient."""
+    student_logits = _mask_columns(student_logits, spec.vocab_size)
+    teacher_rows = jax.lax.stop_gradient(teacher_rows)
+    temperature = coefficients.temperature
+    metrics: dict[str, jax.Array] = {}
+    if spec.teacher_kind == "dense":
+        if teacher_head is None:
+            teacher_logits = teacher_rows.astype(losses.compute_dtype(teacher_rows))
+        else:
+            teacher_logits = jnp.dot(teacher_rows, jax.lax.stop_gradient(teacher_head), preferred_element_type=jnp.float32)
+        teacher_logits = _mask_columns(_to_width(teacher_logits, student_logits.shape[-1]), spec.vocab_size)
+        log_q = losses.log_softmax(student_logits, temperature)
+        log_p = losses.log_softmax(teacher_logits, temperature)
+        log_q1 = log_q if spec.temperature_is_one else losses.log_softmax(student_logits)
+        log_p1 = log_p if spec.temperature_is_one else losses.log_softmax(teacher_logits)
+        per_term = [term(log_p, log_q) for term in spec.terms]
+        student_ce = -losses.pick(log_q1, targets)
+        agree = losses.argmax_last(student_logits) == losses.argmax_last(teacher_logits)
+        metrics["teacher_ce"] = _weighted_sum(weights, -losses.pick(log_p1, targets))
+        metrics["kl"] = _weighted_sum(weights, losses.kl_from_log_probs(log_p1, log_q1))
+        metrics["agreement"] = _weighted_sum(weights, agree.astype(jnp.float32))
+    else:
+        per_term = [term(student_logits, teacher_rows, temperature) for term in spec.terms]
+        student_ce = losses.cross_entropy(student_logits, targets)
+        if spec.teacher_kind == "topk":
+            teacher_top1 = losses.pick(teacher_rows.indices, losses.argmax_last(teacher_rows.values))
+            agree = losses.argmax_last(student_logits) == teacher_top1
+            metrics["agreement"] = _weighted_sum(weights, agree.astype(jnp.float32))
+    kd_sums = jnp.stack([_weighted_sum(weights, value) for value in per_term]) if per_term else jnp.zeros((0,))
+    ce_sum = _weighted_sum(weights, student_ce)
+    loss = jnp.sum(coefficients.kd_weights * kd_sums) + coefficients.ce_weight * ce_sum
+    metrics.update(kd_terms=kd_sums, ce=ce_sum, weight=jnp.sum(weights))
+    return loss, jax.lax.stop_gradient(metrics)
+
+
+def _student_logits(hidden, head):
+    return jnp.dot(hidden, head, preferred_element_type=jnp.float32)
+
+
+def plain_distill_loss(
+    student_hidden, student_head, teacher, targets, weights, *, kd_terms, kd_weights, ce_weight, temperature,
+    vocab_size=None, chunk_size=512,
+) -> dict[str, jax.Array]:
+    """The fused objective on materialised [N, V] logits with plain autodiff (chunk_size is accepted and unused)."""
+    del chunk_size
+    spec, (targets, weights, teacher_rows), teacher_head, coefficients = _prepare(
+        student_head, teacher, targets, weights, kd_terms, kd_weights, ce_weight, temperature, vocab_size
+    )
+    logits = _student_logits(student_hidden, student_head)
+    loss, metrics = _objective(spec, logits, targets, weights, teacher_rows, teacher_head, coefficients)
+    return {"loss": loss, **metrics}
+
+
+def chunk_layout(num_tokens: int, chunk_size: int) -> tuple[int, int, int]:
+    """(n_chunks, chunk, padded_tokens): prefer a chunk count that divides the tokens (no padding), else pad."""
+    if chunk_size < 1:
+        raise UserError(f"chunk_size must be positive, got {chunk_size}")
+    if num_tokens <= chunk_size:
+        return 1, num_tokens, num_tokens
+    fewest = math.ceil(num_tokens / chunk_size)
+    for n_chunks in range(fewest, 2 * fewest + 1):
+        if num_tokens % n_chunks == 0:
+            return n_chunks, num_tokens // n_chunks, num_tokens
+    chunk = math.ceil(num_tokens / fewest)
+    return fewest, chunk, fewest * chunk
+
+
+def _chunk_view(x: jax.Array, n_chunks: int, chunk: int, padded: int) -> jax.Array:
+    """[N, ...] -> [chunk, n_chunks, ...]: chunk k holds rows k, k + n_chunks, ... (spans every data shard)."""
+    if padded != x.shape[0]:
+        x = jnp.pad(x, [(0, padded - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+    return x.reshape(chunk, n_chunks, *x.shape[1:])
+
+
+def _from_chunk_outputs(y: jax.Array, num_tokens: int) -> jax.Array:
+    """Scan outputs [n_chunks, chunk, ...] back to token order [N, ...]."""
+    y = jnp.swapaxes(y, 0, 1)
+    return y.reshape(-1, *y.shape[2:])[:num_tokens]
+
+
+def fused_distill_loss(
+    student_hidden, student_head, teacher, targets, weights, *, kd_terms, kd_weights, ce_weight, temperature,
+    vocab_size=None, chunk_size=512,
+) -> dict[str, jax.Array]:
+    """Chunked distillation loss; equal to plain_distill_loss in value and gradient. See the module docstring.
+
+    student_hidden [N, D] (final-normed, any float dtype); student_head [D, V]; teacher: TeacherHead, teacher logits
+    [N, Vt], TopKTeacher or SampledTeacher; targets [N] int32; weights [N] float32 (0 = ignore). kd_terms is a static
+    tuple of (name, params_tuple); kd_weights [n_terms], ce_weight and temperature may be traced. vocab_size: use
+    columns [0, vocab_size) of both models when their vocabularies differ only by padding. chunk_size counts tokens
+    across all data shards.
+    """
+    spec, rows, teacher_head, coefficients = _prepare(
+        student_head, teacher, targets, weights, kd_terms, kd_weights, ce_weight, temperature, vocab_size
+    )
+    num_tokens = student_hidden.shape[0]
+    n_chunks, chunk, padded = chunk_layout(num_tokens, chunk_size)
+    hidden_dtype, head_dtype = student_hidden.dtype, student_head.dtype
+
+    def run(hidden, head, inputs, with_grad: bool):
+        row_inputs, teacher_head_, coefficients_ = inputs
+        views = jax.tree.map(lambda x: _chunk_view(x, n_chunks, chunk, padded), (hidden, row_inputs))
+
+        def chunk_objective(hidden_k, head_, row_inputs_k):
+            targets_k, weights_k, teacher_k = row_inputs_k
+            logits = _student_logits(hidden_k, head_)
+            return _objective(spec, logits, targets_k, weights_k, teacher_k, teacher_head_, coefficients_)
+
+        def body(carry, k):
+            hidden_k, row_inputs_k = jax.tree.map(lambda v: jax.lax.dynamic_index_in_dim(v, k, 1, False), views)
+            loss_sum, metric_sums, d_head = carry
+            if with_grad:
+                loss, pullback, metrics = jax.vjp(
+                    lambda h, w: chunk_objective(h, w, row_inputs_k), hidden_k, head, has_aux=True
+                )
+                d_hidden_k, d_head_k = pullback(jnp.ones((), loss.dtype))
+                d_head = d_head + d_head_k.astype(jnp.float32)
+                d_hidden_k = d_hidden_k.astype(jnp.float32)
+            else:
+                loss, metrics = chunk_objective(hidden_k, head, row_inputs_k)
+                d_hidden_k = None
+            metric_sums = jax.tree.map(jnp.add, metric_sums, metrics)
+            return (loss_sum + loss, metric_sums, d_head), d_hidden_k
+
+        first_rows = jax.tree.map(lambda v: v[:, 0], views)
+        metric_shapes = jax.eval_shape(lambda h, r: chunk_objective(h, head, r)[1], *first_rows)
+        zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
+        d_head0 = jnp.zeros(head.shape, jnp.float32) if with_grad else None
+        init = (jnp.zeros((), jnp.float32), zero_metrics, d_head0)
+        (loss, metrics, d_head), d_hidden = jax.lax.scan(body, init, jnp.arange(n_chunks))
+        if with_grad:
+            d_hidden = _from_chunk_outputs(d_hidden, num_tokens)
+        return loss, metrics, d_hidden, d_head
+
+    @jax.custom_vjp
+    def fused(hidden, head, inputs):
+        loss, metrics, _, _ = run(hidden, head, inputs, with_grad=False)
+        return loss, metrics
+
+    def fused_forward(hidden, head, inputs):
+        loss, metrics, d_hidden, d_head = run(hidden, head, inputs, with_grad=True)
+        return (loss, metrics), (d_hidden, d_head)
+
+    def fused_backward(residuals, cotangents):
+        d_hidden, d_head = residuals
+        loss_cotangent = cotangents[0]  # metrics carry no gradient
+        return (
+            (loss_cotangent * d_hidden).astype(hidden_dtype),
+            (loss_cotangent * d_head).astype(head_dtype),
+            None,  # teacher, targets, weights and coefficients get no gradient
+        )
+
+    fused.defvjp(fused_forward, fused_backward)
+    loss, metrics = fused(student_hidden, student_head, (rows, teacher_head, coefficients))
+    return {"loss": loss, **metrics}
+
+
+def named_kd_terms(kd_terms) -> tuple[str, ...]:
+    """The metric names for the entries of `kd_terms` sums, e.g. ('forward_kl', 'jsd_beta0.5')."""
+    names = []
+    for name, params in kd_terms:
+        suffix = "".join(f"_{key}{value}" for key, value in params)
+        names.append(name + suffix)
+    return tuple(names)
+
+
+__all__ = ["TeacherHead", "fused_distill_loss", "plain_distill_loss", "chunk_layout", "named_kd_terms"]
