@@ -112,14 +112,35 @@ def logical_shardings(logical_specs: Any, mesh: Mesh, rules) -> Any:
     return nn.logical_to_mesh_sharding(logical_specs, mesh, list(rules))
 
 
+def fit_to_shape(sharding: NamedSharding, shape: tuple[int, ...]) -> NamedSharding:
+    """Leave a dimension unsharded over any mesh axis that does not divide it (a vocab of 50257, say).
+
+    Correct for every shape, at the cost of replication on that one dimension; real presets divide evenly.
+    """
+    spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+    fitted = []
+    for dim, axes in zip(shape, spec):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        kept = []
+        for name in names:
+            if dim % (math.prod(sharding.mesh.shape[a] for a in kept) * sharding.mesh.shape[name]) == 0:
+                kept.append(name)
+        fitted.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return NamedSharding(sharding.mesh, P(*fitted))
+
+
+def _param_shardings(abstract_boxed: Any, mesh: Mesh, rules) -> Any:
+    shardings = logical_shardings(nn.get_partition_spec(abstract_boxed), mesh, rules)
+    return jax.tree.map(lambda a, s: fit_to_shape(s, a.shape), nn.unbox(abstract_boxed), shardings)
+
+
 def init_sharded(init_boxed: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh, rules) -> tuple[Any, Any]:
     """Parameters born sharded: abstract shapes → shardings → a jitted init that writes each shard in place.
 
     `init_boxed(rng)` returns params boxed with logical names (linen's `init`). Returns (params, shardings);
     nothing is ever materialised whole on one host.
     """
-    abstract = jax.eval_shape(init_boxed, rng)
-    shardings = logical_shardings(nn.get_partition_spec(abstract), mesh, rules)
+    shardings = _param_shardings(jax.eval_shape(init_boxed, rng), mesh, rules)
     params = jax.jit(lambda r: nn.unbox(init_boxed(r)), out_shardings=shardings)(rng)
     return params, shardings
 
@@ -127,7 +148,7 @@ def init_sharded(init_boxed: Callable[[jax.Array], Any], rng: jax.Array, mesh: M
 def abstract_sharded(init_boxed: Callable[[jax.Array], Any], mesh: Mesh, rules) -> Any:
     """ShapeDtypeStructs carrying shardings: the restore target for checkpoints and the AOT compile input."""
     abstract = jax.eval_shape(init_boxed, jax.random.key(0))
-    shardings = logical_shardings(nn.get_partition_spec(abstract), mesh, rules)
+    shardings = _param_shardings(abstract, mesh, rules)
     return jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(abstract), shardings
     )

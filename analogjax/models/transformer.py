@@ -158,7 +158,12 @@ class Decoder(nn.Module):
         embedding = self.param(
             "embedding", nn.with_logical_partitioning(_init, ("vocab", "embed")), (cfg.vocab_size, cfg.d_model)
         )
-        x_bsd = jnp.take(embedding, tokens_bs, axis=0).astype(dtype)
+        # FSDP-gather the table's width before the lookup (as for any weight); gathering from the fsdp-sharded
+        # table instead leaves the rows split over fsdp, which GSPMD can only undo by full rematerialisation.
+        table = nn.with_logical_constraint(embedding, ("vocab", None))
+        x_bsd = nn.with_logical_constraint(
+            jnp.take(table, tokens_bs, axis=0).astype(dtype), ("batch", "length", "act_embed")
+        )
         if cfg.embed_scale:
             x_bsd = x_bsd * jnp.asarray(cfg.d_model**0.5, dtype)
         block = Block

@@ -1,0 +1,5 @@
+import sys
+
+from analogjax.cli import main
+
+sys.exit(main())

@@ -1,0 +1,63 @@
+"""The front door: `analogjax <command> ...`. Flags → config → run; each command lives in its own module.
+
+Every mistake a user can make ends in one `error: ...` line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from analogjax.errors import UserError
+
+# name → (module, help). Modules provide add_arguments(parser) and run(args) -> int; imported only when used, so
+# `analogjax --help` stays fast and one command's heavy imports never slow another.
+COMMANDS = {
+    "demo": ("analogjax.demo", "the whole analog workflow on an embedded corpus, nothing downloaded"),
+    "distill": ("analogjax.commands.distill", "distill a teacher into a student from a config"),
+    "prepare": ("analogjax.data.prepare", "tokenize a text corpus into shards"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one `error:` line (exit 2) like every other user error."""
+
+    def error(self, message: str):
+        print(f"error: {self.prog}: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="analogjax", description="Distill a large JAX model into a small analog.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        cmd.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(cmd)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        return importlib.import_module(args._module).run(args) or 0
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, *, config_required: bool = True) -> None:
+    """--config FILE and repeated --set key=value, shared by every command that reads a config."""
+    parser.add_argument("--config", required=config_required, help="YAML config file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config key, e.g. --set train.steps=200 (repeatable)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

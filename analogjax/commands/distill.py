@@ -1,0 +1,26 @@
+"""`analogjax distill --config FILE [--set k=v ...] [--workdir DIR]`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from analogjax.cli import add_config_arguments
+from analogjax.config import load_config
+
+
+def add_arguments(parser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--workdir", default=None, help="run directory (default: runs/<config name>)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args) -> int:
+    config = load_config(args.config, args.overrides)
+    workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
+    from analogjax.train import run_training  # heavy imports only once the config is known to be good
+
+    result = run_training(config, workdir, progress=not args.no_progress)
+    print(json.dumps({"step": result["step"], "workdir": str(workdir),
+                      **{f"heldout_{k}": round(v, 5) for k, v in result["heldout"].items()}}))
+    return 0

@@ -1,0 +1,79 @@
+"""Model FLOPs and the peak they are measured against (MFU).
+
+MFU counts model FLOPs only (matmuls, attention scores; no recomputation from remat), the PaLM convention:
+training the student is 3× its forward (forward + two backward matmuls), the teacher costs one forward.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+from analogjax.models.config import ModelConfig
+
+# Dense bf16 peaks per chip (vendor figures), for MFU on accelerators. CPUs are measured instead.
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,  # v5e
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,  # v6e (Trillium)
+    "TPU v6e": 918e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
+}
+
+
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    d, f, h, k, e = cfg.d_model, cfg.d_ff, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
+    projections = 2 * d * h * e * 2 + 2 * d * k * e * 2  # q and o; k and v
+    mlp = 3 * 2 * d * f  # gate, up, down
+    scores = 2 * 2 * seq_len * h * e  # q·k and probs·v over the full row (no causal discount)
+    return cfg.n_layers * (projections + mlp + scores) + 2 * d * cfg.vocab_size
+
+
+def distill_flops_per_step(student: ModelConfig, teacher: ModelConfig | None, tokens: int, seq_len: int) -> float:
+    flops = 3 * forward_flops_per_token(student, seq_len)
+    if teacher is not None:
+        flops += forward_flops_per_token(teacher, seq_len)
+    return flops * tokens
+
+
+def param_count(cfg: ModelConfig) -> int:
+    d, f, h, k, e = cfg.d_model, cfg.d_ff, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
+    block = d * h * e * 2 + d * k * e * 2 + 3 * d * f + 2 * d
+    if cfg.qkv_bias:
+        block += (h + 2 * k) * e
+    if cfg.qk_norm:
+        block += 2 * e
+    head = 0 if cfg.tie_embeddings else d * cfg.vocab_size
+    return cfg.n_layers * block + cfg.vocab_size * d + d + head
+
+
+def measured_matmul_peak(dtype=jnp.float32, n: int = 1024, repeats: int = 5) -> float:
+    """FLOP/s of a large square matmul on the default device, median of `repeats` after warm-up."""
+    a = jnp.ones((n, n), dtype)
+    mm = jax.jit(lambda x, y: x @ y)
+    mm(a, a).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        mm(a, a).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return 2 * n**3 / times[len(times) // 2]
+
+
+def peak_flops_per_second(dtype=jnp.float32) -> float:
+    """All devices' peak: vendor figures for known accelerators, a measured matmul for anything else (CPUs)."""
+    devices = jax.devices()
+    kind = devices[0].device_kind
+    for name, peak in PEAK_FLOPS.items():
+        if kind.startswith(name):
+            return peak * len(devices)
+    # Fake CPU devices share the same cores: one measured matmul is the whole machine's peak.
+    return measured_matmul_peak(dtype)

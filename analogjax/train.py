@@ -1,0 +1,274 @@
+"""The loop: build → restore or init → jit once → run.
+
+Metrics of step N are read after step N+1 is dispatched, so the host never waits on the device just to log.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from analogjax import checkpoint as ckpt_lib
+from analogjax import mesh as mesh_lib
+from analogjax.config import Config, run_identity, to_dict
+from analogjax.data import make_batch_iterator, to_global_batch
+from analogjax.errors import UserError
+from analogjax.flops import distill_flops_per_step, peak_flops_per_second
+from analogjax.hidden_matching import init_projections, projection_logical_axes
+from analogjax.metrics_log import MetricsLog, means
+from analogjax.models.transformer import Transformer
+from analogjax.objective import check_distill, needs_layers, needs_teacher
+from analogjax.step import Teacher, TrainState, make_distill_step, make_eval_step, make_optimizer, model_teacher
+
+RUN_FILE = "run.json"
+
+
+@dataclass
+class Run:
+    """Everything built for one run; the pieces a library user may also assemble by hand."""
+
+    config: Config
+    mesh: Any
+    student: Transformer
+    teacher: Teacher | None
+    teacher_params: Any
+    state: TrainState
+    state_shardings: Any
+    step_fn: Any  # jitted distill step
+    eval_fn: Any  # jitted eval step
+    batch_sharding: Any
+
+
+def build_mesh(config: Config):
+    mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    mesh_lib.check_batch(config.data.global_batch, mesh, config.optim.grad_accum)
+    return mesh
+
+
+def _init_student_boxed(config: Config, student: Transformer):
+    """Boxed (logically named) student params: the model plus, for hidden-state terms, the projections."""
+    layer_map = config.distill.layer_map
+    with_proj = needs_layers(config.distill)
+
+    def init(rng):
+        model_rng, proj_rng = jax.random.split(rng)
+        params = {"model": student.init_boxed(model_rng)}
+        if with_proj:
+            params["hidden_proj"] = projection_logical_axes(
+                init_projections(layer_map, config.model.d_model, config.teacher.model.d_model, proj_rng)
+            )
+        return params
+
+    return init
+
+
+def abstract_state(config: Config, mesh, student: Transformer, tx) -> tuple[TrainState, Any]:
+    """The sharded abstract train state: the init target and the restore target alike."""
+    init_boxed = _init_student_boxed(config, student)
+    abstract_params = mesh_lib.abstract_sharded(init_boxed, mesh, mesh_lib.STUDENT_RULES)
+    # The optimizer state's shardings are whatever GSPMD gives tx.init on sharded params (moments follow params).
+    opt_shardings = jax.jit(tx.init).lower(abstract_params).compile().output_shardings
+    abstract_opt = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), jax.eval_shape(tx.init, abstract_params),
+        opt_shardings,
+    )
+    rep = mesh_lib.replicated(mesh)
+    state = TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
+        params=abstract_params,
+        opt_state=abstract_opt,
+        rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep),
+    )
+    return state, jax.tree.map(lambda a: a.sharding, state)
+
+
+def init_state(config: Config, mesh, student: Transformer, tx, shardings) -> TrainState:
+    """A fresh state, born sharded: each device computes only its own shards."""
+    init_boxed = _init_student_boxed(config, student)
+    import flax.linen as nn
+
+    def init(seed):
+        rng = jax.random.key(seed)
+        params = nn.unbox(init_boxed(jax.random.fold_in(rng, 0)))
+        return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
+                          rng=jax.random.key_data(jax.random.fold_in(rng, 1)))
+
+    return jax.jit(init, out_shardings=shardings)(config.train.seed)
+
+
+def load_teacher(config: Config, mesh) -> tuple[Teacher | None, Any]:
+    """The configured teacher and its params, restored sharded under the teacher's own rules."""
+    if not needs_teacher(config.distill):
+        return None, None
+    model = Transformer(config.teacher.model)
+    teacher = model_teacher(model, mesh_lib.TEACHER_RULES)
+    if config.teacher.hf_path:
+        from analogjax.models import hf
+
+        return teacher, hf.load_params(config.teacher.hf_path, config.teacher.model, mesh, mesh_lib.TEACHER_RULES)
+    if config.teacher.checkpoint:
+        abstract = mesh_lib.abstract_sharded(model.init_boxed, mesh, mesh_lib.TEACHER_RULES)
+        return teacher, ckpt_lib.restore_params(config.teacher.checkpoint, abstract)
+    print("warning: no teacher.checkpoint or teacher.hf_path: the teacher is randomly initialised", file=sys.stderr)
+    params, _ = mesh_lib.init_sharded(model.init_boxed, jax.random.key(config.train.seed + 1), mesh,
+                                      mesh_lib.TEACHER_RULES)
+    return teacher, params
+
+
+def build(config: Config, teacher: Teacher | None = None, teacher_params: Any = None) -> Run:
+    """Build a run. Pass `teacher` + `teacher_params` to bring your own teacher; else the config's is loaded."""
+    check_distill(config.distill)
+    mesh = build_mesh(config)
+    student = Transformer(config.model)
+    if teacher is None and needs_teacher(config.distill):
+        teacher, teacher_params = load_teacher(config, mesh)
+    if teacher is not None and teacher.vocab_size is not None:
+        check_vocab(config.model.vocab_size, teacher.vocab_size)
+    tx = make_optimizer(config.optim, config.train.steps)
+    abstract, shardings = abstract_state(config, mesh, student, tx)
+    batch_sh = mesh_lib.batch_sharding(mesh)
+    teacher_sh = jax.tree.map(lambda a: a.sharding, teacher_params)
+    step = make_distill_step(student, mesh_lib.STUDENT_RULES, teacher, tx, config.distill, config.train.steps,
+                             config.optim.grad_accum)
+    # Jitted once with explicit shardings; the state is donated: its buffers are reused for the next state.
+    step_fn = jax.jit(step, in_shardings=(shardings, teacher_sh, batch_sh),
+                      out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=(0,))
+    eval_step = make_eval_step(student, mesh_lib.STUDENT_RULES, teacher, config.distill.chunk_size)
+    eval_fn = jax.jit(eval_step, in_shardings=(shardings.params["model"], teacher_sh, batch_sh),
+                      out_shardings=mesh_lib.replicated(mesh))
+    with jax.set_mesh(mesh):
+        state = init_state(config, mesh, student, tx, shardings)
+    return Run(config, mesh, student, teacher, teacher_params, state, shardings, step_fn, eval_fn, batch_sh)
+
+
+def check_vocab(student_vocab: int, teacher_vocab: int) -> None:
+    """Same tokenizer, padded differently (e.g. 152064 vs 151936) is fine: the shared real range is used.
+    Anything else means different tokenizers, which token-level distillation cannot bridge."""
+    small, large = sorted((student_vocab, teacher_vocab))
+    if small != large and (large % 64 != 0 or large - small >= 1024):
+        raise UserError(f"model.vocab_size ({student_vocab}) and teacher.model.vocab_size ({teacher_vocab}) differ "
+                        "by more than padding: teacher and student must share a tokenizer")
+
+
+def _guard_workdir(workdir: Path, config: Config) -> None:
+    """A workdir belongs to one run: refuse to resume (or overwrite) one made under another model or data config."""
+    identity = run_identity(config)
+    run_file = workdir / RUN_FILE
+    if run_file.exists():
+        saved = json.loads(run_file.read_text()).get("identity", {})
+        for part in ("model", "data"):
+            if saved.get(part) != identity[part]:
+                raise UserError(f"{workdir} holds a run with a different {part} config; use another --workdir")
+    elif jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        run_file.write_text(json.dumps({"identity": identity, "config": to_dict(config)}, indent=2))
+
+
+def evaluate(run: Run, params, batches: int) -> dict[str, float]:
+    """Held-out metrics at T=1 over `batches` batches of the held-out split."""
+    cfg = run.config
+    iterator = make_batch_iterator(cfg.data, split="heldout", seed=cfg.train.seed, vocab_size=cfg.model.vocab_size,
+                                   process_index=jax.process_index(), process_count=jax.process_count(), num_epochs=1)
+    total: dict[str, float] = {}
+    for _, batch in zip(range(batches), iterator):
+        sums = jax.device_get(run.eval_fn(params, run.teacher_params, to_global_batch(batch, run.batch_sharding)))
+        for key, value in sums.items():
+            total[key] = total.get(key, 0.0) + float(value)
+    if not total:
+        raise UserError("the held-out split is empty: raise data.heldout_fraction or add documents")
+    return means(total)
+
+
+def run_training(config: Config, workdir: str | Path, *, teacher: Teacher | None = None, teacher_params: Any = None,
+                 progress: bool = True) -> dict[str, Any]:
+    """Train (distill, or pretrain when the objective needs no teacher) into `workdir`; returns final metrics."""
+    workdir = Path(workdir).absolute()
+    _guard_workdir(workdir, config)
+    run = build(config, teacher, teacher_params)
+    cfg = config
+    data_iter = make_batch_iterator(cfg.data, split="train", seed=cfg.train.seed, vocab_size=cfg.model.vocab_size,
+                                    process_index=jax.process_index(), process_count=jax.process_count())
+    checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", every=cfg.checkpoint.every,
+                                         keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+    state = restore_or_init(run, checkpointer, data_iter)
+    start = int(jax.device_get(state.step))
+    log = MetricsLog(workdir)
+    meta = {"config": to_dict(cfg), "identity": run_identity(cfg)}
+    tokens_per_step = cfg.data.global_batch * cfg.data.seq_len
+    flops_per_step = distill_flops_per_step(cfg.model, cfg.teacher.model if run.teacher else None,
+                                            tokens_per_step, cfg.data.seq_len)
+    peak = peak_flops_per_second()
+    bar = tqdm(total=cfg.train.steps, initial=start, disable=not progress or jax.process_index() != 0,
+               desc="distill" if run.teacher else "train", dynamic_ncols=True)
+    pending, window_start, window_steps, last = None, time.perf_counter(), 0, {}
+
+    def flush(step_done, metrics):
+        nonlocal window_start, window_steps, last
+        record = {"step": step_done, **means(jax.device_get(metrics))}  # blocks until that step is done
+        now = time.perf_counter()
+        dt = (now - window_start) / max(window_steps, 1)
+        record.update(tokens_per_s=tokens_per_step / dt, step_s=dt, mfu=flops_per_step / dt / peak)
+        window_start, window_steps, last = now, 0, record
+        log.write(record)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+
+    with jax.set_mesh(run.mesh):
+        for step in range(start, cfg.train.steps):
+            batch = to_global_batch(next(data_iter), run.batch_sharding)
+            state, metrics = run.step_fn(state, run.teacher_params, batch)
+            if step == start:  # keep compilation out of the throughput figures
+                jax.block_until_ready(metrics)
+                window_start, window_steps = time.perf_counter(), -1
+            window_steps += 1
+            if pending is not None:  # read the previous step's metrics only now: the device is already busy
+                flush(*pending)
+            done = step + 1
+            pending = (done, metrics) if done % cfg.train.log_every == 0 or done == cfg.train.steps else None
+            if checkpointer.should_save(done) and done < cfg.train.steps:
+                checkpointer.save(done, state, data_iter, meta)
+            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < cfg.train.steps:
+                log.write({"step": done, **{f"eval_{k}": v for k, v in
+                                            evaluate(run, state.params["model"], cfg.train.eval_batches).items()}})
+                window_start = time.perf_counter()
+            bar.update(1)
+        if pending is not None:
+            flush(*pending)
+        final_step = int(jax.device_get(state.step))
+        if checkpointer.latest_step() != final_step:
+            checkpointer.save(final_step, state, data_iter, meta)
+        heldout = evaluate(run, state.params["model"], cfg.train.eval_batches)
+    checkpointer.close()
+    bar.close()
+    log.write({"step": final_step, **{f"eval_{k}": v for k, v in heldout.items()}})
+    log.close()
+    return {"train": last, "heldout": heldout, "step": final_step, "state": state, "run": run}
+
+
+def restore_or_init(run: Run, checkpointer: ckpt_lib.Checkpointer, data_iter) -> TrainState:
+    """Latest checkpoint in the workdir → checkpoint.init_path (params only) → the fresh init already built."""
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                run.state, run.state_shardings)
+        return checkpointer.restore(latest, abstract, data_iter)
+    init_path = run.config.checkpoint.init_path
+    if init_path:
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                                run.state.params["model"])
+        params = dict(run.state.params, model=ckpt_lib.restore_params(init_path, abstract))
+        return run.state.replace(params=params)
+    return run.state
+
+
+def host_params(params) -> Any:
+    """Gather params to host numpy (small models only: export, tests)."""
+    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)
