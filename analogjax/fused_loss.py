@@ -19,6 +19,7 @@ and, for teachers with full logits (TeacherHead or a logits array):
   kl          Σ w · KL(teacher‖student) at T = 1 (a diagnostic, independent of the kd terms)
   agreement   Σ w · [argmax student == argmax teacher]
 A TopKTeacher also gives `agreement` (its top-1 id); sparse teachers give no teacher_ce or kl (they need full logits).
+teacher=None is allowed with no kd terms (a CE-only baseline).
 
 Sharding: everything is plain jnp under jit, so GSPMD partitions it. With student_head [D, V] sharded over `tensor` on
 V and tokens over `data`, each chunk's logits are [data, tensor]-sharded; log-softmax, target pick (a masked sum, not a
@@ -52,7 +53,7 @@ class TeacherHead(NamedTuple):
 class _Spec:
     """Everything static about one objective: resolved kd terms and how to read the teacher."""
 
-    teacher_kind: str  # "dense" (logits or TeacherHead), "topk", "sampled"
+    teacher_kind: str  # "dense" (logits or TeacherHead), "topk", "sampled", "none"
     terms: tuple[Callable[..., jax.Array], ...]
     vocab_size: int | None
     temperature_is_one: bool
@@ -66,7 +67,9 @@ class _Coefficients(NamedTuple):
 
 def _prepare(student_head, teacher, targets, weights, kd_terms, kd_weights, ce_weight, temperature, vocab_size):
     """Validate the static structure and split the teacher into row-aligned arrays and an optional head."""
-    if isinstance(teacher, TeacherHead):
+    if teacher is None:  # CE only (pretraining or a baseline): the same loss without a teacher
+        kind, teacher_rows, teacher_head = "none", None, None
+    elif isinstance(teacher, TeacherHead):
         kind, teacher_rows, teacher_head = "dense", teacher.hidden, teacher.head
     elif isinstance(teacher, TopKTeacher):
         kind, teacher_rows, teacher_head = "topk", teacher, None
@@ -86,6 +89,10 @@ def _prepare(student_head, teacher, targets, weights, kd_terms, kd_weights, ce_w
             )
         if vocab_size is not None and vocab_size > min(teacher_width, student_width):
             raise UserError(f"vocab_size {vocab_size} exceeds a model's vocabulary ({teacher_width}, {student_width})")
+    elif kind == "none":
+        if kd_terms:
+            raise UserError(f"kd terms {[name for name, _ in kd_terms]} need a teacher")
+        terms = ()
     else:
         terms = tuple(resolve_sparse_term(name, params, teacher) for name, params in kd_terms)
     kd_weights = jnp.asarray(kd_weights, jnp.float32).reshape(-1)
