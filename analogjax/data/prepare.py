@@ -1,0 +1,232 @@
+"""`analogjax prepare`: tokenize a corpus once into shards that training reads without a tokenizer in the loop.
+
+    analogjax prepare --input 'corpus/*.jsonl' --tokenizer tok.json --output data/corpus [--format arrayrecord|zarr]
+                      [--workers N]
+
+The input is any source the pipeline reads (JSONL, Parquet, ArrayRecord, text files, tokens_bin, zarr, or
+"stdlib"). Documents are cut into contiguous ranges, one shard each, written in parallel by worker processes.
+The output directory holds the shards, each document's identity key (so the held-out split is unchanged by
+preparing) and analogjax_data.json, which lets `path: <output>` be used as a source with format auto.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import queue
+import sys
+
+import numpy as np
+
+from analogjax.data.sources import METADATA_FILE, DocumentSource, open_source
+from analogjax.data.spec import SourceConfig
+from analogjax.data.tokenize import encode_documents, load_tokenizer
+from analogjax.errors import UserError
+
+FORMATS = ("arrayrecord", "zarr")
+# Documents tokenized per call: the Rust tokenizer parallelises within a batch.
+_ENCODE_BATCH = 64
+# Tokens written to a zarr array per tensorstore write, and its chunk size (≈1 MiB of uint16).
+_ZARR_CHUNK = 1 << 19
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input", required=True,
+                        help='the corpus: a file, glob or directory in any source format, or "stdlib"')
+    parser.add_argument("--input-format", default="auto",
+                        help="the input's format when its extension does not say (jsonl, parquet, text, ...)")
+    parser.add_argument("--field", default="text", help="JSONL key / Parquet column holding the text")
+    parser.add_argument("--tokenizer", required=True, help='a HF tokenizer .json, a SentencePiece .model, or "bytes"')
+    parser.add_argument("--output", required=True, help="directory for the shards (created; must be empty)")
+    parser.add_argument("--format", choices=FORMATS, default="arrayrecord", help="shard format (default arrayrecord)")
+    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)),
+                        help="parallel worker processes (default: all cores)")
+    parser.add_argument("--shards", type=int, default=0, help="number of shards (default: one per worker)")
+    parser.add_argument("--no-bos", dest="add_bos", action="store_false", help="do not begin documents with BOS")
+    parser.add_argument("--no-eos", dest="add_eos", action="store_false", help="do not end documents with EOS")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.workers <= 0:
+        raise UserError(f"--workers must be positive (got {args.workers})")
+    if args.shards < 0:
+        raise UserError(f"--shards must be positive (got {args.shards})")
+    tokenizer = load_tokenizer(args.tokenizer)
+    if tokenizer.vocab_size is None:
+        raise UserError('--tokenizer "none" cannot prepare a corpus: name a tokenizer file or "bytes"')
+    source = _open_input(args)
+    if len(source) == 0:
+        raise UserError(f"--input {args.input}: no documents (empty corpus)")
+    if os.path.isdir(args.output) and os.listdir(args.output):
+        raise UserError(f"--output {args.output} is not empty: choose a new directory")
+    os.makedirs(args.output, exist_ok=True)
+
+    dtype = "uint16" if tokenizer.vocab_size <= 1 << 16 else "uint32"
+    shard_count = min(args.shards or args.workers, len(source))
+    bounds = np.linspace(0, len(source), shard_count + 1).astype(np.int64)
+    suffix = ".array_record" if args.format == "arrayrecord" else ".zarr"
+    keys = source.document_keys()
+    tasks = [
+        dict(source=source, tokenizer_spec=args.tokenizer, path=os.path.join(args.output, name), start=int(a),
+             stop=int(b), keys=keys[a:b], format=args.format, dtype=dtype, vocab_size=tokenizer.vocab_size,
+             add_bos=args.add_bos, add_eos=args.add_eos)
+        for a, b, name in zip(bounds[:-1], bounds[1:],
+                              (f"shard-{i:05d}-of-{shard_count:05d}{suffix}" for i in range(shard_count)))
+    ]
+    results = _run_tasks(tasks, workers=min(args.workers, shard_count), total=len(source))
+
+    documents = sum(r["documents"] for r in results)
+    tokens = sum(r["tokens"] for r in results)
+    metadata = {
+        "format": args.format,
+        "dtype": dtype,
+        "vocab_size": tokenizer.vocab_size,
+        "tokenizer": args.tokenizer,
+        "tokenizer_fingerprint": tokenizer.fingerprint,
+        "add_bos": args.add_bos,
+        "add_eos": args.add_eos,
+        "input": args.input,
+        "documents": documents,
+        "tokens": tokens,
+        "shards": [{"path": os.path.basename(t["path"]), "documents": r["documents"], "tokens": r["tokens"]}
+                   for t, r in zip(tasks, results)],
+    }
+    with open(os.path.join(args.output, METADATA_FILE), "w") as f:
+        json.dump(metadata, f, indent=2)
+    print(f"wrote {documents} documents, {tokens} tokens in {shard_count} {args.format} shards to {args.output}")
+    return 0
+
+
+def _open_input(args) -> DocumentSource:
+    if args.input == "stdlib":
+        from analogjax.data.stdlib_corpus import stdlib_source
+
+        return stdlib_source()
+    config = SourceConfig(path=args.input, format=args.input_format, field=args.field)
+    return open_source(config, key="--input", name="input")
+
+
+def _run_tasks(tasks: list[dict], *, workers: int, total: int) -> list[dict]:
+    from tqdm import tqdm
+
+    progress = tqdm(total=total, unit="doc", desc="prepare", file=sys.stderr, dynamic_ncols=True)
+    try:
+        if workers == 1:
+            return [_write_shard(task, progress.update) for task in tasks]
+        # spawn, not fork: the parent may hold JAX or tokenizer threads, which do not survive a fork.
+        context = multiprocessing.get_context("spawn")
+        updates = context.Queue()
+        with context.Pool(workers, initializer=_init_worker, initargs=(updates,)) as pool:
+            pending = pool.map_async(_write_shard_in_worker, tasks)
+            while not pending.ready():
+                _drain(updates, progress, timeout=0.2)
+            _drain(updates, progress, timeout=0)
+            return pending.get()
+    finally:
+        progress.close()
+
+
+def _drain(updates, progress, *, timeout: float) -> None:
+    try:
+        progress.update(updates.get(timeout=timeout) if timeout else updates.get_nowait())
+        while True:
+            progress.update(updates.get_nowait())
+    except queue.Empty:
+        pass
+
+
+_worker_updates = None
+
+
+def _init_worker(updates) -> None:
+    global _worker_updates
+    _worker_updates = updates
+
+
+def _write_shard_in_worker(task: dict) -> dict:
+    return _write_shard(task, _worker_updates.put)
+
+
+def _write_shard(task: dict, report) -> dict:
+    """Tokenizes documents [start, stop) of the source into one shard; returns its document and token counts."""
+    source, dtype = task["source"], np.dtype(task["dtype"])
+    tokenizer = load_tokenizer(task["tokenizer_spec"])
+    writer = _ArrayRecordShard(task["path"]) if task["format"] == "arrayrecord" else _ZarrShard(task["path"], dtype)
+    documents = tokens = 0
+    for batch_start in range(task["start"], task["stop"], _ENCODE_BATCH):
+        indices = range(batch_start, min(batch_start + _ENCODE_BATCH, task["stop"]))
+        values = [source[i] for i in indices]
+        texts = [v for v in values if isinstance(v, str)]
+        encoded = iter(encode_documents(tokenizer, texts, add_bos=task["add_bos"], add_eos=task["add_eos"]))
+        for index, value in zip(indices, values):
+            if isinstance(value, str):
+                ids = next(encoded) if value else np.zeros(0, np.int32)
+            else:
+                ids = np.asarray(value)
+            if ids.size and (ids.min() < 0 or ids.max() >= task["vocab_size"]):
+                raise UserError(f"{source.where(index)}: token id {int(ids.max())} is outside the tokenizer's "
+                                f"vocabulary [0, {task['vocab_size']})")
+            writer.add(ids.astype(dtype))
+            documents += 1
+            tokens += len(ids)
+        report(len(indices))
+    writer.close(task["keys"])
+    return {"documents": documents, "tokens": tokens}
+
+
+class _ArrayRecordShard:
+    """One record per document: its token ids as little-endian bytes; identity keys in a .keys.npy beside it."""
+
+    def __init__(self, path: str):
+        from array_record.python import array_record_module
+
+        self.path = path
+        # group_size:1 makes every record individually addressable, which shuffled reading needs.
+        self._writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+
+    def add(self, ids: np.ndarray) -> None:
+        self._writer.write(ids.astype(ids.dtype.newbyteorder("<")).tobytes())
+
+    def close(self, keys: np.ndarray) -> None:
+        self._writer.close()
+        np.save(self.path + ".keys.npy", np.asarray(keys, np.uint64))
+
+
+class _ZarrShard:
+    """A store with zarr3 arrays tokens (flat), offsets (documents + 1) and keys; tokens staged in a raw file."""
+
+    def __init__(self, path: str, dtype: np.dtype):
+        self.path = path
+        self.dtype = dtype
+        os.makedirs(path, exist_ok=True)
+        self._staging_path = os.path.join(path, ".staging.bin")
+        self._staging = open(self._staging_path, "wb")
+        self._lengths: list[int] = []
+
+    def add(self, ids: np.ndarray) -> None:
+        self._staging.write(ids.tobytes())
+        self._lengths.append(len(ids))
+
+    def close(self, keys: np.ndarray) -> None:
+        import tensorstore as ts
+
+        self._staging.close()
+        flat = np.memmap(self._staging_path, dtype=self.dtype, mode="r") if os.path.getsize(self._staging_path) \
+            else np.zeros(0, self.dtype)
+        offsets = np.concatenate([[0], np.cumsum(self._lengths, dtype=np.int64)]).astype(np.int64)
+
+        def create(name, dtype, shape):
+            spec = {"driver": "zarr3", "kvstore": "file://" + os.path.abspath(os.path.join(self.path, name))}
+            chunk = [max(1, min(shape[0], _ZARR_CHUNK))]
+            return ts.open(spec, create=True, dtype=dtype, shape=shape,
+                           chunk_layout=ts.ChunkLayout(chunk_shape=chunk)).result()
+
+        tokens = create("tokens", ts.dtype(self.dtype.name), [len(flat)])
+        for start in range(0, len(flat), _ZARR_CHUNK):
+            tokens[start:start + _ZARR_CHUNK].write(np.asarray(flat[start:start + _ZARR_CHUNK])).result()
+        create("offsets", ts.int64, [len(offsets)]).write(offsets).result()
+        create("keys", ts.uint64, [len(keys)]).write(np.asarray(keys, np.uint64)).result()
+        del flat
+        os.remove(self._staging_path)

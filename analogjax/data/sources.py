@@ -1,0 +1,739 @@
+"""Random access to the documents of one configured source, whatever its format.
+
+Each `DocumentSource` has a length and `source[i]` returns document i: a `str` (text still to tokenize) or a
+1-D integer array (token ids). Grain reads them through `MapDataset.source`, so sources must be picklable
+(worker processes) and thread-safe (read threads): open handles are created lazily, per process, and
+dropped on pickling. Every failure to read names the file and, where known, the record.
+
+Document identity, for the held-out split, is (file name relative to the source root, record number),
+hashed by `document_keys`; `analogjax prepare` carries those keys into its shards so the split survives
+re-encoding.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import hashlib
+import json
+import os
+import struct
+import threading
+from typing import Sequence
+
+import numpy as np
+
+from analogjax.data.spec import SourceConfig
+from analogjax.errors import UserError
+
+METADATA_FILE = "analogjax_data.json"
+NUMPY_DTYPES = {"uint16": np.uint16, "uint32": np.uint32, "int32": np.int32}
+_EXTENSION_FORMATS = {
+    ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
+    ".parquet": "parquet",
+    ".array_record": "arrayrecord", ".arrayrecord": "arrayrecord",
+    ".bin": "tokens_bin",
+    ".zarr": "zarr",
+    ".txt": "text", ".text": "text", ".md": "text", ".rst": "text", ".py": "text",
+}
+# Text files bigger than this become several documents, cut at line ends, so that no single read or
+# tokenization call holds a whole book.
+MAX_TEXT_DOCUMENT_BYTES = 256 * 1024
+# Megatron-LM's indexed dataset (.bin + .idx): header, then version, dtype code, sequence and document counts.
+_MEGATRON_MAGIC = b"MMIDIDX\x00\x00"
+_MEGATRON_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 8: np.uint16}
+
+
+class DocumentSource:
+    """The documents of one source, concatenated over its files in sorted order."""
+
+    def __init__(self, *, name: str, files: Sequence[str], rel_names: Sequence[str], counts: Sequence[int]):
+        self.name = name
+        self.files = list(files)
+        self.rel_names = list(rel_names)
+        self.counts = np.asarray(counts, dtype=np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
+        # The vocabulary size the shards were written for, when their metadata says (prepared shards).
+        self.vocab_size_hint: int | None = None
+        self._stored_keys: np.ndarray | None = None
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(file number, record number within that file) of document `index`."""
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        f = int(np.searchsorted(self._starts, index, side="right")) - 1
+        return f, index - int(self._starts[f])
+
+    def where(self, index: int) -> str:
+        f, r = self.locate(index)
+        return f"{self.files[f]} ({self._record_word} {r + self._record_base})"
+
+    _record_word = "record"
+    _record_base = 0
+
+    def __getitem__(self, index: int):
+        f, r = self.locate(index)
+        try:
+            return self._read(f, r)
+        except UserError:
+            raise
+        except Exception as e:  # corrupt shards surface as many exception types; all become one clear line
+            raise UserError(f"{self.where(index)}: cannot read ({type(e).__name__}: {e})") from None
+
+    def _read(self, file_index: int, record: int):
+        raise NotImplementedError
+
+    def document_keys(self) -> np.ndarray:
+        """A stable uint64 identity per document: stored by prepare, else hashed from (relative name, record)."""
+        if self._stored_keys is not None:
+            return self._stored_keys
+        return hashed_document_keys(self.rel_names, self.counts)
+
+    def __getstate__(self):
+        # Open files, readers and memory maps belong to the process that opened them.
+        state = {k: v for k, v in self.__dict__.items() if not k.startswith("_open")}
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def _opened(self, attribute: str, file_index: int, opener):
+        """A per-process handle for file `file_index`, created once under the lock."""
+        handles = self.__dict__.get(attribute)
+        if handles is None or file_index not in handles:
+            with self._lock:
+                handles = self.__dict__.setdefault(attribute, {})
+                if file_index not in handles:
+                    handles[file_index] = opener(self.files[file_index])
+        return handles[file_index]
+
+
+def hashed_document_keys(rel_names: Sequence[str], counts: Sequence[int]) -> np.ndarray:
+    parts = []
+    for name, n in zip(rel_names, counts):
+        base = int.from_bytes(hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest(), "little")
+        records = np.arange(1, int(n) + 1, dtype=np.uint64)
+        parts.append(_mix64(np.uint64(base) + records * np.uint64(0x9E3779B97F4A7C15)))
+    return np.concatenate(parts) if parts else np.zeros(0, np.uint64)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: spreads nearby inputs over the whole 64-bit range (uint64 arithmetic wraps)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def heldout_mask(keys: np.ndarray, fraction: float) -> np.ndarray:
+    """True for the documents held out: those whose key, read as a fraction of 2**64, falls below `fraction`."""
+    return (keys >> np.uint64(11)).astype(np.float64) * 2.0**-53 < fraction
+
+
+# ---------------------------------------------------------------------------------------------- formats
+
+
+class JsonlSource(DocumentSource):
+    """JSON Lines: one document per non-blank line, in `field` (a string or a list of token ids)."""
+
+    _record_word = "line"
+    _record_base = 1
+
+    def __init__(self, *, name, files, rel_names, field: str):
+        starts, lengths, line_numbers = [], [], []
+        for path in files:
+            data = _read_bytes(path)
+            buf = np.frombuffer(data, dtype=np.uint8)
+            ends = np.flatnonzero(buf == ord("\n"))
+            if len(buf) and (not len(ends) or ends[-1] != len(buf) - 1):
+                ends = np.append(ends, len(buf))  # a last line without a newline
+            begins = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64) if len(ends) else np.zeros(0, np.int64)
+            sizes = (ends - begins).astype(np.int64)
+            keep = sizes > 0
+            # Blank lines are not documents; only short lines can be all whitespace often enough to matter.
+            for i in np.flatnonzero(keep & (sizes <= 16)):
+                if not data[begins[i]:ends[i]].strip():
+                    keep[i] = False
+            starts.append(begins[keep])
+            lengths.append(sizes[keep])
+            line_numbers.append(np.flatnonzero(keep))
+        super().__init__(name=name, files=files, rel_names=rel_names, counts=[len(s) for s in starts])
+        self.field = field
+        self._line_starts, self._line_lengths, self._line_numbers = starts, lengths, line_numbers
+
+    def where(self, index: int) -> str:
+        f, r = self.locate(index)
+        return f"{self.files[f]} (line {int(self._line_numbers[f][r]) + 1})"
+
+    def _read(self, file_index, record):
+        raw = _read_range(self, file_index, int(self._line_starts[file_index][record]),
+                          int(self._line_lengths[file_index][record]))
+        where = self.where(int(self._starts[file_index]) + record)
+        try:
+            obj = json.loads(raw)
+        except ValueError as e:
+            raise UserError(f"{where}: not valid JSON ({e})") from None
+        if not isinstance(obj, dict) or self.field not in obj:
+            raise UserError(f"{where}: no key {self.field!r} (set the source's field)")
+        return _document_value(obj[self.field], where)
+
+
+class ParquetSource(DocumentSource):
+    """Parquet: one document per row of column `field` (string, or a list of token ids)."""
+
+    _record_word = "row"
+    # Decoded row groups kept per source: shuffled reading revisits a row group many times per epoch.
+    _CACHED_ROW_GROUPS = 8
+
+    def __init__(self, *, name, files, rel_names, field: str):
+        import pyarrow.parquet as pq
+
+        counts, group_starts = [], []
+        for path in files:
+            try:
+                meta = pq.ParquetFile(_arrow_path(path)[0], filesystem=_arrow_path(path)[1]).metadata
+            except Exception as e:
+                raise UserError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+            if meta.num_columns and field not in meta.schema.to_arrow_schema().names:
+                raise UserError(f"{path}: no column {field!r} (set the source's field)")
+            sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+            counts.append(sum(sizes))
+            group_starts.append(np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64))
+        super().__init__(name=name, files=files, rel_names=rel_names, counts=counts)
+        self.field = field
+        self._group_starts = group_starts
+        self._open_groups: dict = {}
+
+    def _read(self, file_index, record):
+        import pyarrow.parquet as pq
+
+        group = int(np.searchsorted(self._group_starts[file_index], record, side="right")) - 1
+        key = (file_index, group)
+        with self._lock:  # one decoder per source: pyarrow file objects are not shared across threads
+            column = self.__dict__.setdefault("_open_groups", {}).get(key)
+            if column is None:
+                path, fs = _arrow_path(self.files[file_index])
+                table = pq.ParquetFile(path, filesystem=fs).read_row_group(group, columns=[self.field])
+                column = table.column(self.field).combine_chunks()
+                cache = self._open_groups
+                if len(cache) >= self._CACHED_ROW_GROUPS:
+                    cache.pop(next(iter(cache)))
+                cache[key] = column
+        value = column[record - int(self._group_starts[file_index][group])]
+        where = f"{self.files[file_index]} (row {record})"
+        if hasattr(value, "values") and value.values is not None:  # a list<int> cell
+            return _document_value(np.asarray(value.values), where)
+        return _document_value(value.as_py(), where)
+
+
+class ArrayRecordSource(DocumentSource):
+    """ArrayRecord: one document per record, UTF-8 text or raw little-endian token ids of `dtype`."""
+
+    def __init__(self, *, name, files, rel_names, tokens: bool, dtype: str | None, stored_keys=None):
+        counts = []
+        for path in files:
+            reader = _array_record_reader(path)
+            try:
+                counts.append(reader.num_records())
+                reader.close()
+            except Exception as e:
+                raise UserError(f"{path}: not a readable ArrayRecord file ({type(e).__name__}: {e})") from None
+        super().__init__(name=name, files=files, rel_names=rel_names, counts=counts)
+        self.tokens = tokens
+        self.dtype = dtype
+        self._stored_keys = stored_keys
+
+    def _read(self, file_index, record):
+        reader = self._opened("_open_readers", file_index, _array_record_reader)
+        raw = reader.read([record])[0]
+        if not self.tokens:
+            return raw.decode("utf-8", errors="replace")
+        dtype = np.dtype(NUMPY_DTYPES[self.dtype])
+        if len(raw) % dtype.itemsize:
+            raise UserError(
+                f"{self.files[file_index]} (record {record}): {len(raw)} bytes is not a whole number of "
+                f"{self.dtype} token ids (wrong dtype, or a text record?)"
+            )
+        return np.frombuffer(raw, dtype=dtype.newbyteorder("<"))
+
+
+class TokensBinSource(DocumentSource):
+    """Flat token files (.bin) split into documents by an offsets index, a Megatron .idx, or an end-of-document id."""
+
+    def __init__(self, *, name, files, rel_names, dtype: str, eod_id: int | None, offsets: str):
+        if any("://" in f for f in files):
+            raise UserError(f"{files[0]}: tokens_bin reads local files only (use zarr or arrayrecord for remote data)")
+        bounds, dtypes = [], []
+        for path in files:
+            index_path = offsets if offsets else _sidecar_index(path)
+            file_dtype = _megatron_dtype(index_path) if index_path.endswith(".idx") else None
+            if file_dtype is None:
+                if dtype == "auto":
+                    raise UserError(
+                        f"{path}: the token dtype is unknown: set the source's dtype (uint16, uint32 or int32)"
+                    )
+                file_dtype = np.dtype(NUMPY_DTYPES[dtype])
+            size = os.path.getsize(path)
+            if size % file_dtype.itemsize:
+                raise UserError(f"{path}: {size} bytes is not a whole number of {file_dtype.name} tokens (corrupt?)")
+            n_tokens = size // file_dtype.itemsize
+            if index_path:
+                starts, ends = _read_offsets(index_path, file_dtype.itemsize, n_tokens, path)
+            elif eod_id is not None:
+                starts, ends = _split_at(np.memmap(path, dtype=file_dtype, mode="r"), eod_id)
+            else:
+                raise UserError(
+                    f"{path}: no document boundaries: set the source's eod_id, or its offsets (.npy or Megatron .idx)"
+                )
+            bounds.append((starts, ends))
+            dtypes.append(file_dtype)
+        super().__init__(name=name, files=files, rel_names=rel_names, counts=[len(s) for s, _ in bounds])
+        self._bounds = bounds
+        self._dtypes = dtypes
+
+    def document_length(self, index: int) -> int:
+        f, r = self.locate(index)
+        starts, ends = self._bounds[f]
+        return int(ends[r] - starts[r])
+
+    def _read(self, file_index, record):
+        tokens = self._opened(
+            "_open_maps", file_index, lambda p: np.memmap(p, dtype=self._dtypes[file_index], mode="r")
+        )
+        starts, ends = self._bounds[file_index]
+        return tokens[int(starts[record]):int(ends[record])]
+
+
+class ZarrSource(DocumentSource):
+    """Token arrays stored with tensorstore: a store directory holding `tokens` and `offsets` zarr arrays
+    (what prepare writes), or a bare 1-D token array split at `eod_id`."""
+
+    def __init__(self, *, name, files, rel_names, eod_id: int | None):
+        bounds, keys = [], []
+        for path in files:
+            tokens_spec, offsets_spec, keys_spec = _zarr_layout(path)
+            try:
+                if offsets_spec is not None:
+                    offsets = np.asarray(_open_zarr(offsets_spec).read().result(), dtype=np.int64)
+                    n_tokens = _open_zarr(tokens_spec).shape[0]
+                    starts, ends = _validated_offsets(offsets, n_tokens, path)
+                elif eod_id is not None:
+                    starts, ends = _split_at(np.asarray(_open_zarr(tokens_spec).read().result()), eod_id)
+                else:
+                    raise UserError(f"{path}: a bare token array needs the source's eod_id to find documents")
+                keys.append(None if keys_spec is None else np.asarray(_open_zarr(keys_spec).read().result(), np.uint64))
+            except UserError:
+                raise
+            except Exception as e:
+                raise UserError(f"{path}: not a readable zarr token store ({type(e).__name__}: {e})") from None
+            bounds.append((starts, ends))
+        super().__init__(name=name, files=files, rel_names=rel_names, counts=[len(s) for s, _ in bounds])
+        self._bounds = bounds
+        if keys and all(k is not None for k in keys):
+            self._stored_keys = np.concatenate(keys)
+
+    def _read(self, file_index, record):
+        tokens = self._opened("_open_arrays", file_index, lambda p: _open_zarr(_zarr_layout(p)[0]))
+        starts, ends = self._bounds[file_index]
+        return tokens[int(starts[record]):int(ends[record])].read().result()
+
+
+class TextFilesSource(DocumentSource):
+    """Plain text files: each file one document, files over MAX_TEXT_DOCUMENT_BYTES cut at line ends.
+
+    With a token cache attached (`attach_token_cache`), documents come back as token ids from the cache.
+    """
+
+    _record_word = "part"
+
+    def __init__(self, *, name, files, rel_names, sizes: Sequence[int] | None = None,
+                 max_document_bytes: int = MAX_TEXT_DOCUMENT_BYTES):
+        if sizes is None:
+            sizes = [_file_size(p) for p in files]
+        self.max_document_bytes = max_document_bytes
+        super().__init__(name=name, files=files, rel_names=rel_names,
+                         counts=[max(1, -(-int(s) // max_document_bytes)) for s in sizes])
+        self._cache: tuple[str, np.ndarray, np.dtype] | None = None
+
+    def read_text(self, file_index: int, record: int) -> str:
+        data = _read_bytes(self.files[file_index])
+        return split_text_bytes(data, self.max_document_bytes, int(self.counts[file_index]))[record].decode(
+            "utf-8", errors="replace"
+        )
+
+    def attach_token_cache(self, bin_path: str, offsets: np.ndarray, dtype: np.dtype) -> None:
+        if len(offsets) != len(self) + 1:
+            raise UserError(f"{bin_path}: token cache holds {len(offsets) - 1} documents, expected {len(self)}")
+        self._cache = (bin_path, offsets, np.dtype(dtype))
+
+    def _read(self, file_index, record):
+        if self._cache is None:
+            return self.read_text(file_index, record)
+        bin_path, offsets, dtype = self._cache
+        tokens = self._opened("_open_cache", 0, lambda _: np.memmap(bin_path, dtype=dtype, mode="r"))
+        index = int(self._starts[file_index]) + record
+        return tokens[int(offsets[index]):int(offsets[index + 1])]
+
+
+def split_text_bytes(data: bytes, max_bytes: int, parts: int) -> list[bytes]:
+    """Cuts `data` into `parts` pieces of about max_bytes, each ending at a line end where one is near."""
+    cuts = [0]
+    for k in range(1, parts):
+        newline = data.find(b"\n", k * max_bytes)
+        cuts.append(max(cuts[-1], len(data) if newline < 0 else newline + 1))
+    cuts.append(len(data))
+    return [data[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
+
+
+# ------------------------------------------------------------------------------------------- opening
+
+
+def open_source(config: SourceConfig, *, key: str, name: str) -> DocumentSource:
+    """The DocumentSource for one data.sources entry (`key` names it in messages). Not for stdlib."""
+    root, paths, metadata = expand_source_path(config.path, key=key)
+    fmt = config.format
+    if fmt == "auto":
+        fmt = metadata["format"] if metadata else _format_from_paths(paths, key)
+    if metadata:
+        return _open_prepared(root, metadata, fmt, config, key=key, name=name)
+    if fmt == "zarr":
+        paths = _zarr_stores(paths, config.path)
+    else:
+        paths = [p for p in paths if not _is_dir(p)]
+        # A directory of mixed files: take the ones of the chosen format.
+        if _is_dir_path(config.path):
+            paths = [p for p in paths if _EXTENSION_FORMATS.get(_extension(p)) == fmt] or paths
+    if not paths:
+        raise UserError(f"{key}.path: no {fmt} files in {config.path}")
+    rel = [_relative(p, root) for p in paths]
+    if fmt == "jsonl":
+        return JsonlSource(name=name, files=paths, rel_names=rel, field=config.field)
+    if fmt == "parquet":
+        return ParquetSource(name=name, files=paths, rel_names=rel, field=config.field)
+    if fmt == "arrayrecord":
+        tokens = config.content == "tokens"
+        if tokens and config.dtype == "auto":
+            raise UserError(f"{key}.dtype must be set (uint16, uint32 or int32) for token records without metadata")
+        return ArrayRecordSource(name=name, files=paths, rel_names=rel, tokens=tokens,
+                                 dtype=None if not tokens else config.dtype)
+    if fmt == "tokens_bin":
+        return TokensBinSource(name=name, files=paths, rel_names=rel, dtype=config.dtype,
+                               eod_id=config.eod_id, offsets=config.offsets)
+    if fmt == "zarr":
+        return ZarrSource(name=name, files=paths, rel_names=rel, eod_id=config.eod_id)
+    if fmt == "text":
+        return TextFilesSource(name=name, files=paths, rel_names=rel)
+    raise UserError(f"{key}.format {fmt!r} cannot read {config.path}")
+
+
+def _open_prepared(root: str, metadata: dict, fmt: str, config: SourceConfig, *, key: str, name: str):
+    """Shards written by `analogjax prepare`: token ids of a known dtype, with the original document keys."""
+    meta_path = _join(root, METADATA_FILE)
+    try:
+        shards = [s["path"] for s in metadata["shards"]]
+        dtype = metadata["dtype"]
+        vocab_size = int(metadata["vocab_size"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{meta_path}: malformed prepare metadata (missing {e})") from None
+    if dtype not in NUMPY_DTYPES:
+        raise UserError(f"{meta_path}: unknown dtype {dtype!r}")
+    paths = [_join(root, s) for s in shards]
+    if fmt == "arrayrecord":
+        keys = [_join(root, s + ".keys.npy") for s in shards]
+        stored = np.concatenate([np.load(k) for k in keys]) if keys and all(_exists(k) for k in keys) else None
+        source = ArrayRecordSource(name=name, files=paths, rel_names=shards, tokens=True, dtype=dtype,
+                                   stored_keys=stored)
+    elif fmt == "zarr":
+        source = ZarrSource(name=name, files=paths, rel_names=shards, eod_id=None)
+    else:
+        raise UserError(f"{key}.format is {fmt} but {meta_path} describes {metadata.get('format')} shards")
+    source.vocab_size_hint = vocab_size
+    return source
+
+
+def expand_source_path(path: str, *, key: str) -> tuple[str, list[str], dict | None]:
+    """(root the relative names start from, sorted matching paths, prepare metadata if the path is a prepared dir)."""
+    if any(ch in path for ch in "*?["):
+        root = _glob_root(path)
+        paths = sorted(_glob(path))
+        if not paths:
+            raise UserError(f"{key}.path: no files match {path}")
+        return root, paths, None
+    if not _exists(path):
+        raise UserError(f"{key}.path: no such file or directory: {path}")
+    if _is_dir(path):
+        meta_path = _join(path, METADATA_FILE)
+        if _exists(meta_path):
+            try:
+                metadata = json.loads(_read_bytes(meta_path))
+            except ValueError as e:
+                raise UserError(f"{meta_path}: not valid JSON ({e})") from None
+            return path, [], metadata
+        if _looks_like_zarr(path):
+            return _parent(path), [path], None
+        paths = sorted(_walk_files(path))
+        if not paths:
+            raise UserError(f"{key}.path: directory {path} is empty")
+        return path, paths, None
+    return _parent(path), [path], None
+
+
+def _format_from_paths(paths: list[str], key: str) -> str:
+    found = {_EXTENSION_FORMATS.get(_extension(p)) for p in paths} - {None}
+    if any(_looks_like_zarr(p) for p in paths if _is_dir(p)):
+        found.add("zarr")
+    if len(found) == 1:
+        return found.pop()
+    if not found:
+        raise UserError(f"{key}.format: cannot tell the format of {paths[0]}: set it (jsonl, parquet, arrayrecord, "
+                        "tokens_bin, zarr, text)")
+    raise UserError(f"{key}.format: files of several formats ({', '.join(sorted(found))}): set the format")
+
+
+def _zarr_stores(paths: list[str], configured: str) -> list[str]:
+    stores = [p for p in paths if _is_dir(p) and _looks_like_zarr(p)]
+    if not stores and _is_dir(configured) and _looks_like_zarr(configured):
+        stores = [configured]
+    return stores
+
+
+def _zarr_layout(path: str) -> tuple[dict, dict | None, dict | None]:
+    """tensorstore specs for (tokens, offsets or None, keys or None) of a store or a bare array at `path`."""
+    for name in ("zarr.json", ".zarray"):
+        if _exists(_join(path, name)) and not _exists(_join(path, "tokens")):
+            return _zarr_spec(path), None, None
+    tokens = _join(path, "tokens")
+    offsets = _join(path, "offsets")
+    keys = _join(path, "keys")
+    return (_zarr_spec(tokens), _zarr_spec(offsets) if _exists(offsets) else None,
+            _zarr_spec(keys) if _exists(keys) else None)
+
+
+def _zarr_spec(path: str) -> dict:
+    driver = "zarr" if _exists(_join(path, ".zarray")) else "zarr3"
+    url = path if "://" in path else "file://" + os.path.abspath(path)
+    return {"driver": driver, "kvstore": url}
+
+
+def _open_zarr(spec: dict):
+    import tensorstore as ts
+
+    return ts.open(spec, read=True).result()
+
+
+def _looks_like_zarr(path: str) -> bool:
+    return path.rstrip("/").endswith(".zarr") or any(
+        _exists(_join(path, n)) for n in ("zarr.json", ".zarray", "tokens/zarr.json", "tokens/.zarray")
+    )
+
+
+def _array_record_reader(path: str):
+    from array_record.python import array_record_module
+
+    try:
+        # Random access: no readahead, no background threads per reader.
+        return array_record_module.ArrayRecordReader(path, "readahead_buffer_size:0,max_parallelism:0")
+    except Exception as e:
+        raise UserError(f"{path}: not a readable ArrayRecord file ({type(e).__name__}: {e})") from None
+
+
+def _document_value(value, where: str):
+    if isinstance(value, str):
+        return value
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "iu":
+            raise UserError(f"{where}: token ids must be integers (got {value.dtype})")
+        return value
+    if isinstance(value, list):
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise UserError(f"{where}: a token-id list must hold integers only")
+        return np.asarray(value, dtype=np.int64)
+    raise UserError(f"{where}: expected text or a list of token ids, got {type(value).__name__}")
+
+
+def _split_at(tokens: np.ndarray, eod_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Document bounds of a flat token stream: each document ends with (and keeps) its end-of-document id."""
+    ends = np.flatnonzero(np.asarray(tokens) == eod_id).astype(np.int64) + 1
+    if len(tokens) and (not len(ends) or ends[-1] != len(tokens)):
+        ends = np.append(ends, len(tokens))
+    starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
+    return starts, ends
+
+
+def _sidecar_index(bin_path: str) -> str:
+    stem = bin_path[: -len(".bin")] if bin_path.endswith(".bin") else bin_path
+    for candidate in (stem + ".idx", bin_path + ".idx", stem + ".offsets.npy", bin_path + ".offsets.npy"):
+        if os.path.exists(candidate):
+            return candidate
+    return ""
+
+
+def _megatron_dtype(idx_path: str) -> np.dtype | None:
+    with open(idx_path, "rb") as f:
+        header = f.read(len(_MEGATRON_MAGIC) + 9)
+    if not header.startswith(_MEGATRON_MAGIC):
+        return None
+    code = header[len(_MEGATRON_MAGIC) + 8]
+    if code not in _MEGATRON_DTYPES:
+        raise UserError(f"{idx_path}: unsupported Megatron dtype code {code}")
+    return np.dtype(_MEGATRON_DTYPES[code])
+
+
+def _read_offsets(index_path: str, itemsize: int, n_tokens: int, bin_path: str):
+    if not os.path.exists(index_path):
+        raise UserError(f"{bin_path}: offsets index {index_path} does not exist")
+    try:
+        if index_path.endswith(".npy"):
+            offsets = np.load(index_path).astype(np.int64)
+            return _validated_offsets(offsets, n_tokens, index_path)
+        with open(index_path, "rb") as f:
+            data = f.read()
+        if not data.startswith(_MEGATRON_MAGIC):
+            raise UserError(f"{index_path}: not a .npy offsets array nor a Megatron .idx file")
+        pos = len(_MEGATRON_MAGIC)
+        _version, _code, n_seq, n_doc = struct.unpack_from("<QBQQ", data, pos)
+        pos += 8 + 1 + 8 + 8
+        lengths = np.frombuffer(data, np.int32, n_seq, pos).astype(np.int64)
+        pos += 4 * n_seq
+        pointers = np.frombuffer(data, np.int64, n_seq, pos) // itemsize
+        pos += 8 * n_seq
+        doc_index = np.frombuffer(data, np.int64, n_doc, pos)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"{index_path}: unreadable offsets index ({type(e).__name__}: {e})") from None
+    # A Megatron document is a run of consecutive sequences [doc_index[d], doc_index[d+1]).
+    first, last = doc_index[:-1], doc_index[1:] - 1
+    keep = last >= first
+    starts = pointers[first[keep]]
+    ends = pointers[last[keep]] + lengths[last[keep]]
+    if len(ends) and (ends.max() > n_tokens or starts.min() < 0):
+        raise UserError(f"{index_path}: document bounds run past the end of {bin_path} (mismatched .idx?)")
+    return starts.astype(np.int64), ends.astype(np.int64)
+
+
+def _validated_offsets(offsets: np.ndarray, n_tokens: int, where: str):
+    if offsets.ndim != 1 or len(offsets) < 1 or offsets[0] != 0 or np.any(np.diff(offsets) < 0) \
+            or offsets[-1] != n_tokens:
+        raise UserError(
+            f"{where}: offsets must rise from 0 to the token count {n_tokens} "
+            f"(got {len(offsets)} entries ending at {offsets[-1] if len(offsets) else 'nothing'})"
+        )
+    return offsets[:-1], offsets[1:]
+
+
+# ---------------------------------------------------------------------- paths: local, or remote via epath
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in path
+
+
+def _epath(path: str):
+    from etils import epath
+
+    return epath.Path(path)
+
+
+def _exists(path: str) -> bool:
+    return _epath(path).exists() if _is_remote(path) else os.path.exists(path)
+
+
+def _is_dir(path: str) -> bool:
+    return _epath(path).is_dir() if _is_remote(path) else os.path.isdir(path)
+
+
+def _is_dir_path(path: str) -> bool:
+    return not any(ch in path for ch in "*?[") and _exists(path) and _is_dir(path)
+
+
+def _join(root: str, name: str) -> str:
+    return root.rstrip("/") + "/" + name if _is_remote(root) else os.path.join(root, name)
+
+
+def _parent(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[0] if _is_remote(path) else os.path.dirname(os.path.abspath(path))
+
+
+def _relative(path: str, root: str) -> str:
+    if _is_remote(path):
+        return path[len(root.rstrip("/")) + 1:] if path.startswith(root.rstrip("/") + "/") else path
+    return os.path.relpath(os.path.abspath(path), os.path.abspath(root))
+
+
+def _extension(path: str) -> str:
+    base = path.rstrip("/").rsplit("/", 1)[-1]
+    return "." + base.rsplit(".", 1)[-1].lower() if "." in base else ""
+
+
+def _glob_root(pattern: str) -> str:
+    parts = pattern.split("/")
+    fixed = []
+    for p in parts:
+        if any(ch in p for ch in "*?["):
+            break
+        fixed.append(p)
+    root = "/".join(fixed)
+    return root or ("/" if pattern.startswith("/") else ".")
+
+
+def _glob(pattern: str) -> list[str]:
+    if _is_remote(pattern):
+        root = _glob_root(pattern)
+        return [str(p) for p in _epath(root).glob(pattern[len(root):].lstrip("/"))]
+    return [p for p in globlib.glob(pattern, recursive=True)]
+
+
+def _walk_files(root: str) -> list[str]:
+    if _is_remote(root):
+        return [str(p) for p in _epath(root).rglob("*") if not p.is_dir()]
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        # A zarr store is one unit, not a tree of chunk files.
+        stores = [d for d in dirnames if _looks_like_zarr(os.path.join(dirpath, d))]
+        out.extend(os.path.join(dirpath, d) for d in stores)
+        dirnames[:] = sorted(d for d in dirnames if d not in stores and not d.startswith("."))
+        out.extend(os.path.join(dirpath, f) for f in filenames if not f.startswith("."))
+    return out
+
+
+def _file_size(path: str) -> int:
+    return _epath(path).stat().length if _is_remote(path) else os.path.getsize(path)
+
+
+def _read_bytes(path: str) -> bytes:
+    try:
+        if _is_remote(path):
+            return _epath(path).read_bytes()
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def _read_range(source: DocumentSource, file_index: int, offset: int, length: int) -> bytes:
+    path = source.files[file_index]
+    if _is_remote(path):
+        with _epath(path).open("rb") as f:
+            f.seek(offset)
+            return f.read(length)
+    # Open per read: a corpus of thousands of shards must not pin thousands of descriptors.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+
+
+def _arrow_path(path: str):
+    if not _is_remote(path):
+        return path, None
+    import pyarrow.fs
+
+    fs, inner = pyarrow.fs.FileSystem.from_uri(path)
+    return inner, fs
