@@ -12,6 +12,7 @@ Top-k treatments (the projects that distill from top-k disagree, so each is name
 - `topk_tail_bucket`: a (k+1)-th bucket holds the mass outside the k ids, 1 − Σ p_k for the teacher (from its
   full-vocabulary logsumexp, `TopKTeacher.lse`) and the student's mass outside the ids; KL over the k+1 buckets.
   `lse` must be logsumexp(teacher_logits / T) at the temperature the loss uses (`top_k_teacher` computes it).
+  A teacher tail below 16 float32 ulps of Σ p_k ≈ 1 (about 2e-6) is rounding noise and counts as 0.
 
 Sampled KD (Anshumann et al. 2025, arXiv 2503.16870): top-k is a biased estimate of the full distribution; sampling
 ids from a proposal r with importance weights p/r is unbiased. `sample_teacher_tokens` draws s ids per token and
@@ -22,6 +23,7 @@ weights are deliberately not renormalised per token: self-normalisation would bi
 
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple
 
 import jax
@@ -69,6 +71,9 @@ def topk_gathered(student_logits, teacher: TopKTeacher, *, temperature=1.0):
     return losses.kl_from_log_probs(log_p, log_q_at_k)
 
 
+_TAIL_RESOLUTION = math.log(16 * float(jnp.finfo(jnp.float32).eps))  # ≈ log 1.9e-6
+
+
 def _log1mexp(x: jax.Array) -> jax.Array:
     """log(1 − e^x) for x ≤ 0, accurate at both ends (Mächler 2012); -inf at x = 0 with a finite gradient path."""
     x = jnp.minimum(x, 0.0)  # bf16-rounded cached values can make Σ p_k exceed 1 by an ulp
@@ -101,6 +106,9 @@ def topk_tail_bucket(student_logits, teacher: TopKTeacher, *, temperature=1.0):
         raise UserError("topk_tail_bucket needs the teacher's full-vocabulary logsumexp (TopKTeacher.lse)")
     log_p_k = teacher.values.astype(jnp.float32) / temperature - teacher.lse[..., None]
     log_p_tail = _log1mexp(jax.nn.logsumexp(log_p_k, axis=-1))
+    # 1 − Σ p_k is only known to float32 rounding of Σ p_k ≈ 1 (a few ulps); a smaller tail is noise, and noise
+    # against a student with no tail at all (k = V, or a masked vocabulary) would read as an infinite divergence.
+    log_p_tail = jnp.where(log_p_tail < _TAIL_RESOLUTION, -jnp.inf, log_p_tail)
     log_q = losses.log_softmax(student_logits, temperature)
     log_q_k = _gather(log_q, teacher.indices)
     # The student's tail is a logsumexp over the ids *not* in the top-k (a scatter-built mask), not log(1 − Σ q_k):
