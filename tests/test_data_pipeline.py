@@ -1,6 +1,5 @@
 """The pipeline: batch layout, mixture weights, process shards, resume, held-out split, per-epoch shuffling."""
 
-import collections
 import json
 
 import numpy as np

@@ -6,7 +6,6 @@ import os
 import struct
 
 import numpy as np
-import pytest
 
 from analogjax.data import DataConfig, SourceConfig, make_batch_iterator
 from analogjax.data.sources import open_source
@@ -192,3 +191,15 @@ def test_stdlib_source_through_the_pipeline(tmp_path):
     batch = next(make_batch_iterator(data, split="train", seed=0, vocab_size=259))
     assert batch["tokens"].shape == (4, 32)
     assert batch["loss_mask"].mean() == 1.0
+
+
+def test_remote_paths_keep_their_scheme():
+    # gs:// paths must never pass through os.path (which would turn them into local paths); no network needed.
+    from analogjax.data import paths
+
+    assert paths.is_remote("gs://bucket/corpus/a.jsonl") and not paths.is_remote("/data/a.jsonl")
+    assert paths.glob_root("gs://bucket/corpus/*/part-*.parquet") == "gs://bucket/corpus"
+    assert paths.relative("gs://bucket/corpus/x/a.parquet", "gs://bucket/corpus") == "x/a.parquet"
+    assert paths.join("gs://bucket/prepared", "shard-0.array_record") == "gs://bucket/prepared/shard-0.array_record"
+    assert paths.parent("gs://bucket/corpus/a.jsonl") == "gs://bucket/corpus"
+    assert paths.glob_root("/data/*.jsonl") == "/data" and paths.glob_root("*.jsonl") == "."

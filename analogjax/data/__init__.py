@@ -1,22 +1,36 @@
-"""Data: corpora in many formats -> tokenized, packed, mixed, sharded batches through Grain."""
+"""Data: corpora in many formats -> tokenized, packed, mixed, process-sharded batches through Grain.
 
-from analogjax.data.global_batch import to_global_batch
-from analogjax.data.packing import packing_efficiency
-from analogjax.data.pipeline import BATCH_KEYS, make_batch_dataset, make_batch_iterator, split_document_ids
-from analogjax.data.spec import DataConfig, SourceConfig, validate
-from analogjax.data.tokenize import check_vocab, tokenizer_for, train_bpe_tokenizer
+Names are imported on first use, so `analogjax prepare` (and its worker processes) need not import Grain and JAX.
+"""
 
-__all__ = [
-    "BATCH_KEYS",
-    "DataConfig",
-    "SourceConfig",
-    "check_vocab",
-    "make_batch_dataset",
-    "make_batch_iterator",
-    "packing_efficiency",
-    "split_document_ids",
-    "to_global_batch",
-    "tokenizer_for",
-    "train_bpe_tokenizer",
-    "validate",
-]
+import importlib
+
+_EXPORTS = {
+    "BATCH_KEYS": "analogjax.data.pipeline",
+    "make_batch_dataset": "analogjax.data.pipeline",
+    "make_batch_iterator": "analogjax.data.pipeline",
+    "split_document_ids": "analogjax.data.pipeline",
+    "packing_efficiency": "analogjax.data.packing",
+    "to_global_batch": "analogjax.data.global_batch",
+    "DataConfig": "analogjax.data.spec",
+    "SourceConfig": "analogjax.data.spec",
+    "validate": "analogjax.data.spec",
+    "check_vocab": "analogjax.data.tokenize",
+    "tokenizer_for": "analogjax.data.tokenize",
+    "train_bpe_tokenizer": "analogjax.data.tokenize",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'analogjax.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

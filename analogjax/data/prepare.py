@@ -20,7 +20,8 @@ import sys
 
 import numpy as np
 
-from analogjax.data.sources import METADATA_FILE, DocumentSource, open_source
+from analogjax.data.paths import METADATA_FILE
+from analogjax.data.sources import DocumentSource, open_source
 from analogjax.data.spec import SourceConfig
 from analogjax.data.tokenize import encode_documents, load_tokenizer
 from analogjax.errors import UserError
@@ -105,7 +106,7 @@ def _open_input(args) -> DocumentSource:
 
         return stdlib_source()
     config = SourceConfig(path=args.input, format=args.input_format, field=args.field)
-    return open_source(config, key="--input", name="input")
+    return open_source(config, key="--input", name="input", path_key="--input", format_key="--input-format")
 
 
 def _run_tasks(tasks: list[dict], *, workers: int, total: int) -> list[dict]:
@@ -225,7 +226,8 @@ class _ZarrShard:
 
         tokens = create("tokens", ts.dtype(self.dtype.name), [len(flat)])
         for start in range(0, len(flat), _ZARR_CHUNK):
-            tokens[start:start + _ZARR_CHUNK].write(np.asarray(flat[start:start + _ZARR_CHUNK])).result()
+            stop = min(start + _ZARR_CHUNK, len(flat))  # tensorstore does not clip slices at the end
+            tokens[start:stop].write(np.asarray(flat[start:stop])).result()
         create("offsets", ts.int64, [len(offsets)]).write(offsets).result()
         create("keys", ts.uint64, [len(keys)]).write(np.asarray(keys, np.uint64)).result()
         del flat

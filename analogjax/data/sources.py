@@ -12,35 +12,23 @@ re-encoding.
 
 from __future__ import annotations
 
-import glob as globlib
 import hashlib
+import io
 import json
 import os
-import struct
 import threading
 from typing import Sequence
 
 import numpy as np
 
+from analogjax.data import paths, token_index
 from analogjax.data.spec import SourceConfig
 from analogjax.errors import UserError
 
-METADATA_FILE = "analogjax_data.json"
 NUMPY_DTYPES = {"uint16": np.uint16, "uint32": np.uint32, "int32": np.int32}
-_EXTENSION_FORMATS = {
-    ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
-    ".parquet": "parquet",
-    ".array_record": "arrayrecord", ".arrayrecord": "arrayrecord",
-    ".bin": "tokens_bin",
-    ".zarr": "zarr",
-    ".txt": "text", ".text": "text", ".md": "text", ".rst": "text", ".py": "text",
-}
 # Text files bigger than this become several documents, cut at line ends, so that no single read or
 # tokenization call holds a whole book.
 MAX_TEXT_DOCUMENT_BYTES = 256 * 1024
-# Megatron-LM's indexed dataset (.bin + .idx): header, then version, dtype code, sequence and document counts.
-_MEGATRON_MAGIC = b"MMIDIDX\x00\x00"
-_MEGATRON_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 8: np.uint16}
 
 
 class DocumentSource:
@@ -147,7 +135,7 @@ class JsonlSource(DocumentSource):
     def __init__(self, *, name, files, rel_names, field: str):
         starts, lengths, line_numbers = [], [], []
         for path in files:
-            data = _read_bytes(path)
+            data = paths.read_bytes(path)
             buf = np.frombuffer(data, dtype=np.uint8)
             ends = np.flatnonzero(buf == ord("\n"))
             if len(buf) and (not len(ends) or ends[-1] != len(buf) - 1):
@@ -270,8 +258,8 @@ class TokensBinSource(DocumentSource):
             raise UserError(f"{files[0]}: tokens_bin reads local files only (use zarr or arrayrecord for remote data)")
         bounds, dtypes = [], []
         for path in files:
-            index_path = offsets if offsets else _sidecar_index(path)
-            file_dtype = _megatron_dtype(index_path) if index_path.endswith(".idx") else None
+            index_path = offsets if offsets else token_index.sidecar_index(path)
+            file_dtype = token_index.megatron_dtype(index_path) if index_path.endswith(".idx") else None
             if file_dtype is None:
                 if dtype == "auto":
                     raise UserError(
@@ -283,9 +271,9 @@ class TokensBinSource(DocumentSource):
                 raise UserError(f"{path}: {size} bytes is not a whole number of {file_dtype.name} tokens (corrupt?)")
             n_tokens = size // file_dtype.itemsize
             if index_path:
-                starts, ends = _read_offsets(index_path, file_dtype.itemsize, n_tokens, path)
+                starts, ends = token_index.read_offsets(index_path, file_dtype.itemsize, n_tokens, path)
             elif eod_id is not None:
-                starts, ends = _split_at(np.memmap(path, dtype=file_dtype, mode="r"), eod_id)
+                starts, ends = token_index.split_at_eod(np.memmap(path, dtype=file_dtype, mode="r"), eod_id)
             else:
                 raise UserError(
                     f"{path}: no document boundaries: set the source's eod_id, or its offsets (.npy or Megatron .idx)"
@@ -321,9 +309,9 @@ class ZarrSource(DocumentSource):
                 if offsets_spec is not None:
                     offsets = np.asarray(_open_zarr(offsets_spec).read().result(), dtype=np.int64)
                     n_tokens = _open_zarr(tokens_spec).shape[0]
-                    starts, ends = _validated_offsets(offsets, n_tokens, path)
+                    starts, ends = token_index.validated_offsets(offsets, n_tokens, path)
                 elif eod_id is not None:
-                    starts, ends = _split_at(np.asarray(_open_zarr(tokens_spec).read().result()), eod_id)
+                    starts, ends = token_index.split_at_eod(np.asarray(_open_zarr(tokens_spec).read().result()), eod_id)
                 else:
                     raise UserError(f"{path}: a bare token array needs the source's eod_id to find documents")
                 keys.append(None if keys_spec is None else np.asarray(_open_zarr(keys_spec).read().result(), np.uint64))
@@ -354,14 +342,14 @@ class TextFilesSource(DocumentSource):
     def __init__(self, *, name, files, rel_names, sizes: Sequence[int] | None = None,
                  max_document_bytes: int = MAX_TEXT_DOCUMENT_BYTES):
         if sizes is None:
-            sizes = [_file_size(p) for p in files]
+            sizes = [paths.file_size(p) for p in files]
         self.max_document_bytes = max_document_bytes
         super().__init__(name=name, files=files, rel_names=rel_names,
                          counts=[max(1, -(-int(s) // max_document_bytes)) for s in sizes])
         self._cache: tuple[str, np.ndarray, np.dtype] | None = None
 
     def read_text(self, file_index: int, record: int) -> str:
-        data = _read_bytes(self.files[file_index])
+        data = paths.read_bytes(self.files[file_index])
         return split_text_bytes(data, self.max_document_bytes, int(self.counts[file_index]))[record].decode(
             "utf-8", errors="replace"
         )
@@ -393,47 +381,53 @@ def split_text_bytes(data: bytes, max_bytes: int, parts: int) -> list[bytes]:
 # ------------------------------------------------------------------------------------------- opening
 
 
-def open_source(config: SourceConfig, *, key: str, name: str) -> DocumentSource:
-    """The DocumentSource for one data.sources entry (`key` names it in messages). Not for stdlib."""
-    root, paths, metadata = expand_source_path(config.path, key=key)
+def open_source(config: SourceConfig, *, key: str, name: str, path_key: str = "",
+                format_key: str = "") -> DocumentSource:
+    """The DocumentSource for one data.sources entry. Not for stdlib.
+
+    Messages name the entry as `key` ("data.sources[2]"), its path and format options as `path_key` and
+    `format_key` (default key.path, key.format; a command line passes its flags).
+    """
+    path_key, format_key = path_key or f"{key}.path", format_key or f"{key}.format"
+    root, matched, metadata = paths.expand_source_path(config.path, key=path_key)
     fmt = config.format
     if fmt == "auto":
-        fmt = metadata["format"] if metadata else _format_from_paths(paths, key)
+        fmt = metadata["format"] if metadata else paths.format_from_paths(matched, format_key)
     if metadata:
         return _open_prepared(root, metadata, fmt, config, key=key, name=name)
     if fmt == "zarr":
-        paths = _zarr_stores(paths, config.path)
+        matched = _zarr_stores(matched, config.path)
     else:
-        paths = [p for p in paths if not _is_dir(p)]
+        matched = [p for p in matched if not paths.is_dir(p)]
         # A directory of mixed files: take the ones of the chosen format.
-        if _is_dir_path(config.path):
-            paths = [p for p in paths if _EXTENSION_FORMATS.get(_extension(p)) == fmt] or paths
-    if not paths:
-        raise UserError(f"{key}.path: no {fmt} files in {config.path}")
-    rel = [_relative(p, root) for p in paths]
+        if paths.is_dir_path(config.path):
+            matched = [p for p in matched if paths.EXTENSION_FORMATS.get(paths.extension(p)) == fmt] or matched
+    if not matched:
+        raise UserError(f"{path_key}: no {fmt} files in {config.path}")
+    rel = [paths.relative(p, root) for p in matched]
     if fmt == "jsonl":
-        return JsonlSource(name=name, files=paths, rel_names=rel, field=config.field)
+        return JsonlSource(name=name, files=matched, rel_names=rel, field=config.field)
     if fmt == "parquet":
-        return ParquetSource(name=name, files=paths, rel_names=rel, field=config.field)
+        return ParquetSource(name=name, files=matched, rel_names=rel, field=config.field)
     if fmt == "arrayrecord":
         tokens = config.content == "tokens"
         if tokens and config.dtype == "auto":
             raise UserError(f"{key}.dtype must be set (uint16, uint32 or int32) for token records without metadata")
-        return ArrayRecordSource(name=name, files=paths, rel_names=rel, tokens=tokens,
+        return ArrayRecordSource(name=name, files=matched, rel_names=rel, tokens=tokens,
                                  dtype=None if not tokens else config.dtype)
     if fmt == "tokens_bin":
-        return TokensBinSource(name=name, files=paths, rel_names=rel, dtype=config.dtype,
+        return TokensBinSource(name=name, files=matched, rel_names=rel, dtype=config.dtype,
                                eod_id=config.eod_id, offsets=config.offsets)
     if fmt == "zarr":
-        return ZarrSource(name=name, files=paths, rel_names=rel, eod_id=config.eod_id)
+        return ZarrSource(name=name, files=matched, rel_names=rel, eod_id=config.eod_id)
     if fmt == "text":
-        return TextFilesSource(name=name, files=paths, rel_names=rel)
+        return TextFilesSource(name=name, files=matched, rel_names=rel)
     raise UserError(f"{key}.format {fmt!r} cannot read {config.path}")
 
 
 def _open_prepared(root: str, metadata: dict, fmt: str, config: SourceConfig, *, key: str, name: str):
     """Shards written by `analogjax prepare`: token ids of a known dtype, with the original document keys."""
-    meta_path = _join(root, METADATA_FILE)
+    meta_path = paths.join(root, paths.METADATA_FILE)
     try:
         shards = [s["path"] for s in metadata["shards"]]
         dtype = metadata["dtype"]
@@ -442,62 +436,23 @@ def _open_prepared(root: str, metadata: dict, fmt: str, config: SourceConfig, *,
         raise UserError(f"{meta_path}: malformed prepare metadata (missing {e})") from None
     if dtype not in NUMPY_DTYPES:
         raise UserError(f"{meta_path}: unknown dtype {dtype!r}")
-    paths = [_join(root, s) for s in shards]
+    files = [paths.join(root, s) for s in shards]
     if fmt == "arrayrecord":
-        keys = [_join(root, s + ".keys.npy") for s in shards]
-        stored = np.concatenate([np.load(k) for k in keys]) if keys and all(_exists(k) for k in keys) else None
-        source = ArrayRecordSource(name=name, files=paths, rel_names=shards, tokens=True, dtype=dtype,
+        keys = [paths.join(root, s + ".keys.npy") for s in shards]
+        stored = np.concatenate([_load_npy(k) for k in keys]) if keys and all(paths.exists(k) for k in keys) else None
+        source = ArrayRecordSource(name=name, files=files, rel_names=shards, tokens=True, dtype=dtype,
                                    stored_keys=stored)
     elif fmt == "zarr":
-        source = ZarrSource(name=name, files=paths, rel_names=shards, eod_id=None)
+        source = ZarrSource(name=name, files=files, rel_names=shards, eod_id=None)
     else:
         raise UserError(f"{key}.format is {fmt} but {meta_path} describes {metadata.get('format')} shards")
     source.vocab_size_hint = vocab_size
     return source
 
 
-def expand_source_path(path: str, *, key: str) -> tuple[str, list[str], dict | None]:
-    """(root the relative names start from, sorted matching paths, prepare metadata if the path is a prepared dir)."""
-    if any(ch in path for ch in "*?["):
-        root = _glob_root(path)
-        paths = sorted(_glob(path))
-        if not paths:
-            raise UserError(f"{key}.path: no files match {path}")
-        return root, paths, None
-    if not _exists(path):
-        raise UserError(f"{key}.path: no such file or directory: {path}")
-    if _is_dir(path):
-        meta_path = _join(path, METADATA_FILE)
-        if _exists(meta_path):
-            try:
-                metadata = json.loads(_read_bytes(meta_path))
-            except ValueError as e:
-                raise UserError(f"{meta_path}: not valid JSON ({e})") from None
-            return path, [], metadata
-        if _looks_like_zarr(path):
-            return _parent(path), [path], None
-        paths = sorted(_walk_files(path))
-        if not paths:
-            raise UserError(f"{key}.path: directory {path} is empty")
-        return path, paths, None
-    return _parent(path), [path], None
-
-
-def _format_from_paths(paths: list[str], key: str) -> str:
-    found = {_EXTENSION_FORMATS.get(_extension(p)) for p in paths} - {None}
-    if any(_looks_like_zarr(p) for p in paths if _is_dir(p)):
-        found.add("zarr")
-    if len(found) == 1:
-        return found.pop()
-    if not found:
-        raise UserError(f"{key}.format: cannot tell the format of {paths[0]}: set it (jsonl, parquet, arrayrecord, "
-                        "tokens_bin, zarr, text)")
-    raise UserError(f"{key}.format: files of several formats ({', '.join(sorted(found))}): set the format")
-
-
-def _zarr_stores(paths: list[str], configured: str) -> list[str]:
-    stores = [p for p in paths if _is_dir(p) and _looks_like_zarr(p)]
-    if not stores and _is_dir(configured) and _looks_like_zarr(configured):
+def _zarr_stores(matched: list[str], configured: str) -> list[str]:
+    stores = [p for p in matched if paths.is_dir(p) and paths.looks_like_zarr(p)]
+    if not stores and paths.is_dir(configured) and paths.looks_like_zarr(configured):
         stores = [configured]
     return stores
 
@@ -505,17 +460,17 @@ def _zarr_stores(paths: list[str], configured: str) -> list[str]:
 def _zarr_layout(path: str) -> tuple[dict, dict | None, dict | None]:
     """tensorstore specs for (tokens, offsets or None, keys or None) of a store or a bare array at `path`."""
     for name in ("zarr.json", ".zarray"):
-        if _exists(_join(path, name)) and not _exists(_join(path, "tokens")):
+        if paths.exists(paths.join(path, name)) and not paths.exists(paths.join(path, "tokens")):
             return _zarr_spec(path), None, None
-    tokens = _join(path, "tokens")
-    offsets = _join(path, "offsets")
-    keys = _join(path, "keys")
-    return (_zarr_spec(tokens), _zarr_spec(offsets) if _exists(offsets) else None,
-            _zarr_spec(keys) if _exists(keys) else None)
+    tokens = paths.join(path, "tokens")
+    offsets = paths.join(path, "offsets")
+    keys = paths.join(path, "keys")
+    return (_zarr_spec(tokens), _zarr_spec(offsets) if paths.exists(offsets) else None,
+            _zarr_spec(keys) if paths.exists(keys) else None)
 
 
 def _zarr_spec(path: str) -> dict:
-    driver = "zarr" if _exists(_join(path, ".zarray")) else "zarr3"
+    driver = "zarr" if paths.exists(paths.join(path, ".zarray")) else "zarr3"
     url = path if "://" in path else "file://" + os.path.abspath(path)
     return {"driver": driver, "kvstore": url}
 
@@ -524,12 +479,6 @@ def _open_zarr(spec: dict):
     import tensorstore as ts
 
     return ts.open(spec, read=True).result()
-
-
-def _looks_like_zarr(path: str) -> bool:
-    return path.rstrip("/").endswith(".zarr") or any(
-        _exists(_join(path, n)) for n in ("zarr.json", ".zarray", "tokens/zarr.json", "tokens/.zarray")
-    )
 
 
 def _array_record_reader(path: str):
@@ -556,170 +505,13 @@ def _document_value(value, where: str):
     raise UserError(f"{where}: expected text or a list of token ids, got {type(value).__name__}")
 
 
-def _split_at(tokens: np.ndarray, eod_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Document bounds of a flat token stream: each document ends with (and keeps) its end-of-document id."""
-    ends = np.flatnonzero(np.asarray(tokens) == eod_id).astype(np.int64) + 1
-    if len(tokens) and (not len(ends) or ends[-1] != len(tokens)):
-        ends = np.append(ends, len(tokens))
-    starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
-    return starts, ends
-
-
-def _sidecar_index(bin_path: str) -> str:
-    stem = bin_path[: -len(".bin")] if bin_path.endswith(".bin") else bin_path
-    for candidate in (stem + ".idx", bin_path + ".idx", stem + ".offsets.npy", bin_path + ".offsets.npy"):
-        if os.path.exists(candidate):
-            return candidate
-    return ""
-
-
-def _megatron_dtype(idx_path: str) -> np.dtype | None:
-    with open(idx_path, "rb") as f:
-        header = f.read(len(_MEGATRON_MAGIC) + 9)
-    if not header.startswith(_MEGATRON_MAGIC):
-        return None
-    code = header[len(_MEGATRON_MAGIC) + 8]
-    if code not in _MEGATRON_DTYPES:
-        raise UserError(f"{idx_path}: unsupported Megatron dtype code {code}")
-    return np.dtype(_MEGATRON_DTYPES[code])
-
-
-def _read_offsets(index_path: str, itemsize: int, n_tokens: int, bin_path: str):
-    if not os.path.exists(index_path):
-        raise UserError(f"{bin_path}: offsets index {index_path} does not exist")
-    try:
-        if index_path.endswith(".npy"):
-            offsets = np.load(index_path).astype(np.int64)
-            return _validated_offsets(offsets, n_tokens, index_path)
-        with open(index_path, "rb") as f:
-            data = f.read()
-        if not data.startswith(_MEGATRON_MAGIC):
-            raise UserError(f"{index_path}: not a .npy offsets array nor a Megatron .idx file")
-        pos = len(_MEGATRON_MAGIC)
-        _version, _code, n_seq, n_doc = struct.unpack_from("<QBQQ", data, pos)
-        pos += 8 + 1 + 8 + 8
-        lengths = np.frombuffer(data, np.int32, n_seq, pos).astype(np.int64)
-        pos += 4 * n_seq
-        pointers = np.frombuffer(data, np.int64, n_seq, pos) // itemsize
-        pos += 8 * n_seq
-        doc_index = np.frombuffer(data, np.int64, n_doc, pos)
-    except UserError:
-        raise
-    except Exception as e:
-        raise UserError(f"{index_path}: unreadable offsets index ({type(e).__name__}: {e})") from None
-    # A Megatron document is a run of consecutive sequences [doc_index[d], doc_index[d+1]).
-    first, last = doc_index[:-1], doc_index[1:] - 1
-    keep = last >= first
-    starts = pointers[first[keep]]
-    ends = pointers[last[keep]] + lengths[last[keep]]
-    if len(ends) and (ends.max() > n_tokens or starts.min() < 0):
-        raise UserError(f"{index_path}: document bounds run past the end of {bin_path} (mismatched .idx?)")
-    return starts.astype(np.int64), ends.astype(np.int64)
-
-
-def _validated_offsets(offsets: np.ndarray, n_tokens: int, where: str):
-    if offsets.ndim != 1 or len(offsets) < 1 or offsets[0] != 0 or np.any(np.diff(offsets) < 0) \
-            or offsets[-1] != n_tokens:
-        raise UserError(
-            f"{where}: offsets must rise from 0 to the token count {n_tokens} "
-            f"(got {len(offsets)} entries ending at {offsets[-1] if len(offsets) else 'nothing'})"
-        )
-    return offsets[:-1], offsets[1:]
-
-
-# ---------------------------------------------------------------------- paths: local, or remote via epath
-
-
-def _is_remote(path: str) -> bool:
-    return "://" in path
-
-
-def _epath(path: str):
-    from etils import epath
-
-    return epath.Path(path)
-
-
-def _exists(path: str) -> bool:
-    return _epath(path).exists() if _is_remote(path) else os.path.exists(path)
-
-
-def _is_dir(path: str) -> bool:
-    return _epath(path).is_dir() if _is_remote(path) else os.path.isdir(path)
-
-
-def _is_dir_path(path: str) -> bool:
-    return not any(ch in path for ch in "*?[") and _exists(path) and _is_dir(path)
-
-
-def _join(root: str, name: str) -> str:
-    return root.rstrip("/") + "/" + name if _is_remote(root) else os.path.join(root, name)
-
-
-def _parent(path: str) -> str:
-    return path.rstrip("/").rsplit("/", 1)[0] if _is_remote(path) else os.path.dirname(os.path.abspath(path))
-
-
-def _relative(path: str, root: str) -> str:
-    if _is_remote(path):
-        return path[len(root.rstrip("/")) + 1:] if path.startswith(root.rstrip("/") + "/") else path
-    return os.path.relpath(os.path.abspath(path), os.path.abspath(root))
-
-
-def _extension(path: str) -> str:
-    base = path.rstrip("/").rsplit("/", 1)[-1]
-    return "." + base.rsplit(".", 1)[-1].lower() if "." in base else ""
-
-
-def _glob_root(pattern: str) -> str:
-    parts = pattern.split("/")
-    fixed = []
-    for p in parts:
-        if any(ch in p for ch in "*?["):
-            break
-        fixed.append(p)
-    root = "/".join(fixed)
-    return root or ("/" if pattern.startswith("/") else ".")
-
-
-def _glob(pattern: str) -> list[str]:
-    if _is_remote(pattern):
-        root = _glob_root(pattern)
-        return [str(p) for p in _epath(root).glob(pattern[len(root):].lstrip("/"))]
-    return [p for p in globlib.glob(pattern, recursive=True)]
-
-
-def _walk_files(root: str) -> list[str]:
-    if _is_remote(root):
-        return [str(p) for p in _epath(root).rglob("*") if not p.is_dir()]
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        # A zarr store is one unit, not a tree of chunk files.
-        stores = [d for d in dirnames if _looks_like_zarr(os.path.join(dirpath, d))]
-        out.extend(os.path.join(dirpath, d) for d in stores)
-        dirnames[:] = sorted(d for d in dirnames if d not in stores and not d.startswith("."))
-        out.extend(os.path.join(dirpath, f) for f in filenames if not f.startswith("."))
-    return out
-
-
-def _file_size(path: str) -> int:
-    return _epath(path).stat().length if _is_remote(path) else os.path.getsize(path)
-
-
-def _read_bytes(path: str) -> bytes:
-    try:
-        if _is_remote(path):
-            return _epath(path).read_bytes()
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+# ------------------------------------------------------------------------------------------- reading
 
 
 def _read_range(source: DocumentSource, file_index: int, offset: int, length: int) -> bytes:
     path = source.files[file_index]
-    if _is_remote(path):
-        with _epath(path).open("rb") as f:
+    if paths.is_remote(path):
+        with paths.open_binary(path) as f:
             f.seek(offset)
             return f.read(length)
     # Open per read: a corpus of thousands of shards must not pin thousands of descriptors.
@@ -730,8 +522,12 @@ def _read_range(source: DocumentSource, file_index: int, offset: int, length: in
         os.close(fd)
 
 
+def _load_npy(path: str) -> np.ndarray:
+    return np.load(io.BytesIO(paths.read_bytes(path)))
+
+
 def _arrow_path(path: str):
-    if not _is_remote(path):
+    if not paths.is_remote(path):
         return path, None
     import pyarrow.fs
 

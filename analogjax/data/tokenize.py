@@ -155,7 +155,9 @@ def load_tokenizer(spec: str):
     if spec == "none":
         return PretokenizedVocabulary()
     if not os.path.exists(spec):
-        raise UserError(f'data.tokenizer: no such file {spec} (expected a tokenizer .json, a .model, "bytes" or "none")')
+        raise UserError(
+            f'data.tokenizer: no such file {spec} (expected a tokenizer .json, a .model, "bytes" or "none")'
+        )
     if spec.endswith(".model"):
         return SentencePieceTokenizer(spec)
     return HFTokenizer(spec)
