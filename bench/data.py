@@ -1,6 +1,6 @@
 """Tokens/s the data pipeline delivers, next to the tokens/s the training step consumes.
 
-    python bench/data.py [--seconds 3] [--global-batch 8] [--seq-len 128] [--workdir /tmp/analogjax-bench-data]
+    python bench/data.py [--seconds 3] [--global-batch 16] [--seq-len 128] [--workdir /tmp/analogjax-bench-data]
 
 Corpus: the embedded stdlib corpus with the demo's ~8k byte-level BPE (trained here once, then reused).
 Measurements, one JSON line each:
@@ -63,7 +63,7 @@ def measure_step_if_available() -> dict | None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="measuring time per pipeline figure")
-    parser.add_argument("--global-batch", type=int, default=8)
+    parser.add_argument("--global-batch", type=int, default=16)  # the demo's shape
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--workdir", default="/tmp/analogjax-bench-data")
     args = parser.parse_args(argv)
