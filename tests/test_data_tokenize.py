@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from analogjax.data import DataConfig, check_vocab, tokenizer_for, train_bpe_tokenizer
+from analogjax.data import DataConfig, check_vocab, make_batch_iterator, tokenizer_for, train_bpe_tokenizer
 from analogjax.data.tokenize import encode_document, encode_documents, load_tokenizer
 from analogjax.errors import UserError
 
@@ -78,3 +78,15 @@ def test_none_tokenizer_refuses_text():
     assert tok.vocab_size is None and tok.decode([3, 4]) == "3 4"
     with pytest.raises(UserError, match='data.tokenizer is "none"'):
         tok.encode("text")
+
+
+def test_missing_specials_are_refused_before_any_reading(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"hello": 0, "world": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    path = tmp_path / "words.json"
+    tok.save(str(path))
+    data = DataConfig(tokenizer=str(path), add_eos=False, cache_dir=str(tmp_path))
+    with pytest.raises(UserError, match="has no begin-of-text token: set data.add_bos: false"):
+        make_batch_iterator(data, split="train", seed=0, vocab_size=3)

@@ -21,7 +21,7 @@ from analogjax.data.packing import ROW_KEYS, PackedRowsIterDataset
 from analogjax.data.sources import DocumentSource, heldout_mask, open_source
 from analogjax.data.spec import DataConfig, resolved_cache_dir, source_names, validate
 from analogjax.data.stdlib_corpus import cache_tokens, stdlib_source
-from analogjax.data.tokenize import check_vocab, check_vocab_size, encode_document, tokenizer_for
+from analogjax.data.tokenize import check_specials, check_vocab, check_vocab_size, encode_document, tokenizer_for
 from analogjax.errors import UserError
 
 BATCH_KEYS = ("tokens", "segment_ids", "positions", "targets", "loss_mask", "source_ids")
@@ -122,6 +122,8 @@ def open_sources(data: DataConfig, *, vocab_size: int) -> tuple[object, list[Doc
     """The tokenizer and one DocumentSource per data.sources entry, checked against the model's vocab_size."""
     tokenizer = tokenizer_for(data)
     check_vocab(tokenizer, vocab_size)
+    if tokenizer.kind != "none":
+        check_specials(tokenizer, add_bos=data.add_bos, add_eos=data.add_eos)
     sources = []
     for i, (config, name) in enumerate(zip(data.sources, source_names(data))):
         key = f"data.sources[{i}]"

@@ -195,18 +195,23 @@ def encode_documents(tokenizer, texts: Sequence[str], *, add_bos: bool, add_eos:
     return [_with_specials(tokenizer, b, add_bos=add_bos, add_eos=add_eos) for b in tokenizer.encode_batch(texts)]
 
 
+def check_specials(tokenizer, *, add_bos: bool, add_eos: bool) -> None:
+    """UserError if the configured begin/end-of-text tokens do not exist in this tokenizer."""
+    for wanted, token_id, what, flag in ((add_bos, tokenizer.bos_id, "begin", "add_bos"),
+                                         (add_eos, tokenizer.eos_id, "end", "add_eos")):
+        if wanted and token_id is None:
+            raise UserError(
+                f"the tokenizer ({getattr(tokenizer, 'path', tokenizer.kind)}) has no {what}-of-text token: "
+                f"set data.{flag}: false"
+            )
+
+
 def _with_specials(tokenizer, body: np.ndarray, *, add_bos: bool, add_eos: bool) -> np.ndarray:
+    check_specials(tokenizer, add_bos=add_bos, add_eos=add_eos)
+    if not add_bos and not add_eos:
+        return body.astype(np.int32, copy=False)
     head = [tokenizer.bos_id] if add_bos else []
     tail = [tokenizer.eos_id] if add_eos else []
-    if (add_bos and tokenizer.bos_id is None) or (add_eos and tokenizer.eos_id is None):
-        missing = "begin" if add_bos and tokenizer.bos_id is None else "end"
-        flag = "add_bos" if missing == "begin" else "add_eos"
-        raise UserError(
-            f"the tokenizer ({getattr(tokenizer, 'path', tokenizer.kind)}) has no {missing}-of-text token: "
-            f"set data.{flag}: false"
-        )
-    if not head and not tail:
-        return body.astype(np.int32, copy=False)
     return np.concatenate([np.asarray(head, np.int32), body.astype(np.int32, copy=False), np.asarray(tail, np.int32)])
 
 
