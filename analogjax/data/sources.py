@@ -34,6 +34,10 @@ MAX_TEXT_DOCUMENT_BYTES = 256 * 1024
 class DocumentSource:
     """The documents of one source, concatenated over its files in sorted order."""
 
+    # How messages count records within a file ("line 3" of a JSONL file, "row 7" of a Parquet file).
+    _record_word = "record"
+    _record_base = 0
+
     def __init__(self, *, name: str, files: Sequence[str], rel_names: Sequence[str], counts: Sequence[int]):
         self.name = name
         self.files = list(files)
@@ -57,11 +61,9 @@ class DocumentSource:
         return f, index - int(self._starts[f])
 
     def where(self, index: int) -> str:
+        """The file and record of document `index`, for messages."""
         f, r = self.locate(index)
         return f"{self.files[f]} ({self._record_word} {r + self._record_base})"
-
-    _record_word = "record"
-    _record_base = 0
 
     def __getitem__(self, index: int):
         f, r = self.locate(index)
