@@ -18,16 +18,17 @@ from typing import Any, Union
 
 import yaml
 
-from analogjax.data.spec import DataConfig
+from analogjax.data.spec import DataConfig, validate as validate_data
 from analogjax.errors import UserError
 from analogjax.models.config import ModelConfig
+from analogjax.models.presets import PRESETS
 
 
 @dataclass(frozen=True)
 class TeacherConfig:
     """Where the teacher comes from; it is never trained and never written into a student checkpoint."""
 
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(preset="tiny-teacher"))
+    model: ModelConfig = field(default_factory=lambda: PRESETS["tiny-teacher"])
     checkpoint: str | None = None  # an Orbax checkpoint directory written by analogjax (its params item)
     hf_path: str | None = None  # a Hugging Face folder (safetensors + config.json)
     # With neither path the teacher is randomly initialised: useful for tests and benchmarks only.
@@ -86,6 +87,10 @@ class OptimConfig:
     grad_clip: float = 1.0  # global-norm clipping; 0 disables
     grad_accum: int = 1  # microbatches per step
 
+    def check(self, prefix: str) -> None:
+        _positive(self, prefix, "learning_rate", "grad_accum")
+        _non_negative(self, prefix, "warmup_steps", "weight_decay", "grad_clip", "min_lr_ratio")
+
 
 @dataclass(frozen=True)
 class CheckpointConfig:
@@ -93,6 +98,10 @@ class CheckpointConfig:
     keep: int = 3
     async_save: bool = True
     init_path: str | None = None  # student init checkpoint when the workdir has none
+
+    def check(self, prefix: str) -> None:
+        _positive(self, prefix, "keep")
+        _non_negative(self, prefix, "every")
 
 
 @dataclass(frozen=True)
@@ -103,10 +112,14 @@ class TrainConfig:
     eval_every: int = 0  # 0 = only at the end
     eval_batches: int = 4
 
+    def check(self, prefix: str) -> None:
+        _positive(self, prefix, "steps", "log_every", "eval_batches")
+        _non_negative(self, prefix, "eval_every")
+
 
 @dataclass(frozen=True)
 class Config:
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(preset="tiny"))
+    model: ModelConfig = field(default_factory=lambda: PRESETS["tiny"])
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     data: DataConfig = field(default_factory=DataConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
@@ -116,13 +129,28 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     topology: str | None = None  # target TPU topology for `compile-check`, e.g. v5p-256
 
+    def check(self, prefix: str) -> None:
+        validate_data(self.data, vocab_size=self.model.vocab_size)
+
+
+def _positive(obj, prefix: str, *names: str) -> None:
+    for name in names:
+        if getattr(obj, name) <= 0:
+            raise UserError(f"{_join(prefix, name)} must be positive, got {getattr(obj, name)}")
+
+
+def _non_negative(obj, prefix: str, *names: str) -> None:
+    for name in names:
+        if getattr(obj, name) < 0:
+            raise UserError(f"{_join(prefix, name)} must not be negative, got {getattr(obj, name)}")
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Loading
 
 
-def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Config from a YAML file (or the defaults when path is None) with `a.b=c` overrides applied on top."""
+def load_config(path: str | Path | None, overrides: typing.Sequence[str] = (), schema: type = Config) -> Any:
+    """`schema` (Config) from a YAML file, or its defaults when path is None, with `a.b=c` overrides on top."""
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -140,7 +168,7 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
         if not sep or not key.strip():
             raise UserError(f"--set expects key=value, got {item!r}")
         _set_dotted(raw, key.strip(), yaml.safe_load(text) if text.strip() else "")
-    return from_dict(Config, raw)
+    return from_dict(schema, raw)
 
 
 def from_dict(cls: type, raw: Any, prefix: str = "") -> Any:
@@ -152,7 +180,7 @@ def from_dict(cls: type, raw: Any, prefix: str = "") -> Any:
     unknown = sorted(set(raw) - names)
     if unknown:
         raise UserError(f"unknown config key: {_join(prefix, str(unknown[0]))}")
-    raw = _apply_defaults_hook(cls, raw, prefix)
+    raw = _apply_defaults_hook(cls, _onto_field_defaults(cls, raw), prefix)
     kwargs = {name: _coerce(hints[name], value, _join(prefix, name)) for name, value in raw.items()}
     try:
         built = cls(**kwargs)
@@ -163,6 +191,33 @@ def from_dict(cls: type, raw: Any, prefix: str = "") -> Any:
     if check is not None:
         check(prefix)
     return built
+
+
+def _onto_field_defaults(cls: type, raw: dict) -> dict:
+    """A partly given nested section fills its gaps from the *field's* default (which may differ from the section
+    class's own defaults), so `--set run.train.steps=5` keeps the rest of that run. A section that names a preset
+    starts from the preset instead."""
+    merged = dict(raw)
+    for f in dataclasses.fields(cls):
+        value = raw.get(f.name)
+        if not isinstance(value, dict) or "preset" in value:
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            continue
+        if dataclasses.is_dataclass(default):
+            merged[f.name] = _deep_merge(to_dict(default), value)
+    return merged
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def _apply_defaults_hook(cls: type, raw: dict, prefix: str) -> dict:

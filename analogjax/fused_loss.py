@@ -199,6 +199,16 @@ def chunk_layout(num_tokens: int, chunk_size: int) -> tuple[int, int, int]:
     return fewest, chunk, fewest * chunk
 
 
+def _block_size(rows: int, largest: int) -> int:
+    """Rows per block of the head-gradient loop: the largest divisor of `rows` not above `largest`; one block (a
+    [D, V] temporary, like plain autodiff) when no divisor is within 4x, rather than many tiny matmuls."""
+    largest = max(1, min(rows, largest))
+    for size in range(largest, 0, -1):
+        if rows % size == 0 and 4 * size >= largest:
+            return size
+    return rows
+
+
 def _chunk_view(x: jax.Array, n_chunks: int, chunk: int, padded: int) -> jax.Array:
     """[N, ...] -> [chunk, n_chunks, ...]: chunk k holds rows k, k + n_chunks, ... (spans every data shard)."""
     if padded != x.shape[0]:
@@ -230,34 +240,44 @@ def fused_distill_loss(
     num_tokens = student_hidden.shape[0]
     n_chunks, chunk, padded = chunk_layout(num_tokens, chunk_size)
     hidden_dtype, head_dtype = student_hidden.dtype, student_head.dtype
+    head_block = _block_size(student_head.shape[0], chunk)
 
     def run(hidden, head, inputs, with_grad: bool):
         row_inputs, teacher_head_, coefficients_ = inputs
         views = jax.tree.map(lambda x: _chunk_view(x, n_chunks, chunk, padded), (hidden, row_inputs))
 
-        def chunk_objective(hidden_k, head_, row_inputs_k):
+        def chunk_objective(logits, row_inputs_k):
             targets_k, weights_k, teacher_k = row_inputs_k
-            logits = _student_logits(hidden_k, head_)
             return _objective(spec, logits, targets_k, weights_k, teacher_k, teacher_head_, coefficients_)
 
         def body(carry, k):
             hidden_k, row_inputs_k = jax.tree.map(lambda v: jax.lax.dynamic_index_in_dim(v, k, 1, False), views)
             loss_sum, metric_sums, d_head = carry
-            if with_grad:
-                loss, pullback, metrics = jax.vjp(
-                    lambda h, w: chunk_objective(h, w, row_inputs_k), hidden_k, head, has_aux=True
-                )
-                d_hidden_k, d_head_k = pullback(jnp.ones((), loss.dtype))
-                d_head = d_head + d_head_k.astype(jnp.float32)
-                d_hidden_k = d_hidden_k.astype(jnp.float32)
-            else:
-                loss, metrics = chunk_objective(hidden_k, head, row_inputs_k)
-                d_hidden_k = None
+            logits = _student_logits(hidden_k, head)
+            if not with_grad:
+                loss, metrics = chunk_objective(logits, row_inputs_k)
+                return (loss_sum + loss, jax.tree.map(jnp.add, metric_sums, metrics), d_head), None
+            loss, pullback, metrics = jax.vjp(lambda s: chunk_objective(s, row_inputs_k), logits, has_aux=True)
+            (d_logits,) = pullback(jnp.ones((), loss.dtype))
+            # The matmul gradients use JAX's own transpose rules (same dtypes and precision as plain autodiff).
+            (d_hidden_k,) = jax.vjp(lambda h: _student_logits(h, head), hidden_k)[1](d_logits)
+            # d head is added in row blocks by a loop: the temporary is one [block, V] product like the chunk's
+            # logits, not a second [D, V] array beside the accumulator (XLA's dot cannot accumulate in place, and
+            # unrolled blocks get their matmuls hoisted together by the scheduler).
+            def add_block(b, d_head_):
+                start = b * head_block
+                hidden_cols = jax.lax.dynamic_slice_in_dim(hidden_k, start, head_block, axis=1)
+                head_rows = jax.lax.dynamic_slice_in_dim(head, start, head_block, axis=0)
+                (d_block,) = jax.vjp(lambda w: _student_logits(hidden_cols, w), head_rows)[1](d_logits)
+                current = jax.lax.dynamic_slice_in_dim(d_head_, start, head_block, axis=0)
+                return jax.lax.dynamic_update_slice_in_dim(d_head_, current + d_block.astype(jnp.float32), start, 0)
+
+            d_head = jax.lax.fori_loop(0, head.shape[0] // head_block, add_block, d_head)
             metric_sums = jax.tree.map(jnp.add, metric_sums, metrics)
-            return (loss_sum + loss, metric_sums, d_head), d_hidden_k
+            return (loss_sum + loss, metric_sums, d_head), d_hidden_k.astype(jnp.float32)
 
         first_rows = jax.tree.map(lambda v: v[:, 0], views)
-        metric_shapes = jax.eval_shape(lambda h, r: chunk_objective(h, head, r)[1], *first_rows)
+        metric_shapes = jax.eval_shape(lambda h, r: chunk_objective(_student_logits(h, head), r)[1], *first_rows)
         zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
         d_head0 = jnp.zeros(head.shape, jnp.float32) if with_grad else None
         init = (jnp.zeros((), jnp.float32), zero_metrics, d_head0)

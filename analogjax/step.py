@@ -151,7 +151,8 @@ def make_eval_step(student, student_rules, teacher: Teacher | None, chunk_size: 
 
     def eval_step(params, teacher_params, batch):
         valid_count = jnp.maximum(batch["loss_mask"].astype(jnp.float32).sum(), 1.0)
-        s_out, t_out = forward_outputs(student, student_rules, teacher, params, teacher_params, batch, False)
+        s_out, t_out = forward_outputs(student, student_rules, teacher, {"model": params}, teacher_params, batch,
+                                       False)
         _, sums = objective(measure, 1, jnp.int32(0), s_out, t_out, batch, valid_count, shared_vocab)
         return dict(sums, count=valid_count)
 

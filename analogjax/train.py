@@ -12,9 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from analogjax import checkpoint as ckpt_lib
@@ -63,8 +66,10 @@ def _init_student_boxed(config: Config, student: Transformer):
         model_rng, proj_rng = jax.random.split(rng)
         params = {"model": student.init_boxed(model_rng)}
         if with_proj:
-            params["hidden_proj"] = projection_logical_axes(
-                init_projections(layer_map, config.model.d_model, config.teacher.model.d_model, proj_rng)
+            proj = init_projections(layer_map, config.model.d_model, config.teacher.model.d_model, proj_rng)
+            params["hidden_proj"] = jax.tree.map(
+                lambda value, names: nn.LogicallyPartitioned(value, tuple(names)),
+                proj, projection_logical_axes(layer_map), is_leaf=lambda x: isinstance(x, P),
             )
         return params
 
@@ -75,13 +80,16 @@ def abstract_state(config: Config, mesh, student: Transformer, tx) -> tuple[Trai
     """The sharded abstract train state: the init target and the restore target alike."""
     init_boxed = _init_student_boxed(config, student)
     abstract_params = mesh_lib.abstract_sharded(init_boxed, mesh, mesh_lib.STUDENT_RULES)
-    # The optimizer state's shardings are whatever GSPMD gives tx.init on sharded params (moments follow params).
-    opt_shardings = jax.jit(tx.init).lower(abstract_params).compile().output_shardings
-    abstract_opt = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), jax.eval_shape(tx.init, abstract_params),
-        opt_shardings,
-    )
+    # Optimizer moments are shaped like the params and take the params' shardings; counters are replicated.
     rep = mesh_lib.replicated(mesh)
+    param_shardings = jax.tree.map(lambda a: a.sharding, abstract_params)
+    abstract_opt = optax.tree_map_params(
+        tx,
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        jax.eval_shape(tx.init, abstract_params),
+        param_shardings,
+        transform_non_params=lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
+    )
     state = TrainState(
         step=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
         params=abstract_params,
@@ -94,7 +102,6 @@ def abstract_state(config: Config, mesh, student: Transformer, tx) -> tuple[Trai
 def init_state(config: Config, mesh, student: Transformer, tx, shardings) -> TrainState:
     """A fresh state, born sharded: each device computes only its own shards."""
     init_boxed = _init_student_boxed(config, student)
-    import flax.linen as nn
 
     def init(seed):
         rng = jax.random.key(seed)
@@ -124,10 +131,14 @@ def load_teacher(config: Config, mesh) -> tuple[Teacher | None, Any]:
     return teacher, params
 
 
-def build(config: Config, teacher: Teacher | None = None, teacher_params: Any = None) -> Run:
-    """Build a run. Pass `teacher` + `teacher_params` to bring your own teacher; else the config's is loaded."""
+def build(config: Config, teacher: Teacher | None = None, teacher_params: Any = None, mesh=None) -> Run:
+    """Build a run. Pass `teacher` + `teacher_params` to bring your own teacher (else the config's is loaded),
+    and `mesh` to use your own (else one is made from the config over all devices)."""
     check_distill(config.distill)
-    mesh = build_mesh(config)
+    if mesh is None:
+        mesh = build_mesh(config)
+    else:
+        mesh_lib.check_batch(config.data.global_batch, mesh, config.optim.grad_accum)
     student = Transformer(config.model)
     if teacher is None and needs_teacher(config.distill):
         teacher, teacher_params = load_teacher(config, mesh)
@@ -136,6 +147,10 @@ def build(config: Config, teacher: Teacher | None = None, teacher_params: Any = 
     tx = make_optimizer(config.optim, config.train.steps)
     abstract, shardings = abstract_state(config, mesh, student, tx)
     batch_sh = mesh_lib.batch_sharding(mesh)
+    # A bring-your-own teacher's params keep the shardings they were placed with; host arrays are replicated.
+    teacher_params = jax.tree.map(
+        lambda x: x if isinstance(x, jax.Array) else jax.device_put(x, mesh_lib.replicated(mesh)), teacher_params
+    )
     teacher_sh = jax.tree.map(lambda a: a.sharding, teacher_params)
     step = make_distill_step(student, mesh_lib.STUDENT_RULES, teacher, tx, config.distill, config.train.steps,
                              config.optim.grad_accum)
@@ -174,13 +189,20 @@ def _guard_workdir(workdir: Path, config: Config) -> None:
 
 
 def evaluate(run: Run, params, batches: int) -> dict[str, float]:
-    """Held-out metrics at T=1 over `batches` batches of the held-out split."""
-    cfg = run.config
-    iterator = make_batch_iterator(cfg.data, split="heldout", seed=cfg.train.seed, vocab_size=cfg.model.vocab_size,
-                                   process_index=jax.process_index(), process_count=jax.process_count(), num_epochs=1)
+    """Held-out metrics at T=1 of the run's student against the run's teacher."""
+    return heldout_metrics(run.config, run.eval_fn, params, run.teacher_params, run.batch_sharding, batches)
+
+
+def heldout_metrics(config: Config, eval_fn, params, teacher_params, batch_sharding, batches: int) -> dict[str, float]:
+    """Means over `batches` batches of the held-out split (documents never trained on) of a jitted eval step."""
+    # Repeating (num_epochs=None) with a fixed batch count: every process runs the same number of collective
+    # eval steps even when the held-out documents split unevenly across processes.
+    iterator = make_batch_iterator(config.data, split="heldout", seed=config.train.seed,
+                                   vocab_size=config.model.vocab_size, process_index=jax.process_index(),
+                                   process_count=jax.process_count(), num_epochs=None)
     total: dict[str, float] = {}
     for _, batch in zip(range(batches), iterator):
-        sums = jax.device_get(run.eval_fn(params, run.teacher_params, to_global_batch(batch, run.batch_sharding)))
+        sums = jax.device_get(eval_fn(params, teacher_params, to_global_batch(batch, batch_sharding)))
         for key, value in sums.items():
             total[key] = total.get(key, 0.0) + float(value)
     if not total:
@@ -200,6 +222,7 @@ def run_training(config: Config, workdir: str | Path, *, teacher: Teacher | None
     checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", every=cfg.checkpoint.every,
                                          keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     state = restore_or_init(run, checkpointer, data_iter)
+    has_heldout = cfg.data.heldout_fraction > 0
     start = int(jax.device_get(state.step))
     log = MetricsLog(workdir)
     meta = {"config": to_dict(cfg), "identity": run_identity(cfg)}
@@ -209,45 +232,48 @@ def run_training(config: Config, workdir: str | Path, *, teacher: Teacher | None
     peak = peak_flops_per_second()
     bar = tqdm(total=cfg.train.steps, initial=start, disable=not progress or jax.process_index() != 0,
                desc="distill" if run.teacher else "train", dynamic_ncols=True)
-    pending, window_start, window_steps, last = None, time.perf_counter(), 0, {}
+    # Throughput windows run between two completed steps (compilation of the first step excluded).
+    pending, window_start, window_first, last = None, time.perf_counter(), start, {}
 
     def flush(step_done, metrics):
-        nonlocal window_start, window_steps, last
+        nonlocal window_start, window_first, last
         record = {"step": step_done, **means(jax.device_get(metrics))}  # blocks until that step is done
         now = time.perf_counter()
-        dt = (now - window_start) / max(window_steps, 1)
+        dt = (now - window_start) / max(step_done - window_first, 1)
         record.update(tokens_per_s=tokens_per_step / dt, step_s=dt, mfu=flops_per_step / dt / peak)
-        window_start, window_steps, last = now, 0, record
+        window_start, window_first, last = now, step_done, record
         log.write(record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
 
-    with jax.set_mesh(run.mesh):
-        for step in range(start, cfg.train.steps):
-            batch = to_global_batch(next(data_iter), run.batch_sharding)
-            state, metrics = run.step_fn(state, run.teacher_params, batch)
-            if step == start:  # keep compilation out of the throughput figures
-                jax.block_until_ready(metrics)
-                window_start, window_steps = time.perf_counter(), -1
-            window_steps += 1
-            if pending is not None:  # read the previous step's metrics only now: the device is already busy
+    try:
+        with jax.set_mesh(run.mesh):
+            for step in range(start, cfg.train.steps):
+                batch = to_global_batch(next(data_iter), run.batch_sharding)
+                state, metrics = run.step_fn(state, run.teacher_params, batch)
+                if step == start:  # keep compilation out of the throughput figures
+                    jax.block_until_ready(metrics)
+                    window_start, window_first = time.perf_counter(), start + 1
+                if pending is not None:  # read the previous step's metrics only now: the device is already busy
+                    flush(*pending)
+                done = step + 1
+                pending = (done, metrics) if done % cfg.train.log_every == 0 or done == cfg.train.steps else None
+                if checkpointer.should_save(done) and done < cfg.train.steps:
+                    checkpointer.save(done, state, data_iter, meta)
+                if has_heldout and cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < cfg.train.steps:
+                    log.write({"step": done, **{f"eval_{k}": v for k, v in
+                                                evaluate(run, state.params["model"], cfg.train.eval_batches).items()}})
+                    window_start, window_first = time.perf_counter(), done
+                bar.update(1)
+            if pending is not None:
                 flush(*pending)
-            done = step + 1
-            pending = (done, metrics) if done % cfg.train.log_every == 0 or done == cfg.train.steps else None
-            if checkpointer.should_save(done) and done < cfg.train.steps:
-                checkpointer.save(done, state, data_iter, meta)
-            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < cfg.train.steps:
-                log.write({"step": done, **{f"eval_{k}": v for k, v in
-                                            evaluate(run, state.params["model"], cfg.train.eval_batches).items()}})
-                window_start = time.perf_counter()
-            bar.update(1)
-        if pending is not None:
-            flush(*pending)
-        final_step = int(jax.device_get(state.step))
-        if checkpointer.latest_step() != final_step:
-            checkpointer.save(final_step, state, data_iter, meta)
-        heldout = evaluate(run, state.params["model"], cfg.train.eval_batches)
-    checkpointer.close()
-    bar.close()
+            final_step = int(jax.device_get(state.step))
+            if checkpointer.latest_step() != final_step:
+                checkpointer.save(final_step, state, data_iter, meta)
+            heldout = evaluate(run, state.params["model"], cfg.train.eval_batches) if has_heldout else {}
+    finally:
+        # Always let async saves finish (or fail loudly) before the interpreter shuts down.
+        checkpointer.close()
+        bar.close()
     log.write({"step": final_step, **{f"eval_{k}": v for k, v in heldout.items()}})
     log.close()
     return {"train": last, "heldout": heldout, "step": final_step, "state": state, "run": run}
