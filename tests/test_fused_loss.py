@@ -67,16 +67,20 @@ def mesh():
     return jax.make_mesh((2, 1, 4), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
 
 
+COLLECTIVE = re.compile(r"= (.*?) (all-gather|all-to-all|collective-permute)(-start)?\(")
+
+
+def collective_dims(line):
+    """The dimensions of every result shape of a gather/permute instruction (empty for other lines)."""
+    match = COLLECTIVE.search(line)
+    if not match:
+        return set()
+    return {int(d) for shape in re.findall(r"\[([\d,]*)\]", match.group(1)) for d in shape.split(",") if d}
+
+
 def vocab_sized_collectives(hlo_text, vocab):
-    """Collectives that move whole vocabulary rows: all-gathers or permutes whose result has a V or V/4 dimension."""
-    found = []
-    for line in hlo_text.splitlines():
-        match = re.search(r"= \S*?\[([\d,]*)\][^=]*\b(all-gather|all-to-all|collective-permute)(-start)?\(", line)
-        if match:
-            dims = {int(x) for x in match.group(1).split(",") if x}
-            if dims & {vocab, vocab // 4}:
-                found.append(line.strip()[:200])
-    return found
+    """Collectives that move whole vocabulary rows: results with a V or V/4 (one tensor shard) dimension."""
+    return [line.strip()[:200] for line in hlo_text.splitlines() if collective_dims(line) & {vocab, vocab // 4}]
 
 
 @pytest.mark.parametrize("form", ["teacher_head", "teacher_logits"])
@@ -107,6 +111,22 @@ def test_fused_equals_plain_sharded_for_every_divergence(mesh, form):
         plain = plain_fn(*args, jnp.asarray(kd_weights), temperature)
         assert_same(fused, plain)
         assert fused[1][1].sharding.is_equivalent_to(head.sharding, 2), "d head must stay vocab-sharded"
+
+
+def test_fused_equals_plain_under_fsdp():
+    """data × fsdp × tensor, head sharded (fsdp, tensor) as the student rules do: equal, and vocab rows never gathered."""
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+    hidden, head, teacher, targets, weights = make_inputs(seed=4)
+    batch = ("data", "fsdp")
+    shard = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))  # noqa: E731
+    args = (shard(hidden, P(batch, None)), shard(head, P("fsdp", "tensor")),
+            TeacherHead(shard(teacher.hidden, P(batch, None)), shard(teacher.head, P(("fsdp", "data"), "tensor"))),
+            shard(targets, P(batch)), shard(weights, P(batch)), jnp.array([1.0, 0.5]), jnp.float32(1.5))
+    terms = (("forward_kl", ()), ("jsd", (("beta", 0.5),)))
+    compiled = loss_and_grads(fused_distill_loss, terms).lower(*args).compile()
+    for line in compiled.as_text().splitlines():  # the vocabulary dimension itself is never gathered
+        assert V not in collective_dims(line), line
+    assert_same(compiled(*args), loss_and_grads(plain_distill_loss, terms)(*args))
 
 
 def test_padded_vocabularies_equal_the_shared_real_vocabulary():

@@ -131,10 +131,13 @@ def test_sampled_gradient_is_unbiased_for_forward_kl(stratified, proposal_temper
 
 
 def vocab_sized_collectives(hlo_text, vocab):
+    """Gathers/permutes whose result shapes have a V or V/4 (one tensor shard) dimension."""
     found = []
     for line in hlo_text.splitlines():
-        match = re.search(r"= \S*?\[([\d,]*)\][^=]*\b(all-gather|all-to-all|collective-permute)(-start)?\(", line)
-        if match and {int(x) for x in match.group(1).split(",") if x} & {vocab, vocab // 4}:
+        match = re.search(r"= (.*?) (all-gather|all-to-all|collective-permute)(-start)?\(", line)
+        dims = {int(d) for shape in re.findall(r"\[([\d,]*)\]", match.group(1)) for d in shape.split(",") if d} \
+            if match else set()
+        if dims & {vocab, vocab // 4}:
             found.append(line.strip()[:200])
     return found
 

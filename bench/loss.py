@@ -1,0 +1,163 @@
+"""Peak memory and time of distillation loss + gradient: fused (chunked, custom VJP) vs plain (full logits).
+
+Each case runs in its own subprocess so peak RSS belongs to that case alone (os.wait4 gives the child's own rusage).
+The teacher is a TeacherHead (its hidden states and lm_head), as in the distill step, so the plain path materialises
+[tokens, vocab] logits for both models. Objective: forward KL at T = 2 plus 0.5 · CE, float32 on CPU.
+
+Reported per case (one JSON line each):
+  peak_rss_mb      whole-process peak RSS (inputs, compiled program, runtime, the run itself)
+  inputs_rss_mb    RSS once inputs are on the device and the program is compiled, before running
+  run_peak_rss_mb  peak RSS while running (VmHWM reset after compiling), so compile-time memory is excluded
+  working_mb       run_peak_rss_mb − inputs_rss_mb: what the loss and its gradient need beyond their inputs
+  xla_temp_mb      XLA's own temp-buffer size for the compiled program (deterministic, no allocator noise)
+  time_s_median    median wall time of loss + gradient after one warm-up run
+and one summary line per vocabulary comparing each fused chunk size with plain.
+
+  python bench/loss.py            # vocab 32k and 128k, 2048 tokens, d_model 1024 (a few minutes on 2 cores)
+  python bench/loss.py --quick    # small smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+
+def _read_status_kb(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} missing from /proc/self/status")
+
+
+def _reset_peak_rss() -> bool:
+    """Writing 5 to clear_refs resets VmHWM to the current RSS (Linux >= 4.0); False where that is not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def run_case(path: str, vocab: int, tokens: int, d_model: int, chunk_size: int, repeats: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from analogjax.fused_loss import TeacherHead, fused_distill_loss, plain_distill_loss
+
+    loss_fn = {"fused": fused_distill_loss, "plain": plain_distill_loss}[path]
+    keys = jax.random.split(jax.random.key(0), 6)
+    hidden = jax.random.normal(keys[0], (tokens, d_model), jnp.float32)
+    head = jax.random.normal(keys[1], (d_model, vocab), jnp.float32) * d_model**-0.5
+    teacher = TeacherHead(jax.random.normal(keys[2], (tokens, d_model), jnp.float32),
+                          jax.random.normal(keys[3], (d_model, vocab), jnp.float32) * d_model**-0.5)
+    targets = jax.random.randint(keys[4], (tokens,), 0, vocab)
+    weights = (jax.random.uniform(keys[5], (tokens,)) > 0.1).astype(jnp.float32)
+
+    # Everything is an argument: a closed-over teacher would be a compile-time constant that XLA folds.
+    def objective(hidden_, head_, teacher_, targets_, weights_):
+        out = loss_fn(hidden_, head_, teacher_, targets_, weights_, kd_terms=(("forward_kl", ()),),
+                      kd_weights=jnp.array([4.0]), ce_weight=0.5, temperature=2.0, chunk_size=chunk_size)
+        return out["loss"], out["kl"]
+
+    step = jax.jit(jax.value_and_grad(objective, argnums=(0, 1), has_aux=True))
+    arguments = (hidden, head, teacher, targets, weights)
+    compiled = step.lower(*arguments).compile()
+    analysis = compiled.memory_analysis()
+    jax.block_until_ready((hidden, head, teacher, targets, weights))
+    inputs_kb = _read_status_kb("VmRSS")
+    peak_reset = _reset_peak_rss()
+
+    (loss, kl), grads = compiled(*arguments)  # warm-up
+    jax.block_until_ready(grads)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        (loss, kl), grads = compiled(*arguments)
+        jax.block_until_ready(grads)
+        times.append(time.perf_counter() - start)
+    run_peak_kb = _read_status_kb("VmHWM")
+    return {
+        "bench": "loss", "path": path, "vocab": vocab, "tokens": tokens, "d_model": d_model, "dtype": "float32",
+        "chunk_size": chunk_size if path == "fused" else None,
+        "time_s_median": round(statistics.median(times), 4), "times_s": [round(t, 4) for t in times],
+        "inputs_rss_mb": round(inputs_kb / 1024, 1),
+        "run_peak_rss_mb": round(run_peak_kb / 1024, 1) if peak_reset else None,
+        "working_mb": round((run_peak_kb - inputs_kb) / 1024, 1) if peak_reset else None,
+        "xla_temp_mb": round(analysis.temp_size_in_bytes / 2**20, 1) if analysis is not None else None,
+        "loss": float(loss), "kl": float(kl),
+    }
+
+
+def spawn(case: dict) -> dict:
+    """Run one case in a fresh interpreter; attach that child's own peak RSS from os.wait4."""
+    command = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(case)]
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    output = child.stdout.read()
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode != 0:
+        return {"bench": "loss", **case, "error": f"child exited with {child.returncode}"}
+    result = json.loads(output.strip().splitlines()[-1])
+    result["peak_rss_mb"] = round(usage.ru_maxrss / 1024, 1)  # ru_maxrss is in KiB on Linux
+    return result
+
+
+def summarise(results: list[dict]) -> list[dict]:
+    lines = []
+    for vocab in sorted({r["vocab"] for r in results}):
+        plain = next((r for r in results if r["vocab"] == vocab and r["path"] == "plain" and "error" not in r), None)
+        if plain is None:
+            continue
+        for fused in (r for r in results if r["vocab"] == vocab and r["path"] == "fused" and "error" not in r):
+            line = {
+                "bench": "loss_summary", "vocab": vocab, "chunk_size": fused["chunk_size"],
+                "peak_rss_reduction": round(1 - fused["peak_rss_mb"] / plain["peak_rss_mb"], 3),
+                "xla_temp_reduction": round(1 - fused["xla_temp_mb"] / plain["xla_temp_mb"], 3),
+                "time_ratio": round(fused["time_s_median"] / plain["time_s_median"], 3),
+                "loss_rel_diff": abs(fused["loss"] - plain["loss"]) / abs(plain["loss"]),
+            }
+            if fused["working_mb"] is not None and plain["working_mb"]:
+                line["working_memory_reduction"] = round(1 - fused["working_mb"] / plain["working_mb"], 3)
+            lines.append(line)
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes, one repeat: a smoke run")
+    parser.add_argument("--vocab", type=int, nargs="*", help="vocabulary sizes (default 32768 131072)")
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--d-model", type=int, default=1024)
+    parser.add_argument("--chunk-sizes", type=int, nargs="*", default=[512, 128], help="fused chunk sizes to try")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(run_case(**json.loads(args.child))), flush=True)
+        return
+    if args.quick:
+        vocabs, tokens, d_model, repeats, chunk_sizes = args.vocab or [4096], 256, 128, 1, [64]
+    else:
+        vocabs, tokens, d_model, repeats = args.vocab or [32768, 131072], args.tokens, args.d_model, args.repeats
+        chunk_sizes = args.chunk_sizes
+    results = []
+    for vocab in vocabs:
+        cases = [dict(path="plain", chunk_size=0)] + [dict(path="fused", chunk_size=c) for c in chunk_sizes]
+        for case in cases:
+            result = spawn(dict(case, vocab=vocab, tokens=tokens, d_model=d_model, repeats=repeats))
+            results.append(result)
+            print(json.dumps(result), flush=True)
+    for line in summarise(results):
+        print(json.dumps(line), flush=True)
+
+
+if __name__ == "__main__":
+    main()
