@@ -24,8 +24,14 @@ teacher=None is allowed with no kd terms (a CE-only baseline).
 Sharding: everything is plain jnp under jit, so GSPMD partitions it. With student_head [D, V] sharded over `tensor` on
 V and tokens over `data`, each chunk's logits are [data, tensor]-sharded; log-softmax, target pick (a masked sum, not a
 gather) and argmax (two reductions) reduce shard-locally and all-reduce per-token scalars. Chunks take every
-n_chunks-th token, so each chunk spans all data shards evenly. Cost to know: d student_head is summed over data shards
-once per chunk (an all-reduce of [D, V/tensor] per chunk) instead of once per step.
+n_chunks-th token, so each chunk spans all data shards evenly; `chunk_size` counts tokens across all data shards.
+Costs to know: d student_head is summed over the batch shards once per chunk (an all-reduce of [block, V/tensor] per
+head-row block) instead of once per step; with an fsdp axis, GSPMD gathers each chunk's d logits over fsdp (tokens
+only: the vocabulary stays sharded) to update the head gradient's row blocks.
+
+Memory: about eight [chunk, V] float32 arrays live at once, plus the [D, V] float32 head-gradient accumulator (the
+gradient itself). The head gradient is accumulated in row blocks of at most `chunk` rows so that no second [D, V]
+temporary exists (XLA's dot cannot accumulate into its output).
 
 Tied embeddings: pass embed.T as student_head; its gradient comes back transposed through the caller's autodiff.
 """
