@@ -1,0 +1,144 @@
+"""Hugging Face interop against transformers itself: tiny random Llama, Mistral, Qwen2, Qwen3 and Gemma models.
+
+Import must reproduce transformers' logits (float32, 1e-4), export must load back in transformers with the same
+logits, and import → export → import must be exact.
+"""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from analogjax import hf  # noqa: E402
+from analogjax import mesh as mesh_lib  # noqa: E402
+from analogjax.errors import UserError  # noqa: E402
+from analogjax.models.config import ModelConfig  # noqa: E402
+from analogjax.models.transformer import Transformer  # noqa: E402
+
+VOCAB = 96
+COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6)
+
+CASES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(rope_theta=10000.0)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(rope_theta=10000.0, sliding_window=None)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16, tie_word_embeddings=False)),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(head_dim=8, hidden_act="gelu_pytorch_tanh",
+                                                     hidden_activation="gelu_pytorch_tanh")),
+}
+
+
+def _randomise(model):
+    # Fresh HF inits leave norms at exactly 1 (or 0) and biases at 0: perturb everything so each tensor matters.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+
+
+def make_hf_model(kind: str, folder):
+    config_cls, model_cls, extra = CASES[kind]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_cls)(**COMMON, **extra)
+    model = getattr(transformers, model_cls)(config).float().eval()
+    _randomise(model)
+    model.save_pretrained(folder, safe_serialization=True)
+    return model
+
+
+def tokens(batch=2, seq=12, seed=0):
+    return np.random.default_rng(seed).integers(0, VOCAB, (batch, seq)).astype(np.int32)
+
+
+def hf_logits(model, toks) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.as_tensor(toks, dtype=torch.long)).logits.float().numpy()
+
+
+@pytest.mark.parametrize("kind", list(CASES))
+def test_import_matches_transformers(kind, tmp_path):
+    model = make_hf_model(kind, tmp_path / kind)
+    cfg = hf.model_config_from_hf(tmp_path / kind)
+    assert cfg.qkv_bias == (kind == "qwen2") and cfg.qk_norm == (kind == "qwen3")
+    assert cfg.embed_scale == (kind == "gemma")
+    analog = hf.load(tmp_path / kind)
+    toks = tokens()
+    np.testing.assert_allclose(np.asarray(analog(toks)), hf_logits(model, toks), atol=1e-4, rtol=1e-4)
+
+
+def test_import_on_a_tensor_sharded_mesh_reads_shards(tmp_path):
+    # 2 x 2 x 2 mesh: stacked layers, heads and widths all cut into shards; values must not depend on the mesh.
+    model = make_hf_model("llama", tmp_path / "m")
+    mesh = mesh_lib.make_mesh(2, 2, 2)
+    cfg = hf.model_config_from_hf(tmp_path / "m")
+    params = hf.load_params(tmp_path / "m", cfg, mesh, mesh_lib.TEACHER_RULES)
+    wq = params["params"]["layers"]["attn"]["wq"]
+    assert len(wq.sharding.device_set) == 8 and not wq.sharding.is_fully_replicated
+    toks = tokens()
+    out = Transformer(cfg)(jax.device_get(params), toks)
+    np.testing.assert_allclose(np.asarray(out), hf_logits(model, toks), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "gemma"])
+def test_export_loads_in_transformers_and_round_trips(kind, tmp_path):
+    cfg = ModelConfig(vocab_size=259, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,
+                      qkv_bias=kind == "qwen2", qk_norm=kind == "qwen3", embed_scale=kind == "gemma",
+                      norm_offset=1.0 if kind == "gemma" else 0.0, tie_embeddings=kind in ("qwen2", "gemma"),
+                      activation="gelu_tanh" if kind == "gemma" else "silu")
+    model = Transformer(cfg)
+    params = jax.device_get(jax.tree.map(lambda x: x, __import__("flax").linen.unbox(
+        model.init_boxed(jax.random.key(3)))))
+    # Non-trivial norms and biases so a wrong mapping cannot hide behind ones and zeros.
+    params = jax.tree.map(lambda x: x + 0.05 * np.random.default_rng(x.size).standard_normal(x.shape).astype(x.dtype),
+                          params)
+    out = tmp_path / "export"
+    hf.save(params, cfg, out, tokenizer="bytes")
+    assert json.loads((out / "config.json").read_text())["architectures"] == [hf.architecture_for(cfg)[0]]
+    toks = np.random.default_rng(1).integers(0, 259, (2, 10)).astype(np.int32)
+    ours = np.asarray(model(params, toks))
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    np.testing.assert_allclose(hf_logits(loaded, toks), ours, atol=1e-4, rtol=1e-4)
+    # import → export → import is exact
+    assert hf.model_config_from_hf(out) == cfg
+    back = hf.load_params(out, cfg, mesh_lib.make_mesh(-1, 1, 1), mesh_lib.STUDENT_RULES)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), jax.device_get(back), params)
+
+
+def test_byte_tokenizer_round_trips_through_auto_tokenizer(tmp_path):
+    cfg = ModelConfig(vocab_size=259, d_model=16, n_layers=1, n_heads=2, d_ff=32)
+    params = __import__("flax").linen.unbox(Transformer(cfg).init_boxed(jax.random.key(0)))
+    hf.save(jax.device_get(params), cfg, tmp_path / "t", tokenizer="bytes")
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "t")
+    text = "héllo wörld\n  def f(x): return x"
+    assert tok.encode(text, add_special_tokens=False) == list(text.encode("utf-8"))
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (256, 257, 258)
+    assert tok.decode(list(text.encode("utf-8"))) == text
+
+
+def test_bad_inputs_are_user_errors(tmp_path):
+    make_hf_model("llama", tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    # unsupported architecture
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(UserError, match="GPT2LMHeadModel"):
+        hf.model_config_from_hf(tmp_path / "x")
+    # missing folder, missing weights
+    with pytest.raises(UserError, match="not found"):
+        hf.model_config_from_hf(tmp_path / "nowhere")
+    (tmp_path / "x" / "config.json").write_text(json.dumps(config))
+    mesh = mesh_lib.make_mesh(-1, 1, 1)
+    with pytest.raises(UserError, match="model.safetensors"):
+        hf.load_params(tmp_path / "x", hf.model_config_from_hf(tmp_path / "x"), mesh, mesh_lib.TEACHER_RULES)
+    # shapes that do not match config.json
+    wrong = hf.model_config_from_hf(tmp_path / "m").__class__(**{**hf.model_config_from_hf(tmp_path / "m").__dict__,
+                                                                  "d_ff": 40})
+    with pytest.raises(UserError, match="shape"):
+        hf.load_params(tmp_path / "m", wrong, mesh, mesh_lib.TEACHER_RULES)
+    # export never overwrites a non-empty folder
+    with pytest.raises(UserError, match="not empty"):
+        hf.save({}, wrong, tmp_path / "m")
