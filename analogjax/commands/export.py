@@ -1,0 +1,18 @@
+"""`analogjax export --checkpoint DIR --out DIR [--force] [--dtype float32|bfloat16]`: a run's student as a HF folder."""
+
+from __future__ import annotations
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="a run's workdir or its checkpoints directory")
+    parser.add_argument("--out", required=True, help="output folder (must be empty unless --force)")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="weights' dtype")
+
+
+def run(args) -> int:
+    from analogjax.release import export_run
+
+    out = export_run(args.checkpoint, args.out, force=args.force, dtype=args.dtype)
+    print(f"wrote {out}")
+    return 0
