@@ -173,10 +173,10 @@ def test_cli_cache_layout_bytes_and_provenance(cli_cache, capsys):
     ("distill.terms=[{kind: reverse_kl}]", "reverse_kl needs the teacher's full outputs"),
     ("distill.topk_treatment=bogus", "distill.topk_treatment must be one of"),
 ])
-def test_mismatched_cache_is_refused(cli_cache, capsys, override, message):
+def test_mismatched_cache_is_refused(cli_cache, capsys, tmp_path, override, message):
     _, config_file, _ = cli_cache
     status = cli.main(["distill", "--config", str(config_file), "--set", override, "--no-progress",
-                       "--workdir", str(cli_cache[0] / "never")])
+                       "--workdir", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip()
     assert status == 2 and err.startswith("error: ") and len(err.splitlines()) == 1, err
     assert re.search(message, err), err
