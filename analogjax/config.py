@@ -31,7 +31,22 @@ class TeacherConfig:
     model: ModelConfig = field(default_factory=lambda: PRESETS["tiny-teacher"])
     checkpoint: str | None = None  # an Orbax checkpoint directory written by analogjax (its params item)
     hf_path: str | None = None  # a Hugging Face folder (safetensors + config.json)
+    # A teacher cache (analogjax cache-teacher) to distill from instead of a live teacher: no teacher in memory.
+    cache: str | None = None
     # With neither path the teacher is randomly initialised: useful for tests and benchmarks only.
+    # FLOPs spent pretraining the teacher, when known: the model card reports distillation as a fraction of it.
+    pretraining_flops: float | None = None
+
+    @classmethod
+    def from_preset_dict(cls, raw: dict, prefix: str) -> dict:
+        """With hf_path, the teacher's shape is read from its config.json; teacher.model adds only dtype and remat."""
+        if not raw.get("hf_path"):
+            return raw
+        from analogjax.models.hf import model_config_from_hf
+
+        given = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+        shape = dataclasses.asdict(model_config_from_hf(raw["hf_path"]))
+        return {**raw, "model": {**shape, **{k: given[k] for k in ("dtype", "remat") if k in given}}}
 
 
 @dataclass(frozen=True)
@@ -72,7 +87,9 @@ class DistillConfig:
     final_temperature: float | None = None
     layer_map: tuple[tuple[int, int], ...] = ()  # (student layer, teacher layer) pairs for hidden_* terms
     fused: bool = True  # chunked loss that never holds [tokens, vocab] logits
-    chunk_size: int = 512  # tokens per chunk of the fused loss
+    chunk_size: int = 256  # tokens per chunk of the fused loss ([chunk, vocab] logits live at once)
+    # With a top-k teacher cache, forward_kl becomes: tail_bucket (exact at k = vocab), gathered or renormalized.
+    topk_treatment: str = "tail_bucket"
 
 
 @dataclass(frozen=True)
@@ -94,14 +111,25 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    every: int = 0  # steps between saves; 0 = only the final save
-    keep: int = 3
-    async_save: bool = True
+    """Student checkpoints in WORKDIR/checkpoints (see analogjax/checkpoint.py for what each one holds)."""
+
+    every: int = 0  # steps between saves; 0 = only the final (or preemption) save
+    keep: int = 3  # the latest `keep` checkpoints are kept
+    async_save: bool = True  # write in the background; training waits only for the device-to-host copy
     init_path: str | None = None  # student init checkpoint when the workdir has none
+    # Also keep the `keep_best` best checkpoints by `best_metric` (a key of the step's logged record, e.g. loss or
+    # eval_kl; a save whose step logged no such key does not compete). 0 = off.
+    keep_best: int = 0
+    best_metric: str = "loss"
+    best_mode: str = "min"  # min | max
+    # Resume a workdir whose checkpoints were written under another model or data config (refused otherwise).
+    allow_config_change: bool = False
 
     def check(self, prefix: str) -> None:
         _positive(self, prefix, "keep")
-        _non_negative(self, prefix, "every")
+        _non_negative(self, prefix, "every", "keep_best")
+        if self.best_mode not in ("min", "max"):
+            raise UserError(f"{_join(prefix, 'best_mode')} must be min or max, got {self.best_mode!r}")
 
 
 @dataclass(frozen=True)
@@ -111,10 +139,15 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0  # 0 = only at the end
     eval_batches: int = 4
+    # A non-finite loss or gradient: halt (stop with an error; the bad state is never saved) or skip (the jitted
+    # step keeps the previous params and optimizer state, the step counter moves on, the record says nonfinite=1).
+    nonfinite: str = "halt"
 
     def check(self, prefix: str) -> None:
         _positive(self, prefix, "steps", "log_every", "eval_batches")
         _non_negative(self, prefix, "eval_every")
+        if self.nonfinite not in ("halt", "skip"):
+            raise UserError(f"{_join(prefix, 'nonfinite')} must be halt or skip, got {self.nonfinite!r}")
 
 
 @dataclass(frozen=True)
@@ -216,7 +249,9 @@ def _onto_field_defaults(cls: type, raw: dict) -> dict:
 def _deep_merge(base: dict, top: dict) -> dict:
     out = dict(base)
     for key, value in top.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        # A nested section naming a preset replaces the default wholesale: the preset fills its gaps.
+        mergeable = isinstance(value, dict) and isinstance(out.get(key), dict) and "preset" not in value
+        out[key] = _deep_merge(out[key], value) if mergeable else value
     return out
 
 

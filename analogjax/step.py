@@ -42,6 +42,8 @@ class Teacher:
     features: Callable[..., tuple[Any, jax.Array]] | None = None  # (params, tok, seg, pos, collect) -> (Features, head)
     rules: tuple = ()  # its logical-axis rules (mesh.TEACHER_RULES for analogjax models)
     vocab_size: int | None = None
+    # A cached teacher (teacher_cache.py): batch -> TopKTeacher | SampledTeacher read from arrays in the batch.
+    from_batch: Callable[[dict], Any] | None = None
 
 
 def model_teacher(model, rules) -> Teacher:
@@ -78,6 +80,8 @@ def forward_outputs(student, student_rules, teacher: Teacher | None, params, tea
         s_out = Outputs(_flat(feats.hidden_bsd), student.head(params["model"]), None, feats.layers_lbsd)
     if teacher is None:
         return s_out, None
+    if teacher.from_batch is not None:
+        return s_out, jax.tree.map(jax.lax.stop_gradient, teacher.from_batch(batch))
     with nn.logical_axis_rules(list(teacher.rules)):
         if teacher.features is not None:
             t_feats, t_head = teacher.features(teacher_params, tokens, seg, pos, collect_layers)
@@ -96,8 +100,14 @@ def make_distill_step(
     distill: DistillConfig,
     total_steps: int,
     grad_accum: int = 1,
+    skip_nonfinite: bool = False,
 ) -> Callable:
-    """Build the pure step. `teacher=None` gives the same step with a CE-only objective (pretraining, baselines)."""
+    """Build the pure step. `teacher=None` gives the same step with a CE-only objective (pretraining, baselines).
+
+    Metrics carry `nonfinite` (1.0 when this step's loss or gradient norm is inf/NaN). With `skip_nonfinite` such a
+    step keeps the previous params and optimizer state (selected inside the step, so no host round trip) and only
+    the step counter moves on; otherwise the update is applied and the loop halts on the flag before saving.
+    """
     collect = needs_layers(distill)
     shared_vocab = min(student.cfg.vocab_size, teacher.vocab_size or student.cfg.vocab_size) if teacher else None
 
@@ -130,7 +140,13 @@ def make_distill_step(
             (grads, sums), _ = jax.lax.scan(accumulate, zeros, micro)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(sums, count=valid_count, grad_norm=optax.global_norm(grads))
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(grad_norm)
+        if skip_nonfinite:
+            keep_if_bad = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+            params = jax.tree.map(keep_if_bad, params, state.params)
+            opt_state = jax.tree.map(keep_if_bad, opt_state, state.opt_state)
+        metrics = dict(sums, count=valid_count, grad_norm=grad_norm, nonfinite=1.0 - finite.astype(jnp.float32))
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 

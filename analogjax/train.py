@@ -30,6 +30,7 @@ from analogjax.hidden_matching import init_projections, projection_logical_axes
 from analogjax.metrics_log import MetricsLog, means
 from analogjax.models.transformer import Transformer
 from analogjax.objective import check_distill, needs_layers, needs_teacher
+from analogjax.preemption import PreemptionWatcher
 from analogjax.step import Teacher, TrainState, make_distill_step, make_eval_step, make_optimizer, model_teacher
 
 RUN_FILE = "run.json"
@@ -116,6 +117,10 @@ def load_teacher(config: Config, mesh) -> tuple[Teacher | None, Any]:
     """The configured teacher and its params, restored sharded under the teacher's own rules."""
     if not needs_teacher(config.distill):
         return None, None
+    if config.teacher.cache:  # distill from cached teacher outputs: nothing of the teacher is loaded
+        from analogjax.teacher_cache import cached_teacher
+
+        return cached_teacher(config), None
     model = Transformer(config.teacher.model)
     teacher = model_teacher(model, mesh_lib.TEACHER_RULES)
     if config.teacher.hf_path:
@@ -147,17 +152,25 @@ def build(config: Config, teacher: Teacher | None = None, teacher_params: Any = 
     tx = make_optimizer(config.optim, config.train.steps)
     abstract, shardings = abstract_state(config, mesh, student, tx)
     batch_sh = mesh_lib.batch_sharding(mesh)
-    # A bring-your-own teacher's params keep the shardings they were placed with; host arrays are replicated.
-    teacher_params = jax.tree.map(
-        lambda x: x if isinstance(x, jax.Array) else jax.device_put(x, mesh_lib.replicated(mesh)), teacher_params
-    )
+    # A bring-your-own teacher's params keep the shardings they were placed with on this mesh; anything else (host
+    # arrays, arrays on one device) is replicated over the mesh.
+    mesh_devices = set(mesh.devices.flat)
+
+    def on_mesh(x):
+        if isinstance(x, jax.Array) and x.sharding.device_set == mesh_devices:
+            return x
+        return jax.device_put(x, mesh_lib.replicated(mesh))
+
+    teacher_params = jax.tree.map(on_mesh, teacher_params)
     teacher_sh = jax.tree.map(lambda a: a.sharding, teacher_params)
     step = make_distill_step(student, mesh_lib.STUDENT_RULES, teacher, tx, config.distill, config.train.steps,
-                             config.optim.grad_accum)
+                             config.optim.grad_accum, skip_nonfinite=config.train.nonfinite == "skip")
     # Jitted once with explicit shardings; the state is donated: its buffers are reused for the next state.
     step_fn = jax.jit(step, in_shardings=(shardings, teacher_sh, batch_sh),
                       out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=(0,))
-    eval_step = make_eval_step(student, mesh_lib.STUDENT_RULES, teacher, config.distill.chunk_size)
+    # Held-out batches are not cached: a cached teacher's run measures the student's held-out CE only.
+    eval_teacher = None if teacher is not None and teacher.from_batch is not None else teacher
+    eval_step = make_eval_step(student, mesh_lib.STUDENT_RULES, eval_teacher, config.distill.chunk_size)
     eval_fn = jax.jit(eval_step, in_shardings=(shardings.params["model"], teacher_sh, batch_sh),
                       out_shardings=mesh_lib.replicated(mesh))
     with jax.set_mesh(mesh):
@@ -175,17 +188,31 @@ def check_vocab(student_vocab: int, teacher_vocab: int) -> None:
 
 
 def _guard_workdir(workdir: Path, config: Config) -> None:
-    """A workdir belongs to one run: refuse to resume (or overwrite) one made under another model or data config."""
+    """A workdir belongs to one run: refuse to resume (or overwrite) one made under another model or data config,
+    unless `checkpoint.allow_config_change` says so (then run.json takes the new config)."""
     identity = run_identity(config)
     run_file = workdir / RUN_FILE
     if run_file.exists():
         saved = json.loads(run_file.read_text()).get("identity", {})
-        for part in ("model", "data"):
-            if saved.get(part) != identity[part]:
-                raise UserError(f"{workdir} holds a run with a different {part} config; use another --workdir")
-    elif jax.process_index() == 0:
+        changed = [part for part in ("model", "data") if saved.get(part) != identity[part]]
+        if not changed:
+            return
+        check_identity(saved, identity, config.checkpoint.allow_config_change, str(workdir))
+    if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
         run_file.write_text(json.dumps({"identity": identity, "config": to_dict(config)}, indent=2))
+
+
+def check_identity(saved: dict, identity: dict, allowed: bool, where: str) -> list[str]:
+    """The parts (model, data) in which `saved` differs from `identity`; a UserError unless `allowed`."""
+    changed = [part for part in ("model", "data") if saved.get(part) != identity[part]]
+    if changed and not allowed:
+        raise UserError(f"{where} holds a run with a different {' and '.join(changed)} config; use another "
+                        "--workdir, or --set checkpoint.allow_config_change=true to resume it anyway")
+    if changed:
+        print(f"warning: {where}: resuming under a changed {' and '.join(changed)} config "
+              "(checkpoint.allow_config_change)", file=sys.stderr)
+    return changed
 
 
 def evaluate(run: Run, params, batches: int) -> dict[str, float]:
@@ -212,28 +239,48 @@ def heldout_metrics(config: Config, eval_fn, params, teacher_params, batch_shard
 
 def run_training(config: Config, workdir: str | Path, *, teacher: Teacher | None = None, teacher_params: Any = None,
                  progress: bool = True) -> dict[str, Any]:
-    """Train (distill, or pretrain when the objective needs no teacher) into `workdir`; returns final metrics."""
+    """Train (distill, or pretrain when the objective needs no teacher) into `workdir`; returns final metrics.
+
+    Relaunching the same call resumes exactly where the last checkpoint left off (resume order: `restore_or_init`).
+    On SIGTERM or a preemption notice the run saves at the next step boundary and returns with `preempted=True`.
+    A non-finite loss or gradient halts the run with a `NonFiniteError` (`train.nonfinite=halt`) or skips that
+    update (`skip`); a non-finite state is never saved.
+    """
     workdir = Path(workdir).absolute()
     _guard_workdir(workdir, config)
     run = build(config, teacher, teacher_params)
     cfg = config
     data_iter = make_batch_iterator(cfg.data, split="train", seed=cfg.train.seed, vocab_size=cfg.model.vocab_size,
                                     process_index=jax.process_index(), process_count=jax.process_count())
-    checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", every=cfg.checkpoint.every,
-                                         keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+    if cfg.teacher.cache:  # cached teacher rows join each local batch, aligned with it step for step
+        from analogjax.teacher_cache import CacheReader
+
+        cache_reader = CacheReader(cfg)
+    ck = cfg.checkpoint
+    checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", every=ck.every, keep=ck.keep,
+                                         async_save=ck.async_save, keep_best=ck.keep_best,
+                                         best_metric=ck.best_metric, best_mode=ck.best_mode)
     state = restore_or_init(run, checkpointer, data_iter)
     has_heldout = cfg.data.heldout_fraction > 0
     start = int(jax.device_get(state.step))
+    # metrics.jsonl stays append-only, except that records of steps after the restored one (logged by a run that died
+    # before its next checkpoint) are dropped: this run logs those steps again, so each step appears exactly once.
+    logged = ckpt_lib.trim_metrics(workdir, start)
     log = MetricsLog(workdir)
-    meta = {"config": to_dict(cfg), "identity": run_identity(cfg)}
+    meta = {"config": to_dict(cfg), "identity": run_identity(cfg), "provenance": ckpt_lib.provenance(run.mesh)}
     tokens_per_step = cfg.data.global_batch * cfg.data.seq_len
-    flops_per_step = distill_flops_per_step(cfg.model, cfg.teacher.model if run.teacher else None,
+    live_teacher = run.teacher is not None and run.teacher.from_batch is None
+    flops_per_step = distill_flops_per_step(cfg.model, cfg.teacher.model if live_teacher else None,
                                             tokens_per_step, cfg.data.seq_len)
     peak = peak_flops_per_second()
     bar = tqdm(total=cfg.train.steps, initial=start, disable=not progress or jax.process_index() != 0,
                desc="distill" if run.teacher else "train", dynamic_ncols=True)
     # Throughput windows run between two completed steps (compilation of the first step excluded).
     pending, window_start, window_first, last = None, time.perf_counter(), start, {}
+    # The previous step's non-finite flag, read one step late like the metrics (the device is busy meanwhile).
+    unchecked = None
+    last_saved = start if start in checkpointer.all_steps() else None
+    preempted = False
 
     def flush(step_done, metrics):
         nonlocal window_start, window_first, last
@@ -245,47 +292,100 @@ def run_training(config: Config, workdir: str | Path, *, teacher: Teacher | None
         log.write(record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
 
+    def check_finite(step_done, flag):
+        if float(jax.device_get(flag)) == 0.0:
+            return
+        if cfg.train.nonfinite == "skip":  # the step itself kept the previous params and optimizer state
+            print(f"warning: step {step_done}: non-finite loss or gradient; its update was skipped", file=sys.stderr)
+            return
+        raise ckpt_lib.NonFiniteError(
+            f"step {step_done}: non-finite loss or gradient; the run halted without saving it (latest checkpoint: "
+            f"{last_saved}). Lower optim.learning_rate, check the data and teacher, or set train.nonfinite=skip")
+
     try:
-        with jax.set_mesh(run.mesh):
+        with jax.set_mesh(run.mesh), PreemptionWatcher() as watcher:
             for step in range(start, cfg.train.steps):
-                batch = to_global_batch(next(data_iter), run.batch_sharding)
+                local_batch = next(data_iter)
+                if cfg.teacher.cache:
+                    local_batch = cache_reader.add_to(step, local_batch)
+                batch = to_global_batch(local_batch, run.batch_sharding)
                 state, metrics = run.step_fn(state, run.teacher_params, batch)
                 if step == start:  # keep compilation out of the throughput figures
                     jax.block_until_ready(metrics)
                     window_start, window_first = time.perf_counter(), start + 1
+                if unchecked is not None:
+                    check_finite(*unchecked)
                 if pending is not None:  # read the previous step's metrics only now: the device is already busy
                     flush(*pending)
                 done = step + 1
+                unchecked = (done, metrics["nonfinite"])
                 pending = (done, metrics) if done % cfg.train.log_every == 0 or done == cfg.train.steps else None
-                if checkpointer.should_save(done) and done < cfg.train.steps:
-                    checkpointer.save(done, state, data_iter, meta)
-                if has_heldout and cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < cfg.train.steps:
-                    log.write({"step": done, **{f"eval_{k}": v for k, v in
-                                                evaluate(run, state.params["model"], cfg.train.eval_batches).items()}})
+                stop = watcher.should_stop(done)  # every step, on every host: the preemption sync point needs it
+                evaluate_now = (has_heldout and cfg.train.eval_every and done % cfg.train.eval_every == 0
+                                and done < cfg.train.steps)
+                save_now = stop or (checkpointer.should_save(done) and done < cfg.train.steps)
+                if save_now or evaluate_now:
+                    # Wait for this step: never evaluate or save a non-finite state, and write the step's records
+                    # before its checkpoint, so a resume from it finds them (metrics.jsonl never loses a step).
+                    check_finite(*unchecked)
+                    unchecked = None
+                    if pending is not None:
+                        flush(*pending)
+                        pending = None
+                ranked = dict(last) if last.get("step") == done else {}
+                if evaluate_now:
+                    eval_record = {f"eval_{k}": v for k, v in
+                                   evaluate(run, state.params["model"], cfg.train.eval_batches).items()}
+                    log.write({"step": done, **eval_record})
+                    ranked.update(eval_record)
                     window_start, window_first = time.perf_counter(), done
+                if save_now:
+                    # Returns once the device buffers are copied to host: the next step may donate `state`.
+                    checkpointer.save(done, state, data_iter, meta, metrics=ranked)
+                    last_saved = done
                 bar.update(1)
+                if stop:
+                    preempted = True
+                    break
+            if unchecked is not None:
+                check_finite(*unchecked)
             if pending is not None:
                 flush(*pending)
             final_step = int(jax.device_get(state.step))
-            if checkpointer.latest_step() != final_step:
-                checkpointer.save(final_step, state, data_iter, meta)
-            heldout = evaluate(run, state.params["model"], cfg.train.eval_batches) if has_heldout else {}
+            if last_saved != final_step:
+                checkpointer.save(final_step, state, data_iter, meta,
+                                  metrics=dict(last) if last.get("step") == final_step else {})
+            heldout = evaluate(run, state.params["model"], cfg.train.eval_batches) if has_heldout and not preempted else {}
     finally:
         # Always let async saves finish (or fail loudly) before the interpreter shuts down.
         checkpointer.close()
         bar.close()
-    log.write({"step": final_step, **{f"eval_{k}": v for k, v in heldout.items()}})
+    if preempted:
+        watcher.announce(final_step)
+    # A relaunch of a finished run trains nothing and must not log its final record twice.
+    elif not any(r.get("step") == final_step and "loss" not in r for r in logged):
+        log.write({"step": final_step, **{f"eval_{k}": v for k, v in heldout.items()}})
     log.close()
-    return {"train": last, "heldout": heldout, "step": final_step, "state": state, "run": run}
+    return {"train": last, "heldout": heldout, "step": final_step, "state": state, "run": run,
+            "preempted": preempted}
 
 
 def restore_or_init(run: Run, checkpointer: ckpt_lib.Checkpointer, data_iter) -> TrainState:
-    """Latest checkpoint in the workdir → checkpoint.init_path (params only) → the fresh init already built."""
+    """The resume order:
+    1. the latest complete checkpoint in the workdir: params, optimizer state, step, RNG and data position
+       (refused if it was written under another model or data config, unless checkpoint.allow_config_change;
+       after an allowed data change the data starts from its beginning);
+    2. else checkpoint.init_path: its params only (optimizer, step and data start fresh);
+    3. else the fresh init already built.
+    Restores target the run's abstract sharded state, so arrays land on their devices on this run's mesh."""
     latest = checkpointer.latest_step()
     if latest is not None:
+        saved = checkpointer.meta(latest).get("identity", {})
+        changed = check_identity(saved, run_identity(run.config), run.config.checkpoint.allow_config_change,
+                                 str(checkpointer.directory / str(latest)))
         abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 run.state, run.state_shardings)
-        return checkpointer.restore(latest, abstract, data_iter)
+        return checkpointer.restore(latest, abstract, None if "data" in changed else data_iter)
     init_path = run.config.checkpoint.init_path
     if init_path:
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),

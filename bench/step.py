@@ -1,0 +1,82 @@
+"""Time the distill step at fixed dims and report MFU against the matmul peak measured in the same process.
+
+Teacher d_model 512, 8 layers, 8 heads, ffn 1536; student 256, 4, 4, 768; vocab 8192; batch 8; seq 256; float32.
+Prints one JSON line: tokens_per_s, step_s (median after warm-up), flops_per_step, mfu, matmul_peak_flops.
+
+    python bench/step.py [--repeats 10] [--set key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+BENCH_OVERRIDES = [
+    "model.preset=bench-student",
+    "teacher.model.preset=bench-teacher",
+    "data.global_batch=8",
+    "data.seq_len=256",
+    "train.steps=1000",
+    "mesh.data=-1",
+]
+
+
+def synthetic_batch(batch: int, seq: int, vocab: int, seed: int = 0):
+    """Full rows of one document each (the packed steady state); ids drawn uniformly."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(3, vocab, (batch, seq + 1)).astype(np.int32)
+    mask = np.ones((batch, seq), np.float32)
+    return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": mask,
+            "segment_ids": np.ones((batch, seq), np.int32),
+            "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy()}
+
+
+def measure_step(repeats: int = 10, overrides: list[str] | None = None) -> dict:
+    import jax
+
+    from analogjax.config import load_config
+    from analogjax.flops import distill_flops_per_step, measured_matmul_peak
+    from analogjax.train import build
+
+    config = load_config(None, BENCH_OVERRIDES + list(overrides or []))
+    run = build(config)
+    batch = jax.device_put(synthetic_batch(config.data.global_batch, config.data.seq_len, config.model.vocab_size),
+                           run.batch_sharding)
+    state = run.state
+    with jax.set_mesh(run.mesh):
+        for _ in range(2):  # compile + one warm step
+            state, metrics = run.step_fn(state, run.teacher_params, batch)
+        jax.block_until_ready(metrics)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            state, metrics = run.step_fn(state, run.teacher_params, batch)
+            jax.block_until_ready(metrics)
+            times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
+    tokens = config.data.global_batch * config.data.seq_len
+    flops = distill_flops_per_step(config.model, config.teacher.model, tokens, config.data.seq_len)
+    peak = measured_matmul_peak()
+    return {"bench": "step", "tokens_per_s": round(tokens / step_s, 1), "step_s": round(step_s, 4),
+            "flops_per_step": flops, "mfu": round(flops / step_s / peak, 3), "matmul_peak_flops": round(peak),
+            "fused_loss": config.distill.fused, "devices": len(jax.devices()), "backend": jax.default_backend()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args()
+    print(json.dumps(measure_step(args.repeats, args.overrides)))
+
+
+if __name__ == "__main__":
+    main()

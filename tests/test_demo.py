@@ -1,0 +1,41 @@
+"""`analogjax demo` end to end at toy size, and the shipped configs stay loadable and in sync."""
+
+import json
+from pathlib import Path
+
+from analogjax.config import load_config
+from analogjax.demo import DemoConfig, load_demo_config
+from test_cli import analogjax
+
+ROOT = Path(__file__).resolve().parent.parent
+
+TOY = ["--set", "teacher_steps=6", "--set", "run.train.steps=6", "--set", "tokenizer_vocab=0",
+       "--set", "run.model.vocab_size=259", "--set", "run.teacher.model.vocab_size=259",
+       "--set", "run.data.seq_len=32", "--set", "run.data.global_batch=8", "--set", "run.train.eval_batches=2",
+       "--set", "run.train.log_every=3"]
+
+
+def test_toy_demo_writes_summary_and_table(tmp_path):
+    proc = analogjax("demo", "--workdir", str(tmp_path), "--no-progress", *TOY, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for name in ("teacher", "analog", "baseline"):
+        assert summary[name]["params"] > 0 and summary[name]["heldout_ce"] > 0
+    for name in ("analog", "baseline"):
+        assert summary[name]["kl_teacher"] >= 0 and 0 <= summary[name]["agreement"] <= 1
+    assert summary["analog"]["params"] < summary["teacher"]["params"]
+    assert summary["wall_seconds"] > 0
+    assert "analog" in proc.stdout and "kl_teacher" in proc.stdout
+    for phase in ("teacher", "analog", "baseline"):
+        assert (tmp_path / phase / "metrics.jsonl").exists()
+
+
+def test_demo_yaml_is_the_embedded_default():
+    assert load_demo_config(str(ROOT / "configs/demo.yaml"), []) == DemoConfig()
+
+
+def test_every_shipped_config_loads():
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        if path.name == "demo.yaml":
+            continue
+        load_config(path)
