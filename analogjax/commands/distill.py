@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from analogjax import distributed
 from analogjax.cli import add_config_arguments
 from analogjax.config import load_config
 
@@ -13,14 +14,19 @@ def add_arguments(parser) -> None:
     add_config_arguments(parser)
     parser.add_argument("--workdir", default=None, help="run directory (default: runs/<config name>)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    distributed.add_arguments(parser)
 
 
 def run(args) -> int:
     config = load_config(args.config, args.overrides)
+    # Join the multi-host job (if any) before the first JAX computation creates the backends.
+    distributed.initialize(distributed.cluster_from(args))
     workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
     from analogjax.train import run_training  # heavy imports only once the config is known to be good
 
     result = run_training(config, workdir, progress=not args.no_progress)
+    if not distributed.is_main():  # one report per job, from process 0
+        return 0
     print(json.dumps({"step": result["step"], "workdir": str(workdir),
                       **{f"heldout_{k}": round(v, 5) for k, v in result["heldout"].items()}}))
     return 0
