@@ -17,6 +17,7 @@ COMMANDS = {
     "demo": ("analogjax.demo", "the whole analog workflow on an embedded corpus, nothing downloaded"),
     "distill": ("analogjax.commands.distill", "distill a teacher into a student from a config"),
     "prepare": ("analogjax.data.prepare", "tokenize a text corpus into shards"),
+    "compile-check": ("analogjax.compile_check", "compile the distill step for a TPU topology: memory, FLOPs, fit"),
 }
 
 
