@@ -1,65 +1,111 @@
 """Orbax checkpoints of the student: what is saved, where, and how a run comes back.
 
-A checkpoint step holds four items:
-  params  the student model's parameters alone (what a teacher load, an export or a release reads)
+A checkpoint step (WORKDIR/checkpoints/<step>/) holds four items:
+  params  the student model's parameters alone (what a teacher load, an export or `checkpoint.init_path` reads)
   train   the rest of the train state: step, optimizer state, RNG, hidden-state projections
-  data    the Grain iterator's state, one file per process (so resume sees exactly the next batch)
-  meta    the resolved config, run identity and provenance (JSON)
+  data    the Grain iterator's state, one JSON file per process (so a resume sees exactly the next batch)
+  meta    the resolved config, the run identity (model and data fingerprints) and provenance (JSON)
 The teacher is never written: it never changes, and it is an input of the step, not part of its state.
 
-Resume order (see `restore_or_init` in train.py): the latest complete checkpoint in the workdir, else
-`checkpoint.init_path` (params only), else a fresh init.
+Resume order (`train.restore_or_init`):
+  1. the latest *complete* checkpoint in WORKDIR/checkpoints (params, optimizer, step, RNG and data position);
+  2. else `checkpoint.init_path`: the params item of another run's checkpoint (optimizer, step and data start fresh);
+  3. else a fresh init from `train.seed`.
+Restores target the abstract sharded state (ShapeDtypeStructs carrying shardings), so each array is read straight
+onto its devices, on whatever mesh the resuming run uses (it need not be the mesh that saved).
+
+Saves are asynchronous: `save` returns once Orbax has copied the device buffers to host memory (its blocking
+phase), so the loop may donate the state into the next step at once; files are written in a background thread.
+Orbax writes each step into `<step>.orbax-checkpoint-tmp-*` and renames it on commit, so a save cut short by a
+crash is never a step; it is deleted (with a warning) when the workdir is reopened. A step folder with an item
+missing (e.g. truncated by hand or by a broken copy) is skipped with a warning as well.
 """
 
 from __future__ import annotations
 
+import datetime
+import functools
+import json
+import platform
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
 
 from analogjax.errors import UserError
 
 ITEMS = ("params", "train", "data", "meta")
+TMP_MARKER = ".orbax-checkpoint-tmp"
+METRICS_FILE = "metrics.jsonl"
+
+
+class NonFiniteError(UserError):
+    """A step produced a non-finite loss or gradient under `train.nonfinite=halt`; nothing of it was saved."""
 
 
 class Checkpointer:
-    def __init__(self, directory: str | Path, *, every: int = 0, keep: int = 3, async_save: bool = True):
+    """The workdir's checkpoint manager: save every `every` steps, keep the latest `keep` (and the best
+    `keep_best` by `best_metric`), restore onto any mesh."""
+
+    def __init__(self, directory: str | Path, *, every: int = 0, keep: int = 3, async_save: bool = True,
+                 keep_best: int = 0, best_metric: str = "loss", best_mode: str = "min"):
         self.directory = Path(directory).absolute()
         self.every = every
+        self.best_metric = best_metric
+        _warn_partial_saves(self.directory)
+        preserve = policies.LatestN(n=keep)
+        if keep_best:
+            best = policies.BestN(get_metric_fn=lambda metrics: metrics[best_metric], reverse=best_mode == "max",
+                                  n=keep_best, keep_checkpoints_without_metrics=False)
+            preserve = policies.AnyPreservationPolicy([preserve, best])
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
+            preservation_policy=preserve,
             enable_async_checkpointing=async_save,
             create=True,
-            # Never pick up a half-written step: Orbax writes to a temporary folder and renames on commit;
-            # leftovers of a crash are cleaned, not restored.
+            # Leftovers of a save cut short (tmp folders never renamed into a step) are deleted, never restored.
             cleanup_tmp_directories=True,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
-
     def should_save(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
 
-    def save(self, step: int, state, data_iterator, meta: dict[str, Any]) -> None:
-        """Save (asynchronously when configured). The iterator's state is read now, at the step boundary."""
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        """The newest complete step (incomplete ones are skipped with a warning), or None."""
+        for step in reversed(self.all_steps()):
+            missing = _missing_files(self.directory / str(step))
+            if not missing:
+                return step
+            print(f"warning: skipping incomplete checkpoint {self.directory / str(step)} (missing "
+                  f"{', '.join(missing[:3])}); resuming from an earlier one", file=sys.stderr)
+        return None
+
+    def save(self, step: int, state, data_iterator, meta: dict[str, Any], metrics: dict[str, float] | None = None):
+        """Save `state` as `step` (asynchronously when configured). The data iterator's position is read now, at
+        the step boundary; `metrics` (the step's logged record) rank the checkpoint for `keep_best`."""
         train = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng,
                  "hidden_proj": state.params.get("hidden_proj", {})}
         items = dict(
             params=ocp.args.StandardSave(state.params["model"]),
             train=ocp.args.StandardSave(train),
-            meta=ocp.args.JsonSave(meta),
+            meta=ocp.args.JsonSave(dict(meta, step=step, saved_at=_now())),
         )
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        ranked = {k: float(v) for k, v in (metrics or {}).items() if k == self.best_metric}
+        self.manager.save(step, args=ocp.args.Composite(**items), metrics=ranked or None, force=True)
 
     def restore(self, step: int, abstract_state, data_iterator) -> Any:
-        """Restore onto the shardings carried by `abstract_state` (ShapeDtypeStructs): arrays land on their devices."""
+        """Restore onto the shardings carried by `abstract_state` (ShapeDtypeStructs): arrays land on their devices.
+        `data_iterator=None` leaves the data position alone (the caller starts the data afresh)."""
         train_target = {"step": abstract_state.step, "opt_state": abstract_state.opt_state,
                         "rng": abstract_state.rng, "hidden_proj": abstract_state.params.get("hidden_proj", {})}
         items = dict(
@@ -67,20 +113,29 @@ class Checkpointer:
             train=ocp.args.StandardRestore(train_target),
         )
         if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+            data_file = self.directory / str(step) / "data" / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+            if data_file.exists():
+                items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+            else:  # saved by another number of processes: their data positions do not map onto ours
+                print(f"warning: checkpoint {step} holds no data position for {jax.process_count()} process(es); "
+                      "the data order restarts from the beginning", file=sys.stderr)
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except (ValueError, KeyError, FileNotFoundError) as exc:
+            raise UserError(f"{self.directory / str(step)} does not fit this run's model or optimizer: "
+                            f"{str(exc).splitlines()[0]}") from None
         train = restored["train"]
         params = {"model": restored["params"]}
         if "hidden_proj" in abstract_state.params:
             params["hidden_proj"] = train["hidden_proj"]
-        return abstract_state.replace(
-            step=train["step"], params=params, opt_state=train["opt_state"], rng=train["rng"]
-        )
+        return abstract_state.replace(step=train["step"], params=params, opt_state=train["opt_state"],
+                                      rng=train["rng"])
 
     def meta(self, step: int) -> dict[str, Any]:
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        return json.loads((self.directory / str(step) / "meta" / "metadata").read_text())
 
     def wait(self) -> None:
+        """Block until every pending async save is committed (or raise its error)."""
         self.manager.wait_until_finished()
 
     def close(self) -> None:
@@ -88,22 +143,105 @@ class Checkpointer:
         self.manager.close()
 
 
-def restore_params(directory: str | Path, abstract_params, step: int | None = None) -> Any:
-    """The model params of a checkpoint directory (latest step), restored sharded onto `abstract_params`.
+def _missing_files(step_dir: Path) -> list[str]:
+    """What a complete step folder lacks. Orbax writes these last-ish per item; a step missing any was cut or
+    damaged after the fact (a finished save always has them all)."""
+    required = ["_CHECKPOINT_METADATA", "params/_METADATA", "params/manifest.ocdbt", "train/_METADATA",
+                "train/manifest.ocdbt", "meta/metadata"]
+    return [name for name in required if not (step_dir / name).exists()]
 
-    Used for the teacher (read-only) and for `checkpoint.init_path`. Each process reads only its shards.
+
+def _warn_partial_saves(directory: Path) -> None:
+    if jax.process_index() != 0 or not directory.is_dir():
+        return
+    for leftover in sorted(directory.glob(f"*{TMP_MARKER}*")):
+        print(f"warning: discarding partially written checkpoint {leftover} (a save was interrupted)",
+              file=sys.stderr)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+@functools.cache
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def provenance(mesh) -> dict[str, Any]:
+    """Where and with what a checkpoint was made: enough to reproduce or to explain a difference."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def pkg(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    return {
+        "analogjax": pkg("analogjax"), "git_commit": _git_commit(), "jax": jax.__version__,
+        "orbax": pkg("orbax-checkpoint"), "grain": pkg("grain"), "python": platform.python_version(),
+        "backend": jax.default_backend(), "process_count": jax.process_count(),
+        "device_count": jax.device_count(), "mesh": dict(mesh.shape), "host": platform.node(),
+    }
+
+
+def trim_metrics(workdir: str | Path, step: int) -> list[dict[str, Any]]:
+    """Drop metrics.jsonl records of steps after `step` (a resume from `step` logs them again); returns the records
+    kept. The file is otherwise append-only; rewritten atomically so a crash here loses nothing."""
+    path = Path(workdir) / METRICS_FILE
+    if jax.process_index() != 0 or not path.exists():
+        return []
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a kill mid-write
+            dropped += 1
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+    return [json.loads(line) for line in kept]
+
+
+def restore_params(directory: str | Path, abstract_params, step: int | None = None) -> Any:
+    """The params item of an analogjax checkpoint directory (its latest complete step unless `step`), restored
+    onto `abstract_params` (ShapeDtypeStructs with shardings).
+
+    Used for the teacher and for `checkpoint.init_path`. Read-only: nothing in the directory is created, cleaned or
+    deleted. Each array is read straight into its shards on its devices (no host ever holds it whole), whatever mesh
+    wrote it.
     """
     directory = Path(directory).absolute()
     if not directory.is_dir():
         raise UserError(f"checkpoint directory not found: {directory}")
-    manager = ocp.CheckpointManager(directory, item_names=ITEMS, options=ocp.CheckpointManagerOptions(read_only=True))
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise UserError(f"no complete checkpoint in {directory}")
+    manager = ocp.CheckpointManager(directory, item_names=ITEMS, options=ocp.CheckpointManagerOptions(
+        read_only=True, create=False, cleanup_tmp_directories=False))
     try:
-        restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
-    except (ValueError, KeyError, FileNotFoundError) as exc:
-        raise UserError(f"{directory}: checkpoint {step} does not fit this model: {str(exc).splitlines()[0]}") from None
+        if step is None:
+            complete = [s for s in manager.all_steps() if not _missing_files(directory / str(s))]
+            step = max(complete, default=None)
+        if step is None:
+            raise UserError(f"no complete checkpoint in {directory}")
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract_params)))
+        except (ValueError, KeyError, FileNotFoundError) as exc:
+            raise UserError(f"{directory}: checkpoint {step} does not fit this model: "
+                            f"{str(exc).splitlines()[0]}") from None
     finally:
         manager.close()
-    return jax.tree.map(lambda x: x, restored["params"])
+    return restored["params"]

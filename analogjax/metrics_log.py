@@ -47,4 +47,4 @@ def means(sums: dict[str, Any], count_key: str = "count") -> dict[str, float]:
     return out
 
 
-PER_STEP = ("grad_norm",)  # already a per-step value, not a sum over tokens
+PER_STEP = ("grad_norm", "nonfinite")  # already per-step values, not sums over tokens
