@@ -387,13 +387,15 @@ def write_cache(config: Config, path: str | Path, layout: CacheLayout, batches: 
     )
     rows = store.rows
     row_offset = process_index * rows
-    steps = config.train.steps
+    steps, seq_len = config.train.steps, config.data.seq_len
     bar = tqdm(total=steps, initial=int(finished.sum()), desc="cache-teacher", dynamic_ncols=True,
                disable=not progress or process_index != 0)
-    written, skipped, tokens_written = [], 0, 0
-    start_time, pending = None, None
+    written, skipped = [], 0
+    # Throughput counts the steps after the first written one: the first includes compiling the teacher.
+    timed_start, timed_tokens, pending = None, 0, None
 
     def flush(step, global_outputs, hashes):
+        nonlocal timed_start, timed_tokens
         local = {name: _local_rows(x) for name, x in global_outputs.items()}
         region = np.s_[step, row_offset:row_offset + rows]
         writes = [store.fields[name][region].write(value) for name, value in local.items()]
@@ -404,6 +406,11 @@ def write_cache(config: Config, path: str | Path, layout: CacheLayout, batches: 
         store.done[step, process_index].write(np.uint8(1)).result()
         written.append(step)
         bar.update(1)
+        if timed_start is None:
+            timed_start = time.perf_counter()
+        else:
+            timed_tokens += hashes.size * seq_len * process_count
+            bar.set_postfix(tok_s=f"{timed_tokens / (time.perf_counter() - timed_start):.0f}")
 
     with jax.set_mesh(mesh):
         for step, local_batch in zip(range(steps), batches):
@@ -412,8 +419,6 @@ def write_cache(config: Config, path: str | Path, layout: CacheLayout, batches: 
                 continue
             if stop_after is not None and len(written) + (pending is not None) >= stop_after:
                 break
-            if start_time is None:
-                start_time = time.perf_counter()
             hashes = row_hashes(local_batch)
             inputs = {k: local_batch[k] for k in ("tokens", "segment_ids", "positions")}
             # Dispatch this step's teacher before writing the previous one's rows: the device never waits on disk.
@@ -422,17 +427,13 @@ def write_cache(config: Config, path: str | Path, layout: CacheLayout, batches: 
             if pending is not None:
                 flush(*pending)
             pending = current
-            tokens_written += local_batch["tokens"].size
-            if len(written) >= 1:
-                elapsed = time.perf_counter() - start_time
-                bar.set_postfix(tok_s=f"{tokens_written * process_count / max(elapsed, 1e-9):.0f}")
         if pending is not None:
             flush(*pending)
     bar.close()
-    elapsed = time.perf_counter() - start_time if start_time is not None else 0.0
+    elapsed = time.perf_counter() - timed_start if timed_start is not None else 0.0
     complete = bool(store.finished_steps().all())
     return {"path": str(path), "written_steps": written, "skipped_steps": skipped, "complete": complete,
-            "tokens_per_s": tokens_written * process_count / elapsed if elapsed > 0 else 0.0,
+            "tokens_per_s": timed_tokens / elapsed if timed_tokens else None,
             "bytes_per_token": layout.bytes_per_token()}
 
 
