@@ -18,6 +18,7 @@ COMMANDS = {
     "distill": ("analogjax.commands.distill", "distill a teacher into a student from a config"),
     "prepare": ("analogjax.data.prepare", "tokenize a text corpus into shards"),
     "compile-check": ("analogjax.compile_check", "compile the distill step for a TPU topology: memory, FLOPs, fit"),
+    "cache-teacher": ("analogjax.commands.cache_teacher", "cache a teacher's top-k or sampled logits for distill"),
 }
 
 
