@@ -106,17 +106,21 @@ def test_export_loads_in_transformers_and_round_trips(kind, tmp_path):
     assert hf.model_config_from_hf(out) == cfg
     back = hf.load_params(out, cfg, mesh_lib.make_mesh(-1, 1, 1), mesh_lib.STUDENT_RULES)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), jax.device_get(back), params)
+    if kind == "llama":  # the "bytes" tokenizer as a plain PreTrainedTokenizerFast: byte i is token i
+        tok = transformers.AutoTokenizer.from_pretrained(out)
+        text = "héllo wörld\n  def f(x): return x"
+        assert tok.encode(text, add_special_tokens=False) == list(text.encode("utf-8"))
+        assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (256, 257, 258)
+        assert tok.decode(list(text.encode("utf-8"))) == text
 
 
-def test_byte_tokenizer_round_trips_through_auto_tokenizer(tmp_path):
-    cfg = ModelConfig(vocab_size=259, d_model=16, n_layers=1, n_heads=2, d_ff=32)
-    params = __import__("flax").linen.unbox(Transformer(cfg).init_boxed(jax.random.key(0)))
-    hf.save(jax.device_get(params), cfg, tmp_path / "t", tokenizer="bytes")
-    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "t")
-    text = "héllo wörld\n  def f(x): return x"
-    assert tok.encode(text, add_special_tokens=False) == list(text.encode("utf-8"))
-    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (256, 257, 258)
-    assert tok.decode(list(text.encode("utf-8"))) == text
+def test_teacher_shape_comes_from_config_json(tmp_path):
+    from analogjax.config import load_config
+
+    make_hf_model("qwen3", tmp_path / "q")
+    config = load_config(None, [f"teacher.hf_path={tmp_path / 'q'}", "teacher.model.dtype=bfloat16"])
+    expected = hf.model_config_from_hf(tmp_path / "q")
+    assert config.teacher.model == expected.__class__(**{**expected.__dict__, "dtype": "bfloat16"})
 
 
 def test_bad_inputs_are_user_errors(tmp_path):
