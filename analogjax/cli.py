@@ -19,6 +19,9 @@ COMMANDS = {
     "prepare": ("analogjax.data.prepare", "tokenize a text corpus into shards"),
     "compile-check": ("analogjax.compile_check", "compile the distill step for a TPU topology: memory, FLOPs, fit"),
     "cache-teacher": ("analogjax.commands.cache_teacher", "cache a teacher's top-k or sampled logits for distill"),
+    "eval": ("analogjax.commands.eval", "fidelity of an analog to its teacher: KL, agreement, ECE, CKA, plots"),
+    "export": ("analogjax.commands.export", "write a run's student as a Hugging Face folder"),
+    "release": ("analogjax.commands.release", "HF folder + fidelity report + model card for a finished run"),
 }
 
 
