@@ -334,6 +334,8 @@ def plot(report: dict[str, Any], out: Path, metrics_jsonl: str | Path | None = N
         for c in report.get("cka", []):
             ax.add_patch(matplotlib.patches.Rectangle((c["teacher_layer"] - 0.5, c["student_layer"] - 0.5), 1, 1,
                                                       fill=False, edgecolor="red", linewidth=1.5))
+        ax.set_xticks(range(values.shape[1]))
+        ax.set_yticks(range(values.shape[0]))
         ax.set(xlabel="teacher layer", ylabel="analog layer", title="linear CKA (red: matched)")
         fig.colorbar(image, ax=ax)
         save(fig, "cka")
