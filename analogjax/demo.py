@@ -132,6 +132,15 @@ def run(args) -> int:
     if jax.process_index() == 0:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(format_table(summary))
+
+    # The deliverable: a Hugging Face folder with a model card and the measured fidelity report.
+    from analogjax.release import write_release
+
+    _say("writing the release bundle")
+    bundle = write_release(workdir / "analog", workdir / "release", force=True, teacher=teacher,
+                           teacher_params=teacher_params)
+    if jax.process_index() == 0:
+        print(f"release bundle: {bundle}")
     return 0
 
 

@@ -28,6 +28,12 @@ def test_toy_demo_writes_summary_and_table(tmp_path):
     assert "analog" in proc.stdout and "kl_teacher" in proc.stdout
     for phase in ("teacher", "analog", "baseline"):
         assert (tmp_path / phase / "metrics.jsonl").exists()
+    # The demo ends with the release bundle: a HF folder, its model card and the fidelity report.
+    bundle = tmp_path / "release"
+    for name in ("README.md", "config.json", "model.safetensors", "tokenizer.json", "fidelity.json", "fidelity.md"):
+        assert (bundle / name).exists(), name
+    fidelity = json.loads((bundle / "fidelity.json").read_text())
+    assert abs(fidelity["overall"]["forward_kl"] - summary["analog"]["kl_teacher"]) < 1e-3
 
 
 def test_demo_yaml_is_the_embedded_default():
