@@ -27,6 +27,7 @@ import datetime
 import functools
 import json
 import platform
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -57,7 +58,7 @@ class Checkpointer:
         self.directory = Path(directory).absolute()
         self.every = every
         self.best_metric = best_metric
-        _warn_partial_saves(self.directory)
+        _discard_partial_saves(self.directory)
         preserve = policies.LatestN(n=keep)
         if keep_best:
             best = policies.BestN(get_metric_fn=lambda metrics: metrics[best_metric], reverse=best_mode == "max",
@@ -151,12 +152,15 @@ def _missing_files(step_dir: Path) -> list[str]:
     return [name for name in required if not (step_dir / name).exists()]
 
 
-def _warn_partial_saves(directory: Path) -> None:
+def _discard_partial_saves(directory: Path) -> None:
+    """Delete the temporary folders of saves that never committed (Orbax's own cleanup does not catch them all).
+    Safe: a workdir has one run, and it has not started saving yet."""
     if jax.process_index() != 0 or not directory.is_dir():
         return
     for leftover in sorted(directory.glob(f"*{TMP_MARKER}*")):
         print(f"warning: discarding partially written checkpoint {leftover} (a save was interrupted)",
               file=sys.stderr)
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _now() -> str:

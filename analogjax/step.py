@@ -141,7 +141,10 @@ def make_distill_step(
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(grad_norm)
+        # Every metric, not just the loss: the divergences give NaN teacher probabilities zero mass (finite loss),
+        # so a teacher gone NaN shows only in its own metrics (teacher_ce).
+        metrics_finite = [jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(sums)]
+        finite = jnp.isfinite(grad_norm) & jnp.all(jnp.stack(metrics_finite))
         if skip_nonfinite:
             keep_if_bad = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
             params = jax.tree.map(keep_if_bad, params, state.params)

@@ -1,0 +1,121 @@
+"""Time checkpointing at the bench/step.py dims: save wall time, the stall a save causes, restore time.
+
+Student d256/4L/4H/ffn768, teacher d512/8L/8H/ffn1536, vocab 8192, batch 8, seq 256, float32 (bench/step.py's
+BENCH_OVERRIDES). Each figure is one JSON line:
+  save_blocking_s  what `Checkpointer.save` takes on the training thread (the device-to-host copy; async mode)
+  save_total_s     from the save call until the checkpoint is committed on disk
+  step_s           median step time without a save
+  stall_s          extra wall time of a save window (save + next step) over a plain step, median over trials;
+                   stall_fraction = stall_s / step_s (goal: <= 0.10)
+  restore_s        restoring the latest checkpoint onto the abstract sharded state, arrays ready on device
+
+    python bench/checkpoint.py [--trials 5] [--dir /tmp/ckpt-bench] [--set key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from step import BENCH_OVERRIDES, synthetic_batch  # noqa: E402  (bench/step.py: same model, same batch)
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def measure(trials: int, directory: Path, overrides: list[str]) -> list[dict]:
+    import jax
+
+    from analogjax import checkpoint as ckpt_lib
+    from analogjax.config import load_config
+    from analogjax.train import build
+
+    config = load_config(None, BENCH_OVERRIDES + overrides)
+    run = build(config)
+    batch = jax.device_put(synthetic_batch(config.data.global_batch, config.data.seq_len, config.model.vocab_size),
+                           run.batch_sharding)
+    meta = {"config": {}, "identity": {}}
+    common = {"bench": "checkpoint", "backend": jax.default_backend(), "devices": len(jax.devices())}
+
+    def step(state):
+        t0 = time.perf_counter()
+        state, metrics = run.step_fn(state, run.teacher_params, batch)
+        jax.block_until_ready((state, metrics))
+        return state, time.perf_counter() - t0
+
+    state = run.state
+    checkpointer = ckpt_lib.Checkpointer(directory, keep=2, async_save=True)
+    with jax.set_mesh(run.mesh):
+        for _ in range(3):  # compile + warm-up
+            state, _ = step(state)
+        # A first save outside the figures: Orbax sets up its thread pools and directory on the first one.
+        checkpointer.save(0, state, None, meta)
+        checkpointer.wait()
+        plain = []
+        for _ in range(max(10, 2 * trials)):
+            state, dt = step(state)
+            plain.append(dt)
+        step_s = statistics.median(plain)
+        blocking, total, stalls = [], [], []
+        for trial in range(1, trials + 1):
+            state, _ = step(state)
+            t0 = time.perf_counter()
+            checkpointer.save(trial, state, None, meta)
+            t_saved = time.perf_counter()
+            # The loop's next step donates `state` right away, while the files are still being written.
+            state, dt_next = step(state)
+            blocking.append(t_saved - t0)
+            stalls.append(t_saved - t0 + dt_next - step_s)
+            checkpointer.wait()
+            total.append(time.perf_counter() - t0)
+        checkpointer.close()
+
+    size = _dir_bytes(directory / str(trials))
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), run.state,
+                            run.state_shardings)
+    restores = []
+    for _ in range(3):
+        reader = ckpt_lib.Checkpointer(directory, keep=2)
+        t0 = time.perf_counter()
+        restored = reader.restore(trials, abstract, None)
+        jax.block_until_ready(restored)
+        restores.append(time.perf_counter() - t0)
+        reader.close()
+    stall_s = statistics.median(stalls)
+    return [
+        dict(common, figure="step_s", value=round(step_s, 4)),
+        dict(common, figure="save_blocking_s", value=round(statistics.median(blocking), 4), bytes=size),
+        dict(common, figure="save_total_s", value=round(statistics.median(total), 4), bytes=size),
+        dict(common, figure="stall_s", value=round(stall_s, 4), stall_fraction=round(stall_s / step_s, 3),
+             trials=trials),
+        dict(common, figure="restore_s", value=round(statistics.median(restores), 4), bytes=size),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--dir", default=None, help="checkpoint directory (default: a fresh temporary one)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args()
+    directory = Path(args.dir or tempfile.mkdtemp(prefix="ckpt-bench-"))
+    shutil.rmtree(directory, ignore_errors=True)
+    try:
+        for line in measure(args.trials, directory, args.overrides):
+            print(json.dumps(line), flush=True)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
