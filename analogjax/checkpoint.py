@@ -114,7 +114,8 @@ class Checkpointer:
             train=ocp.args.StandardRestore(train_target),
         )
         if data_iterator is not None:
-            data_file = self.directory / str(step) / "data" / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+            data_file = (self.directory / str(step) / "data"
+                         / f"process_{jax.process_index()}-of-{jax.process_count()}.json")
             if data_file.exists():
                 items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
             else:  # saved by another number of processes: their data positions do not map onto ours
