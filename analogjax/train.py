@@ -355,7 +355,8 @@ def run_training(config: Config, workdir: str | Path, *, teacher: Teacher | None
             if last_saved != final_step:
                 checkpointer.save(final_step, state, data_iter, meta,
                                   metrics=dict(last) if last.get("step") == final_step else {})
-            heldout = evaluate(run, state.params["model"], cfg.train.eval_batches) if has_heldout and not preempted else {}
+            heldout = (evaluate(run, state.params["model"], cfg.train.eval_batches)
+                       if has_heldout and not preempted else {})
     finally:
         # Always let async saves finish (or fail loudly) before the interpreter shuts down.
         checkpointer.close()
