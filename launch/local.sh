@@ -1,7 +1,7 @@
 #!/bin/bash
 # Rehearse a pod run on this machine: N processes x M fake CPU devices (see launch/local.py for the details).
 #
-#   launch/local.sh 2 4 analogjax distill --config configs/demo.yaml --workdir runs/rehearsal
+#   launch/local.sh 2 4 analogjax distill --config configs/pod_rehearsal_cpu.yaml --workdir runs/rehearsal
 set -euo pipefail
 
 if [[ $# -lt 3 ]]; then
