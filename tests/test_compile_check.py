@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -89,3 +90,16 @@ def test_topology_is_required(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("error: no topology")
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parent.parent / "configs").glob("pod_*.yaml")),
+                         ids=lambda p: p.name)
+def test_pod_configs_name_a_slice_their_mesh_fills(path):
+    """Every pod config loads, names its target slice, and its mesh uses exactly that slice's chips. (The full
+    compile of the large ones takes minutes; their compile-check records are in launch/README.md.)"""
+    from analogjax.mesh import mesh_shape
+
+    config = load_config(path)
+    topology = parse_topology(config.topology)
+    data, fsdp, tensor = mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, topology.chips)
+    assert config.data.global_batch % (data * fsdp) == 0
