@@ -130,7 +130,8 @@ def load_teacher(config: Config, mesh) -> tuple[Teacher | None, Any]:
     if config.teacher.checkpoint:
         abstract = mesh_lib.abstract_sharded(model.init_boxed, mesh, mesh_lib.TEACHER_RULES)
         return teacher, ckpt_lib.restore_params(config.teacher.checkpoint, abstract)
-    print("warning: no teacher.checkpoint or teacher.hf_path: the teacher is randomly initialised", file=sys.stderr)
+    if jax.process_index() == 0:  # one warning per job, not one per host
+        print("warning: no teacher.checkpoint or teacher.hf_path: the teacher is randomly initialised", file=sys.stderr)
     params, _ = mesh_lib.init_sharded(model.init_boxed, jax.random.key(config.train.seed + 1), mesh,
                                       mesh_lib.TEACHER_RULES)
     return teacher, params
