@@ -13,6 +13,7 @@ The last line printed is one JSON object (the record benchmarks and tests read).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -93,10 +94,8 @@ def parse_topology(name: str) -> Topology:
 
 def topology_devices(topology: Topology) -> list:
     """Compile-only devices of the slice, from libtpu (nothing is opened on any chip)."""
-    try:
-        import libtpu  # noqa: F401  (only to give a clear error when the extra is missing)
-    except ImportError:
-        raise UserError("compile-check needs libtpu: pip install 'analogjax[tpu]'") from None
+    if importlib.util.find_spec("libtpu") is None:
+        raise UserError("compile-check needs libtpu: pip install 'analogjax[tpu]'")
     # Compile-only use never touches a chip, so libtpu's one-process-per-host lock is irrelevant here; without this
     # a second compile-check (or a stray JAX process that loaded libtpu) would refuse to start.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Rehearse a pod run on one machine: N processes x M fake CPU devices, joined into one JAX job.
 
-    python launch/local.py --processes 2 --devices 4 -- analogjax distill --config configs/pod_rehearsal_cpu.yaml --workdir runs/x
+    python launch/local.py --processes 2 --devices 4 -- \
+        analogjax distill --config configs/pod_rehearsal_cpu.yaml --workdir runs/x
 
 Every process gets the same command and its place through the environment (ANALOGJAX_COORDINATOR,
 ANALOGJAX_NUM_PROCESSES, ANALOGJAX_PROCESS_ID), exactly as a pod's hosts do; CPU collectives run over gloo.

@@ -121,7 +121,7 @@ def _records(workdir: Path) -> list[dict]:
 def _wait_for(condition, procs, logs: Path, what: str, timeout: float = 240.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
-        if any(p.poll() not in (None,) for p in procs):
+        if any(p.poll() is not None for p in procs):
             raise AssertionError(f"a process exited while waiting for {what}:\n{_tails(logs)}")
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}:\n{_tails(logs)}")
@@ -129,7 +129,8 @@ def _wait_for(condition, procs, logs: Path, what: str, timeout: float = 240.0) -
 
 
 def _tails(logs: Path) -> str:
-    return "\n".join(f"--- {p.name}\n" + "\n".join(p.read_text().splitlines()[-15:]) for p in sorted(logs.glob("*.log")))
+    return "\n".join(f"--- {p.name}\n" + "\n".join(p.read_text().splitlines()[-15:])
+                     for p in sorted(logs.glob("*.log")))
 
 
 def _kill_all(procs) -> None:
