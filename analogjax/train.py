@@ -45,11 +45,13 @@ class Run:
     student: Transformer
     teacher: Teacher | None
     teacher_params: Any
-    state: TrainState
+    state: TrainState | None  # None when built with init=False: restore_or_init makes or restores it
     state_shardings: Any
     step_fn: Any  # jitted distill step
     eval_fn: Any  # jitted eval step
     batch_sharding: Any
+    abstract_state: TrainState  # ShapeDtypeStructs with shardings: the init and the restore target
+    tx: Any  # the optimizer
 
 
 def build_mesh(config: Config):
@@ -137,9 +139,11 @@ def load_teacher(config: Config, mesh) -> tuple[Teacher | None, Any]:
     return teacher, params
 
 
-def build(config: Config, teacher: Teacher | None = None, teacher_params: Any = None, mesh=None) -> Run:
+def build(config: Config, teacher: Teacher | None = None, teacher_params: Any = None, mesh=None,
+          init: bool = True) -> Run:
     """Build a run. Pass `teacher` + `teacher_params` to bring your own teacher (else the config's is loaded),
-    and `mesh` to use your own (else one is made from the config over all devices)."""
+    and `mesh` to use your own (else one is made from the config over all devices). With init=False no state is
+    materialised (a resume then never holds a fresh state beside the restored one)."""
     check_distill(config.distill)
     if mesh is None:
         mesh = build_mesh(config)
@@ -174,9 +178,12 @@ def build(config: Config, teacher: Teacher | None = None, teacher_params: Any = 
     eval_step = make_eval_step(student, mesh_lib.STUDENT_RULES, eval_teacher, config.distill.chunk_size)
     eval_fn = jax.jit(eval_step, in_shardings=(shardings.params["model"], teacher_sh, batch_sh),
                       out_shardings=mesh_lib.replicated(mesh))
-    with jax.set_mesh(mesh):
-        state = init_state(config, mesh, student, tx, shardings)
-    return Run(config, mesh, student, teacher, teacher_params, state, shardings, step_fn, eval_fn, batch_sh)
+    state = None
+    if init:
+        with jax.set_mesh(mesh):
+            state = init_state(config, mesh, student, tx, shardings)
+    return Run(config, mesh, student, teacher, teacher_params, state, shardings, step_fn, eval_fn, batch_sh,
+               abstract, tx)
 
 
 def check_vocab(student_vocab: int, teacher_vocab: int) -> None:
@@ -249,7 +256,7 @@ def run_training(config: Config, workdir: str | Path, *, teacher: Teacher | None
     """
     workdir = Path(workdir).absolute()
     _guard_workdir(workdir, config)
-    run = build(config, teacher, teacher_params)
+    run = build(config, teacher, teacher_params, init=False)
     cfg = config
     data_iter = make_batch_iterator(cfg.data, split="train", seed=cfg.train.seed, vocab_size=cfg.model.vocab_size,
                                     process_index=jax.process_index(), process_count=jax.process_count())
@@ -378,23 +385,23 @@ def restore_or_init(run: Run, checkpointer: ckpt_lib.Checkpointer, data_iter) ->
        (refused if it was written under another model or data config, unless checkpoint.allow_config_change;
        after an allowed data change the data starts from its beginning);
     2. else checkpoint.init_path: its params only (optimizer, step and data start fresh);
-    3. else the fresh init already built.
+    3. else a fresh init (born sharded).
     Restores target the run's abstract sharded state, so arrays land on their devices on this run's mesh."""
     latest = checkpointer.latest_step()
     if latest is not None:
         saved = checkpointer.meta(latest).get("identity", {})
         changed = check_identity(saved, run_identity(run.config), run.config.checkpoint.allow_config_change,
                                  str(checkpointer.directory / str(latest)))
-        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                run.state, run.state_shardings)
-        return checkpointer.restore(latest, abstract, None if "data" in changed else data_iter)
+        return checkpointer.restore(latest, run.abstract_state, None if "data" in changed else data_iter)
+    state = run.state
+    if state is None:
+        with jax.set_mesh(run.mesh):
+            state = init_state(run.config, run.mesh, run.student, run.tx, run.state_shardings)
     init_path = run.config.checkpoint.init_path
     if init_path:
-        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
-                                run.state.params["model"])
-        params = dict(run.state.params, model=ckpt_lib.restore_params(init_path, abstract))
-        return run.state.replace(params=params)
-    return run.state
+        params = dict(state.params, model=ckpt_lib.restore_params(init_path, run.abstract_state.params["model"]))
+        return state.replace(params=params)
+    return state
 
 
 def host_params(params) -> Any:

@@ -30,9 +30,10 @@ def test_toy_demo_writes_summary_and_table(tmp_path):
         assert (tmp_path / phase / "metrics.jsonl").exists()
     # The demo ends with the release bundle: a HF folder, its model card and the fidelity report.
     bundle = tmp_path / "release"
-    for name in ("README.md", "config.json", "model.safetensors", "tokenizer.json", "fidelity.json", "fidelity.md"):
+    for name in ("README.md", "config.json", "model.safetensors", "tokenizer.json", "fidelity/fidelity.json",
+                 "fidelity/fidelity.md", "fidelity/cka.png"):
         assert (bundle / name).exists(), name
-    fidelity = json.loads((bundle / "fidelity.json").read_text())
+    fidelity = json.loads((bundle / "fidelity" / "fidelity.json").read_text())
     assert abs(fidelity["overall"]["forward_kl"] - summary["analog"]["kl_teacher"]) < 1e-3
 
 
