@@ -18,6 +18,7 @@ from analogjax.errors import UserError
 from analogjax.fused_loss import TeacherHead, fused_distill_loss, plain_distill_loss
 from analogjax.hidden_matching import hidden_loss
 from analogjax.losses import DIVERGENCES
+from analogjax.sparse_teacher import SampledTeacher, TopKTeacher
 
 HIDDEN_KINDS = {"hidden_mse": "mse", "hidden_cosine": "cosine"}
 SCHEDULES = ("constant", "linear", "cosine")
@@ -79,6 +80,16 @@ def _params(term: LossTerm) -> tuple:
     return ()
 
 
+def _kd_kind(cfg: DistillConfig, kind: str, teacher) -> str:
+    """A sparse (cached) teacher stands in for forward KL (teacher_cache.check_run refuses other divergences): it
+    becomes the configured top-k treatment, or the unbiased sampled estimate (same gradient as forward KL)."""
+    if isinstance(teacher, TopKTeacher):
+        return f"topk_{cfg.topk_treatment}"
+    if isinstance(teacher, SampledTeacher):
+        return "sampled_kd"
+    return kind
+
+
 class Outputs(NamedTuple):
     """What the student (or teacher) forward hands the objective."""
 
@@ -108,6 +119,8 @@ def objective(
 
     if teacher is None:  # pretraining or a CE-only baseline: the same loss, teacher-free
         teacher_arg = None
+    elif isinstance(teacher, (TopKTeacher, SampledTeacher)):  # a cached teacher (teacher_cache.py)
+        teacher_arg = teacher
     elif teacher.head_dv is not None:
         teacher_arg = TeacherHead(jax.lax.stop_gradient(teacher.hidden_nd), jax.lax.stop_gradient(teacher.head_dv))
     else:
@@ -119,7 +132,7 @@ def objective(
         teacher_arg,
         batch["targets"].reshape(-1),
         batch["loss_mask"].reshape(-1).astype(jnp.float32),
-        kd_terms=tuple((cfg.terms[i].kind, _params(cfg.terms[i])) for i in kd),
+        kd_terms=tuple((_kd_kind(cfg, cfg.terms[i].kind, teacher_arg), _params(cfg.terms[i])) for i in kd),
         kd_weights=jnp.stack(kd_weights) if kd else jnp.zeros((0,), jnp.float32),
         ce_weight=ce_weight,
         temperature=temperature,
