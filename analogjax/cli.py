@@ -6,7 +6,10 @@ Every mistake a user can make ends in one `error: ...` line on stderr and exit s
 from __future__ import annotations
 
 import argparse
+import glob
 import importlib
+import importlib.util
+import os
 import sys
 
 from analogjax.errors import UserError
@@ -43,8 +46,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def skip_absent_tpu(environ=os.environ) -> None:
+    """libtpu (the `tpu` extra, which compile-check needs) makes every JAX start-up probe for TPU chips and print
+    errors on machines that have none. Where none is attached and the user named no platform, skip the probe;
+    compile-check still finds libtpu for its compile-only TPU devices."""
+    if "JAX_PLATFORMS" in environ or importlib.util.find_spec("libtpu") is None:
+        return
+    from analogjax.distributed import detected_platform
+
+    tpu_hints = ("TPU_ACCELERATOR_TYPE", "TPU_NAME", "COLAB_TPU_ADDR", "TPU_WORKER_HOSTNAMES")
+    if (detected_platform(environ) == "tpu" or any(k in environ for k in tpu_hints)
+            or glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")):
+        return
+    cuda = any(importlib.util.find_spec(name) for name in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
+    environ["JAX_PLATFORMS"] = "cuda,cpu" if cuda else "cpu"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    skip_absent_tpu()
     try:
         parser = build_parser()
         args = parser.parse_args(argv)

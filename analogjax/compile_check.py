@@ -203,7 +203,7 @@ def compile_plan(config, topology: Topology) -> Plan:
     from analogjax.models.transformer import Transformer
     from analogjax.objective import check_distill, needs_teacher
     from analogjax.step import make_distill_step, make_optimizer, model_teacher
-    from analogjax.train import abstract_state, check_vocab
+    from analogjax.train import abstract_state, check_vocab, jit_distill_step
 
     check_distill(config.distill)
     devices = topology_devices(topology)
@@ -226,9 +226,7 @@ def compile_plan(config, topology: Topology) -> Plan:
     batch["loss_mask"] = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=batch_sharding)
     step = make_distill_step(student, mesh_lib.STUDENT_RULES, teacher, tx, config.distill, config.train.steps,
                              config.optim.grad_accum)
-    # The same jit as train.build: explicit shardings, the state donated.
-    step_fn = jax.jit(step, in_shardings=(shardings, teacher_shardings, batch_sharding),
-                      out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=(0,))
+    step_fn = jit_distill_step(step, shardings, teacher_shardings, batch_sharding, mesh)  # as train.build
     with jax.set_mesh(mesh):
         compiled = step_fn.lower(state, teacher_params, batch).compile()
     memory = compiled.memory_analysis()

@@ -11,7 +11,6 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
-import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from analogjax.errors import UserError
@@ -83,10 +82,10 @@ def mesh_shape(data: int, fsdp: int, tensor: int, device_count: int) -> tuple[in
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: list | None = None) -> Mesh:
     devices = list(jax.devices()) if devices is None else list(devices)
     shape = mesh_shape(data, fsdp, tensor, len(devices))
-    # Auto axes: GSPMD propagates shardings from the parameters and the few constraints we place.
-    if devices == list(jax.devices()):
-        return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 3)
-    return Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=(AxisType.Auto,) * 3)
+    # jax.make_mesh orders devices by their physical topology (so a TPU slice's fsdp and tensor groups are
+    # neighbours on the interconnect). Auto axes: GSPMD propagates shardings from the parameters and the few
+    # constraints we place.
+    return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
 def check_batch(global_batch: int, mesh: Mesh, grad_accum: int = 1) -> None:

@@ -170,9 +170,7 @@ def build(config: Config, teacher: Teacher | None = None, teacher_params: Any = 
     teacher_sh = jax.tree.map(lambda a: a.sharding, teacher_params)
     step = make_distill_step(student, mesh_lib.STUDENT_RULES, teacher, tx, config.distill, config.train.steps,
                              config.optim.grad_accum, skip_nonfinite=config.train.nonfinite == "skip")
-    # Jitted once with explicit shardings; the state is donated: its buffers are reused for the next state.
-    step_fn = jax.jit(step, in_shardings=(shardings, teacher_sh, batch_sh),
-                      out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=(0,))
+    step_fn = jit_distill_step(step, shardings, teacher_sh, batch_sh, mesh)
     # Held-out batches are not cached: a cached teacher's run measures the student's held-out CE only.
     eval_teacher = None if teacher is not None and teacher.from_batch is not None else teacher
     eval_step = make_eval_step(student, mesh_lib.STUDENT_RULES, eval_teacher, config.distill.chunk_size)
@@ -186,6 +184,13 @@ def build(config: Config, teacher: Teacher | None = None, teacher_params: Any = 
                abstract, tx)
 
 
+def jit_distill_step(step, state_shardings, teacher_shardings, batch_sharding, mesh):
+    """The step jitted once with explicit shardings (what training runs and what compile-check compiles). The state
+    is donated: its buffers are reused for the next state, so a step never holds two copies of the student."""
+    return jax.jit(step, in_shardings=(state_shardings, teacher_shardings, batch_sharding),
+                   out_shardings=(state_shardings, mesh_lib.replicated(mesh)), donate_argnums=(0,))
+
+
 def check_vocab(student_vocab: int, teacher_vocab: int) -> None:
     """Same tokenizer, padded differently (e.g. 152064 vs 151936) is fine: the shared real range is used.
     Anything else means different tokenizers, which token-level distillation cannot bridge."""
@@ -195,20 +200,26 @@ def check_vocab(student_vocab: int, teacher_vocab: int) -> None:
                         "by more than padding: teacher and student must share a tokenizer")
 
 
-def _guard_workdir(workdir: Path, config: Config) -> None:
+def _guard_workdir(workdir: Path, config: Config) -> bool:
     """A workdir belongs to one run: refuse to resume (or overwrite) one made under another model or data config,
-    unless `checkpoint.allow_config_change` says so (then run.json takes the new config)."""
-    identity = run_identity(config)
+    unless `checkpoint.allow_config_change` says so. Returns whether run.json must be (re)written, which
+    `_claim_workdir` does only once the run has been built, so a refused config never leaves a workdir behind."""
     run_file = workdir / RUN_FILE
-    if run_file.exists():
-        saved = json.loads(run_file.read_text()).get("identity", {})
-        changed = [part for part in ("model", "data") if saved.get(part) != identity[part]]
-        if not changed:
-            return
-        check_identity(saved, identity, config.checkpoint.allow_config_change, str(workdir))
+    if not run_file.exists():
+        return True
+    identity = run_identity(config)
+    saved = json.loads(run_file.read_text()).get("identity", {})
+    if not [part for part in ("model", "data") if saved.get(part) != identity[part]]:
+        return False
+    check_identity(saved, identity, config.checkpoint.allow_config_change, str(workdir))
+    return True
+
+
+def _claim_workdir(workdir: Path, config: Config) -> None:
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
-        run_file.write_text(json.dumps({"identity": identity, "config": to_dict(config)}, indent=2))
+        (workdir / RUN_FILE).write_text(json.dumps({"identity": run_identity(config), "config": to_dict(config)},
+                                                   indent=2))
 
 
 def check_identity(saved: dict, identity: dict, allowed: bool, where: str) -> list[str]:
@@ -255,7 +266,7 @@ def run_training(config: Config, workdir: str | Path, *, teacher: Teacher | None
     update (`skip`); a non-finite state is never saved.
     """
     workdir = Path(workdir).absolute()
-    _guard_workdir(workdir, config)
+    claim = _guard_workdir(workdir, config)
     run = build(config, teacher, teacher_params, init=False)
     cfg = config
     data_iter = make_batch_iterator(cfg.data, split="train", seed=cfg.train.seed, vocab_size=cfg.model.vocab_size,
@@ -314,6 +325,9 @@ def run_training(config: Config, workdir: str | Path, *, teacher: Teacher | None
         with jax.set_mesh(run.mesh), PreemptionWatcher() as watcher:
             for step in range(start, cfg.train.steps):
                 local_batch = next(data_iter)
+                if claim:  # the config's data has produced a batch: only now does the workdir become this run's
+                    _claim_workdir(workdir, config)
+                    claim = False
                 if cfg.teacher.cache:
                     local_batch = cache_reader.add_to(step, local_batch)
                 batch = to_global_batch(local_batch, run.batch_sharding)

@@ -74,6 +74,7 @@ def test_corpus_too_small_for_one_batch(tmp_path):
     proc = analogjax("distill", "--config", str(ROOT / "configs/tiny.yaml"), "--workdir", str(tmp_path / "w"),
                      "--set", f"data.sources=[{{path: {corpus}}}]", "--set", "data.heldout_fraction=0")
     assert_user_error(proc, str(corpus.name))
+    assert not (tmp_path / "w" / "run.json").exists()  # a refused run does not claim the workdir
 
 
 def test_workdir_of_another_config_is_refused_and_kept(tmp_path):
