@@ -23,6 +23,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from step import synthetic_batch, time_steps  # noqa: E402  (bench/step.py: the same batch, the same timing)
 
 BENCH_OVERRIDES = [
     "model.preset=bench-student",
@@ -43,33 +46,12 @@ LAYOUTS = {
 }
 
 
-def synthetic_batch(batch: int, seq: int, vocab: int, seed: int = 0):
-    """Full rows of one document each (the packed steady state); ids drawn uniformly."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(3, vocab, (batch, seq + 1)).astype(np.int32)
-    return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones((batch, seq), np.float32),
-            "segment_ids": np.ones((batch, seq), np.int32),
-            "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy()}
-
-
 def _time_steps(run, batch, repeats: int) -> tuple[float, dict]:
     import jax
 
-    state = run.state
     with jax.set_mesh(run.mesh):
-        compiled = run.step_fn.lower(state, run.teacher_params, batch).compile()
-        analysis = compiled.memory_analysis()
-        for _ in range(2):  # compile + one warm step
-            state, metrics = run.step_fn(state, run.teacher_params, batch)
-        jax.block_until_ready(metrics)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            state, metrics = run.step_fn(state, run.teacher_params, batch)
-            jax.block_until_ready(metrics)
-            times.append(time.perf_counter() - t0)
+        analysis = run.step_fn.lower(run.state, run.teacher_params, batch).compile().memory_analysis()
+    times, _ = time_steps(run, batch, repeats)
     memory = {}
     if analysis is not None:
         memory = {"argument_bytes": analysis.argument_size_in_bytes, "temp_bytes": analysis.temp_size_in_bytes,
@@ -83,7 +65,6 @@ def _time_steps(run, batch, repeats: int) -> tuple[float, dict]:
 
 def measure(repeats: int, steps: int, overrides: list[str], layouts: list[str]) -> list[dict]:
     import jax
-    import numpy as np
 
     from analogjax import mesh as mesh_lib
     from analogjax.config import load_config

@@ -1,7 +1,8 @@
 """Time the distill step at fixed dims and report MFU against the matmul peak measured in the same process.
 
 Teacher d_model 512, 8 layers, 8 heads, ffn 1536; student 256, 4, 4, 768; vocab 8192; batch 8; seq 256; float32.
-Prints one JSON line: tokens_per_s, step_s (median after warm-up), flops_per_step, mfu, matmul_peak_flops.
+Prints one JSON line: tokens_per_s, step_s (median after warm-up), flops_per_step, mfu (median over steps of
+model FLOPs / step time / a float32 matmul peak measured right after that step), matmul_peak_flops (median).
 
     python bench/step.py [--repeats 10] [--set key=value ...]
 """
@@ -50,24 +51,37 @@ def measure_step(repeats: int = 10, overrides: list[str] | None = None) -> dict:
     run = build(config)
     batch = jax.device_put(synthetic_batch(config.data.global_batch, config.data.seq_len, config.model.vocab_size),
                            run.batch_sharding)
-    state = run.state
+    tokens = config.data.global_batch * config.data.seq_len
+    flops = distill_flops_per_step(config.model, config.teacher.model, tokens, config.data.seq_len)
+    # Each timed step is paired with a matmul-peak measurement taken right after it: on a shared machine the load
+    # drifts, and the ratio of two figures measured moments apart is far steadier than either figure alone.
+    times, peaks = time_steps(run, batch, repeats, after_each=lambda: measured_matmul_peak(repeats=3))
+    mfus = [flops / t / p for t, p in zip(times, peaks)]
+    step_s = statistics.median(times)
+    return {"bench": "step", "tokens_per_s": round(tokens / step_s, 1), "step_s": round(step_s, 4),
+            "flops_per_step": flops, "mfu": round(statistics.median(mfus), 3),
+            "matmul_peak_flops": round(statistics.median(peaks)), "repeats": repeats,
+            "fused_loss": config.distill.fused, "devices": len(jax.devices()), "backend": jax.default_backend()}
+
+
+def time_steps(run, batch, repeats: int, after_each=None) -> tuple[list[float], list]:
+    """Wall time of `repeats` steps after compilation and one warm step; `after_each()` runs after each timed step
+    (outside the timing) and its results are returned alongside."""
+    import jax
+
+    state, times, extras = run.state, [], []
     with jax.set_mesh(run.mesh):
         for _ in range(2):  # compile + one warm step
             state, metrics = run.step_fn(state, run.teacher_params, batch)
         jax.block_until_ready(metrics)
-        times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
             state, metrics = run.step_fn(state, run.teacher_params, batch)
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - t0)
-    step_s = statistics.median(times)
-    tokens = config.data.global_batch * config.data.seq_len
-    flops = distill_flops_per_step(config.model, config.teacher.model, tokens, config.data.seq_len)
-    peak = measured_matmul_peak()
-    return {"bench": "step", "tokens_per_s": round(tokens / step_s, 1), "step_s": round(step_s, 4),
-            "flops_per_step": flops, "mfu": round(flops / step_s / peak, 3), "matmul_peak_flops": round(peak),
-            "fused_loss": config.distill.fused, "devices": len(jax.devices()), "backend": jax.default_backend()}
+            if after_each is not None:
+                extras.append(after_each())
+    return times, extras
 
 
 def main() -> None:
