@@ -10,8 +10,11 @@ Reported per case (one JSON line each):
   run_peak_rss_mb  peak RSS while running (VmHWM reset after compiling), so compile-time memory is excluded
   working_mb       run_peak_rss_mb − inputs_rss_mb: what the loss and its gradient need beyond their inputs
   xla_temp_mb      XLA's own temp-buffer size for the compiled program (deterministic, no allocator noise)
-  time_s_median    median wall time of loss + gradient after one warm-up run
-and one summary line per vocabulary comparing each fused chunk size with plain.
+  time_s_median    median wall time of loss + gradient after one warm-up run (time_s_min: the fastest run)
+  cpu_s_median     median process CPU time of the same runs: on a machine shared with other jobs wall time swings
+                   with their load, while CPU time measures the work itself (XLA's threads are all in-process)
+and one summary line per vocabulary comparing each fused chunk size with plain. Cases run in rounds (a fresh
+subprocess per case per round, cycling through the cases) so a shared machine's drifting load hits all of them alike.
 
   python bench/loss.py            # vocab 32k and 128k, 2048 tokens, d_model 1024 (a few minutes on 2 cores)
   python bench/loss.py --quick    # small smoke run
@@ -77,17 +80,19 @@ def run_case(path: str, vocab: int, tokens: int, d_model: int, chunk_size: int, 
 
     (loss, kl), grads = compiled(*arguments)  # warm-up
     jax.block_until_ready(grads)
-    times = []
+    times, cpu_times = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         (loss, kl), grads = compiled(*arguments)
         jax.block_until_ready(grads)
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     run_peak_kb = _read_status_kb("VmHWM")
     return {
         "bench": "loss", "path": path, "vocab": vocab, "tokens": tokens, "d_model": d_model, "dtype": "float32",
         "chunk_size": chunk_size if path == "fused" else None,
         "time_s_median": round(statistics.median(times), 4), "times_s": [round(t, 4) for t in times],
+        "cpu_times_s": [round(t, 3) for t in cpu_times],
         "inputs_rss_mb": round(inputs_kb / 1024, 1),
         "run_peak_rss_mb": round(run_peak_kb / 1024, 1) if peak_reset else None,
         "working_mb": round((run_peak_kb - inputs_kb) / 1024, 1) if peak_reset else None,
@@ -99,7 +104,8 @@ def run_case(path: str, vocab: int, tokens: int, d_model: int, chunk_size: int, 
 def spawn(case: dict) -> dict:
     """Run one case in a fresh interpreter; attach that child's own peak RSS from os.wait4."""
     command = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(case)]
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    environment = dict(os.environ, JAX_PLATFORMS="cpu")  # the figures are for CPU, whatever else is installed
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=environment)
     output = child.stdout.read()
     _, status, usage = os.wait4(child.pid, 0)
     child.returncode = os.waitstatus_to_exitcode(status)
@@ -122,6 +128,8 @@ def summarise(results: list[dict]) -> list[dict]:
                 "peak_rss_reduction": round(1 - fused["peak_rss_mb"] / plain["peak_rss_mb"], 3),
                 "xla_temp_reduction": round(1 - fused["xla_temp_mb"] / plain["xla_temp_mb"], 3),
                 "time_ratio": round(fused["time_s_median"] / plain["time_s_median"], 3),
+                "time_ratio_min": round(fused["time_s_min"] / plain["time_s_min"], 3),
+                "cpu_time_ratio": round(fused["cpu_s_median"] / plain["cpu_s_median"], 3),
                 "loss_rel_diff": abs(fused["loss"] - plain["loss"]) / abs(plain["loss"]),
             }
             if fused["working_mb"] is not None and plain["working_mb"]:
@@ -136,8 +144,9 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, nargs="*", help="vocabulary sizes (default 32768 131072)")
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--d-model", type=int, default=1024)
-    parser.add_argument("--chunk-sizes", type=int, nargs="*", default=[512, 128], help="fused chunk sizes to try")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--chunk-sizes", type=int, nargs="*", default=[512, 256, 128], help="fused chunk sizes")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per round, after one warm-up")
+    parser.add_argument("--rounds", type=int, default=2, help="passes over the cases (each a fresh subprocess)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -145,18 +154,41 @@ def main() -> None:
         return
     if args.quick:
         vocabs, tokens, d_model, repeats, chunk_sizes = args.vocab or [4096], 256, 128, 1, [64]
+        args.rounds = 1
     else:
         vocabs, tokens, d_model, repeats = args.vocab or [32768, 131072], args.tokens, args.d_model, args.repeats
         chunk_sizes = args.chunk_sizes
     results = []
     for vocab in vocabs:
         cases = [dict(path="plain", chunk_size=0)] + [dict(path="fused", chunk_size=c) for c in chunk_sizes]
-        for case in cases:
-            result = spawn(dict(case, vocab=vocab, tokens=tokens, d_model=d_model, repeats=repeats))
+        # Rounds cycle through the cases so that load from other jobs on a shared machine drifts over all of them
+        # alike; each case's times from every round are pooled.
+        rounds = [[spawn(dict(case, vocab=vocab, tokens=tokens, d_model=d_model, repeats=repeats)) for case in cases]
+                  for _ in range(args.rounds)]
+        for per_round in zip(*rounds):
+            result = merge_rounds(list(per_round))
             results.append(result)
             print(json.dumps(result), flush=True)
     for line in summarise(results):
         print(json.dumps(line), flush=True)
+
+
+def merge_rounds(runs: list[dict]) -> dict:
+    """One case's rounds as one line: pooled times (median and min), the largest memory figures."""
+    failed = [run for run in runs if "error" in run]
+    if failed:
+        return failed[0]
+    merged = dict(runs[0])
+    merged["times_s"] = [t for run in runs for t in run["times_s"]]
+    merged["time_s_median"] = round(statistics.median(merged["times_s"]), 4)
+    merged["time_s_min"] = min(merged["times_s"])
+    merged["cpu_times_s"] = [t for run in runs for t in run["cpu_times_s"]]
+    merged["cpu_s_median"] = round(statistics.median(merged["cpu_times_s"]), 3)
+    for key in ("peak_rss_mb", "inputs_rss_mb", "run_peak_rss_mb", "working_mb", "xla_temp_mb"):
+        values = [run[key] for run in runs if run.get(key) is not None]
+        merged[key] = max(values) if values else None
+    merged["rounds"] = len(runs)
+    return merged
 
 
 if __name__ == "__main__":
