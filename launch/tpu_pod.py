@@ -21,6 +21,7 @@ import argparse
 import shlex
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -66,6 +67,20 @@ def local_command(cmd: list[str], dry_run: bool) -> None:
     print("+ " + shlex.join(cmd), flush=True)
     if not dry_run:
         subprocess.run(cmd, check=True)
+
+
+def pack_code(tarball: str, dry_run: bool) -> None:
+    """Tar what travels to the pod: the files git tracks plus new ones it does not ignore. Never a local .venv,
+    runs/ or caches, which can be gigabytes."""
+    listing = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                             capture_output=True, check=True).stdout.decode()
+    files = [name for name in listing.split("\0") if name and (REPO / name).is_file()]
+    print(f"+ tar -czf {tarball} -C {REPO} <{len(files)} files: git ls-files --cached --others --exclude-standard>",
+          flush=True)
+    if not dry_run:
+        with tarfile.open(tarball, "w:gz") as archive:
+            for name in files:
+                archive.add(REPO / name, arcname=name)
 
 
 class Pod:
@@ -132,8 +147,7 @@ class Pod:
 
     def sync_and_install(self) -> None:
         tarball = self.args.tarball
-        local_command(["tar", "--exclude=.git", "--exclude=./runs", "--exclude=__pycache__", "-czf", tarball,
-                       "-C", str(REPO), "."], self.gcloud.dry_run)
+        pack_code(tarball, self.gcloud.dry_run)
         self.gcloud.run(["compute", "tpus", "tpu-vm", "scp", tarball, f"{self.args.tpu}:analogjax.tar.gz",
                          *self.where, "--worker=all"])
         self.ssh_all("set -e; rm -rf ~/analogjax && mkdir -p ~/analogjax && tar -xzf ~/analogjax.tar.gz -C "

@@ -16,7 +16,7 @@ from analogjax.config import load_config
 from analogjax.errors import UserError
 from analogjax.models.transformer import Transformer
 from analogjax.step import Teacher, TrainState
-from analogjax.train import _guard_workdir, build, build_mesh, load_teacher, run_training
+from analogjax.train import _claim_workdir, _guard_workdir, build, build_mesh, load_teacher, run_training
 from synthetic import packed_batch
 
 TINY = ["model.preset=tiny", "teacher.model.preset=tiny-teacher", "data.global_batch=8", "data.seq_len=32",
@@ -25,8 +25,7 @@ CE_ONLY = ["distill.terms=[{kind: ce}]"]
 
 
 def _abstract(run):
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), run.state,
-                        run.state_shardings)
+    return run.abstract_state
 
 
 def _assert_bitwise(a, b):
@@ -182,14 +181,18 @@ def test_nonfinite_halts_or_skips_and_never_reaches_disk(tmp_path):
 
 
 def test_workdir_of_another_model_or_data_is_refused_unless_allowed(tmp_path):
-    _guard_workdir(tmp_path, load_config(None, TINY))
-    _guard_workdir(tmp_path, load_config(None, TINY + ["train.steps=20"]))  # same model and data: a resume
+    def guard_and_claim(config):  # what run_training does (it claims the workdir once data has flowed)
+        if _guard_workdir(tmp_path, config):
+            _claim_workdir(tmp_path, config)
+
+    guard_and_claim(load_config(None, TINY))
+    guard_and_claim(load_config(None, TINY + ["train.steps=20"]))  # same model and data: a resume
     with pytest.raises(UserError, match="different model config.*allow_config_change"):
-        _guard_workdir(tmp_path, load_config(None, TINY + ["model.d_ff=128"]))
+        guard_and_claim(load_config(None, TINY + ["model.d_ff=128"]))
     with pytest.raises(UserError, match="different data config"):
-        _guard_workdir(tmp_path, load_config(None, TINY + ["data.seq_len=64"]))
-    _guard_workdir(tmp_path, load_config(None, TINY + ["data.seq_len=64", "checkpoint.allow_config_change=true"]))
-    _guard_workdir(tmp_path, load_config(None, TINY + ["data.seq_len=64"]))  # run.json now holds the new config
+        guard_and_claim(load_config(None, TINY + ["data.seq_len=64"]))
+    guard_and_claim(load_config(None, TINY + ["data.seq_len=64", "checkpoint.allow_config_change=true"]))
+    guard_and_claim(load_config(None, TINY + ["data.seq_len=64"]))  # run.json now holds the new config
 
 
 def test_resume_trims_metrics_after_the_restored_step(tmp_path):
