@@ -90,8 +90,8 @@ def _prepare(student_head, teacher, targets, weights, kd_terms, kd_weights, ce_w
         student_width = student_head.shape[-1]
         if vocab_size is None and teacher_width != student_width:
             raise UserError(
-                f"teacher vocabulary {teacher_width} != student vocabulary {student_width}; set vocab_size to the shared "
-                "real vocabulary when they differ only by padding"
+                f"teacher vocabulary {teacher_width} != student vocabulary {student_width}; set vocab_size to the "
+                "shared real vocabulary when they differ only by padding"
             )
         if vocab_size is not None and vocab_size > min(teacher_width, student_width):
             raise UserError(f"vocab_size {vocab_size} exceeds a model's vocabulary ({teacher_width}, {student_width})")
@@ -147,7 +147,8 @@ def _objective(spec: _Spec, student_logits, targets, weights, teacher_rows, teac
         if teacher_head is None:
             teacher_logits = teacher_rows.astype(losses.compute_dtype(teacher_rows))
         else:
-            teacher_logits = jnp.dot(teacher_rows, jax.lax.stop_gradient(teacher_head), preferred_element_type=jnp.float32)
+            teacher_head = jax.lax.stop_gradient(teacher_head)
+            teacher_logits = jnp.dot(teacher_rows, teacher_head, preferred_element_type=jnp.float32)
         teacher_logits = _mask_columns(_to_width(teacher_logits, student_logits.shape[-1]), spec.vocab_size)
         log_q = losses.log_softmax(student_logits, temperature)
         log_p = losses.log_softmax(teacher_logits, temperature)

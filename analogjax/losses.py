@@ -8,9 +8,9 @@ Conventions shared by every function here:
 - log-softmax subtracts the row maximum, so |logits| ~ 1e4 is fine.
 - -inf logits mean "masked vocabulary entry": the probability is exactly 0 and 0·log 0 counts as 0, so masking the same
   entries in both models changes nothing and gives finite values and finite gradients. If the student puts -inf where
-  the teacher has mass, forward KL and soft CE are +inf (log 0 under mass); likewise reverse KL is +inf where the teacher
-  is -inf and the student has mass. That is the mathematically right value, never NaN; the gradient of an infinite
-  value is not meaningful. JSD, skew KL (alpha in (0, 1]) and TVD stay finite in every case.
+  the teacher has mass, forward KL and soft CE are +inf (log 0 under mass); likewise reverse KL is +inf where the
+  teacher is -inf and the student has mass. That is the mathematically right value, never NaN; the gradient of an
+  infinite value is not meaningful. JSD, skew KL (alpha in (0, 1]) and TVD stay finite in every case.
 
 Each divergence is written on log-probabilities (`*_from_log_probs`) so that a caller computing several terms on the
 same logits (the fused loss) normalises once; the public functions wrap them.
@@ -39,7 +39,7 @@ def log_softmax(logits: jax.Array, temperature=1.0) -> jax.Array:
 
 
 def safe_logaddexp(x: jax.Array, y: jax.Array) -> jax.Array:
-    """log(e^x + e^y) that returns -inf with zero gradient when both are -inf (jnp.logaddexp's gradient is NaN there)."""
+    """log(e^x + e^y), -inf with zero gradient when both are -inf (where jnp.logaddexp's gradient is NaN)."""
     peak = jax.lax.stop_gradient(jnp.maximum(x, y))
     peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
     total = jnp.exp(x - peak) + jnp.exp(y - peak)

@@ -50,7 +50,8 @@ def test_hidden_loss_matches_numpy(kind):
         if kind == "mse":
             per_token += ((projected - target) ** 2).mean(-1)
         else:
-            cosine = (projected * target).sum(-1) / (np.linalg.norm(projected, axis=-1) * np.linalg.norm(target, axis=-1))
+            norms = np.linalg.norm(projected, axis=-1) * np.linalg.norm(target, axis=-1)
+            cosine = (projected * target).sum(-1) / norms
             per_token += 1 - cosine
     per_token /= len(LAYER_MAP)
     np.testing.assert_allclose(total, (weights * per_token).sum(), rtol=1e-5)
