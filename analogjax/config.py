@@ -87,7 +87,7 @@ class DistillConfig:
     final_temperature: float | None = None
     layer_map: tuple[tuple[int, int], ...] = ()  # (student layer, teacher layer) pairs for hidden_* terms
     fused: bool = True  # chunked loss that never holds [tokens, vocab] logits
-    chunk_size: int = 256  # tokens per chunk of the fused loss ([chunk, vocab] logits live at once)
+    chunk_size: int = 256  # tokens per batch shard in each chunk of the fused loss ([chunk, vocab] per device)
     # With a top-k teacher cache, forward_kl becomes: tail_bucket (exact at k = vocab), gathered or renormalized.
     topk_treatment: str = "tail_bucket"
 

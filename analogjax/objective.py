@@ -18,6 +18,7 @@ from analogjax.errors import UserError
 from analogjax.fused_loss import TeacherHead, fused_distill_loss, plain_distill_loss
 from analogjax.hidden_matching import hidden_loss
 from analogjax.losses import DIVERGENCES
+from analogjax.mesh import BATCH_AXES
 from analogjax.sparse_teacher import SampledTeacher, TopKTeacher
 
 HIDDEN_KINDS = {"hidden_mse": "mse", "hidden_cosine": "cosine"}
@@ -90,6 +91,16 @@ def _kd_kind(cfg: DistillConfig, kind: str, teacher) -> str:
     return kind
 
 
+def global_chunk(per_shard: int) -> int:
+    """`distill.chunk_size` counts tokens per batch shard; the fused loss chunks the global token axis, whose chunks
+    split over the data and fsdp axes. Scaling by their size keeps each device's [chunk, vocab] block the same on
+    a laptop and on a pod (the mesh in context is the one the step is traced under)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return per_shard
+    return per_shard * math.prod(mesh.shape.get(axis, 1) for axis in BATCH_AXES)
+
+
 class Outputs(NamedTuple):
     """What the student (or teacher) forward hands the objective."""
 
@@ -137,7 +148,7 @@ def objective(
         ce_weight=ce_weight,
         temperature=temperature,
         vocab_size=vocab_size,
-        chunk_size=cfg.chunk_size,
+        chunk_size=global_chunk(cfg.chunk_size),
     )
     loss = sums["loss"] / valid_count
     metrics = {name: sums[name] for name in ("ce", "teacher_ce", "kl", "agreement") if name in sums}
