@@ -43,8 +43,8 @@ def safe_logaddexp(x: jax.Array, y: jax.Array) -> jax.Array:
     peak = jax.lax.stop_gradient(jnp.maximum(x, y))
     peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
     total = jnp.exp(x - peak) + jnp.exp(y - peak)
-    positive = total > 0
-    return jnp.where(positive, peak + jnp.log(jnp.where(positive, total, 1.0)), -jnp.inf)
+    empty = total == 0  # `== 0`, not `<= 0`: a NaN operand must come out NaN, not -inf
+    return jnp.where(empty, -jnp.inf, peak + jnp.log(jnp.where(empty, 1.0, total)))
 
 
 def kl_from_log_probs(log_a: jax.Array, log_b: jax.Array) -> jax.Array:
@@ -53,7 +53,7 @@ def kl_from_log_probs(log_a: jax.Array, log_b: jax.Array) -> jax.Array:
     The logs are replaced by 0 where a = 0 before subtracting, so neither the value nor the gradient sees -inf − -inf.
     """
     a = jnp.exp(log_a)
-    present = a > 0
+    present = a != 0  # not `a > 0`: a NaN probability must poison the value, never pass as zero mass
     safe_log_a = jnp.where(present, log_a, 0.0)
     safe_log_b = jnp.where(present, log_b, 0.0)
     return jnp.sum(jnp.where(present, a * (safe_log_a - safe_log_b), 0.0), axis=-1)
@@ -120,7 +120,7 @@ def tvd_from_log_probs(log_p, log_q):
 def soft_ce_from_log_probs(log_p, log_q):
     """−Σ p log q: same gradient as forward KL, value larger by the teacher entropy."""
     p = jnp.exp(log_p)
-    present = p > 0
+    present = p != 0  # NaN propagates (see kl_from_log_probs)
     return -jnp.sum(jnp.where(present, p * jnp.where(present, log_q, 0.0), 0.0), axis=-1)
 
 

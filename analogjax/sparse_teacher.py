@@ -90,8 +90,8 @@ def _masked_logsumexp(values: jax.Array, masked: jax.Array) -> jax.Array:
     peak = jax.lax.stop_gradient(jnp.max(kept, axis=-1, keepdims=True))
     peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
     total = jnp.sum(jnp.exp(kept - peak), axis=-1)
-    positive = total > 0
-    return jnp.where(positive, jnp.log(jnp.where(positive, total, 1.0)) + peak[..., 0], -jnp.inf)
+    empty = total == 0  # `== 0`: a NaN entry must come out NaN, not -inf
+    return jnp.where(empty, -jnp.inf, jnp.log(jnp.where(empty, 1.0, total)) + peak[..., 0])
 
 
 def _membership_mask(shape, ids: jax.Array) -> jax.Array:

@@ -227,3 +227,11 @@ def test_registry_and_parameter_validation():
         losses.resolve_term("jsd", (("beta", 1.5),))
     with pytest.raises(UserError, match="static"):
         jax.jit(lambda b: losses.jsd(jnp.zeros((1, 3)), jnp.zeros((1, 3)), beta=b))(0.5)
+
+
+def test_a_nan_teacher_poisons_every_divergence():
+    """A teacher gone NaN must show up in the loss (and so in the non-finite guard), never count as zero mass."""
+    student = jnp.asarray([[0.5, -1.0, 2.0, 0.0]])
+    teacher = jnp.asarray([[0.1, jnp.nan, 1.0, -2.0]])
+    for name, fn in losses.DIVERGENCES.items():
+        assert np.isnan(np.asarray(fn(student, teacher))).all(), name
