@@ -54,8 +54,9 @@ def param_count(cfg: ModelConfig) -> int:
     return cfg.n_layers * block + cfg.vocab_size * d + d + head
 
 
-def measured_matmul_peak(dtype=jnp.float32, n: int = 1024, repeats: int = 5) -> float:
-    """FLOP/s of a large square matmul on the default device, median of `repeats` after warm-up."""
+def measured_matmul_peak(dtype=jnp.float32, n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of a large square matmul on the default device, median of `repeats` after warm-up. 2048 is large
+    enough to be steady on CPUs (1024 under-reads after idle), small enough to take ~40 ms."""
     a = jnp.ones((n, n), dtype)
     mm = jax.jit(lambda x, y: x @ y)
     mm(a, a).block_until_ready()
