@@ -19,7 +19,7 @@ from typing import Any, Union
 import yaml
 
 from analogjax.data.spec import DataConfig, validate as validate_data
-from analogjax.errors import UserError
+from analogjax.errors import UserError, check_choice
 from analogjax.models.config import ModelConfig
 from analogjax.models.presets import PRESETS
 
@@ -128,8 +128,7 @@ class CheckpointConfig:
     def check(self, prefix: str) -> None:
         _positive(self, prefix, "keep")
         _non_negative(self, prefix, "every", "keep_best")
-        if self.best_mode not in ("min", "max"):
-            raise UserError(f"{_join(prefix, 'best_mode')} must be min or max, got {self.best_mode!r}")
+        check_choice(_join(prefix, "best_mode"), self.best_mode, ("min", "max"))
 
 
 @dataclass(frozen=True)
@@ -146,8 +145,7 @@ class TrainConfig:
     def check(self, prefix: str) -> None:
         _positive(self, prefix, "steps", "log_every", "eval_batches")
         _non_negative(self, prefix, "eval_every")
-        if self.nonfinite not in ("halt", "skip"):
-            raise UserError(f"{_join(prefix, 'nonfinite')} must be halt or skip, got {self.nonfinite!r}")
+        check_choice(_join(prefix, "nonfinite"), self.nonfinite, ("halt", "skip"))
 
 
 @dataclass(frozen=True)

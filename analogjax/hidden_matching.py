@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from analogjax.errors import UserError
+from analogjax.errors import UserError, check_choice
 
 KINDS = ("mse", "cosine")
 PROJECTION_AXES = ("embed", "teacher_embed")
@@ -66,8 +66,7 @@ def _per_token(projected: jax.Array, target: jax.Array, kind: str) -> jax.Array:
 
 def hidden_loss(proj_params, student_hiddens, teacher_hiddens, weights, layer_map, kind: str):
     """(Σ_t w_t · mean over pairs of the pair loss, Σ_t w_t); hiddens are indexable by layer, each [B, S, D]."""
-    if kind not in KINDS:
-        raise UserError(f"hidden matching kind must be one of {KINDS}, got {kind!r}")
+    check_choice("hidden matching kind", kind, KINDS)
     pairs = _pairs(layer_map)
     weights = jnp.asarray(weights, jnp.float32)
     total = jnp.zeros(weights.shape, jnp.float32)

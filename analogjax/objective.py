@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from analogjax.config import DistillConfig, LossTerm
-from analogjax.errors import UserError
+from analogjax.errors import UserError, check_choice
 from analogjax.fused_loss import TeacherHead, fused_distill_loss, plain_distill_loss
 from analogjax.hidden_matching import hidden_loss
 from analogjax.losses import DIVERGENCES
@@ -35,8 +35,7 @@ def check_distill(cfg: DistillConfig) -> None:
         key = f"distill.terms[{i}]"
         if term.kind not in known:
             raise UserError(f"{key}.kind: unknown loss term {term.kind!r} (known: {', '.join(sorted(known))})")
-        if term.schedule not in SCHEDULES:
-            raise UserError(f"{key}.schedule must be one of {', '.join(SCHEDULES)}, got {term.schedule!r}")
+        check_choice(f"{key}.schedule", term.schedule, SCHEDULES)
         if term.kind in HIDDEN_KINDS and not cfg.layer_map:
             raise UserError(f"{key}: {term.kind} needs distill.layer_map (student layer, teacher layer) pairs")
         if term.kind == "jsd" and not 0.0 <= term.beta <= 1.0:
@@ -45,8 +44,7 @@ def check_distill(cfg: DistillConfig) -> None:
             raise UserError(f"{key}.alpha must lie in [0, 1), got {term.alpha}")
     if cfg.temperature <= 0 or (cfg.final_temperature is not None and cfg.final_temperature <= 0):
         raise UserError("distill.temperature must be positive")
-    if cfg.temperature_schedule not in SCHEDULES:
-        raise UserError(f"distill.temperature_schedule must be one of {', '.join(SCHEDULES)}")
+    check_choice("distill.temperature_schedule", cfg.temperature_schedule, SCHEDULES)
     if cfg.chunk_size <= 0:
         raise UserError("distill.chunk_size must be positive")
 

@@ -112,7 +112,7 @@ def fidelity_of_run(path: str | Path, out_dir: str | Path, *, config=None, batch
     mesh = eval_mesh(config)
     params = restore_student(config, ckpt_dir, mesh, step)
     if teacher is None:
-        teacher, teacher_params = _teacher_for_eval(config, mesh, load_teacher)
+        teacher, teacher_params = _teacher_for_fidelity(config, mesh, load_teacher)
     report = fidelity.measure(config, params, teacher, teacher_params, mesh, batches or config.train.eval_batches)
     report["step"] = step
     metrics = workdir / "metrics.jsonl" if workdir is not None else None
@@ -120,7 +120,7 @@ def fidelity_of_run(path: str | Path, out_dir: str | Path, *, config=None, batch
     return report
 
 
-def _teacher_for_eval(config, mesh, load_teacher):
+def _teacher_for_fidelity(config, mesh, load_teacher):
     import dataclasses
 
     from analogjax.config import LossTerm

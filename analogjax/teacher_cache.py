@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from analogjax.config import Config, fingerprint, to_dict
-from analogjax.errors import UserError
+from analogjax.errors import UserError, check_choice
 from analogjax.sparse_teacher import SampledTeacher, TopKTeacher, sample_teacher_tokens
 
 FORMAT_VERSION = 1
@@ -69,12 +69,9 @@ class CacheLayout:
     codec: str = "raw"
 
     def check(self, vocab_size: int) -> None:
-        if self.kind not in KINDS:
-            raise UserError(f"cache kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
-        if self.values_dtype not in VALUE_DTYPES:
-            raise UserError(f"cache values dtype must be one of {', '.join(VALUE_DTYPES)}, got {self.values_dtype!r}")
-        if self.codec not in CODECS:
-            raise UserError(f"cache codec must be one of {', '.join(CODECS)}, got {self.codec!r}")
+        check_choice("cache kind", self.kind, KINDS)
+        check_choice("cache values dtype", self.values_dtype, VALUE_DTYPES)
+        check_choice("cache codec", self.codec, CODECS)
         if self.k < 1 or (self.kind == "topk" and self.k > vocab_size):
             raise UserError(f"cache k must lie in [1, {vocab_size}] (the shared vocabulary), got {self.k}")
 
@@ -189,9 +186,7 @@ def check_run(saved: dict, config: Config, process_count: int, path: str) -> Non
                         "run cache-teacher with the longer train.steps")
     kind = saved["layout"]["kind"]
     distill = config.distill
-    if config.distill.topk_treatment not in TREATMENTS:
-        raise UserError(f"distill.topk_treatment must be one of {', '.join(TREATMENTS)}, "
-                        f"got {distill.topk_treatment!r}")
+    check_choice("distill.topk_treatment", distill.topk_treatment, TREATMENTS)
     # Raw top-k logits do not depend on the temperature; the logsumexp and the samples do.
     temperature_matters = kind == "sampled" or distill.topk_treatment == "tail_bucket"
     if temperature_matters and (distill.temperature != saved["temperature"] or

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from analogjax.errors import UserError
+from analogjax.errors import UserError, check_choice
 
 SOURCE_FORMATS = ("auto", "jsonl", "parquet", "arrayrecord", "tokens_bin", "zarr", "text", "stdlib")
 SOURCE_CONTENTS = ("auto", "text", "tokens")
@@ -123,12 +123,9 @@ def validate(data: DataConfig, *, vocab_size: int | None = None, process_count: 
         key = f"data.sources[{i}]"
         if not s.path:
             raise UserError(f"{key}.path is empty")
-        if s.format not in SOURCE_FORMATS:
-            raise UserError(f"{key}.format must be one of {', '.join(SOURCE_FORMATS)} (got {s.format!r})")
-        if s.content not in SOURCE_CONTENTS:
-            raise UserError(f"{key}.content must be one of {', '.join(SOURCE_CONTENTS)} (got {s.content!r})")
-        if s.dtype not in TOKEN_DTYPES:
-            raise UserError(f"{key}.dtype must be one of {', '.join(TOKEN_DTYPES)} (got {s.dtype!r})")
+        check_choice(f"{key}.format", s.format, SOURCE_FORMATS)
+        check_choice(f"{key}.content", s.content, SOURCE_CONTENTS)
+        check_choice(f"{key}.dtype", s.dtype, TOKEN_DTYPES)
         if not (s.weight > 0 and math.isfinite(s.weight)):
             raise UserError(f"{key}.weight must be a positive number (got {s.weight})")
         if s.eod_id is not None and s.eod_id < 0:

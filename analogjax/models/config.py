@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from analogjax.errors import UserError
+from analogjax.errors import UserError, check_choice
 
 
 @dataclass(frozen=True)
@@ -60,5 +60,4 @@ class ModelConfig:
             raise UserError(f"{prefix}.head_dim must be even for rotary embeddings, got {self.dim_per_head}")
         choices = {"activation": ("silu", "gelu_tanh"), "dtype": ("float32", "bfloat16"), "remat": ("none", "block")}
         for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise UserError(f"{prefix}.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+            check_choice(f"{prefix}.{name}", getattr(self, name), allowed)
