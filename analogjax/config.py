@@ -124,6 +124,9 @@ class CheckpointConfig:
     best_mode: str = "min"  # min | max
     # Resume a workdir whose checkpoints were written under another model or data config (refused otherwise).
     allow_config_change: bool = False
+    # zstd on the arrays: ~20% smaller float32 checkpoints, paid in host CPU that competes with the step on hosts
+    # whose cores the step uses (on 2 CPU cores it raised a save's stall from 12% to 18% of a step; BENCHMARKS.md).
+    compression: bool = False
 
     def check(self, prefix: str) -> None:
         _positive(self, prefix, "keep")

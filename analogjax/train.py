@@ -278,7 +278,8 @@ def run_training(config: Config, workdir: str | Path, *, teacher: Teacher | None
     ck = cfg.checkpoint
     checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", every=ck.every, keep=ck.keep,
                                          async_save=ck.async_save, keep_best=ck.keep_best,
-                                         best_metric=ck.best_metric, best_mode=ck.best_mode)
+                                         best_metric=ck.best_metric, best_mode=ck.best_mode,
+                                         compression=ck.compression)
     state = restore_or_init(run, checkpointer, data_iter)
     has_heldout = cfg.data.heldout_fraction > 0
     start = int(jax.device_get(state.step))
