@@ -95,22 +95,22 @@ def jsd_from_log_probs(log_p, log_q, beta=0.5):
     return beta * kl_from_log_probs(log_p, log_m) + (1.0 - beta) * kl_from_log_probs(log_q, log_m)
 
 
-def skew_kl_from_log_probs(log_p, log_q, alpha=0.1):
-    alpha = _check_unit_interval("skew_kl alpha", alpha)
+def _skew_kl(log_a, log_b, alpha, name):
+    """KL(a‖alpha·a + (1−alpha)·b): alpha=0 is plain KL(a‖b), alpha=1 is 0."""
+    alpha = _check_unit_interval(f"{name} alpha", alpha)
     if alpha == 0.0:
-        return forward_kl_from_log_probs(log_p, log_q)
+        return kl_from_log_probs(log_a, log_b)
     if alpha == 1.0:
-        return jnp.zeros(log_p.shape[:-1], log_p.dtype)
-    return kl_from_log_probs(log_p, _log_mixture(log_p, log_q, alpha))
+        return jnp.zeros(log_a.shape[:-1], log_a.dtype)
+    return kl_from_log_probs(log_a, _log_mixture(log_a, log_b, alpha))
+
+
+def skew_kl_from_log_probs(log_p, log_q, alpha=0.1):
+    return _skew_kl(log_p, log_q, alpha, "skew_kl")
 
 
 def skew_reverse_kl_from_log_probs(log_p, log_q, alpha=0.1):
-    alpha = _check_unit_interval("skew_reverse_kl alpha", alpha)
-    if alpha == 0.0:
-        return reverse_kl_from_log_probs(log_p, log_q)
-    if alpha == 1.0:
-        return jnp.zeros(log_q.shape[:-1], log_q.dtype)
-    return kl_from_log_probs(log_q, _log_mixture(log_q, log_p, alpha))
+    return _skew_kl(log_q, log_p, alpha, "skew_reverse_kl")
 
 
 def tvd_from_log_probs(log_p, log_q):
