@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from analogjax.config import DistillConfig, OptimConfig
+from analogjax.config import DistillConfig, LossTerm, OptimConfig
 from analogjax.objective import Outputs, needs_layers, objective
 
 # A bring-your-own teacher: (params, tokens, segment_ids, positions) -> float32 logits [b, s, v].
@@ -158,8 +158,6 @@ def make_distill_step(
 
 def make_eval_step(student, student_rules, teacher: Teacher | None, chunk_size: int = 512) -> Callable:
     """Held-out metrics at T=1 (sums + count): ce, teacher_ce, kl = KL(teacher‖student), agreement."""
-    from analogjax.config import LossTerm
-
     # Forward KL at T=1 without T² (a measurement, not a training signal); the fused path never holds logits.
     measure = DistillConfig(
         terms=(LossTerm("forward_kl", 1.0, t2_scale=False),) if teacher else (LossTerm("ce", 1.0),),

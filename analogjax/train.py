@@ -15,7 +15,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
@@ -46,12 +45,15 @@ class Run:
     teacher: Teacher | None
     teacher_params: Any
     state: TrainState | None  # None when built with init=False: restore_or_init makes or restores it
-    state_shardings: Any
     step_fn: Any  # jitted distill step
     eval_fn: Any  # jitted eval step
     batch_sharding: Any
     abstract_state: TrainState  # ShapeDtypeStructs with shardings: the init and the restore target
     tx: Any  # the optimizer
+
+    @property
+    def state_shardings(self) -> Any:
+        return jax.tree.map(lambda a: a.sharding, self.abstract_state)
 
 
 def build_mesh(config: Config):
@@ -180,8 +182,7 @@ def build(config: Config, teacher: Teacher | None = None, teacher_params: Any = 
     if init:
         with jax.set_mesh(mesh):
             state = init_state(config, mesh, student, tx, shardings)
-    return Run(config, mesh, student, teacher, teacher_params, state, shardings, step_fn, eval_fn, batch_sh,
-               abstract, tx)
+    return Run(config, mesh, student, teacher, teacher_params, state, step_fn, eval_fn, batch_sh, abstract, tx)
 
 
 def jit_distill_step(step, state_shardings, teacher_shardings, batch_sharding, mesh):
@@ -417,8 +418,3 @@ def restore_or_init(run: Run, checkpointer: ckpt_lib.Checkpointer, data_iter) ->
         params = dict(state.params, model=ckpt_lib.restore_params(init_path, run.abstract_state.params["model"]))
         return state.replace(params=params)
     return state
-
-
-def host_params(params) -> Any:
-    """Gather params to host numpy (small models only: export, tests)."""
-    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)

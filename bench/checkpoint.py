@@ -81,8 +81,7 @@ def measure(trials: int, directory: Path, overrides: list[str]) -> list[dict]:
         checkpointer.close()
 
     size = _dir_bytes(directory / str(trials))
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), run.state,
-                            run.state_shardings)
+    abstract = run.abstract_state
     restores = []
     for _ in range(3):
         reader = ckpt_lib.Checkpointer(directory, keep=2)

@@ -121,8 +121,7 @@ def test_sigterm_then_kill9_then_resume_equals_uninterrupted(tmp_path):
     # Final params and optimizer state, bitwise.
     cfg = load_config(config)
     run = build(cfg, mesh=mesh_lib.make_mesh(8, 1, 1))
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), run.state,
-                            run.state_shardings)
+    abstract = run.abstract_state
     states = []
     for workdir in (reference_dir, run_dir):
         checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints")
