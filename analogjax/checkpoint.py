@@ -14,8 +14,13 @@ Resume order (`train.restore_or_init`):
 Restores target the abstract sharded state (ShapeDtypeStructs carrying shardings), so each array is read straight
 onto its devices, on whatever mesh the resuming run uses (it need not be the mesh that saved).
 
-Saves are asynchronous: `save` returns once Orbax has copied the device buffers to host memory (its blocking
-phase), so the loop may donate the state into the next step at once; files are written in a background thread.
+Saves are asynchronous. In a single-process run, `save` only starts copying the state into pinned host memory on
+the training thread (an asynchronous device_put that keeps every array's sharding) and reads the data iterator's
+position; the loop may donate the state into the next step at once, since the runtime orders that step after the
+copy. One writer thread, at the lowest CPU priority, then runs Orbax's save of the host copy: its Python work and
+file writes use cycles the step leaves idle instead of delaying it (on a CPU-only host the step keeps every core
+busy). A multi-process run uses Orbax's own async save (see `Checkpointer.__init__` for why): `save` returns once
+Orbax has copied the device buffers to host memory, and the files are written in Orbax's background threads.
 Orbax writes each step into `<step>.orbax-checkpoint-tmp-*` and renames it on commit, so a save cut short by a
 crash is never a step; it is deleted (with a warning) when the workdir is reopened. A step folder with an item
 missing (e.g. truncated by hand or by a broken copy) is skipped with a warning as well.
@@ -26,10 +31,13 @@ from __future__ import annotations
 import datetime
 import functools
 import json
+import os
 import platform
 import shutil
 import subprocess
 import sys
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -64,9 +72,14 @@ class Checkpointer:
             best = policies.BestN(get_metric_fn=lambda metrics: metrics[best_metric], reverse=best_mode == "max",
                                   n=keep_best, keep_checkpoints_without_metrics=False)
             preserve = policies.AnyPreservationPolicy([preserve, best])
+        # A single process saves on this class's writer thread (see `save`), Orbax synchronously there. With several
+        # processes, Orbax's save synchronises them by device collectives (barriers, broadcasts), which must be
+        # issued from the training thread in the same order as the step's own on every process: there Orbax's own
+        # async save runs, its blocking device-to-host copy on the training thread.
+        writer_thread = async_save and jax.process_count() == 1
         options = ocp.CheckpointManagerOptions(
             preservation_policy=preserve,
-            enable_async_checkpointing=async_save,
+            enable_async_checkpointing=async_save and not writer_thread,
             create=True,
             # Leftovers of a save cut short (tmp folders never renamed into a step) are deleted, never restored.
             cleanup_tmp_directories=True,
@@ -79,6 +92,9 @@ class Checkpointer:
             item_handlers={"params": arrays, "train": arrays, "meta": ocp.JsonCheckpointHandler(),
                            "data": grain.checkpoint.CheckpointHandler()},
         )
+        self._writer = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer",
+                                           initializer=_lowest_cpu_priority) if writer_thread else None)
+        self._pending: Future | None = None
 
     def should_save(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
@@ -97,19 +113,33 @@ class Checkpointer:
         return None
 
     def save(self, step: int, state, data_iterator, meta: dict[str, Any], metrics: dict[str, float] | None = None):
-        """Save `state` as `step` (asynchronously when configured). The data iterator's position is read now, at
-        the step boundary; `metrics` (the step's logged record) rank the checkpoint for `keep_best`."""
-        train = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng,
-                 "hidden_proj": state.params.get("hidden_proj", {})}
-        items = dict(
-            params=ocp.args.PyTreeSave(state.params["model"]),
-            train=ocp.args.PyTreeSave(train),
-            meta=ocp.args.JsonSave(dict(meta, step=step, saved_at=_now())),
-        )
-        if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        """Save `state` as `step`. Asynchronous when configured: returns once the copy to host memory is started
+        (multi-process: done), and the caller may donate `state` right away. The data iterator's position is read
+        now, at the step boundary; `metrics` (the step's logged record) rank the checkpoint for `keep_best`. At most
+        one save is in flight: a save waits for the previous one, and raises its error if it failed."""
+        arrays = {"params": state.params["model"],
+                  "train": {"step": state.step, "opt_state": state.opt_state, "rng": state.rng,
+                            "hidden_proj": state.params.get("hidden_proj", {})}}
+        data = None if data_iterator is None else _IteratorPosition(data_iterator)
+        meta = dict(meta, step=step, saved_at=_now())
         ranked = {k: float(v) for k, v in (metrics or {}).items() if k == self.best_metric}
+        if self._writer is None:
+            self._write(step, arrays, data, meta, ranked)
+            return
+        self._finish_pending()
+        self._pending = self._writer.submit(self._write, step, _copy_to_host(arrays), data, meta, ranked)
+
+    def _write(self, step: int, arrays, data, meta, ranked) -> None:
+        items = dict(params=ocp.args.PyTreeSave(arrays["params"]), train=ocp.args.PyTreeSave(arrays["train"]),
+                     meta=ocp.args.JsonSave(meta))
+        if data is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data)
         self.manager.save(step, args=ocp.args.Composite(**items), metrics=ranked or None, force=True)
+
+    def _finish_pending(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
     def restore(self, step: int, abstract_state, data_iterator) -> Any:
         """Restore onto the shardings carried by `abstract_state` (ShapeDtypeStructs): arrays land on their devices.
@@ -145,11 +175,52 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Block until every pending async save is committed (or raise its error)."""
+        self._finish_pending()
         self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            if self._writer is not None:
+                self._writer.shutdown()
+            self.manager.close()
+
+
+class _IteratorPosition:
+    """A Grain iterator's state read at the step boundary, for Grain's checkpoint handler to write later (the
+    iterator itself moves on while the writer thread works). JSON bytes: the handler's form for non-dataset
+    iterators, and the same file a dataset iterator's restore reads."""
+
+    def __init__(self, iterator):
+        state = iterator.get_state()
+        self._state = state if isinstance(state, bytes) else json.dumps(state, indent=4).encode()
+
+    def get_state(self) -> bytes:
+        return self._state
+
+
+def _copy_to_host(arrays):
+    """Start copying `arrays` into pinned host memory, each keeping its sharding. Asynchronous: the runtime orders
+    any later step that donates the originals after this copy. A backend without pinned host memory gets an
+    on-device copy instead (a second copy of the state in device memory until it is written)."""
+    def host_copy(x):
+        device = next(iter(x.sharding.addressable_devices))
+        if "pinned_host" in {m.kind for m in device.addressable_memories()}:
+            return jax.device_put(x, x.sharding.with_memory_kind("pinned_host"))
+        return x.copy()
+    return jax.tree.map(host_copy, arrays)
+
+
+def _lowest_cpu_priority() -> None:
+    """Run the calling thread (and the threads it starts: Orbax's) at nice 19. A checkpoint can wait; on a host
+    whose cores the training step uses, a writer at equal priority delays every parallel op of the step. Linux
+    only: there a thread's nice value is its own (elsewhere setpriority would renice the whole process)."""
+    if sys.platform.startswith("linux"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except OSError:
+            pass
 
 
 def _missing_files(step_dir: Path) -> list[str]:

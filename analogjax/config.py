@@ -115,7 +115,7 @@ class CheckpointConfig:
 
     every: int = 0  # steps between saves; 0 = only the final (or preemption) save
     keep: int = 3  # the latest `keep` checkpoints are kept
-    async_save: bool = True  # write in the background; training waits only for the device-to-host copy
+    async_save: bool = True  # write on a background thread; training only starts a copy to host memory
     init_path: str | None = None  # student init checkpoint when the workdir has none
     # Also keep the `keep_best` best checkpoints by `best_metric` (a key of the step's logged record, e.g. loss or
     # eval_kl; a save whose step logged no such key does not compete). 0 = off.

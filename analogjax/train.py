@@ -364,7 +364,7 @@ def run_training(config: Config, workdir: str | Path, *, teacher: Teacher | None
                     ranked.update(eval_record)
                     window_start, window_first = time.perf_counter(), done
                 if save_now:
-                    # Returns once the device buffers are copied to host: the next step may donate `state`.
+                    # Returns once a copy of `state` to host memory is started: the next step may donate it.
                     checkpointer.save(done, state, data_iter, meta, metrics=ranked)
                     last_saved = done
                 bar.update(1)

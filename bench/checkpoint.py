@@ -2,14 +2,16 @@
 
 Student d256/4L/4H/ffn768, teacher d512/8L/8H/ffn1536, vocab 8192, batch 8, seq 256, float32 (bench/step.py's
 BENCH_OVERRIDES). Each figure is one JSON line:
-  save_blocking_s  what `Checkpointer.save` takes on the training thread (the device-to-host copy; async mode)
-  save_total_s     from the save call until the checkpoint is committed on disk
   step_s           median step time without a save
-  stall_s          extra wall time of a save window (save + next step) over a plain step, median over trials;
+  save_blocking_s  what `Checkpointer.save` takes on the training thread (async mode)
+  save_total_s     a save on an idle loop, from the call until the checkpoint is committed on disk
+  stall_s          what a save adds to training: each trial times the window from a save call through the
+                   WINDOW steps that follow it and the save's commit, against the WINDOW plain steps just before
+                   it (pairing cancels the machine's drift); median over trials.
                    stall_fraction = stall_s / step_s (goal: <= 0.10)
   restore_s        restoring the latest checkpoint onto the abstract sharded state, arrays ready on device
 
-    python bench/checkpoint.py [--trials 5] [--dir /tmp/ckpt-bench] [--set key=value ...]
+    python bench/checkpoint.py [--trials 25] [--dir /tmp/ckpt-bench] [--set key=value ...]
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from step import BENCH_OVERRIDES, synthetic_batch  # noqa: E402  (bench/step.py: same model, same batch)
+
+WINDOW = 2  # steps after a save in which its cost is looked for: the background write ends within them here
 
 
 def _dir_bytes(path: Path) -> int:
@@ -66,44 +70,55 @@ def measure(trials: int, directory: Path, overrides: list[str]) -> list[dict]:
             state, dt = step(state)
             plain.append(dt)
         step_s = statistics.median(plain)
-        blocking, total, stalls = [], [], []
+        blocking, stalls = [], []
         for trial in range(1, trials + 1):
-            state, _ = step(state)
+            t0 = time.perf_counter()
+            for _ in range(WINDOW):
+                state, _ = step(state)
+            reference = time.perf_counter() - t0
             t0 = time.perf_counter()
             checkpointer.save(trial, state, None, meta)
-            t_saved = time.perf_counter()
-            # The loop's next step donates `state` right away, while the files are still being written.
-            state, dt_next = step(state)
-            blocking.append(t_saved - t0)
-            stalls.append(t_saved - t0 + dt_next - step_s)
+            blocking.append(time.perf_counter() - t0)
+            # What the loop does next: donate `state` into the next steps while the files are being written.
+            for _ in range(WINDOW):
+                state, _ = step(state)
+            checkpointer.wait()  # a save still unfinished after the window counts in full
+            stalls.append(time.perf_counter() - t0 - reference)
+        total = []
+        for trial in range(trials + 1, 2 * trials + 1):
+            state, _ = step(state)  # a fresh state each time, as in training
+            t0 = time.perf_counter()
+            checkpointer.save(trial, state, None, meta)
             checkpointer.wait()
             total.append(time.perf_counter() - t0)
         checkpointer.close()
 
-    size = _dir_bytes(directory / str(trials))
+    size = _dir_bytes(directory / str(2 * trials))
     abstract = run.abstract_state
     restores = []
     for _ in range(3):
         reader = ckpt_lib.Checkpointer(directory, keep=2)
         t0 = time.perf_counter()
-        restored = reader.restore(trials, abstract, None)
+        restored = reader.restore(2 * trials, abstract, None)
         jax.block_until_ready(restored)
         restores.append(time.perf_counter() - t0)
         reader.close()
     stall_s = statistics.median(stalls)
+    quartiles = statistics.quantiles(stalls, n=4)
     return [
         dict(common, figure="step_s", value=round(step_s, 4)),
         dict(common, figure="save_blocking_s", value=round(statistics.median(blocking), 4), bytes=size),
         dict(common, figure="save_total_s", value=round(statistics.median(total), 4), bytes=size),
         dict(common, figure="stall_s", value=round(stall_s, 4), stall_fraction=round(stall_s / step_s, 3),
-             trials=trials),
+             stall_p25=round(quartiles[0], 4), stall_p75=round(quartiles[2], 4), trials=trials,
+             window_steps=WINDOW),
         dict(common, figure="restore_s", value=round(statistics.median(restores), 4), bytes=size),
     ]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--trials", type=int, default=25)
     parser.add_argument("--dir", default=None, help="checkpoint directory (default: a fresh temporary one)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()

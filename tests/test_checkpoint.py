@@ -1,10 +1,14 @@
 """Checkpoints in process: async save vs donation, restore onto another mesh, the teacher restored sharded and
-read-only, partial checkpoints skipped, non-finite steps never saved, the workdir identity guard."""
+read-only, partial checkpoints skipped, non-finite steps never saved, the workdir identity guard, and the background
+writer (data position of the save's step, lowest priority, failures raised)."""
 
 import json
 import os
 import shutil
+import sys
+import threading
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -201,3 +205,45 @@ def test_resume_trims_metrics_after_the_restored_step(tmp_path):
     kept = ckpt_lib.trim_metrics(tmp_path, 4)
     assert kept == lines[:4]
     assert (tmp_path / "metrics.jsonl").read_text().splitlines() == [json.dumps(r) for r in lines[:4]]
+
+
+def test_background_save_keeps_the_data_position_of_its_step(tmp_path):
+    dataset = grain.MapDataset.range(1000).to_iter_dataset()
+    iterator = iter(dataset)
+    for _ in range(3):
+        next(iterator)
+    state = _small_state(3)
+    checkpointer = ckpt_lib.Checkpointer(tmp_path, async_save=True)
+    checkpointer.save(3, state, iterator, {"identity": {}})
+    # The loop reads on while the writer thread works; the checkpoint must still hold the position at the save.
+    read_after = [next(iterator) for _ in range(5)]
+    checkpointer.close()
+
+    resumed = iter(dataset)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
+    restored = ckpt_lib.Checkpointer(tmp_path).restore(3, abstract, resumed)
+    _assert_bitwise(jax.device_get(restored), jax.device_get(state))
+    assert [next(resumed) for _ in range(5)] == read_after == [3, 4, 5, 6, 7]
+
+
+def test_background_save_runs_at_lowest_priority_and_its_failure_is_raised(tmp_path, monkeypatch):
+    main_priority = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    checkpointer = ckpt_lib.Checkpointer(tmp_path, async_save=True)
+    seen = []
+
+    def failing_save(*args, **kwargs):
+        seen.append((threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(checkpointer.manager, "save", failing_save)
+    checkpointer.save(3, _small_state(3), None, {"identity": {}})  # returns: the write happens (and fails) later
+    with pytest.raises(OSError, match="No space left"):
+        checkpointer.wait()
+    [(writer, priority)] = seen
+    assert writer != threading.get_native_id(), "the files must be written off the training thread"
+    if sys.platform.startswith("linux"):
+        assert priority == 19
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_priority, "only the writer"
+    checkpointer.save(4, _small_state(3), None, {"identity": {}})  # a later failure is raised by close as well
+    with pytest.raises(OSError, match="No space left"):
+        checkpointer.close()

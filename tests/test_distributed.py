@@ -37,7 +37,7 @@ TINY = {
     "data": {"global_batch": 8, "seq_len": 32},
     "optim": {"warmup_steps": 0},
     "train": {"steps": 100000, "log_every": 1},
-    "checkpoint": {"every": 2, "async_save": False},
+    "checkpoint": {"every": 2},  # async saves (the default): the writer thread joins the cross-process barriers
 }
 
 
