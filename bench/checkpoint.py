@@ -58,7 +58,8 @@ def measure(trials: int, directory: Path, overrides: list[str]) -> list[dict]:
         return state, time.perf_counter() - t0
 
     state = run.state
-    checkpointer = ckpt_lib.Checkpointer(directory, keep=2, async_save=True)
+    checkpointer = ckpt_lib.Checkpointer(directory, keep=2, async_save=True,
+                                         compression=config.checkpoint.compression)
     with jax.set_mesh(run.mesh):
         for _ in range(3):  # compile + warm-up
             state, _ = step(state)
