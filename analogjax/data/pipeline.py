@@ -30,22 +30,11 @@ SPLITS = ("train", "heldout")
 _READ_AHEAD = 64
 
 
-def make_batch_iterator(
-    data: DataConfig,
-    *,
-    split: str,
-    seed: int,
-    vocab_size: int,
-    process_index: int = 0,
-    process_count: int = 1,
-    num_epochs: int | None = None,
-) -> grain.DatasetIterator:
-    """Batches of this process's share of `split`: dicts of numpy [global_batch // process_count, seq_len]
-    arrays under BATCH_KEYS. `num_epochs=None` repeats forever. Checkpoint with get_state()/set_state()."""
-    return make_batch_dataset(
-        data, split=split, seed=seed, vocab_size=vocab_size, process_index=process_index,
-        process_count=process_count, num_epochs=num_epochs,
-    ).__iter__()
+def make_batch_iterator(data: DataConfig, **where) -> grain.DatasetIterator:
+    """Batches of this process's share of a split: dicts of numpy [global_batch // process_count, seq_len] arrays
+    under BATCH_KEYS. `where` takes make_batch_dataset's keywords (split, seed, vocab_size, process_index,
+    process_count, num_epochs; num_epochs=None repeats forever). Checkpoint with get_state()/set_state()."""
+    return iter(make_batch_dataset(data, **where))
 
 
 def make_batch_dataset(
