@@ -280,7 +280,7 @@ def trim_metrics(workdir: str | Path, step: int) -> list[dict[str, Any]]:
     path = Path(workdir) / METRICS_FILE
     if jax.process_index() != 0 or not path.exists():
         return []
-    kept, dropped = [], 0
+    kept, records, dropped = [], [], 0
     for line in path.read_text().splitlines():
         if not line.strip():
             continue
@@ -291,13 +291,14 @@ def trim_metrics(workdir: str | Path, step: int) -> list[dict[str, Any]]:
             continue
         if record.get("step", 0) <= step:
             kept.append(line)
+            records.append(record)
         else:
             dropped += 1
     if dropped:
         tmp = path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(path)
-    return [json.loads(line) for line in kept]
+    return records
 
 
 def restore_params(directory: str | Path, abstract_params, step: int | None = None) -> Any:

@@ -202,13 +202,11 @@ def compile_plan(config, topology: Topology) -> Plan:
     from analogjax.flops import distill_flops_per_step, forward_flops_per_token
     from analogjax.models.transformer import Transformer
     from analogjax.objective import check_distill, needs_teacher
-    from analogjax.step import make_distill_step, make_optimizer, model_teacher
-    from analogjax.train import abstract_state, check_vocab, jit_distill_step
+    from analogjax.step import make_optimizer, model_teacher
+    from analogjax.train import abstract_state, build_mesh, check_vocab, jit_distill_step
 
     check_distill(config.distill)
-    devices = topology_devices(topology)
-    mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
-    mesh_lib.check_batch(config.data.global_batch, mesh, config.optim.grad_accum)
+    mesh = build_mesh(config, devices=topology_devices(topology))
     student = Transformer(config.model)
     tx = make_optimizer(config.optim, config.train.steps)
     state, shardings = abstract_state(config, mesh, student, tx)
@@ -224,9 +222,7 @@ def compile_plan(config, topology: Topology) -> Plan:
     batch = {key: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding)
              for key in ("tokens", "segment_ids", "positions", "targets")}
     batch["loss_mask"] = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=batch_sharding)
-    step = make_distill_step(student, mesh_lib.STUDENT_RULES, teacher, tx, config.distill, config.train.steps,
-                             config.optim.grad_accum)
-    step_fn = jit_distill_step(step, shardings, teacher_shardings, batch_sharding, mesh)  # as train.build
+    step_fn = jit_distill_step(config, student, teacher, tx, shardings, teacher_shardings, batch_sharding, mesh)
     with jax.set_mesh(mesh):
         compiled = step_fn.lower(state, teacher_params, batch).compile()
     memory = compiled.memory_analysis()

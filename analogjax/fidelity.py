@@ -207,7 +207,7 @@ def make_fidelity_step(student, student_rules, teacher, *, n_sources: int, seq_l
 def measure(config, student_params, teacher, teacher_params, mesh, batches: int) -> dict[str, Any]:
     """Fidelity of `student_params` (config.model) against the teacher on `batches` held-out batches of config.data."""
     from analogjax import mesh as mesh_lib
-    from analogjax.data import make_batch_iterator, to_global_batch
+    from analogjax.data import heldout_batches
     from analogjax.data.spec import source_names
     from analogjax.models.transformer import Transformer
 
@@ -228,13 +228,11 @@ def measure(config, student_params, teacher, teacher_params, mesh, batches: int)
                               seq_len=config.data.seq_len, pairs=pairs)
     batch_sharding = mesh_lib.batch_sharding(mesh)
     fn = jax.jit(step, out_shardings=mesh_lib.replicated(mesh))
-    iterator = make_batch_iterator(config.data, split="heldout", seed=config.train.seed,
-                                   vocab_size=config.model.vocab_size, process_index=jax.process_index(),
-                                   process_count=jax.process_count(), num_epochs=None)
     total: dict[str, np.ndarray] = {}
     with jax.set_mesh(mesh):
-        for _, batch in zip(range(batches), iterator):
-            sums = jax.device_get(fn(student_params, teacher_params, to_global_batch(batch, batch_sharding)))
+        for batch in heldout_batches(config.data, seed=config.train.seed, vocab_size=config.model.vocab_size,
+                                     sharding=batch_sharding, batches=batches):
+            sums = jax.device_get(fn(student_params, teacher_params, batch))
             for key, value in sums.items():
                 total[key] = total.get(key, 0.0) + np.asarray(value, np.float64)
     if not total or float(np.sum(total["count"])) == 0:

@@ -1,7 +1,7 @@
 """The distillation objective: config terms → weighted, scheduled, masked sums over the fused (or plain) loss.
 
-loss = Σᵢ wᵢ(step)·termᵢ, every token term divided by the *global* valid-token count (so the mean is exact across
-hosts and microbatches), hidden-state terms by their own count. Everything is returned as (sum, count) pairs too,
+loss = Σᵢ wᵢ(step)·termᵢ, every term (logit and hidden-state alike) divided by the *global* valid-token count (so the
+mean is exact across hosts and microbatches). Everything is returned as (sum, count) pairs too,
 so logged means stay exact when summed across steps or processes.
 """
 

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from analogjax import checkpoint as ckpt_lib
 from analogjax import mesh as mesh_lib
 from analogjax.config import Config, run_identity, to_dict
-from analogjax.data import make_batch_iterator, to_global_batch
+from analogjax.data import heldout_batches, make_batch_iterator, to_global_batch
 from analogjax.errors import UserError
 from analogjax.flops import distill_flops_per_step, peak_flops_per_second
 from analogjax.hidden_matching import init_projections, projection_logical_axes
@@ -56,8 +56,9 @@ class Run:
         return jax.tree.map(lambda a: a.sharding, self.abstract_state)
 
 
-def build_mesh(config: Config):
-    mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+def build_mesh(config: Config, devices=None):
+    """The config's mesh over `devices` (default: all of them; compile-check passes a TPU topology's)."""
+    mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
     mesh_lib.check_batch(config.data.global_batch, mesh, config.optim.grad_accum)
     return mesh
 
@@ -170,9 +171,7 @@ def build(config: Config, teacher: Teacher | None = None, teacher_params: Any = 
 
     teacher_params = jax.tree.map(on_mesh, teacher_params)
     teacher_sh = jax.tree.map(lambda a: a.sharding, teacher_params)
-    step = make_distill_step(student, mesh_lib.STUDENT_RULES, teacher, tx, config.distill, config.train.steps,
-                             config.optim.grad_accum, skip_nonfinite=config.train.nonfinite == "skip")
-    step_fn = jit_distill_step(step, shardings, teacher_sh, batch_sh, mesh)
+    step_fn = jit_distill_step(config, student, teacher, tx, shardings, teacher_sh, batch_sh, mesh)
     # Held-out batches are not cached: a cached teacher's run measures the student's held-out CE only.
     eval_teacher = None if teacher is not None and teacher.from_batch is not None else teacher
     eval_step = make_eval_step(student, mesh_lib.STUDENT_RULES, eval_teacher, config.distill.chunk_size)
@@ -185,9 +184,12 @@ def build(config: Config, teacher: Teacher | None = None, teacher_params: Any = 
     return Run(config, mesh, student, teacher, teacher_params, state, step_fn, eval_fn, batch_sh, abstract, tx)
 
 
-def jit_distill_step(step, state_shardings, teacher_shardings, batch_sharding, mesh):
-    """The step jitted once with explicit shardings (what training runs and what compile-check compiles). The state
-    is donated: its buffers are reused for the next state, so a step never holds two copies of the student."""
+def jit_distill_step(config: Config, student, teacher, tx, state_shardings, teacher_shardings, batch_sharding, mesh):
+    """The config's distill step, jitted once with explicit shardings: what training runs and what compile-check
+    compiles. The state is donated: its buffers are reused for the next state, so a step never holds two copies of
+    the student."""
+    step = make_distill_step(student, mesh_lib.STUDENT_RULES, teacher, tx, config.distill, config.train.steps,
+                             config.optim.grad_accum, skip_nonfinite=config.train.nonfinite == "skip")
     return jax.jit(step, in_shardings=(state_shardings, teacher_shardings, batch_sharding),
                    out_shardings=(state_shardings, mesh_lib.replicated(mesh)), donate_argnums=(0,))
 
@@ -208,12 +210,8 @@ def _guard_workdir(workdir: Path, config: Config) -> bool:
     run_file = workdir / RUN_FILE
     if not run_file.exists():
         return True
-    identity = run_identity(config)
     saved = json.loads(run_file.read_text()).get("identity", {})
-    if not [part for part in ("model", "data") if saved.get(part) != identity[part]]:
-        return False
-    check_identity(saved, identity, config.checkpoint.allow_config_change, str(workdir))
-    return True
+    return bool(check_identity(saved, run_identity(config), config.checkpoint.allow_config_change, str(workdir)))
 
 
 def _claim_workdir(workdir: Path, config: Config) -> None:
@@ -242,14 +240,10 @@ def evaluate(run: Run, params, batches: int) -> dict[str, float]:
 
 def heldout_metrics(config: Config, eval_fn, params, teacher_params, batch_sharding, batches: int) -> dict[str, float]:
     """Means over `batches` batches of the held-out split (documents never trained on) of a jitted eval step."""
-    # Repeating (num_epochs=None) with a fixed batch count: every process runs the same number of collective
-    # eval steps even when the held-out documents split unevenly across processes.
-    iterator = make_batch_iterator(config.data, split="heldout", seed=config.train.seed,
-                                   vocab_size=config.model.vocab_size, process_index=jax.process_index(),
-                                   process_count=jax.process_count(), num_epochs=None)
     total: dict[str, float] = {}
-    for _, batch in zip(range(batches), iterator):
-        sums = jax.device_get(eval_fn(params, teacher_params, to_global_batch(batch, batch_sharding)))
+    for batch in heldout_batches(config.data, seed=config.train.seed, vocab_size=config.model.vocab_size,
+                                 sharding=batch_sharding, batches=batches):
+        sums = jax.device_get(eval_fn(params, teacher_params, batch))
         for key, value in sums.items():
             total[key] = total.get(key, 0.0) + float(value)
     if not total:

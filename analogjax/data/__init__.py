@@ -7,6 +7,7 @@ import importlib
 
 _EXPORTS = {
     "BATCH_KEYS": "analogjax.data.pipeline",
+    "heldout_batches": "analogjax.data.heldout",
     "make_batch_dataset": "analogjax.data.pipeline",
     "make_batch_iterator": "analogjax.data.pipeline",
     "split_document_ids": "analogjax.data.pipeline",
