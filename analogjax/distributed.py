@@ -155,11 +155,3 @@ def is_main() -> bool:
     import jax
 
     return jax.process_index() == 0
-
-
-def describe() -> str:
-    """One line for logs: this process's place and its devices."""
-    import jax
-
-    return (f"process {jax.process_index()}/{jax.process_count()}: {jax.local_device_count()} local of "
-            f"{jax.device_count()} {jax.devices()[0].platform} devices")

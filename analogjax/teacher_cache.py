@@ -365,7 +365,7 @@ def write_cache(config: Config, path: str | Path, layout: CacheLayout, batches: 
         path.mkdir(parents=True, exist_ok=True)
         _write_json_atomically(path / PROVENANCE_FILE, meta)
     elif saved != meta:
-        different = [k for k in meta if saved.get(k) != meta[k]]
+        different = _differences(saved, meta, meta)
         raise UserError(f"{path} holds a teacher cache of another configuration (different {', '.join(different)}): "
                         "use another path or delete it")
     if jax.process_count() > 1:  # everyone sees the provenance before anyone opens (and maybe creates) arrays
@@ -440,15 +440,14 @@ def build_cache(config: Config, layout: CacheLayout, path: str | Path | None = N
     process_index/process_count default to JAX's; passing them simulates one process of a multi-process job.
     """
     from analogjax import train
-    from analogjax.data import make_batch_iterator
+    from analogjax.data import make_batch_iterator, validate
 
     path = path or config.teacher.cache
     if not path:
         raise UserError("teacher.cache: set the directory the teacher cache is written to")
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-    if config.data.global_batch % process_count:
-        raise UserError(f"data.global_batch ({config.data.global_batch}) must divide over {process_count} processes")
+    validate(config.data, vocab_size=config.model.vocab_size, process_count=process_count)  # before the teacher loads
     mesh = mesh if mesh is not None else train.build_mesh(config)
     if teacher is None:
         live = dataclasses.replace(config, teacher=dataclasses.replace(config.teacher, cache=None))

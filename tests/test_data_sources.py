@@ -203,3 +203,18 @@ def test_remote_paths_keep_their_scheme():
     assert paths.join("gs://bucket/prepared", "shard-0.array_record") == "gs://bucket/prepared/shard-0.array_record"
     assert paths.parent("gs://bucket/corpus/a.jsonl") == "gs://bucket/corpus"
     assert paths.glob_root("/data/*.jsonl") == "/data" and paths.glob_root("*.jsonl") == "."
+
+
+def test_a_large_text_file_is_cut_at_line_ends_and_each_part_read_alone(tmp_path):
+    from analogjax.data.sources import TextFilesSource
+
+    lines = [f"line {i} " + "x" * (i % 17) + "\n" for i in range(400)]
+    path = tmp_path / "book.txt"
+    path.write_text("".join(lines))
+    source = TextFilesSource(name="book", files=[str(path)], rel_names=["book.txt"], max_document_bytes=1000)
+    parts = [source[i] for i in range(len(source))]
+    assert len(parts) == -(-path.stat().st_size // 1000) > 1
+    assert "".join(parts) == path.read_text()
+    assert all(part.endswith("\n") for part in parts)
+    assert all(len(part.encode()) < 1000 + 40 for part in parts)
+    assert parts == [source[i] for i in range(len(source))]  # the cached boundaries give the same parts

@@ -131,9 +131,6 @@ def heldout_mask(keys: np.ndarray, fraction: float) -> np.ndarray:
 class JsonlSource(DocumentSource):
     """JSON Lines: one document per non-blank line, in `field` (a string or a list of token ids)."""
 
-    _record_word = "line"
-    _record_base = 1
-
     def __init__(self, *, name, files, rel_names, field: str):
         starts, lengths, line_numbers = [], [], []
         for path in files:
@@ -286,11 +283,6 @@ class TokensBinSource(DocumentSource):
         self._bounds = bounds
         self._dtypes = dtypes
 
-    def document_length(self, index: int) -> int:
-        f, r = self.locate(index)
-        starts, ends = self._bounds[f]
-        return int(ends[r] - starts[r])
-
     def _read(self, file_index, record):
         tokens = self._opened(
             "_open_maps", file_index, lambda p: np.memmap(p, dtype=self._dtypes[file_index], mode="r")
@@ -349,12 +341,19 @@ class TextFilesSource(DocumentSource):
         super().__init__(name=name, files=files, rel_names=rel_names,
                          counts=[max(1, -(-int(s) // max_document_bytes)) for s in sizes])
         self._cache: tuple[str, np.ndarray, np.dtype] | None = None
+        self._cuts: dict[int, list[int]] = {}  # a cut file's part boundaries, found once per process
 
     def read_text(self, file_index: int, record: int) -> str:
-        data = paths.read_bytes(self.files[file_index])
-        return split_text_bytes(data, self.max_document_bytes, int(self.counts[file_index]))[record].decode(
-            "utf-8", errors="replace"
-        )
+        parts = int(self.counts[file_index])
+        if parts == 1:
+            return paths.read_bytes(self.files[file_index]).decode("utf-8", errors="replace")
+        cuts = self._cuts.get(file_index)
+        if cuts is None:
+            data = paths.read_bytes(self.files[file_index])
+            cuts = self._cuts[file_index] = text_cuts(data, self.max_document_bytes, parts)
+        # Only this part is read: a book cut in k parts is not read k times per epoch.
+        data = _read_range(self, file_index, cuts[record], cuts[record + 1] - cuts[record])
+        return data.decode("utf-8", errors="replace")
 
     def attach_token_cache(self, bin_path: str, offsets: np.ndarray, dtype: np.dtype) -> None:
         if len(offsets) != len(self) + 1:
@@ -370,14 +369,15 @@ class TextFilesSource(DocumentSource):
         return tokens[int(offsets[index]):int(offsets[index + 1])]
 
 
-def split_text_bytes(data: bytes, max_bytes: int, parts: int) -> list[bytes]:
-    """Cuts `data` into `parts` pieces of about max_bytes, each ending at a line end where one is near."""
+def text_cuts(data: bytes, max_bytes: int, parts: int) -> list[int]:
+    """The `parts + 1` boundaries that cut `data` into pieces of about max_bytes, each ending at a line end where
+    one is near."""
     cuts = [0]
     for k in range(1, parts):
         newline = data.find(b"\n", k * max_bytes)
         cuts.append(max(cuts[-1], len(data) if newline < 0 else newline + 1))
     cuts.append(len(data))
-    return [data[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
+    return cuts
 
 
 # ------------------------------------------------------------------------------------------- opening
