@@ -90,13 +90,10 @@ def run(args) -> int:
 
     import jax
 
-    from analogjax import mesh as mesh_lib
     from analogjax.data import train_bpe_tokenizer
     from analogjax.data.stdlib_corpus import stdlib_texts
     from analogjax.flops import param_count
-    from analogjax.models.transformer import Transformer
-    from analogjax.step import make_eval_step
-    from analogjax.train import build_mesh, heldout_metrics, load_teacher, run_training
+    from analogjax.train import evaluate, run_training
 
     tokenizer = "bytes"
     if demo.tokenizer_vocab:
@@ -111,19 +108,16 @@ def run(args) -> int:
         _say(f"{name}: {phases[name].train.steps} steps")
         results[name] = run_training(phases[name], workdir / name, progress=progress)
 
-    # Measure analog and baseline against the teacher on the same held-out batches, at T=1.
+    # Measure analog and baseline against the teacher on the same held-out batches, at T=1, with the analog run's
+    # own eval step and teacher (the baseline has the same model, so the same shardings).
     analog_cfg = phases["analog"]
-    mesh = build_mesh(analog_cfg)
-    teacher, teacher_params = load_teacher(analog_cfg, mesh)
-    student = Transformer(analog_cfg.model)
-    eval_fn = jax.jit(make_eval_step(student, mesh_lib.STUDENT_RULES, teacher, analog_cfg.distill.chunk_size))
+    analog_run = results["analog"]["run"]
     batches = analog_cfg.train.eval_batches
     summary: dict = {"teacher": {"params": param_count(phases["teacher"].model),
                                  "heldout_ce": results["teacher"]["heldout"]["ce"]}}
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(analog_run.mesh):
         for name in ("analog", "baseline"):
-            params = results[name]["state"].params["model"]
-            m = heldout_metrics(analog_cfg, eval_fn, params, teacher_params, mesh_lib.batch_sharding(mesh), batches)
+            m = evaluate(analog_run, results[name]["state"].params["model"], batches)
             summary[name] = {"params": param_count(analog_cfg.model), "heldout_ce": m["ce"],
                              "kl_teacher": m["kl"], "agreement": m["agreement"]}
         summary["teacher"]["heldout_ce_on_eval_batches"] = m["teacher_ce"]
@@ -137,8 +131,8 @@ def run(args) -> int:
     from analogjax.release import write_release
 
     _say("writing the release bundle")
-    bundle = write_release(workdir / "analog", workdir / "release", force=True, teacher=teacher,
-                           teacher_params=teacher_params)
+    bundle = write_release(workdir / "analog", workdir / "release", force=True, teacher=analog_run.teacher,
+                           teacher_params=analog_run.teacher_params)
     if jax.process_index() == 0:
         print(f"release bundle: {bundle}")
     return 0

@@ -93,24 +93,38 @@ def export_run(path: str | Path, out_dir: str | Path, *, force: bool = False, dt
     from analogjax.models import hf
 
     hf.check_out_dir(out_dir, force)
-    config, ckpt_dir, _, step = run_config(path)
-    params = restore_student(config, ckpt_dir, eval_mesh(config), step)
-    return hf.save(params, config.model, out_dir, tokenizer=config.data.tokenizer, force=force, dtype=dtype,
-                   max_positions=config.data.seq_len)
+    config, _, _, _, params = _load_student(path)
+    return _export(config, params, out_dir, force, dtype)
 
 
 def fidelity_of_run(path: str | Path, out_dir: str | Path, *, config=None, batches: int | None = None,
                     teacher=None, teacher_params=None) -> dict[str, Any]:
     """`analogjax eval`: measure a run's student against its teacher; writes fidelity.json/.md and plots."""
-    from analogjax import fidelity
-    from analogjax.train import load_teacher
+    return _fidelity(*_load_student(path, config), out_dir, batches, teacher, teacher_params)
 
+
+def _load_student(path: str | Path, config=None):
+    """(config, workdir, step, mesh, params): the run's student restored onto an evaluation mesh. `config`
+    replaces the run's own (e.g. another data section) but must describe the same model."""
     run_cfg, ckpt_dir, workdir, step = run_config(path)
     config = config or run_cfg
     if config.model != run_cfg.model:
         raise UserError(f"{ckpt_dir} holds a student of another shape than the config's model section")
     mesh = eval_mesh(config)
-    params = restore_student(config, ckpt_dir, mesh, step)
+    return config, workdir, step, mesh, restore_student(config, ckpt_dir, mesh, step)
+
+
+def _export(config, params, out_dir, force: bool, dtype: str) -> Path:
+    from analogjax.models import hf
+
+    return hf.save(params, config.model, out_dir, tokenizer=config.data.tokenizer, force=force, dtype=dtype,
+                   max_positions=config.data.seq_len)
+
+
+def _fidelity(config, workdir, step, mesh, params, out_dir, batches, teacher, teacher_params) -> dict[str, Any]:
+    from analogjax import fidelity
+    from analogjax.train import load_teacher
+
     if teacher is None:
         teacher, teacher_params = _teacher_for_fidelity(config, mesh, load_teacher)
     report = fidelity.measure(config, params, teacher, teacher_params, mesh, batches or config.train.eval_batches)
@@ -145,10 +159,10 @@ def write_release(run_dir: str | Path, out_dir: str | Path, *, batches: int | No
     from analogjax.models import hf
 
     out = hf.check_out_dir(out_dir, force)
-    config, _, _, step = run_config(run_dir)
-    export_run(run_dir, out, force=force, dtype=dtype)
-    report = fidelity_of_run(run_dir, out / "fidelity", batches=batches, teacher=teacher,
-                             teacher_params=teacher_params)
+    student = _load_student(run_dir)  # restored once, for the export and the fidelity report both
+    config, _, step, _, params = student
+    _export(config, params, out, force, dtype)
+    report = _fidelity(*student, out / "fidelity", batches, teacher, teacher_params)
     card = model_card(config, step, report, sorted(p.name for p in (out / "fidelity").glob("*.png")))
     (out / "README.md").write_text(card)
     return out

@@ -25,16 +25,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from step import synthetic_batch, time_steps  # noqa: E402  (bench/step.py: the same batch, the same timing)
+# bench/step.py: the same model, the same batch, the same timing
+from step import BENCH_OVERRIDES, synthetic_batch, time_steps  # noqa: E402
 
-BENCH_OVERRIDES = [
-    "model.preset=bench-student",
-    "teacher.model.preset=bench-teacher",
-    "data.global_batch=8",
-    "data.seq_len=256",
-    "mesh.data=-1",
-    "distill.terms=[{kind: forward_kl, weight: 0.5}, {kind: ce, weight: 0.5}]",
-]
 # name → (layout kwargs, treatment the cached step uses)
 LAYOUTS = {
     "topk64_bf16": (dict(kind="topk", k=64), "tail_bucket"),

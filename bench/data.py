@@ -7,14 +7,13 @@ Measurements, one JSON line each:
   pipeline_pretokenized  the stdlib source (tokenized once into the cache, then read from it)
   pipeline_on_the_fly    the same documents as JSONL text, tokenized inside the pipeline (read threads)
   pipeline_on_the_fly_workers  as above with Grain worker processes
-  step                   bench/step.py's measure_step(), when that file exists
+  step                   bench/step.py's measure_step()
 and a summary line with the ratio of the slowest pipeline figure to the step's (goal: >= 10).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -45,19 +44,6 @@ def measure_pipeline(data: DataConfig, *, seconds: float, vocab_size: int) -> di
     tokens = batches * data.global_batch * data.seq_len
     return {"tokens_per_s": round(tokens / elapsed), "batches": batches, "first_batch_s": round(first_batch_s, 3),
             "packing_efficiency": round(efficiency / max(batches, 1), 4)}
-
-
-def measure_step_if_available() -> dict | None:
-    """bench/step.py's measure_step(), loaded from its file; None while that benchmark does not exist yet."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "step.py")
-    if not os.path.exists(path):
-        return None
-    spec = importlib.util.spec_from_file_location("analogjax_bench_step", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "measure_step"):
-        return None
-    return module.measure_step()
 
 
 def main(argv=None) -> int:
@@ -92,10 +78,10 @@ def main(argv=None) -> int:
         emit({"measure": name, **shape, "read_threads": data.read_threads, "worker_count": data.worker_count,
               **result})
 
-    step = measure_step_if_available()
-    if step is None:
-        emit({"measure": "step", "skipped": "bench/step.py with measure_step() is not in this checkout yet"})
-        return 0
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from step import measure_step  # bench/step.py: the step this pipeline must keep fed
+
+    step = measure_step()
     emit({"measure": "step", **step})
     slowest = min(figures.values())
     emit({"measure": "summary", "step_tokens_per_s": step["tokens_per_s"], "slowest_pipeline_tokens_per_s": slowest,
