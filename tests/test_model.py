@@ -159,3 +159,20 @@ def test_partition_specs_follow_each_models_rules(rules, expected_embed):
     # Born sharded: each device holds only its slice.
     shard = p["layers"]["mlp"]["w_gate"].addressable_shards[0].data
     assert shard.shape == (1, CFG.d_model // (2 if rules is mesh_lib.STUDENT_RULES else 4), CFG.d_ff // 2)
+
+
+def test_forward_in_pieces_equals_features():
+    """embed → block(i) for every layer → finish is the scanned forward (what stitching and steering build on)."""
+    cfg = ModelConfig(vocab_size=97, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=64, embed_scale=True,
+                      norm_offset=1.0)
+    model = Transformer(cfg)
+    params = nn.unbox(model.init_boxed(jax.random.key(0)))
+    tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, 97)
+    segments = jnp.array([[1] * 5 + [2] * 4, [1] * 9])
+    positions = jnp.array([list(range(5)) + list(range(4)), list(range(9))])
+    feats = model.features(params, tokens, segments, positions, collect_layers=True)
+    x = model.embed(params, tokens)
+    for layer in range(cfg.n_layers):
+        x = model.block(params, layer, x, segments, positions)
+        np.testing.assert_allclose(x, feats.layers_lbsd[layer], atol=1e-5)
+    np.testing.assert_allclose(model.finish(params, x), feats.hidden_bsd, atol=1e-5)

@@ -154,18 +154,10 @@ class Decoder(nn.Module):
     @nn.compact
     def __call__(self, tokens_bs, segment_ids_bs, positions_bs) -> Features:
         cfg = self.cfg
-        dtype = _dtype(cfg)
         embedding = self.param(
             "embedding", nn.with_logical_partitioning(_init, ("vocab", "embed")), (cfg.vocab_size, cfg.d_model)
         )
-        # FSDP-gather the table's width before the lookup (as for any weight); gathering from the fsdp-sharded
-        # table instead leaves the rows split over fsdp, which GSPMD can only undo by full rematerialisation.
-        table = nn.with_logical_constraint(embedding, ("vocab", None))
-        x_bsd = nn.with_logical_constraint(
-            jnp.take(table, tokens_bs, axis=0).astype(dtype), ("batch", "length", "act_embed")
-        )
-        if cfg.embed_scale:
-            x_bsd = x_bsd * jnp.asarray(cfg.d_model**0.5, dtype)
+        x_bsd = embed_tokens(cfg, embedding, tokens_bs)
         block = Block
         if cfg.remat == "block":
             # Keep only each block's input; recompute the rest in the backward pass.
@@ -185,9 +177,21 @@ class Decoder(nn.Module):
         return Features(nn.with_logical_constraint(hidden, ("batch", "length", "act_embed")), layers)
 
 
+def embed_tokens(cfg: ModelConfig, embedding_vd: jax.Array, tokens_bs: jax.Array) -> jax.Array:
+    """The residual stream's start: embedding rows of `tokens_bs` (scaled for Gemma), in the compute dtype."""
+    dtype = _dtype(cfg)
+    # FSDP-gather the table's width before the lookup (as for any weight); gathering from the fsdp-sharded
+    # table instead leaves the rows split over fsdp, which GSPMD can only undo by full rematerialisation.
+    table = nn.with_logical_constraint(embedding_vd, ("vocab", None))
+    x_bsd = nn.with_logical_constraint(jnp.take(table, tokens_bs, axis=0).astype(dtype), ("batch", "length", "act_embed"))
+    if cfg.embed_scale:
+        x_bsd = x_bsd * jnp.asarray(cfg.d_model**0.5, dtype)
+    return x_bsd
+
+
 def lm_head(params: dict, cfg: ModelConfig) -> jax.Array:
     """The [d, v] output projection (the embedding, transposed, when tied)."""
-    p = params["params"] if "params" in params else params
+    p = _tree(params)
     return p["embedding"].T if cfg.tie_embeddings else p["lm_head"]
 
 
@@ -217,9 +221,32 @@ class Transformer:
     def head(self, params) -> jax.Array:
         return lm_head(params, self.cfg)
 
+    # The forward in pieces, for analyses that read or replace the residual stream between blocks (stitching,
+    # steering, pruning importance): embed → block(0) → … → block(n-1) → finish equals `features`. Each block runs
+    # unscanned on its slice of the stacked params; fine for analysis, the training forward stays scanned.
+    def embed(self, params, tokens_bs) -> jax.Array:
+        """Token ids → the residual stream entering block 0."""
+        return embed_tokens(self.cfg, _tree(params)["embedding"], tokens_bs)
+
+    def block(self, params, layer: int, x_bsd, segment_ids_bs=None, positions_bs=None) -> jax.Array:
+        """Block `layer` (0-based) applied to the residual stream `x_bsd`."""
+        segment_ids_bs, positions_bs = _default_packing(x_bsd[..., 0], segment_ids_bs, positions_bs)
+        layer_params = jax.tree.map(lambda a: a[layer], _tree(params)["layers"])
+        out, _ = Block(self.cfg).apply({"params": layer_params}, x_bsd, segment_ids_bs, positions_bs)
+        return out
+
+    def finish(self, params, x_bsd) -> jax.Array:
+        """The residual stream after the last block → final normed hidden states (float32; `head` gives logits)."""
+        norm = RMSNorm(self.cfg.norm_eps, self.cfg.norm_offset)
+        return norm.apply({"params": _tree(params)["final_norm"]}, x_bsd).astype(jnp.float32)
+
     def __call__(self, params, tokens_bs, segment_ids_bs=None, positions_bs=None) -> jax.Array:
         """int32 tokens [b, s] → float32 logits [b, s, v]."""
         return logits(params, self.cfg, self.features(params, tokens_bs, segment_ids_bs, positions_bs).hidden_bsd)
+
+
+def _tree(params: dict) -> dict:
+    return params["params"] if "params" in params else params
 
 
 def _default_packing(tokens_bs, segment_ids_bs, positions_bs):
