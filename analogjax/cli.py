@@ -19,8 +19,9 @@ from analogjax.errors import UserError
 COMMANDS = {
     "demo": ("analogjax.demo", "the whole analog workflow on an embedded corpus, nothing downloaded"),
     "distill": ("analogjax.commands.distill", "distill a teacher into a student from a config"),
-    "prepare": ("analogjax.data.prepare", "tokenize a text corpus into shards"),
-    "compile-check": ("analogjax.compile_check", "compile the distill step for a TPU topology: memory, FLOPs, fit"),
+    "prepare": ("analogjax.commands.prepare", "tokenize a text corpus into shards"),
+    "compile-check": ("analogjax.commands.compile_check",
+                      "compile the distill step for a TPU topology: memory, FLOPs, fit"),
     "cache-teacher": ("analogjax.commands.cache_teacher", "cache a teacher's top-k or sampled logits for distill"),
     "eval": ("analogjax.commands.eval", "fidelity of an analog to its teacher: KL, agreement, ECE, CKA, plots"),
     "export": ("analogjax.commands.export", "write a run's student as a Hugging Face folder"),

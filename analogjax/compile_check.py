@@ -165,6 +165,7 @@ class Plan:
 
     @property
     def mfu(self) -> float:
+        """The roofline MFU bound: model FLOPs over the roofline step at vendor peaks. Real steps are slower."""
         gen = self.topology.generation
         return self.model_flops_per_step / (self.step_seconds * self.topology.chips * gen.peak_bf16_flops)
 
@@ -186,42 +187,53 @@ class Plan:
             "flops_per_step": self.model_flops_per_step,
             "xla_flops_per_step": self.xla_flops_per_chip * self.topology.chips,
             "tokens_per_step": self.tokens_per_step,
-            "est_step_s": self.step_seconds,
-            "est_bound_by": max(self.seconds, key=self.seconds.get),
-            "est_tokens_per_s": self.tokens_per_step / self.step_seconds,
-            "est_mfu": self.mfu,
+            "roofline_step_s": self.step_seconds,
+            "roofline_bound_by": max(self.seconds, key=self.seconds.get),
+            "roofline_tokens_per_s_bound": self.tokens_per_step / self.step_seconds,
+            "roofline_mfu_bound": self.mfu,
         }
 
 
 def compile_plan(config, topology: Topology) -> Plan:
     """Compile `config`'s distill step for `topology` and read XLA's memory and cost analyses."""
     import jax
-    import jax.numpy as jnp
 
     from analogjax import mesh as mesh_lib
     from analogjax.flops import distill_flops_per_step, forward_flops_per_token
     from analogjax.models.transformer import Transformer
     from analogjax.objective import check_distill, needs_teacher
-    from analogjax.step import make_optimizer, model_teacher
-    from analogjax.train import abstract_state, build_mesh, check_vocab, jit_distill_step
+    from analogjax.data.batch import abstract_batch
+    from analogjax.setup import abstract_state, build_mesh, check_vocab, jit_distill_step
+    from analogjax.step import make_optimizer
+    from analogjax.teacher import model_teacher
 
     check_distill(config.distill)
     mesh = build_mesh(config, devices=topology_devices(topology))
     student = Transformer(config.model)
     tx = make_optimizer(config.optim, config.train.steps)
     state, shardings = abstract_state(config, mesh, student, tx)
-    teacher, teacher_params = None, {}
-    if needs_teacher(config.distill):
+    teacher, teacher_params, cache_fields = None, {}, {}
+    if needs_teacher(config.distill) and config.teacher.cache:
+        # A cached teacher's step reads the cache's fields from the batch: compile exactly that program.
+        from analogjax.teacher import Teacher
+        from analogjax.teacher_cache import CacheLayout, cache_batch_fields, read_provenance, sparse_teacher_from_batch
+
+        saved = read_provenance(config.teacher.cache)
+        if saved is None:
+            raise UserError(f"teacher.cache: {config.teacher.cache} holds no teacher cache (its layout sets the "
+                            "batch compile-check compiles); run cache-teacher first")
+        cache_fields = cache_batch_fields(CacheLayout(**saved["layout"]))
+        teacher = Teacher(from_batch=sparse_teacher_from_batch, rules=mesh_lib.TEACHER_RULES,
+                          vocab_size=saved["vocab_size"])
+    elif needs_teacher(config.distill):
         teacher_model = Transformer(config.teacher.model)
         teacher = model_teacher(teacher_model, mesh_lib.TEACHER_RULES)
         check_vocab(config.model.vocab_size, teacher.vocab_size)
         teacher_params = mesh_lib.abstract_sharded(teacher_model.init_boxed, mesh, mesh_lib.TEACHER_RULES)
     teacher_shardings = jax.tree.map(lambda a: a.sharding, teacher_params)
     batch_sharding = mesh_lib.batch_sharding(mesh)
-    shape = (config.data.global_batch, config.data.seq_len)
-    batch = {key: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding)
-             for key in ("tokens", "segment_ids", "positions", "targets")}
-    batch["loss_mask"] = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=batch_sharding)
+    # The batch training feeds, from the one schema (data/batch.py), so this compiles the program training runs.
+    batch = abstract_batch(config.data.global_batch, config.data.seq_len, batch_sharding, cache_fields)
     step_fn = jit_distill_step(config, student, teacher, tx, shardings, teacher_shardings, batch_sharding, mesh)
     with jax.set_mesh(mesh):
         compiled = step_fn.lower(state, teacher_params, batch).compile()
@@ -229,6 +241,7 @@ def compile_plan(config, topology: Topology) -> Plan:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax returned one dict per program
     tokens = config.data.global_batch * config.data.seq_len
+    live = teacher is not None and not teacher.is_cached
     return Plan(
         topology=topology,
         mesh_shape=dict(mesh.shape),
@@ -239,11 +252,11 @@ def compile_plan(config, topology: Topology) -> Plan:
         code_bytes=int(memory.generated_code_size_in_bytes),
         xla_flops_per_chip=float(cost.get("flops", 0.0)),
         xla_bytes_accessed_per_chip=float(cost.get("bytes accessed", 0.0)),
-        model_flops_per_step=distill_flops_per_step(config.model, config.teacher.model if teacher else None,
+        model_flops_per_step=distill_flops_per_step(config.model, config.teacher.model if live else None,
                                                     tokens, config.data.seq_len),
         recompute_flops_per_step=(forward_flops_per_token(config.model, config.data.seq_len) * tokens
                                   if config.model.remat != "none" else 0.0),
-        ici_bytes_per_chip=ici_bytes_per_chip(config, dict(mesh.shape), with_teacher=teacher is not None),
+        ici_bytes_per_chip=ici_bytes_per_chip(config, dict(mesh.shape), with_teacher=live),
         tokens_per_step=tokens,
     )
 
@@ -295,36 +308,9 @@ def report(plan: Plan) -> list[str]:
         f"  XLA cost analysis x chips (may count a scanned layer body once)        {rec['xla_flops_per_step']:.3e}",
         "roofline per chip (each resource at its peak; the slowest bounds the step)",
         *(f"  {name:<8} {seconds * 1e3:10.1f} ms" for name, seconds in plan.seconds.items()),
-        f"  step     {rec['est_step_s'] * 1e3:10.1f} ms  ({rec['est_bound_by']}-bound): "
-        f"{rec['est_tokens_per_s']:.3g} tokens/s, MFU <= {rec['est_mfu']:.1%}",
+        f"  step     {rec['roofline_step_s'] * 1e3:10.1f} ms  ({rec['roofline_bound_by']}-bound): at most "
+        f"{rec['roofline_tokens_per_s_bound']:.3g} tokens/s; roofline MFU bound {rec['roofline_mfu_bound']:.1%} "
+        "(vendor peaks, perfect overlap: an upper bound, not an estimate)",
         json.dumps(rec),
     ]
     return lines
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The command
-
-
-def add_arguments(parser) -> None:
-    from analogjax.cli import add_config_arguments
-
-    add_config_arguments(parser)
-    parser.add_argument("--topology", default=None,
-                        help="TPU slice to compile for, e.g. v4-32, v5e-64, v5p-256, v6e-256 (default: the "
-                             "config's topology)")
-
-
-def run(args) -> int:
-    from analogjax.config import load_config
-
-    config = load_config(args.config, args.overrides)
-    name = args.topology or config.topology
-    if not name:
-        raise UserError("no topology: pass --topology (e.g. v5p-256) or set topology: in the config")
-    plan = compile_plan(config, parse_topology(name))
-    for line in report(plan):
-        print(line)
-    sys.stdout.flush()
-    return 0 if plan.fits else 1
-

@@ -93,7 +93,8 @@ def run(args) -> int:
     from analogjax.data import train_bpe_tokenizer
     from analogjax.data.stdlib_corpus import stdlib_texts
     from analogjax.flops import param_count
-    from analogjax.train import evaluate, run_training
+    from analogjax.setup import evaluate
+    from analogjax.train import run_training
 
     tokenizer = "bytes"
     if demo.tokenizer_vocab:

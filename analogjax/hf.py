@@ -1,15 +1,18 @@
-"""Hugging Face interop, public names: `analogjax.hf.load(path)(tokens) -> logits`, `save`, `load_params`.
+"""Hugging Face interop, public names: `analogjax.hf.load(path)(tokens) -> logits`, `save(model, out_dir)`
+(`save(load(path), out)` round-trips; a run's `result["student"]` saves the same way), `save_params`, `load_params`.
 
 The implementation lives in analogjax/models/hf.py; this module only re-exports it under a short name.
 """
 
 from analogjax.models.hf import (  # noqa: F401
     HFModel,
+    Model,
     architecture_for,
     load,
     load_params,
     model_config_from_hf,
     save,
+    save_params,
 )
 
-__all__ = ["HFModel", "architecture_for", "load", "load_params", "model_config_from_hf", "save"]
+__all__ = ["HFModel", "Model", "save_params", "architecture_for", "load", "load_params", "model_config_from_hf", "save"]

@@ -1,8 +1,10 @@
-"""Where metrics go: WORKDIR/metrics.jsonl (one object per logged step) and TensorBoard. Process 0 only."""
+"""Where metrics go: WORKDIR/metrics.jsonl (one object per logged step), TensorBoard, and the user's screen (a
+progress bar on a terminal, plain lines otherwise). Process 0 only."""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -48,3 +50,39 @@ def means(sums: dict[str, Any], count_key: str = "count") -> dict[str, float]:
 
 
 PER_STEP = ("grad_norm", "nonfinite")  # already per-step values, not sums over tokens
+
+
+class Progress:
+    """A tqdm bar when stderr is a terminal; otherwise (CI logs, files, pipes) one plain line per logged record, so
+    a log never fills with carriage-return redraws."""
+
+    _SHOWN = ("loss", "kl", "ce", "tokens_per_s", "eval_ce", "eval_kl")
+
+    def __init__(self, total: int, initial: int, desc: str, *, enabled: bool, stream=None):
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.total, self.desc = total, desc
+        self.bar = None
+        if enabled and self.stream.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, file=self.stream)
+
+    def update(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def note(self, step: int, record: dict[str, Any]) -> None:
+        """A logged record: the bar's postfix on a terminal, a line otherwise."""
+        if not self.enabled:
+            return
+        shown = {k: record[k] for k in self._SHOWN if isinstance(record.get(k), (int, float))}
+        if self.bar is not None:
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items() if k in ("loss", "tokens_per_s")})
+            return
+        values = " ".join(f"{k} {v:.4g}" for k, v in shown.items())
+        print(f"{self.desc} step {step}/{self.total} {values}", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

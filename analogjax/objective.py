@@ -130,10 +130,10 @@ def objective(
         teacher_arg = None
     elif isinstance(teacher, (TopKTeacher, SampledTeacher)):  # a cached teacher (teacher_cache.py)
         teacher_arg = teacher
-    elif teacher.head_dv is not None:
-        teacher_arg = TeacherHead(jax.lax.stop_gradient(teacher.hidden_nd), jax.lax.stop_gradient(teacher.head_dv))
+    elif teacher.head_dv is not None:  # teacher outputs arrive constant (teacher.forward stops their gradient)
+        teacher_arg = TeacherHead(teacher.hidden_nd, teacher.head_dv)
     else:
-        teacher_arg = jax.lax.stop_gradient(teacher.logits_nv)
+        teacher_arg = teacher.logits_nv
     loss_fn = fused_distill_loss if cfg.fused else plain_distill_loss
     sums = loss_fn(
         student.hidden_nd,
@@ -164,5 +164,7 @@ def objective(
         loss = loss + weights[i] * h_sum / valid_count
         metrics[f"term_{i}_{term.kind}"] = h_sum
     metrics["loss"] = loss * valid_count
-    metrics["temperature"] = temperature * valid_count  # every metric is a sum over valid tokens
+    # Every metric is a sum over valid tokens: weigh by this (micro)batch's own count, so the sums over the
+    # microbatches of an accumulated step add up to temperature × the global count, like the other metrics.
+    metrics["temperature"] = temperature * batch["loss_mask"].astype(jnp.float32).sum()
     return loss, metrics

@@ -117,16 +117,15 @@ def _load_student(path: str | Path, config=None):
 def _export(config, params, out_dir, force: bool, dtype: str) -> Path:
     from analogjax.models import hf
 
-    return hf.save(params, config.model, out_dir, tokenizer=config.data.tokenizer, force=force, dtype=dtype,
+    return hf.save_params(params, config.model, out_dir, tokenizer=config.data.tokenizer, force=force, dtype=dtype,
                    max_positions=config.data.seq_len)
 
 
 def _fidelity(config, workdir, step, mesh, params, out_dir, batches, teacher, teacher_params) -> dict[str, Any]:
     from analogjax import fidelity
-    from analogjax.train import load_teacher
 
     if teacher is None:
-        teacher, teacher_params = _teacher_for_fidelity(config, mesh, load_teacher)
+        teacher, teacher_params = _teacher_for_fidelity(config, mesh)
     report = fidelity.measure(config, params, teacher, teacher_params, mesh, batches or config.train.eval_batches)
     report["step"] = step
     metrics = workdir / "metrics.jsonl" if workdir is not None else None
@@ -134,19 +133,14 @@ def _fidelity(config, workdir, step, mesh, params, out_dir, batches, teacher, te
     return report
 
 
-def _teacher_for_fidelity(config, mesh, load_teacher):
-    import dataclasses
+def _teacher_for_fidelity(config, mesh):
+    """Fidelity always compares against the live teacher, whatever the run distilled from (even a cache or
+    nothing, for a CE-only baseline)."""
+    from analogjax.teacher import live_source_kind, load_teacher
 
-    from analogjax.config import LossTerm
-
-    if not (config.teacher.checkpoint or config.teacher.hf_path):
+    if live_source_kind(config) == "random":
         raise UserError("the run's config names no teacher.checkpoint or teacher.hf_path: nothing to compare with")
-    # load_teacher returns nothing for a CE-only objective (a baseline) and a cache reader for a cached teacher;
-    # fidelity always compares against the live teacher.
-    measured = dataclasses.replace(
-        config, teacher=dataclasses.replace(config.teacher, cache=None),
-        distill=dataclasses.replace(config.distill, terms=(LossTerm("forward_kl", 1.0),)))
-    return load_teacher(measured, mesh)
+    return load_teacher(config, mesh, live=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------

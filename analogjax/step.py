@@ -10,7 +10,6 @@ exactly over steps and hosts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -21,9 +20,8 @@ from flax import struct
 
 from analogjax.config import DistillConfig, LossTerm, OptimConfig
 from analogjax.objective import Outputs, needs_layers, objective
-
-# A bring-your-own teacher: (params, tokens, segment_ids, positions) -> float32 logits [b, s, v].
-TeacherLogitsFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
+from analogjax.teacher import Teacher
+from analogjax.teacher import forward as teacher_forward
 
 
 class TrainState(struct.PyTreeNode):
@@ -31,28 +29,6 @@ class TrainState(struct.PyTreeNode):
     params: Any  # {"model": student params, "hidden_proj": projections for hidden-state terms (if any)}
     opt_state: Any
     rng: jax.Array  # uint32[2] raw key data: checkpointable as a plain array
-
-
-@dataclass(frozen=True)
-class Teacher:
-    """A teacher as functions of its params. analogjax models give `features` (hidden + head, so the fused loss
-    never materialises the teacher's logits either); any other model gives `logits`."""
-
-    logits: TeacherLogitsFn | None = None
-    features: Callable[..., tuple[Any, jax.Array]] | None = None  # (params, tok, seg, pos, collect) -> (Features, head)
-    rules: tuple = ()  # its logical-axis rules (mesh.TEACHER_RULES for analogjax models)
-    vocab_size: int | None = None
-    # A cached teacher (teacher_cache.py): batch -> TopKTeacher | SampledTeacher read from arrays in the batch.
-    from_batch: Callable[[dict], Any] | None = None
-
-
-def model_teacher(model, rules) -> Teacher:
-    """Wrap an analogjax Transformer as a Teacher."""
-
-    def features(params, tokens, segment_ids, positions, collect_layers):
-        return model.features(params, tokens, segment_ids, positions, collect_layers), model.head(params)
-
-    return Teacher(logits=model, features=features, rules=tuple(rules), vocab_size=model.cfg.vocab_size)
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
@@ -73,23 +49,20 @@ def _flat(x_bsd: jax.Array) -> jax.Array:
 
 
 def forward_outputs(student, student_rules, teacher: Teacher | None, params, teacher_params, batch, collect_layers):
-    """Student (differentiable) and teacher (constant) outputs for one (micro)batch."""
+    """Student (differentiable) and teacher (constant: teacher.forward stops its gradient) outputs for one
+    (micro)batch, tokens flattened as the objective takes them."""
     tokens, seg, pos = batch["tokens"], batch["segment_ids"], batch["positions"]
     with nn.logical_axis_rules(list(student_rules)):
         feats = student.features(params["model"], tokens, seg, pos, collect_layers)
         s_out = Outputs(_flat(feats.hidden_bsd), student.head(params["model"]), None, feats.layers_lbsd)
     if teacher is None:
         return s_out, None
-    if teacher.from_batch is not None:
-        return s_out, jax.tree.map(jax.lax.stop_gradient, teacher.from_batch(batch))
-    with nn.logical_axis_rules(list(teacher.rules)):
-        if teacher.features is not None:
-            t_feats, t_head = teacher.features(teacher_params, tokens, seg, pos, collect_layers)
-            t_out = Outputs(_flat(t_feats.hidden_bsd), t_head, None, t_feats.layers_lbsd)
-        else:
-            logits_bsv = teacher.logits(teacher_params, tokens, seg, pos)
-            t_out = Outputs(None, None, logits_bsv.reshape(-1, logits_bsv.shape[-1]), None)
-    return s_out, jax.tree.map(jax.lax.stop_gradient, t_out)
+    t = teacher_forward(teacher, teacher_params, batch, collect_layers)
+    if teacher.is_cached:
+        return s_out, t
+    if t.hidden_bsd is not None:
+        return s_out, Outputs(_flat(t.hidden_bsd), t.head_dv, None, t.layers_lbsd)
+    return s_out, Outputs(None, None, _flat(t.logits_bsv), None)
 
 
 def make_distill_step(

@@ -1,6 +1,7 @@
-"""The loop: build → restore or init → jit once → run.
+"""The loop alone: restore or init → step → log one step late → checkpoint → evaluate. `setup.build` makes the run.
 
-Metrics of step N are read after step N+1 is dispatched, so the host never waits on the device just to log.
+Metrics of step N are read after step N+1 is dispatched (`LateMetrics`), so the host never waits on the device just
+to log.
 """
 
 from __future__ import annotations
@@ -8,205 +9,31 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
-import optax
-from jax.sharding import PartitionSpec as P
-from tqdm import tqdm
 
 from analogjax import checkpoint as ckpt_lib
-from analogjax import mesh as mesh_lib
 from analogjax.config import Config, run_identity, to_dict
-from analogjax.data import heldout_batches, make_batch_iterator, to_global_batch
+from analogjax.data import make_batch_iterator, to_global_batch
 from analogjax.errors import UserError
 from analogjax.flops import distill_flops_per_step, peak_flops_per_second
-from analogjax.hidden_matching import init_projections, projection_logical_axes
-from analogjax.metrics_log import MetricsLog, means
-from analogjax.models.transformer import Transformer
-from analogjax.objective import check_distill, needs_layers, needs_teacher
+from analogjax.metrics_log import MetricsLog, Progress, means
 from analogjax.preemption import PreemptionWatcher
-from analogjax.step import Teacher, TrainState, make_distill_step, make_eval_step, make_optimizer, model_teacher
+from analogjax.setup import Run, build, evaluate, init_state
+from analogjax.step import TrainState
+from analogjax.teacher import Teacher
 
 RUN_FILE = "run.json"
-
-
-@dataclass
-class Run:
-    """Everything built for one run; the pieces a library user may also assemble by hand."""
-
-    config: Config
-    mesh: Any
-    student: Transformer
-    teacher: Teacher | None
-    teacher_params: Any
-    state: TrainState | None  # None when built with init=False: restore_or_init makes or restores it
-    step_fn: Any  # jitted distill step
-    eval_fn: Any  # jitted eval step
-    batch_sharding: Any
-    abstract_state: TrainState  # ShapeDtypeStructs with shardings: the init and the restore target
-    tx: Any  # the optimizer
-
-    @property
-    def state_shardings(self) -> Any:
-        return jax.tree.map(lambda a: a.sharding, self.abstract_state)
-
-
-def build_mesh(config: Config, devices=None):
-    """The config's mesh over `devices` (default: all of them; compile-check passes a TPU topology's)."""
-    mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
-    mesh_lib.check_batch(config.data.global_batch, mesh, config.optim.grad_accum)
-    return mesh
-
-
-def _init_student_boxed(config: Config, student: Transformer):
-    """Boxed (logically named) student params: the model plus, for hidden-state terms, the projections."""
-    layer_map = config.distill.layer_map
-    with_proj = needs_layers(config.distill)
-
-    def init(rng):
-        model_rng, proj_rng = jax.random.split(rng)
-        params = {"model": student.init_boxed(model_rng)}
-        if with_proj:
-            proj = init_projections(layer_map, config.model.d_model, config.teacher.model.d_model, proj_rng)
-            params["hidden_proj"] = jax.tree.map(
-                lambda value, names: nn.LogicallyPartitioned(value, tuple(names)),
-                proj, projection_logical_axes(layer_map), is_leaf=lambda x: isinstance(x, P),
-            )
-        return params
-
-    return init
-
-
-def abstract_state(config: Config, mesh, student: Transformer, tx) -> tuple[TrainState, Any]:
-    """The sharded abstract train state: the init target and the restore target alike."""
-    init_boxed = _init_student_boxed(config, student)
-    abstract_params = mesh_lib.abstract_sharded(init_boxed, mesh, mesh_lib.STUDENT_RULES)
-    # Optimizer moments are shaped like the params and take the params' shardings; counters are replicated.
-    rep = mesh_lib.replicated(mesh)
-    param_shardings = jax.tree.map(lambda a: a.sharding, abstract_params)
-    abstract_opt = optax.tree_map_params(
-        tx,
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        jax.eval_shape(tx.init, abstract_params),
-        param_shardings,
-        transform_non_params=lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
-    )
-    state = TrainState(
-        step=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
-        params=abstract_params,
-        opt_state=abstract_opt,
-        rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep),
-    )
-    return state, jax.tree.map(lambda a: a.sharding, state)
-
-
-def init_state(config: Config, mesh, student: Transformer, tx, shardings) -> TrainState:
-    """A fresh state, born sharded: each device computes only its own shards."""
-    init_boxed = _init_student_boxed(config, student)
-
-    def init(seed):
-        rng = jax.random.key(seed)
-        params = nn.unbox(init_boxed(jax.random.fold_in(rng, 0)))
-        return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
-                          rng=jax.random.key_data(jax.random.fold_in(rng, 1)))
-
-    return jax.jit(init, out_shardings=shardings)(config.train.seed)
-
-
-def load_teacher(config: Config, mesh) -> tuple[Teacher | None, Any]:
-    """The configured teacher and its params, restored sharded under the teacher's own rules."""
-    if not needs_teacher(config.distill):
-        return None, None
-    if config.teacher.cache:  # distill from cached teacher outputs: nothing of the teacher is loaded
-        from analogjax.teacher_cache import cached_teacher
-
-        return cached_teacher(config), None
-    model = Transformer(config.teacher.model)
-    teacher = model_teacher(model, mesh_lib.TEACHER_RULES)
-    if config.teacher.hf_path:
-        from analogjax.models import hf
-
-        return teacher, hf.load_params(config.teacher.hf_path, config.teacher.model, mesh, mesh_lib.TEACHER_RULES)
-    if config.teacher.checkpoint:
-        abstract = mesh_lib.abstract_sharded(model.init_boxed, mesh, mesh_lib.TEACHER_RULES)
-        return teacher, ckpt_lib.restore_params(config.teacher.checkpoint, abstract)
-    if jax.process_index() == 0:  # one warning per job, not one per host
-        print("warning: no teacher.checkpoint or teacher.hf_path: the teacher is randomly initialised", file=sys.stderr)
-    params, _ = mesh_lib.init_sharded(model.init_boxed, jax.random.key(config.train.seed + 1), mesh,
-                                      mesh_lib.TEACHER_RULES)
-    return teacher, params
-
-
-def build(config: Config, teacher: Teacher | None = None, teacher_params: Any = None, mesh=None,
-          init: bool = True) -> Run:
-    """Build a run. Pass `teacher` + `teacher_params` to bring your own teacher (else the config's is loaded),
-    and `mesh` to use your own (else one is made from the config over all devices). With init=False no state is
-    materialised (a resume then never holds a fresh state beside the restored one)."""
-    check_distill(config.distill)
-    if mesh is None:
-        mesh = build_mesh(config)
-    else:
-        mesh_lib.check_batch(config.data.global_batch, mesh, config.optim.grad_accum)
-    student = Transformer(config.model)
-    if teacher is None and needs_teacher(config.distill):
-        teacher, teacher_params = load_teacher(config, mesh)
-    if teacher is not None and teacher.vocab_size is not None:
-        check_vocab(config.model.vocab_size, teacher.vocab_size)
-    tx = make_optimizer(config.optim, config.train.steps)
-    abstract, shardings = abstract_state(config, mesh, student, tx)
-    batch_sh = mesh_lib.batch_sharding(mesh)
-    # A bring-your-own teacher's params keep the shardings they were placed with on this mesh; anything else (host
-    # arrays, arrays on one device) is replicated over the mesh.
-    mesh_devices = set(mesh.devices.flat)
-
-    def on_mesh(x):
-        if isinstance(x, jax.Array) and x.sharding.device_set == mesh_devices:
-            return x
-        return jax.device_put(x, mesh_lib.replicated(mesh))
-
-    teacher_params = jax.tree.map(on_mesh, teacher_params)
-    teacher_sh = jax.tree.map(lambda a: a.sharding, teacher_params)
-    step_fn = jit_distill_step(config, student, teacher, tx, shardings, teacher_sh, batch_sh, mesh)
-    # Held-out batches are not cached: a cached teacher's run measures the student's held-out CE only.
-    eval_teacher = None if teacher is not None and teacher.from_batch is not None else teacher
-    eval_step = make_eval_step(student, mesh_lib.STUDENT_RULES, eval_teacher, config.distill.chunk_size)
-    eval_fn = jax.jit(eval_step, in_shardings=(shardings.params["model"], teacher_sh, batch_sh),
-                      out_shardings=mesh_lib.replicated(mesh))
-    state = None
-    if init:
-        with jax.set_mesh(mesh):
-            state = init_state(config, mesh, student, tx, shardings)
-    return Run(config, mesh, student, teacher, teacher_params, state, step_fn, eval_fn, batch_sh, abstract, tx)
-
-
-def jit_distill_step(config: Config, student, teacher, tx, state_shardings, teacher_shardings, batch_sharding, mesh):
-    """The config's distill step, jitted once with explicit shardings: what training runs and what compile-check
-    compiles. The state is donated: its buffers are reused for the next state, so a step never holds two copies of
-    the student."""
-    step = make_distill_step(student, mesh_lib.STUDENT_RULES, teacher, tx, config.distill, config.train.steps,
-                             config.optim.grad_accum, skip_nonfinite=config.train.nonfinite == "skip")
-    return jax.jit(step, in_shardings=(state_shardings, teacher_shardings, batch_sharding),
-                   out_shardings=(state_shardings, mesh_lib.replicated(mesh)), donate_argnums=(0,))
-
-
-def check_vocab(student_vocab: int, teacher_vocab: int) -> None:
-    """Same tokenizer, padded differently (e.g. 152064 vs 151936) is fine: the shared real range is used.
-    Anything else means different tokenizers, which token-level distillation cannot bridge."""
-    small, large = sorted((student_vocab, teacher_vocab))
-    if small != large and (large % 64 != 0 or large - small >= 1024):
-        raise UserError(f"model.vocab_size ({student_vocab}) and teacher.model.vocab_size ({teacher_vocab}) differ "
-                        "by more than padding: teacher and student must share a tokenizer")
 
 
 def _guard_workdir(workdir: Path, config: Config) -> bool:
     """A workdir belongs to one run: refuse to resume (or overwrite) one made under another model or data config,
     unless `checkpoint.allow_config_change` says so. Returns whether run.json must be (re)written, which
     `_claim_workdir` does only once the run has been built, so a refused config never leaves a workdir behind."""
+    if workdir.exists() and not workdir.is_dir():
+        raise UserError(f"--workdir {workdir} exists and is not a directory")
     run_file = workdir / RUN_FILE
     if not run_file.exists():
         return True
@@ -232,25 +59,6 @@ def check_identity(saved: dict, identity: dict, allowed: bool, where: str) -> li
               "(checkpoint.allow_config_change)", file=sys.stderr)
     return changed
 
-
-def evaluate(run: Run, params, batches: int) -> dict[str, float]:
-    """Held-out metrics at T=1 of the run's student against the run's teacher."""
-    return heldout_metrics(run.config, run.eval_fn, params, run.teacher_params, run.batch_sharding, batches)
-
-
-def heldout_metrics(config: Config, eval_fn, params, teacher_params, batch_sharding, batches: int) -> dict[str, float]:
-    """Means over `batches` batches of the held-out split (documents never trained on) of a jitted eval step."""
-    total: dict[str, float] = {}
-    for batch in heldout_batches(config.data, seed=config.train.seed, vocab_size=config.model.vocab_size,
-                                 sharding=batch_sharding, batches=batches):
-        sums = jax.device_get(eval_fn(params, teacher_params, batch))
-        for key, value in sums.items():
-            total[key] = total.get(key, 0.0) + float(value)
-    if not total:
-        raise UserError("the held-out split is empty: raise data.heldout_fraction or add documents")
-    return means(total)
-
-
 def run_training(config: Config, workdir: str | Path, *, teacher: Teacher | None = None, teacher_params: Any = None,
                  progress: bool = True) -> dict[str, Any]:
     """Train (distill, or pretrain when the objective needs no teacher) into `workdir`; returns final metrics.
@@ -266,7 +74,8 @@ def run_training(config: Config, workdir: str | Path, *, teacher: Teacher | None
     cfg = config
     data_iter = make_batch_iterator(cfg.data, split="train", seed=cfg.train.seed, vocab_size=cfg.model.vocab_size,
                                     process_index=jax.process_index(), process_count=jax.process_count())
-    if cfg.teacher.cache:  # cached teacher rows join each local batch, aligned with it step for step
+    cache_reader = None
+    if run.teacher is not None and run.teacher.is_cached:  # cached rows join each local batch, step for step
         from analogjax.teacher_cache import CacheReader
 
         cache_reader = CacheReader(cfg)
@@ -275,69 +84,41 @@ def run_training(config: Config, workdir: str | Path, *, teacher: Teacher | None
                                          async_save=ck.async_save, keep_best=ck.keep_best,
                                          best_metric=ck.best_metric, best_mode=ck.best_mode,
                                          compression=ck.compression)
-    state = restore_or_init(run, checkpointer, data_iter)
-    has_heldout = cfg.data.heldout_fraction > 0
-    start = int(jax.device_get(state.step))
-    # metrics.jsonl stays append-only, except that records of steps after the restored one (logged by a run that died
-    # before its next checkpoint) are dropped: this run logs those steps again, so each step appears exactly once.
-    logged = ckpt_lib.trim_metrics(workdir, start)
-    log = MetricsLog(workdir)
-    meta = {"config": to_dict(cfg), "identity": run_identity(cfg), "provenance": ckpt_lib.provenance(run.mesh)}
-    tokens_per_step = cfg.data.global_batch * cfg.data.seq_len
-    live_teacher = run.teacher is not None and run.teacher.from_batch is None
-    flops_per_step = distill_flops_per_step(cfg.model, cfg.teacher.model if live_teacher else None,
-                                            tokens_per_step, cfg.data.seq_len)
-    peak = peak_flops_per_second()
-    bar = tqdm(total=cfg.train.steps, initial=start, disable=not progress or jax.process_index() != 0,
-               desc="distill" if run.teacher else "train", dynamic_ncols=True)
-    # Throughput windows run between two completed steps (compilation of the first step excluded).
-    pending, window_start, window_first, last = None, time.perf_counter(), start, {}
-    # The previous step's non-finite flag, read one step late like the metrics (the device is busy meanwhile).
-    unchecked = None
-    last_saved = start if start in checkpointer.all_steps() else None
-    preempted = False
-
-    def flush(step_done, metrics):
-        nonlocal window_start, window_first, last
-        record = {"step": step_done, **means(jax.device_get(metrics))}  # blocks until that step is done
-        now = time.perf_counter()
-        dt = (now - window_start) / max(step_done - window_first, 1)
-        record.update(tokens_per_s=tokens_per_step / dt, step_s=dt, mfu=flops_per_step / dt / peak)
-        window_start, window_first, last = now, step_done, record
-        log.write(record)
-        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-
-    def check_finite(step_done, flag):
-        if float(jax.device_get(flag)) == 0.0:
-            return
-        if cfg.train.nonfinite == "skip":  # the step itself kept the previous params and optimizer state
-            print(f"warning: step {step_done}: non-finite loss or gradient; its update was skipped", file=sys.stderr)
-            return
-        raise ckpt_lib.NonFiniteError(
-            f"step {step_done}: non-finite loss or gradient; the run halted without saving it (latest checkpoint: "
-            f"{last_saved}). Lower optim.learning_rate, check the data and teacher, or set train.nonfinite=skip")
-
+    log = None
     try:
+        state = restore_or_init(run, checkpointer, data_iter)
+        has_heldout = cfg.data.heldout_fraction > 0
+        start = int(jax.device_get(state.step))
+        # metrics.jsonl stays append-only, except that records of steps after the restored one (logged by a run that
+        # died before its next checkpoint) are dropped: this run logs them again, so each step appears exactly once.
+        logged = ckpt_lib.trim_metrics(workdir, start)
+        log = MetricsLog(workdir)
+        meta = {"config": to_dict(cfg), "identity": run_identity(cfg), "provenance": ckpt_lib.provenance(run.mesh)}
+        tokens_per_step = cfg.data.global_batch * cfg.data.seq_len
+        live_teacher = run.teacher is not None and not run.teacher.is_cached
+        progress_out = Progress(cfg.train.steps, start, "distill" if run.teacher else "train",
+                                enabled=progress and jax.process_index() == 0)
+        late = LateMetrics(log, progress_out, tokens_per_step=tokens_per_step,
+                           flops_per_step=distill_flops_per_step(cfg.model, cfg.teacher.model if live_teacher else None,
+                                                                 tokens_per_step, cfg.data.seq_len),
+                           peak=peak_flops_per_second(), nonfinite=cfg.train.nonfinite)
+        late.last_saved = start if start in checkpointer.all_steps() else None
+        preempted = False
         with jax.set_mesh(run.mesh), PreemptionWatcher() as watcher:
             for step in range(start, cfg.train.steps):
                 local_batch = next(data_iter)
                 if claim:  # the config's data has produced a batch: only now does the workdir become this run's
                     _claim_workdir(workdir, config)
                     claim = False
-                if cfg.teacher.cache:
+                if cache_reader is not None:
                     local_batch = cache_reader.add_to(step, local_batch)
                 batch = to_global_batch(local_batch, run.batch_sharding)
                 state, metrics = run.step_fn(state, run.teacher_params, batch)
                 if step == start:  # keep compilation out of the throughput figures
                     jax.block_until_ready(metrics)
-                    window_start, window_first = time.perf_counter(), start + 1
-                if unchecked is not None:
-                    check_finite(*unchecked)
-                if pending is not None:  # read the previous step's metrics only now: the device is already busy
-                    flush(*pending)
+                    late.restart_window(start + 1)
                 done = step + 1
-                unchecked = (done, metrics["nonfinite"])
-                pending = (done, metrics) if done % cfg.train.log_every == 0 or done == cfg.train.steps else None
+                late.push(done, metrics, log_it=done % cfg.train.log_every == 0 or done == cfg.train.steps)
                 stop = watcher.should_stop(done)  # every step, on every host: the preemption sync point needs it
                 evaluate_now = (has_heldout and cfg.train.eval_every and done % cfg.train.eval_every == 0
                                 and done < cfg.train.steps)
@@ -345,48 +126,102 @@ def run_training(config: Config, workdir: str | Path, *, teacher: Teacher | None
                 if save_now or evaluate_now:
                     # Wait for this step: never evaluate or save a non-finite state, and write the step's records
                     # before its checkpoint, so a resume from it finds them (metrics.jsonl never loses a step).
-                    check_finite(*unchecked)
-                    unchecked = None
-                    if pending is not None:
-                        flush(*pending)
-                        pending = None
-                ranked = dict(last) if last.get("step") == done else {}
+                    late.settle()
+                ranked = late.record_of(done)
                 if evaluate_now:
                     eval_record = {f"eval_{k}": v for k, v in
                                    evaluate(run, state.params["model"], cfg.train.eval_batches).items()}
                     log.write({"step": done, **eval_record})
+                    progress_out.note(done, eval_record)
                     ranked.update(eval_record)
-                    window_start, window_first = time.perf_counter(), done
+                    late.restart_window(done)
                 if save_now:
                     # Returns once a copy of `state` to host memory is started: the next step may donate it.
                     checkpointer.save(done, state, data_iter, meta, metrics=ranked)
-                    last_saved = done
-                bar.update(1)
+                    late.last_saved = done
+                progress_out.update()
                 if stop:
                     preempted = True
                     break
-            if unchecked is not None:
-                check_finite(*unchecked)
-            if pending is not None:
-                flush(*pending)
+            late.settle()
             final_step = int(jax.device_get(state.step))
-            if last_saved != final_step:
-                checkpointer.save(final_step, state, data_iter, meta,
-                                  metrics=dict(last) if last.get("step") == final_step else {})
+            if late.last_saved != final_step:
+                checkpointer.save(final_step, state, data_iter, meta, metrics=late.record_of(final_step))
             heldout = (evaluate(run, state.params["model"], cfg.train.eval_batches)
                        if has_heldout and not preempted else {})
     finally:
         # Always let async saves finish (or fail loudly) before the interpreter shuts down.
         checkpointer.close()
-        bar.close()
+        if log is not None:
+            progress_out.close()
     if preempted:
         watcher.announce(final_step)
     # A relaunch of a finished run trains nothing and must not log its final record twice.
     elif not any(r.get("step") == final_step and "loss" not in r for r in logged):
         log.write({"step": final_step, **{f"eval_{k}": v for k, v in heldout.items()}})
     log.close()
-    return {"train": last, "heldout": heldout, "step": final_step, "state": state, "run": run,
-            "preempted": preempted}
+    return {"train": late.last, "heldout": heldout, "step": final_step, "state": state, "run": run,
+            "preempted": preempted, "student": run.student_model(state)}
+
+
+class LateMetrics:
+    """The one-step-late bookkeeping: step N's metrics and non-finite flag are read only after step N+1 has been
+    dispatched, so reading them never stalls the device. Throughput is measured over windows between completed
+    steps (compilation, evaluation and saving excluded by restarting the window)."""
+
+    def __init__(self, log: MetricsLog, progress: Progress, *, tokens_per_step: int, flops_per_step: float,
+                 peak: float, nonfinite: str):
+        self.log, self.progress = log, progress
+        self.tokens_per_step, self.flops_per_step, self.peak = tokens_per_step, flops_per_step, peak
+        self.nonfinite = nonfinite
+        self.last: dict[str, Any] = {}  # the latest logged record
+        self.last_saved: int | None = None  # named in the error when a non-finite step halts the run
+        self._unchecked: tuple | None = None  # (step, flag) of the newest step
+        self._pending: tuple | None = None  # (step, metrics) waiting to be logged
+        self.restart_window(0)
+
+    def restart_window(self, first_step: int) -> None:
+        self._window_start, self._window_first = time.perf_counter(), first_step
+
+    def push(self, done: int, metrics: dict, *, log_it: bool) -> None:
+        """Step `done` was just dispatched: settle the previous one (its device work is already queued behind)."""
+        self.settle()
+        self._unchecked = (done, metrics["nonfinite"])
+        self._pending = (done, metrics) if log_it else None
+
+    def settle(self) -> None:
+        """Wait for the newest step: check its flag, write its record if it is to be logged."""
+        if self._unchecked is not None:
+            self._check_finite(*self._unchecked)
+            self._unchecked = None
+        if self._pending is not None:
+            self._flush(*self._pending)
+            self._pending = None
+
+    def record_of(self, step: int) -> dict[str, Any]:
+        """The logged record of `step` (a copy), or {} if that step was not logged."""
+        return dict(self.last) if self.last.get("step") == step else {}
+
+    def _flush(self, step_done: int, metrics: dict) -> None:
+        record = {"step": step_done, **means(jax.device_get(metrics))}  # blocks until that step is done
+        now = time.perf_counter()
+        dt = (now - self._window_start) / max(step_done - self._window_first, 1)
+        record.update(tokens_per_s=self.tokens_per_step / dt, step_s=dt, mfu=self.flops_per_step / dt / self.peak)
+        self.restart_window(step_done)
+        self._window_start = now
+        self.last = record
+        self.log.write(record)
+        self.progress.note(step_done, record)
+
+    def _check_finite(self, step_done: int, flag) -> None:
+        if float(jax.device_get(flag)) == 0.0:
+            return
+        if self.nonfinite == "skip":  # the step itself kept the previous params and optimizer state
+            print(f"warning: step {step_done}: non-finite loss or gradient; its update was skipped", file=sys.stderr)
+            return
+        raise ckpt_lib.NonFiniteError(
+            f"step {step_done}: non-finite loss or gradient; the run halted without saving it (latest checkpoint: "
+            f"{self.last_saved}). Lower optim.learning_rate, check the data and teacher, or set train.nonfinite=skip")
 
 
 def restore_or_init(run: Run, checkpointer: ckpt_lib.Checkpointer, data_iter) -> TrainState:

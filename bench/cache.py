@@ -62,10 +62,10 @@ def measure(repeats: int, steps: int, overrides: list[str], layouts: list[str]) 
     from analogjax import mesh as mesh_lib
     from analogjax.config import load_config
     from analogjax.flops import forward_flops_per_token
-    from analogjax.step import Teacher
+    from analogjax.teacher import Teacher
     from analogjax.teacher_cache import CacheLayout, CacheReader, data_bytes_per_token, sparse_teacher_from_batch
     from analogjax.teacher_cache import write_cache
-    from analogjax.train import build
+    from analogjax.setup import build
 
     config = load_config(None, BENCH_OVERRIDES + [f"train.steps={steps}"] + list(overrides))
     seq, vocab = config.data.seq_len, config.model.vocab_size

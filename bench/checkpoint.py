@@ -42,7 +42,7 @@ def measure(trials: int, directory: Path, overrides: list[str]) -> list[dict]:
 
     from analogjax import checkpoint as ckpt_lib
     from analogjax.config import load_config
-    from analogjax.train import build
+    from analogjax.setup import build
 
     config = load_config(None, BENCH_OVERRIDES + overrides)
     run = build(config)

@@ -19,8 +19,10 @@ from analogjax import mesh as mesh_lib
 from analogjax.config import load_config
 from analogjax.errors import UserError
 from analogjax.models.transformer import Transformer
-from analogjax.step import Teacher, TrainState
-from analogjax.train import _claim_workdir, _guard_workdir, build, build_mesh, load_teacher, run_training
+from analogjax.setup import build, build_mesh
+from analogjax.step import TrainState
+from analogjax.teacher import Teacher, load_teacher
+from analogjax.train import _claim_workdir, _guard_workdir, run_training
 from synthetic import packed_batch
 
 TINY = ["model.preset=tiny", "teacher.model.preset=tiny-teacher", "data.global_batch=8", "data.seq_len=32",

@@ -19,7 +19,7 @@ import numpy as np
 from analogjax import checkpoint as ckpt_lib
 from analogjax import mesh as mesh_lib
 from analogjax.config import load_config
-from analogjax.train import build
+from analogjax.setup import build
 
 STEPS = 24
 TIMEOUT_S = 400

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from analogjax.data import DataConfig, SourceConfig, make_batch_iterator, split_document_ids
-from analogjax.data import prepare
+from analogjax.commands import prepare
 from analogjax.data.pipeline import open_sources
 from analogjax.errors import UserError
 

@@ -144,7 +144,7 @@ def _reference_losses(config, steps: int) -> dict[int, dict[str, float]]:
     """The same run on one process x 8 devices, fed what 2 processes feed: their rows concatenated in order."""
     from analogjax.data import make_batch_iterator
     from analogjax.metrics_log import means
-    from analogjax.train import build
+    from analogjax.setup import build
 
     run = build(config)
     iterators = [make_batch_iterator(config.data, split="train", seed=config.train.seed,

@@ -96,7 +96,7 @@ def test_export_loads_in_transformers_and_round_trips(kind, tmp_path):
     params = jax.tree.map(lambda x: x + 0.05 * np.random.default_rng(x.size).standard_normal(x.shape).astype(x.dtype),
                           params)
     out = tmp_path / "export"
-    hf.save(params, cfg, out, tokenizer="bytes")
+    hf.save_params(params, cfg, out, tokenizer="bytes")
     assert json.loads((out / "config.json").read_text())["architectures"] == [hf.architecture_for(cfg)[0]]
     toks = np.random.default_rng(1).integers(0, 259, (2, 10)).astype(np.int32)
     ours = np.asarray(model(params, toks))
@@ -145,4 +145,4 @@ def test_bad_inputs_are_user_errors(tmp_path):
         hf.load_params(tmp_path / "m", wrong, mesh, mesh_lib.TEACHER_RULES)
     # export never overwrites a non-empty folder
     with pytest.raises(UserError, match="not empty"):
-        hf.save({}, wrong, tmp_path / "m")
+        hf.save_params({}, wrong, tmp_path / "m")

@@ -11,7 +11,7 @@ import pytest
 from analogjax import mesh as mesh_lib
 from analogjax.config import Config, DistillConfig, LossTerm, load_config
 from analogjax.step import make_optimizer
-from analogjax.train import build
+from analogjax.setup import build
 from synthetic import packed_batch
 
 TINY = load_config(None, [

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 from analogjax.cli import add_config_arguments
+from analogjax.commands import add_job_arguments, join_job
 from analogjax.config import load_config
 
 
@@ -23,10 +24,12 @@ def add_arguments(parser) -> None:
                         help="dtype of top-k values (float32 with k = vocab is an exact dense teacher)")
     parser.add_argument("--codec", default="raw", choices=("raw", "zstd"), help="chunk compression")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_job_arguments(parser)
 
 
 def run(args) -> int:
     config = load_config(args.config, args.overrides)
+    join_job(args)
     from analogjax.teacher_cache import CacheLayout, build_cache  # heavy imports only once the config is good
 
     layout = CacheLayout(kind=args.kind, k=args.k, values_dtype=args.values_dtype, codec=args.codec)

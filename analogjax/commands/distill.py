@@ -7,6 +7,7 @@ from pathlib import Path
 
 from analogjax import distributed
 from analogjax.cli import add_config_arguments
+from analogjax.commands import add_job_arguments, join_job
 from analogjax.config import load_config
 
 
@@ -14,13 +15,12 @@ def add_arguments(parser) -> None:
     add_config_arguments(parser)
     parser.add_argument("--workdir", default=None, help="run directory (default: runs/<config name>)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    distributed.add_arguments(parser)
+    add_job_arguments(parser)
 
 
 def run(args) -> int:
     config = load_config(args.config, args.overrides)
-    # Join the multi-host job (if any) before the first JAX computation creates the backends.
-    distributed.initialize(distributed.cluster_from(args))
+    join_job(args)
     workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
     from analogjax.train import run_training  # heavy imports only once the config is known to be good
 

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from analogjax.cli import add_config_arguments
+from analogjax.commands import add_job_arguments, join_job
 
 
 def add_arguments(parser) -> None:
@@ -18,6 +19,7 @@ def add_arguments(parser) -> None:
                         "(default: runs/<config name>)")
     parser.add_argument("--out", default=None, help="report folder (default: <workdir>/fidelity)")
     parser.add_argument("--batches", type=int, default=None, help="held-out batches (default: train.eval_batches)")
+    add_job_arguments(parser)
 
 
 def run(args) -> int:
@@ -30,6 +32,7 @@ def run(args) -> int:
     if args.batches is not None and args.batches <= 0:
         raise UserError("--batches must be positive")
     ckpt_dir, workdir = resolve_run(checkpoint)
+    join_job(args)
     out = Path(args.out) if args.out else (workdir or ckpt_dir.parent) / "fidelity"
     report = fidelity_of_run(checkpoint, out, config=config, batches=args.batches)
     print(json.dumps({"out": str(out), **{k: round(v, 5) if isinstance(v, float) else v

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from analogjax.commands import add_job_arguments, join_job
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--checkpoint", required=True, help="a run's workdir or its checkpoints directory")
     parser.add_argument("--out", required=True, help="output folder (must be empty unless --force)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="weights' dtype")
+    add_job_arguments(parser)
 
 
 def run(args) -> int:
+    join_job(args)
     from analogjax.release import export_run
 
     out = export_run(args.checkpoint, args.out, force=args.force, dtype=args.dtype)

@@ -6,7 +6,9 @@ Names are imported on first use, so `analogjax prepare` (and its worker processe
 import importlib
 
 _EXPORTS = {
-    "BATCH_KEYS": "analogjax.data.pipeline",
+    "BATCH_KEYS": "analogjax.data.batch",
+    "BATCH_FIELDS": "analogjax.data.batch",
+    "abstract_batch": "analogjax.data.batch",
     "heldout_batches": "analogjax.data.heldout",
     "make_batch_dataset": "analogjax.data.pipeline",
     "make_batch_iterator": "analogjax.data.pipeline",

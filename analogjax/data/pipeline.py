@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
+from analogjax.data.batch import BATCH_FIELDS
 from analogjax.data.packing import ROW_KEYS, PackedRowsIterDataset
 from analogjax.data.sources import DocumentSource, heldout_mask, open_source
 from analogjax.data.spec import DataConfig, resolved_cache_dir, source_names, validate
@@ -24,7 +25,6 @@ from analogjax.data.stdlib_corpus import cache_tokens, stdlib_source
 from analogjax.data.tokenize import check_specials, check_vocab, check_vocab_size, encode_document, tokenizer_for
 from analogjax.errors import UserError
 
-BATCH_KEYS = ("tokens", "segment_ids", "positions", "targets", "loss_mask", "source_ids")
 SPLITS = ("train", "heldout")
 # Documents read ahead per source: enough to keep the read threads busy, bounded because one document can be large.
 _READ_AHEAD = 64
@@ -32,7 +32,7 @@ _READ_AHEAD = 64
 
 def make_batch_iterator(data: DataConfig, **where) -> grain.DatasetIterator:
     """Batches of this process's share of a split: dicts of numpy [global_batch // process_count, seq_len] arrays
-    under BATCH_KEYS. `where` takes make_batch_dataset's keywords (split, seed, vocab_size, process_index,
+    under data.batch.BATCH_KEYS. `where` takes make_batch_dataset's keywords (split, seed, vocab_size, process_index,
     process_count, num_epochs; num_epochs=None repeats forever). Checkpoint with get_state()/set_state()."""
     return iter(make_batch_dataset(data, **where))
 
@@ -255,11 +255,5 @@ class BatchFinisher:
                 f"training documents{share} does not fill its share of a {self.rows_per_batch} x {self.seq_len} "
                 "batch: add documents or lower data.global_batch / data.seq_len"
             )
-        return {
-            "tokens": batch["tokens"],
-            "segment_ids": batch["segment_ids"],
-            "positions": batch["positions"],
-            "targets": batch["targets"],
-            "loss_mask": (batch["segment_ids"] > 0).astype(np.float32),
-            "source_ids": batch["source_ids"],
-        }
+        batch["loss_mask"] = batch["segment_ids"] > 0
+        return {key: batch[key].astype(dtype, copy=False) for key, dtype in BATCH_FIELDS.items()}

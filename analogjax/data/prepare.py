@@ -1,7 +1,5 @@
-"""`analogjax prepare`: tokenize a corpus once into shards that training reads without a tokenizer in the loop.
-
-    analogjax prepare --input 'corpus/*.jsonl' --tokenizer tok.json --output data/corpus [--format arrayrecord|zarr]
-                      [--workers N]
+"""Tokenize a corpus once into shards that training reads without a tokenizer in the loop (`prepare_corpus`;
+the command is commands/prepare.py).
 
 The input is any source the pipeline reads (JSONL, Parquet, ArrayRecord, text files, tokens_bin, zarr, or
 "stdlib"). Documents are cut into contiguous ranges, one shard each, written in parallel by worker processes.
@@ -33,23 +31,9 @@ _ENCODE_BATCH = 64
 _ZARR_CHUNK = 1 << 19
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input", required=True,
-                        help='the corpus: a file, glob or directory in any source format, or "stdlib"')
-    parser.add_argument("--input-format", default="auto",
-                        help="the input's format when its extension does not say (jsonl, parquet, text, ...)")
-    parser.add_argument("--field", default="text", help="JSONL key / Parquet column holding the text")
-    parser.add_argument("--tokenizer", required=True, help='a HF tokenizer .json, a SentencePiece .model, or "bytes"')
-    parser.add_argument("--output", required=True, help="directory for the shards (created; must be empty)")
-    parser.add_argument("--format", choices=FORMATS, default="arrayrecord", help="shard format (default arrayrecord)")
-    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)),
-                        help="parallel worker processes (default: all cores)")
-    parser.add_argument("--shards", type=int, default=0, help="number of shards (default: one per worker)")
-    parser.add_argument("--no-bos", dest="add_bos", action="store_false", help="do not begin documents with BOS")
-    parser.add_argument("--no-eos", dest="add_eos", action="store_false", help="do not end documents with EOS")
-
-
-def run(args: argparse.Namespace) -> int:
+def prepare_corpus(args: argparse.Namespace) -> dict:
+    """Write the shards and analogjax_data.json for the options of `analogjax prepare` (see commands/prepare.py);
+    returns the metadata written."""
     if args.workers <= 0:
         raise UserError(f"--workers must be positive (got {args.workers})")
     if args.shards < 0:
@@ -96,8 +80,8 @@ def run(args: argparse.Namespace) -> int:
     }
     with open(os.path.join(args.output, METADATA_FILE), "w") as f:
         json.dump(metadata, f, indent=2)
-    print(f"wrote {documents} documents, {tokens} tokens in {shard_count} {args.format} shards to {args.output}")
-    return 0
+    return metadata
+
 
 
 def _open_input(args) -> DocumentSource:

@@ -28,6 +28,7 @@ import numpy as np
 
 from analogjax.errors import UserError
 from analogjax.models.config import ModelConfig
+from analogjax.models.model import Model
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -351,26 +352,17 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
     tree[path[-1]] = value
 
 
-class HFModel:
+class HFModel(Model):
     """A HF checkpoint as a callable: int32 tokens [b, s] → float32 logits [b, s, v]; params live on `mesh`."""
 
     def __init__(self, path: str | Path, *, mesh=None, rules=None):
         from analogjax import mesh as mesh_lib
-        from analogjax.models.transformer import Transformer
 
-        self.config = model_config_from_hf(path)
-        self.mesh = mesh if mesh is not None else mesh_lib.make_mesh(-1, 1, 1)
-        self.rules = tuple(rules if rules is not None else mesh_lib.TEACHER_RULES)
-        self.model = Transformer(self.config)
-        self.params = load_params(path, self.config, self.mesh, self.rules)
-        self._logits = jax.jit(self.model.__call__)
-
-    def __call__(self, tokens_bs, segment_ids_bs=None, positions_bs=None) -> jax.Array:
-        import flax.linen as nn
-
-        with jax.set_mesh(self.mesh), nn.logical_axis_rules(list(self.rules)):
-            return self._logits(self.params, jax.numpy.asarray(tokens_bs, jax.numpy.int32), segment_ids_bs,
-                                positions_bs)
+        config = model_config_from_hf(path)
+        mesh = mesh if mesh is not None else mesh_lib.make_mesh(-1, 1, 1)
+        rules = tuple(rules if rules is not None else mesh_lib.TEACHER_RULES)
+        tokenizer = str(Path(path) / "tokenizer.json") if (Path(path) / "tokenizer.json").is_file() else None
+        super().__init__(config, load_params(path, config, mesh, rules), mesh=mesh, rules=rules, tokenizer=tokenizer)
 
 
 def load(path: str | Path, *, mesh=None, rules=None) -> HFModel:
@@ -409,8 +401,19 @@ def prepare_out_dir(out_dir: str | Path, force: bool) -> Path:
     return out
 
 
-def save(params, model_cfg: ModelConfig, out_dir: str | Path, tokenizer: str | None = None, *, force: bool = False,
+def save(model: Model, out_dir: str | Path, *, tokenizer: str | None = None, force: bool = False,
          dtype: str = "float32", max_positions: int = 4096) -> Path:
+    """Write a `Model` (what `load` returns, or a run's `result["student"]`) as a HF folder; its own tokenizer is
+    written unless `tokenizer` names another. `save_params` is the same from a params tree and a ModelConfig."""
+    if not isinstance(model, Model):
+        raise UserError(f"hf.save takes a Model (hf.load's result or a run's student), got {type(model).__name__}; "
+                        "use hf.save_params(params, model_config, out_dir) for a bare params tree")
+    return save_params(model.params, model.config, out_dir, tokenizer=tokenizer or model.tokenizer, force=force,
+                       dtype=dtype, max_positions=max_positions)
+
+
+def save_params(params, model_cfg: ModelConfig, out_dir: str | Path, tokenizer: str | None = None, *,
+                force: bool = False, dtype: str = "float32", max_positions: int = 4096) -> Path:
     """Write `params` as a HF folder: model.safetensors, config.json and (for a tokenizer spec) tokenizer files.
 
     `tokenizer`: a data.tokenizer value (a HF tokenizers .json or "bytes"); None or "none" writes no tokenizer.
@@ -528,5 +531,5 @@ def folder_fingerprint(folder: str | Path, small_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["load", "load_params", "model_config_from_hf", "save", "HFModel", "architecture_for", "hf_config",
+__all__ = ["load", "load_params", "model_config_from_hf", "save", "save_params", "Model", "HFModel", "architecture_for", "hf_config",
            "tensor_maps", "byte_tokenizer_json", "folder_fingerprint", "check_out_dir", "prepare_out_dir"]

@@ -1,0 +1,152 @@
+"""The teacher room: where a teacher comes from, and the one teacher forward that everyone calls.
+
+A teacher is decided here once (`source_kind`), loaded here (`load_teacher`), and run here (`forward`): the distill
+step, the eval step, fidelity and the teacher-cache writer all call `forward`, which is also the one place its
+outputs are cut out of autodiff. Kinds:
+- `checkpoint`: an analogjax Orbax checkpoint (its params item), restored sharded under the teacher's own rules;
+- `hf`: a Hugging Face folder, read tensor by tensor onto the mesh (models/hf.py);
+- `cache`: a teacher cache (teacher_cache/): its outputs arrive with each batch, nothing of it is in memory;
+- `random`: neither path: a random init from train.seed + 1 (tests and benchmarks only);
+- bring your own: `Teacher(logits=fn)` with its params, passed to `setup.build` / `train.run_training`.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# A bring-your-own teacher: (params, tokens, segment_ids, positions) -> float32 logits [b, s, v].
+TeacherLogitsFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """A teacher as functions of its params. analogjax models give `features` (hidden + head, so the fused loss
+    never materialises the teacher's logits either); any other model gives `logits`."""
+
+    logits: TeacherLogitsFn | None = None
+    features: Callable[..., tuple[Any, jax.Array]] | None = None  # (params, tok, seg, pos, collect) -> (Features, head)
+    rules: tuple = ()  # its logical-axis rules (mesh.TEACHER_RULES for analogjax models)
+    vocab_size: int | None = None
+    # A cached teacher (teacher_cache/): batch -> TopKTeacher | SampledTeacher read from arrays in the batch.
+    from_batch: Callable[[dict], Any] | None = None
+
+    @property
+    def is_cached(self) -> bool:
+        return self.from_batch is not None
+
+
+class TeacherOutputs(NamedTuple):
+    """A live teacher's outputs on a [b, s] batch, constant (outside autodiff)."""
+
+    hidden_bsd: jax.Array | None  # final normed hidden states (analogjax models)
+    head_dv: jax.Array | None  # their LM head
+    logits_bsv: jax.Array | None  # a logits-only teacher's logits
+    layers_lbsd: jax.Array | None = None  # per-layer residual streams, when asked for
+
+    def logits(self) -> jax.Array:
+        """Float32 [b, s, v] logits (materialised: for eval-sized batches)."""
+        if self.logits_bsv is not None:
+            return self.logits_bsv.astype(jnp.float32)
+        return jnp.einsum("bsd,dv->bsv", self.hidden_bsd, self.head_dv.astype(self.hidden_bsd.dtype),
+                          preferred_element_type=jnp.float32)
+
+
+def model_teacher(model, rules) -> Teacher:
+    """Wrap an analogjax Transformer as a Teacher."""
+
+    def features(params, tokens, segment_ids, positions, collect_layers):
+        return model.features(params, tokens, segment_ids, positions, collect_layers), model.head(params)
+
+    return Teacher(logits=model, features=features, rules=tuple(rules), vocab_size=model.cfg.vocab_size)
+
+
+def forward(teacher: Teacher, params, batch: dict[str, jax.Array], collect_layers: bool = False):
+    """The teacher's outputs for a batch: TeacherOutputs for a live teacher, the sparse teacher (TopKTeacher or
+    SampledTeacher) for a cached one. Never differentiated: the gradient stops here, once, for every caller."""
+    if teacher.is_cached:
+        return jax.tree.map(jax.lax.stop_gradient, teacher.from_batch(batch))
+    tokens, seg, pos = batch["tokens"], batch["segment_ids"], batch["positions"]
+    with nn.logical_axis_rules(list(teacher.rules)):
+        if teacher.features is not None:
+            feats, head = teacher.features(params, tokens, seg, pos, collect_layers)
+            out = TeacherOutputs(feats.hidden_bsd, head, None, feats.layers_lbsd)
+        else:
+            out = TeacherOutputs(None, None, teacher.logits(params, tokens, seg, pos))
+    return jax.tree.map(jax.lax.stop_gradient, out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Where the config's teacher comes from
+
+
+def source_kind(config) -> str:
+    """How the config's teacher is given: none (a CE-only objective), cache, hf, checkpoint or random."""
+    from analogjax.objective import needs_teacher
+
+    if not needs_teacher(config.distill):
+        return "none"
+    return live_source_kind(config) if not config.teacher.cache else "cache"
+
+
+def live_source_kind(config) -> str:
+    """Where the teacher's own weights come from, whatever the objective: hf, checkpoint or random."""
+    if config.teacher.hf_path:
+        return "hf"
+    if config.teacher.checkpoint:
+        return "checkpoint"
+    return "random"
+
+
+def load_teacher(config, mesh, *, live: bool = False) -> tuple[Teacher | None, Any]:
+    """The config's teacher and its params (born sharded under the teacher's own rules).
+
+    live=False: what a run of this config distills from (None for a CE-only objective, the cache for a cached
+    teacher). live=True: the teacher model itself whatever the objective (fidelity, writing a cache)."""
+    from analogjax import mesh as mesh_lib
+    from analogjax.models.transformer import Transformer
+
+    kind = live_source_kind(config) if live else source_kind(config)
+    if kind == "none":
+        return None, None
+    if kind == "cache":  # distill from cached teacher outputs: nothing of the teacher is loaded
+        from analogjax.teacher_cache.read import cached_teacher_source
+
+        from_batch, vocab_size = cached_teacher_source(config)
+        return Teacher(from_batch=from_batch, rules=mesh_lib.TEACHER_RULES, vocab_size=vocab_size), None
+    model = Transformer(config.teacher.model)
+    teacher = model_teacher(model, mesh_lib.TEACHER_RULES)
+    if kind == "hf":
+        from analogjax.models import hf
+
+        return teacher, hf.load_params(config.teacher.hf_path, config.teacher.model, mesh, mesh_lib.TEACHER_RULES)
+    if kind == "checkpoint":
+        from analogjax.checkpoint import restore_params
+
+        abstract = mesh_lib.abstract_sharded(model.init_boxed, mesh, mesh_lib.TEACHER_RULES)
+        return teacher, restore_params(config.teacher.checkpoint, abstract)
+    if jax.process_index() == 0:  # one warning per job, not one per host
+        print("warning: no teacher.checkpoint or teacher.hf_path: the teacher is randomly initialised", file=sys.stderr)
+    params, _ = mesh_lib.init_sharded(model.init_boxed, jax.random.key(config.train.seed + 1), mesh,
+                                      mesh_lib.TEACHER_RULES)
+    return teacher, params
+
+
+def describe_signal(config, cache_layout: dict | None = None) -> str:
+    """What the student learned from, in words (the model card's recipe line)."""
+    kind = source_kind(config)
+    if kind == "none":
+        return "none: labels only (cross-entropy), no teacher signal"
+    if kind == "cache":
+        layout = cache_layout or {}
+        if layout.get("kind") == "sampled":
+            return (f"{layout.get('k', '?')} tokens per position sampled from the teacher with importance weights "
+                    "(a cached teacher)")
+        return (f"the teacher's top-{layout.get('k', '?')} logits per position, cached "
+                f"(treatment: {config.distill.topk_treatment})")
+    return "the teacher's full-vocabulary logits, computed live in each step"

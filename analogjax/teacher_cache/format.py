@@ -1,0 +1,277 @@
+"""The offline teacher: its sparse outputs over a run's packed token stream, cached once in zarr through tensorstore.
+
+A cache holds, for every token of the batches a config's run consumes (train.steps batches of the same
+`make_batch_iterator(split="train", seed=train.seed)` stream), either
+- `topk`: the teacher's k largest logits (`values`, bfloat16 or float32), their ids (`indices`, int32) and the
+  full-vocabulary logsumexp at the distillation temperature (`lse`, float32; the tail-bucket treatment needs it), or
+- `sampled`: s ids drawn from the teacher (`ids`, int32) with importance weights (`weights`, float32) for unbiased
+  sampled KD (sparse_teacher.sampled_kd).
+Every field is a zarr array [steps, global_batch, seq_len, ...]; one chunk is one step's rows of one process, so
+each process writes only its own chunks and never races another on a file. Row r of the global batch is row
+r − p·R of process p's local batch (R = global_batch / process_count), exactly how `to_global_batch` concatenates.
+
+A step counts as written only when every process's `done` marker for it is set, and a process sets its marker only
+after its data is on disk: a killed job leaves at worst unmarked chunks, which a restart (skipping marked steps)
+writes again, and which a reader refuses to use. `row_hash` (crc32 of each row's tokens and segment ids) lets the
+reader prove, row by row, that a run's batches are the cached ones. `provenance.json` beside the arrays records
+what the cache was computed from; a run whose tokenizer, corpus, seed, sequence length, packing or batch differ is
+refused with a `UserError` naming the difference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import jax.numpy as jnp
+import numpy as np
+
+from analogjax.config import Config, fingerprint, to_dict
+from analogjax.errors import UserError, check_choice
+
+FORMAT_VERSION = 1
+PROVENANCE_FILE = "provenance.json"
+KINDS = ("topk", "sampled")
+VALUE_DTYPES = ("bfloat16", "float32")
+# zarr v2 compressors; "zstd" is blosc-zstd with byte shuffle (groups the high bytes of ids and values together).
+CODECS: dict[str, dict | None] = {
+    "raw": None,
+    "zstd": {"id": "blosc", "cname": "zstd", "clevel": 5, "shuffle": 1},
+}
+# distill.topk_treatment → the sparse_teacher divergence a forward_kl (or soft_ce) term becomes with a top-k cache.
+TREATMENTS = {"tail_bucket": "topk_tail_bucket", "gathered": "topk_gathered", "renormalized": "topk_renormalized"}
+# Fields added to a batch, per kind: batch key → (array name in the cache).
+BATCH_KEYS = {
+    "topk": {"teacher_values": "values", "teacher_indices": "indices", "teacher_lse": "lse"},
+    "sampled": {"teacher_ids": "ids", "teacher_weights": "weights"},
+}
+# Bytes of a file read into the teacher-weights hash: whole small files, head and tail of large ones (hashing a
+# 140 GB checkpoint in full would cost more than a cache step; names and sizes catch a swapped file too).
+_HASH_WHOLE_BELOW = 1 << 20
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """What is stored per token. k is the number of top-k entries, or of samples for `sampled`."""
+
+    kind: str = "topk"
+    k: int = 64
+    values_dtype: str = "bfloat16"  # topk values; float32 makes k = vocab an exact dense teacher (tests)
+    codec: str = "raw"
+
+    def check(self, vocab_size: int) -> None:
+        check_choice("cache kind", self.kind, KINDS)
+        check_choice("cache values dtype", self.values_dtype, VALUE_DTYPES)
+        check_choice("cache codec", self.codec, CODECS)
+        if self.k < 1 or (self.kind == "topk" and self.k > vocab_size):
+            raise UserError(f"cache k must lie in [1, {vocab_size}] (the shared vocabulary), got {self.k}")
+
+    def fields(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """Array name → (zarr dtype, per-token shape)."""
+        if self.kind == "topk":
+            return {"values": (self.values_dtype, (self.k,)), "indices": ("int32", (self.k,)), "lse": ("float32", ())}
+        return {"ids": ("int32", (self.k,)), "weights": ("float32", (self.k,))}
+
+    def bytes_per_token(self) -> int:
+        """Uncompressed bytes per token (what the `raw` codec puts on disk)."""
+        return sum(np.dtype(_np_dtype(dtype)).itemsize * int(np.prod(shape)) for dtype, shape in self.fields().values())
+
+
+def _np_dtype(name: str):
+    return jnp.bfloat16 if name == "bfloat16" else np.dtype(name)
+
+
+
+
+def cache_batch_fields(layout: CacheLayout) -> dict[str, tuple[Any, tuple[int, ...]]]:
+    """What a cache of `layout` adds to each batch: {batch key: (dtype, per-token shape)} (data.batch's schema)."""
+    fields = layout.fields()
+    return {key: (_np_dtype(fields[name][0]), fields[name][1]) for key, name in BATCH_KEYS[layout.kind].items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Provenance
+
+
+def _hash_file_sample(digest, path: Path) -> None:
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        if size <= _HASH_WHOLE_BELOW:
+            digest.update(f.read())
+        else:
+            digest.update(f.read(_HASH_WHOLE_BELOW // 2))
+            f.seek(size - _HASH_WHOLE_BELOW // 2)
+            digest.update(f.read())
+
+
+def path_hash(path: str) -> str:
+    """A hash of a file or directory tree: relative names, sizes, and contents (head and tail of large files)."""
+    root = Path(path)
+    if not root.exists():
+        return f"path:{path}"  # remote (gs://) or missing: the name is all we can vouch for
+    digest = hashlib.sha256()
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    for file in files:
+        digest.update(f"{file.relative_to(root) if file != root else file.name}:{file.stat().st_size}\n".encode())
+        _hash_file_sample(digest, file)
+    return digest.hexdigest()[:16]
+
+
+def teacher_identity(config: Config) -> dict[str, str]:
+    teacher = config.teacher
+    source = teacher.checkpoint or teacher.hf_path
+    # Without a checkpoint the teacher is train.load_teacher's random init from train.seed + 1.
+    weights = path_hash(source) if source else f"random-init:seed={config.train.seed + 1}"
+    return {"model": fingerprint(teacher.model), "weights": weights}
+
+
+def tokenizer_identity(tokenizer: str) -> str:
+    if tokenizer in ("bytes", "none") or not Path(tokenizer).is_file():
+        return tokenizer
+    return path_hash(tokenizer)
+
+
+def shared_vocab(config: Config) -> int:
+    return min(config.model.vocab_size, config.teacher.model.vocab_size)
+
+
+def provenance(config: Config, layout: CacheLayout, process_count: int) -> dict[str, Any]:
+    """Everything a cache was computed from, as plain JSON. `check_run` compares a run's against it."""
+    data = config.data
+    return {
+        "format": FORMAT_VERSION,
+        "layout": dataclasses.asdict(layout),
+        "teacher": teacher_identity(config),
+        "tokenizer": {"spec": data.tokenizer, "hash": tokenizer_identity(data.tokenizer)},
+        "corpus": {"sources": to_dict(data.sources), "heldout_fraction": data.heldout_fraction,
+                   "add_bos": data.add_bos, "add_eos": data.add_eos, "seed": config.train.seed},
+        "seq_len": data.seq_len,
+        "global_batch": data.global_batch,
+        "packing": {"process_count": process_count, "rows_per_process": data.global_batch // process_count},
+        "steps": config.train.steps,
+        "temperature": config.distill.temperature,
+        "vocab_size": shared_vocab(config),
+    }
+
+
+# What a difference in each provenance entry means to the user, in the order they are checked.
+_MISMATCH = {
+    "format": "cache format version",
+    "tokenizer": "tokenizer (data.tokenizer)",
+    "corpus": "corpus spec or seed (data.sources, data.heldout_fraction, data.add_bos/add_eos, train.seed)",
+    "seq_len": "sequence length (data.seq_len)",
+    "global_batch": "batch (data.global_batch)",
+    "packing": "packing (the number of processes splitting each batch)",
+    "vocab_size": "shared vocabulary (model.vocab_size, teacher.model.vocab_size)",
+    "teacher": "teacher (teacher.model, teacher.checkpoint or teacher.hf_path)",
+}
+
+
+def _differences(saved: dict, expected: dict, keys: Iterable[str]) -> list[str]:
+    return [key for key in keys if saved.get(key) != expected.get(key)]
+
+
+def _describe(key: str, saved: dict, expected: dict) -> str:
+    return f"{_MISMATCH.get(key, key)}: cache has {json.dumps(saved.get(key))}, run has {json.dumps(expected.get(key))}"
+
+
+def check_run(saved: dict, config: Config, process_count: int, path: str) -> None:
+    """Refuse a cache that does not cover this run token for token (UserError naming the first difference)."""
+    expected = provenance(config, CacheLayout(**saved["layout"]), process_count)
+    for key in _differences(saved, expected, _MISMATCH):
+        raise UserError(f"teacher cache {path} does not match this run: different {_describe(key, saved, expected)}")
+    if saved["steps"] < config.train.steps:
+        raise UserError(f"teacher cache {path} covers {saved['steps']} steps but train.steps is {config.train.steps}: "
+                        "run cache-teacher with the longer train.steps")
+    kind = saved["layout"]["kind"]
+    distill = config.distill
+    check_choice("distill.topk_treatment", distill.topk_treatment, TREATMENTS)
+    # Raw top-k logits do not depend on the temperature; the logsumexp and the samples do.
+    temperature_matters = kind == "sampled" or distill.topk_treatment == "tail_bucket"
+    if temperature_matters and (distill.temperature != saved["temperature"] or
+                                distill.final_temperature not in (None, saved["temperature"])):
+        raise UserError(f"teacher cache {path} was computed at temperature {saved['temperature']}, the run uses "
+                        f"distill.temperature {distill.temperature} (final {distill.final_temperature}); a {kind} "
+                        f"cache{' with the tail_bucket treatment' if kind == 'topk' else ''} needs the same fixed one")
+    for i, term in enumerate(distill.terms):
+        if term.kind not in ("ce", "forward_kl", "soft_ce"):
+            raise UserError(f"distill.terms[{i}].kind: {term.kind} needs the teacher's full outputs; a teacher cache "
+                            "supports forward_kl (or soft_ce) and ce")
+
+
+def read_provenance(path: str | Path) -> dict | None:
+    file = Path(path) / PROVENANCE_FILE
+    return json.loads(file.read_text()) if file.is_file() else None
+
+
+def _write_json_atomically(file: Path, value: dict) -> None:
+    tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(value, indent=2, sort_keys=True))
+    os.replace(tmp, file)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Storage
+
+
+def _spec(path: Path, name: str, shape, chunks, dtype: str, codec: str | None) -> dict:
+    return {
+        "driver": "zarr",
+        "kvstore": {"driver": "file", "path": str(path / name)},
+        "metadata": {"shape": list(shape), "chunks": list(chunks), "dtype": _zarr_dtype(dtype),
+                     "compressor": CODECS[codec] if codec else None, "fill_value": 0},
+    }
+
+
+def _zarr_dtype(name: str) -> str:
+    return {"bfloat16": "bfloat16", "float32": "<f4", "int32": "<i4", "uint32": "<u4", "uint8": "|u1"}[name]
+
+
+def row_hashes(batch: dict[str, np.ndarray]) -> np.ndarray:
+    """crc32 per row of its tokens and segment ids: the identity of a packed row."""
+    tokens = np.ascontiguousarray(batch["tokens"], np.int32)
+    segments = np.ascontiguousarray(batch["segment_ids"], np.int32)
+    return np.array([zlib.crc32(segments[r].tobytes(), zlib.crc32(tokens[r].tobytes())) for r in range(len(tokens))],
+                    np.uint32)
+
+
+class _Store:
+    """The cache's arrays: one per field, plus row_hash [steps, B] and done [steps, processes]."""
+
+    def __init__(self, path: Path, meta: dict, *, create: bool):
+        import tensorstore as ts
+
+        self.path = path
+        layout = CacheLayout(**meta["layout"])
+        steps, batch, seq = meta["steps"], meta["global_batch"], meta["seq_len"]
+        processes, rows = meta["packing"]["process_count"], meta["packing"]["rows_per_process"]
+        mode = dict(create=True, open=True) if create else dict(open=True)
+        self.fields = {}
+        for name, (dtype, per_token) in layout.fields().items():
+            spec = _spec(path, name, (steps, batch, seq, *per_token), (1, rows, seq, *per_token), dtype, layout.codec)
+            self.fields[name] = ts.open(spec, **mode)
+        self.fields = {name: future.result() for name, future in self.fields.items()}
+        self.row_hash = ts.open(_spec(path, "row_hash", (steps, batch), (1, rows), "uint32", "raw"), **mode).result()
+        # One file per marker: processes never rewrite each other's chunks.
+        self.done = ts.open(_spec(path, "done", (steps, processes), (1, 1), "uint8", "raw"), **mode).result()
+        self.rows = rows
+
+    def finished_steps(self) -> np.ndarray:
+        """[steps] bool: every process's part of the step is on disk."""
+        return self.done.read().result().astype(bool).all(axis=1)
+
+
+def data_bytes_per_token(path: str | Path) -> float:
+    """Bytes on disk of the per-token fields (chunk files, compression included) per cached token."""
+    path = Path(path)
+    meta = read_provenance(path)
+    tokens = meta["steps"] * meta["global_batch"] * meta["seq_len"]
+    total = sum(f.stat().st_size for name in CacheLayout(**meta["layout"]).fields()
+                for f in (path / name).iterdir() if not f.name.startswith("."))
+    return total / tokens

@@ -1,0 +1,84 @@
+"""Reading a teacher cache: each process's rows of a step, checked against the run, joined to its batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from analogjax.config import Config
+from analogjax.errors import UserError
+from analogjax.sparse_teacher import SampledTeacher, TopKTeacher
+from analogjax.teacher_cache.format import BATCH_KEYS, _Store, check_run, read_provenance, row_hashes
+
+
+def sparse_teacher_from_batch(batch: dict[str, jax.Array]) -> TopKTeacher | SampledTeacher:
+    """The cached teacher rows of a (global, sharded) batch, tokens flattened like the student's hidden states."""
+    def flat(x):
+        return x.reshape(-1, *x.shape[2:])
+
+    if "teacher_values" in batch:
+        return TopKTeacher(flat(batch["teacher_values"]), flat(batch["teacher_indices"]), flat(batch["teacher_lse"]))
+    return SampledTeacher(flat(batch["teacher_ids"]), flat(batch["teacher_weights"]))
+
+
+def cached_teacher_source(config: Config):
+    """(batch -> sparse teacher, shared vocabulary) of the config's teacher.cache, checked against the run: what
+    teacher.load_teacher wraps as a cached Teacher (nothing of the teacher is in memory)."""
+    saved = read_provenance(config.teacher.cache)
+    if saved is None:
+        raise UserError(f"teacher.cache: {config.teacher.cache} holds no teacher cache (run cache-teacher first)")
+    check_run(saved, config, jax.process_count(), config.teacher.cache)
+    return sparse_teacher_from_batch, saved["vocab_size"]
+
+
+class CacheReader:
+    """This process's rows of the cache, step by step, checked against the run and prefetched one step ahead."""
+
+    def __init__(self, config: Config, *, process_index: int | None = None, process_count: int | None = None):
+        path = config.teacher.cache
+        self.path = Path(path)
+        saved = read_provenance(self.path)
+        if saved is None:
+            raise UserError(f"teacher.cache: {path} holds no teacher cache (run cache-teacher first)")
+        self.process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+        check_run(saved, config, process_count, path)
+        self.store = _Store(self.path, saved, create=False)
+        unfinished = np.flatnonzero(~self.store.finished_steps()[: config.train.steps])
+        if unfinished.size:
+            raise UserError(f"teacher cache {path} is incomplete: step {int(unfinished[0])} (and "
+                            f"{unfinished.size - 1} more) not finished; run cache-teacher again to complete it")
+        self.keys = BATCH_KEYS[saved["layout"]["kind"]]
+        self._prefetched: tuple[int, dict] | None = None
+
+    def _start(self, step: int) -> dict:
+        start = self.process_index * self.store.rows
+        region = np.s_[step, start:start + self.store.rows]
+        reads = {key: self.store.fields[name][region].read() for key, name in self.keys.items()}
+        reads["row_hash"] = self.store.row_hash[region].read()
+        return reads
+
+    def add_to(self, step: int, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """`batch` (this process's rows of step `step`) with the cached teacher arrays added."""
+        reads = self._prefetched[1] if self._prefetched and self._prefetched[0] == step else self._start(step)
+        if step + 1 < self.store.done.shape[0]:
+            self._prefetched = (step + 1, self._start(step + 1))
+        arrays = {key: future.result() for key, future in reads.items()}
+        cached_hash = arrays.pop("row_hash")
+        mismatch = np.flatnonzero(cached_hash != row_hashes(batch))
+        if mismatch.size:
+            row = self.process_index * self.store.rows + int(mismatch[0])
+            raise UserError(f"teacher cache {self.path}: step {step}, row {row} holds other tokens than this run's "
+                            "batch: the corpus files changed since the cache was written; rebuild the cache")
+        return {**batch, **{key: np.asarray(value) for key, value in arrays.items()}}
+
+
+def read_arrays(path: str | Path) -> dict[str, np.ndarray]:
+    """Every array of a cache, whole (for tests and inspection of small caches)."""
+    path = Path(path)
+    store = _Store(path, read_provenance(path), create=False)
+    arrays = {name: array.read().result() for name, array in store.fields.items()}
+    return {**arrays, "row_hash": store.row_hash.read().result(), "done": store.done.read().result()}
+
