@@ -42,7 +42,18 @@ def test_demo_yaml_is_the_embedded_default():
 
 
 def test_every_shipped_config_loads():
-    for path in sorted((ROOT / "configs").glob("*.yaml")):
-        if path.name == "demo.yaml":
-            continue
+    paths = sorted(p for p in (ROOT / "configs").glob("*.yaml") if p.name != "demo.yaml")
+    # An empty configs/ must fail here, not pass vacuously: these are the configs README and launch/ name.
+    assert {"tiny.yaml", "pod_rehearsal_cpu.yaml"} <= {p.name for p in paths}
+    for path in paths:
         load_config(path)
+
+
+def test_default_token_cache_is_inside_the_test_session_tmp():
+    """Tests never write to the user's home: the token cache's default lies under the session's temporary root."""
+    import os
+    import tempfile
+
+    from analogjax.data.spec import DataConfig, resolved_cache_dir
+
+    assert os.path.realpath(resolved_cache_dir(DataConfig())).startswith(os.path.realpath(tempfile.gettempdir()))

@@ -40,3 +40,23 @@ def test_notebook_executes_on_cpu(tmp_path, monkeypatch):
         assert name in table
     assert (workdir / "summary.json").exists()
     assert (workdir / "loss_curves.png").stat().st_size > 0
+
+
+def test_install_cell_installs_the_clone_it_was_opened_from(monkeypatch):
+    """Opened from a clone (Jupyter's cwd is notebooks/), the install cell pip-installs that checkout; it names no
+    placeholder repository."""
+    import importlib.util
+    import subprocess
+
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    cell = next(c for c in notebook.cells if c.cell_type == "code" and "pip" in c.source)
+    assert "YOUR_ORG" not in cell.source and "git+" not in cell.source
+    calls = []
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "analogjax" else real_find_spec(name, *a))
+    monkeypatch.setattr(subprocess, "check_call", lambda cmd, *a, **k: calls.append(cmd))
+    monkeypatch.delenv("ANALOGJAX_SOURCE", raising=False)
+    monkeypatch.chdir(NOTEBOOK.parent)
+    exec(compile(cell.source, "install-cell", "exec"), {})
+    assert len(calls) == 1 and calls[0][-1] == str(NOTEBOOK.parent.parent.resolve())

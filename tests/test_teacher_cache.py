@@ -14,6 +14,7 @@ from analogjax import mesh as mesh_lib
 from analogjax.config import load_config
 from analogjax.data import make_batch_iterator
 from analogjax.errors import UserError
+from analogjax.teacher import load_teacher
 from analogjax.teacher_cache import (
     CacheLayout, CacheReader, build_cache, data_bytes_per_token, read_arrays, read_provenance, write_cache,
 )
@@ -45,7 +46,7 @@ def _config(corpus, **kwargs):
 
 
 def _teacher(config, mesh):
-    return train.load_teacher(config, mesh)
+    return load_teacher(config, mesh)
 
 
 @pytest.mark.parametrize("kind", ["topk", "sampled"])
