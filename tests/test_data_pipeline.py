@@ -42,6 +42,12 @@ def test_batch_layout_and_semantics(tmp_path):
     data = _config(SourceConfig(path=str(tmp_path / "c.bin"), dtype="uint16"))
     batch = next(make_batch_iterator(data, split="train", seed=0, vocab_size=VOCAB))
     assert list(batch) == list(BATCH_KEYS)
+    # The one schema (data/batch.py), which compile-check's abstract batch is built from, is what the pipeline yields.
+    from analogjax.data.batch import BATCH_FIELDS, abstract_batch
+
+    assert {k: v.dtype for k, v in batch.items()} == BATCH_FIELDS
+    abstract = abstract_batch(2, 16, None)
+    assert {k: (v.dtype, v.shape) for k, v in abstract.items()} == {k: (d, (2, 16)) for k, d in BATCH_FIELDS.items()}
     for key in BATCH_KEYS:
         assert batch[key].shape == (4, 16)
         assert batch[key].dtype == (np.float32 if key == "loss_mask" else np.int32)

@@ -85,6 +85,9 @@ def test_gradient_accumulation_equals_full_batch():
     _, acc_state, acc = _one_step(accum, mesh, batch)
     np.testing.assert_allclose(acc["loss"], full["loss"], rtol=1e-5)
     np.testing.assert_allclose(acc["grad_norm"], full["grad_norm"], rtol=1e-5)
+    # Per-token metrics average to the same value: the logged temperature is T, not grad_accum × T.
+    for metrics in (full, acc):
+        np.testing.assert_allclose(metrics["temperature"] / metrics["count"], TINY.distill.temperature, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=ADAM_ATOL), acc_state.params,
                  full_state.params)
 
