@@ -6,10 +6,11 @@ The implementation lives in analogjax/models/hf.py; this module only re-exports 
 from analogjax.models.hf import (  # noqa: F401
     HFModel,
     architecture_for,
+    config_from_hf_dict,
     load,
     load_params,
     model_config_from_hf,
     save,
 )
 
-__all__ = ["HFModel", "architecture_for", "load", "load_params", "model_config_from_hf", "save"]
+__all__ = ["HFModel", "architecture_for", "config_from_hf_dict", "load", "load_params", "model_config_from_hf", "save"]
