@@ -195,3 +195,19 @@ def test_like_teacher_student_exports_under_the_teachers_architecture(tmp_path):
     with pytest.raises(UserError, match="model.vocab_size"):
         load_config(None, [f"teacher.hf_path={tmp_path / 'teacher'}", "model.like_teacher.n_layers=2",
                            "model.vocab_size=7"])
+
+
+def test_hidden_state_callers_must_apply_the_final_softcap():
+    """Logits built from hidden states · head skip Gemma 2's final soft-cap: such callers are refused unless they
+    say they apply it (model(...) and hf.load apply it themselves)."""
+    from analogjax.models.config import ModelConfig
+
+    cfg = ModelConfig(vocab_size=VOCAB, d_model=16, n_layers=1, n_heads=2, d_ff=24, final_softcap=2.0)
+    model = Transformer(cfg)
+    params = __import__("flax").linen.unbox(model.init_boxed(jax.random.key(0)))
+    toks = np.zeros((1, 4), np.int32)
+    with pytest.raises(UserError, match="final_softcap"):
+        model.features(params, toks)
+    hidden = model.features(params, toks, applies_final_softcap=True).hidden_bsd
+    capped = np.tanh(np.asarray(hidden @ model.head(params)) / 2.0) * 2.0
+    np.testing.assert_allclose(model(params, toks), capped, atol=1e-5)

@@ -70,7 +70,8 @@ class ModelConfig:
     # Where the block's RMSNorms sit. pre: x + f(norm(x)) (Llama). sandwich: x + post_norm(f(norm(x))) (Gemma 2/3).
     # post: x + post_norm(f(x)) (OLMo 2).
     norm_placement: str = "pre"
-    qk_norm_scope: str = "head"  # head: each head normed alone (Qwen3, Gemma 3) | all_heads: one norm over h·e (OLMo 2)
+    # head: each head normed alone (Qwen3, Gemma 3) | all_heads: one norm over h·e (OLMo 2)
+    qk_norm_scope: str = "head"
     # Sliding-window attention: a query at position i sees keys at positions (i - sliding_window, i]. 0 = none.
     sliding_window: int = 0
     # Attention kind per layer, repeated cyclically over the layers ("sliding" / "full"). Empty: every layer is

@@ -153,12 +153,14 @@ def _rope(params: dict, hf: dict, model_type: str, refuse) -> tuple[float | None
         refuse(f"RoPE type {kind!r} without a factor")
     extra = {}
     if kind == "llama3":
-        extra = dict(low_freq_factor=float(params["low_freq_factor"]), high_freq_factor=float(params["high_freq_factor"]))
+        extra = dict(low_freq_factor=float(params["low_freq_factor"]),
+                     high_freq_factor=float(params["high_freq_factor"]))
     if kind == "yarn":
         extra = dict(beta_fast=float(params.get("beta_fast") or 32), beta_slow=float(params.get("beta_slow") or 1),
                      truncate=bool(params.get("truncate", True)),
                      attention_factor=float(params.get("attention_factor") or 0.0),
-                     mscale=float(params.get("mscale") or 0.0), mscale_all_dim=float(params.get("mscale_all_dim") or 0.0))
+                     mscale=float(params.get("mscale") or 0.0),
+                     mscale_all_dim=float(params.get("mscale_all_dim") or 0.0))
     scaling = RopeScaling(kind=kind, factor=float(factor), original_max_positions=original if kind != "linear" else 0,
                           **extra)
     return theta, scaling
@@ -199,7 +201,7 @@ def config_from_hf_dict(hf: dict, where: str = "config.json") -> ModelConfig:
         heads, layers = int(hf["num_attention_heads"]), int(hf["num_hidden_layers"])
         head_dim = int(hf.get("head_dim") or 0)
         if gemma and not head_dim:
-            head_dim = 256 if model_type != "gemma" else 256  # transformers' Gemma default
+            head_dim = 256  # the Gemma configs' default
         if head_dim * heads == int(hf["hidden_size"]):
             head_dim = 0  # our spelling of "d_model // n_heads", so configs compare equal after a round trip
         if model_type in ("qwen2", "phi3", "olmo2") and head_dim and head_dim * heads != int(hf["hidden_size"]):
@@ -326,7 +328,8 @@ def architecture_for(cfg: ModelConfig) -> tuple[str, str]:
     set, else implied by the fields); UserError when that class cannot express some field."""
     arch = _infer_architecture(cfg)
     if arch not in ARCHITECTURES:
-        raise UserError(f"model.hf_architecture {arch!r} is not one analogjax writes (known: {', '.join(ARCHITECTURES)})")
+        raise UserError(f"model.hf_architecture {arch!r} is not one analogjax writes "
+                        f"(known: {', '.join(ARCHITECTURES)})")
     # Exactness check: the config.json we would write must read back to this very config.
     back = config_from_hf_dict(_hf_config_for(cfg, arch, "float32", 4096, {}), f"export as {arch}")
     strip = {name: getattr(ModelConfig(), name) for name in _NOT_ARCHITECTURE}
@@ -815,5 +818,5 @@ def folder_fingerprint(folder: str | Path, small_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["load", "load_params", "model_config_from_hf", "config_from_hf_dict", "save", "HFModel", "architecture_for", "hf_config",
-           "tensor_maps", "byte_tokenizer_json", "folder_fingerprint", "check_out_dir", "prepare_out_dir"]
+__all__ = ["load", "load_params", "model_config_from_hf", "config_from_hf_dict", "save", "HFModel", "architecture_for",
+           "hf_config", "tensor_maps", "byte_tokenizer_json", "folder_fingerprint", "check_out_dir", "prepare_out_dir"]

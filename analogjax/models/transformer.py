@@ -275,8 +275,8 @@ class Transformer:
         return lm_head(params, self.cfg)
 
     # The forward in pieces, for analyses that read or replace the residual stream between blocks (stitching,
-    # steering, pruning importance): embed → block(0) → … → block(n-1) → finish equals `features`. Each block runs
-    # unscanned on its slice of the stacked params; fine for analysis, the training forward stays scanned.
+    # steering, pruning importance): embed → block(0) → … → block(n-1) → finish equals `features`. Each block
+    # runs unscanned on its slice of the stacked params; fine for analysis, the training forward stays scanned.
     def embed(self, params, tokens_bs) -> jax.Array:
         """Token ids → the residual stream entering block 0."""
         return embed_tokens(self.cfg, _tree(params)["embedding"], tokens_bs)
