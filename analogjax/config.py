@@ -20,7 +20,7 @@ import yaml
 
 from analogjax.data.spec import DataConfig, validate as validate_data
 from analogjax.errors import UserError, check_choice
-from analogjax.models.config import ModelConfig
+from analogjax.models.config import SIZE_FIELDS, ModelConfig
 from analogjax.models.presets import PRESETS
 
 
@@ -166,6 +166,29 @@ class Config:
     def check(self, prefix: str) -> None:
         validate_data(self.data, vocab_size=self.model.vocab_size)
 
+    @classmethod
+    def from_preset_dict(cls, raw: dict, prefix: str) -> dict:
+        """`model: {like_teacher: {n_layers: 8, d_model: 1024, ...}}`: the student is the resolved teacher model
+        (family, norms, RoPE, attention pattern, activation, vocabulary) with only its size fields replaced."""
+        model = raw.get("model")
+        if not (isinstance(model, dict) and "like_teacher" in model):
+            return raw
+        key = _join(prefix, "model")
+        others = sorted(set(model) - {"like_teacher"})
+        if others:
+            raise UserError(f"{key}.{others[0]}: with {key}.like_teacher every field but the size comes from the "
+                            f"teacher; size fields go inside like_teacher ({', '.join(SIZE_FIELDS)})")
+        sizes = model["like_teacher"] or {}
+        if not isinstance(sizes, dict):
+            raise UserError(f"{key}.like_teacher: expected a mapping of size fields, got {sizes!r}")
+        for name in sizes:
+            if name not in SIZE_FIELDS:
+                raise UserError(f"{key}.like_teacher.{name}: only size fields may differ from the teacher "
+                                f"({', '.join(SIZE_FIELDS)})")
+        teacher = from_dict(TeacherConfig, raw.get("teacher", {}), _join(prefix, "teacher"))
+        shape = {k: v for k, v in to_dict(teacher.model).items() if k != "preset"}
+        return {**raw, "model": {**shape, **sizes}}
+
 
 def _positive(obj, prefix: str, *names: str) -> None:
     for name in names:
@@ -234,8 +257,8 @@ def _onto_field_defaults(cls: type, raw: dict) -> dict:
     merged = dict(raw)
     for f in dataclasses.fields(cls):
         value = raw.get(f.name)
-        if not isinstance(value, dict) or "preset" in value:
-            continue
+        if not isinstance(value, dict) or "preset" in value or "like_teacher" in value:
+            continue  # a preset or the teacher (Config.from_preset_dict) fills the gaps instead
         if f.default is not dataclasses.MISSING:
             default = f.default
         elif f.default_factory is not dataclasses.MISSING:

@@ -8,6 +8,7 @@ from analogjax.models.hf import (  # noqa: F401
     HFModel,
     Model,
     architecture_for,
+    config_from_hf_dict,
     load,
     load_params,
     model_config_from_hf,
@@ -15,4 +16,5 @@ from analogjax.models.hf import (  # noqa: F401
     save_params,
 )
 
-__all__ = ["HFModel", "Model", "save_params", "architecture_for", "load", "load_params", "model_config_from_hf", "save"]
+__all__ = ["HFModel", "Model", "architecture_for", "config_from_hf_dict", "load", "load_params",
+           "model_config_from_hf", "save", "save_params"]

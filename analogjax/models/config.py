@@ -1,11 +1,49 @@
-"""The decoder's shape. Presets name real shapes; YAML may start from a preset and override single fields."""
+"""The decoder's shape, and the named presets. YAML may start from a preset and override single fields.
+
+Every architecture option defaults to off (the plain Llama decoder); each one is a static field, so the forward
+branches on it in Python and the plain path compiles to exactly what it did before the option existed.
+Per-layer differences (sliding/full attention, local/global RoPE) are described here once (`layer_kinds`) and
+become per-layer arrays inside the scanned stack (transformer.py), never separate code per layer.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from analogjax.errors import UserError, check_choice
+
+FULL, SLIDING = "full", "sliding"  # the two attention kinds a layer can have
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling for long context, as transformers' modeling_rope_utils computes it.
+
+    kind: none | linear (frequencies / factor) | llama3 (Llama 3.1+: long wavelengths / factor, short kept, smooth
+    between) | yarn (ramped interpolation, plus an attention factor on cos/sin).
+    """
+
+    kind: str = "none"
+    factor: float = 1.0
+    original_max_positions: int = 0  # llama3, yarn: the pretraining context length
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    truncate: bool = True  # yarn: floor/ceil the correction range
+    attention_factor: float = 0.0  # yarn: cos/sin multiplier; 0 = derived from factor (and mscale, mscale_all_dim)
+    mscale: float = 0.0  # yarn (DeepSeek style); 0 = unset
+    mscale_all_dim: float = 0.0  # yarn; 0 = unset
+
+    def check(self, prefix: str) -> None:
+        check_choice(f"{prefix}.kind", self.kind, ("none", "linear", "llama3", "yarn"))
+        if self.kind != "none" and self.factor <= 0:
+            raise UserError(f"{prefix}.factor must be positive, got {self.factor}")
+        if self.kind in ("llama3", "yarn") and self.original_max_positions <= 0:
+            raise UserError(f"{prefix}.original_max_positions must be positive for {self.kind} scaling")
+        if self.kind == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+            raise UserError(f"{prefix}.high_freq_factor must exceed low_freq_factor")
 
 
 @dataclass(frozen=True)
@@ -23,11 +61,30 @@ class ModelConfig:
     tie_embeddings: bool = False
     activation: str = "silu"  # silu (Llama, Qwen, Mistral) | gelu_tanh (Gemma)
     qkv_bias: bool = False  # Qwen2
-    qk_norm: bool = False  # Qwen3: RMSNorm on each head's queries and keys
+    qk_norm: bool = False  # Qwen3, Gemma 3, OLMo 2: RMSNorm on queries and keys before RoPE
     embed_scale: bool = False  # Gemma: embeddings times sqrt(d_model)
     norm_offset: float = 0.0  # Gemma: RMSNorm scales by (offset + weight), offset 1
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
     remat: str = "none"  # none | block (recompute each block's activations in the backward pass)
+    # --- architecture options of newer families; every default is the plain Llama decoder ---
+    # Where the block's RMSNorms sit. pre: x + f(norm(x)) (Llama). sandwich: x + post_norm(f(norm(x))) (Gemma 2/3).
+    # post: x + post_norm(f(x)) (OLMo 2).
+    norm_placement: str = "pre"
+    # head: each head normed alone (Qwen3, Gemma 3) | all_heads: one norm over h·e (OLMo 2)
+    qk_norm_scope: str = "head"
+    # Sliding-window attention: a query at position i sees keys at positions (i - sliding_window, i]. 0 = none.
+    sliding_window: int = 0
+    # Attention kind per layer, repeated cyclically over the layers ("sliding" / "full"). Empty: every layer is
+    # sliding when sliding_window > 0, else full. Gemma 2: [sliding, full]; Gemma 3: 5 × sliding then full.
+    layer_pattern: tuple[str, ...] = ()
+    local_rope_theta: float = 0.0  # RoPE base of sliding layers, unscaled (Gemma 3: 10k); 0 = as the full layers
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    attn_softcap: float = 0.0  # attention logits → cap·tanh(logits/cap) before the mask (Gemma 2: 50); 0 = off
+    final_softcap: float = 0.0  # output logits → cap·tanh(logits/cap) (Gemma 2: 30); 0 = off
+    query_scalar: float = 0.0  # scores scale by query_scalar^-0.5 (Gemma's query_pre_attn_scalar); 0 = head dim
+    # The Hugging Face architecture export writes (e.g. Phi3ForCausalLM, whose fused weights compute what Llama's
+    # do). Empty: the architecture the other fields imply (hf.architecture_for).
+    hf_architecture: str = ""
 
     @property
     def kv_heads(self) -> int:
@@ -37,13 +94,24 @@ class ModelConfig:
     def dim_per_head(self) -> int:
         return self.head_dim or self.d_model // self.n_heads
 
+    @property
+    def layer_kinds(self) -> tuple[str, ...]:
+        """Each layer's attention kind (FULL or SLIDING)."""
+        if self.layer_pattern:
+            return tuple(self.layer_pattern[i % len(self.layer_pattern)] for i in range(self.n_layers))
+        return ((SLIDING if self.sliding_window else FULL),) * self.n_layers
+
+    @property
+    def uniform_layers(self) -> bool:
+        """True when every layer attends alike (same window, same RoPE): no per-layer data enters the scan."""
+        kinds = set(self.layer_kinds)
+        return len(kinds) == 1 and not (kinds == {SLIDING} and self.local_rope_theta)
+
     @classmethod
     def from_preset_dict(cls, raw: dict, prefix: str) -> dict:
         name = raw.get("preset", "")
         if not name:
             return raw
-        from analogjax.models.presets import PRESETS
-
         if name not in PRESETS:
             raise UserError(f"{prefix}.preset: unknown preset {name!r} (known: {', '.join(sorted(PRESETS))})")
         return {**dataclasses.asdict(PRESETS[name]), **raw}
@@ -58,6 +126,50 @@ class ModelConfig:
             raise UserError(f"{prefix}.n_kv_heads ({self.kv_heads}) must divide {prefix}.n_heads ({self.n_heads})")
         if self.dim_per_head % 2:
             raise UserError(f"{prefix}.head_dim must be even for rotary embeddings, got {self.dim_per_head}")
-        choices = {"activation": ("silu", "gelu_tanh"), "dtype": ("float32", "bfloat16"), "remat": ("none", "block")}
+        choices = {"activation": ("silu", "gelu_tanh"), "dtype": ("float32", "bfloat16"), "remat": ("none", "block"),
+                   "norm_placement": ("pre", "sandwich", "post"), "qk_norm_scope": ("head", "all_heads")}
         for name, allowed in choices.items():
             check_choice(f"{prefix}.{name}", getattr(self, name), allowed)
+        for i, kind in enumerate(self.layer_pattern):
+            check_choice(f"{prefix}.layer_pattern[{i}]", kind, (FULL, SLIDING))
+        for name in ("sliding_window", "local_rope_theta", "attn_softcap", "final_softcap", "query_scalar"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{prefix}.{name} must not be negative, got {getattr(self, name)}")
+        if SLIDING in self.layer_kinds and not self.sliding_window:
+            raise UserError(f"{prefix}.layer_pattern has sliding layers but {prefix}.sliding_window is 0")
+
+
+def _preset(**kwargs) -> ModelConfig:
+    return ModelConfig(**kwargs)
+
+
+# Named model shapes, from test-sized to the public Llama 3 shapes. They live here, beside the schema, so the
+# schema can resolve `preset:` without importing a module that imports it back. The large presets are shapes only
+# (nothing is downloaded); they let `compile-check` plan real pod runs.
+PRESETS: dict[str, ModelConfig] = {
+    # Test and demo sizes.
+    "tiny": _preset(preset="tiny", vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=192),
+    "tiny-teacher": _preset(
+        preset="tiny-teacher", vocab_size=512, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384
+    ),
+    # bench/step.py dimensions.
+    "bench-teacher": _preset(preset="bench-teacher", vocab_size=8192, d_model=512, n_layers=8, n_heads=8, d_ff=1536),
+    "bench-student": _preset(preset="bench-student", vocab_size=8192, d_model=256, n_layers=4, n_heads=4, d_ff=768),
+    # Llama 3 family shapes (vocab 128256, GQA with 8 KV heads, rope theta 500000).
+    "llama3-1b": _preset(
+        preset="llama3-1b", vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, d_ff=8192,
+        rope_theta=500000.0, tie_embeddings=True, dtype="bfloat16", remat="block",
+    ),
+    "llama3-8b": _preset(
+        preset="llama3-8b", vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336,
+        rope_theta=500000.0, dtype="bfloat16", remat="block",
+    ),
+    "llama3-70b": _preset(
+        preset="llama3-70b", vocab_size=128256, d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8, d_ff=28672,
+        rope_theta=500000.0, dtype="bfloat16", remat="block",
+    ),
+}
+
+# The fields `like_teacher` may override: size only. Everything else (family, norms, RoPE, attention pattern,
+# activation, vocabulary) comes from the teacher.
+SIZE_FIELDS = ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff", "dtype", "remat")

@@ -1,20 +1,33 @@
-"""Hugging Face interop: Llama-family safetensors + config.json ⇄ analogjax params.
+"""Hugging Face interop: decoder-family safetensors + config.json ⇄ analogjax params.
 
 Import reads tensor by tensor onto the mesh: each device's shard is cut out of the safetensors files with
 `get_slice`, so no host ever holds a whole model (a stacked [layers, ...] shard reads only the layers it covers).
 Export writes the HF layout back (process 0), so `AutoModelForCausalLM.from_pretrained` loads it with no custom code.
 
+Covered, exactly (logits equal to transformers' in float32): Llama 2/3/3.x (RoPE scaling llama3, linear, yarn),
+Mistral (sliding window), Qwen2/2.5 (q/k/v biases, yarn, sliding layers), Qwen3 (q/k norms), Gemma (embedding
+scale, norm offset, tanh-GELU), Gemma 2 (sandwich norms, attention and final soft-caps, query_pre_attn_scalar,
+alternating sliding/full layers), Gemma 3 text (q/k norms, 5:1 pattern, local and global RoPE bases and scaling),
+Phi-3 (fused qkv and gate/up projections, sliding window), OLMo 2 (post-norms, q/k norms over all heads).
+
+The refusal rule, so nothing that changes the forward pass is ignored: every key of config.json must be either
+read (in `_READ` for every family or `_FAMILY_KEYS` for its family; its value is implemented exactly or refused
+with a UserError naming key and value), or listed in `_INERT` (bookkeeping that cannot change the logits: token
+ids, dtype, caching, initialisation, dropout, which eval never applies). Any other key is refused by name. A
+RoPE dictionary is held to the same rule (`_ROPE_KEYS`). Export is checked the same way: the config.json it
+would write is read back with these rules and must give the model config being exported.
+
 Layout facts this rests on:
 - HF Linear weights are [out, in]; ours are [in, ...out] with heads split out (wq [d, h, e], wo [h, e, d]).
-- HF Llama-family q/k projections already use the rotate-half RoPE convention, as ours do: no permutation.
+- HF q/k projections of these families already use the rotate-half RoPE convention, as ours do: no permutation.
 - Gemma's RMSNorm scales by (1 + weight): that is our `norm_offset=1` with scale = weight, so norms copy as they are.
-
-Covered: Llama 2/3, Mistral, Qwen2 (q/k/v biases), Qwen3 (q/k norms), Gemma (embedding scale, norm offset,
-tanh-GELU). Anything else (RoPE scaling, output biases, Gemma 2's extra norms) is refused with a UserError.
+- Phi-3's fused qkv_proj rows are [q; k; v] and gate_up_proj rows [gate; up]: each of ours is a row range.
+- Gemma 2/3's `post_attention_layernorm` is the norm *after* attention (ours attn_post_norm), not Llama's pre-MLP norm.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -27,7 +40,7 @@ import ml_dtypes  # noqa: F401  registers bfloat16 with numpy, so safetensors ca
 import numpy as np
 
 from analogjax.errors import UserError
-from analogjax.models.config import ModelConfig
+from analogjax.models.config import FULL, SLIDING, ModelConfig, RopeScaling
 from analogjax.models.model import Model
 
 CONFIG_FILE = "config.json"
@@ -41,9 +54,50 @@ ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "GemmaForCausalLM": "gemma",
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3_text",
+    "Phi3ForCausalLM": "phi3",
+    "Olmo2ForCausalLM": "olmo2",
 }
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
                 "gelu_tanh": "gelu_tanh"}
+_GEMMAS = ("gemma", "gemma2", "gemma3_text")
+_SANDWICH = ("gemma2", "gemma3_text")
+
+# Keys every family reads (their values are implemented, or refused by value).
+_READ = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+         "num_key_value_heads", "head_dim", "rms_norm_eps", "tie_word_embeddings", "hidden_act", "rope_theta",
+         "rope_scaling", "rope_parameters", "attention_bias", "mlp_bias", "max_position_embeddings",
+         "use_bidirectional_attention"}
+# Keys one family reads besides.
+_WINDOWED = {"sliding_window", "layer_types"}
+_FAMILY_KEYS = {
+    "llama": set(),
+    "mistral": {"sliding_window"},
+    "qwen2": _WINDOWED | {"use_sliding_window", "max_window_layers"},
+    "qwen3": _WINDOWED | {"use_sliding_window", "max_window_layers"},
+    "gemma": {"hidden_activation"},
+    "gemma2": _WINDOWED | {"hidden_activation", "query_pre_attn_scalar", "final_logit_softcapping",
+                           "attn_logit_softcapping", "use_bidirectional_attention"},
+    "gemma3_text": _WINDOWED | {"hidden_activation", "query_pre_attn_scalar", "final_logit_softcapping",
+                                "attn_logit_softcapping", "use_bidirectional_attention", "rope_local_base_freq",
+                                # transformers writes its private copy of the pattern; layer_types supersedes it
+                                "sliding_window_pattern", "_sliding_window_pattern"},
+    "phi3": {"sliding_window", "original_max_position_embeddings", "partial_rotary_factor"},
+    "olmo2": set(),
+}
+# Keys that cannot change the logits of an eval forward.
+_INERT = {"architectures", "model_type", "transformers_version", "_name_or_path", "torch_dtype", "dtype",
+          "use_cache", "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id",
+          "decoder_start_token_id", "attention_dropout", "resid_pdrop", "embd_pdrop", "hidden_dropout",
+          "pretraining_tp", "cache_implementation", "output_attentions", "output_hidden_states", "return_dict",
+          "id2label", "label2id", "tokenizer_class", "chunk_size_feed_forward", "problem_type", "prefix",
+          "task_specific_params", "finetuning_task", "torchscript", "tie_encoder_decoder", "is_decoder",
+          "is_encoder_decoder", "add_cross_attention", "use_return_dict", "tf_legacy_loss", "_attn_implementation",
+          "attn_implementation", "initializer_factor", "max_length", "generation_config"}
+_ROPE_KEYS = {"rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings", "low_freq_factor",
+              "high_freq_factor", "beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim",
+              "truncate", "partial_rotary_factor"}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -60,84 +114,263 @@ def _read_json(path: Path) -> dict:
 
 
 def model_config_from_hf(path: str | Path) -> ModelConfig:
-    """The ModelConfig of a HF folder's config.json; UserError for architectures or features we do not cover."""
+    """The ModelConfig of a HF folder's config.json; UserError for architectures or fields we do not implement."""
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"Hugging Face model folder not found: {path}")
-    hf = _read_json(path / CONFIG_FILE)
+    return config_from_hf_dict(_read_json(path / CONFIG_FILE), str(path))
+
+
+def _model_type(hf: dict, where: str) -> tuple[str, str]:
     arch = (hf.get("architectures") or [None])[0]
     model_type = ARCHITECTURES.get(arch) if arch else hf.get("model_type")
     if model_type not in ARCHITECTURES.values():
-        raise UserError(f"{path}: unsupported architecture {arch or hf.get('model_type')!r} "
+        raise UserError(f"{where}: unsupported architecture {arch or hf.get('model_type')!r} "
                         f"(supported: {', '.join(ARCHITECTURES)})")
+    if arch is None:
+        arch = next(a for a, t in ARCHITECTURES.items() if t == model_type)
+    return arch, model_type
 
-    def unsupported(feature: str):
-        raise UserError(f"{path}: {arch or model_type} with {feature} is not supported by the analogjax decoder")
 
-    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
-    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-        unsupported(f"rope scaling {rope.get('rope_type', rope.get('type'))!r}")
-    if hf.get("attention_bias") and model_type != "qwen2":
-        unsupported("attention_bias (the output projection's bias)")
+def _rope(params: dict, hf: dict, model_type: str, refuse) -> tuple[float | None, RopeScaling]:
+    """(theta or None, scaling) of one RoPE dictionary (transformers' rope_parameters / rope_scaling)."""
+    for key in params:
+        if key not in _ROPE_KEYS:
+            refuse(f"RoPE parameter {key!r}")
+    kind = params.get("rope_type", params.get("type")) or "default"
+    if float(params.get("partial_rotary_factor", 1.0) or 1.0) != 1.0:
+        refuse(f"partial_rotary_factor {params['partial_rotary_factor']}")
+    theta = params.get("rope_theta")
+    if kind == "default":
+        return theta, RopeScaling()
+    if model_type == "phi3" or kind not in ("linear", "llama3", "yarn"):
+        refuse(f"RoPE type {kind!r}")  # Phi-3 turns yarn into longrope; dynamic and longrope depend on length
+    original = int(params.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings")
+                   or hf.get("max_position_embeddings") or 0)
+    factor = params.get("factor")
+    if factor is None and kind == "yarn" and original:
+        factor = float(hf.get("max_position_embeddings", 0)) / original
+    if factor is None:
+        refuse(f"RoPE type {kind!r} without a factor")
+    extra = {}
+    if kind == "llama3":
+        extra = dict(low_freq_factor=float(params["low_freq_factor"]),
+                     high_freq_factor=float(params["high_freq_factor"]))
+    if kind == "yarn":
+        extra = dict(beta_fast=float(params.get("beta_fast") or 32), beta_slow=float(params.get("beta_slow") or 1),
+                     truncate=bool(params.get("truncate", True)),
+                     attention_factor=float(params.get("attention_factor") or 0.0),
+                     mscale=float(params.get("mscale") or 0.0),
+                     mscale_all_dim=float(params.get("mscale_all_dim") or 0.0))
+    scaling = RopeScaling(kind=kind, factor=float(factor), original_max_positions=original if kind != "linear" else 0,
+                          **extra)
+    return theta, scaling
+
+
+def _pattern(kinds: list[str]) -> tuple[str, ...]:
+    """The shortest cycle that repeats to `kinds`."""
+    for period in range(1, len(kinds) + 1):
+        if all(kinds[i] == kinds[i % period] for i in range(len(kinds))):
+            return tuple(kinds[:period])
+    return tuple(kinds)
+
+
+def config_from_hf_dict(hf: dict, where: str = "config.json") -> ModelConfig:
+    """The ModelConfig a transformers config.json describes, under the refusal rule in the module docstring."""
+    arch, model_type = _model_type(hf, where)
+
+    def refuse(feature: str):
+        raise UserError(f"{where}: {arch} with {feature} is not supported by the analogjax decoder")
+
+    known = _READ | _FAMILY_KEYS[model_type] | _INERT
+    for key in hf:
+        if key not in known:
+            refuse(f"config field {key!r} (not read by analogjax's {model_type} reader; refused rather than ignored)")
+    if hf.get("attention_bias"):
+        refuse("attention_bias (biases on the attention projections)" if model_type != "qwen2" else "attention_bias")
     if hf.get("mlp_bias"):
-        unsupported("mlp_bias")
-    if hf.get("use_sliding_window"):
-        unsupported("use_sliding_window")
-    # Mistral's sliding_window (4096 in v0.1, null later) changes nothing for sequences up to the window.
-    act_name = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
+        refuse("mlp_bias")
+    if hf.get("use_bidirectional_attention"):
+        refuse("use_bidirectional_attention")
+    gemma = model_type in _GEMMAS
+    act_name = hf.get("hidden_activation") or hf.get("hidden_act") or ("gelu_pytorch_tanh" if gemma else "silu")
     if model_type == "gemma" and act_name == "gelu":
         act_name = "gelu_pytorch_tanh"  # what transformers itself runs for Gemma's legacy "gelu"
     if act_name not in _ACTIVATIONS:
-        unsupported(f"activation {act_name!r}")
-    gemma = model_type == "gemma"
-    heads = int(hf["num_attention_heads"])
-    head_dim = int(hf.get("head_dim") or 0)
-    if head_dim * heads == int(hf.get("hidden_size", -1)):
-        head_dim = 0  # our spelling of "d_model // n_heads", so configs compare equal after a round trip
+        refuse(f"activation {act_name!r}")
     try:
-        return ModelConfig(
+        heads, layers = int(hf["num_attention_heads"]), int(hf["num_hidden_layers"])
+        head_dim = int(hf.get("head_dim") or 0)
+        if gemma and not head_dim:
+            head_dim = 256  # the Gemma configs' default
+        if head_dim * heads == int(hf["hidden_size"]):
+            head_dim = 0  # our spelling of "d_model // n_heads", so configs compare equal after a round trip
+        if model_type in ("qwen2", "phi3", "olmo2") and head_dim and head_dim * heads != int(hf["hidden_size"]):
+            refuse(f"head_dim {hf['head_dim']} != hidden_size / num_attention_heads")  # their code ignores it
+
+        # RoPE: one dictionary, or (Gemma 3) one per attention kind.
+        rope = hf.get("rope_parameters") or {}
+        if hf.get("rope_scaling"):
+            rope = {**rope, **hf["rope_scaling"]} if not rope.get("full_attention") else rope
+        local_theta = 0.0
+        if model_type == "gemma3_text":
+            if "full_attention" in rope or "sliding_attention" in rope:
+                for key in rope:
+                    if key not in ("full_attention", "sliding_attention"):
+                        refuse(f"RoPE parameter {key!r} beside per-layer-type parameters")
+                full, local = rope.get("full_attention") or {}, rope.get("sliding_attention") or {}
+            else:  # legacy: rope_scaling applies to the global layers, rope_local_base_freq to the local ones
+                full, local = rope, {"rope_theta": hf.get("rope_local_base_freq", 10000.0)}
+            theta, scaling = _rope(full, hf, model_type, refuse)
+            theta = theta or hf.get("rope_theta") or 1_000_000.0
+            local_theta_value, local_scaling = _rope(local, hf, model_type, refuse)
+            if local_scaling.kind != "none":
+                refuse(f"RoPE scaling {local_scaling.kind!r} on the sliding layers")
+            local_theta = float(local_theta_value or hf.get("rope_local_base_freq") or 10000.0)
+        else:
+            theta, scaling = _rope(rope, hf, model_type, refuse)
+            theta = theta or hf.get("rope_theta") or 10000.0
+        if float(hf.get("partial_rotary_factor", 1.0) or 1.0) != 1.0:
+            refuse(f"partial_rotary_factor {hf['partial_rotary_factor']}")
+
+        # Which layers slide, and how far.
+        window = hf.get("sliding_window")
+        if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window"):
+            window = None
+        if model_type in ("qwen2", "qwen3", "gemma2", "gemma3_text"):
+            kinds = hf.get("layer_types")
+            if kinds is None:
+                if model_type in ("qwen2", "qwen3"):
+                    first_sliding = int(hf.get("max_window_layers", 28))
+                    kinds = ["sliding_attention" if window is not None and i >= first_sliding else "full_attention"
+                             for i in range(layers)]
+                else:
+                    period = 2 if model_type == "gemma2" else int(hf.get("sliding_window_pattern", 6))
+                    kinds = ["sliding_attention" if (i + 1) % period else "full_attention" for i in range(layers)]
+            if len(kinds) != layers or any(k not in ("sliding_attention", "full_attention") for k in kinds):
+                refuse(f"layer_types {kinds!r}")
+            kinds = [SLIDING if k == "sliding_attention" else FULL for k in kinds]
+        else:  # Mistral, Phi-3: the window (if any) on every layer
+            kinds = [SLIDING if window is not None else FULL] * layers
+        if SLIDING in kinds and not window:
+            refuse("sliding layers but no sliding_window")
+        pattern = _pattern(kinds)
+        if pattern == (FULL,):
+            pattern, window = (), None
+        elif pattern == (SLIDING,):
+            pattern = ()
+        if local_theta and SLIDING not in kinds:
+            local_theta = 0.0
+        if local_theta == float(theta) and scaling.kind == "none":
+            local_theta = 0.0  # the same RoPE on every layer
+
+        attn_cap = hf.get("attn_logit_softcapping") if model_type == "gemma2" else None
+        if model_type == "gemma3_text" and hf.get("attn_logit_softcapping"):
+            refuse("attn_logit_softcapping (Gemma 3's transformers code does not apply it)")
+        query_scalar = float(hf.get("query_pre_attn_scalar") or 256) if model_type in _SANDWICH else 0.0
+        e = head_dim or int(hf["hidden_size"]) // heads
+        cfg = ModelConfig(
             vocab_size=int(hf["vocab_size"]),
             d_model=int(hf["hidden_size"]),
-            n_layers=int(hf["num_hidden_layers"]),
+            n_layers=layers,
             n_heads=heads,
             n_kv_heads=int(hf.get("num_key_value_heads") or heads),
             head_dim=head_dim,
             d_ff=int(hf["intermediate_size"]),
-            rope_theta=float(hf.get("rope_theta") or rope.get("rope_theta") or 10000.0),
-            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(theta),
+            norm_eps=float(hf.get("rms_norm_eps", 1e-6 if model_type != "olmo2" else 1e-5)),
             tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
             activation=_ACTIVATIONS[act_name],
             qkv_bias=model_type == "qwen2",
-            qk_norm=model_type == "qwen3",
+            qk_norm=model_type in ("qwen3", "gemma3_text", "olmo2"),
             embed_scale=gemma,
             norm_offset=1.0 if gemma else 0.0,
+            norm_placement="sandwich" if model_type in _SANDWICH else "post" if model_type == "olmo2" else "pre",
+            qk_norm_scope="all_heads" if model_type == "olmo2" else "head",
+            sliding_window=int(window or 0),
+            layer_pattern=pattern,
+            local_rope_theta=local_theta,
+            rope_scaling=scaling,
+            attn_softcap=float(attn_cap or 0.0),
+            final_softcap=float(hf.get("final_logit_softcapping") or 0.0) if model_type in _SANDWICH else 0.0,
+            query_scalar=0.0 if query_scalar == e else query_scalar,
         )
     except KeyError as exc:
-        raise UserError(f"{path / CONFIG_FILE}: missing key {exc.args[0]!r}") from None
+        raise UserError(f"{where}: missing key {exc.args[0]!r}") from None
+    try:
+        cfg.check("model")
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}") from None
+    # Name the architecture only where the fields alone would export as another one (e.g. Phi-3, Mistral).
+    return cfg if _infer_architecture(cfg) == arch else dataclasses.replace(cfg, hf_architecture=arch)
+
+
+def _infer_architecture(cfg: ModelConfig) -> str:
+    if cfg.hf_architecture:
+        return cfg.hf_architecture
+    if cfg.norm_placement == "sandwich":
+        return "Gemma3ForCausalLM" if cfg.qk_norm else "Gemma2ForCausalLM"
+    if cfg.norm_placement == "post":
+        return "Olmo2ForCausalLM"
+    if cfg.embed_scale or cfg.norm_offset:
+        return "GemmaForCausalLM"
+    if cfg.qkv_bias:
+        return "Qwen2ForCausalLM"
+    if cfg.qk_norm:
+        return "Qwen3ForCausalLM"
+    return "MistralForCausalLM" if cfg.sliding_window else "LlamaForCausalLM"
+
+
+_NOT_ARCHITECTURE = ("preset", "dtype", "remat", "hf_architecture")
 
 
 def architecture_for(cfg: ModelConfig) -> tuple[str, str]:
-    """(architecture, model_type) of the HF class that computes exactly what `cfg` does."""
-    gemma_like = cfg.embed_scale or cfg.norm_offset != 0.0
-    if gemma_like:
-        if not (cfg.embed_scale and cfg.norm_offset == 1.0) or cfg.qkv_bias or cfg.qk_norm:
-            raise UserError("no Hugging Face architecture matches embed_scale/norm_offset other than Gemma's "
-                            "(embed_scale=true, norm_offset=1, no qkv_bias, no qk_norm)")
-        return "GemmaForCausalLM", "gemma"
-    if cfg.qkv_bias and cfg.qk_norm:
-        raise UserError("no Hugging Face architecture has both qkv_bias and qk_norm")
-    if cfg.qkv_bias:
-        return "Qwen2ForCausalLM", "qwen2"
-    if cfg.qk_norm:
-        return "Qwen3ForCausalLM", "qwen3"
-    return "LlamaForCausalLM", "llama"
+    """(architecture, model_type) of the HF class that computes exactly what `cfg` does (cfg.hf_architecture when
+    set, else implied by the fields); UserError when that class cannot express some field."""
+    arch = _infer_architecture(cfg)
+    if arch not in ARCHITECTURES:
+        raise UserError(f"model.hf_architecture {arch!r} is not one analogjax writes "
+                        f"(known: {', '.join(ARCHITECTURES)})")
+    # Exactness check: the config.json we would write must read back to this very config.
+    back = config_from_hf_dict(_hf_config_for(cfg, arch, "float32", 4096, {}), f"export as {arch}")
+    strip = {name: getattr(ModelConfig(), name) for name in _NOT_ARCHITECTURE}
+    want, got = dataclasses.replace(cfg, **strip), dataclasses.replace(back, **strip)
+    if want != got:
+        differing = [f.name for f in dataclasses.fields(ModelConfig) if getattr(want, f.name) != getattr(got, f.name)]
+        raise UserError(f"no Hugging Face architecture expresses this model exactly: {arch} cannot carry "
+                        f"{', '.join(f'{n}={getattr(cfg, n)!r}' for n in differing)}")
+    return arch, ARCHITECTURES[arch]
+
+
+def _rope_dict(theta: float, scaling: RopeScaling) -> dict[str, Any]:
+    out: dict[str, Any] = {"rope_type": "default" if scaling.kind == "none" else scaling.kind, "rope_theta": theta}
+    if scaling.kind == "none":
+        return out
+    out["factor"] = scaling.factor
+    if scaling.kind in ("llama3", "yarn"):
+        out["original_max_position_embeddings"] = scaling.original_max_positions
+    if scaling.kind == "llama3":
+        out.update(low_freq_factor=scaling.low_freq_factor, high_freq_factor=scaling.high_freq_factor)
+    if scaling.kind == "yarn":
+        out.update(beta_fast=scaling.beta_fast, beta_slow=scaling.beta_slow, truncate=scaling.truncate)
+        for key in ("attention_factor", "mscale", "mscale_all_dim"):
+            if getattr(scaling, key):
+                out[key] = getattr(scaling, key)
+    return out
 
 
 def hf_config(cfg: ModelConfig, *, dtype: str = "float32", max_positions: int = 4096,
               special_ids: dict[str, int | None] | None = None) -> dict[str, Any]:
-    """config.json for `cfg` (architecture chosen by `architecture_for`)."""
-    arch, model_type = architecture_for(cfg)
+    """config.json for `cfg` (architecture chosen and checked by `architecture_for`)."""
+    arch, _ = architecture_for(cfg)
+    return _hf_config_for(cfg, arch, dtype, max_positions, special_ids or {})
+
+
+def _hf_config_for(cfg: ModelConfig, arch: str, dtype: str, max_positions: int, special_ids: dict) -> dict[str, Any]:
+    model_type = ARCHITECTURES[arch]
     act = "gelu_pytorch_tanh" if cfg.activation == "gelu_tanh" else "silu"
+    # Long-context scaling needs room: transformers defaults the original length from max_position_embeddings.
+    max_positions = max(max_positions, cfg.rope_scaling.original_max_positions)
     out: dict[str, Any] = {
         "architectures": [arch],
         "model_type": model_type,
@@ -151,22 +384,39 @@ def hf_config(cfg: ModelConfig, *, dtype: str = "float32", max_positions: int = 
         "hidden_act": act,
         "max_position_embeddings": max_positions,
         "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
         "tie_word_embeddings": cfg.tie_embeddings,
-        "attention_bias": False,
         "attention_dropout": 0.0,
-        "mlp_bias": False,
         "dtype": dtype,
         "torch_dtype": dtype,
     }
-    if model_type == "gemma":
+    if model_type not in ("qwen2", "phi3"):
+        out["attention_bias"] = False
+    if model_type in ("llama",):
+        out["mlp_bias"] = False
+    if model_type == "gemma3_text":
+        out["rope_parameters"] = {"full_attention": _rope_dict(cfg.rope_theta, cfg.rope_scaling),
+                                  "sliding_attention": _rope_dict(cfg.local_rope_theta or cfg.rope_theta,
+                                                                  RopeScaling())}
+    else:
+        out["rope_theta"] = cfg.rope_theta
+        out["rope_parameters"] = _rope_dict(cfg.rope_theta, cfg.rope_scaling)
+    if model_type in _GEMMAS:
         out["hidden_activation"] = act
+    kinds = ["sliding_attention" if k == SLIDING else "full_attention" for k in cfg.layer_kinds]
+    window = cfg.sliding_window or None
     if model_type in ("qwen2", "qwen3"):
-        out["use_sliding_window"] = False
-    for key, value in (special_ids or {}).items():
-        if value is not None:
-            out[key] = int(value)
+        out.update(use_sliding_window=window is not None, sliding_window=window, max_window_layers=cfg.n_layers,
+                   layer_types=kinds)
+    elif model_type in ("mistral", "phi3"):
+        out["sliding_window"] = window
+    elif model_type in _SANDWICH:
+        out.update(sliding_window=window, layer_types=kinds, use_bidirectional_attention=False,
+                   query_pre_attn_scalar=int(cfg.query_scalar or cfg.dim_per_head),
+                   final_logit_softcapping=cfg.final_softcap or None)
+        out["attn_logit_softcapping"] = cfg.attn_softcap or None
+    # Token ids written always (null when unknown): some families default them outside a small vocabulary.
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        out[key] = None if special_ids.get(key) is None else int(special_ids[key])
     return out
 
 
@@ -176,10 +426,12 @@ def hf_config(cfg: ModelConfig, *, dtype: str = "float32", max_positions: int = 
 
 @dataclass(frozen=True)
 class TensorMap:
-    """ours (per layer) = reshape(hf, flatten(groups)).transpose(perm).
+    """ours (per layer) = reshape(hf[rows], flatten(groups)).transpose(perm).
 
     groups: the HF tensor's dims, each split into factors (q_proj [h·e, d] → ((h, e), (d,))).
     perm: for each of our dims, the index of the split dim it takes.
+    row_offset, fused_rows: for a fused HF tensor (Phi-3's qkv_proj), ours is rows [row_offset, row_offset + rows)
+    of a tensor with `fused_rows` rows (0 = not fused).
     """
 
     ours: tuple[str, ...]  # path under params["params"]
@@ -187,10 +439,17 @@ class TensorMap:
     groups: tuple[tuple[int, ...], ...]
     perm: tuple[int, ...]
     stacked: bool
+    row_offset: int = 0
+    fused_rows: int = 0
 
     @property
     def hf_shape(self) -> tuple[int, ...]:
         return tuple(math.prod(g) for g in self.groups)
+
+    @property
+    def file_shape(self) -> tuple[int, ...]:
+        """The shape of the whole HF tensor (the fused one, for a row range)."""
+        return ((self.fused_rows,) + self.hf_shape[1:]) if self.fused_rows else self.hf_shape
 
     @property
     def split_shape(self) -> tuple[int, ...]:
@@ -200,7 +459,7 @@ class TensorMap:
         return [self.hf.format(i=i) for i in range(n_layers)] if self.stacked else [self.hf]
 
     def to_hf(self, ours_layer: np.ndarray) -> np.ndarray:
-        """Our per-layer array → the HF tensor."""
+        """Our per-layer array → the HF tensor (its rows, for a fused one)."""
         return np.transpose(ours_layer, np.argsort(self.perm)).reshape(self.hf_shape)
 
 
@@ -208,27 +467,49 @@ def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
     v, d, f = cfg.vocab_size, cfg.d_model, cfg.d_ff
     h, k, e = cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
     layer = "model.layers.{i}."
+    fused = _infer_architecture(cfg) == "Phi3ForCausalLM"
+
+    def norm(ours: str, hf: str) -> TensorMap:
+        return TensorMap(("layers", ours, "scale"), layer + hf + ".weight", ((d,),), (0,), True)
+
     maps = [
         TensorMap(("embedding",), "model.embed_tokens.weight", ((v,), (d,)), (0, 1), False),
         TensorMap(("final_norm", "scale"), "model.norm.weight", ((d,),), (0,), False),
-        TensorMap(("layers", "attn_norm", "scale"), layer + "input_layernorm.weight", ((d,),), (0,), True),
-        TensorMap(("layers", "mlp_norm", "scale"), layer + "post_attention_layernorm.weight", ((d,),), (0,), True),
-        TensorMap(("layers", "attn", "wq"), layer + "self_attn.q_proj.weight", ((h, e), (d,)), (2, 0, 1), True),
-        TensorMap(("layers", "attn", "wk"), layer + "self_attn.k_proj.weight", ((k, e), (d,)), (2, 0, 1), True),
-        TensorMap(("layers", "attn", "wv"), layer + "self_attn.v_proj.weight", ((k, e), (d,)), (2, 0, 1), True),
-        TensorMap(("layers", "attn", "wo"), layer + "self_attn.o_proj.weight", ((d,), (h, e)), (1, 2, 0), True),
-        TensorMap(("layers", "mlp", "w_gate"), layer + "mlp.gate_proj.weight", ((f,), (d,)), (1, 0), True),
-        TensorMap(("layers", "mlp", "w_up"), layer + "mlp.up_proj.weight", ((f,), (d,)), (1, 0), True),
-        TensorMap(("layers", "mlp", "w_down"), layer + "mlp.down_proj.weight", ((d,), (f,)), (1, 0), True),
     ]
+    maps += {
+        "pre": [norm("attn_norm", "input_layernorm"), norm("mlp_norm", "post_attention_layernorm")],
+        "sandwich": [norm("attn_norm", "input_layernorm"), norm("attn_post_norm", "post_attention_layernorm"),
+                     norm("mlp_norm", "pre_feedforward_layernorm"),
+                     norm("mlp_post_norm", "post_feedforward_layernorm")],
+        "post": [norm("attn_post_norm", "post_attention_layernorm"),
+                 norm("mlp_post_norm", "post_feedforward_layernorm")],
+    }[cfg.norm_placement]
+    if fused:
+        qkv, rows = layer + "self_attn.qkv_proj.weight", (h + 2 * k) * e
+        maps += [TensorMap(("layers", "attn", "wq"), qkv, ((h, e), (d,)), (2, 0, 1), True, 0, rows),
+                 TensorMap(("layers", "attn", "wk"), qkv, ((k, e), (d,)), (2, 0, 1), True, h * e, rows),
+                 TensorMap(("layers", "attn", "wv"), qkv, ((k, e), (d,)), (2, 0, 1), True, (h + k) * e, rows)]
+    else:
+        maps += [TensorMap(("layers", "attn", f"w{n}"), layer + f"self_attn.{n}_proj.weight", ((heads, e), (d,)),
+                           (2, 0, 1), True) for n, heads in (("q", h), ("k", k), ("v", k))]
+    maps.append(TensorMap(("layers", "attn", "wo"), layer + "self_attn.o_proj.weight", ((d,), (h, e)), (1, 2, 0), True))
+    if fused:
+        gate_up = layer + "mlp.gate_up_proj.weight"
+        maps += [TensorMap(("layers", "mlp", "w_gate"), gate_up, ((f,), (d,)), (1, 0), True, 0, 2 * f),
+                 TensorMap(("layers", "mlp", "w_up"), gate_up, ((f,), (d,)), (1, 0), True, f, 2 * f)]
+    else:
+        maps += [TensorMap(("layers", "mlp", "w_gate"), layer + "mlp.gate_proj.weight", ((f,), (d,)), (1, 0), True),
+                 TensorMap(("layers", "mlp", "w_up"), layer + "mlp.up_proj.weight", ((f,), (d,)), (1, 0), True)]
+    maps.append(TensorMap(("layers", "mlp", "w_down"), layer + "mlp.down_proj.weight", ((d,), (f,)), (1, 0), True))
     if cfg.qkv_bias:
         for name, heads in (("q", h), ("k", k), ("v", k)):
             maps.append(TensorMap(("layers", "attn", f"w{name}_bias"), layer + f"self_attn.{name}_proj.bias",
                                   ((heads, e),), (0, 1), True))
     if cfg.qk_norm:
-        for name in ("q", "k"):
+        for name, heads in (("q", h), ("k", k)):
+            groups, perm = (((e,),), (0,)) if cfg.qk_norm_scope == "head" else (((heads, e),), (0, 1))
             maps.append(TensorMap(("layers", "attn", f"{name}_norm", "scale"), layer + f"self_attn.{name}_norm.weight",
-                                  ((e,),), (0,), True))
+                                  groups, perm, True))
     if not cfg.tie_embeddings:
         maps.append(TensorMap(("lm_head",), "lm_head.weight", ((v,), (d,)), (1, 0), False))
     return maps
@@ -290,7 +571,8 @@ def _read_block(tensor_slice, tmap: TensorMap, ours_index: tuple[slice, ...]) ->
         inner = math.prod(group[1:])
         # A contiguous range of the group's leading factor; trailing factors are cut after reshaping (they are
         # head_dim in practice, never sharded, so nothing is read twice).
-        read.append(slice(parts[0][0] * inner, parts[0][1] * inner))
+        offset = tmap.row_offset if pos == 0 else 0  # a fused tensor's row range starts further down
+        read.append(slice(offset + parts[0][0] * inner, offset + parts[0][1] * inner))
         after.append([slice(None)] + [slice(a, b) for a, b, _ in parts[1:]])
         pos += len(group)
     block = np.asarray(tensor_slice[tuple(read)])
@@ -317,9 +599,9 @@ def load_params(path: str | Path, model_cfg: ModelConfig, mesh, rules) -> dict:
         names = tmap.names(model_cfg.n_layers)
         for name in names:
             found = files.shape(name)
-            if found != tmap.hf_shape:
+            if found != tmap.file_shape:
                 raise UserError(f"{path}: tensor {name} has shape {list(found)}, but config.json implies "
-                                f"{list(tmap.hf_shape)}")
+                                f"{list(tmap.file_shape)}")
         _set(params, tmap.ours, _sharded_array(files, tmap, names, target))
     return {"params": params}
 
@@ -426,7 +708,9 @@ def save_params(params, model_cfg: ModelConfig, out_dir: str | Path, tokenizer: 
     check_out_dir(out_dir, force)
     tree = params["params"] if "params" in params else params
     np_dtype = np.float32 if dtype == "float32" else ml_dtypes.bfloat16
+    architecture_for(model_cfg)  # refuses, before any work, a model no HF architecture expresses exactly
     tensors: dict[str, np.ndarray] = {}
+    row_ranges: dict[str, list[tuple[int, np.ndarray]]] = {}  # fused tensors, assembled from their row ranges
     for tmap in tensor_maps(model_cfg):
         try:
             value = _host(_get(tree, tmap.ours))
@@ -439,7 +723,13 @@ def save_params(params, model_cfg: ModelConfig, out_dir: str | Path, tokenizer: 
                             f"{list(expected)}")
         layers = list(value) if tmap.stacked else [value]
         for name, layer in zip(tmap.names(model_cfg.n_layers), layers):
-            tensors[name] = np.ascontiguousarray(tmap.to_hf(layer).astype(np_dtype))
+            if tmap.fused_rows:
+                row_ranges.setdefault(name, []).append((tmap.row_offset, tmap.to_hf(layer)))
+            else:
+                tensors[name] = np.ascontiguousarray(tmap.to_hf(layer).astype(np_dtype))
+    for name, parts in row_ranges.items():
+        tensors[name] = np.ascontiguousarray(np.concatenate([p for _, p in sorted(parts, key=lambda x: x[0])])
+                                             .astype(np_dtype))
     if jax.process_index() != 0:
         return Path(out_dir)
     out = prepare_out_dir(out_dir, force)
@@ -531,5 +821,6 @@ def folder_fingerprint(folder: str | Path, small_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["load", "load_params", "model_config_from_hf", "save", "save_params", "Model", "HFModel", "architecture_for", "hf_config",
-           "tensor_maps", "byte_tokenizer_json", "folder_fingerprint", "check_out_dir", "prepare_out_dir"]
+__all__ = ["load", "load_params", "model_config_from_hf", "config_from_hf_dict", "save", "save_params", "Model",
+           "HFModel", "architecture_for", "hf_config", "tensor_maps", "byte_tokenizer_json", "folder_fingerprint",
+           "check_out_dir", "prepare_out_dir"]

@@ -1,4 +1,5 @@
-"""A Llama-family decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU, packed-sequence causal mask.
+"""A Llama-family decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU, packed-sequence causal mask; with the
+options of newer families (sliding windows, soft-caps, sandwich and post norms, scaled RoPE; models/config.py).
 
 Written with Flax linen rather than NNX, for one reason that runs through the library: everything downstream
 (the jitted step, Orbax restore targets, Hugging Face import tensor by tensor, bring-your-own-teacher functions)
@@ -20,8 +21,12 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from analogjax.models.config import ModelConfig
+from analogjax.errors import UserError
+from analogjax.models import rope as rope_lib
+from analogjax.models.attention import allowed, attend
+from analogjax.models.config import SLIDING, ModelConfig, RopeScaling
 
 _init = nn.initializers.normal(stddev=0.02)
 
@@ -38,47 +43,62 @@ class Features(NamedTuple):
 
 
 class RMSNorm(nn.Module):
+    """RMS norm over the trailing axes named in `axis_name` (one axis, or several: OLMo 2 norms all heads at once)."""
+
     eps: float
     offset: float = 0.0
-    axis_name: str = "norm"
+    axis_name: str | tuple[str, ...] = "norm"
 
     @nn.compact
     def __call__(self, x):
+        names = (self.axis_name,) if isinstance(self.axis_name, str) else tuple(self.axis_name)
+        axes = tuple(range(-len(names), 0))
         scale = self.param(
             "scale",
-            nn.with_logical_partitioning(nn.initializers.constant(1.0 - self.offset), (self.axis_name,)),
-            (x.shape[-1],),
+            nn.with_logical_partitioning(nn.initializers.constant(1.0 - self.offset), names),
+            x.shape[-len(names):],
         )
         x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=axes, keepdims=True) + self.eps)
         return (normed * (self.offset + scale)).astype(x.dtype)
 
 
 def rope(x_bshe: jax.Array, positions_bs: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding, rotate-half convention (as in the Hugging Face Llama code), computed in float32."""
-    half = x_bshe.shape[-1] // 2
-    inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
-    angles = positions_bs.astype(jnp.float32)[:, :, None, None] * inv_freq  # b s 1 half
-    sin, cos = jnp.sin(angles), jnp.cos(angles)
-    x = x_bshe.astype(jnp.float32)
-    x1, x2 = x[..., :half], x[..., half:]
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_bshe.dtype)
+    """Rotary embedding with plain frequencies (rotate-half convention, float32); models/rope.py has the rest."""
+    return rope_lib.apply(x_bshe, positions_bs, rope_lib.inverse_frequencies(x_bshe.shape[-1], theta, RopeScaling()))
 
 
 def attention_mask(segment_ids_bs: jax.Array) -> jax.Array:
     """[b, 1, 1, s, t] boolean: causal, within one document, never onto padding (segment 0)."""
-    s = segment_ids_bs.shape[1]
-    causal = jnp.tril(jnp.ones((s, s), dtype=bool))
-    same_doc = segment_ids_bs[:, :, None] == segment_ids_bs[:, None, :]
-    real = (segment_ids_bs != 0)[:, :, None]
-    return (causal & same_doc & real)[:, None, None]
+    positions = jnp.broadcast_to(jnp.arange(segment_ids_bs.shape[1]), segment_ids_bs.shape)
+    return allowed(positions, positions, segment_ids_bs, segment_ids_bs)[:, None, None]
+
+
+# Window of a full-attention layer when windows are per-layer data: longer than any sequence.
+_NO_WINDOW = 2**30
+
+
+def layer_data(cfg: ModelConfig) -> dict[str, np.ndarray] | None:
+    """Per-layer attention data for the scan ([layers, ...] arrays), or None when every layer attends alike (then
+    each block reads the one window and RoPE from the config as constants, and the scan carries nothing extra)."""
+    if cfg.uniform_layers:
+        return None
+    inv_freq, factor = rope_lib.per_layer(cfg)
+    window = [cfg.sliding_window if kind == SLIDING else _NO_WINDOW for kind in cfg.layer_kinds]
+    return {"inv_freq": inv_freq, "rope_factor": factor, "window": np.asarray(window, np.int32)}
+
+
+def _static_layer(cfg: ModelConfig) -> tuple[np.ndarray, float, int | None]:
+    kind = cfg.layer_kinds[0]
+    inv_freq, factor = rope_lib.layer_rope(cfg, kind)
+    return inv_freq, factor, (cfg.sliding_window if kind == SLIDING else None)
 
 
 class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_bsd, segment_ids_bs, positions_bs):
+    def __call__(self, x_bsd, segment_ids_bs, positions_bs, layer=None):
         cfg = self.cfg
         h, k, e, d = cfg.n_heads, cfg.kv_heads, cfg.dim_per_head, cfg.d_model
         dtype = _dtype(cfg)
@@ -95,18 +115,20 @@ class Attention(nn.Module):
 
         q, kk, v = proj("wq", h, "heads"), proj("wk", k, "kv_heads"), proj("wv", k, "kv_heads")
         if cfg.qk_norm:
-            q = RMSNorm(cfg.norm_eps, cfg.norm_offset, "head_dim", name="q_norm")(q)
-            kk = RMSNorm(cfg.norm_eps, cfg.norm_offset, "head_dim", name="k_norm")(kk)
-        q = rope(q, positions_bs, cfg.rope_theta)
-        kk = rope(kk, positions_bs, cfg.rope_theta)
-
-        # Grouped-query attention: g query heads share each kv head; never materialise repeated keys.
-        b, s = q.shape[:2]
-        q = q.reshape(b, s, k, h // k, e)
-        scores = jnp.einsum("bskge,btke->bkgst", q, kk, preferred_element_type=jnp.float32) * (e**-0.5)
-        scores = jnp.where(attention_mask(segment_ids_bs), scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-        out = jnp.einsum("bkgst,btke->bskge", probs, v).reshape(b, s, h, e)
+            per_head = cfg.qk_norm_scope == "head"
+            q_axes = "head_dim" if per_head else ("heads", "head_dim")
+            k_axes = "head_dim" if per_head else ("kv_heads", "head_dim")
+            q = RMSNorm(cfg.norm_eps, cfg.norm_offset, q_axes, name="q_norm")(q)
+            kk = RMSNorm(cfg.norm_eps, cfg.norm_offset, k_axes, name="k_norm")(kk)
+        if layer is None:  # every layer alike: window and frequencies are compile-time constants
+            inv_freq, factor, window = _static_layer(cfg)
+        else:  # this layer's row of the scanned per-layer data
+            inv_freq, factor, window = layer["inv_freq"], layer["rope_factor"], layer["window"]
+        q = rope_lib.apply(q, positions_bs, inv_freq, factor)
+        kk = rope_lib.apply(kk, positions_bs, inv_freq, factor)
+        scale = (cfg.query_scalar or e) ** -0.5
+        out = attend(q, kk, v, positions_bs, positions_bs, segment_ids_bs, segment_ids_bs, scale=scale,
+                     window=window, softcap=cfg.attn_softcap)
         wo = self.param("wo", nn.with_logical_partitioning(_init, ("heads", "head_dim", "embed")), (h, e, d))
         return jnp.einsum("bshe,hed->bsd", out, wo.astype(dtype))
 
@@ -129,19 +151,28 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block; scanned over layers, so it takes (carry, broadcast args) and returns (carry, out)."""
+    """Residual block; scanned over layers, so it takes (carry, broadcast args[, this layer's data]) and returns
+    (carry, out). Norm placement: pre (Llama) x + f(norm(x)); sandwich (Gemma 2/3) x + post_norm(f(norm(x)));
+    post (OLMo 2) x + post_norm(f(x))."""
 
     cfg: ModelConfig
     collect_layers: bool = False
 
     @nn.compact
-    def __call__(self, x_bsd, segment_ids_bs, positions_bs):
+    def __call__(self, x_bsd, segment_ids_bs, positions_bs, layer=None):
         cfg = self.cfg
         x_bsd = nn.with_logical_constraint(x_bsd, ("batch", "length", "act_embed"))
-        normed = RMSNorm(cfg.norm_eps, cfg.norm_offset, name="attn_norm")(x_bsd)
-        x_bsd = x_bsd + Attention(cfg, name="attn")(normed, segment_ids_bs, positions_bs)
-        normed = RMSNorm(cfg.norm_eps, cfg.norm_offset, name="mlp_norm")(x_bsd)
-        x_bsd = x_bsd + MLP(cfg, name="mlp")(normed)
+
+        def residual(name, sublayer, x):
+            y = sublayer(x if cfg.norm_placement == "post" else
+                         RMSNorm(cfg.norm_eps, cfg.norm_offset, name=f"{name}_norm")(x))
+            if cfg.norm_placement != "pre":
+                y = RMSNorm(cfg.norm_eps, cfg.norm_offset, name=f"{name}_post_norm")(y)
+            return x + y
+
+        attn = Attention(cfg, name="attn")
+        x_bsd = residual("attn", lambda y: attn(y, segment_ids_bs, positions_bs, layer), x_bsd)
+        x_bsd = residual("mlp", MLP(cfg, name="mlp"), x_bsd)
         return x_bsd, (x_bsd if self.collect_layers else None)
 
 
@@ -162,15 +193,18 @@ class Decoder(nn.Module):
         if cfg.remat == "block":
             # Keep only each block's input; recompute the rest in the backward pass.
             block = nn.remat(Block, prevent_cse=False)
+        per_layer = layer_data(cfg)
         stack = nn.scan(
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast),
+            # Layers that differ (window, RoPE base) get their own row of `per_layer` as a scanned input.
+            in_axes=(nn.broadcast, nn.broadcast) + (() if per_layer is None else (0,)),
             length=cfg.n_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        x_bsd, layers = stack(cfg, self.collect_layers, name="layers")(x_bsd, segment_ids_bs, positions_bs)
+        extra = () if per_layer is None else (jax.tree.map(jnp.asarray, per_layer),)
+        x_bsd, layers = stack(cfg, self.collect_layers, name="layers")(x_bsd, segment_ids_bs, positions_bs, *extra)
         hidden = RMSNorm(cfg.norm_eps, cfg.norm_offset, name="final_norm")(x_bsd).astype(jnp.float32)
         if not cfg.tie_embeddings:
             self.param("lm_head", nn.with_logical_partitioning(_init, ("embed", "vocab")), (cfg.d_model, cfg.vocab_size))
@@ -196,11 +230,18 @@ def lm_head(params: dict, cfg: ModelConfig) -> jax.Array:
 
 
 def logits(params: dict, cfg: ModelConfig, hidden_bsd: jax.Array) -> jax.Array:
-    """Float32 logits from final hidden states (materialises [b, s, v]: for eval and small models)."""
+    """Float32 logits from final hidden states (materialises [b, s, v]: for eval and small models), soft-capped
+    where the family caps them (Gemma 2)."""
     head = lm_head(params, cfg)
     out = jnp.einsum("bsd,dv->bsv", hidden_bsd.astype(_dtype(cfg)), head.astype(_dtype(cfg)),
                      preferred_element_type=jnp.float32)
-    return nn.with_logical_constraint(out, ("batch", "length", "act_vocab"))
+    return nn.with_logical_constraint(softcap_logits(out, cfg.final_softcap), ("batch", "length", "act_vocab"))
+
+
+def softcap_logits(logits_v: jax.Array, cap: float) -> jax.Array:
+    """cap·tanh(logits / cap), the final soft-cap (identity for cap 0). Anyone building logits from hidden states and
+    the LM head themselves must apply it with the model's `cfg.final_softcap`."""
+    return jnp.tanh(logits_v / cap) * cap if cap else logits_v
 
 
 class Transformer:
@@ -214,7 +255,19 @@ class Transformer:
         tokens = jnp.zeros((1, 8), jnp.int32)
         return Decoder(self.cfg).init(rng, tokens, jnp.ones_like(tokens), jnp.zeros_like(tokens))
 
-    def features(self, params, tokens_bs, segment_ids_bs=None, positions_bs=None, collect_layers=False) -> Features:
+    def features(self, params, tokens_bs, segment_ids_bs=None, positions_bs=None, collect_layers=False,
+                 applies_final_softcap=False) -> Features:
+        """Final normed hidden states (and every block's output). Logits are hidden · `head(params)`, then
+        `softcap_logits(·, cfg.final_softcap)`: a caller that builds logits so must say it applies the soft-cap
+        (`applies_final_softcap=True`); for a soft-capped model (Gemma 2) an unaware caller is refused, not fed
+        hidden states whose plain logits would be silently wrong."""
+        if self.cfg.final_softcap and not applies_final_softcap:
+            raise UserError(f"a model with final_softcap={self.cfg.final_softcap} (Gemma 2's final logit soft-cap) "
+                            "is used where logits are built from hidden states without the soft-cap (the fused "
+                            "distillation loss, hidden-state teachers); that path does not support it yet")
+        return self._features(params, tokens_bs, segment_ids_bs, positions_bs, collect_layers)
+
+    def _features(self, params, tokens_bs, segment_ids_bs, positions_bs, collect_layers=False) -> Features:
         segment_ids_bs, positions_bs = _default_packing(tokens_bs, segment_ids_bs, positions_bs)
         return Decoder(self.cfg, collect_layers).apply(params, tokens_bs, segment_ids_bs, positions_bs)
 
@@ -222,17 +275,19 @@ class Transformer:
         return lm_head(params, self.cfg)
 
     # The forward in pieces, for analyses that read or replace the residual stream between blocks (stitching,
-    # steering, pruning importance): embed → block(0) → … → block(n-1) → finish equals `features`. Each block runs
-    # unscanned on its slice of the stacked params; fine for analysis, the training forward stays scanned.
+    # steering, pruning importance): embed → block(0) → … → block(n-1) → finish equals `features`. Each block
+    # runs unscanned on its slice of the stacked params; fine for analysis, the training forward stays scanned.
     def embed(self, params, tokens_bs) -> jax.Array:
         """Token ids → the residual stream entering block 0."""
         return embed_tokens(self.cfg, _tree(params)["embedding"], tokens_bs)
 
     def block(self, params, layer: int, x_bsd, segment_ids_bs=None, positions_bs=None) -> jax.Array:
-        """Block `layer` (0-based) applied to the residual stream `x_bsd`."""
+        """Block `layer` (0-based) applied to the residual stream `x_bsd`, with that layer's own attention kind."""
         segment_ids_bs, positions_bs = _default_packing(x_bsd[..., 0], segment_ids_bs, positions_bs)
         layer_params = jax.tree.map(lambda a: a[layer], _tree(params)["layers"])
-        out, _ = Block(self.cfg).apply({"params": layer_params}, x_bsd, segment_ids_bs, positions_bs)
+        per_layer = layer_data(self.cfg)
+        this_layer = None if per_layer is None else {k: jnp.asarray(v[layer]) for k, v in per_layer.items()}
+        out, _ = Block(self.cfg).apply({"params": layer_params}, x_bsd, segment_ids_bs, positions_bs, this_layer)
         return out
 
     def finish(self, params, x_bsd) -> jax.Array:
@@ -241,8 +296,8 @@ class Transformer:
         return norm.apply({"params": _tree(params)["final_norm"]}, x_bsd).astype(jnp.float32)
 
     def __call__(self, params, tokens_bs, segment_ids_bs=None, positions_bs=None) -> jax.Array:
-        """int32 tokens [b, s] → float32 logits [b, s, v]."""
-        return logits(params, self.cfg, self.features(params, tokens_bs, segment_ids_bs, positions_bs).hidden_bsd)
+        """int32 tokens [b, s] → float32 logits [b, s, v] (soft-capped where the family caps them)."""
+        return logits(params, self.cfg, self._features(params, tokens_bs, segment_ids_bs, positions_bs).hidden_bsd)
 
 
 def _tree(params: dict) -> dict:
