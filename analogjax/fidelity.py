@@ -177,6 +177,7 @@ def make_fidelity_step(student, student_rules, teacher, *, n_sources: int, seq_l
                        pairs: Sequence[tuple[int, int]] = ()):
     """A pure function (params, teacher_params, batch) -> sums; full [b, s, v] logits (an eval-sized batch)."""
     from analogjax.models.transformer import logits as head_logits
+    from analogjax.teacher import forward as teacher_forward
 
     collect = bool(pairs) and teacher.features is not None
     shared_vocab = min(student.cfg.vocab_size, teacher.vocab_size or student.cfg.vocab_size)
@@ -184,21 +185,16 @@ def make_fidelity_step(student, student_rules, teacher, *, n_sources: int, seq_l
     def step(params, teacher_params, batch):
         tokens, seg, pos = batch["tokens"], batch["segment_ids"], batch["positions"]
         with nn.logical_axis_rules(list(student_rules)):
-            feats = student.features(params, tokens, seg, pos, collect)
-            s_logits = head_logits(params, student.cfg, feats.hidden_bsd)
-        with nn.logical_axis_rules(list(teacher.rules)):
-            if teacher.features is not None:
-                t_feats, t_head = teacher.features(teacher_params, tokens, seg, pos, collect)
-                t_logits = jnp.einsum("bsd,dv->bsv", t_feats.hidden_bsd, t_head.astype(t_feats.hidden_bsd.dtype),
-                                      preferred_element_type=jnp.float32)
-            else:
-                t_logits = teacher.logits(teacher_params, tokens, seg, pos)
+            feats = student.features(params, tokens, seg, pos, collect, applies_final_softcap=True)
+            s_logits = head_logits(params, student.cfg, feats.hidden_bsd)  # soft-capped where the model caps
+        t_out = teacher_forward(teacher, teacher_params, batch, collect)
+        t_logits = t_out.logits(teacher.final_softcap)
         # A padded vocabulary (same tokenizer) is compared on the shared real range only.
         s_logits, t_logits = s_logits[..., :shared_vocab], t_logits[..., :shared_vocab].astype(jnp.float32)
         sums = token_sums(s_logits, t_logits, batch["targets"], batch["loss_mask"], batch["source_ids"], pos,
                           n_sources=n_sources, seq_len=seq_len)
         if collect:
-            sums.update(cka_sums(feats.layers_lbsd, t_feats.layers_lbsd, batch["loss_mask"], pairs))
+            sums.update(cka_sums(feats.layers_lbsd, t_out.layers_lbsd, batch["loss_mask"], pairs))
         return sums
 
     return step

@@ -63,6 +63,10 @@ class _Spec:
     terms: tuple[Callable[..., jax.Array], ...]
     vocab_size: int | None
     temperature_is_one: bool
+    # Final logit soft-caps, cap·tanh(logits / cap), 0 = none (Gemma 2 caps at 30). Applied to the logits the
+    # objective sees, before masking, so the custom VJP's d logits carries the tanh's derivative.
+    student_softcap: float = 0.0
+    teacher_softcap: float = 0.0
 
 
 class _Coefficients(NamedTuple):
@@ -71,7 +75,8 @@ class _Coefficients(NamedTuple):
     temperature: jax.Array
 
 
-def _prepare(student_head, teacher, targets, weights, kd_terms, kd_weights, ce_weight, temperature, vocab_size):
+def _prepare(student_head, teacher, targets, weights, kd_terms, kd_weights, ce_weight, temperature, vocab_size,
+             softcaps=(0.0, 0.0)):
     """Validate the static structure and split the teacher into row-aligned arrays and an optional head."""
     if teacher is None:  # CE only (pretraining or a baseline): the same loss without a teacher
         kind, teacher_rows, teacher_head = "none", None, None
@@ -105,7 +110,7 @@ def _prepare(student_head, teacher, targets, weights, kd_terms, kd_weights, ce_w
     if kd_weights.shape[0] != len(terms):
         raise UserError(f"kd_weights has {kd_weights.shape[0]} entries for {len(terms)} kd terms")
     temperature_is_one = isinstance(temperature, (int, float)) and float(temperature) == 1.0
-    spec = _Spec(kind, terms, vocab_size, temperature_is_one)
+    spec = _Spec(kind, terms, vocab_size, temperature_is_one, float(softcaps[0]), float(softcaps[1]))
     coefficients = _Coefficients(kd_weights, jnp.asarray(ce_weight, jnp.float32), jnp.asarray(temperature, jnp.float32))
     rows = (jnp.asarray(targets, jnp.int32), jnp.asarray(weights, jnp.float32), teacher_rows)
     return spec, rows, teacher_head, coefficients
@@ -139,7 +144,7 @@ def _weighted_sum(weights: jax.Array, values: jax.Array) -> jax.Array:
 
 def _objective(spec: _Spec, student_logits, targets, weights, teacher_rows, teacher_head, coefficients):
     """(loss sum, metric sums) for a block of tokens; student_logits [n, Vs] float32 carry the only gradient."""
-    student_logits = _mask_columns(student_logits, spec.vocab_size)
+    student_logits = _mask_columns(_softcap(student_logits, spec.student_softcap), spec.vocab_size)
     teacher_rows = jax.lax.stop_gradient(teacher_rows)
     temperature = coefficients.temperature
     metrics: dict[str, jax.Array] = {}
@@ -149,6 +154,7 @@ def _objective(spec: _Spec, student_logits, targets, weights, teacher_rows, teac
         else:
             teacher_head = jax.lax.stop_gradient(teacher_head)
             teacher_logits = jnp.dot(teacher_rows, teacher_head, preferred_element_type=jnp.float32)
+            teacher_logits = _softcap(teacher_logits, spec.teacher_softcap)  # a logits teacher applied its own
         teacher_logits = _mask_columns(_to_width(teacher_logits, student_logits.shape[-1]), spec.vocab_size)
         log_q = losses.log_softmax(student_logits, temperature)
         log_p = losses.log_softmax(teacher_logits, temperature)
@@ -174,18 +180,22 @@ def _objective(spec: _Spec, student_logits, targets, weights, teacher_rows, teac
     return loss, jax.lax.stop_gradient(metrics)
 
 
+def _softcap(logits: jax.Array, cap: float) -> jax.Array:
+    return jnp.tanh(logits / cap) * cap if cap else logits
+
+
 def _student_logits(hidden, head):
     return jnp.dot(hidden, head, preferred_element_type=jnp.float32)
 
 
 def plain_distill_loss(
     student_hidden, student_head, teacher, targets, weights, *, kd_terms, kd_weights, ce_weight, temperature,
-    vocab_size=None, chunk_size=512,
+    vocab_size=None, chunk_size=512, softcaps=(0.0, 0.0),
 ) -> dict[str, jax.Array]:
     """The fused objective on materialised [N, V] logits with plain autodiff (chunk_size is accepted and unused)."""
     del chunk_size
     spec, (targets, weights, teacher_rows), teacher_head, coefficients = _prepare(
-        student_head, teacher, targets, weights, kd_terms, kd_weights, ce_weight, temperature, vocab_size
+        student_head, teacher, targets, weights, kd_terms, kd_weights, ce_weight, temperature, vocab_size, softcaps
     )
     logits = _student_logits(student_hidden, student_head)
     loss, metrics = _objective(spec, logits, targets, weights, teacher_rows, teacher_head, coefficients)
@@ -231,7 +241,7 @@ def _from_chunk_outputs(y: jax.Array, num_tokens: int) -> jax.Array:
 
 def fused_distill_loss(
     student_hidden, student_head, teacher, targets, weights, *, kd_terms, kd_weights, ce_weight, temperature,
-    vocab_size=None, chunk_size=512,
+    vocab_size=None, chunk_size=512, softcaps=(0.0, 0.0),
 ) -> dict[str, jax.Array]:
     """Chunked distillation loss; equal to plain_distill_loss in value and gradient. See the module docstring.
 
@@ -239,10 +249,11 @@ def fused_distill_loss(
     [N, Vt], TopKTeacher or SampledTeacher; targets [N] int32; weights [N] float32 (0 = ignore). kd_terms is a static
     tuple of (name, params_tuple); kd_weights [n_terms], ce_weight and temperature may be traced. vocab_size: use
     columns [0, vocab_size) of both models when their vocabularies differ only by padding. chunk_size counts tokens
-    across all data shards.
+    across all data shards. softcaps: (student, teacher) final logit soft-caps (0 = none; a TeacherHead's logits are
+    capped here, a logits teacher's by the teacher itself).
     """
     spec, rows, teacher_head, coefficients = _prepare(
-        student_head, teacher, targets, weights, kd_terms, kd_weights, ce_weight, temperature, vocab_size
+        student_head, teacher, targets, weights, kd_terms, kd_weights, ce_weight, temperature, vocab_size, softcaps
     )
     num_tokens = student_hidden.shape[0]
     n_chunks, chunk, padded = chunk_layout(num_tokens, chunk_size)

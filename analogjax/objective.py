@@ -118,6 +118,7 @@ def objective(
     valid_count: jax.Array,
     vocab_size: int | None,
     hidden_proj: Any = None,
+    softcaps: tuple[float, float] = (0.0, 0.0),
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(normalised loss, metric sums). `valid_count` is the global Σ loss_mask of the whole (all-microbatch) batch."""
     temperature = scheduled(cfg.temperature, cfg.final_temperature, cfg.temperature_schedule, step, total_steps)
@@ -147,6 +148,7 @@ def objective(
         temperature=temperature,
         vocab_size=vocab_size,
         chunk_size=global_chunk(cfg.chunk_size),
+        softcaps=softcaps,  # (student, teacher) final logit soft-caps: Gemma 2's logits exist only capped
     )
     loss = sums["loss"] / valid_count
     metrics = {name: sums[name] for name in ("ce", "teacher_ce", "kl", "agreement") if name in sums}

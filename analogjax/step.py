@@ -53,7 +53,8 @@ def forward_outputs(student, student_rules, teacher: Teacher | None, params, tea
     (micro)batch, tokens flattened as the objective takes them."""
     tokens, seg, pos = batch["tokens"], batch["segment_ids"], batch["positions"]
     with nn.logical_axis_rules(list(student_rules)):
-        feats = student.features(params["model"], tokens, seg, pos, collect_layers)
+        # The objective applies the student's final soft-cap to the logits it builds (softcaps_of below).
+        feats = student.features(params["model"], tokens, seg, pos, collect_layers, applies_final_softcap=True)
         s_out = Outputs(_flat(feats.hidden_bsd), student.head(params["model"]), None, feats.layers_lbsd)
     if teacher is None:
         return s_out, None
@@ -63,6 +64,11 @@ def forward_outputs(student, student_rules, teacher: Teacher | None, params, tea
     if t.hidden_bsd is not None:
         return s_out, Outputs(_flat(t.hidden_bsd), t.head_dv, None, t.layers_lbsd)
     return s_out, Outputs(None, None, _flat(t.logits_bsv), None)
+
+
+def softcaps_of(student, teacher: Teacher | None) -> tuple[float, float]:
+    """(student, teacher) final logit soft-caps for the objective (0 = none)."""
+    return student.cfg.final_softcap, teacher.final_softcap if teacher is not None else 0.0
 
 
 def make_distill_step(
@@ -83,11 +89,13 @@ def make_distill_step(
     """
     collect = needs_layers(distill)
     shared_vocab = min(student.cfg.vocab_size, teacher.vocab_size or student.cfg.vocab_size) if teacher else None
+    softcaps = softcaps_of(student, teacher)
 
     def loss_fn(params, teacher_params, batch, step, valid_count):
         s_out, t_out = forward_outputs(student, student_rules, teacher, params, teacher_params, batch, collect)
         return objective(
-            distill, total_steps, step, s_out, t_out, batch, valid_count, shared_vocab, params.get("hidden_proj")
+            distill, total_steps, step, s_out, t_out, batch, valid_count, shared_vocab, params.get("hidden_proj"),
+            softcaps=softcaps,
         )
 
     grad_fn = jax.grad(loss_fn, has_aux=True)
@@ -143,7 +151,8 @@ def make_eval_step(student, student_rules, teacher: Teacher | None, chunk_size: 
         valid_count = jnp.maximum(batch["loss_mask"].astype(jnp.float32).sum(), 1.0)
         s_out, t_out = forward_outputs(student, student_rules, teacher, {"model": params}, teacher_params, batch,
                                        False)
-        _, sums = objective(measure, 1, jnp.int32(0), s_out, t_out, batch, valid_count, shared_vocab)
+        _, sums = objective(measure, 1, jnp.int32(0), s_out, t_out, batch, valid_count, shared_vocab,
+                            softcaps=softcaps_of(student, teacher))
         return dict(sums, count=valid_count)
 
     return eval_step

@@ -20,6 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from analogjax.models.transformer import softcap_logits
+
 # A bring-your-own teacher: (params, tokens, segment_ids, positions) -> float32 logits [b, s, v].
 TeacherLogitsFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -35,6 +37,9 @@ class Teacher:
     vocab_size: int | None = None
     # A cached teacher (teacher_cache/): batch -> TopKTeacher | SampledTeacher read from arrays in the batch.
     from_batch: Callable[[dict], Any] | None = None
+    # The final logit soft-cap its `features` path leaves to the caller (Gemma 2: 30; 0 = none). `logits` teachers
+    # return capped logits themselves.
+    final_softcap: float = 0.0
 
     @property
     def is_cached(self) -> bool:
@@ -49,21 +54,26 @@ class TeacherOutputs(NamedTuple):
     logits_bsv: jax.Array | None  # a logits-only teacher's logits
     layers_lbsd: jax.Array | None = None  # per-layer residual streams, when asked for
 
-    def logits(self) -> jax.Array:
-        """Float32 [b, s, v] logits (materialised: for eval-sized batches)."""
+    def logits(self, softcap: float = 0.0) -> jax.Array:
+        """Float32 [b, s, v] logits (materialised: for eval-sized batches); `softcap` is the teacher's final soft-cap
+        (Teacher.final_softcap), applied to logits built from hidden states."""
         if self.logits_bsv is not None:
             return self.logits_bsv.astype(jnp.float32)
-        return jnp.einsum("bsd,dv->bsv", self.hidden_bsd, self.head_dv.astype(self.hidden_bsd.dtype),
-                          preferred_element_type=jnp.float32)
+        out = jnp.einsum("bsd,dv->bsv", self.hidden_bsd, self.head_dv.astype(self.hidden_bsd.dtype),
+                         preferred_element_type=jnp.float32)
+        return softcap_logits(out, softcap)
 
 
 def model_teacher(model, rules) -> Teacher:
     """Wrap an analogjax Transformer as a Teacher."""
 
     def features(params, tokens, segment_ids, positions, collect_layers):
-        return model.features(params, tokens, segment_ids, positions, collect_layers), model.head(params)
+        # Every consumer of a Teacher's features caps the logits it builds with Teacher.final_softcap.
+        feats = model.features(params, tokens, segment_ids, positions, collect_layers, applies_final_softcap=True)
+        return feats, model.head(params)
 
-    return Teacher(logits=model, features=features, rules=tuple(rules), vocab_size=model.cfg.vocab_size)
+    return Teacher(logits=model, features=features, rules=tuple(rules), vocab_size=model.cfg.vocab_size,
+                   final_softcap=model.cfg.final_softcap)
 
 
 def forward(teacher: Teacher, params, batch: dict[str, jax.Array], collect_layers: bool = False):

@@ -244,3 +244,34 @@ def test_user_errors():
     assert chunk_layout(2048, 512) == (4, 512, 2048)
     assert chunk_layout(100, 512) == (1, 100, 100)
     assert chunk_layout(96, 40) == (3, 32, 96)
+
+
+def test_final_softcaps_fused_equals_plain_and_capped_logits():
+    """Gemma 2's final soft-cap: the fused loss caps student and teacher logits it builds, in value and gradient,
+    and equals the loss of the capped logits given directly (the cap is what the models compute)."""
+    rng = np.random.default_rng(7)
+    n, d, dt, v = 24, 16, 12, 40
+    hidden = jnp.asarray(rng.normal(size=(n, d)) * 2, jnp.float32)
+    head = jnp.asarray(rng.normal(size=(d, v)), jnp.float32)
+    t_hidden = jnp.asarray(rng.normal(size=(n, dt)) * 2, jnp.float32)
+    t_head = jnp.asarray(rng.normal(size=(dt, v)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, v, n), jnp.int32)
+    weights = jnp.ones((n,), jnp.float32)
+    kw = dict(kd_terms=(("forward_kl", ()), ("reverse_kl", ())), kd_weights=jnp.array([0.5, 0.3]), ce_weight=0.2,
+              temperature=2.0, chunk_size=8)
+    caps = (3.0, 5.0)
+
+    def loss(fn, h, w, **extra):
+        return fn(h, w, TeacherHead(t_hidden, t_head), targets, weights, **kw, **extra)["loss"]
+
+    fused = jax.value_and_grad(lambda h, w: loss(fused_distill_loss, h, w, softcaps=caps), argnums=(0, 1))
+    plain = jax.value_and_grad(lambda h, w: loss(plain_distill_loss, h, w, softcaps=caps), argnums=(0, 1))
+    (fv, fg), (pv, pg) = fused(hidden, head), plain(hidden, head)
+    np.testing.assert_allclose(fv, pv, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), fg, pg)
+    # Reference: identity-head student (hidden = its capped logits) against the teacher's capped logits.
+    capped_student = jnp.tanh(hidden @ head / caps[0]) * caps[0]
+    capped_teacher = jnp.tanh(t_hidden @ t_head / caps[1]) * caps[1]
+    reference = plain_distill_loss(capped_student, jnp.eye(v), capped_teacher, targets, weights, **kw)["loss"]
+    np.testing.assert_allclose(fv, reference, rtol=1e-5)
+    assert not np.isclose(float(fv), float(loss(plain_distill_loss, hidden, head)), rtol=1e-3)

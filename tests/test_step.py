@@ -117,3 +117,36 @@ def test_golden_first_step():
 
 
 GOLDEN = {"loss": 3.1457784, "kl": 0.03646463, "ce": 6.2551174, "teacher_ce": 6.2704964, "count": 232.0}
+
+
+def test_soft_capped_teacher_and_student_distill_with_their_capped_logits():
+    """A Gemma-2-shaped student and teacher (final soft-cap) train and evaluate: the eval step's KL equals KL of the
+    models' own (capped) logits, computed in float64."""
+    from analogjax.setup import build
+
+    caps = ["model.final_softcap=1.5", "teacher.model.final_softcap=2.0"]
+    config = load_config(None, [
+        "model.preset=tiny", "teacher.model.preset=tiny-teacher", "data.global_batch=8", "data.seq_len=16",
+        "train.steps=2", "distill.chunk_size=32", *caps])
+    mesh = mesh_lib.make_mesh(8, 1, 1)
+    run = build(config, mesh=mesh)
+    batch = packed_batch(8, 16, 512, seed=3)
+    with jax.set_mesh(run.mesh):
+        state, metrics = run.step_fn(run.state, run.teacher_params, jax.device_put(batch, run.batch_sharding))
+        sums = jax.device_get(run.eval_fn(state.params["model"], run.teacher_params,
+                                          jax.device_put(batch, run.batch_sharding)))
+    assert np.isfinite(float(metrics["loss"]))
+    from analogjax.models.transformer import Transformer
+
+    tokens, seg, pos = (jnp.asarray(batch[k]) for k in ("tokens", "segment_ids", "positions"))
+    s = np.asarray(Transformer(config.model)(jax.device_get(state.params["model"]), tokens, seg, pos), np.float64)
+    t = np.asarray(Transformer(config.teacher.model)(jax.device_get(run.teacher_params), tokens, seg, pos), np.float64)
+    assert np.abs(s).max() <= 1.5 + 1e-6 and np.abs(t).max() <= 2.0 + 1e-6  # the models cap their own logits
+
+    def log_softmax(x):
+        return x - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)) - x.max(-1, keepdims=True)
+
+    lp, lq = log_softmax(t), log_softmax(s)
+    mask = np.asarray(batch["loss_mask"], np.float64)
+    kl = ((np.exp(lp) * (lp - lq)).sum(-1) * mask).sum() / mask.sum()
+    np.testing.assert_allclose(sums["kl"] / sums["count"], kl, rtol=1e-4)

@@ -12,6 +12,7 @@ import numpy as np
 
 from analogjax.config import Config
 from analogjax.errors import UserError
+from analogjax.models.transformer import softcap_logits
 from analogjax.sparse_teacher import sample_teacher_tokens
 from analogjax.teacher import forward as teacher_forward
 from analogjax.teacher_cache.format import (
@@ -65,7 +66,8 @@ def make_teacher_outputs(teacher, layout: CacheLayout, *, temperature: float, vo
         def chunk(j):
             if logits_bsv is None:
                 h = jax.lax.dynamic_slice_in_dim(hidden, j * c, c, axis=1)
-                logits = jnp.dot(h, head.astype(h.dtype), preferred_element_type=jnp.float32)
+                logits = softcap_logits(jnp.dot(h, head.astype(h.dtype), preferred_element_type=jnp.float32),
+                                        teacher.final_softcap)
             else:
                 logits = jax.lax.dynamic_slice_in_dim(logits_bsv, j * c, c, axis=1).astype(jnp.float32)
             # Only the vocabulary both models share can carry probability (padded columns are -inf, as in the loss).
