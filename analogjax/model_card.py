@@ -130,11 +130,20 @@ def disclosure(config) -> Disclosure:
                       local_paths=release.allow_local_paths)
 
 
+def public_source_names(data) -> dict[str, str]:
+    """Each source's name in the pipeline's reports → its public name: the one the config gave, else "source N"
+    (default names are derived from paths)."""
+    from analogjax.data.spec import source_names
+
+    return {name: name if s.name else f"source {i + 1}"
+            for i, (name, s) in enumerate(zip(source_names(data), data.sources))}
+
+
 def _default_data_description(data) -> str:
-    """Counts and weights only: source names are shown only where the config gave them (default names come from
-    paths)."""
+    """Counts and weights only, under the sources' public names."""
     total = sum(s.weight for s in data.sources)
-    parts = [f"{s.name or f'source {i + 1}'} ({s.weight / total:.0%})" for i, s in enumerate(data.sources)]
+    names = list(public_source_names(data).values())
+    parts = [f"{name} ({s.weight / total:.0%})" for name, s in zip(names, data.sources)]
     return f"{len(parts)} source{'s' if len(parts) > 1 else ''}: " + ", ".join(parts) + \
         " (not described by the lab: release.data_description)"
 
@@ -151,19 +160,22 @@ def local_paths(config, *extra) -> list[str]:
     return out
 
 
-def find_local_strings(folder: Path, needles: list[str], words: list[str] = ()) -> list[tuple[str, str]]:
-    """(file, string) for each of `needles` found in a file of `folder` (text files, safetensors headers) and each of
-    `words` (host and user names) found as a whole word in the files analogjax writes. The tokenizer itself is
-    the lab's file, copied as it is; its vocabulary may hold any word, so only paths are looked for there."""
+def find_local_strings(folder: Path, needles: list[str], names: list[str] = ()) -> list[tuple[str, str]]:
+    """(file, string) for each of `needles` (local paths) found in a file of `folder` (text files, safetensors
+    headers) and each of `names` (host and user names) found where it is part of a path or an address ("/alice",
+    "~alice", "alice@", "@buildbox", "buildbox:/"): a bare word may be a user named like any English word.
+    tokenizer.json is the lab's own file, copied as it is: its vocabulary may hold any string, so it is not read."""
     found = []
-    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+    for file in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "tokenizer.json"):
         text = _searchable_text(file)
         if text is None:
             continue
         rel = str(file.relative_to(folder))
         found += [(rel, n) for n in needles if len(n) > 3 and n in text]
-        if file.name != "tokenizer.json":
-            found += [(rel, w) for w in words if len(w) > 1 and re.search(rf"(?<![\w.-]){re.escape(w)}(?![\w-])", text)]
+        for name in (n for n in names if n):
+            word = re.escape(name)
+            if re.search(rf"[/\\~@]{word}(?![\w-])|(?<![\w.-]){word}(@|:/)", text):
+                found.append((rel, name))
     return found
 
 

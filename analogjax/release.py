@@ -156,13 +156,18 @@ def _export(config, params, out_dir, force: bool, dtype: str, tokenizer: str | N
     return out
 
 
-def _fidelity(config, workdir, step, mesh, params, out_dir, batches, teacher, teacher_params) -> dict[str, Any]:
+def _fidelity(config, workdir, step, mesh, params, out_dir, batches, teacher, teacher_params,
+              source_names: dict[str, str] | None = None) -> dict[str, Any]:
+    """Measure and write the fidelity report; `source_names` renames its per-source columns (a release publishes
+    the names the lab chose, not those derived from paths)."""
     from analogjax import fidelity
 
     if teacher is None:
         teacher, teacher_params = _teacher_for_fidelity(config, mesh)
     report = fidelity.measure(config, params, teacher, teacher_params, mesh, batches or config.train.eval_batches)
     report["step"] = step
+    if source_names:
+        report["by_source"] = {source_names[name]: v for name, v in report["by_source"].items()}
     metrics = workdir / "metrics.jsonl" if workdir is not None else None
     fidelity.write_report(report, out_dir, metrics_jsonl=metrics)
     return report
@@ -206,7 +211,8 @@ def write_release(run_dir: str | Path, out_dir: str | Path, *, batches: int | No
     student = _load_student(run_dir, run_cfg)  # restored once, for the export and the fidelity report both
     config, workdir, step, _, params = student
     _export(config, params, out, force, dtype, spec)
-    report = _fidelity(*student, out / "fidelity", batches, teacher, teacher_params)
+    report = _fidelity(*student, out / "fidelity", batches, teacher, teacher_params,
+                       None if disclosed.local_paths else model_card.public_source_names(config.data))
     if jax.process_index() != 0:
         return out
     card = model_card.model_card(config, step, report, sorted(p.name for p in (out / "fidelity").glob("*.png")),

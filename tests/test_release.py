@@ -210,6 +210,8 @@ def test_prepared_run_releases_a_bundle_that_loads_and_generates(prepared_releas
     assert "- data: a synthetic corpus of Greek letter names" in card
     assert "teacher signal: the teacher's full-vocabulary logits, computed live in each step" in card
     assert "| teacher forward passes in training |" in card
+    # Per-source columns under public names: the default ones come from the lab's directory names.
+    assert set(json.loads((bundle / "fidelity" / "fidelity.json").read_text())["by_source"]) == {"source 1"}
     # No local path, host or user name anywhere in the bundle.
     paths = [str(prepared_release), str(tmp_path.parent), str(Path.home()), str(ROOT)]
     assert _leaks(bundle, paths, [socket.gethostname(), getpass.getuser()]) == []
@@ -226,11 +228,204 @@ def test_prepared_run_releases_a_bundle_that_loads_and_generates(prepared_releas
 
     ours = hf.load(bundle)
     ids = tok("The")["input_ids"]
+    buffer = np.zeros((1, len(ids) + 8), np.int32)  # one shape, one compile: causal logits ignore what follows
     for _ in range(8):
-        ids.append(int(np.argmax(np.asarray(ours(np.asarray([ids], np.int32)))[0, -1])))
+        buffer[0, :len(ids)] = ids
+        ids.append(int(np.argmax(np.asarray(ours(buffer))[0, len(ids) - 1])))
         if ids[-1] == tok.eos_token_id:
             break
     model = transformers.AutoModelForCausalLM.from_pretrained(bundle, dtype=torch.float32)
     generate = transformers.pipeline("text-generation", model=model, tokenizer=tok)
     theirs = generate("The", max_new_tokens=8, do_sample=False)[0]["generated_text"]
     assert theirs == printed == tok.decode(ids, skip_special_tokens=True)
+
+
+def test_export_refuses_a_wrong_or_missing_tokenizer_and_publishes_weights_only(prepared_release, tmp_path, capsys):
+    import shutil
+
+    transformers = pytest.importorskip("transformers")
+    run = prepared_release / "run"
+    # Another tokenizer than the one the shards were prepared with: one error line.
+    other = tmp_path / "other.json"
+    from analogjax.data.tokenize import train_bpe_tokenizer
+
+    train_bpe_tokenizer(["zzz yyy xxx"] * 20, 280, str(other))
+    capsys.readouterr()
+    assert cli.main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "a"), "--tokenizer", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "not the tokenizer the run was trained with" in err and err.count("\n") == 1
+    # Shards whose recorded tokenizer no longer matches (the file changed since prepare): refused, named.
+    shards = tmp_path / "shards"
+    shutil.copytree(prepared_release / "shards", shards)
+    meta = json.loads((shards / "analogjax_data.json").read_text())
+    (shards / "analogjax_data.json").write_text(json.dumps({**meta, "tokenizer_fingerprint": "0" * 32}))
+    moved = tmp_path / "run"
+    shutil.copytree(run, moved)
+    record = json.loads((moved / "run.json").read_text())
+    record["config"]["data"]["sources"][0]["path"] = str(shards)
+    (moved / "run.json").write_text(json.dumps(record))
+    assert cli.main(["export", "--checkpoint", str(moved), "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "analogjax_data.json" in err and "fingerprint" in err
+    assert not (tmp_path / "b").exists()
+    # --weights-only: the weights alone, which transformers loads.
+    assert cli.main(["export", "--checkpoint", str(moved), "--out", str(tmp_path / "w"), "--weights-only"]) == 0
+    assert not (tmp_path / "w" / "tokenizer.json").exists()
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "w")
+    assert model.config.vocab_size == json.loads((run / "run.json").read_text())["config"]["model"]["vocab_size"]
+
+
+def _prepared_dir(root: Path, tokenizer: str, fingerprint: str) -> Path:
+    """A prepared directory as far as tokenizer resolution reads it: its metadata file."""
+    root.mkdir()
+    (root / "analogjax_data.json").write_text(json.dumps({"format": "arrayrecord", "dtype": "uint16", "shards": [],
+                                                          "vocab_size": 300, "tokenizer": tokenizer,
+                                                          "tokenizer_fingerprint": fingerprint}))
+    return root
+
+
+def test_tokenizer_travels_with_prepared_data(tmp_path, monkeypatch):
+    from analogjax.data.spec import DataConfig, SourceConfig
+    from analogjax.data.tokenize import load_tokenizer, resolve_tokenizer, train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer(["alpha beta gamma"] * 20, 280, str(tmp_path / "tok" / "tokenizer.json"))
+    fp = load_tokenizer(tok).fingerprint
+
+    def resolve(*dirs, tokenizer="none"):
+        return resolve_tokenizer(DataConfig(sources=tuple(SourceConfig(path=str(d)) for d in dirs),
+                                            tokenizer=tokenizer))
+
+    good = _prepared_dir(tmp_path / "good", tok, fp)
+    assert resolve(good) == tok
+    assert resolve(good, tokenizer="bytes") == "bytes"  # a named tokenizer wins
+    assert resolve(_prepared_dir(tmp_path / "b", "bytes", "bytes-v1")) == "bytes"
+    assert resolve(tmp_path / "tok") == "none"  # not a prepared directory: nothing recorded
+    # A relative recorded path is found from the working directory, else from the prepared directory.
+    monkeypatch.chdir(tmp_path)
+    assert resolve(_prepared_dir(tmp_path / "rel", "tok/tokenizer.json", fp)) == "tok/tokenizer.json"
+    (tmp_path / "inside").mkdir()
+    (tmp_path / "inside" / "tokenizer.json").write_bytes(Path(tok).read_bytes())
+    monkeypatch.chdir(tmp_path / "tok")
+    assert resolve(_prepared_dir(tmp_path / "inside" / "p", "../tokenizer.json", fp)) == \
+        str(tmp_path / "inside" / "p" / "../tokenizer.json")
+    with pytest.raises(UserError, match=r"data.sources\[0\].*missing\.json, which is missing"):
+        resolve(_prepared_dir(tmp_path / "gone", str(tmp_path / "missing.json"), fp))
+    with pytest.raises(UserError, match=r"has fingerprint .* prepared with fingerprint f+"):
+        resolve(_prepared_dir(tmp_path / "changed", tok, "f" * 32))
+    with pytest.raises(UserError, match=r"data.sources\[0\].*data.sources\[1\].*different tokenizers"):
+        resolve(good, tmp_path / "b")
+
+
+def test_release_refuses_to_guess_a_tokenizer(tmp_path):
+    from analogjax.config import Config
+    from analogjax.data.spec import DataConfig, SourceConfig
+    from analogjax.release import bundle_tokenizer
+
+    config = Config(data=DataConfig(sources=(SourceConfig(path=str(tmp_path / "ids.jsonl")),), tokenizer="none"))
+    with pytest.raises(UserError, match="no tokenizer to ship.*--weights-only"):
+        bundle_tokenizer(config)
+    assert bundle_tokenizer(config, weights_only=True) is None
+    assert bundle_tokenizer(config, tokenizer="bytes") == "bytes"
+    with pytest.raises(UserError, match="contradict"):
+        bundle_tokenizer(config, tokenizer="bytes", weights_only=True)
+
+
+def _fake_report():
+    from analogjax import fidelity
+
+    return {"overall": {key: 0.5 for key, _, _ in fidelity._TABLE} | {"tokens": 64}, "by_source": {}}
+
+
+def test_card_says_what_teacher_signal_the_run_used_and_counts_only_teacher_work_done(tmp_path):
+    import dataclasses
+
+    from analogjax import model_card
+    from analogjax.config import Config, LossTerm, TeacherConfig
+    from analogjax.flops import forward_flops_per_token
+
+    base = Config(teacher=TeacherConfig(pretraining_flops=1e15))
+    tokens = 10 * base.data.global_batch * base.data.seq_len
+    teacher_fwd = forward_flops_per_token(base.teacher.model, base.data.seq_len)
+
+    live = model_card.compute_ledger(base, 10)
+    assert live["teacher_flops"] == teacher_fwd * tokens and live["cache_flops"] is None
+    ce_only = dataclasses.replace(base, distill=dataclasses.replace(base.distill, terms=(LossTerm("ce"),)))
+    ledger = model_card.compute_ledger(ce_only, 10)
+    assert ledger["teacher_flops"] == 0 and ledger["total_flops"] == ledger["student_flops"]
+    card = model_card.model_card(ce_only, 10, _fake_report(), disclosed=model_card.disclosure(ce_only))
+    assert "teacher signal: none: labels only" in card and "0 (labels only: the teacher never ran)" in card
+
+    cached = dataclasses.replace(base, teacher=dataclasses.replace(base.teacher, cache=str(tmp_path / "cache")))
+    provenance = {"layout": {"kind": "topk", "k": 8}, "steps": 20, "global_batch": base.data.global_batch,
+                  "seq_len": base.data.seq_len}
+    ledger = model_card.compute_ledger(cached, 10, provenance)
+    assert ledger["teacher_flops"] == 0 and ledger["cache_flops"] == teacher_fwd * 2 * tokens  # the cache's 20 steps
+    assert ledger["total_flops"] == ledger["student_flops"] + ledger["cache_flops"]
+    card = model_card.model_card(cached, 10, _fake_report(), disclosed=model_card.disclosure(cached),
+                                 cache_provenance=provenance)
+    assert "the teacher's top-8 logits per position, cached (treatment: tail_bucket)" in card
+    assert "| teacher forward passes in training | 0 (the teacher's outputs came from a cache) |" in card
+    assert f"| teacher cache, written once ({2 * tokens:,} tokens) |" in card
+    sampled = {**provenance, "layout": {"kind": "sampled", "k": 4}}
+    assert "4 tokens per position sampled" in model_card.model_card(
+        cached, 10, _fake_report(), disclosed=model_card.disclosure(cached), cache_provenance=sampled)
+    card = model_card.model_card(cached, 10, _fake_report(), disclosed=model_card.disclosure(cached))
+    assert "not counted (the cache's provenance was not found)" in card
+    assert str(tmp_path) not in card and "An analog distilled with analogjax" in card
+
+
+def test_disclosure_comes_from_the_artefacts_and_the_release_section_never_from_paths(tmp_path):
+    import types
+
+    import yaml
+
+    from analogjax import model_card
+    from analogjax.config import Config, TeacherConfig
+    from analogjax.release import with_release_overrides
+
+    folder = tmp_path / "teacher"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"_name_or_path": str(folder)}))  # what a local load writes
+    (folder / "README.md").write_text("---\nlicense: llama3.1\nlanguage: [en, de]\n---\n")
+    found = model_card.teacher_metadata(TeacherConfig(hf_path=str(folder)))
+    assert found == {"license": "llama3.1", "language": ("en", "de")}
+    (folder / "config.json").write_text(json.dumps({"_name_or_path": "meta-llama/Llama-3.1-8B"}))
+    config = Config(teacher=TeacherConfig(hf_path=str(folder)))
+    d = model_card.disclosure(config)
+    assert (d.teacher_name, d.base_model, d.license, d.language) == ("meta-llama/Llama-3.1-8B", None, "llama3.1",
+                                                                     ("en", "de"))
+    d = model_card.disclosure(with_release_overrides(config, ["release.base_model_public=true", "license=other"]))
+    meta = yaml.safe_load(model_card.metadata_block(d).strip("-\n"))
+    assert meta["base_model"] == "meta-llama/Llama-3.1-8B" and meta["license"] == "other"
+    # A private name cannot be published as base_model; unknown or malformed release settings are refused.
+    private = with_release_overrides(config, ["teacher_name=our frontier model", "base_model_public=true"])
+    with pytest.raises(UserError, match="not a Hub id"):
+        model_card.disclosure(private)
+    with pytest.raises(UserError, match="unknown config key: release.colour"):
+        with_release_overrides(config, ["release.colour=blue"])
+    with pytest.raises(UserError, match="release.language"):
+        with_release_overrides(config, ["release.language=[en us]"])
+    # No license anywhere: "other", and the card says nobody chose one.
+    assert model_card.disclosure(Config()).license == "other" and not model_card.disclosure(Config()).license_chosen
+    # A GGUF teacher's general.name.
+    gguf = pytest.importorskip("gguf")
+    writer = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
+    writer.add_name("Tiny GGUF Teacher")
+    writer.add_license("apache-2.0")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    found = model_card.teacher_metadata(types.SimpleNamespace(hf_path=None, gguf_path=str(tmp_path / "t.gguf")))
+    assert found == {"name": "Tiny GGUF Teacher", "license": "apache-2.0"}
+
+
+def test_local_strings_are_found_in_every_file_the_release_writes(tmp_path):
+    from analogjax import model_card
+
+    (tmp_path / "fidelity").mkdir()
+    (tmp_path / "README.md").write_text(f"teacher: {tmp_path}/teacher; Alice wrote it on a buildbox\n")
+    (tmp_path / "fidelity" / "fidelity.json").write_text('{"source": "alice@buildbox-7:/data"}')
+    (tmp_path / "tokenizer.json").write_text(f'{{"vocab": {{"/alice": 5, "{tmp_path}": 6}}}}')  # the lab's own file
+    found = model_card.find_local_strings(tmp_path, [str(tmp_path)], ["buildbox-7", "alice"])
+    assert found == [("README.md", str(tmp_path)), ("fidelity/fidelity.json", "buildbox-7"),
+                     ("fidelity/fidelity.json", "alice")]
