@@ -255,15 +255,15 @@ def how_to_load(has_tokenizer: bool, prompt: str) -> str:
             'generate = pipeline("text-generation", model=model, tokenizer=tokenizer)',
             f"print(generate({json.dumps(prompt)}, max_new_tokens=8, do_sample=False)[0][\"generated_text\"])",
         ])
-    return "\n".join([
-        "import torch",
-        "from transformers import AutoModelForCausalLM",
-        "",
-        'path = "."  # this folder; or its Hub id once uploaded',
-        "model = AutoModelForCausalLM.from_pretrained(path)",
-        "# No tokenizer ships with these weights: ids are those of the tokenizer the analog was trained with.",
-        "print(model(torch.tensor([[1, 2, 3]])).logits.shape)",
-    ])
+    return (
+        "import torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "\n"
+        'path = "."  # this folder; or its Hub id once uploaded\n'
+        "model = AutoModelForCausalLM.from_pretrained(path)\n"
+        "# No tokenizer ships with these weights: ids are those of the tokenizer the analog was trained with.\n"
+        "print(model(torch.tensor([[1, 2, 3]])).logits.shape)"
+    )
 
 
 def metadata_block(d: Disclosure) -> str:
@@ -343,11 +343,11 @@ def model_card(config, step: int, report: dict[str, Any], plots: list[str] = (),
         f"- loss terms: {terms}",
         f"- temperature: {temperature}",
         f"- teacher signal: {signal}",
-        f"- steps: {step:,} × {config.data.global_batch} sequences × {config.data.seq_len} tokens = "
-        f"{ledger['tokens']:,} tokens seen",
+        (f"- steps: {step:,} × {config.data.global_batch} sequences × {config.data.seq_len} tokens = "
+         f"{ledger['tokens']:,} tokens seen"),
         f"- student initialisation: {init}",
-        f"- optimiser: AdamW, peak learning rate {config.optim.learning_rate:g}, {config.optim.warmup_steps} warm-up "
-        f"steps, cosine to {config.optim.min_lr_ratio:g}×",
+        (f"- optimiser: AdamW, peak learning rate {config.optim.learning_rate:g}, {config.optim.warmup_steps} "
+         f"warm-up steps, cosine to {config.optim.min_lr_ratio:g}×"),
         "",
         "## Compute",
         "",

@@ -9,8 +9,10 @@ and writes README.md (analogjax.model_card) disclosing what the `release` config
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from analogjax.errors import UserError
 
@@ -144,15 +146,30 @@ def bundle_tokenizer(config, *, tokenizer: str | None = None, weights_only: bool
 
 
 def _export(config, params, out_dir, force: bool, dtype: str, tokenizer: str | None) -> Path:
-    """The HF folder; a chat teacher's template goes with the tokenizer, so the analog formats chats as it does."""
+    """The HF folder; a chat teacher's template goes with the tokenizer when the analog's tokenizer is the teacher's
+    (the template spells the teacher's special tokens), so the analog formats chats as its teacher does."""
+    import jax
+
+    from analogjax.data.tokenize import load_tokenizer
     from analogjax.models import hf
-    from analogjax.tokenizer_files import add_chat_template, teacher_chat_template
+    from analogjax.tokenizer_files import (
+        TOKENIZER_FILE,
+        add_chat_template,
+        teacher_chat_template,
+    )
 
     out = hf.save_params(params, config.model, out_dir, tokenizer=tokenizer, force=force, dtype=dtype,
                          max_positions=config.data.seq_len)
     template = teacher_chat_template(config.teacher.hf_path) if tokenizer else None
-    if template is not None and (Path(out) / "tokenizer_config.json").is_file():  # process 0 wrote the files
-        add_chat_template(Path(out), template)
+    if template is None or jax.process_index() != 0:  # process 0 wrote the files
+        return out
+    teacher_tokenizer = Path(config.teacher.hf_path) / TOKENIZER_FILE
+    if teacher_tokenizer.is_file() and \
+            load_tokenizer(str(teacher_tokenizer)).fingerprint != load_tokenizer(tokenizer).fingerprint:
+        print("warning: the teacher's chat template is not carried into the analog's tokenizer: the analog's "
+              "tokenizer is not the teacher's", file=sys.stderr)
+        return out
+    add_chat_template(Path(out), template)
     return out
 
 

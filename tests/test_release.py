@@ -1,11 +1,19 @@
 """The release path end to end on a tiny demo run: export, eval and the bundle, and their error lines."""
 
+import getpass
 import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from analogjax import cli
+from analogjax.errors import UserError
 
 DEMO = ["teacher_steps=3", "run.train.steps=3", "tokenizer_vocab=0", "run.model.vocab_size=259",
         "run.teacher.model.vocab_size=259", "run.teacher.model.d_model=32", "run.teacher.model.d_ff=64",
@@ -17,7 +25,7 @@ DEMO = ["teacher_steps=3", "run.train.steps=3", "tokenizer_vocab=0", "run.model.
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
-    words = "alpha beta gamma delta def return import class self value None True False for in range".split()
+    words = ["alpha", "beta", "gamma", "delta", "def", "return", "import", "class", "self", "value", "None", "True", "False", "for", "in", "range"]
     rng = np.random.default_rng(0)
     corpus = root / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": " ".join(rng.choice(words, rng.integers(20, 80)))}) + "\n"
@@ -95,24 +103,15 @@ def test_bad_checkpoint_paths_are_one_error_line(tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------------------------
 # prepare → distill (data.tokenizer none, HF teacher) → release, through the CLI as a user runs it
 
-import getpass  # noqa: E402
-import os  # noqa: E402
-import re  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from analogjax.errors import UserError  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = "alpha beta gamma delta kappa sigma omega lambda theta zeta the a of and in on at".split()
+WORDS = ["alpha", "beta", "gamma", "delta", "kappa", "sigma", "omega", "lambda", "theta", "zeta", "the", "a",
+         "of", "and", "in", "on", "at"]
 CHAT_TEMPLATE = "{% for m in messages %}<bos>{{ m['content'] }}<eos>{% endfor %}"
 
 
 def _cli(*args, cwd):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-m", "analogjax", *map(str, args)], cwd=cwd, env=env,
+    done = subprocess.run([sys.executable, "-m", "analogjax", *map(str, args)], check=False, cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
@@ -219,7 +218,7 @@ def test_prepared_run_releases_a_bundle_that_loads_and_generates(prepared_releas
     snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
     monkeypatch.chdir(bundle)
     capsys.readouterr()
-    exec(compile(snippet, "README.md", "exec"), {})
+    exec(compile(snippet, "README.md", "exec"), {})  # noqa: S102  the card's own snippet is what is under test
     printed = capsys.readouterr().out.strip()
     print(f"snippet output: {printed!r}")
     assert printed.startswith("The")
@@ -240,7 +239,8 @@ def test_prepared_run_releases_a_bundle_that_loads_and_generates(prepared_releas
     assert theirs == printed == tok.decode(ids, skip_special_tokens=True)
 
 
-def test_export_refuses_a_wrong_or_missing_tokenizer_and_publishes_weights_only(prepared_release, tmp_path, capsys):
+def test_export_refuses_a_wrong_or_missing_tokenizer_and_publishes_weights_only(prepared_release, tmp_path, capsys,
+                                                                                 monkeypatch):
     import shutil
 
     transformers = pytest.importorskip("transformers")
@@ -273,6 +273,13 @@ def test_export_refuses_a_wrong_or_missing_tokenizer_and_publishes_weights_only(
     assert not (tmp_path / "w" / "tokenizer.json").exists()
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "w")
     assert model.config.vocab_size == json.loads((run / "run.json").read_text())["config"]["model"]["vocab_size"]
+    # The card's snippet for weights alone runs as printed, too.
+    from analogjax.model_card import how_to_load
+
+    monkeypatch.chdir(tmp_path / "w")
+    capsys.readouterr()
+    exec(compile(how_to_load(False, "unused"), "README.md", "exec"), {})  # noqa: S102
+    assert capsys.readouterr().out.strip() == f"torch.Size([1, 3, {model.config.vocab_size}])"
 
 
 def _prepared_dir(root: Path, tokenizer: str, fingerprint: str) -> Path:
@@ -286,7 +293,11 @@ def _prepared_dir(root: Path, tokenizer: str, fingerprint: str) -> Path:
 
 def test_tokenizer_travels_with_prepared_data(tmp_path, monkeypatch):
     from analogjax.data.spec import DataConfig, SourceConfig
-    from analogjax.data.tokenize import load_tokenizer, resolve_tokenizer, train_bpe_tokenizer
+    from analogjax.data.tokenize import (
+        load_tokenizer,
+        resolve_tokenizer,
+        train_bpe_tokenizer,
+    )
 
     tok = train_bpe_tokenizer(["alpha beta gamma"] * 20, 280, str(tmp_path / "tok" / "tokenizer.json"))
     fp = load_tokenizer(tok).fingerprint
@@ -312,6 +323,13 @@ def test_tokenizer_travels_with_prepared_data(tmp_path, monkeypatch):
         resolve(_prepared_dir(tmp_path / "gone", str(tmp_path / "missing.json"), fp))
     with pytest.raises(UserError, match=r"has fingerprint .* prepared with fingerprint f+"):
         resolve(_prepared_dir(tmp_path / "changed", tok, "f" * 32))
+    from analogjax.data.pipeline import (
+        open_sources,  # a run on those shards stops before its first batch
+    )
+
+    with pytest.raises(UserError, match=r"changed.*fingerprint"):
+        open_sources(DataConfig(sources=(SourceConfig(path=str(tmp_path / "changed")),), tokenizer="none"),
+                     vocab_size=300)
     with pytest.raises(UserError, match=r"data.sources\[0\].*data.sources\[1\].*different tokenizers"):
         resolve(good, tmp_path / "b")
 
