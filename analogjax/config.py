@@ -176,6 +176,8 @@ class ReleaseConfig:
         for value in self.language:
             if not value or not value.replace("-", "").isalnum():
                 raise UserError(f"{_join(prefix, 'language')}: {value!r} is not a language code (e.g. en, fr)")
+        if not self.prompt:
+            raise UserError(f"{_join(prefix, 'prompt')} is empty: the card's snippet generates from it")
         if self.license and not all(ch.isalnum() or ch in "-._" for ch in self.license):
             raise UserError(f"{_join(prefix, 'license')}: {self.license!r} is not a Hub license id (e.g. apache-2.0)")
 

@@ -360,6 +360,7 @@ def test_card_says_what_teacher_signal_the_run_used_and_counts_only_teacher_work
     from analogjax import model_card
     from analogjax.config import Config, LossTerm, TeacherConfig
     from analogjax.flops import forward_flops_per_token
+    from analogjax.release import with_release_overrides
 
     base = Config(teacher=TeacherConfig(pretraining_flops=1e15))
     tokens = 10 * base.data.global_batch * base.data.seq_len
@@ -390,6 +391,10 @@ def test_card_says_what_teacher_signal_the_run_used_and_counts_only_teacher_work
     card = model_card.model_card(cached, 10, _fake_report(), disclosed=model_card.disclosure(cached))
     assert "not counted (the cache's provenance was not found)" in card
     assert str(tmp_path) not in card and "An analog distilled with analogjax" in card
+    # Local paths only where the lab opts in.
+    opted = with_release_overrides(cached, ["allow_local_paths=true"])
+    card = model_card.model_card(opted, 10, _fake_report(), disclosed=model_card.disclosure(opted))
+    assert f"`{tmp_path / 'cache'}`" in card
 
 
 def test_disclosure_comes_from_the_artefacts_and_the_release_section_never_from_paths(tmp_path):
