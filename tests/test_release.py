@@ -130,7 +130,7 @@ def _hf_teacher(root: Path, corpus_texts) -> Path:
 
     tok_file = train_bpe_tokenizer(corpus_texts, 300, str(root / "tok" / "tokenizer.json"))
     vocab = load_tokenizer(tok_file).vocab_size
-    cfg = ModelConfig(vocab_size=vocab, d_model=32, n_layers=2, n_heads=2, d_ff=64)
+    cfg = ModelConfig(vocab_size=vocab, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, d_ff=64)
     params = jax.device_get(flax.linen.unbox(Transformer(cfg).init_boxed(jax.random.key(1))))
     folder = root / "teacher"
     hf.save_params(params, cfg, folder, tokenizer=tok_file)
@@ -155,7 +155,7 @@ def prepared_release(tmp_path_factory):
     import yaml
 
     (root / "run.yaml").write_text(yaml.safe_dump({
-        "model": {"vocab_size": vocab, "d_model": 16, "n_layers": 2, "n_heads": 2, "d_ff": 32},
+        "model": {"vocab_size": vocab, "d_model": 16, "n_layers": 2, "n_heads": 2, "n_kv_heads": 2, "d_ff": 32},
         "teacher": {"hf_path": str(teacher), "pretraining_flops": 1e12},
         "data": {"sources": [{"path": str(root / "shards")}], "tokenizer": "none", "global_batch": 8,
                  "seq_len": 32, "heldout_fraction": 0.2},
