@@ -197,6 +197,7 @@ def compute_ledger(config, step: int, cache_provenance: dict | None = None) -> d
     """Model FLOPs of the run (analogjax.flops conventions), its teacher cost and their share of the teacher's
     pretraining. The teacher's forward counts only where it ran in training (a live teacher); a cached run's cost is
     the cache's own, computed from its provenance (the steps it covers); a CE-only run has none."""
+    from analogjax.config import fingerprint
     from analogjax.flops import forward_flops_per_token
     from analogjax.teacher import source_kind
 
@@ -206,7 +207,9 @@ def compute_ledger(config, step: int, cache_provenance: dict | None = None) -> d
     teacher_live = forward_flops_per_token(config.teacher.model, config.data.seq_len) * tokens \
         if kind in ("hf", "checkpoint", "random") else 0.0
     cache_tokens = cache_flops = None
-    if kind == "cache" and cache_provenance:
+    # The cache's cost is the run's teacher over the cache's tokens, where the cache says it was that teacher.
+    same_teacher = (cache_provenance or {}).get("teacher", {}).get("model") == fingerprint(config.teacher.model)
+    if kind == "cache" and cache_provenance and same_teacher:
         seq = cache_provenance["seq_len"]
         cache_tokens = cache_provenance["steps"] * cache_provenance["global_batch"] * seq
         cache_flops = forward_flops_per_token(config.teacher.model, seq) * cache_tokens
@@ -227,7 +230,7 @@ def _compute_rows(ledger: dict[str, Any]) -> list[str]:
         rows.append("| teacher forward passes in training | 0 (the teacher's outputs came from a cache) |")
         rows.append(f"| teacher cache, written once ({ledger['cache_tokens']:,} tokens) | {ledger['cache_flops']:.3e} |"
                     if ledger["cache_flops"] is not None else
-                    "| teacher cache, written once | not counted (the cache's provenance was not found) |")
+                    "| teacher cache, written once | not counted (no provenance of this teacher's cache found) |")
     else:
         rows.append(f"| teacher forward passes in training | {ledger['teacher_flops']:.3e} |")
     rows.append(f"| total | {ledger['total_flops']:.3e} |")

@@ -203,6 +203,8 @@ def test_prepared_run_releases_a_bundle_that_loads_and_generates(prepared_releas
     import yaml
 
     meta = yaml.safe_load(card.split("---")[1])
+    hub = pytest.importorskip("huggingface_hub")
+    assert hub.ModelCard(card).data.to_dict() == meta  # the Hub's own parser reads the same metadata
     assert meta == {"license": "mit", "library_name": "transformers", "pipeline_tag": "text-generation",
                     "tags": ["analogjax", "distillation", "analog"], "language": ["en"]}
     assert "# Analog of tiny-org/tiny-teacher" in card and "Released by Tiny Lab." in card
@@ -358,7 +360,7 @@ def test_card_says_what_teacher_signal_the_run_used_and_counts_only_teacher_work
     import dataclasses
 
     from analogjax import model_card
-    from analogjax.config import Config, LossTerm, TeacherConfig
+    from analogjax.config import Config, LossTerm, TeacherConfig, fingerprint
     from analogjax.flops import forward_flops_per_token
     from analogjax.release import with_release_overrides
 
@@ -376,7 +378,7 @@ def test_card_says_what_teacher_signal_the_run_used_and_counts_only_teacher_work
 
     cached = dataclasses.replace(base, teacher=dataclasses.replace(base.teacher, cache=str(tmp_path / "cache")))
     provenance = {"layout": {"kind": "topk", "k": 8}, "steps": 20, "global_batch": base.data.global_batch,
-                  "seq_len": base.data.seq_len}
+                  "seq_len": base.data.seq_len, "teacher": {"model": fingerprint(base.teacher.model)}}
     ledger = model_card.compute_ledger(cached, 10, provenance)
     assert ledger["teacher_flops"] == 0 and ledger["cache_flops"] == teacher_fwd * 2 * tokens  # the cache's 20 steps
     assert ledger["total_flops"] == ledger["student_flops"] + ledger["cache_flops"]
@@ -389,7 +391,9 @@ def test_card_says_what_teacher_signal_the_run_used_and_counts_only_teacher_work
     assert "4 tokens per position sampled" in model_card.model_card(
         cached, 10, _fake_report(), disclosed=model_card.disclosure(cached), cache_provenance=sampled)
     card = model_card.model_card(cached, 10, _fake_report(), disclosed=model_card.disclosure(cached))
-    assert "not counted (the cache's provenance was not found)" in card
+    assert "not counted (no provenance of this teacher's cache found)" in card
+    other_teacher = {**provenance, "teacher": {"model": "0123456789abcdef"}}
+    assert model_card.compute_ledger(cached, 10, other_teacher)["cache_flops"] is None
     assert str(tmp_path) not in card and "An analog distilled with analogjax" in card
     # Local paths only where the lab opts in.
     opted = with_release_overrides(cached, ["allow_local_paths=true"])
