@@ -335,7 +335,11 @@ def architecture_for(cfg: ModelConfig) -> tuple[str, str]:
     # Exactness check: the config.json we would write must read back to this very config.
     back = config_from_hf_dict(_hf_config_for(cfg, arch, "float32", 4096, {}), f"export as {arch}")
     strip = {name: getattr(ModelConfig(), name) for name in _NOT_ARCHITECTURE}
-    want, got = dataclasses.replace(cfg, **strip), dataclasses.replace(back, **strip)
+
+    def canonical(c: ModelConfig) -> ModelConfig:  # 0 spells "as many kv heads as heads" / "d_model // n_heads"
+        return dataclasses.replace(c, **strip, n_kv_heads=c.kv_heads, head_dim=c.dim_per_head)
+
+    want, got = canonical(cfg), canonical(back)
     if want != got:
         differing = [f.name for f in dataclasses.fields(ModelConfig) if getattr(want, f.name) != getattr(got, f.name)]
         raise UserError(f"no Hugging Face architecture expresses this model exactly: {arch} cannot carry "
