@@ -139,7 +139,7 @@ def _teacher_for_fidelity(config, mesh, load_teacher):
 
     from analogjax.config import LossTerm
 
-    if not (config.teacher.checkpoint or config.teacher.hf_path):
+    if not (config.teacher.checkpoint or config.teacher.hf_path or config.teacher.gguf_path):
         raise UserError("the run's config names no teacher.checkpoint or teacher.hf_path: nothing to compare with")
     # load_teacher returns nothing for a CE-only objective (a baseline) and a cache reader for a cached teacher;
     # fidelity always compares against the live teacher.
@@ -172,11 +172,28 @@ def _teacher_identity(config) -> dict[str, str]:
     from analogjax.config import fingerprint
     from analogjax.models.hf import folder_fingerprint
 
-    source = config.teacher.hf_path or config.teacher.checkpoint
+    source = config.teacher.hf_path or config.teacher.gguf_path or config.teacher.checkpoint
     identity = {"source": source or "random init (no teacher weights)", "shape": fingerprint(config.teacher.model)}
     if source and Path(source).is_dir():
         identity["manifest_sha256"] = folder_fingerprint(source)
+    if config.teacher.gguf_path and source == config.teacher.gguf_path:
+        from analogjax.models.gguf import gguf_provenance
+
+        identity["gguf"] = gguf_provenance(source)
     return identity
+
+
+def _teacher_signal(config) -> str:
+    cache = config.teacher.cache
+    if not cache:
+        return "full-vocabulary logits computed in the training step (no top-k truncation, no sampling)"
+    from analogjax.teacher_cache import read_provenance
+
+    saved = read_provenance(cache) or {}
+    layout = saved.get("layout", {})
+    what = {"topk": "top-k logits", "sampled": "sampled tokens"}.get(layout.get("kind"), "outputs")
+    return (f"teacher cache `{cache}` ({what}, k={layout.get('k')}, {layout.get('values_dtype', 'float32')}; "
+            f"forward_kl as {config.distill.topk_treatment})")
 
 
 def compute_ledger(config, step: int) -> dict[str, float | None]:
@@ -237,6 +254,9 @@ def model_card(config, step: int, report: dict[str, Any], plots: list[str] = ())
         "",
         f"- teacher: `{teacher['source']}` (shape fingerprint `{teacher['shape']}`"
         + (f", manifest sha256 `{teacher['manifest_sha256']}`)" if "manifest_sha256" in teacher else ")"),
+        *([f"- teacher file: GGUF `{teacher['gguf']['file']}`, {teacher['gguf']['name']!r}, "
+           f"{teacher['gguf']['file_type']} ({teacher['gguf']['bytes']:,} bytes, sha256 `{teacher['gguf']['sha256']}`)"]
+          if "gguf" in teacher else []),
         f"- tokenizer: {_tokenizer_line(config.data.tokenizer)}",
         f"- data mix: {mix}",
         f"- seed: {config.train.seed}",
@@ -245,7 +265,7 @@ def model_card(config, step: int, report: dict[str, Any], plots: list[str] = ())
         "",
         f"- loss terms: {terms}",
         f"- temperature: {temperature}",
-        "- teacher signal: full-vocabulary logits computed in the training step (no top-k truncation, no sampling)",
+        f"- teacher signal: {_teacher_signal(config)}",
         f"- steps: {step:,} × {config.data.global_batch} sequences × {config.data.seq_len} tokens = "
         f"{ledger['tokens']:,} tokens seen",
         f"- student initialisation: {init}",

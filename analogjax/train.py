@@ -132,6 +132,10 @@ def load_teacher(config: Config, mesh) -> tuple[Teacher | None, Any]:
         from analogjax.models import hf
 
         return teacher, hf.load_params(config.teacher.hf_path, config.teacher.model, mesh, mesh_lib.TEACHER_RULES)
+    if config.teacher.gguf_path:
+        from analogjax.models import gguf
+
+        return teacher, gguf.load_params(config.teacher.gguf_path, config.teacher.model, mesh, mesh_lib.TEACHER_RULES)
     if config.teacher.checkpoint:
         abstract = mesh_lib.abstract_sharded(model.init_boxed, mesh, mesh_lib.TEACHER_RULES)
         return teacher, ckpt_lib.restore_params(config.teacher.checkpoint, abstract)

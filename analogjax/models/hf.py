@@ -302,13 +302,18 @@ def _read_block(tensor_slice, tmap: TensorMap, ours_index: tuple[slice, ...]) ->
 
 def load_params(path: str | Path, model_cfg: ModelConfig, mesh, rules) -> dict:
     """A HF folder's weights as analogjax params ({"params": ...}), each array born sharded under `rules`."""
-    from analogjax import mesh as mesh_lib
-    from analogjax.models.transformer import Transformer
-
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"teacher.hf_path: Hugging Face model folder not found: {path}")
-    files = _SafetensorFiles(path)
+    return params_from_tensors(_SafetensorFiles(path), model_cfg, mesh, rules, f"{path}: config.json")
+
+
+def params_from_tensors(files, model_cfg: ModelConfig, mesh, rules, source: str) -> dict:
+    """Params ({"params": ...}) born sharded from `files`: anything with `shape(hf_name)` and `slice(hf_name)`
+    (an object indexable like a numpy array in the HF layout). `source` names where the shapes come from."""
+    from analogjax import mesh as mesh_lib
+    from analogjax.models.transformer import Transformer
+
     abstract = mesh_lib.abstract_sharded(Transformer(model_cfg).init_boxed, mesh, rules)["params"]
     params: dict = {}
     for tmap in tensor_maps(model_cfg):
@@ -317,7 +322,7 @@ def load_params(path: str | Path, model_cfg: ModelConfig, mesh, rules) -> dict:
         for name in names:
             found = files.shape(name)
             if found != tmap.hf_shape:
-                raise UserError(f"{path}: tensor {name} has shape {list(found)}, but config.json implies "
+                raise UserError(f"{source}: tensor {name} has shape {list(found)}, but the config implies "
                                 f"{list(tmap.hf_shape)}")
         _set(params, tmap.ours, _sharded_array(files, tmap, names, target))
     return {"params": params}
@@ -358,12 +363,16 @@ class HFModel:
         from analogjax import mesh as mesh_lib
         from analogjax.models.transformer import Transformer
 
-        self.config = model_config_from_hf(path)
+        self.config = self.read_config(path)
         self.mesh = mesh if mesh is not None else mesh_lib.make_mesh(-1, 1, 1)
         self.rules = tuple(rules if rules is not None else mesh_lib.TEACHER_RULES)
         self.model = Transformer(self.config)
-        self.params = load_params(path, self.config, self.mesh, self.rules)
+        self.params = self.read_params(path, self.config, self.mesh, self.rules)
         self._logits = jax.jit(self.model.__call__)
+
+    # Where the config and weights come from; other file formats (GGUF) override these two.
+    read_config = staticmethod(model_config_from_hf)
+    read_params = staticmethod(load_params)
 
     def __call__(self, tokens_bs, segment_ids_bs=None, positions_bs=None) -> jax.Array:
         import flax.linen as nn
@@ -528,5 +537,5 @@ def folder_fingerprint(folder: str | Path, small_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["load", "load_params", "model_config_from_hf", "save", "HFModel", "architecture_for", "hf_config",
+__all__ = ["load", "load_params", "params_from_tensors", "model_config_from_hf", "save", "HFModel", "architecture_for", "hf_config",
            "tensor_maps", "byte_tokenizer_json", "folder_fingerprint", "check_out_dir", "prepare_out_dir"]
