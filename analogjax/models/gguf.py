@@ -19,6 +19,7 @@ types F32, F16, BF16, Q8_0, Q4_0, Q4_1. Anything else is refused with a UserErro
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -65,6 +66,21 @@ _PRE_TOKENIZERS = {
     "llama3": "llama3", "llama-v3": "llama3", "llama-bpe": "llama3", "smaug-bpe": "llama3",
 }
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+
+
+def open_gguf(path: str | Path) -> "GGUFFile":
+    """A GGUFFile, shared between callers while the file is unchanged (parsing a 49k-token vocabulary's metadata
+    takes seconds, and config, tokenizer, weights and provenance all read it)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"GGUF file not found: {path}")
+    stat = path.stat()
+    return _open_cached(str(path.absolute()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)
+def _open_cached(path: str, size: int, mtime_ns: int) -> "GGUFFile":
+    return GGUFFile(path)
 
 
 class GGUFFile:
@@ -124,7 +140,7 @@ class GGUFFile:
 
 def model_config_from_gguf(path: str | Path, gguf_file: GGUFFile | None = None) -> ModelConfig:
     """The ModelConfig of a Llama-family GGUF file; UserError for metadata the decoder does not implement."""
-    f = gguf_file or GGUFFile(path)
+    f = gguf_file or open_gguf(path)
     prefix = f"{f.arch}."
     for key in f.reader.fields:
         if key.startswith(prefix) and key[len(prefix):] not in _KNOWN_KEYS:
@@ -216,7 +232,7 @@ def _hf_name(gguf_name: str, path: Path) -> str:
 
 def load_params(path: str | Path, model_cfg: ModelConfig, mesh, rules) -> dict:
     """A GGUF file's weights as analogjax params ({"params": ...}), each array born sharded under `rules`."""
-    f = GGUFFile(path)
+    f = open_gguf(path)
     found = model_config_from_gguf(path, f)
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "kv_heads", "dim_per_head", "d_ff", "tie_embeddings"):
         if getattr(found, name) != getattr(model_cfg, name):
@@ -249,7 +265,7 @@ def tokenizer_from_gguf(path: str | Path, gguf_file: GGUFFile | None = None):
     """
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
-    f = gguf_file or GGUFFile(path)
+    f = gguf_file or open_gguf(path)
     kind = f.get("tokenizer.ggml.model")
     if kind != "gpt2":
         raise UserError(f"{f.path}: tokenizer model {kind!r} is not supported (only byte-level BPE, \"gpt2\"); "
@@ -307,7 +323,7 @@ def gguf_provenance(path: str | Path) -> dict:
     """What a model card says about a GGUF teacher: the file's sha256 and its GGUF metadata."""
     from gguf import LlamaFileType
 
-    f = GGUFFile(path)
+    f = open_gguf(path)
     digest = hashlib.sha256()
     with open(f.path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 22), b""):
