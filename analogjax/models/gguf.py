@@ -68,7 +68,7 @@ _PRE_TOKENIZERS = {
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 
 
-def open_gguf(path: str | Path) -> "GGUFFile":
+def open_gguf(path: str | Path) -> GGUFFile:
     """A GGUFFile, shared between callers while the file is unchanged (parsing a 49k-token vocabulary's metadata
     takes seconds, and config, tokenizer, weights and provenance all read it)."""
     path = Path(path)
@@ -79,7 +79,7 @@ def open_gguf(path: str | Path) -> "GGUFFile":
 
 
 @functools.lru_cache(maxsize=2)
-def _open_cached(path: str, size: int, mtime_ns: int) -> "GGUFFile":
+def _open_cached(path: str, size: int, mtime_ns: int) -> GGUFFile:
     return GGUFFile(path)
 
 

@@ -537,5 +537,5 @@ def folder_fingerprint(folder: str | Path, small_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["load", "load_params", "params_from_tensors", "model_config_from_hf", "save", "HFModel", "architecture_for", "hf_config",
-           "tensor_maps", "byte_tokenizer_json", "folder_fingerprint", "check_out_dir", "prepare_out_dir"]
+__all__ = ["load", "load_params", "params_from_tensors", "model_config_from_hf", "save", "HFModel", "architecture_for",
+           "hf_config", "tensor_maps", "byte_tokenizer_json", "folder_fingerprint", "check_out_dir", "prepare_out_dir"]
