@@ -201,3 +201,27 @@ def test_cli_refuses_bad_gguf_files(tmp_path, bpe, hf_llama):
     assert_user_error(_distill(tmp_path, falcon), "falcon.gguf", "unsupported GGUF architecture 'falcon'")
     q5 = write_gguf(tmp_path / "q5.gguf", hf_llama, bpe, "Q5_0")
     assert_user_error(_distill(tmp_path, q5), "q5.gguf", "type Q5_0", "requantize")
+
+
+def test_real_demo_path_on_a_tiny_gguf(tmp_path, bpe, hf_llama):
+    # The demo's real-teacher workflow (tokenizer from the GGUF, teacher cache, analog, baseline, evaluation against
+    # the live teacher, release) at toy size, with a tiny GGUF standing in for SmolLM2.
+    from analogjax import cli
+
+    path = write_gguf(tmp_path / "teacher.gguf", hf_llama, bpe, "Q8_0", tied=True)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": TEXTS[i % 3] * (1 + i % 4)}) + "\n" for i in range(200)))
+    sets = [f"gguf_path={path}", "cache_k=8", f"run.data.sources=[{{path: {corpus}}}]", "run.data.heldout_fraction=0.2",
+            f"run.model.vocab_size={len(bpe[0])}", "run.model.d_model=32", "run.model.n_layers=1",
+            "run.model.n_heads=2", "run.model.d_ff=64", "run.data.global_batch=8", "run.data.seq_len=32",
+            "run.train.steps=3", "run.train.log_every=1", "run.train.eval_batches=1"]
+    args = ["demo", "--workdir", str(tmp_path / "demo"), "--no-progress"]
+    for item in sets:
+        args += ["--set", item]
+    assert cli.main(args) == 0
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert set(summary["phase_seconds"]) == {"teacher", "teacher_cache", "analog", "baseline", "evaluate", "release"}
+    for name in ("analog", "baseline"):
+        assert summary[name]["kl_teacher"] > 0 and 0 <= summary[name]["agreement"] <= 1
+    card = (tmp_path / "demo" / "release" / "README.md").read_text()
+    assert gguf_lib.gguf_provenance(path)["sha256"] in card and "teacher cache" in card
