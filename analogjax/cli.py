@@ -17,7 +17,7 @@ from analogjax.errors import UserError
 # name → (module, help). Modules provide add_arguments(parser) and run(args) -> int; imported only when used, so
 # `analogjax --help` stays fast and one command's heavy imports never slow another.
 COMMANDS = {
-    "demo": ("analogjax.demo", "the whole analog workflow on an embedded corpus, nothing downloaded"),
+    "demo": ("analogjax.commands.demo", "the whole analog workflow on an embedded corpus, nothing downloaded"),
     "distill": ("analogjax.commands.distill", "distill a teacher into a student from a config"),
     "prepare": ("analogjax.commands.prepare", "tokenize a text corpus into shards"),
     "compile-check": ("analogjax.commands.compile_check",

@@ -31,6 +31,7 @@ class TeacherConfig:
     model: ModelConfig = field(default_factory=lambda: PRESETS["tiny-teacher"])
     checkpoint: str | None = None  # an Orbax checkpoint directory written by analogjax (its params item)
     hf_path: str | None = None  # a Hugging Face folder (safetensors + config.json)
+    gguf_path: str | None = None  # a llama.cpp GGUF file (Llama family; F32/F16/BF16/Q8_0/Q4_0/Q4_1 tensors)
     # A teacher cache (analogjax cache-teacher) to distill from instead of a live teacher: no teacher in memory.
     cache: str | None = None
     # With neither path the teacher is randomly initialised: useful for tests and benchmarks only.
@@ -39,13 +40,22 @@ class TeacherConfig:
 
     @classmethod
     def from_preset_dict(cls, raw: dict, prefix: str) -> dict:
-        """With hf_path, the teacher's shape is read from its config.json; teacher.model adds only dtype and remat."""
-        if not raw.get("hf_path"):
-            return raw
-        from analogjax.models.hf import model_config_from_hf
+        """With hf_path (gguf_path), the teacher's shape is read from its config.json (GGUF metadata); teacher.model
+        adds only dtype and remat."""
+        if raw.get("hf_path") and raw.get("gguf_path"):
+            raise UserError(f"{prefix}: set hf_path or gguf_path, not both")
+        if raw.get("gguf_path"):
+            from analogjax.models.gguf import model_config_from_gguf as read_shape
 
+            source = raw["gguf_path"]
+        elif raw.get("hf_path"):
+            from analogjax.models.hf import model_config_from_hf as read_shape
+
+            source = raw["hf_path"]
+        else:
+            return raw
         given = raw.get("model") if isinstance(raw.get("model"), dict) else {}
-        shape = dataclasses.asdict(model_config_from_hf(raw["hf_path"]))
+        shape = dataclasses.asdict(read_shape(source))
         return {**raw, "model": {**shape, **{k: given[k] for k in ("dtype", "remat") if k in given}}}
 
 

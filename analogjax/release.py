@@ -196,7 +196,8 @@ def _teacher_for_fidelity(config, mesh):
     from analogjax.teacher import live_source_kind, load_teacher
 
     if live_source_kind(config) == "random":
-        raise UserError("the run's config names no teacher.checkpoint or teacher.hf_path: nothing to compare with")
+        raise UserError("the run's config names no teacher.checkpoint, teacher.hf_path or teacher.gguf_path: nothing "
+                        "to compare with")
     return load_teacher(config, mesh, live=True)
 
 

@@ -5,6 +5,7 @@ step, the eval step, fidelity and the teacher-cache writer all call `forward`, w
 outputs are cut out of autodiff. Kinds:
 - `checkpoint`: an analogjax Orbax checkpoint (its params item), restored sharded under the teacher's own rules;
 - `hf`: a Hugging Face folder, read tensor by tensor onto the mesh (models/hf.py);
+- `gguf`: a llama.cpp GGUF file, dequantized tensor by tensor onto the mesh (models/gguf.py);
 - `cache`: a teacher cache (teacher_cache/): its outputs arrive with each batch, nothing of it is in memory;
 - `random`: neither path: a random init from train.seed + 1 (tests and benchmarks only);
 - bring your own: `Teacher(logits=fn)` with its params, passed to `setup.build` / `train.run_training`.
@@ -96,7 +97,7 @@ def forward(teacher: Teacher, params, batch: dict[str, jax.Array], collect_layer
 
 
 def source_kind(config) -> str:
-    """How the config's teacher is given: none (a CE-only objective), cache, hf, checkpoint or random."""
+    """How the config's teacher is given: none (a CE-only objective), cache, hf, gguf, checkpoint or random."""
     from analogjax.objective import needs_teacher
 
     if not needs_teacher(config.distill):
@@ -105,9 +106,11 @@ def source_kind(config) -> str:
 
 
 def live_source_kind(config) -> str:
-    """Where the teacher's own weights come from, whatever the objective: hf, checkpoint or random."""
+    """Where the teacher's own weights come from, whatever the objective: hf, gguf, checkpoint or random."""
     if config.teacher.hf_path:
         return "hf"
+    if config.teacher.gguf_path:
+        return "gguf"
     if config.teacher.checkpoint:
         return "checkpoint"
     return "random"
@@ -135,6 +138,10 @@ def load_teacher(config, mesh, *, live: bool = False) -> tuple[Teacher | None, A
         from analogjax.models import hf
 
         return teacher, hf.load_params(config.teacher.hf_path, config.teacher.model, mesh, mesh_lib.TEACHER_RULES)
+    if kind == "gguf":
+        from analogjax.models import gguf
+
+        return teacher, gguf.load_params(config.teacher.gguf_path, config.teacher.model, mesh, mesh_lib.TEACHER_RULES)
     if kind == "checkpoint":
         from analogjax.checkpoint import restore_params
 

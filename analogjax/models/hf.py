@@ -590,13 +590,18 @@ def _read_block(tensor_slice, tmap: TensorMap, ours_index: tuple[slice, ...]) ->
 
 def load_params(path: str | Path, model_cfg: ModelConfig, mesh, rules) -> dict:
     """A HF folder's weights as analogjax params ({"params": ...}), each array born sharded under `rules`."""
-    from analogjax import mesh as mesh_lib
-    from analogjax.models.transformer import Transformer
-
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"teacher.hf_path: Hugging Face model folder not found: {path}")
-    files = _SafetensorFiles(path)
+    return params_from_tensors(_SafetensorFiles(path), model_cfg, mesh, rules, f"{path}: config.json")
+
+
+def params_from_tensors(files, model_cfg: ModelConfig, mesh, rules, source: str) -> dict:
+    """Params ({"params": ...}) born sharded from `files`: anything with `shape(hf_name)` and `slice(hf_name)`
+    (an object indexable like a numpy array in the HF layout). `source` names where the shapes come from."""
+    from analogjax import mesh as mesh_lib
+    from analogjax.models.transformer import Transformer
+
     abstract = mesh_lib.abstract_sharded(Transformer(model_cfg).init_boxed, mesh, rules)["params"]
     params: dict = {}
     for tmap in tensor_maps(model_cfg):
@@ -605,7 +610,7 @@ def load_params(path: str | Path, model_cfg: ModelConfig, mesh, rules) -> dict:
         for name in names:
             found = files.shape(name)
             if found != tmap.file_shape:
-                raise UserError(f"{path}: tensor {name} has shape {list(found)}, but config.json implies "
+                raise UserError(f"{source}: tensor {name} has shape {list(found)}, but the config implies "
                                 f"{list(tmap.file_shape)}")
         _set(params, tmap.ours, _sharded_array(files, tmap, names, target))
     return {"params": params}
@@ -645,11 +650,20 @@ class HFModel(Model):
     def __init__(self, path: str | Path, *, mesh=None, rules=None):
         from analogjax import mesh as mesh_lib
 
-        config = model_config_from_hf(path)
+        config = self.read_config(path)
         mesh = mesh if mesh is not None else mesh_lib.make_mesh(-1, 1, 1)
         rules = tuple(rules if rules is not None else mesh_lib.TEACHER_RULES)
-        tokenizer = str(Path(path) / "tokenizer.json") if (Path(path) / "tokenizer.json").is_file() else None
-        super().__init__(config, load_params(path, config, mesh, rules), mesh=mesh, rules=rules, tokenizer=tokenizer)
+        super().__init__(config, self.read_params(path, config, mesh, rules), mesh=mesh, rules=rules,
+                         tokenizer=self.read_tokenizer(path))
+
+    # Where the config, weights and tokenizer come from; other file formats (GGUF) override these.
+    read_config = staticmethod(model_config_from_hf)
+    read_params = staticmethod(load_params)
+
+    @staticmethod
+    def read_tokenizer(path) -> str | None:
+        file = Path(path) / "tokenizer.json"
+        return str(file) if file.is_file() else None
 
 
 def load(path: str | Path, *, mesh=None, rules=None) -> HFModel:
@@ -765,6 +779,6 @@ def folder_fingerprint(folder: str | Path, small_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["load", "load_params", "model_config_from_hf", "config_from_hf_dict", "save", "save_params", "Model",
-           "HFModel", "architecture_for", "hf_config", "tensor_maps", "byte_tokenizer_json", "folder_fingerprint",
-           "check_out_dir", "prepare_out_dir"]
+__all__ = ["load", "load_params", "params_from_tensors", "model_config_from_hf", "config_from_hf_dict", "save",
+           "save_params", "Model", "HFModel", "architecture_for", "hf_config", "tensor_maps", "byte_tokenizer_json",
+           "folder_fingerprint", "check_out_dir", "prepare_out_dir"]

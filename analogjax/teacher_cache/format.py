@@ -125,7 +125,7 @@ def path_hash(path: str) -> str:
 
 def teacher_identity(config: Config) -> dict[str, str]:
     teacher = config.teacher
-    source = teacher.checkpoint or teacher.hf_path
+    source = teacher.checkpoint or teacher.hf_path or teacher.gguf_path
     # Without a checkpoint the teacher is train.load_teacher's random init from train.seed + 1.
     weights = path_hash(source) if source else f"random-init:seed={config.train.seed + 1}"
     return {"model": fingerprint(teacher.model), "weights": weights}
