@@ -9,8 +9,10 @@ import argparse
 import glob
 import importlib
 import importlib.util
+import logging
 import os
 import sys
+import threading
 
 from analogjax.errors import UserError
 
@@ -63,9 +65,29 @@ def skip_absent_tpu(environ=os.environ) -> None:
     environ["JAX_PLATFORMS"] = "cuda,cpu" if cuda else "cpu"
 
 
+def quiet_libraries() -> None:
+    """What a user sees is what analogjax says: its own warnings (printed to stderr) and errors.
+
+    Orbax and Grain log routine events through absl at WARNING ("read_only=True, setting save_interval_steps=0"),
+    which read as trouble on a user's screen: only their errors are shown. A worker thread (the checkpoint writer, a
+    data reader) that stops on a UserError prints nothing: the error reaches the main thread, which prints its one
+    line; any other exception in a thread keeps its traceback."""
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    default_hook = threading.excepthook
+
+    def hook(args):
+        if not isinstance(args.exc_value, UserError):
+            default_hook(args)
+
+    threading.excepthook = hook
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Runs one command. A UserError (or a usage mistake) is one `error:` line and exit status 2; any other exception
+    is a bug and keeps its traceback, so it is deliberately not caught here."""
     argv = sys.argv[1:] if argv is None else argv
     skip_absent_tpu()
+    quiet_libraries()
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
