@@ -28,6 +28,7 @@ COMMANDS = {
     "eval": ("analogjax.commands.eval", "fidelity of an analog to its teacher: KL, agreement, ECE, CKA, plots"),
     "export": ("analogjax.commands.export", "write a run's student as a Hugging Face folder"),
     "release": ("analogjax.commands.release", "HF folder + fidelity report + model card for a finished run"),
+    "config": ("analogjax.commands.config", "print the fully resolved config a run would use (--explain: sources)"),
 }
 
 
@@ -73,12 +74,15 @@ def quiet_libraries() -> None:
     data reader) that stops on a UserError prints nothing: the error reaches the main thread, which prints its one
     line; any other exception in a thread keeps its traceback."""
     logging.getLogger("absl").setLevel(logging.ERROR)
+    if getattr(threading.excepthook, "quiet_on_user_error", False):  # main() may run many times in one process
+        return
     default_hook = threading.excepthook
 
     def hook(args):
         if not isinstance(args.exc_value, UserError):
             default_hook(args)
 
+    hook.quiet_on_user_error = True
     threading.excepthook = hook
 
 
