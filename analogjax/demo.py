@@ -86,6 +86,8 @@ def run(args) -> int:
     started = time.perf_counter()
     demo = load_demo_config(args.config, args.overrides)
     workdir = Path(args.workdir).absolute()
+    if workdir.exists() and not workdir.is_dir():
+        raise UserError(f"--workdir {workdir} exists and is not a directory")
     workdir.mkdir(parents=True, exist_ok=True)
 
     import jax

@@ -82,10 +82,11 @@ def run_training(config: Config, workdir: str | Path, *, teacher: Teacher | None
     """
     workdir = Path(workdir).absolute()
     claim = _guard_workdir(workdir, config)
-    run = build(config, teacher, teacher_params, init=False)
     cfg = config
+    # The data first: a missing or unusable corpus or tokenizer is reported before a model is built.
     data_iter = make_batch_iterator(cfg.data, split="train", seed=cfg.train.seed, vocab_size=cfg.model.vocab_size,
                                     process_index=jax.process_index(), process_count=jax.process_count())
+    run = build(config, teacher, teacher_params, init=False)
     cache_reader = None
     if run.teacher is not None and run.teacher.is_cached:  # cached rows join each local batch, step for step
         from analogjax.teacher_cache import CacheReader

@@ -1,5 +1,8 @@
 """`analogjax config [--config FILE] [--set k=v ...] [--explain]`: the fully resolved config, as a run would use it.
 
+A config the run would refuse on sight (an unknown key, a wrong type, an impossible value, an unknown loss term) is
+refused here too; what only the data, the devices or a checkpoint can tell is checked when a run starts.
+
 The YAML printed loads back (`load_config`) to an equal config. With --explain, each value is followed by where it
 came from: `file`, `--set`, `preset NAME` (a model section that names a preset and leaves the value out),
 `default (preset NAME)` (a model section left out entirely: its default is a preset), `teacher.hf_path config.json`
@@ -26,6 +29,9 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     given_by_file, given_by_set, merged = read_layers(args.config, args.overrides)
     config = from_dict(Config, merged)
+    from analogjax.objective import check_distill  # what a run checks when it is built, short of devices and files
+
+    check_distill(config.distill)
     comments = provenance(config, given_by_file, given_by_set) if args.explain else None
     sys.stdout.write(to_yaml(config, comments))
     return 0
