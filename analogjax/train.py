@@ -165,8 +165,12 @@ def run_training(config: Config, workdir: str | Path, *, teacher: Teacher | None
             heldout = (evaluate(run, state.params["model"], cfg.train.eval_batches)
                        if has_heldout and not preempted else {})
     finally:
-        # Always let async saves finish (or fail loudly) before the interpreter shuts down.
-        checkpointer.close()
+        # Always let async saves finish (or fail loudly) before the interpreter shuts down; then stop the data
+        # workers now (left to Grain's exit-time finalizers after an error, they print tracebacks over it).
+        try:
+            checkpointer.close()
+        finally:
+            data_iter.close()
         if log is not None:
             progress_out.close()
     if preempted:

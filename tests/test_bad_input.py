@@ -174,6 +174,10 @@ def test_distill(shared, tmp_path):
         Case("corpus_too_small", distill("--set", "data.sources=[{path: {shared}/two_docs.jsonl}]",
                                          "--set", "data.heldout_fraction=0"), "two_docs.jsonl",
              warnings=(RANDOM_TEACHER,)),  # found by the first batch, once the run is built
+        # Found by a data worker process: Grain's workers are stopped before exit, so they print nothing.
+        Case("corpus_field_missing_in_workers", distill("--set", "data.worker_count=2", "--set",
+                                                        "data.sources=[{path: {shared}/corpus.jsonl, field: body}]"),
+             "no key 'body'", warnings=(RANDOM_TEACHER,)),
         Case("tokenizer_missing", distill("--set", "data.tokenizer=missing_tokenizer.json"),
              "missing_tokenizer.json"),
         Case("tokenizer_garbage", distill("--set", "data.tokenizer={shared}/garbage_tokenizer.json"),
@@ -244,6 +248,11 @@ def test_cache_teacher(shared, tmp_path):
                                                      "teacher.checkpoint={shared}/run/checkpoints"),
              "does not fit this model"),
         Case("config_error", cache("--out", "c", "--set", "data.seq_len=0"), "data.seq_len"),
+        Case("corpus_field_missing_in_workers", cache("--out", "c", "--set", "data.worker_count=2", "--set",
+                                                      "data.sources=[{path: {shared}/corpus.jsonl, field: body}]"),
+             "no key 'body'", warnings=(RANDOM_TEACHER,)),
+        Case("out_holds_another_cache", cache("--out", "{shared}/cache", "--set", "train.seed=1"),
+             "another configuration", warnings=(RANDOM_TEACHER,)),
     ], shared, tmp_path)
 
 
