@@ -12,6 +12,7 @@ import pytest
 
 from analogjax import cli
 from analogjax.config import load_config
+from analogjax.demo import load_demo_config
 from analogjax.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,6 +115,11 @@ def test_config_prints_the_resolved_config_and_where_each_value_came_from(tmp_pa
     # A model section left out is the default preset, and says so.
     assert cli.main(["config", "--explain"]) == 0
     assert "  n_kv_heads: 2  # default (preset tiny)" in capsys.readouterr().out.splitlines()
+    # The demo's config has its own shape.
+    assert cli.main(["config", "--demo", "--config", str(ROOT / "configs/demo.yaml")]) == 0
+    demo = tmp_path / "demo.yaml"
+    demo.write_text(capsys.readouterr().out)
+    assert load_demo_config(str(demo), []) == load_demo_config(str(ROOT / "configs/demo.yaml"), [])
 
 
 def test_partly_given_model_section_starts_from_model_defaults_not_a_preset():

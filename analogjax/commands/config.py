@@ -24,14 +24,21 @@ def add_arguments(parser) -> None:
     add_config_arguments(parser, config_required=False)
     parser.add_argument("--explain", action="store_true",
                         help="follow each value with where it came from: file, --set, preset NAME or default")
+    parser.add_argument("--demo", action="store_true",
+                        help="the config is the demo's (configs/demo.yaml's shape: run, teacher_steps, ...)")
 
 
 def run(args) -> int:
     given_by_file, given_by_set, merged = read_layers(args.config, args.overrides)
-    config = from_dict(Config, merged)
+    if args.demo:
+        from analogjax.demo import DemoConfig
+
+        config = from_dict(DemoConfig, merged)
+    else:
+        config = from_dict(Config, merged)
     from analogjax.objective import check_distill  # what a run checks when it is built, short of devices and files
 
-    check_distill(config.distill)
+    check_distill(config.run.distill if args.demo else config.distill)
     comments = provenance(config, given_by_file, given_by_set) if args.explain else None
     sys.stdout.write(to_yaml(config, comments))
     return 0
