@@ -36,7 +36,8 @@ def run(args) -> int:
         config = from_dict(DemoConfig, merged)
     else:
         config = from_dict(Config, merged)
-    from analogjax.objective import check_distill  # what a run checks when it is built, short of devices and files
+    # What a run checks when it is built, short of devices and files: the objective's terms.
+    from analogjax.objective import check_distill
 
     check_distill(config.run.distill if args.demo else config.distill)
     comments = provenance(config, given_by_file, given_by_set) if args.explain else None
