@@ -44,6 +44,7 @@ from typing import Any
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
 from analogjax.errors import UserError
@@ -158,11 +159,13 @@ class Checkpointer:
             else:  # saved by another number of processes: their data positions do not map onto ours
                 print(f"warning: checkpoint {step} holds no data position for {jax.process_count()} process(es); "
                       "the data order restarts from the beginning", file=sys.stderr)
+        where = f"{self.directory / str(step)} does not fit this run's model or optimizer"
+        _check_shapes(self.directory / str(step) / "params", abstract_state.params["model"], where)
+        _check_shapes(self.directory / str(step) / "train", train_target, where)
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except (ValueError, KeyError, FileNotFoundError) as exc:
-            raise UserError(f"{self.directory / str(step)} does not fit this run's model or optimizer: "
-                            f"{str(exc).splitlines()[0]}") from None
+            raise UserError(f"{where}: {str(exc).splitlines()[0]}") from None
         train = restored["train"]
         params = {"model": restored["params"]}
         if "hidden_proj" in abstract_state.params:
@@ -320,15 +323,43 @@ def restore_params(directory: str | Path, abstract_params, step: int | None = No
             step = max(complete, default=None)
         if step is None:
             raise UserError(f"no complete checkpoint in {directory}")
+        where = f"{directory}: checkpoint {step} does not fit this model"
+        _check_shapes(directory / str(step) / "params", abstract_params, where)
         try:
             restored = manager.restore(step, args=ocp.args.Composite(
                 params=ocp.args.StandardRestore(abstract_params)))
         except (ValueError, KeyError, FileNotFoundError) as exc:
-            raise UserError(f"{directory}: checkpoint {step} does not fit this model: "
-                            f"{str(exc).splitlines()[0]}") from None
+            raise UserError(f"{where}: {str(exc).splitlines()[0]}") from None
     finally:
         manager.close()
     return restored["params"]
+
+
+def _check_shapes(item_dir: Path, abstract: Any, where: str) -> None:
+    """Refuse a checkpoint item whose arrays differ from `abstract` in names or shapes, from its metadata alone and
+    before any array is read. (Orbax reports a misfit only after it has started reading every array; the reads
+    still in flight then call back into a closed event loop at exit and print tracebacks over the error.)"""
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        stored_tree = handler.metadata(epath.Path(item_dir))
+    except (FileNotFoundError, ValueError, KeyError):
+        return  # the restore itself names what is missing
+    finally:
+        handler.close()
+
+    def shapes(tree):
+        leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+        return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(leaf.shape)
+                for path, leaf in leaves if hasattr(leaf, "shape")}
+
+    stored, wanted = shapes(stored_tree), shapes(abstract)
+    for key in sorted(stored.keys() | wanted.keys()):
+        if key not in stored:
+            raise UserError(f"{where}: it has no array {key}")
+        if key not in wanted:
+            raise UserError(f"{where}: its array {key} has no place in this model")
+        if stored[key] != wanted[key]:
+            raise UserError(f"{where}: {key} has shape {stored[key]} in the checkpoint, {wanted[key]} here")
 
 
 def _restore_onto(abstract: Any) -> ocp.args.PyTreeRestore:

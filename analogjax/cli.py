@@ -9,8 +9,10 @@ import argparse
 import glob
 import importlib
 import importlib.util
+import logging
 import os
 import sys
+import threading
 
 from analogjax.errors import UserError
 
@@ -26,6 +28,7 @@ COMMANDS = {
     "eval": ("analogjax.commands.eval", "fidelity of an analog to its teacher: KL, agreement, ECE, CKA, plots"),
     "export": ("analogjax.commands.export", "write a run's student as a Hugging Face folder"),
     "release": ("analogjax.commands.release", "HF folder + fidelity report + model card for a finished run"),
+    "config": ("analogjax.commands.config", "print the fully resolved config a run would use (--explain: sources)"),
 }
 
 
@@ -63,9 +66,32 @@ def skip_absent_tpu(environ=os.environ) -> None:
     environ["JAX_PLATFORMS"] = "cuda,cpu" if cuda else "cpu"
 
 
+def quiet_libraries() -> None:
+    """What a user sees is what analogjax says: its own warnings (printed to stderr) and errors.
+
+    Orbax and Grain log routine events through absl at WARNING ("read_only=True, setting save_interval_steps=0"),
+    which read as trouble on a user's screen: only their errors are shown. A worker thread (the checkpoint writer, a
+    data reader) that stops on a UserError prints nothing: the error reaches the main thread, which prints its one
+    line; any other exception in a thread keeps its traceback."""
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    if getattr(threading.excepthook, "quiet_on_user_error", False):  # main() may run many times in one process
+        return
+    default_hook = threading.excepthook
+
+    def hook(args):
+        if not isinstance(args.exc_value, UserError):
+            default_hook(args)
+
+    hook.quiet_on_user_error = True
+    threading.excepthook = hook
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Runs one command. A UserError (or a usage mistake) is one `error:` line and exit status 2; any other exception
+    is a bug and keeps its traceback, so it is deliberately not caught here."""
     argv = sys.argv[1:] if argv is None else argv
     skip_absent_tpu()
+    quiet_libraries()
     try:
         parser = build_parser()
         args = parser.parse_args(argv)

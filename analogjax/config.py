@@ -7,6 +7,7 @@ rejected with a `UserError` that names the dotted key. Keys that docs and launch
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -250,6 +251,11 @@ def _non_negative(obj, prefix: str, *names: str) -> None:
 
 def load_config(path: str | Path | None, overrides: typing.Sequence[str] = (), schema: type = Config) -> Any:
     """`schema` (Config) from a YAML file, or its defaults when path is None, with `a.b=c` overrides on top."""
+    return from_dict(schema, read_layers(path, overrides)[2])
+
+
+def read_layers(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> tuple[dict, dict, dict]:
+    """(what the file gives, what --set gives, both merged): the raw dicts a config is built from."""
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -259,15 +265,23 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = (), s
             loaded = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
             raise UserError(f"{path}: malformed YAML: {' '.join(str(exc).split())}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"{path}: cannot be read as a YAML config: {exc}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise UserError(f"{path}: the top level must be a mapping of sections")
         raw = loaded or {}
+    merged, given = copy.deepcopy(raw), {}
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise UserError(f"--set expects key=value, got {item!r}")
-        _set_dotted(raw, key.strip(), yaml.safe_load(text) if text.strip() else "")
-    return from_dict(schema, raw)
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as exc:
+            raise UserError(f"--set {key.strip()}: malformed YAML value: {' '.join(str(exc).split())}") from None
+        _set_dotted(merged, key.strip(), value)
+        _set_dotted(given, key.strip(), copy.deepcopy(value))
+    return raw, given, merged
 
 
 def from_dict(cls: type, raw: Any, prefix: str = "") -> Any:
@@ -293,9 +307,19 @@ def from_dict(cls: type, raw: Any, prefix: str = "") -> Any:
 
 
 def _onto_field_defaults(cls: type, raw: dict) -> dict:
-    """A partly given nested section fills its gaps from the *field's* default (which may differ from the section
-    class's own defaults), so `--set run.train.steps=5` keeps the rest of that run. A section that names a preset
-    starts from the preset instead."""
+    """Where a partly given nested section takes the values it does not give.
+
+    The rule: a section that names a `preset` starts from that preset. Otherwise it fills its gaps from the field's
+    default (which may differ from the section class's own defaults), so `--set run.train.steps=5` keeps the rest
+    of the demo's run, *unless that default is itself a preset* (`model` is the `tiny` preset, `teacher.model`
+    `tiny-teacher`): then the section starts from its class's own defaults (ModelConfig's), as if no preset existed.
+
+    Why: a preset is a named, complete shape, applied only where a config names it. Filling a hand-written model
+    from the default preset made `teacher.model: {d_model: 192, n_layers: 4, n_heads: 4, d_ff: 512}` silently take
+    `n_kv_heads: 2` (and vocab_size, and `preset: tiny-teacher`) from a preset the user never wrote, and the
+    resolved config then named a preset whose shape it did not have. ModelConfig's defaults are the ones its class
+    documents, with `n_kv_heads: 0` meaning "as many as n_heads". `analogjax config --explain` shows where each
+    value came from: the file, --set, a preset, or a default."""
     merged = dict(raw)
     for f in dataclasses.fields(cls):
         value = raw.get(f.name)
@@ -307,7 +331,7 @@ def _onto_field_defaults(cls: type, raw: dict) -> dict:
             default = f.default_factory()
         else:
             continue
-        if dataclasses.is_dataclass(default):
+        if dataclasses.is_dataclass(default) and not _is_preset(to_dict(default)):
             merged[f.name] = _deep_merge(to_dict(default), value)
     return merged
 
@@ -315,10 +339,16 @@ def _onto_field_defaults(cls: type, raw: dict) -> dict:
 def _deep_merge(base: dict, top: dict) -> dict:
     out = dict(base)
     for key, value in top.items():
-        # A nested section naming a preset replaces the default wholesale: the preset fills its gaps.
-        mergeable = isinstance(value, dict) and isinstance(out.get(key), dict) and "preset" not in value
+        # A nested section naming a preset replaces the default wholesale: the preset fills its gaps. One that names
+        # none replaces a default that is a preset too (the rule in _onto_field_defaults).
+        mergeable = (isinstance(value, dict) and isinstance(out.get(key), dict) and "preset" not in value
+                     and not _is_preset(out[key]))
         out[key] = _deep_merge(out[key], value) if mergeable else value
     return out
+
+
+def _is_preset(section: dict) -> bool:
+    return bool(section.get("preset"))
 
 
 def _apply_defaults_hook(cls: type, raw: dict, prefix: str) -> dict:
@@ -414,3 +444,43 @@ def fingerprint(*parts: Any) -> str:
 def run_identity(config: Config) -> dict[str, str]:
     """What must match for a workdir's checkpoints to be resumed: the student's shape and the data it reads."""
     return {"model": fingerprint(config.model), "data": fingerprint(config.data, config.train.seed)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Showing the config that runs
+
+
+def to_yaml(config: Any, comments: dict[str, str] | None = None) -> str:
+    """The fully resolved `config` as YAML that `load_config` reads back to an equal config: every section in block
+    style, every value in flow style on one line, optionally followed by `# comments[dotted key]`."""
+    lines: list[str] = []
+
+    def emit(obj: Any, prefix: str, indent: str) -> None:
+        for f in dataclasses.fields(obj):
+            value, key = getattr(obj, f.name), _join(prefix, f.name)
+            if dataclasses.is_dataclass(value):
+                lines.append(f"{indent}{f.name}:")
+                emit(value, key, indent + "  ")
+                continue
+            # A one-item flow list is YAML's one-line form of any value; strip the brackets.
+            text = f"{indent}{f.name}: {yaml.safe_dump([to_dict(value)], default_flow_style=True, width=10**9)[1:-2]}"
+            note = (comments or {}).get(key)
+            lines.append(f"{text}  # {note}" if note else text)
+
+    emit(config, "", "")
+    return "\n".join(lines) + "\n"
+
+
+def flat_values(config: Any, prefix: str = "") -> dict[str, Any]:
+    """{dotted key: plain value} of every leaf (lists and tuples are one leaf)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        value, key = getattr(config, f.name), _join(prefix, f.name)
+        out.update(flat_values(value, key) if dataclasses.is_dataclass(value) else {key: to_dict(value)})
+    return out
+
+
+def differences(config: Any, defaults: Any = None) -> dict[str, Any]:
+    """The leaves of `config` that differ from `defaults` (the schema's own defaults): what a run logs at start."""
+    base = flat_values(defaults if defaults is not None else type(config)())
+    return {key: value for key, value in flat_values(config).items() if base.get(key, object()) != value}

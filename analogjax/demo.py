@@ -247,6 +247,8 @@ def run_self(args) -> int:
     phases = _Phases()
     demo = load_demo_config(args.config, args.overrides, "self")
     workdir = Path(args.workdir).absolute()
+    if workdir.exists() and not workdir.is_dir():
+        raise UserError(f"--workdir {workdir} exists and is not a directory")
     workdir.mkdir(parents=True, exist_ok=True)
 
     import jax

@@ -15,7 +15,7 @@ from typing import Any
 import jax
 
 from analogjax import checkpoint as ckpt_lib
-from analogjax.config import Config, run_identity, to_dict
+from analogjax.config import Config, differences, run_identity, to_dict, to_yaml
 from analogjax.data import make_batch_iterator, to_global_batch
 from analogjax.errors import UserError
 from analogjax.flops import distill_flops_per_step, peak_flops_per_second
@@ -26,6 +26,7 @@ from analogjax.step import TrainState
 from analogjax.teacher import Teacher
 
 RUN_FILE = "run.json"
+CONFIG_FILE = "config.yaml"
 
 
 def _guard_workdir(workdir: Path, config: Config) -> bool:
@@ -46,6 +47,17 @@ def _claim_workdir(workdir: Path, config: Config) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / RUN_FILE).write_text(json.dumps({"identity": run_identity(config), "config": to_dict(config)},
                                                    indent=2))
+
+
+def show_config(workdir: Path, config: Config) -> None:
+    """WORKDIR/config.yaml: the config this run runs, fully resolved (rewritten by each run of the workdir), and one
+    line on stderr naming the values that differ from the defaults. Process 0 only."""
+    if jax.process_index() != 0:
+        return
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / CONFIG_FILE).write_text(to_yaml(config))
+    changed = ", ".join(f"{k}={json.dumps(v)}" for k, v in differences(config).items())
+    print(f"config ({workdir / CONFIG_FILE}); differs from the defaults in: {changed or 'nothing'}", file=sys.stderr)
 
 
 def check_identity(saved: dict, identity: dict, allowed: bool, where: str) -> list[str]:
@@ -70,10 +82,11 @@ def run_training(config: Config, workdir: str | Path, *, teacher: Teacher | None
     """
     workdir = Path(workdir).absolute()
     claim = _guard_workdir(workdir, config)
-    run = build(config, teacher, teacher_params, init=False)
     cfg = config
+    # The data first: a missing or unusable corpus or tokenizer is reported before a model is built.
     data_iter = make_batch_iterator(cfg.data, split="train", seed=cfg.train.seed, vocab_size=cfg.model.vocab_size,
                                     process_index=jax.process_index(), process_count=jax.process_count())
+    run = build(config, teacher, teacher_params, init=False)
     cache_reader = None
     if run.teacher is not None and run.teacher.is_cached:  # cached rows join each local batch, step for step
         from analogjax.teacher_cache import CacheReader
@@ -110,6 +123,8 @@ def run_training(config: Config, workdir: str | Path, *, teacher: Teacher | None
                 if claim:  # the config's data has produced a batch: only now does the workdir become this run's
                     _claim_workdir(workdir, config)
                     claim = False
+                if step == start:
+                    show_config(workdir, config)
                 if cache_reader is not None:
                     local_batch = cache_reader.add_to(step, local_batch)
                 batch = to_global_batch(local_batch, run.batch_sharding)
@@ -150,8 +165,12 @@ def run_training(config: Config, workdir: str | Path, *, teacher: Teacher | None
             heldout = (evaluate(run, state.params["model"], cfg.train.eval_batches)
                        if has_heldout and not preempted else {})
     finally:
-        # Always let async saves finish (or fail loudly) before the interpreter shuts down.
-        checkpointer.close()
+        # Always let async saves finish (or fail loudly) before the interpreter shuts down; then stop the data
+        # workers now (left to Grain's exit-time finalizers after an error, they print tracebacks over it).
+        try:
+            checkpointer.close()
+        finally:
+            data_iter.close()
         if log is not None:
             progress_out.close()
     if preempted:

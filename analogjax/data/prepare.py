@@ -44,6 +44,9 @@ def prepare_corpus(args: argparse.Namespace) -> dict:
     source = _open_input(args)
     if len(source) == 0:
         raise UserError(f"--input {args.input}: no documents (empty corpus)")
+    source[0]  # a wrong --field or --input-format fails here, before any shard, folder or progress bar
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise UserError(f"--output {args.output} exists and is not a directory")
     if os.path.isdir(args.output) and os.listdir(args.output):
         raise UserError(f"--output {args.output} is not empty: choose a new directory")
     os.makedirs(args.output, exist_ok=True)

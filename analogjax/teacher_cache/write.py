@@ -204,6 +204,9 @@ def build_cache(config: Config, layout: CacheLayout, path: str | Path | None = N
     batches = make_batch_iterator(config.data, split="train", seed=config.train.seed,
                                   vocab_size=config.model.vocab_size, process_index=process_index,
                                   process_count=process_count)
-    return write_cache(config, path, layout, batches, teacher=teacher, teacher_params=teacher_params, mesh=mesh,
-                       process_index=process_index, process_count=process_count, stop_after=stop_after,
-                       progress=progress)
+    try:
+        return write_cache(config, path, layout, batches, teacher=teacher, teacher_params=teacher_params, mesh=mesh,
+                           process_index=process_index, process_count=process_count, stop_after=stop_after,
+                           progress=progress)
+    finally:
+        batches.close()  # data workers stop now, not in exit-time finalizers that print tracebacks after an error
