@@ -2,9 +2,6 @@
 from the filtered distribution, and bad options are one `error:` line."""
 
 import json
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -94,10 +91,12 @@ def test_generate_greedy_equals_argmax_of_the_full_forward_on_a_sharded_mesh():
     model = Model(cfg, params, mesh=mesh, rules=mesh_lib.STUDENT_RULES)
     prompts = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [9]]
     out = sampling.generate(model, prompts, max_new_tokens=6)
+    full = jax.jit(Transformer(cfg).__call__)
     for prompt, completion in zip(prompts, out):
         seq = list(prompt)
-        for _ in range(6):  # naive greedy: the full forward over the whole sequence each time
-            seq.append(int(np.argmax(np.asarray(Transformer(cfg)(params, np.array([seq], np.int32)))[0, -1])))
+        for _ in range(6):  # naive greedy: the full forward over the whole (right-padded, causal) sequence
+            padded = np.array([seq + [0] * (20 - len(seq))], np.int32)
+            seq.append(int(np.argmax(np.asarray(full(params, padded))[0, len(seq) - 1])))
         assert completion == seq[len(prompt):]
     # EOS stops a row (the EOS is kept), other rows go on
     eos = out[0][2]
@@ -149,3 +148,72 @@ def test_bad_requests_are_refused(bad):
     prompts = bad.pop("prompts", [[1, 2]])
     with pytest.raises(UserError):
         sampling.generate(model, prompts, **{**kwargs, **bad})
+
+
+HF_CASES = {  # vocab 260: room for the "bytes" tokenizer the CLI test writes next to the weights
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict()),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16)),
+}
+
+
+def _hf_model(kind, folder):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    config_cls, model_cls, extra = HF_CASES[kind]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_cls)(
+        vocab_size=260, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=24, rms_norm_eps=1e-6, pad_token_id=256, bos_token_id=257,
+        eos_token_id=258, **extra)
+    model = getattr(transformers, model_cls)(config).float().eval()
+    with torch.no_grad():
+        for p in model.parameters():  # fresh inits leave norms at 1: perturb everything so each tensor matters
+            p.add_(0.3 * torch.randn_like(p))
+    model.save_pretrained(folder, safe_serialization=True)
+    return model
+
+
+@pytest.mark.parametrize("kind", list(HF_CASES))
+def test_greedy_equals_transformers_generate(kind, tmp_path):
+    import torch
+
+    from analogjax import hf
+
+    reference = _hf_model(kind, tmp_path)
+    prompts = [[5, 17, 33, 2, 90], [200, 3], [41, 41, 41, 7, 8, 9, 10, 11, 12]]
+    ours = sampling.generate(hf.load(tmp_path), prompts, max_new_tokens=8, eos_ids=[258])
+    for prompt, completion in zip(prompts, ours):
+        with torch.no_grad():
+            theirs = reference.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=8,
+                                        eos_token_id=258, pad_token_id=256)[0, len(prompt):].tolist()
+        assert completion == theirs
+        assert len(set(completion)) > 1  # a model that says one token over and over would prove little
+
+
+def _cli(capsys, *argv):
+    from analogjax.cli import main
+
+    rc = main(["generate", *argv])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def test_cli_generates_json_and_refuses_bad_options(tmp_path, capsys):
+    from analogjax import hf
+
+    _hf_model("llama", tmp_path)
+    from analogjax.models.hf import write_tokenizer
+
+    write_tokenizer("bytes", tmp_path, 24)
+    rc, out, err = _cli(capsys, "--hf", str(tmp_path), "--prompt", "hi", "--prompt", "hello", "--max-new-tokens",
+                        "4", "--json")
+    assert rc == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    model = hf.load(tmp_path)
+    want = sampling.generate(model, [list(b"hi"), list(b"hello")], max_new_tokens=4, eos_ids=[258], max_positions=24)
+    assert [r["prompt"] for r in rows] == ["hi", "hello"] and [r["tokens"] for r in rows] == want
+    assert rows[0]["completion"] == bytes(t for t in want[0] if t < 256).decode("utf-8", "replace")
+    for bad in (["--max-new-tokens", "0"], ["--top-p", "0"], ["--top-p", "1.5"], ["--top-k", "-1"],
+                ["--temperature", "-1"], ["--prompt", "x" * 24]):
+        rc, out, err = _cli(capsys, "--hf", str(tmp_path), "--prompt", "hi", *bad)
+        assert rc == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, (bad, err)
