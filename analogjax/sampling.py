@@ -13,7 +13,8 @@ wraps it: it pads the batch to the mesh, buckets the prompt length, and jits onc
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -86,13 +87,14 @@ def next_token(logits_bv: jax.Array, rng: jax.Array, options: Sampling) -> jax.A
 
 
 def sample(cfg: ModelConfig, params, prompt_bp: jax.Array, lengths_b: jax.Array, rng: jax.Array, *,
-           max_new_tokens: int, options: Sampling = Sampling(), eos_ids: Sequence[int] = (), pad_id: int = 0,
+           max_new_tokens: int, options: Sampling | None = None, eos_ids: Sequence[int] = (), pad_id: int = 0,
            limit_b: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Continue right-padded prompts ([b, p] int32, row i's first lengths_b[i] >= 1 tokens real) → (new tokens
     [b, max_new_tokens] int32, pad_id after a row stops; count [b] of new tokens, an EOS included). A row stops
     after an EOS id, after max_new_tokens, or after limit_b[i] tokens (a context bound). Pure and jittable."""
     from analogjax.models.transformer import Transformer, logits
 
+    options = options or Sampling()
     model = Transformer(cfg)
     b, p = prompt_bp.shape
     lengths_b = lengths_b.astype(jnp.int32)

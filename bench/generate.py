@@ -85,7 +85,7 @@ def measure(preset: str, batch: int, prompt_len: int, new_tokens: int, repeats: 
     batch_sharding = mesh_lib.batch_sharding(mesh)
     tokens, lens = jax.device_put(prompt, batch_sharding), jax.device_put(lengths, batch_sharding)
     with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
-        out, count = run(params, tokens, lens, jax.random.key(0))
+        _, count = run(params, tokens, lens, jax.random.key(0))
         assert int(np.min(np.asarray(count))) == new_tokens  # no EOS given: every row ran every step
         whole_s = _timed(lambda: run(params, tokens, lens, jax.random.key(0)), repeats)
         prefill_s = _timed(lambda: prefill(params, tokens, lens), repeats)

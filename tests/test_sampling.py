@@ -4,6 +4,7 @@ from the filtered distribution, and bad options are one `error:` line."""
 import functools
 import json
 import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,7 +31,7 @@ FAMILIES = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _params(cfg, seed=0):
     @jax.jit
     def init(key):
@@ -154,19 +155,19 @@ def test_top_k_top_p_frequencies_match_the_filtered_distribution():
         assert 0.5 * np.abs(got - want).sum() < 0.015, (top_k, top_p, temperature, got, want)
 
 
-@pytest.mark.parametrize("bad", [dict(max_new_tokens=0), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1),
-                                 dict(temperature=-0.5), dict(prompts=[[1] * 20])])
+@pytest.mark.parametrize("bad", [{"max_new_tokens": 0}, {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": -1},
+                                 {"temperature": -0.5}, {"prompts": [[1] * 20]}])
 def test_bad_requests_are_refused(bad):
     model = types.SimpleNamespace(config=FAMILIES["llama"])  # refused before the model is touched
-    kwargs = dict(max_new_tokens=3, max_positions=16)
+    kwargs = {"max_new_tokens": 3, "max_positions": 16}
     prompts = bad.pop("prompts", [[1, 2]])
     with pytest.raises(UserError):
         sampling.generate(model, prompts, **{**kwargs, **bad})
 
 
 HF_CASES = {  # vocab 260: room for the "bytes" tokenizer the CLI test writes next to the weights
-    "llama": ("LlamaConfig", "LlamaForCausalLM", dict()),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16)),
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
 }
 
 

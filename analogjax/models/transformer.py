@@ -134,7 +134,8 @@ class Attention(nn.Module):
             out = attend(q, kk, v, positions_bs, positions_bs, segment_ids_bs, segment_ids_bs, scale=scale,
                          window=window, softcap=cfg.attn_softcap)
         else:
-            written = {"k": write_slots(cache["k"], kk, cache["index"]), "v": write_slots(cache["v"], v, cache["index"])}
+            index = cache["index"]
+            written = {"k": write_slots(cache["k"], kk, index), "v": write_slots(cache["v"], v, index)}
             out = attend(q, written["k"], written["v"], positions_bs, cache["positions"], segment_ids_bs,
                          cache["segment_ids"], scale=scale, window=window, softcap=cfg.attn_softcap)
         wo = self.param("wo", nn.with_logical_partitioning(_init, ("heads", "head_dim", "embed")), (h, e, d))
