@@ -152,6 +152,37 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class ReleaseConfig:
+    """What `analogjax release` discloses, as it should appear publicly. An empty field takes what the artefacts
+    themselves say (a HF teacher's config.json `_name_or_path` when it is a Hub id, its README metadata, a GGUF's
+    general.name), never a filesystem path, host name or user name."""
+
+    teacher_name: str = ""  # the teacher as the card names it (default: from the teacher's own files)
+    data_description: str = ""  # the training data in words (default: counts and weights only, no paths)
+    lab: str = ""  # who releases the analog (default: unnamed)
+    # A Hub license id (apache-2.0, mit, llama3.1, other, ...). Default: the teacher's license when its README states
+    # one, since an analog is derived from the teacher's outputs and only the lab may relax the teacher's terms;
+    # else "other" with a line asking the lab to choose. A permissive default would grant rights nobody chose.
+    license: str = ""
+    language: tuple[str, ...] = ()  # ISO 639 codes (default: the teacher README's)
+    # Name the teacher as base_model in the card's metadata: a public Hub id, so the Hub links the analog to it.
+    # Off by default: a private teacher's name would be published as a link.
+    base_model_public: bool = False
+    # Print local paths (teacher folder, data, cache, init checkpoint) in the card's provenance.
+    allow_local_paths: bool = False
+    prompt: str = "The"  # the prompt of the card's "How to load" snippet
+
+    def check(self, prefix: str) -> None:
+        for value in self.language:
+            if not value or not value.replace("-", "").isalnum():
+                raise UserError(f"{_join(prefix, 'language')}: {value!r} is not a language code (e.g. en, fr)")
+        if not self.prompt:
+            raise UserError(f"{_join(prefix, 'prompt')} is empty: the card's snippet generates from it")
+        if self.license and not all(ch.isalnum() or ch in "-._" for ch in self.license):
+            raise UserError(f"{_join(prefix, 'license')}: {self.license!r} is not a Hub license id (e.g. apache-2.0)")
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=lambda: PRESETS["tiny"])
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -161,6 +192,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    release: ReleaseConfig = field(default_factory=ReleaseConfig)
     topology: str | None = None  # target TPU topology for `compile-check`, e.g. v5p-256
 
     def check(self, prefix: str) -> None:

@@ -1,13 +1,16 @@
 """The analog release: a Hugging Face folder, a fidelity report and a model card, from a finished run.
 
 `write_release(run_dir, out_dir)` reads the run's resolved config (workdir run.json, else the checkpoint's meta
-item), restores the student, exports it (analogjax.hf.save), measures it against its teacher on held-out data
-(analogjax.fidelity) and writes README.md: provenance, recipe, compute ledger, size, fidelity table and plots.
+item), restores the student, exports it with the run's tokenizer (analogjax.hf.save_params; for data.tokenizer
+"none" the one its prepared shards name), measures it against its teacher on held-out data (analogjax.fidelity)
+and writes README.md (analogjax.model_card) disclosing what the `release` config section chooses and no local path.
 """
 
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,13 +91,16 @@ def eval_mesh(config):
     return mesh
 
 
-def export_run(path: str | Path, out_dir: str | Path, *, force: bool = False, dtype: str = "float32") -> Path:
+def export_run(path: str | Path, out_dir: str | Path, *, force: bool = False, dtype: str = "float32",
+               tokenizer: str | None = None, weights_only: bool = False) -> Path:
     """`analogjax export`: a run's student as a HF folder (weights, config.json, tokenizer files)."""
     from analogjax.models import hf
 
     hf.check_out_dir(out_dir, force)
+    config = run_config(path)[0]
+    spec = bundle_tokenizer(config, tokenizer=tokenizer, weights_only=weights_only)  # refused before any work
     config, _, _, _, params = _load_student(path)
-    return _export(config, params, out_dir, force, dtype)
+    return _export(config, params, out_dir, force, dtype, spec)
 
 
 def fidelity_of_run(path: str | Path, out_dir: str | Path, *, config=None, batches: int | None = None,
@@ -114,20 +120,71 @@ def _load_student(path: str | Path, config=None):
     return config, workdir, step, mesh, restore_student(config, ckpt_dir, mesh, step)
 
 
-def _export(config, params, out_dir, force: bool, dtype: str) -> Path:
+def bundle_tokenizer(config, *, tokenizer: str | None = None, weights_only: bool = False) -> str | None:
+    """The tokenizer spec a bundle ships (None: weights only): `tokenizer` when given, else the run's own (its
+    data.tokenizer, or for "none" the one its prepared shards name). UserError when there is none to ship."""
+    from analogjax.data.tokenize import check_vocab, load_tokenizer, resolve_tokenizer
+
+    if weights_only:
+        if tokenizer:
+            raise UserError("--tokenizer and --weights-only contradict each other: choose one")
+        return None
+    run_spec = resolve_tokenizer(config.data)
+    spec = tokenizer or run_spec
+    if spec == "none":
+        raise UserError("no tokenizer to ship: the run's data.tokenizer is none and its sources name none (analogjax "
+                        "prepare records one); pass --tokenizer FILE (the tokenizer its token ids belong to) or "
+                        "--weights-only to publish the weights alone")
+    chosen = load_tokenizer(spec)
+    if tokenizer and run_spec != "none" and chosen.fingerprint != load_tokenizer(run_spec).fingerprint:
+        raise UserError(f"--tokenizer {tokenizer} is not the tokenizer the run was trained with ({run_spec})")
+    if chosen.kind not in ("bytes", "hf"):
+        raise UserError(f"tokenizer {spec} ({chosen.kind}) cannot be written as a HF tokenizer.json; pass "
+                        "--weights-only to publish the weights alone")
+    check_vocab(chosen, config.model.vocab_size, where=f"tokenizer {spec}")
+    return spec
+
+
+def _export(config, params, out_dir, force: bool, dtype: str, tokenizer: str | None) -> Path:
+    """The HF folder; a chat teacher's template goes with the tokenizer when the analog's tokenizer is the teacher's
+    (the template spells the teacher's special tokens), so the analog formats chats as its teacher does."""
+    import jax
+
+    from analogjax.data.tokenize import load_tokenizer
     from analogjax.models import hf
+    from analogjax.tokenizer_files import (
+        TOKENIZER_FILE,
+        add_chat_template,
+        teacher_chat_template,
+    )
 
-    return hf.save_params(params, config.model, out_dir, tokenizer=config.data.tokenizer, force=force, dtype=dtype,
-                   max_positions=config.data.seq_len)
+    out = hf.save_params(params, config.model, out_dir, tokenizer=tokenizer, force=force, dtype=dtype,
+                         max_positions=config.data.seq_len)
+    template = teacher_chat_template(config.teacher.hf_path) if tokenizer else None
+    if template is None or jax.process_index() != 0:  # process 0 wrote the files
+        return out
+    teacher_tokenizer = Path(config.teacher.hf_path) / TOKENIZER_FILE
+    if teacher_tokenizer.is_file() and \
+            load_tokenizer(str(teacher_tokenizer)).fingerprint != load_tokenizer(tokenizer).fingerprint:
+        print("warning: the teacher's chat template is not carried into the analog's tokenizer: the analog's "
+              "tokenizer is not the teacher's", file=sys.stderr)
+        return out
+    add_chat_template(Path(out), template)
+    return out
 
 
-def _fidelity(config, workdir, step, mesh, params, out_dir, batches, teacher, teacher_params) -> dict[str, Any]:
+def _fidelity(config, workdir, step, mesh, params, out_dir, batches, teacher, teacher_params,
+              source_names: dict[str, str] | None = None) -> dict[str, Any]:
+    """Measure and write the fidelity report; `source_names` renames its per-source columns (a release publishes
+    the names the lab chose, not those derived from paths)."""
     from analogjax import fidelity
 
     if teacher is None:
         teacher, teacher_params = _teacher_for_fidelity(config, mesh)
     report = fidelity.measure(config, params, teacher, teacher_params, mesh, batches or config.train.eval_batches)
     report["step"] = step
+    if source_names:
+        report["by_source"] = {source_names[name]: v for name, v in report["by_source"].items()}
     metrics = workdir / "metrics.jsonl" if workdir is not None else None
     fidelity.write_report(report, out_dir, metrics_jsonl=metrics)
     return report
@@ -148,128 +205,70 @@ def _teacher_for_fidelity(config, mesh):
 
 
 def write_release(run_dir: str | Path, out_dir: str | Path, *, batches: int | None = None, force: bool = False,
-                  dtype: str = "float32", teacher=None, teacher_params=None) -> Path:
-    """HF folder + fidelity/ + README.md model card for the run in `run_dir` (workdir or checkpoints dir)."""
+                  dtype: str = "float32", teacher=None, teacher_params=None, tokenizer: str | None = None,
+                  weights_only: bool = False, release_overrides: Sequence[str] = ()) -> Path:
+    """HF folder + fidelity/ + README.md model card for the run in `run_dir` (workdir or checkpoints dir).
+
+    `release_overrides`: "key=value" settings of the `release` config section over the run's own (e.g.
+    "teacher_name=org/model"). Refuses a bundle in which a local path, host or user name appears, unless the
+    section's allow_local_paths says the lab wants them."""
+    import getpass
+    import socket
+
+    import jax
+
+    from analogjax import model_card
+    from analogjax.data.tokenize import load_tokenizer
     from analogjax.models import hf
 
     out = hf.check_out_dir(out_dir, force)
-    student = _load_student(run_dir)  # restored once, for the export and the fidelity report both
-    config, _, step, _, params = student
-    _export(config, params, out, force, dtype)
-    report = _fidelity(*student, out / "fidelity", batches, teacher, teacher_params)
-    card = model_card(config, step, report, sorted(p.name for p in (out / "fidelity").glob("*.png")))
+    run_cfg = with_release_overrides(run_config(run_dir)[0], release_overrides)
+    disclosed = model_card.disclosure(run_cfg)  # a bad release section is refused before any work
+    spec = bundle_tokenizer(run_cfg, tokenizer=tokenizer, weights_only=weights_only)
+    student = _load_student(run_dir, run_cfg)  # restored once, for the export and the fidelity report both
+    config, workdir, step, _, params = student
+    _export(config, params, out, force, dtype, spec)
+    report = _fidelity(*student, out / "fidelity", batches, teacher, teacher_params,
+                       None if disclosed.local_paths else model_card.public_source_names(config.data))
+    if jax.process_index() != 0:
+        return out
+    card = model_card.model_card(config, step, report, sorted(p.name for p in (out / "fidelity").glob("*.png")),
+                                 disclosed=disclosed, tokenizer=load_tokenizer(spec) if spec else None,
+                                 cache_provenance=_cache_provenance(config))
     (out / "README.md").write_text(card)
+    if not disclosed.local_paths:
+        needles = model_card.local_paths(config, run_dir, workdir or "", Path.cwd(), Path.home())
+        leaks = model_card.find_local_strings(out, needles, [socket.gethostname(), getpass.getuser()])
+        if leaks:
+            raise UserError(f"{out}: the bundle names {leaks[0][1]!r} in {leaks[0][0]}, which this release did not "
+                            "choose to disclose (release.allow_local_paths); rename it or opt in")
     return out
 
 
-def _teacher_identity(config) -> dict[str, str]:
-    from analogjax.config import fingerprint
-    from analogjax.models.hf import folder_fingerprint
+def with_release_overrides(config, overrides: Sequence[str]):
+    """`config` with "key=value" settings applied to its release section (YAML values, as --set takes them)."""
+    import dataclasses
 
-    source = config.teacher.hf_path or config.teacher.checkpoint
-    identity = {"source": source or "random init (no teacher weights)", "shape": fingerprint(config.teacher.model)}
-    if source and Path(source).is_dir():
-        identity["manifest_sha256"] = folder_fingerprint(source)
-    return identity
+    import yaml
 
+    from analogjax.config import ReleaseConfig, from_dict, to_dict
 
-def compute_ledger(config, step: int) -> dict[str, float | None]:
-    """Model FLOPs of the run (analogjax.flops conventions) and their share of the teacher's pretraining."""
-    from analogjax.flops import forward_flops_per_token
-
-    tokens = step * config.data.global_batch * config.data.seq_len
-    student = 3 * forward_flops_per_token(config.model, config.data.seq_len) * tokens
-    teacher = forward_flops_per_token(config.teacher.model, config.data.seq_len) * tokens
-    pretraining = getattr(config.teacher, "pretraining_flops", None)
-    total = student + teacher
-    return {"tokens": tokens, "student_flops": student, "teacher_flops": teacher, "total_flops": total,
-            "teacher_pretraining_flops": pretraining,
-            "fraction_of_teacher_pretraining": total / pretraining if pretraining else None}
+    if not overrides:
+        return config
+    raw = to_dict(config.release)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip().removeprefix("release.")
+        if not sep or not key or "." in key:
+            raise UserError(f"--set expects release.KEY=VALUE (a release setting), got {item!r}")
+        raw[key] = yaml.safe_load(text) if text.strip() else ""
+    return dataclasses.replace(config, release=from_dict(ReleaseConfig, raw, "release"))
 
 
-def _tokenizer_line(spec: str) -> str:
-    if spec in ("bytes", "none"):
-        return spec
-    from analogjax.data.tokenize import load_tokenizer
+def _cache_provenance(config) -> dict | None:
+    """A cached run's teacher cache provenance (what the card's signal and compute lines need), if still on disk."""
+    if not config.teacher.cache:
+        return None
+    from analogjax.teacher_cache.format import read_provenance
 
-    tok = load_tokenizer(spec)
-    return f"{Path(spec).name} ({tok.kind}, {tok.vocab_size} tokens, fingerprint {tok.fingerprint})"
-
-
-def model_card(config, step: int, report: dict[str, Any], plots: list[str] = ()) -> str:
-    """README.md of the bundle; `plots` are PNG names under fidelity/."""
-    from analogjax import fidelity
-    from analogjax.data.spec import source_names
-    from analogjax.flops import param_count
-    from analogjax.models.hf import architecture_for
-
-    ledger = compute_ledger(config, step)
-    student_params, teacher_params = param_count(config.model), param_count(config.teacher.model)
-    teacher = _teacher_identity(config)
-    d = config.distill
-    terms = ", ".join(f"{t.kind} × {t.weight:g}" + (f" → {t.final_weight:g} ({t.schedule})" if t.final_weight is not None
-                                                    else "") for t in d.terms)
-    temperature = f"{d.temperature:g}" + (f" → {d.final_temperature:g} ({d.temperature_schedule})"
-                                          if d.final_temperature is not None else "")
-    mix = "; ".join(f"{name} ({s.path}, weight {s.weight:g})" for name, s in zip(source_names(config.data),
-                                                                                 config.data.sources))
-    init = f"checkpoint {config.checkpoint.init_path}" if config.checkpoint.init_path else \
-        f"random (seed {config.train.seed})"
-    fraction = ledger["fraction_of_teacher_pretraining"]
-    lines = [
-        "---",
-        "library_name: transformers",
-        "tags: [analogjax, distillation, analog]",
-        "---",
-        "",
-        f"# Analog of {teacher['source']}",
-        "",
-        f"A {student_params:,}-parameter {architecture_for(config.model)[0]} distilled with analogjax from a "
-        f"{teacher_params:,}-parameter teacher: **{student_params / teacher_params:.2%}** of the teacher's size.",
-        "",
-        "## Provenance",
-        "",
-        f"- teacher: `{teacher['source']}` (shape fingerprint `{teacher['shape']}`"
-        + (f", manifest sha256 `{teacher['manifest_sha256']}`)" if "manifest_sha256" in teacher else ")"),
-        f"- tokenizer: {_tokenizer_line(config.data.tokenizer)}",
-        f"- data mix: {mix}",
-        f"- seed: {config.train.seed}",
-        "",
-        "## Recipe",
-        "",
-        f"- loss terms: {terms}",
-        f"- temperature: {temperature}",
-        "- teacher signal: full-vocabulary logits computed in the training step (no top-k truncation, no sampling)",
-        f"- steps: {step:,} × {config.data.global_batch} sequences × {config.data.seq_len} tokens = "
-        f"{ledger['tokens']:,} tokens seen",
-        f"- student initialisation: {init}",
-        f"- optimiser: AdamW, peak learning rate {config.optim.learning_rate:g}, {config.optim.warmup_steps} warm-up "
-        f"steps, cosine to {config.optim.min_lr_ratio:g}×",
-        "",
-        "## Compute",
-        "",
-        "| | FLOPs |",
-        "|---|---:|",
-        f"| analog training (3 × forward) | {ledger['student_flops']:.3e} |",
-        f"| teacher forward passes | {ledger['teacher_flops']:.3e} |",
-        f"| total | {ledger['total_flops']:.3e} |",
-        f"| teacher pretraining | {ledger['teacher_pretraining_flops']:.3e} |" if ledger["teacher_pretraining_flops"]
-        else "| teacher pretraining | not given (teacher.pretraining_flops) |",
-    ]
-    if fraction is not None:
-        lines.append(f"| distillation / teacher pretraining | {fraction:.4%} |")
-    lines += [
-        "",
-        "## Fidelity to the teacher",
-        "",
-        f"Held-out documents, {report['overall']['tokens']:,} tokens, temperature 1 (step {step}).",
-        "",
-        fidelity.markdown_table(report),
-        "",
-    ]
-    if report.get("cka"):
-        cka = ", ".join(f"{c['student_layer']}↔{c['teacher_layer']}: {c['cka']:.3f}" for c in report["cka"])
-        lines += [f"Linear CKA of matched layers (analog↔teacher): {cka}.", ""]
-    lines += [f"![{Path(name).stem}](fidelity/{name})" for name in plots]
-    lines += ["", "Full numbers: [fidelity/fidelity.json](fidelity/fidelity.json).", ""]
-    return "\n".join(lines)
+    return read_provenance(config.teacher.cache)

@@ -51,7 +51,9 @@ class Run:
         """The student of `state` as a callable `Model` (what `analogjax.hf.save` writes)."""
         from analogjax.models.model import Model
 
-        tokenizer = self.config.data.tokenizer
+        from analogjax.data.tokenize import resolve_tokenizer
+
+        tokenizer = resolve_tokenizer(self.config.data)  # a run on prepared shards: the shards' own tokenizer
         return Model(self.config.model, state.params["model"], mesh=self.mesh, rules=mesh_lib.STUDENT_RULES,
                      tokenizer=None if tokenizer == "none" else tokenizer)
 

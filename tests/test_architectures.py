@@ -108,7 +108,7 @@ def test_import_and_export_match_transformers(name, tmp_path):
     rng = np.random.default_rng(1)
     params = jax.tree.map(lambda x: np.asarray(x) + 0.05 * rng.standard_normal(x.shape).astype(np.float32),
                           jax.device_get(analog.params))
-    hf.save(params, analog.config, tmp_path / "out")
+    hf.save_params(params, analog.config, tmp_path / "out")
     written = json.loads((tmp_path / "out" / "config.json").read_text())
     assert written["architectures"] == [CASES[name][1]]
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
@@ -185,7 +185,7 @@ def test_like_teacher_student_exports_under_the_teachers_architecture(tmp_path):
     assert all(getattr(student, f) == getattr(teacher, f) for f in same)
     model = Transformer(student)
     params = jax.device_get(__import__("flax").linen.unbox(model.init_boxed(jax.random.key(2))))
-    hf.save(params, student, tmp_path / "analog")
+    hf.save_params(params, student, tmp_path / "analog")
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "analog", dtype=torch.float32).eval()
     assert type(loaded).__name__ == "Gemma2ForCausalLM"
     toks = np.random.default_rng(3).integers(0, VOCAB, (1, SEQ)).astype(np.int32)

@@ -3,7 +3,7 @@
 
 A prompt is tokenized as the model's own tokenizer does by itself: for a Hugging Face folder, as a transformers
 tokenizer call does (its own BOS/EOS via its post-processor; `--chat` applies its chat template first); for an
-analogjax run, the run's data.tokenizer with the run's add_bos. Decoding stops at the tokenizer's EOS (and the
+analogjax run, the run's tokenizer (data.tokenizer, or the prepared shards') with the run's add_bos. Decoding stops at the tokenizer's EOS (and the
 model's generation_config/config EOS ids for a HF folder), at --max-new-tokens, or at the model's context.
 """
 
@@ -76,12 +76,16 @@ class _RunText:
     """An analogjax run's data.tokenizer, with the run's BOS setting."""
 
     def __init__(self, data):
-        from analogjax.data.tokenize import load_tokenizer
+        from analogjax.data.tokenize import load_tokenizer, resolve_tokenizer
 
-        self._tok = load_tokenizer(data.tokenizer)
+        spec = resolve_tokenizer(data)  # data.tokenizer, or for "none" the one the prepared shards recorded
+        if spec == "none":
+            raise UserError("the run's data.tokenizer is none and its sources name no tokenizer: prompts are text, "
+                            "so there is nothing to tokenize them with")
+        self._tok = load_tokenizer(spec)
         self.add_bos = data.add_bos
         if self.add_bos and getattr(self._tok, "bos_id", None) is None:
-            raise UserError(f"data.add_bos is set but {data.tokenizer} has no BOS token")
+            raise UserError(f"data.add_bos is set but {spec} has no BOS token")
         eos = getattr(self._tok, "eos_id", None)
         self.eos_ids = [eos] if eos is not None else []
 

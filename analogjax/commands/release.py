@@ -1,16 +1,23 @@
-"""`analogjax release --checkpoint DIR --out DIR`: HF folder + fidelity report + model card for a finished run."""
+"""`analogjax release --checkpoint DIR --out DIR [--set release.KEY=VALUE ...]`: HF folder + fidelity report + model
+card for a finished run.
+
+What the card discloses comes from the run's `release` config section, overridden here with --set (teacher_name,
+data_description, lab, license, language, base_model_public, allow_local_paths, prompt); no local path, host or user
+name reaches the bundle unless release.allow_local_paths is true.
+"""
 
 from __future__ import annotations
 
 from analogjax.commands import add_job_arguments, join_job
+from analogjax.commands.export import add_bundle_arguments
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="a run's workdir or its checkpoints directory")
-    parser.add_argument("--out", required=True, help="output folder (must be empty unless --force)")
+    add_bundle_arguments(parser)
     parser.add_argument("--batches", type=int, default=None, help="held-out batches (default: train.eval_batches)")
-    parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="weights' dtype")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="release.KEY=VALUE",
+                        help="a release setting over the run's own, e.g. release.teacher_name=org/model "
+                             "(repeatable)")
     add_job_arguments(parser)
 
 
@@ -18,6 +25,7 @@ def run(args) -> int:
     join_job(args)
     from analogjax.release import write_release
 
-    out = write_release(args.checkpoint, args.out, batches=args.batches, force=args.force, dtype=args.dtype)
+    out = write_release(args.checkpoint, args.out, batches=args.batches, force=args.force, dtype=args.dtype,
+                        tokenizer=args.tokenizer, weights_only=args.weights_only, release_overrides=args.overrides)
     print(f"wrote {out}")
     return 0

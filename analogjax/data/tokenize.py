@@ -164,8 +164,60 @@ def load_tokenizer(spec: str):
 
 
 def tokenizer_for(data):
-    """The tokenizer of a DataConfig."""
-    return load_tokenizer(data.tokenizer)
+    """The tokenizer of a DataConfig (for data.tokenizer "none", the one its prepared sources were made with)."""
+    return load_tokenizer(resolve_tokenizer(data))
+
+
+def resolve_tokenizer(data) -> str:
+    """The tokenizer spec a DataConfig's token ids belong to: data.tokenizer, or for "none" the tokenizer that
+    `analogjax prepare` recorded in the sources' metadata, checked against its recorded fingerprint ("none" when no
+    source says). The tokenizer travels with the data, so a run, its export and its release all name the same one.
+    """
+    if data.tokenizer != "none":
+        return data.tokenizer
+    recorded = [r for r in (_prepared_tokenizer(s.path, f"data.sources[{i}]") for i, s in enumerate(data.sources))
+                if r is not None]
+    for where, spec, fingerprint in recorded[1:]:
+        if fingerprint != recorded[0][2]:
+            raise UserError(f"{recorded[0][0]} and {where} were prepared with different tokenizers ({recorded[0][1]} "
+                            f"and {spec}): prepare them with one tokenizer, or name it in data.tokenizer")
+    return recorded[0][1] if recorded else "none"
+
+
+def _prepared_tokenizer(source_path: str, key: str) -> tuple[str, str, str] | None:
+    """(where, tokenizer spec, fingerprint) recorded by `analogjax prepare` for one source; None when the source is
+    not a prepared directory or its metadata names no tokenizer. The spec is the file found at the recorded path (a
+    relative one is tried from the working directory, then from the prepared directory), or "bytes"."""
+    from analogjax.data import paths
+
+    if source_path == "stdlib" or any(ch in source_path for ch in "*?[") or not paths.is_dir(source_path):
+        return None
+    meta_path = paths.join(source_path, paths.METADATA_FILE)
+    if not paths.exists(meta_path):
+        return None
+    try:
+        metadata = json.loads(paths.read_bytes(meta_path))
+    except ValueError as e:
+        raise UserError(f"{meta_path}: not valid JSON ({e})") from None
+    spec, fingerprint = metadata.get("tokenizer"), metadata.get("tokenizer_fingerprint")
+    if not spec or spec == "none":
+        return None
+    where = f"{key} ({meta_path})"
+    if not fingerprint:
+        raise UserError(f"{where} names tokenizer {spec} without its fingerprint: set data.tokenizer to it")
+    if spec != "bytes":
+        candidates = [spec] if os.path.isabs(spec) else [spec, os.path.join(source_path, spec),
+                                                          os.path.join(source_path, os.path.basename(spec))]
+        found = next((c for c in candidates if os.path.isfile(c)), None)
+        if found is None:
+            raise UserError(f"{where}: the shards were prepared with tokenizer {spec}, which is missing; put it back "
+                            "or set data.tokenizer to a copy of it")
+        spec = found
+    actual = load_tokenizer(spec).fingerprint
+    if actual != fingerprint:
+        raise UserError(f"{where}: tokenizer {spec} has fingerprint {actual}, but the shards were prepared with "
+                        f"fingerprint {fingerprint}: it is not the tokenizer that made them")
+    return where, spec, fingerprint
 
 
 def check_vocab(tokenizer, vocab_size: int, where: str = "data.tokenizer") -> None:

@@ -42,6 +42,7 @@ import numpy as np
 from analogjax.errors import UserError
 from analogjax.models.config import FULL, SLIDING, ModelConfig, RopeScaling
 from analogjax.models.model import Model
+from analogjax.tokenizer_files import byte_tokenizer_json, write_tokenizer  # noqa: F401  (re-exported)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -334,7 +335,11 @@ def architecture_for(cfg: ModelConfig) -> tuple[str, str]:
     # Exactness check: the config.json we would write must read back to this very config.
     back = config_from_hf_dict(_hf_config_for(cfg, arch, "float32", 4096, {}), f"export as {arch}")
     strip = {name: getattr(ModelConfig(), name) for name in _NOT_ARCHITECTURE}
-    want, got = dataclasses.replace(cfg, **strip), dataclasses.replace(back, **strip)
+
+    def canonical(c: ModelConfig) -> ModelConfig:  # 0 spells "as many kv heads as heads" / "d_model // n_heads"
+        return dataclasses.replace(c, **strip, n_kv_heads=c.kv_heads, head_dim=c.dim_per_head)
+
+    want, got = canonical(cfg), canonical(back)
     if want != got:
         differing = [f.name for f in dataclasses.fields(ModelConfig) if getattr(want, f.name) != getattr(got, f.name)]
         raise UserError(f"no Hugging Face architecture expresses this model exactly: {arch} cannot carry "
@@ -740,67 +745,6 @@ def save_params(params, model_cfg: ModelConfig, out_dir: str | Path, tokenizer: 
     generation = {k: v for k, v in specials.items() if v is not None}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Tokenizer files
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """The GPT-2 byte-level alphabet: each byte as one printable character (what ByteLevel pre-tokenizers expect).
-
-    Printable Latin-1 bytes stand for themselves; the other 68 are shifted to code points from 256 on, in order.
-    """
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    table, shifted = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + shifted)
-            shifted += 1
-    return table
-
-
-BYTE_SPECIALS = ("<pad>", "<bos>", "<eos>")  # ids 256, 257, 258: ByteTokenizer's pad, bos, eos
-
-
-def byte_tokenizer_json():
-    """The "bytes" tokenizer (ids 0..255 are UTF-8 bytes, then pad, bos, eos) as a HF `tokenizers` Tokenizer."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {char: byte for byte, char in _bytes_to_unicode().items()}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    # No regex split and no prefix space: every byte of the text maps to exactly its own id.
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in BYTE_SPECIALS])
-    return tok
-
-
-def write_tokenizer(spec: str, out: Path, max_length: int) -> dict[str, int | None]:
-    """tokenizer.json + tokenizer_config.json (PreTrainedTokenizerFast: no custom code). Returns special ids."""
-    from analogjax.data.tokenize import load_tokenizer
-
-    ours = load_tokenizer(spec)
-    if spec == "bytes":
-        byte_tokenizer_json().save(str(out / "tokenizer.json"))
-        names = dict(zip(("pad_token", "bos_token", "eos_token"), BYTE_SPECIALS))
-    elif ours.kind == "hf":
-        from tokenizers import Tokenizer
-
-        shutil.copyfile(spec, out / "tokenizer.json")
-        tok = Tokenizer.from_file(spec)
-        names = {key: tok.id_to_token(i) for key, i in
-                 (("bos_token", ours.bos_id), ("eos_token", ours.eos_id), ("pad_token", ours.pad_id))
-                 if i is not None}
-    else:
-        raise UserError(f"export: tokenizer {spec!r} ({ours.kind}) cannot be written as a HF tokenizer.json")
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length,
-              "clean_up_tokenization_spaces": False, "add_bos_token": False, "add_eos_token": False, **names}
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (out / "special_tokens_map.json").write_text(json.dumps(names, indent=2) + "\n")
-    return {"bos_token_id": ours.bos_id, "eos_token_id": ours.eos_id, "pad_token_id": ours.pad_id}
 
 
 def folder_fingerprint(folder: str | Path, small_bytes: int = 1 << 20) -> str:
