@@ -28,6 +28,7 @@ _EXPORTS = {
     "hf": ("analogjax.hf", None),
     "losses": ("analogjax.losses", None),
     "fidelity": ("analogjax.fidelity", None),
+    "generate": ("analogjax.sampling", "generate"),
 }
 
 __all__ = sorted(_EXPORTS)

@@ -29,6 +29,7 @@ COMMANDS = {
     "export": ("analogjax.commands.export", "write a run's student as a Hugging Face folder"),
     "release": ("analogjax.commands.release", "HF folder + fidelity report + model card for a finished run"),
     "config": ("analogjax.commands.config", "print the fully resolved config a run would use (--explain: sources)"),
+    "generate": ("analogjax.commands.generate", "continue prompts with a run's student or a HF model (sampling)"),
 }
 
 

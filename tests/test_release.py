@@ -100,6 +100,27 @@ def test_bad_checkpoint_paths_are_one_error_line(tmp_path, capsys):
     assert err.startswith("error:") and err.count("\n") == 1
 
 
+def test_generate_from_a_run_checkpoint(demo_run, capsys):
+    """`analogjax generate --checkpoint`: the run's student, its tokenizer and add_bos, greedy as the library."""
+    from analogjax import mesh as mesh_lib
+    from analogjax.data.tokenize import load_tokenizer, resolve_tokenizer
+    from analogjax.models.model import Model
+    from analogjax.release import _load_student
+    from analogjax.sampling import generate
+
+    capsys.readouterr()
+    assert cli.main(["generate", "--checkpoint", str(demo_run / "analog"), "--prompt", "def value",
+                     "--max-new-tokens", "5", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out.strip())
+    config, _, _, mesh, params = _load_student(demo_run / "analog")
+    tok = load_tokenizer(resolve_tokenizer(config.data))
+    ids = ([tok.bos_id] if config.data.add_bos else []) + list(tok.encode("def value"))
+    want = generate(Model(config.model, params, mesh=mesh, rules=mesh_lib.STUDENT_RULES), [ids], max_new_tokens=5,
+                    eos_ids=[tok.eos_id], max_positions=config.data.seq_len)[0]
+    assert row["prompt"] == "def value" and row["tokens"] == want and 1 <= len(want) <= 5
+    assert row["completion"] == tok.decode([t for t in want if t != tok.eos_id])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # prepare → distill (data.tokenizer none, HF teacher) → release, through the CLI as a user runs it
 

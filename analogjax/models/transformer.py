@@ -98,7 +98,10 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_bsd, segment_ids_bs, positions_bs, layer=None):
+    def __call__(self, x_bsd, segment_ids_bs, positions_bs, layer=None, cache=None):
+        """With `cache` (this layer's "k", "v" [b, t, k, e] plus the decoder's "positions", "segment_ids" [b, t]
+        already holding the new tokens, and "index" [b], the slot where each row's new tokens go), the new keys and
+        values are written into the cache and the queries attend to all of it; returns (out, {"k", "v"})."""
         cfg = self.cfg
         h, k, e, d = cfg.n_heads, cfg.kv_heads, cfg.dim_per_head, cfg.d_model
         dtype = _dtype(cfg)
@@ -127,10 +130,23 @@ class Attention(nn.Module):
         q = rope_lib.apply(q, positions_bs, inv_freq, factor)
         kk = rope_lib.apply(kk, positions_bs, inv_freq, factor)
         scale = (cfg.query_scalar or e) ** -0.5
-        out = attend(q, kk, v, positions_bs, positions_bs, segment_ids_bs, segment_ids_bs, scale=scale,
-                     window=window, softcap=cfg.attn_softcap)
+        if cache is None:
+            out = attend(q, kk, v, positions_bs, positions_bs, segment_ids_bs, segment_ids_bs, scale=scale,
+                         window=window, softcap=cfg.attn_softcap)
+        else:
+            index = cache["index"]
+            written = {"k": write_slots(cache["k"], kk, index), "v": write_slots(cache["v"], v, index)}
+            out = attend(q, written["k"], written["v"], positions_bs, cache["positions"], segment_ids_bs,
+                         cache["segment_ids"], scale=scale, window=window, softcap=cfg.attn_softcap)
         wo = self.param("wo", nn.with_logical_partitioning(_init, ("heads", "head_dim", "embed")), (h, e, d))
-        return jnp.einsum("bshe,hed->bsd", out, wo.astype(dtype))
+        y = jnp.einsum("bshe,hed->bsd", out, wo.astype(dtype))
+        return y if cache is None else (y, written)
+
+
+def write_slots(cache_bt, new_bs, index_b):
+    """Row i of `new_bs` written into row i of `cache_bt` at slots index_b[i], index_b[i] + 1, ..."""
+    return jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), i, 0))(
+        cache_bt, new_bs, index_b)
 
 
 class MLP(nn.Module):
@@ -159,7 +175,9 @@ class Block(nn.Module):
     collect_layers: bool = False
 
     @nn.compact
-    def __call__(self, x_bsd, segment_ids_bs, positions_bs, layer=None):
+    def __call__(self, x_bsd, segment_ids_bs, positions_bs, layer=None, kv=None, cache_meta=None):
+        # kv (this layer's cache keys and values) and cache_meta (positions, segment ids, write index): decoding
+        # with a KV cache; the block then returns (carry, this layer's written kv).
         cfg = self.cfg
         x_bsd = nn.with_logical_constraint(x_bsd, ("batch", "length", "act_embed"))
 
@@ -171,8 +189,19 @@ class Block(nn.Module):
             return x + y
 
         attn = Attention(cfg, name="attn")
-        x_bsd = residual("attn", lambda y: attn(y, segment_ids_bs, positions_bs, layer), x_bsd)
+        written = {}
+
+        def attention(y):
+            if kv is None:
+                return attn(y, segment_ids_bs, positions_bs, layer)
+            out, new_kv = attn(y, segment_ids_bs, positions_bs, layer, {**kv, **cache_meta})
+            written.update(new_kv)
+            return out
+
+        x_bsd = residual("attn", attention, x_bsd)
         x_bsd = residual("mlp", MLP(cfg, name="mlp"), x_bsd)
+        if kv is not None:
+            return x_bsd, written
         return x_bsd, (x_bsd if self.collect_layers else None)
 
 
@@ -183,7 +212,8 @@ class Decoder(nn.Module):
     collect_layers: bool = False
 
     @nn.compact
-    def __call__(self, tokens_bs, segment_ids_bs, positions_bs) -> Features:
+    def __call__(self, tokens_bs, segment_ids_bs, positions_bs, cache=None):
+        """-> Features; with a KV cache (sampling.init_cache) -> (Features, the cache with these tokens written)."""
         cfg = self.cfg
         embedding = self.param(
             "embedding", nn.with_logical_partitioning(_init, ("vocab", "embed")), (cfg.vocab_size, cfg.d_model)
@@ -204,11 +234,24 @@ class Decoder(nn.Module):
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
         extra = () if per_layer is None else (jax.tree.map(jnp.asarray, per_layer),)
-        x_bsd, layers = stack(cfg, self.collect_layers, name="layers")(x_bsd, segment_ids_bs, positions_bs, *extra)
+        if cache is None:
+            x_bsd, layers = stack(cfg, self.collect_layers, name="layers")(x_bsd, segment_ids_bs, positions_bs, *extra)
+        else:  # the same scanned stack, with each layer's cache slice scanned in and its written slice out
+            stack = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast if per_layer is None else 0, 0,
+                                     nn.broadcast),
+                            length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+            index = cache["index"]
+            meta = {"positions": write_slots(cache["positions"], positions_bs, index),
+                    "segment_ids": write_slots(cache["segment_ids"], segment_ids_bs, index), "index": index}
+            x_bsd, kv = stack(cfg, name="layers")(x_bsd, segment_ids_bs, positions_bs, extra[0] if extra else None,
+                                                  {"k": cache["k"], "v": cache["v"]}, meta)
+            layers = None
         hidden = RMSNorm(cfg.norm_eps, cfg.norm_offset, name="final_norm")(x_bsd).astype(jnp.float32)
         if not cfg.tie_embeddings:
             self.param("lm_head", nn.with_logical_partitioning(_init, ("embed", "vocab")), (cfg.d_model, cfg.vocab_size))
-        return Features(nn.with_logical_constraint(hidden, ("batch", "length", "act_embed")), layers)
+        features = Features(nn.with_logical_constraint(hidden, ("batch", "length", "act_embed")), layers)
+        return features if cache is None else (features, {**meta, **kv})
 
 
 def embed_tokens(cfg: ModelConfig, embedding_vd: jax.Array, tokens_bs: jax.Array) -> jax.Array:
@@ -273,6 +316,12 @@ class Transformer:
 
     def head(self, params) -> jax.Array:
         return lm_head(params, self.cfg)
+
+    def decode(self, params, tokens_bs, segment_ids_bs, positions_bs, cache) -> tuple[jax.Array, dict]:
+        """KV-cached forward (prefill or one decode step; analogjax/sampling.py): (final normed hidden states,
+        float32 [b, s, d], the cache with these tokens written at cache["index"]). Logits: `logits(...)`."""
+        features, cache = Decoder(self.cfg).apply(params, tokens_bs, segment_ids_bs, positions_bs, cache)
+        return features.hidden_bsd, cache
 
     # The forward in pieces, for analyses that read or replace the residual stream between blocks (stitching,
     # steering, pruning importance): embed → block(0) → … → block(n-1) → finish equals `features`. Each block

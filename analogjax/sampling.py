@@ -1,0 +1,197 @@
+"""Sampling: prefill plus a KV-cached decode loop, for every model analogjax builds or imports.
+
+Prompts of different lengths share one batch right-padded: row i's prompt fills slots [0, len_i) of its cache,
+padding carries segment id 0 (seen by nothing, models/attention.allowed), and row i's j-th new token goes to slot
+len_i + j at position len_i + j, overwriting padding. Masking by positions and segment ids, not by slot, makes the
+padding invisible and keeps sliding windows exact. The cache is [layers, b, t, k, e] keys and values, scanned over
+layers inside the same decoder as training (transformer.Decoder with `cache`), so new families work unchanged.
+
+`sample(...)` is a pure, jittable function (the on-policy step can call it inside its own jit); `generate(...)`
+wraps it: it pads the batch to the mesh, buckets the prompt length, and jits once per (shape, options).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from analogjax.errors import UserError
+from analogjax.models.config import ModelConfig
+
+# Prompt lengths round up to a power of two, at least this: one compile serves many prompt lengths.
+MIN_BUCKET = 16
+
+
+class Sampling(NamedTuple):
+    """temperature 0 = greedy; top_k 0 = off; top_p 1 = off. Applied in that order, as transformers does."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def check(self) -> None:
+        if not self.temperature >= 0:
+            raise UserError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise UserError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
+    """An empty KV cache: keys and values [layers, b, length, k, e] in the compute dtype; every slot empty
+    (segment id 0), written slots get their token's position and segment id."""
+    dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
+    shape = (cfg.n_layers, batch, length, cfg.kv_heads, cfg.dim_per_head)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "positions": jnp.zeros((batch, length), jnp.int32), "segment_ids": jnp.zeros((batch, length), jnp.int32),
+            "index": jnp.zeros((batch,), jnp.int32)}
+
+
+def _constrain(cache: dict) -> dict:
+    # Split the cache over the batch axes like every activation; heads stay whole (kv heads rarely divide tensor).
+    import flax.linen as nn
+
+    names = {"k": (None, "batch", "length", None, None), "v": (None, "batch", "length", None, None),
+             "positions": ("batch", "length"), "segment_ids": ("batch", "length"), "index": ("batch",)}
+    return {key: nn.with_logical_constraint(value, names[key]) for key, value in cache.items()}
+
+
+def filter_logits(logits_bv: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+    """Logits outside the top k, then outside the smallest set whose probability reaches top_p, set to -inf (the
+    most likely token always stays; ties at the threshold stay together)."""
+    if top_k and top_k < logits_bv.shape[-1]:
+        kth = jax.lax.top_k(logits_bv, top_k)[0][:, -1:]
+        logits_bv = jnp.where(logits_bv < kth, -jnp.inf, logits_bv)
+    if top_p < 1.0:
+        sorted_bv = -jnp.sort(-logits_bv, axis=-1)
+        probs = jax.nn.softmax(sorted_bv, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        kept = jnp.sum(mass_before < top_p, axis=-1, keepdims=True)  # >= 1: mass before the first token is 0
+        threshold = jnp.take_along_axis(sorted_bv, kept - 1, axis=-1)
+        logits_bv = jnp.where(logits_bv < threshold, -jnp.inf, logits_bv)
+    return logits_bv
+
+
+def next_token(logits_bv: jax.Array, rng: jax.Array, options: Sampling) -> jax.Array:
+    """[b] int32 tokens drawn from float32 logits under `options`."""
+    if options.temperature == 0:
+        return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+    filtered = filter_logits(logits_bv / options.temperature, options.top_k, options.top_p)
+    return jax.random.categorical(rng, filtered, axis=-1).astype(jnp.int32)
+
+
+def sample(cfg: ModelConfig, params, prompt_bp: jax.Array, lengths_b: jax.Array, rng: jax.Array, *,
+           max_new_tokens: int, options: Sampling | None = None, eos_ids: Sequence[int] = (), pad_id: int = 0,
+           limit_b: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Continue right-padded prompts ([b, p] int32, row i's first lengths_b[i] >= 1 tokens real) → (new tokens
+    [b, max_new_tokens] int32, pad_id after a row stops; count [b] of new tokens, an EOS included). A row stops
+    after an EOS id, after max_new_tokens, or after limit_b[i] tokens (a context bound). Pure and jittable."""
+    from analogjax.models.transformer import Transformer, logits
+
+    options = options or Sampling()
+    model = Transformer(cfg)
+    b, p = prompt_bp.shape
+    lengths_b = lengths_b.astype(jnp.int32)
+    limit_b = jnp.full((b,), max_new_tokens, jnp.int32) if limit_b is None else jnp.minimum(limit_b, max_new_tokens)
+    eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
+
+    def is_eos(tokens_b):
+        return jnp.any(tokens_b[:, None] == eos[None, :], axis=-1)
+
+    cache = _constrain(init_cache(cfg, b, p + max_new_tokens))
+    segments = (jnp.arange(p)[None, :] < lengths_b[:, None]).astype(jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+    hidden, cache = model.decode(params, prompt_bp, segments, positions, cache)
+    last = jnp.take_along_axis(hidden, (lengths_b - 1)[:, None, None], axis=1)  # each row's last real token
+    token = next_token(logits(params, cfg, last)[:, 0], jax.random.fold_in(rng, 0), options)
+    out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token)
+    count = jnp.ones((b,), jnp.int32)
+    done = is_eos(token) | (count >= limit_b)
+
+    def cond(state):
+        step, _, _, done, _, _ = state
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        step, token, out, done, count, cache = state
+        where = lengths_b + step - 1  # the fed token's position, and its slot
+        cache = _constrain({**cache, "index": where})
+        hidden, cache = model.decode(params, token[:, None], jnp.ones((b, 1), jnp.int32), where[:, None], cache)
+        new = next_token(logits(params, cfg, hidden)[:, 0], jax.random.fold_in(rng, step), options)
+        new = jnp.where(done, pad_id, new)
+        out = jax.lax.dynamic_update_slice_in_dim(out, new[:, None], step, axis=1)
+        count = count + (~done).astype(jnp.int32)
+        done = done | is_eos(new) | (count >= limit_b)
+        return step + 1, new, out, done, count, cache
+
+    state = (jnp.int32(1), token, out, done, count, cache)
+    _, _, out, _, count, _ = jax.lax.while_loop(cond, body, state)
+    return out, count
+
+
+def bucket(length: int) -> int:
+    """The padded prompt length compiled for a longest prompt of `length` tokens."""
+    return max(MIN_BUCKET, 1 << (max(length, 1) - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=32)
+def _jitted(cfg: ModelConfig, max_new_tokens: int, options: Sampling, eos_ids: tuple[int, ...], pad_id: int):
+    return jax.jit(functools.partial(sample, cfg, max_new_tokens=max_new_tokens, options=options, eos_ids=eos_ids,
+                                     pad_id=pad_id))
+
+
+def check_request(prompts: Sequence[Sequence[int]], max_new_tokens: int, options: Sampling,
+                  max_positions: int | None, vocab_size: int) -> None:
+    """UserError for any request `generate` cannot serve exactly."""
+    options.check()
+    if max_new_tokens <= 0:
+        raise UserError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    if not prompts:
+        raise UserError("no prompts given")
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise UserError(f"prompt {i} is empty (no tokens): there is nothing to continue")
+        if max_positions is not None and len(prompt) >= max_positions:
+            raise UserError(f"prompt {i} has {len(prompt)} tokens; the model's context is {max_positions} "
+                            "positions, leaving no room for a new token")
+        bad = [t for t in prompt if not 0 <= int(t) < vocab_size]
+        if bad:
+            raise UserError(f"prompt {i} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
+
+
+def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_ids: Sequence[int] = (),
+             max_positions: int | None = None) -> list[list[int]]:
+    """Continue each prompt (a list of token ids) with `model` (a models.model.Model: hf.load(...), a run's
+    student); returns each completion's token ids (stopping EOS included). temperature 0 is greedy. With
+    `max_positions` (the model's context), prompts must be shorter and rows stop when they reach it."""
+    from analogjax import mesh as mesh_lib
+
+    options = Sampling(float(temperature), int(top_k), float(top_p))
+    check_request(prompts, max_new_tokens, options, max_positions, model.config.vocab_size)
+    n = len(prompts)
+    shards = int(np.prod([model.mesh.shape[a] for a in mesh_lib.BATCH_AXES if a in model.mesh.shape]))
+    rows = -(-n // shards) * shards  # dummy one-token rows fill the batch to a multiple of the batch shards
+    width = bucket(max(len(p) for p in prompts))
+    tokens = np.zeros((rows, width), np.int32)
+    lengths = np.ones((rows,), np.int32)
+    for i, prompt in enumerate(prompts):
+        tokens[i, :len(prompt)] = prompt
+        lengths[i] = len(prompt)
+    limit = (np.full((rows,), max_new_tokens, np.int32) if max_positions is None
+             else np.minimum(max_new_tokens, max_positions - lengths).astype(np.int32))
+    fn = _jitted(model.config, int(max_new_tokens), options, tuple(int(e) for e in eos_ids), 0)
+    batch = mesh_lib.batch_sharding(model.mesh)
+    import flax.linen as nn
+
+    with jax.set_mesh(model.mesh), nn.logical_axis_rules(list(model.rules)):
+        out, count = fn(model.params, jax.device_put(tokens, batch), jax.device_put(lengths, batch),
+                        jax.random.key(seed), limit_b=jax.device_put(limit, batch))
+    out, count = np.asarray(jax.device_get(out)), np.asarray(jax.device_get(count))
+    return [out[i, :count[i]].tolist() for i in range(n)]

@@ -1,0 +1,127 @@
+"""Decode throughput of the sampler at bench/step.py's teacher and student shapes, against the memory roofline.
+
+A decode step reads every weight once (the LM head included; of an untied embedding table only b rows) and the
+whole KV cache (the step attends over all its slots, masked). Its roofline time is those bytes over the memory
+bandwidth measured in the same process (a large array copy: read + write bytes over the time). Decode time per
+step is (time of prefill + N decode steps - time of the prefill alone, same cache) / (N - 1), medians of repeats.
+Prints one JSON line per model: decode_tokens_per_s (batch x steps / s), decode_step_s, bytes_per_step,
+bandwidth_bytes_per_s, roofline_fraction.
+
+    python bench/generate.py [--batch 8] [--prompt-len 128] [--new-tokens 128] [--repeats 5] [--dtype float32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def measured_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
+    """Bytes/s of an elementwise pass over a large float32 array (each byte read once and written once)."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((megabytes * (1 << 20) // 4,), jnp.float32)
+    nbytes = x.nbytes
+    # In place (donated): a fresh output buffer each time would time page faults, not memory traffic.
+    add = jax.jit(lambda a: a + 1.0, donate_argnums=0)
+    x = add(x).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x = add(x).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 2 * nbytes / statistics.median(times)
+
+
+def _timed(fn, repeats: int) -> float:
+    import jax
+
+    jax.block_until_ready(fn())  # compile
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure(preset: str, batch: int, prompt_len: int, new_tokens: int, repeats: int, dtype: str) -> dict:
+    import flax.linen as nn
+    import jax
+    import numpy as np
+
+    from analogjax import mesh as mesh_lib
+    from analogjax import sampling
+    from analogjax.models.config import PRESETS
+    from analogjax.models.transformer import Transformer
+
+    cfg = dataclasses.replace(PRESETS[preset], dtype=dtype)
+    mesh = mesh_lib.make_mesh(-1, 1, 1)
+    rules = mesh_lib.TEACHER_RULES
+    params, _ = mesh_lib.init_sharded(Transformer(cfg).init_boxed, jax.random.key(0), mesh, rules)
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(3, cfg.vocab_size, (batch, prompt_len)).astype(np.int32)
+    lengths = np.full((batch,), prompt_len, np.int32)
+    total = prompt_len + new_tokens
+    model = Transformer(cfg)
+
+    run = jax.jit(lambda p, t, n, key: sampling.sample(cfg, p, t, n, key, max_new_tokens=new_tokens))
+
+    def prefill_only(p, t, n):
+        segments = (np.arange(prompt_len)[None] < n[:, None]).astype(np.int32)
+        positions = np.broadcast_to(np.arange(prompt_len, dtype=np.int32), t.shape)
+        hidden, cache = model.decode(p, t, segments, positions, sampling.init_cache(cfg, batch, total))
+        return hidden[:, -1], cache["k"][0, :, 0]
+
+    prefill = jax.jit(prefill_only)
+    batch_sharding = mesh_lib.batch_sharding(mesh)
+    tokens, lens = jax.device_put(prompt, batch_sharding), jax.device_put(lengths, batch_sharding)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
+        _, count = run(params, tokens, lens, jax.random.key(0))
+        assert int(np.min(np.asarray(count))) == new_tokens  # no EOS given: every row ran every step
+        whole_s = _timed(lambda: run(params, tokens, lens, jax.random.key(0)), repeats)
+        prefill_s = _timed(lambda: prefill(params, tokens, lens), repeats)
+    step_s = (whole_s - prefill_s) / (new_tokens - 1)
+    bandwidth = measured_bandwidth()
+
+    leaves = jax.tree.leaves(params)
+    weight_bytes = sum(x.size * x.dtype.itemsize for x in leaves)
+    if not cfg.tie_embeddings:  # a decode step reads b rows of the embedding table, not all of it
+        table = params["params"]["embedding"]
+        weight_bytes -= table.size * table.dtype.itemsize - batch * cfg.d_model * table.dtype.itemsize
+    cache = sampling.init_cache(cfg, batch, total)
+    kv_bytes = cache["k"].nbytes + cache["v"].nbytes
+    bytes_per_step = weight_bytes + kv_bytes
+    return {"bench": "generate", "model": preset, "dtype": dtype, "batch": batch, "prompt_len": prompt_len,
+            "new_tokens": new_tokens, "decode_tokens_per_s": round(batch / step_s, 1),
+            "decode_step_s": round(step_s, 6), "prefill_s": round(prefill_s, 4), "weight_bytes": int(weight_bytes),
+            "kv_cache_bytes": int(kv_bytes), "bytes_per_step": int(bytes_per_step),
+            "bandwidth_bytes_per_s": round(bandwidth), "roofline_step_s": round(bytes_per_step / bandwidth, 6),
+            "roofline_fraction": round(bytes_per_step / bandwidth / step_s, 3), "repeats": repeats,
+            "devices": len(jax.devices()), "backend": jax.default_backend()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--models", default="bench-teacher,bench-student")
+    args = parser.parse_args()
+    for preset in args.models.split(","):
+        print(json.dumps(measure(preset, args.batch, args.prompt_len, args.new_tokens, args.repeats, args.dtype)),
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""The sampler: KV-cached decoding equals the full forward, greedy equals transformers' `generate`, sampling draws
+from the filtered distribution, and bad options are one `error:` line."""
+
+import functools
+import json
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from analogjax import mesh as mesh_lib
+from analogjax import sampling
+from analogjax.errors import UserError
+from analogjax.models.config import FULL, SLIDING, ModelConfig
+from analogjax.models.model import Model
+from analogjax.models.transformer import Transformer, logits
+
+VOCAB = 64
+FAMILIES = {
+    "llama": ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48),
+    # Gemma 2's shape: windows on alternate layers, attention and final soft-caps, sandwich norms, scaled queries.
+    "gemma2": ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, head_dim=8,
+                          sliding_window=3, layer_pattern=(SLIDING, FULL), attn_softcap=1.0, final_softcap=2.0,
+                          norm_placement="sandwich", query_scalar=12.0, norm_offset=1.0, embed_scale=True,
+                          activation="gelu_tanh"),
+    # every layer windowed, Gemma 3-like local RoPE base and qk norms
+    "windowed_qknorm": ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=1, d_ff=48,
+                                   sliding_window=4, qk_norm=True),
+}
+
+
+@functools.cache
+def _params(cfg, seed=0):
+    @jax.jit
+    def init(key):
+        params = Transformer(cfg).init_boxed(key)
+        params = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params,
+                              is_leaf=lambda x: hasattr(x, "unbox"))
+        # Perturb every tensor (norm scales included) so each one matters.
+        leaves, tree = jax.tree.flatten(params)
+        keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
+        return jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+    return init(jax.random.key(seed))
+
+
+@pytest.mark.parametrize("family", ["gemma2", "windowed_qknorm"])  # plain Llama: the transformers test below
+def test_cached_decoding_equals_the_full_forward_at_every_position(family):
+    cfg = FAMILIES[family]
+    params = _params(cfg)
+    model = Transformer(cfg)
+    rng = np.random.default_rng(0)
+    lengths = np.array([3, 9, 1, 5], np.int32)  # right-padded prompts of different lengths
+    total, width = 12, 9
+    full_tokens = rng.integers(0, VOCAB, (4, total)).astype(np.int32)
+    reference = np.asarray(jax.jit(model.__call__)(params, full_tokens))  # each row one document, no padding
+
+    prompt = np.where(np.arange(width)[None] < lengths[:, None], full_tokens[:, :width], 7).astype(np.int32)
+    cache = sampling.init_cache(cfg, 4, width + total)
+    segments = (np.arange(width)[None] < lengths[:, None]).astype(np.int32)
+    positions = np.broadcast_to(np.arange(width, dtype=np.int32), (4, width))
+
+    @jax.jit
+    def decode(tokens, segments, positions, cache):
+        hidden, cache = model.decode(params, tokens, segments, positions, cache)
+        return logits(params, cfg, hidden), cache
+
+    got, cache = decode(*map(jnp.asarray, (prompt, segments, positions)), cache)
+    got = np.asarray(got)
+    for i, n in enumerate(lengths):
+        np.testing.assert_allclose(got[i, :n], reference[i, :n], atol=2e-5, rtol=1e-5)
+    # then one token at a time, each row at its own position
+    for step in range(total - lengths.min()):
+        where = lengths + step
+        live = where < total
+        token = full_tokens[np.arange(4), np.minimum(where, total - 1)][:, None]
+        cache = {**cache, "index": jnp.asarray(where, jnp.int32)}
+        got, cache = decode(jnp.asarray(token), jnp.ones((4, 1), jnp.int32), jnp.asarray(where[:, None], jnp.int32),
+                            cache)
+        got = np.asarray(got)[:, 0]
+        for i in np.flatnonzero(live):
+            np.testing.assert_allclose(got[i], reference[i, where[i]], atol=2e-5, rtol=1e-5)
+
+
+def test_packed_prefill_keeps_documents_apart():
+    # Two documents packed in one prefill row: the second one's logits are those of that document alone.
+    cfg = FAMILIES["gemma2"]
+    params = _params(cfg)
+    model = Transformer(cfg)
+    toks = np.random.default_rng(1).integers(0, VOCAB, (1, 10)).astype(np.int32)
+    segments = np.array([[1] * 4 + [2] * 6], np.int32)
+    positions = np.array([list(range(4)) + list(range(6))], np.int32)
+    hidden, _ = jax.jit(model.decode)(params, toks, segments, positions, sampling.init_cache(cfg, 1, 10))
+    got = np.asarray(logits(params, cfg, hidden))
+    alone = np.asarray(jax.jit(model.__call__)(params, toks, segments, positions))  # the packed full forward
+    np.testing.assert_allclose(got[0], alone[0], atol=2e-5, rtol=1e-5)
+    unpacked = np.asarray(jax.jit(model.__call__)(params, toks[:, 4:]))[0]  # the second document by itself
+    np.testing.assert_allclose(got[0, 4:], unpacked, atol=2e-5, rtol=1e-5)
+
+
+def test_generate_greedy_equals_argmax_of_the_full_forward_on_a_sharded_mesh():
+    cfg = FAMILIES["gemma2"]
+    params = _params(cfg)
+    mesh = mesh_lib.make_mesh(-1, 1, 1)
+    model = Model(cfg, params, mesh=mesh, rules=mesh_lib.STUDENT_RULES)
+    prompts = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [9]]
+    out = sampling.generate(model, prompts, max_new_tokens=6)
+    full = jax.jit(Transformer(cfg).__call__)
+    for prompt, completion in zip(prompts, out):
+        seq = list(prompt)
+        for _ in range(6):  # naive greedy: the full forward over the whole (right-padded, causal) sequence
+            padded = np.array([seq + [0] * (20 - len(seq))], np.int32)
+            seq.append(int(np.argmax(np.asarray(full(params, padded))[0, len(seq) - 1])))
+        assert completion == seq[len(prompt):]
+    # EOS stops a row (the EOS is kept), other rows go on
+    eos = out[0][2]
+    stopped = sampling.generate(model, prompts, max_new_tokens=6, eos_ids=[eos])
+    assert stopped[0] == out[0][:out[0].index(eos) + 1]
+    # the context bound stops rows too
+    bounded = sampling.generate(model, prompts, max_new_tokens=6, max_positions=13)
+    assert [len(c) for c in bounded] == [6, 2, 6]
+
+
+def test_top_k_top_p_frequencies_match_the_filtered_distribution():
+    logits_v = np.log(np.array([0.35, 0.25, 0.2, 0.1, 0.06, 0.04], np.float64))
+    draws = 40000
+
+    def frequencies(top_k, top_p, temperature):
+        options = sampling.Sampling(temperature, top_k, top_p)
+        batch = jnp.broadcast_to(jnp.asarray(logits_v, jnp.float32), (draws, logits_v.size))
+        tokens = np.asarray(jax.jit(sampling.next_token, static_argnums=2)(batch, jax.random.key(3), options))
+        return np.bincount(tokens, minlength=logits_v.size) / draws
+
+    def expected(top_k, top_p, temperature):
+        p = np.exp(logits_v / temperature)
+        p /= p.sum()
+        order = np.argsort(-p)
+        keep = np.zeros(p.size, bool)
+        keep[order[:top_k or p.size]] = True
+        p = np.where(keep, p, 0)
+        p /= p.sum()
+        mass_before = np.cumsum(p[order]) - p[order]
+        keep_p = np.zeros(p.size, bool)
+        keep_p[order[mass_before < top_p]] = True
+        p = np.where(keep_p, p, 0)
+        return p / p.sum()
+
+    for top_k, top_p, temperature in [(0, 1.0, 1.0), (3, 1.0, 1.0), (0, 0.7, 1.0), (4, 0.8, 0.7), (0, 1.0, 2.0)]:
+        want = expected(top_k, top_p, temperature)
+        got = frequencies(top_k, top_p, temperature)
+        assert np.all(got[want == 0] == 0), (top_k, top_p, got, want)
+        # total variation: ~N(0, sqrt(v/draws)) per entry; 0.015 is > 6 standard deviations here
+        assert 0.5 * np.abs(got - want).sum() < 0.015, (top_k, top_p, temperature, got, want)
+
+
+@pytest.mark.parametrize("bad", [{"max_new_tokens": 0}, {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": -1},
+                                 {"temperature": -0.5}, {"prompts": [[1] * 20]}])
+def test_bad_requests_are_refused(bad):
+    model = types.SimpleNamespace(config=FAMILIES["llama"])  # refused before the model is touched
+    kwargs = {"max_new_tokens": 3, "max_positions": 16}
+    prompts = bad.pop("prompts", [[1, 2]])
+    with pytest.raises(UserError):
+        sampling.generate(model, prompts, **{**kwargs, **bad})
+
+
+HF_CASES = {  # vocab 260: room for the "bytes" tokenizer the CLI test writes next to the weights
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+}
+
+
+def _hf_model(kind, folder):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    config_cls, model_cls, extra = HF_CASES[kind]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_cls)(
+        vocab_size=260, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=24, rms_norm_eps=1e-6, pad_token_id=256, bos_token_id=257,
+        eos_token_id=258, **extra)
+    model = getattr(transformers, model_cls)(config).float().eval()
+    with torch.no_grad():
+        for p in model.parameters():  # fresh inits leave norms at 1: perturb everything so each tensor matters
+            p.add_(0.3 * torch.randn_like(p))
+    model.save_pretrained(folder, safe_serialization=True)
+    return model
+
+
+@pytest.mark.parametrize("kind", list(HF_CASES))
+def test_greedy_equals_transformers_generate(kind, tmp_path):
+    import torch
+
+    from analogjax import hf
+
+    reference = _hf_model(kind, tmp_path)
+    prompts = [[5, 17, 33, 2, 90], [200, 3], [41, 41, 41, 7, 8, 9, 10, 11, 12]]
+    ours = sampling.generate(hf.load(tmp_path), prompts, max_new_tokens=8, eos_ids=[258])
+    for prompt, completion in zip(prompts, ours):
+        with torch.no_grad():
+            theirs = reference.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=8,
+                                        eos_token_id=258, pad_token_id=256)[0, len(prompt):].tolist()
+        assert completion == theirs
+        assert len(set(completion)) > 1  # a model that says one token over and over would prove little
+
+
+def _cli(capsys, *argv):
+    from analogjax.cli import main
+
+    rc = main(["generate", *argv])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def test_cli_generates_json_and_refuses_bad_options(tmp_path, capsys):
+    from analogjax import hf
+
+    _hf_model("llama", tmp_path)
+    from analogjax.models.hf import write_tokenizer
+
+    write_tokenizer("bytes", tmp_path, 24)
+    rc, out, err = _cli(capsys, "--hf", str(tmp_path), "--prompt", "hi", "--prompt", "hello", "--max-new-tokens",
+                        "4", "--json")
+    assert rc == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    model = hf.load(tmp_path)
+    want = sampling.generate(model, [list(b"hi"), list(b"hello")], max_new_tokens=4, eos_ids=[258], max_positions=24)
+    assert [r["prompt"] for r in rows] == ["hi", "hello"] and [r["tokens"] for r in rows] == want
+    assert rows[0]["completion"] == bytes(t for t in want[0] if t < 256).decode("utf-8", "replace")
+    for bad in (["--max-new-tokens", "0"], ["--top-p", "0"], ["--top-p", "1.5"], ["--top-k", "-1"],
+                ["--temperature", "-1"], ["--prompt", "x" * 24]):
+        rc, out, err = _cli(capsys, "--hf", str(tmp_path), "--prompt", "hi", *bad)
+        assert rc == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, (bad, err)
