@@ -1,0 +1,97 @@
+"""What each model of the demo writes: greedy continuations of held-out prompts, side by side, and the teacher's
+mean log-probability of each model's own continuation (how teacher-like its text is, as the teacher judges it).
+
+Prompts are the first `prompt_tokens` tokens of the first documents of the held-out split (documents no model
+trained on), so the continuations are not recitations of training rows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def heldout_prompts(config, count: int, prompt_tokens: int) -> list[list[int]]:
+    """The first `prompt_tokens` tokens of the first `count` held-out documents long enough to have them."""
+    from analogjax.data import heldout_batches
+
+    prompts: list[list[int]] = []
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    for batch in heldout_batches(config.data, seed=config.train.seed, vocab_size=config.model.vocab_size,
+                                 sharding=sharding, batches=config.train.eval_batches):
+        tokens, segments, positions = (np.asarray(batch[k]) for k in ("tokens", "segment_ids", "positions"))
+        for row in range(tokens.shape[0]):
+            for start in np.flatnonzero((positions[row] == 0) & (segments[row] > 0)):
+                doc = tokens[row, start:][segments[row, start:] == segments[row, start]]
+                if len(doc) >= prompt_tokens:
+                    prompts.append(doc[:prompt_tokens].tolist())
+                if len(prompts) == count:
+                    return prompts
+    return prompts
+
+
+def teacher_logprob(teacher_model, prompts: list[list[int]], completions: list[list[int]]) -> float:
+    """Mean log-probability the teacher gives the completion tokens (after their prompts), per token."""
+    width = max(len(p) + len(c) for p, c in zip(prompts, completions))
+    tokens = np.zeros((len(prompts), width), np.int32)
+    segments = np.zeros_like(tokens)
+    positions = np.zeros_like(tokens)
+    scored = np.zeros(tokens.shape, np.float32)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        row = p + c
+        tokens[i, :len(row)] = row
+        segments[i, :len(row)] = 1
+        positions[i, :len(row)] = np.arange(len(row))
+        scored[i, len(p) - 1:len(row) - 1] = 1.0  # logits at position t score token t + 1
+    logits = np.asarray(teacher_model(tokens, jnp.asarray(segments), jnp.asarray(positions)), np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    targets = np.concatenate([tokens[:, 1:], np.zeros((tokens.shape[0], 1), np.int32)], axis=1)
+    picked = np.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return float((picked * scored).sum() / max(scored.sum(), 1.0))
+
+
+def continuations(models: dict[str, Any], tokenizer, prompts: list[list[int]], max_new_tokens: int,
+                  eos_ids=()) -> dict[str, Any]:
+    """Greedy continuations by every model (name → Model) and the teacher's log-prob of each model's own text.
+    models["teacher"] scores them all."""
+    from analogjax.sampling import generate
+
+    out: dict[str, Any] = {"prompts": [tokenizer.decode(p) for p in prompts], "models": {}}
+    for name, model in models.items():
+        completions = generate(model, prompts, max_new_tokens=max_new_tokens, eos_ids=eos_ids)
+        out["models"][name] = {
+            "completions": [tokenizer.decode(c) for c in completions],
+            "teacher_logprob": teacher_logprob(models["teacher"], prompts, completions),
+        }
+    return out
+
+
+def markdown(samples: dict[str, Any]) -> str:
+    """The continuations side by side: one section per prompt, one line per model."""
+    lines = ["## Samples", "", "Greedy continuations of held-out prompts; `teacher log-prob` is the teacher's mean "
+             "log-probability per token of that model's own continuation.", ""]
+    names = list(samples["models"])
+    lines += ["| model | teacher log-prob |", "|---|---|"]
+    lines += [f"| {n} | {samples['models'][n]['teacher_logprob']:.3f} |" for n in names]
+    for i, prompt in enumerate(samples["prompts"]):
+        lines += ["", f"### Prompt {i + 1}", "", "```", prompt, "```", ""]
+        for name in names:
+            lines += [f"**{name}**:", "", "```", samples["models"][name]["completions"][i], "```", ""]
+    return "\n".join(lines) + "\n"
+
+
+def plain_text(samples: dict[str, Any], width: int = 100) -> str:
+    """For the terminal: each prompt, then each model's continuation on one line (newlines shown as ⏎)."""
+    def flat(text: str) -> str:
+        return text.replace("\n", "⏎")[:width]
+
+    lines = []
+    for i, prompt in enumerate(samples["prompts"]):
+        lines.append(f"prompt {i + 1}: {flat(prompt)}")
+        for name, got in samples["models"].items():
+            lines.append(f"  {name:<9} {flat(got['completions'][i])}")
+    return "\n".join(lines)
