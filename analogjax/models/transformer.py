@@ -130,6 +130,7 @@ class Attention(nn.Module):
         out = attend(q, kk, v, positions_bs, positions_bs, segment_ids_bs, segment_ids_bs, scale=scale,
                      window=window, softcap=cfg.attn_softcap)
         wo = self.param("wo", nn.with_logical_partitioning(_init, ("heads", "head_dim", "embed")), (h, e, d))
+        self.sow("intermediates", "heads_out", out)  # per-head outputs, read only by prune.py (else a no-op)
         return jnp.einsum("bshe,hed->bsd", out, wo.astype(dtype))
 
 
@@ -147,6 +148,7 @@ class MLP(nn.Module):
         gate = x_bsd @ w_gate.astype(dtype)
         act = jax.nn.silu(gate) if cfg.activation == "silu" else jax.nn.gelu(gate, approximate=True)
         hidden_bsf = nn.with_logical_constraint(act * (x_bsd @ w_up.astype(dtype)), ("batch", "length", "act_mlp"))
+        self.sow("intermediates", "hidden", hidden_bsf)  # FFN activations, read only by prune.py (else a no-op)
         return hidden_bsf @ w_down.astype(dtype)
 
 
