@@ -26,6 +26,7 @@ COMMANDS = {
     "eval": ("analogjax.commands.eval", "fidelity of an analog to its teacher: KL, agreement, ECE, CKA, plots"),
     "export": ("analogjax.commands.export", "write a run's student as a Hugging Face folder"),
     "release": ("analogjax.commands.release", "HF folder + fidelity report + model card for a finished run"),
+    "prune": ("analogjax.commands.prune", "start an analog from its teacher: prune by activation importance"),
 }
 
 
