@@ -26,9 +26,8 @@ FAMILIES = {
     "llama": LLAMA,
     "qwen2": dataclasses.replace(LLAMA, qkv_bias=True),
     "qwen3": dataclasses.replace(LLAMA, qk_norm=True),
-    "gemma": dataclasses.replace(LLAMA, activation="gelu_tanh", embed_scale=True, norm_offset=1.0,
-                                 tie_embeddings=True, n_kv_heads=1),
-    "gemma2": dataclasses.replace(LLAMA, activation="gelu_tanh", embed_scale=True, norm_offset=1.0,
+    # Gemma 2 covers Gemma's options too (tanh-GELU, embedding scale, norm offset, tied embeddings).
+    "gemma2": dataclasses.replace(LLAMA, activation="gelu_tanh", embed_scale=True, norm_offset=1.0, tie_embeddings=True,
                                   norm_placement="sandwich", attn_softcap=50.0, final_softcap=30.0, query_scalar=8.0,
                                   sliding_window=4, layer_pattern=("sliding", "full")),
     "olmo2": dataclasses.replace(LLAMA, norm_placement="post", qk_norm=True, qk_norm_scope="all_heads"),
@@ -68,7 +67,7 @@ def test_identity_at_own_shape_and_slicing_equals_the_masked_teacher(family):
     neurons' w_down rows zeroed and the dropped layers skipped (OLMo 2 norms q/k over all heads at once, so dropping
     heads changes its norm: identity only)."""
     teacher = FAMILIES[family]
-    mesh = mesh_lib.make_mesh(-1, 1, 2)
+    mesh = mesh_lib.make_mesh(-1, 1, 1, devices=jax.devices()[:1])  # sharding: see the 8-device tests below
     params = random_params(teacher, mesh, seed=3)
     imp = prune.gather_importance(teacher, params, batches(mesh, teacher.vocab_size), mesh, progress=False)
     tok = tokens(teacher.vocab_size)
@@ -97,16 +96,21 @@ def test_identity_at_own_shape_and_slicing_equals_the_masked_teacher(family):
     for s, layer in enumerate(keep["layers"]):
         layers["attn"]["wo"][layer, np.setdiff1d(np.arange(teacher.n_heads), keep["heads"][s])] = 0
         layers["mlp"]["w_down"][layer, np.setdiff1d(np.arange(teacher.d_ff), keep["neurons"][s])] = 0
-    x = model.embed(masked, tok)
-    for layer in keep["layers"]:
-        x = model.block(masked, int(layer), x)
-    expected = head_logits(masked, teacher, model.finish(masked, x))
+
+    @jax.jit
+    def reference(p, tok):
+        x = model.embed(p, tok)
+        for layer in keep["layers"]:
+            x = model.block(p, int(layer), x)
+        return head_logits(p, teacher, model.finish(p, x))
+
+    expected = reference(masked, tok)
     np.testing.assert_allclose(np.asarray(Transformer(student)(pruned, tok)), np.asarray(expected), atol=2e-5)
 
 
 def test_planted_dead_units_are_pruned_first():
     cfg = LLAMA
-    mesh = mesh_lib.make_mesh(-1, 1, 1)
+    mesh = mesh_lib.make_mesh(-1, 1, 1, devices=jax.devices()[:1])
     params = jax.tree.map(np.array, random_params(cfg, mesh, seed=5))
     p = params["params"]
     p["layers"]["attn"]["wo"][2] = 0  # layer 2 writes nothing: an identity block
