@@ -118,7 +118,7 @@ def make_importance_step(cfg: ModelConfig, rules):
             mean = mean * per_row.reshape((-1,) + (1,) * (mean.ndim - 1))
             return jnp.sum(mean * mean, axis=0)
 
-        tree = params["params"] if "params" in params else params
+        tree = params.get("params", params)
         with nn.logical_axis_rules(list(rules)):
             x = model.embed(params, batch["tokens"])
 
@@ -364,7 +364,8 @@ def importance_report(importance, keep, teacher: ModelConfig, student: ModelConf
 
     layers = []
     for layer in range(teacher.n_layers):
-        row = {"layer": layer, "kind": teacher.layer_kinds[layer], "block_importance": round(float(importance["block"][layer]), 6),
+        row = {"layer": layer, "kind": teacher.layer_kinds[layer],
+               "block_importance": round(float(importance["block"][layer]), 6),
                "kept_as": kept_layer.get(layer), "heads": rounded(importance["heads"][layer]),
                "kv_groups": rounded(importance["kv_groups"][layer]),
                "neurons_quantiles": rounded(np.quantile(importance["neurons"][layer], [0, 0.1, 0.5, 0.9, 1]))}
@@ -376,13 +377,15 @@ def importance_report(importance, keep, teacher: ModelConfig, student: ModelConf
         layers.append(row)
     shape = ("n_layers", "d_model", "n_heads", "kv_heads", "d_ff", "dim_per_head")
     return {
-        "method": "Minitron activation importance",
-        "aggregation": "per row the mean over its valid tokens, L2 over rows (sqrt of the sum of squares)",
-        "heads": "L2 norm over head_dim of each head's attention output before the output projection",
-        "neurons": "|activation| at the input of w_down",
-        "channels": "|output| of every RMSNorm over the model width (block norms and the final norm), summed",
-        "kv_groups": "L2 norm of the group's query-head importances",
-        "block_importance": "1 - cos(x_in, x_out) of the residual stream, mean over valid tokens",
+        "method": {
+            "name": "Minitron activation importance (arXiv 2407.14679)",
+            "aggregation": "per row the mean over its valid tokens, L2 over rows (sqrt of the sum of squares)",
+            "heads": "L2 norm over head_dim of each head's attention output before the output projection",
+            "kv_groups": "L2 norm of the group's query-head importances",
+            "neurons": "|activation| at the input of w_down",
+            "channels": "|output| of every RMSNorm over the model width (block norms and the final norm), summed",
+            "block_importance": "1 - cos(x_in, x_out) of the residual stream, mean over valid tokens",
+        },
         "teacher_source": source,
         "teacher": {k: getattr(teacher, k) for k in shape}, "student": {k: getattr(student, k) for k in shape},
         "batches": batches, "rows": importance["rows"], "tokens": importance["tokens"],

@@ -18,7 +18,8 @@ from analogjax import mesh as mesh_lib
 from analogjax import prune
 from analogjax.data import to_global_batch
 from analogjax.models.config import ModelConfig
-from analogjax.models.transformer import Transformer, logits as head_logits
+from analogjax.models.transformer import Transformer
+from analogjax.models.transformer import logits as head_logits
 from tests.synthetic import packed_batch
 
 LLAMA = ModelConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=48)
@@ -148,8 +149,7 @@ def _corpus(tmp_path):
     rng = np.random.default_rng(0)
     words = ["alpha", "beta", "gamma", "delta", "pruned", "teacher", "student", "analog", "jax", "mesh"]
     with open(tmp_path / "corpus.jsonl", "w") as f:
-        for _ in range(200):
-            f.write(json.dumps({"text": " ".join(rng.choice(words, 40))}) + "\n")
+        f.writelines(json.dumps({"text": " ".join(rng.choice(words, 40))}) + "\n" for _ in range(200))
     return tmp_path / "corpus.jsonl"
 
 
@@ -208,7 +208,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def _cli(*args):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     return subprocess.run([sys.executable, "-m", "analogjax", "prune", *args], capture_output=True, text=True,
-                          env=env, timeout=300)
+                          env=env, timeout=300, check=False)
 
 
 @pytest.mark.parametrize("sets, fragment", [
