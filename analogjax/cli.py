@@ -30,6 +30,7 @@ COMMANDS = {
     "release": ("analogjax.commands.release", "HF folder + fidelity report + model card for a finished run"),
     "config": ("analogjax.commands.config", "print the fully resolved config a run would use (--explain: sources)"),
     "generate": ("analogjax.commands.generate", "continue prompts with a run's student or a HF model (sampling)"),
+    "prune": ("analogjax.commands.prune", "start an analog from its teacher: prune by activation importance"),
 }
 
 

@@ -139,6 +139,7 @@ class Attention(nn.Module):
             out = attend(q, written["k"], written["v"], positions_bs, cache["positions"], segment_ids_bs,
                          cache["segment_ids"], scale=scale, window=window, softcap=cfg.attn_softcap)
         wo = self.param("wo", nn.with_logical_partitioning(_init, ("heads", "head_dim", "embed")), (h, e, d))
+        self.sow("intermediates", "heads_out", out)  # per-head outputs, read only by prune.py (else a no-op)
         y = jnp.einsum("bshe,hed->bsd", out, wo.astype(dtype))
         return y if cache is None else (y, written)
 
@@ -163,6 +164,7 @@ class MLP(nn.Module):
         gate = x_bsd @ w_gate.astype(dtype)
         act = jax.nn.silu(gate) if cfg.activation == "silu" else jax.nn.gelu(gate, approximate=True)
         hidden_bsf = nn.with_logical_constraint(act * (x_bsd @ w_up.astype(dtype)), ("batch", "length", "act_mlp"))
+        self.sow("intermediates", "hidden", hidden_bsf)  # FFN activations, read only by prune.py (else a no-op)
         return hidden_bsf @ w_down.astype(dtype)
 
 
