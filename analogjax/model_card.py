@@ -307,6 +307,13 @@ def model_card(config, step: int, report: dict[str, Any], plots: list[str] = (),
     identity = f"shape fingerprint `{fingerprint(config.teacher.model)}`"
     if config.teacher.hf_path and Path(config.teacher.hf_path).is_dir():
         identity += f", files sha256 `{folder_fingerprint(config.teacher.hf_path)}`"
+    if config.teacher.gguf_path and Path(config.teacher.gguf_path).is_file():
+        from analogjax.models.gguf import gguf_provenance
+
+        gguf = gguf_provenance(config.teacher.gguf_path)  # the file's own identity: no path, only its content
+        identity += (f", GGUF file sha256 `{gguf['sha256']}` ({gguf['name'] or 'unnamed'}, "
+                     f"{gguf['file_type'] or 'unknown'} quantisation, tensor types "
+                     f"{', '.join(f'{k} × {v}' for k, v in gguf['tensor_types'].items())})")
     if tokenizer is not None:
         tokenizer_line = (f"{tokenizer.kind} tokenizer, {tokenizer.vocab_size:,} tokens, fingerprint "
                           f"`{tokenizer.fingerprint}`; shipped in this folder")

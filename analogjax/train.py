@@ -56,8 +56,16 @@ def show_config(workdir: Path, config: Config) -> None:
         return
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / CONFIG_FILE).write_text(to_yaml(config))
-    changed = ", ".join(f"{k}={json.dumps(v)}" for k, v in differences(config).items())
-    print(f"config ({workdir / CONFIG_FILE}); differs from the defaults in: {changed or 'nothing'}", file=sys.stderr)
+    # The few values a reader scans for: scalars shown in full, long values (source lists, loss terms) by name only,
+    # and at most a dozen; config.yaml has the rest.
+    diffs = differences(config)
+    shown = [f"{k}={json.dumps(v)}" if len(json.dumps(v)) <= 40 else k for k, v in list(diffs.items())[:_SHOWN]]
+    more = f", and {len(diffs) - _SHOWN} more" if len(diffs) > _SHOWN else ""
+    print(f"config ({workdir / CONFIG_FILE}); differs from the defaults in: {', '.join(shown) or 'nothing'}{more}",
+          file=sys.stderr)
+
+
+_SHOWN = 12
 
 
 def check_identity(saved: dict, identity: dict, allowed: bool, where: str) -> list[str]:
@@ -70,6 +78,7 @@ def check_identity(saved: dict, identity: dict, allowed: bool, where: str) -> li
         print(f"warning: {where}: resuming under a changed {' and '.join(changed)} config "
               "(checkpoint.allow_config_change)", file=sys.stderr)
     return changed
+
 
 def run_training(config: Config, workdir: str | Path, *, teacher: Teacher | None = None, teacher_params: Any = None,
                  progress: bool = True) -> dict[str, Any]:

@@ -213,15 +213,24 @@ def test_real_demo_path_on_a_tiny_gguf(tmp_path, bpe, hf_llama):
     corpus.write_text("".join(json.dumps({"text": TEXTS[i % 3] * (1 + i % 4)}) + "\n" for i in range(200)))
     sets = [f"gguf_path={path}", "cache_k=8", f"run.data.sources=[{{path: {corpus}}}]", "run.data.heldout_fraction=0.2",
             f"run.model.vocab_size={len(bpe[0])}", "run.model.d_model=32", "run.model.n_layers=1",
-            "run.model.n_heads=2", "run.model.d_ff=64", "run.data.global_batch=8", "run.data.seq_len=32",
-            "run.train.steps=3", "run.train.log_every=1", "run.train.eval_batches=1"]
+            f"run.model.n_heads={KV_HEADS}", f"run.model.n_kv_heads={KV_HEADS}", f"run.model.head_dim={D_MODEL // HEADS}",
+            "run.model.d_ff=64", "run.data.global_batch=8", "run.data.seq_len=32", "run.train.steps=3",
+            "run.train.log_every=1", "run.train.eval_batches=1", "prune_batches=1", "samples=2",
+            "sample_prompt_tokens=4", "sample_new_tokens=3"]
     args = ["demo", "--workdir", str(tmp_path / "demo"), "--no-progress"]
     for item in sets:
         args += ["--set", item]
     assert cli.main(args) == 0
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    assert set(summary["phase_seconds"]) == {"teacher", "teacher_cache", "analog", "baseline", "evaluate", "release"}
-    for name in ("analog", "baseline"):
+    assert set(summary["phase_seconds"]) == {"teacher", "teacher_cache", "prune", "analog", "pruned", "baseline",
+                                             "evaluate", "samples", "release"}
+    for name in ("analog", "pruned", "baseline"):
         assert summary[name]["kl_teacher"] > 0 and 0 <= summary[name]["agreement"] <= 1
+        assert summary[name]["teacher_logprob_own_samples"] < 0
+    # The pruned start is the teacher cut down: it is checkpoint.init_path of its row, with its importance report.
+    assert (tmp_path / "demo" / "pruned_init" / "importance.json").is_file()
+    assert len(summary["samples"]["prompts"]) == 2 and set(summary["samples"]["models"]) == {
+        "teacher", "analog", "pruned", "baseline"}
     card = (tmp_path / "demo" / "release" / "README.md").read_text()
     assert gguf_lib.gguf_provenance(path)["sha256"] in card and "teacher cache" in card
+    assert "## Samples" in card and (tmp_path / "demo" / "release" / "samples.md").is_file()
