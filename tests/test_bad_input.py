@@ -85,6 +85,7 @@ def shared(tmp_path_factory):
     (root / "not_a_cache").mkdir()
     (root / "empty_checkpoints" / "checkpoints").mkdir(parents=True)
     (root / "a_file").write_text("a file where a folder belongs\n")
+    (root / "truncated.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 12)  # a header cut short
     (root / "full").mkdir()
     (root / "full" / "keep.txt").write_text("someone's work\n")
     return root
@@ -298,4 +299,47 @@ def test_compile_check(shared, tmp_path):
         Case("malformed_topology", ["compile-check", *GOOD_CFG, "--topology", "v5p"], "v5p"),
         Case("no_topology", ["compile-check", *GOOD_CFG], "no topology"),
         Case("config_error", ["compile-check", *GOOD_CFG, "--set", "topology=7"], "topology"),
+    ], shared, tmp_path)
+
+
+def test_gguf_teachers(shared, tmp_path):
+    run_battery([
+        Case("gguf_missing", ["distill", *GOOD_CFG, "--set", "teacher.gguf_path=nowhere.gguf", "--no-progress"],
+             "nowhere.gguf"),
+        Case("gguf_truncated", ["distill", *GOOD_CFG, "--set", "teacher.gguf_path={shared}/truncated.gguf",
+                                "--no-progress"], "truncated.gguf"),
+        Case("gguf_and_hf_both", ["distill", *GOOD_CFG, "--set", "teacher.gguf_path={shared}/truncated.gguf",
+                                  "--set", "teacher.hf_path={shared}/hf", "--no-progress"], "not both"),
+    ], shared, tmp_path)
+
+
+def test_generate(shared, tmp_path):
+    def generate(*more):
+        return ["generate", "--checkpoint", "{shared}/run", "--prompt", "def f(x):", *more]
+
+    run_battery([
+        Case("max_new_tokens_zero", generate("--max-new-tokens", "0"), "--max-new-tokens"),
+        Case("top_p_above_one", generate("--top-p", "1.5"), "top_p"),
+        Case("top_k_negative", generate("--top-k", "-1"), "top_k"),
+        Case("temperature_negative", generate("--temperature", "-0.5"), "temperature"),
+        Case("prompt_longer_than_context", generate("--prompt", "x" * 200), "context"),
+        Case("checkpoint_missing", ["generate", "--checkpoint", "nowhere", "--prompt", "a"], "nowhere"),
+        Case("hf_unsupported", ["generate", "--hf", "{shared}/hf_bert", "--prompt", "a"], "BertModel"),
+        Case("no_source", ["generate", "--prompt", "a"], "--checkpoint"),
+    ], shared, tmp_path)
+
+
+def test_prune(shared, tmp_path):
+    def prune(*more, out="pruned"):
+        return ["prune", *GOOD_CFG, "--out", out, "--no-progress", *more]
+
+    run_battery([
+        Case("out_exists", prune(out="{shared}/full"), "exists"),
+        Case("head_dim_differs", prune(), "head dim"),
+        Case("larger_than_teacher", prune("--set", "model={preset: tiny-teacher, n_layers: 8}"), "larger"),
+        Case("heads_not_in_whole_groups", prune("--set", "model={preset: tiny-teacher, n_kv_heads: 1}"),
+             "KV"),
+        Case("teacher_unloadable", prune("--set", "model={preset: tiny-teacher, n_layers: 2}", "--set",
+                                         "teacher.checkpoint=nowhere"), "nowhere"),
+        Case("batches_zero", prune("--batches", "0"), "--batches"),
     ], shared, tmp_path)
