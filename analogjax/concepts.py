@@ -4,7 +4,8 @@ character spans, and from those spans a label per token.
 Built in, computed from the text alone so they need no labels:
 - Python source, from the standard library's own `tokenize`: `python_string` (inside a string literal, f-strings
   included), `python_comment`, `python_keyword` (a NAME for which keyword.iskeyword is true), `python_number`.
-  A text that `tokenize` cannot read (not Python) is unlabelled for these four, not negative.
+  A text that is not Python (ast.parse refuses it: prose, a cut part of a file) is unlabelled for these four, not
+  negative: English "if" and "in" are no Python keywords.
 - Any text: `in_brackets` (the characters between an opening (, [ or { and its closing one, brackets excluded,
   nesting counted over all three kinds) and `digit` (an ASCII digit 0-9).
 A lab adds its own as JSONL lines {"concept": NAME, "text": ..., "spans": [[start, end], ...]} (character offsets
@@ -17,6 +18,7 @@ character (begin/end-of-text specials) are unlabelled. Labels: 1 positive, 0 neg
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import keyword
@@ -51,7 +53,11 @@ class UserConcept(NamedTuple):
 
 
 def python_spans(text: str) -> dict[str, list[tuple[int, int]]] | None:
-    """Spans of the four Python concepts, or None when `tokenize` cannot read the text as Python."""
+    """Spans of the four Python concepts, or None when the text is not Python."""
+    try:
+        ast.parse(text)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):  # ValueError: a null byte
+        return None
     line_starts = [0]
     for line in io.StringIO(text).readlines():
         line_starts.append(line_starts[-1] + len(line))
