@@ -219,6 +219,8 @@ def read_user_concepts(path: str | Path) -> list[UserConcept]:
 
 # A long document gives at most this many rows, so the rows come from many documents (and both parts of the split).
 MAX_ROWS_PER_DOCUMENT = 2
+# Marker tokens per concept for the steering check: those most over-represented right after the concept.
+MARKERS = 3
 
 
 class LabelledRows(NamedTuple):
@@ -329,3 +331,43 @@ class _RowBuilder:
         loss_mask[:, :-1] = (segment_ids[:, 1:] > 0)
         fit = np.asarray([f for _, _, f in self.rows], bool)
         return tokens, segment_ids, positions, targets, loss_mask, fit, labels
+
+
+def marker_tokens(tokens_rs, targets_rs, mask_rs, labels_rs, k: int = MARKERS) -> list[int]:
+    """The k tokens whose rate right after positive tokens most exceeds their rate after negative ones (if > 0)."""
+    after_pos = targets_rs[(labels_rs == 1) & (mask_rs > 0)]
+    after_neg = targets_rs[(labels_rs == 0) & (mask_rs > 0)]
+    if not len(after_pos) or not len(after_neg):
+        return []
+    size = int(max(tokens_rs.max(), targets_rs.max())) + 1
+    excess = (np.bincount(after_pos, minlength=size) / len(after_pos)
+              - np.bincount(after_neg, minlength=size) / len(after_neg))
+    order = np.argsort(-excess, kind="stable")[:k]
+    return [int(t) for t in order if excess[t] > 0]
+
+
+def measurable(rows: LabelledRows, user_names) -> tuple[list[int], list[list[int]], list[dict]]:
+    """Concept columns to measure, their marker tokens, and the built-in ones skipped with the reason."""
+    measured, markers, skipped = [], [], []
+    for c, name in enumerate(rows.concepts):
+        labels = rows.labels[..., c]
+        reason = None
+        for part, in_part in (("fit", rows.fit), ("eval", ~rows.fit)):
+            for kind, value in (("positive", 1), ("negative", 0)):
+                if reason is None and not np.any(labels[in_part] == value):
+                    reason = f"no {kind} tokens in the {part} part of its texts"
+        found = [] if reason else marker_tokens(rows.tokens[rows.fit], rows.targets[rows.fit],
+                                                rows.loss_mask[rows.fit], labels[rows.fit])
+        if reason is None and not found:
+            reason = "no token follows its positions more often than other positions (no marker tokens)"
+        if reason is None:
+            measured.append(c)
+            markers.append(found)
+        elif name in user_names:
+            raise UserError(f"concept {name!r} cannot be measured: {reason} (its texts alternate fit, eval, fit, ... "
+                            "in file order: give at least two, each with tokens inside and outside the concept)")
+        elif name in BUILTIN_CONCEPTS:
+            if rows.unlabelled_reason and not np.any(labels >= 0):
+                reason = rows.unlabelled_reason
+            skipped.append({"concept": name, "reason": reason})
+    return measured, markers, skipped

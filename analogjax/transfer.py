@@ -16,8 +16,8 @@ Three measurements, after Chen, Merullo, Stolfo & Pavlick (arXiv 2506.06609) and
    directions. Each is scaled to STEER_SCALE × the teacher layer's mean residual norm (the same norm for all: half
    the typical residual is a clear push that leaves the stream dominated by the text itself) and added to the
    teacher's residual after block j at every position. Effect = the mean increase of the teacher's next-token
-   probability of the concept's MARKERS marker tokens (those whose rate right after concept tokens most exceeds
-   their rate after other tokens, counted on fit rows) over eval positions outside the concept;
+   probability of the concept's concepts.MARKERS marker tokens (those whose rate right after concept tokens most
+   exceeds their rate after other tokens, counted on fit rows) over eval positions outside the concept;
    recovered = (transferred − random) / (native − random).
 
 Data route: the packed held-out batches carry token ids only, and the concepts need character offsets, so the
@@ -40,14 +40,18 @@ import numpy as np
 
 from analogjax import concepts as concepts_lib
 from analogjax.errors import UserError
-
-from analogjax.transfer_report import card_paragraph, markdown_table, write_report  # noqa: F401 (public here)
+from analogjax.transfer_report import (  # noqa: F401 (the report's public names, here with the measurement)
+    card_paragraph,
+    comparison_table,
+    markdown_table,
+    proxy_summary,
+    write_report,
+)
 
 MAP_RIDGE = 1e-3
 PROBE_RIDGE = 1e-2
 STEER_SCALE = 0.5
 RANDOM_DRAWS = 4
-MARKERS = 3
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -74,7 +78,8 @@ def accumulate(total: dict, sums: dict) -> dict:
 
 def reversed_moments(m: dict) -> dict:
     """The moments with x and y swapped (for the teacher → analog map)."""
-    return {"n": m["n"], "sx": m["sy"], "sy": m["sx"], "sxx": m["syy"], "syy": m["sxx"], "sxy": np.swapaxes(m["sxy"], -1, -2)}
+    return {"n": m["n"], "sx": m["sy"], "sy": m["sx"], "sxx": m["syy"], "syy": m["sxx"],
+            "sxy": np.swapaxes(m["sxy"], -1, -2)}
 
 
 def fit_affine(m: dict, ridge: float = MAP_RIDGE) -> tuple[np.ndarray, np.ndarray]:
@@ -89,7 +94,7 @@ def fit_affine(m: dict, ridge: float = MAP_RIDGE) -> tuple[np.ndarray, np.ndarra
 
 
 def explained_variance(m: dict, weight: np.ndarray, bias: np.ndarray) -> float:
-    """1 − Σ‖y − (xW + b)‖² / Σ‖y − ȳ‖² over the tokens of `m` (its own mean ȳ), from moments alone."""
+    """1 − Σ‖y − (xW + b)‖² / Σ‖y − ȳ‖² over the tokens of `m` (about their own mean ȳ), from moments alone."""
     n = float(m["n"])
     b_aug = np.vstack([weight, bias[None]])  # [x, 1] B = x W + b
     sxx_aug = np.block([[m["sxx"], m["sx"][:, None]], [m["sx"][None], np.array([[n]])]])
@@ -127,19 +132,6 @@ def recovered(value: float, baseline: float, native: float) -> float | None:
     """(value − baseline) / (native − baseline); None when the native method beats the baseline by nothing."""
     gap = native - baseline
     return float((value - baseline) / gap) if gap > 1e-9 else None
-
-
-def marker_tokens(tokens_rs, targets_rs, mask_rs, labels_rs, k: int = MARKERS) -> list[int]:
-    """The k tokens whose rate right after positive tokens most exceeds their rate after negative ones (> 0)."""
-    after_pos = targets_rs[(labels_rs == 1) & (mask_rs > 0)]
-    after_neg = targets_rs[(labels_rs == 0) & (mask_rs > 0)]
-    if not len(after_pos) or not len(after_neg):
-        return []
-    size = int(max(tokens_rs.max(), targets_rs.max())) + 1
-    excess = (np.bincount(after_pos, minlength=size) / len(after_pos)
-              - np.bincount(after_neg, minlength=size) / len(after_neg))
-    order = np.argsort(-excess, kind="stable")[:k]
-    return [int(t) for t in order if excess[t] > 0]
 
 
 def steering_sums(rest_fn, h_bsd, directions_kd, concept_k, markers_cv, outside_bsc):
@@ -186,8 +178,11 @@ def measure(config, student_params, teacher, teacher_params, mesh, *, batches: i
         raise UserError(f"the concepts' layer pair {concept_pair} is not one of the layer pairs {list(pairs)}")
     rows = concepts_lib.labelled_rows(config.data, config.model.vocab_size, rows=batches * config.data.global_batch,
                                       user=user_concepts)
+    if rows.fit.all() or not rows.fit.any():
+        raise UserError(f"the held-out split gave {sum(rows.documents.values())} document(s): the checks need at least "
+                        "two (one to fit, one to measure): raise data.heldout_fraction or --batches")
     user_names = {u.concept for u in user_concepts}
-    measured, markers, skipped = _measurable(rows, user_names)
+    measured, markers, skipped = concepts_lib.measurable(rows, user_names)
     models = (Transformer(config.model), Transformer(config.teacher.model))
     layout = _Layout(pairs, concept_pair, measured, _groups(rows.labels[..., measured]))
     stats = _run(mesh, rows, measured, config.data.global_batch,
@@ -207,40 +202,14 @@ class _Layout:
         self.group_of = [self.group_reps.index(g) for g in groups]
 
 
-def _measurable(rows, user_names):
-    """Concept columns to measure, their marker tokens, and the built-in ones skipped with the reason."""
-    measured, markers, skipped = [], [], []
-    for c, name in enumerate(rows.concepts):
-        labels = rows.labels[..., c]
-        reason = None
-        for part, in_part in (("fit", rows.fit), ("eval", ~rows.fit)):
-            for kind, value in (("positive", 1), ("negative", 0)):
-                if reason is None and not np.any(labels[in_part] == value):
-                    reason = f"no {kind} tokens in the {part} part of its texts"
-        found = [] if reason else marker_tokens(rows.tokens[rows.fit], rows.targets[rows.fit],
-                                                rows.loss_mask[rows.fit], labels[rows.fit])
-        if reason is None and not found:
-            reason = "no token follows its positions more often than other positions (no marker tokens)"
-        if reason is None:
-            measured.append(c)
-            markers.append(found)
-        elif name in user_names:
-            raise UserError(f"concept {name!r} cannot be measured: {reason} (its texts alternate fit, eval, fit, ... "
-                            "in file order: give at least two, each with tokens inside and outside the concept)")
-        elif name in concepts_lib.BUILTIN_CONCEPTS:
-            if rows.unlabelled_reason and not np.any(labels >= 0):
-                reason = rows.unlabelled_reason
-            skipped.append({"concept": name, "reason": reason})
-    return measured, markers, skipped
-
-
 def _groups(labels_rsc) -> tuple[int, ...]:
     """Per concept, the first concept with the same labelled tokens (so they share one XᵀX)."""
     labelled = [labels_rsc[..., c] >= 0 for c in range(labels_rsc.shape[-1])]
-    return tuple(next(g for g in range(c + 1) if np.array_equal(labelled[g], labelled[c])) for c in range(len(labelled)))
+    return tuple(next(g for g in range(c + 1) if np.array_equal(labelled[g], labelled[c]))
+                 for c in range(len(labelled)))
 
 
-def _run(mesh, rows, measured, global_batch, step, *args) -> dict:
+def _run(mesh, rows, measured, global_batch, step, student_params, teacher_params, fitted=None) -> dict:
     """Sum `step` over the rows in global batches; every process builds the same rows and feeds its share."""
     from analogjax import mesh as mesh_lib
     from analogjax.data.global_batch import to_global_batch
@@ -250,19 +219,21 @@ def _run(mesh, rows, measured, global_batch, step, *args) -> dict:
     real = rows.segment_ids > 0
     fields = {"tokens": rows.tokens, "segment_ids": rows.segment_ids, "positions": rows.positions,
               "targets": rows.targets, "loss_mask": rows.loss_mask,
-              "fit": (real & rows.fit[:, None]).astype(np.float32), "eval": (real & ~rows.fit[:, None]).astype(np.float32),
+              "fit": (real & rows.fit[:, None]).astype(np.float32),
+              "eval": (real & ~rows.fit[:, None]).astype(np.float32),
               "labels": rows.labels[..., measured]}
     fn = jax.jit(step, out_shardings=mesh_lib.replicated(mesh))
     total: dict = {}
     with jax.set_mesh(mesh):
-        args = jax.device_put(args, mesh_lib.replicated(mesh))
+        extra = () if fitted is None else (jax.device_put(fitted, mesh_lib.replicated(mesh)),)  # small: replicated
         for start in range(0, len(rows.tokens), global_batch):
             batch = {}
             for key, value in fields.items():
                 chunk = value[start:start + global_batch]
-                pad = np.zeros((global_batch - len(chunk), *chunk.shape[1:]), chunk.dtype) - (key == "labels")
-                batch[key] = np.concatenate([chunk, pad])[first:first + local]
-            total = accumulate(total, jax.device_get(fn(*args, to_global_batch(batch, mesh_lib.batch_sharding(mesh)))))
+                fill = np.full((global_batch - len(chunk), *chunk.shape[1:]), -1 if key == "labels" else 0, chunk.dtype)
+                batch[key] = np.concatenate([chunk, fill])[first:first + local]  # a short last batch: empty rows
+            global_batch_arrays = to_global_batch(batch, mesh_lib.batch_sharding(mesh))
+            total = accumulate(total, jax.device_get(fn(student_params, teacher_params, *extra, global_batch_arrays)))
     return total
 
 
@@ -290,7 +261,8 @@ def _stats_step(models, layout):
             group = (labels[:, layout.group_reps] >= 0) * fit[:, None]
             positive = (labels == 1) * fit[:, None]
             i, j = layout.concept_pair
-            out["analog"], out["teacher"] = concept_moments(xs[i], group, positive), concept_moments(ys[j], group, positive)
+            out["analog"] = concept_moments(xs[i], group, positive)
+            out["teacher"] = concept_moments(ys[j], group, positive)
         return out
 
     return step
@@ -394,9 +366,10 @@ def _report(stats, sums, info, layout, rows, markers, skipped) -> dict[str, Any]
     stitch = []
     for p, (i, j) in enumerate(layout.pairs):
         ev = {k: v[p] for k, v in stats["eval"].items()}
+        back = explained_variance(reversed_moments(ev), *info["back"][p])
         stitch.append({"analog_layer": i, "teacher_layer": j,
                        "explained_variance": explained_variance(ev, *info["maps"][p]),
-                       "teacher_to_analog_explained_variance": explained_variance(reversed_moments(ev), *info["back"][p]),
+                       "teacher_to_analog_explained_variance": back,
                        "stitched_ce": float(sums["stitched_ce"][p] / tokens),
                        "stitched_kl": float(sums["stitched_kl"][p] / tokens)})
     probes, steering = [], []
@@ -430,6 +403,6 @@ def _report(stats, sums, info, layout, rows, markers, skipped) -> dict[str, Any]
         "method": {"map": f"ridge regression, lambda = {MAP_RIDGE:g} x mean input variance",
                    "probe": f"ridge classifier on standardized features (targets +-1, lambda = {PROBE_RIDGE:g})",
                    "steering_norm": info["norm"], "steering_scale": STEER_SCALE, "random_draws": RANDOM_DRAWS,
-                   "marker_tokens": MARKERS, "token_label": "a token is positive when any of its characters is "
-                   "inside the concept"},
+                   "marker_tokens": concepts_lib.MARKERS,
+                   "token_label": "a token is positive when any of its characters is inside the concept"},
     }

@@ -75,7 +75,7 @@ def _probe_and_steering(planted: bool):
     x, y, labels, teacher_direction = _planted(rng, 4000, planted)
     fit, ev = slice(0, 2000), slice(2000, None)
     m = _moments(x[fit], y[fit])
-    weight, bias = transfer.fit_affine(m)
+    weight, _ = transfer.fit_affine(m)
     back_w, back_b = transfer.fit_affine(transfer.reversed_moments(m))
 
     def probe_stats(feats):
@@ -96,9 +96,9 @@ def _probe_and_steering(planted: bool):
     vocab, dt = 5, y.shape[1]
     head = np.zeros((dt, vocab), np.float32)
     head[:, 0] = 4 * teacher_direction / np.linalg.norm(teacher_direction)
-    n, s, f, t, sxpos = probe_stats(y)
+    n, s, _, t, sxpos = probe_stats(y)
     native = transfer.difference_of_means(n, s, t, sxpos)
-    n, s, f, t, sxpos = probe_stats(x)
+    n, s, _, t, sxpos = probe_stats(x)
     carried = transfer.difference_of_means(n, s, t, sxpos) @ weight
     randoms = np.random.default_rng(3).standard_normal((8, dt))
     directions = np.stack([native, carried, *randoms])
@@ -124,7 +124,7 @@ def test_planted_concept_transfers_and_an_unrelated_one_does_not():
 def test_marker_tokens_are_the_tokens_over_represented_after_the_concept():
     targets = np.array([[7, 8, 7, 9, 7, 8, 3, 3]])
     labels = np.array([[1, 0, 1, 0, 1, 0, 0, 0]])
-    assert transfer.marker_tokens(targets, targets, np.ones_like(targets), labels, k=3) == [7]
+    assert concepts.marker_tokens(targets, targets, np.ones_like(targets), labels, k=3) == [7]
 
 
 SNIPPET = "if x == 'a#b':  # c1 (z)\n    y = f(42) + [3]\n"
@@ -177,3 +177,93 @@ def test_bad_concept_lines_are_user_errors_naming_the_line(tmp_path, line, fragm
     with pytest.raises(UserError, match="c.jsonl:2") as info:
         concepts.read_user_concepts(path)
     assert fragment in str(info.value)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A tiny run through the CLI: the analog is its own teacher, so everything must transfer.
+
+SNIPPETS = ["def f(x):\n    # add one\n    return x + 1\n", "s = 'hello [world]' if a else (b, 2)\n",
+            "for i in range(10):\n    print(i)  # loop\n", "class A:\n    pass\n", "y = [3, 4] * 5\n"]
+MODEL = {"vocab_size": 259, "d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("transfer")
+    rng = np.random.default_rng(0)
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": "".join(rng.choice(SNIPPETS, 3))}) + "\n" for _ in range(200)))
+    config = {"model": MODEL, "teacher": {"model": MODEL},
+              "data": {"sources": [{"path": str(corpus)}], "tokenizer": "bytes", "global_batch": 8, "seq_len": 64,
+                       "heldout_fraction": 0.3},
+              "distill": {"terms": [{"kind": "ce", "weight": 1.0}]},
+              "optim": {"learning_rate": 0.01, "warmup_steps": 1},
+              "train": {"steps": 4, "seed": 0, "eval_batches": 1, "log_every": 2}}
+    (root / "run.yaml").write_text(yaml.safe_dump(config))
+    assert cli.main(["distill", "--config", str(root / "run.yaml"), "--workdir", str(root / "run"),
+                     "--no-progress"]) == 0
+    # The same model as its own teacher: maps are the identity, the analog's probes and directions are native.
+    config["teacher"]["checkpoint"] = str(root / "run" / "checkpoints")
+    (root / "self.yaml").write_text(yaml.safe_dump(config))
+    lines = [{"concept": "assignment", "text": t, "spans": [[k, k + 1] for k, c in enumerate(t) if c == "="]}
+             for t in SNIPPETS * 2]
+    (root / "concepts.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return root
+
+
+def test_transfer_command_report(tiny_run, tmp_path, capsys):
+    out = tmp_path / "transfer"
+    assert cli.main(["transfer", "--config", str(tiny_run / "self.yaml"), "--checkpoint", str(tiny_run / "run"),
+                     "--concepts", str(tiny_run / "concepts.jsonl"), "--out", str(out), "--batches", "2"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    report = json.loads((out / "transfer.json").read_text())
+    for key in ("layer_pairs", "stitch", "probes", "steering"):
+        assert key in report, key
+    assert report["layer_pairs"] == [[0, 0], [1, 1]]
+    for s in report["stitch"]:
+        assert set(s) >= {"analog_layer", "teacher_layer", "explained_variance", "teacher_to_analog_explained_variance",
+                          "stitched_ce", "stitched_kl"}
+        assert s["explained_variance"] > 0.99 and s["teacher_to_analog_explained_variance"] > 0.99
+        assert s["stitched_kl"] < 1e-3 and s["stitched_ce"] == pytest.approx(report["teacher_ce"], abs=1e-2)
+    names = {p["concept"] for p in report["probes"]}
+    assert {"python_keyword", "digit", "assignment"} <= names
+    for p in report["probes"]:
+        assert set(p) >= {"concept", "chance", "analog", "teacher_native", "transferred", "recovered"}
+        assert p["analog"] == pytest.approx(p["teacher_native"])
+        assert p["transferred"] == pytest.approx(p["analog"], abs=0.02)
+    for s in report["steering"]:
+        assert set(s) >= {"concept", "native", "transferred", "random", "recovered"}
+        assert s["transferred"] == pytest.approx(s["native"], rel=0.05, abs=1e-6)
+    assert line["probe_recovered"].keys() == names
+    assert (out / "transfer.md").is_file() and (out / "transfer_explained_variance.png").is_file()
+    assert "| concept | chance |" in (out / "transfer.md").read_text()
+    assert "transferred to the teacher" in transfer.card_paragraph(report)
+
+
+def test_eval_includes_transfer(tiny_run, tmp_path, capsys):
+    out = tmp_path / "fidelity"
+    assert cli.main(["eval", "--config", str(tiny_run / "self.yaml"), "--checkpoint", str(tiny_run / "run"),
+                     "--out", str(out)]) == 0
+    report = json.loads((out / "fidelity.json").read_text())
+    assert report["transfer"]["stitch"][0]["explained_variance"] > 0.99
+    assert "## Transfer to the teacher" in (out / "fidelity.md").read_text()
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--pairs", "0:5"], "layer pair (0, 5) is outside"),
+    (["--pairs", "0-1"], "--pairs: '0-1' is not an analog:teacher layer pair"),
+    (["--pairs", "0:0,1:1", "--concept-pair", "0:1"], "is not one of the layer pairs"),
+])
+def test_bad_layer_pairs_are_one_error_line(tiny_run, tmp_path, capsys, args, fragment):
+    assert cli.main(["transfer", "--config", str(tiny_run / "self.yaml"), "--checkpoint", str(tiny_run / "run"),
+                     "--out", str(tmp_path / "o"), *args]) == 2
+    assert fragment in capsys.readouterr().err
+
+
+def test_a_user_concept_that_cannot_be_measured_is_an_error(tiny_run, tmp_path, capsys):
+    path = tmp_path / "one.jsonl"  # one text: nothing left to measure on
+    path.write_text(json.dumps({"concept": "lonely", "text": "x = 1\n", "spans": [[2, 3]]}) + "\n")
+    assert cli.main(["transfer", "--config", str(tiny_run / "self.yaml"), "--checkpoint", str(tiny_run / "run"),
+                     "--concepts", str(path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "concept 'lonely' cannot be measured: no positive tokens in the eval part" in err

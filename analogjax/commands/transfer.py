@@ -94,7 +94,12 @@ def fidelity_with_transfer(checkpoint, out, *, config=None, batches=None, user=(
     """`analogjax eval`'s report with the transfer object under `transfer` (fidelity.json, a section of
     fidelity.md): the teacher is loaded once for both, the small analog restored for each."""
     from analogjax import fidelity
-    from analogjax.release import eval_mesh, fidelity_of_run, restore_student, run_config
+    from analogjax.release import (
+        eval_mesh,
+        fidelity_of_run,
+        restore_student,
+        run_config,
+    )
     from analogjax.teacher import live_source_kind, load_teacher
     from analogjax.transfer import measure
 
