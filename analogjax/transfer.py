@@ -6,7 +6,8 @@ Three measurements, after Chen, Merullo, Stolfo & Pavlick (arXiv 2506.06609) and
    (λ = MAP_RIDGE × the mean variance of the input) on fit tokens. On eval tokens: the explained variance of each
    map (1 − SSE / total variance about the eval mean) and the stitched model (analog embed → blocks 0..i → map →
    teacher blocks j+1.. → final norm → head): its next-token CE and KL(teacher‖stitched).
-2. Probes, at one layer pair (`concept_pair`, default the middle one): per concept a ridge classifier (targets ±1 on
+2. Probes, at one layer pair (`concept_pair`, default the middle one, rounding towards the input: the last
+   pair's teacher layer feeds the head directly): per concept a ridge classifier (targets ±1 on
    standardized features, λ = PROBE_RIDGE; deterministic, closed form from moments) on the analog; the same on the
    teacher (native); the analog's probe applied to teacher activations through the teacher → analog map
    (transferred). Accuracy on eval tokens; chance = the majority class rate there;
@@ -170,7 +171,7 @@ def measure(config, student_params, teacher, teacher_params, mesh, *, batches: i
         raise UserError("data.heldout_fraction is 0: transfer is measured on held-out documents only")
     ls, lt = config.model.n_layers, config.teacher.model.n_layers
     pairs = tuple(tuple(int(v) for v in p) for p in pairs) if pairs else default_layer_pairs(ls, lt)
-    concept_pair = tuple(int(v) for v in concept_pair) if concept_pair else pairs[len(pairs) // 2]
+    concept_pair = tuple(int(v) for v in concept_pair) if concept_pair else pairs[(len(pairs) - 1) // 2]
     for i, j in (*pairs, concept_pair):
         if not (0 <= i < ls and 0 <= j < lt):
             raise UserError(f"layer pair ({i}, {j}) is outside the analog's {ls} and the teacher's {lt} layers")

@@ -26,7 +26,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--pairs", default=None, metavar="I:J,...",
                         help="analog:teacher layer pairs (default: equal fractions of depth)")
     parser.add_argument("--concept-pair", default=None, metavar="I:J",
-                        help="the layer pair for probes and steering (default: the middle pair)")
+                        help="the layer pair for probes and steering (default: the middle pair, rounding down)")
     add_job_arguments(parser)
 
 
