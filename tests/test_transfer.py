@@ -267,3 +267,24 @@ def test_a_user_concept_that_cannot_be_measured_is_an_error(tiny_run, tmp_path, 
                      "--concepts", str(path), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "concept 'lonely' cannot be measured: no positive tokens in the eval part" in err
+
+
+def test_unmeasurable_builtin_concepts_are_skipped_with_the_reason_and_user_ones_refused():
+    r, s, names = 4, 6, concepts.BUILTIN_CONCEPTS + ("mine",)
+    tokens = np.tile(np.arange(s, dtype=np.int32), (r, 1))
+    labels = np.zeros((r, s, len(names)), np.int8)
+    labels[:, ::2, names.index("digit")] = 1  # measurable: positives and negatives in both parts, marker token
+    labels[:, :, names.index("python_string")] = -1  # no Python text at all
+    labels[:, 1, names.index("mine")] = 1
+    labels[1::2, :, names.index("mine")] = 0  # no positives in the eval part
+    rows = concepts.LabelledRows(tokens, np.ones_like(tokens), tokens, np.roll(tokens, -1, 1),
+                                 np.ones((r, s), np.float32), np.array([True, False] * 2), labels, names,
+                                 None, {"fit": 2, "eval": 2})
+    with pytest.raises(UserError, match="concept 'mine' cannot be measured: no positive tokens in the eval part"):
+        concepts.measurable(rows, {"mine"})
+    labels[:, :, names.index("mine")] = -1
+    measured, markers, skipped = concepts.measurable(rows, set())
+    assert [names[c] for c in measured] == ["digit"] and markers == [[1, 3, 5]]
+    reasons = {s["concept"]: s["reason"] for s in skipped}
+    assert reasons["python_string"] == "no positive tokens in the fit part of its texts"
+    assert reasons["python_comment"] == "no positive tokens in the fit part of its texts"
