@@ -217,7 +217,8 @@ def read_user_concepts(path: str | Path) -> list[UserConcept]:
 # ----------------------------------------------------------------------------------------------------------------
 # Labelled token rows from held-out documents (what analogjax.transfer measures on)
 
-# A long document gives at most this many rows, so the rows come from many documents (and both parts of the split).
+# A long document gives at most this many rows (more only when the held-out documents are too few to fill the rows
+# asked for), so the rows come from many documents and both parts of the split.
 MAX_ROWS_PER_DOCUMENT = 2
 # Marker tokens per concept for the steering check: those most over-represented right after the concept.
 MARKERS = 3
@@ -239,8 +240,8 @@ class LabelledRows(NamedTuple):
 
 
 def heldout_texts(data, vocab_size: int):
-    """(tokenizer, iterator of (text or None, token ids or None)): the held-out documents of every source, taken
-    round-robin over the sources in each source's held-out order (the pipeline's split_document_ids)."""
+    """(tokenizer, number of documents, iterator of (text or None, token ids or None)): the held-out documents of
+    every source, taken round-robin over the sources in each source's held-out order (split_document_ids)."""
     from analogjax.data.pipeline import open_sources, split_document_ids
     from analogjax.data.sources import TextFilesSource
 
@@ -257,14 +258,16 @@ def heldout_texts(data, vocab_size: int):
                              else source[index])
                     yield (value, None) if isinstance(value, str) else (None, np.asarray(value, np.int32))
 
-    return tokenizer, documents()
+    return tokenizer, sum(len(ids) for ids in heldout), documents()
 
 
 def labelled_rows(data, vocab_size: int, *, rows: int, user: Sequence[UserConcept] = ()) -> LabelledRows:
     """`rows` rows of held-out documents (document k in the fit part when k is even, else the eval part) labelled
     with the built-in concepts, then one row per chunk of each user concept text (a concept's texts alternate fit,
     eval, fit, ... in file order) labelled with that concept only."""
-    tokenizer, documents = heldout_texts(data, vocab_size)
+    tokenizer, count, documents = heldout_texts(data, vocab_size)
+    # Few held-out documents: take more rows from each, so the rows asked for are still filled.
+    per_document = max(MAX_ROWS_PER_DOCUMENT, -(-rows // max(count, 1)))
     user_names = tuple(dict.fromkeys(u.concept for u in user))
     names = BUILTIN_CONCEPTS + user_names
     column = {name: c for c, name in enumerate(names)}
@@ -286,7 +289,7 @@ def labelled_rows(data, vocab_size: int, *, rows: int, user: Sequence[UserConcep
         part = "fit" if k % 2 == 0 else "eval"
         counts[part] += 1
         builder.add(ids, {column[n]: v for n, v in labels.items()}, fit=part == "fit",
-                    limit=min(MAX_ROWS_PER_DOCUMENT, rows - len(builder.rows)))
+                    limit=min(per_document, rows - len(builder.rows)))
     if not builder.rows:
         raise UserError("the held-out split gave no documents: raise data.heldout_fraction or add documents")
     seen: dict[str, int] = {}

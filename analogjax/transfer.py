@@ -7,8 +7,8 @@ Three measurements, after Chen, Merullo, Stolfo & Pavlick (arXiv 2506.06609) and
    map (1 − SSE / total variance about the eval mean) and the stitched model (analog embed → blocks 0..i → map →
    teacher blocks j+1.. → final norm → head): its next-token CE and KL(teacher‖stitched).
 2. Probes, at one layer pair (`concept_pair`, default the middle one, rounding towards the input: the last
-   pair's teacher layer feeds the head directly): per concept a ridge classifier (targets ±1 on
-   standardized features, λ = PROBE_RIDGE; deterministic, closed form from moments) on the analog; the same on the
+   pair's teacher layer feeds the head directly): per concept a linear discriminant (LDA with the class priors,
+   covariance shrunk by PROBE_SHRINKAGE; deterministic, closed form from moments) on the analog; the same on the
    teacher (native); the analog's probe applied to teacher activations through the teacher → analog map
    (transferred). Accuracy on eval tokens; chance = the majority class rate there;
    recovered = (transferred − chance) / (native − chance).
@@ -50,7 +50,7 @@ from analogjax.transfer_report import (  # noqa: F401 (the report's public names
 )
 
 MAP_RIDGE = 1e-3
-PROBE_RIDGE = 1e-2
+PROBE_SHRINKAGE = 0.1
 STEER_SCALE = 0.5
 RANDOM_DRAWS = 4
 
@@ -112,16 +112,20 @@ def concept_moments(x_nd, group_ng, positive_nc) -> dict[str, jax.Array]:
             "npos": positive_nc.sum(0), "sxpos": positive_nc.T @ x}
 
 
-def fit_probe(n, sx, sxx, npos, sxpos, ridge: float = PROBE_RIDGE) -> tuple[np.ndarray, np.ndarray]:
-    """Ridge classifier (targets +1 / −1, standardized features, intercept) as an affine score x·w + b > 0."""
+def fit_probe(n, sx, sxx, npos, sxpos, shrinkage: float = PROBE_SHRINKAGE) -> tuple[np.ndarray, np.ndarray]:
+    """Linear discriminant analysis as an affine score x·w + b > 0: two Gaussian classes with one covariance and
+    their priors, so the threshold is Bayes-optimal however rare the concept (a least-squares ±1 classifier
+    calls nearly every token negative when 5% are positive). The within-class covariance (total minus between-
+    class, from the same moments) is shrunk towards its diagonal by `shrinkage`."""
+    nneg = n - npos
+    mu1, mu0 = sxpos / npos, (sx - sxpos) / nneg
     mu = sx / n
-    cov = sxx / n - np.outer(mu, mu)
-    sd = np.sqrt(np.maximum(np.diag(cov), 1e-12))
-    t_mean = (2 * npos - n) / n
-    cov_xt = (2 * sxpos - sx) / n - mu * t_mean
-    wz = np.linalg.solve(cov / np.outer(sd, sd) + ridge * np.eye(len(mu)), cov_xt / sd)
-    w = wz / sd
-    return w, t_mean - mu @ w
+    diff = mu1 - mu0
+    within = sxx / n - np.outer(mu, mu) - (npos / n) * (nneg / n) * np.outer(diff, diff)
+    diag = np.diag(np.diag(within))
+    floor = 1e-9 * max(np.trace(within) / len(mu), 1e-30)
+    w = np.linalg.solve((1 - shrinkage) * within + shrinkage * diag + floor * np.eye(len(mu)), diff)
+    return w, -w @ (mu1 + mu0) / 2 + np.log(npos / nneg)
 
 
 def difference_of_means(n, sx, npos, sxpos) -> np.ndarray:
@@ -292,6 +296,7 @@ def _fit(stats, layout, markers, config):
         native = difference_of_means(t["n"][g], t["sx"][g], t["npos"][k], t["sxpos"][k])
         carried = difference_of_means(a["n"][g], a["sx"][g], a["npos"][k], a["sxpos"][k]) @ maps[pc][0]
         directions += [native, carried, *rng.standard_normal((RANDOM_DRAWS, len(native)))]
+        info.setdefault("native_norms", []).append(float(np.linalg.norm(native)))
     for name, fits in probes.items():
         fitted[f"{name}_w"] = np.stack([w for w, _ in fits])
         fitted[f"{name}_b"] = np.asarray([b for _, b in fits])
@@ -389,6 +394,7 @@ def _report(stats, sums, info, layout, rows, markers, skipped) -> dict[str, Any]
         effect = sums["steer_effect"][span] / np.maximum(sums["steer_count"][span], 1)
         random = float(np.mean(effect[2:]))
         steering.append({"concept": name, "analog_layer": i, "teacher_layer": j, "markers": markers[k],
+                         "teacher_difference_of_means_norm": info["native_norms"][k],
                          "native": float(effect[0]), "transferred": float(effect[1]), "random": random,
                          "random_draws": [float(e) for e in effect[2:]],
                          "recovered": recovered(float(effect[1]), random, float(effect[0]))})
@@ -402,7 +408,7 @@ def _report(stats, sums, info, layout, rows, markers, skipped) -> dict[str, Any]
         "teacher_ce": float(sums["teacher_ce"] / tokens), "analog_ce": float(sums["analog_ce"] / tokens),
         "stitch": stitch, "probes": probes, "steering": steering, "skipped": skipped,
         "method": {"map": f"ridge regression, lambda = {MAP_RIDGE:g} x mean input variance",
-                   "probe": f"ridge classifier on standardized features (targets +-1, lambda = {PROBE_RIDGE:g})",
+                   "probe": f"linear discriminant analysis with class priors (shrinkage {PROBE_SHRINKAGE:g} to the diagonal)",
                    "steering_norm": info["norm"], "steering_scale": STEER_SCALE, "random_draws": RANDOM_DRAWS,
                    "marker_tokens": concepts_lib.MARKERS,
                    "token_label": "a token is positive when any of its characters is inside the concept"},

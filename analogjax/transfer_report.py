@@ -25,7 +25,7 @@ def markdown_table(report: dict[str, Any]) -> str:
               for s in report["stitch"]]
     i, j = report["concept_layer_pair"]
     if report["probes"]:
-        lines += ["", f"Probes (ridge classifier; analog layer {i}, teacher layer {j}; accuracy on eval tokens):", "",
+        lines += ["", f"Probes (linear discriminant; analog layer {i}, teacher layer {j}; accuracy on eval tokens):", "",
                   "| concept | chance | analog | teacher native | transferred | recovered |",
                   "|---|---:|---:|---:|---:|---:|"]
         lines += [f"| {p['concept']} | {p['chance']:.3f} | {p['analog']:.3f} | {p['teacher_native']:.3f} | "
