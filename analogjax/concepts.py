@@ -370,7 +370,8 @@ def measurable(rows: LabelledRows, user_names) -> tuple[list[int], list[list[int
             raise UserError(f"concept {name!r} cannot be measured: {reason} (its texts alternate fit, eval, fit, ... "
                             "in file order: give at least two, each with tokens inside and outside the concept)")
         elif name in BUILTIN_CONCEPTS:
-            if rows.unlabelled_reason and not np.any(labels >= 0):
-                reason = rows.unlabelled_reason
+            if not np.any(labels >= 0):  # nothing labelled at all: say why rather than "no positive tokens"
+                reason = rows.unlabelled_reason or ("no held-out document parses as Python" if name in PYTHON_CONCEPTS
+                                                    else "no held-out text")
             skipped.append({"concept": name, "reason": reason})
     return measured, markers, skipped

@@ -52,20 +52,25 @@ def card_paragraph(report: dict[str, Any]) -> str:
              f"teacher after its layer {best['teacher_layer']}) reaches a next-token loss of "
              f"{best['stitched_ce']:.3f} nats against the "
              f"teacher's {report['teacher_ce']:.3f} and the analog's {report['analog_ce']:.3f}."]
-    for kind, rows, what in (("probes", report["probes"], "Linear probes trained on the analog"),
-                             ("steering", report["steering"], "Steering directions found on the analog")):
+    for rows, what, native, baseline in (
+            (report["probes"], "Linear probes trained on the analog", "probe", "chance"),
+            (report["steering"], "Steering directions found on the analog", "direction", "a random direction")):
         if not rows:
             continue
         good = [r["concept"] for r in rows if r["recovered"] is not None and r["recovered"] >= TRANSFERRED_AT]
-        bad = [f"{r['concept']} ({_num(r['recovered'], 2)})" for r in rows
-               if r["recovered"] is None or r["recovered"] < TRANSFERRED_AT]
-        sentence = f"{what} "
-        sentence += (f"transferred to the teacher for {', '.join(good)}" if good else "transferred for no concept")
-        sentence += f"; they did not for {', '.join(bad)}." if bad else "."
-        words.append(sentence)
-    words.append(f"(Transferred: recovered ≥ {TRANSFERRED_AT}, where recovered is 1 when the analog's method works "
-                 "on the teacher as well as the teacher's own and 0 when no better than chance or a random direction; "
-                 "n/a: the teacher's own method beats the baseline by nothing.)")
+        bad = [f"{r['concept']} ({r['recovered']:.2f})" for r in rows
+               if r["recovered"] is not None and r["recovered"] < TRANSFERRED_AT]
+        unjudged = [r["concept"] for r in rows if r["recovered"] is None]
+        parts = [f"transferred to the teacher for {', '.join(good)}" if good else "transferred for no concept"]
+        if bad:
+            parts.append(f"did not for {', '.join(bad)}")
+        if unjudged:
+            parts.append(f"cannot be judged for {', '.join(unjudged)}, where the teacher's own {native} does no "
+                         f"better than {baseline}")
+        words.append(f"{what} " + "; ".join(parts) + ".")
+    if report["probes"]:
+        words.append(f"(Transferred: recovered ≥ {TRANSFERRED_AT}; recovered is 1 when the analog's method works on "
+                     "the teacher as well as the teacher's own, 0 when no better than chance or a random direction.)")
     if report["skipped"]:
         words.append("Not measured: " + "; ".join(f"{s['concept']} ({s['reason']})" for s in report["skipped"]) + ".")
     return " ".join(words)

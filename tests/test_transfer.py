@@ -286,5 +286,5 @@ def test_unmeasurable_builtin_concepts_are_skipped_with_the_reason_and_user_ones
     measured, markers, skipped = concepts.measurable(rows, set())
     assert [names[c] for c in measured] == ["digit"] and markers == [[1, 3, 5]]
     reasons = {s["concept"]: s["reason"] for s in skipped}
-    assert reasons["python_string"] == "no positive tokens in the fit part of its texts"
+    assert reasons["python_string"] == "no held-out document parses as Python"
     assert reasons["python_comment"] == "no positive tokens in the fit part of its texts"
