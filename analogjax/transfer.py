@@ -20,6 +20,8 @@ Three measurements, after Chen, Merullo, Stolfo & Pavlick (arXiv 2506.06609) and
    probability of the concept's concepts.MARKERS marker tokens (those whose rate right after concept tokens most
    exceeds their rate after other tokens, counted on fit rows) over eval positions outside the concept;
    recovered = (transferred − random) / (native − random).
+   Recovered is null ("cannot be judged") where the teacher's own method beats its baseline by no more than the noise:
+   two standard errors of an accuracy at chance (probes), the spread of the random directions' effects (steering).
 
 Data route: the packed held-out batches carry token ids only, and the concepts need character offsets, so the
 checks tokenize the held-out documents' text themselves (concepts.labelled_rows: one document chunk per row, the
@@ -95,7 +97,7 @@ def fit_affine(m: dict, ridge: float = MAP_RIDGE) -> tuple[np.ndarray, np.ndarra
 
 
 def explained_variance(m: dict, weight: np.ndarray, bias: np.ndarray) -> float:
-    """1 − Σ‖y − (xW + b)‖² / Σ‖y − ȳ‖² over the tokens of `m` (about their own mean ȳ), from moments alone."""
+    """1 − Σ‖y − (xW + b)‖² / Σ‖y − ȳ‖² over the tokens of `m` (about their mean ȳ), from moments alone."""
     n = float(m["n"])
     b_aug = np.vstack([weight, bias[None]])  # [x, 1] B = x W + b
     sxx_aug = np.block([[m["sxx"], m["sx"][:, None]], [m["sx"][None], np.array([[n]])]])
@@ -133,10 +135,11 @@ def difference_of_means(n, sx, npos, sxpos) -> np.ndarray:
     return sxpos / npos - (sx - sxpos) / (n - npos)
 
 
-def recovered(value: float, baseline: float, native: float) -> float | None:
-    """(value − baseline) / (native − baseline); None when the native method beats the baseline by nothing."""
+def recovered(value: float, baseline: float, native: float, noise: float = 0.0) -> float | None:
+    """(value − baseline) / (native − baseline); None when the native method beats the baseline by no more than
+    `noise` (the ratio of two noisy small numbers says nothing)."""
     gap = native - baseline
-    return float((value - baseline) / gap) if gap > 1e-9 else None
+    return float((value - baseline) / gap) if gap > max(noise, 1e-12) else None
 
 
 def steering_sums(rest_fn, h_bsd, directions_kd, concept_k, markers_cv, outside_bsc):
@@ -392,7 +395,9 @@ def _report(stats, sums, info, layout, rows, markers, skipped) -> dict[str, Any]
         probes.append({"concept": name, "analog_layer": i, "teacher_layer": j, "eval_tokens": int(pr["labelled"]),
                        "positive_rate": rate, "chance": chance, "analog": acc["analog"],
                        "teacher_native": acc["native"], "transferred": acc["transferred"],
-                       "recovered": recovered(acc["transferred"], chance, acc["native"])})
+                       # Noise: two standard errors of an accuracy at chance over these tokens.
+                       "recovered": recovered(acc["transferred"], chance, acc["native"],
+                                              2 * np.sqrt(chance * (1 - chance) / pr["labelled"]))})
         span = slice(k * (2 + RANDOM_DRAWS), (k + 1) * (2 + RANDOM_DRAWS))
         effect = sums["steer_effect"][span] / np.maximum(sums["steer_count"][span], 1)
         random = float(np.mean(effect[2:]))
@@ -400,7 +405,8 @@ def _report(stats, sums, info, layout, rows, markers, skipped) -> dict[str, Any]
                          "teacher_difference_of_means_norm": info["native_norms"][k],
                          "native": float(effect[0]), "transferred": float(effect[1]), "random": random,
                          "random_draws": [float(e) for e in effect[2:]],
-                         "recovered": recovered(float(effect[1]), random, float(effect[0]))})
+                         # Noise: the spread of one random direction's effect.
+                         "recovered": recovered(float(effect[1]), random, float(effect[0]), float(np.std(effect[2:])))})
     fit_tokens = int(stats["fit"]["n"][0])
     return {
         "layer_pairs": [list(p) for p in layout.pairs],
@@ -411,7 +417,8 @@ def _report(stats, sums, info, layout, rows, markers, skipped) -> dict[str, Any]
         "teacher_ce": float(sums["teacher_ce"] / tokens), "analog_ce": float(sums["analog_ce"] / tokens),
         "stitch": stitch, "probes": probes, "steering": steering, "skipped": skipped,
         "method": {"map": f"ridge regression, lambda = {MAP_RIDGE:g} x mean input variance",
-                   "probe": f"linear discriminant analysis with class priors (shrinkage {PROBE_SHRINKAGE:g} to the diagonal)",
+                   "probe": f"linear discriminant analysis with class priors (shrinkage {PROBE_SHRINKAGE:g} "
+                            "to the diagonal)",
                    "steering_norm": info["norm"], "steering_scale": STEER_SCALE, "random_draws": RANDOM_DRAWS,
                    "marker_tokens": concepts_lib.MARKERS,
                    "token_label": "a token is positive when any of its characters is inside the concept"},

@@ -25,7 +25,8 @@ def markdown_table(report: dict[str, Any]) -> str:
               for s in report["stitch"]]
     i, j = report["concept_layer_pair"]
     if report["probes"]:
-        lines += ["", f"Probes (linear discriminant; analog layer {i}, teacher layer {j}; accuracy on eval tokens):", "",
+        lines += ["", f"Probes (linear discriminant; analog layer {i}, teacher layer {j}; accuracy on eval "
+                  "tokens):", "",
                   "| concept | chance | analog | teacher native | transferred | recovered |",
                   "|---|---:|---:|---:|---:|---:|"]
         lines += [f"| {p['concept']} | {p['chance']:.3f} | {p['analog']:.3f} | {p['teacher_native']:.3f} | "
@@ -66,7 +67,7 @@ def card_paragraph(report: dict[str, Any]) -> str:
             parts.append(f"did not for {', '.join(bad)}")
         if unjudged:
             parts.append(f"cannot be judged for {', '.join(unjudged)}, where the teacher's own {native} does no "
-                         f"better than {baseline}")
+                         f"better than {baseline} beyond noise")
         words.append(f"{what} " + "; ".join(parts) + ".")
     if report["probes"]:
         words.append(f"(Transferred: recovered ≥ {TRANSFERRED_AT}; recovered is 1 when the analog's method works on "
@@ -160,6 +161,8 @@ def comparison_table(reports: dict[str, dict[str, Any]]) -> str:
     better = []
     for key, label, pick in measures:
         known = {name: s[key] for name, s in summaries.items() if s[key] is not None}
-        better.append(f"{pick(known, key=known.get) if len(known) == len(summaries) else 'n/a'}")
+        values = set(known.values())
+        better.append("n/a" if len(known) < len(summaries) else "tie" if len(values) == 1
+                      else pick(known, key=known.get))
     lines.append(f"{'better':<10}" + "".join(f"{b:>20}" for b in better))
     return "\n".join(lines)
