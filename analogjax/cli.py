@@ -26,6 +26,8 @@ COMMANDS = {
                       "compile the distill step for a TPU topology: memory, FLOPs, fit"),
     "cache-teacher": ("analogjax.commands.cache_teacher", "cache a teacher's top-k or sampled logits for distill"),
     "eval": ("analogjax.commands.eval", "fidelity of an analog to its teacher: KL, agreement, ECE, CKA, plots"),
+    "transfer": ("analogjax.commands.transfer",
+                 "do the analog's stitching maps, probes and steering directions hold on the teacher?"),
     "export": ("analogjax.commands.export", "write a run's student as a Hugging Face folder"),
     "release": ("analogjax.commands.release", "HF folder + fidelity report + model card for a finished run"),
     "config": ("analogjax.commands.config", "print the fully resolved config a run would use (--explain: sources)"),

@@ -277,6 +277,12 @@ def write_report(report: dict[str, Any], out_dir: str | Path, *, metrics_jsonl: 
         lines += ["## Linear CKA of matched layers", "", "| analog layer | teacher layer | CKA |", "|---:|---:|---:|"]
         lines += [f"| {c['student_layer']} | {c['teacher_layer']} | {c['cka']:.4f} |" for c in report["cka"]]
         lines.append("")
+    if report.get("transfer"):  # analogjax.transfer's object, when the caller measured it
+        from analogjax import transfer_report
+
+        written.update(transfer_report.plot(report["transfer"], out))
+        lines += ["## Transfer to the teacher", "", transfer_report.card_paragraph(report["transfer"]), "",
+                  transfer_report.markdown_table(report["transfer"]), ""]
     lines += [f"![{name}]({path.name})" for name, path in written.items() if path.suffix == ".png"]
     written["md"] = out / "fidelity.md"
     written["md"].write_text("\n".join(lines) + "\n")

@@ -1,7 +1,8 @@
 """`analogjax eval --config FILE [--checkpoint DIR] [--out DIR] [--batches N]`: fidelity of an analog to its teacher.
 
 The config names the teacher and the held-out data; the checkpoint (default: the distill command's default workdir,
-runs/<config name>) holds the student. Writes fidelity.json, fidelity.md and PNG plots.
+runs/<config name>) holds the student. Writes fidelity.json, fidelity.md and PNG plots; unless --no-transfer, the
+transfer checks (analogjax.transfer) are included under `transfer` in fidelity.json and as a section of fidelity.md.
 """
 
 from __future__ import annotations
@@ -19,10 +20,16 @@ def add_arguments(parser) -> None:
                         "(default: runs/<config name>)")
     parser.add_argument("--out", default=None, help="report folder (default: <workdir>/fidelity)")
     parser.add_argument("--batches", type=int, default=None, help="held-out batches (default: train.eval_batches)")
+    parser.add_argument("--concepts", default=None, help="JSONL of your own concepts for the transfer checks "
+                        "(see `analogjax transfer --help`)")
+    parser.add_argument("--no-transfer", action="store_true", help="skip the transfer checks (stitching, probes, "
+                        "steering)")
     add_job_arguments(parser)
 
 
 def run(args) -> int:
+    from analogjax.commands.transfer import fidelity_with_transfer
+    from analogjax.concepts import read_user_concepts
     from analogjax.config import load_config
     from analogjax.errors import UserError
     from analogjax.release import fidelity_of_run, resolve_run
@@ -31,10 +38,16 @@ def run(args) -> int:
     checkpoint = args.checkpoint or str(Path("runs") / Path(args.config).stem)
     if args.batches is not None and args.batches <= 0:
         raise UserError("--batches must be positive")
+    if args.concepts and args.no_transfer:
+        raise UserError("--concepts is for the transfer checks, which --no-transfer skips")
+    user = read_user_concepts(args.concepts) if args.concepts else ()
     ckpt_dir, workdir = resolve_run(checkpoint)
     join_job(args)
     out = Path(args.out) if args.out else (workdir or ckpt_dir.parent) / "fidelity"
-    report = fidelity_of_run(checkpoint, out, config=config, batches=args.batches)
+    if args.no_transfer:
+        report = fidelity_of_run(checkpoint, out, config=config, batches=args.batches)
+    else:
+        report = fidelity_with_transfer(checkpoint, out, config=config, batches=args.batches, user=user)
     print(json.dumps({"out": str(out), **{k: round(v, 5) if isinstance(v, float) else v
                                           for k, v in report["overall"].items()}}))
     return 0

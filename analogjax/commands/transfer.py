@@ -1,0 +1,118 @@
+"""`analogjax transfer --config FILE [--checkpoint DIR] [--concepts FILE] [--out DIR]`: do stitching maps, probes
+and steering directions found on the analog hold on its teacher? (analogjax.transfer)
+
+The config names the teacher and the held-out data; the checkpoint (default: runs/<config name>) holds the analog.
+Writes transfer.json, transfer.md and PNG plots (default folder: <workdir>/transfer).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from analogjax.cli import add_config_arguments
+from analogjax.commands import add_job_arguments, join_job
+from analogjax.errors import UserError
+
+
+def add_arguments(parser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--checkpoint", default=None, help="a run's workdir or checkpoints directory "
+                        "(default: runs/<config name>)")
+    parser.add_argument("--concepts", default=None, help='JSONL of your own concepts: {"concept": NAME, "text": ..., '
+                        '"spans": [[start, end], ...]} per line (character offsets, end exclusive)')
+    parser.add_argument("--out", default=None, help="report folder (default: <workdir>/transfer)")
+    parser.add_argument("--batches", type=int, default=None, help="held-out batches (default: train.eval_batches)")
+    parser.add_argument("--pairs", default=None, metavar="I:J,...",
+                        help="analog:teacher layer pairs (default: equal fractions of depth)")
+    parser.add_argument("--concept-pair", default=None, metavar="I:J",
+                        help="the layer pair for probes and steering (default: the middle pair, rounding down)")
+    add_job_arguments(parser)
+
+
+def parse_pairs(text: str, flag: str) -> tuple[tuple[int, int], ...]:
+    """"0:1,1:3" → ((0, 1), (1, 3)); anything else is a UserError naming the flag."""
+    pairs = []
+    for item in text.split(","):
+        parts = item.strip().split(":")
+        try:
+            if len(parts) != 2:
+                raise ValueError
+            pairs.append((int(parts[0]), int(parts[1])))
+        except ValueError:
+            raise UserError(f"{flag}: {item.strip()!r} is not an analog:teacher layer pair such as 1:3") from None
+    return tuple(pairs)
+
+
+def run(args) -> int:
+    from analogjax.concepts import read_user_concepts
+    from analogjax.config import load_config
+    from analogjax.release import resolve_run, run_config
+
+    config = load_config(args.config, args.overrides)
+    if args.batches is not None and args.batches <= 0:
+        raise UserError("--batches must be positive")
+    pairs = parse_pairs(args.pairs, "--pairs") if args.pairs else None
+    concept_pair = parse_pairs(args.concept_pair, "--concept-pair") if args.concept_pair else None
+    if concept_pair is not None and len(concept_pair) != 1:
+        raise UserError("--concept-pair takes one analog:teacher layer pair")
+    user = read_user_concepts(args.concepts) if args.concepts else ()
+    checkpoint = args.checkpoint or str(Path("runs") / Path(args.config).stem)
+    ckpt_dir, workdir = resolve_run(checkpoint)
+    join_job(args)
+    run_cfg, ckpt_dir, workdir, step = run_config(checkpoint)
+    if config.model != run_cfg.model:
+        raise UserError(f"{ckpt_dir} holds a student of another shape than the config's model section")
+    out = Path(args.out) if args.out else (workdir or ckpt_dir.parent) / "transfer"
+    report = measure_run(config, ckpt_dir, step, batches=args.batches, user=user, pairs=pairs,
+                         concept_pair=concept_pair[0] if concept_pair else None)
+    from analogjax.transfer import write_report
+
+    write_report(report, out)
+    print(json.dumps({"out": str(out), "step": step,
+                      "explained_variance": [round(s["explained_variance"], 4) for s in report["stitch"]],
+                      "probe_recovered": {p["concept"]: p["recovered"] for p in report["probes"]},
+                      "steering_recovered": {s["concept"]: s["recovered"] for s in report["steering"]},
+                      "skipped": [s["concept"] for s in report["skipped"]]}))
+    return 0
+
+
+def measure_run(config, ckpt_dir, step, *, batches=None, user=(), pairs=None, concept_pair=None) -> dict:
+    """The transfer report of a run's checkpointed analog against the config's (live) teacher."""
+    from analogjax.release import eval_mesh, restore_student
+    from analogjax.teacher import load_teacher
+    from analogjax.transfer import measure
+
+    mesh = eval_mesh(config)
+    params = restore_student(config, ckpt_dir, mesh, step)
+    teacher, teacher_params = load_teacher(config, mesh, live=True)
+    return measure(config, params, teacher, teacher_params, mesh, batches=batches or config.train.eval_batches,
+                   user_concepts=user, pairs=pairs, concept_pair=concept_pair)
+
+
+def fidelity_with_transfer(checkpoint, out, *, config=None, batches=None, user=()) -> dict:
+    """`analogjax eval`'s report with the transfer object under `transfer` (fidelity.json, a section of
+    fidelity.md): the teacher is loaded once for both, the small analog restored for each."""
+    from analogjax import fidelity
+    from analogjax.release import (
+        eval_mesh,
+        fidelity_of_run,
+        restore_student,
+        run_config,
+    )
+    from analogjax.teacher import live_source_kind, load_teacher
+    from analogjax.transfer import measure
+
+    run_cfg, ckpt_dir, workdir, step = run_config(checkpoint)
+    config = config or run_cfg
+    if live_source_kind(config) == "random":
+        raise UserError("the run's config names no teacher.checkpoint or teacher.hf_path: nothing to compare with")
+    mesh = eval_mesh(config)
+    teacher, teacher_params = load_teacher(config, mesh, live=True)
+    report = fidelity_of_run(checkpoint, out, config=config, batches=batches, teacher=teacher,
+                             teacher_params=teacher_params)
+    params = restore_student(config, ckpt_dir, mesh, step)
+    report["transfer"] = measure(config, params, teacher, teacher_params, mesh,
+                                 batches=batches or config.train.eval_batches, user_concepts=user)
+    fidelity.write_report(report, out, metrics_jsonl=workdir / "metrics.jsonl" if workdir is not None else None)
+    return report
