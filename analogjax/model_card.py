@@ -375,4 +375,9 @@ def model_card(config, step: int, report: dict[str, Any], plots: list[str] = (),
         lines += [f"Linear CKA of matched layers (analog↔teacher): {cka}.", ""]
     lines += [f"![{Path(name).stem}](fidelity/{name})" for name in plots]
     lines += ["", "Full numbers: [fidelity/fidelity.json](fidelity/fidelity.json).", ""]
+    if report.get("transfer"):
+        from analogjax.transfer_report import card_paragraph, markdown_table
+
+        lines += ["## Do findings on this analog hold on the teacher?", "", card_paragraph(report["transfer"]), "",
+                  markdown_table(report["transfer"]), ""]
     return "\n".join(lines)

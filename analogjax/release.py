@@ -174,7 +174,7 @@ def _export(config, params, out_dir, force: bool, dtype: str, tokenizer: str | N
 
 
 def _fidelity(config, workdir, step, mesh, params, out_dir, batches, teacher, teacher_params,
-              source_names: dict[str, str] | None = None) -> dict[str, Any]:
+              source_names: dict[str, str] | None = None, transfer_report: dict | None = None) -> dict[str, Any]:
     """Measure and write the fidelity report; `source_names` renames its per-source columns (a release publishes
     the names the lab chose, not those derived from paths)."""
     from analogjax import fidelity
@@ -185,6 +185,8 @@ def _fidelity(config, workdir, step, mesh, params, out_dir, batches, teacher, te
     report["step"] = step
     if source_names:
         report["by_source"] = {source_names[name]: v for name, v in report["by_source"].items()}
+    if transfer_report is not None:
+        report["transfer"] = transfer_report
     metrics = workdir / "metrics.jsonl" if workdir is not None else None
     fidelity.write_report(report, out_dir, metrics_jsonl=metrics)
     return report
@@ -207,12 +209,14 @@ def _teacher_for_fidelity(config, mesh):
 
 def write_release(run_dir: str | Path, out_dir: str | Path, *, batches: int | None = None, force: bool = False,
                   dtype: str = "float32", teacher=None, teacher_params=None, tokenizer: str | None = None,
-                  weights_only: bool = False, release_overrides: Sequence[str] = ()) -> Path:
+                  weights_only: bool = False, release_overrides: Sequence[str] = (), transfer: bool = True,
+                  transfer_report: dict | None = None, user_concepts: Sequence = ()) -> Path:
     """HF folder + fidelity/ + README.md model card for the run in `run_dir` (workdir or checkpoints dir).
 
     `release_overrides`: "key=value" settings of the `release` config section over the run's own (e.g.
     "teacher_name=org/model"). Refuses a bundle in which a local path, host or user name appears, unless the
-    section's allow_local_paths says the lab wants them."""
+    section's allow_local_paths says the lab wants them. The transfer checks (analogjax.transfer) go into the
+    fidelity report and the card unless `transfer` is false; `transfer_report` passes one already measured."""
     import getpass
     import socket
 
@@ -229,8 +233,17 @@ def write_release(run_dir: str | Path, out_dir: str | Path, *, batches: int | No
     student = _load_student(run_dir, run_cfg)  # restored once, for the export and the fidelity report both
     config, workdir, step, _, params = student
     _export(config, params, out, force, dtype, spec)
+    mesh = student[3]
+    if teacher is None:  # loaded once for fidelity and transfer
+        teacher, teacher_params = _teacher_for_fidelity(config, mesh)
+    if transfer and transfer_report is None:
+        from analogjax.transfer import measure
+
+        transfer_report = measure(config, params, teacher, teacher_params, mesh,
+                                  batches=batches or config.train.eval_batches, user_concepts=user_concepts)
     report = _fidelity(*student, out / "fidelity", batches, teacher, teacher_params,
-                       None if disclosed.local_paths else model_card.public_source_names(config.data))
+                       None if disclosed.local_paths else model_card.public_source_names(config.data),
+                       transfer_report=transfer_report if transfer else None)
     if jax.process_index() != 0:
         return out
     card = model_card.model_card(config, step, report, sorted(p.name for p in (out / "fidelity").glob("*.png")),

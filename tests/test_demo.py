@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TOY = ["--set", "teacher_steps=6", "--set", "run.train.steps=6", "--set", "tokenizer_vocab=0",
        "--set", "run.model.vocab_size=259", "--set", "run.teacher.model.vocab_size=259",
        "--set", "run.data.seq_len=32", "--set", "run.data.global_batch=8", "--set", "run.train.eval_batches=2",
-       "--set", "run.train.log_every=3"]
+       "--set", "run.train.log_every=3", "--set", "transfer_batches=1"]
 
 
 def test_toy_demo_writes_summary_and_table(tmp_path):
@@ -30,8 +30,13 @@ def test_toy_demo_writes_summary_and_table(tmp_path):
         assert summary[name]["kl_teacher"] >= 0 and 0 <= summary[name]["agreement"] <= 1
     assert summary["analog"]["params"] < summary["teacher"]["params"]
     assert summary["wall_seconds"] > 0
-    assert set(summary["phase_seconds"]) == {"teacher", "analog", "baseline", "evaluate", "release"}
-    assert "wall time" in proc.stdout and "release" in proc.stdout.splitlines()[-2]
+    assert set(summary["phase_seconds"]) == {"teacher", "analog", "baseline", "evaluate", "transfer", "release"}
+    assert "wall time" in proc.stdout and "release bundle" in proc.stdout.splitlines()[-1]
+    # Transfer checks for analog and baseline: in summary.json, compared in the printed table, in the card.
+    for name in ("analog", "baseline"):
+        assert {"layer_pairs", "stitch", "probes", "steering"} <= set(summary[name]["transfer"])
+    assert "better proxy" in proc.stdout
+    assert "Do findings on this analog hold on the teacher?" in (tmp_path / "release" / "README.md").read_text()
     assert "analog" in proc.stdout and "kl_teacher" in proc.stdout
     for phase in ("teacher", "analog", "baseline"):
         assert (tmp_path / phase / "metrics.jsonl").exists()

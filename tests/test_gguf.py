@@ -223,7 +223,7 @@ def test_real_demo_path_on_a_tiny_gguf(tmp_path, bpe, hf_llama):
     assert cli.main(args) == 0
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert set(summary["phase_seconds"]) == {"teacher", "teacher_cache", "prune", "analog", "pruned", "baseline",
-                                             "evaluate", "samples", "release"}
+                                             "evaluate", "transfer", "samples", "release"}
     for name in ("analog", "pruned", "baseline"):
         assert summary[name]["kl_teacher"] > 0 and 0 <= summary[name]["agreement"] <= 1
         assert summary[name]["teacher_logprob_own_samples"] < 0
@@ -234,3 +234,7 @@ def test_real_demo_path_on_a_tiny_gguf(tmp_path, bpe, hf_llama):
     card = (tmp_path / "demo" / "release" / "README.md").read_text()
     assert gguf_lib.gguf_provenance(path)["sha256"] in card and "teacher cache" in card
     assert "## Samples" in card and (tmp_path / "demo" / "release" / "samples.md").is_file()
+    # The transfer checks of analog and baseline, in summary.json and (the analog's) in the card.
+    for name in ("analog", "baseline"):
+        assert {"layer_pairs", "stitch", "probes", "steering"} <= set(summary[name]["transfer"])
+    assert "Do findings on this analog hold on the teacher?" in card

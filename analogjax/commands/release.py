@@ -18,14 +18,24 @@ def add_arguments(parser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="release.KEY=VALUE",
                         help="a release setting over the run's own, e.g. release.teacher_name=org/model "
                              "(repeatable)")
+    parser.add_argument("--concepts", default=None, help="JSONL of your own concepts for the transfer checks")
+    parser.add_argument("--no-transfer", action="store_true", help="leave the transfer checks out of the release")
     add_job_arguments(parser)
 
 
 def run(args) -> int:
+    from analogjax.errors import UserError
+
+    if args.concepts and args.no_transfer:
+        raise UserError("--concepts is for the transfer checks, which --no-transfer leaves out")
     join_job(args)
+    from analogjax.concepts import read_user_concepts
     from analogjax.release import write_release
 
+    user = read_user_concepts(args.concepts) if args.concepts else ()
+
     out = write_release(args.checkpoint, args.out, batches=args.batches, force=args.force, dtype=args.dtype,
-                        tokenizer=args.tokenizer, weights_only=args.weights_only, release_overrides=args.overrides)
+                        tokenizer=args.tokenizer, weights_only=args.weights_only, release_overrides=args.overrides,
+                        transfer=not args.no_transfer, user_concepts=user)
     print(f"wrote {out}")
     return 0
