@@ -204,3 +204,41 @@ def test_dense_param_tree_unchanged():
     params = nn.unbox(Transformer(ModelConfig()).init_boxed(jax.random.key(0)))["params"]
     assert sorted(params) == ["embedding", "final_norm", "layers", "lm_head"]
     assert sorted(params["layers"]["mlp"]) == ["w_down", "w_gate", "w_up"]
+
+
+def test_load_balancing_term_lowers_the_imbalance_it_measures():
+    """An MoE student (CE only) started with every token routed to expert 0: the aux term spreads the load."""
+    from analogjax.config import load_config
+    from analogjax.setup import build
+    from synthetic import packed_batch
+
+    config = load_config(None, [
+        "model.preset=tiny", "model.moe.experts=4", "model.moe.top_k=1", "model.moe.aux_loss_weight=1.0",
+        "model.moe.z_loss_weight=0.001", "data.global_batch=8", "data.seq_len=16", "train.steps=12",
+        "optim.warmup_steps=0", "optim.learning_rate=0.03", "distill.terms=[{kind: ce, weight: 1.0}]",
+    ])
+    run = build(config, mesh=mesh_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+    params = jax.device_get(run.state.params)
+    model = params["model"]["params"]
+    # A direction common to every token, and a router column that reads it: expert 0 wins everywhere.
+    direction = np.zeros(model["embedding"].shape[1], np.float32)
+    direction[0] = 1.0
+    model["embedding"] = model["embedding"] + 0.2 * direction
+    router = np.array(model["moe_layers"]["mlp"]["router"])
+    router[:, 0, 0] = 5.0
+    model["moe_layers"]["mlp"]["router"] = router
+    state = run.state.replace(params=jax.device_put(params, jax.tree.map(lambda a: a.sharding, run.state.params)))
+    batch = jax.device_put(packed_batch(8, 16, 512), run.batch_sharding)
+    history = []
+    with jax.set_mesh(run.mesh):
+        for _ in range(12):
+            state, metrics = run.step_fn(state, run.teacher_params, batch)
+            metrics = jax.device_get(metrics)
+            history.append({k: float(metrics[k]) / float(metrics["count"])
+                            for k in ("moe_load_max", "moe_load_min", "moe_balance", "moe_load_entropy")})
+    first, last = history[0], history[-1]
+    print("moe load first", first, "last", last)
+    assert first["moe_load_max"] > 3.0  # nearly all of the 4 experts' load on one
+    assert last["moe_load_max"] < first["moe_load_max"] - 1.0
+    assert last["moe_balance"] < first["moe_balance"]
+    assert last["moe_load_entropy"] > first["moe_load_entropy"] + 0.2
