@@ -104,7 +104,8 @@ _FAMILY_KEYS = {
                               "moe_intermediate_size", "shared_expert_intermediate_size", "norm_topk_prob",
                               "decoder_sparse_step", "mlp_only_layers", "qkv_bias"},
     "qwen3_moe": _WINDOWED | {"use_sliding_window", "max_window_layers", "num_experts", "num_experts_per_tok",
-                              "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers"},
+                              "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers",
+                              "num_local_experts"},  # transformers writes this alias of num_experts itself
     "olmoe": {"num_experts", "num_experts_per_tok", "norm_topk_prob", "clip_qkv"},
 }
 # Keys that cannot change the logits of an eval forward.
@@ -338,7 +339,10 @@ def config_from_hf_dict(hf: dict, where: str = "config.json") -> ModelConfig:
 
 def _moe_from_hf(hf: dict, model_type: str, layers: int, refuse) -> MoEConfig:
     """The MoE layers of Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE (softmax routers, all of them)."""
-    experts = int(hf["num_local_experts"] if model_type == "mixtral" else hf["num_experts"])
+    # transformers 5 names Qwen3-MoE's count num_local_experts in config.json (num_experts is its alias)
+    experts = int(hf["num_local_experts"] if model_type == "mixtral" or "num_experts" not in hf else hf["num_experts"])
+    if int(hf.get("num_local_experts", experts)) != experts:
+        refuse(f"num_local_experts {hf['num_local_experts']} != num_experts {experts}")
     qwen = model_type in ("qwen2_moe", "qwen3_moe")
     first_dense, every = 0, 1
     if qwen:
