@@ -205,6 +205,9 @@ def model_card(config, step: int, report: dict[str, Any], plots: list[str] = ())
 
     ledger = compute_ledger(config, step)
     student_params, teacher_params = param_count(config.model), param_count(config.teacher.model)
+
+    def active(cfg) -> str:  # an MoE model's per-token parameters beside its total
+        return f" ({param_count(cfg, active=True):,} active per token)" if cfg.moe.enabled else ""
     teacher = _teacher_identity(config)
     d = config.distill
     terms = ", ".join(f"{t.kind} × {t.weight:g}" + (f" → {t.final_weight:g} ({t.schedule})" if t.final_weight is not None
@@ -224,8 +227,9 @@ def model_card(config, step: int, report: dict[str, Any], plots: list[str] = ())
         "",
         f"# Analog of {teacher['source']}",
         "",
-        f"A {student_params:,}-parameter {architecture_for(config.model)[0]} distilled with analogjax from a "
-        f"{teacher_params:,}-parameter teacher: **{student_params / teacher_params:.2%}** of the teacher's size.",
+        f"A {student_params:,}-parameter{active(config.model)} {architecture_for(config.model)[0]} distilled with "
+        f"analogjax from a {teacher_params:,}-parameter{active(config.teacher.model)} teacher: "
+        f"**{student_params / teacher_params:.2%}** of the teacher's size.",
         "",
         "## Provenance",
         "",

@@ -241,6 +241,22 @@ PRESETS: dict[str, ModelConfig] = {
         preset="llama3-70b", vocab_size=128256, d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8, d_ff=28672,
         rope_theta=500000.0, dtype="bfloat16", remat="block",
     ),
+    # Mixture-of-experts shapes (public config.json values; shapes only). param_count: Mixtral-8x7B 46.7B total /
+    # 12.9B active, Qwen3-30B-A3B 30.5B / 3.3B, Qwen3-235B-A22B 235B / 22B.
+    "mixtral-8x7b": _preset(
+        preset="mixtral-8x7b", vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336,
+        rope_theta=1e6, dtype="bfloat16", remat="block", moe=MoEConfig(experts=8, top_k=2),
+    ),
+    "qwen3-30b-a3b": _preset(
+        preset="qwen3-30b-a3b", vocab_size=151936, d_model=2048, n_layers=48, n_heads=32, n_kv_heads=4, head_dim=128,
+        d_ff=6144, rope_theta=1e6, norm_eps=1e-6, qk_norm=True, dtype="bfloat16", remat="block",
+        moe=MoEConfig(experts=128, top_k=8, expert_d_ff=768),
+    ),
+    "qwen3-235b-a22b": _preset(
+        preset="qwen3-235b-a22b", vocab_size=151936, d_model=4096, n_layers=94, n_heads=64, n_kv_heads=4,
+        head_dim=128, d_ff=12288, rope_theta=1e6, norm_eps=1e-6, qk_norm=True, dtype="bfloat16", remat="block",
+        moe=MoEConfig(experts=128, top_k=8, expert_d_ff=1536),
+    ),
 }
 
 # The fields `like_teacher` may override: size only. Everything else (family, norms, RoPE, attention pattern,
