@@ -242,3 +242,34 @@ def test_load_balancing_term_lowers_the_imbalance_it_measures():
     assert last["moe_load_max"] < first["moe_load_max"] - 1.0
     assert last["moe_balance"] < first["moe_balance"]
     assert last["moe_load_entropy"] > first["moe_load_entropy"] + 0.2
+
+
+@pytest.mark.parametrize("preset, total, active", [
+    ("mixtral-8x7b", 46.7e9, 12.9e9), ("qwen3-30b-a3b", 30.5e9, 3.3e9), ("qwen3-235b-a22b", 235e9, 22e9),
+])
+def test_presets_count_total_and_active_parameters(preset, total, active):
+    """The public figures of each MoE model; FLOPs per token follow the active count, not the total."""
+    from analogjax.flops import forward_flops_per_token, param_count
+    from analogjax.models.config import PRESETS
+
+    cfg = PRESETS[preset]
+    cfg.check("model")
+    assert param_count(cfg) == pytest.approx(total, rel=0.02)
+    assert param_count(cfg, active=True) == pytest.approx(active, rel=0.03)
+    dense_equivalent = dataclasses.replace(cfg, moe=MoEConfig(), d_ff=cfg.moe.top_k * cfg.expert_d_ff)
+    router = 2 * cfg.d_model * cfg.moe.experts * cfg.n_layers
+    assert forward_flops_per_token(cfg, 128) == forward_flops_per_token(dense_equivalent, 128) + router
+
+
+def test_bad_moe_input_is_one_error_line_at_the_cli(tmp_path):
+    import subprocess
+    import sys
+
+    for override, needle in (("model.moe.top_k=9", "model.moe.top_k"),
+                             ("model.moe.experts=6", "model.moe.experts (6) must be divisible by mesh.fsdp (4)")):
+        out = subprocess.run([sys.executable, "-m", "analogjax", "distill", "--config", "configs/tiny.yaml",
+                              "--set", "model.moe.experts=8", "--set", override, "--set", "mesh.fsdp=4",
+                              "--set", "mesh.data=2", "--workdir", str(tmp_path / "w")],
+                             capture_output=True, text=True, timeout=300)
+        lines = [line for line in out.stderr.strip().splitlines() if line.startswith("error:")]
+        assert out.returncode == 2 and len(lines) == 1 and needle in lines[0], out.stderr[-2000:]
