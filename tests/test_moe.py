@@ -273,3 +273,23 @@ def test_bad_moe_input_is_one_error_line_at_the_cli(tmp_path):
                              capture_output=True, text=True, timeout=300)
         lines = [line for line in out.stderr.strip().splitlines() if line.startswith("error:")]
         assert out.returncode == 2 and len(lines) == 1 and needle in lines[0], out.stderr[-2000:]
+
+
+def test_moe_every_nth_layer_with_dense_prefix_scans_like_its_blocks():
+    """Dense prefix + groups of `every` layers (the last MoE): the scanned forward equals block by block, and the
+    layers named MoE are exactly those is_moe_layer names."""
+    moe = MoEConfig(experts=4, top_k=2, first_dense_layers=1, every=2)
+    cfg = ModelConfig(vocab_size=64, d_model=16, d_ff=32, n_layers=5, n_heads=2, moe=moe)
+    cfg.check("model")
+    model = Transformer(cfg)
+    params = nn.unbox(model.init_boxed(jax.random.key(0)))
+    assert sorted(params["params"]["moe_layers"]) == ["dense_0", "moe"]
+    assert [moe.is_moe_layer(i) for i in range(5)] == [False, False, True, False, True]
+    tokens = jax.random.randint(jax.random.key(1), (2, 6), 0, 64)
+    feats = model.features(params, tokens, collect_layers=True)
+    assert feats.layers_lbsd.shape[0] == 5 and feats.router.load_x.shape == (2, 4)
+    x = model.embed(params, tokens)
+    for i in range(5):
+        x = model.block(params, i, x)
+        np.testing.assert_allclose(np.asarray(x), np.asarray(feats.layers_lbsd[i]), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(model.finish(params, x)), np.asarray(feats.hidden_bsd), atol=1e-5)
