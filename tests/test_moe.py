@@ -208,9 +208,10 @@ def test_dense_param_tree_unchanged():
 
 def test_load_balancing_term_lowers_the_imbalance_it_measures():
     """An MoE student (CE only) started with every token routed to expert 0: the aux term spreads the load."""
+    from synthetic import packed_batch
+
     from analogjax.config import load_config
     from analogjax.setup import build
-    from synthetic import packed_batch
 
     config = load_config(None, [
         "model.preset=tiny", "model.moe.experts=4", "model.moe.top_k=1", "model.moe.aux_loss_weight=1.0",
