@@ -28,12 +28,24 @@ PEAK_FLOPS = {
 }
 
 
+def _ffn_params(cfg: ModelConfig, layer: int, active: bool) -> int:
+    """Feed-forward weights of one layer: dense SwiGLU; or (MoE) the router, the experts (all of them, or the
+    top_k a token uses when `active`), the shared expert and its gate."""
+    d, moe = cfg.d_model, cfg.moe
+    if not moe.is_moe_layer(layer):
+        return 3 * d * cfg.d_ff
+    used = moe.top_k if active else moe.experts
+    return d * moe.experts + used * 3 * d * cfg.expert_d_ff + 3 * d * moe.shared_d_ff + (d if moe.shared_gate else 0)
+
+
 def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    d, f, h, k, e = cfg.d_model, cfg.d_ff, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
+    """Model FLOPs of one token's forward. MoE layers count the active parameters only (the router, the top_k
+    experts the token uses, the shared expert): the FLOPs the token causes, whatever the dispatch costs."""
+    d, h, k, e = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
     projections = 2 * d * h * e * 2 + 2 * d * k * e * 2  # q and o; k and v
-    mlp = 3 * 2 * d * f  # gate, up, down
     scores = 2 * 2 * seq_len * h * e  # q·k and probs·v over the full row (no causal discount)
-    return cfg.n_layers * (projections + mlp + scores) + 2 * d * cfg.vocab_size
+    ffn = sum(2 * _ffn_params(cfg, i, active=True) for i in range(cfg.n_layers))  # gate, up, down (, router)
+    return cfg.n_layers * (projections + scores) + ffn + 2 * d * cfg.vocab_size
 
 
 def distill_flops_per_step(student: ModelConfig, teacher: ModelConfig | None, tokens: int, seq_len: int) -> float:
@@ -43,15 +55,17 @@ def distill_flops_per_step(student: ModelConfig, teacher: ModelConfig | None, to
     return flops * tokens
 
 
-def param_count(cfg: ModelConfig) -> int:
-    d, f, h, k, e = cfg.d_model, cfg.d_ff, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
-    block = d * h * e * 2 + d * k * e * 2 + 3 * d * f + 2 * d
+def param_count(cfg: ModelConfig, active: bool = False) -> int:
+    """All parameters; with `active`, those one token uses (an MoE layer's top_k experts, not all of them)."""
+    d, h, k, e = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
+    block = d * h * e * 2 + d * k * e * 2 + 2 * d
     if cfg.qkv_bias:
         block += (h + 2 * k) * e
     if cfg.qk_norm:
         block += 2 * e
     head = 0 if cfg.tie_embeddings else d * cfg.vocab_size
-    return cfg.n_layers * block + cfg.vocab_size * d + d + head
+    ffn = sum(_ffn_params(cfg, i, active) for i in range(cfg.n_layers))
+    return cfg.n_layers * block + ffn + cfg.vocab_size * d + d + head
 
 
 def measured_matmul_peak(dtype=jnp.float32, n: int = 2048, repeats: int = 5) -> float:

@@ -7,11 +7,13 @@ The rule tables below are the only place where physical mesh axes are named. Mod
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from analogjax.errors import UserError
 
@@ -28,9 +30,19 @@ _ACTIVATION_RULES = (
     ("act_vocab", "tensor"),
 )
 
+# Experts (MoE expert weights [expert, embed, mlp]) are spread over `fsdp`, in both tables. Why fsdp and not a new
+# axis: fsdp already exists to split weights that every device needs in turn, and an expert layer's weights are just
+# that (they are gathered layer by layer for the routed compute, models/moe.py); fsdp is also a batch axis, so a
+# later token-exchange (all-to-all) form of expert parallelism would exchange tokens inside the fsdp group that
+# holds the experts, with no new axis to size. `tensor` keeps splitting each expert's ffn width as it splits the
+# dense MLP's. The rule comes first so it wins fsdp on expert weights (flax gives each mesh axis to the first
+# matching rule); their `embed` dim then stays whole in the student, and takes `data` in the teacher (below).
+# The expert count must be divisible by fsdp (checked: check_experts), so every device holds whole experts.
+_EXPERT_RULES = (("expert", "fsdp"),)
+
 # The student is trained: params, gradients and two Adam moments (16 bytes/param in float32) are sharded over fsdp
 # (ZeRO-3), the wide dims over tensor. It stays replicated over `data`, so gradients need no weight re-gathers there.
-STUDENT_RULES = _ACTIVATION_RULES + (
+STUDENT_RULES = _ACTIVATION_RULES + _EXPERT_RULES + (
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
@@ -45,9 +57,10 @@ STUDENT_RULES = _ACTIVATION_RULES + (
 # The teacher is frozen: no gradients and no optimizer state, so nothing ever needs its full replica per data group.
 # It is by far the larger model, so its weights are spread over every non-tensor axis (data too), gathered layer by
 # layer in the forward pass: memory, not bandwidth, is what a 70B teacher beside a 1B student runs out of.
-TEACHER_RULES = _ACTIVATION_RULES + (
+TEACHER_RULES = _ACTIVATION_RULES + _EXPERT_RULES + (
     ("vocab", "tensor"),
     ("embed", ("fsdp", "data")),
+    ("embed", "data"),  # expert weights: fsdp went to `expert`, data still splits their width
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
@@ -95,6 +108,14 @@ def check_batch(global_batch: int, mesh: Mesh, grad_accum: int = 1) -> None:
             f"data.global_batch ({global_batch}) must be divisible by data x fsdp ({ways})"
             + (f" x optim.grad_accum ({grad_accum})" if grad_accum > 1 else "")
         )
+
+
+def check_experts(experts: int, mesh: Mesh, key: str) -> None:
+    """MoE experts are spread over fsdp (the rule tables above): each device must hold whole experts."""
+    ways = mesh.shape["fsdp"]
+    if experts and experts % ways:
+        raise UserError(f"{key} ({experts}) must be divisible by mesh.fsdp ({ways}), the mesh axis that carries the "
+                        "experts")
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -279,6 +279,13 @@ def metadata_block(d: Disclosure) -> str:
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---"
 
 
+def _active(cfg) -> str:
+    """An MoE model's per-token (active) parameters beside its total; nothing for a dense model."""
+    from analogjax.flops import param_count
+
+    return f" ({param_count(cfg, active=True):,} active per token)" if cfg.moe.enabled else ""
+
+
 def model_card(config, step: int, report: dict[str, Any], plots: list[str] = (), *, disclosed: Disclosure,
                tokenizer: Any = None, cache_provenance: dict | None = None) -> str:
     """README.md of the bundle. `tokenizer`: the analogjax tokenizer shipped in the bundle (None: weights only);
@@ -324,8 +331,8 @@ def model_card(config, step: int, report: dict[str, Any], plots: list[str] = (),
         "",
         f"# {title}",
         "",
-        f"A {student_params:,}-parameter {architecture_for(config.model)[0]} distilled with "
-        f"analogjax from a {teacher_params:,}-parameter teacher: "
+        f"A {student_params:,}-parameter{_active(config.model)} {architecture_for(config.model)[0]} distilled with "
+        f"analogjax from a {teacher_params:,}-parameter{_active(config.teacher.model)} teacher: "
         f"**{student_params / teacher_params:.2%}** of the teacher's size."
         + (f" Released by {disclosed.lab}." if disclosed.lab else ""),
         "",

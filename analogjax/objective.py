@@ -19,6 +19,7 @@ from analogjax.fused_loss import TeacherHead, fused_distill_loss, plain_distill_
 from analogjax.hidden_matching import hidden_loss
 from analogjax.losses import DIVERGENCES
 from analogjax.mesh import BATCH_AXES
+from analogjax.models import moe as moe_lib
 from analogjax.sparse_teacher import SampledTeacher, TopKTeacher
 
 HIDDEN_KINDS = {"hidden_mse": "mse", "hidden_cosine": "cosine"}
@@ -106,6 +107,23 @@ class Outputs(NamedTuple):
     head_dv: jax.Array | None  # LM head; None when the teacher is a logits-only function
     logits_nv: jax.Array | None  # a bring-your-own teacher's logits
     layers: Any = None  # per-layer residual streams [l, b, s, d] for hidden-state terms
+    router: Any = None  # an MoE student's RouterStats (models/moe.py), stacked over its MoE layers
+
+
+def router_terms(moe, stats, batch: dict[str, jax.Array], valid_count: jax.Array):
+    """An MoE student's router terms: (loss to add, metric sums).
+
+    loss: aux_loss_weight · (Switch/GShard load balancing E·Σᵢ fᵢ·Pᵢ) + z_loss_weight · (router z-loss), each the
+    mean over this (micro)batch's real tokens and over the MoE layers, weighed by this microbatch's share of the
+    step's valid tokens (so accumulated microbatches add up to the full-batch mean, as the other terms do).
+    Metrics (sums weighed by the microbatch's token count, like `temperature`): moe_balance, moe_z, and the expert
+    load: moe_load_max / moe_load_min (the most and least loaded expert's share × E; 1 = balanced) and
+    moe_load_entropy (entropy of the load / log E; 1 = uniform)."""
+    tokens = batch["loss_mask"].astype(jnp.float32).sum()
+    balance, z = moe_lib.load_balancing_loss(stats), moe_lib.z_loss(stats)
+    extra = tokens / valid_count * (moe.aux_loss_weight * balance + moe.z_loss_weight * z)
+    metrics = {"moe_balance": balance, "moe_z": z, **moe_lib.load_metrics(stats)}
+    return extra, {name: jax.lax.stop_gradient(value) * tokens for name, value in metrics.items()}
 
 
 def objective(

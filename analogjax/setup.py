@@ -61,8 +61,15 @@ class Run:
 def build_mesh(config: Config, devices=None):
     """The config's mesh over `devices` (default: all of them; compile-check passes a TPU topology's)."""
     mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
-    mesh_lib.check_batch(config.data.global_batch, mesh, config.optim.grad_accum)
+    check_mesh(config, mesh)
     return mesh
+
+
+def check_mesh(config: Config, mesh) -> None:
+    """The run's shapes against the mesh: the batch over data x fsdp, each model's experts over fsdp."""
+    mesh_lib.check_batch(config.data.global_batch, mesh, config.optim.grad_accum)
+    mesh_lib.check_experts(config.model.moe.experts, mesh, "model.moe.experts")
+    mesh_lib.check_experts(config.teacher.model.moe.experts, mesh, "teacher.model.moe.experts")
 
 
 def _init_student_boxed(config: Config, student: Transformer):
@@ -130,7 +137,7 @@ def build(config: Config, teacher: Teacher | None = None, teacher_params: Any = 
     if mesh is None:
         mesh = build_mesh(config)
     else:
-        mesh_lib.check_batch(config.data.global_batch, mesh, config.optim.grad_accum)
+        check_mesh(config, mesh)
     student = Transformer(config.model)
     if teacher is None and needs_teacher(config.distill):
         teacher, teacher_params = load_teacher(config, mesh)

@@ -19,7 +19,7 @@ import optax
 from flax import struct
 
 from analogjax.config import DistillConfig, LossTerm, OptimConfig
-from analogjax.objective import Outputs, needs_layers, objective
+from analogjax.objective import Outputs, needs_layers, objective, router_terms
 from analogjax.teacher import Teacher
 from analogjax.teacher import forward as teacher_forward
 
@@ -55,7 +55,8 @@ def forward_outputs(student, student_rules, teacher: Teacher | None, params, tea
     with nn.logical_axis_rules(list(student_rules)):
         # The objective applies the student's final soft-cap to the logits it builds (softcaps_of below).
         feats = student.features(params["model"], tokens, seg, pos, collect_layers, applies_final_softcap=True)
-        s_out = Outputs(_flat(feats.hidden_bsd), student.head(params["model"]), None, feats.layers_lbsd)
+        s_out = Outputs(_flat(feats.hidden_bsd), student.head(params["model"]), None, feats.layers_lbsd,
+                        feats.router)
     if teacher is None:
         return s_out, None
     t = teacher_forward(teacher, teacher_params, batch, collect_layers)
@@ -93,10 +94,15 @@ def make_distill_step(
 
     def loss_fn(params, teacher_params, batch, step, valid_count):
         s_out, t_out = forward_outputs(student, student_rules, teacher, params, teacher_params, batch, collect)
-        return objective(
+        loss, metrics = objective(
             distill, total_steps, step, s_out, t_out, batch, valid_count, shared_vocab, params.get("hidden_proj"),
             softcaps=softcaps,
         )
+        if s_out.router is not None:  # an MoE student: its router's load-balancing and z-loss terms
+            extra, router_metrics = router_terms(student.cfg.moe, s_out.router, batch, valid_count)
+            loss = loss + extra
+            metrics = dict(metrics, **router_metrics, loss=metrics["loss"] + extra * valid_count)
+        return loss, metrics
 
     grad_fn = jax.grad(loss_fn, has_aux=True)
 

@@ -47,6 +47,70 @@ class RopeScaling:
 
 
 @dataclass(frozen=True)
+class MoEConfig:
+    """Mixture-of-experts feed-forward layers (models/moe.py). experts = 0: a dense model (the default).
+
+    Which layers are MoE: the first `first_dense_layers` are dense; after them, every `every`-th layer is MoE (the
+    last of each group of `every`), as Qwen2-MoE's decoder_sparse_step and DeepSeek's first_k_dense_replace count.
+    Router: softmax (Mixtral, Qwen, OLMoE) or sigmoid (DeepSeek-V3) scores over all experts; the top_k chosen;
+    their weights renormalised to sum 1 when `norm_topk`, then times `routed_scale`. `expert_bias` adds a learned
+    per-expert bias to the scores used for *selection only* (DeepSeek-V3's e_score_correction_bias); the weights
+    use the unbiased scores. Shared experts (one SwiGLU of width shared_d_ff, always on) are added to the routed
+    output, times sigmoid(x·w) when `shared_gate` (Qwen2-MoE).
+    """
+
+    experts: int = 0
+    top_k: int = 2
+    expert_d_ff: int = 0  # each routed expert's ffn width; 0 = the model's d_ff
+    shared_d_ff: int = 0  # the shared expert's ffn width (several shared experts = one of their summed width); 0: none
+    shared_gate: bool = False
+    router: str = "softmax"  # softmax | sigmoid
+    norm_topk: bool = True
+    routed_scale: float = 1.0
+    expert_bias: bool = False
+    first_dense_layers: int = 0
+    every: int = 1
+    # Objective weights of the router terms (the student's; a teacher's are unused): Switch/GShard load balancing
+    # α·E·Σᵢ fᵢ·Pᵢ and the ST-MoE router z-loss mean(logsumexp(logits)²), averaged over the MoE layers.
+    aux_loss_weight: float = 0.0
+    z_loss_weight: float = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.experts > 0
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.enabled and layer >= self.first_dense_layers and (layer - self.first_dense_layers + 1) % self.every == 0
+
+    def validate(self, prefix: str, n_layers: int) -> None:
+        """Checked by ModelConfig.check, which knows the layer count."""
+        if self.experts < 0:
+            raise UserError(f"{prefix}.experts must not be negative, got {self.experts}")
+        if not self.enabled:
+            return
+        check_choice(f"{prefix}.router", self.router, ("softmax", "sigmoid"))
+        if not 1 <= self.top_k <= self.experts:
+            raise UserError(f"{prefix}.top_k ({self.top_k}) must be between 1 and {prefix}.experts ({self.experts})")
+        for name in ("expert_d_ff", "shared_d_ff", "first_dense_layers", "aux_loss_weight", "z_loss_weight"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{prefix}.{name} must not be negative, got {getattr(self, name)}")
+        if self.routed_scale <= 0:
+            raise UserError(f"{prefix}.routed_scale must be positive, got {self.routed_scale}")
+        if self.shared_gate and not self.shared_d_ff:
+            raise UserError(f"{prefix}.shared_gate needs a shared expert ({prefix}.shared_d_ff > 0)")
+        if self.every < 1:
+            raise UserError(f"{prefix}.every must be at least 1, got {self.every}")
+        if self.first_dense_layers >= n_layers:
+            raise UserError(f"{prefix}.first_dense_layers ({self.first_dense_layers}) leaves no MoE layer of "
+                            f"{n_layers}")
+        # The MoE layers are scanned in groups of `every` layers (every-1 dense, then one MoE), after a scanned
+        # dense prefix: the layers after the prefix must fill whole groups.
+        if (n_layers - self.first_dense_layers) % self.every:
+            raise UserError(f"{prefix}.every ({self.every}) must divide the layers after {prefix}.first_dense_layers "
+                            f"({n_layers - self.first_dense_layers})")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     preset: str = ""
     vocab_size: int = 256
@@ -85,6 +149,7 @@ class ModelConfig:
     # The Hugging Face architecture export writes (e.g. Phi3ForCausalLM, whose fused weights compute what Llama's
     # do). Empty: the architecture the other fields imply (hf.architecture_for).
     hf_architecture: str = ""
+    moe: MoEConfig = field(default_factory=MoEConfig)  # mixture-of-experts layers (experts 0: dense)
 
     @property
     def kv_heads(self) -> int:
@@ -137,6 +202,14 @@ class ModelConfig:
                 raise UserError(f"{prefix}.{name} must not be negative, got {getattr(self, name)}")
         if SLIDING in self.layer_kinds and not self.sliding_window:
             raise UserError(f"{prefix}.layer_pattern has sliding layers but {prefix}.sliding_window is 0")
+        self.moe.validate(f"{prefix}.moe", self.n_layers)
+        if self.moe.enabled and not self.uniform_layers:
+            raise UserError(f"{prefix}.moe: MoE layers with per-layer attention kinds ({prefix}.layer_pattern, "
+                            f"{prefix}.local_rope_theta) are not supported yet")
+
+    @property
+    def expert_d_ff(self) -> int:
+        return self.moe.expert_d_ff or self.d_ff
 
 
 def _preset(**kwargs) -> ModelConfig:
@@ -167,6 +240,22 @@ PRESETS: dict[str, ModelConfig] = {
     "llama3-70b": _preset(
         preset="llama3-70b", vocab_size=128256, d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8, d_ff=28672,
         rope_theta=500000.0, dtype="bfloat16", remat="block",
+    ),
+    # Mixture-of-experts shapes (public config.json values; shapes only). param_count: Mixtral-8x7B 46.7B total /
+    # 12.9B active, Qwen3-30B-A3B 30.5B / 3.3B, Qwen3-235B-A22B 235B / 22B.
+    "mixtral-8x7b": _preset(
+        preset="mixtral-8x7b", vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336,
+        rope_theta=1e6, dtype="bfloat16", remat="block", moe=MoEConfig(experts=8, top_k=2),
+    ),
+    "qwen3-30b-a3b": _preset(
+        preset="qwen3-30b-a3b", vocab_size=151936, d_model=2048, n_layers=48, n_heads=32, n_kv_heads=4, head_dim=128,
+        d_ff=6144, rope_theta=1e6, norm_eps=1e-6, qk_norm=True, dtype="bfloat16", remat="block",
+        moe=MoEConfig(experts=128, top_k=8, expert_d_ff=768),
+    ),
+    "qwen3-235b-a22b": _preset(
+        preset="qwen3-235b-a22b", vocab_size=151936, d_model=4096, n_layers=94, n_heads=64, n_kv_heads=4,
+        head_dim=128, d_ff=12288, rope_theta=1e6, norm_eps=1e-6, qk_norm=True, dtype="bfloat16", remat="block",
+        moe=MoEConfig(experts=128, top_k=8, expert_d_ff=1536),
     ),
 }
 

@@ -40,7 +40,7 @@ import ml_dtypes  # noqa: F401  registers bfloat16 with numpy, so safetensors ca
 import numpy as np
 
 from analogjax.errors import UserError
-from analogjax.models.config import FULL, SLIDING, ModelConfig, RopeScaling
+from analogjax.models.config import FULL, SLIDING, ModelConfig, MoEConfig, RopeScaling
 from analogjax.models.model import Model
 from analogjax.tokenizer_files import byte_tokenizer_json, write_tokenizer  # noqa: F401  (re-exported)
 
@@ -59,6 +59,20 @@ ARCHITECTURES = {
     "Gemma3ForCausalLM": "gemma3_text",
     "Phi3ForCausalLM": "phi3",
     "Olmo2ForCausalLM": "olmo2",
+    # Mixture-of-experts families (models/moe.py).
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "OlmoeForCausalLM": "olmoe",
+}
+_MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+# MoE architectures that are wanted but not built yet: refused by name, with what is missing.
+_NOT_YET = {
+    "DeepseekV3ForCausalLM": "multi-head latent attention and group-limited sigmoid routing are not implemented",
+    "DeepseekV2ForCausalLM": "multi-head latent attention and group-limited routing are not implemented",
+    "GptOssForCausalLM": "gpt-oss's attention sinks, clamped SwiGLU and expert biases are not implemented",
+    "Llama4ForCausalLM": "Llama 4's chunked attention and interleaved MoE are not implemented",
+    "Llama4ForConditionalGeneration": "Llama 4's chunked attention and interleaved MoE are not implemented",
 }
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
                 "gelu_tanh": "gelu_tanh"}
@@ -86,6 +100,14 @@ _FAMILY_KEYS = {
                                 "sliding_window_pattern", "_sliding_window_pattern"},
     "phi3": {"sliding_window", "original_max_position_embeddings", "partial_rotary_factor"},
     "olmo2": set(),
+    "mixtral": {"sliding_window", "num_local_experts", "num_experts_per_tok", "router_jitter_noise"},
+    "qwen2_moe": _WINDOWED | {"use_sliding_window", "max_window_layers", "num_experts", "num_experts_per_tok",
+                              "moe_intermediate_size", "shared_expert_intermediate_size", "norm_topk_prob",
+                              "decoder_sparse_step", "mlp_only_layers", "qkv_bias"},
+    "qwen3_moe": _WINDOWED | {"use_sliding_window", "max_window_layers", "num_experts", "num_experts_per_tok",
+                              "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers",
+                              "num_local_experts"},  # transformers writes this alias of num_experts itself
+    "olmoe": {"num_experts", "num_experts_per_tok", "norm_topk_prob", "clip_qkv"},
 }
 # Keys that cannot change the logits of an eval forward.
 _INERT = {"architectures", "model_type", "transformers_version", "_name_or_path", "torch_dtype", "dtype",
@@ -95,7 +117,9 @@ _INERT = {"architectures", "model_type", "transformers_version", "_name_or_path"
           "id2label", "label2id", "tokenizer_class", "chunk_size_feed_forward", "problem_type", "prefix",
           "task_specific_params", "finetuning_task", "torchscript", "tie_encoder_decoder", "is_decoder",
           "is_encoder_decoder", "add_cross_attention", "use_return_dict", "tf_legacy_loss", "_attn_implementation",
-          "attn_implementation", "initializer_factor", "max_length", "generation_config"}
+          "attn_implementation", "initializer_factor", "max_length", "generation_config",
+          # MoE training-only knobs (an eval forward never reads them)
+          "router_aux_loss_coef", "output_router_logits"}
 _ROPE_KEYS = {"rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings", "low_freq_factor",
               "high_freq_factor", "beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim",
               "truncate", "partial_rotary_factor"}
@@ -124,6 +148,8 @@ def model_config_from_hf(path: str | Path) -> ModelConfig:
 
 def _model_type(hf: dict, where: str) -> tuple[str, str]:
     arch = (hf.get("architectures") or [None])[0]
+    if arch in _NOT_YET:
+        raise UserError(f"{where}: architecture {arch} is not supported yet ({_NOT_YET[arch]})")
     model_type = ARCHITECTURES.get(arch) if arch else hf.get("model_type")
     if model_type not in ARCHITECTURES.values():
         raise UserError(f"{where}: unsupported architecture {arch or hf.get('model_type')!r} "
@@ -189,6 +215,10 @@ def config_from_hf_dict(hf: dict, where: str = "config.json") -> ModelConfig:
             refuse(f"config field {key!r} (not read by analogjax's {model_type} reader; refused rather than ignored)")
     if hf.get("attention_bias"):
         refuse("attention_bias (biases on the attention projections)" if model_type != "qwen2" else "attention_bias")
+    if model_type == "qwen2_moe" and not hf.get("qkv_bias", True):
+        refuse("qkv_bias false")
+    if hf.get("clip_qkv") is not None:
+        refuse(f"clip_qkv {hf['clip_qkv']}")
     if hf.get("mlp_bias"):
         refuse("mlp_bias")
     if hf.get("use_bidirectional_attention"):
@@ -236,12 +266,13 @@ def config_from_hf_dict(hf: dict, where: str = "config.json") -> ModelConfig:
 
         # Which layers slide, and how far.
         window = hf.get("sliding_window")
-        if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window"):
+        qwens = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
+        if model_type in qwens and not hf.get("use_sliding_window"):
             window = None
-        if model_type in ("qwen2", "qwen3", "gemma2", "gemma3_text"):
+        if model_type in qwens + ("gemma2", "gemma3_text"):
             kinds = hf.get("layer_types")
             if kinds is None:
-                if model_type in ("qwen2", "qwen3"):
+                if model_type in qwens:
                     first_sliding = int(hf.get("max_window_layers", 28))
                     kinds = ["sliding_attention" if window is not None and i >= first_sliding else "full_attention"
                              for i in range(layers)]
@@ -282,12 +313,12 @@ def config_from_hf_dict(hf: dict, where: str = "config.json") -> ModelConfig:
             norm_eps=float(hf.get("rms_norm_eps", 1e-6 if model_type != "olmo2" else 1e-5)),
             tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
             activation=_ACTIVATIONS[act_name],
-            qkv_bias=model_type == "qwen2",
-            qk_norm=model_type in ("qwen3", "gemma3_text", "olmo2"),
+            qkv_bias=model_type in ("qwen2", "qwen2_moe"),
+            qk_norm=model_type in ("qwen3", "gemma3_text", "olmo2", "qwen3_moe", "olmoe"),
             embed_scale=gemma,
             norm_offset=1.0 if gemma else 0.0,
             norm_placement="sandwich" if model_type in _SANDWICH else "post" if model_type == "olmo2" else "pre",
-            qk_norm_scope="all_heads" if model_type == "olmo2" else "head",
+            qk_norm_scope="all_heads" if model_type in ("olmo2", "olmoe") else "head",
             sliding_window=int(window or 0),
             layer_pattern=pattern,
             local_rope_theta=local_theta,
@@ -295,6 +326,7 @@ def config_from_hf_dict(hf: dict, where: str = "config.json") -> ModelConfig:
             attn_softcap=float(attn_cap or 0.0),
             final_softcap=float(hf.get("final_logit_softcapping") or 0.0) if model_type in _SANDWICH else 0.0,
             query_scalar=0.0 if query_scalar == e else query_scalar,
+            moe=_moe_from_hf(hf, model_type, layers, refuse) if model_type in _MOE_TYPES else MoEConfig(),
         )
     except KeyError as exc:
         raise UserError(f"{where}: missing key {exc.args[0]!r}") from None
@@ -306,9 +338,67 @@ def config_from_hf_dict(hf: dict, where: str = "config.json") -> ModelConfig:
     return cfg if _infer_architecture(cfg) == arch else dataclasses.replace(cfg, hf_architecture=arch)
 
 
+def _moe_from_hf(hf: dict, model_type: str, layers: int, refuse) -> MoEConfig:
+    """The MoE layers of Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE (softmax routers, all of them)."""
+    # transformers 5 names Qwen3-MoE's count num_local_experts in config.json (num_experts is its alias)
+    experts = int(hf["num_local_experts"] if model_type == "mixtral" or "num_experts" not in hf else hf["num_experts"])
+    if int(hf.get("num_local_experts", experts)) != experts:
+        refuse(f"num_local_experts {hf['num_local_experts']} != num_experts {experts}")
+    qwen = model_type in ("qwen2_moe", "qwen3_moe")
+    first_dense, every = 0, 1
+    if qwen:
+        # transformers: layer i is sparse iff i not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0.
+        step, dense_only = int(hf.get("decoder_sparse_step", 1)), set(hf.get("mlp_only_layers") or [])
+        sparse = [i not in dense_only and (i + 1) % step == 0 for i in range(layers)]
+        # Ours: a dense prefix, then groups of `every` layers whose last is MoE (config.MoEConfig).
+        every = max(step, 1)
+        first_dense = (sparse.index(True) if True in sparse else layers) - (every - 1)
+        probe = MoEConfig(experts=experts, first_dense_layers=max(first_dense, 0), every=every)
+        if (first_dense < 0 or first_dense >= layers or (layers - first_dense) % every
+                or [probe.is_moe_layer(i) for i in range(layers)] != sparse):
+            refuse(f"MoE layers at {[i for i, s in enumerate(sparse) if s]} (decoder_sparse_step {step}, "
+                   f"mlp_only_layers {sorted(dense_only)}): only a dense prefix then every n-th layer is supported")
+    shared = int(hf.get("shared_expert_intermediate_size") or 0) if model_type == "qwen2_moe" else 0
+    if model_type == "qwen2_moe" and not shared:
+        refuse("shared_expert_intermediate_size 0")
+    return MoEConfig(
+        experts=experts, top_k=int(hf["num_experts_per_tok"]),
+        expert_d_ff=int(hf["moe_intermediate_size"]) if qwen else 0,
+        shared_d_ff=shared, shared_gate=bool(shared), router="softmax",
+        norm_topk=True if model_type == "mixtral" else bool(hf.get("norm_topk_prob", False)),
+        first_dense_layers=first_dense, every=every,
+    )
+
+
+def _moe_to_hf(cfg: ModelConfig, model_type: str) -> dict[str, Any]:
+    """The MoE fields of config.json (architecture_for's round trip refuses what a family cannot carry)."""
+    moe = cfg.moe
+    out: dict[str, Any] = {"num_experts_per_tok": moe.top_k}
+    if model_type in ("mixtral", "olmoe"):  # experts only, of the model's ffn width
+        out["intermediate_size"] = cfg.expert_d_ff
+    if model_type == "mixtral":
+        out.update(num_local_experts=moe.experts, router_jitter_noise=0.0)
+        return out
+    out.update(num_experts=moe.experts, norm_topk_prob=moe.norm_topk)
+    if model_type == "olmoe":
+        out["clip_qkv"] = None
+        return out
+    out.update(moe_intermediate_size=cfg.expert_d_ff, decoder_sparse_step=moe.every,
+               mlp_only_layers=[i for i in range(cfg.n_layers) if (i + 1) % moe.every == 0 and not moe.is_moe_layer(i)])
+    if model_type == "qwen2_moe":
+        out.update(shared_expert_intermediate_size=moe.shared_d_ff, qkv_bias=True)
+    return out
+
+
 def _infer_architecture(cfg: ModelConfig) -> str:
     if cfg.hf_architecture:
         return cfg.hf_architecture
+    if cfg.moe.enabled:
+        if cfg.moe.shared_d_ff:
+            return "Qwen2MoeForCausalLM"
+        if cfg.qk_norm:
+            return "OlmoeForCausalLM" if cfg.qk_norm_scope == "all_heads" else "Qwen3MoeForCausalLM"
+        return "MixtralForCausalLM"
     if cfg.norm_placement == "sandwich":
         return "Gemma3ForCausalLM" if cfg.qk_norm else "Gemma2ForCausalLM"
     if cfg.norm_placement == "post":
@@ -409,16 +499,18 @@ def _hf_config_for(cfg: ModelConfig, arch: str, dtype: str, max_positions: int, 
         out["hidden_activation"] = act
     kinds = ["sliding_attention" if k == SLIDING else "full_attention" for k in cfg.layer_kinds]
     window = cfg.sliding_window or None
-    if model_type in ("qwen2", "qwen3"):
+    if model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
         out.update(use_sliding_window=window is not None, sliding_window=window, max_window_layers=cfg.n_layers,
                    layer_types=kinds)
-    elif model_type in ("mistral", "phi3"):
+    elif model_type in ("mistral", "phi3", "mixtral"):
         out["sliding_window"] = window
     elif model_type in _SANDWICH:
         out.update(sliding_window=window, layer_types=kinds, use_bidirectional_attention=False,
                    query_pre_attn_scalar=int(cfg.query_scalar or cfg.dim_per_head),
                    final_logit_softcapping=cfg.final_softcap or None)
         out["attn_logit_softcapping"] = cfg.attn_softcap or None
+    if model_type in _MOE_TYPES:
+        out.update(_moe_to_hf(cfg, model_type))
     # Token ids written always (null when unknown): some families default them outside a small vocabulary.
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         out[key] = None if special_ids.get(key) is None else int(special_ids[key])
@@ -446,6 +538,13 @@ class TensorMap:
     stacked: bool
     row_offset: int = 0
     fused_rows: int = 0
+    # MoE models keep several stacks (models/transformer.py layer_location): this stack's i-th entry is HF layer
+    # layer_offset + i·layer_stride, of layer_count entries (0: all n_layers).
+    layer_offset: int = 0
+    layer_stride: int = 1
+    layer_count: int = 0
+    # Expert weights: one HF tensor per expert ("{j}"), stacked on our axis after the layers' (0: not per expert).
+    experts: int = 0
 
     @property
     def hf_shape(self) -> tuple[int, ...]:
@@ -460,8 +559,18 @@ class TensorMap:
     def split_shape(self) -> tuple[int, ...]:
         return tuple(n for g in self.groups for n in g)
 
-    def names(self, n_layers: int) -> list[str]:
-        return [self.hf.format(i=i) for i in range(n_layers)] if self.stacked else [self.hf]
+    def names(self, n_layers: int) -> list:
+        """HF names per layer (a list per layer of names per expert, for expert weights)."""
+        if not self.stacked:
+            return [self.hf]
+        layers = [self.layer_offset + i * self.layer_stride for i in range(self.layer_count or n_layers)]
+        if self.experts:
+            return [[self.hf.format(i=i, j=j) for j in range(self.experts)] for i in layers]
+        return [self.hf.format(i=i) for i in layers]
+
+    def stack_shape(self, n_layers: int) -> tuple[int, ...]:
+        """Our leading (layers[, experts]) dims."""
+        return ((self.layer_count or n_layers,) if self.stacked else ()) + ((self.experts,) if self.experts else ())
 
     def to_hf(self, ours_layer: np.ndarray) -> np.ndarray:
         """Our per-layer array → the HF tensor (its rows, for a fused one)."""
@@ -517,7 +626,54 @@ def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
                                   groups, perm, True))
     if not cfg.tie_embeddings:
         maps.append(TensorMap(("lm_head",), "lm_head.weight", ((v,), (d,)), (1, 0), False))
-    return maps
+    return _moe_maps(cfg, maps) if cfg.moe.enabled else maps
+
+
+def _moe_maps(cfg: ModelConfig, dense_maps: list[TensorMap]) -> list[TensorMap]:
+    """An MoE model's table: each stack (dense prefix, MoE groups: transformer.layer_location) gets the attention
+    and norm rows with its own HF layer numbers; MoE layers get router, per-expert and shared-expert rows."""
+    from analogjax.models.transformer import moe_layout
+
+    moe, d = cfg.moe, cfg.d_model
+    f, n = cfg.expert_d_ff, moe.experts
+    layer = "model.layers.{i}."
+    mixtral = _infer_architecture(cfg) == "MixtralForCausalLM"
+    block = layer + ("block_sparse_moe." if mixtral else "mlp.")
+    names = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
+    moe_rows = [
+        TensorMap(("mlp", "router"), block + "gate.weight", ((n,), (d,)), (1, 0), True),
+        TensorMap(("mlp", "w_gate"), block + f"experts.{{j}}.{names[0]}.weight", ((f,), (d,)), (1, 0), True,
+                  experts=n),
+        TensorMap(("mlp", "w_up"), block + f"experts.{{j}}.{names[1]}.weight", ((f,), (d,)), (1, 0), True,
+                  experts=n),
+        TensorMap(("mlp", "w_down"), block + f"experts.{{j}}.{names[2]}.weight", ((d,), (f,)), (1, 0), True,
+                  experts=n),
+    ]
+    if moe.shared_d_ff:
+        g = moe.shared_d_ff
+        moe_rows += [TensorMap(("mlp", "shared", w), layer + f"mlp.shared_expert.{p}.weight", shape, (1, 0), True)
+                     for w, p, shape in (("w_gate", "gate_proj", ((g,), (d,))), ("w_up", "up_proj", ((g,), (d,))),
+                                         ("w_down", "down_proj", ((d,), (g,))))]
+    if moe.shared_gate:
+        moe_rows.append(TensorMap(("mlp", "shared_gate"), layer + "mlp.shared_expert_gate.weight", ((1,), (d,)),
+                                  (1, 0), True))
+    unstacked = [m for m in dense_maps if not m.stacked]
+    per_layer = [m for m in dense_maps if m.stacked and m.ours[1] != "mlp"]
+    dense_mlp = [m for m in dense_maps if m.stacked and m.ours[1] == "mlp"]
+
+    def stack(rows, path, offset, stride, count):
+        return [dataclasses.replace(m, ours=path + m.ours[1:] if m.ours[0] == "layers" else path + m.ours,
+                                    layer_offset=offset, layer_stride=stride, layer_count=count) for m in rows]
+
+    prefix, groups = moe_layout(cfg)
+    out = list(unstacked)
+    if prefix:
+        out += stack(per_layer + dense_mlp, ("layers",), 0, 1, prefix)
+    if moe.every == 1:
+        return out + stack(per_layer + moe_rows, ("moe_layers",), prefix, 1, groups)
+    for j in range(moe.every - 1):
+        out += stack(per_layer + dense_mlp, ("moe_layers", f"dense_{j}"), prefix + j, moe.every, groups)
+    return out + stack(per_layer + moe_rows, ("moe_layers", "moe"), prefix + moe.every - 1, moe.every, groups)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -607,7 +763,7 @@ def params_from_tensors(files, model_cfg: ModelConfig, mesh, rules, source: str)
     for tmap in tensor_maps(model_cfg):
         target = _get(abstract, tmap.ours)
         names = tmap.names(model_cfg.n_layers)
-        for name in names:
+        for name in (np.asarray(names).reshape(-1) if tmap.experts else names):
             found = files.shape(name)
             if found != tmap.file_shape:
                 raise UserError(f"{source}: tensor {name} has shape {list(found)}, but the config implies "
@@ -622,7 +778,12 @@ def _sharded_array(files: _SafetensorFiles, tmap: TensorMap, names: list[str], t
     def read(index: tuple[slice, ...]) -> np.ndarray:
         key = tuple(s.indices(n) for s, n in zip(index, target.shape))
         if key not in cache:
-            if tmap.stacked:
+            if tmap.experts:  # [layers, experts, ...]: this device's layers and experts only
+                layers = range(*index[0].indices(target.shape[0]))
+                experts = range(*index[1].indices(target.shape[1]))
+                cache[key] = np.stack([np.stack([_read_block(files.slice(names[i][j]), tmap, index[2:])
+                                                 for j in experts]) for i in layers])
+            elif tmap.stacked:
                 layers = range(*index[0].indices(target.shape[0]))
                 cache[key] = np.stack([_read_block(files.slice(names[i]), tmap, index[1:]) for i in layers])
             else:
@@ -735,13 +896,16 @@ def save_params(params, model_cfg: ModelConfig, out_dir: str | Path, tokenizer: 
             value = _host(_get(tree, tmap.ours))
         except KeyError:
             raise UserError(f"params have no {'/'.join(tmap.ours)} but the model config needs it") from None
-        expected = ((model_cfg.n_layers,) if tmap.stacked else ()) + tuple(
-            tmap.split_shape[p] for p in tmap.perm)
+        expected = tmap.stack_shape(model_cfg.n_layers) + tuple(tmap.split_shape[p] for p in tmap.perm)
         if value.shape != expected:
             raise UserError(f"params {'/'.join(tmap.ours)} has shape {list(value.shape)}, the model config implies "
                             f"{list(expected)}")
         layers = list(value) if tmap.stacked else [value]
-        for name, layer in zip(tmap.names(model_cfg.n_layers), layers):
+        names = tmap.names(model_cfg.n_layers)
+        if tmap.experts:  # one HF tensor per (layer, expert)
+            names = [name for per_layer in names for name in per_layer]
+            layers = [expert for layer in layers for expert in layer]
+        for name, layer in zip(names, layers):
             if tmap.fused_rows:
                 row_ranges.setdefault(name, []).append((tmap.row_offset, tmap.to_hf(layer)))
             else:

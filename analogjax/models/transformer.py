@@ -27,6 +27,7 @@ from analogjax.errors import UserError
 from analogjax.models import rope as rope_lib
 from analogjax.models.attention import allowed, attend
 from analogjax.models.config import SLIDING, ModelConfig, RopeScaling
+from analogjax.models.moe import MoE, RouterStats
 
 _init = nn.initializers.normal(stddev=0.02)
 
@@ -40,6 +41,7 @@ class Features(NamedTuple):
 
     hidden_bsd: jax.Array  # after the final norm, float32
     layers_lbsd: jax.Array | None  # residual stream after each block (when asked for)
+    router: RouterStats | None = None  # MoE models: each MoE layer's router summaries ([moe layers, ...])
 
 
 class RMSNorm(nn.Module):
@@ -175,6 +177,7 @@ class Block(nn.Module):
 
     cfg: ModelConfig
     collect_layers: bool = False
+    moe: bool = False  # the feed-forward is the mixture of experts; then out is (layer output, RouterStats)
 
     @nn.compact
     def __call__(self, x_bsd, segment_ids_bs, positions_bs, layer=None, kv=None, cache_meta=None):
@@ -201,10 +204,92 @@ class Block(nn.Module):
             return out
 
         x_bsd = residual("attn", attention, x_bsd)
+        if self.moe:  # MoE models never decode with a KV cache (Decoder refuses it)
+            moe, stats = MoE(cfg, name="mlp"), []
+            x_bsd = residual("mlp", lambda y: _keep(stats, moe(y, segment_ids_bs > 0)), x_bsd)
+            return x_bsd, ((x_bsd if self.collect_layers else None), stats[0])
         x_bsd = residual("mlp", MLP(cfg, name="mlp"), x_bsd)
         if kv is not None:
             return x_bsd, written
         return x_bsd, (x_bsd if self.collect_layers else None)
+
+
+def _keep(sink: list, output_and_stats):
+    # The residual wrapper takes a sublayer returning one array; the MoE's router stats leave through `sink`.
+    output, stats = output_and_stats
+    sink.append(stats)
+    return output
+
+
+class MoEGroup(nn.Module):
+    """`moe.every` consecutive layers of an MoE model: every-1 dense blocks, then one MoE block (scanned as one)."""
+
+    cfg: ModelConfig
+    collect_layers: bool = False
+
+    @nn.compact
+    def __call__(self, x_bsd, segment_ids_bs, positions_bs):
+        block = _block_class(self.cfg)
+        outs = []
+        for j in range(self.cfg.moe.every - 1):
+            x_bsd, out = block(self.cfg, self.collect_layers, name=f"dense_{j}")(x_bsd, segment_ids_bs, positions_bs)
+            outs.append(out)
+        x_bsd, (out, stats) = block(self.cfg, self.collect_layers, True, name="moe")(x_bsd, segment_ids_bs,
+                                                                                      positions_bs)
+        return x_bsd, ((jnp.stack(outs + [out]) if self.collect_layers else None), stats)
+
+
+def _block_class(cfg: ModelConfig):
+    # remat "block": keep only each block's input; recompute the rest in the backward pass.
+    return nn.remat(Block, prevent_cse=False) if cfg.remat == "block" else Block
+
+
+def moe_layout(cfg: ModelConfig) -> tuple[int, int]:
+    """An MoE model's scanned stacks: (dense prefix layers under `layers`, groups under `moe_layers`)."""
+    prefix = cfg.moe.first_dense_layers
+    return prefix, (cfg.n_layers - prefix) // cfg.moe.every
+
+
+def layer_location(cfg: ModelConfig, layer: int) -> tuple[tuple[str, ...], int, bool]:
+    """Where layer `layer`'s params live: (path in the param tree, index on its stacked axis, is it MoE)."""
+    if not cfg.moe.enabled:
+        return ("layers",), layer, False
+    prefix, _ = moe_layout(cfg)
+    if layer < prefix:
+        return ("layers",), layer, False
+    group, j = divmod(layer - prefix, cfg.moe.every)
+    if cfg.moe.every == 1:
+        return ("moe_layers",), group, True
+    is_moe = j == cfg.moe.every - 1
+    return ("moe_layers", "moe" if is_moe else f"dense_{j}"), group, is_moe
+
+
+def _scan(module, cfg: ModelConfig, length: int, name: str, *args):
+    return nn.scan(
+        module, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast),
+        length=length, metadata_params={nn.PARTITION_NAME: "layers"},
+    )(cfg, *args, name=name)
+
+
+def _moe_stacks(cfg: ModelConfig, collect_layers: bool, x_bsd, segment_ids_bs, positions_bs):
+    """An MoE model's blocks: a scanned dense prefix (`layers`, as a dense model's), then the scanned MoE groups
+    (`moe_layers`). Returns (x, every block's output or None, RouterStats stacked over the MoE layers)."""
+    prefix, groups = moe_layout(cfg)
+    collected = []
+    if prefix:
+        x_bsd, out = _scan(_block_class(cfg), cfg, prefix, "layers", collect_layers)(x_bsd, segment_ids_bs,
+                                                                                      positions_bs)
+        collected.append(out)
+    if cfg.moe.every == 1:
+        x_bsd, (out, stats) = _scan(_block_class(cfg), cfg, groups, "moe_layers", collect_layers, True)(
+            x_bsd, segment_ids_bs, positions_bs)
+    else:
+        x_bsd, (out, stats) = _scan(MoEGroup, cfg, groups, "moe_layers", collect_layers)(x_bsd, segment_ids_bs,
+                                                                                         positions_bs)
+        out = None if out is None else out.reshape((-1,) + out.shape[2:])
+    collected.append(out)
+    layers = jnp.concatenate(collected, axis=0) if collect_layers else None
+    return x_bsd, layers, stats
 
 
 class Decoder(nn.Module):
@@ -221,6 +306,12 @@ class Decoder(nn.Module):
             "embedding", nn.with_logical_partitioning(_init, ("vocab", "embed")), (cfg.vocab_size, cfg.d_model)
         )
         x_bsd = embed_tokens(cfg, embedding, tokens_bs)
+        if cfg.moe.enabled:
+            if cache is not None:
+                raise UserError("decoding with a KV cache (sampling) is not implemented for mixture-of-experts models "
+                                "yet")
+            x_bsd, layers, stats = _moe_stacks(cfg, self.collect_layers, x_bsd, segment_ids_bs, positions_bs)
+            return self._finish(x_bsd, layers, stats)
         block = Block
         if cfg.remat == "block":
             # Keep only each block's input; recompute the rest in the backward pass.
@@ -238,22 +329,25 @@ class Decoder(nn.Module):
         extra = () if per_layer is None else (jax.tree.map(jnp.asarray, per_layer),)
         if cache is None:
             x_bsd, layers = stack(cfg, self.collect_layers, name="layers")(x_bsd, segment_ids_bs, positions_bs, *extra)
-        else:  # the same scanned stack, with each layer's cache slice scanned in and its written slice out
-            stack = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
-                            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast if per_layer is None else 0, 0,
-                                     nn.broadcast),
-                            length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-            index = cache["index"]
-            meta = {"positions": write_slots(cache["positions"], positions_bs, index),
-                    "segment_ids": write_slots(cache["segment_ids"], segment_ids_bs, index), "index": index}
-            x_bsd, kv = stack(cfg, name="layers")(x_bsd, segment_ids_bs, positions_bs, extra[0] if extra else None,
-                                                  {"k": cache["k"], "v": cache["v"]}, meta)
-            layers = None
+            return self._finish(x_bsd, layers, None)
+        # The same scanned stack, with each layer's cache slice scanned in and its written slice out.
+        stack = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast if per_layer is None else 0, 0,
+                                 nn.broadcast),
+                        length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+        index = cache["index"]
+        meta = {"positions": write_slots(cache["positions"], positions_bs, index),
+                "segment_ids": write_slots(cache["segment_ids"], segment_ids_bs, index), "index": index}
+        x_bsd, kv = stack(cfg, name="layers")(x_bsd, segment_ids_bs, positions_bs, extra[0] if extra else None,
+                                              {"k": cache["k"], "v": cache["v"]}, meta)
+        return self._finish(x_bsd, None, None), {**meta, **kv}
+
+    def _finish(self, x_bsd, layers, router_stats):
+        cfg = self.cfg
         hidden = RMSNorm(cfg.norm_eps, cfg.norm_offset, name="final_norm")(x_bsd).astype(jnp.float32)
         if not cfg.tie_embeddings:
             self.param("lm_head", nn.with_logical_partitioning(_init, ("embed", "vocab")), (cfg.d_model, cfg.vocab_size))
-        features = Features(nn.with_logical_constraint(hidden, ("batch", "length", "act_embed")), layers)
-        return features if cache is None else (features, {**meta, **kv})
+        return Features(nn.with_logical_constraint(hidden, ("batch", "length", "act_embed")), layers, router_stats)
 
 
 def embed_tokens(cfg: ModelConfig, embedding_vd: jax.Array, tokens_bs: jax.Array) -> jax.Array:
@@ -335,10 +429,15 @@ class Transformer:
     def block(self, params, layer: int, x_bsd, segment_ids_bs=None, positions_bs=None) -> jax.Array:
         """Block `layer` (0-based) applied to the residual stream `x_bsd`, with that layer's own attention kind."""
         segment_ids_bs, positions_bs = _default_packing(x_bsd[..., 0], segment_ids_bs, positions_bs)
-        layer_params = jax.tree.map(lambda a: a[layer], _tree(params)["layers"])
+        path, index, is_moe = layer_location(self.cfg, layer)
+        stacked = _tree(params)
+        for key in path:
+            stacked = stacked[key]
+        layer_params = jax.tree.map(lambda a: a[index], stacked)
         per_layer = layer_data(self.cfg)
         this_layer = None if per_layer is None else {k: jnp.asarray(v[layer]) for k, v in per_layer.items()}
-        out, _ = Block(self.cfg).apply({"params": layer_params}, x_bsd, segment_ids_bs, positions_bs, this_layer)
+        out, _ = Block(self.cfg, moe=is_moe).apply({"params": layer_params}, x_bsd, segment_ids_bs, positions_bs,
+                                                   this_layer)
         return out
 
     def finish(self, params, x_bsd) -> jax.Array:
