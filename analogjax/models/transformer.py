@@ -25,7 +25,7 @@ import numpy as np
 
 from analogjax.errors import UserError
 from analogjax.models import rope as rope_lib
-from analogjax.models.attention import allowed, attend
+from analogjax.models.attention import allowed, self_attention
 from analogjax.models.config import SLIDING, ModelConfig, RopeScaling
 
 _init = nn.initializers.normal(stddev=0.02)
@@ -127,8 +127,8 @@ class Attention(nn.Module):
         q = rope_lib.apply(q, positions_bs, inv_freq, factor)
         kk = rope_lib.apply(kk, positions_bs, inv_freq, factor)
         scale = (cfg.query_scalar or e) ** -0.5
-        out = attend(q, kk, v, positions_bs, positions_bs, segment_ids_bs, segment_ids_bs, scale=scale,
-                     window=window, softcap=cfg.attn_softcap)
+        out = self_attention(q, kk, v, positions_bs, segment_ids_bs, scale=scale, window=window,
+                             softcap=cfg.attn_softcap, kernel=cfg.attention)
         wo = self.param("wo", nn.with_logical_partitioning(_init, ("heads", "head_dim", "embed")), (h, e, d))
         return jnp.einsum("bshe,hed->bsd", out, wo.astype(dtype))
 
