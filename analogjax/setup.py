@@ -58,8 +58,10 @@ class Run:
 
 def build_mesh(config: Config, devices=None):
     """The config's mesh over `devices` (default: all of them; compile-check passes a TPU topology's)."""
-    mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
+    mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices,
+                              context=config.mesh.context)
     mesh_lib.check_batch(config.data.global_batch, mesh, config.optim.grad_accum)
+    mesh_lib.check_context(config.data.seq_len, mesh)
     return mesh
 
 
