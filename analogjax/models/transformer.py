@@ -16,6 +16,7 @@ f ffn width, v vocabulary, l layers.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -253,7 +254,10 @@ class Transformer:
     def init_boxed(self, rng: jax.Array):
         """Params boxed with logical axis names (feed to `mesh.init_sharded` / `mesh.abstract_sharded`)."""
         tokens = jnp.zeros((1, 8), jnp.int32)
-        return Decoder(self.cfg).init(rng, tokens, jnp.ones_like(tokens), jnp.zeros_like(tokens))
+        # Parameters do not depend on the attention kernel; init traces on whatever host builds them (a CPU
+        # planning a TPU slice), so it runs the XLA core whatever model.attention asks of the real forward.
+        cfg = dataclasses.replace(self.cfg, attention="xla")
+        return Decoder(cfg).init(rng, tokens, jnp.ones_like(tokens), jnp.zeros_like(tokens))
 
     def features(self, params, tokens_bs, segment_ids_bs=None, positions_bs=None, collect_layers=False,
                  applies_final_softcap=False) -> Features:
