@@ -124,3 +124,13 @@ def test_index_masking_agreement_check():
     shifted = pos.at[0, 100:220].add(5)  # positions that do not restart at a document boundary still step by one
     assert att.index_masking_agrees(shifted, seg)
     assert not att.index_masking_agrees(pos.at[1, 10].set(0), seg)  # a gap inside a document
+
+
+def test_splash_under_a_context_mesh_equals_xla():
+    # shard_map over data x context x tensor: each context shard runs its own queries' rows (a mask offset per
+    # shard) against the all-gathered keys; batch and kv heads split too.
+    from analogjax import mesh as mesh_lib
+
+    mesh = mesh_lib.make_mesh(2, 1, 2, context=2)
+    with jax.set_mesh(mesh):
+        _compare(jax.jit(_splash, static_argnums=(5, 6, 7)), 48, 20.0, atol=2e-4)

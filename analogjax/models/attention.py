@@ -10,6 +10,9 @@ Shapes: b batch, s query length, t key length, h query heads, k kv heads, g = h 
 
 from __future__ import annotations
 
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
@@ -84,7 +87,8 @@ def unsupported(kernel: str, *, window, softcap: float, dtype, seq_len: int) -> 
                     "(layer_pattern); use model.attention=xla")
         block = min(SPLASH_BLOCK, seq_len)
         if seq_len % 128 or seq_len % block:
-            return f"splash needs a sequence length that is a multiple of 128 (and of {SPLASH_BLOCK} above it), got {seq_len}"
+            return (f"splash needs a sequence length (per context shard) that is a multiple of 128, and of "
+                    f"{SPLASH_BLOCK} above it, got {seq_len}")
     if kernel == "cudnn":
         if softcap:
             return "cuDNN flash attention (jax.nn.dot_product_attention) has no attention-logit soft-cap"
@@ -122,9 +126,12 @@ def self_attention(q_bshe, k_bske, v_bske, positions_bs, segment_ids_bs, *, scal
     positions vs indices). `interpret` runs splash's Pallas kernel in interpret mode (tests on CPU; it skips the
     platform check). Under a mesh with a `context` axis the queries stay split over the sequence and the keys and
     values are all-gathered (mesh.py says why)."""
-    s = q_bshe.shape[1]
+    mesh = jax.sharding.get_abstract_mesh()
+    context = 1 if mesh.empty else mesh.shape.get("context", 1)
     platform = "tpu" if interpret else trace_platform()
-    kernel = choose_kernel(kernel, platform, window=window, softcap=softcap, dtype=q_bshe.dtype, seq_len=s)
+    # Splash tiles each context shard's queries: the length that must divide into tiles is the shard's.
+    kernel = choose_kernel(kernel, platform, window=window, softcap=softcap, dtype=q_bshe.dtype,
+                           seq_len=q_bshe.shape[1] // context)
     k_bske, v_bske = gather_context(k_bske), gather_context(v_bske)
     if kernel == "xla":
         return attend(q_bshe, k_bske, v_bske, positions_bs, positions_bs, segment_ids_bs, segment_ids_bs,
@@ -140,8 +147,17 @@ def gather_context(x_bske: jax.Array) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.shape.get("context", 1) == 1:
         return x_bske
-    spec = P(BATCH_AXES, None, P.UNCONSTRAINED, P.UNCONSTRAINED)
+    spec = P(_batch_axes(mesh, x_bske.shape[0]), None, P.UNCONSTRAINED, P.UNCONSTRAINED)
     return jax.lax.with_sharding_constraint(x_bske, spec)
+
+
+def _batch_axes(mesh, batch: int) -> tuple[str, ...]:
+    """The batch mesh axes that divide `batch` (as mesh.fit_to_shape keeps them)."""
+    axes = []
+    for axis in BATCH_AXES:
+        if batch % (math.prod(mesh.shape[a] for a in axes) * mesh.shape[axis]) == 0:
+            axes.append(axis)
+    return tuple(axes)
 
 
 def cudnn_attention(q_bshe, k_bske, v_bske, segment_ids_bs, *, scale: float, window=None,
@@ -160,38 +176,58 @@ def splash_attention(q_bshe, k_bske, v_bske, segment_ids_bs, *, scale: float, wi
                      interpret: bool = False, block: int = SPLASH_BLOCK) -> jax.Array:
     """Pallas splash attention (TPU): block-sparse over the causal / local mask, segment ids in the kernel, soft-cap
     in the kernel, grouped-query as one MQA kernel per kv head (keys never repeated). Under a mesh it runs inside
-    shard_map over batch and heads (a Pallas call is not partitioned by GSPMD)."""
+    shard_map over batch, kv heads and the `context` axis (a Pallas call is not partitioned by GSPMD): each context
+    shard computes its own queries' rows against all keys, with a mask offset by where its queries start."""
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
     b, s, h, e = q_bshe.shape
     k = k_bske.shape[2]
     g = h // k
-    block = min(block, s)
-    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
-                              block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
-    one = splash.CausalMask((s, s)) if window is None else splash.LocalMask((s, s), (window - 1, 0), offset=0)
-    kernel = splash.make_splash_mqa(splash.MultiHeadMask([one] * g), block_sizes=sizes, head_shards=1,
-                                    q_seq_shards=1, attn_logits_soft_cap=softcap or None, interpret=interpret)
+    mesh = jax.sharding.get_abstract_mesh()
+    sharded = not mesh.empty and mesh.size > 1
+    context = mesh.shape.get("context", 1) if sharded else 1
+    q_len = s // context
+    bq, bkv = min(block, q_len), min(block, s)
+    sizes = splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
+                              block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
 
-    def one_row(q_kgse, k_kse, v_kse, seg_s):
-        ids = splash.SegmentIds(q=seg_s, kv=seg_s)
-        return jax.vmap(kernel, in_axes=(0, 0, 0, None))(q_kgse, k_kse, v_kse, ids)
+    def kernel_at(offset):
+        # Rows are this shard's queries (global index offset + i), columns every key.
+        if window is None:
+            one = splash.CausalMask((q_len, s), offset=offset)
+        else:
+            one = splash.LocalMask((q_len, s), (window - 1, 0), offset=offset)
+        return splash.make_splash_mqa(splash.MultiHeadMask([one] * g), block_sizes=sizes, head_shards=1,
+                                      q_seq_shards=1, attn_logits_soft_cap=softcap or None, interpret=interpret)
 
-    def local(q, kk, v, seg):
+    kernels = [kernel_at(i * q_len) for i in range(context)]
+
+    def run(kernel, q_bkgse, k_bkse, v_bkse, q_seg, kv_seg):
+        def one_row(q_kgse, k_kse, v_kse, q_seg_s, kv_seg_s):
+            ids = splash.SegmentIds(q=q_seg_s, kv=kv_seg_s)
+            return jax.vmap(kernel, in_axes=(0, 0, 0, None))(q_kgse, k_kse, v_kse, ids)
+        return jax.vmap(one_row)(q_bkgse, k_bkse, v_bkse, q_seg, kv_seg)
+
+    def local(q, kk, v, q_seg, kv_seg):
         # [b, s, h, e] → [b, k, g, s, e]; the scale goes into the queries (splash scores plain q·k).
         bl, sl = q.shape[0], q.shape[1]
         q_bkgse = (q * jnp.asarray(scale, q.dtype)).reshape(bl, sl, -1, g, e).transpose(0, 2, 3, 1, 4)
-        out = jax.vmap(one_row)(q_bkgse, kk.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), seg)
+        args = (q_bkgse, kk.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), q_seg, kv_seg)
+        if context == 1:
+            out = run(kernels[0], *args)
+        else:
+            out = jax.lax.switch(jax.lax.axis_index("context"), [functools.partial(run, kn) for kn in kernels], *args)
         return out.transpose(0, 3, 1, 2, 4).reshape(bl, sl, -1, e).astype(q.dtype)
 
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
-        return local(q_bshe, k_bske, v_bske, segment_ids_bs)
-    batch_axes = tuple(a for a in BATCH_AXES if a in mesh.shape and b % mesh.shape[a] == 0)
-    head_axis = "tensor" if "tensor" in mesh.shape and k % mesh.shape["tensor"] == 0 else None
-    spec = P(batch_axes, None, head_axis, None)
-    return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P(batch_axes, None)), out_specs=spec,
-                         check_vma=False)(q_bshe, k_bske, v_bske, segment_ids_bs)
+    if not sharded:
+        return local(q_bshe, k_bske, v_bske, segment_ids_bs, segment_ids_bs)
+    batch_axes = _batch_axes(mesh, b)
+    head_axis = "tensor" if k % mesh.shape["tensor"] == 0 else None
+    length_axis = "context" if context > 1 else None
+    q_spec, kv_spec = P(tuple(batch_axes), length_axis, head_axis, None), P(tuple(batch_axes), None, head_axis, None)
+    seg_q, seg_kv = P(tuple(batch_axes), length_axis), P(tuple(batch_axes), None)
+    return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_q, seg_kv), out_specs=q_spec,
+                         check_vma=False)(q_bshe, k_bske, v_bske, segment_ids_bs, segment_ids_bs)
 
 
 def index_masking_agrees(positions_bs, segment_ids_bs) -> bool:
