@@ -76,3 +76,17 @@ def test_context_axis_refusals(overrides, message):
     config = load_config(None, ["model.preset=tiny", "data.global_batch=8", "data.seq_len=32", *overrides])
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
         build_mesh(config)
+
+
+def test_compile_check_counts_context_collectives():
+    from analogjax.compile_check import ici_bytes_per_chip
+    from analogjax.flops import param_count
+
+    plain = ici_bytes_per_chip(TINY, {"data": 2, "fsdp": 2, "context": 1, "tensor": 1}, with_teacher=True)
+    split = ici_bytes_per_chip(TINY, {"data": 2, "fsdp": 2, "context": 2, "tensor": 1}, with_teacher=True)
+    # 2 rows a chip x 32 tokens x 2 kv heads x head dim (16 student, 32 teacher) x k and v x 4 bytes, half of it
+    # arriving over a 2-way context axis; student: 2 layers x 3 passes, teacher: 4 layers x 1.
+    kv = 2 * 32 * 2 * 2 * 4 * 0.5 * (16 * 2 * 3 + 32 * 4)
+    # Student gradients are all-reduced over data x context (4 ways) instead of data (2 ways).
+    grads = 2 * (4.0 * param_count(TINY.model) / 2) * (0.75 - 0.5)
+    assert split - plain == pytest.approx(kv + grads)
