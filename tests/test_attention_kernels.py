@@ -107,9 +107,10 @@ def test_kernel_refusals(requested, platform, kwargs, message):
 
 
 def test_explicit_splash_on_cpu_model_is_refused():
+    import dataclasses
+
     from analogjax.models.config import PRESETS
     from analogjax.models.transformer import Transformer
-    import dataclasses
 
     model = Transformer(dataclasses.replace(PRESETS["tiny"], attention="splash"))
     params = Transformer(PRESETS["tiny"]).init_boxed(jax.random.key(0))

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from synthetic import packed_batch
 
 from analogjax import mesh as mesh_lib
 from analogjax.config import load_config
@@ -13,7 +14,6 @@ from analogjax.errors import UserError
 from analogjax.models.config import PRESETS
 from analogjax.models.transformer import Transformer
 from analogjax.setup import build, build_mesh
-from synthetic import packed_batch
 
 TINY = load_config(None, [
     "model.preset=tiny", "teacher.model.preset=tiny-teacher", "data.global_batch=8", "data.seq_len=32",
