@@ -10,8 +10,8 @@ the heads stay split over `tensor` — two splits at once, so `tensor` cannot al
 (batch → data only, length → fsdp) for both roles, and at 32k there are often fewer rows than data x fsdp anyway,
 which is exactly when the sequence needs its own split. At size 1 the axis changes nothing.
 How attention crosses it: all-gathered keys and values (models/attention.py `gather_context`), not a ring. Per chip
-that holds [b, s, kv_heads/tensor, e] keys and values for one layer at a time (Llama-3.1-8B at 32k: 64 MiB each per row in
-bfloat16), while queries, scores, MLP and every saved activation stay split s/context ways; the gather is one
+that holds [b, s, kv_heads/tensor, e] keys and values for one layer at a time (Llama-3.1-8B at 32k: 64 MiB each
+per row in bfloat16), while queries, scores, MLP and every saved activation stay split s/context ways; the gather is one
 collective per layer that XLA overlaps with the projections. A ring would save that gather's memory at the price of
 context-many permute rounds per layer; it is the next step if 128k+ on small kv-head counts runs short.
 """
