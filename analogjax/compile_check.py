@@ -267,20 +267,30 @@ def ici_bytes_per_chip(config, mesh_shape: dict[str, int], *, with_teacher: bool
     An all-gather or reduce-scatter of W bytes over n chips brings W·(n−1)/n into each; an all-reduce twice that.
     Student (fsdp-sharded, replicated over data): gathered for the forward and again for the backward, gradients
     reduce-scattered over fsdp, then all-reduced over data. Teacher (sharded over fsdp and data): gathered once
-    per microbatch for its forward. Activations' collectives (tensor axis) are not counted.
+    per microbatch for its forward. With a context axis, params are replicated over it too (gradients all-reduced
+    over data x context) and every layer all-gathers keys and values over it (student: forward, remat recompute and
+    the backward's reduce-scatter; teacher: forward). Activations' collectives over the tensor axis are not counted.
     """
     from analogjax.flops import param_count
 
     data, fsdp, tensor = mesh_shape["data"], mesh_shape["fsdp"], mesh_shape["tensor"]
+    context = mesh_shape.get("context", 1)
     accum = config.optim.grad_accum
 
     def share(n: int) -> float:
         return (n - 1) / n
 
+    def kv_gathers(model) -> float:  # one layer's full-sequence keys and values for this chip's rows, all layers
+        rows = config.data.global_batch / (data * fsdp)
+        per_layer = 2 * rows * config.data.seq_len * model.kv_heads / tensor * model.dim_per_head
+        return per_layer * (2 if model.dtype == "bfloat16" else 4) * model.n_layers * share(context)
+
     student = 4.0 * param_count(config.model) / tensor
-    total = student * share(fsdp) * 2 * accum + student * share(fsdp) + 2 * (student / fsdp) * share(data)
+    total = student * share(fsdp) * 2 * accum + student * share(fsdp) + 2 * (student / fsdp) * share(data * context)
+    total += kv_gathers(config.model) * 3
     if with_teacher:
         total += 4.0 * param_count(config.teacher.model) / tensor * share(data * fsdp) * accum
+        total += kv_gathers(config.teacher.model)
     return total
 
 

@@ -67,6 +67,7 @@ class MeshConfig:
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    context: int = 1  # long context: each sequence split over this many chips (mesh.py says how and why)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,19 @@
 """The device mesh, the logical-axis rules, and born-sharded parameters.
 
 The rule tables below are the only place where physical mesh axes are named. Models name logical axes
-(`embed`, `mlp`, `heads`, ...); the rules map them to `data`, `fsdp`, `tensor`.
+(`embed`, `mlp`, `heads`, ...); the rules map them to `data`, `fsdp`, `context`, `tensor`.
+
+Why a `context` axis (size 1 unless `mesh.context` asks for more) rather than reusing one: long-context (32k-128k)
+distillation splits each sequence over chips, and inside attention the queries must stay split by position while
+the heads stay split over `tensor` — two splits at once, so `tensor` cannot also carry the sequence. `data` and
+`fsdp` split the batch's rows; carrying the sequence on them instead would make the rule tables depend on the run
+(batch → data only, length → fsdp) for both roles, and at 32k there are often fewer rows than data x fsdp anyway,
+which is exactly when the sequence needs its own split. At size 1 the axis changes nothing.
+How attention crosses it: all-gathered keys and values (models/attention.py `gather_context`), not a ring. Per chip
+that holds [b, s, kv_heads/tensor, e] keys and values for one layer at a time (Llama-3.1-8B at 32k: 64 MiB each
+per row in bfloat16), while queries, scores, MLP and every saved activation stay split s/context ways; the gather is one
+collective per layer that XLA overlaps with the projections. A ring would save that gather's memory at the price of
+context-many permute rounds per layer; it is the next step if 128k+ on small kv-head counts runs short.
 """
 
 from __future__ import annotations
@@ -17,13 +29,14 @@ from jax.sharding import PartitionSpec as P
 
 from analogjax.errors import UserError
 
-AXES = ("data", "fsdp", "tensor")
+AXES = ("data", "fsdp", "context", "tensor")  # tensor innermost: its groups are interconnect neighbours
 BATCH_AXES = ("data", "fsdp")  # the batch is split over both: fsdp is data parallelism with sharded weights
 
-# Activations (shared by both models). Sequence and width stay whole; heads, ffn and vocab follow the tensor axis.
+# Activations (shared by both models). The sequence splits over `context` (size 1 unless long context asks), width
+# stays whole; heads, ffn and vocab follow the tensor axis.
 _ACTIVATION_RULES = (
     ("batch", BATCH_AXES),
-    ("length", None),
+    ("length", "context"),
     ("act_embed", None),
     ("act_mlp", "tensor"),
     ("act_heads", "tensor"),
@@ -70,8 +83,14 @@ TEACHER_RULES = _ACTIVATION_RULES + _EXPERT_RULES + (
 )
 
 
-def mesh_shape(data: int, fsdp: int, tensor: int, device_count: int) -> tuple[int, int, int]:
-    """Resolve the one -1 entry and check the product against the devices that exist."""
+def mesh_shape(data: int, fsdp: int, tensor: int, device_count: int, context: int = 1) -> tuple[int, int, int]:
+    """Resolve the one -1 entry among data, fsdp, tensor and check the product (times `context`) against the
+    devices that exist. Returns (data, fsdp, tensor)."""
+    if context < 1:
+        raise UserError(f"mesh.context must be positive, got {context}")
+    device_count, rest = divmod(device_count, context)
+    if rest:
+        raise UserError(f"mesh.context ({context}) must divide the {device_count * context + rest} devices")
     sizes = {"mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor}
     free = [k for k, v in sizes.items() if v == -1]
     if len(free) > 1:
@@ -92,13 +111,14 @@ def mesh_shape(data: int, fsdp: int, tensor: int, device_count: int) -> tuple[in
     return sizes["mesh.data"], sizes["mesh.fsdp"], sizes["mesh.tensor"]
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: list | None = None) -> Mesh:
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: list | None = None, context: int = 1) -> Mesh:
     devices = list(jax.devices()) if devices is None else list(devices)
-    shape = mesh_shape(data, fsdp, tensor, len(devices))
+    data, fsdp, tensor = mesh_shape(data, fsdp, tensor, len(devices), context)
+    shape = (data, fsdp, context, tensor)
     # jax.make_mesh orders devices by their physical topology (so a TPU slice's fsdp and tensor groups are
     # neighbours on the interconnect). Auto axes: GSPMD propagates shardings from the parameters and the few
     # constraints we place.
-    return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
 
 
 def check_batch(global_batch: int, mesh: Mesh, grad_accum: int = 1) -> None:
@@ -116,6 +136,13 @@ def check_experts(experts: int, mesh: Mesh, key: str) -> None:
     if experts and experts % ways:
         raise UserError(f"{key} ({experts}) must be divisible by mesh.fsdp ({ways}), the mesh axis that carries the "
                         "experts")
+
+
+def check_context(seq_len: int, mesh: Mesh) -> None:
+    """The sequence splits evenly over the context axis."""
+    context = mesh.shape.get("context", 1)
+    if seq_len % context:
+        raise UserError(f"data.seq_len ({seq_len}) must be divisible by mesh.context ({context})")
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -60,14 +60,17 @@ class Run:
 
 def build_mesh(config: Config, devices=None):
     """The config's mesh over `devices` (default: all of them; compile-check passes a TPU topology's)."""
-    mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
+    mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices,
+                              context=config.mesh.context)
     check_mesh(config, mesh)
     return mesh
 
 
 def check_mesh(config: Config, mesh) -> None:
-    """The run's shapes against the mesh: the batch over data x fsdp, each model's experts over fsdp."""
+    """The run's shapes against the mesh: the batch over data x fsdp, the sequence over context, each model's experts
+    over fsdp."""
     mesh_lib.check_batch(config.data.global_batch, mesh, config.optim.grad_accum)
+    mesh_lib.check_context(config.data.seq_len, mesh)
     mesh_lib.check_experts(config.model.moe.experts, mesh, "model.moe.experts")
     mesh_lib.check_experts(config.teacher.model.moe.experts, mesh, "teacher.model.moe.experts")
 

@@ -75,7 +75,7 @@ def test_compile_check_on_a_v5e_8(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads(done.stdout.strip().splitlines()[-1])
     assert record["topology"] == "v5e-8" and record["chips"] == 8
-    assert record["mesh"] == {"data": 4, "fsdp": 2, "tensor": 1}
+    assert record["mesh"] == {"data": 4, "fsdp": 2, "context": 1, "tensor": 1}
     assert record["fits"] is True and 0 < record["bytes_per_chip"] < record["hbm_per_chip"] == 16 * GIB
     cfg = load_config(config)
     assert record["flops_per_step"] == distill_flops_per_step(cfg.model, cfg.teacher.model, 16 * 64, 64)
@@ -101,5 +101,7 @@ def test_pod_configs_name_a_slice_their_mesh_fills(path):
 
     config = load_config(path)
     topology = parse_topology(config.topology)
-    data, fsdp, tensor = mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, topology.chips)
+    data, fsdp, tensor = mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, topology.chips,
+                                    config.mesh.context)
     assert config.data.global_batch % (data * fsdp) == 0
+    assert config.data.seq_len % config.mesh.context == 0

@@ -10,8 +10,15 @@ Shapes: b batch, s query length, t key length, h query heads, k kv heads, g = h 
 
 from __future__ import annotations
 
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from analogjax.errors import UserError
+from analogjax.mesh import BATCH_AXES
 
 
 def allowed(q_pos_bs, k_pos_bt, q_seg_bs, k_seg_bt, window=None) -> jax.Array:
@@ -45,3 +52,189 @@ def attend(q_bshe, k_btke, v_btke, q_pos_bs, k_pos_bt, q_seg_bs, k_seg_bt, *, sc
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_btke.dtype)
     return jnp.einsum("bkgst,btke->bskge", probs, v_btke).reshape(b, s, h, e)
+
+
+# --- the kernel dispatcher -------------------------------------------------------------------------------------------
+# `attend` above is the definition; the fused kernels below compute the same thing without ever holding the
+# [s, t] scores. They are self-attention kernels over one packed sequence: they mask by ARRAY INDEX (causal and
+# window) plus segment ids, where `attend` masks by POSITION. The two agree exactly when, inside every document,
+# positions count up by one from the document's first token (data/packing.py restarts them at 0 per document, and an
+# unpacked row is 0..s-1) — `index_masking_agrees` checks that on concrete batches. A KV-cache decoder (queries and
+# keys at different positions) calls `attend` directly. Padding (segment 0) differs too: `attend` lets a padding
+# query see nothing, the kernels let it see earlier padding; both outputs at padding are never read by a loss.
+
+KERNELS = ("auto", "xla", "splash", "cudnn")
+# What `auto` picks on each platform (jax's platform names; the abstract mesh says "cuda" where a backend says "gpu").
+AUTO_KERNEL = {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn"}
+_KERNEL_PLATFORMS = {"splash": ("tpu",), "cudnn": ("gpu", "cuda")}
+# Splash tiles: queries and keys in blocks of at most this many tokens (the sequence must divide into them).
+SPLASH_BLOCK = 512
+
+
+def trace_platform() -> str:
+    """The platform the traced program will run on: the current mesh's devices (compile-check sets a TPU topology's
+    mesh on a CPU host), else the default backend."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    return device.platform if device is not None else jax.default_backend()
+
+
+def unsupported(kernel: str, *, window, softcap: float, dtype, seq_len: int) -> str:
+    """Why `kernel` cannot compute this attention ('' when it can)."""
+    static_window = window is None or isinstance(window, int)
+    if kernel == "splash":
+        if not static_window:
+            return ("splash needs one window per compiled kernel, but this model's windows differ per layer "
+                    "(layer_pattern); use model.attention=xla")
+        block = min(SPLASH_BLOCK, seq_len)
+        if seq_len % 128 or seq_len % block:
+            return (f"splash needs a sequence length (per context shard) that is a multiple of 128, and of "
+                    f"{SPLASH_BLOCK} above it, got {seq_len}")
+    if kernel == "cudnn":
+        if softcap:
+            return "cuDNN flash attention (jax.nn.dot_product_attention) has no attention-logit soft-cap"
+        if not static_window:
+            return "cudnn needs one window per compiled kernel, but this model's windows differ per layer"
+        if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+            return f"cuDNN flash attention runs bfloat16/float16 only, the model computes in {jnp.dtype(dtype).name}"
+    return ""
+
+
+def choose_kernel(requested: str, platform: str, *, window=None, softcap: float = 0.0, dtype=jnp.bfloat16,
+                  seq_len: int = 128, key: str = "model.attention") -> str:
+    """Resolve `requested` (one of KERNELS) for `platform`. `auto` takes the platform's fused kernel when it can do
+    this attention, else xla (correct everywhere); an explicit kernel the platform lacks, or one that cannot do the
+    window / soft-cap / dtype asked for, is a UserError (never a silent fallback)."""
+    if requested not in KERNELS:
+        raise UserError(f"{key} must be one of {', '.join(KERNELS)}, got {requested!r}")
+    if requested == "auto":
+        kernel = AUTO_KERNEL.get(platform, "xla")
+        why = unsupported(kernel, window=window, softcap=softcap, dtype=dtype, seq_len=seq_len)
+        return "xla" if why else kernel
+    if requested != "xla" and platform not in _KERNEL_PLATFORMS[requested]:
+        raise UserError(f"{key}={requested} needs a {' or '.join(_KERNEL_PLATFORMS[requested])} backend, but this "
+                        f"program runs on {platform}; use auto or xla")
+    why = unsupported(requested, window=window, softcap=softcap, dtype=dtype, seq_len=seq_len)
+    if why:
+        raise UserError(f"{key}={requested}: {why}")
+    return requested
+
+
+def self_attention(q_bshe, k_bske, v_bske, positions_bs, segment_ids_bs, *, scale: float, window=None,
+                   softcap: float = 0.0, kernel: str = "auto", interpret: bool = False,
+                   block: int = SPLASH_BLOCK) -> jax.Array:
+    """Causal self-attention of one packed sequence with the chosen kernel → [b, s, h, e] (see the note above on
+    positions vs indices). `interpret` runs splash's Pallas kernel in interpret mode (tests on CPU; it skips the
+    platform check). Under a mesh with a `context` axis the queries stay split over the sequence and the keys and
+    values are all-gathered (mesh.py says why)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    context = 1 if mesh.empty else mesh.shape.get("context", 1)
+    platform = "tpu" if interpret else trace_platform()
+    # Splash tiles each context shard's queries: the length that must divide into tiles is the shard's.
+    kernel = choose_kernel(kernel, platform, window=window, softcap=softcap, dtype=q_bshe.dtype,
+                           seq_len=q_bshe.shape[1] // context)
+    k_bske, v_bske = gather_context(k_bske), gather_context(v_bske)
+    if kernel == "xla":
+        return attend(q_bshe, k_bske, v_bske, positions_bs, positions_bs, segment_ids_bs, segment_ids_bs,
+                      scale=scale, window=window, softcap=softcap)
+    if kernel == "cudnn":
+        return cudnn_attention(q_bshe, k_bske, v_bske, segment_ids_bs, scale=scale, window=window)
+    return splash_attention(q_bshe, k_bske, v_bske, segment_ids_bs, scale=scale, window=window, softcap=softcap,
+                            interpret=interpret, block=block)
+
+
+def gather_context(x_bske: jax.Array) -> jax.Array:
+    """Keys/values whole along the sequence (all-gathered over the `context` mesh axis, a no-op without one)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.shape.get("context", 1) == 1:
+        return x_bske
+    spec = P(_batch_axes(mesh, x_bske.shape[0]), None, P.UNCONSTRAINED, P.UNCONSTRAINED)
+    return jax.lax.with_sharding_constraint(x_bske, spec)
+
+
+def _batch_axes(mesh, batch: int) -> tuple[str, ...]:
+    """The batch mesh axes that divide `batch` (as mesh.fit_to_shape keeps them)."""
+    axes = []
+    for axis in BATCH_AXES:
+        if batch % (math.prod(mesh.shape[a] for a in axes) * mesh.shape[axis]) == 0:
+            axes.append(axis)
+    return tuple(axes)
+
+
+def cudnn_attention(q_bshe, k_bske, v_bske, segment_ids_bs, *, scale: float, window=None,
+                    implementation: str = "cudnn") -> jax.Array:
+    """cuDNN flash attention through `jax.nn.dot_product_attention`: causal and the window inside the kernel,
+    grouped-query natively. jax's API has no segment ids, so documents are separated by a boolean [b, 1, s, t]
+    mask (cuDNN reads it as a bias: one byte per score at long context, never float32 scores or softmax).
+    `implementation="xla"` runs the same call on any backend (what the CPU tests check against `attend`)."""
+    mask = (segment_ids_bs[:, :, None] == segment_ids_bs[:, None, :])[:, None]
+    local = None if window is None else (window - 1, 0)  # the query itself is one of the `window` keys
+    return jax.nn.dot_product_attention(q_bshe, k_bske, v_bske, mask=mask, scale=scale, is_causal=True,
+                                        local_window_size=local, implementation=implementation)
+
+
+def splash_attention(q_bshe, k_bske, v_bske, segment_ids_bs, *, scale: float, window=None, softcap: float = 0.0,
+                     interpret: bool = False, block: int = SPLASH_BLOCK) -> jax.Array:
+    """Pallas splash attention (TPU): block-sparse over the causal / local mask, segment ids in the kernel, soft-cap
+    in the kernel, grouped-query as one MQA kernel per kv head (keys never repeated). Under a mesh it runs inside
+    shard_map over batch, kv heads and the `context` axis (a Pallas call is not partitioned by GSPMD): each context
+    shard computes its own queries' rows against all keys, with a mask offset by where its queries start."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    b, s, h, e = q_bshe.shape
+    k = k_bske.shape[2]
+    g = h // k
+    mesh = jax.sharding.get_abstract_mesh()
+    sharded = not mesh.empty and mesh.size > 1
+    context = mesh.shape.get("context", 1) if sharded else 1
+    q_len = s // context
+    bq, bkv = min(block, q_len), min(block, s)
+    sizes = splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
+                              block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
+
+    def kernel_at(offset):
+        # Rows are this shard's queries (global index offset + i), columns every key.
+        if window is None:
+            one = splash.CausalMask((q_len, s), offset=offset)
+        else:
+            one = splash.LocalMask((q_len, s), (window - 1, 0), offset=offset)
+        return splash.make_splash_mqa(splash.MultiHeadMask([one] * g), block_sizes=sizes, head_shards=1,
+                                      q_seq_shards=1, attn_logits_soft_cap=softcap or None, interpret=interpret)
+
+    kernels = [kernel_at(i * q_len) for i in range(context)]
+
+    def run(kernel, q_bkgse, k_bkse, v_bkse, q_seg, kv_seg):
+        def one_row(q_kgse, k_kse, v_kse, q_seg_s, kv_seg_s):
+            ids = splash.SegmentIds(q=q_seg_s, kv=kv_seg_s)
+            return jax.vmap(kernel, in_axes=(0, 0, 0, None))(q_kgse, k_kse, v_kse, ids)
+        return jax.vmap(one_row)(q_bkgse, k_bkse, v_bkse, q_seg, kv_seg)
+
+    def local(q, kk, v, q_seg, kv_seg):
+        # [b, s, h, e] → [b, k, g, s, e]; the scale goes into the queries (splash scores plain q·k).
+        bl, sl = q.shape[0], q.shape[1]
+        q_bkgse = (q * jnp.asarray(scale, q.dtype)).reshape(bl, sl, -1, g, e).transpose(0, 2, 3, 1, 4)
+        args = (q_bkgse, kk.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), q_seg, kv_seg)
+        if context == 1:
+            out = run(kernels[0], *args)
+        else:
+            out = jax.lax.switch(jax.lax.axis_index("context"), [functools.partial(run, kn) for kn in kernels], *args)
+        return out.transpose(0, 3, 1, 2, 4).reshape(bl, sl, -1, e).astype(q.dtype)
+
+    if not sharded:
+        return local(q_bshe, k_bske, v_bske, segment_ids_bs, segment_ids_bs)
+    batch_axes = _batch_axes(mesh, b)
+    head_axis = "tensor" if k % mesh.shape["tensor"] == 0 else None
+    length_axis = "context" if context > 1 else None
+    q_spec, kv_spec = P(tuple(batch_axes), length_axis, head_axis, None), P(tuple(batch_axes), None, head_axis, None)
+    seg_q, seg_kv = P(tuple(batch_axes), length_axis), P(tuple(batch_axes), None)
+    return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_q, seg_kv), out_specs=q_spec,
+                         check_vma=False)(q_bshe, k_bske, v_bske, segment_ids_bs, segment_ids_bs)
+
+
+def index_masking_agrees(positions_bs, segment_ids_bs) -> bool:
+    """True when masking by array index (the fused kernels) equals masking by position (`attend`) for this concrete
+    batch: inside every document positions step by one. Padding (segment 0) is exempt."""
+    import numpy as np
+
+    pos, seg = np.asarray(positions_bs), np.asarray(segment_ids_bs)
+    same_doc = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0)
+    return bool(np.all(np.where(same_doc, pos[:, 1:] - pos[:, :-1] == 1, True)))

@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from analogjax.errors import UserError, check_choice
+from analogjax.models.attention import KERNELS
 
 FULL, SLIDING = "full", "sliding"  # the two attention kinds a layer can have
 
@@ -130,6 +131,9 @@ class ModelConfig:
     norm_offset: float = 0.0  # Gemma: RMSNorm scales by (offset + weight), offset 1
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
     remat: str = "none"  # none | block (recompute each block's activations in the backward pass)
+    # Attention kernel (models/attention.py): auto (TPU: splash, GPU: cudnn, CPU: xla; xla where the fused kernel
+    # cannot do this model's windows/soft-cap/dtype) | xla (materialises [s, s] scores) | splash | cudnn.
+    attention: str = "auto"
     # --- architecture options of newer families; every default is the plain Llama decoder ---
     # Where the block's RMSNorms sit. pre: x + f(norm(x)) (Llama). sandwich: x + post_norm(f(norm(x))) (Gemma 2/3).
     # post: x + post_norm(f(x)) (OLMo 2).
@@ -192,6 +196,7 @@ class ModelConfig:
         if self.dim_per_head % 2:
             raise UserError(f"{prefix}.head_dim must be even for rotary embeddings, got {self.dim_per_head}")
         choices = {"activation": ("silu", "gelu_tanh"), "dtype": ("float32", "bfloat16"), "remat": ("none", "block"),
+                   "attention": KERNELS,
                    "norm_placement": ("pre", "sandwich", "post"), "qk_norm_scope": ("head", "all_heads")}
         for name, allowed in choices.items():
             check_choice(f"{prefix}.{name}", getattr(self, name), allowed)
@@ -261,4 +266,4 @@ PRESETS: dict[str, ModelConfig] = {
 
 # The fields `like_teacher` may override: size only. Everything else (family, norms, RoPE, attention pattern,
 # activation, vocabulary) comes from the teacher.
-SIZE_FIELDS = ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff", "dtype", "remat")
+SIZE_FIELDS = ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff", "dtype", "remat", "attention")

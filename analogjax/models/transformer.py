@@ -16,6 +16,7 @@ f ffn width, v vocabulary, l layers.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -25,7 +26,7 @@ import numpy as np
 
 from analogjax.errors import UserError
 from analogjax.models import rope as rope_lib
-from analogjax.models.attention import allowed, attend
+from analogjax.models.attention import allowed, attend, self_attention
 from analogjax.models.config import SLIDING, ModelConfig, RopeScaling
 from analogjax.models.moe import MoE, RouterStats
 
@@ -133,9 +134,9 @@ class Attention(nn.Module):
         kk = rope_lib.apply(kk, positions_bs, inv_freq, factor)
         scale = (cfg.query_scalar or e) ** -0.5
         if cache is None:
-            out = attend(q, kk, v, positions_bs, positions_bs, segment_ids_bs, segment_ids_bs, scale=scale,
-                         window=window, softcap=cfg.attn_softcap)
-        else:
+            out = self_attention(q, kk, v, positions_bs, segment_ids_bs, scale=scale, window=window,
+                                 softcap=cfg.attn_softcap, kernel=cfg.attention)
+        else:  # decoding: a few new queries against the cache, on the XLA core (scores are [new, cache] only)
             index = cache["index"]
             written = {"k": write_slots(cache["k"], kk, index), "v": write_slots(cache["v"], v, index)}
             out = attend(q, written["k"], written["v"], positions_bs, cache["positions"], segment_ids_bs,
@@ -392,7 +393,10 @@ class Transformer:
     def init_boxed(self, rng: jax.Array):
         """Params boxed with logical axis names (feed to `mesh.init_sharded` / `mesh.abstract_sharded`)."""
         tokens = jnp.zeros((1, 8), jnp.int32)
-        return Decoder(self.cfg).init(rng, tokens, jnp.ones_like(tokens), jnp.zeros_like(tokens))
+        # Parameters do not depend on the attention kernel; init traces on whatever host builds them (a CPU
+        # planning a TPU slice), so it runs the XLA core whatever model.attention asks of the real forward.
+        cfg = dataclasses.replace(self.cfg, attention="xla")
+        return Decoder(cfg).init(rng, tokens, jnp.ones_like(tokens), jnp.zeros_like(tokens))
 
     def features(self, params, tokens_bs, segment_ids_bs=None, positions_bs=None, collect_layers=False,
                  applies_final_softcap=False) -> Features:
