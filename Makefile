@@ -32,7 +32,11 @@ demo: $(BIN)/.teacher
 demo-self: $(BIN)/.installed-demo
 	$(BIN)/analogjax demo --teacher self --workdir $(WORKDIR)-self
 
+# The linters first (rules in pyproject.toml): a style or type error fails the run as a failing test does.
 test: $(BIN)/.installed-test
+	$(BIN)/ruff check analogjax tests bench launch
+	$(BIN)/ruff format --check analogjax tests bench launch
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q tests
 
 bench: $(BIN)/.installed-test

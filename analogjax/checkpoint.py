@@ -62,16 +62,30 @@ class Checkpointer:
     """The workdir's checkpoint manager: save every `every` steps, keep the latest `keep` (and the best
     `keep_best` by `best_metric`), restore onto any mesh."""
 
-    def __init__(self, directory: str | Path, *, every: int = 0, keep: int = 3, async_save: bool = True,
-                 keep_best: int = 0, best_metric: str = "loss", best_mode: str = "min", compression: bool = False):
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        every: int = 0,
+        keep: int = 3,
+        async_save: bool = True,
+        keep_best: int = 0,
+        best_metric: str = "loss",
+        best_mode: str = "min",
+        compression: bool = False,
+    ):
         self.directory = Path(directory).absolute()
         self.every = every
         self.best_metric = best_metric
         _discard_partial_saves(self.directory)
         preserve = policies.LatestN(n=keep)
         if keep_best:
-            best = policies.BestN(get_metric_fn=lambda metrics: metrics[best_metric], reverse=best_mode == "max",
-                                  n=keep_best, keep_checkpoints_without_metrics=False)
+            best = policies.BestN(
+                get_metric_fn=lambda metrics: metrics[best_metric],
+                reverse=best_mode == "max",
+                n=keep_best,
+                keep_checkpoints_without_metrics=False,
+            )
             preserve = policies.AnyPreservationPolicy([preserve, best])
         # A single process saves on this class's writer thread (see `save`), Orbax synchronously there. With several
         # processes, Orbax's save synchronises them by device collectives (barriers, broadcasts), which must be
@@ -89,12 +103,20 @@ class Checkpointer:
         # little and its CPU work competes with the training step on hosts whose cores the step uses.
         arrays = ocp.PyTreeCheckpointHandler(use_compression=compression)
         self.manager = ocp.CheckpointManager(
-            self.directory, options=options,
-            item_handlers={"params": arrays, "train": arrays, "meta": ocp.JsonCheckpointHandler(),
-                           "data": grain.checkpoint.CheckpointHandler()},
+            self.directory,
+            options=options,
+            item_handlers={
+                "params": arrays,
+                "train": arrays,
+                "meta": ocp.JsonCheckpointHandler(),
+                "data": grain.checkpoint.CheckpointHandler(),
+            },
         )
-        self._writer = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer",
-                                           initializer=_lowest_cpu_priority) if writer_thread else None)
+        self._writer = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer", initializer=_lowest_cpu_priority)
+            if writer_thread
+            else None
+        )
         self._pending: Future | None = None
 
     def should_save(self, step: int) -> bool:
@@ -109,8 +131,11 @@ class Checkpointer:
             missing = _missing_files(self.directory / str(step))
             if not missing:
                 return step
-            print(f"warning: skipping incomplete checkpoint {self.directory / str(step)} (missing "
-                  f"{', '.join(missing[:3])}); resuming from an earlier one", file=sys.stderr)
+            print(
+                f"warning: skipping incomplete checkpoint {self.directory / str(step)} (missing "
+                f"{', '.join(missing[:3])}); resuming from an earlier one",
+                file=sys.stderr,
+            )
         return None
 
     def save(self, step: int, state, data_iterator, meta: dict[str, Any], metrics: dict[str, float] | None = None):
@@ -118,9 +143,15 @@ class Checkpointer:
         (multi-process: done), and the caller may donate `state` right away. The data iterator's position is read
         now, at the step boundary; `metrics` (the step's logged record) rank the checkpoint for `keep_best`. At most
         one save is in flight: a save waits for the previous one, and raises its error if it failed."""
-        arrays = {"params": state.params["model"],
-                  "train": {"step": state.step, "opt_state": state.opt_state, "rng": state.rng,
-                            "hidden_proj": state.params.get("hidden_proj", {})}}
+        arrays = {
+            "params": state.params["model"],
+            "train": {
+                "step": state.step,
+                "opt_state": state.opt_state,
+                "rng": state.rng,
+                "hidden_proj": state.params.get("hidden_proj", {}),
+            },
+        }
         data = None if data_iterator is None else _IteratorPosition(data_iterator)
         meta = dict(meta, step=step, saved_at=_now())
         ranked = {k: float(v) for k, v in (metrics or {}).items() if k == self.best_metric}
@@ -131,8 +162,11 @@ class Checkpointer:
         self._pending = self._writer.submit(self._write, step, _copy_to_host(arrays), data, meta, ranked)
 
     def _write(self, step: int, arrays, data, meta, ranked) -> None:
-        items = dict(params=ocp.args.PyTreeSave(arrays["params"]), train=ocp.args.PyTreeSave(arrays["train"]),
-                     meta=ocp.args.JsonSave(meta))
+        items = dict(
+            params=ocp.args.PyTreeSave(arrays["params"]),
+            train=ocp.args.PyTreeSave(arrays["train"]),
+            meta=ocp.args.JsonSave(meta),
+        )
         if data is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data)
         self.manager.save(step, args=ocp.args.Composite(**items), metrics=ranked or None, force=True)
@@ -145,20 +179,28 @@ class Checkpointer:
     def restore(self, step: int, abstract_state, data_iterator) -> Any:
         """Restore onto the shardings carried by `abstract_state` (ShapeDtypeStructs): arrays land on their devices.
         `data_iterator=None` leaves the data position alone (the caller starts the data afresh)."""
-        train_target = {"step": abstract_state.step, "opt_state": abstract_state.opt_state,
-                        "rng": abstract_state.rng, "hidden_proj": abstract_state.params.get("hidden_proj", {})}
+        train_target = {
+            "step": abstract_state.step,
+            "opt_state": abstract_state.opt_state,
+            "rng": abstract_state.rng,
+            "hidden_proj": abstract_state.params.get("hidden_proj", {}),
+        }
         items = dict(
             params=_restore_onto(abstract_state.params["model"]),
             train=_restore_onto(train_target),
         )
         if data_iterator is not None:
-            data_file = (self.directory / str(step) / "data"
-                         / f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+            data_file = (
+                self.directory / str(step) / "data" / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+            )
             if data_file.exists():
                 items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
             else:  # saved by another number of processes: their data positions do not map onto ours
-                print(f"warning: checkpoint {step} holds no data position for {jax.process_count()} process(es); "
-                      "the data order restarts from the beginning", file=sys.stderr)
+                print(
+                    f"warning: checkpoint {step} holds no data position for {jax.process_count()} process(es); "
+                    "the data order restarts from the beginning",
+                    file=sys.stderr,
+                )
         where = f"{self.directory / str(step)} does not fit this run's model or optimizer"
         _check_shapes(self.directory / str(step) / "params", abstract_state.params["model"], where)
         _check_shapes(self.directory / str(step) / "train", train_target, where)
@@ -170,8 +212,7 @@ class Checkpointer:
         params = {"model": restored["params"]}
         if "hidden_proj" in abstract_state.params:
             params["hidden_proj"] = train["hidden_proj"]
-        return abstract_state.replace(step=train["step"], params=params, opt_state=train["opt_state"],
-                                      rng=train["rng"])
+        return abstract_state.replace(step=train["step"], params=params, opt_state=train["opt_state"], rng=train["rng"])
 
     def meta(self, step: int) -> dict[str, Any]:
         return json.loads((self.directory / str(step) / "meta" / "metadata").read_text())
@@ -207,11 +248,13 @@ def _copy_to_host(arrays):
     """Start copying `arrays` into pinned host memory, each keeping its sharding. Asynchronous: the runtime orders
     any later step that donates the originals after this copy. A backend without pinned host memory gets an
     on-device copy instead (a second copy of the state in device memory until it is written)."""
+
     def host_copy(x):
         device = next(iter(x.sharding.addressable_devices))
         if "pinned_host" in {m.kind for m in device.addressable_memories()}:
             return jax.device_put(x, x.sharding.with_memory_kind("pinned_host"))
         return x.copy()
+
     return jax.tree.map(host_copy, arrays)
 
 
@@ -229,8 +272,14 @@ def _lowest_cpu_priority() -> None:
 def _missing_files(step_dir: Path) -> list[str]:
     """What a complete step folder lacks. Orbax writes these last-ish per item; a step missing any was cut or
     damaged after the fact (a finished save always has them all)."""
-    required = ["_CHECKPOINT_METADATA", "params/_METADATA", "params/manifest.ocdbt", "train/_METADATA",
-                "train/manifest.ocdbt", "meta/metadata"]
+    required = [
+        "_CHECKPOINT_METADATA",
+        "params/_METADATA",
+        "params/manifest.ocdbt",
+        "train/_METADATA",
+        "train/manifest.ocdbt",
+        "meta/metadata",
+    ]
     return [name for name in required if not (step_dir / name).exists()]
 
 
@@ -240,20 +289,20 @@ def _discard_partial_saves(directory: Path) -> None:
     if jax.process_index() != 0 or not directory.is_dir():
         return
     for leftover in sorted(directory.glob(f"*{TMP_MARKER}*")):
-        print(f"warning: discarding partially written checkpoint {leftover} (a save was interrupted)",
-              file=sys.stderr)
+        print(f"warning: discarding partially written checkpoint {leftover} (a save was interrupted)", file=sys.stderr)
         shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 @functools.cache
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
@@ -270,10 +319,17 @@ def provenance(mesh) -> dict[str, Any]:
             return None
 
     return {
-        "analogjax": pkg("analogjax"), "git_commit": _git_commit(), "jax": jax.__version__,
-        "orbax": pkg("orbax-checkpoint"), "grain": pkg("grain"), "python": platform.python_version(),
-        "backend": jax.default_backend(), "process_count": jax.process_count(),
-        "device_count": jax.device_count(), "mesh": dict(mesh.shape), "host": platform.node(),
+        "analogjax": pkg("analogjax"),
+        "git_commit": _git_commit(),
+        "jax": jax.__version__,
+        "orbax": pkg("orbax-checkpoint"),
+        "grain": pkg("grain"),
+        "python": platform.python_version(),
+        "backend": jax.default_backend(),
+        "process_count": jax.process_count(),
+        "device_count": jax.device_count(),
+        "mesh": dict(mesh.shape),
+        "host": platform.node(),
     }
 
 
@@ -315,8 +371,11 @@ def restore_params(directory: str | Path, abstract_params, step: int | None = No
     directory = Path(directory).absolute()
     if not directory.is_dir():
         raise UserError(f"checkpoint directory not found: {directory}")
-    manager = ocp.CheckpointManager(directory, item_names=ITEMS, options=ocp.CheckpointManagerOptions(
-        read_only=True, create=False, cleanup_tmp_directories=False))
+    manager = ocp.CheckpointManager(
+        directory,
+        item_names=ITEMS,
+        options=ocp.CheckpointManagerOptions(read_only=True, create=False, cleanup_tmp_directories=False),
+    )
     try:
         if step is None:
             complete = [s for s in manager.all_steps() if not _missing_files(directory / str(s))]
@@ -326,8 +385,7 @@ def restore_params(directory: str | Path, abstract_params, step: int | None = No
         where = f"{directory}: checkpoint {step} does not fit this model"
         _check_shapes(directory / str(step) / "params", abstract_params, where)
         try:
-            restored = manager.restore(step, args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(abstract_params)))
+            restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
         except (ValueError, KeyError, FileNotFoundError) as exc:
             raise UserError(f"{where}: {str(exc).splitlines()[0]}") from None
     finally:
@@ -349,8 +407,11 @@ def _check_shapes(item_dir: Path, abstract: Any, where: str) -> None:
 
     def shapes(tree):
         leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-        return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(leaf.shape)
-                for path, leaf in leaves if hasattr(leaf, "shape")}
+        return {
+            jax.tree_util.keystr(path, simple=True, separator="/"): tuple(leaf.shape)
+            for path, leaf in leaves
+            if hasattr(leaf, "shape")
+        }
 
     stored, wanted = shapes(stored_tree), shapes(abstract)
     for key in sorted(stored.keys() | wanted.keys()):

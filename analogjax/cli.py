@@ -22,12 +22,16 @@ COMMANDS = {
     "demo": ("analogjax.commands.demo", "the whole analog workflow on an embedded corpus, nothing downloaded"),
     "distill": ("analogjax.commands.distill", "distill a teacher into a student from a config"),
     "prepare": ("analogjax.commands.prepare", "tokenize a text corpus into shards"),
-    "compile-check": ("analogjax.commands.compile_check",
-                      "compile the distill step for a TPU topology: memory, FLOPs, fit"),
+    "compile-check": (
+        "analogjax.commands.compile_check",
+        "compile the distill step for a TPU topology: memory, FLOPs, fit",
+    ),
     "cache-teacher": ("analogjax.commands.cache_teacher", "cache a teacher's top-k or sampled logits for distill"),
     "eval": ("analogjax.commands.eval", "fidelity of an analog to its teacher: KL, agreement, ECE, CKA, plots"),
-    "transfer": ("analogjax.commands.transfer",
-                 "do the analog's stitching maps, probes and steering directions hold on the teacher?"),
+    "transfer": (
+        "analogjax.commands.transfer",
+        "do the analog's stitching maps, probes and steering directions hold on the teacher?",
+    ),
     "export": ("analogjax.commands.export", "write a run's student as a Hugging Face folder"),
     "release": ("analogjax.commands.release", "HF folder + fidelity report + model card for a finished run"),
     "config": ("analogjax.commands.config", "print the fully resolved config a run would use (--explain: sources)"),
@@ -63,8 +67,12 @@ def skip_absent_tpu(environ=os.environ) -> None:
     from analogjax.distributed import detected_platform
 
     tpu_hints = ("TPU_ACCELERATOR_TYPE", "TPU_NAME", "COLAB_TPU_ADDR", "TPU_WORKER_HOSTNAMES")
-    if (detected_platform(environ) == "tpu" or any(k in environ for k in tpu_hints)
-            or glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")):
+    if (
+        detected_platform(environ) == "tpu"
+        or any(k in environ for k in tpu_hints)
+        or glob.glob("/dev/accel*")
+        or glob.glob("/dev/vfio/[0-9]*")
+    ):
         return
     cuda = any(importlib.util.find_spec(name) for name in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
     environ["JAX_PLATFORMS"] = "cuda,cpu" if cuda else "cpu"
@@ -111,8 +119,14 @@ def main(argv: list[str] | None = None) -> int:
 def add_config_arguments(parser: argparse.ArgumentParser, *, config_required: bool = True) -> None:
     """--config FILE and repeated --set key=value, shared by every command that reads a config."""
     parser.add_argument("--config", required=config_required, help="YAML config file")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one config key, e.g. --set train.steps=200 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key, e.g. --set train.steps=200 (repeatable)",
+    )
 
 
 if __name__ == "__main__":

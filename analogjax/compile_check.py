@@ -16,7 +16,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,8 +48,19 @@ ALIASES = {"v5litepod": "v5e", "v5lite": "v5e"}
 
 # Chip grids of the standard slice shapes, by chip count: as cube-like as the powers of two allow (3-D), or a
 # rectangle with the longer side last (2-D), which is how Cloud TPU lays slices out.
-_GRIDS_3D = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4), 128: (4, 4, 8),
-             256: (4, 8, 8), 512: (8, 8, 8), 1024: (8, 8, 16), 2048: (8, 16, 16), 4096: (16, 16, 16)}
+_GRIDS_3D = {
+    4: (2, 2, 1),
+    8: (2, 2, 2),
+    16: (2, 2, 4),
+    32: (2, 4, 4),
+    64: (4, 4, 4),
+    128: (4, 4, 8),
+    256: (4, 8, 8),
+    512: (8, 8, 8),
+    1024: (8, 8, 16),
+    2048: (8, 16, 16),
+    4096: (16, 16, 16),
+}
 _GRIDS_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)}
 _CHIPS_PER_HOST = {3: 4, 2: 4}  # multi-host slices: 4 chips per host (a 2x2 block); v5e/v6e-8 and smaller are one host
 
@@ -82,8 +92,10 @@ def parse_topology(name: str) -> Topology:
     gen = GENERATIONS[family]
     units = int(count)
     if units % gen.cores_per_name_unit:
-        raise UserError(f"--topology {name}: {family} slice names count TensorCores ({gen.cores_per_name_unit} per "
-                        "chip), so the number must be even")
+        raise UserError(
+            f"--topology {name}: {family} slice names count TensorCores ({gen.cores_per_name_unit} per "
+            "chip), so the number must be even"
+        )
     chips = units // gen.cores_per_name_unit
     grids = _GRIDS_3D if gen.dims == 3 else _GRIDS_2D
     if chips not in grids:
@@ -106,15 +118,16 @@ def topology_devices(topology: Topology) -> list:
     gen = topology.generation
     single_host = topology.hosts == 1
     host_bounds = (*topology.grid, 1)[:3] if single_host else (2, 2, 1)
-    kwargs: dict[str, Any] = dict(chips_per_host_bounds=host_bounds,
-                                  wrap=(topology.chips >= 64 and gen.dims == 3,) * 3)
+    kwargs: dict[str, Any] = dict(chips_per_host_bounds=host_bounds, wrap=(topology.chips >= 64 and gen.dims == 3,) * 3)
     if gen.chip_config:
         kwargs["chip_config_name"] = gen.chip_config
     desc = topologies.get_topology_desc(topology.libtpu_name, "tpu", **kwargs)
     devices = list(desc.devices)
     if len(devices) != topology.chips:
-        raise UserError(f"libtpu described {topology.libtpu_name} with {len(devices)} devices, expected "
-                        f"{topology.chips}; is libtpu too old or too new for this jax?")
+        raise UserError(
+            f"libtpu described {topology.libtpu_name} with {len(devices)} devices, expected "
+            f"{topology.chips}; is libtpu too old or too new for this jax?"
+        )
     return devices
 
 
@@ -151,11 +164,14 @@ class Plan:
         compute uses the model count (plus remat's recomputation) when that is larger; HBM traffic is XLA's
         count (a lower bound for the same reason); ICI is the weight gathers and gradient reductions."""
         gen = self.topology.generation
-        compute = max(self.xla_flops_per_chip,
-                      (self.model_flops_per_step + self.recompute_flops_per_step) / self.topology.chips)
-        return {"compute": compute / gen.peak_bf16_flops,
-                "hbm": self.xla_bytes_accessed_per_chip / gen.hbm_bytes_per_s,
-                "ici": self.ici_bytes_per_chip / gen.ici_bytes_per_s}
+        compute = max(
+            self.xla_flops_per_chip, (self.model_flops_per_step + self.recompute_flops_per_step) / self.topology.chips
+        )
+        return {
+            "compute": compute / gen.peak_bf16_flops,
+            "hbm": self.xla_bytes_accessed_per_chip / gen.hbm_bytes_per_s,
+            "ici": self.ici_bytes_per_chip / gen.ici_bytes_per_s,
+        }
 
     @property
     def step_seconds(self) -> float:
@@ -199,10 +215,10 @@ def compile_plan(config, topology: Topology) -> Plan:
     import jax
 
     from analogjax import mesh as mesh_lib
+    from analogjax.data.batch import abstract_batch
     from analogjax.flops import distill_flops_per_step, forward_flops_per_token
     from analogjax.models.transformer import Transformer
     from analogjax.objective import check_distill, needs_teacher
-    from analogjax.data.batch import abstract_batch
     from analogjax.setup import abstract_state, build_mesh, check_vocab, jit_distill_step
     from analogjax.step import make_optimizer
     from analogjax.teacher import model_teacher
@@ -220,11 +236,14 @@ def compile_plan(config, topology: Topology) -> Plan:
 
         saved = read_provenance(config.teacher.cache)
         if saved is None:
-            raise UserError(f"teacher.cache: {config.teacher.cache} holds no teacher cache (its layout sets the "
-                            "batch compile-check compiles); run cache-teacher first")
+            raise UserError(
+                f"teacher.cache: {config.teacher.cache} holds no teacher cache (its layout sets the "
+                "batch compile-check compiles); run cache-teacher first"
+            )
         cache_fields = cache_batch_fields(CacheLayout(**saved["layout"]))
-        teacher = Teacher(from_batch=sparse_teacher_from_batch, rules=mesh_lib.TEACHER_RULES,
-                          vocab_size=saved["vocab_size"])
+        teacher = Teacher(
+            from_batch=sparse_teacher_from_batch, rules=mesh_lib.TEACHER_RULES, vocab_size=saved["vocab_size"]
+        )
     elif needs_teacher(config.distill):
         teacher_model = Transformer(config.teacher.model)
         teacher = model_teacher(teacher_model, mesh_lib.TEACHER_RULES)
@@ -252,10 +271,12 @@ def compile_plan(config, topology: Topology) -> Plan:
         code_bytes=int(memory.generated_code_size_in_bytes),
         xla_flops_per_chip=float(cost.get("flops", 0.0)),
         xla_bytes_accessed_per_chip=float(cost.get("bytes accessed", 0.0)),
-        model_flops_per_step=distill_flops_per_step(config.model, config.teacher.model if live else None,
-                                                    tokens, config.data.seq_len),
-        recompute_flops_per_step=(forward_flops_per_token(config.model, config.data.seq_len) * tokens
-                                  if config.model.remat != "none" else 0.0),
+        model_flops_per_step=distill_flops_per_step(
+            config.model, config.teacher.model if live else None, tokens, config.data.seq_len
+        ),
+        recompute_flops_per_step=(
+            forward_flops_per_token(config.model, config.data.seq_len) * tokens if config.model.remat != "none" else 0.0
+        ),
         ici_bytes_per_chip=ici_bytes_per_chip(config, dict(mesh.shape), with_teacher=live),
         tokens_per_step=tokens,
     )

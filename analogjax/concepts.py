@@ -24,8 +24,9 @@ import json
 import keyword
 import token
 import tokenize
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -34,8 +35,9 @@ from analogjax.errors import UserError
 PYTHON_CONCEPTS = ("python_string", "python_comment", "python_keyword", "python_number")
 TEXT_CONCEPTS = ("in_brackets", "digit")
 BUILTIN_CONCEPTS = PYTHON_CONCEPTS + TEXT_CONCEPTS
-_STRING_TYPES = {token.STRING} | {getattr(token, n) for n in ("FSTRING_START", "FSTRING_MIDDLE", "FSTRING_END")
-                                   if hasattr(token, n)}
+_STRING_TYPES = {token.STRING} | {
+    getattr(token, n) for n in ("FSTRING_START", "FSTRING_MIDDLE", "FSTRING_END") if hasattr(token, n)
+}
 _OPEN, _CLOSE = "([{", ")]}"
 _USER_FIELDS = ("concept", "text", "spans")
 
@@ -112,10 +114,11 @@ def encode_with_offsets(tokenizer, text: str) -> tuple[np.ndarray, np.ndarray]:
         return np.frombuffer(encoded, np.uint8).astype(np.int32), offsets.astype(np.int64)
     if tokenizer.kind == "hf":
         encoding = _hf_tokenizer(tokenizer.path).encode(text, add_special_tokens=False)
-        return (np.asarray(encoding.ids, np.int32),
-                np.asarray(encoding.offsets, np.int64).reshape(-1, 2))
-    raise UserError(f"a {tokenizer.kind} tokenizer gives no character offsets: token-level concepts cannot be "
-                    "labelled (use a HF tokenizers JSON file or bytes)")
+        return (np.asarray(encoding.ids, np.int32), np.asarray(encoding.offsets, np.int64).reshape(-1, 2))
+    raise UserError(
+        f"a {tokenizer.kind} tokenizer gives no character offsets: token-level concepts cannot be "
+        "labelled (use a HF tokenizers JSON file or bytes)"
+    )
 
 
 _HF_CACHE: dict = {}
@@ -158,8 +161,9 @@ def builtin_labels(text: str, offsets_n2: np.ndarray) -> dict[str, np.ndarray]:
     python = python_spans(text)
     out = {name: labels_from_spans(offsets_n2, s) for name, s in spans.items()}
     for name in PYTHON_CONCEPTS:
-        out[name] = (labels_from_spans(offsets_n2, python[name]) if python is not None
-                     else np.full(len(offsets_n2), -1, np.int8))
+        out[name] = (
+            labels_from_spans(offsets_n2, python[name]) if python is not None else np.full(len(offsets_n2), -1, np.int8)
+        )
     return {name: out[name] for name in BUILTIN_CONCEPTS}
 
 
@@ -205,8 +209,10 @@ def read_user_concepts(path: str | Path) -> list[UserConcept]:
                 raise UserError(f"{where}: span {span!r} is not a [start, end] pair of integers")
             start, end = span
             if not 0 <= start < end <= len(text):
-                raise UserError(f"{where}: span [{start}, {end}] is not inside the text ({len(text)} characters; "
-                                "0 <= start < end <= length)")
+                raise UserError(
+                    f"{where}: span [{start}, {end}] is not inside the text ({len(text)} characters; "
+                    "0 <= start < end <= length)"
+                )
             checked.append((start, end))
         out.append(UserConcept(name, text, tuple(checked)))
     if not out:
@@ -254,8 +260,11 @@ def heldout_texts(data, vocab_size: int):
                 if k < len(ids):
                     index = int(ids[k])
                     # A text-files source may answer with cached token ids: read the text itself for its offsets.
-                    value = (source.read_text(*source.locate(index)) if isinstance(source, TextFilesSource)
-                             else source[index])
+                    value = (
+                        source.read_text(*source.locate(index))
+                        if isinstance(source, TextFilesSource)
+                        else source[index]
+                    )
                     yield (value, None) if isinstance(value, str) else (None, np.asarray(value, np.int32))
 
     return tokenizer, sum(len(ids) for ids in heldout), documents()
@@ -288,16 +297,21 @@ def labelled_rows(data, vocab_size: int, *, rows: int, user: Sequence[UserConcep
             reason = "the held-out documents are token ids without their text"
         part = "fit" if k % 2 == 0 else "eval"
         counts[part] += 1
-        builder.add(ids, {column[n]: v for n, v in labels.items()}, fit=part == "fit",
-                    limit=min(per_document, rows - len(builder.rows)))
+        builder.add(
+            ids,
+            {column[n]: v for n, v in labels.items()},
+            fit=part == "fit",
+            limit=min(per_document, rows - len(builder.rows)),
+        )
     if not builder.rows:
         raise UserError("the held-out split gave no documents: raise data.heldout_fraction or add documents")
     seen: dict[str, int] = {}
     for concept in user:
         ids, offsets = encode_with_offsets(tokenizer, concept.text)
         k = seen[concept.concept] = seen.get(concept.concept, -1) + 1
-        builder.add(ids, {column[concept.concept]: labels_from_spans(offsets, concept.spans)}, fit=k % 2 == 0,
-                    limit=None)
+        builder.add(
+            ids, {column[concept.concept]: labels_from_spans(offsets, concept.spans)}, fit=k % 2 == 0, limit=None
+        )
     return LabelledRows(*builder.arrays(), concepts=names, unlabelled_reason=reason, documents=counts)
 
 
@@ -311,14 +325,15 @@ class _RowBuilder:
         self.rows: list[tuple[np.ndarray, np.ndarray, bool]] = []
 
     def add(self, ids: np.ndarray, labels: dict[int, np.ndarray], *, fit: bool, limit: int | None) -> None:
-        ids = np.concatenate([np.asarray(self.head, np.int32), np.asarray(ids, np.int32),
-                              np.asarray(self.tail, np.int32)])
+        ids = np.concatenate(
+            [np.asarray(self.head, np.int32), np.asarray(ids, np.int32), np.asarray(self.tail, np.int32)]
+        )
         table = np.full((len(ids), self.n_concepts), -1, np.int8)  # specials stay unlabelled
         for c, values in labels.items():
-            table[len(self.head):len(ids) - len(self.tail), c] = values
+            table[len(self.head) : len(ids) - len(self.tail), c] = values
         for start in range(0, len(ids), self.seq_len)[:limit]:
             if len(ids) - start >= 2:  # a row needs a next token to predict
-                self.rows.append((ids[start:start + self.seq_len], table[start:start + self.seq_len], fit))
+                self.rows.append((ids[start : start + self.seq_len], table[start : start + self.seq_len], fit))
 
     def arrays(self):
         r, s = len(self.rows), self.seq_len
@@ -326,12 +341,12 @@ class _RowBuilder:
         segment_ids = np.zeros((r, s), np.int32)
         labels = np.full((r, s, self.n_concepts), -1, np.int8)
         for k, (ids, table, _) in enumerate(self.rows):
-            tokens[k, :len(ids)], segment_ids[k, :len(ids)], labels[k, :len(ids)] = ids, 1, table
+            tokens[k, : len(ids)], segment_ids[k, : len(ids)], labels[k, : len(ids)] = ids, 1, table
         positions = np.where(segment_ids > 0, np.arange(s, dtype=np.int32), 0).astype(np.int32)
         targets = np.full_like(tokens, self.pad_id)
         targets[:, :-1] = tokens[:, 1:]
         loss_mask = np.zeros((r, s), np.float32)
-        loss_mask[:, :-1] = (segment_ids[:, 1:] > 0)
+        loss_mask[:, :-1] = segment_ids[:, 1:] > 0
         fit = np.asarray([f for _, _, f in self.rows], bool)
         return tokens, segment_ids, positions, targets, loss_mask, fit, labels
 
@@ -343,8 +358,9 @@ def marker_tokens(tokens_rs, targets_rs, mask_rs, labels_rs, k: int = MARKERS) -
     if not len(after_pos) or not len(after_neg):
         return []
     size = int(max(tokens_rs.max(), targets_rs.max())) + 1
-    excess = (np.bincount(after_pos, minlength=size) / len(after_pos)
-              - np.bincount(after_neg, minlength=size) / len(after_neg))
+    excess = np.bincount(after_pos, minlength=size) / len(after_pos) - np.bincount(after_neg, minlength=size) / len(
+        after_neg
+    )
     order = np.argsort(-excess, kind="stable")[:k]
     return [int(t) for t in order if excess[t] > 0]
 
@@ -359,19 +375,27 @@ def measurable(rows: LabelledRows, user_names) -> tuple[list[int], list[list[int
             for kind, value in (("positive", 1), ("negative", 0)):
                 if reason is None and not np.any(labels[in_part] == value):
                     reason = f"no {kind} tokens in the {part} part of its texts"
-        found = [] if reason else marker_tokens(rows.tokens[rows.fit], rows.targets[rows.fit],
-                                                rows.loss_mask[rows.fit], labels[rows.fit])
+        found = (
+            []
+            if reason
+            else marker_tokens(
+                rows.tokens[rows.fit], rows.targets[rows.fit], rows.loss_mask[rows.fit], labels[rows.fit]
+            )
+        )
         if reason is None and not found:
             reason = "no token follows its positions more often than other positions (no marker tokens)"
         if reason is None:
             measured.append(c)
             markers.append(found)
         elif name in user_names:
-            raise UserError(f"concept {name!r} cannot be measured: {reason} (its texts alternate fit, eval, fit, ... "
-                            "in file order: give at least two, each with tokens inside and outside the concept)")
+            raise UserError(
+                f"concept {name!r} cannot be measured: {reason} (its texts alternate fit, eval, fit, ... "
+                "in file order: give at least two, each with tokens inside and outside the concept)"
+            )
         elif name in BUILTIN_CONCEPTS:
             if not np.any(labels >= 0):  # nothing labelled at all: say why rather than "no positive tokens"
-                reason = rows.unlabelled_reason or ("no held-out document parses as Python" if name in PYTHON_CONCEPTS
-                                                    else "no held-out text")
+                reason = rows.unlabelled_reason or (
+                    "no held-out document parses as Python" if name in PYTHON_CONCEPTS else "no held-out text"
+                )
             skipped.append({"concept": name, "reason": reason})
     return measured, markers, skipped

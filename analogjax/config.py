@@ -19,7 +19,8 @@ from typing import Any, Union
 
 import yaml
 
-from analogjax.data.spec import DataConfig, validate as validate_data
+from analogjax.data.spec import DataConfig
+from analogjax.data.spec import validate as validate_data
 from analogjax.errors import UserError, check_choice
 from analogjax.models.config import SIZE_FIELDS, ModelConfig
 from analogjax.models.presets import PRESETS
@@ -46,17 +47,17 @@ class TeacherConfig:
         if raw.get("hf_path") and raw.get("gguf_path"):
             raise UserError(f"{prefix}: set hf_path or gguf_path, not both")
         if raw.get("gguf_path"):
-            from analogjax.models.gguf import model_config_from_gguf as read_shape
+            from analogjax.models.gguf import model_config_from_gguf
 
-            source = raw["gguf_path"]
+            shape = dataclasses.asdict(model_config_from_gguf(raw["gguf_path"]))
         elif raw.get("hf_path"):
-            from analogjax.models.hf import model_config_from_hf as read_shape
+            from analogjax.models.hf import model_config_from_hf
 
-            source = raw["hf_path"]
+            shape = dataclasses.asdict(model_config_from_hf(raw["hf_path"]))
         else:
             return raw
-        given = raw.get("model") if isinstance(raw.get("model"), dict) else {}
-        shape = dataclasses.asdict(read_shape(source))
+        model = raw.get("model")
+        given: dict = model if isinstance(model, dict) else {}
         return {**raw, "model": {**shape, **{k: given[k] for k in ("dtype", "remat") if k in given}}}
 
 
@@ -220,15 +221,19 @@ class Config:
         key = _join(prefix, "model")
         others = sorted(set(model) - {"like_teacher"})
         if others:
-            raise UserError(f"{key}.{others[0]}: with {key}.like_teacher every field but the size comes from the "
-                            f"teacher; size fields go inside like_teacher ({', '.join(SIZE_FIELDS)})")
+            raise UserError(
+                f"{key}.{others[0]}: with {key}.like_teacher every field but the size comes from the "
+                f"teacher; size fields go inside like_teacher ({', '.join(SIZE_FIELDS)})"
+            )
         sizes = model["like_teacher"] or {}
         if not isinstance(sizes, dict):
             raise UserError(f"{key}.like_teacher: expected a mapping of size fields, got {sizes!r}")
         for name in sizes:
             if name not in SIZE_FIELDS:
-                raise UserError(f"{key}.like_teacher.{name}: only size fields may differ from the teacher "
-                                f"({', '.join(SIZE_FIELDS)})")
+                raise UserError(
+                    f"{key}.like_teacher.{name}: only size fields may differ from the teacher "
+                    f"({', '.join(SIZE_FIELDS)})"
+                )
         teacher = from_dict(TeacherConfig, raw.get("teacher", {}), _join(prefix, "teacher"))
         shape = {k: v for k, v in to_dict(teacher.model).items() if k != "preset"}
         return {**raw, "model": {**shape, **sizes}}
@@ -271,7 +276,7 @@ def read_layers(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
         if loaded is not None and not isinstance(loaded, dict):
             raise UserError(f"{path}: the top level must be a mapping of sections")
         raw = loaded or {}
-    merged, given = copy.deepcopy(raw), {}
+    merged, given = copy.deepcopy(raw), {}  # type: dict[str, Any], dict[str, Any]
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
@@ -342,8 +347,12 @@ def _deep_merge(base: dict, top: dict) -> dict:
     for key, value in top.items():
         # A nested section naming a preset replaces the default wholesale: the preset fills its gaps. One that names
         # none replaces a default that is a preset too (the rule in _onto_field_defaults).
-        mergeable = (isinstance(value, dict) and isinstance(out.get(key), dict) and "preset" not in value
-                     and not _is_preset(out[key]))
+        mergeable = (
+            isinstance(value, dict)
+            and isinstance(out.get(key), dict)
+            and "preset" not in value
+            and not _is_preset(out[key])
+        )
         out[key] = _deep_merge(out[key], value) if mergeable else value
     return out
 

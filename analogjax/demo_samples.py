@@ -20,8 +20,13 @@ def heldout_prompts(config, count: int, prompt_tokens: int) -> list[list[int]]:
 
     prompts: list[list[int]] = []
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    for batch in heldout_batches(config.data, seed=config.train.seed, vocab_size=config.model.vocab_size,
-                                 sharding=sharding, batches=config.train.eval_batches):
+    for batch in heldout_batches(
+        config.data,
+        seed=config.train.seed,
+        vocab_size=config.model.vocab_size,
+        sharding=sharding,
+        batches=config.train.eval_batches,
+    ):
         tokens, segments, positions = (np.asarray(batch[k]) for k in ("tokens", "segment_ids", "positions"))
         for row in range(tokens.shape[0]):
             for start in np.flatnonzero((positions[row] == 0) & (segments[row] > 0)):
@@ -42,10 +47,10 @@ def teacher_logprob(teacher_model, prompts: list[list[int]], completions: list[l
     scored = np.zeros(tokens.shape, np.float32)
     for i, (p, c) in enumerate(zip(prompts, completions)):
         row = p + c
-        tokens[i, :len(row)] = row
-        segments[i, :len(row)] = 1
-        positions[i, :len(row)] = np.arange(len(row))
-        scored[i, len(p) - 1:len(row) - 1] = 1.0  # logits at position t score token t + 1
+        tokens[i, : len(row)] = row
+        segments[i, : len(row)] = 1
+        positions[i, : len(row)] = np.arange(len(row))
+        scored[i, len(p) - 1 : len(row) - 1] = 1.0  # logits at position t score token t + 1
     logits = np.asarray(teacher_model(tokens, jnp.asarray(segments), jnp.asarray(positions)), np.float64)
     logp = logits - logits.max(-1, keepdims=True)
     logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
@@ -54,8 +59,9 @@ def teacher_logprob(teacher_model, prompts: list[list[int]], completions: list[l
     return float((picked * scored).sum() / max(scored.sum(), 1.0))
 
 
-def continuations(models: dict[str, Any], tokenizer, prompts: list[list[int]], max_new_tokens: int,
-                  eos_ids=()) -> dict[str, Any]:
+def continuations(
+    models: dict[str, Any], tokenizer, prompts: list[list[int]], max_new_tokens: int, eos_ids=()
+) -> dict[str, Any]:
     """Greedy continuations by every model (name → Model) and the teacher's log-prob of each model's own text.
     models["teacher"] scores them all."""
     from analogjax.sampling import generate
@@ -72,8 +78,13 @@ def continuations(models: dict[str, Any], tokenizer, prompts: list[list[int]], m
 
 def markdown(samples: dict[str, Any]) -> str:
     """The continuations side by side: one section per prompt, one line per model."""
-    lines = ["## Samples", "", "Greedy continuations of held-out prompts; `teacher log-prob` is the teacher's mean "
-             "log-probability per token of that model's own continuation.", ""]
+    lines = [
+        "## Samples",
+        "",
+        "Greedy continuations of held-out prompts; `teacher log-prob` is the teacher's mean "
+        "log-probability per token of that model's own continuation.",
+        "",
+    ]
     names = list(samples["models"])
     lines += ["| model | teacher log-prob |", "|---|---|"]
     lines += [f"| {n} | {samples['models'][n]['teacher_logprob']:.3f} |" for n in names]
@@ -86,6 +97,7 @@ def markdown(samples: dict[str, Any]) -> str:
 
 def plain_text(samples: dict[str, Any], width: int = 100) -> str:
     """For the terminal: each prompt, then each model's continuation on one line (newlines shown as ⏎)."""
+
     def flat(text: str) -> str:
         return text.replace("\n", "⏎")[:width]
 

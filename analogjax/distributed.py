@@ -23,8 +23,8 @@ import argparse
 import glob
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 from analogjax.errors import UserError
 
@@ -59,15 +59,26 @@ class Cluster:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The multi-host flags of `analogjax distill` (each also readable from its environment variable)."""
     group = parser.add_argument_group("multi-host (default: detected on TPU pods and SLURM, else one process)")
-    group.add_argument("--coordinator", default=None, metavar="HOST:PORT",
-                       help=f"address of process 0's coordination service (env {ENV_COORDINATOR})")
-    group.add_argument("--num-processes", type=int, default=None, metavar="N",
-                       help=f"processes in the job (env {ENV_NUM_PROCESSES})")
-    group.add_argument("--process-id", type=int, default=None, metavar="I",
-                       help=f"this process's index, 0..N-1 (env {ENV_PROCESS_ID})")
-    group.add_argument("--heartbeat-timeout", type=int, default=None, metavar="SECONDS",
-                       help="abort when another process is silent this long "
-                            f"(env {ENV_HEARTBEAT}, default {DEFAULT_HEARTBEAT_TIMEOUT_S})")
+    group.add_argument(
+        "--coordinator",
+        default=None,
+        metavar="HOST:PORT",
+        help=f"address of process 0's coordination service (env {ENV_COORDINATOR})",
+    )
+    group.add_argument(
+        "--num-processes", type=int, default=None, metavar="N", help=f"processes in the job (env {ENV_NUM_PROCESSES})"
+    )
+    group.add_argument(
+        "--process-id", type=int, default=None, metavar="I", help=f"this process's index, 0..N-1 (env {ENV_PROCESS_ID})"
+    )
+    group.add_argument(
+        "--heartbeat-timeout",
+        type=int,
+        default=None,
+        metavar="SECONDS",
+        help="abort when another process is silent this long "
+        f"(env {ENV_HEARTBEAT}, default {DEFAULT_HEARTBEAT_TIMEOUT_S})",
+    )
 
 
 def cluster_from(args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None) -> Cluster | None:
@@ -97,8 +108,10 @@ def cluster_from(args: argparse.Namespace | None = None, environ: Mapping[str, s
     if any(v is not None for v in given.values()):
         missing = [name for name, v in given.items() if v is None]
         if missing:
-            raise UserError(f"{missing[0]} is required with the other multi-host flags (or set "
-                            f"{ENV_COORDINATOR}, {ENV_NUM_PROCESSES} and {ENV_PROCESS_ID} together)")
+            raise UserError(
+                f"{missing[0]} is required with the other multi-host flags (or set "
+                f"{ENV_COORDINATOR}, {ENV_NUM_PROCESSES} and {ENV_PROCESS_ID} together)"
+            )
         if not re.fullmatch(r"\[?[\w.:-]+\]?:\d+", coordinator):
             raise UserError(f"--coordinator must be HOST:PORT, got {coordinator!r}")
         if num_processes < 1:
@@ -139,12 +152,17 @@ def initialize(cluster: Cluster | None) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         if cluster.detected:
-            jax.distributed.initialize(heartbeat_timeout_seconds=cluster.heartbeat_timeout_s,
-                                       initialization_timeout=cluster.init_timeout_s)
+            jax.distributed.initialize(
+                heartbeat_timeout_seconds=cluster.heartbeat_timeout_s, initialization_timeout=cluster.init_timeout_s
+            )
         else:
-            jax.distributed.initialize(cluster.coordinator, cluster.num_processes, cluster.process_id,
-                                       heartbeat_timeout_seconds=cluster.heartbeat_timeout_s,
-                                       initialization_timeout=cluster.init_timeout_s)
+            jax.distributed.initialize(
+                cluster.coordinator,
+                cluster.num_processes,
+                cluster.process_id,
+                heartbeat_timeout_seconds=cluster.heartbeat_timeout_s,
+                initialization_timeout=cluster.init_timeout_s,
+            )
     except (RuntimeError, ValueError) as exc:  # unreachable coordinator, a timed-out peer, an undetectable platform
         where = "the detected cluster" if cluster.detected else f"coordinator {cluster.coordinator}"
         raise UserError(f"could not join the multi-process job at {where}: {str(exc).splitlines()[0]}") from None

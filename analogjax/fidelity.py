@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -30,16 +31,27 @@ TOP_K = 5
 # Cross-moment matrices of every (student, teacher) layer pair are kept only while they stay this small (elements);
 # beyond it only the matched pairs are measured.
 FULL_GRID_ELEMENTS = 1 << 24
-_SCALARS = ("count", "forward_kl", "reverse_kl", "jsd", "top1_agree", "topk_overlap", "student_nll", "teacher_nll",
-            "student_correct", "teacher_correct")
+_SCALARS = (
+    "count",
+    "forward_kl",
+    "reverse_kl",
+    "jsd",
+    "top1_agree",
+    "topk_overlap",
+    "student_nll",
+    "teacher_nll",
+    "student_correct",
+    "teacher_correct",
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Per-batch sums
 
 
-def token_sums(student_logits, teacher_logits, targets, loss_mask, source_ids, positions, *, n_sources: int,
-               seq_len: int) -> dict[str, jax.Array]:
+def token_sums(
+    student_logits, teacher_logits, targets, loss_mask, source_ids, positions, *, n_sources: int, seq_len: int
+) -> dict[str, jax.Array]:
     """Sums over the valid tokens of one batch, per source ([n_sources] or [n_sources, N_BINS]) and per position."""
     log_q = losses.log_softmax(student_logits)
     log_p = losses.log_softmax(teacher_logits)
@@ -62,8 +74,10 @@ def token_sums(student_logits, teacher_logits, targets, loss_mask, source_ids, p
     }
     by_source = (source_ids[..., None] == jnp.arange(n_sources)).astype(jnp.float32) * w[..., None]  # b s S
     sums = {k: jnp.einsum("bs,bsS->S", jnp.where(w > 0, v, 0.0), by_source) for k, v in per_token.items()}
-    for model, log_probs, correct in (("student", log_q, per_token["student_correct"]),
-                                      ("teacher", log_p, per_token["teacher_correct"])):
+    for model, log_probs, correct in (
+        ("student", log_q, per_token["student_correct"]),
+        ("teacher", log_p, per_token["teacher_correct"]),
+    ):
         confidence = jnp.exp(jnp.max(log_probs, axis=-1))
         bins = jnp.clip(jnp.floor(confidence * N_BINS).astype(jnp.int32), 0, N_BINS - 1)
         in_bin = (bins[..., None] == jnp.arange(N_BINS)).astype(jnp.float32)  # b s B
@@ -72,8 +86,9 @@ def token_sums(student_logits, teacher_logits, targets, loss_mask, source_ids, p
         sums[f"{model}_bin_correct"] = jnp.einsum("bsS,bsB->SB", by_source, in_bin * correct[..., None])
     at_position = (jnp.clip(positions, 0, seq_len - 1)[..., None] == jnp.arange(seq_len)).astype(jnp.float32)
     sums["position_count"] = jnp.einsum("bs,bsP->P", w, at_position)
-    sums["position_forward_kl"] = jnp.einsum("bs,bsP->P", jnp.where(w > 0, per_token["forward_kl"], 0.0) * w,
-                                             at_position)
+    sums["position_forward_kl"] = jnp.einsum(
+        "bs,bsP->P", jnp.where(w > 0, per_token["forward_kl"], 0.0) * w, at_position
+    )
     return sums
 
 
@@ -112,8 +127,9 @@ def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
 
 def default_layer_pairs(student_layers: int, teacher_layers: int) -> tuple[tuple[int, int], ...]:
     """Student layer i ↔ teacher layer round((i + 1)·Lt/Ls) − 1: equal fractions of depth (halves round up)."""
-    return tuple((i, int(math.floor((i + 1) * teacher_layers / student_layers + 0.5)) - 1)
-                 for i in range(student_layers))
+    return tuple(
+        (i, int(math.floor((i + 1) * teacher_layers / student_layers + 0.5)) - 1) for i in range(student_layers)
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -144,8 +160,13 @@ def _metrics(s: dict[str, np.ndarray]) -> dict[str, float]:
     return out
 
 
-def finalize(sums: dict[str, np.ndarray], source_names: Sequence[str], pairs: Sequence[tuple[int, int]] = (),
-             matched: Sequence[tuple[int, int]] = (), shape: tuple[int, int] | None = None) -> dict[str, Any]:
+def finalize(
+    sums: dict[str, np.ndarray],
+    source_names: Sequence[str],
+    pairs: Sequence[tuple[int, int]] = (),
+    matched: Sequence[tuple[int, int]] = (),
+    shape: tuple[int, int] | None = None,
+) -> dict[str, Any]:
     """Exact means from accumulated sums: overall, per source, by position, and CKA of the measured pairs."""
     per_source = {k: v for k, v in sums.items() if k in _SCALARS or "_bin_" in k}
     overall = _metrics({k: np.sum(v, axis=0) for k, v in per_source.items()})
@@ -161,8 +182,9 @@ def finalize(sums: dict[str, np.ndarray], source_names: Sequence[str], pairs: Se
     if pairs:
         values = {}
         for p, (i, j) in enumerate(pairs):
-            values[(i, j)] = cka_from_moments(float(sums["n"]), sums["sx"][i], sums["sy"][j], sums["sxx"][i],
-                                              sums["syy"][j], sums["syx"][p])
+            values[(i, j)] = cka_from_moments(
+                float(sums["n"]), sums["sx"][i], sums["sy"][j], sums["sxx"][i], sums["syy"][j], sums["syx"][p]
+            )
         report["cka"] = [{"student_layer": i, "teacher_layer": j, "cka": values[(i, j)]} for i, j in matched]
         if shape is not None:
             report["cka_grid"] = [[values.get((i, j)) for j in range(shape[1])] for i in range(shape[0])]
@@ -173,8 +195,9 @@ def finalize(sums: dict[str, np.ndarray], source_names: Sequence[str], pairs: Se
 # Measuring a student against a teacher over held-out batches
 
 
-def make_fidelity_step(student, student_rules, teacher, *, n_sources: int, seq_len: int,
-                       pairs: Sequence[tuple[int, int]] = ()):
+def make_fidelity_step(
+    student, student_rules, teacher, *, n_sources: int, seq_len: int, pairs: Sequence[tuple[int, int]] = ()
+):
     """A pure function (params, teacher_params, batch) -> sums; full [b, s, v] logits (an eval-sized batch)."""
     from analogjax.models.transformer import logits as head_logits
     from analogjax.teacher import forward as teacher_forward
@@ -191,8 +214,16 @@ def make_fidelity_step(student, student_rules, teacher, *, n_sources: int, seq_l
         t_logits = t_out.logits(teacher.final_softcap)
         # A padded vocabulary (same tokenizer) is compared on the shared real range only.
         s_logits, t_logits = s_logits[..., :shared_vocab], t_logits[..., :shared_vocab].astype(jnp.float32)
-        sums = token_sums(s_logits, t_logits, batch["targets"], batch["loss_mask"], batch["source_ids"], pos,
-                          n_sources=n_sources, seq_len=seq_len)
+        sums = token_sums(
+            s_logits,
+            t_logits,
+            batch["targets"],
+            batch["loss_mask"],
+            batch["source_ids"],
+            pos,
+            n_sources=n_sources,
+            seq_len=seq_len,
+        )
         if collect:
             sums.update(cka_sums(feats.layers_lbsd, t_out.layers_lbsd, batch["loss_mask"], pairs))
         return sums
@@ -220,14 +251,20 @@ def measure(config, student_params, teacher, teacher_params, mesh, batches: int)
     pairs = tuple((i, j) for i in range(ls) for j in range(lt)) if full_grid else matched
     if teacher.features is None:
         pairs = ()
-    step = make_fidelity_step(student, mesh_lib.STUDENT_RULES, teacher, n_sources=len(names),
-                              seq_len=config.data.seq_len, pairs=pairs)
+    step = make_fidelity_step(
+        student, mesh_lib.STUDENT_RULES, teacher, n_sources=len(names), seq_len=config.data.seq_len, pairs=pairs
+    )
     batch_sharding = mesh_lib.batch_sharding(mesh)
     fn = jax.jit(step, out_shardings=mesh_lib.replicated(mesh))
     total: dict[str, np.ndarray] = {}
     with jax.set_mesh(mesh):
-        for batch in heldout_batches(config.data, seed=config.train.seed, vocab_size=config.model.vocab_size,
-                                     sharding=batch_sharding, batches=batches):
+        for batch in heldout_batches(
+            config.data,
+            seed=config.train.seed,
+            vocab_size=config.model.vocab_size,
+            sharding=batch_sharding,
+            batches=batches,
+        ):
             sums = jax.device_get(fn(student_params, teacher_params, batch))
             for key, value in sums.items():
                 total[key] = total.get(key, 0.0) + np.asarray(value, np.float64)
@@ -242,11 +279,19 @@ def measure(config, student_params, teacher, teacher_params, mesh, batches: int)
 # Report: fidelity.json, plots, fidelity.md
 
 
-_TABLE = (("forward_kl", "KL(teacher‖analog)", 4), ("reverse_kl", "KL(analog‖teacher)", 4), ("jsd", "JSD", 4),
-          ("top1_agreement", "top-1 agreement", 4), (f"top{TOP_K}_overlap", f"top-{TOP_K} overlap", 4),
-          ("student_ppl", "analog perplexity", 3), ("teacher_ppl", "teacher perplexity", 3),
-          ("ppl_gap", "perplexity gap", 3), ("student_ece", "analog ECE", 4), ("teacher_ece", "teacher ECE", 4),
-          ("tokens", "tokens", 0))
+_TABLE = (
+    ("forward_kl", "KL(teacher‖analog)", 4),
+    ("reverse_kl", "KL(analog‖teacher)", 4),
+    ("jsd", "JSD", 4),
+    ("top1_agreement", "top-1 agreement", 4),
+    (f"top{TOP_K}_overlap", f"top-{TOP_K} overlap", 4),
+    ("student_ppl", "analog perplexity", 3),
+    ("teacher_ppl", "teacher perplexity", 3),
+    ("ppl_gap", "perplexity gap", 3),
+    ("student_ece", "analog ECE", 4),
+    ("teacher_ece", "teacher ECE", 4),
+    ("tokens", "tokens", 0),
+)
 
 
 def markdown_table(report: dict[str, Any]) -> str:
@@ -254,25 +299,35 @@ def markdown_table(report: dict[str, Any]) -> str:
     columns = [("all", report["overall"])] + list(report["by_source"].items())
     if len(columns) == 2:  # one source: its column repeats the overall one
         columns = columns[:1]
-    lines = ["| metric | " + " | ".join(name for name, _ in columns) + " |",
-             "|---|" + "---:|" * len(columns)]
+    lines = ["| metric | " + " | ".join(name for name, _ in columns) + " |", "|---|" + "---:|" * len(columns)]
     for key, label, digits in _TABLE:
         cells = [f"{col[key]:.{digits}f}" if digits else f"{col[key]:,}" for _, col in columns]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def write_report(report: dict[str, Any], out_dir: str | Path, *, metrics_jsonl: str | Path | None = None,
-                 title: str = "Fidelity of the analog to its teacher") -> dict[str, Path]:
+def write_report(
+    report: dict[str, Any],
+    out_dir: str | Path,
+    *,
+    metrics_jsonl: str | Path | None = None,
+    title: str = "Fidelity of the analog to its teacher",
+) -> dict[str, Path]:
     """fidelity.json, fidelity.md and PNG plots in `out_dir`; returns the written paths by name."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = {"json": out / "fidelity.json"}
     written["json"].write_text(json.dumps(report, indent=2) + "\n")
     written.update(plot(report, out, metrics_jsonl))
-    lines = [f"# {title}", "",
-             f"Held-out documents ({report['overall']['tokens']:,} tokens), temperature 1. "
-             "KL, JSD in nats per token; ECE over 15 equal-width confidence bins.", "", markdown_table(report), ""]
+    lines = [
+        f"# {title}",
+        "",
+        f"Held-out documents ({report['overall']['tokens']:,} tokens), temperature 1. "
+        "KL, JSD in nats per token; ECE over 15 equal-width confidence bins.",
+        "",
+        markdown_table(report),
+        "",
+    ]
     if report.get("cka"):
         lines += ["## Linear CKA of matched layers", "", "| analog layer | teacher layer | CKA |", "|---:|---:|---:|"]
         lines += [f"| {c['student_layer']} | {c['teacher_layer']} | {c['cka']:.4f} |" for c in report["cka"]]
@@ -281,8 +336,14 @@ def write_report(report: dict[str, Any], out_dir: str | Path, *, metrics_jsonl: 
         from analogjax import transfer_report
 
         written.update(transfer_report.plot(report["transfer"], out))
-        lines += ["## Transfer to the teacher", "", transfer_report.card_paragraph(report["transfer"]), "",
-                  transfer_report.markdown_table(report["transfer"]), ""]
+        lines += [
+            "## Transfer to the teacher",
+            "",
+            transfer_report.card_paragraph(report["transfer"]),
+            "",
+            transfer_report.markdown_table(report["transfer"]),
+            "",
+        ]
     lines += [f"![{name}]({path.name})" for name, path in written.items() if path.suffix == ".png"]
     written["md"] = out / "fidelity.md"
     written["md"].write_text("\n".join(lines) + "\n")
@@ -332,8 +393,16 @@ def plot(report: dict[str, Any], out: Path, metrics_jsonl: str | Path | None = N
         fig, ax = plt.subplots(figsize=(1.5 + 0.5 * values.shape[1], 1.2 + 0.5 * values.shape[0]))
         image = ax.imshow(values, vmin=0, vmax=1, cmap="viridis", origin="lower", aspect="auto")
         for c in report.get("cka", []):
-            ax.add_patch(matplotlib.patches.Rectangle((c["teacher_layer"] - 0.5, c["student_layer"] - 0.5), 1, 1,
-                                                      fill=False, edgecolor="red", linewidth=1.5))
+            ax.add_patch(
+                matplotlib.patches.Rectangle(
+                    (c["teacher_layer"] - 0.5, c["student_layer"] - 0.5),
+                    1,
+                    1,
+                    fill=False,
+                    edgecolor="red",
+                    linewidth=1.5,
+                )
+            )
         ax.set_xticks(range(values.shape[1]))
         ax.set_yticks(range(values.shape[0]))
         ax.set(xlabel="teacher layer", ylabel="analog layer", title="linear CKA (red: matched)")

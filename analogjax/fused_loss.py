@@ -40,7 +40,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -75,8 +76,18 @@ class _Coefficients(NamedTuple):
     temperature: jax.Array
 
 
-def _prepare(student_head, teacher, targets, weights, kd_terms, kd_weights, ce_weight, temperature, vocab_size,
-             softcaps=(0.0, 0.0)):
+def _prepare(
+    student_head,
+    teacher,
+    targets,
+    weights,
+    kd_terms,
+    kd_weights,
+    ce_weight,
+    temperature,
+    vocab_size,
+    softcaps=(0.0, 0.0),
+):
     """Validate the static structure and split the teacher into row-aligned arrays and an optional head."""
     if teacher is None:  # CE only (pretraining or a baseline): the same loss without a teacher
         kind, teacher_rows, teacher_head = "none", None, None
@@ -189,8 +200,19 @@ def _student_logits(hidden, head):
 
 
 def plain_distill_loss(
-    student_hidden, student_head, teacher, targets, weights, *, kd_terms, kd_weights, ce_weight, temperature,
-    vocab_size=None, chunk_size=512, softcaps=(0.0, 0.0),
+    student_hidden,
+    student_head,
+    teacher,
+    targets,
+    weights,
+    *,
+    kd_terms,
+    kd_weights,
+    ce_weight,
+    temperature,
+    vocab_size=None,
+    chunk_size=512,
+    softcaps=(0.0, 0.0),
 ) -> dict[str, jax.Array]:
     """The fused objective on materialised [N, V] logits with plain autodiff (chunk_size is accepted and unused)."""
     del chunk_size
@@ -240,8 +262,19 @@ def _from_chunk_outputs(y: jax.Array, num_tokens: int) -> jax.Array:
 
 
 def fused_distill_loss(
-    student_hidden, student_head, teacher, targets, weights, *, kd_terms, kd_weights, ce_weight, temperature,
-    vocab_size=None, chunk_size=512, softcaps=(0.0, 0.0),
+    student_hidden,
+    student_head,
+    teacher,
+    targets,
+    weights,
+    *,
+    kd_terms,
+    kd_weights,
+    ce_weight,
+    temperature,
+    vocab_size=None,
+    chunk_size=512,
+    softcaps=(0.0, 0.0),
 ) -> dict[str, jax.Array]:
     """Chunked distillation loss; equal to plain_distill_loss in value and gradient. See the module docstring.
 
@@ -279,6 +312,7 @@ def fused_distill_loss(
             (d_logits,) = pullback(jnp.ones((), loss.dtype))
             # The matmul gradients use JAX's own transpose rules (same dtypes and precision as plain autodiff).
             (d_hidden_k,) = jax.vjp(lambda h: _student_logits(h, head), hidden_k)[1](d_logits)
+
             # d head is added in row blocks by a loop: the temporary is one [block, V] product like the chunk's
             # logits, not a second [D, V] array beside the accumulator (XLA's dot cannot accumulate in place, and
             # unrolled blocks get their matmuls hoisted together by the scheduler).

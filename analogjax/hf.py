@@ -16,5 +16,14 @@ from analogjax.models.hf import (  # noqa: F401
     save_params,
 )
 
-__all__ = ["HFModel", "Model", "architecture_for", "config_from_hf_dict", "load", "load_params",
-           "model_config_from_hf", "save", "save_params"]
+__all__ = [
+    "HFModel",
+    "Model",
+    "architecture_for",
+    "config_from_hf_dict",
+    "load",
+    "load_params",
+    "model_config_from_hf",
+    "save",
+    "save_params",
+]

@@ -19,7 +19,7 @@ same logits (the fused loss) normalises once; the public functions wrap them.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

@@ -55,31 +55,39 @@ _EXPERT_RULES = (("expert", "fsdp"),)
 
 # The student is trained: params, gradients and two Adam moments (16 bytes/param in float32) are sharded over fsdp
 # (ZeRO-3), the wide dims over tensor. It stays replicated over `data`, so gradients need no weight re-gathers there.
-STUDENT_RULES = _ACTIVATION_RULES + _EXPERT_RULES + (
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("norm", None),
-    ("layers", None),
-    ("teacher_embed", None),
+STUDENT_RULES = (
+    _ACTIVATION_RULES
+    + _EXPERT_RULES
+    + (
+        ("vocab", "tensor"),
+        ("embed", "fsdp"),
+        ("mlp", "tensor"),
+        ("heads", "tensor"),
+        ("kv_heads", "tensor"),
+        ("head_dim", None),
+        ("norm", None),
+        ("layers", None),
+        ("teacher_embed", None),
+    )
 )
 
 # The teacher is frozen: no gradients and no optimizer state, so nothing ever needs its full replica per data group.
 # It is by far the larger model, so its weights are spread over every non-tensor axis (data too), gathered layer by
 # layer in the forward pass: memory, not bandwidth, is what a 70B teacher beside a 1B student runs out of.
-TEACHER_RULES = _ACTIVATION_RULES + _EXPERT_RULES + (
-    ("vocab", "tensor"),
-    ("embed", ("fsdp", "data")),
-    ("embed", "data"),  # expert weights: fsdp went to `expert`, data still splits their width
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("norm", None),
-    ("layers", None),
+TEACHER_RULES = (
+    _ACTIVATION_RULES
+    + _EXPERT_RULES
+    + (
+        ("vocab", "tensor"),
+        ("embed", ("fsdp", "data")),
+        ("embed", "data"),  # expert weights: fsdp went to `expert`, data still splits their width
+        ("mlp", "tensor"),
+        ("heads", "tensor"),
+        ("kv_heads", "tensor"),
+        ("head_dim", None),
+        ("norm", None),
+        ("layers", None),
+    )
 )
 
 
@@ -134,8 +142,9 @@ def check_experts(experts: int, mesh: Mesh, key: str) -> None:
     """MoE experts are spread over fsdp (the rule tables above): each device must hold whole experts."""
     ways = mesh.shape["fsdp"]
     if experts and experts % ways:
-        raise UserError(f"{key} ({experts}) must be divisible by mesh.fsdp ({ways}), the mesh axis that carries the "
-                        "experts")
+        raise UserError(
+            f"{key} ({experts}) must be divisible by mesh.fsdp ({ways}), the mesh axis that carries the experts"
+        )
 
 
 def check_context(seq_len: int, mesh: Mesh) -> None:
@@ -168,7 +177,7 @@ def fit_to_shape(sharding: NamedSharding, shape: tuple[int, ...]) -> NamedShardi
     fitted = []
     for dim, axes in zip(shape, spec):
         names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        kept = []
+        kept: list[str] = []
         for name in names:
             if dim % (math.prod(sharding.mesh.shape[a] for a in kept) * sharding.mesh.shape[name]) == 0:
                 kept.append(name)
@@ -196,6 +205,4 @@ def abstract_sharded(init_boxed: Callable[[jax.Array], Any], mesh: Mesh, rules) 
     """ShapeDtypeStructs carrying shardings: the restore target for checkpoints and the AOT compile input."""
     abstract = jax.eval_shape(init_boxed, jax.random.key(0))
     shardings = _param_shardings(abstract, mesh, rules)
-    return jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(abstract), shardings
-    )
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(abstract), shardings)

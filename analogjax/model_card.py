@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,8 +93,11 @@ def _gguf_metadata(path: str) -> dict[str, Any]:
         return field.contents() if field is not None else None
 
     name = value("general.name")
-    return {"name": name if isinstance(name, str) and name.strip() else None,
-            "license": value("general.license"), "language": _as_languages(value("general.languages"))}
+    return {
+        "name": name if isinstance(name, str) and name.strip() else None,
+        "license": value("general.license"),
+        "language": _as_languages(value("general.languages")),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -119,15 +123,22 @@ def disclosure(config) -> Disclosure:
     base_model = None
     if release.base_model_public:
         if not is_hub_id(name):
-            raise UserError(f"release.base_model_public: the teacher's name {name!r} is not a Hub id (owner/name); "
-                            "set release.teacher_name to it")
+            raise UserError(
+                f"release.base_model_public: the teacher's name {name!r} is not a Hub id (owner/name); "
+                "set release.teacher_name to it"
+            )
         base_model = name
     license_ = release.license or found.get("license") or "other"
-    return Disclosure(teacher_name=name, base_model=base_model, license=license_,
-                      license_chosen=bool(release.license or found.get("license")),
-                      language=release.language or found.get("language", ()), lab=release.lab,
-                      data_description=release.data_description or _default_data_description(config.data),
-                      local_paths=release.allow_local_paths)
+    return Disclosure(
+        teacher_name=name,
+        base_model=base_model,
+        license=license_,
+        license_chosen=bool(release.license or found.get("license")),
+        language=release.language or found.get("language", ()),
+        lab=release.lab,
+        data_description=release.data_description or _default_data_description(config.data),
+        local_paths=release.allow_local_paths,
+    )
 
 
 def public_source_names(data) -> dict[str, str]:
@@ -135,8 +146,9 @@ def public_source_names(data) -> dict[str, str]:
     (default names are derived from paths)."""
     from analogjax.data.spec import source_names
 
-    return {name: name if s.name else f"source {i + 1}"
-            for i, (name, s) in enumerate(zip(source_names(data), data.sources))}
+    return {
+        name: name if s.name else f"source {i + 1}" for i, (name, s) in enumerate(zip(source_names(data), data.sources))
+    }
 
 
 def _default_data_description(data) -> str:
@@ -144,15 +156,26 @@ def _default_data_description(data) -> str:
     total = sum(s.weight for s in data.sources)
     names = list(public_source_names(data).values())
     parts = [f"{name} ({s.weight / total:.0%})" for name, s in zip(names, data.sources)]
-    return f"{len(parts)} source{'s' if len(parts) > 1 else ''}: " + ", ".join(parts) + \
-        " (not described by the lab: release.data_description)"
+    return (
+        f"{len(parts)} source{'s' if len(parts) > 1 else ''}: "
+        + ", ".join(parts)
+        + " (not described by the lab: release.data_description)"
+    )
 
 
 def local_paths(config, *extra) -> list[str]:
     """The local paths a run names (teacher, cache, data, tokenizer, init checkpoint, and `extra`), absolute."""
     teacher = config.teacher
-    named = [teacher.hf_path, teacher.checkpoint, teacher.cache, getattr(teacher, "gguf_path", None),
-             config.checkpoint.init_path, config.data.tokenizer, *(s.path for s in config.data.sources), *extra]
+    named = [
+        teacher.hf_path,
+        teacher.checkpoint,
+        teacher.cache,
+        getattr(teacher, "gguf_path", None),
+        config.checkpoint.init_path,
+        config.data.tokenizer,
+        *(s.path for s in config.data.sources),
+        *extra,
+    ]
     out = []
     for p in named:
         if p and p not in ("bytes", "none", "stdlib") and "://" not in str(p):
@@ -160,7 +183,7 @@ def local_paths(config, *extra) -> list[str]:
     return out
 
 
-def find_local_strings(folder: Path, needles: list[str], names: list[str] = ()) -> list[tuple[str, str]]:
+def find_local_strings(folder: Path, needles: list[str], names: Sequence[str] = ()) -> list[tuple[str, str]]:
     """(file, string) for each of `needles` (local paths) found in a file of `folder` (text files, safetensors
     headers) and each of `names` (host and user names) found where it is part of a path or an address ("/alice",
     "~alice", "alice@", "@buildbox", "buildbox:/"): a bare word may be a user named like any English word.
@@ -204,8 +227,11 @@ def compute_ledger(config, step: int, cache_provenance: dict | None = None) -> d
     kind = source_kind(config)
     tokens = step * config.data.global_batch * config.data.seq_len
     student = 3 * forward_flops_per_token(config.model, config.data.seq_len) * tokens
-    teacher_live = forward_flops_per_token(config.teacher.model, config.data.seq_len) * tokens \
-        if kind in ("hf", "checkpoint", "random") else 0.0
+    teacher_live = (
+        forward_flops_per_token(config.teacher.model, config.data.seq_len) * tokens
+        if kind in ("hf", "checkpoint", "random")
+        else 0.0
+    )
     cache_tokens = cache_flops = None
     # The cache's cost is the run's teacher over the cache's tokens, where the cache says it was that teacher.
     same_teacher = (cache_provenance or {}).get("teacher", {}).get("model") == fingerprint(config.teacher.model)
@@ -215,10 +241,17 @@ def compute_ledger(config, step: int, cache_provenance: dict | None = None) -> d
         cache_flops = forward_flops_per_token(config.teacher.model, seq) * cache_tokens
     pretraining = config.teacher.pretraining_flops
     total = student + teacher_live + (cache_flops or 0.0)
-    return {"tokens": tokens, "teacher_kind": kind, "student_flops": student, "teacher_flops": teacher_live,
-            "cache_tokens": cache_tokens, "cache_flops": cache_flops, "total_flops": total,
-            "teacher_pretraining_flops": pretraining,
-            "fraction_of_teacher_pretraining": total / pretraining if pretraining else None}
+    return {
+        "tokens": tokens,
+        "teacher_kind": kind,
+        "student_flops": student,
+        "teacher_flops": teacher_live,
+        "cache_tokens": cache_tokens,
+        "cache_flops": cache_flops,
+        "total_flops": total,
+        "teacher_pretraining_flops": pretraining,
+        "fraction_of_teacher_pretraining": total / pretraining if pretraining else None,
+    }
 
 
 def _compute_rows(ledger: dict[str, Any]) -> list[str]:
@@ -228,15 +261,20 @@ def _compute_rows(ledger: dict[str, Any]) -> list[str]:
         rows.append("| teacher forward passes | 0 (labels only: the teacher never ran) |")
     elif kind == "cache":
         rows.append("| teacher forward passes in training | 0 (the teacher's outputs came from a cache) |")
-        rows.append(f"| teacher cache, written once ({ledger['cache_tokens']:,} tokens) | {ledger['cache_flops']:.3e} |"
-                    if ledger["cache_flops"] is not None else
-                    "| teacher cache, written once | not counted (no provenance of this teacher's cache found) |")
+        rows.append(
+            f"| teacher cache, written once ({ledger['cache_tokens']:,} tokens) | {ledger['cache_flops']:.3e} |"
+            if ledger["cache_flops"] is not None
+            else "| teacher cache, written once | not counted (no provenance of this teacher's cache found) |"
+        )
     else:
         rows.append(f"| teacher forward passes in training | {ledger['teacher_flops']:.3e} |")
     rows.append(f"| total | {ledger['total_flops']:.3e} |")
     pretraining = ledger["teacher_pretraining_flops"]
-    rows.append(f"| teacher pretraining | {pretraining:.3e} |" if pretraining
-                else "| teacher pretraining | not given (teacher.pretraining_flops) |")
+    rows.append(
+        f"| teacher pretraining | {pretraining:.3e} |"
+        if pretraining
+        else "| teacher pretraining | not given (teacher.pretraining_flops) |"
+    )
     if ledger["fraction_of_teacher_pretraining"] is not None:
         rows.append(f"| distillation / teacher pretraining | {ledger['fraction_of_teacher_pretraining']:.4%} |")
     return rows
@@ -249,15 +287,17 @@ def _compute_rows(ledger: dict[str, Any]) -> list[str]:
 def how_to_load(has_tokenizer: bool, prompt: str) -> str:
     """Python that loads the bundle from the folder it runs in (or its Hub id, once uploaded) and generates."""
     if has_tokenizer:
-        return "\n".join([
-            "from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline",
-            "",
-            'path = "."  # this folder; or its Hub id once uploaded',
-            "tokenizer = AutoTokenizer.from_pretrained(path)",
-            "model = AutoModelForCausalLM.from_pretrained(path)",
-            'generate = pipeline("text-generation", model=model, tokenizer=tokenizer)',
-            f"print(generate({json.dumps(prompt)}, max_new_tokens=8, do_sample=False)[0][\"generated_text\"])",
-        ])
+        return "\n".join(
+            [
+                "from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline",
+                "",
+                'path = "."  # this folder; or its Hub id once uploaded',
+                "tokenizer = AutoTokenizer.from_pretrained(path)",
+                "model = AutoModelForCausalLM.from_pretrained(path)",
+                'generate = pipeline("text-generation", model=model, tokenizer=tokenizer)',
+                f'print(generate({json.dumps(prompt)}, max_new_tokens=8, do_sample=False)[0]["generated_text"])',
+            ]
+        )
     return (
         "import torch\n"
         "from transformers import AutoModelForCausalLM\n"
@@ -270,8 +310,12 @@ def how_to_load(has_tokenizer: bool, prompt: str) -> str:
 
 
 def metadata_block(d: Disclosure) -> str:
-    meta: dict[str, Any] = {"license": d.license, "library_name": "transformers", "pipeline_tag": "text-generation",
-                            "tags": list(TAGS)}
+    meta: dict[str, Any] = {
+        "license": d.license,
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "tags": list(TAGS),
+    }
     if d.base_model:
         meta["base_model"] = d.base_model
     if d.language:
@@ -286,8 +330,16 @@ def _active(cfg) -> str:
     return f" ({param_count(cfg, active=True):,} active per token)" if cfg.moe.enabled else ""
 
 
-def model_card(config, step: int, report: dict[str, Any], plots: list[str] = (), *, disclosed: Disclosure,
-               tokenizer: Any = None, cache_provenance: dict | None = None) -> str:
+def model_card(
+    config,
+    step: int,
+    report: dict[str, Any],
+    plots: Sequence[str] = (),
+    *,
+    disclosed: Disclosure,
+    tokenizer: Any = None,
+    cache_provenance: dict | None = None,
+) -> str:
     """README.md of the bundle. `tokenizer`: the analogjax tokenizer shipped in the bundle (None: weights only);
     `plots`: PNG names under fidelity/; `cache_provenance`: the teacher cache's, for a cached run."""
     from analogjax import fidelity
@@ -299,18 +351,24 @@ def model_card(config, step: int, report: dict[str, Any], plots: list[str] = (),
     ledger = compute_ledger(config, step, cache_provenance)
     student_params, teacher_params = param_count(config.model), param_count(config.teacher.model)
     d = config.distill
-    terms = ", ".join(f"{t.kind} × {t.weight:g}" + (f" → {t.final_weight:g} ({t.schedule})" if t.final_weight is not None
-                                                    else "") for t in d.terms)
-    temperature = f"{d.temperature:g}" + (f" → {d.final_temperature:g} ({d.temperature_schedule})"
-                                          if d.final_temperature is not None else "")
+    terms = ", ".join(
+        f"{t.kind} × {t.weight:g}" + (f" → {t.final_weight:g} ({t.schedule})" if t.final_weight is not None else "")
+        for t in d.terms
+    )
+    temperature = f"{d.temperature:g}" + (
+        f" → {d.final_temperature:g} ({d.temperature_schedule})" if d.final_temperature is not None else ""
+    )
     kind = source_kind(config)
     signal = describe_signal(config, (cache_provenance or {}).get("layout"))
     if kind == "cache" and cache_provenance is None:
         signal += " (the cache's provenance was not found at release time)"
     teacher_name = disclosed.teacher_name or "a teacher not named in this release"
     title = f"Analog of {disclosed.teacher_name}" if disclosed.teacher_name else "An analog distilled with analogjax"
-    init = "a checkpoint" + (f" ({config.checkpoint.init_path})" if disclosed.local_paths else "") \
-        if config.checkpoint.init_path else f"random (seed {config.train.seed})"
+    init = (
+        "a checkpoint" + (f" ({config.checkpoint.init_path})" if disclosed.local_paths else "")
+        if config.checkpoint.init_path
+        else f"random (seed {config.train.seed})"
+    )
     identity = f"shape fingerprint `{fingerprint(config.teacher.model)}`"
     if config.teacher.hf_path and Path(config.teacher.hf_path).is_dir():
         identity += f", files sha256 `{folder_fingerprint(config.teacher.hf_path)}`"
@@ -318,12 +376,16 @@ def model_card(config, step: int, report: dict[str, Any], plots: list[str] = (),
         from analogjax.models.gguf import gguf_provenance
 
         gguf = gguf_provenance(config.teacher.gguf_path)  # the file's own identity: no path, only its content
-        identity += (f", GGUF file sha256 `{gguf['sha256']}` ({gguf['name'] or 'unnamed'}, "
-                     f"{gguf['file_type'] or 'unknown'} quantisation, tensor types "
-                     f"{', '.join(f'{k} × {v}' for k, v in gguf['tensor_types'].items())})")
+        identity += (
+            f", GGUF file sha256 `{gguf['sha256']}` ({gguf['name'] or 'unnamed'}, "
+            f"{gguf['file_type'] or 'unknown'} quantisation, tensor types "
+            f"{', '.join(f'{k} × {v}' for k, v in gguf['tensor_types'].items())})"
+        )
     if tokenizer is not None:
-        tokenizer_line = (f"{tokenizer.kind} tokenizer, {tokenizer.vocab_size:,} tokens, fingerprint "
-                          f"`{tokenizer.fingerprint}`; shipped in this folder")
+        tokenizer_line = (
+            f"{tokenizer.kind} tokenizer, {tokenizer.vocab_size:,} tokens, fingerprint "
+            f"`{tokenizer.fingerprint}`; shipped in this folder"
+        )
     else:
         tokenizer_line = "not shipped: these are the weights alone"
     lines = [
@@ -347,8 +409,8 @@ def model_card(config, step: int, report: dict[str, Any], plots: list[str] = (),
         f"- teacher: {teacher_name} ({identity})",
         f"- tokenizer: {tokenizer_line}",
         f"- data: {disclosed.data_description}",
-        f"- license: {disclosed.license}" + ("" if disclosed.license_chosen else
-                                            " (not chosen: set release.license; the teacher's terms may apply)"),
+        f"- license: {disclosed.license}"
+        + ("" if disclosed.license_chosen else " (not chosen: set release.license; the teacher's terms may apply)"),
         f"- seed: {config.train.seed}",
     ]
     if disclosed.local_paths:
@@ -360,11 +422,15 @@ def model_card(config, step: int, report: dict[str, Any], plots: list[str] = (),
         f"- loss terms: {terms}",
         f"- temperature: {temperature}",
         f"- teacher signal: {signal}",
-        (f"- steps: {step:,} × {config.data.global_batch} sequences × {config.data.seq_len} tokens = "
-         f"{ledger['tokens']:,} tokens seen"),
+        (
+            f"- steps: {step:,} × {config.data.global_batch} sequences × {config.data.seq_len} tokens = "
+            f"{ledger['tokens']:,} tokens seen"
+        ),
         f"- student initialisation: {init}",
-        (f"- optimiser: AdamW, peak learning rate {config.optim.learning_rate:g}, {config.optim.warmup_steps} "
-         f"warm-up steps, cosine to {config.optim.min_lr_ratio:g}×"),
+        (
+            f"- optimiser: AdamW, peak learning rate {config.optim.learning_rate:g}, {config.optim.warmup_steps} "
+            f"warm-up steps, cosine to {config.optim.min_lr_ratio:g}×"
+        ),
         "",
         "## Compute",
         "",
@@ -385,6 +451,12 @@ def model_card(config, step: int, report: dict[str, Any], plots: list[str] = (),
     if report.get("transfer"):
         from analogjax.transfer_report import card_paragraph, markdown_table
 
-        lines += ["## Do findings on this analog hold on the teacher?", "", card_paragraph(report["transfer"]), "",
-                  markdown_table(report["transfer"]), ""]
+        lines += [
+            "## Do findings on this analog hold on the teacher?",
+            "",
+            card_paragraph(report["transfer"]),
+            "",
+            markdown_table(report["transfer"]),
+            "",
+        ]
     return "\n".join(lines)

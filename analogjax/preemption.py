@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 from types import FrameType
+from typing import Any
 
 
 def distributed_sync_available() -> bool:
@@ -40,11 +41,11 @@ class PreemptionWatcher:
     def __init__(self, *, use_distributed: bool | None = None):
         self._use_distributed = distributed_sync_available() if use_distributed is None else use_distributed
         self._notice = threading.Event()
-        self._previous_handler = None
+        self._previous_handler: Any = None
         self._installed = False
         self.reason: str | None = None
 
-    def __enter__(self) -> "PreemptionWatcher":
+    def __enter__(self) -> PreemptionWatcher:
         # Signal handlers can only be set from the main thread; elsewhere (a notebook worker thread) the loop still
         # runs, it just cannot be preempted gracefully by SIGTERM.
         if not self._use_distributed and threading.current_thread() is threading.main_thread():

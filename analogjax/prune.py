@@ -75,23 +75,33 @@ def check_target(teacher: ModelConfig, student: ModelConfig) -> None:
         if f.name in SIZE_FIELDS or f.name == "preset":
             continue
         if getattr(student, f.name) != getattr(teacher, f.name):
-            raise UserError(f"model.{f.name} is {getattr(student, f.name)!r} but the teacher's is "
-                            f"{getattr(teacher, f.name)!r}: a pruned student keeps the teacher's family, vocabulary "
-                            "and tokenizer (use model.like_teacher with size fields only)")
+            raise UserError(
+                f"model.{f.name} is {getattr(student, f.name)!r} but the teacher's is "
+                f"{getattr(teacher, f.name)!r}: a pruned student keeps the teacher's family, vocabulary "
+                "and tokenizer (use model.like_teacher with size fields only)"
+            )
     if student.dim_per_head != teacher.dim_per_head:
-        raise UserError(f"model: head dim {student.dim_per_head} differs from the teacher's {teacher.dim_per_head}: "
-                        f"pruning keeps whole heads (set model.like_teacher.head_dim: {teacher.dim_per_head})")
-    sizes = {"n_layers": (student.n_layers, teacher.n_layers), "d_model": (student.d_model, teacher.d_model),
-             "n_heads": (student.n_heads, teacher.n_heads), "n_kv_heads": (student.kv_heads, teacher.kv_heads),
-             "d_ff": (student.d_ff, teacher.d_ff)}
+        raise UserError(
+            f"model: head dim {student.dim_per_head} differs from the teacher's {teacher.dim_per_head}: "
+            f"pruning keeps whole heads (set model.like_teacher.head_dim: {teacher.dim_per_head})"
+        )
+    sizes = {
+        "n_layers": (student.n_layers, teacher.n_layers),
+        "d_model": (student.d_model, teacher.d_model),
+        "n_heads": (student.n_heads, teacher.n_heads),
+        "n_kv_heads": (student.kv_heads, teacher.kv_heads),
+        "d_ff": (student.d_ff, teacher.d_ff),
+    }
     for name, (small, large) in sizes.items():
         if small > large:
             raise UserError(f"model.{name} ({small}) is larger than the teacher's ({large}): pruning only removes")
     group_s, group_t = student.n_heads // student.kv_heads, teacher.n_heads // teacher.kv_heads
     if group_s > group_t:
-        raise UserError(f"model: {student.n_heads} query heads over {student.kv_heads} KV heads is {group_s} per KV "
-                        f"group, but the teacher's groups have {group_t}: pruned heads must stay in whole KV groups "
-                        f"of the teacher (at most {group_t} query heads per KV head)")
+        raise UserError(
+            f"model: {student.n_heads} query heads over {student.kv_heads} KV heads is {group_s} per KV "
+            f"group, but the teacher's groups have {group_t}: pruned heads must stay in whole KV groups "
+            f"of the teacher (at most {group_t} query heads per KV head)"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -124,31 +134,50 @@ def make_importance_step(cfg: ModelConfig, rules):
 
             def body(x_bsd, xs):
                 layer_params, row = xs
-                (y_bsd, _), state = Block(cfg).apply({"params": layer_params}, x_bsd, seg, batch["positions"], row,
-                                                mutable=["intermediates"], capture_intermediates=width_norm)
+                (y_bsd, _), state = Block(cfg).apply(
+                    {"params": layer_params},
+                    x_bsd,
+                    seg,
+                    batch["positions"],
+                    row,
+                    mutable=["intermediates"],
+                    capture_intermediates=width_norm,
+                )
                 found = state["intermediates"]
-                channels = sum(row_mean_sq(jnp.abs(found[name]["__call__"][0])) for name in _WIDTH_NORMS
-                               if name in found)
+                channels = sum(
+                    row_mean_sq(jnp.abs(found[name]["__call__"][0])) for name in _WIDTH_NORMS if name in found
+                )
                 heads = jnp.linalg.norm(found["attn"]["heads_out"][0].astype(jnp.float32), axis=-1)
                 x32, y32 = x_bsd.astype(jnp.float32), y_bsd.astype(jnp.float32)
                 cos = jnp.sum(x32 * y32, -1) * jax.lax.rsqrt(
-                    jnp.maximum(jnp.sum(x32 * x32, -1) * jnp.sum(y32 * y32, -1), 1e-30))
-                sums = {"heads": row_mean_sq(heads), "neurons": row_mean_sq(jnp.abs(found["mlp"]["hidden"][0])),
-                        "channels": channels, "cos": jnp.sum(cos * valid)}
+                    jnp.maximum(jnp.sum(x32 * x32, -1) * jnp.sum(y32 * y32, -1), 1e-30)
+                )
+                sums = {
+                    "heads": row_mean_sq(heads),
+                    "neurons": row_mean_sq(jnp.abs(found["mlp"]["hidden"][0])),
+                    "channels": channels,
+                    "cos": jnp.sum(cos * valid),
+                }
                 return y_bsd, sums
 
             rows = None if per_layer is None else jax.tree.map(jnp.asarray, per_layer)
             x, sums = jax.lax.scan(body, x, (tree["layers"], rows))
             final = model.finish(params, x)
-        return {"heads_sq": sums["heads"], "neurons_sq": sums["neurons"],
-                "channels_sq": sums["channels"].sum(0) + row_mean_sq(jnp.abs(final)),
-                "cos_sum": sums["cos"], "tokens": valid.sum(), "rows": jnp.sum(valid.sum(1) > 0)}
+        return {
+            "heads_sq": sums["heads"],
+            "neurons_sq": sums["neurons"],
+            "channels_sq": sums["channels"].sum(0) + row_mean_sq(jnp.abs(final)),
+            "cos_sum": sums["cos"],
+            "tokens": valid.sum(),
+            "rows": jnp.sum(valid.sum(1) > 0),
+        }
 
     return step
 
 
-def gather_importance(cfg: ModelConfig, params, batches, mesh, *, total: int | None = None,
-                      progress: bool = True) -> dict[str, np.ndarray]:
+def gather_importance(
+    cfg: ModelConfig, params, batches, mesh, *, total: int | None = None, progress: bool = True
+) -> dict[str, np.ndarray]:
     """Importance sums over an iterable of global batches (already on `mesh`), then the importances themselves:
     heads [L, h], kv_groups [L, k], neurons [L, f], channels [d], block [L] (BI), plus rows and tokens."""
     from tqdm import tqdm
@@ -157,8 +186,13 @@ def gather_importance(cfg: ModelConfig, params, batches, mesh, *, total: int | N
 
     fn = jax.jit(make_importance_step(cfg, mesh_lib.TEACHER_RULES), out_shardings=mesh_lib.replicated(mesh))
     acc: dict[str, np.ndarray] = {}
-    bar = tqdm(total=total, desc="prune: importance", unit="batch", dynamic_ncols=True,
-               disable=not progress or jax.process_index() != 0)
+    bar = tqdm(
+        total=total,
+        desc="prune: importance",
+        unit="batch",
+        dynamic_ncols=True,
+        disable=not progress or jax.process_index() != 0,
+    )
     with jax.set_mesh(mesh):
         for batch in batches:
             sums = fn(params, {k: batch[k] for k in ("tokens", "segment_ids", "positions")})
@@ -170,9 +204,15 @@ def gather_importance(cfg: ModelConfig, params, batches, mesh, *, total: int | N
         raise UserError("prune: the calibration batches hold no tokens (check data.sources)")
     heads = np.sqrt(acc["heads_sq"])
     group = cfg.n_heads // cfg.kv_heads
-    return {"heads": heads, "kv_groups": np.sqrt(acc["heads_sq"].reshape(cfg.n_layers, cfg.kv_heads, group).sum(-1)),
-            "neurons": np.sqrt(acc["neurons_sq"]), "channels": np.sqrt(acc["channels_sq"]),
-            "block": 1.0 - acc["cos_sum"] / acc["tokens"], "rows": int(acc["rows"]), "tokens": int(acc["tokens"])}
+    return {
+        "heads": heads,
+        "kv_groups": np.sqrt(acc["heads_sq"].reshape(cfg.n_layers, cfg.kv_heads, group).sum(-1)),
+        "neurons": np.sqrt(acc["neurons_sq"]),
+        "channels": np.sqrt(acc["channels_sq"]),
+        "block": 1.0 - acc["cos_sum"] / acc["tokens"],
+        "rows": int(acc["rows"]),
+        "tokens": int(acc["tokens"]),
+    }
 
 
 def calibration_batches(config, mesh, batches: int):
@@ -180,9 +220,14 @@ def calibration_batches(config, mesh, batches: int):
     from analogjax import mesh as mesh_lib
     from analogjax.data import make_batch_iterator, to_global_batch
 
-    iterator = make_batch_iterator(config.data, split="train", seed=config.train.seed,
-                                   vocab_size=config.teacher.model.vocab_size, process_index=jax.process_index(),
-                                   process_count=jax.process_count())
+    iterator = make_batch_iterator(
+        config.data,
+        split="train",
+        seed=config.train.seed,
+        vocab_size=config.teacher.model.vocab_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
     sharding = mesh_lib.batch_sharding(mesh)
     for _, batch in zip(range(batches), iterator):
         yield to_global_batch({k: batch[k] for k in ("tokens", "segment_ids", "positions")}, sharding)
@@ -209,8 +254,10 @@ def choose_layers(block: np.ndarray, teacher_kinds, student_kinds) -> np.ndarray
             take = best[i - 1, j - 1] + block[i - 1] if teacher_kinds[i - 1] == student_kinds[j - 1] else -np.inf
             best[i, j] = max(best[i - 1, j], take)
     if not np.isfinite(best[n_t, n_s]):
-        raise UserError(f"model.n_layers={n_s}: no ordered subset of the teacher's layers has the student's attention "
-                        f"pattern {list(student_kinds)}")
+        raise UserError(
+            f"model.n_layers={n_s}: no ordered subset of the teacher's layers has the student's attention "
+            f"pattern {list(student_kinds)}"
+        )
     kept, j = [], n_s
     for i in range(n_t, 0, -1):  # walk back, preferring to skip a layer when skipping is as good
         if j and best[i, j] != best[i - 1, j]:
@@ -232,9 +279,13 @@ def choose(importance: dict[str, np.ndarray], teacher: ModelConfig, student: Mod
         heads.append(np.concatenate([g * group_t + _top(per_head[g], group_s) for g in kept_groups]))
         groups.append(kept_groups)
     neurons = [_top(importance["neurons"][layer], student.d_ff) for layer in layers]
-    return {"channels": _top(importance["channels"], student.d_model), "layers": layers,
-            "heads": np.asarray(heads, np.int32), "kv_groups": np.asarray(groups, np.int32),
-            "neurons": np.asarray(neurons, np.int32)}
+    return {
+        "channels": _top(importance["channels"], student.d_model),
+        "layers": layers,
+        "heads": np.asarray(heads, np.int32),
+        "kv_groups": np.asarray(groups, np.int32),
+        "neurons": np.asarray(neurons, np.int32),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -250,13 +301,14 @@ def slice_params(params, teacher: ModelConfig, student: ModelConfig, keep: dict[
     key = jax.random.key(0)
     names = nn.get_partition_spec(jax.eval_shape(Transformer(teacher).init_boxed, key))
     target = mesh_lib.abstract_sharded(Transformer(student).init_boxed, mesh, mesh_lib.STUDENT_RULES)
-    embed_factor = (math.sqrt(teacher.d_model / student.d_model)
-                    if teacher.embed_scale and not teacher.tie_embeddings else 1.0)
+    embed_factor = (
+        math.sqrt(teacher.d_model / student.d_model) if teacher.embed_scale and not teacher.tie_embeddings else 1.0
+    )
 
     def cut(path, w, spec):
         axes = tuple(spec)
         where = jax.tree_util.keystr(path)
-        for axis, name in enumerate(axes):
+        for name in axes:
             if name not in _CHANNEL_AXES + _KEPT_AXES + tuple(_PER_LAYER_AXES):
                 raise UserError(f"prune: parameter {where} has a {name!r} axis, which pruning does not support")
         if "layers" in axes:
@@ -280,7 +332,8 @@ def slice_params(params, teacher: ModelConfig, student: ModelConfig, keep: dict[
 
     shapes = jax.eval_shape(cut_all, params)
     if jax.tree.structure(shapes) != jax.tree.structure(target) or any(
-            a.shape != b.shape for a, b in zip(jax.tree.leaves(shapes), jax.tree.leaves(target))):
+        a.shape != b.shape for a, b in zip(jax.tree.leaves(shapes), jax.tree.leaves(target))
+    ):
         raise UserError("prune: the cut teacher params do not match the student's parameter tree")
     shardings = jax.tree.map(lambda a: a.sharding, target)
     with jax.set_mesh(mesh):
@@ -291,8 +344,15 @@ def slice_params(params, teacher: ModelConfig, student: ModelConfig, keep: dict[
 # The command's work
 
 
-def prune_to(config, out_dir: str | Path, *, batches: int = DEFAULT_BATCHES, mesh=None, teacher_params=None,
-             progress: bool = True) -> dict[str, Any]:
+def prune_to(
+    config,
+    out_dir: str | Path,
+    *,
+    batches: int = DEFAULT_BATCHES,
+    mesh=None,
+    teacher_params=None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Prune the config's teacher to the config's `model` shape into `out_dir` (which must not exist): a step-0
     analogjax checkpoint of the student (meta holds `config`), importance.json/.npz and importance.png.
     `teacher_params` (sharded on `mesh`) replaces loading the config's teacher. Returns the summary."""
@@ -310,21 +370,34 @@ def prune_to(config, out_dir: str | Path, *, batches: int = DEFAULT_BATCHES, mes
         mesh = build_mesh(config)
     if teacher_params is None:
         _, teacher_params = load_teacher(config, mesh, live=True)
-    importance = gather_importance(teacher_cfg, teacher_params, calibration_batches(config, mesh, batches), mesh,
-                                   total=batches, progress=progress)
+    importance = gather_importance(
+        teacher_cfg, teacher_params, calibration_batches(config, mesh, batches), mesh, total=batches, progress=progress
+    )
     keep = choose(importance, teacher_cfg, student_cfg)
     student_params = slice_params(teacher_params, teacher_cfg, student_cfg, keep, mesh)
-    source = {"kind": live_source_kind(config), "checkpoint": config.teacher.checkpoint,
-              "hf_path": config.teacher.hf_path}
+    source = {
+        "kind": live_source_kind(config),
+        "checkpoint": config.teacher.checkpoint,
+        "hf_path": config.teacher.hf_path,
+    }
     report = importance_report(importance, keep, teacher_cfg, student_cfg, batches, source)
     write_checkpoint(out, student_params, config, mesh, report)
     if jax.process_index() == 0:
         (out / IMPORTANCE_JSON).write_text(json.dumps(report, indent=1) + "\n")
-        np.savez(out / IMPORTANCE_NPZ, **{k: v for k, v in importance.items() if isinstance(v, np.ndarray)},
-                 **{f"kept_{k}": v for k, v in keep.items()})
+        np.savez(
+            out / IMPORTANCE_NPZ,
+            **{k: v for k, v in importance.items() if isinstance(v, np.ndarray)},
+            **{f"kept_{k}": v for k, v in keep.items()},
+        )
         plot_importance(importance, keep, out / IMPORTANCE_PLOT)
-    return {"out": str(out), "plot": str(out / IMPORTANCE_PLOT), "importance": str(out / IMPORTANCE_JSON),
-            "kept_layers": keep["layers"].tolist(), "rows": importance["rows"], "tokens": importance["tokens"]}
+    return {
+        "out": str(out),
+        "plot": str(out / IMPORTANCE_PLOT),
+        "importance": str(out / IMPORTANCE_JSON),
+        "kept_layers": keep["layers"].tolist(),
+        "rows": importance["rows"],
+        "tokens": importance["tokens"],
+    }
 
 
 def write_checkpoint(out: Path, params, config, mesh, report: dict) -> None:
@@ -335,24 +408,38 @@ def write_checkpoint(out: Path, params, config, mesh, report: dict) -> None:
     from analogjax.checkpoint import provenance
     from analogjax.config import run_identity, to_dict
 
-    meta = {"config": to_dict(config), "identity": run_identity(config), "provenance": provenance(mesh), "step": 0,
-            "pruned_from": {"teacher": report["teacher_source"], "kept_layers": report["kept_layers"]}}
+    meta = {
+        "config": to_dict(config),
+        "identity": run_identity(config),
+        "provenance": provenance(mesh),
+        "step": 0,
+        "pruned_from": {"teacher": report["teacher_source"], "kept_layers": report["kept_layers"]},
+    }
     arrays = ocp.PyTreeCheckpointHandler()
-    manager = ocp.CheckpointManager(out, options=ocp.CheckpointManagerOptions(create=True),
-                                    item_handlers={"params": arrays, "train": arrays,
-                                                   "meta": ocp.JsonCheckpointHandler()})
+    manager = ocp.CheckpointManager(
+        out,
+        options=ocp.CheckpointManagerOptions(create=True),
+        item_handlers={"params": arrays, "train": arrays, "meta": ocp.JsonCheckpointHandler()},
+    )
     try:
         step = jax.device_put(jnp.int32(0), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-        manager.save(0, args=ocp.args.Composite(params=ocp.args.PyTreeSave(params),
-                                                train=ocp.args.PyTreeSave({"step": step}),
-                                                meta=ocp.args.JsonSave(meta)), force=True)
+        manager.save(
+            0,
+            args=ocp.args.Composite(
+                params=ocp.args.PyTreeSave(params),
+                train=ocp.args.PyTreeSave({"step": step}),
+                meta=ocp.args.JsonSave(meta),
+            ),
+            force=True,
+        )
         manager.wait_until_finished()
     finally:
         manager.close()
 
 
-def importance_report(importance, keep, teacher: ModelConfig, student: ModelConfig, batches: int,
-                      source: dict) -> dict[str, Any]:
+def importance_report(
+    importance, keep, teacher: ModelConfig, student: ModelConfig, batches: int, source: dict
+) -> dict[str, Any]:
     """importance.json: what was measured, how, and what was kept (full neuron arrays are in importance.npz)."""
     kept_layer = {int(t): s for s, t in enumerate(keep["layers"])}
 
@@ -360,20 +447,27 @@ def importance_report(importance, keep, teacher: ModelConfig, student: ModelConf
         return [round(float(v), 6) for v in a]
 
     def mass(scores, kept):  # share of the L2 importance mass that the kept units carry
-        return round(float(np.sum(scores[kept] ** 2) / max(np.sum(scores ** 2), 1e-30)), 6)
+        return round(float(np.sum(scores[kept] ** 2) / max(np.sum(scores**2), 1e-30)), 6)
 
     layers = []
     for layer in range(teacher.n_layers):
-        row = {"layer": layer, "kind": teacher.layer_kinds[layer],
-               "block_importance": round(float(importance["block"][layer]), 6),
-               "kept_as": kept_layer.get(layer), "heads": rounded(importance["heads"][layer]),
-               "kv_groups": rounded(importance["kv_groups"][layer]),
-               "neurons_quantiles": rounded(np.quantile(importance["neurons"][layer], [0, 0.1, 0.5, 0.9, 1]))}
+        row = {
+            "layer": layer,
+            "kind": teacher.layer_kinds[layer],
+            "block_importance": round(float(importance["block"][layer]), 6),
+            "kept_as": kept_layer.get(layer),
+            "heads": rounded(importance["heads"][layer]),
+            "kv_groups": rounded(importance["kv_groups"][layer]),
+            "neurons_quantiles": rounded(np.quantile(importance["neurons"][layer], [0, 0.1, 0.5, 0.9, 1])),
+        }
         if layer in kept_layer:
             s = kept_layer[layer]
-            row.update(kept_heads=keep["heads"][s].tolist(), kept_kv_groups=keep["kv_groups"][s].tolist(),
-                       kept_neuron_mass=mass(importance["neurons"][layer], keep["neurons"][s]),
-                       kept_head_mass=mass(importance["heads"][layer], keep["heads"][s]))
+            row.update(
+                kept_heads=keep["heads"][s].tolist(),
+                kept_kv_groups=keep["kv_groups"][s].tolist(),
+                kept_neuron_mass=mass(importance["neurons"][layer], keep["neurons"][s]),
+                kept_head_mass=mass(importance["heads"][layer], keep["heads"][s]),
+            )
         layers.append(row)
     shape = ("n_layers", "d_model", "n_heads", "kv_heads", "d_ff", "dim_per_head")
     return {
@@ -387,11 +481,16 @@ def importance_report(importance, keep, teacher: ModelConfig, student: ModelConf
             "block_importance": "1 - cos(x_in, x_out) of the residual stream, mean over valid tokens",
         },
         "teacher_source": source,
-        "teacher": {k: getattr(teacher, k) for k in shape}, "student": {k: getattr(student, k) for k in shape},
-        "batches": batches, "rows": importance["rows"], "tokens": importance["tokens"],
-        "kept_layers": keep["layers"].tolist(), "kept_channels": keep["channels"].tolist(),
+        "teacher": {k: getattr(teacher, k) for k in shape},
+        "student": {k: getattr(student, k) for k in shape},
+        "batches": batches,
+        "rows": importance["rows"],
+        "tokens": importance["tokens"],
+        "kept_layers": keep["layers"].tolist(),
+        "kept_channels": keep["channels"].tolist(),
         "kept_channel_mass": mass(importance["channels"], keep["channels"]),
-        "channels": rounded(importance["channels"]), "layers": layers,
+        "channels": rounded(importance["channels"]),
+        "layers": layers,
     }
 
 

@@ -91,8 +91,15 @@ def eval_mesh(config):
     return mesh
 
 
-def export_run(path: str | Path, out_dir: str | Path, *, force: bool = False, dtype: str = "float32",
-               tokenizer: str | None = None, weights_only: bool = False) -> Path:
+def export_run(
+    path: str | Path,
+    out_dir: str | Path,
+    *,
+    force: bool = False,
+    dtype: str = "float32",
+    tokenizer: str | None = None,
+    weights_only: bool = False,
+) -> Path:
     """`analogjax export`: a run's student as a HF folder (weights, config.json, tokenizer files)."""
     from analogjax.models import hf
 
@@ -103,8 +110,9 @@ def export_run(path: str | Path, out_dir: str | Path, *, force: bool = False, dt
     return _export(config, params, out_dir, force, dtype, spec)
 
 
-def fidelity_of_run(path: str | Path, out_dir: str | Path, *, config=None, batches: int | None = None,
-                    teacher=None, teacher_params=None) -> dict[str, Any]:
+def fidelity_of_run(
+    path: str | Path, out_dir: str | Path, *, config=None, batches: int | None = None, teacher=None, teacher_params=None
+) -> dict[str, Any]:
     """`analogjax eval`: measure a run's student against its teacher; writes fidelity.json/.md and plots."""
     return _fidelity(*_load_student(path, config), out_dir, batches, teacher, teacher_params)
 
@@ -132,15 +140,19 @@ def bundle_tokenizer(config, *, tokenizer: str | None = None, weights_only: bool
     run_spec = resolve_tokenizer(config.data)
     spec = tokenizer or run_spec
     if spec == "none":
-        raise UserError("no tokenizer to ship: the run's data.tokenizer is none and its sources name none (analogjax "
-                        "prepare records one); pass --tokenizer FILE (the tokenizer its token ids belong to) or "
-                        "--weights-only to publish the weights alone")
+        raise UserError(
+            "no tokenizer to ship: the run's data.tokenizer is none and its sources name none (analogjax "
+            "prepare records one); pass --tokenizer FILE (the tokenizer its token ids belong to) or "
+            "--weights-only to publish the weights alone"
+        )
     chosen = load_tokenizer(spec)
     if tokenizer and run_spec != "none" and chosen.fingerprint != load_tokenizer(run_spec).fingerprint:
         raise UserError(f"--tokenizer {tokenizer} is not the tokenizer the run was trained with ({run_spec})")
     if chosen.kind not in ("bytes", "hf"):
-        raise UserError(f"tokenizer {spec} ({chosen.kind}) cannot be written as a HF tokenizer.json; pass "
-                        "--weights-only to publish the weights alone")
+        raise UserError(
+            f"tokenizer {spec} ({chosen.kind}) cannot be written as a HF tokenizer.json; pass "
+            "--weights-only to publish the weights alone"
+        )
     check_vocab(chosen, config.model.vocab_size, where=f"tokenizer {spec}")
     return spec
 
@@ -158,23 +170,40 @@ def _export(config, params, out_dir, force: bool, dtype: str, tokenizer: str | N
         teacher_chat_template,
     )
 
-    out = hf.save_params(params, config.model, out_dir, tokenizer=tokenizer, force=force, dtype=dtype,
-                         max_positions=config.data.seq_len)
+    out = hf.save_params(
+        params, config.model, out_dir, tokenizer=tokenizer, force=force, dtype=dtype, max_positions=config.data.seq_len
+    )
     template = teacher_chat_template(config.teacher.hf_path) if tokenizer else None
     if template is None or jax.process_index() != 0:  # process 0 wrote the files
         return out
     teacher_tokenizer = Path(config.teacher.hf_path) / TOKENIZER_FILE
-    if teacher_tokenizer.is_file() and \
-            load_tokenizer(str(teacher_tokenizer)).fingerprint != load_tokenizer(tokenizer).fingerprint:
-        print("warning: the teacher's chat template is not carried into the analog's tokenizer: the analog's "
-              "tokenizer is not the teacher's", file=sys.stderr)
+    if (
+        teacher_tokenizer.is_file()
+        and load_tokenizer(str(teacher_tokenizer)).fingerprint != load_tokenizer(tokenizer).fingerprint
+    ):
+        print(
+            "warning: the teacher's chat template is not carried into the analog's tokenizer: the analog's "
+            "tokenizer is not the teacher's",
+            file=sys.stderr,
+        )
         return out
     add_chat_template(Path(out), template)
     return out
 
 
-def _fidelity(config, workdir, step, mesh, params, out_dir, batches, teacher, teacher_params,
-              source_names: dict[str, str] | None = None, transfer_report: dict | None = None) -> dict[str, Any]:
+def _fidelity(
+    config,
+    workdir,
+    step,
+    mesh,
+    params,
+    out_dir,
+    batches,
+    teacher,
+    teacher_params,
+    source_names: dict[str, str] | None = None,
+    transfer_report: dict | None = None,
+) -> dict[str, Any]:
     """Measure and write the fidelity report; `source_names` renames its per-source columns (a release publishes
     the names the lab chose, not those derived from paths)."""
     from analogjax import fidelity
@@ -198,8 +227,10 @@ def _teacher_for_fidelity(config, mesh):
     from analogjax.teacher import live_source_kind, load_teacher
 
     if live_source_kind(config) == "random":
-        raise UserError("the run's config names no teacher.checkpoint, teacher.hf_path or teacher.gguf_path: nothing "
-                        "to compare with")
+        raise UserError(
+            "the run's config names no teacher.checkpoint, teacher.hf_path or teacher.gguf_path: nothing "
+            "to compare with"
+        )
     return load_teacher(config, mesh, live=True)
 
 
@@ -207,10 +238,22 @@ def _teacher_for_fidelity(config, mesh):
 # The bundle
 
 
-def write_release(run_dir: str | Path, out_dir: str | Path, *, batches: int | None = None, force: bool = False,
-                  dtype: str = "float32", teacher=None, teacher_params=None, tokenizer: str | None = None,
-                  weights_only: bool = False, release_overrides: Sequence[str] = (), transfer: bool = True,
-                  transfer_report: dict | None = None, user_concepts: Sequence = ()) -> Path:
+def write_release(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    batches: int | None = None,
+    force: bool = False,
+    dtype: str = "float32",
+    teacher=None,
+    teacher_params=None,
+    tokenizer: str | None = None,
+    weights_only: bool = False,
+    release_overrides: Sequence[str] = (),
+    transfer: bool = True,
+    transfer_report: dict | None = None,
+    user_concepts: Sequence = (),
+) -> Path:
     """HF folder + fidelity/ + README.md model card for the run in `run_dir` (workdir or checkpoints dir).
 
     `release_overrides`: "key=value" settings of the `release` config section over the run's own (e.g.
@@ -239,23 +282,44 @@ def write_release(run_dir: str | Path, out_dir: str | Path, *, batches: int | No
     if transfer and transfer_report is None:
         from analogjax.transfer import measure
 
-        transfer_report = measure(config, params, teacher, teacher_params, mesh,
-                                  batches=batches or config.train.eval_batches, user_concepts=user_concepts)
-    report = _fidelity(*student, out / "fidelity", batches, teacher, teacher_params,
-                       None if disclosed.local_paths else model_card.public_source_names(config.data),
-                       transfer_report=transfer_report if transfer else None)
+        transfer_report = measure(
+            config,
+            params,
+            teacher,
+            teacher_params,
+            mesh,
+            batches=batches or config.train.eval_batches,
+            user_concepts=user_concepts,
+        )
+    report = _fidelity(
+        *student,
+        out / "fidelity",
+        batches,
+        teacher,
+        teacher_params,
+        None if disclosed.local_paths else model_card.public_source_names(config.data),
+        transfer_report=transfer_report if transfer else None,
+    )
     if jax.process_index() != 0:
         return out
-    card = model_card.model_card(config, step, report, sorted(p.name for p in (out / "fidelity").glob("*.png")),
-                                 disclosed=disclosed, tokenizer=load_tokenizer(spec) if spec else None,
-                                 cache_provenance=_cache_provenance(config))
+    card = model_card.model_card(
+        config,
+        step,
+        report,
+        sorted(p.name for p in (out / "fidelity").glob("*.png")),
+        disclosed=disclosed,
+        tokenizer=load_tokenizer(spec) if spec else None,
+        cache_provenance=_cache_provenance(config),
+    )
     (out / "README.md").write_text(card)
     if not disclosed.local_paths:
         needles = model_card.local_paths(config, run_dir, workdir or "", Path.cwd(), Path.home())
         leaks = model_card.find_local_strings(out, needles, [socket.gethostname(), getpass.getuser()])
         if leaks:
-            raise UserError(f"{out}: the bundle names {leaks[0][1]!r} in {leaks[0][0]}, which this release did not "
-                            "choose to disclose (release.allow_local_paths); rename it or opt in")
+            raise UserError(
+                f"{out}: the bundle names {leaks[0][1]!r} in {leaks[0][0]}, which this release did not "
+                "choose to disclose (release.allow_local_paths); rename it or opt in"
+            )
     return out
 
 

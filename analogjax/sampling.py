@@ -48,17 +48,26 @@ def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
     (segment id 0), written slots get their token's position and segment id."""
     dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
     shape = (cfg.n_layers, batch, length, cfg.kv_heads, cfg.dim_per_head)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-            "positions": jnp.zeros((batch, length), jnp.int32), "segment_ids": jnp.zeros((batch, length), jnp.int32),
-            "index": jnp.zeros((batch,), jnp.int32)}
+    return {
+        "k": jnp.zeros(shape, dtype),
+        "v": jnp.zeros(shape, dtype),
+        "positions": jnp.zeros((batch, length), jnp.int32),
+        "segment_ids": jnp.zeros((batch, length), jnp.int32),
+        "index": jnp.zeros((batch,), jnp.int32),
+    }
 
 
 def _constrain(cache: dict) -> dict:
     # Split the cache over the batch axes like every activation; heads stay whole (kv heads rarely divide tensor).
     import flax.linen as nn
 
-    names = {"k": (None, "batch", "length", None, None), "v": (None, "batch", "length", None, None),
-             "positions": ("batch", "length"), "segment_ids": ("batch", "length"), "index": ("batch",)}
+    names = {
+        "k": (None, "batch", "length", None, None),
+        "v": (None, "batch", "length", None, None),
+        "positions": ("batch", "length"),
+        "segment_ids": ("batch", "length"),
+        "index": ("batch",),
+    }
     return {key: nn.with_logical_constraint(value, names[key]) for key, value in cache.items()}
 
 
@@ -86,9 +95,19 @@ def next_token(logits_bv: jax.Array, rng: jax.Array, options: Sampling) -> jax.A
     return jax.random.categorical(rng, filtered, axis=-1).astype(jnp.int32)
 
 
-def sample(cfg: ModelConfig, params, prompt_bp: jax.Array, lengths_b: jax.Array, rng: jax.Array, *,
-           max_new_tokens: int, options: Sampling | None = None, eos_ids: Sequence[int] = (), pad_id: int = 0,
-           limit_b: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def sample(
+    cfg: ModelConfig,
+    params,
+    prompt_bp: jax.Array,
+    lengths_b: jax.Array,
+    rng: jax.Array,
+    *,
+    max_new_tokens: int,
+    options: Sampling | None = None,
+    eos_ids: Sequence[int] = (),
+    pad_id: int = 0,
+    limit_b: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
     """Continue right-padded prompts ([b, p] int32, row i's first lengths_b[i] >= 1 tokens real) → (new tokens
     [b, max_new_tokens] int32, pad_id after a row stops; count [b] of new tokens, an EOS included). A row stops
     after an EOS id, after max_new_tokens, or after limit_b[i] tokens (a context bound). Pure and jittable."""
@@ -142,12 +161,14 @@ def bucket(length: int) -> int:
 
 @functools.lru_cache(maxsize=32)
 def _jitted(cfg: ModelConfig, max_new_tokens: int, options: Sampling, eos_ids: tuple[int, ...], pad_id: int):
-    return jax.jit(functools.partial(sample, cfg, max_new_tokens=max_new_tokens, options=options, eos_ids=eos_ids,
-                                     pad_id=pad_id))
+    return jax.jit(
+        functools.partial(sample, cfg, max_new_tokens=max_new_tokens, options=options, eos_ids=eos_ids, pad_id=pad_id)
+    )
 
 
-def check_request(prompts: Sequence[Sequence[int]], max_new_tokens: int, options: Sampling,
-                  max_positions: int | None, vocab_size: int) -> None:
+def check_request(
+    prompts: Sequence[Sequence[int]], max_new_tokens: int, options: Sampling, max_positions: int | None, vocab_size: int
+) -> None:
     """UserError for any request `generate` cannot serve exactly."""
     options.check()
     if max_new_tokens <= 0:
@@ -158,16 +179,27 @@ def check_request(prompts: Sequence[Sequence[int]], max_new_tokens: int, options
         if len(prompt) == 0:
             raise UserError(f"prompt {i} is empty (no tokens): there is nothing to continue")
         if max_positions is not None and len(prompt) >= max_positions:
-            raise UserError(f"prompt {i} has {len(prompt)} tokens; the model's context is {max_positions} "
-                            "positions, leaving no room for a new token")
+            raise UserError(
+                f"prompt {i} has {len(prompt)} tokens; the model's context is {max_positions} "
+                "positions, leaving no room for a new token"
+            )
         bad = [t for t in prompt if not 0 <= int(t) < vocab_size]
         if bad:
             raise UserError(f"prompt {i} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
 
 
-def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
-             top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_ids: Sequence[int] = (),
-             max_positions: int | None = None) -> list[list[int]]:
+def generate(
+    model,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    eos_ids: Sequence[int] = (),
+    max_positions: int | None = None,
+) -> list[list[int]]:
     """Continue each prompt (a list of token ids) with `model` (a models.model.Model: hf.load(...), a run's
     student); returns each completion's token ids (stopping EOS included). temperature 0 is greedy. With
     `max_positions` (the model's context), prompts must be shorter and rows stop when they reach it."""
@@ -182,16 +214,24 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, te
     tokens = np.zeros((rows, width), np.int32)
     lengths = np.ones((rows,), np.int32)
     for i, prompt in enumerate(prompts):
-        tokens[i, :len(prompt)] = prompt
+        tokens[i, : len(prompt)] = prompt
         lengths[i] = len(prompt)
-    limit = (np.full((rows,), max_new_tokens, np.int32) if max_positions is None
-             else np.minimum(max_new_tokens, max_positions - lengths).astype(np.int32))
+    limit = (
+        np.full((rows,), max_new_tokens, np.int32)
+        if max_positions is None
+        else np.minimum(max_new_tokens, max_positions - lengths).astype(np.int32)
+    )
     fn = _jitted(model.config, int(max_new_tokens), options, tuple(int(e) for e in eos_ids), 0)
     batch = mesh_lib.batch_sharding(model.mesh)
     import flax.linen as nn
 
     with jax.set_mesh(model.mesh), nn.logical_axis_rules(list(model.rules)):
-        out, count = fn(model.params, jax.device_put(tokens, batch), jax.device_put(lengths, batch),
-                        jax.random.key(seed), limit_b=jax.device_put(limit, batch))
+        out, count = fn(
+            model.params,
+            jax.device_put(tokens, batch),
+            jax.device_put(lengths, batch),
+            jax.random.key(seed),
+            limit_b=jax.device_put(limit, batch),
+        )
     out, count = np.asarray(jax.device_get(out)), np.asarray(jax.device_get(count))
-    return [out[i, :count[i]].tolist() for i in range(n)]
+    return [out[i, : count[i]].tolist() for i in range(n)]

@@ -49,19 +49,24 @@ class Run:
 
     def student_model(self, state: TrainState):
         """The student of `state` as a callable `Model` (what `analogjax.hf.save` writes)."""
+        from analogjax.data.tokenize import resolve_tokenizer
         from analogjax.models.model import Model
 
-        from analogjax.data.tokenize import resolve_tokenizer
-
         tokenizer = resolve_tokenizer(self.config.data)  # a run on prepared shards: the shards' own tokenizer
-        return Model(self.config.model, state.params["model"], mesh=self.mesh, rules=mesh_lib.STUDENT_RULES,
-                     tokenizer=None if tokenizer == "none" else tokenizer)
+        return Model(
+            self.config.model,
+            state.params["model"],
+            mesh=self.mesh,
+            rules=mesh_lib.STUDENT_RULES,
+            tokenizer=None if tokenizer == "none" else tokenizer,
+        )
 
 
 def build_mesh(config: Config, devices=None):
     """The config's mesh over `devices` (default: all of them; compile-check passes a TPU topology's)."""
-    mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices,
-                              context=config.mesh.context)
+    mesh = mesh_lib.make_mesh(
+        config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices, context=config.mesh.context
+    )
     check_mesh(config, mesh)
     return mesh
 
@@ -87,7 +92,9 @@ def _init_student_boxed(config: Config, student: Transformer):
             proj = init_projections(layer_map, config.model.d_model, config.teacher.model.d_model, proj_rng)
             params["hidden_proj"] = jax.tree.map(
                 lambda value, names: nn.LogicallyPartitioned(value, tuple(names)),
-                proj, projection_logical_axes(layer_map), is_leaf=lambda x: isinstance(x, P),
+                proj,
+                projection_logical_axes(layer_map),
+                is_leaf=lambda x: isinstance(x, P),
             )
         return params
 
@@ -124,15 +131,19 @@ def init_state(config: Config, mesh, student: Transformer, tx, shardings) -> Tra
     def init(seed):
         rng = jax.random.key(seed)
         params = nn.unbox(init_boxed(jax.random.fold_in(rng, 0)))
-        return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
-                          rng=jax.random.key_data(jax.random.fold_in(rng, 1)))
+        return TrainState(
+            step=jnp.int32(0),
+            params=params,
+            opt_state=tx.init(params),
+            rng=jax.random.key_data(jax.random.fold_in(rng, 1)),
+        )
 
     return jax.jit(init, out_shardings=shardings)(config.train.seed)
 
 
-
-def build(config: Config, teacher: Teacher | None = None, teacher_params: Any = None, mesh=None,
-          init: bool = True) -> Run:
+def build(
+    config: Config, teacher: Teacher | None = None, teacher_params: Any = None, mesh=None, init: bool = True
+) -> Run:
     """Build a run. Pass `teacher` + `teacher_params` to bring your own teacher (else the config's is loaded),
     and `mesh` to use your own (else one is made from the config over all devices). With init=False no state is
     materialised (a resume then never holds a fresh state beside the restored one)."""
@@ -164,8 +175,11 @@ def build(config: Config, teacher: Teacher | None = None, teacher_params: Any = 
     # Held-out batches are not cached: a cached teacher's run measures the student's held-out CE only.
     eval_teacher = None if teacher is not None and teacher.is_cached else teacher
     eval_step = make_eval_step(student, mesh_lib.STUDENT_RULES, eval_teacher, config.distill.chunk_size)
-    eval_fn = jax.jit(eval_step, in_shardings=(shardings.params["model"], teacher_sh, batch_sh),
-                      out_shardings=mesh_lib.replicated(mesh))
+    eval_fn = jax.jit(
+        eval_step,
+        in_shardings=(shardings.params["model"], teacher_sh, batch_sh),
+        out_shardings=mesh_lib.replicated(mesh),
+    )
     state = None
     if init:
         with jax.set_mesh(mesh):
@@ -177,10 +191,22 @@ def jit_distill_step(config: Config, student, teacher, tx, state_shardings, teac
     """The config's distill step, jitted once with explicit shardings: what training runs and what compile-check
     compiles. The state is donated: its buffers are reused for the next state, so a step never holds two copies of
     the student."""
-    step = make_distill_step(student, mesh_lib.STUDENT_RULES, teacher, tx, config.distill, config.train.steps,
-                             config.optim.grad_accum, skip_nonfinite=config.train.nonfinite == "skip")
-    return jax.jit(step, in_shardings=(state_shardings, teacher_shardings, batch_sharding),
-                   out_shardings=(state_shardings, mesh_lib.replicated(mesh)), donate_argnums=(0,))
+    step = make_distill_step(
+        student,
+        mesh_lib.STUDENT_RULES,
+        teacher,
+        tx,
+        config.distill,
+        config.train.steps,
+        config.optim.grad_accum,
+        skip_nonfinite=config.train.nonfinite == "skip",
+    )
+    return jax.jit(
+        step,
+        in_shardings=(state_shardings, teacher_shardings, batch_sharding),
+        out_shardings=(state_shardings, mesh_lib.replicated(mesh)),
+        donate_argnums=(0,),
+    )
 
 
 def check_vocab(student_vocab: int, teacher_vocab: int) -> None:
@@ -188,8 +214,10 @@ def check_vocab(student_vocab: int, teacher_vocab: int) -> None:
     Anything else means different tokenizers, which token-level distillation cannot bridge."""
     small, large = sorted((student_vocab, teacher_vocab))
     if small != large and (large % 64 != 0 or large - small >= 1024):
-        raise UserError(f"model.vocab_size ({student_vocab}) and teacher.model.vocab_size ({teacher_vocab}) differ "
-                        "by more than padding: teacher and student must share a tokenizer")
+        raise UserError(
+            f"model.vocab_size ({student_vocab}) and teacher.model.vocab_size ({teacher_vocab}) differ "
+            "by more than padding: teacher and student must share a tokenizer"
+        )
 
 
 def evaluate(run: Run, params, batches: int) -> dict[str, float]:
@@ -200,8 +228,13 @@ def evaluate(run: Run, params, batches: int) -> dict[str, float]:
 def heldout_metrics(config: Config, eval_fn, params, teacher_params, batch_sharding, batches: int) -> dict[str, float]:
     """Means over `batches` batches of the held-out split (documents never trained on) of a jitted eval step."""
     total: dict[str, float] = {}
-    for batch in heldout_batches(config.data, seed=config.train.seed, vocab_size=config.model.vocab_size,
-                                 sharding=batch_sharding, batches=batches):
+    for batch in heldout_batches(
+        config.data,
+        seed=config.train.seed,
+        vocab_size=config.model.vocab_size,
+        sharding=batch_sharding,
+        batches=batches,
+    ):
         sums = jax.device_get(eval_fn(params, teacher_params, batch))
         for key, value in sums.items():
             total[key] = total.get(key, 0.0) + float(value)

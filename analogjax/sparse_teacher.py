@@ -24,7 +24,8 @@ weights are deliberately not renormalised per token: self-normalisation would bi
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

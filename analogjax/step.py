@@ -10,7 +10,8 @@ exactly over steps and hosts.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -55,8 +56,7 @@ def forward_outputs(student, student_rules, teacher: Teacher | None, params, tea
     with nn.logical_axis_rules(list(student_rules)):
         # The objective applies the student's final soft-cap to the logits it builds (softcaps_of below).
         feats = student.features(params["model"], tokens, seg, pos, collect_layers, applies_final_softcap=True)
-        s_out = Outputs(_flat(feats.hidden_bsd), student.head(params["model"]), None, feats.layers_lbsd,
-                        feats.router)
+        s_out = Outputs(_flat(feats.hidden_bsd), student.head(params["model"]), None, feats.layers_lbsd, feats.router)
     if teacher is None:
         return s_out, None
     t = teacher_forward(teacher, teacher_params, batch, collect_layers)
@@ -95,7 +95,15 @@ def make_distill_step(
     def loss_fn(params, teacher_params, batch, step, valid_count):
         s_out, t_out = forward_outputs(student, student_rules, teacher, params, teacher_params, batch, collect)
         loss, metrics = objective(
-            distill, total_steps, step, s_out, t_out, batch, valid_count, shared_vocab, params.get("hidden_proj"),
+            distill,
+            total_steps,
+            step,
+            s_out,
+            t_out,
+            batch,
+            valid_count,
+            shared_vocab,
+            params.get("hidden_proj"),
             softcaps=softcaps,
         )
         if s_out.router is not None:  # an MoE student: its router's load-balancing and z-loss terms
@@ -121,8 +129,9 @@ def make_distill_step(
 
             zeros = jax.tree.map(
                 jnp.zeros_like,
-                jax.eval_shape(grad_fn, state.params, teacher_params,
-                               jax.tree.map(lambda x: x[0], micro), state.step, valid_count),
+                jax.eval_shape(
+                    grad_fn, state.params, teacher_params, jax.tree.map(lambda x: x[0], micro), state.step, valid_count
+                ),
             )
             (grads, sums), _ = jax.lax.scan(accumulate, zeros, micro)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -155,10 +164,18 @@ def make_eval_step(student, student_rules, teacher: Teacher | None, chunk_size: 
 
     def eval_step(params, teacher_params, batch):
         valid_count = jnp.maximum(batch["loss_mask"].astype(jnp.float32).sum(), 1.0)
-        s_out, t_out = forward_outputs(student, student_rules, teacher, {"model": params}, teacher_params, batch,
-                                       False)
-        _, sums = objective(measure, 1, jnp.int32(0), s_out, t_out, batch, valid_count, shared_vocab,
-                            softcaps=softcaps_of(student, teacher))
+        s_out, t_out = forward_outputs(student, student_rules, teacher, {"model": params}, teacher_params, batch, False)
+        _, sums = objective(
+            measure,
+            1,
+            jnp.int32(0),
+            s_out,
+            t_out,
+            batch,
+            valid_count,
+            shared_vocab,
+            softcaps=softcaps_of(student, teacher),
+        )
         return dict(sums, count=valid_count)
 
     return eval_step

@@ -14,13 +14,15 @@ outputs are cut out of autodiff. Kinds:
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from analogjax.errors import UserError
 from analogjax.models.transformer import softcap_logits
 
 # A bring-your-own teacher: (params, tokens, segment_ids, positions) -> float32 logits [b, s, v].
@@ -60,8 +62,12 @@ class TeacherOutputs(NamedTuple):
         (Teacher.final_softcap), applied to logits built from hidden states."""
         if self.logits_bsv is not None:
             return self.logits_bsv.astype(jnp.float32)
-        out = jnp.einsum("bsd,dv->bsv", self.hidden_bsd, self.head_dv.astype(self.hidden_bsd.dtype),
-                         preferred_element_type=jnp.float32)
+        out = jnp.einsum(
+            "bsd,dv->bsv",
+            self.hidden_bsd,
+            self.head_dv.astype(self.hidden_bsd.dtype),
+            preferred_element_type=jnp.float32,
+        )
         return softcap_logits(out, softcap)
 
 
@@ -73,22 +79,29 @@ def model_teacher(model, rules) -> Teacher:
         feats = model.features(params, tokens, segment_ids, positions, collect_layers, applies_final_softcap=True)
         return feats, model.head(params)
 
-    return Teacher(logits=model, features=features, rules=tuple(rules), vocab_size=model.cfg.vocab_size,
-                   final_softcap=model.cfg.final_softcap)
+    return Teacher(
+        logits=model,
+        features=features,
+        rules=tuple(rules),
+        vocab_size=model.cfg.vocab_size,
+        final_softcap=model.cfg.final_softcap,
+    )
 
 
 def forward(teacher: Teacher, params, batch: dict[str, jax.Array], collect_layers: bool = False):
     """The teacher's outputs for a batch: TeacherOutputs for a live teacher, the sparse teacher (TopKTeacher or
     SampledTeacher) for a cached one. Never differentiated: the gradient stops here, once, for every caller."""
-    if teacher.is_cached:
+    if teacher.from_batch is not None:
         return jax.tree.map(jax.lax.stop_gradient, teacher.from_batch(batch))
     tokens, seg, pos = batch["tokens"], batch["segment_ids"], batch["positions"]
     with nn.logical_axis_rules(list(teacher.rules)):
         if teacher.features is not None:
             feats, head = teacher.features(params, tokens, seg, pos, collect_layers)
             out = TeacherOutputs(feats.hidden_bsd, head, None, feats.layers_lbsd)
-        else:
+        elif teacher.logits is not None:
             out = TeacherOutputs(None, None, teacher.logits(params, tokens, seg, pos))
+        else:
+            raise UserError("a Teacher needs `logits`, `features` or `from_batch`")
     return jax.tree.map(jax.lax.stop_gradient, out)
 
 
@@ -149,8 +162,9 @@ def load_teacher(config, mesh, *, live: bool = False) -> tuple[Teacher | None, A
         return teacher, restore_params(config.teacher.checkpoint, abstract)
     if jax.process_index() == 0:  # one warning per job, not one per host
         print("warning: no teacher.checkpoint or teacher.hf_path: the teacher is randomly initialised", file=sys.stderr)
-    params, _ = mesh_lib.init_sharded(model.init_boxed, jax.random.key(config.train.seed + 1), mesh,
-                                      mesh_lib.TEACHER_RULES)
+    params, _ = mesh_lib.init_sharded(
+        model.init_boxed, jax.random.key(config.train.seed + 1), mesh, mesh_lib.TEACHER_RULES
+    )
     return teacher, params
 
 
@@ -162,8 +176,12 @@ def describe_signal(config, cache_layout: dict | None = None) -> str:
     if kind == "cache":
         layout = cache_layout or {}
         if layout.get("kind") == "sampled":
-            return (f"{layout.get('k', '?')} tokens per position sampled from the teacher with importance weights "
-                    "(a cached teacher)")
-        return (f"the teacher's top-{layout.get('k', '?')} logits per position, cached "
-                f"(treatment: {config.distill.topk_treatment})")
+            return (
+                f"{layout.get('k', '?')} tokens per position sampled from the teacher with importance weights "
+                "(a cached teacher)"
+            )
+        return (
+            f"the teacher's top-{layout.get('k', '?')} logits per position, cached "
+            f"(treatment: {config.distill.topk_treatment})"
+        )
     return "the teacher's full-vocabulary logits, computed live in each step"

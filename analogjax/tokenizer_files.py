@@ -67,16 +67,24 @@ def write_tokenizer(spec: str, out: Path, max_length: int) -> dict[str, int | No
 
         shutil.copyfile(spec, out / TOKENIZER_FILE)
         tok = Tokenizer.from_file(spec)
-        names = {key: tok.id_to_token(i) for key, i in
-                 (("bos_token", ours.bos_id), ("eos_token", ours.eos_id), ("pad_token", ours.pad_id))
-                 if i is not None}
+        names = {
+            key: tok.id_to_token(i)
+            for key, i in (("bos_token", ours.bos_id), ("eos_token", ours.eos_id), ("pad_token", ours.pad_id))
+            if i is not None
+        }
         unk = getattr(tok.model, "unk_token", None)
         if unk and tok.token_to_id(unk) is not None:
             names["unk_token"] = unk
     else:
         raise UserError(f"export: tokenizer {spec!r} ({ours.kind}) cannot be written as a HF tokenizer.json")
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length,
-              "clean_up_tokenization_spaces": False, "add_bos_token": False, "add_eos_token": False, **names}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": max_length,
+        "clean_up_tokenization_spaces": False,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        **names,
+    }
     (out / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps(names, indent=2) + "\n")
     return {"bos_token_id": ours.bos_id, "eos_token_id": ours.eos_id, "pad_token_id": ours.pad_id}
@@ -98,8 +106,10 @@ def teacher_chat_template(folder: str | Path | None) -> str | None:
     if template is None and (folder / CHAT_TEMPLATE_FILE).is_file():
         template = (folder / CHAT_TEMPLATE_FILE).read_text()
     if template is not None and not isinstance(template, str):
-        raise UserError(f"{config_file}: chat_template is a list of named templates; only a single template is "
-                        "carried into the analog's tokenizer")
+        raise UserError(
+            f"{config_file}: chat_template is a list of named templates; only a single template is "
+            "carried into the analog's tokenizer"
+        )
     return template
 
 

@@ -45,8 +45,9 @@ def _guard_workdir(workdir: Path, config: Config) -> bool:
 def _claim_workdir(workdir: Path, config: Config) -> None:
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / RUN_FILE).write_text(json.dumps({"identity": run_identity(config), "config": to_dict(config)},
-                                                   indent=2))
+        (workdir / RUN_FILE).write_text(
+            json.dumps({"identity": run_identity(config), "config": to_dict(config)}, indent=2)
+        )
 
 
 def show_config(workdir: Path, config: Config) -> None:
@@ -61,8 +62,10 @@ def show_config(workdir: Path, config: Config) -> None:
     diffs = differences(config)
     shown = [f"{k}={json.dumps(v)}" if len(json.dumps(v)) <= 40 else k for k, v in list(diffs.items())[:_SHOWN]]
     more = f", and {len(diffs) - _SHOWN} more" if len(diffs) > _SHOWN else ""
-    print(f"config ({workdir / CONFIG_FILE}); differs from the defaults in: {', '.join(shown) or 'nothing'}{more}",
-          file=sys.stderr)
+    print(
+        f"config ({workdir / CONFIG_FILE}); differs from the defaults in: {', '.join(shown) or 'nothing'}{more}",
+        file=sys.stderr,
+    )
 
 
 _SHOWN = 12
@@ -72,16 +75,27 @@ def check_identity(saved: dict, identity: dict, allowed: bool, where: str) -> li
     """The parts (model, data) in which `saved` differs from `identity`; a UserError unless `allowed`."""
     changed = [part for part in ("model", "data") if saved.get(part) != identity[part]]
     if changed and not allowed:
-        raise UserError(f"{where} holds a run with a different {' and '.join(changed)} config; use another "
-                        "--workdir, or --set checkpoint.allow_config_change=true to resume it anyway")
+        raise UserError(
+            f"{where} holds a run with a different {' and '.join(changed)} config; use another "
+            "--workdir, or --set checkpoint.allow_config_change=true to resume it anyway"
+        )
     if changed:
-        print(f"warning: {where}: resuming under a changed {' and '.join(changed)} config "
-              "(checkpoint.allow_config_change)", file=sys.stderr)
+        print(
+            f"warning: {where}: resuming under a changed {' and '.join(changed)} config "
+            "(checkpoint.allow_config_change)",
+            file=sys.stderr,
+        )
     return changed
 
 
-def run_training(config: Config, workdir: str | Path, *, teacher: Teacher | None = None, teacher_params: Any = None,
-                 progress: bool = True) -> dict[str, Any]:
+def run_training(
+    config: Config,
+    workdir: str | Path,
+    *,
+    teacher: Teacher | None = None,
+    teacher_params: Any = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Train (distill, or pretrain when the objective needs no teacher) into `workdir`; returns final metrics.
 
     Relaunching the same call resumes exactly where the last checkpoint left off (resume order: `restore_or_init`).
@@ -93,8 +107,14 @@ def run_training(config: Config, workdir: str | Path, *, teacher: Teacher | None
     claim = _guard_workdir(workdir, config)
     cfg = config
     # The data first: a missing or unusable corpus or tokenizer is reported before a model is built.
-    data_iter = make_batch_iterator(cfg.data, split="train", seed=cfg.train.seed, vocab_size=cfg.model.vocab_size,
-                                    process_index=jax.process_index(), process_count=jax.process_count())
+    data_iter = make_batch_iterator(
+        cfg.data,
+        split="train",
+        seed=cfg.train.seed,
+        vocab_size=cfg.model.vocab_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
     run = build(config, teacher, teacher_params, init=False)
     cache_reader = None
     if run.teacher is not None and run.teacher.is_cached:  # cached rows join each local batch, step for step
@@ -102,10 +122,16 @@ def run_training(config: Config, workdir: str | Path, *, teacher: Teacher | None
 
         cache_reader = CacheReader(cfg)
     ck = cfg.checkpoint
-    checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", every=ck.every, keep=ck.keep,
-                                         async_save=ck.async_save, keep_best=ck.keep_best,
-                                         best_metric=ck.best_metric, best_mode=ck.best_mode,
-                                         compression=ck.compression)
+    checkpointer = ckpt_lib.Checkpointer(
+        workdir / "checkpoints",
+        every=ck.every,
+        keep=ck.keep,
+        async_save=ck.async_save,
+        keep_best=ck.keep_best,
+        best_metric=ck.best_metric,
+        best_mode=ck.best_mode,
+        compression=ck.compression,
+    )
     log = None
     try:
         state = restore_or_init(run, checkpointer, data_iter)
@@ -118,12 +144,19 @@ def run_training(config: Config, workdir: str | Path, *, teacher: Teacher | None
         meta = {"config": to_dict(cfg), "identity": run_identity(cfg), "provenance": ckpt_lib.provenance(run.mesh)}
         tokens_per_step = cfg.data.global_batch * cfg.data.seq_len
         live_teacher = run.teacher is not None and not run.teacher.is_cached
-        progress_out = Progress(cfg.train.steps, start, "distill" if run.teacher else "train",
-                                enabled=progress and jax.process_index() == 0)
-        late = LateMetrics(log, progress_out, tokens_per_step=tokens_per_step,
-                           flops_per_step=distill_flops_per_step(cfg.model, cfg.teacher.model if live_teacher else None,
-                                                                 tokens_per_step, cfg.data.seq_len),
-                           peak=peak_flops_per_second(), nonfinite=cfg.train.nonfinite)
+        progress_out = Progress(
+            cfg.train.steps, start, "distill" if run.teacher else "train", enabled=progress and jax.process_index() == 0
+        )
+        late = LateMetrics(
+            log,
+            progress_out,
+            tokens_per_step=tokens_per_step,
+            flops_per_step=distill_flops_per_step(
+                cfg.model, cfg.teacher.model if live_teacher else None, tokens_per_step, cfg.data.seq_len
+            ),
+            peak=peak_flops_per_second(),
+            nonfinite=cfg.train.nonfinite,
+        )
         late.last_saved = start if start in checkpointer.all_steps() else None
         preempted = False
         with jax.set_mesh(run.mesh), PreemptionWatcher() as watcher:
@@ -144,8 +177,9 @@ def run_training(config: Config, workdir: str | Path, *, teacher: Teacher | None
                 done = step + 1
                 late.push(done, metrics, log_it=done % cfg.train.log_every == 0 or done == cfg.train.steps)
                 stop = watcher.should_stop(done)  # every step, on every host: the preemption sync point needs it
-                evaluate_now = (has_heldout and cfg.train.eval_every and done % cfg.train.eval_every == 0
-                                and done < cfg.train.steps)
+                evaluate_now = (
+                    has_heldout and cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < cfg.train.steps
+                )
                 save_now = stop or (checkpointer.should_save(done) and done < cfg.train.steps)
                 if save_now or evaluate_now:
                     # Wait for this step: never evaluate or save a non-finite state, and write the step's records
@@ -153,8 +187,9 @@ def run_training(config: Config, workdir: str | Path, *, teacher: Teacher | None
                     late.settle()
                 ranked = late.record_of(done)
                 if evaluate_now:
-                    eval_record = {f"eval_{k}": v for k, v in
-                                   evaluate(run, state.params["model"], cfg.train.eval_batches).items()}
+                    eval_record = {
+                        f"eval_{k}": v for k, v in evaluate(run, state.params["model"], cfg.train.eval_batches).items()
+                    }
                     log.write({"step": done, **eval_record})
                     progress_out.note(done, eval_record)
                     ranked.update(eval_record)
@@ -171,8 +206,9 @@ def run_training(config: Config, workdir: str | Path, *, teacher: Teacher | None
             final_step = int(jax.device_get(state.step))
             if late.last_saved != final_step:
                 checkpointer.save(final_step, state, data_iter, meta, metrics=late.record_of(final_step))
-            heldout = (evaluate(run, state.params["model"], cfg.train.eval_batches)
-                       if has_heldout and not preempted else {})
+            heldout = (
+                evaluate(run, state.params["model"], cfg.train.eval_batches) if has_heldout and not preempted else {}
+            )
     finally:
         # Always let async saves finish (or fail loudly) before the interpreter shuts down; then stop the data
         # workers now (left to Grain's exit-time finalizers after an error, they print tracebacks over it).
@@ -188,8 +224,15 @@ def run_training(config: Config, workdir: str | Path, *, teacher: Teacher | None
     elif not any(r.get("step") == final_step and "loss" not in r for r in logged):
         log.write({"step": final_step, **{f"eval_{k}": v for k, v in heldout.items()}})
     log.close()
-    return {"train": late.last, "heldout": heldout, "step": final_step, "state": state, "run": run,
-            "preempted": preempted, "student": run.student_model(state)}
+    return {
+        "train": late.last,
+        "heldout": heldout,
+        "step": final_step,
+        "state": state,
+        "run": run,
+        "preempted": preempted,
+        "student": run.student_model(state),
+    }
 
 
 class LateMetrics:
@@ -197,8 +240,16 @@ class LateMetrics:
     dispatched, so reading them never stalls the device. Throughput is measured over windows between completed
     steps (compilation, evaluation and saving excluded by restarting the window)."""
 
-    def __init__(self, log: MetricsLog, progress: Progress, *, tokens_per_step: int, flops_per_step: float,
-                 peak: float, nonfinite: str):
+    def __init__(
+        self,
+        log: MetricsLog,
+        progress: Progress,
+        *,
+        tokens_per_step: int,
+        flops_per_step: float,
+        peak: float,
+        nonfinite: str,
+    ):
         self.log, self.progress = log, progress
         self.tokens_per_step, self.flops_per_step, self.peak = tokens_per_step, flops_per_step, peak
         self.nonfinite = nonfinite
@@ -249,7 +300,8 @@ class LateMetrics:
             return
         raise ckpt_lib.NonFiniteError(
             f"step {step_done}: non-finite loss or gradient; the run halted without saving it (latest checkpoint: "
-            f"{self.last_saved}). Lower optim.learning_rate, check the data and teacher, or set train.nonfinite=skip")
+            f"{self.last_saved}). Lower optim.learning_rate, check the data and teacher, or set train.nonfinite=skip"
+        )
 
 
 def restore_or_init(run: Run, checkpointer: ckpt_lib.Checkpointer, data_iter) -> TrainState:
@@ -263,8 +315,12 @@ def restore_or_init(run: Run, checkpointer: ckpt_lib.Checkpointer, data_iter) ->
     latest = checkpointer.latest_step()
     if latest is not None:
         saved = checkpointer.meta(latest).get("identity", {})
-        changed = check_identity(saved, run_identity(run.config), run.config.checkpoint.allow_config_change,
-                                 str(checkpointer.directory / str(latest)))
+        changed = check_identity(
+            saved,
+            run_identity(run.config),
+            run.config.checkpoint.allow_config_change,
+            str(checkpointer.directory / str(latest)),
+        )
         return checkpointer.restore(latest, run.abstract_state, None if "data" in changed else data_iter)
     state = run.state
     if state is None:

@@ -34,7 +34,8 @@ memory does not grow with the number of tokens.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -65,8 +66,14 @@ def moments(x_nd, y_ne, w_n) -> dict[str, jax.Array]:
     """Weighted raw moments of paired rows: n, Σx, Σy, XᵀX, YᵀY, XᵀY (what both maps and their scores need)."""
     x, y, w = x_nd.astype(jnp.float32), y_ne.astype(jnp.float32), w_n.astype(jnp.float32)
     xw, yw = x * w[:, None], y * w[:, None]
-    return {"n": jnp.sum(w), "sx": jnp.sum(xw, 0), "sy": jnp.sum(yw, 0), "sxx": xw.T @ x, "syy": yw.T @ y,
-            "sxy": xw.T @ y}
+    return {
+        "n": jnp.sum(w),
+        "sx": jnp.sum(xw, 0),
+        "sy": jnp.sum(yw, 0),
+        "sxx": xw.T @ x,
+        "syy": yw.T @ y,
+        "sxy": xw.T @ y,
+    }
 
 
 def accumulate(total: dict, sums: dict) -> dict:
@@ -81,8 +88,14 @@ def accumulate(total: dict, sums: dict) -> dict:
 
 def reversed_moments(m: dict) -> dict:
     """The moments with x and y swapped (for the teacher → analog map)."""
-    return {"n": m["n"], "sx": m["sy"], "sy": m["sx"], "sxx": m["syy"], "syy": m["sxx"],
-            "sxy": np.swapaxes(m["sxy"], -1, -2)}
+    return {
+        "n": m["n"],
+        "sx": m["sy"],
+        "sy": m["sx"],
+        "sxx": m["syy"],
+        "syy": m["sxx"],
+        "sxy": np.swapaxes(m["sxy"], -1, -2),
+    }
 
 
 def fit_affine(m: dict, ridge: float = MAP_RIDGE) -> tuple[np.ndarray, np.ndarray]:
@@ -110,8 +123,13 @@ def explained_variance(m: dict, weight: np.ndarray, bias: np.ndarray) -> float:
 def concept_moments(x_nd, group_ng, positive_nc) -> dict[str, jax.Array]:
     """Per labelled set g (concepts sharing which tokens are labelled): n, Σx, XᵀX; per concept c: positives, Σx."""
     x = x_nd.astype(jnp.float32)
-    return {"n": group_ng.sum(0), "sx": group_ng.T @ x, "sxx": jnp.einsum("ng,nd,ne->gde", group_ng, x, x),
-            "npos": positive_nc.sum(0), "sxpos": positive_nc.T @ x}
+    return {
+        "n": group_ng.sum(0),
+        "sx": group_ng.T @ x,
+        "sxx": jnp.einsum("ng,nd,ne->gde", group_ng, x, x),
+        "npos": positive_nc.sum(0),
+        "sxpos": positive_nc.T @ x,
+    }
 
 
 def fit_probe(n, sx, sxx, npos, sxpos, shrinkage: float = PROBE_SHRINKAGE) -> tuple[np.ndarray, np.ndarray]:
@@ -145,6 +163,7 @@ def recovered(value: float, baseline: float, native: float, noise: float = 0.0) 
 def steering_sums(rest_fn, h_bsd, directions_kd, concept_k, markers_cv, outside_bsc):
     """Σ over positions outside each direction's concept of (marker probability steered − unsteered), and the
     count. rest_fn: residual after the steered layer → logits [b, s, v]; directions run one after another."""
+
     def mass(h):
         return jax.nn.softmax(rest_fn(h).astype(jnp.float32), axis=-1) @ markers_cv.T  # b s C
 
@@ -163,17 +182,28 @@ def steering_sums(rest_fn, h_bsd, directions_kd, concept_k, markers_cv, outside_
 # The whole check: analog params + teacher → the report object
 
 
-def measure(config, student_params, teacher, teacher_params, mesh, *, batches: int,
-            user_concepts: Sequence[concepts_lib.UserConcept] = (), pairs: Sequence[tuple[int, int]] | None = None,
-            concept_pair: tuple[int, int] | None = None) -> dict[str, Any]:
+def measure(
+    config,
+    student_params,
+    teacher,
+    teacher_params,
+    mesh,
+    *,
+    batches: int,
+    user_concepts: Sequence[concepts_lib.UserConcept] = (),
+    pairs: Sequence[tuple[int, int]] | None = None,
+    concept_pair: tuple[int, int] | None = None,
+) -> dict[str, Any]:
     """Stitching, probe and steering transfer of `student_params` (config.model) to the teacher, on `batches` global
     batches of held-out rows (plus the user concepts' texts). Returns the `transfer` report object."""
     from analogjax.fidelity import default_layer_pairs
     from analogjax.models.transformer import Transformer
 
     if teacher is None or teacher.features is None:
-        raise UserError("transfer checks read the teacher's residual stream: they need an analogjax model teacher "
-                        "(teacher.hf_path, teacher.checkpoint or a random init), not a logits-only or cached one")
+        raise UserError(
+            "transfer checks read the teacher's residual stream: they need an analogjax model teacher "
+            "(teacher.hf_path, teacher.checkpoint or a random init), not a logits-only or cached one"
+        )
     if config.data.heldout_fraction <= 0:
         raise UserError("data.heldout_fraction is 0: transfer is measured on held-out documents only")
     ls, lt = config.model.n_layers, config.teacher.model.n_layers
@@ -184,23 +214,39 @@ def measure(config, student_params, teacher, teacher_params, mesh, *, batches: i
             raise UserError(f"layer pair ({i}, {j}) is outside the analog's {ls} and the teacher's {lt} layers")
     if concept_pair not in pairs:
         raise UserError(f"the concepts' layer pair {concept_pair} is not one of the layer pairs {list(pairs)}")
-    rows = concepts_lib.labelled_rows(config.data, config.model.vocab_size, rows=batches * config.data.global_batch,
-                                      user=user_concepts)
+    rows = concepts_lib.labelled_rows(
+        config.data, config.model.vocab_size, rows=batches * config.data.global_batch, user=user_concepts
+    )
     if rows.fit.all() or not rows.fit.any():
-        raise UserError(f"the held-out split gave {sum(rows.documents.values())} document(s): the checks need at least "
-                        "two (one to fit, one to measure): raise data.heldout_fraction or --batches")
+        raise UserError(
+            f"the held-out split gave {sum(rows.documents.values())} document(s): the checks need at least "
+            "two (one to fit, one to measure): raise data.heldout_fraction or --batches"
+        )
     user_names = {u.concept for u in user_concepts}
     measured, markers, skipped = concepts_lib.measurable(rows, user_names)
     models = (Transformer(config.model), Transformer(config.teacher.model))
     layout = _Layout(pairs, concept_pair, measured, _groups(rows.labels[..., measured]))
-    stats = _run(mesh, rows, measured, config.data.global_batch,
-                 _stats_step(models, layout), student_params, teacher_params)
+    stats = _run(
+        mesh, rows, measured, config.data.global_batch, _stats_step(models, layout), student_params, teacher_params
+    )
     fitted, info = _fit(stats, layout, markers, config)
     # Everything the second pass measures is on eval rows: measuring on fit rows too would double its cost for nothing.
-    eval_rows = rows._replace(**{f: getattr(rows, f)[~rows.fit] for f in ("tokens", "segment_ids", "positions",
-                                                                          "targets", "loss_mask", "fit", "labels")})
-    sums = _run(mesh, eval_rows, measured, config.data.global_batch, _eval_step(models, layout),
-                student_params, teacher_params, fitted)
+    eval_rows = rows._replace(
+        **{
+            f: getattr(rows, f)[~rows.fit]
+            for f in ("tokens", "segment_ids", "positions", "targets", "loss_mask", "fit", "labels")
+        }
+    )
+    sums = _run(
+        mesh,
+        eval_rows,
+        measured,
+        config.data.global_batch,
+        _eval_step(models, layout),
+        student_params,
+        teacher_params,
+        fitted,
+    )
     return _report(stats, sums, info, layout, rows, markers, skipped)
 
 
@@ -216,8 +262,9 @@ class _Layout:
 def _groups(labels_rsc) -> tuple[int, ...]:
     """Per concept, the first concept with the same labelled tokens (so they share one XᵀX)."""
     labelled = [labels_rsc[..., c] >= 0 for c in range(labels_rsc.shape[-1])]
-    return tuple(next(g for g in range(c + 1) if np.array_equal(labelled[g], labelled[c]))
-                 for c in range(len(labelled)))
+    return tuple(
+        next(g for g in range(c + 1) if np.array_equal(labelled[g], labelled[c])) for c in range(len(labelled))
+    )
 
 
 def _run(mesh, rows, measured, global_batch, step, student_params, teacher_params, fitted=None) -> dict:
@@ -228,11 +275,16 @@ def _run(mesh, rows, measured, global_batch, step, student_params, teacher_param
     local = global_batch // jax.process_count()
     first = jax.process_index() * local
     real = rows.segment_ids > 0
-    fields = {"tokens": rows.tokens, "segment_ids": rows.segment_ids, "positions": rows.positions,
-              "targets": rows.targets, "loss_mask": rows.loss_mask,
-              "fit": (real & rows.fit[:, None]).astype(np.float32),
-              "eval": (real & ~rows.fit[:, None]).astype(np.float32),
-              "labels": rows.labels[..., measured]}
+    fields = {
+        "tokens": rows.tokens,
+        "segment_ids": rows.segment_ids,
+        "positions": rows.positions,
+        "targets": rows.targets,
+        "loss_mask": rows.loss_mask,
+        "fit": (real & rows.fit[:, None]).astype(np.float32),
+        "eval": (real & ~rows.fit[:, None]).astype(np.float32),
+        "labels": rows.labels[..., measured],
+    }
     fn = jax.jit(step, out_shardings=mesh_lib.replicated(mesh))
     total: dict = {}
     with jax.set_mesh(mesh):
@@ -240,9 +292,9 @@ def _run(mesh, rows, measured, global_batch, step, student_params, teacher_param
         for start in range(0, len(rows.tokens), global_batch):
             batch = {}
             for key, value in fields.items():
-                chunk = value[start:start + global_batch]
+                chunk = value[start : start + global_batch]
                 fill = np.full((global_batch - len(chunk), *chunk.shape[1:]), -1 if key == "labels" else 0, chunk.dtype)
-                batch[key] = np.concatenate([chunk, fill])[first:first + local]  # a short last batch: empty rows
+                batch[key] = np.concatenate([chunk, fill])[first : first + local]  # a short last batch: empty rows
             global_batch_arrays = to_global_batch(batch, mesh_lib.batch_sharding(mesh))
             total = accumulate(total, jax.device_get(fn(student_params, teacher_params, *extra, global_batch_arrays)))
     return total
@@ -263,10 +315,13 @@ def _stats_step(models, layout):
         ys = _layers(big, mesh_lib.TEACHER_RULES, tp, batch).layers_lbsd
         xs, ys = xs.reshape(xs.shape[0], -1, xs.shape[-1]), ys.reshape(ys.shape[0], -1, ys.shape[-1])
         fit, ev = batch["fit"].reshape(-1), batch["eval"].reshape(-1)
-        out = {part: jax.tree.map(lambda *a: jnp.stack(a), *[moments(xs[i], ys[j], w) for i, j in layout.pairs])
-               for part, w in (("fit", fit), ("eval", ev))}
-        out["norm"] = jnp.stack([jnp.sum(jnp.linalg.norm(ys[j].astype(jnp.float32), axis=-1) * fit)
-                                 for _, j in layout.pairs])
+        out = {
+            part: jax.tree.map(lambda *a: jnp.stack(a), *[moments(xs[i], ys[j], w) for i, j in layout.pairs])
+            for part, w in (("fit", fit), ("eval", ev))
+        }
+        out["norm"] = jnp.stack(
+            [jnp.sum(jnp.linalg.norm(ys[j].astype(jnp.float32), axis=-1) * fit) for _, j in layout.pairs]
+        )
         if layout.measured:
             labels = batch["labels"].reshape(-1, len(layout.measured))
             group = (labels[:, layout.group_reps] >= 0) * fit[:, None]
@@ -344,8 +399,13 @@ def _eval_step(models, layout):
                     h = big.block(tp, layer, h, seg, pos)
                 return head_logits(tp, big.cfg, big.finish(tp, h))
 
-        out = {"tokens": jnp.sum(w), "teacher_ce": nll(log_t), "analog_ce": nll(log_s), "stitched_ce": [],
-               "stitched_kl": []}
+        out = {
+            "tokens": jnp.sum(w),
+            "teacher_ce": nll(log_t),
+            "analog_ce": nll(log_s),
+            "stitched_ce": [],
+            "stitched_kl": [],
+        }
         for p, (i, j) in enumerate(layout.pairs):
             mapped = fs.layers_lbsd[i].astype(jnp.float32) @ fitted["w"][p] + fitted["b"][p]
             log_q = losses.log_softmax(teacher_from(j + 1, mapped.astype(ft.layers_lbsd.dtype))[..., :vocab])
@@ -362,12 +422,21 @@ def _eval_step(models, layout):
                 scores = feats @ fitted[f"{name}_w"].T + fitted[f"{name}_b"]
                 return jnp.sum(((scores > 0) == truth) * labelled, (0, 1))
 
-            out["probe"] = {"labelled": labelled.sum((0, 1)), "positive": (truth * labelled).sum((0, 1)),
-                            "analog": correct(x, "analog"), "native": correct(y, "native"),
-                            "transferred": correct(y, "transferred")}
+            out["probe"] = {
+                "labelled": labelled.sum((0, 1)),
+                "positive": (truth * labelled).sum((0, 1)),
+                "analog": correct(x, "analog"),
+                "native": correct(y, "native"),
+                "transferred": correct(y, "transferred"),
+            }
             out["steer_effect"], out["steer_count"] = steering_sums(
-                lambda h: teacher_from(j + 1, h), ft.layers_lbsd[j], fitted["directions"], fitted["concept_k"],
-                fitted["markers"], (labels == 0) * ev)
+                lambda h: teacher_from(j + 1, h),
+                ft.layers_lbsd[j],
+                fitted["directions"],
+                fitted["concept_k"],
+                fitted["markers"],
+                (labels == 0) * ev,
+            )
         return out
 
     return step
@@ -379,11 +448,16 @@ def _report(stats, sums, info, layout, rows, markers, skipped) -> dict[str, Any]
     for p, (i, j) in enumerate(layout.pairs):
         ev = {k: v[p] for k, v in stats["eval"].items()}
         back = explained_variance(reversed_moments(ev), *info["back"][p])
-        stitch.append({"analog_layer": i, "teacher_layer": j,
-                       "explained_variance": explained_variance(ev, *info["maps"][p]),
-                       "teacher_to_analog_explained_variance": back,
-                       "stitched_ce": float(sums["stitched_ce"][p] / tokens),
-                       "stitched_kl": float(sums["stitched_kl"][p] / tokens)})
+        stitch.append(
+            {
+                "analog_layer": i,
+                "teacher_layer": j,
+                "explained_variance": explained_variance(ev, *info["maps"][p]),
+                "teacher_to_analog_explained_variance": back,
+                "stitched_ce": float(sums["stitched_ce"][p] / tokens),
+                "stitched_kl": float(sums["stitched_kl"][p] / tokens),
+            }
+        )
     probes, steering = [], []
     i, j = layout.concept_pair
     for k, c in enumerate(layout.measured):
@@ -392,34 +466,63 @@ def _report(stats, sums, info, layout, rows, markers, skipped) -> dict[str, Any]
         rate = pr["positive"] / pr["labelled"]
         chance = max(rate, 1 - rate)
         acc = {key: pr[key] / pr["labelled"] for key in ("analog", "native", "transferred")}
-        probes.append({"concept": name, "analog_layer": i, "teacher_layer": j, "eval_tokens": int(pr["labelled"]),
-                       "positive_rate": rate, "chance": chance, "analog": acc["analog"],
-                       "teacher_native": acc["native"], "transferred": acc["transferred"],
-                       # Noise: two standard errors of an accuracy at chance over these tokens.
-                       "recovered": recovered(acc["transferred"], chance, acc["native"],
-                                              2 * np.sqrt(chance * (1 - chance) / pr["labelled"]))})
+        probes.append(
+            {
+                "concept": name,
+                "analog_layer": i,
+                "teacher_layer": j,
+                "eval_tokens": int(pr["labelled"]),
+                "positive_rate": rate,
+                "chance": chance,
+                "analog": acc["analog"],
+                "teacher_native": acc["native"],
+                "transferred": acc["transferred"],
+                # Noise: two standard errors of an accuracy at chance over these tokens.
+                "recovered": recovered(
+                    acc["transferred"], chance, acc["native"], 2 * np.sqrt(chance * (1 - chance) / pr["labelled"])
+                ),
+            }
+        )
         span = slice(k * (2 + RANDOM_DRAWS), (k + 1) * (2 + RANDOM_DRAWS))
         effect = sums["steer_effect"][span] / np.maximum(sums["steer_count"][span], 1)
         random = float(np.mean(effect[2:]))
-        steering.append({"concept": name, "analog_layer": i, "teacher_layer": j, "markers": markers[k],
-                         "teacher_difference_of_means_norm": info["native_norms"][k],
-                         "native": float(effect[0]), "transferred": float(effect[1]), "random": random,
-                         "random_draws": [float(e) for e in effect[2:]],
-                         # Noise: the spread of one random direction's effect.
-                         "recovered": recovered(float(effect[1]), random, float(effect[0]), float(np.std(effect[2:])))})
+        steering.append(
+            {
+                "concept": name,
+                "analog_layer": i,
+                "teacher_layer": j,
+                "markers": markers[k],
+                "teacher_difference_of_means_norm": info["native_norms"][k],
+                "native": float(effect[0]),
+                "transferred": float(effect[1]),
+                "random": random,
+                "random_draws": [float(e) for e in effect[2:]],
+                # Noise: the spread of one random direction's effect.
+                "recovered": recovered(float(effect[1]), random, float(effect[0]), float(np.std(effect[2:]))),
+            }
+        )
     fit_tokens = int(stats["fit"]["n"][0])
     return {
         "layer_pairs": [list(p) for p in layout.pairs],
         "concept_layer_pair": list(layout.concept_pair),
         "split": "held-out documents alternate fit, eval (document k fits when k is even); user concept texts "
-                 "alternate likewise per concept",
-        "documents": rows.documents, "fit_tokens": fit_tokens, "eval_tokens": int(stats["eval"]["n"][0]),
-        "teacher_ce": float(sums["teacher_ce"] / tokens), "analog_ce": float(sums["analog_ce"] / tokens),
-        "stitch": stitch, "probes": probes, "steering": steering, "skipped": skipped,
-        "method": {"map": f"ridge regression, lambda = {MAP_RIDGE:g} x mean input variance",
-                   "probe": f"linear discriminant analysis with class priors (shrinkage {PROBE_SHRINKAGE:g} "
-                            "to the diagonal)",
-                   "steering_norm": info["norm"], "steering_scale": STEER_SCALE, "random_draws": RANDOM_DRAWS,
-                   "marker_tokens": concepts_lib.MARKERS,
-                   "token_label": "a token is positive when any of its characters is inside the concept"},
+        "alternate likewise per concept",
+        "documents": rows.documents,
+        "fit_tokens": fit_tokens,
+        "eval_tokens": int(stats["eval"]["n"][0]),
+        "teacher_ce": float(sums["teacher_ce"] / tokens),
+        "analog_ce": float(sums["analog_ce"] / tokens),
+        "stitch": stitch,
+        "probes": probes,
+        "steering": steering,
+        "skipped": skipped,
+        "method": {
+            "map": f"ridge regression, lambda = {MAP_RIDGE:g} x mean input variance",
+            "probe": f"linear discriminant analysis with class priors (shrinkage {PROBE_SHRINKAGE:g} to the diagonal)",
+            "steering_norm": info["norm"],
+            "steering_scale": STEER_SCALE,
+            "random_draws": RANDOM_DRAWS,
+            "marker_tokens": concepts_lib.MARKERS,
+            "token_label": "a token is positive when any of its characters is inside the concept",
+        },
     }

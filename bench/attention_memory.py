@@ -22,21 +22,40 @@ from analogjax.config import load_config
 
 
 def case(config_path: str, topology: str | None, seq_len: int, kernel: str) -> dict:
-    config = load_config(config_path, [f"data.seq_len={seq_len}", f"model.attention={kernel}",
-                                       f"teacher.model.attention={kernel}"])
+    config = load_config(
+        config_path, [f"data.seq_len={seq_len}", f"model.attention={kernel}", f"teacher.model.attention={kernel}"]
+    )
     name = topology or config.topology
     start = time.perf_counter()
-    line = {"bench": "attention_memory", "config": config_path, "topology": name, "seq_len": seq_len,
-            "attention": kernel, "global_batch": config.data.global_batch}
+    line = {
+        "bench": "attention_memory",
+        "config": config_path,
+        "topology": name,
+        "seq_len": seq_len,
+        "attention": kernel,
+        "global_batch": config.data.global_batch,
+    }
     try:
         plan = compile_plan(config, parse_topology(name))
     except Exception as error:  # noqa: BLE001 — a plan that does not compile (out of HBM at compile time) is a result
-        return {**line, "compiled": False, "error": str(error).splitlines()[0][:300],
-                "compile_s": round(time.perf_counter() - start, 1)}
-    return {**line, "compiled": True, "mesh": plan.mesh_shape, "bytes_per_chip": plan.bytes_per_chip,
-            "gib_per_chip": round(plan.bytes_per_chip / 2**30, 2), "hbm_per_chip": plan.topology.generation.hbm_bytes,
-            "temp_bytes": plan.temp_bytes, "argument_bytes": plan.argument_bytes, "fits": plan.fits,
-            "compile_s": round(time.perf_counter() - start, 1)}
+        return {
+            **line,
+            "compiled": False,
+            "error": str(error).splitlines()[0][:300],
+            "compile_s": round(time.perf_counter() - start, 1),
+        }
+    return {
+        **line,
+        "compiled": True,
+        "mesh": plan.mesh_shape,
+        "bytes_per_chip": plan.bytes_per_chip,
+        "gib_per_chip": round(plan.bytes_per_chip / 2**30, 2),
+        "hbm_per_chip": plan.topology.generation.hbm_bytes,
+        "temp_bytes": plan.temp_bytes,
+        "argument_bytes": plan.argument_bytes,
+        "fits": plan.fits,
+        "compile_s": round(time.perf_counter() - start, 1),
+    }
 
 
 def main(argv=None) -> int:

@@ -47,8 +47,11 @@ def _time_steps(run, batch, repeats: int) -> tuple[float, dict]:
     times, _ = time_steps(run, batch, repeats)
     memory = {}
     if analysis is not None:
-        memory = {"argument_bytes": analysis.argument_size_in_bytes, "temp_bytes": analysis.temp_size_in_bytes,
-                  "output_bytes": analysis.output_size_in_bytes}
+        memory = {
+            "argument_bytes": analysis.argument_size_in_bytes,
+            "temp_bytes": analysis.temp_size_in_bytes,
+            "output_bytes": analysis.output_size_in_bytes,
+        }
         memory["total_bytes"] = sum(memory.values()) - analysis.alias_size_in_bytes
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
@@ -62,24 +65,41 @@ def measure(repeats: int, steps: int, overrides: list[str], layouts: list[str]) 
     from analogjax import mesh as mesh_lib
     from analogjax.config import load_config
     from analogjax.flops import forward_flops_per_token
-    from analogjax.teacher import Teacher
-    from analogjax.teacher_cache import CacheLayout, CacheReader, data_bytes_per_token, sparse_teacher_from_batch
-    from analogjax.teacher_cache import write_cache
     from analogjax.setup import build
+    from analogjax.teacher import Teacher
+    from analogjax.teacher_cache import (
+        CacheLayout,
+        CacheReader,
+        data_bytes_per_token,
+        sparse_teacher_from_batch,
+        write_cache,
+    )
 
     config = load_config(None, BENCH_OVERRIDES + [f"train.steps={steps}"] + list(overrides))
     seq, vocab = config.data.seq_len, config.model.vocab_size
     tokens = config.data.global_batch * seq
     ratio = forward_flops_per_token(config.teacher.model, seq) / forward_flops_per_token(config.model, seq)
     host_batch = synthetic_batch(config.data.global_batch, seq, vocab)
-    common = {"bench": "cache", "devices": len(jax.devices()), "backend": jax.default_backend(),
-              "teacher_student_flop_ratio": round(ratio, 2)}
+    common = {
+        "bench": "cache",
+        "devices": len(jax.devices()),
+        "backend": jax.default_backend(),
+        "teacher_student_flop_ratio": round(ratio, 2),
+    }
     lines = []
 
     live = build(config)
     step_s, memory = _time_steps(live, jax.device_put(host_batch, live.batch_sharding), repeats)
-    lines.append({**common, "measure": "step", "teacher": "live", "step_s": round(step_s, 4),
-                  "tokens_per_s": round(tokens / step_s, 1), **memory})
+    lines.append(
+        {
+            **common,
+            "measure": "step",
+            "teacher": "live",
+            "step_s": round(step_s, 4),
+            "tokens_per_s": round(tokens / step_s, 1),
+            **memory,
+        }
+    )
     print(json.dumps(lines[-1]), flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,36 +108,70 @@ def measure(repeats: int, steps: int, overrides: list[str], layouts: list[str]) 
             layout = CacheLayout(**{**kwargs, "k": vocab if kwargs["k"] == -1 else kwargs["k"]})
             path = Path(tmp) / name
             t0 = time.perf_counter()
-            summary = write_cache(config, path, layout, (host_batch for _ in range(steps)), teacher=live.teacher,
-                                  teacher_params=live.teacher_params, mesh=live.mesh, process_index=0,
-                                  process_count=1, progress=False)
+            summary = write_cache(
+                config,
+                path,
+                layout,
+                (host_batch for _ in range(steps)),
+                teacher=live.teacher,
+                teacher_params=live.teacher_params,
+                mesh=live.mesh,
+                process_index=0,
+                process_count=1,
+                progress=False,
+            )
             write_s = time.perf_counter() - t0  # includes compiling the teacher's output function
-            lines.append({**common, "measure": "write", "layout": name, "k": layout.k,
-                          "tokens_per_s_steady": summary["tokens_per_s"] and round(summary["tokens_per_s"], 1),
-                          "tokens_per_s_with_compile": round(steps * tokens / write_s, 1),
-                          "bytes_per_token_nominal": layout.bytes_per_token(),
-                          "bytes_per_token_on_disk": round(data_bytes_per_token(path), 2)})
+            lines.append(
+                {
+                    **common,
+                    "measure": "write",
+                    "layout": name,
+                    "k": layout.k,
+                    "tokens_per_s_steady": summary["tokens_per_s"] and round(summary["tokens_per_s"], 1),
+                    "tokens_per_s_with_compile": round(steps * tokens / write_s, 1),
+                    "bytes_per_token_nominal": layout.bytes_per_token(),
+                    "bytes_per_token_on_disk": round(data_bytes_per_token(path), 2),
+                }
+            )
             print(json.dumps(lines[-1]), flush=True)
 
             cached_config = dataclasses.replace(
-                config, teacher=dataclasses.replace(config.teacher, cache=str(path)),
-                distill=dataclasses.replace(config.distill, topk_treatment=treatment or "tail_bucket"))
+                config,
+                teacher=dataclasses.replace(config.teacher, cache=str(path)),
+                distill=dataclasses.replace(config.distill, topk_treatment=treatment or "tail_bucket"),
+            )
             reader = CacheReader(cached_config)
             read_times = []
             for step in range(steps):
                 t0 = time.perf_counter()
                 batch = reader.add_to(step, host_batch)
                 read_times.append(time.perf_counter() - t0)
-            lines.append({**common, "measure": "read", "layout": name, "read_s_per_step": round(max(read_times), 4),
-                          "steps": steps})
+            lines.append(
+                {
+                    **common,
+                    "measure": "read",
+                    "layout": name,
+                    "read_s_per_step": round(max(read_times), 4),
+                    "steps": steps,
+                }
+            )
             print(json.dumps(lines[-1]), flush=True)
 
             teacher = Teacher(from_batch=sparse_teacher_from_batch, rules=mesh_lib.TEACHER_RULES, vocab_size=vocab)
             cached = build(cached_config, teacher=teacher, teacher_params=None, mesh=live.mesh)
             step_s, memory = _time_steps(cached, jax.device_put(batch, cached.batch_sharding), repeats)
-            lines.append({**common, "measure": "step", "teacher": "cache", "layout": name,
-                          "treatment": treatment or "sampled_kd", "step_s": round(step_s, 4),
-                          "tokens_per_s": round(tokens / step_s, 1), **memory})
+            lines.append(
+                {
+                    **common,
+                    "measure": "step",
+                    "teacher": "cache",
+                    "layout": name,
+                    "treatment": treatment or "sampled_kd",
+                    "step_s": round(step_s, 4),
+                    "tokens_per_s": round(tokens / step_s, 1),
+                    **memory,
+                }
+            )
             print(json.dumps(lines[-1]), flush=True)
             del cached, batch
     return lines

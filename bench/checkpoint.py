@@ -46,8 +46,9 @@ def measure(trials: int, directory: Path, overrides: list[str]) -> list[dict]:
 
     config = load_config(None, BENCH_OVERRIDES + overrides)
     run = build(config)
-    batch = jax.device_put(synthetic_batch(config.data.global_batch, config.data.seq_len, config.model.vocab_size),
-                           run.batch_sharding)
+    batch = jax.device_put(
+        synthetic_batch(config.data.global_batch, config.data.seq_len, config.model.vocab_size), run.batch_sharding
+    )
     meta = {"config": {}, "identity": {}}
     common = {"bench": "checkpoint", "backend": jax.default_backend(), "devices": len(jax.devices())}
 
@@ -58,8 +59,7 @@ def measure(trials: int, directory: Path, overrides: list[str]) -> list[dict]:
         return state, time.perf_counter() - t0
 
     state = run.state
-    checkpointer = ckpt_lib.Checkpointer(directory, keep=2, async_save=True,
-                                         compression=config.checkpoint.compression)
+    checkpointer = ckpt_lib.Checkpointer(directory, keep=2, async_save=True, compression=config.checkpoint.compression)
     with jax.set_mesh(run.mesh):
         for _ in range(3):  # compile + warm-up
             state, _ = step(state)
@@ -110,9 +110,16 @@ def measure(trials: int, directory: Path, overrides: list[str]) -> list[dict]:
         dict(common, figure="step_s", value=round(step_s, 4)),
         dict(common, figure="save_blocking_s", value=round(statistics.median(blocking), 4), bytes=size),
         dict(common, figure="save_total_s", value=round(statistics.median(total), 4), bytes=size),
-        dict(common, figure="stall_s", value=round(stall_s, 4), stall_fraction=round(stall_s / step_s, 3),
-             stall_p25=round(quartiles[0], 4), stall_p75=round(quartiles[2], 4), trials=trials,
-             window_steps=WINDOW),
+        dict(
+            common,
+            figure="stall_s",
+            value=round(stall_s, 4),
+            stall_fraction=round(stall_s / step_s, 3),
+            stall_p25=round(quartiles[0], 4),
+            stall_p75=round(quartiles[2], 4),
+            trials=trials,
+            window_steps=WINDOW,
+        ),
         dict(common, figure="restore_s", value=round(statistics.median(restores), 4), bytes=size),
     ]
 

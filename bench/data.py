@@ -42,8 +42,12 @@ def measure_pipeline(data: DataConfig, *, seconds: float, vocab_size: int) -> di
     finally:
         it.close()
     tokens = batches * data.global_batch * data.seq_len
-    return {"tokens_per_s": round(tokens / elapsed), "batches": batches, "first_batch_s": round(first_batch_s, 3),
-            "packing_efficiency": round(efficiency / max(batches, 1), 4)}
+    return {
+        "tokens_per_s": round(tokens / elapsed),
+        "batches": batches,
+        "first_batch_s": round(first_batch_s, 3),
+        "packing_efficiency": round(efficiency / max(batches, 1), 4),
+    }
 
 
 def main(argv=None) -> int:
@@ -75,8 +79,7 @@ def main(argv=None) -> int:
     for name, data in cases:
         result = measure_pipeline(data, seconds=args.seconds, vocab_size=BPE_VOCAB)
         figures[name] = result["tokens_per_s"]
-        emit({"measure": name, **shape, "read_threads": data.read_threads, "worker_count": data.worker_count,
-              **result})
+        emit({"measure": name, **shape, "read_threads": data.read_threads, "worker_count": data.worker_count, **result})
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from step import measure_step  # bench/step.py: the step this pipeline must keep fed
@@ -84,8 +87,15 @@ def main(argv=None) -> int:
     step = measure_step()
     emit({"measure": "step", **step})
     slowest = min(figures.values())
-    emit({"measure": "summary", "step_tokens_per_s": step["tokens_per_s"], "slowest_pipeline_tokens_per_s": slowest,
-          "pipeline_over_step": round(slowest / step["tokens_per_s"], 1), "goal": 10})
+    emit(
+        {
+            "measure": "summary",
+            "step_tokens_per_s": step["tokens_per_s"],
+            "slowest_pipeline_tokens_per_s": slowest,
+            "pipeline_over_step": round(slowest / step["tokens_per_s"], 1),
+            "goal": 10,
+        }
+    )
     return 0
 
 

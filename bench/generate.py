@@ -100,13 +100,26 @@ def measure(preset: str, batch: int, prompt_len: int, new_tokens: int, repeats: 
     cache = sampling.init_cache(cfg, batch, total)
     kv_bytes = cache["k"].nbytes + cache["v"].nbytes
     bytes_per_step = weight_bytes + kv_bytes
-    return {"bench": "generate", "model": preset, "dtype": dtype, "batch": batch, "prompt_len": prompt_len,
-            "new_tokens": new_tokens, "decode_tokens_per_s": round(batch / step_s, 1),
-            "decode_step_s": round(step_s, 6), "prefill_s": round(prefill_s, 4), "weight_bytes": int(weight_bytes),
-            "kv_cache_bytes": int(kv_bytes), "bytes_per_step": int(bytes_per_step),
-            "bandwidth_bytes_per_s": round(bandwidth), "roofline_step_s": round(bytes_per_step / bandwidth, 6),
-            "roofline_fraction": round(bytes_per_step / bandwidth / step_s, 3), "repeats": repeats,
-            "devices": len(jax.devices()), "backend": jax.default_backend()}
+    return {
+        "bench": "generate",
+        "model": preset,
+        "dtype": dtype,
+        "batch": batch,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "decode_tokens_per_s": round(batch / step_s, 1),
+        "decode_step_s": round(step_s, 6),
+        "prefill_s": round(prefill_s, 4),
+        "weight_bytes": int(weight_bytes),
+        "kv_cache_bytes": int(kv_bytes),
+        "bytes_per_step": int(bytes_per_step),
+        "bandwidth_bytes_per_s": round(bandwidth),
+        "roofline_step_s": round(bytes_per_step / bandwidth, 6),
+        "roofline_fraction": round(bytes_per_step / bandwidth / step_s, 3),
+        "repeats": repeats,
+        "devices": len(jax.devices()),
+        "backend": jax.default_backend(),
+    }
 
 
 def main() -> None:
@@ -119,8 +132,10 @@ def main() -> None:
     parser.add_argument("--models", default="bench-teacher,bench-student")
     args = parser.parse_args()
     for preset in args.models.split(","):
-        print(json.dumps(measure(preset, args.batch, args.prompt_len, args.new_tokens, args.repeats, args.dtype)),
-              flush=True)
+        print(
+            json.dumps(measure(preset, args.batch, args.prompt_len, args.new_tokens, args.repeats, args.dtype)),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

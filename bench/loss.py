@@ -59,15 +59,27 @@ def run_case(path: str, vocab: int, tokens: int, d_model: int, chunk_size: int, 
     keys = jax.random.split(jax.random.key(0), 6)
     hidden = jax.random.normal(keys[0], (tokens, d_model), jnp.float32)
     head = jax.random.normal(keys[1], (d_model, vocab), jnp.float32) * d_model**-0.5
-    teacher = TeacherHead(jax.random.normal(keys[2], (tokens, d_model), jnp.float32),
-                          jax.random.normal(keys[3], (d_model, vocab), jnp.float32) * d_model**-0.5)
+    teacher = TeacherHead(
+        jax.random.normal(keys[2], (tokens, d_model), jnp.float32),
+        jax.random.normal(keys[3], (d_model, vocab), jnp.float32) * d_model**-0.5,
+    )
     targets = jax.random.randint(keys[4], (tokens,), 0, vocab)
     weights = (jax.random.uniform(keys[5], (tokens,)) > 0.1).astype(jnp.float32)
 
     # Everything is an argument: a closed-over teacher would be a compile-time constant that XLA folds.
     def objective(hidden_, head_, teacher_, targets_, weights_):
-        out = loss_fn(hidden_, head_, teacher_, targets_, weights_, kd_terms=(("forward_kl", ()),),
-                      kd_weights=jnp.array([4.0]), ce_weight=0.5, temperature=2.0, chunk_size=chunk_size)
+        out = loss_fn(
+            hidden_,
+            head_,
+            teacher_,
+            targets_,
+            weights_,
+            kd_terms=(("forward_kl", ()),),
+            kd_weights=jnp.array([4.0]),
+            ce_weight=0.5,
+            temperature=2.0,
+            chunk_size=chunk_size,
+        )
         return out["loss"], out["kl"]
 
     step = jax.jit(jax.value_and_grad(objective, argnums=(0, 1), has_aux=True))
@@ -89,15 +101,22 @@ def run_case(path: str, vocab: int, tokens: int, d_model: int, chunk_size: int, 
         cpu_times.append(time.process_time() - cpu_start)
     run_peak_kb = _read_status_kb("VmHWM")
     return {
-        "bench": "loss", "path": path, "vocab": vocab, "tokens": tokens, "d_model": d_model, "dtype": "float32",
+        "bench": "loss",
+        "path": path,
+        "vocab": vocab,
+        "tokens": tokens,
+        "d_model": d_model,
+        "dtype": "float32",
         "chunk_size": chunk_size if path == "fused" else None,
-        "time_s_median": round(statistics.median(times), 4), "times_s": [round(t, 4) for t in times],
+        "time_s_median": round(statistics.median(times), 4),
+        "times_s": [round(t, 4) for t in times],
         "cpu_times_s": [round(t, 3) for t in cpu_times],
         "inputs_rss_mb": round(inputs_kb / 1024, 1),
         "run_peak_rss_mb": round(run_peak_kb / 1024, 1) if peak_reset else None,
         "working_mb": round((run_peak_kb - inputs_kb) / 1024, 1) if peak_reset else None,
         "xla_temp_mb": round(analysis.temp_size_in_bytes / 2**20, 1) if analysis is not None else None,
-        "loss": float(loss), "kl": float(kl),
+        "loss": float(loss),
+        "kl": float(kl),
     }
 
 
@@ -124,7 +143,9 @@ def summarise(results: list[dict]) -> list[dict]:
             continue
         for fused in (r for r in results if r["vocab"] == vocab and r["path"] == "fused" and "error" not in r):
             line = {
-                "bench": "loss_summary", "vocab": vocab, "chunk_size": fused["chunk_size"],
+                "bench": "loss_summary",
+                "vocab": vocab,
+                "chunk_size": fused["chunk_size"],
                 "peak_rss_reduction": round(1 - fused["peak_rss_mb"] / plain["peak_rss_mb"], 3),
                 "xla_temp_reduction": round(1 - fused["xla_temp_mb"] / plain["xla_temp_mb"], 3),
                 "time_ratio": round(fused["time_s_median"] / plain["time_s_median"], 3),
@@ -163,8 +184,10 @@ def main() -> None:
         cases = [dict(path="plain", chunk_size=0)] + [dict(path="fused", chunk_size=c) for c in chunk_sizes]
         # Rounds cycle through the cases so that load from other jobs on a shared machine drifts over all of them
         # alike; each case's times from every round are pooled.
-        rounds = [[spawn(dict(case, vocab=vocab, tokens=tokens, d_model=d_model, repeats=repeats)) for case in cases]
-                  for _ in range(args.rounds)]
+        rounds = [
+            [spawn(dict(case, vocab=vocab, tokens=tokens, d_model=d_model, repeats=repeats)) for case in cases]
+            for _ in range(args.rounds)
+        ]
         for per_round in zip(*rounds):
             result = merge_rounds(list(per_round))
             results.append(result)

@@ -35,10 +35,18 @@ def main() -> None:
     print(json.dumps(dense), flush=True)
     moe = dict(measure_step(args.repeats, MOE_TEACHER + args.overrides), bench="moe", measure="moe_teacher_8x_top2")
     print(json.dumps(moe), flush=True)
-    print(json.dumps({"bench": "moe", "measure": "summary",
-                      "mfu_ratio_moe_over_dense": round(moe["mfu"] / dense["mfu"], 3),
-                      "tokens_per_s_ratio": round(moe["tokens_per_s"] / dense["tokens_per_s"], 3),
-                      "flops_ratio": round(moe["flops_per_step"] / dense["flops_per_step"], 4), "aim": 0.7}))
+    print(
+        json.dumps(
+            {
+                "bench": "moe",
+                "measure": "summary",
+                "mfu_ratio_moe_over_dense": round(moe["mfu"] / dense["mfu"], 3),
+                "tokens_per_s_ratio": round(moe["tokens_per_s"] / dense["tokens_per_s"], 3),
+                "flops_ratio": round(moe["flops_per_step"] / dense["flops_per_step"], 4),
+                "aim": 0.7,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -35,9 +35,13 @@ def synthetic_batch(batch: int, seq: int, vocab: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     tokens = rng.integers(3, vocab, (batch, seq + 1)).astype(np.int32)
     mask = np.ones((batch, seq), np.float32)
-    return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": mask,
-            "segment_ids": np.ones((batch, seq), np.int32),
-            "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy()}
+    return {
+        "tokens": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "loss_mask": mask,
+        "segment_ids": np.ones((batch, seq), np.int32),
+        "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy(),
+    }
 
 
 def measure_step(repeats: int = 10, overrides: list[str] | None = None) -> dict:
@@ -49,8 +53,9 @@ def measure_step(repeats: int = 10, overrides: list[str] | None = None) -> dict:
 
     config = load_config(None, BENCH_OVERRIDES + list(overrides or []))
     run = build(config)
-    batch = jax.device_put(synthetic_batch(config.data.global_batch, config.data.seq_len, config.model.vocab_size),
-                           run.batch_sharding)
+    batch = jax.device_put(
+        synthetic_batch(config.data.global_batch, config.data.seq_len, config.model.vocab_size), run.batch_sharding
+    )
     tokens = config.data.global_batch * config.data.seq_len
     flops = distill_flops_per_step(config.model, config.teacher.model, tokens, config.data.seq_len)
     # Each timed step is paired with a matmul-peak measurement taken right after it: on a shared machine the load
@@ -58,10 +63,18 @@ def measure_step(repeats: int = 10, overrides: list[str] | None = None) -> dict:
     times, peaks = time_steps(run, batch, repeats, after_each=lambda: measured_matmul_peak(repeats=3))
     mfus = [flops / t / p for t, p in zip(times, peaks)]
     step_s = statistics.median(times)
-    return {"bench": "step", "tokens_per_s": round(tokens / step_s, 1), "step_s": round(step_s, 4),
-            "flops_per_step": flops, "mfu": round(statistics.median(mfus), 3),
-            "matmul_peak_flops": round(statistics.median(peaks)), "repeats": repeats,
-            "fused_loss": config.distill.fused, "devices": len(jax.devices()), "backend": jax.default_backend()}
+    return {
+        "bench": "step",
+        "tokens_per_s": round(tokens / step_s, 1),
+        "step_s": round(step_s, 4),
+        "flops_per_step": flops,
+        "mfu": round(statistics.median(mfus), 3),
+        "matmul_peak_flops": round(statistics.median(peaks)),
+        "repeats": repeats,
+        "fused_loss": config.distill.fused,
+        "devices": len(jax.devices()),
+        "backend": jax.default_backend(),
+    }
 
 
 def time_steps(run, batch, repeats: int, after_each=None) -> tuple[list[float], list]:

@@ -30,8 +30,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def process_env(base: dict[str, str], *, process_id: int, processes: int, devices: int, port: int,
-                heartbeat: int | None) -> dict[str, str]:
+def process_env(
+    base: dict[str, str], *, process_id: int, processes: int, devices: int, port: int, heartbeat: int | None
+) -> dict[str, str]:
     env = dict(base)
     flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
     env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
@@ -60,17 +61,30 @@ def _pump(stream, prefix: str, sink) -> None:
     stream.close()
 
 
-def launch(command: list[str], *, processes: int, devices: int, port: int | None = None, grace: float = 150.0,
-           heartbeat: int | None = None, env: dict[str, str] | None = None) -> int:
+def launch(
+    command: list[str],
+    *,
+    processes: int,
+    devices: int,
+    port: int | None = None,
+    grace: float = 150.0,
+    heartbeat: int | None = None,
+    env: dict[str, str] | None = None,
+) -> int:
     """Run `command` as `processes` cooperating processes; returns 0 or the first non-zero exit status."""
     port = port or free_port()
     command = resolve_command(command)
     procs, pumps = [], []
     for pid in range(processes):
         proc = subprocess.Popen(
-            command, env=process_env(env or os.environ, process_id=pid, processes=processes, devices=devices,
-                                     port=port, heartbeat=heartbeat),
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            command,
+            env=process_env(
+                env or os.environ, process_id=pid, processes=processes, devices=devices, port=port, heartbeat=heartbeat
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
         )
         procs.append(proc)
         pump = threading.Thread(target=_pump, args=(proc.stdout, f"[{pid}] ", sys.stdout), daemon=True)
@@ -83,8 +97,11 @@ def launch(command: list[str], *, processes: int, devices: int, port: int | None
                 code = p.poll()
                 if code not in (None, 0) and status == 0:
                     status, failed_at = code, time.monotonic()
-                    print(f"launch: process {procs.index(p)} exited with status {code}; waiting up to {grace:.0f}s "
-                          "for the others", file=sys.stderr)
+                    print(
+                        f"launch: process {procs.index(p)} exited with status {code}; waiting up to {grace:.0f}s "
+                        "for the others",
+                        file=sys.stderr,
+                    )
             if failed_at is not None and time.monotonic() - failed_at > grace:
                 for p in procs:
                     if p.poll() is None:
@@ -108,27 +125,42 @@ def launch(command: list[str], *, processes: int, devices: int, port: int | None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     usage="%(prog)s [options] -- COMMAND [ARGS...]")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], usage="%(prog)s [options] -- COMMAND [ARGS...]"
+    )
     parser.add_argument("--processes", type=int, default=2, help="JAX processes (pretend hosts)")
     parser.add_argument("--devices", type=int, default=4, help="fake CPU devices per process")
     parser.add_argument("--port", type=int, default=None, help="coordinator port (default: a free one)")
-    parser.add_argument("--grace", type=float, default=150.0,
-                        help="seconds the others get to exit after one process fails, before termination")
-    parser.add_argument("--heartbeat-timeout", type=int, default=None,
-                        help="seconds of silence after which JAX aborts a job with a dead process")
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=150.0,
+        help="seconds the others get to exit after one process fails, before termination",
+    )
+    parser.add_argument(
+        "--heartbeat-timeout",
+        type=int,
+        default=None,
+        help="seconds of silence after which JAX aborts a job with a dead process",
+    )
     argv = sys.argv[1:] if argv is None else argv
     if "--" not in argv:
         parser.error("put the command to run after --")
     split = argv.index("--")
     args = parser.parse_args(argv[:split])
-    command = argv[split + 1:]
+    command = argv[split + 1 :]
     if not command:
         parser.error("no command after --")
     if args.processes < 1 or args.devices < 1:
         parser.error("--processes and --devices must be positive")
-    return launch(command, processes=args.processes, devices=args.devices, port=args.port, grace=args.grace,
-                  heartbeat=args.heartbeat_timeout)
+    return launch(
+        command,
+        processes=args.processes,
+        devices=args.devices,
+        port=args.port,
+        grace=args.grace,
+        heartbeat=args.heartbeat_timeout,
+    )
 
 
 if __name__ == "__main__":

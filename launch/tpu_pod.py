@@ -28,8 +28,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 # A TPU VM runtime image per generation (Cloud TPU's documented software versions for JAX).
-RUNTIMES = {"v4": "tpu-ubuntu2204-base", "v5p": "v2-alpha-tpuv5", "v5litepod": "v2-alpha-tpuv5-lite",
-            "v5e": "v2-alpha-tpuv5-lite", "v6e": "v2-alpha-tpuv6e"}
+RUNTIMES = {
+    "v4": "tpu-ubuntu2204-base",
+    "v5p": "v2-alpha-tpuv5",
+    "v5litepod": "v2-alpha-tpuv5-lite",
+    "v5e": "v2-alpha-tpuv5-lite",
+    "v6e": "v2-alpha-tpuv6e",
+}
 PREEMPTED_STATES = {"PREEMPTED", "TERMINATED", "SUSPENDED", "SUSPENDING", "FAILED"}
 
 
@@ -72,11 +77,16 @@ def local_command(cmd: list[str], dry_run: bool) -> None:
 def pack_code(tarball: str, dry_run: bool) -> None:
     """Tar what travels to the pod: the files git tracks plus new ones it does not ignore. Never a local .venv,
     runs/ or caches, which can be gigabytes."""
-    listing = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                             capture_output=True, check=True).stdout.decode()
+    listing = subprocess.run(
+        ["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
     files = [name for name in listing.split("\0") if name and (REPO / name).is_file()]
-    print(f"+ tar -czf {tarball} -C {REPO} <{len(files)} files: git ls-files --cached --others --exclude-standard>",
-          flush=True)
+    print(
+        f"+ tar -czf {tarball} -C {REPO} <{len(files)} files: git ls-files --cached --others --exclude-standard>",
+        flush=True,
+    )
     if not dry_run:
         with tarfile.open(tarball, "w:gz") as archive:
             for name in files:
@@ -91,10 +101,20 @@ class Pod:
 
     def state(self) -> str:
         if self.args.queued:
-            return self.gcloud.query(["compute", "tpus", "queued-resources", "describe", self.args.tpu, *self.where,
-                                      "--format=value(state.state)"])
-        return self.gcloud.query(["compute", "tpus", "tpu-vm", "describe", self.args.tpu, *self.where,
-                                  "--format=value(state)"])
+            return self.gcloud.query(
+                [
+                    "compute",
+                    "tpus",
+                    "queued-resources",
+                    "describe",
+                    self.args.tpu,
+                    *self.where,
+                    "--format=value(state.state)",
+                ]
+            )
+        return self.gcloud.query(
+            ["compute", "tpus", "tpu-vm", "describe", self.args.tpu, *self.where, "--format=value(state)"]
+        )
 
     def ready(self, state: str) -> bool:
         return state in ("READY", "ACTIVE")
@@ -104,18 +124,51 @@ class Pod:
         runtime = a.runtime_version or RUNTIMES[a.accelerator.split("-")[0]]
         capacity = ["--spot"] if a.spot else []
         if a.queued:
-            self.gcloud.run(["compute", "tpus", "queued-resources", "create", a.tpu, f"--node-id={a.tpu}", *self.where,
-                             f"--accelerator-type={a.accelerator}", f"--runtime-version={runtime}", *capacity])
+            self.gcloud.run(
+                [
+                    "compute",
+                    "tpus",
+                    "queued-resources",
+                    "create",
+                    a.tpu,
+                    f"--node-id={a.tpu}",
+                    *self.where,
+                    f"--accelerator-type={a.accelerator}",
+                    f"--runtime-version={runtime}",
+                    *capacity,
+                ]
+            )
             self.wait_active()
         else:
-            self.gcloud.run(["compute", "tpus", "tpu-vm", "create", a.tpu, *self.where,
-                             f"--accelerator-type={a.accelerator}", f"--version={runtime}", *capacity])
+            self.gcloud.run(
+                [
+                    "compute",
+                    "tpus",
+                    "tpu-vm",
+                    "create",
+                    a.tpu,
+                    *self.where,
+                    f"--accelerator-type={a.accelerator}",
+                    f"--version={runtime}",
+                    *capacity,
+                ]
+            )
 
     def wait_active(self) -> None:
         """A queued resource is granted when capacity frees up: poll until ACTIVE."""
         while True:
-            state = self.gcloud.query(["compute", "tpus", "queued-resources", "describe", self.args.tpu, *self.where,
-                                       "--format=value(state.state)"], dry_value="ACTIVE")
+            state = self.gcloud.query(
+                [
+                    "compute",
+                    "tpus",
+                    "queued-resources",
+                    "describe",
+                    self.args.tpu,
+                    *self.where,
+                    "--format=value(state.state)",
+                ],
+                dry_value="ACTIVE",
+            )
             if state == "ACTIVE":
                 return
             if state in ("FAILED", "SUSPENDED"):
@@ -125,11 +178,12 @@ class Pod:
 
     def delete(self) -> None:
         if self.args.queued:
-            self.gcloud.run(["compute", "tpus", "queued-resources", "delete", self.args.tpu, *self.where, "--force",
-                             "--quiet"], check=False)
+            self.gcloud.run(
+                ["compute", "tpus", "queued-resources", "delete", self.args.tpu, *self.where, "--force", "--quiet"],
+                check=False,
+            )
         else:
-            self.gcloud.run(["compute", "tpus", "tpu-vm", "delete", self.args.tpu, *self.where, "--quiet"],
-                            check=False)
+            self.gcloud.run(["compute", "tpus", "tpu-vm", "delete", self.args.tpu, *self.where, "--quiet"], check=False)
 
     def ensure(self) -> None:
         state = self.state()
@@ -142,16 +196,30 @@ class Pod:
         self.create()
 
     def ssh_all(self, command: str, *, check: bool = True) -> int:
-        return self.gcloud.run(["compute", "tpus", "tpu-vm", "ssh", self.args.tpu, *self.where, "--worker=all",
-                                f"--command={command}"], check=check)
+        return self.gcloud.run(
+            ["compute", "tpus", "tpu-vm", "ssh", self.args.tpu, *self.where, "--worker=all", f"--command={command}"],
+            check=check,
+        )
 
     def sync_and_install(self) -> None:
         tarball = self.args.tarball
         pack_code(tarball, self.gcloud.dry_run)
-        self.gcloud.run(["compute", "tpus", "tpu-vm", "scp", tarball, f"{self.args.tpu}:analogjax.tar.gz",
-                         *self.where, "--worker=all"])
-        self.ssh_all("set -e; rm -rf ~/analogjax && mkdir -p ~/analogjax && tar -xzf ~/analogjax.tar.gz -C "
-                     "~/analogjax && python3 -m pip install --quiet -e ~/analogjax[tpu]")
+        self.gcloud.run(
+            [
+                "compute",
+                "tpus",
+                "tpu-vm",
+                "scp",
+                tarball,
+                f"{self.args.tpu}:analogjax.tar.gz",
+                *self.where,
+                "--worker=all",
+            ]
+        )
+        self.ssh_all(
+            "set -e; rm -rf ~/analogjax && mkdir -p ~/analogjax && tar -xzf ~/analogjax.tar.gz -C "
+            "~/analogjax && python3 -m pip install --quiet -e ~/analogjax[tpu]"
+        )
 
     def distill_command(self) -> str:
         a = self.args
@@ -159,8 +227,10 @@ class Pod:
         for item in a.overrides:
             cli += ["--set", item]
         # Unbuffered so gcloud streams lines as they come; the log file survives on each worker for post-mortems.
-        return f"cd ~/analogjax && PYTHONUNBUFFERED=1 {shlex.join(cli)} 2>&1 | tee -a ~/analogjax-distill.log; " \
-               "exit ${PIPESTATUS[0]}"
+        return (
+            f"cd ~/analogjax && PYTHONUNBUFFERED=1 {shlex.join(cli)} 2>&1 | tee -a ~/analogjax-distill.log; "
+            "exit ${PIPESTATUS[0]}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,9 +15,7 @@ atexit.register(shutil.rmtree, _CACHE_ROOT, ignore_errors=True)
 for _var, _sub in (("XDG_CACHE_HOME", "xdg"), ("HF_HOME", "hf"), ("MPLCONFIGDIR", "mpl")):
     os.environ[_var] = os.path.join(_CACHE_ROOT, _sub)
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402

@@ -17,5 +17,10 @@ def packed_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, n
     targets[:, :-1] = tokens[:, 1:]
     same_doc = np.zeros_like(tokens, dtype=bool)
     same_doc[:, :-1] = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, :-1] != 0)
-    return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions, "targets": targets,
-            "loss_mask": same_doc.astype(np.float32)}
+    return {
+        "tokens": tokens,
+        "segment_ids": segment_ids,
+        "positions": positions,
+        "targets": targets,
+        "loss_mask": same_doc.astype(np.float32),
+    }

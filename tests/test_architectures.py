@@ -23,40 +23,112 @@ from analogjax.models.config import FULL, SLIDING  # noqa: E402
 from analogjax.models.transformer import Transformer  # noqa: E402
 
 VOCAB, SEQ = 80, 20
-COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, pad_token_id=0, bos_token_id=1,
-              eos_token_id=2)
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-6,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 GEMMA = dict(head_dim=8, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=12)
 # name: (config class, model class, extra config, what our config must say, export too)
 CASES = {
-    "llama3.1_rope": ("LlamaConfig", "LlamaForCausalLM", dict(rope_parameters=dict(
-        rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-        original_max_position_embeddings=8)), dict(rope_scaling__kind="llama3"), True),
-    "llama_linear_rope": ("LlamaConfig", "LlamaForCausalLM", dict(rope_parameters=dict(
-        rope_type="linear", rope_theta=10000.0, factor=2.0)), dict(rope_scaling__kind="linear"), False),
-    "qwen2.5_yarn": ("Qwen2Config", "Qwen2ForCausalLM", dict(rope_parameters=dict(
-        rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=8)),
-        dict(rope_scaling__kind="yarn", qkv_bias=True), True),
-    "mistral_window": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=6),
-                       dict(sliding_window=6, hf_architecture=""), True),
+    "llama3.1_rope": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(
+            rope_parameters=dict(
+                rope_type="llama3",
+                rope_theta=10000.0,
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=8,
+            )
+        ),
+        dict(rope_scaling__kind="llama3"),
+        True,
+    ),
+    "llama_linear_rope": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=2.0)),
+        dict(rope_scaling__kind="linear"),
+        False,
+    ),
+    "qwen2.5_yarn": (
+        "Qwen2Config",
+        "Qwen2ForCausalLM",
+        dict(
+            rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=8)
+        ),
+        dict(rope_scaling__kind="yarn", qkv_bias=True),
+        True,
+    ),
+    "mistral_window": (
+        "MistralConfig",
+        "MistralForCausalLM",
+        dict(sliding_window=6),
+        dict(sliding_window=6, hf_architecture=""),
+        True,
+    ),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16), dict(qk_norm=True), True),
-    "qwen3_sliding_layers": ("Qwen3Config", "Qwen3ForCausalLM", dict(
-        head_dim=16, use_sliding_window=True, sliding_window=5, max_window_layers=1),
-        dict(sliding_window=5, layer_pattern=(FULL, SLIDING, SLIDING)), False),
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(
-        **GEMMA, sliding_window=6, attn_logit_softcapping=1.0, final_logit_softcapping=2.0),
-        dict(norm_placement="sandwich", layer_pattern=(SLIDING, FULL), attn_softcap=1.0, final_softcap=2.0,
-             query_scalar=12.0), True),
-    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
-        **GEMMA, num_hidden_layers=4, sliding_window=5,
-        layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
-        rope_parameters={"full_attention": dict(rope_type="linear", factor=2.0, rope_theta=1_000_000.0),
-                         "sliding_attention": dict(rope_type="default", rope_theta=10_000.0)}),
-        dict(qk_norm=True, layer_pattern=(SLIDING, SLIDING, SLIDING, FULL), local_rope_theta=10_000.0), True),
-    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(sliding_window=7),
-             dict(sliding_window=7, hf_architecture="Phi3ForCausalLM"), True),
-    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(),
-              dict(norm_placement="post", qk_norm=True, qk_norm_scope="all_heads"), True),
+    "qwen3_sliding_layers": (
+        "Qwen3Config",
+        "Qwen3ForCausalLM",
+        dict(head_dim=16, use_sliding_window=True, sliding_window=5, max_window_layers=1),
+        dict(sliding_window=5, layer_pattern=(FULL, SLIDING, SLIDING)),
+        False,
+    ),
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        dict(**GEMMA, sliding_window=6, attn_logit_softcapping=1.0, final_logit_softcapping=2.0),
+        dict(
+            norm_placement="sandwich",
+            layer_pattern=(SLIDING, FULL),
+            attn_softcap=1.0,
+            final_softcap=2.0,
+            query_scalar=12.0,
+        ),
+        True,
+    ),
+    "gemma3": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        dict(
+            **GEMMA,
+            num_hidden_layers=4,
+            sliding_window=5,
+            layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
+            rope_parameters={
+                "full_attention": dict(rope_type="linear", factor=2.0, rope_theta=1_000_000.0),
+                "sliding_attention": dict(rope_type="default", rope_theta=10_000.0),
+            },
+        ),
+        dict(qk_norm=True, layer_pattern=(SLIDING, SLIDING, SLIDING, FULL), local_rope_theta=10_000.0),
+        True,
+    ),
+    "phi3": (
+        "Phi3Config",
+        "Phi3ForCausalLM",
+        dict(sliding_window=7),
+        dict(sliding_window=7, hf_architecture="Phi3ForCausalLM"),
+        True,
+    ),
+    "olmo2": (
+        "Olmo2Config",
+        "Olmo2ForCausalLM",
+        dict(),
+        dict(norm_placement="post", qk_norm=True, qk_norm_scope="all_heads"),
+        True,
+    ),
 }
 ERRORS: dict[str, dict[str, float]] = {}
 
@@ -106,8 +178,9 @@ def test_import_and_export_match_transformers(name, tmp_path):
         return
     # Export other params (the imported ones, perturbed) and load them with transformers' own class.
     rng = np.random.default_rng(1)
-    params = jax.tree.map(lambda x: np.asarray(x) + 0.05 * rng.standard_normal(x.shape).astype(np.float32),
-                          jax.device_get(analog.params))
+    params = jax.tree.map(
+        lambda x: np.asarray(x) + 0.05 * rng.standard_normal(x.shape).astype(np.float32), jax.device_get(analog.params)
+    )
     hf.save_params(params, analog.config, tmp_path / "out")
     written = json.loads((tmp_path / "out" / "config.json").read_text())
     assert written["architectures"] == [CASES[name][1]]
@@ -129,8 +202,17 @@ def test_the_window_matters_and_each_block_applies_its_own():
     """A window shorter than the sequence changes logits, and block(layer) follows each layer's kind."""
     from analogjax.models.config import ModelConfig
 
-    base = ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=48,
-                       sliding_window=4, layer_pattern=(SLIDING, FULL), local_rope_theta=100.0)
+    base = ModelConfig(
+        vocab_size=VOCAB,
+        d_model=32,
+        n_layers=3,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=48,
+        sliding_window=4,
+        layer_pattern=(SLIDING, FULL),
+        local_rope_theta=100.0,
+    )
     model = Transformer(base)
     params = __import__("flax").linen.unbox(model.init_boxed(jax.random.key(0)))
     toks = jax.random.randint(jax.random.key(1), (1, 12), 0, VOCAB)
@@ -149,8 +231,10 @@ def test_unimplemented_fields_are_refused(tmp_path):
     cases = {
         "dynamic": {**config, "rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}},
         "quantization_config": {**config, "quantization_config": {"quant_method": "bitsandbytes"}},
-        "partial_rotary_factor": {**config, "rope_parameters": {**config["rope_parameters"],
-                                                                 "partial_rotary_factor": 0.5}},
+        "partial_rotary_factor": {
+            **config,
+            "rope_parameters": {**config["rope_parameters"], "partial_rotary_factor": 0.5},
+        },
         "mlp_bias": {**config, "mlp_bias": True},
         "'some_new_knob'": {**config, "some_new_knob": 3},
     }
@@ -165,9 +249,23 @@ def test_unsupported_field_is_one_error_line_at_the_cli(tmp_path):
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     config["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 4}
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
-    out = subprocess.run([sys.executable, "-m", "analogjax", "distill", "--config", "configs/tiny.yaml",
-                          "--set", f"teacher.hf_path={tmp_path / 'm'}", "--workdir", str(tmp_path / "w")],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "analogjax",
+            "distill",
+            "--config",
+            "configs/tiny.yaml",
+            "--set",
+            f"teacher.hf_path={tmp_path / 'm'}",
+            "--workdir",
+            str(tmp_path / "w"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), out.stderr
     assert "short_factor" in lines[0] or "longrope" in lines[0]
@@ -175,13 +273,30 @@ def test_unsupported_field_is_one_error_line_at_the_cli(tmp_path):
 
 def test_like_teacher_student_exports_under_the_teachers_architecture(tmp_path):
     make_hf_model("gemma2", tmp_path / "teacher")
-    sizes = ["model.like_teacher.n_layers=2", "model.like_teacher.d_model=16", "model.like_teacher.d_ff=24",
-             "model.like_teacher.n_heads=2", "model.like_teacher.n_kv_heads=1"]
+    sizes = [
+        "model.like_teacher.n_layers=2",
+        "model.like_teacher.d_model=16",
+        "model.like_teacher.d_ff=24",
+        "model.like_teacher.n_heads=2",
+        "model.like_teacher.n_kv_heads=1",
+    ]
     config = load_config(None, [f"teacher.hf_path={tmp_path / 'teacher'}", *sizes])
     student, teacher = config.model, config.teacher.model
     assert (student.n_layers, student.d_model, student.n_heads, student.kv_heads) == (2, 16, 2, 1)
-    same = ("norm_placement", "layer_pattern", "sliding_window", "attn_softcap", "final_softcap", "activation",
-            "vocab_size", "head_dim", "query_scalar", "embed_scale", "norm_offset", "rope_theta")
+    same = (
+        "norm_placement",
+        "layer_pattern",
+        "sliding_window",
+        "attn_softcap",
+        "final_softcap",
+        "activation",
+        "vocab_size",
+        "head_dim",
+        "query_scalar",
+        "embed_scale",
+        "norm_offset",
+        "rope_theta",
+    )
     assert all(getattr(student, f) == getattr(teacher, f) for f in same)
     model = Transformer(student)
     params = jax.device_get(__import__("flax").linen.unbox(model.init_boxed(jax.random.key(2))))
@@ -193,8 +308,9 @@ def test_like_teacher_student_exports_under_the_teachers_architecture(tmp_path):
     with pytest.raises(UserError, match="like_teacher.rope_theta"):
         load_config(None, [f"teacher.hf_path={tmp_path / 'teacher'}", "model.like_teacher.rope_theta=5.0"])
     with pytest.raises(UserError, match="model.vocab_size"):
-        load_config(None, [f"teacher.hf_path={tmp_path / 'teacher'}", "model.like_teacher.n_layers=2",
-                           "model.vocab_size=7"])
+        load_config(
+            None, [f"teacher.hf_path={tmp_path / 'teacher'}", "model.like_teacher.n_layers=2", "model.vocab_size=7"]
+        )
 
 
 def test_hidden_state_callers_must_apply_the_final_softcap():

@@ -37,7 +37,7 @@ def _compare(kernel_fn, window, softcap, atol):
     assert att.index_masking_agrees(pos, seg)
     real = (seg != 0)[:, :, None, None].astype(jnp.float32)
     weights = jax.random.normal(jax.random.key(1), q.shape) * real
-    scale = E ** -0.5
+    scale = E**-0.5
 
     def reference(q, k, v):
         return att.attend(q, k, v, pos, pos, seg, seg, scale=scale, window=window, softcap=softcap)
@@ -48,15 +48,17 @@ def _compare(kernel_fn, window, softcap, atol):
     want, got = reference(q, k, v), kernel_fn(q, k, v, pos, seg, scale, window, softcap)
     np.testing.assert_allclose(np.asarray(got * real), np.asarray(want * real), atol=atol, rtol=atol)
     grads_want = jax.grad(loss(reference), argnums=(0, 1, 2))(q, k, v)
-    grads_got = jax.grad(loss(lambda q, k, v: kernel_fn(q, k, v, pos, seg, scale, window, softcap)),
-                         argnums=(0, 1, 2))(q, k, v)
+    grads_got = jax.grad(loss(lambda q, k, v: kernel_fn(q, k, v, pos, seg, scale, window, softcap)), argnums=(0, 1, 2))(
+        q, k, v
+    )
     for name, g_got, g_want in zip("qkv", grads_got, grads_want):
         np.testing.assert_allclose(np.asarray(g_got), np.asarray(g_want), atol=atol, rtol=atol, err_msg=name)
 
 
 def _splash(q, k, v, pos, seg, scale, window, softcap):
-    return att.self_attention(q, k, v, pos, seg, scale=scale, window=window, softcap=softcap, kernel="splash",
-                              interpret=True, block=128)
+    return att.self_attention(
+        q, k, v, pos, seg, scale=scale, window=window, softcap=softcap, kernel="splash", interpret=True, block=128
+    )
 
 
 @pytest.mark.parametrize("window,softcap", [(None, 0.0), (48, 20.0)], ids=["causal-packed-gqa", "window-softcap"])
@@ -92,15 +94,18 @@ def test_kernel_choice_per_backend():
     assert att.trace_platform() == "cpu"
 
 
-@pytest.mark.parametrize("requested,platform,kwargs,message", [
-    ("splash", "cpu", {}, "needs a tpu backend"),
-    ("cudnn", "cpu", {}, "needs a gpu or cuda backend"),
-    ("cudnn", "gpu", {"softcap": 50.0}, "soft-cap"),
-    ("cudnn", "gpu", {"dtype": jnp.float32}, "bfloat16"),
-    ("splash", "tpu", {"window": jnp.asarray(8)}, "windows differ per layer"),
-    ("splash", "tpu", {"seq_len": 200}, "multiple of 128"),
-    ("flash", "tpu", {}, "must be one of"),
-])
+@pytest.mark.parametrize(
+    "requested,platform,kwargs,message",
+    [
+        ("splash", "cpu", {}, "needs a tpu backend"),
+        ("cudnn", "cpu", {}, "needs a gpu or cuda backend"),
+        ("cudnn", "gpu", {"softcap": 50.0}, "soft-cap"),
+        ("cudnn", "gpu", {"dtype": jnp.float32}, "bfloat16"),
+        ("splash", "tpu", {"window": jnp.asarray(8)}, "windows differ per layer"),
+        ("splash", "tpu", {"seq_len": 200}, "multiple of 128"),
+        ("flash", "tpu", {}, "must be one of"),
+    ],
+)
 def test_kernel_refusals(requested, platform, kwargs, message):
     with pytest.raises(UserError, match=message):
         att.choose_kernel(requested, platform, **kwargs)
@@ -115,8 +120,10 @@ def test_explicit_splash_on_cpu_model_is_refused():
     model = Transformer(dataclasses.replace(PRESETS["tiny"], attention="splash"))
     params = Transformer(PRESETS["tiny"]).init_boxed(jax.random.key(0))
     with pytest.raises(UserError, match="model.attention=splash needs a tpu backend"):
-        model(jax.tree.map(lambda x: getattr(x, "value", x), params, is_leaf=lambda x: hasattr(x, "value")),
-              jnp.zeros((1, 128), jnp.int32))
+        model(
+            jax.tree.map(lambda x: getattr(x, "value", x), params, is_leaf=lambda x: hasattr(x, "value")),
+            jnp.zeros((1, 128), jnp.int32),
+        )
 
 
 def test_index_masking_agreement_check():

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from synthetic import packed_batch
 
 from analogjax import checkpoint as ckpt_lib
 from analogjax import mesh as mesh_lib
@@ -23,10 +24,16 @@ from analogjax.setup import build, build_mesh
 from analogjax.step import TrainState
 from analogjax.teacher import Teacher, load_teacher
 from analogjax.train import _claim_workdir, _guard_workdir, run_training
-from synthetic import packed_batch
 
-TINY = ["model.preset=tiny", "teacher.model.preset=tiny-teacher", "data.global_batch=8", "data.seq_len=32",
-        "train.steps=10", "optim.warmup_steps=0", "distill.chunk_size=64"]
+TINY = [
+    "model.preset=tiny",
+    "teacher.model.preset=tiny-teacher",
+    "data.global_batch=8",
+    "data.seq_len=32",
+    "train.steps=10",
+    "optim.warmup_steps=0",
+    "distill.chunk_size=64",
+]
 CE_ONLY = ["distill.terms=[{kind: ce}]"]
 
 
@@ -65,8 +72,9 @@ def test_teacher_restores_sharded_and_read_only(tmp_path):
     config = load_config(None, TINY + [f"teacher.checkpoint={tmp_path}"])
     model = Transformer(config.teacher.model)
     # A teacher is any analogjax checkpoint's params item, e.g. a pretraining run saved on data=8.
-    params, _ = mesh_lib.init_sharded(model.init_boxed, jax.random.key(3), mesh_lib.make_mesh(8, 1, 1),
-                                      mesh_lib.STUDENT_RULES)
+    params, _ = mesh_lib.init_sharded(
+        model.init_boxed, jax.random.key(3), mesh_lib.make_mesh(8, 1, 1), mesh_lib.STUDENT_RULES
+    )
     saved = TrainState(step=jnp.int32(7), params={"model": params}, opt_state={}, rng=jnp.zeros(2, jnp.uint32))
     checkpointer = ckpt_lib.Checkpointer(tmp_path, async_save=False)
     checkpointer.save(7, saved, None, {"identity": {}})
@@ -91,8 +99,12 @@ def test_teacher_restores_sharded_and_read_only(tmp_path):
 
 
 def _small_state(value: float) -> TrainState:
-    return TrainState(step=jnp.int32(int(value)), params={"model": {"w": jnp.full((4, 8), value)}},
-                      opt_state={"mu": jnp.full((4, 8), -value)}, rng=jnp.zeros(2, jnp.uint32))
+    return TrainState(
+        step=jnp.int32(int(value)),
+        params={"model": {"w": jnp.full((4, 8), value)}},
+        opt_state={"mu": jnp.full((4, 8), -value)},
+        rng=jnp.zeros(2, jnp.uint32),
+    )
 
 
 def test_partial_checkpoints_are_skipped_with_a_warning(tmp_path, capsys):
@@ -128,14 +140,23 @@ def _poisoned_run(tmp_path, nonfinite: str):
         for i in range(200):
             text = " ".join(rng.choice(words, rng.integers(3, 12)))
             f.write(json.dumps({"text": text + (POISON if i % 25 == 0 else "")}) + "\n")
-    config = load_config(None, TINY + [
-        f"data.sources=[{{path: {corpus}}}]", "data.heldout_fraction=0.0", "data.read_threads=1",
-        "train.steps=8", "train.log_every=1", "checkpoint.every=1", "checkpoint.keep=10",
-        f"train.nonfinite={nonfinite}", "distill.fused=false",
-    ])
+    config = load_config(
+        None,
+        TINY
+        + [
+            f"data.sources=[{{path: {corpus}}}]",
+            "data.heldout_fraction=0.0",
+            "data.read_threads=1",
+            "train.steps=8",
+            "train.log_every=1",
+            "checkpoint.every=1",
+            "checkpoint.keep=10",
+            f"train.nonfinite={nonfinite}",
+            "distill.fused=false",
+        ],
+    )
     model = Transformer(config.teacher.model)
-    params, _ = mesh_lib.init_sharded(model.init_boxed, jax.random.key(1), build_mesh(config),
-                                      mesh_lib.TEACHER_RULES)
+    params, _ = mesh_lib.init_sharded(model.init_boxed, jax.random.key(1), build_mesh(config), mesh_lib.TEACHER_RULES)
 
     def logits(p, tokens, segment_ids, positions):
         out = model(p, tokens, segment_ids, positions)
@@ -148,10 +169,19 @@ def _poisoned_run(tmp_path, nonfinite: str):
 def _poisoned_steps(config) -> list[int]:
     from analogjax.data import make_batch_iterator
 
-    iterator = make_batch_iterator(config.data, split="train", seed=config.train.seed,
-                                   vocab_size=config.model.vocab_size, process_index=0, process_count=1)
-    return [step for step, batch in zip(range(1, config.train.steps + 1), iterator)
-            if (batch["tokens"] == ord(POISON)).any()]
+    iterator = make_batch_iterator(
+        config.data,
+        split="train",
+        seed=config.train.seed,
+        vocab_size=config.model.vocab_size,
+        process_index=0,
+        process_count=1,
+    )
+    return [
+        step
+        for step, batch in zip(range(1, config.train.steps + 1), iterator)
+        if (batch["tokens"] == ord(POISON)).any()
+    ]
 
 
 def test_nonfinite_halts_or_skips_and_never_reaches_disk(tmp_path):
@@ -178,11 +208,13 @@ def test_nonfinite_halts_or_skips_and_never_reaches_disk(tmp_path):
         assert int(state.step) == step
         assert all(np.isfinite(x).all() for x in jax.tree.leaves((state.params, state.opt_state)))
     for step in poisoned:  # a skipped step kept the previous params and optimizer state exactly
-        _assert_bitwise((saved[step].params, saved[step].opt_state),
-                        (saved[step - 1].params, saved[step - 1].opt_state))
+        _assert_bitwise(
+            (saved[step].params, saved[step].opt_state), (saved[step - 1].params, saved[step - 1].opt_state)
+        )
     clean = next(s for s in range(2, config.train.steps + 1) if s not in poisoned)
-    assert not np.array_equal(saved[clean].params["model"]["params"]["embedding"],
-                              saved[clean - 1].params["model"]["params"]["embedding"])
+    assert not np.array_equal(
+        saved[clean].params["model"]["params"]["embedding"], saved[clean - 1].params["model"]["params"]["embedding"]
+    )
     checkpointer.close()
 
 

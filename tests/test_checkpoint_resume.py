@@ -35,7 +35,7 @@ def _write_run(tmp_path: Path) -> Path:
     config.write_text(f"""
 model: {{preset: tiny}}
 teacher: {{model: {{preset: tiny-teacher}}}}
-data: {{sources: [{{path: {tmp_path / 'corpus.jsonl'}}}], global_batch: 8, seq_len: 32, heldout_fraction: 0.0,
+data: {{sources: [{{path: {tmp_path / "corpus.jsonl"}}}], global_batch: 8, seq_len: 32, heldout_fraction: 0.0,
         read_threads: 1}}
 distill: {{chunk_size: 64}}
 optim: {{warmup_steps: 2}}
@@ -49,9 +49,23 @@ def _launch(config: Path, workdir: Path, *extra: str) -> subprocess.Popen:
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir.parent / f"{workdir.name}.{time.monotonic_ns()}"
-    proc = subprocess.Popen([sys.executable, "-m", "analogjax", "distill", "--config", str(config), "--workdir",
-                             str(workdir), "--no-progress", *extra],
-                            stdout=open(f"{log}.out", "w"), stderr=open(f"{log}.err", "w"), env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "analogjax",
+            "distill",
+            "--config",
+            str(config),
+            "--workdir",
+            str(workdir),
+            "--no-progress",
+            *extra,
+        ],
+        stdout=open(f"{log}.out", "w"),
+        stderr=open(f"{log}.err", "w"),
+        env=env,
+    )
     proc.log = log
     return proc
 

@@ -20,8 +20,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def analogjax(*args, cwd=None, devices=8, timeout=300):
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", "analogjax", *args], capture_output=True, text=True, cwd=cwd,
-                          env=env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "analogjax", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout
+    )
 
 
 def assert_user_error(proc, *fragments):
@@ -35,8 +36,16 @@ def assert_user_error(proc, *fragments):
 
 def test_tiny_config_distills_and_resumes(tmp_path):
     workdir = tmp_path / "run"
-    proc = analogjax("distill", "--config", str(ROOT / "configs/tiny.yaml"), "--workdir", str(workdir),
-                     "--set", "train.steps=10", "--no-progress")
+    proc = analogjax(
+        "distill",
+        "--config",
+        str(ROOT / "configs/tiny.yaml"),
+        "--workdir",
+        str(workdir),
+        "--set",
+        "train.steps=10",
+        "--no-progress",
+    )
     assert proc.returncode == 0, proc.stderr
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "loss" in r]
@@ -50,8 +59,16 @@ def test_tiny_config_distills_and_resumes(tmp_path):
     assert load_config(workdir / "config.yaml") == load_config(ROOT / "configs/tiny.yaml", ["train.steps=10"])
     assert "differs from the defaults in:" in proc.stderr and "train.steps=10" in proc.stderr
     # Asking for more steps in the same workdir resumes from the checkpoint at step 10.
-    more = analogjax("distill", "--config", str(ROOT / "configs/tiny.yaml"), "--workdir", str(workdir),
-                     "--set", "train.steps=15", "--no-progress")
+    more = analogjax(
+        "distill",
+        "--config",
+        str(ROOT / "configs/tiny.yaml"),
+        "--workdir",
+        str(workdir),
+        "--set",
+        "train.steps=15",
+        "--no-progress",
+    )
     assert more.returncode == 0, more.stderr
     assert json.loads(more.stdout.strip().splitlines()[-1])["step"] == 15
 
@@ -74,27 +91,57 @@ def test_user_errors_are_one_line(tmp_path, args, fragments):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {preset: tiny\n")
     args = [a.replace("{tiny}", str(ROOT / "configs/tiny.yaml")).replace("{bad_yaml}", str(bad)) for a in args]
-    assert_user_error(analogjax(*args, "--workdir", str(tmp_path / "w")) if args[0] == "distill" and len(args) > 1
-                      else analogjax(*args), *fragments)
+    assert_user_error(
+        analogjax(*args, "--workdir", str(tmp_path / "w"))
+        if args[0] == "distill" and len(args) > 1
+        else analogjax(*args),
+        *fragments,
+    )
 
 
 def test_corpus_too_small_for_one_batch(tmp_path):
     corpus = tmp_path / "tiny.jsonl"
     corpus.write_text('{"text": "hello"}\n{"text": "world"}\n')
-    proc = analogjax("distill", "--config", str(ROOT / "configs/tiny.yaml"), "--workdir", str(tmp_path / "w"),
-                     "--set", f"data.sources=[{{path: {corpus}}}]", "--set", "data.heldout_fraction=0")
+    proc = analogjax(
+        "distill",
+        "--config",
+        str(ROOT / "configs/tiny.yaml"),
+        "--workdir",
+        str(tmp_path / "w"),
+        "--set",
+        f"data.sources=[{{path: {corpus}}}]",
+        "--set",
+        "data.heldout_fraction=0",
+    )
     assert_user_error(proc, str(corpus.name))
     assert not (tmp_path / "w" / "run.json").exists()  # a refused run does not claim the workdir
 
 
 def test_workdir_of_another_config_is_refused_and_kept(tmp_path):
     workdir = tmp_path / "run"
-    first = analogjax("distill", "--config", str(ROOT / "configs/tiny.yaml"), "--workdir", str(workdir),
-                      "--set", "train.steps=2", "--no-progress")
+    first = analogjax(
+        "distill",
+        "--config",
+        str(ROOT / "configs/tiny.yaml"),
+        "--workdir",
+        str(workdir),
+        "--set",
+        "train.steps=2",
+        "--no-progress",
+    )
     assert first.returncode == 0, first.stderr
     before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
-    other = analogjax("distill", "--config", str(ROOT / "configs/tiny.yaml"), "--workdir", str(workdir),
-                      "--set", "model.d_model=32", "--set", "train.steps=2")
+    other = analogjax(
+        "distill",
+        "--config",
+        str(ROOT / "configs/tiny.yaml"),
+        "--workdir",
+        str(workdir),
+        "--set",
+        "model.d_model=32",
+        "--set",
+        "train.steps=2",
+    )
     assert_user_error(other, "different model config")
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before
 
@@ -109,8 +156,14 @@ def test_config_prints_the_resolved_config_and_where_each_value_came_from(tmp_pa
         printed.write_text(capsys.readouterr().out)
         assert load_config(printed) == expected  # loadable back, equal to what a run would use
     lines = printed.read_text().splitlines()
-    for line in ("  steps: 7  # --set", "    n_heads: 2  # --set", "    n_kv_heads: 2  # preset tiny-teacher",
-                 "  tokenizer: bytes  # file", "  add_bos: true  # default", "  preset: tiny  # file"):
+    for line in (
+        "  steps: 7  # --set",
+        "    n_heads: 2  # --set",
+        "    n_kv_heads: 2  # preset tiny-teacher",
+        "  tokenizer: bytes  # file",
+        "  add_bos: true  # default",
+        "  preset: tiny  # file",
+    ):
         assert line in lines, line
     # A model section left out is the default preset, and says so.
     assert cli.main(["config", "--explain"]) == 0
@@ -150,6 +203,5 @@ def test_a_bug_keeps_its_traceback_and_a_thread_s_user_error_stays_quiet(monkeyp
     monkeypatch.setattr(threading, "excepthook", lambda args: reported.append(args.exc_value))
     cli.quiet_libraries()
     for exc in (UserError("bad input"), ValueError("a bug in a thread")):
-        threading.excepthook(types.SimpleNamespace(exc_type=type(exc), exc_value=exc, exc_traceback=None,
-                                                   thread=None))
+        threading.excepthook(types.SimpleNamespace(exc_type=type(exc), exc_value=exc, exc_traceback=None, thread=None))
     assert [type(e) for e in reported] == [ValueError]

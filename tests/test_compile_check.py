@@ -19,22 +19,31 @@ from analogjax.flops import distill_flops_per_step, param_count
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 
 
-@pytest.mark.parametrize("name, chips, libtpu_name, hosts", [
-    ("v4-8", 4, "v4:2x2x1", 1),
-    ("v4-32", 16, "v4:2x2x4", 4),
-    ("v5p-256", 128, "v5:4x4x8", 32),
-    ("v5e-8", 8, "v5e:2x4", 1),
-    ("v5litepod-64", 64, "v5e:8x8", 16),
-    ("v6e-256", 256, "v6e:16x16", 64),
-])
+@pytest.mark.parametrize(
+    "name, chips, libtpu_name, hosts",
+    [
+        ("v4-8", 4, "v4:2x2x1", 1),
+        ("v4-32", 16, "v4:2x2x4", 4),
+        ("v5p-256", 128, "v5:4x4x8", 32),
+        ("v5e-8", 8, "v5e:2x4", 1),
+        ("v5litepod-64", 64, "v5e:8x8", 16),
+        ("v6e-256", 256, "v6e:16x16", 64),
+    ],
+)
 def test_slice_names(name, chips, libtpu_name, hosts):
     topology = parse_topology(name)
     assert (topology.chips, topology.libtpu_name, topology.hosts) == (chips, libtpu_name, hosts)
 
 
-@pytest.mark.parametrize("name, message", [
-    ("v4-7", "even"), ("v5e-48", "not a standard"), ("h100-8", "TPU slice name"), ("v5p", "TPU slice name"),
-])
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("v4-7", "even"),
+        ("v5e-48", "not a standard"),
+        ("h100-8", "TPU slice name"),
+        ("v5p", "TPU slice name"),
+    ],
+)
 def test_bad_slice_names(name, message):
     with pytest.raises(UserError, match=message):
         parse_topology(name)
@@ -52,10 +61,21 @@ def test_ici_bytes_follow_the_sharding_rules():
 
 
 def test_fit_and_roofline_arithmetic():
-    plan = Plan(topology=parse_topology("v5e-8"), mesh_shape={"data": 8, "fsdp": 1, "tensor": 1},
-                argument_bytes=6 * GIB, output_bytes=3 * GIB, alias_bytes=3 * GIB, temp_bytes=9 * GIB, code_bytes=0,
-                xla_flops_per_chip=1e12, xla_bytes_accessed_per_chip=1e9, model_flops_per_step=8 * 197e12,
-                recompute_flops_per_step=0.0, ici_bytes_per_chip=0.0, tokens_per_step=1000)
+    plan = Plan(
+        topology=parse_topology("v5e-8"),
+        mesh_shape={"data": 8, "fsdp": 1, "tensor": 1},
+        argument_bytes=6 * GIB,
+        output_bytes=3 * GIB,
+        alias_bytes=3 * GIB,
+        temp_bytes=9 * GIB,
+        code_bytes=0,
+        xla_flops_per_chip=1e12,
+        xla_bytes_accessed_per_chip=1e9,
+        model_flops_per_step=8 * 197e12,
+        recompute_flops_per_step=0.0,
+        ici_bytes_per_chip=0.0,
+        tokens_per_step=1000,
+    )
     assert plan.bytes_per_chip == 15 * GIB and plan.fits  # donated outputs do not count twice
     assert plan.step_seconds == pytest.approx(1.0)  # 197 TFLOP per chip at 197 TFLOP/s
     assert plan.mfu == pytest.approx(1.0)
@@ -67,11 +87,18 @@ def test_fit_and_roofline_arithmetic():
 def test_compile_check_on_a_v5e_8(tmp_path):
     """The real distill step, compiled for 8 v5e chips with no TPU here: the last line is the JSON record."""
     config = tmp_path / "tiny.yaml"
-    config.write_text("model: {preset: tiny}\nteacher: {model: {preset: tiny-teacher}}\n"
-                      "data: {global_batch: 16, seq_len: 64}\nmesh: {data: 4, fsdp: 2, tensor: 1}\ntopology: v5e-8\n")
+    config.write_text(
+        "model: {preset: tiny}\nteacher: {model: {preset: tiny-teacher}}\n"
+        "data: {global_batch: 16, seq_len: 64}\nmesh: {data: 4, fsdp: 2, tensor: 1}\ntopology: v5e-8\n"
+    )
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    done = subprocess.run([sys.executable, "-m", "analogjax", "compile-check", "--config", str(config)],
-                          capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "analogjax", "compile-check", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads(done.stdout.strip().splitlines()[-1])
     assert record["topology"] == "v5e-8" and record["chips"] == 8
@@ -86,14 +113,19 @@ def test_compile_check_on_a_v5e_8(tmp_path):
 def test_topology_is_required(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("model: {preset: tiny}\n")
-    done = subprocess.run([sys.executable, "-m", "analogjax", "compile-check", "--config", str(config)],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "analogjax", "compile-check", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("error: no topology")
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parent.parent / "configs").glob("pod_*.yaml")),
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).resolve().parent.parent / "configs").glob("pod_*.yaml")), ids=lambda p: p.name
+)
 def test_pod_configs_name_a_slice_their_mesh_fills(path):
     """Every pod config loads, names its target slice, and its mesh uses exactly that slice's chips. (The full
     compile of the large ones takes minutes; their compile-check records are in launch/README.md.)"""
@@ -101,7 +133,8 @@ def test_pod_configs_name_a_slice_their_mesh_fills(path):
 
     config = load_config(path)
     topology = parse_topology(config.topology)
-    data, fsdp, tensor = mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, topology.chips,
-                                    config.mesh.context)
+    data, fsdp, tensor = mesh_shape(
+        config.mesh.data, config.mesh.fsdp, config.mesh.tensor, topology.chips, config.mesh.context
+    )
     assert config.data.global_batch % (data * fsdp) == 0
     assert config.data.seq_len % config.mesh.context == 0

@@ -15,16 +15,25 @@ from analogjax.models.config import PRESETS
 from analogjax.models.transformer import Transformer
 from analogjax.setup import build, build_mesh
 
-TINY = load_config(None, [
-    "model.preset=tiny", "teacher.model.preset=tiny-teacher", "data.global_batch=8", "data.seq_len=32",
-    "train.steps=10", "optim.warmup_steps=0", "distill.chunk_size=64",
-])
+TINY = load_config(
+    None,
+    [
+        "model.preset=tiny",
+        "teacher.model.preset=tiny-teacher",
+        "data.global_batch=8",
+        "data.seq_len=32",
+        "train.steps=10",
+        "optim.warmup_steps=0",
+        "distill.chunk_size=64",
+    ],
+)
 
 
 def _features_and_grad(model, params, batch):
     def loss(p):
         hidden = model.features(p, batch["tokens"], batch["segment_ids"], batch["positions"]).hidden_bsd
         return jnp.sum(hidden * jnp.cos(jnp.arange(hidden.shape[-1])))
+
     return jax.jit(jax.value_and_grad(loss))(params)
 
 
@@ -40,14 +49,18 @@ def test_context_parallel_forward_and_gradient_equal_unsharded():
     mesh = mesh_lib.make_mesh(1, 1, 2, context=4)
     sharded, _ = mesh_lib.init_sharded(model.init_boxed, jax.random.key(0), mesh, mesh_lib.STUDENT_RULES)
     with jax.set_mesh(mesh), nn.logical_axis_rules(list(mesh_lib.STUDENT_RULES)):
-        hidden = jax.jit(lambda p: model.features(p, batch["tokens"], batch["segment_ids"],
-                                                  batch["positions"]).hidden_bsd)(sharded)
+        hidden = jax.jit(
+            lambda p: model.features(p, batch["tokens"], batch["segment_ids"], batch["positions"]).hidden_bsd
+        )(sharded)
         got_loss, got_grad = _features_and_grad(model, sharded, batch)
     assert "context" in str(hidden.sharding.spec[1]), hidden.sharding  # the sequence really is split
     np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
     # Gradients reach ~100 here: float reduction order moves them by ~1e-4 absolute.
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-4), jax.device_get(got_grad),
-                 jax.device_get(want_grad))
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-4),
+        jax.device_get(got_grad),
+        jax.device_get(want_grad),
+    )
 
 
 def _one_step(config, mesh, batch):
@@ -63,15 +76,19 @@ def test_context_parallel_distill_step_equals_single_device():
     got_state, got = _one_step(TINY, mesh_lib.make_mesh(2, 1, 1, context=4), batch)
     for key in ("loss", "kl", "ce", "teacher_ce", "agreement", "count", "grad_norm"):
         np.testing.assert_allclose(got[key], want[key], rtol=2e-5, err_msg=key)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), got_state.params,
-                 want_state.params)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), got_state.params, want_state.params
+    )
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["mesh.context=4", "data.seq_len=30"], "data.seq_len (30) must be divisible by mesh.context (4)"),
-    (["mesh.context=3"], "mesh.context (3) must divide the 8 devices"),
-    (["mesh.context=0"], "mesh.context must be positive"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["mesh.context=4", "data.seq_len=30"], "data.seq_len (30) must be divisible by mesh.context (4)"),
+        (["mesh.context=3"], "mesh.context (3) must divide the 8 devices"),
+        (["mesh.context=0"], "mesh.context must be positive"),
+    ],
+)
 def test_context_axis_refusals(overrides, message):
     config = load_config(None, ["model.preset=tiny", "data.global_batch=8", "data.seq_len=32", *overrides])
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -88,8 +88,9 @@ def test_tokenizer_vocabulary_must_agree_with_the_model(tmp_path):
 def test_prepared_shards_for_another_vocabulary(tmp_path):
     out = tmp_path / "prepared"
     out.mkdir()
-    (out / "analogjax_data.json").write_text(json.dumps(
-        {"format": "arrayrecord", "dtype": "uint16", "vocab_size": 8192, "shards": []}))
+    (out / "analogjax_data.json").write_text(
+        json.dumps({"format": "arrayrecord", "dtype": "uint16", "vocab_size": 8192, "shards": []})
+    )
     with pytest.raises(UserError, match="prepared with a 8192-token vocabulary but data.tokenizer .* has 259"):
         _first_batch(SourceConfig(path=str(out)), tokenizer="bytes", vocab_size=259)
 
@@ -108,14 +109,17 @@ def test_text_source_without_a_tokenizer(tmp_path):
         _first_batch(SourceConfig(path=str(path)))
 
 
-@pytest.mark.parametrize("change, key", [
-    (dict(seq_len=0), "data.seq_len"),
-    (dict(global_batch=-1), "data.global_batch"),
-    (dict(heldout_fraction=1.0), "data.heldout_fraction"),
-    (dict(sources=()), "data.sources"),
-    (dict(sources=(SourceConfig(path="x", format="csv"),)), r"data.sources\[0\].format"),
-    (dict(sources=(SourceConfig(path="x", weight=0.0),)), r"data.sources\[0\].weight"),
-])
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        (dict(seq_len=0), "data.seq_len"),
+        (dict(global_batch=-1), "data.global_batch"),
+        (dict(heldout_fraction=1.0), "data.heldout_fraction"),
+        (dict(sources=()), "data.sources"),
+        (dict(sources=(SourceConfig(path="x", format="csv"),)), r"data.sources\[0\].format"),
+        (dict(sources=(SourceConfig(path="x", weight=0.0),)), r"data.sources\[0\].weight"),
+    ],
+)
 def test_config_checks_name_the_key(change, key):
     with pytest.raises(UserError, match=key):
         validate(DataConfig(**change), vocab_size=259)

@@ -2,7 +2,8 @@
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from analogjax.data import to_global_batch
 
@@ -36,8 +37,11 @@ def test_one_sharding_for_every_key():
 
 def test_a_sharding_per_key():
     mesh = _mesh()
-    shardings = {"tokens": NamedSharding(mesh, P("data", None)), "segment_ids": NamedSharding(mesh, P()),
-                 "loss_mask": NamedSharding(mesh, P(("data", "fsdp"), "tensor"))}
+    shardings = {
+        "tokens": NamedSharding(mesh, P("data", None)),
+        "segment_ids": NamedSharding(mesh, P()),
+        "loss_mask": NamedSharding(mesh, P(("data", "fsdp"), "tensor")),
+    }
     out = to_global_batch(_batch(), shardings)
     for key, value in out.items():
         assert value.sharding == shardings[key]

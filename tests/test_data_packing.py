@@ -15,8 +15,10 @@ PAD = 7
 
 def _documents(lengths):
     # Document d holds d*1000, d*1000+1, ...: any token names its document, and every target is its input + 1.
-    return [{"tokens": (d * 1000 + np.arange(n)).astype(np.int32), "source": d % 3, "epoch": 0}
-            for d, n in enumerate(lengths)]
+    return [
+        {"tokens": (d * 1000 + np.arange(n)).astype(np.int32), "source": d % 3, "epoch": 0}
+        for d, n in enumerate(lengths)
+    ]
 
 
 def _rows(documents, seq_len=SEQ_LEN):
@@ -31,8 +33,9 @@ LENGTHS = [5, 1, 40, 0, 3, 16, 17, 2, 100, 9, 30]
 def test_rows_hold_whole_segments_of_one_document_each():
     rows = list(_rows(_documents(LENGTHS)))
     for row in rows:
-        tokens, targets, seg, pos, src = (row[k] for k in ("tokens", "targets", "segment_ids", "positions",
-                                                            "source_ids"))
+        tokens, targets, seg, pos, src = (
+            row[k] for k in ("tokens", "targets", "segment_ids", "positions", "source_ids")
+        )
         assert all(v.shape == (SEQ_LEN,) and v.dtype == np.int32 for v in (tokens, targets, seg, pos, src))
         for s in np.unique(seg[seg > 0]):
             where = np.flatnonzero(seg == s)
@@ -45,7 +48,7 @@ def test_rows_hold_whole_segments_of_one_document_each():
         # Segment ids count up from 1 in order; padding (0) only at the end.
         used = seg > 0
         assert np.all(seg[used] == np.maximum.accumulate(seg[used]))
-        assert not np.any(used[np.argmin(used):]) or used.all()
+        assert not np.any(used[np.argmin(used) :]) or used.all()
         assert np.all(tokens[~used] == PAD) and np.all(targets[~used] == PAD)
 
 

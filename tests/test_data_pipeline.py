@@ -76,8 +76,11 @@ def test_same_seed_same_batches_and_each_epoch_reshuffled(tmp_path):
 def test_mixture_proportions_follow_weights(tmp_path):
     _write_corpus(tmp_path / "a.bin", 60)
     _write_corpus(tmp_path / "b.bin", 60, first_doc=100)
-    data = _config(SourceConfig(path=str(tmp_path / "a.bin"), dtype="uint16", weight=3.0),
-                   SourceConfig(path=str(tmp_path / "b.bin"), dtype="uint16", weight=1.0), global_batch=8)
+    data = _config(
+        SourceConfig(path=str(tmp_path / "a.bin"), dtype="uint16", weight=3.0),
+        SourceConfig(path=str(tmp_path / "b.bin"), dtype="uint16", weight=1.0),
+        global_batch=8,
+    )
     it = make_batch_iterator(data, split="train", seed=0, vocab_size=VOCAB)
     counts = np.zeros(2)
     for _ in range(50):
@@ -94,8 +97,9 @@ def test_two_processes_read_disjoint_shards_whose_union_is_the_epoch(tmp_path):
     data = _config(SourceConfig(path=str(tmp_path / "c.bin"), dtype="uint16"))
     shards = []
     for process_index in range(2):
-        it = make_batch_iterator(data, split="train", seed=3, vocab_size=VOCAB, process_index=process_index,
-                                 process_count=2, num_epochs=1)
+        it = make_batch_iterator(
+            data, split="train", seed=3, vocab_size=VOCAB, process_index=process_index, process_count=2, num_epochs=1
+        )
         batches = list(it)
         assert all(b["tokens"].shape == (2, 16) for b in batches)  # global_batch // process_count rows
         shards.append(_documents_seen(batches))
@@ -107,8 +111,11 @@ def test_two_processes_read_disjoint_shards_whose_union_is_the_epoch(tmp_path):
 def _two_source_config(tmp_path):
     _write_corpus(tmp_path / "a.bin", 25)
     _write_corpus(tmp_path / "b.bin", 11, first_doc=100, length=lambda d: 30 + d % 5)
-    return _config(SourceConfig(path=str(tmp_path / "a.bin"), dtype="uint16", weight=2.0),
-                   SourceConfig(path=str(tmp_path / "b.bin"), dtype="uint16"), heldout_fraction=0.2)
+    return _config(
+        SourceConfig(path=str(tmp_path / "a.bin"), dtype="uint16", weight=2.0),
+        SourceConfig(path=str(tmp_path / "b.bin"), dtype="uint16"),
+        heldout_fraction=0.2,
+    )
 
 
 @pytest.mark.parametrize("consumed", [1, 7, 30])  # 30 batches crosses several epochs of both sources

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from analogjax.data import DataConfig, SourceConfig, make_batch_iterator, split_document_ids
 from analogjax.commands import prepare
+from analogjax.data import DataConfig, SourceConfig, make_batch_iterator, split_document_ids
 from analogjax.data.pipeline import open_sources
 from analogjax.errors import UserError
 
@@ -22,8 +22,9 @@ def _args(*argv):
 
 
 def _pairs(source, *, tokenizer="bytes", fraction=0.0, split="train"):
-    data = DataConfig(sources=(source,), tokenizer=tokenizer, global_batch=2, seq_len=16, heldout_fraction=fraction,
-                      read_threads=0)
+    data = DataConfig(
+        sources=(source,), tokenizer=tokenizer, global_batch=2, seq_len=16, heldout_fraction=fraction, read_threads=0
+    )
     got = collections.Counter()
     for batch in make_batch_iterator(data, split=split, seed=0, vocab_size=259, num_epochs=1):
         used = batch["loss_mask"] > 0
@@ -36,8 +37,22 @@ def test_prepare_then_read_back(tmp_path, capsys, fmt, workers):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
     out = tmp_path / "prepared"
-    code = prepare.run(_args("--input", str(corpus), "--tokenizer", "bytes", "--output", str(out),
-                             "--format", fmt, "--workers", str(workers), "--shards", "3"))
+    code = prepare.run(
+        _args(
+            "--input",
+            str(corpus),
+            "--tokenizer",
+            "bytes",
+            "--output",
+            str(out),
+            "--format",
+            fmt,
+            "--workers",
+            str(workers),
+            "--shards",
+            "3",
+        )
+    )
     assert code == 0
     tokens = sum(len(t.encode()) + 2 for t in TEXTS)
     assert f"wrote {len(TEXTS)} documents, {tokens} tokens in 3 {fmt} shards" in capsys.readouterr().out
@@ -74,10 +89,24 @@ def test_prepare_through_the_cli(tmp_path, capsys):
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:5]))
     out = tmp_path / "out"
-    assert cli.main(["prepare", "--input", str(corpus), "--tokenizer", "bytes", "--output", str(out),
-                     "--workers", "1"]) == 0
+    assert (
+        cli.main(["prepare", "--input", str(corpus), "--tokenizer", "bytes", "--output", str(out), "--workers", "1"])
+        == 0
+    )
     assert "wrote 5 documents" in capsys.readouterr().out
-    assert cli.main(["prepare", "--input", str(tmp_path / "missing.jsonl"), "--tokenizer", "bytes",
-                     "--output", str(tmp_path / "o2")]) == 2
+    assert (
+        cli.main(
+            [
+                "prepare",
+                "--input",
+                str(tmp_path / "missing.jsonl"),
+                "--tokenizer",
+                "bytes",
+                "--output",
+                str(tmp_path / "o2"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --input: no such file") and "missing.jsonl" in err[0]

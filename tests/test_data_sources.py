@@ -12,11 +12,18 @@ from analogjax.data.sources import open_source
 from analogjax.data.stdlib_corpus import cache_tokens, stdlib_files, stdlib_source, write_jsonl
 from analogjax.data.tokenize import ByteTokenizer, encode_document
 
-TEXTS = ["alpha beta gamma\n", "ünïcödé, 日本語 and emoji 🙂", "x" * 700, "line one\nline two\n", "a", "",
-         "def f(x):\n    return x + 1\n", "tail without newline"]
+TEXTS = [
+    "alpha beta gamma\n",
+    "ünïcödé, 日本語 and emoji 🙂",
+    "x" * 700,
+    "line one\nline two\n",
+    "a",
+    "",
+    "def f(x):\n    return x + 1\n",
+    "tail without newline",
+]
 VOCAB = 1000
-TOKEN_DOCS = [np.arange(d * 50, d * 50 + n, dtype=np.int64) % VOCAB for d, n in
-              enumerate([5, 1, 40, 3, 17, 2, 60, 9])]
+TOKEN_DOCS = [np.arange(d * 50, d * 50 + n, dtype=np.int64) % VOCAB for d, n in enumerate([5, 1, 40, 3, 17, 2, 60, 9])]
 
 
 def _assert_documents(source, expected):
@@ -31,8 +38,9 @@ def _assert_documents(source, expected):
 
 def _pairs_through_pipeline(source_config, *, tokenizer, vocab_size):
     """The multiset of (input, target) pairs one epoch of the pipeline delivers."""
-    data = DataConfig(sources=(source_config,), tokenizer=tokenizer, global_batch=2, seq_len=8,
-                      heldout_fraction=0.0, read_threads=0)
+    data = DataConfig(
+        sources=(source_config,), tokenizer=tokenizer, global_batch=2, seq_len=8, heldout_fraction=0.0, read_threads=0
+    )
     got = collections.Counter()
     for batch in make_batch_iterator(data, split="train", seed=0, vocab_size=vocab_size, num_epochs=1):
         used = batch["loss_mask"] > 0
@@ -94,8 +102,11 @@ def test_arrayrecord_text_and_token_records(tmp_path):
     write(tmp_path / "t.array_record", [t.encode() for t in TEXTS])
     _check(SourceConfig(path=str(tmp_path / "t.array_record")), TEXTS, tokenizer="bytes")
     write(tmp_path / "ids.array_record", [d.astype("<u2").tobytes() for d in TOKEN_DOCS])
-    _check(SourceConfig(path=str(tmp_path / "ids.array_record"), content="tokens", dtype="uint16"), TOKEN_DOCS,
-           tokenizer="none")
+    _check(
+        SourceConfig(path=str(tmp_path / "ids.array_record"), content="tokens", dtype="uint16"),
+        TOKEN_DOCS,
+        tokenizer="none",
+    )
 
 
 def test_tokens_bin_split_by_eod_id(tmp_path):
@@ -129,14 +140,18 @@ def test_zarr_store_and_bare_array(tmp_path):
     import tensorstore as ts
 
     def write(path, values, dtype):
-        arr = ts.open({"driver": "zarr3", "kvstore": "file://" + str(path)}, create=True, dtype=dtype,
-                      shape=[len(values)], chunk_layout=ts.ChunkLayout(chunk_shape=[64])).result()
+        arr = ts.open(
+            {"driver": "zarr3", "kvstore": "file://" + str(path)},
+            create=True,
+            dtype=dtype,
+            shape=[len(values)],
+            chunk_layout=ts.ChunkLayout(chunk_shape=[64]),
+        ).result()
         arr.write(values).result()
 
     store = tmp_path / "corpus.zarr"
     write(store / "tokens", np.concatenate(TOKEN_DOCS).astype(np.uint16), ts.uint16)
-    write(store / "offsets", np.concatenate([[0], np.cumsum([len(d) for d in TOKEN_DOCS])]).astype(np.int64),
-          ts.int64)
+    write(store / "offsets", np.concatenate([[0], np.cumsum([len(d) for d in TOKEN_DOCS])]).astype(np.int64), ts.int64)
     _check(SourceConfig(path=str(store)), TOKEN_DOCS, tokenizer="none")
 
     eod = VOCAB - 1
@@ -156,8 +171,9 @@ def test_text_files_with_a_large_file_split_at_line_ends(tmp_path):
     parts = [source[i] for i in range(4)]
     assert parts[:2] == TEXTS[:2]
     assert parts[2] + parts[3] == big and parts[2].endswith("\n") and len(parts[2]) >= 256 * 1024
-    assert _pairs_through_pipeline(SourceConfig(path=str(tmp_path / "docs" / "*.txt")), tokenizer="bytes",
-                                   vocab_size=259) == _expected_pairs([TEXTS[0], parts[2], parts[3]])
+    assert _pairs_through_pipeline(
+        SourceConfig(path=str(tmp_path / "docs" / "*.txt")), tokenizer="bytes", vocab_size=259
+    ) == _expected_pairs([TEXTS[0], parts[2], parts[3]])
 
 
 def test_stdlib_corpus_is_found_cached_and_matches_on_the_fly_tokenizing(tmp_path):
@@ -165,7 +181,7 @@ def test_stdlib_corpus_is_found_cached_and_matches_on_the_fly_tokenizing(tmp_pat
     assert files and all(f.endswith(".py") for f in files)
     assert not any(f"{os.sep}test{os.sep}" in f or "site-packages" in f for f in files)
     source = stdlib_source()
-    assert source[0] == open(source.files[0], encoding="utf-8", errors="replace").read()[:len(source[0])]
+    assert source[0] == open(source.files[0], encoding="utf-8", errors="replace").read()[: len(source[0])]
     probes = [0, len(source) // 2, len(source) - 1]
     texts = [source[i] for i in probes]
     tokenizer = ByteTokenizer()

@@ -39,8 +39,9 @@ def test_trained_bpe_round_trips_with_fixed_special_ids(tmp_path):
 
 def test_specials_come_from_a_sibling_tokenizer_config(tmp_path):
     path = train_bpe_tokenizer(iter(TEXTS), 300, str(tmp_path / "tokenizer.json"))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": {"content": "<eos>"}, "eos_token": "<bos>", "pad_token": None}))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": {"content": "<eos>"}, "eos_token": "<bos>", "pad_token": None})
+    )
     tok = load_tokenizer(path)
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (2, 1, 0)
 

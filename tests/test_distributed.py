@@ -58,20 +58,27 @@ def test_single_process_without_flags_or_cluster(monkeypatch):
 
 
 def test_environment_gives_the_place_and_flags_win():
-    env = {"ANALOGJAX_COORDINATOR": "10.0.0.1:1234", "ANALOGJAX_NUM_PROCESSES": "4", "ANALOGJAX_PROCESS_ID": "3",
-           "ANALOGJAX_HEARTBEAT_TIMEOUT": "30"}
+    env = {
+        "ANALOGJAX_COORDINATOR": "10.0.0.1:1234",
+        "ANALOGJAX_NUM_PROCESSES": "4",
+        "ANALOGJAX_PROCESS_ID": "3",
+        "ANALOGJAX_HEARTBEAT_TIMEOUT": "30",
+    }
     cluster = distributed.cluster_from(None, env)
     assert cluster == distributed.Cluster("10.0.0.1:1234", 4, 3, 30)
     args = type("Args", (), {"coordinator": None, "num_processes": None, "process_id": 1, "heartbeat_timeout": None})
     assert distributed.cluster_from(args, env).process_id == 1
 
 
-@pytest.mark.parametrize("env, message", [
-    ({"ANALOGJAX_COORDINATOR": "h:1", "ANALOGJAX_NUM_PROCESSES": "2"}, "--process-id is required"),
-    ({"ANALOGJAX_COORDINATOR": "h:1", "ANALOGJAX_NUM_PROCESSES": "2", "ANALOGJAX_PROCESS_ID": "2"}, r"\[0, 2\)"),
-    ({"ANALOGJAX_COORDINATOR": "nohost", "ANALOGJAX_NUM_PROCESSES": "2", "ANALOGJAX_PROCESS_ID": "0"}, "HOST:PORT"),
-    ({"ANALOGJAX_COORDINATOR": "h:1", "ANALOGJAX_NUM_PROCESSES": "two", "ANALOGJAX_PROCESS_ID": "0"}, "integer"),
-])
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"ANALOGJAX_COORDINATOR": "h:1", "ANALOGJAX_NUM_PROCESSES": "2"}, "--process-id is required"),
+        ({"ANALOGJAX_COORDINATOR": "h:1", "ANALOGJAX_NUM_PROCESSES": "2", "ANALOGJAX_PROCESS_ID": "2"}, r"\[0, 2\)"),
+        ({"ANALOGJAX_COORDINATOR": "nohost", "ANALOGJAX_NUM_PROCESSES": "2", "ANALOGJAX_PROCESS_ID": "0"}, "HOST:PORT"),
+        ({"ANALOGJAX_COORDINATOR": "h:1", "ANALOGJAX_NUM_PROCESSES": "two", "ANALOGJAX_PROCESS_ID": "0"}, "integer"),
+    ],
+)
 def test_incomplete_or_wrong_places_are_user_errors(env, message):
     with pytest.raises(UserError, match=message):
         distributed.cluster_from(None, env)
@@ -85,8 +92,11 @@ def test_slurm_allocation_is_detected():
 
 def test_launcher_returns_the_first_failure():
     launcher = _local_launcher()
-    code = launcher.launch([sys.executable, "-c", "import os, sys; sys.exit(3 if os.environ['ANALOGJAX_PROCESS_ID'] "
-                                                  "== '1' else 0)"], processes=2, devices=1)
+    code = launcher.launch(
+        [sys.executable, "-c", "import os, sys; sys.exit(3 if os.environ['ANALOGJAX_PROCESS_ID'] == '1' else 0)"],
+        processes=2,
+        devices=1,
+    )
     assert code == 3
 
 
@@ -102,11 +112,25 @@ def _start_job(workdir: Path, config_path: Path, logs: Path, tag: str) -> list[s
     for pid in range(2):
         penv = launcher.process_env(env, process_id=pid, processes=2, devices=4, port=port, heartbeat=HEARTBEAT_S)
         log = open(logs / f"{tag}-{pid}.log", "w")
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "analogjax", "distill", "--config", str(config_path), "--workdir", str(workdir),
-             "--no-progress"],
-            env=penv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        ))
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "analogjax",
+                    "distill",
+                    "--config",
+                    str(config_path),
+                    "--workdir",
+                    str(workdir),
+                    "--no-progress",
+                ],
+                env=penv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
     return procs
 
 
@@ -129,8 +153,9 @@ def _wait_for(condition, procs, logs: Path, what: str, timeout: float = 240.0) -
 
 
 def _tails(logs: Path) -> str:
-    return "\n".join(f"--- {p.name}\n" + "\n".join(p.read_text().splitlines()[-15:])
-                     for p in sorted(logs.glob("*.log")))
+    return "\n".join(
+        f"--- {p.name}\n" + "\n".join(p.read_text().splitlines()[-15:]) for p in sorted(logs.glob("*.log"))
+    )
 
 
 def _kill_all(procs) -> None:
@@ -147,9 +172,17 @@ def _reference_losses(config, steps: int) -> dict[int, dict[str, float]]:
     from analogjax.setup import build
 
     run = build(config)
-    iterators = [make_batch_iterator(config.data, split="train", seed=config.train.seed,
-                                     vocab_size=config.model.vocab_size, process_index=i, process_count=2)
-                 for i in range(2)]
+    iterators = [
+        make_batch_iterator(
+            config.data,
+            split="train",
+            seed=config.train.seed,
+            vocab_size=config.model.vocab_size,
+            process_index=i,
+            process_count=2,
+        )
+        for i in range(2)
+    ]
     state, out = run.state, {}
     with jax.set_mesh(run.mesh):
         for step in range(1, steps + 1):
@@ -181,14 +214,18 @@ def test_two_processes_match_one_die_together_and_resume(tmp_path):
     # 1. Run until both processes have written checkpoint 4, then kill process 1.
     procs = _start_job(workdir, config_path, logs, "first")
     try:
-        _wait_for(lambda: (checkpoints / "4" / "commit_success.txt").exists() and len(_records(workdir)) >= 4,
-                  procs, logs, "checkpoint 4")
+        _wait_for(
+            lambda: (checkpoints / "4" / "commit_success.txt").exists() and len(_records(workdir)) >= 4,
+            procs,
+            logs,
+            "checkpoint 4",
+        )
         os.killpg(procs[1].pid, signal.SIGKILL)
         killed_at = time.monotonic()
         try:
             code = procs[0].wait(timeout=120)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"process 0 still running 2 minutes after process 1 died:\n{_tails(logs)}")
+            raise AssertionError(f"process 0 still running 2 minutes after process 1 died:\n{_tails(logs)}") from None
         assert code != 0, "process 0 must fail when its peer dies"
         assert time.monotonic() - killed_at < 120
     finally:
@@ -204,11 +241,15 @@ def test_two_processes_match_one_die_together_and_resume(tmp_path):
     wanted = list(range(1, resumed_from + 3))
     procs = _start_job(workdir, config_path, logs, "resumed")
     try:
-        _wait_for(lambda: [r["step"] for r in _records(workdir)][:len(wanted)] == wanted, procs, logs,
-                  "two steps after resuming")
+        _wait_for(
+            lambda: [r["step"] for r in _records(workdir)][: len(wanted)] == wanted,
+            procs,
+            logs,
+            "two steps after resuming",
+        )
     finally:
         _kill_all(procs)
-    resumed = _records(workdir)[resumed_from:resumed_from + 2]
+    resumed = _records(workdir)[resumed_from : resumed_from + 2]
     assert [r["step"] for r in resumed] == [resumed_from + 1, resumed_from + 2]
     assert resumed_from + 2 <= max(reference), "raise the reference's step count"
     _assert_matches(resumed, reference)

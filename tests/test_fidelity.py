@@ -43,11 +43,19 @@ def reference(s_logits, t_logits, targets, mask, sources, n_sources):
                     total += in_bin.sum() / n * abs(correct[in_bin].mean() - conf[in_bin].mean())
             return total
 
-        return {"tokens": int(n), "forward_kl": fkl, "reverse_kl": rkl, "jsd": jsd,
-                "top1_agreement": (s_top == t_top)[sel].mean(), "top5_overlap": overlap[sel].mean(),
-                "student_ppl": math.exp(s_nll), "teacher_ppl": math.exp(t_nll),
-                "ppl_gap": math.exp(s_nll) - math.exp(t_nll),
-                "student_ece": ece(q, s_top), "teacher_ece": ece(p, t_top)}
+        return {
+            "tokens": int(n),
+            "forward_kl": fkl,
+            "reverse_kl": rkl,
+            "jsd": jsd,
+            "top1_agreement": (s_top == t_top)[sel].mean(),
+            "top5_overlap": overlap[sel].mean(),
+            "student_ppl": math.exp(s_nll),
+            "teacher_ppl": math.exp(t_nll),
+            "ppl_gap": math.exp(s_nll) - math.exp(t_nll),
+            "student_ece": ece(q, s_top),
+            "teacher_ece": ece(p, t_top),
+        }
 
     return metrics(np.ones_like(valid)), [metrics(sources == i) for i in range(n_sources)]
 
@@ -67,8 +75,9 @@ def test_metrics_match_float64_reference_and_are_exact_over_batches():
     # Accumulated over three batches of two rows: must equal the metrics of all six rows at once.
     total = {}
     for rows in (slice(0, 2), slice(2, 4), slice(4, 6)):
-        sums = jax.device_get(step(s_logits[rows], t_logits[rows], targets[rows], mask[rows], sources[rows],
-                                   positions[rows]))
+        sums = jax.device_get(
+            step(s_logits[rows], t_logits[rows], targets[rows], mask[rows], sources[rows], positions[rows])
+        )
         for k, val in sums.items():
             total[k] = total.get(k, 0.0) + np.asarray(val, np.float64)
     report = fidelity.finalize(total, ["a", "b", "c"])
@@ -109,8 +118,9 @@ def test_cka_moments_accumulated_over_batches_equal_the_direct_value():
         for k, val in sums.items():
             total[k] = total.get(k, 0.0) + np.asarray(val, np.float64)
     for p, (i, j) in enumerate(pairs):
-        got = fidelity.cka_from_moments(total["n"], total["sx"][i], total["sy"][j], total["sxx"][i],
-                                        total["syy"][j], total["syx"][p])
+        got = fidelity.cka_from_moments(
+            total["n"], total["sx"][i], total["sy"][j], total["sxx"][i], total["syy"][j], total["syx"][p]
+        )
         want = fidelity.linear_cka(xs[i][w > 0], ys[j][w > 0])
         assert got == pytest.approx(want, rel=1e-4)
     assert fidelity.linear_cka(xs[0][w > 0], ys[1][w > 0]) > 0.5  # the linearly related pair scores high
@@ -125,10 +135,18 @@ def test_default_layer_pairs():
 def test_report_files(tmp_path):
     rng = np.random.default_rng(3)
     t = rng.standard_normal((2, 6, 11)).astype(np.float32)
-    sums = jax.device_get(fidelity.token_sums(t + rng.standard_normal(t.shape).astype(np.float32), t,
-                                              rng.integers(0, 11, (2, 6)), np.ones((2, 6), np.float32),
-                                              np.zeros((2, 6), np.int32), np.tile(np.arange(6), (2, 1)),
-                                              n_sources=1, seq_len=6))
+    sums = jax.device_get(
+        fidelity.token_sums(
+            t + rng.standard_normal(t.shape).astype(np.float32),
+            t,
+            rng.integers(0, 11, (2, 6)),
+            np.ones((2, 6), np.float32),
+            np.zeros((2, 6), np.int32),
+            np.tile(np.arange(6), (2, 1)),
+            n_sources=1,
+            seq_len=6,
+        )
+    )
     report = fidelity.finalize({k: np.asarray(v, np.float64) for k, v in sums.items()}, ["only"])
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text('{"step": 1, "loss": 2.0, "ce": 2.5}\n{"step": 2, "loss": 1.5, "ce": 2.0}\n')

@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from analogjax.errors import UserError
 from analogjax.fused_loss import TeacherHead, chunk_layout, fused_distill_loss, named_kd_terms, plain_distill_loss
@@ -42,8 +43,19 @@ def make_inputs(n=N, d=D, dt=DT, student_vocab=V, teacher_vocab=V, seed=0, dtype
 
 def loss_and_grads(loss_fn, kd_terms, vocab_size=None, chunk_size=CHUNK):
     def objective(hidden, head, teacher, targets, weights, kd_weights, temperature):
-        out = loss_fn(hidden, head, teacher, targets, weights, kd_terms=kd_terms, kd_weights=kd_weights,
-                      ce_weight=0.3, temperature=temperature, vocab_size=vocab_size, chunk_size=chunk_size)
+        out = loss_fn(
+            hidden,
+            head,
+            teacher,
+            targets,
+            weights,
+            kd_terms=kd_terms,
+            kd_weights=kd_weights,
+            ce_weight=0.3,
+            temperature=temperature,
+            vocab_size=vocab_size,
+            chunk_size=chunk_size,
+        )
         return out["loss"], out
 
     return jax.jit(jax.value_and_grad(objective, argnums=(0, 1), has_aux=True))
@@ -120,9 +132,15 @@ def test_fused_equals_plain_under_fsdp():
     hidden, head, teacher, targets, weights = make_inputs(seed=4)
     batch = ("data", "fsdp")
     shard = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))  # noqa: E731
-    args = (shard(hidden, P(batch, None)), shard(head, P("fsdp", "tensor")),
-            TeacherHead(shard(teacher.hidden, P(batch, None)), shard(teacher.head, P(("fsdp", "data"), "tensor"))),
-            shard(targets, P(batch)), shard(weights, P(batch)), jnp.array([1.0, 0.5]), jnp.float32(1.5))
+    args = (
+        shard(hidden, P(batch, None)),
+        shard(head, P("fsdp", "tensor")),
+        TeacherHead(shard(teacher.hidden, P(batch, None)), shard(teacher.head, P(("fsdp", "data"), "tensor"))),
+        shard(targets, P(batch)),
+        shard(weights, P(batch)),
+        jnp.array([1.0, 0.5]),
+        jnp.float32(1.5),
+    )
     terms = (("forward_kl", ()), ("jsd", (("beta", 0.5),)))
     compiled = loss_and_grads(fused_distill_loss, terms).lower(*args).compile()
     for line in compiled.as_text().splitlines():  # the vocabulary dimension itself is never gathered
@@ -136,15 +154,18 @@ def test_padded_vocabularies_equal_the_shared_real_vocabulary():
     # Equal padded widths are covered by the sharded logits test; here the teacher is sliced, then -inf padded.
     both_sides = (("reverse_kl", ()), ("jsd", (("beta", 0.5),)))  # terms that read -inf on both sides
     for student_vocab, teacher_vocab, terms in [(96, 104, both_sides), (104, 96, (("forward_kl", ()),))]:
-        hidden, head, teacher, targets, weights = make_inputs(n=20, student_vocab=student_vocab,
-                                                              teacher_vocab=teacher_vocab, seed=3)
+        hidden, head, teacher, targets, weights = make_inputs(
+            n=20, student_vocab=student_vocab, teacher_vocab=teacher_vocab, seed=3
+        )
         cut_teacher = TeacherHead(teacher.hidden, teacher.head[:, :real])
         kd_weights = jnp.linspace(0.5, 1.5, len(terms))
-        (reference_loss, reference_metrics), (reference_dh, reference_dw) = loss_and_grads(
-            plain_distill_loss, terms)(hidden, head[:, :real], cut_teacher, targets, weights, kd_weights, 1.5)
+        (reference_loss, reference_metrics), (reference_dh, reference_dw) = loss_and_grads(plain_distill_loss, terms)(
+            hidden, head[:, :real], cut_teacher, targets, weights, kd_weights, 1.5
+        )
         for loss_fn in (fused_distill_loss, plain_distill_loss):
             (loss, metrics), (dh, dw) = loss_and_grads(loss_fn, terms, vocab_size=real, chunk_size=8)(
-                hidden, head, teacher, targets, weights, kd_weights, 1.5)
+                hidden, head, teacher, targets, weights, kd_weights, 1.5
+            )
             assert relative_error(loss, reference_loss) < 1e-5
             for name in reference_metrics:
                 assert relative_error(metrics[name], reference_metrics[name]) < 1e-5, name
@@ -158,22 +179,26 @@ def test_uneven_token_count_static_temperature_and_value_only_path():
     assert chunk_layout(37, 8) == (5, 8, 40)  # 37 is prime: pad to 40 rather than chunks of one token
     terms = (("forward_kl", ()), ("jsd", (("beta", 0.3),)))
     kd_weights = jnp.array([0.7, 1.3])
-    fused = loss_and_grads(fused_distill_loss, terms, chunk_size=8)(hidden, head, teacher, targets, weights,
-                                                                     kd_weights, 1.0)
+    fused = loss_and_grads(fused_distill_loss, terms, chunk_size=8)(
+        hidden, head, teacher, targets, weights, kd_weights, 1.0
+    )
     plain = loss_and_grads(plain_distill_loss, terms)(hidden, head, teacher, targets, weights, kd_weights, 1.0)
     assert_same(fused, plain)
     # Without differentiation the custom VJP's primal runs a loop that computes no gradients; same values.
-    value_only = jax.jit(lambda *a: fused_distill_loss(*a, kd_terms=terms, kd_weights=kd_weights, ce_weight=0.3,
-                                                       temperature=1.0, chunk_size=8))(hidden, head, teacher, targets,
-                                                                                        weights)
+    value_only = jax.jit(
+        lambda *a: fused_distill_loss(
+            *a, kd_terms=terms, kd_weights=kd_weights, ce_weight=0.3, temperature=1.0, chunk_size=8
+        )
+    )(hidden, head, teacher, targets, weights)
     for name, value in value_only.items():
         expected = plain[0][0] if name == "loss" else plain[0][1][name]
         assert relative_error(value, expected) < 1e-5, name
 
 
 def test_bfloat16_inputs_keep_dtypes_and_stay_close():
-    hidden, head, teacher, targets, weights = make_inputs(n=32, student_vocab=64, teacher_vocab=64, seed=9,
-                                                          dtype=jnp.bfloat16)
+    hidden, head, teacher, targets, weights = make_inputs(
+        n=32, student_vocab=64, teacher_vocab=64, seed=9, dtype=jnp.bfloat16
+    )
     terms = (("reverse_kl", ()),)
     args = (hidden, head, teacher, targets, weights, jnp.ones(1), 1.0)
     (fused_loss, _), (dh, dw) = loss_and_grads(fused_distill_loss, terms, chunk_size=8)(*args)
@@ -185,9 +210,16 @@ def test_bfloat16_inputs_keep_dtypes_and_stay_close():
 
 def test_metrics_match_numpy_definitions():
     hidden, head, teacher, targets, weights = make_inputs(n=24, student_vocab=32, teacher_vocab=32, seed=11)
-    out = jax.jit(lambda *a: fused_distill_loss(*a, kd_terms=(("forward_kl", ()),), kd_weights=jnp.array([2.0]),
-                                                ce_weight=0.5, temperature=3.0, chunk_size=8))(
-        hidden, head, teacher, targets, weights)
+    out = jax.jit(
+        lambda *a: fused_distill_loss(
+            *a,
+            kd_terms=(("forward_kl", ()),),
+            kd_weights=jnp.array([2.0]),
+            ce_weight=0.5,
+            temperature=3.0,
+            chunk_size=8,
+        )
+    )(hidden, head, teacher, targets, weights)
     s = np.asarray(hidden, np.float64) @ np.asarray(head, np.float64)
     t = np.asarray(teacher.hidden, np.float64) @ np.asarray(teacher.head, np.float64)
     w, y = np.asarray(weights, np.float64), np.asarray(targets)
@@ -217,12 +249,25 @@ def test_metrics_match_numpy_definitions():
 def test_teacher_gets_no_gradient_and_ce_only_needs_no_teacher():
     hidden, head, teacher, targets, weights = make_inputs(n=16, student_vocab=32, teacher_vocab=32, seed=2)
     for loss_fn in (fused_distill_loss, plain_distill_loss):
-        teacher_grad = jax.grad(lambda th: loss_fn(hidden, head, TeacherHead(th, teacher.head), targets, weights,
-                                                   kd_terms=(("tvd", ()),), kd_weights=jnp.ones(1), ce_weight=1.0,
-                                                   temperature=1.0, chunk_size=4)["loss"])(teacher.hidden)
+        teacher_grad = jax.grad(
+            lambda th: loss_fn(
+                hidden,
+                head,
+                TeacherHead(th, teacher.head),
+                targets,
+                weights,
+                kd_terms=(("tvd", ()),),
+                kd_weights=jnp.ones(1),
+                ce_weight=1.0,
+                temperature=1.0,
+                chunk_size=4,
+            )["loss"]
+        )(teacher.hidden)
         assert np.all(np.asarray(teacher_grad) == 0)
-    ce_only = [loss_and_grads(fn, ())(hidden, head, None, targets, weights, jnp.zeros(0), 1.0)
-               for fn in (fused_distill_loss, plain_distill_loss)]
+    ce_only = [
+        loss_and_grads(fn, ())(hidden, head, None, targets, weights, jnp.zeros(0), 1.0)
+        for fn in (fused_distill_loss, plain_distill_loss)
+    ]
     assert_same(*ce_only)
     assert set(ce_only[0][0][1]) == {"loss", "ce", "kd_terms", "weight"}
 
@@ -235,8 +280,9 @@ def test_user_errors():
     with pytest.raises(UserError, match="exceeds"):
         fused_distill_loss(hidden, head, teacher, targets, weights, vocab_size=36, **kwargs)
     with pytest.raises(UserError, match="kd_weights"):
-        fused_distill_loss(hidden, head, teacher, targets, weights, vocab_size=32,
-                           **{**kwargs, "kd_weights": jnp.ones(2)})
+        fused_distill_loss(
+            hidden, head, teacher, targets, weights, vocab_size=32, **{**kwargs, "kd_weights": jnp.ones(2)}
+        )
     with pytest.raises(UserError, match="need a teacher"):
         fused_distill_loss(hidden, head, None, targets, weights, **kwargs)
     with pytest.raises(UserError, match="chunk_size"):
@@ -257,8 +303,13 @@ def test_final_softcaps_fused_equals_plain_and_capped_logits():
     t_head = jnp.asarray(rng.normal(size=(dt, v)), jnp.float32)
     targets = jnp.asarray(rng.integers(0, v, n), jnp.int32)
     weights = jnp.ones((n,), jnp.float32)
-    kw = dict(kd_terms=(("forward_kl", ()), ("reverse_kl", ())), kd_weights=jnp.array([0.5, 0.3]), ce_weight=0.2,
-              temperature=2.0, chunk_size=8)
+    kw = dict(
+        kd_terms=(("forward_kl", ()), ("reverse_kl", ())),
+        kd_weights=jnp.array([0.5, 0.3]),
+        ce_weight=0.2,
+        temperature=2.0,
+        chunk_size=8,
+    )
     caps = (3.0, 5.0)
 
     def loss(fn, h, w, **extra):

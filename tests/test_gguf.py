@@ -22,9 +22,11 @@ from analogjax.data.tokenize import load_tokenizer  # noqa: E402
 from analogjax.errors import UserError  # noqa: E402
 from analogjax.models import gguf as gguf_lib  # noqa: E402
 
-TEXTS = ["def read_file(path):\n    with open(path) as f:\n        return f.read()\n",
-         "The quick brown fox jumps over the lazy dog. It's 2024; we'll see 12345 things!",
-         "import os\nimport sys\n\nclass Reader:\n    pass\n"]
+TEXTS = [
+    "def read_file(path):\n    with open(path) as f:\n        return f.read()\n",
+    "The quick brown fox jumps over the lazy dog. It's 2024; we'll see 12345 things!",
+    "import os\nimport sys\n\nclass Reader:\n    pass\n",
+]
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 HEADS, KV_HEADS, D_MODEL = 4, 2, 64
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,8 +40,12 @@ def bpe():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(TEXTS * 20, trainer)
     model = json.loads(tok.to_str())["model"]
     vocab = sorted(model["vocab"].items(), key=lambda kv: kv[1])
@@ -51,10 +57,18 @@ def bpe():
 def hf_llama(bpe):
     tokens, _ = bpe
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=len(tokens), hidden_size=D_MODEL, intermediate_size=96,
-                                      num_hidden_layers=2, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
-                                      max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=10000.0,
-                                      tie_word_embeddings=False)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokens),
+        hidden_size=D_MODEL,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+    )
     model = transformers.LlamaForCausalLM(config).float().eval()
     with torch.no_grad():  # fresh norms are exactly 1: perturb everything so each tensor matters
         for p in model.parameters():
@@ -94,11 +108,22 @@ def write_gguf(path, model, bpe, qtype: str, *, arch="llama", tied=False, pre="g
     writer.add_pad_token_id(0)
     for key, value in (extra or {}).items():
         writer.add_uint32(key, value) if isinstance(value, int) else writer.add_string(key, value)
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-    per_layer = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
-                 "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-                 "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    per_layer = {
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
     for name, value in model.state_dict().items():
         if tied and name == "lm_head.weight":
             continue
@@ -130,8 +155,9 @@ def _transformers_logits(folder, name, toks):
         return model(torch.as_tensor(toks, dtype=torch.long)).logits.float().numpy()
 
 
-@pytest.mark.parametrize("qtype,tied", [("F32", False), ("F16", True), ("BF16", False), ("Q8_0", True),
-                                        ("Q4_0", False), ("Q4_1", True)])
+@pytest.mark.parametrize(
+    "qtype,tied", [("F32", False), ("F16", True), ("BF16", False), ("Q8_0", True), ("Q4_0", False), ("Q4_1", True)]
+)
 def test_logits_match_transformers_gguf_loading(qtype, tied, tmp_path, bpe, hf_llama):
     path = write_gguf(tmp_path / f"tiny-{qtype}.gguf", hf_llama, bpe, qtype, tied=tied)
     cfg = gguf_lib.model_config_from_gguf(path)
@@ -187,9 +213,21 @@ def test_unsupported_metadata_is_refused(tmp_path, bpe, hf_llama):
 
 
 def _distill(tmp_path, gguf_path):
-    return analogjax("distill", "--config", str(ROOT / "configs/tiny.yaml"), "--workdir", str(tmp_path / "run"),
-                     "--no-progress", "--set", f"teacher.gguf_path={gguf_path}", "--set", "model.vocab_size=320",
-                     "--set", "train.steps=1", timeout=120)
+    return analogjax(
+        "distill",
+        "--config",
+        str(ROOT / "configs/tiny.yaml"),
+        "--workdir",
+        str(tmp_path / "run"),
+        "--no-progress",
+        "--set",
+        f"teacher.gguf_path={gguf_path}",
+        "--set",
+        "model.vocab_size=320",
+        "--set",
+        "train.steps=1",
+        timeout=120,
+    )
 
 
 def test_cli_refuses_bad_gguf_files(tmp_path, bpe, hf_llama):
@@ -211,26 +249,56 @@ def test_real_demo_path_on_a_tiny_gguf(tmp_path, bpe, hf_llama):
     path = write_gguf(tmp_path / "teacher.gguf", hf_llama, bpe, "Q8_0", tied=True)
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": TEXTS[i % 3] * (1 + i % 4)}) + "\n" for i in range(200)))
-    sets = [f"gguf_path={path}", "cache_k=8", f"run.data.sources=[{{path: {corpus}}}]", "run.data.heldout_fraction=0.2",
-            f"run.model.vocab_size={len(bpe[0])}", "run.model.d_model=32", "run.model.n_layers=1",
-            f"run.model.n_heads={KV_HEADS}", f"run.model.n_kv_heads={KV_HEADS}", f"run.model.head_dim={D_MODEL // HEADS}",
-            "run.model.d_ff=64", "run.data.global_batch=8", "run.data.seq_len=32", "run.train.steps=3",
-            "run.train.log_every=1", "run.train.eval_batches=1", "prune_batches=1", "samples=2",
-            "sample_prompt_tokens=4", "sample_new_tokens=3"]
+    sets = [
+        f"gguf_path={path}",
+        "cache_k=8",
+        f"run.data.sources=[{{path: {corpus}}}]",
+        "run.data.heldout_fraction=0.2",
+        f"run.model.vocab_size={len(bpe[0])}",
+        "run.model.d_model=32",
+        "run.model.n_layers=1",
+        f"run.model.n_heads={KV_HEADS}",
+        f"run.model.n_kv_heads={KV_HEADS}",
+        f"run.model.head_dim={D_MODEL // HEADS}",
+        "run.model.d_ff=64",
+        "run.data.global_batch=8",
+        "run.data.seq_len=32",
+        "run.train.steps=3",
+        "run.train.log_every=1",
+        "run.train.eval_batches=1",
+        "prune_batches=1",
+        "samples=2",
+        "sample_prompt_tokens=4",
+        "sample_new_tokens=3",
+    ]
     args = ["demo", "--workdir", str(tmp_path / "demo"), "--no-progress"]
     for item in sets:
         args += ["--set", item]
     assert cli.main(args) == 0
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    assert set(summary["phase_seconds"]) == {"teacher", "teacher_cache", "prune", "analog", "pruned", "baseline",
-                                             "evaluate", "transfer", "samples", "release"}
+    assert set(summary["phase_seconds"]) == {
+        "teacher",
+        "teacher_cache",
+        "prune",
+        "analog",
+        "pruned",
+        "baseline",
+        "evaluate",
+        "transfer",
+        "samples",
+        "release",
+    }
     for name in ("analog", "pruned", "baseline"):
         assert summary[name]["kl_teacher"] > 0 and 0 <= summary[name]["agreement"] <= 1
         assert summary[name]["teacher_logprob_own_samples"] < 0
     # The pruned start is the teacher cut down: it is checkpoint.init_path of its row, with its importance report.
     assert (tmp_path / "demo" / "pruned_init" / "importance.json").is_file()
     assert len(summary["samples"]["prompts"]) == 2 and set(summary["samples"]["models"]) == {
-        "teacher", "analog", "pruned", "baseline"}
+        "teacher",
+        "analog",
+        "pruned",
+        "baseline",
+    }
     card = (tmp_path / "demo" / "release" / "README.md").read_text()
     assert gguf_lib.gguf_provenance(path)["sha256"] in card and "teacher cache" in card
     assert "## Samples" in card and (tmp_path / "demo" / "release" / "samples.md").is_file()

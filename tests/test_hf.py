@@ -20,16 +20,27 @@ from analogjax.models.config import ModelConfig  # noqa: E402
 from analogjax.models.transformer import Transformer  # noqa: E402
 
 VOCAB = 96
-COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6)
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-6,
+)
 
 CASES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(rope_theta=10000.0)),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(rope_theta=10000.0, sliding_window=None)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16, tie_word_embeddings=False)),
-    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(head_dim=8, hidden_act="gelu_pytorch_tanh",
-                                                     hidden_activation="gelu_pytorch_tanh")),
+    "gemma": (
+        "GemmaConfig",
+        "GemmaForCausalLM",
+        dict(head_dim=8, hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh"),
+    ),
 }
 
 
@@ -85,16 +96,28 @@ def test_import_on_a_tensor_sharded_mesh_reads_shards(tmp_path):
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "gemma"])
 def test_export_loads_in_transformers_and_round_trips(kind, tmp_path):
-    cfg = ModelConfig(vocab_size=259, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,
-                      qkv_bias=kind == "qwen2", qk_norm=kind == "qwen3", embed_scale=kind == "gemma",
-                      norm_offset=1.0 if kind == "gemma" else 0.0, tie_embeddings=kind in ("qwen2", "gemma"),
-                      activation="gelu_tanh" if kind == "gemma" else "silu")
+    cfg = ModelConfig(
+        vocab_size=259,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=48,
+        qkv_bias=kind == "qwen2",
+        qk_norm=kind == "qwen3",
+        embed_scale=kind == "gemma",
+        norm_offset=1.0 if kind == "gemma" else 0.0,
+        tie_embeddings=kind in ("qwen2", "gemma"),
+        activation="gelu_tanh" if kind == "gemma" else "silu",
+    )
     model = Transformer(cfg)
-    params = jax.device_get(jax.tree.map(lambda x: x, __import__("flax").linen.unbox(
-        model.init_boxed(jax.random.key(3)))))
+    params = jax.device_get(
+        jax.tree.map(lambda x: x, __import__("flax").linen.unbox(model.init_boxed(jax.random.key(3))))
+    )
     # Non-trivial norms and biases so a wrong mapping cannot hide behind ones and zeros.
-    params = jax.tree.map(lambda x: x + 0.05 * np.random.default_rng(x.size).standard_normal(x.shape).astype(x.dtype),
-                          params)
+    params = jax.tree.map(
+        lambda x: x + 0.05 * np.random.default_rng(x.size).standard_normal(x.shape).astype(x.dtype), params
+    )
     out = tmp_path / "export"
     hf.save_params(params, cfg, out, tokenizer="bytes")
     assert json.loads((out / "config.json").read_text())["architectures"] == [hf.architecture_for(cfg)[0]]
@@ -139,8 +162,9 @@ def test_bad_inputs_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="model.safetensors"):
         hf.load_params(tmp_path / "x", hf.model_config_from_hf(tmp_path / "x"), mesh, mesh_lib.TEACHER_RULES)
     # shapes that do not match config.json
-    wrong = hf.model_config_from_hf(tmp_path / "m").__class__(**{**hf.model_config_from_hf(tmp_path / "m").__dict__,
-                                                                  "d_ff": 40})
+    wrong = hf.model_config_from_hf(tmp_path / "m").__class__(
+        **{**hf.model_config_from_hf(tmp_path / "m").__dict__, "d_ff": 40}
+    )
     with pytest.raises(UserError, match="shape"):
         hf.load_params(tmp_path / "m", wrong, mesh, mesh_lib.TEACHER_RULES)
     # export never overwrites a non-empty folder

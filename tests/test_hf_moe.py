@@ -19,17 +19,41 @@ from analogjax import mesh as mesh_lib  # noqa: E402
 from analogjax.errors import UserError  # noqa: E402
 
 VOCAB, SEQ = 64, 12
-COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, pad_token_id=0, bos_token_id=1,
-              eos_token_id=2, num_experts_per_tok=2)
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=40,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-6,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    num_experts_per_tok=2,
+)
 # name: (config class, model class, extra config, export too)
 CASES = {
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4), True),
-    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
-        num_experts=4, moe_intermediate_size=24, shared_expert_intermediate_size=20, num_hidden_layers=3,
-        mlp_only_layers=[0]), False),
-    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(num_experts=4, moe_intermediate_size=24,
-                                                               norm_topk_prob=True), True),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        dict(
+            num_experts=4,
+            moe_intermediate_size=24,
+            shared_expert_intermediate_size=20,
+            num_hidden_layers=3,
+            mlp_only_layers=[0],
+        ),
+        False,
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(num_experts=4, moe_intermediate_size=24, norm_topk_prob=True),
+        True,
+    ),
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=4), False),
 }
 
@@ -71,8 +95,9 @@ def test_moe_import_and_export_match_transformers(name, tmp_path):
     if not CASES[name][3]:
         return
     rng = np.random.default_rng(1)
-    params = jax.tree.map(lambda x: np.asarray(x) + 0.05 * rng.standard_normal(x.shape).astype(np.float32),
-                          jax.device_get(analog.params))
+    params = jax.tree.map(
+        lambda x: np.asarray(x) + 0.05 * rng.standard_normal(x.shape).astype(np.float32), jax.device_get(analog.params)
+    )
     hf.save_params(params, analog.config, tmp_path / "out")
     assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == [CASES[name][1]]
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()

@@ -4,7 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from analogjax import losses
 from analogjax.errors import UserError
@@ -150,8 +151,9 @@ def test_gradients_match_finite_differences(temperature):
             plus, minus = base.copy(), base.copy()
             plus[i, j] += step
             minus[i, j] -= step
-            numeric[i, j] = (np_total(name, plus, teacher, temperature, params) - np_total(
-                name, minus, teacher, temperature, params)) / (2 * step)
+            numeric[i, j] = (
+                np_total(name, plus, teacher, temperature, params) - np_total(name, minus, teacher, temperature, params)
+            ) / (2 * step)
         np.testing.assert_allclose(grad, numeric, rtol=2e-3, atol=2e-5, err_msg=name)
 
 
@@ -199,8 +201,13 @@ def test_low_precision_inputs_compute_in_float32():
     student, teacher = random_logits(17, 3.0, 0.0)
     value = losses.jsd(jnp.asarray(student, jnp.bfloat16), jnp.asarray(teacher, jnp.bfloat16))
     assert value.dtype == jnp.float32
-    reference = np_divergence("jsd", np.asarray(jnp.asarray(student, jnp.bfloat16), np.float32),
-                              np.asarray(jnp.asarray(teacher, jnp.bfloat16), np.float32), 1.0, beta=0.5)
+    reference = np_divergence(
+        "jsd",
+        np.asarray(jnp.asarray(student, jnp.bfloat16), np.float32),
+        np.asarray(jnp.asarray(teacher, jnp.bfloat16), np.float32),
+        1.0,
+        beta=0.5,
+    )
     np.testing.assert_allclose(value, reference, rtol=1e-4, atol=1e-6)
 
 

@@ -163,8 +163,9 @@ def test_partition_specs_follow_each_models_rules(rules, expected_embed):
 
 def test_forward_in_pieces_equals_features():
     """embed → block(i) for every layer → finish is the scanned forward (what stitching and steering build on)."""
-    cfg = ModelConfig(vocab_size=97, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=64, embed_scale=True,
-                      norm_offset=1.0)
+    cfg = ModelConfig(
+        vocab_size=97, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=64, embed_scale=True, norm_offset=1.0
+    )
     model = Transformer(cfg)
     params = nn.unbox(model.init_boxed(jax.random.key(0)))
     tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, 97)

@@ -25,8 +25,9 @@ D, F, E = 16, 24, 6
 CASES = {
     "mixtral": MoEConfig(experts=E, top_k=2),
     "qwen2_moe": MoEConfig(experts=E, top_k=3, norm_topk=False, shared_d_ff=20, shared_gate=True),
-    "deepseek_like": MoEConfig(experts=E, top_k=2, router="sigmoid", expert_bias=True, routed_scale=2.5,
-                               shared_d_ff=20),
+    "deepseek_like": MoEConfig(
+        experts=E, top_k=2, router="sigmoid", expert_bias=True, routed_scale=2.5, shared_d_ff=20
+    ),
 }
 
 
@@ -109,11 +110,13 @@ def test_moe_block_matches_per_token_reference(name):
 
 def _dense_reference(cfg: ModelConfig, params, x_bsd):
     """Every expert on every token, weighted by the routing weights scattered into [t, E] (zero if not chosen)."""
-    chosen, weights, _ = moe_lib.route(cfg, jnp.einsum("bsd,dx->bsx", x_bsd, params["router"]),
-                                       params.get("expert_bias"))
+    chosen, weights, _ = moe_lib.route(
+        cfg, jnp.einsum("bsd,dx->bsx", x_bsd, params["router"]), params.get("expert_bias")
+    )
     combine = jnp.sum(jax.nn.one_hot(chosen, E) * weights[..., None], axis=-2)  # [b, s, E]
     hidden = jax.nn.silu(jnp.einsum("bsd,xdf->bsxf", x_bsd, params["w_gate"])) * jnp.einsum(
-        "bsd,xdf->bsxf", x_bsd, params["w_up"])
+        "bsd,xdf->bsxf", x_bsd, params["w_up"]
+    )
     y = jnp.einsum("bsxf,xfd,bsx->bsd", hidden, params["w_down"], combine)
     if cfg.moe.shared_d_ff:
         sp = params["shared"]
@@ -141,8 +144,12 @@ def test_moe_gradients_match_dense_reference(name):
     for path, g in jax.tree_util.tree_leaves_with_path(got):
         w = _leaf(want, path)
         assert np.abs(np.asarray(w)).max() > 0 or "expert_bias" in jax.tree_util.keystr(path)
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5 * (np.abs(np.asarray(w)).max() + 1e-6),
-                                   err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_allclose(
+            np.asarray(g),
+            np.asarray(w),
+            atol=1e-5 * (np.abs(np.asarray(w)).max() + 1e-6),
+            err_msg=jax.tree_util.keystr(path),
+        )
     # The router learns through the chosen weights; the idle expert learns nothing.
     assert np.abs(np.asarray(got["router"])).max() > 0
     assert np.abs(np.asarray(got["w_gate"][E - 1])).max() == 0
@@ -158,8 +165,9 @@ def _leaf(tree, path):
 def test_expert_sharded_equals_unsharded(mesh_shape):
     """A 2-layer MoE model (dense first layer, shared gated expert) on 4 of the 8 devices, experts over fsdp."""
     moe = MoEConfig(experts=4, top_k=2, shared_d_ff=16, shared_gate=True, first_dense_layers=1)
-    cfg = ModelConfig(vocab_size=64, d_model=16, d_ff=32, n_layers=2, n_heads=2, moe=dataclasses.replace(
-        moe, expert_d_ff=24))
+    cfg = ModelConfig(
+        vocab_size=64, d_model=16, d_ff=32, n_layers=2, n_heads=2, moe=dataclasses.replace(moe, expert_d_ff=24)
+    )
     model = Transformer(cfg)
     params = nn.unbox(model.init_boxed(jax.random.key(0)))
     tokens = jax.random.randint(jax.random.key(1), (4, 6), 0, 64)
@@ -167,7 +175,7 @@ def test_expert_sharded_equals_unsharded(mesh_shape):
     def loss(p):
         with nn.logical_axis_rules(list(mesh_lib.STUDENT_RULES)):
             feats = model.features(p, tokens)
-        return jnp.sum(feats.hidden_bsd ** 2) + moe_lib.load_balancing_loss(feats.router), feats.hidden_bsd
+        return jnp.sum(feats.hidden_bsd**2) + moe_lib.load_balancing_loss(feats.router), feats.hidden_bsd
 
     (want_loss, want_hidden), want_grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
 
@@ -213,11 +221,22 @@ def test_load_balancing_term_lowers_the_imbalance_it_measures():
     from analogjax.config import load_config
     from analogjax.setup import build
 
-    config = load_config(None, [
-        "model.preset=tiny", "model.moe.experts=4", "model.moe.top_k=1", "model.moe.aux_loss_weight=1.0",
-        "model.moe.z_loss_weight=0.001", "data.global_batch=8", "data.seq_len=16", "train.steps=12",
-        "optim.warmup_steps=0", "optim.learning_rate=0.03", "distill.terms=[{kind: ce, weight: 1.0}]",
-    ])
+    config = load_config(
+        None,
+        [
+            "model.preset=tiny",
+            "model.moe.experts=4",
+            "model.moe.top_k=1",
+            "model.moe.aux_loss_weight=1.0",
+            "model.moe.z_loss_weight=0.001",
+            "data.global_batch=8",
+            "data.seq_len=16",
+            "train.steps=12",
+            "optim.warmup_steps=0",
+            "optim.learning_rate=0.03",
+            "distill.terms=[{kind: ce, weight: 1.0}]",
+        ],
+    )
     run = build(config, mesh=mesh_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
     params = jax.device_get(run.state.params)
     model = params["model"]["params"]
@@ -235,8 +254,12 @@ def test_load_balancing_term_lowers_the_imbalance_it_measures():
         for _ in range(12):
             state, metrics = run.step_fn(state, run.teacher_params, batch)
             metrics = jax.device_get(metrics)
-            history.append({k: float(metrics[k]) / float(metrics["count"])
-                            for k in ("moe_load_max", "moe_load_min", "moe_balance", "moe_load_entropy")})
+            history.append(
+                {
+                    k: float(metrics[k]) / float(metrics["count"])
+                    for k in ("moe_load_max", "moe_load_min", "moe_balance", "moe_load_entropy")
+                }
+            )
     first, last = history[0], history[-1]
     print("moe load first", first, "last", last)
     assert first["moe_load_max"] > 3.0  # nearly all of the 4 experts' load on one
@@ -245,9 +268,14 @@ def test_load_balancing_term_lowers_the_imbalance_it_measures():
     assert last["moe_load_entropy"] > first["moe_load_entropy"] + 0.2
 
 
-@pytest.mark.parametrize("preset, total, active", [
-    ("mixtral-8x7b", 46.7e9, 12.9e9), ("qwen3-30b-a3b", 30.5e9, 3.3e9), ("qwen3-235b-a22b", 235e9, 22e9),
-])
+@pytest.mark.parametrize(
+    "preset, total, active",
+    [
+        ("mixtral-8x7b", 46.7e9, 12.9e9),
+        ("qwen3-30b-a3b", 30.5e9, 3.3e9),
+        ("qwen3-235b-a22b", 235e9, 22e9),
+    ],
+)
 def test_presets_count_total_and_active_parameters(preset, total, active):
     """The public figures of each MoE model; FLOPs per token follow the active count, not the total."""
     from analogjax.flops import forward_flops_per_token, param_count
@@ -266,12 +294,33 @@ def test_bad_moe_input_is_one_error_line_at_the_cli(tmp_path):
     import subprocess
     import sys
 
-    for override, needle in (("model.moe.top_k=9", "model.moe.top_k"),
-                             ("model.moe.experts=6", "model.moe.experts (6) must be divisible by mesh.fsdp (4)")):
-        out = subprocess.run([sys.executable, "-m", "analogjax", "distill", "--config", "configs/tiny.yaml",
-                              "--set", "model.moe.experts=8", "--set", override, "--set", "mesh.fsdp=4",
-                              "--set", "mesh.data=2", "--workdir", str(tmp_path / "w")],
-                             capture_output=True, text=True, timeout=300)
+    for override, needle in (
+        ("model.moe.top_k=9", "model.moe.top_k"),
+        ("model.moe.experts=6", "model.moe.experts (6) must be divisible by mesh.fsdp (4)"),
+    ):
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "analogjax",
+                "distill",
+                "--config",
+                "configs/tiny.yaml",
+                "--set",
+                "model.moe.experts=8",
+                "--set",
+                override,
+                "--set",
+                "mesh.fsdp=4",
+                "--set",
+                "mesh.data=2",
+                "--workdir",
+                str(tmp_path / "w"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         lines = [line for line in out.stderr.strip().splitlines() if line.startswith("error:")]
         assert out.returncode == 2 and len(lines) == 1 and needle in lines[0], out.stderr[-2000:]
 

@@ -14,9 +14,16 @@ from analogjax.data.spec import DataConfig, resolved_cache_dir  # noqa: E402
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "colab_demo.ipynb"
 
 TINY = [
-    "teacher_steps=3", "tokenizer_vocab=0", "run.model.vocab_size=512", "run.teacher.model.vocab_size=512",
-    "run.data.global_batch=8", "run.data.seq_len=32", "run.train.steps=3", "run.train.log_every=1",
-    "run.train.eval_batches=1", "run.optim.warmup_steps=0",
+    "teacher_steps=3",
+    "tokenizer_vocab=0",
+    "run.model.vocab_size=512",
+    "run.teacher.model.vocab_size=512",
+    "run.data.global_batch=8",
+    "run.data.seq_len=32",
+    "run.train.steps=3",
+    "run.train.log_every=1",
+    "run.train.eval_batches=1",
+    "run.optim.warmup_steps=0",
     # Reuse the tokenized-corpus cache the other tests fill instead of one inside the workdir.
     f"run.data.cache_dir={resolved_cache_dir(DataConfig())}",
 ]
@@ -30,11 +37,15 @@ def test_notebook_executes_on_cpu(tmp_path, monkeypatch):
     # One CPU device is enough here; the 8 fake devices of the test process would only slow the demo down.
     monkeypatch.setenv("XLA_FLAGS", "")
     notebook = nbformat.read(NOTEBOOK, as_version=4)
-    nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    nbclient.NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
 
-    outputs = ["".join(out.get("text", "") for out in cell.get("outputs", [])) for cell in notebook.cells
-               if cell.cell_type == "code"]
+    outputs = [
+        "".join(out.get("text", "") for out in cell.get("outputs", []))
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+    ]
     table = next(text for text in outputs if "kl_teacher" in text)
     for name in ("teacher", "analog", "baseline"):
         assert name in table
@@ -53,8 +64,9 @@ def test_install_cell_installs_the_clone_it_was_opened_from(monkeypatch):
     assert "YOUR_ORG" not in cell.source and "git+" not in cell.source
     calls = []
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "analogjax" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "analogjax" else real_find_spec(name, *a)
+    )
     monkeypatch.setattr(subprocess, "check_call", lambda cmd, *a, **k: calls.append(cmd))
     monkeypatch.delenv("ANALOGJAX_SOURCE", raising=False)
     monkeypatch.chdir(NOTEBOOK.parent)

@@ -28,17 +28,28 @@ FAMILIES = {
     "qwen2": dataclasses.replace(LLAMA, qkv_bias=True),
     "qwen3": dataclasses.replace(LLAMA, qk_norm=True),
     # Gemma 2 covers Gemma's options too (tanh-GELU, embedding scale, norm offset, tied embeddings).
-    "gemma2": dataclasses.replace(LLAMA, activation="gelu_tanh", embed_scale=True, norm_offset=1.0, tie_embeddings=True,
-                                  norm_placement="sandwich", attn_softcap=50.0, final_softcap=30.0, query_scalar=8.0,
-                                  sliding_window=4, layer_pattern=("sliding", "full")),
+    "gemma2": dataclasses.replace(
+        LLAMA,
+        activation="gelu_tanh",
+        embed_scale=True,
+        norm_offset=1.0,
+        tie_embeddings=True,
+        norm_placement="sandwich",
+        attn_softcap=50.0,
+        final_softcap=30.0,
+        query_scalar=8.0,
+        sliding_window=4,
+        layer_pattern=("sliding", "full"),
+    ),
     "olmo2": dataclasses.replace(LLAMA, norm_placement="post", qk_norm=True, qk_norm_scope="all_heads"),
 }
 
 
 def random_params(cfg, mesh, seed=0, scale=1.0):
     """Sharded teacher params with every leaf (norms and biases too) perturbed, so slicing errors show."""
-    params, shardings = mesh_lib.init_sharded(Transformer(cfg).init_boxed, jax.random.key(seed), mesh,
-                                              mesh_lib.TEACHER_RULES)
+    params, shardings = mesh_lib.init_sharded(
+        Transformer(cfg).init_boxed, jax.random.key(seed), mesh, mesh_lib.TEACHER_RULES
+    )
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
     noisy = [scale * (x + 0.05 * jax.random.normal(k, x.shape)) for x, k in zip(leaves, keys)]
@@ -47,16 +58,30 @@ def random_params(cfg, mesh, seed=0, scale=1.0):
 
 def batches(mesh, vocab, n=1, rows=8, seq=16):
     sharding = mesh_lib.batch_sharding(mesh)
-    return [to_global_batch({k: v for k, v in packed_batch(rows, seq, vocab, seed=i).items()
-                             if k in ("tokens", "segment_ids", "positions")}, sharding) for i in range(n)]
+    return [
+        to_global_batch(
+            {
+                k: v
+                for k, v in packed_batch(rows, seq, vocab, seed=i).items()
+                if k in ("tokens", "segment_ids", "positions")
+            },
+            sharding,
+        )
+        for i in range(n)
+    ]
 
 
 def random_importance(cfg):
     rng = np.random.default_rng(1)
     heads = rng.random((cfg.n_layers, cfg.n_heads))
     groups = np.sqrt((heads**2).reshape(cfg.n_layers, cfg.kv_heads, -1).sum(-1))
-    return {"heads": heads, "kv_groups": groups, "neurons": rng.random((cfg.n_layers, cfg.d_ff)),
-            "channels": rng.random(cfg.d_model), "block": rng.random(cfg.n_layers)}
+    return {
+        "heads": heads,
+        "kv_groups": groups,
+        "neurons": rng.random((cfg.n_layers, cfg.d_ff)),
+        "channels": rng.random(cfg.d_model),
+        "block": rng.random(cfg.n_layers),
+    }
 
 
 def tokens(vocab):
@@ -89,8 +114,9 @@ def test_identity_at_own_shape_and_slicing_equals_the_masked_teacher(family):
     assert keep["layers"].tolist() == list(range(teacher.n_layers))
     # On the teacher's shardings the same params give bit-identical logits (the student's own rules shard
     # differently, which only reorders float sums).
-    same = jax.device_put(prune.slice_params(params, teacher, teacher, keep, mesh),
-                          jax.tree.map(lambda a: a.sharding, params))
+    same = jax.device_put(
+        prune.slice_params(params, teacher, teacher, keep, mesh), jax.tree.map(lambda a: a.sharding, params)
+    )
     np.testing.assert_array_equal(np.asarray(model(same, tok)), np.asarray(model(params, tok)))
     if family == "olmo2":
         return
@@ -101,8 +127,10 @@ def test_identity_at_own_shape_and_slicing_equals_the_masked_teacher(family):
     group = teacher.n_heads // teacher.kv_heads
     # GQA consistency: every kept query head sits in a kept KV group, the same number per group.
     for heads, groups in zip(keep["heads"], keep["kv_groups"]):
-        np.testing.assert_array_equal(np.asarray(heads).reshape(len(groups), -1) // group,
-                                      np.repeat(groups[:, None], len(heads) // len(groups), axis=1))
+        np.testing.assert_array_equal(
+            np.asarray(heads).reshape(len(groups), -1) // group,
+            np.repeat(groups[:, None], len(heads) // len(groups), axis=1),
+        )
     masked = jax.tree.map(np.array, params)
     layers = masked["params"]["layers"]
     for s, layer in enumerate(keep["layers"]):
@@ -167,11 +195,19 @@ def _corpus(tmp_path):
 def _config(tmp_path, model, teacher_checkpoint=None, **checkpoint):
     from analogjax.config import Config, from_dict
 
-    raw = {"model": model, "teacher": {"model": {"preset": "tiny-teacher", "vocab_size": 512},
-                                       "checkpoint": teacher_checkpoint},
-           "data": {"sources": [{"path": str(_corpus(tmp_path))}], "tokenizer": "bytes", "global_batch": 8,
-                    "seq_len": 32, "heldout_fraction": 0.2},
-           "checkpoint": checkpoint, "train": {"steps": 2, "eval_batches": 1}}
+    raw = {
+        "model": model,
+        "teacher": {"model": {"preset": "tiny-teacher", "vocab_size": 512}, "checkpoint": teacher_checkpoint},
+        "data": {
+            "sources": [{"path": str(_corpus(tmp_path))}],
+            "tokenizer": "bytes",
+            "global_batch": 8,
+            "seq_len": 32,
+            "heldout_fraction": 0.2,
+        },
+        "checkpoint": checkpoint,
+        "train": {"steps": 2, "eval_batches": 1},
+    }
     return from_dict(Config, raw)
 
 
@@ -188,8 +224,13 @@ def test_pruned_checkpoint_starts_a_run_far_closer_to_the_teacher_than_random(tm
     teacher_cfg = _config(tmp_path, {"like_teacher": {}})
     mesh = mesh_lib.make_mesh(-1, 1, 1)
     teacher_params = random_params(teacher_cfg.teacher.model, mesh, seed=2)
-    prune.write_checkpoint(tmp_path / "teacher", teacher_params, teacher_cfg, mesh,
-                           {"teacher_source": {"kind": "random"}, "kept_layers": [0, 1, 2, 3]})
+    prune.write_checkpoint(
+        tmp_path / "teacher",
+        teacher_params,
+        teacher_cfg,
+        mesh,
+        {"teacher_source": {"kind": "random"}, "kept_layers": [0, 1, 2, 3]},
+    )
     shape = {"d_model": 120, "head_dim": 32, "d_ff": 320}
     config = _config(tmp_path, {"like_teacher": shape}, str(tmp_path / "teacher"))
     summary = prune.prune_to(config, tmp_path / "pruned", batches=2, progress=False)
@@ -204,8 +245,9 @@ def test_pruned_checkpoint_starts_a_run_far_closer_to_the_teacher_than_random(tm
     export_run(tmp_path / "pruned", tmp_path / "hf")
     assert (tmp_path / "hf" / "config.json").is_file()
 
-    started = dataclasses.replace(config, checkpoint=dataclasses.replace(
-        config.checkpoint, init_path=str(tmp_path / "pruned")))
+    started = dataclasses.replace(
+        config, checkpoint=dataclasses.replace(config.checkpoint, init_path=str(tmp_path / "pruned"))
+    )
     run = build(started, mesh=mesh)
     state = restore_or_init(run, Checkpointer(tmp_path / "work" / "checkpoints", async_save=False), None)
     pruned_kl = evaluate(run, state.params["model"], 1)["kl"]
@@ -218,21 +260,31 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _cli(*args):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", "analogjax", "prune", *args], capture_output=True, text=True,
-                          env=env, timeout=300, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "analogjax", "prune", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
 
 
-@pytest.mark.parametrize("sets, fragment", [
-    (["model.like_teacher.d_model=256", "model.like_teacher.head_dim=32"], "larger than the teacher"),
-    (["model.like_teacher.n_heads=4", "model.like_teacher.n_kv_heads=1"], "whole KV groups"),
-    (["teacher.checkpoint={tmp}/no-such-teacher"], "checkpoint directory not found"),
-    (["model.like_teacher.d_model=64"], "head dim"),
-    ([], "exists"),
-])
+@pytest.mark.parametrize(
+    "sets, fragment",
+    [
+        (["model.like_teacher.d_model=256", "model.like_teacher.head_dim=32"], "larger than the teacher"),
+        (["model.like_teacher.n_heads=4", "model.like_teacher.n_kv_heads=1"], "whole KV groups"),
+        (["teacher.checkpoint={tmp}/no-such-teacher"], "checkpoint directory not found"),
+        (["model.like_teacher.d_model=64"], "head dim"),
+        ([], "exists"),
+    ],
+)
 def test_bad_input_is_one_error_line(tmp_path, sets, fragment):
     config = tmp_path / "prune.yaml"
-    config.write_text("model: {like_teacher: {}}\nteacher: {model: {preset: tiny-teacher}}\n"
-                      "data: {global_batch: 8, seq_len: 32}\n")
+    config.write_text(
+        "model: {like_teacher: {}}\nteacher: {model: {preset: tiny-teacher}}\ndata: {global_batch: 8, seq_len: 32}\n"
+    )
     out = tmp_path / "out"
     if fragment == "exists":
         out.mkdir()

@@ -15,21 +15,51 @@ import pytest
 from analogjax import cli
 from analogjax.errors import UserError
 
-DEMO = ["teacher_steps=3", "run.train.steps=3", "tokenizer_vocab=0", "run.model.vocab_size=259",
-        "run.teacher.model.vocab_size=259", "run.teacher.model.d_model=32", "run.teacher.model.d_ff=64",
-        "run.model.d_model=16", "run.model.d_ff=32", "run.data.global_batch=8", "run.data.seq_len=32",
-        "run.train.eval_batches=1", "run.train.log_every=1", "run.data.heldout_fraction=0.2",
-        "run.teacher.pretraining_flops=1e12"]
+DEMO = [
+    "teacher_steps=3",
+    "run.train.steps=3",
+    "tokenizer_vocab=0",
+    "run.model.vocab_size=259",
+    "run.teacher.model.vocab_size=259",
+    "run.teacher.model.d_model=32",
+    "run.teacher.model.d_ff=64",
+    "run.model.d_model=16",
+    "run.model.d_ff=32",
+    "run.data.global_batch=8",
+    "run.data.seq_len=32",
+    "run.train.eval_batches=1",
+    "run.train.log_every=1",
+    "run.data.heldout_fraction=0.2",
+    "run.teacher.pretraining_flops=1e12",
+]
 
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
-    words = ["alpha", "beta", "gamma", "delta", "def", "return", "import", "class", "self", "value", "None", "True", "False", "for", "in", "range"]
+    words = [
+        "alpha",
+        "beta",
+        "gamma",
+        "delta",
+        "def",
+        "return",
+        "import",
+        "class",
+        "self",
+        "value",
+        "None",
+        "True",
+        "False",
+        "for",
+        "in",
+        "range",
+    ]
     rng = np.random.default_rng(0)
     corpus = root / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": " ".join(rng.choice(words, rng.integers(20, 80)))}) + "\n"
-                              for _ in range(300)))
+    corpus.write_text(
+        "".join(json.dumps({"text": " ".join(rng.choice(words, rng.integers(20, 80)))}) + "\n" for _ in range(300))
+    )
     args = ["demo", "--teacher", "self", "--workdir", str(root / "run"), "--no-progress"]
     for item in DEMO + [f"run.data.sources=[{{path: {corpus}}}]"]:
         args += ["--set", item]
@@ -85,8 +115,20 @@ def test_export_from_checkpoints_dir_and_eval_of_baseline(demo_run, tmp_path, ca
 
     config.write_text(yaml.safe_dump(json.loads((demo_run / "analog" / "run.json").read_text())["config"]))
     capsys.readouterr()
-    assert cli.main(["eval", "--config", str(config), "--checkpoint", str(demo_run / "baseline"),
-                     "--out", str(tmp_path / "fid")]) == 0
+    assert (
+        cli.main(
+            [
+                "eval",
+                "--config",
+                str(config),
+                "--checkpoint",
+                str(demo_run / "baseline"),
+                "--out",
+                str(tmp_path / "fid"),
+            ]
+        )
+        == 0
+    )
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["tokens"] > 0 and (tmp_path / "fid" / "fidelity.md").is_file()
 
@@ -109,14 +151,32 @@ def test_generate_from_a_run_checkpoint(demo_run, capsys):
     from analogjax.sampling import generate
 
     capsys.readouterr()
-    assert cli.main(["generate", "--checkpoint", str(demo_run / "analog"), "--prompt", "def value",
-                     "--max-new-tokens", "5", "--json"]) == 0
+    assert (
+        cli.main(
+            [
+                "generate",
+                "--checkpoint",
+                str(demo_run / "analog"),
+                "--prompt",
+                "def value",
+                "--max-new-tokens",
+                "5",
+                "--json",
+            ]
+        )
+        == 0
+    )
     row = json.loads(capsys.readouterr().out.strip())
     config, _, _, mesh, params = _load_student(demo_run / "analog")
     tok = load_tokenizer(resolve_tokenizer(config.data))
     ids = ([tok.bos_id] if config.data.add_bos else []) + list(tok.encode("def value"))
-    want = generate(Model(config.model, params, mesh=mesh, rules=mesh_lib.STUDENT_RULES), [ids], max_new_tokens=5,
-                    eos_ids=[tok.eos_id], max_positions=config.data.seq_len)[0]
+    want = generate(
+        Model(config.model, params, mesh=mesh, rules=mesh_lib.STUDENT_RULES),
+        [ids],
+        max_new_tokens=5,
+        eos_ids=[tok.eos_id],
+        max_positions=config.data.seq_len,
+    )[0]
     assert row["prompt"] == "def value" and row["tokens"] == want and 1 <= len(want) <= 5
     assert row["completion"] == tok.decode([t for t in want if t != tok.eos_id])
 
@@ -125,15 +185,39 @@ def test_generate_from_a_run_checkpoint(demo_run, capsys):
 # prepare → distill (data.tokenizer none, HF teacher) → release, through the CLI as a user runs it
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = ["alpha", "beta", "gamma", "delta", "kappa", "sigma", "omega", "lambda", "theta", "zeta", "the", "a",
-         "of", "and", "in", "on", "at"]
+WORDS = [
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "kappa",
+    "sigma",
+    "omega",
+    "lambda",
+    "theta",
+    "zeta",
+    "the",
+    "a",
+    "of",
+    "and",
+    "in",
+    "on",
+    "at",
+]
 CHAT_TEMPLATE = "{% for m in messages %}<bos>{{ m['content'] }}<eos>{% endfor %}"
 
 
 def _cli(*args, cwd):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-m", "analogjax", *map(str, args)], check=False, cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "analogjax", *map(str, args)],
+        check=False,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
@@ -170,21 +254,50 @@ def prepared_release(tmp_path_factory):
     texts = [" ".join(rng.choice(WORDS, rng.integers(20, 60))) for _ in range(200)]
     (root / "corpus.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     teacher = _hf_teacher(root, texts)
-    _cli("prepare", "--input", root / "corpus.jsonl", "--tokenizer", teacher / "tokenizer.json",
-         "--output", root / "shards", "--workers", 1, cwd=root)
+    _cli(
+        "prepare",
+        "--input",
+        root / "corpus.jsonl",
+        "--tokenizer",
+        teacher / "tokenizer.json",
+        "--output",
+        root / "shards",
+        "--workers",
+        1,
+        cwd=root,
+    )
     vocab = json.loads((teacher / "config.json").read_text())["vocab_size"]
     import yaml
 
-    (root / "run.yaml").write_text(yaml.safe_dump({
-        "model": {"vocab_size": vocab, "d_model": 16, "n_layers": 2, "n_heads": 2, "n_kv_heads": 2, "d_ff": 32},
-        "teacher": {"hf_path": str(teacher), "pretraining_flops": 1e12},
-        "data": {"sources": [{"path": str(root / "shards")}], "tokenizer": "none", "global_batch": 8,
-                 "seq_len": 32, "heldout_fraction": 0.2},
-        "train": {"steps": 3, "eval_batches": 1, "log_every": 1},
-    }))
+    (root / "run.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "model": {"vocab_size": vocab, "d_model": 16, "n_layers": 2, "n_heads": 2, "n_kv_heads": 2, "d_ff": 32},
+                "teacher": {"hf_path": str(teacher), "pretraining_flops": 1e12},
+                "data": {
+                    "sources": [{"path": str(root / "shards")}],
+                    "tokenizer": "none",
+                    "global_batch": 8,
+                    "seq_len": 32,
+                    "heldout_fraction": 0.2,
+                },
+                "train": {"steps": 3, "eval_batches": 1, "log_every": 1},
+            }
+        )
+    )
     _cli("distill", "--config", root / "run.yaml", "--workdir", root / "run", "--no-progress", cwd=root)
-    _cli("release", "--checkpoint", root / "run", "--out", root / "bundle", "--set", "release.lab=Tiny Lab",
-         "--set", "release.data_description=a synthetic corpus of Greek letter names", cwd=root)
+    _cli(
+        "release",
+        "--checkpoint",
+        root / "run",
+        "--out",
+        root / "bundle",
+        "--set",
+        "release.lab=Tiny Lab",
+        "--set",
+        "release.data_description=a synthetic corpus of Greek letter names",
+        cwd=root,
+    )
     return root
 
 
@@ -198,12 +311,13 @@ def _leaks(folder: Path, paths: list[str], words: list[str]) -> list[str]:
         data = file.read_bytes()
         found += [f"{file.relative_to(folder)}: {p}" for p in paths if p.encode() in data]
         if file.suffix == ".safetensors":
-            data = data[8:8 + int.from_bytes(data[:8], "little")]  # the JSON header: names, shapes, metadata
+            data = data[8 : 8 + int.from_bytes(data[:8], "little")]  # the JSON header: names, shapes, metadata
         elif file.suffix == ".png":
             continue
         text = data.decode("utf-8", errors="replace")
-        found += [f"{file.relative_to(folder)}: {w}" for w in words
-                  if re.search(rf"(?<![\w.-]){re.escape(w)}(?![\w-])", text)]
+        found += [
+            f"{file.relative_to(folder)}: {w}" for w in words if re.search(rf"(?<![\w.-]){re.escape(w)}(?![\w-])", text)
+        ]
     return found
 
 
@@ -226,8 +340,13 @@ def test_prepared_run_releases_a_bundle_that_loads_and_generates(prepared_releas
     meta = yaml.safe_load(card.split("---")[1])
     hub = pytest.importorskip("huggingface_hub")
     assert hub.ModelCard(card).data.to_dict() == meta  # the Hub's own parser reads the same metadata
-    assert meta == {"license": "mit", "library_name": "transformers", "pipeline_tag": "text-generation",
-                    "tags": ["analogjax", "distillation", "analog"], "language": ["en"]}
+    assert meta == {
+        "license": "mit",
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "tags": ["analogjax", "distillation", "analog"],
+        "language": ["en"],
+    }
     assert "# Analog of tiny-org/tiny-teacher" in card and "Released by Tiny Lab." in card
     assert "- data: a synthetic corpus of Greek letter names" in card
     assert "teacher signal: the teacher's full-vocabulary logits, computed live in each step" in card
@@ -252,7 +371,7 @@ def test_prepared_run_releases_a_bundle_that_loads_and_generates(prepared_releas
     ids = tok("The")["input_ids"]
     buffer = np.zeros((1, len(ids) + 8), np.int32)  # one shape, one compile: causal logits ignore what follows
     for _ in range(8):
-        buffer[0, :len(ids)] = ids
+        buffer[0, : len(ids)] = ids
         ids.append(int(np.argmax(np.asarray(ours(buffer))[0, len(ids) - 1])))
         if ids[-1] == tok.eos_token_id:
             break
@@ -262,8 +381,9 @@ def test_prepared_run_releases_a_bundle_that_loads_and_generates(prepared_releas
     assert theirs == printed == tok.decode(ids, skip_special_tokens=True)
 
 
-def test_export_refuses_a_wrong_or_missing_tokenizer_and_publishes_weights_only(prepared_release, tmp_path, capsys,
-                                                                                 monkeypatch):
+def test_export_refuses_a_wrong_or_missing_tokenizer_and_publishes_weights_only(
+    prepared_release, tmp_path, capsys, monkeypatch
+):
     import shutil
 
     transformers = pytest.importorskip("transformers")
@@ -308,9 +428,18 @@ def test_export_refuses_a_wrong_or_missing_tokenizer_and_publishes_weights_only(
 def _prepared_dir(root: Path, tokenizer: str, fingerprint: str) -> Path:
     """A prepared directory as far as tokenizer resolution reads it: its metadata file."""
     root.mkdir()
-    (root / "analogjax_data.json").write_text(json.dumps({"format": "arrayrecord", "dtype": "uint16", "shards": [],
-                                                          "vocab_size": 300, "tokenizer": tokenizer,
-                                                          "tokenizer_fingerprint": fingerprint}))
+    (root / "analogjax_data.json").write_text(
+        json.dumps(
+            {
+                "format": "arrayrecord",
+                "dtype": "uint16",
+                "shards": [],
+                "vocab_size": 300,
+                "tokenizer": tokenizer,
+                "tokenizer_fingerprint": fingerprint,
+            }
+        )
+    )
     return root
 
 
@@ -326,8 +455,9 @@ def test_tokenizer_travels_with_prepared_data(tmp_path, monkeypatch):
     fp = load_tokenizer(tok).fingerprint
 
     def resolve(*dirs, tokenizer="none"):
-        return resolve_tokenizer(DataConfig(sources=tuple(SourceConfig(path=str(d)) for d in dirs),
-                                            tokenizer=tokenizer))
+        return resolve_tokenizer(
+            DataConfig(sources=tuple(SourceConfig(path=str(d)) for d in dirs), tokenizer=tokenizer)
+        )
 
     good = _prepared_dir(tmp_path / "good", tok, fp)
     assert resolve(good) == tok
@@ -340,8 +470,9 @@ def test_tokenizer_travels_with_prepared_data(tmp_path, monkeypatch):
     (tmp_path / "inside").mkdir()
     (tmp_path / "inside" / "tokenizer.json").write_bytes(Path(tok).read_bytes())
     monkeypatch.chdir(tmp_path / "tok")
-    assert resolve(_prepared_dir(tmp_path / "inside" / "p", "../tokenizer.json", fp)) == \
-        str(tmp_path / "inside" / "p" / "../tokenizer.json")
+    assert resolve(_prepared_dir(tmp_path / "inside" / "p", "../tokenizer.json", fp)) == str(
+        tmp_path / "inside" / "p" / "../tokenizer.json"
+    )
     with pytest.raises(UserError, match=r"data.sources\[0\].*missing\.json, which is missing"):
         resolve(_prepared_dir(tmp_path / "gone", str(tmp_path / "missing.json"), fp))
     with pytest.raises(UserError, match=r"has fingerprint .* prepared with fingerprint f+"):
@@ -351,8 +482,9 @@ def test_tokenizer_travels_with_prepared_data(tmp_path, monkeypatch):
     )
 
     with pytest.raises(UserError, match=r"changed.*fingerprint"):
-        open_sources(DataConfig(sources=(SourceConfig(path=str(tmp_path / "changed")),), tokenizer="none"),
-                     vocab_size=300)
+        open_sources(
+            DataConfig(sources=(SourceConfig(path=str(tmp_path / "changed")),), tokenizer="none"), vocab_size=300
+        )
     with pytest.raises(UserError, match=r"data.sources\[0\].*data.sources\[1\].*different tokenizers"):
         resolve(good, tmp_path / "b")
 
@@ -398,19 +530,26 @@ def test_card_says_what_teacher_signal_the_run_used_and_counts_only_teacher_work
     assert "teacher signal: none: labels only" in card and "0 (labels only: the teacher never ran)" in card
 
     cached = dataclasses.replace(base, teacher=dataclasses.replace(base.teacher, cache=str(tmp_path / "cache")))
-    provenance = {"layout": {"kind": "topk", "k": 8}, "steps": 20, "global_batch": base.data.global_batch,
-                  "seq_len": base.data.seq_len, "teacher": {"model": fingerprint(base.teacher.model)}}
+    provenance = {
+        "layout": {"kind": "topk", "k": 8},
+        "steps": 20,
+        "global_batch": base.data.global_batch,
+        "seq_len": base.data.seq_len,
+        "teacher": {"model": fingerprint(base.teacher.model)},
+    }
     ledger = model_card.compute_ledger(cached, 10, provenance)
     assert ledger["teacher_flops"] == 0 and ledger["cache_flops"] == teacher_fwd * 2 * tokens  # the cache's 20 steps
     assert ledger["total_flops"] == ledger["student_flops"] + ledger["cache_flops"]
-    card = model_card.model_card(cached, 10, _fake_report(), disclosed=model_card.disclosure(cached),
-                                 cache_provenance=provenance)
+    card = model_card.model_card(
+        cached, 10, _fake_report(), disclosed=model_card.disclosure(cached), cache_provenance=provenance
+    )
     assert "the teacher's top-8 logits per position, cached (treatment: tail_bucket)" in card
     assert "| teacher forward passes in training | 0 (the teacher's outputs came from a cache) |" in card
     assert f"| teacher cache, written once ({2 * tokens:,} tokens) |" in card
     sampled = {**provenance, "layout": {"kind": "sampled", "k": 4}}
     assert "4 tokens per position sampled" in model_card.model_card(
-        cached, 10, _fake_report(), disclosed=model_card.disclosure(cached), cache_provenance=sampled)
+        cached, 10, _fake_report(), disclosed=model_card.disclosure(cached), cache_provenance=sampled
+    )
     card = model_card.model_card(cached, 10, _fake_report(), disclosed=model_card.disclosure(cached))
     assert "not counted (no provenance of this teacher's cache found)" in card
     other_teacher = {**provenance, "teacher": {"model": "0123456789abcdef"}}
@@ -440,8 +579,12 @@ def test_disclosure_comes_from_the_artefacts_and_the_release_section_never_from_
     (folder / "config.json").write_text(json.dumps({"_name_or_path": "meta-llama/Llama-3.1-8B"}))
     config = Config(teacher=TeacherConfig(hf_path=str(folder)))
     d = model_card.disclosure(config)
-    assert (d.teacher_name, d.base_model, d.license, d.language) == ("meta-llama/Llama-3.1-8B", None, "llama3.1",
-                                                                     ("en", "de"))
+    assert (d.teacher_name, d.base_model, d.license, d.language) == (
+        "meta-llama/Llama-3.1-8B",
+        None,
+        "llama3.1",
+        ("en", "de"),
+    )
     d = model_card.disclosure(with_release_overrides(config, ["release.base_model_public=true", "license=other"]))
     meta = yaml.safe_load(model_card.metadata_block(d).strip("-\n"))
     assert meta["base_model"] == "meta-llama/Llama-3.1-8B" and meta["license"] == "other"
@@ -475,5 +618,8 @@ def test_local_strings_are_found_in_every_file_the_release_writes(tmp_path):
     (tmp_path / "fidelity" / "fidelity.json").write_text('{"source": "alice@buildbox-7:/data"}')
     (tmp_path / "tokenizer.json").write_text(f'{{"vocab": {{"/alice": 5, "{tmp_path}": 6}}}}')  # the lab's own file
     found = model_card.find_local_strings(tmp_path, [str(tmp_path)], ["buildbox-7", "alice"])
-    assert found == [("README.md", str(tmp_path)), ("fidelity/fidelity.json", "buildbox-7"),
-                     ("fidelity/fidelity.json", "alice")]
+    assert found == [
+        ("README.md", str(tmp_path)),
+        ("fidelity/fidelity.json", "buildbox-7"),
+        ("fidelity/fidelity.json", "alice"),
+    ]

@@ -21,13 +21,28 @@ VOCAB = 64
 FAMILIES = {
     "llama": ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48),
     # Gemma 2's shape: windows on alternate layers, attention and final soft-caps, sandwich norms, scaled queries.
-    "gemma2": ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, head_dim=8,
-                          sliding_window=3, layer_pattern=(SLIDING, FULL), attn_softcap=1.0, final_softcap=2.0,
-                          norm_placement="sandwich", query_scalar=12.0, norm_offset=1.0, embed_scale=True,
-                          activation="gelu_tanh"),
+    "gemma2": ModelConfig(
+        vocab_size=VOCAB,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=48,
+        head_dim=8,
+        sliding_window=3,
+        layer_pattern=(SLIDING, FULL),
+        attn_softcap=1.0,
+        final_softcap=2.0,
+        norm_placement="sandwich",
+        query_scalar=12.0,
+        norm_offset=1.0,
+        embed_scale=True,
+        activation="gelu_tanh",
+    ),
     # every layer windowed, Gemma 3-like local RoPE base and qk norms
-    "windowed_qknorm": ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=1, d_ff=48,
-                                   sliding_window=4, qk_norm=True),
+    "windowed_qknorm": ModelConfig(
+        vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=1, d_ff=48, sliding_window=4, qk_norm=True
+    ),
 }
 
 
@@ -36,8 +51,9 @@ def _params(cfg, seed=0):
     @jax.jit
     def init(key):
         params = Transformer(cfg).init_boxed(key)
-        params = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params,
-                              is_leaf=lambda x: hasattr(x, "unbox"))
+        params = jax.tree.map(
+            lambda x: x.unbox() if hasattr(x, "unbox") else x, params, is_leaf=lambda x: hasattr(x, "unbox")
+        )
         # Perturb every tensor (norm scales included) so each one matters.
         leaves, tree = jax.tree.flatten(params)
         keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
@@ -77,8 +93,9 @@ def test_cached_decoding_equals_the_full_forward_at_every_position(family):
         live = where < total
         token = full_tokens[np.arange(4), np.minimum(where, total - 1)][:, None]
         cache = {**cache, "index": jnp.asarray(where, jnp.int32)}
-        got, cache = decode(jnp.asarray(token), jnp.ones((4, 1), jnp.int32), jnp.asarray(where[:, None], jnp.int32),
-                            cache)
+        got, cache = decode(
+            jnp.asarray(token), jnp.ones((4, 1), jnp.int32), jnp.asarray(where[:, None], jnp.int32), cache
+        )
         got = np.asarray(got)[:, 0]
         for i in np.flatnonzero(live):
             np.testing.assert_allclose(got[i], reference[i, where[i]], atol=2e-5, rtol=1e-5)
@@ -113,11 +130,11 @@ def test_generate_greedy_equals_argmax_of_the_full_forward_on_a_sharded_mesh():
         for _ in range(6):  # naive greedy: the full forward over the whole (right-padded, causal) sequence
             padded = np.array([seq + [0] * (20 - len(seq))], np.int32)
             seq.append(int(np.argmax(np.asarray(full(params, padded))[0, len(seq) - 1])))
-        assert completion == seq[len(prompt):]
+        assert completion == seq[len(prompt) :]
     # EOS stops a row (the EOS is kept), other rows go on
     eos = out[0][2]
     stopped = sampling.generate(model, prompts, max_new_tokens=6, eos_ids=[eos])
-    assert stopped[0] == out[0][:out[0].index(eos) + 1]
+    assert stopped[0] == out[0][: out[0].index(eos) + 1]
     # the context bound stops rows too
     bounded = sampling.generate(model, prompts, max_new_tokens=6, max_positions=13)
     assert [len(c) for c in bounded] == [6, 2, 6]
@@ -138,7 +155,7 @@ def test_top_k_top_p_frequencies_match_the_filtered_distribution():
         p /= p.sum()
         order = np.argsort(-p)
         keep = np.zeros(p.size, bool)
-        keep[order[:top_k or p.size]] = True
+        keep[order[: top_k or p.size]] = True
         p = np.where(keep, p, 0)
         p /= p.sum()
         mass_before = np.cumsum(p[order]) - p[order]
@@ -155,8 +172,17 @@ def test_top_k_top_p_frequencies_match_the_filtered_distribution():
         assert 0.5 * np.abs(got - want).sum() < 0.015, (top_k, top_p, temperature, got, want)
 
 
-@pytest.mark.parametrize("bad", [{"max_new_tokens": 0}, {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": -1},
-                                 {"temperature": -0.5}, {"prompts": [[1] * 20]}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"max_new_tokens": 0},
+        {"top_p": 0.0},
+        {"top_p": 1.5},
+        {"top_k": -1},
+        {"temperature": -0.5},
+        {"prompts": [[1] * 20]},
+    ],
+)
 def test_bad_requests_are_refused(bad):
     model = types.SimpleNamespace(config=FAMILIES["llama"])  # refused before the model is touched
     kwargs = {"max_new_tokens": 3, "max_positions": 16}
@@ -177,9 +203,19 @@ def _hf_model(kind, folder):
     config_cls, model_cls, extra = HF_CASES[kind]
     torch.manual_seed(0)
     config = getattr(transformers, config_cls)(
-        vocab_size=260, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=24, rms_norm_eps=1e-6, pad_token_id=256, bos_token_id=257,
-        eos_token_id=258, **extra)
+        vocab_size=260,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=24,
+        rms_norm_eps=1e-6,
+        pad_token_id=256,
+        bos_token_id=257,
+        eos_token_id=258,
+        **extra,
+    )
     model = getattr(transformers, model_cls)(config).float().eval()
     with torch.no_grad():
         for p in model.parameters():  # fresh inits leave norms at 1: perturb everything so each tensor matters
@@ -199,8 +235,9 @@ def test_greedy_equals_transformers_generate(kind, tmp_path):
     ours = sampling.generate(hf.load(tmp_path), prompts, max_new_tokens=8, eos_ids=[258])
     for prompt, completion in zip(prompts, ours):
         with torch.no_grad():
-            theirs = reference.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=8,
-                                        eos_token_id=258, pad_token_id=256)[0, len(prompt):].tolist()
+            theirs = reference.generate(
+                torch.tensor([prompt]), do_sample=False, max_new_tokens=8, eos_token_id=258, pad_token_id=256
+            )[0, len(prompt) :].tolist()
         assert completion == theirs
         assert len(set(completion)) > 1  # a model that says one token over and over would prove little
 
@@ -220,15 +257,22 @@ def test_cli_generates_json_and_refuses_bad_options(tmp_path, capsys):
     from analogjax.models.hf import write_tokenizer
 
     write_tokenizer("bytes", tmp_path, 24)
-    rc, out, err = _cli(capsys, "--hf", str(tmp_path), "--prompt", "hi", "--prompt", "hello", "--max-new-tokens",
-                        "4", "--json")
+    rc, out, err = _cli(
+        capsys, "--hf", str(tmp_path), "--prompt", "hi", "--prompt", "hello", "--max-new-tokens", "4", "--json"
+    )
     assert rc == 0, err
     rows = [json.loads(line) for line in out.splitlines()]
     model = hf.load(tmp_path)
     want = sampling.generate(model, [list(b"hi"), list(b"hello")], max_new_tokens=4, eos_ids=[258], max_positions=24)
     assert [r["prompt"] for r in rows] == ["hi", "hello"] and [r["tokens"] for r in rows] == want
     assert rows[0]["completion"] == bytes(t for t in want[0] if t < 256).decode("utf-8", "replace")
-    for bad in (["--max-new-tokens", "0"], ["--top-p", "0"], ["--top-p", "1.5"], ["--top-k", "-1"],
-                ["--temperature", "-1"], ["--prompt", "x" * 24]):
+    for bad in (
+        ["--max-new-tokens", "0"],
+        ["--top-p", "0"],
+        ["--top-p", "1.5"],
+        ["--top-k", "-1"],
+        ["--temperature", "-1"],
+        ["--prompt", "x" * 24],
+    ):
         rc, out, err = _cli(capsys, "--hf", str(tmp_path), "--prompt", "hi", *bad)
         assert rc == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, (bad, err)

@@ -6,9 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from analogjax import losses, sparse_teacher as sparse
+from analogjax import losses
+from analogjax import sparse_teacher as sparse
 from analogjax.errors import UserError
 from analogjax.fused_loss import fused_distill_loss, plain_distill_loss
 
@@ -41,14 +43,19 @@ def np_topk_references(student, teacher, k, temperature):
     with np.errstate(divide="ignore"):
         log_p_buckets = np.concatenate([take(log_p_full), tail(log_p_full)[:, None]], -1)
         log_q_buckets = np.concatenate([take(log_q_full), tail(log_q_full)[:, None]], -1)
-    return {"topk_renormalized": renormalized, "topk_gathered": gathered,
-            "topk_tail_bucket": np_kl(log_p_buckets, log_q_buckets)}
+    return {
+        "topk_renormalized": renormalized,
+        "topk_gathered": gathered,
+        "topk_tail_bucket": np_kl(log_p_buckets, log_q_buckets),
+    }
 
 
 def random_pair(seed, tokens=5, vocab=13, scale=2.0):
     rng = np.random.default_rng(seed)
-    return ((rng.standard_normal((tokens, vocab)) * scale).astype(np.float32),
-            (rng.standard_normal((tokens, vocab)) * scale).astype(np.float32))
+    return (
+        (rng.standard_normal((tokens, vocab)) * scale).astype(np.float32),
+        (rng.standard_normal((tokens, vocab)) * scale).astype(np.float32),
+    )
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
@@ -61,8 +68,11 @@ def test_topk_treatments_match_float64_reference(temperature):
 
     @jax.jit
     def values_and_grads(s, top):
-        return {name: jax.value_and_grad(lambda s_: fn(s_, top, temperature=temperature).sum())(s)[1:] + (
-            fn(s, top, temperature=temperature),) for name, fn in sparse.TOPK_DIVERGENCES.items()}
+        return {
+            name: jax.value_and_grad(lambda s_: fn(s_, top, temperature=temperature).sum())(s)[1:]
+            + (fn(s, top, temperature=temperature),)
+            for name, fn in sparse.TOPK_DIVERGENCES.items()
+        }
 
     for name, (grad, value) in values_and_grads(student, top).items():
         np.testing.assert_allclose(value, references[name], rtol=1e-5, atol=1e-6, err_msg=name)
@@ -84,8 +94,9 @@ def test_tail_bucket_survives_a_student_tail_below_float32_epsilon():
 def test_tail_bucket_with_every_id_kept_is_forward_kl_and_bf16_values_stay_finite():
     student, teacher = random_pair(3, vocab=7)
     full = sparse.top_k_teacher(teacher, 7)
-    np.testing.assert_allclose(sparse.topk_tail_bucket(student, full), losses.forward_kl(student, teacher),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        sparse.topk_tail_bucket(student, full), losses.forward_kl(student, teacher), rtol=1e-5, atol=1e-6
+    )
     grad = jax.grad(lambda s: sparse.topk_tail_bucket(s, full).sum())(student)
     assert np.all(np.isfinite(grad))
     # bf16-rounded cached values can make Σ p_k exceed 1 by an ulp: the teacher tail clamps to 0, never NaN.
@@ -102,8 +113,9 @@ def test_sampling_respects_support_and_weights():
     assert ids.shape == (3, 64) and ids.dtype == jnp.int32 and weights.dtype == jnp.float32
     assert np.all((np.asarray(ids) >= 0) & (np.asarray(ids) < 9)) and not np.any(np.asarray(ids) == 2)
     np.testing.assert_allclose(weights, 1 / 64, rtol=1e-5)  # proposal = target: plain Monte Carlo
-    ids, weights = sparse.sample_teacher_tokens(teacher, 64, jax.random.key(1), temperature=1.5,
-                                                proposal_temperature=4.0, stratified=False)
+    ids, weights = sparse.sample_teacher_tokens(
+        teacher, 64, jax.random.key(1), temperature=1.5, proposal_temperature=4.0, stratified=False
+    )
     log_p, log_r = np_log_softmax(teacher, 1.5), np_log_softmax(teacher, 4.0)
     with np.errstate(invalid="ignore"):  # -inf − -inf at the masked id, which is never drawn
         expected = np.exp(np.take_along_axis(log_p - log_r, np.asarray(ids), -1)) / 64
@@ -116,8 +128,9 @@ def test_sampled_gradient_is_unbiased_for_forward_kl(stratified, proposal_temper
     temperature, draws = 1.3, 4000
 
     def one_draw(key):
-        ids, weights = sparse.sample_teacher_tokens(teacher, 4, key, temperature,
-                                                    proposal_temperature=proposal_temperature, stratified=stratified)
+        ids, weights = sparse.sample_teacher_tokens(
+            teacher, 4, key, temperature, proposal_temperature=proposal_temperature, stratified=stratified
+        )
         estimate = lambda s: sparse.sampled_kd(s, sparse.SampledTeacher(ids, weights), temperature=temperature)  # noqa
         return jax.grad(lambda s: estimate(s).sum())(student), estimate(student)
 
@@ -135,8 +148,11 @@ def vocab_sized_collectives(hlo_text, vocab):
     found = []
     for line in hlo_text.splitlines():
         match = re.search(r"= (.*?) (all-gather|all-to-all|collective-permute)(-start)?\(", line)
-        dims = {int(d) for shape in re.findall(r"\[([\d,]*)\]", match.group(1)) for d in shape.split(",") if d} \
-            if match else set()
+        dims = (
+            {int(d) for shape in re.findall(r"\[([\d,]*)\]", match.group(1)) for d in shape.split(",") if d}
+            if match
+            else set()
+        )
         if dims & {vocab, vocab // 4}:
             found.append(line.strip()[:200])
     return found
@@ -163,8 +179,18 @@ def test_sparse_teachers_in_the_fused_path_sharded(kind):
 
     def run(loss_fn):
         def objective(h, w, kd_weights):
-            out = loss_fn(h, w, teacher, targets, weights, kd_terms=terms, kd_weights=kd_weights, ce_weight=0.2,
-                          temperature=1.5, chunk_size=8)
+            out = loss_fn(
+                h,
+                w,
+                teacher,
+                targets,
+                weights,
+                kd_terms=terms,
+                kd_weights=kd_weights,
+                ce_weight=0.2,
+                temperature=1.5,
+                chunk_size=8,
+            )
             return out["loss"], out
 
         return jax.jit(jax.value_and_grad(objective, argnums=(0, 1), has_aux=True))
@@ -192,10 +218,12 @@ def test_sparse_term_validation():
     head = jnp.eye(13)
     common = dict(kd_weights=jnp.ones(1), ce_weight=0.0, temperature=1.0)
     with pytest.raises(UserError, match="does not apply"):
-        fused_distill_loss(student, head, top, jnp.zeros(5, jnp.int32), jnp.ones(5), kd_terms=(("forward_kl", ()),),
-                           **common)
+        fused_distill_loss(
+            student, head, top, jnp.zeros(5, jnp.int32), jnp.ones(5), kd_terms=(("forward_kl", ()),), **common
+        )
     with pytest.raises(UserError, match="does not apply"):
-        fused_distill_loss(student, head, sampled, jnp.zeros(5, jnp.int32), jnp.ones(5),
-                           kd_terms=(("topk_gathered", ()),), **common)
+        fused_distill_loss(
+            student, head, sampled, jnp.zeros(5, jnp.int32), jnp.ones(5), kd_terms=(("topk_gathered", ()),), **common
+        )
     with pytest.raises(UserError, match="no parameters"):
         sparse.resolve_sparse_term("topk_gathered", (("alpha", 0.1),), top)

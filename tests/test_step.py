@@ -7,17 +7,25 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from synthetic import packed_batch
 
 from analogjax import mesh as mesh_lib
 from analogjax.config import Config, DistillConfig, LossTerm, load_config
-from analogjax.step import make_optimizer
 from analogjax.setup import build
-from synthetic import packed_batch
+from analogjax.step import make_optimizer
 
-TINY = load_config(None, [
-    "model.preset=tiny", "teacher.model.preset=tiny-teacher", "data.global_batch=8", "data.seq_len=32",
-    "train.steps=10", "optim.warmup_steps=0", "distill.chunk_size=64",
-])
+TINY = load_config(
+    None,
+    [
+        "model.preset=tiny",
+        "teacher.model.preset=tiny-teacher",
+        "data.global_batch=8",
+        "data.seq_len=32",
+        "train.steps=10",
+        "optim.warmup_steps=0",
+        "distill.chunk_size=64",
+    ],
+)
 
 # Adam's first update is lr·g/(|g|+eps): on near-zero gradients (rare tokens' embeddings) it amplifies float
 # reduction-order noise up to ~1% of a step, while a wrong gradient moves a parameter by ~lr (3e-3). Losses and
@@ -28,8 +36,7 @@ ADAM_ATOL = 1e-4
 def _one_step(config: Config, mesh, batch):
     run = build(config, mesh=mesh)
     with jax.set_mesh(run.mesh):
-        state, metrics = run.step_fn(run.state, run.teacher_params,
-                                     jax.device_put(batch, run.batch_sharding))
+        state, metrics = run.step_fn(run.state, run.teacher_params, jax.device_put(batch, run.batch_sharding))
     return run, jax.device_get(state), jax.device_get(metrics)
 
 
@@ -44,8 +51,9 @@ def test_sharded_step_equals_single_device(shape):
     _, got_state, got = _one_step(TINY, mesh_lib.make_mesh(*shape), batch)
     for key in ("loss", "kl", "ce", "teacher_ce", "agreement", "count", "grad_norm"):
         np.testing.assert_allclose(got[key], want[key], rtol=2e-5, err_msg=key)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=ADAM_ATOL), got_state.params,
-                 want_state.params)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=ADAM_ATOL), got_state.params, want_state.params
+    )
 
 
 def test_step_matches_explicit_reference():
@@ -74,7 +82,9 @@ def test_step_matches_explicit_reference():
     tx = make_optimizer(config.optim, config.train.steps)
     updates, _ = tx.update(grads, tx.init(params0), params0)
     want_params = optax.apply_updates(params0, updates)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=ADAM_ATOL), got_state.params, want_params)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=ADAM_ATOL), got_state.params, want_params
+    )
 
 
 def test_gradient_accumulation_equals_full_batch():
@@ -88,8 +98,9 @@ def test_gradient_accumulation_equals_full_batch():
     # Per-token metrics average to the same value: the logged temperature is T, not grad_accum × T.
     for metrics in (full, acc):
         np.testing.assert_allclose(metrics["temperature"] / metrics["count"], TINY.distill.temperature, rtol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=ADAM_ATOL), acc_state.params,
-                 full_state.params)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=ADAM_ATOL), acc_state.params, full_state.params
+    )
 
 
 def test_ce_only_step_needs_no_teacher():
@@ -125,16 +136,26 @@ def test_soft_capped_teacher_and_student_distill_with_their_capped_logits():
     from analogjax.setup import build
 
     caps = ["model.final_softcap=1.5", "teacher.model.final_softcap=2.0"]
-    config = load_config(None, [
-        "model.preset=tiny", "teacher.model.preset=tiny-teacher", "data.global_batch=8", "data.seq_len=16",
-        "train.steps=2", "distill.chunk_size=32", *caps])
+    config = load_config(
+        None,
+        [
+            "model.preset=tiny",
+            "teacher.model.preset=tiny-teacher",
+            "data.global_batch=8",
+            "data.seq_len=16",
+            "train.steps=2",
+            "distill.chunk_size=32",
+            *caps,
+        ],
+    )
     mesh = mesh_lib.make_mesh(8, 1, 1)
     run = build(config, mesh=mesh)
     batch = packed_batch(8, 16, 512, seed=3)
     with jax.set_mesh(run.mesh):
         state, metrics = run.step_fn(run.state, run.teacher_params, jax.device_put(batch, run.batch_sharding))
-        sums = jax.device_get(run.eval_fn(state.params["model"], run.teacher_params,
-                                          jax.device_put(batch, run.batch_sharding)))
+        sums = jax.device_get(
+            run.eval_fn(state.params["model"], run.teacher_params, jax.device_put(batch, run.batch_sharding))
+        )
     assert np.isfinite(float(metrics["loss"]))
     from analogjax.models.transformer import Transformer
 

@@ -1,9 +1,8 @@
 """Teacher cache: multi-process writes, restart after a kill, cached distillation = live distillation, refusals."""
 
 import json
-import shutil
-
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -16,7 +15,13 @@ from analogjax.data import make_batch_iterator
 from analogjax.errors import UserError
 from analogjax.teacher import load_teacher
 from analogjax.teacher_cache import (
-    CacheLayout, CacheReader, build_cache, data_bytes_per_token, read_arrays, read_provenance, write_cache,
+    CacheLayout,
+    CacheReader,
+    build_cache,
+    data_bytes_per_token,
+    read_arrays,
+    read_provenance,
+    write_cache,
 )
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau".split()
@@ -32,9 +37,18 @@ def _corpus(directory) -> str:
 
 def _overrides(corpus: str, steps: int = 2, cache: str | None = None) -> list[str]:
     out = [
-        "model.preset=tiny", "teacher.model.preset=tiny-teacher", "data.global_batch=8", "data.seq_len=32",
-        f"train.steps={steps}", "train.log_every=1", "optim.warmup_steps=0", "distill.chunk_size=64",
-        "data.heldout_fraction=0", "mesh.data=4", "mesh.tensor=2", "checkpoint.async_save=false",
+        "model.preset=tiny",
+        "teacher.model.preset=tiny-teacher",
+        "data.global_batch=8",
+        "data.seq_len=32",
+        f"train.steps={steps}",
+        "train.log_every=1",
+        "optim.warmup_steps=0",
+        "distill.chunk_size=64",
+        "data.heldout_fraction=0",
+        "mesh.data=4",
+        "mesh.tensor=2",
+        "checkpoint.async_save=false",
         f"data.sources=[{{path: '{corpus}'}}]",
     ]
     return out + ([f"teacher.cache={cache}"] if cache else [])
@@ -59,15 +73,38 @@ def test_two_processes_write_what_one_writes(tmp_path, kind):
     mesh = mesh_lib.make_mesh(4, 1, 2)
     teacher, params = _teacher(config, mesh)
     for process in (0, 1):
-        summary = build_cache(config, layout, tmp_path / "two", mesh=mesh, teacher=teacher, teacher_params=params,
-                              process_index=process, process_count=2, progress=False)
+        summary = build_cache(
+            config,
+            layout,
+            tmp_path / "two",
+            mesh=mesh,
+            teacher=teacher,
+            teacher_params=params,
+            process_index=process,
+            process_count=2,
+            progress=False,
+        )
         assert summary["written_steps"] == [0, 1]
     assert summary["complete"]
-    streams = [make_batch_iterator(config.data, split="train", seed=config.train.seed, vocab_size=512,
-                                   process_index=p, process_count=2) for p in (0, 1)]
+    streams = [
+        make_batch_iterator(
+            config.data, split="train", seed=config.train.seed, vocab_size=512, process_index=p, process_count=2
+        )
+        for p in (0, 1)
+    ]
     global_batches = ({k: np.concatenate([a[k], b[k]]) for k in a} for a, b in zip(*streams))
-    write_cache(config, tmp_path / "one", layout, global_batches, teacher=teacher, teacher_params=params, mesh=mesh,
-                process_index=0, process_count=1, progress=False)
+    write_cache(
+        config,
+        tmp_path / "one",
+        layout,
+        global_batches,
+        teacher=teacher,
+        teacher_params=params,
+        mesh=mesh,
+        process_index=0,
+        process_count=1,
+        progress=False,
+    )
     two, one = read_arrays(tmp_path / "two"), read_arrays(tmp_path / "one")
     assert two["done"].all() and one["done"].all()
     np.testing.assert_array_equal(two["row_hash"], one["row_hash"])
@@ -120,8 +157,9 @@ def test_cached_dense_teacher_reproduces_live_distillation(tmp_path):
     corpus = _corpus(tmp_path)
     live = train.run_training(_config(corpus, steps=1), tmp_path / "live", progress=False)
     cache = tmp_path / "dense"
-    build_cache(_config(corpus, steps=1), CacheLayout(kind="topk", k=512, values_dtype="float32"), cache,
-                progress=False)
+    build_cache(
+        _config(corpus, steps=1), CacheLayout(kind="topk", k=512, values_dtype="float32"), cache, progress=False
+    )
     for treatment in ("tail_bucket", "gathered"):
         config = _config(corpus, steps=1, cache=str(cache), extra=[f"distill.topk_treatment={treatment}"])
         got = train.run_training(config, tmp_path / f"cached_{treatment}", progress=False)
@@ -164,20 +202,33 @@ def test_cli_cache_layout_bytes_and_provenance(cli_cache, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["skipped_steps"] == 2
 
 
-@pytest.mark.parametrize("override, message", [
-    ("data.seq_len=16", "sequence length"),
-    ("data.global_batch=16", r"batch \(data.global_batch\)"),
-    ("train.seed=5", "corpus spec or seed"),
-    ("data.add_eos=false", "corpus spec or seed"),
-    ("train.steps=3", "covers 2 steps"),
-    ("distill.temperature=1.0", "temperature 2.0"),
-    ("distill.terms=[{kind: reverse_kl}]", "reverse_kl needs the teacher's full outputs"),
-    ("distill.topk_treatment=bogus", "distill.topk_treatment must be one of"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.seq_len=16", "sequence length"),
+        ("data.global_batch=16", r"batch \(data.global_batch\)"),
+        ("train.seed=5", "corpus spec or seed"),
+        ("data.add_eos=false", "corpus spec or seed"),
+        ("train.steps=3", "covers 2 steps"),
+        ("distill.temperature=1.0", "temperature 2.0"),
+        ("distill.terms=[{kind: reverse_kl}]", "reverse_kl needs the teacher's full outputs"),
+        ("distill.topk_treatment=bogus", "distill.topk_treatment must be one of"),
+    ],
+)
 def test_mismatched_cache_is_refused(cli_cache, capsys, tmp_path, override, message):
     _, config_file, _ = cli_cache
-    status = cli.main(["distill", "--config", str(config_file), "--set", override, "--no-progress",
-                       "--workdir", str(tmp_path / "run")])
+    status = cli.main(
+        [
+            "distill",
+            "--config",
+            str(config_file),
+            "--set",
+            override,
+            "--no-progress",
+            "--workdir",
+            str(tmp_path / "run"),
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert status == 2 and err.startswith("error: ") and len(err.splitlines()) == 1, err
     assert re.search(message, err), err

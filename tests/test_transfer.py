@@ -16,8 +16,9 @@ def _moments(x, y, w=None, chunks=1):
     total = {}
     w = np.ones(len(x), np.float32) if w is None else w
     for part in np.array_split(np.arange(len(x)), chunks):
-        total = transfer.accumulate(total, transfer.moments(jnp.asarray(x[part]), jnp.asarray(y[part]),
-                                                             jnp.asarray(w[part])))
+        total = transfer.accumulate(
+            total, transfer.moments(jnp.asarray(x[part]), jnp.asarray(y[part]), jnp.asarray(w[part]))
+        )
     return total
 
 
@@ -105,9 +106,14 @@ def _probe_and_steering(planted: bool):
     directions = directions / np.linalg.norm(directions, axis=1, keepdims=True)
     h = jnp.asarray(y[ev][None].astype(np.float32))  # [1, s, dt]
     outside = jnp.asarray((labels[ev] == 0)[None, :, None].astype(np.float32))
-    effect, count = transfer.steering_sums(lambda r: r @ jnp.asarray(head), h, jnp.asarray(directions, jnp.float32),
-                                           jnp.zeros(len(directions), jnp.int32),
-                                           jnp.asarray(np.eye(vocab, dtype=np.float32)[:1]), outside)
+    effect, count = transfer.steering_sums(
+        lambda r: r @ jnp.asarray(head),
+        h,
+        jnp.asarray(directions, jnp.float32),
+        jnp.zeros(len(directions), jnp.int32),
+        jnp.asarray(np.eye(vocab, dtype=np.float32)[:1]),
+        outside,
+    )
     effect = np.asarray(effect) / np.asarray(count)
     assert effect[0] > 0.05  # the native direction does push the marker
     steering = transfer.recovered(effect[1], effect[2:].mean(), effect[0])
@@ -163,14 +169,17 @@ def test_labels_from_spans_any_overlap_and_specials_unlabelled():
     assert list(ids) == [0xC3, 0xA9, ord("1")] and offs.tolist() == [[0, 1], [0, 1], [1, 2]]
 
 
-@pytest.mark.parametrize("line, fragment", [
-    ('{"concept": "x", "text": "abc", "spans": [[0, 9]]}', "span [0, 9] is not inside the text"),
-    ('{"concept": "x", "text": "abc", "spans": [[2, 1]]}', "span [2, 1]"),
-    ('{"concept": "x", "text": "abc", "spans": [], "label": 1}', "unknown field(s) label"),
-    ('{"concept": "x", "text": "abc"}', "missing field(s) spans"),
-    ('{"concept": "digit", "text": "abc", "spans": []}', "built-in concept"),
-    ('[1, 2]', "not a JSON object"),
-])
+@pytest.mark.parametrize(
+    "line, fragment",
+    [
+        ('{"concept": "x", "text": "abc", "spans": [[0, 9]]}', "span [0, 9] is not inside the text"),
+        ('{"concept": "x", "text": "abc", "spans": [[2, 1]]}', "span [2, 1]"),
+        ('{"concept": "x", "text": "abc", "spans": [], "label": 1}', "unknown field(s) label"),
+        ('{"concept": "x", "text": "abc"}', "missing field(s) spans"),
+        ('{"concept": "digit", "text": "abc", "spans": []}', "built-in concept"),
+        ("[1, 2]", "not a JSON object"),
+    ],
+)
 def test_bad_concept_lines_are_user_errors_naming_the_line(tmp_path, line, fragment):
     path = tmp_path / "c.jsonl"
     path.write_text('{"concept": "ok", "text": "abc", "spans": [[0, 1]]}\n' + line + "\n")
@@ -182,8 +191,13 @@ def test_bad_concept_lines_are_user_errors_naming_the_line(tmp_path, line, fragm
 # ----------------------------------------------------------------------------------------------------------------
 # A tiny run through the CLI: the analog is its own teacher, so everything must transfer.
 
-SNIPPETS = ["def f(x):\n    # add one\n    return x + 1\n", "s = 'hello [world]' if a else (b, 2)\n",
-            "for i in range(10):\n    print(i)  # loop\n", "class A:\n    pass\n", "y = [3, 4] * 5\n"]
+SNIPPETS = [
+    "def f(x):\n    # add one\n    return x + 1\n",
+    "s = 'hello [world]' if a else (b, 2)\n",
+    "for i in range(10):\n    print(i)  # loop\n",
+    "class A:\n    pass\n",
+    "y = [3, 4] * 5\n",
+]
 MODEL = {"vocab_size": 259, "d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64}
 
 
@@ -193,36 +207,69 @@ def tiny_run(tmp_path_factory):
     rng = np.random.default_rng(0)
     corpus = root / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": "".join(rng.choice(SNIPPETS, 3))}) + "\n" for _ in range(200)))
-    config = {"model": MODEL, "teacher": {"model": MODEL},
-              "data": {"sources": [{"path": str(corpus)}], "tokenizer": "bytes", "global_batch": 8, "seq_len": 64,
-                       "heldout_fraction": 0.3},
-              "distill": {"terms": [{"kind": "ce", "weight": 1.0}]},
-              "optim": {"learning_rate": 0.01, "warmup_steps": 1},
-              "train": {"steps": 4, "seed": 0, "eval_batches": 1, "log_every": 2}}
+    config = {
+        "model": MODEL,
+        "teacher": {"model": MODEL},
+        "data": {
+            "sources": [{"path": str(corpus)}],
+            "tokenizer": "bytes",
+            "global_batch": 8,
+            "seq_len": 64,
+            "heldout_fraction": 0.3,
+        },
+        "distill": {"terms": [{"kind": "ce", "weight": 1.0}]},
+        "optim": {"learning_rate": 0.01, "warmup_steps": 1},
+        "train": {"steps": 4, "seed": 0, "eval_batches": 1, "log_every": 2},
+    }
     (root / "run.yaml").write_text(yaml.safe_dump(config))
-    assert cli.main(["distill", "--config", str(root / "run.yaml"), "--workdir", str(root / "run"),
-                     "--no-progress"]) == 0
+    assert (
+        cli.main(["distill", "--config", str(root / "run.yaml"), "--workdir", str(root / "run"), "--no-progress"]) == 0
+    )
     # The same model as its own teacher: maps are the identity, the analog's probes and directions are native.
     config["teacher"]["checkpoint"] = str(root / "run" / "checkpoints")
     (root / "self.yaml").write_text(yaml.safe_dump(config))
-    lines = [{"concept": "assignment", "text": t, "spans": [[k, k + 1] for k, c in enumerate(t) if c == "="]}
-             for t in SNIPPETS * 2]
+    lines = [
+        {"concept": "assignment", "text": t, "spans": [[k, k + 1] for k, c in enumerate(t) if c == "="]}
+        for t in SNIPPETS * 2
+    ]
     (root / "concepts.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     return root
 
 
 def test_transfer_command_report(tiny_run, tmp_path, capsys):
     out = tmp_path / "transfer"
-    assert cli.main(["transfer", "--config", str(tiny_run / "self.yaml"), "--checkpoint", str(tiny_run / "run"),
-                     "--concepts", str(tiny_run / "concepts.jsonl"), "--out", str(out), "--batches", "2"]) == 0
+    assert (
+        cli.main(
+            [
+                "transfer",
+                "--config",
+                str(tiny_run / "self.yaml"),
+                "--checkpoint",
+                str(tiny_run / "run"),
+                "--concepts",
+                str(tiny_run / "concepts.jsonl"),
+                "--out",
+                str(out),
+                "--batches",
+                "2",
+            ]
+        )
+        == 0
+    )
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     report = json.loads((out / "transfer.json").read_text())
     for key in ("layer_pairs", "stitch", "probes", "steering"):
         assert key in report, key
     assert report["layer_pairs"] == [[0, 0], [1, 1]]
     for s in report["stitch"]:
-        assert set(s) >= {"analog_layer", "teacher_layer", "explained_variance", "teacher_to_analog_explained_variance",
-                          "stitched_ce", "stitched_kl"}
+        assert set(s) >= {
+            "analog_layer",
+            "teacher_layer",
+            "explained_variance",
+            "teacher_to_analog_explained_variance",
+            "stitched_ce",
+            "stitched_kl",
+        }
         assert s["explained_variance"] > 0.99 and s["teacher_to_analog_explained_variance"] > 0.99
         assert s["stitched_kl"] < 1e-3 and s["stitched_ce"] == pytest.approx(report["teacher_ce"], abs=1e-2)
     names = {p["concept"] for p in report["probes"]}
@@ -242,29 +289,63 @@ def test_transfer_command_report(tiny_run, tmp_path, capsys):
 
 def test_eval_includes_transfer(tiny_run, tmp_path, capsys):
     out = tmp_path / "fidelity"
-    assert cli.main(["eval", "--config", str(tiny_run / "self.yaml"), "--checkpoint", str(tiny_run / "run"),
-                     "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            ["eval", "--config", str(tiny_run / "self.yaml"), "--checkpoint", str(tiny_run / "run"), "--out", str(out)]
+        )
+        == 0
+    )
     report = json.loads((out / "fidelity.json").read_text())
     assert report["transfer"]["stitch"][0]["explained_variance"] > 0.99
     assert "## Transfer to the teacher" in (out / "fidelity.md").read_text()
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["--pairs", "0:5"], "layer pair (0, 5) is outside"),
-    (["--pairs", "0-1"], "--pairs: '0-1' is not an analog:teacher layer pair"),
-    (["--pairs", "0:0,1:1", "--concept-pair", "0:1"], "is not one of the layer pairs"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--pairs", "0:5"], "layer pair (0, 5) is outside"),
+        (["--pairs", "0-1"], "--pairs: '0-1' is not an analog:teacher layer pair"),
+        (["--pairs", "0:0,1:1", "--concept-pair", "0:1"], "is not one of the layer pairs"),
+    ],
+)
 def test_bad_layer_pairs_are_one_error_line(tiny_run, tmp_path, capsys, args, fragment):
-    assert cli.main(["transfer", "--config", str(tiny_run / "self.yaml"), "--checkpoint", str(tiny_run / "run"),
-                     "--out", str(tmp_path / "o"), *args]) == 2
+    assert (
+        cli.main(
+            [
+                "transfer",
+                "--config",
+                str(tiny_run / "self.yaml"),
+                "--checkpoint",
+                str(tiny_run / "run"),
+                "--out",
+                str(tmp_path / "o"),
+                *args,
+            ]
+        )
+        == 2
+    )
     assert fragment in capsys.readouterr().err
 
 
 def test_a_user_concept_that_cannot_be_measured_is_an_error(tiny_run, tmp_path, capsys):
     path = tmp_path / "one.jsonl"  # one text: nothing left to measure on
     path.write_text(json.dumps({"concept": "lonely", "text": "x = 1\n", "spans": [[2, 3]]}) + "\n")
-    assert cli.main(["transfer", "--config", str(tiny_run / "self.yaml"), "--checkpoint", str(tiny_run / "run"),
-                     "--concepts", str(path), "--out", str(tmp_path / "o")]) == 2
+    assert (
+        cli.main(
+            [
+                "transfer",
+                "--config",
+                str(tiny_run / "self.yaml"),
+                "--checkpoint",
+                str(tiny_run / "run"),
+                "--concepts",
+                str(path),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "concept 'lonely' cannot be measured: no positive tokens in the eval part" in err
 
@@ -277,9 +358,18 @@ def test_unmeasurable_builtin_concepts_are_skipped_with_the_reason_and_user_ones
     labels[:, :, names.index("python_string")] = -1  # no Python text at all
     labels[:, 1, names.index("mine")] = 1
     labels[1::2, :, names.index("mine")] = 0  # no positives in the eval part
-    rows = concepts.LabelledRows(tokens, np.ones_like(tokens), tokens, np.roll(tokens, -1, 1),
-                                 np.ones((r, s), np.float32), np.array([True, False] * 2), labels, names,
-                                 None, {"fit": 2, "eval": 2})
+    rows = concepts.LabelledRows(
+        tokens,
+        np.ones_like(tokens),
+        tokens,
+        np.roll(tokens, -1, 1),
+        np.ones((r, s), np.float32),
+        np.array([True, False] * 2),
+        labels,
+        names,
+        None,
+        {"fit": 2, "eval": 2},
+    )
     with pytest.raises(UserError, match="concept 'mine' cannot be measured: no positive tokens in the eval part"):
         concepts.measurable(rows, {"mine"})
     labels[:, :, names.index("mine")] = -1

@@ -17,11 +17,19 @@ from analogjax.config import load_config
 def add_arguments(parser) -> None:
     add_config_arguments(parser)
     parser.add_argument("--out", default=None, help="cache directory (default: teacher.cache)")
-    parser.add_argument("--kind", default="topk", choices=("topk", "sampled"),
-                        help="topk: k largest logits + ids + logsumexp; sampled: k importance-weighted samples")
+    parser.add_argument(
+        "--kind",
+        default="topk",
+        choices=("topk", "sampled"),
+        help="topk: k largest logits + ids + logsumexp; sampled: k importance-weighted samples",
+    )
     parser.add_argument("--k", type=int, default=64, help="top-k entries or samples per token (default 64)")
-    parser.add_argument("--values-dtype", default="bfloat16", choices=("bfloat16", "float32"),
-                        help="dtype of top-k values (float32 with k = vocab is an exact dense teacher)")
+    parser.add_argument(
+        "--values-dtype",
+        default="bfloat16",
+        choices=("bfloat16", "float32"),
+        help="dtype of top-k values (float32 with k = vocab is an exact dense teacher)",
+    )
     parser.add_argument("--codec", default="raw", choices=("raw", "zstd"), help="chunk compression")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_job_arguments(parser)
@@ -34,6 +42,10 @@ def run(args) -> int:
 
     layout = CacheLayout(kind=args.kind, k=args.k, values_dtype=args.values_dtype, codec=args.codec)
     summary = build_cache(config, layout, args.out, progress=not args.no_progress)
-    print(json.dumps({key: summary[key] for key in ("path", "complete", "tokens_per_s", "bytes_per_token")}
-                     | {"written_steps": len(summary["written_steps"]), "skipped_steps": summary["skipped_steps"]}))
+    print(
+        json.dumps(
+            {key: summary[key] for key in ("path", "complete", "tokens_per_s", "bytes_per_token")}
+            | {"written_steps": len(summary["written_steps"]), "skipped_steps": summary["skipped_steps"]}
+        )
+    )
     return 0

@@ -16,9 +16,11 @@ def add_arguments(parser) -> None:
     from analogjax.cli import add_config_arguments
 
     add_config_arguments(parser)
-    parser.add_argument("--topology", default=None,
-                        help="TPU slice to compile for, e.g. v4-32, v5e-64, v5p-256, v6e-256 (default: the "
-                             "config's topology)")
+    parser.add_argument(
+        "--topology",
+        default=None,
+        help="TPU slice to compile for, e.g. v4-32, v5e-64, v5p-256, v6e-256 (default: the config's topology)",
+    )
 
 
 def run(args) -> int:
@@ -33,4 +35,3 @@ def run(args) -> int:
         print(line)
     sys.stdout.flush()
     return 0 if plan.fits else 1
-

@@ -22,10 +22,16 @@ from analogjax.config import Config, from_dict, read_layers, to_yaml
 
 def add_arguments(parser) -> None:
     add_config_arguments(parser, config_required=False)
-    parser.add_argument("--explain", action="store_true",
-                        help="follow each value with where it came from: file, --set, preset NAME or default")
-    parser.add_argument("--demo", action="store_true",
-                        help="the config is the demo's (configs/demo.yaml's shape: run, teacher_steps, ...)")
+    parser.add_argument(
+        "--explain",
+        action="store_true",
+        help="follow each value with where it came from: file, --set, preset NAME or default",
+    )
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help="the config is the demo's (configs/demo.yaml's shape: run, teacher_steps, ...)",
+    )
 
 
 def run(args) -> int:
@@ -60,8 +66,15 @@ def provenance(config: Any, by_file: Any, by_set: Any, missing: str = "default",
         elif not dataclasses.is_dataclass(value):
             out[key] = missing
         else:
-            out.update(provenance(value, by_file.get(f.name), by_set.get(f.name),
-                                  _missing_in(config, f.name, value, by_file, by_set, missing), key + "."))
+            out.update(
+                provenance(
+                    value,
+                    by_file.get(f.name),
+                    by_set.get(f.name),
+                    _missing_in(config, f.name, value, by_file, by_set, missing),
+                    key + ".",
+                )
+            )
     return out
 
 

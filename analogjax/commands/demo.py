@@ -11,9 +11,13 @@ from analogjax.demo import TEACHERS, WHEEL
 def add_arguments(parser) -> None:
     add_config_arguments(parser, config_required=False)
     parser.add_argument("--workdir", default="runs/demo", help="where every phase writes (default: runs/demo)")
-    parser.add_argument("--teacher", choices=sorted(TEACHERS), default="smollm2",
-                        help=f"smollm2: SmolLM2-135M-Instruct from the {WHEEL} wheel (default); self: a small "
-                             "teacher pretrained by the demo, nothing installed beyond analogjax")
+    parser.add_argument(
+        "--teacher",
+        choices=sorted(TEACHERS),
+        default="smollm2",
+        help=f"smollm2: SmolLM2-135M-Instruct from the {WHEEL} wheel (default); self: a small "
+        "teacher pretrained by the demo, nothing installed beyond analogjax",
+    )
     parser.add_argument("--no-progress", action="store_true")
     add_job_arguments(parser)
 

@@ -27,6 +27,13 @@ def run(args) -> int:
     result = run_training(config, workdir, progress=not args.no_progress)
     if not distributed.is_main():  # one report per job, from process 0
         return 0
-    print(json.dumps({"step": result["step"], "workdir": str(workdir),
-                      **{f"heldout_{k}": round(v, 5) for k, v in result["heldout"].items()}}))
+    print(
+        json.dumps(
+            {
+                "step": result["step"],
+                "workdir": str(workdir),
+                **{f"heldout_{k}": round(v, 5) for k, v in result["heldout"].items()},
+            }
+        )
+    )
     return 0

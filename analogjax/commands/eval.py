@@ -16,14 +16,19 @@ from analogjax.commands import add_job_arguments, join_job
 
 def add_arguments(parser) -> None:
     add_config_arguments(parser)
-    parser.add_argument("--checkpoint", default=None, help="a run's workdir or checkpoints directory "
-                        "(default: runs/<config name>)")
+    parser.add_argument(
+        "--checkpoint", default=None, help="a run's workdir or checkpoints directory (default: runs/<config name>)"
+    )
     parser.add_argument("--out", default=None, help="report folder (default: <workdir>/fidelity)")
     parser.add_argument("--batches", type=int, default=None, help="held-out batches (default: train.eval_batches)")
-    parser.add_argument("--concepts", default=None, help="JSONL of your own concepts for the transfer checks "
-                        "(see `analogjax transfer --help`)")
-    parser.add_argument("--no-transfer", action="store_true", help="skip the transfer checks (stitching, probes, "
-                        "steering)")
+    parser.add_argument(
+        "--concepts",
+        default=None,
+        help="JSONL of your own concepts for the transfer checks (see `analogjax transfer --help`)",
+    )
+    parser.add_argument(
+        "--no-transfer", action="store_true", help="skip the transfer checks (stitching, probes, steering)"
+    )
     add_job_arguments(parser)
 
 
@@ -48,6 +53,9 @@ def run(args) -> int:
         report = fidelity_of_run(checkpoint, out, config=config, batches=args.batches)
     else:
         report = fidelity_with_transfer(checkpoint, out, config=config, batches=args.batches, user=user)
-    print(json.dumps({"out": str(out), **{k: round(v, 5) if isinstance(v, float) else v
-                                          for k, v in report["overall"].items()}}))
+    print(
+        json.dumps(
+            {"out": str(out), **{k: round(v, 5) if isinstance(v, float) else v for k, v in report["overall"].items()}}
+        )
+    )
     return 0

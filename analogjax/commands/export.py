@@ -13,10 +13,16 @@ def add_bundle_arguments(parser) -> None:
     parser.add_argument("--out", required=True, help="output folder (must be empty unless --force)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="weights' dtype")
-    parser.add_argument("--tokenizer", default=None,
-                        help="the tokenizer the run's token ids belong to, when its config and data do not say")
-    parser.add_argument("--weights-only", action="store_true",
-                        help="publish the weights without a tokenizer (refused otherwise when none is found)")
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="the tokenizer the run's token ids belong to, when its config and data do not say",
+    )
+    parser.add_argument(
+        "--weights-only",
+        action="store_true",
+        help="publish the weights without a tokenizer (refused otherwise when none is found)",
+    )
 
 
 def add_arguments(parser) -> None:
@@ -28,7 +34,13 @@ def run(args) -> int:
     join_job(args)
     from analogjax.release import export_run
 
-    out = export_run(args.checkpoint, args.out, force=args.force, dtype=args.dtype, tokenizer=args.tokenizer,
-                     weights_only=args.weights_only)
+    out = export_run(
+        args.checkpoint,
+        args.out,
+        force=args.force,
+        dtype=args.dtype,
+        tokenizer=args.tokenizer,
+        weights_only=args.weights_only,
+    )
     print(f"wrote {out}")
     return 0

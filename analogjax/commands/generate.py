@@ -3,8 +3,9 @@
 
 A prompt is tokenized as the model's own tokenizer does by itself: for a Hugging Face folder, as a transformers
 tokenizer call does (its own BOS/EOS via its post-processor; `--chat` applies its chat template first); for an
-analogjax run, the run's tokenizer (data.tokenizer, or the prepared shards') with the run's add_bos. Decoding stops at the tokenizer's EOS (and the
-model's generation_config/config EOS ids for a HF folder), at --max-new-tokens, or at the model's context.
+analogjax run, the run's tokenizer (data.tokenizer, or the prepared shards') with the run's add_bos. Decoding stops
+at the tokenizer's EOS (and the model's generation_config/config EOS ids for a HF folder), at --max-new-tokens,
+or at the model's context.
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ class _HFText:
             self._tok = transformers.AutoTokenizer.from_pretrained(str(path))
         except ImportError:
             if chat:
-                raise UserError("--chat needs the transformers package (chat templates are Jinja in "
-                                "tokenizer_config.json)") from None
+                raise UserError(
+                    "--chat needs the transformers package (chat templates are Jinja in tokenizer_config.json)"
+                ) from None
             if not (path / "tokenizer.json").is_file():
                 raise UserError(f"{path} has no tokenizer.json") from None
             from tokenizers import Tokenizer
@@ -62,8 +64,11 @@ class _HFText:
         if self._tok is None:
             return self._raw.encode(text, add_special_tokens=True).ids
         if self.chat:
-            return list(self._tok.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
-                                                      add_generation_prompt=True, return_dict=False))
+            return list(
+                self._tok.apply_chat_template(
+                    [{"role": "user", "content": text}], tokenize=True, add_generation_prompt=True, return_dict=False
+                )
+            )
         return list(self._tok(text)["input_ids"])
 
     def decode(self, ids: list[int]) -> str:
@@ -80,8 +85,10 @@ class _RunText:
 
         spec = resolve_tokenizer(data)  # data.tokenizer, or for "none" the one the prepared shards recorded
         if spec == "none":
-            raise UserError("the run's data.tokenizer is none and its sources name no tokenizer: prompts are text, "
-                            "so there is nothing to tokenize them with")
+            raise UserError(
+                "the run's data.tokenizer is none and its sources name no tokenizer: prompts are text, "
+                "so there is nothing to tokenize them with"
+            )
         self._tok = load_tokenizer(spec)
         self.add_bos = data.add_bos
         if self.add_bos and getattr(self._tok, "bos_id", None) is None:
@@ -150,9 +157,17 @@ def run(args) -> int:
     model, text, eos_ids, context = load(args)
     prompts = [text.encode(p) for p in args.prompt]
     check_request(prompts, args.max_new_tokens, options, context, model.config.vocab_size)
-    completions = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                           top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_ids=eos_ids,
-                           max_positions=context)
+    completions = generate(
+        model,
+        prompts,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        eos_ids=eos_ids,
+        max_positions=context,
+    )
     for prompt, tokens in zip(args.prompt, completions):
         completion = text.decode(tokens)
         if args.json:

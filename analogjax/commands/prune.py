@@ -18,8 +18,9 @@ from analogjax.commands import add_job_arguments, join_job
 def add_arguments(parser) -> None:
     add_config_arguments(parser)
     parser.add_argument("--out", required=True, help="new directory for the pruned checkpoint and importance files")
-    parser.add_argument("--batches", type=int, default=None,
-                        help="calibration batches of the training data (default 16)")
+    parser.add_argument(
+        "--batches", type=int, default=None, help="calibration batches of the training data (default 16)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_job_arguments(parser)
 

@@ -15,9 +15,14 @@ from analogjax.commands.export import add_bundle_arguments
 def add_arguments(parser) -> None:
     add_bundle_arguments(parser)
     parser.add_argument("--batches", type=int, default=None, help="held-out batches (default: train.eval_batches)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="release.KEY=VALUE",
-                        help="a release setting over the run's own, e.g. release.teacher_name=org/model "
-                             "(repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="release.KEY=VALUE",
+        help="a release setting over the run's own, e.g. release.teacher_name=org/model (repeatable)",
+    )
     parser.add_argument("--concepts", default=None, help="JSONL of your own concepts for the transfer checks")
     parser.add_argument("--no-transfer", action="store_true", help="leave the transfer checks out of the release")
     add_job_arguments(parser)
@@ -34,8 +39,17 @@ def run(args) -> int:
 
     user = read_user_concepts(args.concepts) if args.concepts else ()
 
-    out = write_release(args.checkpoint, args.out, batches=args.batches, force=args.force, dtype=args.dtype,
-                        tokenizer=args.tokenizer, weights_only=args.weights_only, release_overrides=args.overrides,
-                        transfer=not args.no_transfer, user_concepts=user)
+    out = write_release(
+        args.checkpoint,
+        args.out,
+        batches=args.batches,
+        force=args.force,
+        dtype=args.dtype,
+        tokenizer=args.tokenizer,
+        weights_only=args.weights_only,
+        release_overrides=args.overrides,
+        transfer=not args.no_transfer,
+        user_concepts=user,
+    )
     print(f"wrote {out}")
     return 0

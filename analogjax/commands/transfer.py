@@ -17,21 +17,34 @@ from analogjax.errors import UserError
 
 def add_arguments(parser) -> None:
     add_config_arguments(parser)
-    parser.add_argument("--checkpoint", default=None, help="a run's workdir or checkpoints directory "
-                        "(default: runs/<config name>)")
-    parser.add_argument("--concepts", default=None, help='JSONL of your own concepts: {"concept": NAME, "text": ..., '
-                        '"spans": [[start, end], ...]} per line (character offsets, end exclusive)')
+    parser.add_argument(
+        "--checkpoint", default=None, help="a run's workdir or checkpoints directory (default: runs/<config name>)"
+    )
+    parser.add_argument(
+        "--concepts",
+        default=None,
+        help='JSONL of your own concepts: {"concept": NAME, "text": ..., '
+        '"spans": [[start, end], ...]} per line (character offsets, end exclusive)',
+    )
     parser.add_argument("--out", default=None, help="report folder (default: <workdir>/transfer)")
     parser.add_argument("--batches", type=int, default=None, help="held-out batches (default: train.eval_batches)")
-    parser.add_argument("--pairs", default=None, metavar="I:J,...",
-                        help="analog:teacher layer pairs (default: equal fractions of depth)")
-    parser.add_argument("--concept-pair", default=None, metavar="I:J",
-                        help="the layer pair for probes and steering (default: the middle pair, rounding down)")
+    parser.add_argument(
+        "--pairs",
+        default=None,
+        metavar="I:J,...",
+        help="analog:teacher layer pairs (default: equal fractions of depth)",
+    )
+    parser.add_argument(
+        "--concept-pair",
+        default=None,
+        metavar="I:J",
+        help="the layer pair for probes and steering (default: the middle pair, rounding down)",
+    )
     add_job_arguments(parser)
 
 
 def parse_pairs(text: str, flag: str) -> tuple[tuple[int, int], ...]:
-    """"0:1,1:3" → ((0, 1), (1, 3)); anything else is a UserError naming the flag."""
+    """ "0:1,1:3" → ((0, 1), (1, 3)); anything else is a UserError naming the flag."""
     pairs = []
     for item in text.split(","):
         parts = item.strip().split(":")
@@ -64,16 +77,30 @@ def run(args) -> int:
     if config.model != run_cfg.model:
         raise UserError(f"{ckpt_dir} holds a student of another shape than the config's model section")
     out = Path(args.out) if args.out else (workdir or ckpt_dir.parent) / "transfer"
-    report = measure_run(config, ckpt_dir, step, batches=args.batches, user=user, pairs=pairs,
-                         concept_pair=concept_pair[0] if concept_pair else None)
+    report = measure_run(
+        config,
+        ckpt_dir,
+        step,
+        batches=args.batches,
+        user=user,
+        pairs=pairs,
+        concept_pair=concept_pair[0] if concept_pair else None,
+    )
     from analogjax.transfer import write_report
 
     write_report(report, out)
-    print(json.dumps({"out": str(out), "step": step,
-                      "explained_variance": [round(s["explained_variance"], 4) for s in report["stitch"]],
-                      "probe_recovered": {p["concept"]: p["recovered"] for p in report["probes"]},
-                      "steering_recovered": {s["concept"]: s["recovered"] for s in report["steering"]},
-                      "skipped": [s["concept"] for s in report["skipped"]]}))
+    print(
+        json.dumps(
+            {
+                "out": str(out),
+                "step": step,
+                "explained_variance": [round(s["explained_variance"], 4) for s in report["stitch"]],
+                "probe_recovered": {p["concept"]: p["recovered"] for p in report["probes"]},
+                "steering_recovered": {s["concept"]: s["recovered"] for s in report["steering"]},
+                "skipped": [s["concept"] for s in report["skipped"]],
+            }
+        )
+    )
     return 0
 
 
@@ -86,8 +113,17 @@ def measure_run(config, ckpt_dir, step, *, batches=None, user=(), pairs=None, co
     mesh = eval_mesh(config)
     params = restore_student(config, ckpt_dir, mesh, step)
     teacher, teacher_params = load_teacher(config, mesh, live=True)
-    return measure(config, params, teacher, teacher_params, mesh, batches=batches or config.train.eval_batches,
-                   user_concepts=user, pairs=pairs, concept_pair=concept_pair)
+    return measure(
+        config,
+        params,
+        teacher,
+        teacher_params,
+        mesh,
+        batches=batches or config.train.eval_batches,
+        user_concepts=user,
+        pairs=pairs,
+        concept_pair=concept_pair,
+    )
 
 
 def fidelity_with_transfer(checkpoint, out, *, config=None, batches=None, user=()) -> dict:
@@ -109,10 +145,12 @@ def fidelity_with_transfer(checkpoint, out, *, config=None, batches=None, user=(
         raise UserError("the run's config names no teacher.checkpoint or teacher.hf_path: nothing to compare with")
     mesh = eval_mesh(config)
     teacher, teacher_params = load_teacher(config, mesh, live=True)
-    report = fidelity_of_run(checkpoint, out, config=config, batches=batches, teacher=teacher,
-                             teacher_params=teacher_params)
+    report = fidelity_of_run(
+        checkpoint, out, config=config, batches=batches, teacher=teacher, teacher_params=teacher_params
+    )
     params = restore_student(config, ckpt_dir, mesh, step)
-    report["transfer"] = measure(config, params, teacher, teacher_params, mesh,
-                                 batches=batches or config.train.eval_batches, user_concepts=user)
+    report["transfer"] = measure(
+        config, params, teacher, teacher_params, mesh, batches=batches or config.train.eval_batches, user_concepts=user
+    )
     fidelity.write_report(report, out, metrics_jsonl=workdir / "metrics.jsonl" if workdir is not None else None)
     return report

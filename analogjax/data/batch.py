@@ -23,10 +23,12 @@ BATCH_FIELDS: dict[str, np.dtype] = {
 BATCH_KEYS = tuple(BATCH_FIELDS)
 
 
-def abstract_batch(rows: int, seq_len: int, sharding, extra: Mapping[str, tuple] = ()) -> dict:
+def abstract_batch(rows: int, seq_len: int, sharding, extra: Mapping[str, tuple] | None = None) -> dict:
     """ShapeDtypeStructs of a global batch: BATCH_FIELDS plus `extra` ({key: (dtype, per-token shape)})."""
     import jax
 
-    fields = {key: (dtype, ()) for key, dtype in BATCH_FIELDS.items()} | dict(extra)
-    return {key: jax.ShapeDtypeStruct((rows, seq_len, *tail), dtype, sharding=sharding)
-            for key, (dtype, tail) in fields.items()}
+    fields = {key: (dtype, ()) for key, dtype in BATCH_FIELDS.items()} | dict(extra or {})
+    return {
+        key: jax.ShapeDtypeStruct((rows, seq_len, *tail), dtype, sharding=sharding)
+        for key, (dtype, tail) in fields.items()
+    }

@@ -25,7 +25,15 @@ def heldout_batches(data: DataConfig, *, seed: int, vocab_size: int, sharding, b
 # Built once per config and process: opening the sources (tokenizer, file indexes) is the costly part, and a run
 # evaluates every `train.eval_every` steps. A fresh iterator over the dataset starts at its first batch.
 @functools.lru_cache(maxsize=4)
-def _heldout_dataset(data: DataConfig, seed: int, vocab_size: int, process_index: int,
-                     process_count: int) -> grain.IterDataset:
-    return make_batch_dataset(data, split="heldout", seed=seed, vocab_size=vocab_size, process_index=process_index,
-                              process_count=process_count, num_epochs=None)
+def _heldout_dataset(
+    data: DataConfig, seed: int, vocab_size: int, process_index: int, process_count: int
+) -> grain.IterDataset:
+    return make_batch_dataset(
+        data,
+        split="heldout",
+        seed=seed,
+        vocab_size=vocab_size,
+        process_index=process_index,
+        process_count=process_count,
+        num_epochs=None,
+    )

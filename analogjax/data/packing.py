@@ -28,7 +28,7 @@ class PackedRowsIterDataset(grain.IterDataset):
         self._seq_len = seq_len
         self._pad_id = pad_id
 
-    def __iter__(self) -> "PackedRowsIterator":
+    def __iter__(self) -> PackedRowsIterator:
         return PackedRowsIterator(self._parent.__iter__(), seq_len=self._seq_len, pad_id=self._pad_id)
 
     def __str__(self) -> str:
@@ -89,14 +89,14 @@ class PackedRowsIterator(grain.DatasetIterator):
         for segment, (document, used, take) in enumerate(pieces, start=1):
             ids = document["tokens"]
             end = start + take
-            row["tokens"][start:end] = ids[used:used + take]
-            row["targets"][start:end] = ids[used + 1:used + 1 + take]
+            row["tokens"][start:end] = ids[used : used + take]
+            row["targets"][start:end] = ids[used + 1 : used + 1 + take]
             row["segment_ids"][start:end] = segment
             row["positions"][start:end] = self._arange[:take]
             row["source_ids"][start:end] = document["source"]
             epoch = max(epoch, int(document["epoch"]))
             start = end
-        row["epoch"] = np.int32(epoch)
+        row["epoch"] = np.asarray(epoch, np.int32)
         return row
 
     def get_state(self) -> dict[str, Any]:

@@ -13,12 +13,19 @@ import os
 from analogjax.errors import UserError
 
 EXTENSION_FORMATS = {
-    ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
     ".parquet": "parquet",
-    ".array_record": "arrayrecord", ".arrayrecord": "arrayrecord",
+    ".array_record": "arrayrecord",
+    ".arrayrecord": "arrayrecord",
     ".bin": "tokens_bin",
     ".zarr": "zarr",
-    ".txt": "text", ".text": "text", ".md": "text", ".rst": "text", ".py": "text",
+    ".txt": "text",
+    ".text": "text",
+    ".md": "text",
+    ".rst": "text",
+    ".py": "text",
 }
 
 # Written by `analogjax prepare` next to its shards; its presence makes a directory a prepared source.
@@ -57,7 +64,7 @@ def parent(path: str) -> str:
 
 def relative(path: str, root: str) -> str:
     if is_remote(path):
-        return path[len(root.rstrip("/")) + 1:] if path.startswith(root.rstrip("/") + "/") else path
+        return path[len(root.rstrip("/")) + 1 :] if path.startswith(root.rstrip("/") + "/") else path
     return os.path.relpath(os.path.abspath(path), os.path.abspath(root))
 
 
@@ -80,14 +87,14 @@ def glob_root(pattern: str) -> str:
 def glob_paths(pattern: str) -> list[str]:
     if is_remote(pattern):
         root = glob_root(pattern)
-        return [str(p) for p in _epath(root).glob(pattern[len(root):].lstrip("/"))]
+        return [str(p) for p in _epath(root).glob(pattern[len(root) :].lstrip("/"))]
     return [p for p in globlib.glob(pattern, recursive=True)]
 
 
 def walk_files(root: str) -> list[str]:
     if is_remote(root):
         return [str(p) for p in _epath(root).rglob("*") if not p.is_dir()]
-    out = []
+    out: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root):
         # A zarr store is one unit, not a tree of chunk files.
         stores = [d for d in dirnames if looks_like_zarr(os.path.join(dirpath, d))]
@@ -149,8 +156,9 @@ def format_from_paths(paths: list[str], key: str) -> str:
     if len(found) == 1:
         return found.pop()
     if not found:
-        raise UserError(f"{key}: cannot tell the format of {paths[0]}: set it (jsonl, parquet, arrayrecord, "
-                        "tokens_bin, zarr, text)")
+        raise UserError(
+            f"{key}: cannot tell the format of {paths[0]}: set it (jsonl, parquet, arrayrecord, tokens_bin, zarr, text)"
+        )
     raise UserError(f"{key}: files of several formats ({', '.join(sorted(found))}): set the format")
 
 

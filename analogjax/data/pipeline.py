@@ -56,11 +56,13 @@ def make_batch_dataset(
     if num_epochs is not None and num_epochs <= 0:
         raise UserError(f"num_epochs must be positive or None (got {num_epochs})")
     tokenizer, sources = open_sources(data, vocab_size=vocab_size)
-    reader_args = dict(sources=sources, tokenizer=tokenizer, add_bos=data.add_bos, add_eos=data.add_eos,
-                       vocab_size=vocab_size)
+    reader_args = dict(
+        sources=sources, tokenizer=tokenizer, add_bos=data.add_bos, add_eos=data.add_eos, vocab_size=vocab_size
+    )
     rows_per_batch = data.global_batch // process_count
-    read_options = grain.ReadOptions(num_threads=data.read_threads,
-                                     prefetch_buffer_size=_READ_AHEAD if data.read_threads else 0)
+    read_options = grain.ReadOptions(
+        num_threads=data.read_threads, prefetch_buffer_size=_READ_AHEAD if data.read_threads else 0
+    )
     split_ids = [_split_ids(source, data.heldout_fraction, split) for source in sources]
 
     def packed(refs: MapOfRefs, *, shuffle_seed: int | None) -> grain.IterDataset:
@@ -91,12 +93,18 @@ def make_batch_dataset(
             )
         rows = packed(MapOfRefs(range(len(sources)), split_ids), shuffle_seed=None)
 
-    batches = rows.batch(rows_per_batch, drop_remainder=False,
-                         batch_fn=BatchStacker(rows_per_batch, data.seq_len, tokenizer.pad_id))
+    batches = rows.batch(
+        rows_per_batch, drop_remainder=False, batch_fn=BatchStacker(rows_per_batch, data.seq_len, tokenizer.pad_id)
+    )
     describe = [f"data.sources[{i}] ({s.path})" for i, s in enumerate(data.sources)]
     batches = batches.map_with_index(
-        BatchFinisher(check_first_batch=split == "train", source_descriptions=describe,
-                      rows_per_batch=rows_per_batch, seq_len=data.seq_len, worker_count=data.worker_count)
+        BatchFinisher(
+            check_first_batch=split == "train",
+            source_descriptions=describe,
+            rows_per_batch=rows_per_batch,
+            seq_len=data.seq_len,
+            worker_count=data.worker_count,
+        )
     )
     if data.worker_count > 0:
         _use_default_absl_flags()
@@ -198,8 +206,11 @@ class DocumentReader:
             if self.tokenizer.kind == "none":
                 raise UserError(f'{source.where(document)}: holds text but data.tokenizer is "none"')
             # An empty text is no document at all, not a lone begin/end pair.
-            tokens = (encode_document(self.tokenizer, value, add_bos=self.add_bos, add_eos=self.add_eos)
-                      if value else np.zeros(0, np.int32))
+            tokens = (
+                encode_document(self.tokenizer, value, add_bos=self.add_bos, add_eos=self.add_eos)
+                if value
+                else np.zeros(0, np.int32)
+            )
         else:
             tokens = np.asarray(value)
             if tokens.size:

@@ -57,11 +57,22 @@ def prepare_corpus(args: argparse.Namespace) -> dict:
     suffix = ".array_record" if args.format == "arrayrecord" else ".zarr"
     keys = source.document_keys()
     tasks = [
-        dict(source=source, tokenizer_spec=args.tokenizer, path=os.path.join(args.output, name), start=int(a),
-             stop=int(b), keys=keys[a:b], format=args.format, dtype=dtype, vocab_size=tokenizer.vocab_size,
-             add_bos=args.add_bos, add_eos=args.add_eos)
-        for a, b, name in zip(bounds[:-1], bounds[1:],
-                              (f"shard-{i:05d}-of-{shard_count:05d}{suffix}" for i in range(shard_count)))
+        dict(
+            source=source,
+            tokenizer_spec=args.tokenizer,
+            path=os.path.join(args.output, name),
+            start=int(a),
+            stop=int(b),
+            keys=keys[a:b],
+            format=args.format,
+            dtype=dtype,
+            vocab_size=tokenizer.vocab_size,
+            add_bos=args.add_bos,
+            add_eos=args.add_eos,
+        )
+        for a, b, name in zip(
+            bounds[:-1], bounds[1:], (f"shard-{i:05d}-of-{shard_count:05d}{suffix}" for i in range(shard_count))
+        )
     ]
     results = _run_tasks(tasks, workers=min(args.workers, shard_count), total=len(source))
 
@@ -78,13 +89,14 @@ def prepare_corpus(args: argparse.Namespace) -> dict:
         "input": args.input,
         "documents": documents,
         "tokens": tokens,
-        "shards": [{"path": os.path.basename(t["path"]), "documents": r["documents"], "tokens": r["tokens"]}
-                   for t, r in zip(tasks, results)],
+        "shards": [
+            {"path": os.path.basename(t["path"]), "documents": r["documents"], "tokens": r["tokens"]}
+            for t, r in zip(tasks, results)
+        ],
     }
     with open(os.path.join(args.output, METADATA_FILE), "w") as f:
         json.dump(metadata, f, indent=2)
     return metadata
-
 
 
 def _open_input(args) -> DocumentSource:
@@ -154,8 +166,10 @@ def _write_shard(task: dict, report) -> dict:
             else:
                 ids = np.asarray(value)
             if ids.size and (ids.min() < 0 or ids.max() >= task["vocab_size"]):
-                raise UserError(f"{source.where(index)}: token id {int(ids.max())} is outside the tokenizer's "
-                                f"vocabulary [0, {task['vocab_size']})")
+                raise UserError(
+                    f"{source.where(index)}: token id {int(ids.max())} is outside the tokenizer's "
+                    f"vocabulary [0, {task['vocab_size']})"
+                )
             writer.add(ids.astype(dtype))
             documents += 1
             tokens += len(ids)
@@ -201,15 +215,19 @@ class _ZarrShard:
         import tensorstore as ts
 
         self._staging.close()
-        flat = np.memmap(self._staging_path, dtype=self.dtype, mode="r") if os.path.getsize(self._staging_path) \
+        flat = (
+            np.memmap(self._staging_path, dtype=self.dtype, mode="r")
+            if os.path.getsize(self._staging_path)
             else np.zeros(0, self.dtype)
+        )
         offsets = np.concatenate([[0], np.cumsum(self._lengths, dtype=np.int64)]).astype(np.int64)
 
         def create(name, dtype, shape):
             spec = {"driver": "zarr3", "kvstore": "file://" + os.path.abspath(os.path.join(self.path, name))}
             chunk = [max(1, min(shape[0], _ZARR_CHUNK))]
-            return ts.open(spec, create=True, dtype=dtype, shape=shape,
-                           chunk_layout=ts.ChunkLayout(chunk_shape=chunk)).result()
+            return ts.open(
+                spec, create=True, dtype=dtype, shape=shape, chunk_layout=ts.ChunkLayout(chunk_shape=chunk)
+            ).result()
 
         tokens = create("tokens", ts.dtype(self.dtype.name), [len(flat)])
         for start in range(0, len(flat), _ZARR_CHUNK):

@@ -17,7 +17,7 @@ import io
 import json
 import os
 import threading
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -144,7 +144,7 @@ class JsonlSource(DocumentSource):
             keep = sizes > 0
             # Blank lines are not documents; only short lines can be all whitespace often enough to matter.
             for i in np.flatnonzero(keep & (sizes <= 16)):
-                if not data[begins[i]:ends[i]].strip():
+                if not data[begins[i] : ends[i]].strip():
                     keep[i] = False
             starts.append(begins[keep])
             lengths.append(sizes[keep])
@@ -158,8 +158,9 @@ class JsonlSource(DocumentSource):
         return f"{self.files[f]} (line {int(self._line_numbers[f][r]) + 1})"
 
     def _read(self, file_index, record):
-        raw = _read_range(self, file_index, int(self._line_starts[file_index][record]),
-                          int(self._line_lengths[file_index][record]))
+        raw = _read_range(
+            self, file_index, int(self._line_starts[file_index][record]), int(self._line_lengths[file_index][record])
+        )
         where = self.where(int(self._starts[file_index]) + record)
         try:
             obj = json.loads(raw)
@@ -288,7 +289,7 @@ class TokensBinSource(DocumentSource):
             "_open_maps", file_index, lambda p: np.memmap(p, dtype=self._dtypes[file_index], mode="r")
         )
         starts, ends = self._bounds[file_index]
-        return tokens[int(starts[record]):int(ends[record])]
+        return tokens[int(starts[record]) : int(ends[record])]
 
 
 class ZarrSource(DocumentSource):
@@ -322,7 +323,7 @@ class ZarrSource(DocumentSource):
     def _read(self, file_index, record):
         tokens = self._opened("_open_arrays", file_index, lambda p: _open_zarr(_zarr_layout(p)[0]))
         starts, ends = self._bounds[file_index]
-        return tokens[int(starts[record]):int(ends[record])].read().result()
+        return tokens[int(starts[record]) : int(ends[record])].read().result()
 
 
 class TextFilesSource(DocumentSource):
@@ -333,13 +334,24 @@ class TextFilesSource(DocumentSource):
 
     _record_word = "part"
 
-    def __init__(self, *, name, files, rel_names, sizes: Sequence[int] | None = None,
-                 max_document_bytes: int = MAX_TEXT_DOCUMENT_BYTES):
+    def __init__(
+        self,
+        *,
+        name,
+        files,
+        rel_names,
+        sizes: Sequence[int] | None = None,
+        max_document_bytes: int = MAX_TEXT_DOCUMENT_BYTES,
+    ):
         if sizes is None:
             sizes = [paths.file_size(p) for p in files]
         self.max_document_bytes = max_document_bytes
-        super().__init__(name=name, files=files, rel_names=rel_names,
-                         counts=[max(1, -(-int(s) // max_document_bytes)) for s in sizes])
+        super().__init__(
+            name=name,
+            files=files,
+            rel_names=rel_names,
+            counts=[max(1, -(-int(s) // max_document_bytes)) for s in sizes],
+        )
         self._cache: tuple[str, np.ndarray, np.dtype] | None = None
         self._cuts: dict[int, list[int]] = {}  # a cut file's part boundaries, found once per process
 
@@ -366,7 +378,7 @@ class TextFilesSource(DocumentSource):
         bin_path, offsets, dtype = self._cache
         tokens = self._opened("_open_cache", 0, lambda _: np.memmap(bin_path, dtype=dtype, mode="r"))
         index = int(self._starts[file_index]) + record
-        return tokens[int(offsets[index]):int(offsets[index + 1])]
+        return tokens[int(offsets[index]) : int(offsets[index + 1])]
 
 
 def text_cuts(data: bytes, max_bytes: int, parts: int) -> list[int]:
@@ -383,8 +395,9 @@ def text_cuts(data: bytes, max_bytes: int, parts: int) -> list[int]:
 # ------------------------------------------------------------------------------------------- opening
 
 
-def open_source(config: SourceConfig, *, key: str, name: str, path_key: str = "",
-                format_key: str = "") -> DocumentSource:
+def open_source(
+    config: SourceConfig, *, key: str, name: str, path_key: str = "", format_key: str = ""
+) -> DocumentSource:
     """The DocumentSource for one data.sources entry. Not for stdlib.
 
     Messages name the entry as `key` ("data.sources[2]"), its path and format options as `path_key` and
@@ -415,11 +428,13 @@ def open_source(config: SourceConfig, *, key: str, name: str, path_key: str = ""
         tokens = config.content == "tokens"
         if tokens and config.dtype == "auto":
             raise UserError(f"{key}.dtype must be set (uint16, uint32 or int32) for token records without metadata")
-        return ArrayRecordSource(name=name, files=matched, rel_names=rel, tokens=tokens,
-                                 dtype=None if not tokens else config.dtype)
+        return ArrayRecordSource(
+            name=name, files=matched, rel_names=rel, tokens=tokens, dtype=None if not tokens else config.dtype
+        )
     if fmt == "tokens_bin":
-        return TokensBinSource(name=name, files=matched, rel_names=rel, dtype=config.dtype,
-                               eod_id=config.eod_id, offsets=config.offsets)
+        return TokensBinSource(
+            name=name, files=matched, rel_names=rel, dtype=config.dtype, eod_id=config.eod_id, offsets=config.offsets
+        )
     if fmt == "zarr":
         return ZarrSource(name=name, files=matched, rel_names=rel, eod_id=config.eod_id)
     if fmt == "text":
@@ -442,8 +457,9 @@ def _open_prepared(root: str, metadata: dict, fmt: str, config: SourceConfig, *,
     if fmt == "arrayrecord":
         keys = [paths.join(root, s + ".keys.npy") for s in shards]
         stored = np.concatenate([_load_npy(k) for k in keys]) if keys and all(paths.exists(k) for k in keys) else None
-        source = ArrayRecordSource(name=name, files=files, rel_names=shards, tokens=True, dtype=dtype,
-                                   stored_keys=stored)
+        source = ArrayRecordSource(
+            name=name, files=files, rel_names=shards, tokens=True, dtype=dtype, stored_keys=stored
+        )
     elif fmt == "zarr":
         source = ZarrSource(name=name, files=files, rel_names=shards, eod_id=None)
     else:
@@ -467,8 +483,11 @@ def _zarr_layout(path: str) -> tuple[dict, dict | None, dict | None]:
     tokens = paths.join(path, "tokens")
     offsets = paths.join(path, "offsets")
     keys = paths.join(path, "keys")
-    return (_zarr_spec(tokens), _zarr_spec(offsets) if paths.exists(offsets) else None,
-            _zarr_spec(keys) if paths.exists(keys) else None)
+    return (
+        _zarr_spec(tokens),
+        _zarr_spec(offsets) if paths.exists(offsets) else None,
+        _zarr_spec(keys) if paths.exists(keys) else None,
+    )
 
 
 def _zarr_spec(path: str) -> dict:

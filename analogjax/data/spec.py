@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 from analogjax.errors import UserError, check_choice
 
@@ -39,7 +38,7 @@ class SourceConfig:
     # metadata or a Megatron .idx header, and otherwise asks the user to say.
     dtype: str = "auto"
     # tokens_bin / zarr without an offsets index: documents end at this id (kept as each document's last token).
-    eod_id: Optional[int] = None
+    eod_id: int | None = None
     # tokens_bin: document boundaries as a .npy of offsets (n_docs + 1 entries) or a Megatron .idx file.
     # Default: <file>.idx or <file>.offsets.npy next to the .bin when present.
     offsets: str = ""

@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import sysconfig
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -36,7 +36,7 @@ def stdlib_root() -> str:
 def stdlib_files(include_tests: bool = False) -> list[str]:
     """Absolute paths of the standard library's .py files, sorted by path relative to its root."""
     root = stdlib_root()
-    found = []
+    found: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root):
         skip = {"site-packages", "dist-packages", "__pycache__"} if include_tests else _SKIPPED_DIRS
         dirnames[:] = [d for d in dirnames if d not in skip and not d.startswith(".")]

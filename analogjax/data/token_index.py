@@ -76,8 +76,13 @@ def read_offsets(index_path: str, itemsize: int, n_tokens: int, bin_path: str):
 
 
 def validated_offsets(offsets: np.ndarray, n_tokens: int, where: str):
-    if offsets.ndim != 1 or len(offsets) < 1 or offsets[0] != 0 or np.any(np.diff(offsets) < 0) \
-            or offsets[-1] != n_tokens:
+    if (
+        offsets.ndim != 1
+        or len(offsets) < 1
+        or offsets[0] != 0
+        or np.any(np.diff(offsets) < 0)
+        or offsets[-1] != n_tokens
+    ):
         raise UserError(
             f"{where}: offsets must rise from 0 to the token count {n_tokens} "
             f"(got {len(offsets)} entries ending at {offsets[-1] if len(offsets) else 'nothing'})"

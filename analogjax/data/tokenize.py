@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -175,12 +175,17 @@ def resolve_tokenizer(data) -> str:
     """
     if data.tokenizer != "none":
         return data.tokenizer
-    recorded = [r for r in (_prepared_tokenizer(s.path, f"data.sources[{i}]") for i, s in enumerate(data.sources))
-                if r is not None]
+    recorded = [
+        r
+        for r in (_prepared_tokenizer(s.path, f"data.sources[{i}]") for i, s in enumerate(data.sources))
+        if r is not None
+    ]
     for where, spec, fingerprint in recorded[1:]:
         if fingerprint != recorded[0][2]:
-            raise UserError(f"{recorded[0][0]} and {where} were prepared with different tokenizers ({recorded[0][1]} "
-                            f"and {spec}): prepare them with one tokenizer, or name it in data.tokenizer")
+            raise UserError(
+                f"{recorded[0][0]} and {where} were prepared with different tokenizers ({recorded[0][1]} "
+                f"and {spec}): prepare them with one tokenizer, or name it in data.tokenizer"
+            )
     return recorded[0][1] if recorded else "none"
 
 
@@ -206,17 +211,24 @@ def _prepared_tokenizer(source_path: str, key: str) -> tuple[str, str, str] | No
     if not fingerprint:
         raise UserError(f"{where} names tokenizer {spec} without its fingerprint: set data.tokenizer to it")
     if spec != "bytes":
-        candidates = [spec] if os.path.isabs(spec) else [spec, os.path.join(source_path, spec),
-                                                          os.path.join(source_path, os.path.basename(spec))]
+        candidates = (
+            [spec]
+            if os.path.isabs(spec)
+            else [spec, os.path.join(source_path, spec), os.path.join(source_path, os.path.basename(spec))]
+        )
         found = next((c for c in candidates if os.path.isfile(c)), None)
         if found is None:
-            raise UserError(f"{where}: the shards were prepared with tokenizer {spec}, which is missing; put it back "
-                            "or set data.tokenizer to a copy of it")
+            raise UserError(
+                f"{where}: the shards were prepared with tokenizer {spec}, which is missing; put it back "
+                "or set data.tokenizer to a copy of it"
+            )
         spec = found
     actual = load_tokenizer(spec).fingerprint
     if actual != fingerprint:
-        raise UserError(f"{where}: tokenizer {spec} has fingerprint {actual}, but the shards were prepared with "
-                        f"fingerprint {fingerprint}: it is not the tokenizer that made them")
+        raise UserError(
+            f"{where}: tokenizer {spec} has fingerprint {actual}, but the shards were prepared with "
+            f"fingerprint {fingerprint}: it is not the tokenizer that made them"
+        )
     return where, spec, fingerprint
 
 
@@ -249,8 +261,10 @@ def encode_documents(tokenizer, texts: Sequence[str], *, add_bos: bool, add_eos:
 
 def check_specials(tokenizer, *, add_bos: bool, add_eos: bool) -> None:
     """UserError if the configured begin/end-of-text tokens do not exist in this tokenizer."""
-    for wanted, token_id, what, flag in ((add_bos, tokenizer.bos_id, "begin", "add_bos"),
-                                         (add_eos, tokenizer.eos_id, "end", "add_eos")):
+    for wanted, token_id, what, flag in (
+        (add_bos, tokenizer.bos_id, "begin", "add_bos"),
+        (add_eos, tokenizer.eos_id, "end", "add_eos"),
+    ):
         if wanted and token_id is None:
             raise UserError(
                 f"the tokenizer ({getattr(tokenizer, 'path', tokenizer.kind)}) has no {what}-of-text token: "

@@ -35,8 +35,9 @@ def allowed(q_pos_bs, k_pos_bt, q_seg_bs, k_seg_bt, window=None) -> jax.Array:
     return ok
 
 
-def attend(q_bshe, k_btke, v_btke, q_pos_bs, k_pos_bt, q_seg_bs, k_seg_bt, *, scale: float, window=None,
-           softcap: float = 0.0) -> jax.Array:
+def attend(
+    q_bshe, k_btke, v_btke, q_pos_bs, k_pos_bt, q_seg_bs, k_seg_bt, *, scale: float, window=None, softcap: float = 0.0
+) -> jax.Array:
     """softmax(mask(softcap(q·k · scale))) · v, grouped-query, scores and softmax in float32 → [b, s, h, e].
 
     `softcap` > 0 maps scores to softcap·tanh(scores / softcap) before masking (Gemma 2). Keys are never repeated
@@ -83,12 +84,16 @@ def unsupported(kernel: str, *, window, softcap: float, dtype, seq_len: int) -> 
     static_window = window is None or isinstance(window, int)
     if kernel == "splash":
         if not static_window:
-            return ("splash needs one window per compiled kernel, but this model's windows differ per layer "
-                    "(layer_pattern); use model.attention=xla")
+            return (
+                "splash needs one window per compiled kernel, but this model's windows differ per layer "
+                "(layer_pattern); use model.attention=xla"
+            )
         block = min(SPLASH_BLOCK, seq_len)
         if seq_len % 128 or seq_len % block:
-            return (f"splash needs a sequence length (per context shard) that is a multiple of 128, and of "
-                    f"{SPLASH_BLOCK} above it, got {seq_len}")
+            return (
+                f"splash needs a sequence length (per context shard) that is a multiple of 128, and of "
+                f"{SPLASH_BLOCK} above it, got {seq_len}"
+            )
     if kernel == "cudnn":
         if softcap:
             return "cuDNN flash attention (jax.nn.dot_product_attention) has no attention-logit soft-cap"
@@ -99,8 +104,16 @@ def unsupported(kernel: str, *, window, softcap: float, dtype, seq_len: int) -> 
     return ""
 
 
-def choose_kernel(requested: str, platform: str, *, window=None, softcap: float = 0.0, dtype=jnp.bfloat16,
-                  seq_len: int = 128, key: str = "model.attention") -> str:
+def choose_kernel(
+    requested: str,
+    platform: str,
+    *,
+    window=None,
+    softcap: float = 0.0,
+    dtype=jnp.bfloat16,
+    seq_len: int = 128,
+    key: str = "model.attention",
+) -> str:
     """Resolve `requested` (one of KERNELS) for `platform`. `auto` takes the platform's fused kernel when it can do
     this attention, else xla (correct everywhere); an explicit kernel the platform lacks, or one that cannot do the
     window / soft-cap / dtype asked for, is a UserError (never a silent fallback)."""
@@ -111,17 +124,30 @@ def choose_kernel(requested: str, platform: str, *, window=None, softcap: float 
         why = unsupported(kernel, window=window, softcap=softcap, dtype=dtype, seq_len=seq_len)
         return "xla" if why else kernel
     if requested != "xla" and platform not in _KERNEL_PLATFORMS[requested]:
-        raise UserError(f"{key}={requested} needs a {' or '.join(_KERNEL_PLATFORMS[requested])} backend, but this "
-                        f"program runs on {platform}; use auto or xla")
+        raise UserError(
+            f"{key}={requested} needs a {' or '.join(_KERNEL_PLATFORMS[requested])} backend, but this "
+            f"program runs on {platform}; use auto or xla"
+        )
     why = unsupported(requested, window=window, softcap=softcap, dtype=dtype, seq_len=seq_len)
     if why:
         raise UserError(f"{key}={requested}: {why}")
     return requested
 
 
-def self_attention(q_bshe, k_bske, v_bske, positions_bs, segment_ids_bs, *, scale: float, window=None,
-                   softcap: float = 0.0, kernel: str = "auto", interpret: bool = False,
-                   block: int = SPLASH_BLOCK) -> jax.Array:
+def self_attention(
+    q_bshe,
+    k_bske,
+    v_bske,
+    positions_bs,
+    segment_ids_bs,
+    *,
+    scale: float,
+    window=None,
+    softcap: float = 0.0,
+    kernel: str = "auto",
+    interpret: bool = False,
+    block: int = SPLASH_BLOCK,
+) -> jax.Array:
     """Causal self-attention of one packed sequence with the chosen kernel → [b, s, h, e] (see the note above on
     positions vs indices). `interpret` runs splash's Pallas kernel in interpret mode (tests on CPU; it skips the
     platform check). Under a mesh with a `context` axis the queries stay split over the sequence and the keys and
@@ -130,16 +156,36 @@ def self_attention(q_bshe, k_bske, v_bske, positions_bs, segment_ids_bs, *, scal
     context = 1 if mesh.empty else mesh.shape.get("context", 1)
     platform = "tpu" if interpret else trace_platform()
     # Splash tiles each context shard's queries: the length that must divide into tiles is the shard's.
-    kernel = choose_kernel(kernel, platform, window=window, softcap=softcap, dtype=q_bshe.dtype,
-                           seq_len=q_bshe.shape[1] // context)
+    kernel = choose_kernel(
+        kernel, platform, window=window, softcap=softcap, dtype=q_bshe.dtype, seq_len=q_bshe.shape[1] // context
+    )
     k_bske, v_bske = gather_context(k_bske), gather_context(v_bske)
     if kernel == "xla":
-        return attend(q_bshe, k_bske, v_bske, positions_bs, positions_bs, segment_ids_bs, segment_ids_bs,
-                      scale=scale, window=window, softcap=softcap)
+        return attend(
+            q_bshe,
+            k_bske,
+            v_bske,
+            positions_bs,
+            positions_bs,
+            segment_ids_bs,
+            segment_ids_bs,
+            scale=scale,
+            window=window,
+            softcap=softcap,
+        )
     if kernel == "cudnn":
         return cudnn_attention(q_bshe, k_bske, v_bske, segment_ids_bs, scale=scale, window=window)
-    return splash_attention(q_bshe, k_bske, v_bske, segment_ids_bs, scale=scale, window=window, softcap=softcap,
-                            interpret=interpret, block=block)
+    return splash_attention(
+        q_bshe,
+        k_bske,
+        v_bske,
+        segment_ids_bs,
+        scale=scale,
+        window=window,
+        softcap=softcap,
+        interpret=interpret,
+        block=block,
+    )
 
 
 def gather_context(x_bske: jax.Array) -> jax.Array:
@@ -153,27 +199,46 @@ def gather_context(x_bske: jax.Array) -> jax.Array:
 
 def _batch_axes(mesh, batch: int) -> tuple[str, ...]:
     """The batch mesh axes that divide `batch` (as mesh.fit_to_shape keeps them)."""
-    axes = []
+    axes: list[str] = []
     for axis in BATCH_AXES:
         if batch % (math.prod(mesh.shape[a] for a in axes) * mesh.shape[axis]) == 0:
             axes.append(axis)
     return tuple(axes)
 
 
-def cudnn_attention(q_bshe, k_bske, v_bske, segment_ids_bs, *, scale: float, window=None,
-                    implementation: str = "cudnn") -> jax.Array:
+def cudnn_attention(
+    q_bshe, k_bske, v_bske, segment_ids_bs, *, scale: float, window=None, implementation: str = "cudnn"
+) -> jax.Array:
     """cuDNN flash attention through `jax.nn.dot_product_attention`: causal and the window inside the kernel,
     grouped-query natively. jax's API has no segment ids, so documents are separated by a boolean [b, 1, s, t]
     mask (cuDNN reads it as a bias: one byte per score at long context, never float32 scores or softmax).
     `implementation="xla"` runs the same call on any backend (what the CPU tests check against `attend`)."""
     mask = (segment_ids_bs[:, :, None] == segment_ids_bs[:, None, :])[:, None]
     local = None if window is None else (window - 1, 0)  # the query itself is one of the `window` keys
-    return jax.nn.dot_product_attention(q_bshe, k_bske, v_bske, mask=mask, scale=scale, is_causal=True,
-                                        local_window_size=local, implementation=implementation)
+    return jax.nn.dot_product_attention(
+        q_bshe,
+        k_bske,
+        v_bske,
+        mask=mask,
+        scale=scale,
+        is_causal=True,
+        local_window_size=local,
+        implementation=implementation,
+    )
 
 
-def splash_attention(q_bshe, k_bske, v_bske, segment_ids_bs, *, scale: float, window=None, softcap: float = 0.0,
-                     interpret: bool = False, block: int = SPLASH_BLOCK) -> jax.Array:
+def splash_attention(
+    q_bshe,
+    k_bske,
+    v_bske,
+    segment_ids_bs,
+    *,
+    scale: float,
+    window=None,
+    softcap: float = 0.0,
+    interpret: bool = False,
+    block: int = SPLASH_BLOCK,
+) -> jax.Array:
     """Pallas splash attention (TPU): block-sparse over the causal / local mask, segment ids in the kernel, soft-cap
     in the kernel, grouped-query as one MQA kernel per kv head (keys never repeated). Under a mesh it runs inside
     shard_map over batch, kv heads and the `context` axis (a Pallas call is not partitioned by GSPMD): each context
@@ -188,8 +253,16 @@ def splash_attention(q_bshe, k_bske, v_bske, segment_ids_bs, *, scale: float, wi
     context = mesh.shape.get("context", 1) if sharded else 1
     q_len = s // context
     bq, bkv = min(block, q_len), min(block, s)
-    sizes = splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
-                              block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
+    sizes = splash.BlockSizes(
+        block_q=bq,
+        block_kv=bkv,
+        block_kv_compute=bkv,
+        block_q_dkv=bq,
+        block_kv_dkv=bkv,
+        block_kv_dkv_compute=bkv,
+        block_q_dq=bq,
+        block_kv_dq=bkv,
+    )
 
     def kernel_at(offset):
         # Rows are this shard's queries (global index offset + i), columns every key.
@@ -197,8 +270,14 @@ def splash_attention(q_bshe, k_bske, v_bske, segment_ids_bs, *, scale: float, wi
             one = splash.CausalMask((q_len, s), offset=offset)
         else:
             one = splash.LocalMask((q_len, s), (window - 1, 0), offset=offset)
-        return splash.make_splash_mqa(splash.MultiHeadMask([one] * g), block_sizes=sizes, head_shards=1,
-                                      q_seq_shards=1, attn_logits_soft_cap=softcap or None, interpret=interpret)
+        return splash.make_splash_mqa(
+            splash.MultiHeadMask([one] * g),
+            block_sizes=sizes,
+            head_shards=1,
+            q_seq_shards=1,
+            attn_logits_soft_cap=softcap or None,
+            interpret=interpret,
+        )
 
     kernels = [kernel_at(i * q_len) for i in range(context)]
 
@@ -206,6 +285,7 @@ def splash_attention(q_bshe, k_bske, v_bske, segment_ids_bs, *, scale: float, wi
         def one_row(q_kgse, k_kse, v_kse, q_seg_s, kv_seg_s):
             ids = splash.SegmentIds(q=q_seg_s, kv=kv_seg_s)
             return jax.vmap(kernel, in_axes=(0, 0, 0, None))(q_kgse, k_kse, v_kse, ids)
+
         return jax.vmap(one_row)(q_bkgse, k_bkse, v_bkse, q_seg, kv_seg)
 
     def local(q, kk, v, q_seg, kv_seg):
@@ -226,8 +306,9 @@ def splash_attention(q_bshe, k_bske, v_bske, segment_ids_bs, *, scale: float, wi
     length_axis = "context" if context > 1 else None
     q_spec, kv_spec = P(tuple(batch_axes), length_axis, head_axis, None), P(tuple(batch_axes), None, head_axis, None)
     seg_q, seg_kv = P(tuple(batch_axes), length_axis), P(tuple(batch_axes), None)
-    return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_q, seg_kv), out_specs=q_spec,
-                         check_vma=False)(q_bshe, k_bske, v_bske, segment_ids_bs, segment_ids_bs)
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_q, seg_kv), out_specs=q_spec, check_vma=False
+    )(q_bshe, k_bske, v_bske, segment_ids_bs, segment_ids_bs)
 
 
 def index_masking_agrees(positions_bs, segment_ids_bs) -> bool:

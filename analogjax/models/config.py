@@ -81,7 +81,11 @@ class MoEConfig:
         return self.experts > 0
 
     def is_moe_layer(self, layer: int) -> bool:
-        return self.enabled and layer >= self.first_dense_layers and (layer - self.first_dense_layers + 1) % self.every == 0
+        return (
+            self.enabled
+            and layer >= self.first_dense_layers
+            and (layer - self.first_dense_layers + 1) % self.every == 0
+        )
 
     def validate(self, prefix: str, n_layers: int) -> None:
         """Checked by ModelConfig.check, which knows the layer count."""
@@ -102,13 +106,16 @@ class MoEConfig:
         if self.every < 1:
             raise UserError(f"{prefix}.every must be at least 1, got {self.every}")
         if self.first_dense_layers >= n_layers:
-            raise UserError(f"{prefix}.first_dense_layers ({self.first_dense_layers}) leaves no MoE layer of "
-                            f"{n_layers}")
+            raise UserError(
+                f"{prefix}.first_dense_layers ({self.first_dense_layers}) leaves no MoE layer of {n_layers}"
+            )
         # The MoE layers are scanned in groups of `every` layers (every-1 dense, then one MoE), after a scanned
         # dense prefix: the layers after the prefix must fill whole groups.
         if (n_layers - self.first_dense_layers) % self.every:
-            raise UserError(f"{prefix}.every ({self.every}) must divide the layers after {prefix}.first_dense_layers "
-                            f"({n_layers - self.first_dense_layers})")
+            raise UserError(
+                f"{prefix}.every ({self.every}) must divide the layers after {prefix}.first_dense_layers "
+                f"({n_layers - self.first_dense_layers})"
+            )
 
 
 @dataclass(frozen=True)
@@ -195,9 +202,14 @@ class ModelConfig:
             raise UserError(f"{prefix}.n_kv_heads ({self.kv_heads}) must divide {prefix}.n_heads ({self.n_heads})")
         if self.dim_per_head % 2:
             raise UserError(f"{prefix}.head_dim must be even for rotary embeddings, got {self.dim_per_head}")
-        choices = {"activation": ("silu", "gelu_tanh"), "dtype": ("float32", "bfloat16"), "remat": ("none", "block"),
-                   "attention": KERNELS,
-                   "norm_placement": ("pre", "sandwich", "post"), "qk_norm_scope": ("head", "all_heads")}
+        choices = {
+            "activation": ("silu", "gelu_tanh"),
+            "dtype": ("float32", "bfloat16"),
+            "remat": ("none", "block"),
+            "attention": KERNELS,
+            "norm_placement": ("pre", "sandwich", "post"),
+            "qk_norm_scope": ("head", "all_heads"),
+        }
         for name, allowed in choices.items():
             check_choice(f"{prefix}.{name}", getattr(self, name), allowed)
         for i, kind in enumerate(self.layer_pattern):
@@ -209,8 +221,10 @@ class ModelConfig:
             raise UserError(f"{prefix}.layer_pattern has sliding layers but {prefix}.sliding_window is 0")
         self.moe.validate(f"{prefix}.moe", self.n_layers)
         if self.moe.enabled and not self.uniform_layers:
-            raise UserError(f"{prefix}.moe: MoE layers with per-layer attention kinds ({prefix}.layer_pattern, "
-                            f"{prefix}.local_rope_theta) are not supported yet")
+            raise UserError(
+                f"{prefix}.moe: MoE layers with per-layer attention kinds ({prefix}.layer_pattern, "
+                f"{prefix}.local_rope_theta) are not supported yet"
+            )
 
     @property
     def expert_d_ff(self) -> int:
@@ -235,31 +249,87 @@ PRESETS: dict[str, ModelConfig] = {
     "bench-student": _preset(preset="bench-student", vocab_size=8192, d_model=256, n_layers=4, n_heads=4, d_ff=768),
     # Llama 3 family shapes (vocab 128256, GQA with 8 KV heads, rope theta 500000).
     "llama3-1b": _preset(
-        preset="llama3-1b", vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, d_ff=8192,
-        rope_theta=500000.0, tie_embeddings=True, dtype="bfloat16", remat="block",
+        preset="llama3-1b",
+        vocab_size=128256,
+        d_model=2048,
+        n_layers=16,
+        n_heads=32,
+        n_kv_heads=8,
+        d_ff=8192,
+        rope_theta=500000.0,
+        tie_embeddings=True,
+        dtype="bfloat16",
+        remat="block",
     ),
     "llama3-8b": _preset(
-        preset="llama3-8b", vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336,
-        rope_theta=500000.0, dtype="bfloat16", remat="block",
+        preset="llama3-8b",
+        vocab_size=128256,
+        d_model=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        d_ff=14336,
+        rope_theta=500000.0,
+        dtype="bfloat16",
+        remat="block",
     ),
     "llama3-70b": _preset(
-        preset="llama3-70b", vocab_size=128256, d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8, d_ff=28672,
-        rope_theta=500000.0, dtype="bfloat16", remat="block",
+        preset="llama3-70b",
+        vocab_size=128256,
+        d_model=8192,
+        n_layers=80,
+        n_heads=64,
+        n_kv_heads=8,
+        d_ff=28672,
+        rope_theta=500000.0,
+        dtype="bfloat16",
+        remat="block",
     ),
     # Mixture-of-experts shapes (public config.json values; shapes only). param_count: Mixtral-8x7B 46.7B total /
     # 12.9B active, Qwen3-30B-A3B 30.5B / 3.3B, Qwen3-235B-A22B 235B / 22B.
     "mixtral-8x7b": _preset(
-        preset="mixtral-8x7b", vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336,
-        rope_theta=1e6, dtype="bfloat16", remat="block", moe=MoEConfig(experts=8, top_k=2),
+        preset="mixtral-8x7b",
+        vocab_size=32000,
+        d_model=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        d_ff=14336,
+        rope_theta=1e6,
+        dtype="bfloat16",
+        remat="block",
+        moe=MoEConfig(experts=8, top_k=2),
     ),
     "qwen3-30b-a3b": _preset(
-        preset="qwen3-30b-a3b", vocab_size=151936, d_model=2048, n_layers=48, n_heads=32, n_kv_heads=4, head_dim=128,
-        d_ff=6144, rope_theta=1e6, norm_eps=1e-6, qk_norm=True, dtype="bfloat16", remat="block",
+        preset="qwen3-30b-a3b",
+        vocab_size=151936,
+        d_model=2048,
+        n_layers=48,
+        n_heads=32,
+        n_kv_heads=4,
+        head_dim=128,
+        d_ff=6144,
+        rope_theta=1e6,
+        norm_eps=1e-6,
+        qk_norm=True,
+        dtype="bfloat16",
+        remat="block",
         moe=MoEConfig(experts=128, top_k=8, expert_d_ff=768),
     ),
     "qwen3-235b-a22b": _preset(
-        preset="qwen3-235b-a22b", vocab_size=151936, d_model=4096, n_layers=94, n_heads=64, n_kv_heads=4,
-        head_dim=128, d_ff=12288, rope_theta=1e6, norm_eps=1e-6, qk_norm=True, dtype="bfloat16", remat="block",
+        preset="qwen3-235b-a22b",
+        vocab_size=151936,
+        d_model=4096,
+        n_layers=94,
+        n_heads=64,
+        n_kv_heads=4,
+        head_dim=128,
+        d_ff=12288,
+        rope_theta=1e6,
+        norm_eps=1e-6,
+        qk_norm=True,
+        dtype="bfloat16",
+        remat="block",
         moe=MoEConfig(experts=128, top_k=8, expert_d_ff=1536),
     ),
 }

@@ -51,19 +51,40 @@ _TENSOR_NAMES = {
 
 # llama.* metadata the decoder implements (anything else under the architecture's prefix is refused).
 _KNOWN_KEYS = {
-    "context_length", "embedding_length", "block_count", "feed_forward_length", "attention.head_count",
-    "attention.head_count_kv", "rope.freq_base", "attention.layer_norm_rms_epsilon", "vocab_size",
-    "rope.dimension_count", "attention.key_length", "attention.value_length", "rope.scaling.type",
-    "rope.scaling.factor", "expert_count", "expert_used_count",
+    "context_length",
+    "embedding_length",
+    "block_count",
+    "feed_forward_length",
+    "attention.head_count",
+    "attention.head_count_kv",
+    "rope.freq_base",
+    "attention.layer_norm_rms_epsilon",
+    "vocab_size",
+    "rope.dimension_count",
+    "attention.key_length",
+    "attention.value_length",
+    "rope.scaling.type",
+    "rope.scaling.factor",
+    "expert_count",
+    "expert_used_count",
 }
 
 # tokenizer.ggml.pre → how text is split before BPE (llama.cpp's llama-vocab.cpp, and each model's tokenizer.json).
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 _PRE_TOKENIZERS = {
-    "default": "gpt2", "gpt2": "gpt2",  # GPT-2's regex, inside the ByteLevel pre-tokenizer
-    "smollm": "digits", "starcoder": "digits", "refact": "digits", "codeshell": "digits",  # digits one by one first
-    "llama3": "llama3", "llama-v3": "llama3", "llama-bpe": "llama3", "smaug-bpe": "llama3",
+    "default": "gpt2",
+    "gpt2": "gpt2",  # GPT-2's regex, inside the ByteLevel pre-tokenizer
+    "smollm": "digits",
+    "starcoder": "digits",
+    "refact": "digits",
+    "codeshell": "digits",  # digits one by one first
+    "llama3": "llama3",
+    "llama-v3": "llama3",
+    "llama-bpe": "llama3",
+    "smaug-bpe": "llama3",
 }
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 
@@ -95,18 +116,23 @@ class GGUFFile:
         try:
             self.reader = GGUFReader(self.path)
         except Exception as exc:  # the reader raises ValueError/IndexError/struct errors on damaged headers
-            raise UserError(f"{self.path}: not a readable GGUF file ({type(exc).__name__}: {exc}); "
-                            "download or convert it again") from None
+            raise UserError(
+                f"{self.path}: not a readable GGUF file ({type(exc).__name__}: {exc}); download or convert it again"
+            ) from None
         size = self.path.stat().st_size
         for tensor in self.reader.tensors:
             if tensor.data_offset + tensor.n_bytes > size or tensor.data.nbytes != tensor.n_bytes:
-                raise UserError(f"{self.path}: truncated GGUF file (tensor {tensor.name} ends past the file's "
-                                f"{size} bytes); download or convert it again")
+                raise UserError(
+                    f"{self.path}: truncated GGUF file (tensor {tensor.name} ends past the file's "
+                    f"{size} bytes); download or convert it again"
+                )
         self.tensors = {t.name: t for t in self.reader.tensors}
         self.arch = self.get("general.architecture")
         if self.arch not in ARCHITECTURES:
-            raise UserError(f"{self.path}: unsupported GGUF architecture {self.arch!r} (supported: "
-                            f"{', '.join(ARCHITECTURES)}); convert a Hugging Face folder and use teacher.hf_path")
+            raise UserError(
+                f"{self.path}: unsupported GGUF architecture {self.arch!r} (supported: "
+                f"{', '.join(ARCHITECTURES)}); convert a Hugging Face folder and use teacher.hf_path"
+            )
 
     def get(self, key: str, default=None):
         field = self.reader.fields.get(key)
@@ -127,9 +153,11 @@ class GGUFFile:
         tensor = self.tensors[name]
         kind = tensor.tensor_type.name
         if kind not in SUPPORTED_TYPES:
-            raise UserError(f"{self.path}: tensor {name} has type {kind}, which analogjax does not dequantize "
-                            f"(supported: {', '.join(SUPPORTED_TYPES)}); requantize the file to one of them "
-                            "(llama.cpp's llama-quantize) or use the Hugging Face folder")
+            raise UserError(
+                f"{self.path}: tensor {name} has type {kind}, which analogjax does not dequantize "
+                f"(supported: {', '.join(SUPPORTED_TYPES)}); requantize the file to one of them "
+                "(llama.cpp's llama-quantize) or use the Hugging Face folder"
+            )
         shape = tuple(int(n) for n in reversed(tensor.shape))
         return np.asarray(quants.dequantize(tensor.data, tensor.tensor_type), np.float32).reshape(shape)
 
@@ -143,7 +171,7 @@ def model_config_from_gguf(path: str | Path, gguf_file: GGUFFile | None = None) 
     f = gguf_file or open_gguf(path)
     prefix = f"{f.arch}."
     for key in f.reader.fields:
-        if key.startswith(prefix) and key[len(prefix):] not in _KNOWN_KEYS:
+        if key.startswith(prefix) and key[len(prefix) :] not in _KNOWN_KEYS:
             raise UserError(f"{f.path}: GGUF metadata {key} is not implemented by the analogjax decoder")
     scaling = f.get(prefix + "rope.scaling.type", "none")
     if scaling != "none" and not (scaling == "linear" and float(f.get(prefix + "rope.scaling.factor", 1.0)) == 1.0):
@@ -156,8 +184,10 @@ def model_config_from_gguf(path: str | Path, gguf_file: GGUFFile | None = None) 
     if int(f.get(prefix + "attention.value_length", head_dim)) != head_dim:
         raise UserError(f"{f.path}: different key and value head sizes are not supported")
     if int(f.get(prefix + "rope.dimension_count", head_dim)) != head_dim:
-        raise UserError(f"{f.path}: partial rotary embeddings (rope.dimension_count "
-                        f"{f.get(prefix + 'rope.dimension_count')} < head size {head_dim}) are not supported")
+        raise UserError(
+            f"{f.path}: partial rotary embeddings (rope.dimension_count "
+            f"{f.get(prefix + 'rope.dimension_count')} < head size {head_dim}) are not supported"
+        )
     if "token_embd.weight" not in f.tensors:
         raise UserError(f"{f.path}: no token_embd.weight tensor")
     embed_rows = int(f.tensors["token_embd.weight"].shape[1])
@@ -226,8 +256,10 @@ def _hf_name(gguf_name: str, path: Path) -> str:
             return _TENSOR_NAMES[pattern].format(i=int(parts[1]))
     elif gguf_name in _TENSOR_NAMES:
         return _TENSOR_NAMES[gguf_name]
-    raise UserError(f"{path}: GGUF tensor {gguf_name} is not part of the analogjax decoder (e.g. biases, RoPE "
-                    "frequency factors or experts); this file's model is not supported")
+    raise UserError(
+        f"{path}: GGUF tensor {gguf_name} is not part of the analogjax decoder (e.g. biases, RoPE "
+        "frequency factors or experts); this file's model is not supported"
+    )
 
 
 def load_params(path: str | Path, model_cfg: ModelConfig, mesh, rules) -> dict:
@@ -236,8 +268,10 @@ def load_params(path: str | Path, model_cfg: ModelConfig, mesh, rules) -> dict:
     found = model_config_from_gguf(path, f)
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "kv_heads", "dim_per_head", "d_ff", "tie_embeddings"):
         if getattr(found, name) != getattr(model_cfg, name):
-            raise UserError(f"{path}: the GGUF file has {name} {getattr(found, name)}, the model config says "
-                            f"{getattr(model_cfg, name)}")
+            raise UserError(
+                f"{path}: the GGUF file has {name} {getattr(found, name)}, the model config says "
+                f"{getattr(model_cfg, name)}"
+            )
     return hf.params_from_tensors(_GGUFTensors(f, model_cfg), model_cfg, mesh, rules, f"{path}: GGUF metadata")
 
 
@@ -268,32 +302,50 @@ def tokenizer_from_gguf(path: str | Path, gguf_file: GGUFFile | None = None):
     f = gguf_file or open_gguf(path)
     kind = f.get("tokenizer.ggml.model")
     if kind != "gpt2":
-        raise UserError(f"{f.path}: tokenizer model {kind!r} is not supported (only byte-level BPE, \"gpt2\"); "
-                        "set data.tokenizer to the model's tokenizer.json")
+        raise UserError(
+            f'{f.path}: tokenizer model {kind!r} is not supported (only byte-level BPE, "gpt2"); '
+            "set data.tokenizer to the model's tokenizer.json"
+        )
     pre = f.get("tokenizer.ggml.pre", "default")
     if pre not in _PRE_TOKENIZERS:
-        raise UserError(f"{f.path}: tokenizer pre-tokenizer {pre!r} is not supported (supported: "
-                        f"{', '.join(sorted(_PRE_TOKENIZERS))}); set data.tokenizer to the model's tokenizer.json")
+        raise UserError(
+            f"{f.path}: tokenizer pre-tokenizer {pre!r} is not supported (supported: "
+            f"{', '.join(sorted(_PRE_TOKENIZERS))}); set data.tokenizer to the model's tokenizer.json"
+        )
     tokens = [str(t) for t in f.require("tokenizer.ggml.tokens")]
     merges = [tuple(m.split(" ", 1)) for m in f.get("tokenizer.ggml.merges", [])]
     types = [int(t) for t in f.get("tokenizer.ggml.token_type", [1] * len(tokens))]
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, dropout=None,
-                               continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
+    tok = Tokenizer(
+        models.BPE(
+            vocab={t: i for i, t in enumerate(tokens)},
+            merges=merges,
+            dropout=None,
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+            fuse_unk=False,
+        )
+    )
     split = _PRE_TOKENIZERS[pre]
     if split == "gpt2":
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     elif split == "digits":
-        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                     pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        )
     else:
-        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
-                                                     pre_tokenizers.ByteLevel(add_prefix_space=False,
-                                                                              use_regex=False)])
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t, kind_ in zip(tokens, types) if kind_ == _CONTROL])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False)
-                    for t, kind_ in zip(tokens, types) if kind_ == _USER_DEFINED])
+    tok.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t, kind_ in zip(tokens, types) if kind_ == _CONTROL]
+    )
+    tok.add_tokens(
+        [AddedToken(t, special=False, normalized=False) for t, kind_ in zip(tokens, types) if kind_ == _USER_DEFINED]
+    )
     specials = {}
     for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("pad_token", "padding_token_id")):
         index = f.get(f"tokenizer.ggml.{key}")
@@ -309,8 +361,13 @@ def write_tokenizer(path: str | Path, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-              "add_bos_token": False, "add_eos_token": False, **specials}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "clean_up_tokenization_spaces": False,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        **specials,
+    }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out / "tokenizer.json"
 
@@ -336,9 +393,16 @@ def gguf_provenance(path: str | Path) -> dict:
     counts: dict[str, int] = {}
     for tensor in f.reader.tensors:
         counts[tensor.tensor_type.name] = counts.get(tensor.tensor_type.name, 0) + 1
-    return {"file": f.path.name, "sha256": digest.hexdigest(), "bytes": f.path.stat().st_size,
-            "name": f.get("general.name"), "architecture": f.arch, "license": f.get("general.license"),
-            "file_type": file_type_name, "tensor_types": dict(sorted(counts.items()))}
+    return {
+        "file": f.path.name,
+        "sha256": digest.hexdigest(),
+        "bytes": f.path.stat().st_size,
+        "name": f.get("general.name"),
+        "architecture": f.arch,
+        "license": f.get("general.license"),
+        "file_type": file_type_name,
+        "tensor_types": dict(sorted(counts.items())),
+    }
 
 
 def config_fields(path: str | Path) -> dict:
@@ -346,5 +410,16 @@ def config_fields(path: str | Path) -> dict:
     return dataclasses.asdict(model_config_from_gguf(path))
 
 
-__all__ = ["GGUFFile", "GGUFModel", "load", "load_params", "model_config_from_gguf", "tokenizer_from_gguf",
-           "write_tokenizer", "gguf_provenance", "config_fields", "SUPPORTED_TYPES", "ARCHITECTURES"]
+__all__ = [
+    "GGUFFile",
+    "GGUFModel",
+    "load",
+    "load_params",
+    "model_config_from_gguf",
+    "tokenizer_from_gguf",
+    "write_tokenizer",
+    "gguf_provenance",
+    "config_fields",
+    "SUPPORTED_TYPES",
+    "ARCHITECTURES",
+]

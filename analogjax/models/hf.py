@@ -74,16 +74,36 @@ _NOT_YET = {
     "Llama4ForCausalLM": "Llama 4's chunked attention and interleaved MoE are not implemented",
     "Llama4ForConditionalGeneration": "Llama 4's chunked attention and interleaved MoE are not implemented",
 }
-_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
-                "gelu_tanh": "gelu_tanh"}
+_ACTIVATIONS = {
+    "silu": "silu",
+    "swish": "silu",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
+    "gelu_tanh": "gelu_tanh",
+}
 _GEMMAS = ("gemma", "gemma2", "gemma3_text")
 _SANDWICH = ("gemma2", "gemma3_text")
 
 # Keys every family reads (their values are implemented, or refused by value).
-_READ = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-         "num_key_value_heads", "head_dim", "rms_norm_eps", "tie_word_embeddings", "hidden_act", "rope_theta",
-         "rope_scaling", "rope_parameters", "attention_bias", "mlp_bias", "max_position_embeddings",
-         "use_bidirectional_attention"}
+_READ = {
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+    "hidden_act",
+    "rope_theta",
+    "rope_scaling",
+    "rope_parameters",
+    "attention_bias",
+    "mlp_bias",
+    "max_position_embeddings",
+    "use_bidirectional_attention",
+}
 # Keys one family reads besides.
 _WINDOWED = {"sliding_window", "layer_types"}
 _FAMILY_KEYS = {
@@ -92,37 +112,120 @@ _FAMILY_KEYS = {
     "qwen2": _WINDOWED | {"use_sliding_window", "max_window_layers"},
     "qwen3": _WINDOWED | {"use_sliding_window", "max_window_layers"},
     "gemma": {"hidden_activation"},
-    "gemma2": _WINDOWED | {"hidden_activation", "query_pre_attn_scalar", "final_logit_softcapping",
-                           "attn_logit_softcapping", "use_bidirectional_attention"},
-    "gemma3_text": _WINDOWED | {"hidden_activation", "query_pre_attn_scalar", "final_logit_softcapping",
-                                "attn_logit_softcapping", "use_bidirectional_attention", "rope_local_base_freq",
-                                # transformers writes its private copy of the pattern; layer_types supersedes it
-                                "sliding_window_pattern", "_sliding_window_pattern"},
+    "gemma2": _WINDOWED
+    | {
+        "hidden_activation",
+        "query_pre_attn_scalar",
+        "final_logit_softcapping",
+        "attn_logit_softcapping",
+        "use_bidirectional_attention",
+    },
+    "gemma3_text": _WINDOWED
+    | {
+        "hidden_activation",
+        "query_pre_attn_scalar",
+        "final_logit_softcapping",
+        "attn_logit_softcapping",
+        "use_bidirectional_attention",
+        "rope_local_base_freq",
+        # transformers writes its private copy of the pattern; layer_types supersedes it
+        "sliding_window_pattern",
+        "_sliding_window_pattern",
+    },
     "phi3": {"sliding_window", "original_max_position_embeddings", "partial_rotary_factor"},
     "olmo2": set(),
     "mixtral": {"sliding_window", "num_local_experts", "num_experts_per_tok", "router_jitter_noise"},
-    "qwen2_moe": _WINDOWED | {"use_sliding_window", "max_window_layers", "num_experts", "num_experts_per_tok",
-                              "moe_intermediate_size", "shared_expert_intermediate_size", "norm_topk_prob",
-                              "decoder_sparse_step", "mlp_only_layers", "qkv_bias"},
-    "qwen3_moe": _WINDOWED | {"use_sliding_window", "max_window_layers", "num_experts", "num_experts_per_tok",
-                              "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers",
-                              "num_local_experts"},  # transformers writes this alias of num_experts itself
+    "qwen2_moe": _WINDOWED
+    | {
+        "use_sliding_window",
+        "max_window_layers",
+        "num_experts",
+        "num_experts_per_tok",
+        "moe_intermediate_size",
+        "shared_expert_intermediate_size",
+        "norm_topk_prob",
+        "decoder_sparse_step",
+        "mlp_only_layers",
+        "qkv_bias",
+    },
+    "qwen3_moe": _WINDOWED
+    | {
+        "use_sliding_window",
+        "max_window_layers",
+        "num_experts",
+        "num_experts_per_tok",
+        "moe_intermediate_size",
+        "norm_topk_prob",
+        "decoder_sparse_step",
+        "mlp_only_layers",
+        "num_local_experts",
+    },  # transformers writes this alias of num_experts itself
     "olmoe": {"num_experts", "num_experts_per_tok", "norm_topk_prob", "clip_qkv"},
 }
 # Keys that cannot change the logits of an eval forward.
-_INERT = {"architectures", "model_type", "transformers_version", "_name_or_path", "torch_dtype", "dtype",
-          "use_cache", "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id",
-          "decoder_start_token_id", "attention_dropout", "resid_pdrop", "embd_pdrop", "hidden_dropout",
-          "pretraining_tp", "cache_implementation", "output_attentions", "output_hidden_states", "return_dict",
-          "id2label", "label2id", "tokenizer_class", "chunk_size_feed_forward", "problem_type", "prefix",
-          "task_specific_params", "finetuning_task", "torchscript", "tie_encoder_decoder", "is_decoder",
-          "is_encoder_decoder", "add_cross_attention", "use_return_dict", "tf_legacy_loss", "_attn_implementation",
-          "attn_implementation", "initializer_factor", "max_length", "generation_config",
-          # MoE training-only knobs (an eval forward never reads them)
-          "router_aux_loss_coef", "output_router_logits"}
-_ROPE_KEYS = {"rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings", "low_freq_factor",
-              "high_freq_factor", "beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim",
-              "truncate", "partial_rotary_factor"}
+_INERT = {
+    "architectures",
+    "model_type",
+    "transformers_version",
+    "_name_or_path",
+    "torch_dtype",
+    "dtype",
+    "use_cache",
+    "initializer_range",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "sep_token_id",
+    "decoder_start_token_id",
+    "attention_dropout",
+    "resid_pdrop",
+    "embd_pdrop",
+    "hidden_dropout",
+    "pretraining_tp",
+    "cache_implementation",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "id2label",
+    "label2id",
+    "tokenizer_class",
+    "chunk_size_feed_forward",
+    "problem_type",
+    "prefix",
+    "task_specific_params",
+    "finetuning_task",
+    "torchscript",
+    "tie_encoder_decoder",
+    "is_decoder",
+    "is_encoder_decoder",
+    "add_cross_attention",
+    "use_return_dict",
+    "tf_legacy_loss",
+    "_attn_implementation",
+    "attn_implementation",
+    "initializer_factor",
+    "max_length",
+    "generation_config",
+    # MoE training-only knobs (an eval forward never reads them)
+    "router_aux_loss_coef",
+    "output_router_logits",
+}
+_ROPE_KEYS = {
+    "rope_type",
+    "type",
+    "rope_theta",
+    "factor",
+    "original_max_position_embeddings",
+    "low_freq_factor",
+    "high_freq_factor",
+    "beta_fast",
+    "beta_slow",
+    "attention_factor",
+    "mscale",
+    "mscale_all_dim",
+    "truncate",
+    "partial_rotary_factor",
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -152,8 +255,10 @@ def _model_type(hf: dict, where: str) -> tuple[str, str]:
         raise UserError(f"{where}: architecture {arch} is not supported yet ({_NOT_YET[arch]})")
     model_type = ARCHITECTURES.get(arch) if arch else hf.get("model_type")
     if model_type not in ARCHITECTURES.values():
-        raise UserError(f"{where}: unsupported architecture {arch or hf.get('model_type')!r} "
-                        f"(supported: {', '.join(ARCHITECTURES)})")
+        raise UserError(
+            f"{where}: unsupported architecture {arch or hf.get('model_type')!r} "
+            f"(supported: {', '.join(ARCHITECTURES)})"
+        )
     if arch is None:
         arch = next(a for a, t in ARCHITECTURES.items() if t == model_type)
     return arch, model_type
@@ -172,8 +277,12 @@ def _rope(params: dict, hf: dict, model_type: str, refuse) -> tuple[float | None
         return theta, RopeScaling()
     if model_type == "phi3" or kind not in ("linear", "llama3", "yarn"):
         refuse(f"RoPE type {kind!r}")  # Phi-3 turns yarn into longrope; dynamic and longrope depend on length
-    original = int(params.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings")
-                   or hf.get("max_position_embeddings") or 0)
+    original = int(
+        params.get("original_max_position_embeddings")
+        or hf.get("original_max_position_embeddings")
+        or hf.get("max_position_embeddings")
+        or 0
+    )
     factor = params.get("factor")
     if factor is None and kind == "yarn" and original:
         factor = float(hf.get("max_position_embeddings", 0)) / original
@@ -181,16 +290,21 @@ def _rope(params: dict, hf: dict, model_type: str, refuse) -> tuple[float | None
         refuse(f"RoPE type {kind!r} without a factor")
     extra = {}
     if kind == "llama3":
-        extra = dict(low_freq_factor=float(params["low_freq_factor"]),
-                     high_freq_factor=float(params["high_freq_factor"]))
+        extra = dict(
+            low_freq_factor=float(params["low_freq_factor"]), high_freq_factor=float(params["high_freq_factor"])
+        )
     if kind == "yarn":
-        extra = dict(beta_fast=float(params.get("beta_fast") or 32), beta_slow=float(params.get("beta_slow") or 1),
-                     truncate=bool(params.get("truncate", True)),
-                     attention_factor=float(params.get("attention_factor") or 0.0),
-                     mscale=float(params.get("mscale") or 0.0),
-                     mscale_all_dim=float(params.get("mscale_all_dim") or 0.0))
-    scaling = RopeScaling(kind=kind, factor=float(factor), original_max_positions=original if kind != "linear" else 0,
-                          **extra)
+        extra = dict(
+            beta_fast=float(params.get("beta_fast") or 32),
+            beta_slow=float(params.get("beta_slow") or 1),
+            truncate=bool(params.get("truncate", True)),
+            attention_factor=float(params.get("attention_factor") or 0.0),
+            mscale=float(params.get("mscale") or 0.0),
+            mscale_all_dim=float(params.get("mscale_all_dim") or 0.0),
+        )
+    scaling = RopeScaling(
+        kind=kind, factor=float(factor), original_max_positions=original if kind != "linear" else 0, **extra
+    )
     return theta, scaling
 
 
@@ -274,8 +388,10 @@ def config_from_hf_dict(hf: dict, where: str = "config.json") -> ModelConfig:
             if kinds is None:
                 if model_type in qwens:
                     first_sliding = int(hf.get("max_window_layers", 28))
-                    kinds = ["sliding_attention" if window is not None and i >= first_sliding else "full_attention"
-                             for i in range(layers)]
+                    kinds = [
+                        "sliding_attention" if window is not None and i >= first_sliding else "full_attention"
+                        for i in range(layers)
+                    ]
                 else:
                     period = 2 if model_type == "gemma2" else int(hf.get("sliding_window_pattern", 6))
                     kinds = ["sliding_attention" if (i + 1) % period else "full_attention" for i in range(layers)]
@@ -354,19 +470,29 @@ def _moe_from_hf(hf: dict, model_type: str, layers: int, refuse) -> MoEConfig:
         every = max(step, 1)
         first_dense = (sparse.index(True) if True in sparse else layers) - (every - 1)
         probe = MoEConfig(experts=experts, first_dense_layers=max(first_dense, 0), every=every)
-        if (first_dense < 0 or first_dense >= layers or (layers - first_dense) % every
-                or [probe.is_moe_layer(i) for i in range(layers)] != sparse):
-            refuse(f"MoE layers at {[i for i, s in enumerate(sparse) if s]} (decoder_sparse_step {step}, "
-                   f"mlp_only_layers {sorted(dense_only)}): only a dense prefix then every n-th layer is supported")
+        if (
+            first_dense < 0
+            or first_dense >= layers
+            or (layers - first_dense) % every
+            or [probe.is_moe_layer(i) for i in range(layers)] != sparse
+        ):
+            refuse(
+                f"MoE layers at {[i for i, s in enumerate(sparse) if s]} (decoder_sparse_step {step}, "
+                f"mlp_only_layers {sorted(dense_only)}): only a dense prefix then every n-th layer is supported"
+            )
     shared = int(hf.get("shared_expert_intermediate_size") or 0) if model_type == "qwen2_moe" else 0
     if model_type == "qwen2_moe" and not shared:
         refuse("shared_expert_intermediate_size 0")
     return MoEConfig(
-        experts=experts, top_k=int(hf["num_experts_per_tok"]),
+        experts=experts,
+        top_k=int(hf["num_experts_per_tok"]),
         expert_d_ff=int(hf["moe_intermediate_size"]) if qwen else 0,
-        shared_d_ff=shared, shared_gate=bool(shared), router="softmax",
+        shared_d_ff=shared,
+        shared_gate=bool(shared),
+        router="softmax",
         norm_topk=True if model_type == "mixtral" else bool(hf.get("norm_topk_prob", False)),
-        first_dense_layers=first_dense, every=every,
+        first_dense_layers=first_dense,
+        every=every,
     )
 
 
@@ -383,8 +509,11 @@ def _moe_to_hf(cfg: ModelConfig, model_type: str) -> dict[str, Any]:
     if model_type == "olmoe":
         out["clip_qkv"] = None
         return out
-    out.update(moe_intermediate_size=cfg.expert_d_ff, decoder_sparse_step=moe.every,
-               mlp_only_layers=[i for i in range(cfg.n_layers) if (i + 1) % moe.every == 0 and not moe.is_moe_layer(i)])
+    out.update(
+        moe_intermediate_size=cfg.expert_d_ff,
+        decoder_sparse_step=moe.every,
+        mlp_only_layers=[i for i in range(cfg.n_layers) if (i + 1) % moe.every == 0 and not moe.is_moe_layer(i)],
+    )
     if model_type == "qwen2_moe":
         out.update(shared_expert_intermediate_size=moe.shared_d_ff, qkv_bias=True)
     return out
@@ -420,8 +549,9 @@ def architecture_for(cfg: ModelConfig) -> tuple[str, str]:
     set, else implied by the fields); UserError when that class cannot express some field."""
     arch = _infer_architecture(cfg)
     if arch not in ARCHITECTURES:
-        raise UserError(f"model.hf_architecture {arch!r} is not one analogjax writes "
-                        f"(known: {', '.join(ARCHITECTURES)})")
+        raise UserError(
+            f"model.hf_architecture {arch!r} is not one analogjax writes (known: {', '.join(ARCHITECTURES)})"
+        )
     # Exactness check: the config.json we would write must read back to this very config.
     back = config_from_hf_dict(_hf_config_for(cfg, arch, "float32", 4096, {}), f"export as {arch}")
     strip = {name: getattr(ModelConfig(), name) for name in _NOT_ARCHITECTURE}
@@ -432,8 +562,10 @@ def architecture_for(cfg: ModelConfig) -> tuple[str, str]:
     want, got = canonical(cfg), canonical(back)
     if want != got:
         differing = [f.name for f in dataclasses.fields(ModelConfig) if getattr(want, f.name) != getattr(got, f.name)]
-        raise UserError(f"no Hugging Face architecture expresses this model exactly: {arch} cannot carry "
-                        f"{', '.join(f'{n}={getattr(cfg, n)!r}' for n in differing)}")
+        raise UserError(
+            f"no Hugging Face architecture expresses this model exactly: {arch} cannot carry "
+            f"{', '.join(f'{n}={getattr(cfg, n)!r}' for n in differing)}"
+        )
     return arch, ARCHITECTURES[arch]
 
 
@@ -454,8 +586,13 @@ def _rope_dict(theta: float, scaling: RopeScaling) -> dict[str, Any]:
     return out
 
 
-def hf_config(cfg: ModelConfig, *, dtype: str = "float32", max_positions: int = 4096,
-              special_ids: dict[str, int | None] | None = None) -> dict[str, Any]:
+def hf_config(
+    cfg: ModelConfig,
+    *,
+    dtype: str = "float32",
+    max_positions: int = 4096,
+    special_ids: dict[str, int | None] | None = None,
+) -> dict[str, Any]:
     """config.json for `cfg` (architecture chosen and checked by `architecture_for`)."""
     arch, _ = architecture_for(cfg)
     return _hf_config_for(cfg, arch, dtype, max_positions, special_ids or {})
@@ -489,9 +626,10 @@ def _hf_config_for(cfg: ModelConfig, arch: str, dtype: str, max_positions: int, 
     if model_type in ("llama",):
         out["mlp_bias"] = False
     if model_type == "gemma3_text":
-        out["rope_parameters"] = {"full_attention": _rope_dict(cfg.rope_theta, cfg.rope_scaling),
-                                  "sliding_attention": _rope_dict(cfg.local_rope_theta or cfg.rope_theta,
-                                                                  RopeScaling())}
+        out["rope_parameters"] = {
+            "full_attention": _rope_dict(cfg.rope_theta, cfg.rope_scaling),
+            "sliding_attention": _rope_dict(cfg.local_rope_theta or cfg.rope_theta, RopeScaling()),
+        }
     else:
         out["rope_theta"] = cfg.rope_theta
         out["rope_parameters"] = _rope_dict(cfg.rope_theta, cfg.rope_scaling)
@@ -500,14 +638,22 @@ def _hf_config_for(cfg: ModelConfig, arch: str, dtype: str, max_positions: int, 
     kinds = ["sliding_attention" if k == SLIDING else "full_attention" for k in cfg.layer_kinds]
     window = cfg.sliding_window or None
     if model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
-        out.update(use_sliding_window=window is not None, sliding_window=window, max_window_layers=cfg.n_layers,
-                   layer_types=kinds)
+        out.update(
+            use_sliding_window=window is not None,
+            sliding_window=window,
+            max_window_layers=cfg.n_layers,
+            layer_types=kinds,
+        )
     elif model_type in ("mistral", "phi3", "mixtral"):
         out["sliding_window"] = window
     elif model_type in _SANDWICH:
-        out.update(sliding_window=window, layer_types=kinds, use_bidirectional_attention=False,
-                   query_pre_attn_scalar=int(cfg.query_scalar or cfg.dim_per_head),
-                   final_logit_softcapping=cfg.final_softcap or None)
+        out.update(
+            sliding_window=window,
+            layer_types=kinds,
+            use_bidirectional_attention=False,
+            query_pre_attn_scalar=int(cfg.query_scalar or cfg.dim_per_head),
+            final_logit_softcapping=cfg.final_softcap or None,
+        )
         out["attn_logit_softcapping"] = cfg.attn_softcap or None
     if model_type in _MOE_TYPES:
         out.update(_moe_to_hf(cfg, model_type))
@@ -592,38 +738,67 @@ def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
     ]
     maps += {
         "pre": [norm("attn_norm", "input_layernorm"), norm("mlp_norm", "post_attention_layernorm")],
-        "sandwich": [norm("attn_norm", "input_layernorm"), norm("attn_post_norm", "post_attention_layernorm"),
-                     norm("mlp_norm", "pre_feedforward_layernorm"),
-                     norm("mlp_post_norm", "post_feedforward_layernorm")],
-        "post": [norm("attn_post_norm", "post_attention_layernorm"),
-                 norm("mlp_post_norm", "post_feedforward_layernorm")],
+        "sandwich": [
+            norm("attn_norm", "input_layernorm"),
+            norm("attn_post_norm", "post_attention_layernorm"),
+            norm("mlp_norm", "pre_feedforward_layernorm"),
+            norm("mlp_post_norm", "post_feedforward_layernorm"),
+        ],
+        "post": [
+            norm("attn_post_norm", "post_attention_layernorm"),
+            norm("mlp_post_norm", "post_feedforward_layernorm"),
+        ],
     }[cfg.norm_placement]
     if fused:
         qkv, rows = layer + "self_attn.qkv_proj.weight", (h + 2 * k) * e
-        maps += [TensorMap(("layers", "attn", "wq"), qkv, ((h, e), (d,)), (2, 0, 1), True, 0, rows),
-                 TensorMap(("layers", "attn", "wk"), qkv, ((k, e), (d,)), (2, 0, 1), True, h * e, rows),
-                 TensorMap(("layers", "attn", "wv"), qkv, ((k, e), (d,)), (2, 0, 1), True, (h + k) * e, rows)]
+        maps += [
+            TensorMap(("layers", "attn", "wq"), qkv, ((h, e), (d,)), (2, 0, 1), True, 0, rows),
+            TensorMap(("layers", "attn", "wk"), qkv, ((k, e), (d,)), (2, 0, 1), True, h * e, rows),
+            TensorMap(("layers", "attn", "wv"), qkv, ((k, e), (d,)), (2, 0, 1), True, (h + k) * e, rows),
+        ]
     else:
-        maps += [TensorMap(("layers", "attn", f"w{n}"), layer + f"self_attn.{n}_proj.weight", ((heads, e), (d,)),
-                           (2, 0, 1), True) for n, heads in (("q", h), ("k", k), ("v", k))]
+        maps += [
+            TensorMap(
+                ("layers", "attn", f"w{n}"), layer + f"self_attn.{n}_proj.weight", ((heads, e), (d,)), (2, 0, 1), True
+            )
+            for n, heads in (("q", h), ("k", k), ("v", k))
+        ]
     maps.append(TensorMap(("layers", "attn", "wo"), layer + "self_attn.o_proj.weight", ((d,), (h, e)), (1, 2, 0), True))
     if fused:
         gate_up = layer + "mlp.gate_up_proj.weight"
-        maps += [TensorMap(("layers", "mlp", "w_gate"), gate_up, ((f,), (d,)), (1, 0), True, 0, 2 * f),
-                 TensorMap(("layers", "mlp", "w_up"), gate_up, ((f,), (d,)), (1, 0), True, f, 2 * f)]
+        maps += [
+            TensorMap(("layers", "mlp", "w_gate"), gate_up, ((f,), (d,)), (1, 0), True, 0, 2 * f),
+            TensorMap(("layers", "mlp", "w_up"), gate_up, ((f,), (d,)), (1, 0), True, f, 2 * f),
+        ]
     else:
-        maps += [TensorMap(("layers", "mlp", "w_gate"), layer + "mlp.gate_proj.weight", ((f,), (d,)), (1, 0), True),
-                 TensorMap(("layers", "mlp", "w_up"), layer + "mlp.up_proj.weight", ((f,), (d,)), (1, 0), True)]
+        maps += [
+            TensorMap(("layers", "mlp", "w_gate"), layer + "mlp.gate_proj.weight", ((f,), (d,)), (1, 0), True),
+            TensorMap(("layers", "mlp", "w_up"), layer + "mlp.up_proj.weight", ((f,), (d,)), (1, 0), True),
+        ]
     maps.append(TensorMap(("layers", "mlp", "w_down"), layer + "mlp.down_proj.weight", ((d,), (f,)), (1, 0), True))
     if cfg.qkv_bias:
         for name, heads in (("q", h), ("k", k), ("v", k)):
-            maps.append(TensorMap(("layers", "attn", f"w{name}_bias"), layer + f"self_attn.{name}_proj.bias",
-                                  ((heads, e),), (0, 1), True))
+            maps.append(
+                TensorMap(
+                    ("layers", "attn", f"w{name}_bias"),
+                    layer + f"self_attn.{name}_proj.bias",
+                    ((heads, e),),
+                    (0, 1),
+                    True,
+                )
+            )
     if cfg.qk_norm:
         for name, heads in (("q", h), ("k", k)):
             groups, perm = (((e,),), (0,)) if cfg.qk_norm_scope == "head" else (((heads, e),), (0, 1))
-            maps.append(TensorMap(("layers", "attn", f"{name}_norm", "scale"), layer + f"self_attn.{name}_norm.weight",
-                                  groups, perm, True))
+            maps.append(
+                TensorMap(
+                    ("layers", "attn", f"{name}_norm", "scale"),
+                    layer + f"self_attn.{name}_norm.weight",
+                    groups,
+                    perm,
+                    True,
+                )
+            )
     if not cfg.tie_embeddings:
         maps.append(TensorMap(("lm_head",), "lm_head.weight", ((v,), (d,)), (1, 0), False))
     return _moe_maps(cfg, maps) if cfg.moe.enabled else maps
@@ -642,28 +817,39 @@ def _moe_maps(cfg: ModelConfig, dense_maps: list[TensorMap]) -> list[TensorMap]:
     names = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
     moe_rows = [
         TensorMap(("mlp", "router"), block + "gate.weight", ((n,), (d,)), (1, 0), True),
-        TensorMap(("mlp", "w_gate"), block + f"experts.{{j}}.{names[0]}.weight", ((f,), (d,)), (1, 0), True,
-                  experts=n),
-        TensorMap(("mlp", "w_up"), block + f"experts.{{j}}.{names[1]}.weight", ((f,), (d,)), (1, 0), True,
-                  experts=n),
-        TensorMap(("mlp", "w_down"), block + f"experts.{{j}}.{names[2]}.weight", ((d,), (f,)), (1, 0), True,
-                  experts=n),
+        TensorMap(("mlp", "w_gate"), block + f"experts.{{j}}.{names[0]}.weight", ((f,), (d,)), (1, 0), True, experts=n),
+        TensorMap(("mlp", "w_up"), block + f"experts.{{j}}.{names[1]}.weight", ((f,), (d,)), (1, 0), True, experts=n),
+        TensorMap(("mlp", "w_down"), block + f"experts.{{j}}.{names[2]}.weight", ((d,), (f,)), (1, 0), True, experts=n),
     ]
     if moe.shared_d_ff:
         g = moe.shared_d_ff
-        moe_rows += [TensorMap(("mlp", "shared", w), layer + f"mlp.shared_expert.{p}.weight", shape, (1, 0), True)
-                     for w, p, shape in (("w_gate", "gate_proj", ((g,), (d,))), ("w_up", "up_proj", ((g,), (d,))),
-                                         ("w_down", "down_proj", ((d,), (g,))))]
+        moe_rows += [
+            TensorMap(("mlp", "shared", w), layer + f"mlp.shared_expert.{p}.weight", shape, (1, 0), True)
+            for w, p, shape in (
+                ("w_gate", "gate_proj", ((g,), (d,))),
+                ("w_up", "up_proj", ((g,), (d,))),
+                ("w_down", "down_proj", ((d,), (g,))),
+            )
+        ]
     if moe.shared_gate:
-        moe_rows.append(TensorMap(("mlp", "shared_gate"), layer + "mlp.shared_expert_gate.weight", ((1,), (d,)),
-                                  (1, 0), True))
+        moe_rows.append(
+            TensorMap(("mlp", "shared_gate"), layer + "mlp.shared_expert_gate.weight", ((1,), (d,)), (1, 0), True)
+        )
     unstacked = [m for m in dense_maps if not m.stacked]
     per_layer = [m for m in dense_maps if m.stacked and m.ours[1] != "mlp"]
     dense_mlp = [m for m in dense_maps if m.stacked and m.ours[1] == "mlp"]
 
     def stack(rows, path, offset, stride, count):
-        return [dataclasses.replace(m, ours=path + m.ours[1:] if m.ours[0] == "layers" else path + m.ours,
-                                    layer_offset=offset, layer_stride=stride, layer_count=count) for m in rows]
+        return [
+            dataclasses.replace(
+                m,
+                ours=path + m.ours[1:] if m.ours[0] == "layers" else path + m.ours,
+                layer_offset=offset,
+                layer_stride=stride,
+                layer_count=count,
+            )
+            for m in rows
+        ]
 
     prefix, groups = moe_layout(cfg)
     out = list(unstacked)
@@ -688,7 +874,7 @@ class _SafetensorFiles:
         index = folder / INDEX_FILE
         if index.is_file():
             weight_map = _read_json(index).get("weight_map", {})
-            self.where = {name: folder / file for name, file in weight_map.items()}
+            self.where: dict[str, Path] | None = {name: folder / file for name, file in weight_map.items()}
         elif (folder / WEIGHTS_FILE).is_file():
             self.where = None
             self.single = folder / WEIGHTS_FILE
@@ -763,11 +949,12 @@ def params_from_tensors(files, model_cfg: ModelConfig, mesh, rules, source: str)
     for tmap in tensor_maps(model_cfg):
         target = _get(abstract, tmap.ours)
         names = tmap.names(model_cfg.n_layers)
-        for name in (np.asarray(names).reshape(-1) if tmap.experts else names):
+        for name in np.asarray(names).reshape(-1) if tmap.experts else names:
             found = files.shape(name)
             if found != tmap.file_shape:
-                raise UserError(f"{source}: tensor {name} has shape {list(found)}, but the config implies "
-                                f"{list(tmap.file_shape)}")
+                raise UserError(
+                    f"{source}: tensor {name} has shape {list(found)}, but the config implies {list(tmap.file_shape)}"
+                )
         _set(params, tmap.ours, _sharded_array(files, tmap, names, target))
     return {"params": params}
 
@@ -781,8 +968,12 @@ def _sharded_array(files: _SafetensorFiles, tmap: TensorMap, names: list[str], t
             if tmap.experts:  # [layers, experts, ...]: this device's layers and experts only
                 layers = range(*index[0].indices(target.shape[0]))
                 experts = range(*index[1].indices(target.shape[1]))
-                cache[key] = np.stack([np.stack([_read_block(files.slice(names[i][j]), tmap, index[2:])
-                                                 for j in experts]) for i in layers])
+                cache[key] = np.stack(
+                    [
+                        np.stack([_read_block(files.slice(names[i][j]), tmap, index[2:]) for j in experts])
+                        for i in layers
+                    ]
+                )
             elif tmap.stacked:
                 layers = range(*index[0].indices(target.shape[0]))
                 cache[key] = np.stack([_read_block(files.slice(names[i]), tmap, index[1:]) for i in layers])
@@ -814,8 +1005,13 @@ class HFModel(Model):
         config = self.read_config(path)
         mesh = mesh if mesh is not None else mesh_lib.make_mesh(-1, 1, 1)
         rules = tuple(rules if rules is not None else mesh_lib.TEACHER_RULES)
-        super().__init__(config, self.read_params(path, config, mesh, rules), mesh=mesh, rules=rules,
-                         tokenizer=self.read_tokenizer(path))
+        super().__init__(
+            config,
+            self.read_params(path, config, mesh, rules),
+            mesh=mesh,
+            rules=rules,
+            tokenizer=self.read_tokenizer(path),
+        )
 
     # Where the config, weights and tokenizer come from; other file formats (GGUF) override these.
     read_config = staticmethod(model_config_from_hf)
@@ -863,19 +1059,43 @@ def prepare_out_dir(out_dir: str | Path, force: bool) -> Path:
     return out
 
 
-def save(model: Model, out_dir: str | Path, *, tokenizer: str | None = None, force: bool = False,
-         dtype: str = "float32", max_positions: int = 4096) -> Path:
+def save(
+    model: Model,
+    out_dir: str | Path,
+    *,
+    tokenizer: str | None = None,
+    force: bool = False,
+    dtype: str = "float32",
+    max_positions: int = 4096,
+) -> Path:
     """Write a `Model` (what `load` returns, or a run's `result["student"]`) as a HF folder; its own tokenizer is
     written unless `tokenizer` names another. `save_params` is the same from a params tree and a ModelConfig."""
     if not isinstance(model, Model):
-        raise UserError(f"hf.save takes a Model (hf.load's result or a run's student), got {type(model).__name__}; "
-                        "use hf.save_params(params, model_config, out_dir) for a bare params tree")
-    return save_params(model.params, model.config, out_dir, tokenizer=tokenizer or model.tokenizer, force=force,
-                       dtype=dtype, max_positions=max_positions)
+        raise UserError(
+            f"hf.save takes a Model (hf.load's result or a run's student), got {type(model).__name__}; "
+            "use hf.save_params(params, model_config, out_dir) for a bare params tree"
+        )
+    return save_params(
+        model.params,
+        model.config,
+        out_dir,
+        tokenizer=tokenizer or model.tokenizer,
+        force=force,
+        dtype=dtype,
+        max_positions=max_positions,
+    )
 
 
-def save_params(params, model_cfg: ModelConfig, out_dir: str | Path, tokenizer: str | None = None, *,
-                force: bool = False, dtype: str = "float32", max_positions: int = 4096) -> Path:
+def save_params(
+    params,
+    model_cfg: ModelConfig,
+    out_dir: str | Path,
+    tokenizer: str | None = None,
+    *,
+    force: bool = False,
+    dtype: str = "float32",
+    max_positions: int = 4096,
+) -> Path:
     """Write `params` as a HF folder: model.safetensors, config.json and (for a tokenizer spec) tokenizer files.
 
     `tokenizer`: a data.tokenizer value (a HF tokenizers .json or "bytes"); None or "none" writes no tokenizer.
@@ -898,8 +1118,9 @@ def save_params(params, model_cfg: ModelConfig, out_dir: str | Path, tokenizer: 
             raise UserError(f"params have no {'/'.join(tmap.ours)} but the model config needs it") from None
         expected = tmap.stack_shape(model_cfg.n_layers) + tuple(tmap.split_shape[p] for p in tmap.perm)
         if value.shape != expected:
-            raise UserError(f"params {'/'.join(tmap.ours)} has shape {list(value.shape)}, the model config implies "
-                            f"{list(expected)}")
+            raise UserError(
+                f"params {'/'.join(tmap.ours)} has shape {list(value.shape)}, the model config implies {list(expected)}"
+            )
         layers = list(value) if tmap.stacked else [value]
         names = tmap.names(model_cfg.n_layers)
         if tmap.experts:  # one HF tensor per (layer, expert)
@@ -911,8 +1132,9 @@ def save_params(params, model_cfg: ModelConfig, out_dir: str | Path, tokenizer: 
             else:
                 tensors[name] = np.ascontiguousarray(tmap.to_hf(layer).astype(np_dtype))
     for name, parts in row_ranges.items():
-        tensors[name] = np.ascontiguousarray(np.concatenate([p for _, p in sorted(parts, key=lambda x: x[0])])
-                                             .astype(np_dtype))
+        tensors[name] = np.ascontiguousarray(
+            np.concatenate([p for _, p in sorted(parts, key=lambda x: x[0])]).astype(np_dtype)
+        )
     if jax.process_index() != 0:
         return Path(out_dir)
     out = prepare_out_dir(out_dir, force)
@@ -943,6 +1165,21 @@ def folder_fingerprint(folder: str | Path, small_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["load", "load_params", "params_from_tensors", "model_config_from_hf", "config_from_hf_dict", "save",
-           "save_params", "Model", "HFModel", "architecture_for", "hf_config", "tensor_maps", "byte_tokenizer_json",
-           "folder_fingerprint", "check_out_dir", "prepare_out_dir"]
+__all__ = [
+    "load",
+    "load_params",
+    "params_from_tensors",
+    "model_config_from_hf",
+    "config_from_hf_dict",
+    "save",
+    "save_params",
+    "Model",
+    "HFModel",
+    "architecture_for",
+    "hf_config",
+    "tensor_maps",
+    "byte_tokenizer_json",
+    "folder_fingerprint",
+    "check_out_dir",
+    "prepare_out_dir",
+]

@@ -70,8 +70,9 @@ def route(cfg: ModelConfig, logits_tx: jax.Array, bias_x: jax.Array | None):
     _, chosen_tk = jax.lax.top_k(jax.lax.stop_gradient(select), moe.top_k)
     weights_tk = jnp.take_along_axis(scores, chosen_tk, axis=-1)
     if moe.norm_topk:
-        weights_tk = weights_tk / (jnp.sum(weights_tk, axis=-1, keepdims=True) + (1e-20 if moe.router == "sigmoid"
-                                                                                  else 0.0))
+        weights_tk = weights_tk / (
+            jnp.sum(weights_tk, axis=-1, keepdims=True) + (1e-20 if moe.router == "sigmoid" else 0.0)
+        )
     return chosen_tk, weights_tk * moe.routed_scale, probs
 
 
@@ -118,8 +119,10 @@ def _sharded_experts(cfg: ModelConfig, x_bsd, chosen_bsk, weights_bsk, w_gate, w
 
     rows = P(batch_axes)
     return jax.shard_map(
-        body, in_specs=(rows, rows, rows, P(None, None, tensor), P(None, None, tensor), P(None, tensor, None)),
-        out_specs=rows, check_vma=False,
+        body,
+        in_specs=(rows, rows, rows, P(None, None, tensor), P(None, None, tensor), P(None, tensor, None)),
+        out_specs=rows,
+        check_vma=False,
     )(x_bsd, chosen_bsk, weights_bsk, w_gate, w_up, w_down)
 
 
@@ -134,8 +137,11 @@ class MoE(nn.Module):
         dtype = _dtype(cfg)
         n, d, f = moe.experts, cfg.d_model, cfg.expert_d_ff
         router = self.param("router", nn.with_logical_partitioning(_init, ("embed", None)), (d, n))
-        bias = (self.param("expert_bias", nn.with_logical_partitioning(nn.initializers.zeros, (None,)), (n,))
-                if moe.expert_bias else None)
+        bias = (
+            self.param("expert_bias", nn.with_logical_partitioning(nn.initializers.zeros, (None,)), (n,))
+            if moe.expert_bias
+            else None
+        )
         w_gate = self.param("w_gate", nn.with_logical_partitioning(_init, ("expert", "embed", "mlp")), (n, d, f))
         w_up = self.param("w_up", nn.with_logical_partitioning(_init, ("expert", "embed", "mlp")), (n, d, f))
         w_down = self.param("w_down", nn.with_logical_partitioning(_init, ("expert", "mlp", "embed")), (n, f, d))
@@ -143,8 +149,9 @@ class MoE(nn.Module):
         # The router in float32: top-k decisions should not flip with the compute dtype.
         logits_bsx = jnp.einsum("bsd,dx->bsx", x_bsd.astype(jnp.float32), router)
         chosen, weights, probs = route(cfg, logits_bsx, bias)
-        y = _sharded_experts(cfg, x_bsd.astype(dtype), chosen, weights, w_gate.astype(dtype), w_up.astype(dtype),
-                             w_down.astype(dtype))
+        y = _sharded_experts(
+            cfg, x_bsd.astype(dtype), chosen, weights, w_gate.astype(dtype), w_up.astype(dtype), w_down.astype(dtype)
+        )
         if moe.shared_d_ff:
             shared = SharedExpert(cfg, name="shared")(x_bsd)
             if moe.shared_gate:
@@ -168,8 +175,9 @@ class SharedExpert(nn.Module):
         w_up = self.param("w_up", nn.with_logical_partitioning(_init, ("embed", "mlp")), (d, f))
         w_down = self.param("w_down", nn.with_logical_partitioning(_init, ("mlp", "embed")), (f, d))
         x = x_bsd.astype(dtype)
-        hidden = nn.with_logical_constraint(_act(cfg, x @ w_gate.astype(dtype)) * (x @ w_up.astype(dtype)),
-                                            ("batch", "length", "act_mlp"))
+        hidden = nn.with_logical_constraint(
+            _act(cfg, x @ w_gate.astype(dtype)) * (x @ w_up.astype(dtype)), ("batch", "length", "act_mlp")
+        )
         return hidden @ w_down.astype(dtype)
 
 

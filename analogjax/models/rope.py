@@ -34,8 +34,9 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> tu
         low_wavelen, high_wavelen = old_len / scaling.low_freq_factor, old_len / scaling.high_freq_factor
         wavelen = (2 * math.pi / inv_freq).astype(np.float32)
         scaled = np.where(wavelen > low_wavelen, inv_freq / np.float32(factor), inv_freq).astype(np.float32)
-        smooth = ((old_len / wavelen - scaling.low_freq_factor)
-                  / (scaling.high_freq_factor - scaling.low_freq_factor)).astype(np.float32)
+        smooth = (
+            (old_len / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+        ).astype(np.float32)
         smoothed = ((1 - smooth) * scaled / np.float32(factor) + smooth * scaled).astype(np.float32)
         medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
         return np.where(medium, smoothed, scaled).astype(np.float32), 1.0

@@ -59,7 +59,7 @@ class RMSNorm(nn.Module):
         scale = self.param(
             "scale",
             nn.with_logical_partitioning(nn.initializers.constant(1.0 - self.offset), names),
-            x.shape[-len(names):],
+            x.shape[-len(names) :],
         )
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=axes, keepdims=True) + self.eps)
@@ -134,13 +134,32 @@ class Attention(nn.Module):
         kk = rope_lib.apply(kk, positions_bs, inv_freq, factor)
         scale = (cfg.query_scalar or e) ** -0.5
         if cache is None:
-            out = self_attention(q, kk, v, positions_bs, segment_ids_bs, scale=scale, window=window,
-                                 softcap=cfg.attn_softcap, kernel=cfg.attention)
+            out = self_attention(
+                q,
+                kk,
+                v,
+                positions_bs,
+                segment_ids_bs,
+                scale=scale,
+                window=window,
+                softcap=cfg.attn_softcap,
+                kernel=cfg.attention,
+            )
         else:  # decoding: a few new queries against the cache, on the XLA core (scores are [new, cache] only)
             index = cache["index"]
             written = {"k": write_slots(cache["k"], kk, index), "v": write_slots(cache["v"], v, index)}
-            out = attend(q, written["k"], written["v"], positions_bs, cache["positions"], segment_ids_bs,
-                         cache["segment_ids"], scale=scale, window=window, softcap=cfg.attn_softcap)
+            out = attend(
+                q,
+                written["k"],
+                written["v"],
+                positions_bs,
+                cache["positions"],
+                segment_ids_bs,
+                cache["segment_ids"],
+                scale=scale,
+                window=window,
+                softcap=cfg.attn_softcap,
+            )
         wo = self.param("wo", nn.with_logical_partitioning(_init, ("heads", "head_dim", "embed")), (h, e, d))
         self.sow("intermediates", "heads_out", out)  # per-head outputs, read only by prune.py (else a no-op)
         y = jnp.einsum("bshe,hed->bsd", out, wo.astype(dtype))
@@ -150,7 +169,8 @@ class Attention(nn.Module):
 def write_slots(cache_bt, new_bs, index_b):
     """Row i of `new_bs` written into row i of `cache_bt` at slots index_b[i], index_b[i] + 1, ..."""
     return jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), i, 0))(
-        cache_bt, new_bs, index_b)
+        cache_bt, new_bs, index_b
+    )
 
 
 class MLP(nn.Module):
@@ -188,8 +208,9 @@ class Block(nn.Module):
         x_bsd = nn.with_logical_constraint(x_bsd, ("batch", "length", "act_embed"))
 
         def residual(name, sublayer, x):
-            y = sublayer(x if cfg.norm_placement == "post" else
-                         RMSNorm(cfg.norm_eps, cfg.norm_offset, name=f"{name}_norm")(x))
+            y = sublayer(
+                x if cfg.norm_placement == "post" else RMSNorm(cfg.norm_eps, cfg.norm_offset, name=f"{name}_norm")(x)
+            )
             if cfg.norm_placement != "pre":
                 y = RMSNorm(cfg.norm_eps, cfg.norm_offset, name=f"{name}_post_norm")(y)
             return x + y
@@ -235,8 +256,9 @@ class MoEGroup(nn.Module):
         for j in range(self.cfg.moe.every - 1):
             x_bsd, out = block(self.cfg, self.collect_layers, name=f"dense_{j}")(x_bsd, segment_ids_bs, positions_bs)
             outs.append(out)
-        x_bsd, (out, stats) = block(self.cfg, self.collect_layers, True, name="moe")(x_bsd, segment_ids_bs,
-                                                                                      positions_bs)
+        x_bsd, (out, stats) = block(self.cfg, self.collect_layers, True, name="moe")(
+            x_bsd, segment_ids_bs, positions_bs
+        )
         return x_bsd, ((jnp.stack(outs + [out]) if self.collect_layers else None), stats)
 
 
@@ -267,8 +289,12 @@ def layer_location(cfg: ModelConfig, layer: int) -> tuple[tuple[str, ...], int, 
 
 def _scan(module, cfg: ModelConfig, length: int, name: str, *args):
     return nn.scan(
-        module, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast),
-        length=length, metadata_params={nn.PARTITION_NAME: "layers"},
+        module,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast, nn.broadcast),
+        length=length,
+        metadata_params={nn.PARTITION_NAME: "layers"},
     )(cfg, *args, name=name)
 
 
@@ -278,15 +304,18 @@ def _moe_stacks(cfg: ModelConfig, collect_layers: bool, x_bsd, segment_ids_bs, p
     prefix, groups = moe_layout(cfg)
     collected = []
     if prefix:
-        x_bsd, out = _scan(_block_class(cfg), cfg, prefix, "layers", collect_layers)(x_bsd, segment_ids_bs,
-                                                                                      positions_bs)
+        x_bsd, out = _scan(_block_class(cfg), cfg, prefix, "layers", collect_layers)(
+            x_bsd, segment_ids_bs, positions_bs
+        )
         collected.append(out)
     if cfg.moe.every == 1:
         x_bsd, (out, stats) = _scan(_block_class(cfg), cfg, groups, "moe_layers", collect_layers, True)(
-            x_bsd, segment_ids_bs, positions_bs)
+            x_bsd, segment_ids_bs, positions_bs
+        )
     else:
-        x_bsd, (out, stats) = _scan(MoEGroup, cfg, groups, "moe_layers", collect_layers)(x_bsd, segment_ids_bs,
-                                                                                         positions_bs)
+        x_bsd, (out, stats) = _scan(MoEGroup, cfg, groups, "moe_layers", collect_layers)(
+            x_bsd, segment_ids_bs, positions_bs
+        )
         out = None if out is None else out.reshape((-1,) + out.shape[2:])
     collected.append(out)
     layers = jnp.concatenate(collected, axis=0) if collect_layers else None
@@ -309,8 +338,9 @@ class Decoder(nn.Module):
         x_bsd = embed_tokens(cfg, embedding, tokens_bs)
         if cfg.moe.enabled:
             if cache is not None:
-                raise UserError("decoding with a KV cache (sampling) is not implemented for mixture-of-experts models "
-                                "yet")
+                raise UserError(
+                    "decoding with a KV cache (sampling) is not implemented for mixture-of-experts models yet"
+                )
             x_bsd, layers, stats = _moe_stacks(cfg, self.collect_layers, x_bsd, segment_ids_bs, positions_bs)
             return self._finish(x_bsd, layers, stats)
         block = Block
@@ -332,22 +362,32 @@ class Decoder(nn.Module):
             x_bsd, layers = stack(cfg, self.collect_layers, name="layers")(x_bsd, segment_ids_bs, positions_bs, *extra)
             return self._finish(x_bsd, layers, None)
         # The same scanned stack, with each layer's cache slice scanned in and its written slice out.
-        stack = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
-                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast if per_layer is None else 0, 0,
-                                 nn.broadcast),
-                        length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+        stack = nn.scan(
+            Block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast if per_layer is None else 0, 0, nn.broadcast),
+            length=cfg.n_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
         index = cache["index"]
-        meta = {"positions": write_slots(cache["positions"], positions_bs, index),
-                "segment_ids": write_slots(cache["segment_ids"], segment_ids_bs, index), "index": index}
-        x_bsd, kv = stack(cfg, name="layers")(x_bsd, segment_ids_bs, positions_bs, extra[0] if extra else None,
-                                              {"k": cache["k"], "v": cache["v"]}, meta)
+        meta = {
+            "positions": write_slots(cache["positions"], positions_bs, index),
+            "segment_ids": write_slots(cache["segment_ids"], segment_ids_bs, index),
+            "index": index,
+        }
+        x_bsd, kv = stack(cfg, name="layers")(
+            x_bsd, segment_ids_bs, positions_bs, extra[0] if extra else None, {"k": cache["k"], "v": cache["v"]}, meta
+        )
         return self._finish(x_bsd, None, None), {**meta, **kv}
 
     def _finish(self, x_bsd, layers, router_stats):
         cfg = self.cfg
         hidden = RMSNorm(cfg.norm_eps, cfg.norm_offset, name="final_norm")(x_bsd).astype(jnp.float32)
         if not cfg.tie_embeddings:
-            self.param("lm_head", nn.with_logical_partitioning(_init, ("embed", "vocab")), (cfg.d_model, cfg.vocab_size))
+            self.param(
+                "lm_head", nn.with_logical_partitioning(_init, ("embed", "vocab")), (cfg.d_model, cfg.vocab_size)
+            )
         return Features(nn.with_logical_constraint(hidden, ("batch", "length", "act_embed")), layers, router_stats)
 
 
@@ -357,7 +397,9 @@ def embed_tokens(cfg: ModelConfig, embedding_vd: jax.Array, tokens_bs: jax.Array
     # FSDP-gather the table's width before the lookup (as for any weight); gathering from the fsdp-sharded
     # table instead leaves the rows split over fsdp, which GSPMD can only undo by full rematerialisation.
     table = nn.with_logical_constraint(embedding_vd, ("vocab", None))
-    x_bsd = nn.with_logical_constraint(jnp.take(table, tokens_bs, axis=0).astype(dtype), ("batch", "length", "act_embed"))
+    x_bsd = nn.with_logical_constraint(
+        jnp.take(table, tokens_bs, axis=0).astype(dtype), ("batch", "length", "act_embed")
+    )
     if cfg.embed_scale:
         x_bsd = x_bsd * jnp.asarray(cfg.d_model**0.5, dtype)
     return x_bsd
@@ -373,8 +415,9 @@ def logits(params: dict, cfg: ModelConfig, hidden_bsd: jax.Array) -> jax.Array:
     """Float32 logits from final hidden states (materialises [b, s, v]: for eval and small models), soft-capped
     where the family caps them (Gemma 2)."""
     head = lm_head(params, cfg)
-    out = jnp.einsum("bsd,dv->bsv", hidden_bsd.astype(_dtype(cfg)), head.astype(_dtype(cfg)),
-                     preferred_element_type=jnp.float32)
+    out = jnp.einsum(
+        "bsd,dv->bsv", hidden_bsd.astype(_dtype(cfg)), head.astype(_dtype(cfg)), preferred_element_type=jnp.float32
+    )
     return nn.with_logical_constraint(softcap_logits(out, cfg.final_softcap), ("batch", "length", "act_vocab"))
 
 
@@ -398,16 +441,25 @@ class Transformer:
         cfg = dataclasses.replace(self.cfg, attention="xla")
         return Decoder(cfg).init(rng, tokens, jnp.ones_like(tokens), jnp.zeros_like(tokens))
 
-    def features(self, params, tokens_bs, segment_ids_bs=None, positions_bs=None, collect_layers=False,
-                 applies_final_softcap=False) -> Features:
+    def features(
+        self,
+        params,
+        tokens_bs,
+        segment_ids_bs=None,
+        positions_bs=None,
+        collect_layers=False,
+        applies_final_softcap=False,
+    ) -> Features:
         """Final normed hidden states (and every block's output). Logits are hidden · `head(params)`, then
         `softcap_logits(·, cfg.final_softcap)`: a caller that builds logits so must say it applies the soft-cap
         (`applies_final_softcap=True`); for a soft-capped model (Gemma 2) an unaware caller is refused, not fed
         hidden states whose plain logits would be silently wrong."""
         if self.cfg.final_softcap and not applies_final_softcap:
-            raise UserError(f"a model with final_softcap={self.cfg.final_softcap} (Gemma 2's final logit soft-cap) "
-                            "is used where logits are built from hidden states without the soft-cap (the fused "
-                            "distillation loss, hidden-state teachers); that path does not support it yet")
+            raise UserError(
+                f"a model with final_softcap={self.cfg.final_softcap} (Gemma 2's final logit soft-cap) "
+                "is used where logits are built from hidden states without the soft-cap (the fused "
+                "distillation loss, hidden-state teachers); that path does not support it yet"
+            )
         return self._features(params, tokens_bs, segment_ids_bs, positions_bs, collect_layers)
 
     def _features(self, params, tokens_bs, segment_ids_bs, positions_bs, collect_layers=False) -> Features:
@@ -440,8 +492,9 @@ class Transformer:
         layer_params = jax.tree.map(lambda a: a[index], stacked)
         per_layer = layer_data(self.cfg)
         this_layer = None if per_layer is None else {k: jnp.asarray(v[layer]) for k, v in per_layer.items()}
-        out, _ = Block(self.cfg, moe=is_moe).apply({"params": layer_params}, x_bsd, segment_ids_bs, positions_bs,
-                                                   this_layer)
+        out, _ = Block(self.cfg, moe=is_moe).apply(
+            {"params": layer_params}, x_bsd, segment_ids_bs, positions_bs, this_layer
+        )
         return out
 
     def finish(self, params, x_bsd) -> jax.Array:

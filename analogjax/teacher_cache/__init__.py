@@ -14,6 +14,19 @@ from analogjax.teacher_cache.format import (
 from analogjax.teacher_cache.read import CacheReader, cached_teacher_source, read_arrays, sparse_teacher_from_batch
 from analogjax.teacher_cache.write import build_cache, write_cache
 
-__all__ = ["BATCH_KEYS", "CacheLayout", "CacheReader", "TREATMENTS", "build_cache", "cache_batch_fields",
-           "cached_teacher_source", "check_run", "data_bytes_per_token", "provenance", "read_arrays",
-           "read_provenance", "sparse_teacher_from_batch", "write_cache"]
+__all__ = [
+    "BATCH_KEYS",
+    "CacheLayout",
+    "CacheReader",
+    "TREATMENTS",
+    "build_cache",
+    "cache_batch_fields",
+    "cached_teacher_source",
+    "check_run",
+    "data_bytes_per_token",
+    "provenance",
+    "read_arrays",
+    "read_provenance",
+    "sparse_teacher_from_batch",
+    "write_cache",
+]

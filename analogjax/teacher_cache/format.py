@@ -25,9 +25,10 @@ import hashlib
 import json
 import os
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -85,8 +86,6 @@ class CacheLayout:
 
 def _np_dtype(name: str):
     return jnp.bfloat16 if name == "bfloat16" else np.dtype(name)
-
-
 
 
 def cache_batch_fields(layout: CacheLayout) -> dict[str, tuple[Any, tuple[int, ...]]]:
@@ -149,8 +148,13 @@ def provenance(config: Config, layout: CacheLayout, process_count: int) -> dict[
         "layout": dataclasses.asdict(layout),
         "teacher": teacher_identity(config),
         "tokenizer": {"spec": data.tokenizer, "hash": tokenizer_identity(data.tokenizer)},
-        "corpus": {"sources": to_dict(data.sources), "heldout_fraction": data.heldout_fraction,
-                   "add_bos": data.add_bos, "add_eos": data.add_eos, "seed": config.train.seed},
+        "corpus": {
+            "sources": to_dict(data.sources),
+            "heldout_fraction": data.heldout_fraction,
+            "add_bos": data.add_bos,
+            "add_eos": data.add_eos,
+            "seed": config.train.seed,
+        },
         "seq_len": data.seq_len,
         "global_batch": data.global_batch,
         "packing": {"process_count": process_count, "rows_per_process": data.global_batch // process_count},
@@ -187,22 +191,29 @@ def check_run(saved: dict, config: Config, process_count: int, path: str) -> Non
     for key in _differences(saved, expected, _MISMATCH):
         raise UserError(f"teacher cache {path} does not match this run: different {_describe(key, saved, expected)}")
     if saved["steps"] < config.train.steps:
-        raise UserError(f"teacher cache {path} covers {saved['steps']} steps but train.steps is {config.train.steps}: "
-                        "run cache-teacher with the longer train.steps")
+        raise UserError(
+            f"teacher cache {path} covers {saved['steps']} steps but train.steps is {config.train.steps}: "
+            "run cache-teacher with the longer train.steps"
+        )
     kind = saved["layout"]["kind"]
     distill = config.distill
     check_choice("distill.topk_treatment", distill.topk_treatment, TREATMENTS)
     # Raw top-k logits do not depend on the temperature; the logsumexp and the samples do.
     temperature_matters = kind == "sampled" or distill.topk_treatment == "tail_bucket"
-    if temperature_matters and (distill.temperature != saved["temperature"] or
-                                distill.final_temperature not in (None, saved["temperature"])):
-        raise UserError(f"teacher cache {path} was computed at temperature {saved['temperature']}, the run uses "
-                        f"distill.temperature {distill.temperature} (final {distill.final_temperature}); a {kind} "
-                        f"cache{' with the tail_bucket treatment' if kind == 'topk' else ''} needs the same fixed one")
+    if temperature_matters and (
+        distill.temperature != saved["temperature"] or distill.final_temperature not in (None, saved["temperature"])
+    ):
+        raise UserError(
+            f"teacher cache {path} was computed at temperature {saved['temperature']}, the run uses "
+            f"distill.temperature {distill.temperature} (final {distill.final_temperature}); a {kind} "
+            f"cache{' with the tail_bucket treatment' if kind == 'topk' else ''} needs the same fixed one"
+        )
     for i, term in enumerate(distill.terms):
         if term.kind not in ("ce", "forward_kl", "soft_ce"):
-            raise UserError(f"distill.terms[{i}].kind: {term.kind} needs the teacher's full outputs; a teacher cache "
-                            "supports forward_kl (or soft_ce) and ce")
+            raise UserError(
+                f"distill.terms[{i}].kind: {term.kind} needs the teacher's full outputs; a teacher cache "
+                "supports forward_kl (or soft_ce) and ce"
+            )
 
 
 def read_provenance(path: str | Path) -> dict | None:
@@ -224,8 +235,13 @@ def _spec(path: Path, name: str, shape, chunks, dtype: str, codec: str | None) -
     return {
         "driver": "zarr",
         "kvstore": {"driver": "file", "path": str(path / name)},
-        "metadata": {"shape": list(shape), "chunks": list(chunks), "dtype": _zarr_dtype(dtype),
-                     "compressor": CODECS[codec] if codec else None, "fill_value": 0},
+        "metadata": {
+            "shape": list(shape),
+            "chunks": list(chunks),
+            "dtype": _zarr_dtype(dtype),
+            "compressor": CODECS[codec] if codec else None,
+            "fill_value": 0,
+        },
     }
 
 
@@ -237,8 +253,9 @@ def row_hashes(batch: dict[str, np.ndarray]) -> np.ndarray:
     """crc32 per row of its tokens and segment ids: the identity of a packed row."""
     tokens = np.ascontiguousarray(batch["tokens"], np.int32)
     segments = np.ascontiguousarray(batch["segment_ids"], np.int32)
-    return np.array([zlib.crc32(segments[r].tobytes(), zlib.crc32(tokens[r].tobytes())) for r in range(len(tokens))],
-                    np.uint32)
+    return np.array(
+        [zlib.crc32(segments[r].tobytes(), zlib.crc32(tokens[r].tobytes())) for r in range(len(tokens))], np.uint32
+    )
 
 
 class _Store:
@@ -272,6 +289,10 @@ def data_bytes_per_token(path: str | Path) -> float:
     path = Path(path)
     meta = read_provenance(path)
     tokens = meta["steps"] * meta["global_batch"] * meta["seq_len"]
-    total = sum(f.stat().st_size for name in CacheLayout(**meta["layout"]).fields()
-                for f in (path / name).iterdir() if not f.name.startswith("."))
+    total = sum(
+        f.stat().st_size
+        for name in CacheLayout(**meta["layout"]).fields()
+        for f in (path / name).iterdir()
+        if not f.name.startswith(".")
+    )
     return total / tokens

@@ -15,6 +15,7 @@ from analogjax.teacher_cache.format import BATCH_KEYS, _Store, check_run, read_p
 
 def sparse_teacher_from_batch(batch: dict[str, jax.Array]) -> TopKTeacher | SampledTeacher:
     """The cached teacher rows of a (global, sharded) batch, tokens flattened like the student's hidden states."""
+
     def flat(x):
         return x.reshape(-1, *x.shape[2:])
 
@@ -48,14 +49,16 @@ class CacheReader:
         self.store = _Store(self.path, saved, create=False)
         unfinished = np.flatnonzero(~self.store.finished_steps()[: config.train.steps])
         if unfinished.size:
-            raise UserError(f"teacher cache {path} is incomplete: step {int(unfinished[0])} (and "
-                            f"{unfinished.size - 1} more) not finished; run cache-teacher again to complete it")
+            raise UserError(
+                f"teacher cache {path} is incomplete: step {int(unfinished[0])} (and "
+                f"{unfinished.size - 1} more) not finished; run cache-teacher again to complete it"
+            )
         self.keys = BATCH_KEYS[saved["layout"]["kind"]]
         self._prefetched: tuple[int, dict] | None = None
 
     def _start(self, step: int) -> dict:
         start = self.process_index * self.store.rows
-        region = np.s_[step, start:start + self.store.rows]
+        region = np.s_[step, start : start + self.store.rows]
         reads = {key: self.store.fields[name][region].read() for key, name in self.keys.items()}
         reads["row_hash"] = self.store.row_hash[region].read()
         return reads
@@ -70,8 +73,10 @@ class CacheReader:
         mismatch = np.flatnonzero(cached_hash != row_hashes(batch))
         if mismatch.size:
             row = self.process_index * self.store.rows + int(mismatch[0])
-            raise UserError(f"teacher cache {self.path}: step {step}, row {row} holds other tokens than this run's "
-                            "batch: the corpus files changed since the cache was written; rebuild the cache")
+            raise UserError(
+                f"teacher cache {self.path}: step {step}, row {row} holds other tokens than this run's "
+                "batch: the corpus files changed since the cache was written; rebuild the cache"
+            )
         return {**batch, **{key: np.asarray(value) for key, value in arrays.items()}}
 
 
@@ -81,4 +86,3 @@ def read_arrays(path: str | Path) -> dict[str, np.ndarray]:
     store = _Store(path, read_provenance(path), create=False)
     arrays = {name: array.read().result() for name, array in store.fields.items()}
     return {**arrays, "row_hash": store.row_hash.read().result(), "done": store.done.read().result()}
-

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +32,7 @@ from analogjax.teacher_cache.format import (
 
 def _local_rows(x: jax.Array) -> np.ndarray:
     """This process's rows of a batch-sharded global array, in the order `to_global_batch` took them."""
-    shards = {}
+    shards: dict[int, Any] = {}
     for shard in x.addressable_shards:
         shards.setdefault(shard.index[0].start or 0, shard.data)
     return np.concatenate([np.asarray(shards[start]) for start in sorted(shards)])
@@ -46,8 +47,9 @@ def _seq_chunk(batch: int, seq_len: int, chunk_tokens: int) -> int:
     return best
 
 
-def make_teacher_outputs(teacher, layout: CacheLayout, *, temperature: float, vocab_size: int, chunk_tokens: int,
-                         seed: int):
+def make_teacher_outputs(
+    teacher, layout: CacheLayout, *, temperature: float, vocab_size: int, chunk_tokens: int, seed: int
+):
     """fn(teacher_params, batch, step, row_offset) -> {field: [B, S, ...]} for a live `teacher.Teacher`.
 
     The teacher's logits exist one chunk of positions at a time ([B, c, V]); sampling keys come from (seed, step,
@@ -66,8 +68,9 @@ def make_teacher_outputs(teacher, layout: CacheLayout, *, temperature: float, vo
         def chunk(j):
             if logits_bsv is None:
                 h = jax.lax.dynamic_slice_in_dim(hidden, j * c, c, axis=1)
-                logits = softcap_logits(jnp.dot(h, head.astype(h.dtype), preferred_element_type=jnp.float32),
-                                        teacher.final_softcap)
+                logits = softcap_logits(
+                    jnp.dot(h, head.astype(h.dtype), preferred_element_type=jnp.float32), teacher.final_softcap
+                )
             else:
                 logits = jax.lax.dynamic_slice_in_dim(logits_bsv, j * c, c, axis=1).astype(jnp.float32)
             # Only the vocabulary both models share can carry probability (padded columns are -inf, as in the loss).
@@ -76,8 +79,11 @@ def make_teacher_outputs(teacher, layout: CacheLayout, *, temperature: float, vo
             if layout.kind == "topk":
                 values, indices = jax.lax.top_k(logits, layout.k)
                 lse = jax.nn.logsumexp(logits / temperature, axis=-1)
-                return {"values": values.astype(_np_dtype(layout.values_dtype)), "indices": indices.astype(jnp.int32),
-                        "lse": lse}
+                return {
+                    "values": values.astype(_np_dtype(layout.values_dtype)),
+                    "indices": indices.astype(jnp.int32),
+                    "lse": lse,
+                }
             positions = j * c + jnp.arange(c)
             keys = jax.vmap(lambda key: jax.vmap(lambda t: jax.random.fold_in(key, t))(positions))(row_keys)
             per_token = jax.vmap(jax.vmap(lambda lg, key: sample_teacher_tokens(lg, layout.k, key, temperature)))
@@ -90,9 +96,20 @@ def make_teacher_outputs(teacher, layout: CacheLayout, *, temperature: float, vo
     return outputs
 
 
-def write_cache(config: Config, path: str | Path, layout: CacheLayout, batches: Iterable[dict[str, np.ndarray]], *,
-                teacher, teacher_params, mesh, process_index: int, process_count: int, stop_after: int | None = None,
-                progress: bool = True) -> dict[str, Any]:
+def write_cache(
+    config: Config,
+    path: str | Path,
+    layout: CacheLayout,
+    batches: Iterable[dict[str, np.ndarray]],
+    *,
+    teacher,
+    teacher_params,
+    mesh,
+    process_index: int,
+    process_count: int,
+    stop_after: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Run the teacher over `batches` (this process's local batches of steps 0, 1, ...) and write its rows.
 
     Steps already finished by every process are skipped (their batches are still drawn, to stay aligned).
@@ -113,8 +130,10 @@ def write_cache(config: Config, path: str | Path, layout: CacheLayout, batches: 
         _write_json_atomically(path / PROVENANCE_FILE, meta)
     elif saved != meta:
         different = _differences(saved, meta, meta)
-        raise UserError(f"{path} holds a teacher cache of another configuration (different {', '.join(different)}): "
-                        "use another path or delete it")
+        raise UserError(
+            f"{path} holds a teacher cache of another configuration (different {', '.join(different)}): "
+            "use another path or delete it"
+        )
     if jax.process_count() > 1:  # everyone sees the provenance before anyone opens (and maybe creates) arrays
         from jax.experimental import multihost_utils
 
@@ -123,15 +142,26 @@ def write_cache(config: Config, path: str | Path, layout: CacheLayout, batches: 
     finished = store.finished_steps()
     sharding = mesh_lib.batch_sharding(mesh)
     outputs_fn = jax.jit(
-        make_teacher_outputs(teacher, layout, temperature=config.distill.temperature, vocab_size=vocab,
-                             chunk_tokens=config.distill.chunk_size, seed=config.train.seed),
+        make_teacher_outputs(
+            teacher,
+            layout,
+            temperature=config.distill.temperature,
+            vocab_size=vocab,
+            chunk_tokens=config.distill.chunk_size,
+            seed=config.train.seed,
+        ),
         out_shardings=sharding,
     )
     rows = store.rows
     row_offset = process_index * rows
     steps, seq_len = config.train.steps, config.data.seq_len
-    bar = tqdm(total=steps, initial=int(finished.sum()), desc="cache-teacher", dynamic_ncols=True,
-               disable=not progress or process_index != 0)
+    bar = tqdm(
+        total=steps,
+        initial=int(finished.sum()),
+        desc="cache-teacher",
+        dynamic_ncols=True,
+        disable=not progress or process_index != 0,
+    )
     written, skipped = [], 0
     # Throughput counts the steps after the first written one: the first includes compiling the teacher.
     timed_start, timed_tokens, pending = None, 0, None
@@ -139,7 +169,7 @@ def write_cache(config: Config, path: str | Path, layout: CacheLayout, batches: 
     def flush(step, global_outputs, hashes):
         nonlocal timed_start, timed_tokens
         local = {name: _local_rows(x) for name, x in global_outputs.items()}
-        region = np.s_[step, row_offset:row_offset + rows]
+        region = np.s_[step, row_offset : row_offset + rows]
         writes = [store.fields[name][region].write(value) for name, value in local.items()]
         writes.append(store.row_hash[region].write(hashes))
         for w in writes:
@@ -164,8 +194,11 @@ def write_cache(config: Config, path: str | Path, layout: CacheLayout, batches: 
             hashes = row_hashes(local_batch)
             inputs = {k: local_batch[k] for k in ("tokens", "segment_ids", "positions")}
             # Dispatch this step's teacher before writing the previous one's rows: the device never waits on disk.
-            current = (step, outputs_fn(teacher_params, to_global_batch(inputs, sharding), jnp.int32(step),
-                                        jnp.int32(row_offset)), hashes)
+            current = (
+                step,
+                outputs_fn(teacher_params, to_global_batch(inputs, sharding), jnp.int32(step), jnp.int32(row_offset)),
+                hashes,
+            )
             if pending is not None:
                 flush(*pending)
             pending = current
@@ -174,14 +207,29 @@ def write_cache(config: Config, path: str | Path, layout: CacheLayout, batches: 
     bar.close()
     elapsed = time.perf_counter() - timed_start if timed_start is not None else 0.0
     complete = bool(store.finished_steps().all())
-    return {"path": str(path), "written_steps": written, "skipped_steps": skipped, "complete": complete,
-            "tokens_per_s": timed_tokens / elapsed if timed_tokens else None,
-            "bytes_per_token": layout.bytes_per_token()}
+    return {
+        "path": str(path),
+        "written_steps": written,
+        "skipped_steps": skipped,
+        "complete": complete,
+        "tokens_per_s": timed_tokens / elapsed if timed_tokens else None,
+        "bytes_per_token": layout.bytes_per_token(),
+    }
 
 
-def build_cache(config: Config, layout: CacheLayout, path: str | Path | None = None, *, mesh=None, teacher=None,
-                teacher_params=None, process_index: int | None = None, process_count: int | None = None,
-                stop_after: int | None = None, progress: bool = True) -> dict[str, Any]:
+def build_cache(
+    config: Config,
+    layout: CacheLayout,
+    path: str | Path | None = None,
+    *,
+    mesh=None,
+    teacher=None,
+    teacher_params=None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    stop_after: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Cache the config's teacher over the batches a run of `config` consumes, into `path` (default teacher.cache).
 
     process_index/process_count default to JAX's; passing them simulates one process of a multi-process job.
@@ -201,12 +249,27 @@ def build_cache(config: Config, layout: CacheLayout, path: str | Path | None = N
     mesh = mesh if mesh is not None else build_mesh(config)
     if teacher is None:
         teacher, teacher_params = load_teacher(config, mesh, live=True)
-    batches = make_batch_iterator(config.data, split="train", seed=config.train.seed,
-                                  vocab_size=config.model.vocab_size, process_index=process_index,
-                                  process_count=process_count)
+    batches = make_batch_iterator(
+        config.data,
+        split="train",
+        seed=config.train.seed,
+        vocab_size=config.model.vocab_size,
+        process_index=process_index,
+        process_count=process_count,
+    )
     try:
-        return write_cache(config, path, layout, batches, teacher=teacher, teacher_params=teacher_params, mesh=mesh,
-                           process_index=process_index, process_count=process_count, stop_after=stop_after,
-                           progress=progress)
+        return write_cache(
+            config,
+            path,
+            layout,
+            batches,
+            teacher=teacher,
+            teacher_params=teacher_params,
+            mesh=mesh,
+            process_index=process_index,
+            process_count=process_count,
+            stop_after=stop_after,
+            progress=progress,
+        )
     finally:
         batches.close()  # data workers stop now, not in exit-time finalizers that print tracebacks after an error
