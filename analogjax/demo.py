@@ -209,7 +209,7 @@ def run_real(args) -> int:
     from analogjax.models.gguf import write_tokenizer
     from analogjax.prune import prune_to
     from analogjax.release import write_release
-    from analogjax.setup import build, evaluate
+    from analogjax.setup import build
     from analogjax.teacher_cache import CacheLayout, build_cache
     from analogjax.train import run_training
 
@@ -272,29 +272,10 @@ def run_real(args) -> int:
     # Both students against the live teacher on the same held-out batches, at T=1 (the baseline has the same shape,
     # so the live run's eval step fits it).
     phases.start("evaluate", f"{', '.join(rows)} against the live teacher on held-out documents")
-    batches = analog_cfg.train.eval_batches
     summary: dict = {"teacher": {"params": param_count(analog_cfg.teacher.model), "source": gguf_path}}
-    with jax.set_mesh(live.mesh):
-        for name in rows:
-            m = evaluate(live, results[name]["state"].params["model"], batches)
-            summary[name] = {
-                "params": param_count(analog_cfg.model),
-                "heldout_ce": m["ce"],
-                "kl_teacher": m["kl"],
-                "agreement": m["agreement"],
-            }
-        summary["teacher"]["heldout_ce"] = m["teacher_ce"]
+    summary["teacher"]["heldout_ce"] = _measure_rows(summary, live, analog_cfg, results, rows)
     phases.stop()
-
-    transfers = {}
-    if demo.transfer_batches:
-        phases.start(
-            "transfer", "do the analog's and the baseline's findings hold on the teacher (stitching, probes, steering)"
-        )
-        transfers = _transfer(configs["live"], live, results, demo.transfer_batches, demo.transfer_pairs)
-        for name, report in transfers.items():
-            summary[name]["transfer"] = report
-        phases.stop()
+    transfers = _transfer_phase(phases, demo, configs["live"], live, results, summary)
 
     samples = None
     if demo.samples:
@@ -331,6 +312,40 @@ def run_real(args) -> int:
             print(demo_samples.plain_text(samples))
         print(f"release bundle: {bundle}")
     return 0
+
+
+def _measure_rows(summary: dict, run, config: Config, results: dict, rows) -> float:
+    """Each row's held-out CE, KL to the teacher and agreement into `summary`, on the same batches with `run`'s eval
+    step and teacher (every row has the analog's shape); returns the teacher's own CE on those batches."""
+    import jax
+
+    from analogjax.flops import param_count
+    from analogjax.setup import evaluate
+
+    with jax.set_mesh(run.mesh):
+        for name in rows:
+            m = evaluate(run, results[name]["state"].params["model"], config.train.eval_batches)
+            summary[name] = {
+                "params": param_count(config.model),
+                "heldout_ce": m["ce"],
+                "kl_teacher": m["kl"],
+                "agreement": m["agreement"],
+            }
+    return m["teacher_ce"]
+
+
+def _transfer_phase(phases: _Phases, demo, config: Config, run, results: dict, summary: dict) -> dict:
+    """The transfer checks of analog and baseline (a phase of its own), into `summary`; {} when switched off."""
+    if not demo.transfer_batches:
+        return {}
+    phases.start(
+        "transfer", "do the analog's and the baseline's findings hold on the teacher (stitching, probes, steering)"
+    )
+    transfers = _transfer(config, run, results, demo.transfer_batches, demo.transfer_pairs)
+    for name, report in transfers.items():
+        summary[name]["transfer"] = report
+    phases.stop()
+    return transfers
 
 
 def _transfer(config: Config, run, results: dict, batches: int, pairs: int) -> dict:
@@ -430,7 +445,6 @@ def run_self(args) -> int:
     from analogjax.data import train_bpe_tokenizer
     from analogjax.data.stdlib_corpus import stdlib_texts
     from analogjax.flops import param_count
-    from analogjax.setup import evaluate
     from analogjax.train import run_training
 
     tokenizer = "bytes"
@@ -453,29 +467,14 @@ def run_self(args) -> int:
     phases.start("evaluate", "analog and baseline against the teacher on held-out documents")
     analog_cfg = configs["analog"]
     analog_run = results["analog"]["run"]
-    batches = analog_cfg.train.eval_batches
     summary: dict = {
         "teacher": {"params": param_count(configs["teacher"].model), "heldout_ce": results["teacher"]["heldout"]["ce"]}
     }
-    with jax.set_mesh(analog_run.mesh):
-        for name in ("analog", "baseline"):
-            m = evaluate(analog_run, results[name]["state"].params["model"], batches)
-            summary[name] = {
-                "params": param_count(analog_cfg.model),
-                "heldout_ce": m["ce"],
-                "kl_teacher": m["kl"],
-                "agreement": m["agreement"],
-            }
-        summary["teacher"]["heldout_ce_on_eval_batches"] = m["teacher_ce"]
+    summary["teacher"]["heldout_ce_on_eval_batches"] = _measure_rows(
+        summary, analog_run, analog_cfg, results, ["analog", "baseline"]
+    )
     phases.stop()
-
-    transfers = {}
-    if demo.transfer_batches:
-        phases.start("transfer", "do the analog's and the baseline's findings hold on the teacher")
-        transfers = _transfer(analog_cfg, analog_run, results, demo.transfer_batches, demo.transfer_pairs)
-        for name, report in transfers.items():
-            summary[name]["transfer"] = report
-        phases.stop()
+    transfers = _transfer_phase(phases, demo, analog_cfg, analog_run, results, summary)
 
     # The deliverable: a Hugging Face folder with a model card and the measured fidelity report.
     from analogjax.release import write_release
