@@ -198,8 +198,10 @@ def _gguf_shape(path: str) -> ModelConfig:
 def run_real(args) -> int:
     phases = _Phases()
     demo = load_demo_config(args.config, args.overrides, "smollm2")
-    gguf_path = str(Path(demo.gguf_path).absolute()) if demo.gguf_path else str(wheel_gguf())
     workdir = Path(args.workdir).absolute()
+    if workdir.exists() and not workdir.is_dir():
+        raise UserError(f"--workdir {workdir} exists and is not a directory")
+    gguf_path = str(Path(demo.gguf_path).absolute()) if demo.gguf_path else str(wheel_gguf())
     workdir.mkdir(parents=True, exist_ok=True)
     progress = not args.no_progress
 

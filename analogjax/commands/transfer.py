@@ -141,6 +141,8 @@ def fidelity_with_transfer(checkpoint, out, *, config=None, batches=None, user=(
 
     run_cfg, ckpt_dir, workdir, step = run_config(checkpoint)
     config = config or run_cfg
+    if config.model != run_cfg.model:  # the same refusal, in the same order, as eval without transfer
+        raise UserError(f"{ckpt_dir} holds a student of another shape than the config's model section")
     if live_source_kind(config) == "random":
         raise UserError("the run's config names no teacher.checkpoint or teacher.hf_path: nothing to compare with")
     mesh = eval_mesh(config)
