@@ -37,7 +37,7 @@ test: $(BIN)/.installed-test
 	$(BIN)/ruff check analogjax tests bench launch
 	$(BIN)/ruff format --check analogjax tests bench launch
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 bench: $(BIN)/.installed-test
 	$(BIN)/python bench/step.py

@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -191,7 +192,8 @@ def gather_importance(
         desc="prune: importance",
         unit="batch",
         dynamic_ncols=True,
-        disable=not progress or jax.process_index() != 0,
+        # A bar on a terminal only: logs and pipes get the command's own lines, not carriage-return redraws.
+        disable=not progress or jax.process_index() != 0 or not sys.stderr.isatty(),
     )
     with jax.set_mesh(mesh):
         for batch in batches:

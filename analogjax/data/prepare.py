@@ -111,7 +111,9 @@ def _open_input(args) -> DocumentSource:
 def _run_tasks(tasks: list[dict], *, workers: int, total: int) -> list[dict]:
     from tqdm import tqdm
 
-    progress = tqdm(total=total, unit="doc", desc="prepare", file=sys.stderr, dynamic_ncols=True)
+    progress = tqdm(
+        total=total, unit="doc", desc="prepare", file=sys.stderr, dynamic_ncols=True, disable=not sys.stderr.isatty()
+    )  # a terminal gets the bar; logs get the closing line
     try:
         if workers == 1:
             return [_write_shard(task, progress.update) for task in tasks]

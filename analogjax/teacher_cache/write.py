@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -160,7 +161,8 @@ def write_cache(
         initial=int(finished.sum()),
         desc="cache-teacher",
         dynamic_ncols=True,
-        disable=not progress or process_index != 0,
+        # A bar on a terminal only: logs and pipes get the summary line, not carriage-return redraws.
+        disable=not progress or process_index != 0 or not sys.stderr.isatty(),
     )
     written, skipped = [], 0
     # Throughput counts the steps after the first written one: the first includes compiling the teacher.
