@@ -128,31 +128,23 @@ def measure_run(config, ckpt_dir, step, *, batches=None, user=(), pairs=None, co
 
 def fidelity_with_transfer(checkpoint, out, *, config=None, batches=None, user=()) -> dict:
     """`analogjax eval`'s report with the transfer object under `transfer` (fidelity.json, a section of
-    fidelity.md): the teacher is loaded once for both, the small analog restored for each."""
-    from analogjax import fidelity
-    from analogjax.release import (
-        eval_mesh,
-        fidelity_of_run,
-        restore_student,
-        run_config,
-    )
+    fidelity.md): the teacher is loaded and the analog restored once for both, and the report written once."""
+    from analogjax.release import _fidelity, _load_student, run_config
     from analogjax.teacher import live_source_kind, load_teacher
     from analogjax.transfer import measure
 
-    run_cfg, ckpt_dir, workdir, step = run_config(checkpoint)
+    run_cfg, ckpt_dir, _, _ = run_config(checkpoint)
     config = config or run_cfg
     if config.model != run_cfg.model:  # the same refusal, in the same order, as eval without transfer
         raise UserError(f"{ckpt_dir} holds a student of another shape than the config's model section")
     if live_source_kind(config) == "random":
         raise UserError("the run's config names no teacher.checkpoint or teacher.hf_path: nothing to compare with")
-    mesh = eval_mesh(config)
+    config, workdir, step, mesh, params = _load_student(checkpoint, config)  # the analog, restored once
     teacher, teacher_params = load_teacher(config, mesh, live=True)
-    report = fidelity_of_run(
-        checkpoint, out, config=config, batches=batches, teacher=teacher, teacher_params=teacher_params
-    )
-    params = restore_student(config, ckpt_dir, mesh, step)
-    report["transfer"] = measure(
+    transfer = measure(
         config, params, teacher, teacher_params, mesh, batches=batches or config.train.eval_batches, user_concepts=user
     )
-    fidelity.write_report(report, out, metrics_jsonl=workdir / "metrics.jsonl" if workdir is not None else None)
-    return report
+    # One fidelity measurement and one report write, with the transfer object in it.
+    return _fidelity(
+        config, workdir, step, mesh, params, out, batches, teacher, teacher_params, transfer_report=transfer
+    )
