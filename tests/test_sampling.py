@@ -13,7 +13,7 @@ import pytest
 from analogjax import mesh as mesh_lib
 from analogjax import sampling
 from analogjax.errors import UserError
-from analogjax.models.config import FULL, SLIDING, ModelConfig
+from analogjax.models.config import FULL, SLIDING, ModelConfig, MoEConfig
 from analogjax.models.model import Model
 from analogjax.models.transformer import Transformer, logits
 
@@ -43,6 +43,36 @@ FAMILIES = {
     "windowed_qknorm": ModelConfig(
         vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=1, d_ff=48, sliding_window=4, qk_norm=True
     ),
+    # Mixture of experts: a dense prefix, then one MoE layer after another (the cache split 1 + 2), with a gated
+    # shared expert
+    "moe_prefix": ModelConfig(
+        vocab_size=VOCAB,
+        d_model=32,
+        n_layers=3,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=48,
+        moe=MoEConfig(experts=4, top_k=2, expert_d_ff=24, shared_d_ff=16, shared_gate=True, first_dense_layers=1),
+    ),
+    # a dense prefix, then groups of a dense and an MoE layer (the cache split 1 + 2 x 2), DeepSeek-style router
+    "moe_groups": ModelConfig(
+        vocab_size=VOCAB,
+        d_model=32,
+        n_layers=5,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=48,
+        moe=MoEConfig(
+            experts=4,
+            top_k=2,
+            expert_d_ff=24,
+            router="sigmoid",
+            expert_bias=True,
+            routed_scale=2.0,
+            first_dense_layers=1,
+            every=2,
+        ),
+    ),
 }
 
 
@@ -62,7 +92,8 @@ def _params(cfg, seed=0):
     return init(jax.random.key(seed))
 
 
-@pytest.mark.parametrize("family", ["gemma2", "windowed_qknorm"])  # plain Llama: the transformers test below
+# plain Llama: the transformers test below
+@pytest.mark.parametrize("family", ["gemma2", "windowed_qknorm", "moe_prefix", "moe_groups"])
 def test_cached_decoding_equals_the_full_forward_at_every_position(family):
     cfg = FAMILIES[family]
     params = _params(cfg)
@@ -101,9 +132,10 @@ def test_cached_decoding_equals_the_full_forward_at_every_position(family):
             np.testing.assert_allclose(got[i], reference[i, where[i]], atol=2e-5, rtol=1e-5)
 
 
-def test_packed_prefill_keeps_documents_apart():
+@pytest.mark.parametrize("family", ["gemma2", "moe_groups"])
+def test_packed_prefill_keeps_documents_apart(family):
     # Two documents packed in one prefill row: the second one's logits are those of that document alone.
-    cfg = FAMILIES["gemma2"]
+    cfg = FAMILIES[family]
     params = _params(cfg)
     model = Transformer(cfg)
     toks = np.random.default_rng(1).integers(0, VOCAB, (1, 10)).astype(np.int32)
@@ -195,14 +227,31 @@ HF_CASES = {  # vocab 260: room for the "bytes" tokenizer the CLI test writes ne
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
 }
+MOE_HF_CASES = {
+    # every layer MoE (the cache scanned as one stack)
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    # every second layer MoE (the cache split into groups of two), gated shared expert, qkv biases
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        {
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 24,
+            "shared_expert_intermediate_size": 20,
+            "decoder_sparse_step": 2,
+            "num_hidden_layers": 4,
+        },
+    ),
+}
 
 
 def _hf_model(kind, folder):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    config_cls, model_cls, extra = HF_CASES[kind]
+    config_cls, model_cls, extra = {**HF_CASES, **MOE_HF_CASES}[kind]
     torch.manual_seed(0)
-    config = getattr(transformers, config_cls)(
+    common = dict(
         vocab_size=260,
         hidden_size=32,
         intermediate_size=48,
@@ -214,8 +263,8 @@ def _hf_model(kind, folder):
         pad_token_id=256,
         bos_token_id=257,
         eos_token_id=258,
-        **extra,
     )
+    config = getattr(transformers, config_cls)(**{**common, **extra})
     model = getattr(transformers, model_cls)(config).float().eval()
     with torch.no_grad():
         for p in model.parameters():  # fresh inits leave norms at 1: perturb everything so each tensor matters
@@ -224,22 +273,43 @@ def _hf_model(kind, folder):
     return model
 
 
-@pytest.mark.parametrize("kind", list(HF_CASES))
-def test_greedy_equals_transformers_generate(kind, tmp_path):
+def _transformers_greedy(reference, prompt: list[int]) -> list[int]:
     import torch
 
+    with torch.no_grad():
+        return reference.generate(
+            torch.tensor([prompt]), do_sample=False, max_new_tokens=8, eos_token_id=258, pad_token_id=256
+        )[0, len(prompt) :].tolist()
+
+
+@pytest.mark.parametrize("kind", list(HF_CASES))
+def test_greedy_equals_transformers_generate(kind, tmp_path):
     from analogjax import hf
 
     reference = _hf_model(kind, tmp_path)
     prompts = [[5, 17, 33, 2, 90], [200, 3], [41, 41, 41, 7, 8, 9, 10, 11, 12]]
     ours = sampling.generate(hf.load(tmp_path), prompts, max_new_tokens=8, eos_ids=[258])
     for prompt, completion in zip(prompts, ours):
-        with torch.no_grad():
-            theirs = reference.generate(
-                torch.tensor([prompt]), do_sample=False, max_new_tokens=8, eos_token_id=258, pad_token_id=256
-            )[0, len(prompt) :].tolist()
-        assert completion == theirs
+        assert completion == _transformers_greedy(reference, prompt)
         assert len(set(completion)) > 1  # a model that says one token over and over would prove little
+
+
+@pytest.mark.parametrize("kind", list(MOE_HF_CASES))
+def test_moe_greedy_equals_transformers_generate_in_the_api_and_the_cli(kind, tmp_path, capsys):
+    from analogjax import hf
+    from analogjax.models.hf import write_tokenizer
+
+    reference = _hf_model(kind, tmp_path)
+    write_tokenizer("bytes", tmp_path, 24)  # token i < 256 is byte i: the CLI's prompts are these very tokens
+    texts = ["hi", "hello there", "MoE!"]
+    prompts = [list(text.encode()) for text in texts]
+    theirs = [_transformers_greedy(reference, prompt) for prompt in prompts]
+    assert all(len(set(completion)) > 1 for completion in theirs)  # one token over and over would prove little
+    assert sampling.generate(hf.load(tmp_path), prompts, max_new_tokens=8, eos_ids=[258]) == theirs
+    argv = [arg for text in texts for arg in ("--prompt", text)]
+    rc, out, err = _cli(capsys, "--hf", str(tmp_path), *argv, "--max-new-tokens", "8", "--json")
+    assert rc == 0, err
+    assert [json.loads(line)["tokens"] for line in out.splitlines()] == theirs
 
 
 def _cli(capsys, *argv):

@@ -226,9 +226,13 @@ class Block(nn.Module):
             return out
 
         x_bsd = residual("attn", attention, x_bsd)
-        if self.moe:  # MoE models never decode with a KV cache (Decoder refuses it)
+        if self.moe:
+            # Routing is per token and dropless, so a few decode tokens route exactly as in the full forward;
+            # padding (segment 0) stays out of the router stats, which decoding does not return.
             moe, stats = MoE(cfg, name="mlp"), []
             x_bsd = residual("mlp", lambda y: _keep(stats, moe(y, segment_ids_bs > 0)), x_bsd)
+            if kv is not None:
+                return x_bsd, written
             return x_bsd, ((x_bsd if self.collect_layers else None), stats[0])
         x_bsd = residual("mlp", MLP(cfg, name="mlp"), x_bsd)
         if kv is not None:
@@ -250,15 +254,26 @@ class MoEGroup(nn.Module):
     collect_layers: bool = False
 
     @nn.compact
-    def __call__(self, x_bsd, segment_ids_bs, positions_bs):
-        block = _block_class(self.cfg)
+    def __call__(self, x_bsd, segment_ids_bs, positions_bs, kv=None, cache_meta=None):
+        # kv ("k", "v" [every, b, t, k, e]: this group's layers' cache) and cache_meta: decoding, as Block; the
+        # group then returns (carry, its layers' written kv stacked [every, ...]).
+        cfg, every = self.cfg, self.cfg.moe.every
+        if kv is not None:
+            written = []
+            for j in range(every):
+                layer_kv = jax.tree.map(lambda a, j=j: a[j], kv)
+                name, is_moe = ("moe", True) if j == every - 1 else (f"dense_{j}", False)
+                x_bsd, out = Block(cfg, moe=is_moe, name=name)(
+                    x_bsd, segment_ids_bs, positions_bs, None, layer_kv, cache_meta
+                )
+                written.append(out)
+            return x_bsd, jax.tree.map(lambda *a: jnp.stack(a), *written)
+        block = _block_class(cfg)
         outs = []
-        for j in range(self.cfg.moe.every - 1):
-            x_bsd, out = block(self.cfg, self.collect_layers, name=f"dense_{j}")(x_bsd, segment_ids_bs, positions_bs)
+        for j in range(every - 1):
+            x_bsd, out = block(cfg, self.collect_layers, name=f"dense_{j}")(x_bsd, segment_ids_bs, positions_bs)
             outs.append(out)
-        x_bsd, (out, stats) = block(self.cfg, self.collect_layers, True, name="moe")(
-            x_bsd, segment_ids_bs, positions_bs
-        )
+        x_bsd, (out, stats) = block(cfg, self.collect_layers, True, name="moe")(x_bsd, segment_ids_bs, positions_bs)
         return x_bsd, ((jnp.stack(outs + [out]) if self.collect_layers else None), stats)
 
 
@@ -287,12 +302,13 @@ def layer_location(cfg: ModelConfig, layer: int) -> tuple[tuple[str, ...], int, 
     return ("moe_layers", "moe" if is_moe else f"dense_{j}"), group, is_moe
 
 
-def _scan(module, cfg: ModelConfig, length: int, name: str, *args):
+def _scan(module, cfg: ModelConfig, length: int, name: str, *args, in_axes=(nn.broadcast, nn.broadcast)):
+    # in_axes: of the inputs after the carry (segment ids, positions, then any per-layer data or cache).
     return nn.scan(
         module,
         variable_axes={"params": 0},
         split_rngs={"params": True},
-        in_axes=(nn.broadcast, nn.broadcast),
+        in_axes=in_axes,
         length=length,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )(cfg, *args, name=name)
@@ -322,6 +338,38 @@ def _moe_stacks(cfg: ModelConfig, collect_layers: bool, x_bsd, segment_ids_bs, p
     return x_bsd, layers, stats
 
 
+# Inputs after the carry of a cached scan over Blocks: segment ids, positions, per-layer data (none: MoE models
+# have uniform layers), this layer's kv (scanned), the cache's positions/segment ids/index.
+_CACHED_BLOCK_AXES = (nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast)
+
+
+def _moe_stacks_cached(cfg: ModelConfig, x_bsd, segment_ids_bs, positions_bs, kv, meta):
+    """`_moe_stacks` with a KV cache: the cache's [n_layers, ...] keys and values (sampling.init_cache's layout, in
+    layer order) split into the dense prefix's and the MoE groups' ([groups, every, ...]) slices, each scanned with
+    its stack; the written slices are joined back into [n_layers, ...]. Returns (x, written kv)."""
+    prefix, groups = moe_layout(cfg)
+    every = cfg.moe.every
+    written = []
+    if prefix:
+        x_bsd, out = _scan(Block, cfg, prefix, "layers", in_axes=_CACHED_BLOCK_AXES)(
+            x_bsd, segment_ids_bs, positions_bs, None, jax.tree.map(lambda a: a[:prefix], kv), meta
+        )
+        written.append(out)
+    rest = jax.tree.map(lambda a: a[prefix:], kv)
+    if every == 1:
+        x_bsd, out = _scan(Block, cfg, groups, "moe_layers", False, True, in_axes=_CACHED_BLOCK_AXES)(
+            x_bsd, segment_ids_bs, positions_bs, None, rest, meta
+        )
+    else:
+        grouped = jax.tree.map(lambda a: a.reshape((groups, every) + a.shape[1:]), rest)
+        x_bsd, out = _scan(MoEGroup, cfg, groups, "moe_layers", in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast))(
+            x_bsd, segment_ids_bs, positions_bs, grouped, meta
+        )
+        out = jax.tree.map(lambda a: a.reshape((groups * every,) + a.shape[2:]), out)
+    written.append(out)
+    return x_bsd, jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *written)
+
+
 class Decoder(nn.Module):
     """tokens → final normed hidden states (and, on request, every block's output). Logits: `logits(...)` below."""
 
@@ -336,49 +384,33 @@ class Decoder(nn.Module):
             "embedding", nn.with_logical_partitioning(_init, ("vocab", "embed")), (cfg.vocab_size, cfg.d_model)
         )
         x_bsd = embed_tokens(cfg, embedding, tokens_bs)
-        if cfg.moe.enabled:
-            if cache is not None:
-                raise UserError(
-                    "decoding with a KV cache (sampling) is not implemented for mixture-of-experts models yet"
-                )
-            x_bsd, layers, stats = _moe_stacks(cfg, self.collect_layers, x_bsd, segment_ids_bs, positions_bs)
-            return self._finish(x_bsd, layers, stats)
-        block = Block
-        if cfg.remat == "block":
-            # Keep only each block's input; recompute the rest in the backward pass.
-            block = nn.remat(Block, prevent_cse=False)
         per_layer = layer_data(cfg)
-        stack = nn.scan(
-            block,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            # Layers that differ (window, RoPE base) get their own row of `per_layer` as a scanned input.
-            in_axes=(nn.broadcast, nn.broadcast) + (() if per_layer is None else (0,)),
-            length=cfg.n_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )
         extra = () if per_layer is None else (jax.tree.map(jnp.asarray, per_layer),)
         if cache is None:
-            x_bsd, layers = stack(cfg, self.collect_layers, name="layers")(x_bsd, segment_ids_bs, positions_bs, *extra)
+            if cfg.moe.enabled:
+                x_bsd, layers, stats = _moe_stacks(cfg, self.collect_layers, x_bsd, segment_ids_bs, positions_bs)
+                return self._finish(x_bsd, layers, stats)
+            # Layers that differ (window, RoPE base) get their own row of `per_layer` as a scanned input.
+            in_axes = (nn.broadcast, nn.broadcast) + (() if per_layer is None else (0,))
+            x_bsd, layers = _scan(_block_class(cfg), cfg, cfg.n_layers, "layers", self.collect_layers, in_axes=in_axes)(
+                x_bsd, segment_ids_bs, positions_bs, *extra
+            )
             return self._finish(x_bsd, layers, None)
-        # The same scanned stack, with each layer's cache slice scanned in and its written slice out.
-        stack = nn.scan(
-            Block,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast if per_layer is None else 0, 0, nn.broadcast),
-            length=cfg.n_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )
+        # Decoding: the same scanned stacks, with each layer's cache slice scanned in and its written slice out.
         index = cache["index"]
         meta = {
             "positions": write_slots(cache["positions"], positions_bs, index),
             "segment_ids": write_slots(cache["segment_ids"], segment_ids_bs, index),
             "index": index,
         }
-        x_bsd, kv = stack(cfg, name="layers")(
-            x_bsd, segment_ids_bs, positions_bs, extra[0] if extra else None, {"k": cache["k"], "v": cache["v"]}, meta
-        )
+        kv = {"k": cache["k"], "v": cache["v"]}
+        if cfg.moe.enabled:
+            x_bsd, kv = _moe_stacks_cached(cfg, x_bsd, segment_ids_bs, positions_bs, kv, meta)
+        else:
+            in_axes = (nn.broadcast, nn.broadcast, nn.broadcast if per_layer is None else 0, 0, nn.broadcast)
+            x_bsd, kv = _scan(Block, cfg, cfg.n_layers, "layers", in_axes=in_axes)(
+                x_bsd, segment_ids_bs, positions_bs, extra[0] if extra else None, kv, meta
+            )
         return self._finish(x_bsd, None, None), {**meta, **kv}
 
     def _finish(self, x_bsd, layers, router_stats):
