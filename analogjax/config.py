@@ -90,6 +90,62 @@ class LossTerm:
     final_weight: float | None = None
 
 
+ON_POLICY_PROMPTS = ("auto", "field", "prefix")
+
+
+@dataclass(frozen=True)
+class OnPolicyConfig:
+    """On-policy distillation (GKD, arXiv 2306.13649): a fraction of the steps train on completions the current
+    student samples for prompts from the data, scored token by token by the live teacher in the same jitted step.
+
+    Which steps: step s (0-based) is on-policy when floor((s + 1)·fraction) > floor(s·fraction): exactly that share of
+    steps, evenly spread, decided by the step number alone (a resume needs no extra state). Whole steps rather than
+    rows of every step, because sampling is a sequential decode loop whose time barely depends on how many rows
+    sample: spreading on-policy rows over every step would make every step pay for it.
+    """
+
+    fraction: float = 0.0  # λ: the share of steps that are on-policy; 0 = off
+    # The objective on the student's own samples, over completion tokens only (prompt tokens masked); reverse KL,
+    # the mode-seeking divergence of GKD/MiniLLM, by default. Any divergence or hidden-state term; not `ce`.
+    terms: tuple[LossTerm, ...] = (LossTerm("reverse_kl", 1.0),)
+    # Sampling, separate from distill.temperature (the divergence's): 0 = greedy; top_k 0 and top_p 1 = off.
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    # Prompt tokens per row: a document prefix takes this many; a longer `prompt` field keeps its last prompt_len.
+    prompt_len: int = 32
+    max_new_tokens: int = 0  # completion tokens per row; 0 = data.seq_len - prompt_len
+    # auto: a JSONL source whose records have `prompt_field` gives those prompts (in the tokenizer's chat template
+    # when it has one), any other source document prefixes; field / prefix force one kind.
+    prompts: str = "auto"
+    prompt_field: str = "prompt"
+
+    def check(self, prefix: str) -> None:
+        if not 0.0 <= self.fraction <= 1.0:
+            raise UserError(f"{_join(prefix, 'fraction')} must lie in [0, 1], got {self.fraction}")
+        if not self.temperature >= 0:
+            raise UserError(f"{_join(prefix, 'temperature')} must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise UserError(f"{_join(prefix, 'top_k')} must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"{_join(prefix, 'top_p')} must be in (0, 1], got {self.top_p}")
+        _positive(self, prefix, "prompt_len")
+        _non_negative(self, prefix, "max_new_tokens")
+        check_choice(_join(prefix, "prompts"), self.prompts, ON_POLICY_PROMPTS)
+        if not self.prompt_field:
+            raise UserError(f"{_join(prefix, 'prompt_field')} is empty")
+        for i, term in enumerate(self.terms):
+            if term.kind == "ce":
+                raise UserError(
+                    f"{_join(prefix, f'terms[{i}]')}.kind: ce on the student's own samples trains it towards "
+                    "itself; on-policy terms are divergences from the teacher (reverse_kl, forward_kl, jsd, ...)"
+                )
+
+    @property
+    def enabled(self) -> bool:
+        return self.fraction > 0
+
+
 @dataclass(frozen=True)
 class DistillConfig:
     """The objective: loss = Σ weightᵢ(step)·termᵢ, each masked and divided by the global valid-token count."""
@@ -103,6 +159,7 @@ class DistillConfig:
     chunk_size: int = 256  # tokens per batch shard in each chunk of the fused loss ([chunk, vocab] per device)
     # With a top-k teacher cache, forward_kl becomes: tail_bucket (exact at k = vocab), gathered or renormalized.
     topk_treatment: str = "tail_bucket"
+    on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
 
 
 @dataclass(frozen=True)

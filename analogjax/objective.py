@@ -29,20 +29,8 @@ T2_BY_DEFAULT = ("forward_kl", "soft_ce")  # the Hinton family: gradient ∝ 1/T
 
 def check_distill(cfg: DistillConfig) -> None:
     """Names the offending key; called when the run is built (the loss registry lives here, not in config)."""
-    known = set(DIVERGENCES) | {"ce"} | set(HIDDEN_KINDS)
-    if not cfg.terms:
-        raise UserError("distill.terms: at least one loss term is needed")
-    for i, term in enumerate(cfg.terms):
-        key = f"distill.terms[{i}]"
-        if term.kind not in known:
-            raise UserError(f"{key}.kind: unknown loss term {term.kind!r} (known: {', '.join(sorted(known))})")
-        check_choice(f"{key}.schedule", term.schedule, SCHEDULES)
-        if term.kind in HIDDEN_KINDS and not cfg.layer_map:
-            raise UserError(f"{key}: {term.kind} needs distill.layer_map (student layer, teacher layer) pairs")
-        if term.kind == "jsd" and not 0.0 <= term.beta <= 1.0:
-            raise UserError(f"{key}.beta must lie in [0, 1], got {term.beta}")
-        if term.kind.startswith("skew") and not 0.0 <= term.alpha < 1.0:
-            raise UserError(f"{key}.alpha must lie in [0, 1), got {term.alpha}")
+    _check_terms(cfg.terms, "distill.terms", cfg.layer_map)
+    _check_terms(cfg.on_policy.terms, "distill.on_policy.terms", cfg.layer_map)
     if cfg.temperature <= 0 or (cfg.final_temperature is not None and cfg.final_temperature <= 0):
         raise UserError("distill.temperature must be positive")
     check_choice("distill.temperature_schedule", cfg.temperature_schedule, SCHEDULES)
@@ -50,12 +38,32 @@ def check_distill(cfg: DistillConfig) -> None:
         raise UserError("distill.chunk_size must be positive")
 
 
+def _check_terms(terms, where: str, layer_map) -> None:
+    known = set(DIVERGENCES) | {"ce"} | set(HIDDEN_KINDS)
+    if not terms:
+        raise UserError(f"{where}: at least one loss term is needed")
+    for i, term in enumerate(terms):
+        key = f"{where}[{i}]"
+        if term.kind not in known:
+            raise UserError(f"{key}.kind: unknown loss term {term.kind!r} (known: {', '.join(sorted(known))})")
+        check_choice(f"{key}.schedule", term.schedule, SCHEDULES)
+        if term.kind in HIDDEN_KINDS and not layer_map:
+            raise UserError(f"{key}: {term.kind} needs distill.layer_map (student layer, teacher layer) pairs")
+        if term.kind == "jsd" and not 0.0 <= term.beta <= 1.0:
+            raise UserError(f"{key}.beta must lie in [0, 1], got {term.beta}")
+        if term.kind.startswith("skew") and not 0.0 <= term.alpha < 1.0:
+            raise UserError(f"{key}.alpha must lie in [0, 1), got {term.alpha}")
+
+
 def needs_teacher(cfg: DistillConfig) -> bool:
-    return any(t.kind != "ce" for t in cfg.terms)
+    return any(t.kind != "ce" for t in cfg.terms) or cfg.on_policy.enabled
 
 
 def needs_layers(cfg: DistillConfig) -> bool:
-    return any(t.kind in HIDDEN_KINDS for t in cfg.terms)
+    """Whether a step of this objective collects per-layer residual streams (and the run trains projections); the
+    on-policy terms count too, since their steps share the state."""
+    terms = cfg.terms + (cfg.on_policy.terms if cfg.on_policy.enabled else ())
+    return any(t.kind in HIDDEN_KINDS for t in terms)
 
 
 def scheduled(start: float, end: float | None, kind: str, step: jax.Array, total_steps: int) -> jax.Array:

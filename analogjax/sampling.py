@@ -107,10 +107,13 @@ def sample(
     eos_ids: Sequence[int] = (),
     pad_id: int = 0,
     limit_b: jax.Array | None = None,
+    vocab_limit: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Continue right-padded prompts ([b, p] int32, row i's first lengths_b[i] >= 1 tokens real) → (new tokens
     [b, max_new_tokens] int32, pad_id after a row stops; count [b] of new tokens, an EOS included). A row stops
-    after an EOS id, after max_new_tokens, or after limit_b[i] tokens (a context bound). Pure and jittable."""
+    after an EOS id, after max_new_tokens, or after limit_b[i] tokens (a context bound). With `vocab_limit`, ids at
+    or above it are never drawn (an embedding table padded past the tokenizer, or past what a teacher can score).
+    Pure and jittable."""
     from analogjax.models.transformer import Transformer, logits
 
     options = options or Sampling()
@@ -123,12 +126,18 @@ def sample(
     def is_eos(tokens_b):
         return jnp.any(tokens_b[:, None] == eos[None, :], axis=-1)
 
+    def logits_of(hidden_b1d):
+        out = logits(params, cfg, hidden_b1d)[:, 0]
+        if vocab_limit is not None and vocab_limit < out.shape[-1]:
+            out = jnp.where(jnp.arange(out.shape[-1]) < vocab_limit, out, -jnp.inf)
+        return out
+
     cache = _constrain(init_cache(cfg, b, p + max_new_tokens))
     segments = (jnp.arange(p)[None, :] < lengths_b[:, None]).astype(jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
     hidden, cache = model.decode(params, prompt_bp, segments, positions, cache)
     last = jnp.take_along_axis(hidden, (lengths_b - 1)[:, None, None], axis=1)  # each row's last real token
-    token = next_token(logits(params, cfg, last)[:, 0], jax.random.fold_in(rng, 0), options)
+    token = next_token(logits_of(last), jax.random.fold_in(rng, 0), options)
     out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token)
     count = jnp.ones((b,), jnp.int32)
     done = is_eos(token) | (count >= limit_b)
@@ -142,7 +151,7 @@ def sample(
         where = lengths_b + step - 1  # the fed token's position, and its slot
         cache = _constrain({**cache, "index": where})
         hidden, cache = model.decode(params, token[:, None], jnp.ones((b, 1), jnp.int32), where[:, None], cache)
-        new = next_token(logits(params, cfg, hidden)[:, 0], jax.random.fold_in(rng, step), options)
+        new = next_token(logits_of(hidden), jax.random.fold_in(rng, step), options)
         new = jnp.where(done, pad_id, new)
         out = jax.lax.dynamic_update_slice_in_dim(out, new[:, None], step, axis=1)
         count = count + (~done).astype(jnp.int32)

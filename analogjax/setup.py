@@ -16,6 +16,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from analogjax import mesh as mesh_lib
+from analogjax import on_policy
 from analogjax.config import Config
 from analogjax.data import heldout_batches
 from analogjax.errors import UserError
@@ -157,6 +158,7 @@ def build(
         teacher, teacher_params = load_teacher(config, mesh)
     if teacher is not None and teacher.vocab_size is not None:
         check_vocab(config.model.vocab_size, teacher.vocab_size)
+    on_policy.check(config, teacher)
     tx = make_optimizer(config.optim, config.train.steps)
     abstract, shardings = abstract_state(config, mesh, student, tx)
     batch_sh = mesh_lib.batch_sharding(mesh)

@@ -147,6 +147,11 @@ def run_training(
         progress_out = Progress(
             cfg.train.steps, start, "distill" if run.teacher else "train", enabled=progress and jax.process_index() == 0
         )
+        on_policy = None
+        if cfg.distill.on_policy.enabled:
+            from analogjax.on_policy import OnPolicy, RolloutWindow
+
+            on_policy = OnPolicy(run, process_index=jax.process_index(), process_count=jax.process_count())
         late = LateMetrics(
             log,
             progress_out,
@@ -156,26 +161,54 @@ def run_training(
             ),
             peak=peak_flops_per_second(),
             nonfinite=cfg.train.nonfinite,
+            rollouts=RolloutWindow(cfg.data.global_batch) if on_policy is not None else None,
         )
         late.last_saved = start if start in checkpointer.all_steps() else None
         preempted = False
         with jax.set_mesh(run.mesh), PreemptionWatcher() as watcher:
+            first_on_policy = True
             for step in range(start, cfg.train.steps):
-                local_batch = next(data_iter)
+                rollout = None
+                if on_policy is not None and on_policy.covers(step):
+                    # No corpus batch is read: the data position moves only with off-policy steps.
+                    # Sampling waits for the previous step anyway: log it first, so that this step's sampling time
+                    # falls in this step's logging window.
+                    late.settle()
+                    batch, seconds, sampled = on_policy.batch(state, step)
+                    rollout = (seconds, sampled)
+                    late.sampled_for(seconds)
+                else:
+                    local_batch = next(data_iter)
+                    if cache_reader is not None:
+                        local_batch = cache_reader.add_to(step, local_batch)
+                    batch = to_global_batch(local_batch, run.batch_sharding)
                 if claim:  # the config's data has produced a batch: only now does the workdir become this run's
                     _claim_workdir(workdir, config)
                     claim = False
                 if step == start:
                     show_config(workdir, config)
-                if cache_reader is not None:
-                    local_batch = cache_reader.add_to(step, local_batch)
-                batch = to_global_batch(local_batch, run.batch_sharding)
-                state, metrics = run.step_fn(state, run.teacher_params, batch)
-                if step == start:  # keep compilation out of the throughput figures
-                    jax.block_until_ready(metrics)
-                    late.restart_window(start + 1)
+                if rollout is None:
+                    state, metrics = run.step_fn(state, run.teacher_params, batch)
+                    work = None
+                else:
+                    state, metrics = on_policy.step_fn(state, run.teacher_params, batch)
+                    work = (on_policy.tokens_per_step, on_policy.flops_per_step)
                 done = step + 1
-                late.push(done, metrics, log_it=done % cfg.train.log_every == 0 or done == cfg.train.steps)
+                # Keep compilation (of the step, and of the first on-policy step's two programs) out of the
+                # throughput figures: wait for it, then measure from the next step on.
+                compiled_now = step == start or (rollout is not None and first_on_policy)
+                if compiled_now:
+                    jax.block_until_ready(metrics)
+                if rollout is not None:
+                    first_on_policy = False
+                late.push(
+                    done,
+                    metrics,
+                    log_it=done % cfg.train.log_every == 0 or done == cfg.train.steps,
+                    work=work,
+                    rollout=rollout,
+                    fresh_window=compiled_now,
+                )
                 stop = watcher.should_stop(done)  # every step, on every host: the preemption sync point needs it
                 evaluate_now = (
                     has_heldout and cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < cfg.train.steps
@@ -249,10 +282,12 @@ class LateMetrics:
         flops_per_step: float,
         peak: float,
         nonfinite: str,
+        rollouts=None,
     ):
         self.log, self.progress = log, progress
         self.tokens_per_step, self.flops_per_step, self.peak = tokens_per_step, flops_per_step, peak
         self.nonfinite = nonfinite
+        self.rollouts = rollouts  # on_policy.RolloutWindow of an on-policy run: its figures join each record
         self.last: dict[str, Any] = {}  # the latest logged record
         self.last_saved: int | None = None  # named in the error when a non-finite step halts the run
         self._unchecked: tuple | None = None  # (step, flag) of the newest step
@@ -260,13 +295,36 @@ class LateMetrics:
         self.restart_window(0)
 
     def restart_window(self, first_step: int) -> None:
+        """Measure from now, over the steps after `first_step`."""
         self._window_start, self._window_first = time.perf_counter(), first_step
+        self._window_tokens, self._window_flops = 0.0, 0.0
+        if self.rollouts is not None:
+            self.rollouts.reset()
 
-    def push(self, done: int, metrics: dict, *, log_it: bool) -> None:
-        """Step `done` was just dispatched: settle the previous one (its device work is already queued behind)."""
+    def sampled_for(self, seconds: float) -> None:
+        """An on-policy step just spent `seconds` sampling: wall time of the current window."""
+        if self.rollouts is not None:
+            self.rollouts.seconds += seconds
+
+    def push(
+        self, done: int, metrics: dict, *, log_it: bool, work=None, rollout=None, fresh_window: bool = False
+    ) -> None:
+        """Step `done` was just dispatched: settle the previous one (its device work is already queued behind).
+        `work`: (tokens, FLOPs) of this step when not the run's usual ones (an on-policy step); `rollout`:
+        (seconds sampling, tokens sampled) of an on-policy step. `fresh_window`: measure from the next step on
+        (this one was waited for: it compiled)."""
         self.settle()
+        if fresh_window:
+            self.restart_window(done)
+        else:
+            tokens, flops = work if work is not None else (self.tokens_per_step, self.flops_per_step)
+            self._window_tokens += tokens
+            self._window_flops += flops
+        if rollout is not None and self.rollouts is not None:
+            # A compiling step's samples still count; its sampling time does not.
+            self.rollouts.add(*rollout, metrics, timed=not fresh_window)
         self._unchecked = (done, metrics["nonfinite"])
-        self._pending = (done, metrics) if log_it else None
+        self._pending = (done, metrics, rollout is not None) if log_it else None
 
     def settle(self) -> None:
         """Wait for the newest step: check its flag, write its record if it is to be logged."""
@@ -281,11 +339,21 @@ class LateMetrics:
         """The logged record of `step` (a copy), or {} if that step was not logged."""
         return dict(self.last) if self.last.get("step") == step else {}
 
-    def _flush(self, step_done: int, metrics: dict) -> None:
+    def _flush(self, step_done: int, metrics: dict, on_policy_step: bool) -> None:
         record = {"step": step_done, **means(jax.device_get(metrics))}  # blocks until that step is done
         now = time.perf_counter()
-        dt = (now - self._window_start) / max(step_done - self._window_first, 1)
-        record.update(tokens_per_s=self.tokens_per_step / dt, step_s=dt, mfu=self.flops_per_step / dt / self.peak)
+        seconds = now - self._window_start
+        steps = step_done - self._window_first
+        if steps > 0:
+            # Tokens are the rows the steps trained on; FLOPs are model FLOPs (flops.py), sampling included.
+            record.update(
+                tokens_per_s=self._window_tokens / seconds,
+                step_s=seconds / steps,
+                mfu=self._window_flops / seconds / self.peak,
+            )
+        if self.rollouts is not None:
+            # The record's own loss and divergences are of this step's batch: samples when on_policy_step is 1.
+            record.update(on_policy_step=float(on_policy_step), **self.rollouts.record(seconds))
         self.restart_window(step_done)
         self._window_start = now
         self.last = record

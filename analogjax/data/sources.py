@@ -157,18 +157,24 @@ class JsonlSource(DocumentSource):
         f, r = self.locate(index)
         return f"{self.files[f]} (line {int(self._line_numbers[f][r]) + 1})"
 
-    def _read(self, file_index, record):
-        raw = _read_range(
-            self, file_index, int(self._line_starts[file_index][record]), int(self._line_lengths[file_index][record])
-        )
-        where = self.where(int(self._starts[file_index]) + record)
+    def record(self, index: int) -> dict:
+        """Document `index`'s whole JSON object (on-policy prompts read another key of it than `field`)."""
+        f, r = self.locate(index)
+        raw = _read_range(self, f, int(self._line_starts[f][r]), int(self._line_lengths[f][r]))
         try:
             obj = json.loads(raw)
         except ValueError as e:
-            raise UserError(f"{where}: not valid JSON ({e})") from None
-        if not isinstance(obj, dict) or self.field not in obj:
-            raise UserError(f"{where}: no key {self.field!r} (set the source's field)")
-        return _document_value(obj[self.field], where)
+            raise UserError(f"{self.where(index)}: not valid JSON ({e})") from None
+        if not isinstance(obj, dict):
+            raise UserError(f"{self.where(index)}: a record must be a JSON object, got {type(obj).__name__}")
+        return obj
+
+    def _read(self, file_index, record):
+        index = int(self._starts[file_index]) + record
+        obj = self.record(index)
+        if self.field not in obj:
+            raise UserError(f"{self.where(index)}: no key {self.field!r} (set the source's field)")
+        return _document_value(obj[self.field], self.where(index))
 
 
 class ParquetSource(DocumentSource):
