@@ -67,8 +67,9 @@ def check(config: Config, teacher) -> None:
     prompt_len, new_tokens = shapes(config)
     if new_tokens <= 0 or prompt_len + new_tokens > config.data.seq_len:
         raise UserError(
-            f"{key}: prompt_len ({prompt_len}) + max_new_tokens ({new_tokens}) must be at most data.seq_len "
-            f"({config.data.seq_len}), with at least one new token"
+            f"{key}: prompt_len ({prompt_len}) + max_new_tokens ({new_tokens}"
+            + (", from 0: data.seq_len - prompt_len" if not config.distill.on_policy.max_new_tokens else "")
+            + f") must be at most data.seq_len ({config.data.seq_len}), with at least one new token"
         )
     if teacher is None:
         raise UserError(f"{key}.fraction > 0 needs a teacher to score the samples (the objective has none)")

@@ -116,6 +116,11 @@ def run_training(
         process_count=jax.process_count(),
     )
     run = build(config, teacher, teacher_params, init=False)
+    on_policy = None
+    if cfg.distill.on_policy.enabled:  # its prompts too are checked before the workdir gets anything
+        from analogjax.on_policy import OnPolicy, RolloutWindow
+
+        on_policy = OnPolicy(run, process_index=jax.process_index(), process_count=jax.process_count())
     cache_reader = None
     if run.teacher is not None and run.teacher.is_cached:  # cached rows join each local batch, step for step
         from analogjax.teacher_cache import CacheReader
@@ -147,11 +152,6 @@ def run_training(
         progress_out = Progress(
             cfg.train.steps, start, "distill" if run.teacher else "train", enabled=progress and jax.process_index() == 0
         )
-        on_policy = None
-        if cfg.distill.on_policy.enabled:
-            from analogjax.on_policy import OnPolicy, RolloutWindow
-
-            on_policy = OnPolicy(run, process_index=jax.process_index(), process_count=jax.process_count())
         late = LateMetrics(
             log,
             progress_out,

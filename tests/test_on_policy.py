@@ -163,7 +163,12 @@ def test_field_prompts_use_the_chat_template_as_transformers_does(tmp_path):
         json.dumps({"chat_template": template, "eos_token": "<|im_end|>", "pad_token": "<pad>", "bos_token": None})
     )
     config = _config(
-        tmp_path, f"data.tokenizer={folder / 'tokenizer.json'}", "distill.on_policy.prompt_len=64", "data.add_bos=false", "data.add_eos=false", with_prompts=True
+        tmp_path,
+        f"data.tokenizer={folder / 'tokenizer.json'}",
+        "distill.on_policy.prompt_len=64",
+        "data.add_bos=false",
+        "data.add_eos=false",
+        with_prompts=True,
     )
     prompts = PromptSet(config.data, config.distill.on_policy, seed=0, vocab_size=512)
     assert prompts.kinds == ["field"]
@@ -218,11 +223,13 @@ def test_a_cached_teacher_cannot_score_samples(tmp_path):
 
 def test_no_prompts_in_the_data_is_one_error_line_on_the_cli(tmp_path):
     corpus = _corpus(tmp_path, with_prompts=False)
-    sets = ["model.preset=tiny", f"data.sources=[{{path: {corpus}}}]", "data.seq_len=32"]
-    sets += ["distill.on_policy.fraction=0.5", "distill.on_policy.prompts=field"]
+    config = tmp_path / "on_policy.yaml"
+    config.write_text(
+        f"model: {{preset: tiny}}\ndata: {{sources: [{{path: {corpus}}}], seq_len: 64}}\n"
+        "distill: {on_policy: {fraction: 0.5, prompts: field}}\n"
+    )
     proc = subprocess.run(
-        [sys.executable, "-m", "analogjax", "distill", "--workdir", str(tmp_path / "w")]
-        + [arg for item in sets for arg in ("--set", item)],
+        [sys.executable, "-m", "analogjax", "distill", "--config", str(config), "--workdir", str(tmp_path / "w")],
         capture_output=True,
         text=True,
     )
