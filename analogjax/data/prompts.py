@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 import grain
 import numpy as np
@@ -39,7 +40,8 @@ class PromptSet:
     def __init__(self, data: DataConfig, on_policy, *, seed: int, vocab_size: int):
         self.prompt_len = on_policy.prompt_len
         self.add_bos = data.add_bos
-        self.tokenizer, self.sources = open_sources(data, vocab_size=vocab_size)
+        tokenizer, self.sources = open_sources(data, vocab_size=vocab_size)
+        self.tokenizer: Any = tokenizer  # one of data/tokenize.py's tokenizers
         self.vocab_size = vocab_size
         self.field = on_policy.prompt_field
         self.kinds = [self._kind(i, source, on_policy.prompts) for i, source in enumerate(self.sources)]
@@ -96,6 +98,7 @@ class PromptSet:
                 tokens = np.asarray(value, np.int64)
             # Leave the document at least one token to continue into; a one-token document is its own prompt.
             return self._checked(tokens[: min(self.prompt_len, max(len(tokens) - 1, 1))], source, document)
+        assert isinstance(source, JsonlSource)  # _kind gives field prompts to JSONL sources only
         value = source.record(document).get(self.field)
         tokens = self._encode_field(value, source.where(document))
         if len(tokens) > self.prompt_len:
