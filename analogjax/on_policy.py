@@ -134,7 +134,8 @@ def rollout(
 class OnPolicy:
     """What the loop needs for on-policy steps: which steps, their prompts, the jitted rollout and step."""
 
-    def __init__(self, run, *, process_index: int = 0, process_count: int = 1):
+    def __init__(self, run, *, process_index: int = 0, process_count: int = 1, prompts=None):
+        """`prompts`: anything with data.prompts.PromptSet's `batch` and `tokenizer` (default: the run's data)."""
         from analogjax.data.prompts import PromptSet
         from analogjax.setup import jit_distill_step
 
@@ -146,7 +147,9 @@ class OnPolicy:
         self.prompt_len, self.max_new_tokens = shapes(config)
         self.rows = config.data.global_batch
         self.process_index, self.process_count = process_index, process_count
-        self.prompts = PromptSet(config.data, op, seed=config.train.seed, vocab_size=config.model.vocab_size)
+        if prompts is None:
+            prompts = PromptSet(config.data, op, seed=config.train.seed, vocab_size=config.model.vocab_size)
+        self.prompts = prompts
         tokenizer = self.prompts.tokenizer
         eos = () if tokenizer.eos_id is None else (int(tokenizer.eos_id),)
         vocab_limit = min(config.model.vocab_size, run.teacher.vocab_size or config.model.vocab_size)

@@ -5,7 +5,9 @@ whole KV cache (the step attends over all its slots, masked). Its roofline time 
 bandwidth measured in the same process (a large array copy: read + write bytes over the time). Decode time per
 step is (time of prefill + N decode steps - time of the prefill alone, same cache) / (N - 1), medians of repeats.
 Prints one JSON line per model: decode_tokens_per_s (batch x steps / s), decode_step_s, bytes_per_step,
-bandwidth_bytes_per_s, roofline_fraction.
+bandwidth_bytes_per_s, roofline_fraction. Then one line comparing, at bench/step.py's teacher and student with rows of
+prompt-len + on-policy-new-tokens, the off-policy distill step with the on-policy step (sampling plus the same step on
+the samples): both medians, their ratio and sampling's share of the on-policy step.
 
     python bench/generate.py [--batch 8] [--prompt-len 128] [--new-tokens 128] [--repeats 5] [--dtype float32]
 """
@@ -122,6 +124,91 @@ def measure(preset: str, batch: int, prompt_len: int, new_tokens: int, repeats: 
     }
 
 
+class _RandomPrompts:
+    """Full-length random prompts and a tokenizer without EOS: every row samples every new token (fixed shapes)."""
+
+    def __init__(self, prompt_len: int, vocab: int):
+        import types
+
+        self.prompt_len, self.vocab = prompt_len, vocab
+        self.tokenizer = types.SimpleNamespace(eos_id=None, pad_id=0, vocab_size=vocab)
+
+    def batch(self, k: int, rows: int, process_index: int = 0, process_count: int = 1):
+        import numpy as np
+
+        rng = np.random.default_rng(k)
+        local = rows // process_count
+        return {
+            "prompts": rng.integers(3, self.vocab, (local, self.prompt_len)).astype(np.int32),
+            "prompt_lengths": np.full((local,), self.prompt_len, np.int32),
+            "source_ids": np.zeros((local,), np.int32),
+        }
+
+
+def measure_on_policy(batch: int, prompt_len: int, new_tokens: int, repeats: int, dtype: str) -> dict:
+    """bench/step.py's teacher and student at rows of prompt_len + new_tokens: the off-policy step against the
+    on-policy step (the student samples new_tokens per row, then the same distill step on the samples)."""
+    import jax
+
+    from analogjax.config import load_config
+    from analogjax.on_policy import OnPolicy
+    from bench.step import BENCH_OVERRIDES, synthetic_batch
+
+    width = prompt_len + new_tokens
+    config = load_config(
+        None,
+        BENCH_OVERRIDES
+        + [
+            f"data.global_batch={batch}",
+            f"data.seq_len={width}",
+            f"model.dtype={dtype}",
+            f"teacher.model.dtype={dtype}",
+            "distill.on_policy.fraction=1.0",
+            f"distill.on_policy.prompt_len={prompt_len}",
+            f"distill.on_policy.max_new_tokens={new_tokens}",
+        ],
+    )
+    from analogjax.setup import build
+
+    run = build(config)
+    on_policy = OnPolicy(run, prompts=_RandomPrompts(prompt_len, config.model.vocab_size))
+    off_batch = jax.device_put(synthetic_batch(batch, width, config.model.vocab_size), run.batch_sharding)
+    state = run.state
+    off_times, on_times, sampling_times = [], [], []
+    with jax.set_mesh(run.mesh):
+        for i in range(repeats + 1):  # the first round compiles
+            t0 = time.perf_counter()
+            state, metrics = run.step_fn(state, run.teacher_params, off_batch)
+            jax.block_until_ready(metrics)
+            t1 = time.perf_counter()
+            on_batch, sampling_s, sampled = on_policy.batch(state, i)
+            state, metrics = on_policy.step_fn(state, run.teacher_params, on_batch)
+            jax.block_until_ready(metrics)
+            t2 = time.perf_counter()
+            if i:
+                off_times.append(t1 - t0)
+                on_times.append(t2 - t1)
+                sampling_times.append(sampling_s)
+            assert sampled == batch * new_tokens  # no EOS: every row sampled every token
+    off_s, on_s, sampling_s = (statistics.median(t) for t in (off_times, on_times, sampling_times))
+    return {
+        "bench": "on_policy_step",
+        "dtype": dtype,
+        "batch": batch,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "off_policy_step_s": round(off_s, 4),
+        "on_policy_step_s": round(on_s, 4),
+        "sampling_s": round(sampling_s, 4),
+        "on_over_off": round(on_s / off_s, 2),
+        "sampling_share": round(sampling_s / on_s, 3),
+        "rollout_tokens_per_s": round(batch * new_tokens / sampling_s, 1),
+        "repeats": repeats,
+        "devices": len(jax.devices()),
+        "backend": jax.default_backend(),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
@@ -130,12 +217,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--models", default="bench-teacher,bench-student")
+    parser.add_argument(
+        "--on-policy-new-tokens",
+        type=int,
+        default=128,
+        help="also time an on-policy step (sampling this many tokens per row) against the off-policy step at the "
+        "same shapes (0 = skip)",
+    )
     args = parser.parse_args()
     for preset in args.models.split(","):
         print(
             json.dumps(measure(preset, args.batch, args.prompt_len, args.new_tokens, args.repeats, args.dtype)),
             flush=True,
         )
+    if args.on_policy_new_tokens:
+        figures = measure_on_policy(args.batch, args.prompt_len, args.on_policy_new_tokens, args.repeats, args.dtype)
+        print(json.dumps(figures), flush=True)
 
 
 if __name__ == "__main__":
