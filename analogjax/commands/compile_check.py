@@ -31,6 +31,12 @@ def run(args) -> int:
     if not name:
         raise UserError("no topology: pass --topology (e.g. v5p-256) or set topology: in the config")
     plan = compile_plan(config, parse_topology(name))
+    if config.distill.on_policy.enabled:
+        print(
+            "warning: distill.on_policy: only the off-policy distill step was compiled; the on-policy rollout "
+            "(KV cache) and its step are not in these figures",
+            file=sys.stderr,
+        )
     for line in report(plan):
         print(line)
     sys.stdout.flush()
