@@ -1,6 +1,9 @@
-"""The fused attention kernels against the definition (`attend`): splash's Pallas kernel in interpret mode on CPU,
-the cuDNN call's mask/window/GQA plumbing through jax.nn.dot_product_attention(implementation="xla") (everything
-but the GPU kernel itself), and which kernel each backend gets."""
+"""The fused attention kernels against the definition (`attend`): splash's and pallas_gpu's Pallas kernels in
+interpret mode on CPU, the cuDNN call's mask/window/GQA plumbing through jax.nn.dot_product_attention(
+implementation="xla") (everything but the GPU kernel itself), which kernel each backend gets, and which kernels hold
+[s, t] arrays."""
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -66,6 +69,47 @@ def test_splash_interpret_equals_xla_forward_and_gradient(window, softcap):
     _compare(jax.jit(_splash, static_argnums=(5, 6, 7)), window, softcap, atol=2e-4)
 
 
+def _pallas_gpu(q, k, v, pos, seg, scale, window, softcap):
+    return att.self_attention(
+        q, k, v, pos, seg, scale=scale, window=window, softcap=softcap, kernel="pallas_gpu", interpret=True, block=64
+    )
+
+
+def test_pallas_gpu_interpret_equals_xla_forward_and_gradient():
+    # Causal, packed documents and padding, grouped-query heads (h=4 over k=2); 4 key blocks, so the causal block
+    # bounds of the forward, dK/dV and dQ loops are exercised.
+    _compare(jax.jit(_pallas_gpu, static_argnums=(5, 6, 7)), None, 0.0, atol=2e-4)
+
+
+def test_pallas_gpu_under_a_context_mesh_with_window_and_softcap_equals_xla():
+    # A window (48) shorter than a block and a soft-cap, under data x context x tensor: each context shard's
+    # queries start at an offset (the kernels' q_offset), kv heads split over tensor.
+    from analogjax import mesh as mesh_lib
+
+    with jax.set_mesh(mesh_lib.make_mesh(2, 1, 2, context=2)):
+        _compare(jax.jit(_pallas_gpu, static_argnums=(5, 6, 7)), 48, 20.0, atol=2e-4)
+
+
+def _square_arrays(kernel):
+    """Shapes in the traced forward + gradient program (kernel bodies included) with two axes of the sequence
+    length: what would hold [s, t] scores or masks."""
+    pos, seg = _packed()
+    q, k, v = _qkv()
+
+    def loss(q, k, v):
+        out = att.self_attention(q, k, v, pos, seg, scale=0.125, window=48, kernel=kernel, interpret=True, block=64)
+        return jnp.sum(out.astype(jnp.float32))
+
+    text = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v))
+    shapes = {tuple(int(d) for d in dims.split(",")) for dims in re.findall(r"\[(\d+(?:,\d+)+)\]", text)}
+    return {shape for shape in shapes if sum(d == S for d in shape) >= 2}
+
+
+def test_pallas_gpu_never_holds_seq_by_seq():
+    assert _square_arrays("xla"), "the check must see the XLA path's [s, t] scores, else it checks nothing"
+    assert not _square_arrays("pallas_gpu")
+
+
 def _cudnn_call_on_xla(q, k, v, pos, seg, scale, window, softcap):
     assert softcap == 0.0
     return att.cudnn_attention(q, k, v, seg, scale=scale, window=window, implementation="xla")
@@ -81,15 +125,19 @@ def test_cudnn_call_plumbing_equals_xla_path(window):
 def test_kernel_choice_per_backend():
     choose = att.choose_kernel
     assert choose("auto", "tpu") == "splash"
-    assert choose("auto", "gpu") == "cudnn" and choose("auto", "cuda") == "cudnn"
+    # GPUs get the segment-aware Pallas kernel (packed batches without a [s, t] mask), soft-cap and float32 included.
+    assert choose("auto", "gpu") == "pallas_gpu" and choose("auto", "cuda") == "pallas_gpu"
+    assert choose("auto", "gpu", window=4096, softcap=50.0, dtype=jnp.float32, seq_len=8192) == "pallas_gpu"
     assert choose("auto", "cpu") == "xla"
-    # auto never picks a kernel that cannot do the layer: it falls back to the exact XLA path.
-    assert choose("auto", "gpu", softcap=50.0) == "xla"
-    assert choose("auto", "gpu", dtype=jnp.float32) == "xla"
-    assert choose("auto", "tpu", window=jnp.asarray(4096)) == "xla"  # per-layer (traced) windows
+    # auto never picks a kernel that cannot do the layer: next cuDNN (a length pallas_gpu cannot tile), then XLA.
+    assert choose("auto", "gpu", seq_len=100) == "cudnn"
+    assert choose("auto", "gpu", seq_len=100, dtype=jnp.float32) == "xla"
+    assert choose("auto", "gpu", window=jnp.asarray(4096)) == "xla"  # per-layer (traced) windows
+    assert choose("auto", "tpu", window=jnp.asarray(4096)) == "xla"
     assert choose("auto", "tpu", seq_len=100) == "xla"
     assert choose("splash", "tpu", window=4096, softcap=50.0, seq_len=8192) == "splash"
-    assert choose("xla", "tpu") == "xla"
+    assert choose("cudnn", "gpu", window=4096) == "cudnn"  # still there when asked for
+    assert choose("xla", "tpu") == "xla" and choose("xla", "gpu") == "xla"
     # Inside a trace without a mesh the platform is the default backend's (cpu here).
     assert att.trace_platform() == "cpu"
 
@@ -99,6 +147,10 @@ def test_kernel_choice_per_backend():
     [
         ("splash", "cpu", {}, "needs a tpu backend"),
         ("cudnn", "cpu", {}, "needs a gpu or cuda backend"),
+        ("pallas_gpu", "tpu", {}, "needs a gpu or cuda backend"),
+        ("pallas_gpu", "gpu", {"window": jnp.asarray(8)}, "pallas_gpu needs one window per compiled kernel"),
+        ("pallas_gpu", "gpu", {"seq_len": 200}, "multiple of 64"),
+        ("pallas_gpu", "gpu", {"dtype": jnp.int8}, "float32"),
         ("cudnn", "gpu", {"softcap": 50.0}, "soft-cap"),
         ("cudnn", "gpu", {"dtype": jnp.float32}, "bfloat16"),
         ("splash", "tpu", {"window": jnp.asarray(8)}, "windows differ per layer"),

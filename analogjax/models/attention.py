@@ -5,6 +5,10 @@ fused kernels can call the same definition. Everything that decides which key a 
 positions (causality and the sliding window count positions, not array indices, so cached keys work) and segment
 ids (packed documents never see each other; segment 0 is padding and sees nothing).
 
+Kernels (`self_attention`, chosen per backend by `choose_kernel`; the dispatcher's note below gives the memory of
+each): xla (`attend`, CPU), splash (TPU), pallas_gpu (GPU: models/flash_gpu.py, segment ids in the kernel, so packed
+batches never hold an [s, t] array) and cudnn (GPU, explicit only or as a fallback: its documents are a dense mask).
+
 Shapes: b batch, s query length, t key length, h query heads, k kv heads, g = h / k queries per kv head, e head dim.
 """
 
@@ -19,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from analogjax.errors import UserError
 from analogjax.mesh import BATCH_AXES
+from analogjax.models import flash_gpu
 
 
 def allowed(q_pos_bs, k_pos_bt, q_seg_bs, k_seg_bt, window=None) -> jax.Array:
@@ -57,17 +62,29 @@ def attend(
 
 # --- the kernel dispatcher -------------------------------------------------------------------------------------------
 # `attend` above is the definition; the fused kernels below compute the same thing without ever holding the
-# [s, t] scores. They are self-attention kernels over one packed sequence: they mask by ARRAY INDEX (causal and
-# window) plus segment ids, where `attend` masks by POSITION. The two agree exactly when, inside every document,
-# positions count up by one from the document's first token (data/packing.py restarts them at 0 per document, and an
-# unpacked row is 0..s-1) — `index_masking_agrees` checks that on concrete batches. A KV-cache decoder (queries and
-# keys at different positions) calls `attend` directly. Padding (segment 0) differs too: `attend` lets a padding
-# query see nothing, the kernels let it see earlier padding; both outputs at padding are never read by a loss.
+# [s, t] scores (`cudnn` holds a [s, t] mask, see below). They are self-attention kernels over one packed sequence:
+# they mask by ARRAY INDEX (causal and window) plus segment ids, where `attend` masks by POSITION. The two agree
+# exactly when, inside every document, positions count up by one from the document's first token (data/packing.py
+# restarts them at 0 per document, and an unpacked row is 0..s-1) — `index_masking_agrees` checks that on concrete
+# batches. A KV-cache decoder (queries and keys at different positions) calls `attend` directly. Padding (segment 0)
+# differs too: `attend` lets a padding query see nothing, the kernels let it see earlier padding; both outputs at
+# padding are never read by a loss.
 
-KERNELS = ("auto", "xla", "splash", "cudnn")
-# What `auto` picks on each platform (jax's platform names; the abstract mesh says "cuda" where a backend says "gpu").
-AUTO_KERNEL = {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn"}
-_KERNEL_PLATFORMS = {"splash": ("tpu",), "cudnn": ("gpu", "cuda")}
+#
+# Per backend, and what each holds in memory besides O(seq) activations:
+# - tpu: splash (Pallas, block-sparse): segment ids, causal/window and soft-cap in the kernel; nothing [s, t].
+# - gpu: pallas_gpu (models/flash_gpu.py, Pallas on Triton): segment ids, causal/window, soft-cap and grouped-query
+#   heads in the kernel; nothing [s, t]. Packed batches (the pipeline always packs) are what GPUs run, so `auto`
+#   picks it. cuDNN through jax.nn.dot_product_attention is faster per FLOP but its API has no segment ids: packed
+#   documents need a dense boolean [b, 1, s, t] mask that jax turns into a bias of the query dtype (2 bytes per
+#   score: 2 GiB per row at 32k tokens), and it has no soft-cap. It stays as an explicit choice (and `auto`'s
+#   fallback where pallas_gpu cannot tile the sequence), never the default.
+# - cpu: xla (`attend`), [b, k, g, s, t] float32 scores: the reference, fastest on CPU at the lengths CPUs run.
+KERNELS = ("auto", "xla", "splash", "cudnn", "pallas_gpu")
+# What `auto` tries on each platform, in order, before xla (jax's platform names; the abstract mesh says "cuda"
+# where a backend says "gpu").
+AUTO_KERNEL = {"tpu": ("splash",), "gpu": ("pallas_gpu", "cudnn"), "cuda": ("pallas_gpu", "cudnn")}
+_KERNEL_PLATFORMS = {"splash": ("tpu",), "cudnn": ("gpu", "cuda"), "pallas_gpu": ("gpu", "cuda")}
 # Splash tiles: queries and keys in blocks of at most this many tokens (the sequence must divide into them).
 SPLASH_BLOCK = 512
 
@@ -94,6 +111,19 @@ def unsupported(kernel: str, *, window, softcap: float, dtype, seq_len: int) -> 
                 f"splash needs a sequence length (per context shard) that is a multiple of 128, and of "
                 f"{SPLASH_BLOCK} above it, got {seq_len}"
             )
+    if kernel == "pallas_gpu":
+        if not static_window:
+            return (
+                "pallas_gpu needs one window per compiled kernel, but this model's windows differ per layer "
+                "(layer_pattern); use model.attention=xla"
+            )
+        if not flash_gpu.block_for(seq_len):
+            return (
+                f"pallas_gpu needs a sequence length (per context shard) that is a multiple of {flash_gpu.BLOCK}, "
+                f"or a power of two from 16 below it, got {seq_len}"
+            )
+        if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
+            return f"pallas_gpu runs bfloat16/float16/float32, the model computes in {jnp.dtype(dtype).name}"
     if kernel == "cudnn":
         if softcap:
             return "cuDNN flash attention (jax.nn.dot_product_attention) has no attention-logit soft-cap"
@@ -120,9 +150,10 @@ def choose_kernel(
     if requested not in KERNELS:
         raise UserError(f"{key} must be one of {', '.join(KERNELS)}, got {requested!r}")
     if requested == "auto":
-        kernel = AUTO_KERNEL.get(platform, "xla")
-        why = unsupported(kernel, window=window, softcap=softcap, dtype=dtype, seq_len=seq_len)
-        return "xla" if why else kernel
+        for kernel in AUTO_KERNEL.get(platform, ()):
+            if not unsupported(kernel, window=window, softcap=softcap, dtype=dtype, seq_len=seq_len):
+                return kernel
+        return "xla"
     if requested != "xla" and platform not in _KERNEL_PLATFORMS[requested]:
         raise UserError(
             f"{key}={requested} needs a {' or '.join(_KERNEL_PLATFORMS[requested])} backend, but this "
@@ -149,12 +180,12 @@ def self_attention(
     block: int = SPLASH_BLOCK,
 ) -> jax.Array:
     """Causal self-attention of one packed sequence with the chosen kernel → [b, s, h, e] (see the note above on
-    positions vs indices). `interpret` runs splash's Pallas kernel in interpret mode (tests on CPU; it skips the
-    platform check). Under a mesh with a `context` axis the queries stay split over the sequence and the keys and
-    values are all-gathered (mesh.py says why)."""
+    positions vs indices). `interpret` runs a Pallas kernel (splash, pallas_gpu) in interpret mode (tests on CPU; it
+    skips the platform check). Under a mesh with a `context` axis the queries stay split over the sequence and the
+    keys and values are all-gathered (mesh.py says why)."""
     mesh = jax.sharding.get_abstract_mesh()
     context = 1 if mesh.empty else mesh.shape.get("context", 1)
-    platform = "tpu" if interpret else trace_platform()
+    platform = _KERNEL_PLATFORMS[kernel][0] if interpret and kernel in _KERNEL_PLATFORMS else trace_platform()
     # Splash tiles each context shard's queries: the length that must divide into tiles is the shard's.
     kernel = choose_kernel(
         kernel, platform, window=window, softcap=softcap, dtype=q_bshe.dtype, seq_len=q_bshe.shape[1] // context
@@ -175,6 +206,18 @@ def self_attention(
         )
     if kernel == "cudnn":
         return cudnn_attention(q_bshe, k_bske, v_bske, segment_ids_bs, scale=scale, window=window)
+    if kernel == "pallas_gpu":
+        return pallas_gpu_attention(
+            q_bshe,
+            k_bske,
+            v_bske,
+            segment_ids_bs,
+            scale=scale,
+            window=window,
+            softcap=softcap,
+            interpret=interpret,
+            block=min(block, flash_gpu.BLOCK),
+        )
     return splash_attention(
         q_bshe,
         k_bske,
@@ -197,6 +240,12 @@ def gather_context(x_bske: jax.Array) -> jax.Array:
     return jax.lax.with_sharding_constraint(x_bske, spec)
 
 
+def _context_shards() -> int:
+    """How many pieces the current mesh's `context` axis cuts the queries into (1 without a mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh.shape.get("context", 1) if not mesh.empty and mesh.size > 1 else 1
+
+
 def _batch_axes(mesh, batch: int) -> tuple[str, ...]:
     """The batch mesh axes that divide `batch` (as mesh.fit_to_shape keeps them)."""
     axes: list[str] = []
@@ -211,7 +260,8 @@ def cudnn_attention(
 ) -> jax.Array:
     """cuDNN flash attention through `jax.nn.dot_product_attention`: causal and the window inside the kernel,
     grouped-query natively. jax's API has no segment ids, so documents are separated by a boolean [b, 1, s, t]
-    mask (cuDNN reads it as a bias: one byte per score at long context, never float32 scores or softmax).
+    mask, which jax turns into a bias of the query dtype before cuDNN reads it: s·t scores' worth of bytes per row
+    (never float32 scores or softmax, but O(seq²): the reason `auto` prefers pallas_gpu on GPUs).
     `implementation="xla"` runs the same call on any backend (what the CPU tests check against `attend`)."""
     mask = (segment_ids_bs[:, :, None] == segment_ids_bs[:, None, :])[:, None]
     local = None if window is None else (window - 1, 0)  # the query itself is one of the `window` keys
@@ -245,13 +295,9 @@ def splash_attention(
     shard computes its own queries' rows against all keys, with a mask offset by where its queries start."""
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
-    b, s, h, e = q_bshe.shape
-    k = k_bske.shape[2]
-    g = h // k
-    mesh = jax.sharding.get_abstract_mesh()
-    sharded = not mesh.empty and mesh.size > 1
-    context = mesh.shape.get("context", 1) if sharded else 1
-    q_len = s // context
+    s, h = q_bshe.shape[1], q_bshe.shape[2]
+    g = h // k_bske.shape[2]
+    q_len = s // _context_shards()
     bq, bkv = min(block, q_len), min(block, s)
     sizes = splash.BlockSizes(
         block_q=bq,
@@ -279,35 +325,77 @@ def splash_attention(
             interpret=interpret,
         )
 
-    kernels = [kernel_at(i * q_len) for i in range(context)]
+    local = functools.partial(_splash_local, scale=scale, g=g)
+    return _on_shards(kernel_at, q_bshe, k_bske, v_bske, segment_ids_bs, local)
 
-    def run(kernel, q_bkgse, k_bkse, v_bkse, q_seg, kv_seg):
-        def one_row(q_kgse, k_kse, v_kse, q_seg_s, kv_seg_s):
-            ids = splash.SegmentIds(q=q_seg_s, kv=kv_seg_s)
-            return jax.vmap(kernel, in_axes=(0, 0, 0, None))(q_kgse, k_kse, v_kse, ids)
 
-        return jax.vmap(one_row)(q_bkgse, k_bkse, v_bkse, q_seg, kv_seg)
+def _splash_local(kernel, q, kk, v, q_seg, kv_seg, *, scale: float, g: int):
+    """One shard of splash: [b, s, h, e] → [b, k, g, s, e], one MQA kernel per (row, kv head); the scale goes into
+    the queries (splash scores plain q·k)."""
+    bl, sl, _, e = q.shape
 
-    def local(q, kk, v, q_seg, kv_seg):
-        # [b, s, h, e] → [b, k, g, s, e]; the scale goes into the queries (splash scores plain q·k).
-        bl, sl = q.shape[0], q.shape[1]
-        q_bkgse = (q * jnp.asarray(scale, q.dtype)).reshape(bl, sl, -1, g, e).transpose(0, 2, 3, 1, 4)
-        args = (q_bkgse, kk.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), q_seg, kv_seg)
+    def one_row(q_kgse, k_kse, v_kse, q_seg_s, kv_seg_s):
+        from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+        ids = splash.SegmentIds(q=q_seg_s, kv=kv_seg_s)
+        return jax.vmap(kernel, in_axes=(0, 0, 0, None))(q_kgse, k_kse, v_kse, ids)
+
+    q_bkgse = (q * jnp.asarray(scale, q.dtype)).reshape(bl, sl, -1, g, e).transpose(0, 2, 3, 1, 4)
+    out = jax.vmap(one_row)(q_bkgse, kk.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), q_seg, kv_seg)
+    return out.transpose(0, 3, 1, 2, 4).reshape(bl, sl, -1, e).astype(q.dtype)
+
+
+def pallas_gpu_attention(
+    q_bshe,
+    k_bske,
+    v_bske,
+    segment_ids_bs,
+    *,
+    scale: float,
+    window=None,
+    softcap: float = 0.0,
+    interpret: bool = False,
+    block: int = flash_gpu.BLOCK,
+) -> jax.Array:
+    """models/flash_gpu.py's kernel (GPU; `interpret` on CPU): segment ids, causal/window, soft-cap and grouped-query
+    heads in the kernel, O(seq) memory. Under a mesh it runs inside shard_map like splash, each context shard's
+    queries offset by where they start."""
+
+    def kernel_at(offset):
+        def run(q, kk, v, q_seg, kv_seg):
+            return flash_gpu.flash_attention(q, kk, v, q_seg, kv_seg, scale, window, softcap, offset, block, interpret)
+
+        return run
+
+    return _on_shards(kernel_at, q_bshe, k_bske, v_bske, segment_ids_bs, lambda run, *args: run(*args))
+
+
+def _on_shards(kernel_at, q_bshe, k_bske, v_bske, segment_ids_bs, local):
+    """Run `local(kernel_at(q_offset), q, k, v, q_seg, kv_seg)` on every shard. A Pallas call is not partitioned by
+    GSPMD, so under a mesh this is a shard_map over batch, kv heads and the `context` axis: each context shard
+    computes its own queries' rows against all keys, with the kernel built for where its queries start."""
+    b, s = q_bshe.shape[:2]
+    k = k_bske.shape[2]
+    mesh = jax.sharding.get_abstract_mesh()
+    sharded = not mesh.empty and mesh.size > 1
+    context = _context_shards()
+    kernels = [kernel_at(i * (s // context)) for i in range(context)]
+
+    def per_shard(*args):
         if context == 1:
-            out = run(kernels[0], *args)
-        else:
-            out = jax.lax.switch(jax.lax.axis_index("context"), [functools.partial(run, kn) for kn in kernels], *args)
-        return out.transpose(0, 3, 1, 2, 4).reshape(bl, sl, -1, e).astype(q.dtype)
+            return local(kernels[0], *args)
+        branches = [functools.partial(local, kernel) for kernel in kernels]
+        return jax.lax.switch(jax.lax.axis_index("context"), branches, *args)
 
     if not sharded:
-        return local(q_bshe, k_bske, v_bske, segment_ids_bs, segment_ids_bs)
+        return per_shard(q_bshe, k_bske, v_bske, segment_ids_bs, segment_ids_bs)
     batch_axes = _batch_axes(mesh, b)
     head_axis = "tensor" if k % mesh.shape["tensor"] == 0 else None
     length_axis = "context" if context > 1 else None
     q_spec, kv_spec = P(tuple(batch_axes), length_axis, head_axis, None), P(tuple(batch_axes), None, head_axis, None)
     seg_q, seg_kv = P(tuple(batch_axes), length_axis), P(tuple(batch_axes), None)
     return jax.shard_map(
-        local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_q, seg_kv), out_specs=q_spec, check_vma=False
+        per_shard, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_q, seg_kv), out_specs=q_spec, check_vma=False
     )(q_bshe, k_bske, v_bske, segment_ids_bs, segment_ids_bs)
 
 
