@@ -194,3 +194,31 @@ def test_splash_under_a_context_mesh_equals_xla():
     mesh = mesh_lib.make_mesh(2, 1, 2, context=2)
     with jax.set_mesh(mesh):
         _compare(jax.jit(_splash, static_argnums=(5, 6, 7)), 48, 20.0, atol=2e-4)
+
+
+def test_pallas_gpu_bfloat16_multi_query_matches_float32_reference():
+    # What GPUs run: bfloat16 inputs (tiles multiplied in bfloat16, softmax in float32), one kv head for 4 query
+    # heads, window and soft-cap; against attend in float32 on the same (rounded) inputs, to bfloat16's precision.
+    from analogjax.models import flash_gpu
+
+    b, s, e = 1, 128, 64
+    keys = jax.random.split(jax.random.key(2), 3)
+    q = jax.random.normal(keys[0], (b, s, 4, e), jnp.bfloat16)
+    k, v = (jax.random.normal(key, (b, s, 1, e), jnp.bfloat16) for key in keys[1:])
+    seg = jnp.ones((b, s), jnp.int32).at[:, 40:].set(2)
+    pos = jnp.concatenate([jnp.arange(40), jnp.arange(s - 40)])[None].astype(jnp.int32)
+
+    def kernel(q, k, v):
+        return flash_gpu.flash_attention(q, k, v, seg, seg, e**-0.5, 30, 10.0, 0, 64, True).astype(jnp.float32)
+
+    def reference(q, k, v):
+        return att.attend(q, k, v, pos, pos, seg, seg, scale=e**-0.5, window=30, softcap=10.0)
+
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    np.testing.assert_allclose(np.asarray(jax.jit(kernel)(q, k, v)), np.asarray(reference(*f32)), atol=2e-2)
+    grads = jax.jit(jax.grad(lambda *a: jnp.sum(kernel(*a)), argnums=(0, 1, 2)))(q, k, v)
+    grads_want = jax.grad(lambda *a: jnp.sum(reference(*a)), argnums=(0, 1, 2))(*f32)
+    for name, got, want in zip("qkv", grads, grads_want):
+        assert got.dtype == jnp.bfloat16, name
+        scale = float(jnp.max(jnp.abs(want)))
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), atol=1e-2 * scale, err_msg=name)
