@@ -185,7 +185,8 @@ def self_attention(
     keys and values are all-gathered (mesh.py says why)."""
     mesh = jax.sharding.get_abstract_mesh()
     context = 1 if mesh.empty else mesh.shape.get("context", 1)
-    platform = _KERNEL_PLATFORMS[kernel][0] if interpret and kernel in _KERNEL_PLATFORMS else trace_platform()
+    pallas = {"splash": "tpu", "pallas_gpu": "gpu"}
+    platform = pallas[kernel] if interpret and kernel in pallas else trace_platform()
     # Splash tiles each context shard's queries: the length that must divide into tiles is the shard's.
     kernel = choose_kernel(
         kernel, platform, window=window, softcap=softcap, dtype=q_bshe.dtype, seq_len=q_bshe.shape[1] // context
