@@ -81,7 +81,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, o_ref, lse_ref, *
     q_seg = q_seg_ref[...]
 
     def body(j, carry):
-        o, m, l = carry
+        o, m, total = carry
         keys = pl.ds(j * block_k, block_k)
         k = plgpu.load(k_ref.at[keys, :], mask=head, other=0.0)
         s = _logits(plgpu.dot(q, k.T), cfg["scale"], cfg["softcap"])
@@ -92,7 +92,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, o_ref, lse_ref, *
         p = jnp.exp(s - m_next[:, None])
         v = plgpu.load(v_ref.at[keys, :], mask=head, other=0.0)
         o = correction[:, None] * o + plgpu.dot(p.astype(v.dtype), v)
-        return o, m_next, correction * l + jnp.sum(p, axis=-1)
+        return o, m_next, correction * total + jnp.sum(p, axis=-1)
 
     lo, hi = _key_blocks(q_first, block_q, block_k, n_k, cfg["window"])
     init = (
@@ -100,10 +100,10 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, o_ref, lse_ref, *
         jnp.full((block_q,), -jnp.inf, jnp.float32),
         jnp.zeros((block_q,), jnp.float32),
     )
-    o, m, l = lax.fori_loop(lo, hi, body, init)
-    # Every query sees itself (causal includes the diagonal, a window holds at least the query), so l > 0.
-    plgpu.store(o_ref.at[:, : o.shape[-1]], (o / l[:, None]).astype(o_ref.dtype), mask=head)
-    lse_ref[...] = m + jnp.log(l)
+    o, m, total = lax.fori_loop(lo, hi, body, init)
+    # Every query sees itself (causal includes the diagonal, a window holds at least the query), so total > 0.
+    plgpu.store(o_ref.at[:, : o.shape[-1]], (o / total[:, None]).astype(o_ref.dtype), mask=head)
+    lse_ref[...] = m + jnp.log(total)
 
 
 def _tile_grads(q, k, v, do, lse, delta, q_idx, k_idx, q_seg, k_seg, cfg):
