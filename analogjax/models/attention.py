@@ -7,7 +7,7 @@ ids (packed documents never see each other; segment 0 is padding and sees nothin
 
 Kernels (`self_attention`, chosen per backend by `choose_kernel`; the dispatcher's note below gives the memory of
 each): xla (`attend`, CPU), splash (TPU), pallas_gpu (GPU: models/flash_gpu.py, segment ids in the kernel, so packed
-batches never hold an [s, t] array) and cudnn (GPU, explicit only or as a fallback: its documents are a dense mask).
+batches never hold an [s, t] array) and cudnn (GPU, `auto`'s first choice there: its documents are a dense mask).
 
 Shapes: b batch, s query length, t key length, h query heads, k kv heads, g = h / k queries per kv head, e head dim.
 """
@@ -74,16 +74,17 @@ def attend(
 # Per backend, and what each holds in memory besides O(seq) activations:
 # - tpu: splash (Pallas, block-sparse): segment ids, causal/window and soft-cap in the kernel; nothing [s, t].
 # - gpu: pallas_gpu (models/flash_gpu.py, Pallas on Triton): segment ids, causal/window, soft-cap and grouped-query
-#   heads in the kernel; nothing [s, t]. Packed batches (the pipeline always packs) are what GPUs run, so `auto`
-#   picks it. cuDNN through jax.nn.dot_product_attention is faster per FLOP but its API has no segment ids: packed
-#   documents need a dense boolean [b, 1, s, t] mask that jax turns into a bias of the query dtype (2 bytes per
-#   score: 2 GiB per row at 32k tokens), and it has no soft-cap. It stays as an explicit choice (and `auto`'s
-#   fallback where pallas_gpu cannot tile the sequence), never the default.
+#   heads in the kernel; nothing [s, t]: the kernel for long packed context on GPUs. It has been checked in
+#   interpret mode only (no GPU lent so far), so `auto` prefers cuDNN through jax.nn.dot_product_attention, JAX's own
+#   maintained kernel, whose API has no segment ids: packed documents need a dense boolean [b, 1, s, t] mask that jax
+#   turns into a bias of the query dtype (2 bytes per score: 32 MiB per row at 4k tokens, 2 GiB at 32k), and it has
+#   no soft-cap and no float32. `auto` takes pallas_gpu where cuDNN cannot (soft-cap, float32); set
+#   `model.attention: pallas_gpu` for long context. Once measured on a GPU, pallas_gpu should become the default.
 # - cpu: xla (`attend`), [b, k, g, s, t] float32 scores: the reference, fastest on CPU at the lengths CPUs run.
 KERNELS = ("auto", "xla", "splash", "cudnn", "pallas_gpu")
 # What `auto` tries on each platform, in order, before xla (jax's platform names; the abstract mesh says "cuda"
 # where a backend says "gpu").
-AUTO_KERNEL = {"tpu": ("splash",), "gpu": ("pallas_gpu", "cudnn"), "cuda": ("pallas_gpu", "cudnn")}
+AUTO_KERNEL = {"tpu": ("splash",), "gpu": ("cudnn", "pallas_gpu"), "cuda": ("cudnn", "pallas_gpu")}
 _KERNEL_PLATFORMS = {"splash": ("tpu",), "cudnn": ("gpu", "cuda"), "pallas_gpu": ("gpu", "cuda")}
 # Splash tiles: queries and keys in blocks of at most this many tokens (the sequence must divide into them).
 SPLASH_BLOCK = 512
@@ -262,7 +263,7 @@ def cudnn_attention(
     """cuDNN flash attention through `jax.nn.dot_product_attention`: causal and the window inside the kernel,
     grouped-query natively. jax's API has no segment ids, so documents are separated by a boolean [b, 1, s, t]
     mask, which jax turns into a bias of the query dtype before cuDNN reads it: s·t scores' worth of bytes per row
-    (never float32 scores or softmax, but O(seq²): the reason `auto` prefers pallas_gpu on GPUs).
+    (never float32 scores or softmax, but O(seq²): set model.attention: pallas_gpu for long context).
     `implementation="xla"` runs the same call on any backend (what the CPU tests check against `attend`)."""
     mask = (segment_ids_bs[:, :, None] == segment_ids_bs[:, None, :])[:, None]
     local = None if window is None else (window - 1, 0)  # the query itself is one of the `window` keys
