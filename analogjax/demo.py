@@ -93,7 +93,7 @@ class DemoConfig:
     # distillation, off-policy first, then on the student's own samples scored by the live teacher.
     on_policy_steps: int = 16
     on_policy: OnPolicyConfig = OnPolicyConfig(fraction=1.0, prompt_len=32, max_new_tokens=32)
-    on_policy_learning_rate: float = 1e-3
+    on_policy_learning_rate: float = 3e-4  # the analog ends its cosine at 5e-4; 1e-3 measured worse on held-out KL
 
     def check(self, prefix: str) -> None:
         if self.cache_k <= 0:
