@@ -34,6 +34,7 @@ memory does not grow with the number of tokens.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -197,7 +198,6 @@ def measure(
     """Stitching, probe and steering transfer of `student_params` (config.model) to the teacher, on `batches` global
     batches of held-out rows (plus the user concepts' texts). Returns the `transfer` report object."""
     from analogjax.fidelity import default_layer_pairs
-    from analogjax.models.transformer import Transformer
 
     if teacher is None or teacher.features is None:
         raise UserError(
@@ -224,10 +224,17 @@ def measure(
         )
     user_names = {u.concept for u in user_concepts}
     measured, markers, skipped = concepts_lib.measurable(rows, user_names)
-    models = (Transformer(config.model), Transformer(config.teacher.model))
-    layout = _Layout(pairs, concept_pair, measured, _groups(rows.labels[..., measured]))
+    shape = (config.model, config.teacher.model, pairs, concept_pair, tuple(int(c) for c in measured))
+    groups = _groups(rows.labels[..., measured])
+    layout = _Layout(pairs, concept_pair, measured, groups)
     stats = _run(
-        mesh, rows, measured, config.data.global_batch, _stats_step(models, layout), student_params, teacher_params
+        mesh,
+        rows,
+        measured,
+        config.data.global_batch,
+        _jitted("stats", *shape, groups, mesh),
+        student_params,
+        teacher_params,
     )
     fitted, info = _fit(stats, layout, markers, config)
     # Everything the second pass measures is on eval rows: measuring on fit rows too would double its cost for nothing.
@@ -242,7 +249,7 @@ def measure(
         eval_rows,
         measured,
         config.data.global_batch,
-        _eval_step(models, layout),
+        _jitted("eval", *shape, groups, mesh),
         student_params,
         teacher_params,
         fitted,
@@ -267,8 +274,22 @@ def _groups(labels_rsc) -> tuple[int, ...]:
     )
 
 
-def _run(mesh, rows, measured, global_batch, step, student_params, teacher_params, fitted=None) -> dict:
-    """Sum `step` over the rows in global batches; every process builds the same rows and feeds its share."""
+@functools.lru_cache(maxsize=8)
+def _jitted(kind: str, student_cfg, teacher_cfg, pairs, concept_pair, measured, groups, mesh):
+    """The jitted stats or eval step of one shape: a second model of the same shape measured on the same rows (the
+    demo's baseline after its analog) reuses the compiled programs instead of compiling them again."""
+    from analogjax import mesh as mesh_lib
+    from analogjax.models.transformer import Transformer
+
+    models = (Transformer(student_cfg), Transformer(teacher_cfg))
+    layout = _Layout(pairs, concept_pair, measured, groups)
+    step = (_stats_step if kind == "stats" else _eval_step)(models, layout)
+    return jax.jit(step, out_shardings=mesh_lib.replicated(mesh))
+
+
+def _run(mesh, rows, measured, global_batch, fn, student_params, teacher_params, fitted=None) -> dict:
+    """Sum the jitted step `fn` over the rows in global batches; every process builds the same rows and feeds its
+    share."""
     from analogjax import mesh as mesh_lib
     from analogjax.data.global_batch import to_global_batch
 
@@ -285,7 +306,6 @@ def _run(mesh, rows, measured, global_batch, step, student_params, teacher_param
         "eval": (real & ~rows.fit[:, None]).astype(np.float32),
         "labels": rows.labels[..., measured],
     }
-    fn = jax.jit(step, out_shardings=mesh_lib.replicated(mesh))
     total: dict = {}
     with jax.set_mesh(mesh):
         extra = () if fitted is None else (jax.device_put(fitted, mesh_lib.replicated(mesh)),)  # small: replicated
