@@ -83,8 +83,9 @@ class DemoConfig:
     cache_k: int = 64  # top-k teacher logits per token in the teacher cache
     prune_batches: int = 4  # calibration batches for the pruned-init analog's importance (0 = no pruned row)
     # Held-out batches for the transfer checks of analog and baseline (0 = none): half the tokens fit the maps, so
-    # 6 batches of 4 x 128 give ~1.5k fitting tokens for a 256 → 576 map (2 batches left it underdetermined).
-    transfer_batches: int = 6
+    # 4 batches of 4 x 128 give ~1k fitting tokens for a 256 → 576 map (2 batches left it underdetermined; 6 cost
+    # another minute, which the on-policy phase now needs to keep the demo within 10 minutes on 2 cores).
+    transfer_batches: int = 4
     transfer_pairs: int = 2  # layer pairs stitched (evenly spaced over the equal-depth pairs)
     samples: int = 3  # held-out prompts continued by every model (0 = none)
     sample_prompt_tokens: int = 24
