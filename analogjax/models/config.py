@@ -71,6 +71,10 @@ class MoEConfig:
     expert_bias: bool = False
     first_dense_layers: int = 0
     every: int = 1
+    # How experts spread over fsdp meet their tokens (models/moe.py): exchange_tokens (each device keeps its E/fsdp
+    # experts; the fsdp group's tokens are all-gathered and the outputs reduce-scattered back) or gather_weights
+    # (each device runs every expert on its own tokens, the expert weights all-gathered layer by layer).
+    dispatch: str = "exchange_tokens"
     # Objective weights of the router terms (the student's; a teacher's are unused): Switch/GShard load balancing
     # α·E·Σᵢ fᵢ·Pᵢ and the ST-MoE router z-loss mean(logsumexp(logits)²), averaged over the MoE layers.
     aux_loss_weight: float = 0.0
@@ -94,6 +98,7 @@ class MoEConfig:
         if not self.enabled:
             return
         check_choice(f"{prefix}.router", self.router, ("softmax", "sigmoid"))
+        check_choice(f"{prefix}.dispatch", self.dispatch, ("exchange_tokens", "gather_weights"))
         if not 1 <= self.top_k <= self.experts:
             raise UserError(f"{prefix}.top_k ({self.top_k}) must be between 1 and {prefix}.experts ({self.experts})")
         for name in ("expert_d_ff", "shared_d_ff", "first_dense_layers", "aux_loss_weight", "z_loss_weight"):
