@@ -163,20 +163,16 @@ def _leaf(tree, path):
     return tree
 
 
-@pytest.mark.parametrize(
-    "mesh_shape, dispatch",
-    [((1, 4, 1), "exchange_tokens"), ((2, 2, 2), "exchange_tokens"), ((1, 4, 1), "gather_weights")],
-)
-def test_expert_sharded_equals_unsharded(mesh_shape, dispatch):
-    """A 2-layer MoE model (dense first layer, shared gated expert), experts over fsdp: on 4 of the 8 devices
-    (fsdp=4: one expert a device) and on all 8 (data=2, fsdp=2, tensor=2: two experts a device, each expert's ffn
-    width split over tensor), forward and gradients equal the unsharded model's."""
+def _ep_model(dispatch: str) -> Transformer:
     moe = MoEConfig(experts=4, top_k=2, shared_d_ff=16, shared_gate=True, first_dense_layers=1, dispatch=dispatch)
-    cfg = ModelConfig(
-        vocab_size=64, d_model=16, d_ff=32, n_layers=2, n_heads=2, moe=dataclasses.replace(moe, expert_d_ff=24)
+    return Transformer(
+        ModelConfig(
+            vocab_size=64, d_model=16, d_ff=32, n_layers=2, n_heads=2, moe=dataclasses.replace(moe, expert_d_ff=24)
+        )
     )
-    model = Transformer(cfg)
-    params = nn.unbox(model.init_boxed(jax.random.key(0)))
+
+
+def _ep_loss(model: Transformer):
     tokens = jax.random.randint(jax.random.key(1), (4, 6), 0, 64)
 
     def loss(p):
@@ -184,19 +180,40 @@ def test_expert_sharded_equals_unsharded(mesh_shape, dispatch):
             feats = model.features(p, tokens)
         return jnp.sum(feats.hidden_bsd**2) + moe_lib.load_balancing_loss(feats.router), feats.hidden_bsd
 
-    (want_loss, want_hidden), want_grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    return loss
 
+
+@pytest.fixture(scope="module")
+def unsharded_ep_run():
+    """The unsharded model's params, loss, output and gradients (the dispatch does not matter on one device)."""
+    model = _ep_model("exchange_tokens")
+    params = jax.jit(lambda r: nn.unbox(model.init_boxed(r)))(jax.random.key(0))
+    return params, jax.jit(jax.value_and_grad(_ep_loss(model), has_aux=True))(params)
+
+
+@pytest.mark.parametrize(
+    "mesh_shape, dispatch",
+    [((1, 4, 1), "exchange_tokens"), ((2, 2, 2), "exchange_tokens"), ((1, 4, 1), "gather_weights")],
+)
+def test_expert_sharded_equals_unsharded(unsharded_ep_run, mesh_shape, dispatch):
+    """A 2-layer MoE model (dense first layer, shared gated expert), experts over fsdp: on 4 of the 8 devices
+    (fsdp=4: one expert a device) and on all 8 (data=2, fsdp=2, tensor=2: two experts a device, each expert's ffn
+    width split over tensor), forward and gradients equal the unsharded model's."""
+    params, ((want_loss, want_hidden), want_grad) = unsharded_ep_run
+    model = _ep_model(dispatch)
+    loss = _ep_loss(model)
     devices = int(np.prod(mesh_shape))
     mesh = mesh_lib.make_mesh(*mesh_shape, devices=jax.devices()[:devices])
     mesh_lib.check_experts(4, mesh, "model.moe.experts")
     with jax.set_mesh(mesh):
-        sharded, _ = mesh_lib.init_sharded(model.init_boxed, jax.random.key(0), mesh, mesh_lib.STUDENT_RULES)
+        abstract = mesh_lib.abstract_sharded(model.init_boxed, mesh, mesh_lib.STUDENT_RULES)
+        sharded = jax.device_put(params, jax.tree.map(lambda a: a.sharding, abstract))
         w_gate = sharded["params"]["moe_layers"]["mlp"]["w_gate"]
         assert w_gate.sharding.spec[1] == "fsdp"  # [layers, expert, embed, mlp]: experts spread over fsdp
         assert w_gate.sharding.shard_shape(w_gate.shape)[1] == 4 // mesh_shape[1]
-        step = jax.jit(jax.value_and_grad(loss, has_aux=True))
+        step = jax.jit(jax.value_and_grad(loss, has_aux=True)).lower(sharded).compile()
         (got_loss, got_hidden), got_grad = step(sharded)
-        hlo = step.lower(sharded).compile().as_text()
+        hlo = step.as_text()
     # exchange_tokens never gathers expert weights: their only collectives are the token all-gather and the
     # reduce-scatter (their gradients' too); gather_weights all-gathers [.., experts, d, f] weights.
     weight_gathers = [line for line in hlo.splitlines() if "all-gather" in line and re.search(r"\[1,4,(16|24|12),", line)]
@@ -216,7 +233,8 @@ def test_expert_parallel_block_with_an_idle_device():
     equal to the per-token float64 reference, and that device's experts get zero gradient."""
     e = 8
     cfg = ModelConfig(d_model=D, d_ff=40, n_layers=2, n_heads=2, moe=MoEConfig(experts=e, top_k=2, expert_d_ff=F))
-    params = nn.unbox(moe_lib.MoE(cfg).init(jax.random.key(0), jnp.zeros((1, 4, D))))["params"]
+    init = jax.jit(lambda r: nn.unbox(moe_lib.MoE(cfg).init(r, jnp.zeros((1, 4, D))))["params"])
+    params = init(jax.random.key(0))
     router = np.array(params["router"])
     router[:, e - 2 :] = 0.0
     router[0, e - 2 :] = -10.0  # feature 0 is constant 3 (_inputs): experts 6 and 7 (the last device's) stay idle
@@ -231,7 +249,7 @@ def test_expert_parallel_block_with_an_idle_device():
         y = moe_lib.MoE(cfg).apply({"params": p}, x)[0]
         return jnp.sum(y * probe), y
 
-    unsharded_grad = jax.grad(loss, has_aux=True)(params, jnp.asarray(x, jnp.float32))[0]
+    unsharded_grad = jax.jit(jax.grad(loss, has_aux=True))(params, jnp.asarray(x, jnp.float32))[0]
     with jax.set_mesh(mesh):
         experts = jax.sharding.NamedSharding(mesh, P("fsdp"))
         placed = {k: jax.device_put(v, experts) if k.startswith("w_") else v for k, v in params.items()}
