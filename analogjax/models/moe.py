@@ -32,7 +32,9 @@ Expert parallelism (`model.moe.dispatch`). Expert weights carry the logical axis
   1.5 * E * f (small batches, few experts); kept for that case and as the reference the tests compare against.
 
 With fsdp = 1 the two are the same computation. Each expert's ffn width stays split over `tensor` in both (as the
-dense MLP's), the partial outputs summed after the down projection.
+dense MLP's), the partial outputs summed after the down projection. A teacher's expert weights also split their
+`embed` dim over `data` (mesh.TEACHER_RULES: memory first); the shard_map gathers that dim over `data` layer by
+layer, so under exchange_tokens a device gathers slices of its own E/fsdp experts only, never other experts.
 
 Shapes in names: t tokens, k chosen experts per token, x experts, d model width, f expert ffn width, n blocks.
 """
