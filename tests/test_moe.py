@@ -293,6 +293,8 @@ def test_bad_moe_config_refused():
         model(experts=4, top_k=1, every=3).check("model")
     with pytest.raises(UserError, match=r"model\.moe\.router"):
         model(experts=4, top_k=1, router="relu").check("model")
+    with pytest.raises(UserError, match=r"model\.moe\.dispatch"):
+        model(experts=4, top_k=1, dispatch="all_to_all").check("model")
     mesh = mesh_lib.make_mesh(2, 4, 1)
     with pytest.raises(UserError, match=r"model\.moe\.experts \(6\).*mesh\.fsdp \(4\)"):
         mesh_lib.check_experts(6, mesh, "model.moe.experts")

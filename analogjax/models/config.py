@@ -123,6 +123,15 @@ class MoEConfig:
             )
 
 
+def _merged(base: dict, given: dict) -> dict:
+    """`given` over `base`, nested sections key by key: `moe: {dispatch: ...}` over a preset keeps the preset's
+    experts (a shallow merge replaced its whole moe section with defaults: an MoE preset turned silently dense)."""
+    out = dict(base)
+    for key, value in given.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     preset: str = ""
@@ -195,7 +204,7 @@ class ModelConfig:
             return raw
         if name not in PRESETS:
             raise UserError(f"{prefix}.preset: unknown preset {name!r} (known: {', '.join(sorted(PRESETS))})")
-        return {**dataclasses.asdict(PRESETS[name]), **raw}
+        return _merged(dataclasses.asdict(PRESETS[name]), raw)
 
     def check(self, prefix: str) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff"):
