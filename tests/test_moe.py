@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from analogjax import mesh as mesh_lib
 from analogjax.config import Config, from_dict
@@ -21,7 +22,6 @@ from analogjax.errors import UserError
 from analogjax.models import moe as moe_lib
 from analogjax.models.config import ModelConfig, MoEConfig
 from analogjax.models.transformer import Transformer
-from jax.sharding import PartitionSpec as P
 
 D, F, E = 16, 24, 6
 CASES = {
@@ -216,7 +216,9 @@ def test_expert_sharded_equals_unsharded(unsharded_ep_run, mesh_shape, dispatch)
         hlo = step.as_text()
     # exchange_tokens never gathers expert weights: their only collectives are the token all-gather and the
     # reduce-scatter (their gradients' too); gather_weights all-gathers [.., experts, d, f] weights.
-    weight_gathers = [line for line in hlo.splitlines() if "all-gather" in line and re.search(r"\[1,4,(16|24|12),", line)]
+    weight_gathers = [
+        line for line in hlo.splitlines() if "all-gather" in line and re.search(r"\[1,4,(16|24|12),", line)
+    ]
     if dispatch == "gather_weights":
         assert weight_gathers, "expected the expert weights all-gathered"
     else:
