@@ -16,16 +16,19 @@ Expert parallelism (`model.moe.dispatch`). Expert weights carry the logical axis
   (and their routing choices), runs its own E/fsdp experts on the assignments routed to them, and a reduce-scatter
   (psum_scatter) over fsdp returns each token's summed expert outputs to the device that owns it. No expert weight
   ever leaves its device. Per MoE layer and device, forward: an all-gather of (fsdp-1) * T * d activations in and a
-  reduce-scatter of the same out (T = the device's tokens), float32 outputs; the backward pass does the same again.
+  reduce-scatter of the same out (T = the device's tokens), float32 outputs; a trained model's backward pass moves
+  the same again, plus the recomputed forward's.
   An all-to-all that sent each assignment only to its expert's owner would move (fsdp-1)/fsdp * T * k * d each way:
   the all-gather form moves fsdp/k times that, no more than the all-to-all when fsdp <= top_k (Qwen3: k = 8;
   Mixtral: k = 2), and it is dropless with no worst-case buffer to size and exact (each output is one sum). A fixed-
   size `all_to_all` must size every buffer for the worst case (all T * k assignments to one device) to stay
-  dropless, and `ragged_all_to_all` has no lowering on the CPU backend this project's CI runs on. The gathered
+  dropless, and `ragged_all_to_all` does not run on the CPU backend this project's CI runs on (jax 0.10.2:
+  "UNIMPLEMENTED: HLO opcode `ragged-all-to-all` is not supported by XLA:CPU ThunkEmitter"). The gathered
   tokens are processed one source device at a time (a checkpointed lax.map over the fsdp group), so the sorted
   buffers stay T * k rows as in the non-parallel form; a device runs each source's full T * k rows through its
-  local experts, rows not routed to them being empty groups (ragged_dot skips them on TPU/GPU; on CPU the blocked
-  form computes its blocks whether filled or not, fsdp x the real rows: CPU runs this only in tests).
+  local experts, rows not routed to them lying past every group: a grouped kernel whose tiles follow the group
+  sizes (megablox gmm) leaves them out, but whether XLA's TPU ragged_dot does is not measured here; on CPU the
+  blocked form computes all its blocks, filled or not, fsdp x the real rows (CPU runs this only in tests).
 - `gather_weights`: each device runs all E experts on its own tokens and GSPMD all-gathers the expert weights layer
   by layer, as an FSDP weight: per layer and device (fsdp-1)/fsdp * 3 * E * d * f weights (and a reduce-scatter of
   their gradients for a trained model). Cheaper only when the fsdp group's tokens per step are fewer than about
