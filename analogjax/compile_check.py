@@ -291,6 +291,11 @@ def ici_bytes_per_chip(config, mesh_shape: dict[str, int], *, with_teacher: bool
     per microbatch for its forward. With a context axis, params are replicated over it too (gradients all-reduced
     over data x context) and every layer all-gathers keys and values over it (student: forward, remat recompute and
     the backward's reduce-scatter; teacher: forward). Activations' collectives over the tensor axis are not counted.
+    MoE layers with model.moe.dispatch exchange_tokens (models/moe.py) never gather routed expert weights over fsdp
+    (only their embed dim over data, in the teacher; the student's expert gradients stay on their fsdp device and are
+    all-reduced over data); instead each MoE layer all-gathers the fsdp group's tokens and reduce-scatters float32
+    outputs: per chip (fsdp-1) x its tokens x d_model each way, once for the teacher's forward and three times for
+    the student's (forward, remat recompute, and the backward's transposes).
     """
     from analogjax.flops import param_count
 
@@ -306,11 +311,27 @@ def ici_bytes_per_chip(config, mesh_shape: dict[str, int], *, with_teacher: bool
         per_layer = 2 * rows * config.data.seq_len * model.kv_heads / tensor * model.dim_per_head
         return per_layer * (2 if model.dtype == "bfloat16" else 4) * model.n_layers * share(context)
 
-    student = 4.0 * param_count(config.model) / tensor
+    def exchanged(model) -> tuple[float, float]:
+        """(routed expert params that stay on their fsdp device, bytes of one forward's token exchange per chip)."""
+        moe = model.moe
+        if not (moe.enabled and moe.dispatch == "exchange_tokens" and fsdp > 1):
+            return 0.0, 0.0
+        layers = sum(moe.is_moe_layer(i) for i in range(model.n_layers))
+        tokens = config.data.global_batch / (data * fsdp) * config.data.seq_len / context
+        per_layer = (fsdp - 1) * tokens * model.d_model * ((2 if model.dtype == "bfloat16" else 4) + 4)
+        return layers * moe.experts * 3 * model.d_model * model.expert_d_ff, layers * per_layer
+
+    routed, moved = exchanged(config.model)
+    student = 4.0 * (param_count(config.model) - routed) / tensor
+    experts = 4.0 * routed / tensor
     total = student * share(fsdp) * 2 * accum + student * share(fsdp) + 2 * (student / fsdp) * share(data * context)
+    total += 2 * (experts / fsdp) * share(data * context) + moved * 3 * accum
     total += kv_gathers(config.model) * 3
     if with_teacher:
-        total += 4.0 * param_count(config.teacher.model) / tensor * share(data * fsdp) * accum
+        routed, moved = exchanged(config.teacher.model)
+        dense = param_count(config.teacher.model) - routed
+        teacher = 4.0 / tensor * (dense * share(data * fsdp) + routed / fsdp * share(data))
+        total += (teacher + moved) * accum
         total += kv_gathers(config.teacher.model)
     return total
 

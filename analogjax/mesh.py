@@ -43,12 +43,14 @@ _ACTIVATION_RULES = (
     ("act_vocab", "tensor"),
 )
 
-# Experts (MoE expert weights [expert, embed, mlp]) are spread over `fsdp`, in both tables. Why fsdp and not a new
-# axis: fsdp already exists to split weights that every device needs in turn, and an expert layer's weights are just
-# that (they are gathered layer by layer for the routed compute, models/moe.py); fsdp is also a batch axis, so a
-# later token-exchange (all-to-all) form of expert parallelism would exchange tokens inside the fsdp group that
-# holds the experts, with no new axis to size. `tensor` keeps splitting each expert's ffn width as it splits the
-# dense MLP's. The rule comes first so it wins fsdp on expert weights (flax gives each mesh axis to the first
+# Experts (MoE expert weights [expert, embed, mlp]) are spread over `fsdp`, in both tables: each device of an fsdp
+# group stores E/fsdp whole experts. Why fsdp and not a new axis: fsdp is a batch axis and a weight-splitting axis at
+# once, which is what expert parallelism needs. The default dispatch (model.moe.dispatch: exchange_tokens,
+# models/moe.py) all-gathers the fsdp group's tokens, runs each device's own experts on the tokens routed to them
+# and reduce-scatters the outputs back over fsdp: tokens move inside the fsdp group, expert weights never move, and
+# there is no expert-parallel degree to size apart from fsdp. (dispatch gather_weights instead all-gathers the
+# expert weights layer by layer, as any FSDP weight.) `tensor` keeps splitting each expert's ffn width as it splits
+# the dense MLP's. The rule comes first so it wins fsdp on expert weights (flax gives each mesh axis to the first
 # matching rule); their `embed` dim then stays whole in the student, and takes `data` in the teacher (below).
 # The expert count must be divisible by fsdp (checked: check_experts), so every device holds whole experts.
 _EXPERT_RULES = (("expert", "fsdp"),)

@@ -60,6 +60,31 @@ def test_ici_bytes_follow_the_sharding_rules():
     assert ici_bytes_per_chip(config, {"data": 1, "fsdp": 1, "tensor": 1}, with_teacher=True) == 0
 
 
+@pytest.mark.parametrize("dispatch", ["exchange_tokens", "gather_weights"])
+def test_ici_bytes_of_an_moe_teacher_follow_its_dispatch(dispatch):
+    """exchange_tokens: the routed experts are gathered over data only (their embed dim), and each MoE layer
+    all-gathers the fsdp group's tokens and reduce-scatters float32 outputs; gather_weights: every weight over all."""
+    moe = ["experts=4", "top_k=2", "expert_d_ff=48", f"dispatch={dispatch}"]
+    config = load_config(
+        None,
+        ["model.preset=tiny", "teacher.model.preset=tiny-teacher", "data.global_batch=16", "data.seq_len=32"]
+        + [f"teacher.model.moe.{m}" for m in moe],
+    )
+    dense = load_config(None, ["model.preset=tiny", "teacher.model.preset=tiny-teacher"])
+    mesh = {"data": 2, "fsdp": 4, "tensor": 1}
+    student = ici_bytes_per_chip(dense, mesh, with_teacher=False)
+    teacher = config.teacher.model
+    routed = teacher.n_layers * 4 * 3 * teacher.d_model * 48
+    others = 4.0 * (param_count(teacher) - routed)
+    if dispatch == "gather_weights":
+        want = student + (others + 4.0 * routed) * 7 / 8
+    else:
+        tokens = 16 / 8 * 32  # rows per chip x seq_len
+        exchange = teacher.n_layers * 3 * tokens * teacher.d_model * (4 + 4)
+        want = student + others * 7 / 8 + 4.0 * routed / 4 * 1 / 2 + exchange
+    assert ici_bytes_per_chip(config, mesh, with_teacher=True) == pytest.approx(want)
+
+
 def test_fit_and_roofline_arithmetic():
     plan = Plan(
         topology=parse_topology("v5e-8"),

@@ -7,12 +7,14 @@ against the unsharded forward on 4 of the 8 fake devices, experts spread over fs
 """
 
 import dataclasses
+import re
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from analogjax import mesh as mesh_lib
 from analogjax.config import Config, from_dict
@@ -161,15 +163,16 @@ def _leaf(tree, path):
     return tree
 
 
-@pytest.mark.parametrize("mesh_shape", [(1, 4, 1)])
-def test_expert_sharded_equals_unsharded(mesh_shape):
-    """A 2-layer MoE model (dense first layer, shared gated expert) on 4 of the 8 devices, experts over fsdp."""
-    moe = MoEConfig(experts=4, top_k=2, shared_d_ff=16, shared_gate=True, first_dense_layers=1)
-    cfg = ModelConfig(
-        vocab_size=64, d_model=16, d_ff=32, n_layers=2, n_heads=2, moe=dataclasses.replace(moe, expert_d_ff=24)
+def _ep_model(dispatch: str) -> Transformer:
+    moe = MoEConfig(experts=4, top_k=2, shared_d_ff=16, shared_gate=True, first_dense_layers=1, dispatch=dispatch)
+    return Transformer(
+        ModelConfig(
+            vocab_size=64, d_model=16, d_ff=32, n_layers=2, n_heads=2, moe=dataclasses.replace(moe, expert_d_ff=24)
+        )
     )
-    model = Transformer(cfg)
-    params = nn.unbox(model.init_boxed(jax.random.key(0)))
+
+
+def _ep_loss(model: Transformer):
     tokens = jax.random.randint(jax.random.key(1), (4, 6), 0, 64)
 
     def loss(p):
@@ -177,20 +180,109 @@ def test_expert_sharded_equals_unsharded(mesh_shape):
             feats = model.features(p, tokens)
         return jnp.sum(feats.hidden_bsd**2) + moe_lib.load_balancing_loss(feats.router), feats.hidden_bsd
 
-    (want_loss, want_hidden), want_grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    return loss
 
-    mesh = mesh_lib.make_mesh(*mesh_shape, devices=jax.devices()[:4])
+
+@pytest.fixture(scope="module")
+def unsharded_ep_run():
+    """The unsharded model's params, loss, output and gradients (the dispatch does not matter on one device)."""
+    model = _ep_model("exchange_tokens")
+    params = jax.jit(lambda r: nn.unbox(model.init_boxed(r)))(jax.random.key(0))
+    return params, jax.jit(jax.value_and_grad(_ep_loss(model), has_aux=True))(params)
+
+
+@pytest.mark.parametrize(
+    "mesh_shape, dispatch",
+    [((1, 4, 1), "exchange_tokens"), ((2, 2, 2), "exchange_tokens"), ((1, 4, 1), "gather_weights")],
+)
+def test_expert_sharded_equals_unsharded(unsharded_ep_run, mesh_shape, dispatch):
+    """A 2-layer MoE model (dense first layer, shared gated expert), experts over fsdp: on 4 of the 8 devices
+    (fsdp=4: one expert a device) and on all 8 (data=2, fsdp=2, tensor=2: two experts a device, each expert's ffn
+    width split over tensor), forward and gradients equal the unsharded model's."""
+    params, ((want_loss, want_hidden), want_grad) = unsharded_ep_run
+    model = _ep_model(dispatch)
+    loss = _ep_loss(model)
+    devices = int(np.prod(mesh_shape))
+    mesh = mesh_lib.make_mesh(*mesh_shape, devices=jax.devices()[:devices])
     mesh_lib.check_experts(4, mesh, "model.moe.experts")
     with jax.set_mesh(mesh):
-        sharded, _ = mesh_lib.init_sharded(model.init_boxed, jax.random.key(0), mesh, mesh_lib.STUDENT_RULES)
+        abstract = mesh_lib.abstract_sharded(model.init_boxed, mesh, mesh_lib.STUDENT_RULES)
+        sharded = jax.device_put(params, jax.tree.map(lambda a: a.sharding, abstract))
         w_gate = sharded["params"]["moe_layers"]["mlp"]["w_gate"]
         assert w_gate.sharding.spec[1] == "fsdp"  # [layers, expert, embed, mlp]: experts spread over fsdp
-        assert len({str(s.index) for s in w_gate.addressable_shards}) == 4
-        (got_loss, got_hidden), got_grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(sharded)
+        assert w_gate.sharding.shard_shape(w_gate.shape)[1] == 4 // mesh_shape[1]
+        step = jax.jit(jax.value_and_grad(loss, has_aux=True)).lower(sharded).compile()
+        (got_loss, got_hidden), got_grad = step(sharded)
+        hlo = step.as_text()
+    # exchange_tokens never gathers expert weights: their only collectives are the token all-gather and the
+    # reduce-scatter (their gradients' too); gather_weights all-gathers [.., experts, d, f] weights.
+    weight_gathers = [
+        line for line in hlo.splitlines() if "all-gather" in line and re.search(r"\[1,4,(16|24|12),", line)
+    ]
+    if dispatch == "gather_weights":
+        assert weight_gathers, "expected the expert weights all-gathered"
+    else:
+        assert not weight_gathers, weight_gathers[:2]
+        assert "reduce-scatter" in hlo
     np.testing.assert_allclose(np.asarray(got_hidden), np.asarray(want_hidden), atol=2e-5)
     np.testing.assert_allclose(float(got_loss), float(want_loss), rtol=1e-5)
     for g, w in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad)):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-4 * (np.abs(np.asarray(w)).max() + 1e-6))
+
+
+def test_expert_parallel_block_with_an_idle_device():
+    """The MoE block with 8 experts over fsdp=4 (two a device) where the last device's experts receive no token:
+    equal to the per-token float64 reference, and that device's experts get zero gradient."""
+    e = 8
+    cfg = ModelConfig(d_model=D, d_ff=40, n_layers=2, n_heads=2, moe=MoEConfig(experts=e, top_k=2, expert_d_ff=F))
+    init = jax.jit(lambda r: nn.unbox(moe_lib.MoE(cfg).init(r, jnp.zeros((1, 4, D))))["params"])
+    params = init(jax.random.key(0))
+    router = np.array(params["router"])
+    router[:, e - 2 :] = 0.0
+    router[0, e - 2 :] = -10.0  # feature 0 is constant 3 (_inputs): experts 6 and 7 (the last device's) stay idle
+    params = dict(params, router=jnp.asarray(router))
+    x = _inputs(b=8)
+    want, chosen = reference(cfg, params, x)
+    assert not np.isin(chosen, [e - 2, e - 1]).any() and len(np.unique(chosen)) == e - 2
+    probe = jax.random.normal(jax.random.key(7), x.shape)
+    mesh = mesh_lib.make_mesh(1, 4, 1, devices=jax.devices()[:4])
+
+    def loss(p, x):
+        y = moe_lib.MoE(cfg).apply({"params": p}, x)[0]
+        return jnp.sum(y * probe), y
+
+    unsharded_grad = jax.jit(jax.grad(loss, has_aux=True))(params, jnp.asarray(x, jnp.float32))[0]
+    with jax.set_mesh(mesh):
+        experts = jax.sharding.NamedSharding(mesh, P("fsdp"))
+        placed = {k: jax.device_put(v, experts) if k.startswith("w_") else v for k, v in params.items()}
+        rows = jax.device_put(jnp.asarray(x, jnp.float32), jax.sharding.NamedSharding(mesh, P(("data", "fsdp"))))
+        grad, y = jax.jit(jax.grad(loss, has_aux=True))(placed, rows)
+    np.testing.assert_allclose(np.asarray(y, np.float64), want, atol=1e-5 * np.abs(want).max(), rtol=0)
+    assert np.abs(np.asarray(grad["w_gate"][e - 2 :])).max() == 0
+    for name in ("router", "w_gate", "w_up", "w_down"):
+        w = np.asarray(unsharded_grad[name])
+        np.testing.assert_allclose(np.asarray(grad[name]), w, atol=1e-5 * np.abs(w).max(), err_msg=name)
+
+
+def test_blocked_grouped_matmul_equals_ragged_dot():
+    """The CPU form of the grouped SwiGLU against jax.lax.ragged_dot (the TPU/GPU form): empty groups, a group
+    larger than a block, and rows past the last group (other devices' assignments), which must give 0."""
+    rows, n = 40, 5
+    keys = jax.random.split(jax.random.key(3), 4)
+    xs = jax.random.normal(keys[0], (rows, D))
+    wg, wu = (jax.random.normal(k, (n, D, F)) for k in keys[1:3])
+    wd = jax.random.normal(keys[3], (n, F, D))
+    sizes = jnp.asarray([0, 17, 3, 0, 9], jnp.int32)  # 29 of the 40 rows in groups
+    assert moe_lib.block_rows(rows, n) == 8  # so expert 1's 17 rows span three blocks
+    got = moe_lib._blocked_swiglu(xs, sizes, wg, wu, wd, jax.nn.silu)
+    want = moe_lib._ragged_swiglu(xs, sizes, wg, wu, wd, jax.nn.silu)
+    assert np.abs(np.asarray(want[:29])).min(axis=1).max() > 0 and np.all(np.asarray(want[29:]) == 0)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-4)
+    grads = [
+        jax.grad(lambda w, f=f: jnp.sum(f(xs, sizes, wg, w, wd, jax.nn.silu) ** 2))(wu)
+        for f in (moe_lib._blocked_swiglu, moe_lib._ragged_swiglu)
+    ]
+    np.testing.assert_allclose(np.asarray(grads[0]), np.asarray(grads[1]), rtol=1e-4, atol=1e-3)
 
 
 def test_bad_moe_config_refused():
@@ -203,6 +295,8 @@ def test_bad_moe_config_refused():
         model(experts=4, top_k=1, every=3).check("model")
     with pytest.raises(UserError, match=r"model\.moe\.router"):
         model(experts=4, top_k=1, router="relu").check("model")
+    with pytest.raises(UserError, match=r"model\.moe\.dispatch"):
+        model(experts=4, top_k=1, dispatch="all_to_all").check("model")
     mesh = mesh_lib.make_mesh(2, 4, 1)
     with pytest.raises(UserError, match=r"model\.moe\.experts \(6\).*mesh\.fsdp \(4\)"):
         mesh_lib.check_experts(6, mesh, "model.moe.experts")

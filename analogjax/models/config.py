@@ -71,6 +71,10 @@ class MoEConfig:
     expert_bias: bool = False
     first_dense_layers: int = 0
     every: int = 1
+    # How experts spread over fsdp meet their tokens (models/moe.py): exchange_tokens (each device keeps its E/fsdp
+    # experts; the fsdp group's tokens are all-gathered and the outputs reduce-scattered back) or gather_weights
+    # (each device runs every expert on its own tokens, the expert weights all-gathered layer by layer).
+    dispatch: str = "exchange_tokens"
     # Objective weights of the router terms (the student's; a teacher's are unused): Switch/GShard load balancing
     # α·E·Σᵢ fᵢ·Pᵢ and the ST-MoE router z-loss mean(logsumexp(logits)²), averaged over the MoE layers.
     aux_loss_weight: float = 0.0
@@ -94,6 +98,7 @@ class MoEConfig:
         if not self.enabled:
             return
         check_choice(f"{prefix}.router", self.router, ("softmax", "sigmoid"))
+        check_choice(f"{prefix}.dispatch", self.dispatch, ("exchange_tokens", "gather_weights"))
         if not 1 <= self.top_k <= self.experts:
             raise UserError(f"{prefix}.top_k ({self.top_k}) must be between 1 and {prefix}.experts ({self.experts})")
         for name in ("expert_d_ff", "shared_d_ff", "first_dense_layers", "aux_loss_weight", "z_loss_weight"):
@@ -116,6 +121,15 @@ class MoEConfig:
                 f"{prefix}.every ({self.every}) must divide the layers after {prefix}.first_dense_layers "
                 f"({n_layers - self.first_dense_layers})"
             )
+
+
+def _merged(base: dict, given: dict) -> dict:
+    """`given` over `base`, nested sections key by key: `moe: {dispatch: ...}` over a preset keeps the preset's
+    experts (a shallow merge replaced its whole moe section with defaults: an MoE preset turned silently dense)."""
+    out = dict(base)
+    for key, value in given.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 @dataclass(frozen=True)
@@ -192,7 +206,7 @@ class ModelConfig:
             return raw
         if name not in PRESETS:
             raise UserError(f"{prefix}.preset: unknown preset {name!r} (known: {', '.join(sorted(PRESETS))})")
-        return {**dataclasses.asdict(PRESETS[name]), **raw}
+        return _merged(dataclasses.asdict(PRESETS[name]), raw)
 
     def check(self, prefix: str) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff"):

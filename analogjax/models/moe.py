@@ -1,19 +1,45 @@
 """The mixture-of-experts feed-forward block: a router, E routed SwiGLU experts, optional shared experts.
 
 Routing is dropless: every token goes to its top-k experts, whatever the load. The (token, expert) assignments are
-sorted by expert so each expert's tokens are contiguous, each expert's SwiGLU runs as one group of a grouped matmul
-(`jax.lax.ragged_dot`: one [tokens, d] x [E, d, f] product with per-expert group sizes, no padding to a capacity),
-and the outputs are unsorted and combined with the routing weights.
+sorted by expert so each expert's tokens are contiguous, each expert's SwiGLU runs as one group of a grouped matmul,
+and the outputs are unsorted and combined with the routing weights. The grouped matmul is `jax.lax.ragged_dot` on
+TPU and GPU (native grouped kernels). XLA's CPU backend has none: jax lowers ragged_dot there as a dense product of
+every row with every expert under a mask (E x the FLOPs and an [E, rows, d] copy), so on CPU the sorted rows are
+laid out in fixed-size blocks, each block holding one expert's rows, and a loop over the blocks runs each against
+its expert's weights (`_blocked_swiglu`: the FLOPs of the real rows plus at most one partly filled block per
+expert). Both forms are exact; `lax.platform_dependent` picks one when the step is lowered for its backend.
 
-Sharding. Expert weights carry the logical axis `expert` (mesh.py maps it onto a physical axis: they are stored
-spread over devices). The routed compute runs per device on its own tokens (a shard_map over the batch axes):
-sorting and the grouped matmul see only local tokens, so no device sorts the global batch, and the expert weights
-are gathered layer by layer as an FSDP weight is (each expert's ffn width stays split over `tensor`, summed after
-the down projection). That is the simple correct form of expert parallelism under GSPMD: storage is expert-sharded,
-compute is token-sharded. Exchanging tokens instead of weights (all-to-all to the experts' owners) pays off when
-tokens per step are few next to expert weights; it is not implemented here.
+Expert parallelism (`model.moe.dispatch`). Expert weights carry the logical axis `expert`, which mesh.py maps onto
+`fsdp`: each device of an fsdp group stores E/fsdp whole experts. Tokens are split over the batch axes (data, fsdp).
 
-Shapes in names: t tokens, k chosen experts per token, x experts, d model width, f expert ffn width.
+- `exchange_tokens` (the default): inside a shard_map over the mesh, each device all-gathers its fsdp group's tokens
+  (and their routing choices), runs its own E/fsdp experts on the assignments routed to them, and a reduce-scatter
+  (psum_scatter) over fsdp returns each token's summed expert outputs to the device that owns it. No expert weight
+  ever leaves its device. Per MoE layer and device, forward: an all-gather of (fsdp-1) * T * d activations in and a
+  reduce-scatter of the same out (T = the device's tokens), float32 outputs; a trained model's backward pass moves
+  the same again, plus the recomputed forward's.
+  An all-to-all that sent each assignment only to its expert's owner would move (fsdp-1)/fsdp * T * k * d each way:
+  the all-gather form moves fsdp/k times that, no more than the all-to-all when fsdp <= top_k (Qwen3: k = 8;
+  Mixtral: k = 2), and it is dropless with no worst-case buffer to size and exact (each output is one sum). A fixed-
+  size `all_to_all` must size every buffer for the worst case (all T * k assignments to one device) to stay
+  dropless, and `ragged_all_to_all` does not run on the CPU backend this project's CI runs on (jax 0.10.2:
+  "UNIMPLEMENTED: HLO opcode `ragged-all-to-all` is not supported by XLA:CPU ThunkEmitter"). The gathered
+  tokens are processed one source device at a time (a checkpointed lax.map over the fsdp group), so the sorted
+  buffers stay T * k rows as in the non-parallel form; a device runs each source's full T * k rows through its
+  local experts, rows not routed to them lying past every group: a grouped kernel whose tiles follow the group
+  sizes (megablox gmm) leaves them out, but whether XLA's TPU ragged_dot does is not measured here; on CPU the
+  blocked form computes all its blocks, filled or not, fsdp x the real rows (CPU runs this only in tests).
+- `gather_weights`: each device runs all E experts on its own tokens and GSPMD all-gathers the expert weights layer
+  by layer, as an FSDP weight: per layer and device (fsdp-1)/fsdp * 3 * E * d * f weights (and a reduce-scatter of
+  their gradients for a trained model). Cheaper only when the fsdp group's tokens per step are fewer than about
+  1.5 * E * f (small batches, few experts); kept for that case and as the reference the tests compare against.
+
+With fsdp = 1 the two are the same computation. Each expert's ffn width stays split over `tensor` in both (as the
+dense MLP's), the partial outputs summed after the down projection. A teacher's expert weights also split their
+`embed` dim over `data` (mesh.TEACHER_RULES: memory first); the shard_map gathers that dim over `data` layer by
+layer, so under exchange_tokens a device gathers slices of its own E/fsdp experts only, never other experts.
+
+Shapes in names: t tokens, k chosen experts per token, x experts, d model width, f expert ffn width, n blocks.
 """
 
 from __future__ import annotations
@@ -76,30 +102,102 @@ def route(cfg: ModelConfig, logits_tx: jax.Array, bias_x: jax.Array | None):
     return chosen_tk, weights_tk * moe.routed_scale, probs
 
 
-def routed_experts(x_td, chosen_tk, weights_tk, w_gate_xdf, w_up_xdf, w_down_xfd, activation):
+def routed_experts(x_td, chosen_tk, weights_tk, w_gate_xdf, w_up_xdf, w_down_xfd, activation, first_expert=0):
     """Dropless routed SwiGLU experts on a flat token list: sort by expert, grouped matmuls, unsort, combine.
 
-    Pure and local (no collectives): the shard_map below calls it on each device's tokens."""
+    The weights hold experts first_expert .. first_expert + x - 1 (all of them unless expert-parallel); assignments
+    to other experts sort last, outside every group, and add nothing: the result is this device's share of each
+    token's output. Pure and local (no collectives): the shard_maps below call it per device."""
     n_tokens, k = chosen_tk.shape
-    n_experts = w_gate_xdf.shape[0]
-    flat = chosen_tk.reshape(-1)
-    order = jnp.argsort(flat, stable=True)  # assignments grouped by expert
-    sizes = jnp.bincount(flat, length=n_experts).astype(jnp.int32)  # an expert with no token is an empty group
+    n_local = w_gate_xdf.shape[0]
+    local = chosen_tk.reshape(-1) - first_expert
+    mine = (local >= 0) & (local < n_local)
+    key = jnp.where(mine, local, n_local)  # other devices' experts: one key past the local ones, sorted last
+    order = jnp.argsort(key, stable=True)  # assignments grouped by expert
+    sizes = jnp.bincount(key, length=n_local + 1)[:n_local].astype(jnp.int32)  # no token: an empty group
     xs = jnp.take(x_td, order // k, axis=0)
-    hidden = activation(jax.lax.ragged_dot(xs, w_gate_xdf, sizes)) * jax.lax.ragged_dot(xs, w_up_xdf, sizes)
-    ys = jax.lax.ragged_dot(hidden, w_down_xfd, sizes)
+    ys = _grouped_swiglu(xs, sizes, w_gate_xdf, w_up_xdf, w_down_xfd, activation)
     y_tkd = jnp.take(ys, jnp.argsort(order), axis=0).reshape(n_tokens, k, -1)
-    return jnp.einsum("tkd,tk->td", y_tkd.astype(jnp.float32), weights_tk.astype(jnp.float32))
+    weights = jnp.where(mine.reshape(n_tokens, k), weights_tk.astype(jnp.float32), 0.0)
+    return jnp.einsum("tkd,tk->td", y_tkd.astype(jnp.float32), weights)
+
+
+def _grouped_swiglu(xs_rd, sizes_x, w_gate_xdf, w_up_xdf, w_down_xfd, activation):
+    """Rows sorted by expert (group sizes `sizes_x`; rows past their sum belong to no group and give 0) → each row
+    through its expert's SwiGLU. ragged_dot where the backend has a grouped kernel, blocks on CPU (module doc)."""
+    operands = (xs_rd, sizes_x, w_gate_xdf, w_up_xdf, w_down_xfd)
+    return jax.lax.platform_dependent(
+        *operands,
+        cpu=lambda *a: _blocked_swiglu(*a, activation),
+        default=lambda *a: _ragged_swiglu(*a, activation),
+    )
+
+
+def _ragged_swiglu(xs_rd, sizes_x, w_gate_xdf, w_up_xdf, w_down_xfd, activation):
+    hidden = activation(jax.lax.ragged_dot(xs_rd, w_gate_xdf, sizes_x)) * jax.lax.ragged_dot(xs_rd, w_up_xdf, sizes_x)
+    return jax.lax.ragged_dot(hidden, w_down_xfd, sizes_x)
+
+
+def block_rows(rows: int, n_experts: int) -> int:
+    """Rows per block of `_blocked_swiglu`: about half an evenly loaded expert's rows, a power of two between 8 and
+    256. Each expert's partly filled last block wastes half a block on average (~1/4 of the work), but on CPU larger
+    blocks won: at bench/moe.py's shape (4096 rows, 8 experts) 256 rows ran a layer's forward in 0.73x the time of
+    128 and 0.75x that of 64, measured interleaved in one process."""
+    target = max(rows // (2 * n_experts), 1)
+    return int(min(256, max(8, 1 << (target.bit_length() - 1))))
+
+
+def _blocked_swiglu(xs_rd, sizes_x, w_gate_xdf, w_up_xdf, w_down_xfd, activation):
+    """`_ragged_swiglu` as fixed-size blocks: each expert's rows start at a block boundary, every block belongs to
+    one expert, and a loop over the blocks (lax.map) runs each through its expert's weights, read in place.
+
+    Static shapes, dropless: the blocks number ceil((rows + x * (block - 1)) / block), enough for any group sizes;
+    blocks past the last group are skipped (lax.cond: XLA's CPU backend runs only the branch taken), so the bound
+    costs nothing. Measured on CPU at bench/moe.py's shape, a loop reading the weights in place ran ~2x faster than
+    one batched matmul against weights gathered per block (the gather copies x * d * f per block)."""
+    rows, d = xs_rd.shape
+    n_experts = sizes_x.shape[0]
+    block = block_rows(rows, n_experts)
+    n_blocks = -(-(rows + n_experts * (block - 1)) // block)
+    ends = jnp.cumsum(sizes_x)
+    padded = (sizes_x + block - 1) // block * block
+    padded_ends = jnp.cumsum(padded)
+    row = jnp.arange(rows, dtype=jnp.int32)
+    expert_r = jnp.searchsorted(ends, row, side="right")  # n_experts for rows in no group
+    clipped = jnp.minimum(expert_r, n_experts - 1)
+    dest_r = jnp.where(
+        expert_r < n_experts, (padded_ends - padded)[clipped] + row - (ends - sizes_x)[clipped], n_blocks * block
+    )
+    xb = jnp.zeros((n_blocks * block, d), xs_rd.dtype).at[dest_r].set(xs_rd, mode="drop").reshape(n_blocks, block, d)
+    starts_n = jnp.arange(n_blocks, dtype=jnp.int32) * block
+    expert_n = jnp.minimum(jnp.searchsorted(padded_ends, starts_n, side="right"), n_experts - 1)
+    out_dtype = jnp.result_type(xs_rd, w_down_xfd)
+
+    def one_block(args):
+        x_bd, expert, used = args
+
+        def swiglu(x_bd):
+            hidden = activation(x_bd @ w_gate_xdf[expert]) * (x_bd @ w_up_xdf[expert])
+            return (hidden @ w_down_xfd[expert]).astype(out_dtype)
+
+        empty = lambda x_bd: jnp.zeros((block, w_down_xfd.shape[-1]), out_dtype)
+        return jax.lax.cond(used, swiglu, empty, x_bd)
+
+    yb = jax.lax.map(one_block, (xb, expert_n, starts_n < padded_ends[-1]))
+    return jnp.take(yb.reshape(n_blocks * block, -1), dest_r, axis=0, mode="fill", fill_value=0)
 
 
 def _sharded_experts(cfg: ModelConfig, x_bsd, chosen_bsk, weights_bsk, w_gate, w_up, w_down):
-    """`routed_experts` per device on its batch rows when a mesh with the batch axes is in context, else on all."""
+    """The routed experts per device when a mesh with the batch axes is in context (module doc), else on all tokens.
+    Returns float32 [b, s, d]."""
     act = lambda g: _act(cfg, g)
 
-    def local(x, chosen, weights, wg, wu, wd):
+    def flat(x, chosen, weights):
         b, s, d = x.shape
-        y = routed_experts(x.reshape(b * s, d), chosen.reshape(b * s, -1), weights.reshape(b * s, -1), wg, wu, wd, act)
-        return y.reshape(b, s, d)
+        return x.reshape(b * s, d), chosen.reshape(b * s, -1), weights.reshape(b * s, -1)
+
+    def local(x, chosen, weights, wg, wu, wd):
+        return routed_experts(*flat(x, chosen, weights), wg, wu, wd, act).reshape(x.shape)
 
     mesh = jax.sharding.get_abstract_mesh()
     names = () if mesh.empty else tuple(mesh.axis_names)
@@ -110,17 +208,34 @@ def _sharded_experts(cfg: ModelConfig, x_bsd, chosen_bsk, weights_bsk, w_gate, w
     if not batch_axes or x_bsd.shape[0] % ways:
         return local(x_bsd, chosen_bsk, weights_bsk, w_gate, w_up, w_down)
     # Each expert's ffn width split over `tensor` (as the dense MLP's), partial outputs summed after the down
-    # projection; replicated when tensor does not divide it.
+    # projection; replicated when tensor does not divide it. The sequence stays split over `context`.
     tensor = "tensor" if "tensor" in names and cfg.expert_d_ff % mesh.shape["tensor"] == 0 else None
+    context = "context" if "context" in names and x_bsd.shape[1] % mesh.shape["context"] == 0 else None
+    fsdp = mesh.shape["fsdp"] if "fsdp" in names else 1
+    exchange = cfg.moe.dispatch == "exchange_tokens" and fsdp > 1 and cfg.moe.experts % fsdp == 0
+    experts = "fsdp" if exchange else None
 
-    def body(x, chosen, weights, wg, wu, wd):
+    def gather_weights_body(x, chosen, weights, wg, wu, wd):
         y = local(x, chosen, weights, wg, wu, wd)
         return jax.lax.psum(y, tensor) if tensor else y
 
-    rows = P(batch_axes)
+    def exchange_tokens_body(x, chosen, weights, wg, wu, wd):
+        x_td, chosen_tk, weights_tk = flat(x, chosen, weights)
+        first = jax.lax.axis_index("fsdp") * wg.shape[0]
+        # [fsdp, t, ...]: every token of the fsdp group, by the device that holds it.
+        sources = tuple(jax.lax.all_gather(a, "fsdp") for a in (x_td, chosen_tk, weights_tk))
+        # One source device at a time, recomputed in the backward pass: the sorted buffers stay t * k rows.
+        partial = jax.lax.map(
+            jax.checkpoint(lambda src: routed_experts(*src, wg, wu, wd, act, first_expert=first)), sources
+        )
+        y = jax.lax.psum_scatter(partial, "fsdp", scatter_dimension=0)  # each token's sum, back to its device
+        y = jax.lax.psum(y, tensor) if tensor else y
+        return y.reshape(x.shape)
+
+    rows = P(batch_axes, context)
     return jax.shard_map(
-        body,
-        in_specs=(rows, rows, rows, P(None, None, tensor), P(None, None, tensor), P(None, tensor, None)),
+        exchange_tokens_body if exchange else gather_weights_body,
+        in_specs=(rows, rows, rows, P(experts, None, tensor), P(experts, None, tensor), P(experts, tensor, None)),
         out_specs=rows,
         check_vma=False,
     )(x_bsd, chosen_bsk, weights_bsk, w_gate, w_up, w_down)
