@@ -356,7 +356,9 @@ def from_dict(cls: type, raw: Any, prefix: str = "") -> Any:
     unknown = sorted(set(raw) - names)
     if unknown:
         raise UserError(f"unknown config key: {_join(prefix, str(unknown[0]))}")
-    raw = _apply_defaults_hook(cls, _onto_field_defaults(cls, raw), prefix)
+    # The preset (or teacher) first, then the field defaults under what is still missing: a partly given nested
+    # section of a preset (`--set model.moe.aux_loss_weight=0.02`) keeps the rest of the preset's section.
+    raw = _onto_field_defaults(cls, _apply_defaults_hook(cls, raw, prefix))
     kwargs = {name: _coerce(hints[name], value, _join(prefix, name)) for name, value in raw.items()}
     try:
         built = cls(**kwargs)

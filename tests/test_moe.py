@@ -437,3 +437,14 @@ def test_moe_every_nth_layer_with_dense_prefix_scans_like_its_blocks():
         x = model.block(params, i, x)
         np.testing.assert_allclose(np.asarray(x), np.asarray(feats.layers_lbsd[i]), atol=1e-5)
     np.testing.assert_allclose(np.asarray(model.finish(params, x)), np.asarray(feats.hidden_bsd), atol=1e-5)
+
+
+def test_setting_one_moe_key_keeps_the_rest_of_the_presets_moe():
+    """`--set teacher.model.moe.aux_loss_weight=...` on an MoE preset changes that key only (it once reset the
+    whole section to the dense defaults: experts 0, a silently dense model)."""
+    from analogjax.config import load_config
+    from analogjax.models.presets import PRESETS
+
+    config = load_config(None, ["teacher.model.preset=qwen3-30b-a3b", "teacher.model.moe.aux_loss_weight=0.02"])
+    want = dataclasses.replace(PRESETS["qwen3-30b-a3b"].moe, aux_loss_weight=0.02)
+    assert config.teacher.model.moe == want and want.experts == 128
