@@ -3,14 +3,17 @@ configs stay loadable and in sync with the embedded defaults."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from test_cli import analogjax, assert_user_error
 
 from analogjax.config import load_config
 from analogjax.demo import DemoConfig, SelfDemoConfig, load_demo_config
+from analogjax.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -116,3 +119,17 @@ def test_default_token_cache_is_inside_the_test_session_tmp():
     from analogjax.data.spec import DataConfig, resolved_cache_dir
 
     assert os.path.realpath(resolved_cache_dir(DataConfig())).startswith(os.path.realpath(tempfile.gettempdir()))
+
+
+@pytest.mark.parametrize(
+    "sets, fragment",
+    [
+        (["on_policy.prompt_len=200"], "at most run.data.seq_len (128)"),
+        (["on_policy.max_new_tokens=100"], "at most run.data.seq_len (128)"),
+        (["on_policy.fraction=0"], "needs on-policy steps"),
+    ],
+)
+def test_demo_on_policy_shapes_are_refused_before_any_phase(sets, fragment):
+    with pytest.raises(UserError, match=re.escape(fragment)):
+        load_demo_config(None, sets)
+    load_demo_config(None, [*sets, "on_policy_steps=0"])  # no on-policy row: nothing to refuse

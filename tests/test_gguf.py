@@ -270,6 +270,9 @@ def test_real_demo_path_on_a_tiny_gguf(tmp_path, bpe, hf_llama):
         "samples=2",
         "sample_prompt_tokens=4",
         "sample_new_tokens=3",
+        "on_policy_steps=2",
+        "on_policy.prompt_len=8",
+        "on_policy.max_new_tokens=8",
     ]
     args = ["demo", "--workdir", str(tmp_path / "demo"), "--no-progress"]
     for item in sets:
@@ -283,19 +286,24 @@ def test_real_demo_path_on_a_tiny_gguf(tmp_path, bpe, hf_llama):
         "analog",
         "pruned",
         "baseline",
+        "on_policy",
         "evaluate",
         "transfer",
         "samples",
         "release",
     }
-    for name in ("analog", "pruned", "baseline"):
+    for name in ("analog", "on_policy", "pruned", "baseline"):
         assert summary[name]["kl_teacher"] > 0 and 0 <= summary[name]["agreement"] <= 1
         assert summary[name]["teacher_logprob_own_samples"] < 0
+    # The on-policy row continued the analog on its own 8-token samples, scored by the live teacher.
+    trained = summary["on_policy"]["training"]
+    assert 1 <= trained["completion_len"] <= 8 and trained["teacher_logp"] < 0
     # The pruned start is the teacher cut down: it is checkpoint.init_path of its row, with its importance report.
     assert (tmp_path / "demo" / "pruned_init" / "importance.json").is_file()
     assert len(summary["samples"]["prompts"]) == 2 and set(summary["samples"]["models"]) == {
         "teacher",
         "analog",
+        "on_policy",
         "pruned",
         "baseline",
     }

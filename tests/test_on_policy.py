@@ -120,25 +120,27 @@ def test_on_policy_step_masks_the_prompt_and_matches_a_float64_reverse_kl(tmp_pa
 
 
 def test_on_policy_resume_is_bitwise_and_logs_rollout_metrics(tmp_path):
-    config = _config(tmp_path, "distill.on_policy.fraction=0.5", "data.heldout_fraction=0.0")
+    # Steps 1 and 2 of 3 are on-policy: the resumed run starts on the second (after a checkpoint at step 2), and the
+    # uninterrupted run times that one (its first compiled the rollout).
+    config = _config(tmp_path, "distill.on_policy.fraction=0.67", "data.heldout_fraction=0.0", "train.steps=3")
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     want = jax.device_get(run_training(config, whole, progress=False)["state"])
     # The resumed workdir is the uninterrupted one as it stood after step 2: its checkpoint, metrics up to it.
     shutil.copytree(whole, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "4")
+    shutil.rmtree(resumed / "checkpoints" / "3")
     out = run_training(config, resumed, progress=False)
     final = jax.device_get(out["state"])
     for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(want)):
         np.testing.assert_array_equal(a, b)
     records = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "loss" in r]
-    assert [r["step"] for r in train] == [1, 2, 3, 4]
-    assert [r["on_policy_step"] for r in train] == [0.0, 1.0, 0.0, 1.0]
+    assert [r["step"] for r in train] == [1, 2, 3]
+    assert [r["on_policy_step"] for r in train] == [0.0, 1.0, 1.0]
     last = train[-1]  # the resumed run compiled its first on-policy step here: no timing figures, the rest
     assert 1 <= last["completion_len"] <= 12 and last["teacher_logp"] < 0 and last["student_logp"] < 0
     assert "sampling_share" not in last
     uninterrupted = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
-    timed = [r for r in uninterrupted if r.get("step") == 4 and "loss" in r][0]
+    timed = [r for r in uninterrupted if r.get("step") == 3 and "loss" in r][0]
     assert timed["rollout_tokens_per_s"] > 0 and 0 < timed["sampling_share"] < 1 and 0 < timed["mfu"] < 1
 
 

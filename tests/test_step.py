@@ -1,6 +1,7 @@
 """The distill step: sharded equals unsharded, equals an explicit reference, accumulates exactly, golden value."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -44,10 +45,16 @@ def _single_device_mesh():
     return mesh_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1])
 
 
+@functools.cache
+def _single_device_step():
+    """The one-device reference of the sharded-step cases, computed once for all of them."""
+    return _one_step(TINY, _single_device_mesh(), packed_batch(8, 32, 512))
+
+
 @pytest.mark.parametrize("shape", [(2, 1, 4), (2, 2, 2), (1, 8, 1)])
 def test_sharded_step_equals_single_device(shape):
     batch = packed_batch(8, 32, 512)
-    _, want_state, want = _one_step(TINY, _single_device_mesh(), batch)
+    _, want_state, want = _single_device_step()
     _, got_state, got = _one_step(TINY, mesh_lib.make_mesh(*shape), batch)
     for key in ("loss", "kl", "ce", "teacher_ce", "agreement", "count", "grad_norm"):
         np.testing.assert_allclose(got[key], want[key], rtol=2e-5, err_msg=key)
