@@ -24,10 +24,8 @@ tokens: what on-policy distillation raises), student_logp (the student's own, at
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -137,7 +135,6 @@ class OnPolicy:
     def __init__(self, run, *, process_index: int = 0, process_count: int = 1, prompts=None):
         """`prompts`: anything with data.prompts.PromptSet's `batch` and `tokenizer` (default: the run's data)."""
         from analogjax.data.prompts import PromptSet
-        from analogjax.setup import jit_distill_step
 
         config = run.config
         check(config, run.teacher)
@@ -184,10 +181,7 @@ class OnPolicy:
             in_shardings=(params_sh, batch_sh, batch_sh, batch_sh, rep, rep),
             out_shardings=(batch_sh, rep),
         )
-        on_policy_config = dataclasses.replace(config, distill=dataclasses.replace(config.distill, terms=op.terms))
-        self.step_fn = jit_distill_step(
-            on_policy_config, run.student, run.teacher, run.tx, run.state_shardings, _shardings(run), batch_sh, mesh
-        )
+        self.step_fn = run.on_policy_step_fn  # setup.build jitted it beside the off-policy step
         width = self.prompt_len + self.max_new_tokens
         teacher_cfg = config.teacher.model
         # Model FLOPs of an on-policy step: the distill step's on its rows, plus the student's sampling forward
@@ -222,10 +216,6 @@ class OnPolicy:
         )
         sampled = int(jax.device_get(sampled))
         return batch, time.perf_counter() - start, sampled
-
-
-def _shardings(run) -> Any:
-    return jax.tree.map(lambda a: a.sharding, run.teacher_params)
 
 
 class RolloutWindow:

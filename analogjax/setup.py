@@ -6,6 +6,7 @@ What every command that trains, evaluates or compiles imports (train.py is the l
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +44,7 @@ class Run:
     batch_sharding: Any
     abstract_state: TrainState  # ShapeDtypeStructs with shardings: the init and the restore target
     tx: Any  # the optimizer
+    on_policy_step_fn: Any = None  # jitted distill step with distill.on_policy's terms (on_policy.py feeds it)
 
     @property
     def state_shardings(self) -> Any:
@@ -174,6 +176,13 @@ def build(
     teacher_params = jax.tree.map(on_mesh, teacher_params)
     teacher_sh = jax.tree.map(lambda a: a.sharding, teacher_params)
     step_fn = jit_distill_step(config, student, teacher, tx, shardings, teacher_sh, batch_sh, mesh)
+    on_policy_step_fn = None
+    if config.distill.on_policy.enabled:  # the same step on sampled rows, with the on-policy terms
+        terms = dataclasses.replace(config.distill, terms=config.distill.on_policy.terms)
+        on_policy_config = dataclasses.replace(config, distill=terms)
+        on_policy_step_fn = jit_distill_step(
+            on_policy_config, student, teacher, tx, shardings, teacher_sh, batch_sh, mesh
+        )
     # Held-out batches are not cached: a cached teacher's run measures the student's held-out CE only.
     eval_teacher = None if teacher is not None and teacher.is_cached else teacher
     eval_step = make_eval_step(student, mesh_lib.STUDENT_RULES, eval_teacher, config.distill.chunk_size)
@@ -186,7 +195,20 @@ def build(
     if init:
         with jax.set_mesh(mesh):
             state = init_state(config, mesh, student, tx, shardings)
-    return Run(config, mesh, student, teacher, teacher_params, state, step_fn, eval_fn, batch_sh, abstract, tx)
+    return Run(
+        config,
+        mesh,
+        student,
+        teacher,
+        teacher_params,
+        state,
+        step_fn,
+        eval_fn,
+        batch_sh,
+        abstract,
+        tx,
+        on_policy_step_fn,
+    )
 
 
 def jit_distill_step(config: Config, student, teacher, tx, state_shardings, teacher_shardings, batch_sharding, mesh):
