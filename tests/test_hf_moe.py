@@ -46,7 +46,7 @@ CASES = {
             num_hidden_layers=3,
             mlp_only_layers=[0],
         ),
-        False,
+        True,
     ),
     "qwen3_moe": (
         "Qwen3MoeConfig",
@@ -54,7 +54,7 @@ CASES = {
         dict(num_experts=4, moe_intermediate_size=24, norm_topk_prob=True),
         True,
     ),
-    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=4), False),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=4), True),
 }
 
 
