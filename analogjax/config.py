@@ -145,6 +145,20 @@ class OnPolicyConfig:
     def enabled(self) -> bool:
         return self.fraction > 0
 
+    def new_tokens(self, seq_len: int) -> int:
+        """Completion tokens per row: max_new_tokens, or (0) what data.seq_len leaves after the prompt."""
+        return self.max_new_tokens or seq_len - self.prompt_len
+
+    def check_fits(self, seq_len: int, prefix: str, seq_len_key: str = "data.seq_len") -> None:
+        """A row (prompt + completion) must fit in seq_len with at least one new token."""
+        new = self.new_tokens(seq_len)
+        if new <= 0 or self.prompt_len + new > seq_len:
+            implied = "" if self.max_new_tokens else ", from 0: seq_len - prompt_len"
+            raise UserError(
+                f"{prefix}: prompt_len ({self.prompt_len}) + max_new_tokens ({new}{implied}) must be at most "
+                f"{seq_len_key} ({seq_len}), with at least one new token"
+            )
+
 
 @dataclass(frozen=True)
 class DistillConfig:

@@ -111,14 +111,9 @@ class DemoConfig:
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must not be negative")
         # Refused here, before the first phase, rather than after three of them.
-        op, seq_len = self.on_policy, self.run.data.seq_len
-        new_tokens = op.max_new_tokens or seq_len - op.prompt_len
-        if self.on_policy_steps and (new_tokens <= 0 or op.prompt_len + new_tokens > seq_len):
-            raise UserError(
-                f"on_policy.prompt_len ({op.prompt_len}) + on_policy.max_new_tokens ({op.max_new_tokens}) must be "
-                f"at most run.data.seq_len ({seq_len}), with at least one new token"
-            )
-        if self.on_policy_steps and not op.enabled:
+        if self.on_policy_steps:
+            self.on_policy.check_fits(self.run.data.seq_len, "on_policy", "run.data.seq_len")
+        if self.on_policy_steps and not self.on_policy.enabled:
             raise UserError("on_policy.fraction is 0: the on-policy row needs on-policy steps (or on_policy_steps: 0)")
 
 

@@ -54,7 +54,7 @@ def on_policy_index(step: int, fraction: float) -> int:
 def shapes(config: Config) -> tuple[int, int]:
     """(prompt tokens, completion tokens) per row of an on-policy batch."""
     op = config.distill.on_policy
-    return op.prompt_len, op.max_new_tokens or config.data.seq_len - op.prompt_len
+    return op.prompt_len, op.new_tokens(config.data.seq_len)
 
 
 def check(config: Config, teacher) -> None:
@@ -62,13 +62,7 @@ def check(config: Config, teacher) -> None:
     op, key = config.distill.on_policy, "distill.on_policy"
     if not op.enabled:
         return
-    prompt_len, new_tokens = shapes(config)
-    if new_tokens <= 0 or prompt_len + new_tokens > config.data.seq_len:
-        raise UserError(
-            f"{key}: prompt_len ({prompt_len}) + max_new_tokens ({new_tokens}"
-            + (", from 0: data.seq_len - prompt_len" if not config.distill.on_policy.max_new_tokens else "")
-            + f") must be at most data.seq_len ({config.data.seq_len}), with at least one new token"
-        )
+    op.check_fits(config.data.seq_len, key)
     if teacher is None:
         raise UserError(f"{key}.fraction > 0 needs a teacher to score the samples (the objective has none)")
     if teacher.is_cached:
@@ -136,8 +130,7 @@ class OnPolicy:
         """`prompts`: anything with data.prompts.PromptSet's `batch` and `tokenizer` (default: the run's data)."""
         from analogjax.data.prompts import PromptSet
 
-        config = run.config
-        check(config, run.teacher)
+        config = run.config  # setup.build has run check(config, teacher)
         op = config.distill.on_policy
         self.config, self.run = config, run
         self.fraction = op.fraction

@@ -82,7 +82,7 @@ def make_batch_dataset(
                     f"data.sources[{source_id}] ({data.sources[source_id].path}): {len(ids)} training documents "
                     f"cannot give each of {process_count} processes one: the corpus is too small"
                 )
-            streams.append(packed(MapOfRefs([source_id], [ids]), shuffle_seed=_source_seed(seed, source_id)))
+            streams.append(packed(MapOfRefs([source_id], [ids]), shuffle_seed=source_seed(seed, source_id)))
         weights = [s.weight for s in data.sources]
         rows = streams[0] if len(streams) == 1 else grain.IterDataset.mix(streams, weights)
     else:
@@ -168,7 +168,7 @@ def _split_ids(source: DocumentSource, fraction: float, split: str) -> np.ndarra
     return train if split == "train" else heldout
 
 
-def _source_seed(seed: int, source_id: int) -> int:
+def source_seed(seed: int, source_id: int) -> int:
     """A shuffle seed per source (Grain takes 32 bits), the same in every process so shards stay disjoint."""
     return (int(seed) * 0x9E3779B1 + source_id * 0x85EBCA77 + 0x6A09E667) % 2**32
 

@@ -23,10 +23,10 @@ from typing import Any
 import grain
 import numpy as np
 
-from analogjax.data.pipeline import _source_seed, open_sources, split_document_ids
+from analogjax.data.pipeline import open_sources, source_seed, split_document_ids
 from analogjax.data.sources import JsonlSource
 from analogjax.data.spec import DataConfig
-from analogjax.data.tokenize import encode_document
+from analogjax.data.tokenize import configured_specials, encode_document
 from analogjax.errors import UserError
 
 # An empty document gives no prefix: the next element stands in, at most this many times in a row.
@@ -56,7 +56,7 @@ class PromptSet:
                     "on-policy prompts from"
                 )
             refs = np.stack([np.full(len(ids), source_id), ids], axis=1)
-            seed_i = _source_seed(seed ^ _PROMPT_SEED_SALT, source_id)
+            seed_i = source_seed(seed ^ _PROMPT_SEED_SALT, source_id)
             streams.append(grain.MapDataset.source(refs).shuffle(seed=seed_i).repeat(None))
         weights = [s.weight for s in data.sources]
         self._refs = streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, weights)
@@ -181,8 +181,6 @@ class ChatTemplate:
 
 def _chat_template(tokenizer_spec: str) -> ChatTemplate | None:
     """The chat template next to a HF tokenizer file (tokenizer_config.json or chat_template.jinja), if any."""
-    import json
-
     from analogjax.tokenizer_files import teacher_chat_template
 
     if not tokenizer_spec.endswith(".json"):
@@ -191,11 +189,5 @@ def _chat_template(tokenizer_spec: str) -> ChatTemplate | None:
     source = teacher_chat_template(folder)
     if source is None:
         return None
-    config_file = os.path.join(folder, "tokenizer_config.json")
-    config = json.loads(open(config_file).read()) if os.path.isfile(config_file) else {}
-
-    def token(name: str) -> str:
-        value = config.get(name) or ""
-        return value.get("content", "") if isinstance(value, dict) else str(value)
-
-    return ChatTemplate(source, token("bos_token"), token("eos_token"))
+    specials = configured_specials(os.path.join(folder, "tokenizer_config.json"))
+    return ChatTemplate(source, specials.get("bos_token", ""), specials.get("eos_token", ""))

@@ -66,7 +66,7 @@ class HFTokenizer:
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.fingerprint = _file_fingerprint(path)
         vocab = self._tok.get_vocab(with_added_tokens=True)
-        configured = _configured_specials(os.path.join(os.path.dirname(path), "tokenizer_config.json"))
+        configured = configured_specials(os.path.join(os.path.dirname(path), "tokenizer_config.json"))
         self.bos_id = _special_id(vocab, configured.get("bos_token"), _BOS_NAMES)
         self.eos_id = _special_id(vocab, configured.get("eos_token"), _EOS_NAMES)
         pad = _special_id(vocab, configured.get("pad_token"), _PAD_NAMES)
@@ -311,7 +311,8 @@ def _file_fingerprint(path: str) -> str:
     return h.hexdigest()
 
 
-def _configured_specials(config_path: str) -> dict[str, str]:
+def configured_specials(config_path: str) -> dict[str, str]:
+    """The bos/eos/pad token strings a tokenizer_config.json names ({} when there is no such file)."""
     if not os.path.exists(config_path):
         return {}
     try:
