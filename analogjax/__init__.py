@@ -26,9 +26,9 @@ _EXPORTS = {
     "Model": ("analogjax.models.model", "Model"),
     "make_mesh": ("analogjax.mesh", "make_mesh"),
     "hf": ("analogjax.hf", None),
-    "losses": ("analogjax.losses", None),
+    "losses": ("analogjax.objective.divergences", None),
     "fidelity": ("analogjax.fidelity", None),
-    "generate": ("analogjax.sampling", "generate"),
+    "generate": ("analogjax.models.sampling", "generate"),
 }
 
 __all__ = sorted(_EXPORTS)

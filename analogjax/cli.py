@@ -64,7 +64,7 @@ def skip_absent_tpu(environ=os.environ) -> None:
     compile-check still finds libtpu for its compile-only TPU devices."""
     if "JAX_PLATFORMS" in environ or importlib.util.find_spec("libtpu") is None:
         return
-    from analogjax.distributed import detected_platform
+    from analogjax.runtime.distributed import detected_platform
 
     tpu_hints = ("TPU_ACCELERATOR_TYPE", "TPU_NAME", "COLAB_TPU_ADDR", "TPU_WORKER_HOSTNAMES")
     if (

@@ -34,8 +34,8 @@ import jax.numpy as jnp
 from analogjax import mesh as mesh_lib
 from analogjax.config import Config
 from analogjax.errors import UserError
-from analogjax.flops import distill_flops_per_step, forward_flops_per_token
-from analogjax.sampling import Sampling, sample
+from analogjax.models.sampling import Sampling, sample
+from analogjax.runtime.flops import distill_flops_per_step, forward_flops_per_token
 
 SALT = 0x0F_0011C7  # keeps the sampling stream apart from any other use of TrainState.rng
 

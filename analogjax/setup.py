@@ -21,10 +21,10 @@ from analogjax import on_policy
 from analogjax.config import Config
 from analogjax.data import heldout_batches
 from analogjax.errors import UserError
-from analogjax.hidden_matching import init_projections, projection_logical_axes
-from analogjax.metrics_log import means
 from analogjax.models.transformer import Transformer
 from analogjax.objective import check_distill, needs_layers, needs_teacher
+from analogjax.objective.hidden import init_projections, projection_logical_axes
+from analogjax.runtime.metrics_log import means
 from analogjax.step import TrainState, make_distill_step, make_eval_step, make_optimizer
 from analogjax.teacher import Teacher, load_teacher
 

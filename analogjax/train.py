@@ -18,14 +18,14 @@ from analogjax import checkpoint as ckpt_lib
 from analogjax.config import Config, differences, run_identity, to_dict, to_yaml
 from analogjax.data import make_batch_iterator, to_global_batch
 from analogjax.errors import UserError
-from analogjax.flops import distill_flops_per_step, peak_flops_per_second
-from analogjax.metrics_log import MetricsLog, Progress, means
-from analogjax.preemption import PreemptionWatcher
+from analogjax.run_dir import RUN_FILE
+from analogjax.runtime.flops import distill_flops_per_step, peak_flops_per_second
+from analogjax.runtime.metrics_log import MetricsLog, Progress, means
+from analogjax.runtime.preemption import PreemptionWatcher
 from analogjax.setup import Run, build, evaluate, init_state
 from analogjax.step import TrainState
 from analogjax.teacher import Teacher
 
-RUN_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
 
 

@@ -17,8 +17,8 @@ import json
 import sys
 import time
 
-from analogjax.compile_check import compile_plan, parse_topology
 from analogjax.config import load_config
+from analogjax.runtime.compile_check import compile_plan, parse_topology
 
 
 def case(config_path: str, topology: str | None, seq_len: int, kernel: str) -> dict:

@@ -64,7 +64,7 @@ def measure(repeats: int, steps: int, overrides: list[str], layouts: list[str]) 
 
     from analogjax import mesh as mesh_lib
     from analogjax.config import load_config
-    from analogjax.flops import forward_flops_per_token
+    from analogjax.runtime.flops import forward_flops_per_token
     from analogjax.setup import build
     from analogjax.teacher import Teacher
     from analogjax.teacher_cache import (

@@ -61,7 +61,7 @@ def measure(preset: str, batch: int, prompt_len: int, new_tokens: int, repeats: 
     import numpy as np
 
     from analogjax import mesh as mesh_lib
-    from analogjax import sampling
+    from analogjax.models import sampling
     from analogjax.models.config import PRESETS
     from analogjax.models.transformer import Transformer
 

@@ -53,7 +53,7 @@ def run_case(path: str, vocab: int, tokens: int, d_model: int, chunk_size: int, 
     import jax
     import jax.numpy as jnp
 
-    from analogjax.fused_loss import TeacherHead, fused_distill_loss, plain_distill_loss
+    from analogjax.objective.fused import TeacherHead, fused_distill_loss, plain_distill_loss
 
     loss_fn = {"fused": fused_distill_loss, "plain": plain_distill_loss}[path]
     keys = jax.random.split(jax.random.key(0), 6)

@@ -2,7 +2,7 @@
 
 The MoE teacher is bench/step.py's teacher (d_model 512, 8 layers, 8 heads) with 8 routed SwiGLU experts of width
 768, top-2: its active FFN width (2 × 768) equals the dense teacher's 1536, so both steps have the same model FLOPs
-up to the router (analogjax.flops counts active parameters). Prints one JSON line per step kind (bench/step.py's
+up to the router (analogjax.runtime.flops counts active parameters). Prints one JSON line per step kind (bench/step.py's
 fields; MFU on active FLOPs), then one summary line with the ratio of the MoE step's MFU to the dense step's.
 
     python bench/moe.py [--repeats 10] [--set key=value ...]

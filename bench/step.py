@@ -48,7 +48,7 @@ def measure_step(repeats: int = 10, overrides: list[str] | None = None) -> dict:
     import jax
 
     from analogjax.config import load_config
-    from analogjax.flops import distill_flops_per_step, measured_matmul_peak
+    from analogjax.runtime.flops import distill_flops_per_step, measured_matmul_peak
     from analogjax.setup import build
 
     config = load_config(None, BENCH_OVERRIDES + list(overrides or []))

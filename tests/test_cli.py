@@ -12,8 +12,8 @@ import pytest
 
 from analogjax import cli
 from analogjax.config import load_config
-from analogjax.demo import load_demo_config
 from analogjax.errors import UserError
+from analogjax.recipes.demo import load_demo_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from analogjax.compile_check import GIB, Plan, ici_bytes_per_chip, parse_topology
 from analogjax.config import load_config
 from analogjax.errors import UserError
-from analogjax.flops import distill_flops_per_step, param_count
+from analogjax.runtime.compile_check import GIB, Plan, ici_bytes_per_chip, parse_topology
+from analogjax.runtime.flops import distill_flops_per_step, param_count
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 

@@ -96,8 +96,8 @@ def test_context_axis_refusals(overrides, message):
 
 
 def test_compile_check_counts_context_collectives():
-    from analogjax.compile_check import ici_bytes_per_chip
-    from analogjax.flops import param_count
+    from analogjax.runtime.compile_check import ici_bytes_per_chip
+    from analogjax.runtime.flops import param_count
 
     plain = ici_bytes_per_chip(TINY, {"data": 2, "fsdp": 2, "context": 1, "tensor": 1}, with_teacher=True)
     split = ici_bytes_per_chip(TINY, {"data": 2, "fsdp": 2, "context": 2, "tensor": 1}, with_teacher=True)

@@ -12,8 +12,8 @@ import pytest
 from test_cli import analogjax, assert_user_error
 
 from analogjax.config import load_config
-from analogjax.demo import DemoConfig, SelfDemoConfig, load_demo_config
 from analogjax.errors import UserError
+from analogjax.recipes.demo import DemoConfig, SelfDemoConfig, load_demo_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

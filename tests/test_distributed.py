@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 import yaml
 
-from analogjax import distributed
 from analogjax.config import load_config
 from analogjax.errors import UserError
+from analogjax.runtime import distributed
 
 REPO = Path(__file__).resolve().parent.parent
 HEARTBEAT_S = 15
@@ -168,7 +168,7 @@ def _kill_all(procs) -> None:
 def _reference_losses(config, steps: int) -> dict[int, dict[str, float]]:
     """The same run on one process x 8 devices, fed what 2 processes feed: their rows concatenated in order."""
     from analogjax.data import make_batch_iterator
-    from analogjax.metrics_log import means
+    from analogjax.runtime.metrics_log import means
     from analogjax.setup import build
 
     run = build(config)

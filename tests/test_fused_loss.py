@@ -10,7 +10,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from analogjax.errors import UserError
-from analogjax.fused_loss import TeacherHead, chunk_layout, fused_distill_loss, named_kd_terms, plain_distill_loss
+from analogjax.objective.fused import TeacherHead, chunk_layout, fused_distill_loss, named_kd_terms, plain_distill_loss
 
 ALL_TERMS = (
     ("forward_kl", ()),

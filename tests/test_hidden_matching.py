@@ -8,7 +8,7 @@ from flax import linen as nn
 from jax.sharding import AxisType
 
 from analogjax.errors import UserError
-from analogjax.hidden_matching import hidden_loss, init_projections, projection_logical_axes
+from analogjax.objective.hidden import hidden_loss, init_projections, projection_logical_axes
 
 LAYER_MAP = ((1, 3), (2, 5))
 D_STUDENT, D_TEACHER, B, S = 8, 12, 2, 5

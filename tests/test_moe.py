@@ -372,8 +372,8 @@ def test_load_balancing_term_lowers_the_imbalance_it_measures():
 )
 def test_presets_count_total_and_active_parameters(preset, total, active):
     """The public figures of each MoE model; FLOPs per token follow the active count, not the total."""
-    from analogjax.flops import forward_flops_per_token, param_count
     from analogjax.models.config import PRESETS
+    from analogjax.runtime.flops import forward_flops_per_token, param_count
 
     cfg = PRESETS[preset]
     cfg.check("model")

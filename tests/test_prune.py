@@ -1,5 +1,5 @@
-"""Pruning (analogjax/prune.py): identity at the teacher's own shape, planted dead units lost first, slicing equal to
-an independently masked teacher, sharding-invariant importance, a pruned start far closer to the teacher than a
+"""Pruning (analogjax/models/prune.py): identity at the teacher's own shape, planted dead units lost first, slicing
+equal to an independently masked teacher, sharding-invariant importance, a pruned start far closer to the teacher than a
 random one, and the command's refusals."""
 
 import dataclasses
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from analogjax import mesh as mesh_lib
-from analogjax import prune
 from analogjax.data import to_global_batch
+from analogjax.models import prune
 from analogjax.models.config import ModelConfig
 from analogjax.models.transformer import Transformer
 from analogjax.models.transformer import logits as head_logits
@@ -217,7 +217,8 @@ def test_pruned_checkpoint_starts_a_run_far_closer_to_the_teacher_than_random(tm
     random teacher with large weights is chaotic: any cut, even of FFN neurons alone, is then no better than random;
     at init scale the pruned student keeps most of its function.)"""
     from analogjax.checkpoint import Checkpointer
-    from analogjax.release import export_run, run_config
+    from analogjax.release import export_run
+    from analogjax.run_dir import run_config
     from analogjax.setup import build, evaluate
     from analogjax.train import restore_or_init
 

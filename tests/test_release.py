@@ -147,8 +147,8 @@ def test_generate_from_a_run_checkpoint(demo_run, capsys):
     from analogjax import mesh as mesh_lib
     from analogjax.data.tokenize import load_tokenizer, resolve_tokenizer
     from analogjax.models.model import Model
-    from analogjax.release import _load_student
-    from analogjax.sampling import generate
+    from analogjax.models.sampling import generate
+    from analogjax.run_dir import load_student
 
     capsys.readouterr()
     assert (
@@ -167,7 +167,7 @@ def test_generate_from_a_run_checkpoint(demo_run, capsys):
         == 0
     )
     row = json.loads(capsys.readouterr().out.strip())
-    config, _, _, mesh, params = _load_student(demo_run / "analog")
+    config, _, _, mesh, params = load_student(demo_run / "analog")
     tok = load_tokenizer(resolve_tokenizer(config.data))
     ids = ([tok.bos_id] if config.data.add_bos else []) + list(tok.encode("def value"))
     want = generate(
@@ -417,7 +417,7 @@ def test_export_refuses_a_wrong_or_missing_tokenizer_and_publishes_weights_only(
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "w")
     assert model.config.vocab_size == json.loads((run / "run.json").read_text())["config"]["model"]["vocab_size"]
     # The card's snippet for weights alone runs as printed, too.
-    from analogjax.model_card import how_to_load
+    from analogjax.release.model_card import how_to_load
 
     monkeypatch.chdir(tmp_path / "w")
     capsys.readouterr()
@@ -512,10 +512,9 @@ def _fake_report():
 def test_card_says_what_teacher_signal_the_run_used_and_counts_only_teacher_work_done(tmp_path):
     import dataclasses
 
-    from analogjax import model_card
     from analogjax.config import Config, LossTerm, TeacherConfig, fingerprint
-    from analogjax.flops import forward_flops_per_token
-    from analogjax.release import with_release_overrides
+    from analogjax.release import model_card, with_release_overrides
+    from analogjax.runtime.flops import forward_flops_per_token
 
     base = Config(teacher=TeacherConfig(pretraining_flops=1e15))
     tokens = 10 * base.data.global_batch * base.data.seq_len
@@ -566,9 +565,8 @@ def test_disclosure_comes_from_the_artefacts_and_the_release_section_never_from_
 
     import yaml
 
-    from analogjax import model_card
     from analogjax.config import Config, TeacherConfig
-    from analogjax.release import with_release_overrides
+    from analogjax.release import model_card, with_release_overrides
 
     folder = tmp_path / "teacher"
     folder.mkdir()
@@ -611,7 +609,7 @@ def test_disclosure_comes_from_the_artefacts_and_the_release_section_never_from_
 
 
 def test_local_strings_are_found_in_every_file_the_release_writes(tmp_path):
-    from analogjax import model_card
+    from analogjax.release import model_card
 
     (tmp_path / "fidelity").mkdir()
     (tmp_path / "README.md").write_text(f"teacher: {tmp_path}/teacher; Alice wrote it on a buildbox\n")

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from analogjax import mesh as mesh_lib
-from analogjax import sampling
 from analogjax.errors import UserError
+from analogjax.models import sampling
 from analogjax.models.config import FULL, SLIDING, ModelConfig, MoEConfig
 from analogjax.models.model import Model
 from analogjax.models.transformer import Transformer, logits

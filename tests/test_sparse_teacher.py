@@ -10,9 +10,9 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from analogjax import losses
-from analogjax import sparse_teacher as sparse
 from analogjax.errors import UserError
-from analogjax.fused_loss import fused_distill_loss, plain_distill_loss
+from analogjax.objective import sparse
+from analogjax.objective.fused import fused_distill_loss, plain_distill_loss
 
 
 def np_log_softmax(x, temperature=1.0):

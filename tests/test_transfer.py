@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import yaml
 
-from analogjax import cli, concepts, transfer
+from analogjax import cli
 from analogjax.errors import UserError
+from analogjax.fidelity import concepts, transfer
 
 
 def _moments(x, y, w=None, chunks=1):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 def add_job_arguments(parser) -> None:
     """--coordinator / --num-processes / --process-id (each also read from its environment variable)."""
-    from analogjax import distributed
+    from analogjax.runtime import distributed
 
     distributed.add_arguments(parser)
 
@@ -18,6 +18,6 @@ def add_job_arguments(parser) -> None:
 def join_job(args) -> None:
     """Join the multi-host job this process belongs to, if any: before the first JAX computation creates the
     backends. A single process (nothing given, nothing detected) joins nothing."""
-    from analogjax import distributed
+    from analogjax.runtime import distributed
 
     distributed.initialize(distributed.cluster_from(args))

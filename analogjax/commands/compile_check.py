@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import sys
 
-from analogjax.compile_check import compile_plan, parse_topology, report
 from analogjax.errors import UserError
+from analogjax.runtime.compile_check import compile_plan, parse_topology, report
 
 
 def add_arguments(parser) -> None:

@@ -37,7 +37,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     given_by_file, given_by_set, merged = read_layers(args.config, args.overrides)
     if args.demo:
-        from analogjax.demo import DemoConfig
+        from analogjax.recipes.demo import DemoConfig
 
         config = from_dict(DemoConfig, merged)
     else:

@@ -1,11 +1,11 @@
 """`analogjax demo [--teacher smollm2|self] [--config FILE] [--set k=v] [--workdir DIR]`: the whole analog workflow
-on an embedded corpus (analogjax/demo.py), nothing downloaded at run time."""
+on an embedded corpus (analogjax/recipes/demo.py), nothing downloaded at run time."""
 
 from __future__ import annotations
 
 from analogjax.cli import add_config_arguments
 from analogjax.commands import add_job_arguments, join_job
-from analogjax.demo import TEACHERS, WHEEL
+from analogjax.recipes.demo import TEACHERS, WHEEL
 
 
 def add_arguments(parser) -> None:
@@ -24,6 +24,6 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     join_job(args)
-    from analogjax.demo import run_real, run_self
+    from analogjax.recipes.demo import run_real, run_self
 
     return run_self(args) if args.teacher == "self" else run_real(args)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from analogjax import distributed
 from analogjax.cli import add_config_arguments
 from analogjax.commands import add_job_arguments, join_job
 from analogjax.config import load_config
+from analogjax.runtime import distributed
 
 
 def add_arguments(parser) -> None:

@@ -2,7 +2,8 @@
 
 The config names the teacher and the held-out data; the checkpoint (default: the distill command's default workdir,
 runs/<config name>) holds the student. Writes fidelity.json, fidelity.md and PNG plots; unless --no-transfer, the
-transfer checks (analogjax.transfer) are included under `transfer` in fidelity.json and as a section of fidelity.md.
+transfer checks (analogjax.fidelity.transfer) are included under `transfer` in fidelity.json and as a section of
+fidelity.md.
 """
 
 from __future__ import annotations
@@ -33,11 +34,11 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from analogjax.commands.transfer import fidelity_with_transfer
-    from analogjax.concepts import read_user_concepts
     from analogjax.config import load_config
     from analogjax.errors import UserError
-    from analogjax.release import fidelity_of_run, resolve_run
+    from analogjax.fidelity.concepts import read_user_concepts
+    from analogjax.fidelity.measure_run import fidelity_of_run
+    from analogjax.run_dir import resolve_run
 
     config = load_config(args.config, args.overrides)
     checkpoint = args.checkpoint or str(Path("runs") / Path(args.config).stem)
@@ -49,10 +50,9 @@ def run(args) -> int:
     ckpt_dir, workdir = resolve_run(checkpoint)
     join_job(args)
     out = Path(args.out) if args.out else (workdir or ckpt_dir.parent) / "fidelity"
-    if args.no_transfer:
-        report = fidelity_of_run(checkpoint, out, config=config, batches=args.batches)
-    else:
-        report = fidelity_with_transfer(checkpoint, out, config=config, batches=args.batches, user=user)
+    report = fidelity_of_run(
+        checkpoint, out, config=config, batches=args.batches, transfer=not args.no_transfer, user_concepts=user
+    )
     print(
         json.dumps(
             {"out": str(out), **{k: round(v, 5) if isinstance(v, float) else v for k, v in report["overall"].items()}}

@@ -134,12 +134,12 @@ def load(args):
         eos, context = _hf_eos_and_context(path)
         return model, text, sorted(set(eos + text.eos_ids)), context
     from analogjax.config import load_config
-    from analogjax.release import _load_student
+    from analogjax.run_dir import load_student
 
     if args.chat:
         raise UserError("--chat needs a tokenizer with a chat template: use --hf with a Hugging Face folder")
     config = load_config(args.config, []) if args.config else None
-    config, _, _, mesh, params = _load_student(args.checkpoint, config)
+    config, _, _, mesh, params = load_student(args.checkpoint, config)
     model = Model(config.model, params, mesh=mesh, rules=mesh_lib.STUDENT_RULES, tokenizer=config.data.tokenizer)
     text = _RunText(config.data)
     # The student was trained on sequences of data.seq_len tokens: its context.
@@ -147,7 +147,7 @@ def load(args):
 
 
 def run(args) -> int:
-    from analogjax.sampling import Sampling, check_request, generate
+    from analogjax.models.sampling import Sampling, check_request, generate
 
     options = Sampling(args.temperature, args.top_k, args.top_p)
     options.check()  # before loading anything: a bad option costs no model load

@@ -30,7 +30,7 @@ def run(args) -> int:
 
     from analogjax.config import load_config
     from analogjax.errors import UserError
-    from analogjax.prune import DEFAULT_BATCHES, check_target
+    from analogjax.models.prune import DEFAULT_BATCHES, check_target
 
     config = load_config(args.config, args.overrides)
     batches = DEFAULT_BATCHES if args.batches is None else args.batches
@@ -40,7 +40,7 @@ def run(args) -> int:
         raise UserError(f"--out {Path(args.out).absolute()} exists: prune never overwrites; choose a new directory")
     check_target(config.teacher.model, config.model)
     join_job(args)
-    from analogjax.prune import prune_to
+    from analogjax.models.prune import prune_to
 
     summary = prune_to(config, args.out, batches=batches, progress=not args.no_progress)
     print(json.dumps(summary))

@@ -34,7 +34,7 @@ def run(args) -> int:
     if args.concepts and args.no_transfer:
         raise UserError("--concepts is for the transfer checks, which --no-transfer leaves out")
     join_job(args)
-    from analogjax.concepts import read_user_concepts
+    from analogjax.fidelity.concepts import read_user_concepts
     from analogjax.release import write_release
 
     user = read_user_concepts(args.concepts) if args.concepts else ()

@@ -1,5 +1,5 @@
 """`analogjax transfer --config FILE [--checkpoint DIR] [--concepts FILE] [--out DIR]`: do stitching maps, probes
-and steering directions found on the analog hold on its teacher? (analogjax.transfer)
+and steering directions found on the analog hold on its teacher? (analogjax.fidelity.transfer)
 
 The config names the teacher and the held-out data; the checkpoint (default: runs/<config name>) holds the analog.
 Writes transfer.json, transfer.md and PNG plots (default folder: <workdir>/transfer).
@@ -58,9 +58,10 @@ def parse_pairs(text: str, flag: str) -> tuple[tuple[int, int], ...]:
 
 
 def run(args) -> int:
-    from analogjax.concepts import read_user_concepts
     from analogjax.config import load_config
-    from analogjax.release import resolve_run, run_config
+    from analogjax.fidelity.concepts import read_user_concepts
+    from analogjax.fidelity.measure_run import transfer_of_run
+    from analogjax.run_dir import check_same_model, resolve_run, run_config
 
     config = load_config(args.config, args.overrides)
     if args.batches is not None and args.batches <= 0:
@@ -74,19 +75,18 @@ def run(args) -> int:
     ckpt_dir, workdir = resolve_run(checkpoint)
     join_job(args)
     run_cfg, ckpt_dir, workdir, step = run_config(checkpoint)
-    if config.model != run_cfg.model:
-        raise UserError(f"{ckpt_dir} holds a student of another shape than the config's model section")
+    check_same_model(config, run_cfg, ckpt_dir)
     out = Path(args.out) if args.out else (workdir or ckpt_dir.parent) / "transfer"
-    report = measure_run(
+    report = transfer_of_run(
         config,
         ckpt_dir,
         step,
         batches=args.batches,
-        user=user,
+        user_concepts=user,
         pairs=pairs,
         concept_pair=concept_pair[0] if concept_pair else None,
     )
-    from analogjax.transfer import write_report
+    from analogjax.fidelity.transfer import write_report
 
     write_report(report, out)
     print(
@@ -102,49 +102,3 @@ def run(args) -> int:
         )
     )
     return 0
-
-
-def measure_run(config, ckpt_dir, step, *, batches=None, user=(), pairs=None, concept_pair=None) -> dict:
-    """The transfer report of a run's checkpointed analog against the config's (live) teacher."""
-    from analogjax.release import eval_mesh, restore_student
-    from analogjax.teacher import load_teacher
-    from analogjax.transfer import measure
-
-    mesh = eval_mesh(config)
-    params = restore_student(config, ckpt_dir, mesh, step)
-    teacher, teacher_params = load_teacher(config, mesh, live=True)
-    return measure(
-        config,
-        params,
-        teacher,
-        teacher_params,
-        mesh,
-        batches=batches or config.train.eval_batches,
-        user_concepts=user,
-        pairs=pairs,
-        concept_pair=concept_pair,
-    )
-
-
-def fidelity_with_transfer(checkpoint, out, *, config=None, batches=None, user=()) -> dict:
-    """`analogjax eval`'s report with the transfer object under `transfer` (fidelity.json, a section of
-    fidelity.md): the teacher is loaded and the analog restored once for both, and the report written once."""
-    from analogjax.release import _fidelity, _load_student, run_config
-    from analogjax.teacher import live_source_kind, load_teacher
-    from analogjax.transfer import measure
-
-    run_cfg, ckpt_dir, _, _ = run_config(checkpoint)
-    config = config or run_cfg
-    if config.model != run_cfg.model:  # the same refusal, in the same order, as eval without transfer
-        raise UserError(f"{ckpt_dir} holds a student of another shape than the config's model section")
-    if live_source_kind(config) == "random":
-        raise UserError("the run's config names no teacher.checkpoint or teacher.hf_path: nothing to compare with")
-    config, workdir, step, mesh, params = _load_student(checkpoint, config)  # the analog, restored once
-    teacher, teacher_params = load_teacher(config, mesh, live=True)
-    transfer = measure(
-        config, params, teacher, teacher_params, mesh, batches=batches or config.train.eval_batches, user_concepts=user
-    )
-    # One fidelity measurement and one report write, with the transfer object in it.
-    return _fidelity(
-        config, workdir, step, mesh, params, out, batches, teacher, teacher_params, transfer_report=transfer
-    )

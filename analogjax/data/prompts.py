@@ -181,7 +181,7 @@ class ChatTemplate:
 
 def _chat_template(tokenizer_spec: str) -> ChatTemplate | None:
     """The chat template next to a HF tokenizer file (tokenizer_config.json or chat_template.jinja), if any."""
-    from analogjax.tokenizer_files import teacher_chat_template
+    from analogjax.data.tokenizer_files import teacher_chat_template
 
     if not tokenizer_spec.endswith(".json"):
         return None

@@ -39,10 +39,10 @@ import jax
 import ml_dtypes  # noqa: F401  registers bfloat16 with numpy, so safetensors can hand out bf16 slices
 import numpy as np
 
+from analogjax.data.tokenizer_files import byte_tokenizer_json, write_tokenizer  # noqa: F401  (re-exported)
 from analogjax.errors import UserError
 from analogjax.models.config import FULL, SLIDING, ModelConfig, MoEConfig, RopeScaling
 from analogjax.models.model import Model
-from analogjax.tokenizer_files import byte_tokenizer_json, write_tokenizer  # noqa: F401  (re-exported)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

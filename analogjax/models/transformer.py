@@ -502,7 +502,7 @@ class Transformer:
         return lm_head(params, self.cfg)
 
     def decode(self, params, tokens_bs, segment_ids_bs, positions_bs, cache) -> tuple[jax.Array, dict]:
-        """KV-cached forward (prefill or one decode step; analogjax/sampling.py): (final normed hidden states,
+        """KV-cached forward (prefill or one decode step; analogjax/models/sampling.py): (final normed hidden states,
         float32 [b, s, d], the cache with these tokens written at cache["index"]). Logits: `logits(...)`."""
         features, cache = Decoder(self.cfg).apply(params, tokens_bs, segment_ids_bs, positions_bs, cache)
         return features.hidden_bsd, cache

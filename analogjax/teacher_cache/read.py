@@ -9,7 +9,7 @@ import numpy as np
 
 from analogjax.config import Config
 from analogjax.errors import UserError
-from analogjax.sparse_teacher import SampledTeacher, TopKTeacher
+from analogjax.objective.sparse import SampledTeacher, TopKTeacher
 from analogjax.teacher_cache.format import BATCH_KEYS, _Store, check_run, read_provenance, row_hashes
 
 

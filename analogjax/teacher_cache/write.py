@@ -15,7 +15,7 @@ import numpy as np
 from analogjax.config import Config
 from analogjax.errors import UserError
 from analogjax.models.transformer import softcap_logits
-from analogjax.sparse_teacher import sample_teacher_tokens
+from analogjax.objective.sparse import sample_teacher_tokens
 from analogjax.teacher import forward as teacher_forward
 from analogjax.teacher_cache.format import (
     PROVENANCE_FILE,

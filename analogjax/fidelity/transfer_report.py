@@ -1,5 +1,5 @@
-"""The transfer report (analogjax.transfer's object) in words, tables and plots: transfer.json, transfer.md, PNGs,
-and the model card's paragraph."""
+"""The transfer report (analogjax.fidelity.transfer's object) in words, tables and plots: transfer.json,
+transfer.md, PNGs, and the model card's paragraph."""
 
 from __future__ import annotations
 

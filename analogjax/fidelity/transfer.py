@@ -43,9 +43,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from analogjax import concepts as concepts_lib
 from analogjax.errors import UserError
-from analogjax.transfer_report import (  # noqa: F401 (the report's public names, here with the measurement)
+from analogjax.fidelity import concepts as concepts_lib
+from analogjax.fidelity.transfer_report import (  # noqa: F401 (the report's public names, here with the measurement)
     card_paragraph,
     comparison_table,
     markdown_table,
@@ -393,9 +393,9 @@ def _fit(stats, layout, markers, config):
 
 
 def _eval_step(models, layout):
-    from analogjax import losses
     from analogjax import mesh as mesh_lib
     from analogjax.models.transformer import logits as head_logits
+    from analogjax.objective import divergences as losses
 
     student, big = models
     vocab = min(student.cfg.vocab_size, big.cfg.vocab_size)  # a padded vocabulary: the shared real range

@@ -1,5 +1,5 @@
-"""Token-level binary concepts for the transfer checks (analogjax.transfer): where a concept holds in a text, as
-character spans, and from those spans a label per token.
+"""Token-level binary concepts for the transfer checks (analogjax.fidelity.transfer): where a concept holds in a
+text, as character spans, and from those spans a label per token.
 
 Built in, computed from the text alone so they need no labels:
 - Python source, from the standard library's own `tokenize`: `python_string` (inside a string literal, f-strings
@@ -221,7 +221,7 @@ def read_user_concepts(path: str | Path) -> list[UserConcept]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Labelled token rows from held-out documents (what analogjax.transfer measures on)
+# Labelled token rows from held-out documents (what analogjax.fidelity.transfer measures on)
 
 # A long document gives at most this many rows (more only when the held-out documents are too few to fill the rows
 # asked for), so the rows come from many documents and both parts of the split.

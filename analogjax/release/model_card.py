@@ -217,11 +217,11 @@ def _searchable_text(file: Path) -> str | None:
 
 
 def compute_ledger(config, step: int, cache_provenance: dict | None = None) -> dict[str, Any]:
-    """Model FLOPs of the run (analogjax.flops conventions), its teacher cost and their share of the teacher's
+    """Model FLOPs of the run (analogjax.runtime.flops conventions), its teacher cost and their share of the teacher's
     pretraining. The teacher's forward counts only where it ran in training (a live teacher); a cached run's cost is
     the cache's own, computed from its provenance (the steps it covers); a CE-only run has none."""
     from analogjax.config import fingerprint
-    from analogjax.flops import forward_flops_per_token
+    from analogjax.runtime.flops import forward_flops_per_token
     from analogjax.teacher import source_kind
 
     kind = source_kind(config)
@@ -325,7 +325,7 @@ def metadata_block(d: Disclosure) -> str:
 
 def _active(cfg) -> str:
     """An MoE model's per-token (active) parameters beside its total; nothing for a dense model."""
-    from analogjax.flops import param_count
+    from analogjax.runtime.flops import param_count
 
     return f" ({param_count(cfg, active=True):,} active per token)" if cfg.moe.enabled else ""
 
@@ -344,8 +344,8 @@ def model_card(
     `plots`: PNG names under fidelity/; `cache_provenance`: the teacher cache's, for a cached run."""
     from analogjax import fidelity
     from analogjax.config import fingerprint
-    from analogjax.flops import param_count
     from analogjax.models.hf import architecture_for, folder_fingerprint
+    from analogjax.runtime.flops import param_count
     from analogjax.teacher import describe_signal, source_kind
 
     ledger = compute_ledger(config, step, cache_provenance)
@@ -449,7 +449,7 @@ def model_card(
     lines += [f"![{Path(name).stem}](fidelity/{name})" for name in plots]
     lines += ["", "Full numbers: [fidelity/fidelity.json](fidelity/fidelity.json).", ""]
     if report.get("transfer"):
-        from analogjax.transfer_report import card_paragraph, markdown_table
+        from analogjax.fidelity.transfer_report import card_paragraph, markdown_table
 
         lines += [
             "## Do findings on this analog hold on the teacher?",

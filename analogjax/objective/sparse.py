@@ -30,8 +30,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from analogjax import losses
 from analogjax.errors import UserError
+from analogjax.objective import divergences as losses
 
 
 class TopKTeacher(NamedTuple):

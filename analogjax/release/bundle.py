@@ -3,92 +3,18 @@
 `write_release(run_dir, out_dir)` reads the run's resolved config (workdir run.json, else the checkpoint's meta
 item), restores the student, exports it with the run's tokenizer (analogjax.hf.save_params; for data.tokenizer
 "none" the one its prepared shards name), measures it against its teacher on held-out data (analogjax.fidelity)
-and writes README.md (analogjax.model_card) disclosing what the `release` config section chooses and no local path.
+and writes README.md (analogjax.release.model_card) disclosing what the `release` config section chooses and no
+local path.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from analogjax.errors import UserError
-
-RUN_FILE = "run.json"  # written by train._guard_workdir
-CHECKPOINTS = "checkpoints"
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# A finished run on disk
-
-
-def resolve_run(path: str | Path) -> tuple[Path, Path | None]:
-    """(checkpoint directory, workdir or None) for a run's workdir or its checkpoints directory."""
-    path = Path(path).absolute()
-    if not path.is_dir():
-        raise UserError(f"--checkpoint: no such directory {path}")
-    if (path / CHECKPOINTS).is_dir():
-        return path / CHECKPOINTS, path
-    if any(p.name.isdigit() for p in path.iterdir()):
-        parent = path.parent
-        return path, parent if (parent / RUN_FILE).is_file() else None
-    raise UserError(f"--checkpoint: {path} is neither a run's workdir (with {CHECKPOINTS}/) nor a checkpoint directory")
-
-
-def _manager(ckpt_dir: Path):
-    import orbax.checkpoint as ocp
-
-    from analogjax.checkpoint import ITEMS
-
-    return ocp.CheckpointManager(ckpt_dir, item_names=ITEMS, options=ocp.CheckpointManagerOptions(read_only=True))
-
-
-def run_config(path: str | Path):
-    """(Config, checkpoint dir, workdir, step) of a finished run: the config it was trained with, resolved."""
-    import orbax.checkpoint as ocp
-
-    from analogjax.config import Config, from_dict
-
-    ckpt_dir, workdir = resolve_run(path)
-    manager = _manager(ckpt_dir)
-    try:
-        step = manager.latest_step()
-        if step is None:
-            raise UserError(f"no complete checkpoint in {ckpt_dir}")
-        if workdir is not None and (workdir / RUN_FILE).is_file():
-            raw = json.loads((workdir / RUN_FILE).read_text())["config"]
-        else:
-            try:
-                raw = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]["config"]
-            except (KeyError, FileNotFoundError, ValueError):
-                raise UserError(f"{ckpt_dir}: checkpoint {step} has no meta item with the run's config") from None
-    finally:
-        manager.close()
-    return from_dict(Config, raw), ckpt_dir, workdir, step
-
-
-def restore_student(config, ckpt_dir: Path, mesh, step: int | None = None):
-    """The student's model params of a checkpoint, restored sharded under the student rules."""
-    from analogjax import mesh as mesh_lib
-    from analogjax.checkpoint import restore_params
-    from analogjax.models.transformer import Transformer
-
-    abstract = mesh_lib.abstract_sharded(Transformer(config.model).init_boxed, mesh, mesh_lib.STUDENT_RULES)
-    return restore_params(ckpt_dir, abstract, step)
-
-
-def eval_mesh(config):
-    """All devices on the batch axes (data = -1), keeping the run's tensor size when it divides the devices."""
-    import jax
-
-    from analogjax import mesh as mesh_lib
-
-    tensor = config.mesh.tensor if jax.device_count() % max(config.mesh.tensor, 1) == 0 else 1
-    mesh = mesh_lib.make_mesh(-1, 1, tensor)
-    mesh_lib.check_batch(config.data.global_batch, mesh)
-    return mesh
+from analogjax.run_dir import load_student, run_config
 
 
 def export_run(
@@ -106,26 +32,8 @@ def export_run(
     hf.check_out_dir(out_dir, force)
     config = run_config(path)[0]
     spec = bundle_tokenizer(config, tokenizer=tokenizer, weights_only=weights_only)  # refused before any work
-    config, _, _, _, params = _load_student(path)
-    return _export(config, params, out_dir, force, dtype, spec)
-
-
-def fidelity_of_run(
-    path: str | Path, out_dir: str | Path, *, config=None, batches: int | None = None, teacher=None, teacher_params=None
-) -> dict[str, Any]:
-    """`analogjax eval`: measure a run's student against its teacher; writes fidelity.json/.md and plots."""
-    return _fidelity(*_load_student(path, config), out_dir, batches, teacher, teacher_params)
-
-
-def _load_student(path: str | Path, config=None):
-    """(config, workdir, step, mesh, params): the run's student restored onto an evaluation mesh. `config`
-    replaces the run's own (e.g. another data section) but must describe the same model."""
-    run_cfg, ckpt_dir, workdir, step = run_config(path)
-    config = config or run_cfg
-    if config.model != run_cfg.model:
-        raise UserError(f"{ckpt_dir} holds a student of another shape than the config's model section")
-    mesh = eval_mesh(config)
-    return config, workdir, step, mesh, restore_student(config, ckpt_dir, mesh, step)
+    student = load_student(path)
+    return export_params(student.config, student.params, out_dir, force, dtype, spec)
 
 
 def bundle_tokenizer(config, *, tokenizer: str | None = None, weights_only: bool = False) -> str | None:
@@ -157,18 +65,18 @@ def bundle_tokenizer(config, *, tokenizer: str | None = None, weights_only: bool
     return spec
 
 
-def _export(config, params, out_dir, force: bool, dtype: str, tokenizer: str | None) -> Path:
+def export_params(config, params, out_dir, force: bool, dtype: str, tokenizer: str | None) -> Path:
     """The HF folder; a chat teacher's template goes with the tokenizer when the analog's tokenizer is the teacher's
     (the template spells the teacher's special tokens), so the analog formats chats as its teacher does."""
     import jax
 
     from analogjax.data.tokenize import load_tokenizer
-    from analogjax.models import hf
-    from analogjax.tokenizer_files import (
+    from analogjax.data.tokenizer_files import (
         TOKENIZER_FILE,
         add_chat_template,
         teacher_chat_template,
     )
+    from analogjax.models import hf
 
     out = hf.save_params(
         params, config.model, out_dir, tokenizer=tokenizer, force=force, dtype=dtype, max_positions=config.data.seq_len
@@ -189,49 +97,6 @@ def _export(config, params, out_dir, force: bool, dtype: str, tokenizer: str | N
         return out
     add_chat_template(Path(out), template)
     return out
-
-
-def _fidelity(
-    config,
-    workdir,
-    step,
-    mesh,
-    params,
-    out_dir,
-    batches,
-    teacher,
-    teacher_params,
-    source_names: dict[str, str] | None = None,
-    transfer_report: dict | None = None,
-) -> dict[str, Any]:
-    """Measure and write the fidelity report; `source_names` renames its per-source columns (a release publishes
-    the names the lab chose, not those derived from paths)."""
-    from analogjax import fidelity
-
-    if teacher is None:
-        teacher, teacher_params = _teacher_for_fidelity(config, mesh)
-    report = fidelity.measure(config, params, teacher, teacher_params, mesh, batches or config.train.eval_batches)
-    report["step"] = step
-    if source_names:
-        report["by_source"] = {source_names[name]: v for name, v in report["by_source"].items()}
-    if transfer_report is not None:
-        report["transfer"] = transfer_report
-    metrics = workdir / "metrics.jsonl" if workdir is not None else None
-    fidelity.write_report(report, out_dir, metrics_jsonl=metrics)
-    return report
-
-
-def _teacher_for_fidelity(config, mesh):
-    """Fidelity always compares against the live teacher, whatever the run distilled from (even a cache or
-    nothing, for a CE-only baseline)."""
-    from analogjax.teacher import live_source_kind, load_teacher
-
-    if live_source_kind(config) == "random":
-        raise UserError(
-            "the run's config names no teacher.checkpoint, teacher.hf_path or teacher.gguf_path: nothing "
-            "to compare with"
-        )
-    return load_teacher(config, mesh, live=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -258,46 +123,38 @@ def write_release(
 
     `release_overrides`: "key=value" settings of the `release` config section over the run's own (e.g.
     "teacher_name=org/model"). Refuses a bundle in which a local path, host or user name appears, unless the
-    section's allow_local_paths says the lab wants them. The transfer checks (analogjax.transfer) go into the
+    section's allow_local_paths says the lab wants them. The transfer checks (analogjax.fidelity.transfer) go into the
     fidelity report and the card unless `transfer` is false; `transfer_report` passes one already measured."""
     import getpass
     import socket
 
     import jax
 
-    from analogjax import model_card
     from analogjax.data.tokenize import load_tokenizer
+    from analogjax.fidelity.measure_run import live_teacher, measure_fidelity, measure_transfer
     from analogjax.models import hf
+    from analogjax.release import model_card
 
     out = hf.check_out_dir(out_dir, force)
     run_cfg = with_release_overrides(run_config(run_dir)[0], release_overrides)
     disclosed = model_card.disclosure(run_cfg)  # a bad release section is refused before any work
     spec = bundle_tokenizer(run_cfg, tokenizer=tokenizer, weights_only=weights_only)
-    student = _load_student(run_dir, run_cfg)  # restored once, for the export and the fidelity report both
-    config, workdir, step, _, params = student
-    _export(config, params, out, force, dtype, spec)
-    mesh = student[3]
+    student = load_student(run_dir, run_cfg)  # restored once, for the export and the fidelity report both
+    config, workdir, step = student.config, student.workdir, student.step
+    export_params(config, student.params, out, force, dtype, spec)
     if teacher is None:  # loaded once for fidelity and transfer
-        teacher, teacher_params = _teacher_for_fidelity(config, mesh)
+        teacher, teacher_params = live_teacher(config, student.mesh)
     if transfer and transfer_report is None:
-        from analogjax.transfer import measure
-
-        transfer_report = measure(
-            config,
-            params,
-            teacher,
-            teacher_params,
-            mesh,
-            batches=batches or config.train.eval_batches,
-            user_concepts=user_concepts,
+        transfer_report = measure_transfer(
+            student, teacher, teacher_params, batches=batches, user_concepts=user_concepts
         )
-    report = _fidelity(
-        *student,
+    report = measure_fidelity(
+        student,
         out / "fidelity",
-        batches,
-        teacher,
-        teacher_params,
-        None if disclosed.local_paths else model_card.public_source_names(config.data),
+        batches=batches,
+        teacher=teacher,
+        teacher_params=teacher_params,
+        source_names=None if disclosed.local_paths else model_card.public_source_names(config.data),
         transfer_report=transfer_report if transfer else None,
     )
     if jax.process_index() != 0:
@@ -309,7 +166,7 @@ def write_release(
         sorted(p.name for p in (out / "fidelity").glob("*.png")),
         disclosed=disclosed,
         tokenizer=load_tokenizer(spec) if spec else None,
-        cache_provenance=_cache_provenance(config),
+        cache_provenance=cache_provenance(config),
     )
     (out / "README.md").write_text(card)
     if not disclosed.local_paths:
@@ -343,7 +200,7 @@ def with_release_overrides(config, overrides: Sequence[str]):
     return dataclasses.replace(config, release=from_dict(ReleaseConfig, raw, "release"))
 
 
-def _cache_provenance(config) -> dict | None:
+def cache_provenance(config) -> dict | None:
     """A cached run's teacher cache provenance (what the card's signal and compute lines need), if still on disk."""
     if not config.teacher.cache:
         return None

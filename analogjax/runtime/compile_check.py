@@ -6,8 +6,9 @@ no TPU is needed, nothing is allocated. The mesh is built from the topology's de
 as a run on that pod builds it from `jax.devices()`.
 
 Reported per chip: XLA's memory plan (arguments, temporaries, outputs, the donated state aliased in place) against
-the chip's HBM; FLOPs per step from XLA's cost analysis next to analogjax.flops' model count; a roofline estimate of
-the step time (the slower of compute and HBM traffic, collectives assumed overlapped) and the MFU it implies.
+the chip's HBM; FLOPs per step from XLA's cost analysis next to analogjax.runtime.flops' model count; a roofline
+estimate of the step time (the slower of compute and HBM traffic, collectives assumed overlapped) and the MFU it
+implies.
 The last line printed is one JSON object (the record benchmarks and tests read).
 """
 
@@ -144,7 +145,7 @@ class Plan:
     code_bytes: int
     xla_flops_per_chip: float  # XLA cost analysis of the per-chip program
     xla_bytes_accessed_per_chip: float
-    model_flops_per_step: float  # analogjax.flops: 3x student forward + teacher forward, all chips, no remat
+    model_flops_per_step: float  # analogjax.runtime.flops: 3x student forward + teacher forward, all chips, no remat
     recompute_flops_per_step: float  # the student's forward again in the backward pass when remat is on
     ici_bytes_per_chip: float  # weight all-gathers and gradient reductions one chip receives per step
     tokens_per_step: int
@@ -216,9 +217,9 @@ def compile_plan(config, topology: Topology) -> Plan:
 
     from analogjax import mesh as mesh_lib
     from analogjax.data.batch import abstract_batch
-    from analogjax.flops import distill_flops_per_step, forward_flops_per_token
     from analogjax.models.transformer import Transformer
     from analogjax.objective import check_distill, needs_teacher
+    from analogjax.runtime.flops import distill_flops_per_step, forward_flops_per_token
     from analogjax.setup import abstract_state, build_mesh, check_vocab, jit_distill_step
     from analogjax.step import make_optimizer
     from analogjax.teacher import model_teacher
@@ -297,7 +298,7 @@ def ici_bytes_per_chip(config, mesh_shape: dict[str, int], *, with_teacher: bool
     outputs: per chip (fsdp-1) x its tokens x d_model each way, once for the teacher's forward and three times for
     the student's (forward, remat recompute, and the backward's transposes).
     """
-    from analogjax.flops import param_count
+    from analogjax.runtime.flops import param_count
 
     data, fsdp, tensor = mesh_shape["data"], mesh_shape["fsdp"], mesh_shape["tensor"]
     context = mesh_shape.get("context", 1)
@@ -356,7 +357,7 @@ def report(plan: Plan) -> list[str]:
         f"  total        {gib(plan.bytes_per_chip)}   of {gib(gen.hbm_bytes).strip()} HBM: "
         + ("fits" if plan.fits else "DOES NOT FIT"),
         "FLOPs per step",
-        f"  model count (analogjax.flops: 3x student fwd + teacher fwd, no remat)  {plan.model_flops_per_step:.3e}",
+        f"  model count (runtime.flops: 3x student fwd + teacher fwd, no remat)  {plan.model_flops_per_step:.3e}",
         f"  XLA cost analysis x chips (may count a scanned layer body once)        {rec['xla_flops_per_step']:.3e}",
         "roofline per chip (each resource at its peak; the slowest bounds the step)",
         *(f"  {name:<8} {seconds * 1e3:10.1f} ms" for name, seconds in plan.seconds.items()),

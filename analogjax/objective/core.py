@@ -15,12 +15,12 @@ import jax.numpy as jnp
 
 from analogjax.config import DistillConfig, LossTerm
 from analogjax.errors import UserError, check_choice
-from analogjax.fused_loss import TeacherHead, fused_distill_loss, plain_distill_loss
-from analogjax.hidden_matching import hidden_loss
-from analogjax.losses import DIVERGENCES
 from analogjax.mesh import BATCH_AXES
 from analogjax.models import moe as moe_lib
-from analogjax.sparse_teacher import SampledTeacher, TopKTeacher
+from analogjax.objective.divergences import DIVERGENCES
+from analogjax.objective.fused import TeacherHead, fused_distill_loss, plain_distill_loss
+from analogjax.objective.hidden import hidden_loss
+from analogjax.objective.sparse import SampledTeacher, TopKTeacher
 
 HIDDEN_KINDS = {"hidden_mse": "mse", "hidden_cosine": "cosine"}
 SCHEDULES = ("constant", "linear", "cosine")

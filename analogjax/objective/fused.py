@@ -46,9 +46,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from analogjax import losses
 from analogjax.errors import UserError
-from analogjax.sparse_teacher import SampledTeacher, TopKTeacher, resolve_sparse_term
+from analogjax.objective import divergences as losses
+from analogjax.objective.sparse import SampledTeacher, TopKTeacher, resolve_sparse_term
 
 
 class TeacherHead(NamedTuple):

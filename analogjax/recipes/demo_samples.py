@@ -64,7 +64,7 @@ def continuations(
 ) -> dict[str, Any]:
     """Greedy continuations by every model (name → Model) and the teacher's log-prob of each model's own text.
     models["teacher"] scores them all."""
-    from analogjax.sampling import generate
+    from analogjax.models.sampling import generate
 
     out: dict[str, Any] = {"prompts": [tokenizer.decode(p) for p in prompts], "models": {}}
     for name, model in models.items():

@@ -1,6 +1,6 @@
 """How faithful an analog is to its teacher, measured on held-out documents.
 
-Output level (T = 1, per data source): forward and reverse KL and JSD (from analogjax.losses), top-1 agreement,
+Output level (T = 1, per data source): forward and reverse KL and JSD (analogjax.losses), top-1 agreement,
 top-5 overlap, both perplexities and their gap, and the expected calibration error of both models (15 equal-width
 bins of top-1 confidence against next-token correctness, as in Stanton et al. 2021 / Guo et al. 2017).
 Representation level: linear CKA (Kornblith et al. 2019) of the residual streams of matched layer pairs.
@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from analogjax import losses
 from analogjax.errors import UserError
+from analogjax.objective import divergences as losses
 
 N_BINS = 15
 TOP_K = 5
@@ -332,8 +332,8 @@ def write_report(
         lines += ["## Linear CKA of matched layers", "", "| analog layer | teacher layer | CKA |", "|---:|---:|---:|"]
         lines += [f"| {c['student_layer']} | {c['teacher_layer']} | {c['cka']:.4f} |" for c in report["cka"]]
         lines.append("")
-    if report.get("transfer"):  # analogjax.transfer's object, when the caller measured it
-        from analogjax import transfer_report
+    if report.get("transfer"):  # analogjax.fidelity.transfer's object, when the caller measured it
+        from analogjax.fidelity import transfer_report
 
         written.update(transfer_report.plot(report["transfer"], out))
         lines += [
