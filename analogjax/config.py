@@ -51,7 +51,7 @@ class TeacherConfig:
 
             shape = dataclasses.asdict(model_config_from_gguf(raw["gguf_path"]))
         elif raw.get("hf_path"):
-            from analogjax.models.hf import model_config_from_hf
+            from analogjax.models.hf.convert import model_config_from_hf
 
             shape = dataclasses.asdict(model_config_from_hf(raw["hf_path"]))
         else:

@@ -1,7 +1,7 @@
 """Hugging Face interop, public names: `analogjax.hf.load(path)(tokens) -> logits`, `save(model, out_dir)`
 (`save(load(path), out)` round-trips; a run's `result["student"]` saves the same way), `save_params`, `load_params`.
 
-The implementation lives in analogjax/models/hf.py; this module only re-exports it under a short name.
+The implementation lives in the package analogjax/models/hf/; this module only re-exports it under a short name.
 """
 
 from analogjax.models.hf import (  # noqa: F401

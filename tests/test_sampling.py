@@ -298,7 +298,7 @@ def test_greedy_equals_transformers_generate(kind, tmp_path):
 @pytest.mark.parametrize("kind", list(MOE_HF_CASES))
 def test_moe_greedy_equals_transformers_generate_in_the_api_and_the_cli(kind, tmp_path, capsys):
     from analogjax import hf
-    from analogjax.models.hf import write_tokenizer
+    from analogjax.data.tokenizer_files import write_tokenizer
 
     reference = _hf_model(kind, tmp_path)
     write_tokenizer("bytes", tmp_path, 24)  # token i < 256 is byte i: the CLI's prompts are these very tokens
@@ -325,7 +325,7 @@ def test_cli_generates_json_and_refuses_bad_options(tmp_path, capsys):
     from analogjax import hf
 
     _hf_model("llama", tmp_path)
-    from analogjax.models.hf import write_tokenizer
+    from analogjax.data.tokenizer_files import write_tokenizer
 
     write_tokenizer("bytes", tmp_path, 24)
     rc, out, err = _cli(

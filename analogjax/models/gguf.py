@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from analogjax.errors import UserError
-from analogjax.models import hf
 from analogjax.models.config import ModelConfig
+from analogjax.models.hf.read import HFModel, params_from_tensors
 
 ARCHITECTURES = ("llama",)
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
@@ -198,7 +198,7 @@ def model_config_from_gguf(path: str | Path, gguf_file: GGUFFile | None = None) 
         n_layers=int(f.require(prefix + "block_count")),
         n_heads=heads,
         n_kv_heads=int(f.get(prefix + "attention.head_count_kv", heads)),
-        head_dim=0 if head_dim * heads == d_model else head_dim,  # "d_model // n_heads", as hf.py spells it
+        head_dim=0 if head_dim * heads == d_model else head_dim,  # "d_model // n_heads", as models/hf/ spells it
         d_ff=int(f.require(prefix + "feed_forward_length")),
         rope_theta=float(f.get(prefix + "rope.freq_base", 10000.0)),
         norm_eps=float(f.get(prefix + "attention.layer_norm_rms_epsilon", 1e-5)),
@@ -272,10 +272,10 @@ def load_params(path: str | Path, model_cfg: ModelConfig, mesh, rules) -> dict:
                 f"{path}: the GGUF file has {name} {getattr(found, name)}, the model config says "
                 f"{getattr(model_cfg, name)}"
             )
-    return hf.params_from_tensors(_GGUFTensors(f, model_cfg), model_cfg, mesh, rules, f"{path}: GGUF metadata")
+    return params_from_tensors(_GGUFTensors(f, model_cfg), model_cfg, mesh, rules, f"{path}: GGUF metadata")
 
 
-class GGUFModel(hf.HFModel):
+class GGUFModel(HFModel):
     """A GGUF file as a callable: int32 tokens [b, s] → float32 logits [b, s, v]; params live on `mesh`."""
 
     read_config = staticmethod(model_config_from_gguf)

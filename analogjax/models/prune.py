@@ -28,7 +28,7 @@ per-layer attention pattern (Gemma 2/3: sliding/full) picks, by dynamic programm
 subset whose attention kinds are exactly the student's pattern. Query heads keep whole GQA groups: the student's
 KV groups are the teacher's most important groups, each keeping its `n_heads / n_kv_heads` most important query
 heads. Every parameter is cut by its logical axis names (embed/norm: channels, heads, kv_heads, mlp: neurons,
-layers), which covers every family of models/hf.py (Llama, Mistral, Qwen2 biases, Qwen3 and OLMo 2 q/k norms,
+layers), which covers every family of models/hf/ (Llama, Mistral, Qwen2 biases, Qwen3 and OLMo 2 q/k norms,
 Gemma sandwich norms, Phi-3); an axis this module does not know (e.g. MoE experts) is refused. Head dim, vocabulary,
 tokenizer and family stay the teacher's. Gemma's embedding scale sqrt(d_model) changes with width: an untied
 embedding is rescaled by sqrt(d_teacher / d_student) so the kept channels start the residual stream with the

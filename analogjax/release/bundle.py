@@ -27,9 +27,9 @@ def export_run(
     weights_only: bool = False,
 ) -> Path:
     """`analogjax export`: a run's student as a HF folder (weights, config.json, tokenizer files)."""
-    from analogjax.models import hf
+    from analogjax.models.hf.write import check_out_dir
 
-    hf.check_out_dir(out_dir, force)
+    check_out_dir(out_dir, force)
     config = run_config(path)[0]
     spec = bundle_tokenizer(config, tokenizer=tokenizer, weights_only=weights_only)  # refused before any work
     student = load_student(path)
@@ -76,9 +76,9 @@ def export_params(config, params, out_dir, force: bool, dtype: str, tokenizer: s
         add_chat_template,
         teacher_chat_template,
     )
-    from analogjax.models import hf
+    from analogjax.models.hf.write import save_params
 
-    out = hf.save_params(
+    out = save_params(
         params, config.model, out_dir, tokenizer=tokenizer, force=force, dtype=dtype, max_positions=config.data.seq_len
     )
     template = teacher_chat_template(config.teacher.hf_path) if tokenizer else None
@@ -132,10 +132,10 @@ def write_release(
 
     from analogjax.data.tokenize import load_tokenizer
     from analogjax.fidelity.measure_run import live_teacher, measure_fidelity, measure_transfer
-    from analogjax.models import hf
+    from analogjax.models.hf.write import check_out_dir
     from analogjax.release import model_card
 
-    out = hf.check_out_dir(out_dir, force)
+    out = check_out_dir(out_dir, force)
     run_cfg = with_release_overrides(run_config(run_dir)[0], release_overrides)
     disclosed = model_card.disclosure(run_cfg)  # a bad release section is refused before any work
     spec = bundle_tokenizer(run_cfg, tokenizer=tokenizer, weights_only=weights_only)

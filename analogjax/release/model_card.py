@@ -344,7 +344,8 @@ def model_card(
     `plots`: PNG names under fidelity/; `cache_provenance`: the teacher cache's, for a cached run."""
     from analogjax import fidelity
     from analogjax.config import fingerprint
-    from analogjax.models.hf import architecture_for, folder_fingerprint
+    from analogjax.models.hf.convert import architecture_for
+    from analogjax.models.hf.write import folder_fingerprint
     from analogjax.runtime.flops import param_count
     from analogjax.teacher import describe_signal, source_kind
 
