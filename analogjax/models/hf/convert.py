@@ -134,9 +134,10 @@ def _family(hf: dict, where: str) -> tuple[str, Family]:
     if arch in NOT_YET:
         raise UserError(f"{where}: architecture {arch} is not supported yet ({NOT_YET[arch]})")
     model_type = hf.get("model_type")
-    family = (
-        BY_ARCHITECTURE.get(arch) if arch else BY_MODEL_TYPE.get(model_type) if isinstance(model_type, str) else None
-    )
+    if arch:
+        family = BY_ARCHITECTURE.get(arch)
+    else:  # a model_type that is not a string names no family (and is refused below)
+        family = BY_MODEL_TYPE.get(model_type) if isinstance(model_type, str) else None
     if family is None:
         raise UserError(
             f"{where}: unsupported architecture {arch or hf.get('model_type')!r} "
@@ -189,7 +190,7 @@ def config_from_hf_dict(hf: dict, where: str = "config.json") -> ModelConfig:
             reader = family.model_type
             refuse(f"config field {key!r} (not read by analogjax's {reader} reader; refused rather than ignored)")
     if hf.get("attention_bias"):
-        # a family with fixed q/k/v biases has them already: the key can only add o_proj's
+        # (a family whose q/k/v projections always have biases is told only the key's name)
         refuse(
             "attention_bias" if family.qkv_bias == "fixed" else "attention_bias (biases on the attention projections)"
         )

@@ -33,7 +33,7 @@ _ROPE_KEYS = {
 }
 
 
-def _one_from_hf(params: dict, hf: dict, family: Family, refuse: Refuse) -> tuple[float | None, RopeScaling]:
+def _from_dictionary(params: dict, hf: dict, family: Family, refuse: Refuse) -> tuple[float | None, RopeScaling]:
     """(theta or None, scaling) of one RoPE dictionary (transformers' rope_parameters / rope_scaling)."""
     for key in params:
         if key not in _ROPE_KEYS:
@@ -91,14 +91,14 @@ def rope_from_hf(hf: dict, family: Family, refuse: Refuse) -> tuple[Any, RopeSca
             full, local = rope.get("full_attention") or {}, rope.get("sliding_attention") or {}
         else:  # legacy: rope_scaling applies to the global layers, rope_local_base_freq to the local ones
             full, local = rope, {"rope_theta": hf.get("rope_local_base_freq", 10000.0)}
-        theta, scaling = _one_from_hf(full, hf, family, refuse)
+        theta, scaling = _from_dictionary(full, hf, family, refuse)
         theta = theta or hf.get("rope_theta") or 1_000_000.0
-        local_theta_value, local_scaling = _one_from_hf(local, hf, family, refuse)
+        local_theta_value, local_scaling = _from_dictionary(local, hf, family, refuse)
         if local_scaling.kind != "none":
             refuse(f"RoPE scaling {local_scaling.kind!r} on the sliding layers")
         local_theta = float(local_theta_value or hf.get("rope_local_base_freq") or 10000.0)
     else:
-        theta, scaling = _one_from_hf(rope, hf, family, refuse)
+        theta, scaling = _from_dictionary(rope, hf, family, refuse)
         theta = theta or hf.get("rope_theta") or 10000.0
     if float(hf.get("partial_rotary_factor", 1.0) or 1.0) != 1.0:
         refuse(f"partial_rotary_factor {hf['partial_rotary_factor']}")

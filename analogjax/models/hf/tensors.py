@@ -82,6 +82,7 @@ class TensorMap:
 
 
 def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
+    """The table of `cfg`: one row per param, in the spelling of the family it exports as (families.family_of)."""
     v, d, f = cfg.vocab_size, cfg.d_model, cfg.d_ff
     h, k, e = cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
     layer = "model.layers.{i}."
