@@ -210,8 +210,8 @@ def make_fidelity_step(
         with nn.logical_axis_rules(list(student_rules)):
             feats = student.features(params, tokens, seg, pos, collect, applies_final_softcap=True)
             s_logits = head_logits(params, student.cfg, feats.hidden_bsd)  # soft-capped where the model caps
-        t_out = teacher_forward(teacher, teacher_params, batch, collect)
-        t_logits = t_out.logits(teacher.final_softcap)
+        signal = teacher_forward(teacher, teacher_params, batch, collect)
+        t_logits = signal.logits()  # soft-capped as the teacher caps
         # A padded vocabulary (same tokenizer) is compared on the shared real range only.
         s_logits, t_logits = s_logits[..., :shared_vocab], t_logits[..., :shared_vocab].astype(jnp.float32)
         sums = token_sums(
@@ -225,7 +225,7 @@ def make_fidelity_step(
             seq_len=seq_len,
         )
         if collect:
-            sums.update(cka_sums(feats.layers_lbsd, t_out.layers_lbsd, batch["loss_mask"], pairs))
+            sums.update(cka_sums(feats.layers_lbsd, signal.layers, batch["loss_mask"], pairs))
         return sums
 
     return step

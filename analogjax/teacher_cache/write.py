@@ -59,8 +59,9 @@ def make_teacher_outputs(
     base_key = jax.random.key(seed)
 
     def outputs(params, batch, step, row_offset):
-        out = teacher_forward(teacher, params, batch)
-        hidden, head, logits_bsv = out.hidden_bsd, out.head_dv, out.logits_bsv
+        signal = teacher_forward(teacher, params, batch)
+        hidden, head = (signal.rows, signal.head) if signal.kind == "hidden" else (None, None)
+        logits_bsv = signal.rows if signal.kind == "logits" else None
         b, s = batch["tokens"].shape
         c = _seq_chunk(b, s, chunk_tokens)
         step_key = jax.random.fold_in(base_key, step)
