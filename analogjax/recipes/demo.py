@@ -232,7 +232,6 @@ def run_real(args) -> int:
 
     from analogjax.models.gguf import write_tokenizer
     from analogjax.models.prune import prune_to
-    from analogjax.release import write_release
     from analogjax.runtime.flops import param_count
     from analogjax.setup import build
     from analogjax.teacher_cache import CacheLayout, build_cache
@@ -331,19 +330,7 @@ def run_real(args) -> int:
             summary.setdefault(name, {})["teacher_logprob_own_samples"] = got["teacher_logprob"]
         phases.stop()
 
-    phases.start("release", "HF folder, model card and fidelity report")
-    bundle = write_release(
-        workdir / "analog",
-        workdir / "release",
-        force=True,
-        teacher=live.teacher,
-        teacher_params=live.teacher_params,
-        transfer=bool(transfers),
-        transfer_report=transfers.get("analog"),
-    )
-    if samples is not None and jax.process_index() == 0:
-        _add_samples_to_bundle(bundle, samples)
-    phases.stop()
+    bundle = _release_phase(phases, workdir, live, transfers, samples)
     summary["rows"] = rows
     summary["tokens_per_run"] = steps * tokens_per_step
     summary["teacher_cache_tokens_per_s"] = cache["tokens_per_s"]
@@ -454,6 +441,29 @@ def _samples(demo: DemoConfig, live_cfg: Config, live, results: dict, rows: list
     return demo_samples.continuations(models, tokenizer, prompts, demo.sample_new_tokens, eos_ids=eos)
 
 
+def _release_phase(phases: _Phases, workdir: Path, run, transfers: dict, samples: dict | None = None) -> Path:
+    """The deliverable: a Hugging Face folder with a model card and the measured fidelity report against `run`'s
+    live teacher, with the transfer checks and the continuations where the demo made them."""
+    import jax
+
+    from analogjax.release import write_release
+
+    phases.start("release", "HF folder, model card and fidelity report")
+    bundle = write_release(
+        workdir / "analog",
+        workdir / "release",
+        force=True,
+        teacher=run.teacher,
+        teacher_params=run.teacher_params,
+        transfer=bool(transfers),
+        transfer_report=transfers.get("analog"),
+    )
+    if samples is not None and jax.process_index() == 0:
+        _add_samples_to_bundle(bundle, samples)
+    phases.stop()
+    return bundle
+
+
 def _add_samples_to_bundle(bundle: Path, samples: dict) -> None:
     """samples.md beside the card, and the same section at the card's end."""
     text = demo_samples.markdown(samples)
@@ -531,20 +541,7 @@ def run_self(args) -> int:
     phases.stop()
     transfers = _transfer_phase(phases, demo, analog_cfg, analog_run, results, summary)
 
-    # The deliverable: a Hugging Face folder with a model card and the measured fidelity report.
-    from analogjax.release import write_release
-
-    phases.start("release", "HF folder, model card and fidelity report")
-    bundle = write_release(
-        workdir / "analog",
-        workdir / "release",
-        force=True,
-        teacher=analog_run.teacher,
-        teacher_params=analog_run.teacher_params,
-        transfer=bool(transfers),
-        transfer_report=transfers.get("analog"),
-    )
-    phases.stop()
+    bundle = _release_phase(phases, workdir, analog_run, transfers)
     summary["tokens_per_run"] = analog_cfg.train.steps * analog_cfg.data.global_batch * analog_cfg.data.seq_len
     summary["phase_seconds"] = phases.seconds
     summary["wall_seconds"] = phases.total
