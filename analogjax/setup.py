@@ -262,17 +262,16 @@ def evaluate(run: Run, params, batches: int) -> dict[str, float]:
 
 def heldout_metrics(config: Config, eval_fn, params, teacher_params, batch_sharding, batches: int) -> dict[str, float]:
     """Means over `batches` batches of the held-out split (documents never trained on) of a jitted eval step."""
-    total: dict[str, float] = {}
-    for batch in heldout_batches(
+    from analogjax.runtime.batch_sums import sum_over_batches
+
+    heldout = heldout_batches(
         config.data,
         seed=config.train.seed,
         vocab_size=config.model.vocab_size,
         sharding=batch_sharding,
         batches=batches,
-    ):
-        sums = jax.device_get(eval_fn(params, teacher_params, batch))
-        for key, value in sums.items():
-            total[key] = total.get(key, 0.0) + float(value)
+    )
+    total = sum_over_batches(eval_fn, heldout, params, teacher_params)
     if not total:
         raise UserError("the held-out split is empty: raise data.heldout_fraction or add documents")
     return means(total)

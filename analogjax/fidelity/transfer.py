@@ -52,6 +52,7 @@ from analogjax.fidelity.transfer_report import (  # noqa: F401 (the report's pub
     proxy_summary,
     write_report,
 )
+from analogjax.runtime.batch_sums import sum_over_batches
 
 MAP_RIDGE = 1e-3
 PROBE_SHRINKAGE = 0.1
@@ -75,16 +76,6 @@ def moments(x_nd, y_ne, w_n) -> dict[str, jax.Array]:
         "syy": yw.T @ y,
         "sxy": xw.T @ y,
     }
-
-
-def accumulate(total: dict, sums: dict) -> dict:
-    """total += sums, in float64 on the host (nested dicts of arrays)."""
-    for key, value in sums.items():
-        if isinstance(value, dict):
-            total[key] = accumulate(total.get(key, {}), value)
-        else:
-            total[key] = total.get(key, 0.0) + np.asarray(value, np.float64)
-    return total
 
 
 def reversed_moments(m: dict) -> dict:
@@ -306,18 +297,19 @@ def _run(mesh, rows, measured, global_batch, fn, student_params, teacher_params,
         "eval": (real & ~rows.fit[:, None]).astype(np.float32),
         "labels": rows.labels[..., measured],
     }
-    total: dict = {}
-    with jax.set_mesh(mesh):
-        extra = () if fitted is None else (jax.device_put(fitted, mesh_lib.replicated(mesh)),)  # small: replicated
+
+    def batches():
         for start in range(0, len(rows.tokens), global_batch):
             batch = {}
             for key, value in fields.items():
                 chunk = value[start : start + global_batch]
                 fill = np.full((global_batch - len(chunk), *chunk.shape[1:]), -1 if key == "labels" else 0, chunk.dtype)
                 batch[key] = np.concatenate([chunk, fill])[first : first + local]  # a short last batch: empty rows
-            global_batch_arrays = to_global_batch(batch, mesh_lib.batch_sharding(mesh))
-            total = accumulate(total, jax.device_get(fn(student_params, teacher_params, *extra, global_batch_arrays)))
-    return total
+            yield to_global_batch(batch, mesh_lib.batch_sharding(mesh))
+
+    with jax.set_mesh(mesh):
+        extra = () if fitted is None else (jax.device_put(fitted, mesh_lib.replicated(mesh)),)  # small: replicated
+        return sum_over_batches(fn, batches(), student_params, teacher_params, *extra)
 
 
 def _layers(model, rules, params, batch):
