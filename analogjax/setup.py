@@ -25,6 +25,7 @@ from analogjax.errors import UserError
 from analogjax.models.transformer import Transformer
 from analogjax.objective import Objective, check_distill, needs_teacher
 from analogjax.objective.hidden import init_projections, projection_logical_axes
+from analogjax.runtime.batch_sums import sum_over_batches
 from analogjax.runtime.metrics_log import means
 from analogjax.step import TrainState, make_distill_step, make_eval_step, make_optimizer
 from analogjax.teacher import Teacher, load_teacher
@@ -262,8 +263,6 @@ def evaluate(run: Run, params, batches: int) -> dict[str, float]:
 
 def heldout_metrics(config: Config, eval_fn, params, teacher_params, batch_sharding, batches: int) -> dict[str, float]:
     """Means over `batches` batches of the held-out split (documents never trained on) of a jitted eval step."""
-    from analogjax.runtime.batch_sums import sum_over_batches
-
     heldout = heldout_batches(
         config.data,
         seed=config.train.seed,
