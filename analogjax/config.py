@@ -449,7 +449,7 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             except UserError as exc:
                 errors.append(str(exc))
         raise UserError(errors[0])
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):  # a dataclass type (a hint is never an instance)
         return from_dict(hint, value, key)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):

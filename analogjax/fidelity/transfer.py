@@ -198,8 +198,12 @@ def measure(
     if config.data.heldout_fraction <= 0:
         raise UserError("data.heldout_fraction is 0: transfer is measured on held-out documents only")
     ls, lt = config.model.n_layers, config.teacher.model.n_layers
-    pairs = tuple(tuple(int(v) for v in p) for p in pairs) if pairs else default_layer_pairs(ls, lt)
-    concept_pair = tuple(int(v) for v in concept_pair) if concept_pair else pairs[(len(pairs) - 1) // 2]
+    pairs = tuple((int(i), int(j)) for i, j in pairs) if pairs else default_layer_pairs(ls, lt)
+    if concept_pair:
+        ci, cj = concept_pair
+        concept_pair = (int(ci), int(cj))
+    else:
+        concept_pair = pairs[(len(pairs) - 1) // 2]
     for i, j in (*pairs, concept_pair):
         if not (0 <= i < ls and 0 <= j < lt):
             raise UserError(f"layer pair ({i}, {j}) is outside the analog's {ls} and the teacher's {lt} layers")

@@ -324,7 +324,8 @@ def slice_params(params, teacher: ModelConfig, student: ModelConfig, keep: dict[
         return jax.tree_util.tree_map_with_path(cut, p, names)
 
     shapes = jax.eval_shape(cut_all, params)
-    if jax.tree.structure(shapes) != jax.tree.structure(target) or any(
+    # jaxlib ships no stub for its PyTreeDef, which mypy then sees as an unresolved type without a `!=`.
+    if jax.tree.structure(shapes) != jax.tree.structure(target) or any(  # type: ignore[operator]
         a.shape != b.shape for a, b in zip(jax.tree.leaves(shapes), jax.tree.leaves(target))
     ):
         raise UserError("prune: the cut teacher params do not match the student's parameter tree")

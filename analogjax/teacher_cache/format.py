@@ -28,7 +28,7 @@ import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import jax.numpy as jnp
 import numpy as np
@@ -261,11 +261,11 @@ class _Store:
         steps, batch, seq = meta["steps"], meta["global_batch"], meta["seq_len"]
         processes, rows = meta["packing"]["process_count"], meta["packing"]["rows_per_process"]
         mode = dict(create=True, open=True) if create else dict(open=True)
-        self.fields = {}
+        opening = {}  # every field's open starts before any is waited on
         for name, (dtype, per_token) in layout.fields().items():
             spec = _spec(path, name, (steps, batch, seq, *per_token), (1, rows, seq, *per_token), dtype, layout.codec)
-            self.fields[name] = ts.open(spec, **mode)
-        self.fields = {name: future.result() for name, future in self.fields.items()}
+            opening[name] = ts.open(spec, **mode)
+        self.fields = {name: future.result() for name, future in opening.items()}
         self.row_hash = ts.open(_spec(path, "row_hash", (steps, batch), (1, rows), "uint32", "raw"), **mode).result()
         # One file per marker: processes never rewrite each other's chunks.
         self.done = ts.open(_spec(path, "done", (steps, processes), (1, 1), "uint8", "raw"), **mode).result()
@@ -273,13 +273,16 @@ class _Store:
 
     def finished_steps(self) -> np.ndarray:
         """[steps] bool: every process's part of the step is on disk."""
-        return self.done.read().result().astype(bool).all(axis=1)
+        # numpy types all(axis=...) as "a bool or an array"; over axis 1 of a 2-d array it is an array.
+        return cast(np.ndarray, self.done.read().result().astype(bool).all(axis=1))
 
 
 def data_bytes_per_token(path: str | Path) -> float:
     """Bytes on disk of the per-token fields (chunk files, compression included) per cached token."""
     path = Path(path)
     meta = read_provenance(path)
+    if meta is None:
+        raise UserError(f"{path} holds no teacher cache")
     tokens = meta["steps"] * meta["global_batch"] * meta["seq_len"]
     total = sum(
         f.stat().st_size
