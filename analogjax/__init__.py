@@ -27,6 +27,8 @@ _EXPORTS = {
     "make_mesh": ("analogjax.mesh", "make_mesh"),
     "hf": ("analogjax.hf", None),
     "losses": ("analogjax.objective.divergences", None),
+    "Objective": ("analogjax.objective.core", "Objective"),
+    "TeacherSignal": ("analogjax.objective.signal", "TeacherSignal"),
     "fidelity": ("analogjax.fidelity", None),
     "generate": ("analogjax.models.sampling", "generate"),
 }

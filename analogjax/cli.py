@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import Callable
 
 from analogjax.errors import UserError
 
@@ -88,14 +89,21 @@ def quiet_libraries() -> None:
     logging.getLogger("absl").setLevel(logging.ERROR)
     if getattr(threading.excepthook, "quiet_on_user_error", False):  # main() may run many times in one process
         return
-    default_hook = threading.excepthook
+    threading.excepthook = QuietOnUserError(threading.excepthook)
 
-    def hook(args):
+
+class QuietOnUserError:
+    """A thread excepthook that says nothing for a UserError and hands every other exception to the hook it wraps.
+    A class (not a closure) so the marker quiet_libraries looks for is a declared attribute."""
+
+    quiet_on_user_error = True
+
+    def __init__(self, default_hook: Callable[[threading.ExceptHookArgs], object]) -> None:
+        self.default_hook = default_hook
+
+    def __call__(self, args: threading.ExceptHookArgs) -> None:
         if not isinstance(args.exc_value, UserError):
-            default_hook(args)
-
-    hook.quiet_on_user_error = True
-    threading.excepthook = hook
+            self.default_hook(args)
 
 
 def main(argv: list[str] | None = None) -> int:

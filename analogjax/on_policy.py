@@ -142,7 +142,7 @@ class OnPolicy:
         self.prompts = prompts
         tokenizer = self.prompts.tokenizer
         eos = () if tokenizer.eos_id is None else (int(tokenizer.eos_id),)
-        vocab_limit = min(config.model.vocab_size, run.teacher.vocab_size or config.model.vocab_size)
+        vocab_limit = run.on_policy_objective.vocab_size  # the vocabulary student and teacher share (Objective)
         if tokenizer.vocab_size is not None:
             vocab_limit = min(vocab_limit, tokenizer.vocab_size)
         sampling = Sampling(op.temperature, op.top_k, op.top_p)

@@ -1,7 +1,8 @@
-"""The builder: from a config to a mesh, a student, a teacher, a born-sharded state and the jitted steps.
+"""The builder: from a config to a mesh, a student, a teacher, its objective, a born-sharded state and the jitted steps.
 
-What every command that trains, evaluates or compiles imports (train.py is the loop alone). `build(config)` returns a
-`Run`; `jit_distill_step` is the one jit of the distill step, shared by training and compile-check.
+`build(config)` returns a `Run`; it is the one builder: training, evaluation and compile-check (`abstract=True`:
+nothing read or allocated, the teacher's params as sharded shapes) all go through it, so what compile-check compiles
+is the program a run executes. The objective is built here once (`Objective.build`) and handed to the steps.
 """
 
 from __future__ import annotations
@@ -22,14 +23,15 @@ from analogjax.config import Config
 from analogjax.data import heldout_batches
 from analogjax.errors import UserError
 from analogjax.models.transformer import Transformer
-from analogjax.objective import check_distill, needs_layers, needs_teacher
+from analogjax.objective import Objective, check_distill, needs_teacher
 from analogjax.objective.hidden import init_projections, projection_logical_axes
+from analogjax.runtime.batch_sums import sum_over_batches
 from analogjax.runtime.metrics_log import means
 from analogjax.step import TrainState, make_distill_step, make_eval_step, make_optimizer
 from analogjax.teacher import Teacher, load_teacher
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class Run:
     """Everything built for one run; the pieces a library user may also assemble by hand."""
 
@@ -37,18 +39,31 @@ class Run:
     mesh: Any
     student: Transformer
     teacher: Teacher | None
-    teacher_params: Any
+    teacher_params: Any  # sharded arrays (or ShapeDtypeStructs when built abstract)
+    objective: Objective  # what step_fn minimises
     state: TrainState | None  # None when built with init=False: restore_or_init makes or restores it
     step_fn: Any  # jitted distill step
     eval_fn: Any  # jitted eval step
     batch_sharding: Any
     abstract_state: TrainState  # ShapeDtypeStructs with shardings: the init and the restore target
     tx: Any  # the optimizer
-    on_policy_step_fn: Any = None  # jitted distill step with distill.on_policy's terms (on_policy.py feeds it)
+    on_policy_objective: Objective | None = None  # distill.on_policy's terms, on the student's own samples
+    on_policy_step_fn: Any = None  # jitted distill step minimising on_policy_objective (on_policy.py feeds it)
 
     @property
     def state_shardings(self) -> Any:
         return jax.tree.map(lambda a: a.sharding, self.abstract_state)
+
+    @property
+    def trains_projections(self) -> bool:
+        """Whether the state holds hidden-state projections: either objective has hidden-state terms (the on-policy
+        steps share the state)."""
+        return any(o is not None and o.collects_layers for o in (self.objective, self.on_policy_objective))
+
+    def fresh_state(self) -> TrainState:
+        """A freshly initialised state, born sharded (what a run starts from without a checkpoint)."""
+        with jax.set_mesh(self.mesh):
+            return init_state(self.config, self.mesh, self.student, self.tx, self.state_shardings)
 
     def student_model(self, state: TrainState):
         """The student of `state` as a callable `Model` (what `analogjax.hf.save` writes)."""
@@ -83,10 +98,9 @@ def check_mesh(config: Config, mesh) -> None:
     mesh_lib.check_experts(config.teacher.model.moe.experts, mesh, "teacher.model.moe.experts")
 
 
-def _init_student_boxed(config: Config, student: Transformer):
+def _init_student_boxed(config: Config, student: Transformer, with_proj: bool):
     """Boxed (logically named) student params: the model plus, for hidden-state terms, the projections."""
     layer_map = config.distill.layer_map
-    with_proj = needs_layers(config.distill)
 
     def init(rng):
         model_rng, proj_rng = jax.random.split(rng)
@@ -104,9 +118,9 @@ def _init_student_boxed(config: Config, student: Transformer):
     return init
 
 
-def abstract_state(config: Config, mesh, student: Transformer, tx) -> tuple[TrainState, Any]:
+def abstract_state(config: Config, mesh, student: Transformer, tx, with_proj: bool) -> tuple[TrainState, Any]:
     """The sharded abstract train state: the init target and the restore target alike."""
-    init_boxed = _init_student_boxed(config, student)
+    init_boxed = _init_student_boxed(config, student, with_proj)
     abstract_params = mesh_lib.abstract_sharded(init_boxed, mesh, mesh_lib.STUDENT_RULES)
     # Optimizer moments are shaped like the params and take the params' shardings; counters are replicated.
     rep = mesh_lib.replicated(mesh)
@@ -128,8 +142,9 @@ def abstract_state(config: Config, mesh, student: Transformer, tx) -> tuple[Trai
 
 
 def init_state(config: Config, mesh, student: Transformer, tx, shardings) -> TrainState:
-    """A fresh state, born sharded: each device computes only its own shards."""
-    init_boxed = _init_student_boxed(config, student)
+    """A fresh state, born sharded: each device computes only its own shards (`shardings` says whether it holds
+    hidden-state projections)."""
+    init_boxed = _init_student_boxed(config, student, "hidden_proj" in shardings.params)
 
     def init(seed):
         rng = jax.random.key(seed)
@@ -145,11 +160,17 @@ def init_state(config: Config, mesh, student: Transformer, tx, shardings) -> Tra
 
 
 def build(
-    config: Config, teacher: Teacher | None = None, teacher_params: Any = None, mesh=None, init: bool = True
+    config: Config,
+    teacher: Teacher | None = None,
+    teacher_params: Any = None,
+    mesh=None,
+    init: bool = True,
+    abstract: bool = False,
 ) -> Run:
     """Build a run. Pass `teacher` + `teacher_params` to bring your own teacher (else the config's is loaded),
     and `mesh` to use your own (else one is made from the config over all devices). With init=False no state is
-    materialised (a resume then never holds a fresh state beside the restored one)."""
+    materialised (a resume then never holds a fresh state beside the restored one). abstract=True builds the same
+    run from shapes alone (compile-check): the config's teacher is not read, no state is made."""
     check_distill(config.distill)
     if mesh is None:
         mesh = build_mesh(config)
@@ -157,91 +178,82 @@ def build(
         check_mesh(config, mesh)
     student = Transformer(config.model)
     if teacher is None and needs_teacher(config.distill):
-        teacher, teacher_params = load_teacher(config, mesh)
-    if teacher is not None and teacher.vocab_size is not None:
-        check_vocab(config.model.vocab_size, teacher.vocab_size)
-    on_policy.check(config, teacher)
+        teacher, teacher_params = load_teacher(config, mesh, abstract=abstract)
+    objective = Objective.build(config.distill, teacher=teacher, student=config.model, total_steps=config.train.steps)
+    on_policy_objective = None
+    if config.distill.on_policy.enabled:  # the same step on sampled rows, minimising the on-policy terms
+        on_policy.check(config, teacher)
+        on_policy_objective = Objective.build(
+            config.distill, teacher=teacher, student=config.model, total_steps=config.train.steps, on_policy=True
+        )
     tx = make_optimizer(config.optim, config.train.steps)
-    abstract, shardings = abstract_state(config, mesh, student, tx)
+    with_proj = any(o is not None and o.collects_layers for o in (objective, on_policy_objective))
+    abstract_st, shardings = abstract_state(config, mesh, student, tx, with_proj)
     batch_sh = mesh_lib.batch_sharding(mesh)
-    # A bring-your-own teacher's params keep the shardings they were placed with on this mesh; anything else (host
-    # arrays, arrays on one device) is replicated over the mesh.
+    teacher_params = _on_mesh(teacher_params, mesh)
+    teacher_sh = jax.tree.map(lambda a: a.sharding, teacher_params)
+
+    def jit_step(minimised: Objective):
+        # The state is donated: its buffers are reused for the next state, so a step never holds two copies of the
+        # student. The teacher keeps the shardings it was loaded with (its own rules); the batch is data-sharded.
+        step = make_distill_step(
+            student,
+            mesh_lib.STUDENT_RULES,
+            teacher,
+            tx,
+            minimised,
+            config.optim.grad_accum,
+            skip_nonfinite=config.train.nonfinite == "skip",
+        )
+        return jax.jit(
+            step,
+            in_shardings=(shardings, teacher_sh, batch_sh),
+            out_shardings=(shardings, mesh_lib.replicated(mesh)),
+            donate_argnums=(0,),
+        )
+
+    # Held-out batches are not cached: a cached teacher's run measures the student's held-out CE only.
+    eval_teacher = None if teacher is not None and teacher.is_cached else teacher
+    measured = Objective.measurement(teacher=eval_teacher, student=config.model, chunk_size=config.distill.chunk_size)
+    eval_fn = jax.jit(
+        make_eval_step(student, mesh_lib.STUDENT_RULES, eval_teacher, measured),
+        in_shardings=(shardings.params["model"], teacher_sh, batch_sh),
+        out_shardings=mesh_lib.replicated(mesh),
+    )
+    run = Run(
+        config=config,
+        mesh=mesh,
+        student=student,
+        teacher=teacher,
+        teacher_params=teacher_params,
+        objective=objective,
+        state=None,
+        step_fn=jit_step(objective),
+        eval_fn=eval_fn,
+        batch_sharding=batch_sh,
+        abstract_state=abstract_st,
+        tx=tx,
+        on_policy_objective=on_policy_objective,
+        on_policy_step_fn=jit_step(on_policy_objective) if on_policy_objective is not None else None,
+    )
+    if init and not abstract:
+        run = dataclasses.replace(run, state=run.fresh_state())
+    return run
+
+
+def _on_mesh(teacher_params, mesh):
+    """A bring-your-own teacher's params keep the shardings they were placed with on this mesh (as do abstract
+    ones); anything else (host arrays, arrays on one device) is replicated over the mesh."""
     mesh_devices = set(mesh.devices.flat)
 
-    def on_mesh(x):
+    def place(x):
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return x
         if isinstance(x, jax.Array) and x.sharding.device_set == mesh_devices:
             return x
         return jax.device_put(x, mesh_lib.replicated(mesh))
 
-    teacher_params = jax.tree.map(on_mesh, teacher_params)
-    teacher_sh = jax.tree.map(lambda a: a.sharding, teacher_params)
-    step_fn = jit_distill_step(config, student, teacher, tx, shardings, teacher_sh, batch_sh, mesh)
-    on_policy_step_fn = None
-    if config.distill.on_policy.enabled:  # the same step on sampled rows, with the on-policy terms
-        terms = dataclasses.replace(config.distill, terms=config.distill.on_policy.terms)
-        on_policy_config = dataclasses.replace(config, distill=terms)
-        on_policy_step_fn = jit_distill_step(
-            on_policy_config, student, teacher, tx, shardings, teacher_sh, batch_sh, mesh
-        )
-    # Held-out batches are not cached: a cached teacher's run measures the student's held-out CE only.
-    eval_teacher = None if teacher is not None and teacher.is_cached else teacher
-    eval_step = make_eval_step(student, mesh_lib.STUDENT_RULES, eval_teacher, config.distill.chunk_size)
-    eval_fn = jax.jit(
-        eval_step,
-        in_shardings=(shardings.params["model"], teacher_sh, batch_sh),
-        out_shardings=mesh_lib.replicated(mesh),
-    )
-    state = None
-    if init:
-        with jax.set_mesh(mesh):
-            state = init_state(config, mesh, student, tx, shardings)
-    return Run(
-        config,
-        mesh,
-        student,
-        teacher,
-        teacher_params,
-        state,
-        step_fn,
-        eval_fn,
-        batch_sh,
-        abstract,
-        tx,
-        on_policy_step_fn,
-    )
-
-
-def jit_distill_step(config: Config, student, teacher, tx, state_shardings, teacher_shardings, batch_sharding, mesh):
-    """The config's distill step, jitted once with explicit shardings: what training runs and what compile-check
-    compiles. The state is donated: its buffers are reused for the next state, so a step never holds two copies of
-    the student."""
-    step = make_distill_step(
-        student,
-        mesh_lib.STUDENT_RULES,
-        teacher,
-        tx,
-        config.distill,
-        config.train.steps,
-        config.optim.grad_accum,
-        skip_nonfinite=config.train.nonfinite == "skip",
-    )
-    return jax.jit(
-        step,
-        in_shardings=(state_shardings, teacher_shardings, batch_sharding),
-        out_shardings=(state_shardings, mesh_lib.replicated(mesh)),
-        donate_argnums=(0,),
-    )
-
-
-def check_vocab(student_vocab: int, teacher_vocab: int) -> None:
-    """Same tokenizer, padded differently (e.g. 152064 vs 151936) is fine: the shared real range is used.
-    Anything else means different tokenizers, which token-level distillation cannot bridge."""
-    small, large = sorted((student_vocab, teacher_vocab))
-    if small != large and (large % 64 != 0 or large - small >= 1024):
-        raise UserError(
-            f"model.vocab_size ({student_vocab}) and teacher.model.vocab_size ({teacher_vocab}) differ "
-            "by more than padding: teacher and student must share a tokenizer"
-        )
+    return jax.tree.map(place, teacher_params)
 
 
 def evaluate(run: Run, params, batches: int) -> dict[str, float]:
@@ -251,17 +263,14 @@ def evaluate(run: Run, params, batches: int) -> dict[str, float]:
 
 def heldout_metrics(config: Config, eval_fn, params, teacher_params, batch_sharding, batches: int) -> dict[str, float]:
     """Means over `batches` batches of the held-out split (documents never trained on) of a jitted eval step."""
-    total: dict[str, float] = {}
-    for batch in heldout_batches(
+    heldout = heldout_batches(
         config.data,
         seed=config.train.seed,
         vocab_size=config.model.vocab_size,
         sharding=batch_sharding,
         batches=batches,
-    ):
-        sums = jax.device_get(eval_fn(params, teacher_params, batch))
-        for key, value in sums.items():
-            total[key] = total.get(key, 0.0) + float(value)
+    )
+    total = sum_over_batches(eval_fn, heldout, params, teacher_params)
     if not total:
         raise UserError("the held-out split is empty: raise data.heldout_fraction or add documents")
     return means(total)

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from analogjax.config import DistillConfig, LossTerm, OptimConfig
-from analogjax.objective import Outputs, needs_layers, objective, router_terms
+from analogjax.config import OptimConfig
+from analogjax.objective import Objective, StudentOutputs
 from analogjax.teacher import Teacher
 from analogjax.teacher import forward as teacher_forward
 
@@ -45,31 +45,18 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
     return optax.chain(*chain)
 
 
-def _flat(x_bsd: jax.Array) -> jax.Array:
-    return x_bsd.reshape(-1, x_bsd.shape[-1])
-
-
 def forward_outputs(student, student_rules, teacher: Teacher | None, params, teacher_params, batch, collect_layers):
-    """Student (differentiable) and teacher (constant: teacher.forward stops its gradient) outputs for one
-    (micro)batch, tokens flattened as the objective takes them."""
+    """The student's outputs (differentiable, tokens flattened) and the teacher's signal (constant: teacher.forward
+    stops its gradient) for one (micro)batch."""
     tokens, seg, pos = batch["tokens"], batch["segment_ids"], batch["positions"]
     with nn.logical_axis_rules(list(student_rules)):
-        # The objective applies the student's final soft-cap to the logits it builds (softcaps_of below).
+        # The objective applies the student's final soft-cap to the logits it builds (Objective.student_softcap).
         feats = student.features(params["model"], tokens, seg, pos, collect_layers, applies_final_softcap=True)
-        s_out = Outputs(_flat(feats.hidden_bsd), student.head(params["model"]), None, feats.layers_lbsd, feats.router)
+        hidden_nd = feats.hidden_bsd.reshape(-1, feats.hidden_bsd.shape[-1])
+        s_out = StudentOutputs(hidden_nd, student.head(params["model"]), feats.layers_lbsd, feats.router)
     if teacher is None:
         return s_out, None
-    t = teacher_forward(teacher, teacher_params, batch, collect_layers)
-    if teacher.is_cached:
-        return s_out, t
-    if t.hidden_bsd is not None:
-        return s_out, Outputs(_flat(t.hidden_bsd), t.head_dv, None, t.layers_lbsd)
-    return s_out, Outputs(None, None, _flat(t.logits_bsv), None)
-
-
-def softcaps_of(student, teacher: Teacher | None) -> tuple[float, float]:
-    """(student, teacher) final logit soft-caps for the objective (0 = none)."""
-    return student.cfg.final_softcap, teacher.final_softcap if teacher is not None else 0.0
+    return s_out, teacher_forward(teacher, teacher_params, batch, collect_layers)
 
 
 def make_distill_step(
@@ -77,40 +64,22 @@ def make_distill_step(
     student_rules,
     teacher: Teacher | None,
     tx: optax.GradientTransformation,
-    distill: DistillConfig,
-    total_steps: int,
+    objective: Objective,
     grad_accum: int = 1,
     skip_nonfinite: bool = False,
 ) -> Callable:
-    """Build the pure step. `teacher=None` gives the same step with a CE-only objective (pretraining, baselines).
+    """Build the pure step minimising `objective` (Objective.build). `teacher=None` gives the same step with a
+    CE-only objective (pretraining, baselines).
 
     Metrics carry `nonfinite` (1.0 when this step's loss or gradient norm is inf/NaN). With `skip_nonfinite` such a
     step keeps the previous params and optimizer state (selected inside the step, so no host round trip) and only
     the step counter moves on; otherwise the update is applied and the loop halts on the flag before saving.
     """
-    collect = needs_layers(distill)
-    shared_vocab = min(student.cfg.vocab_size, teacher.vocab_size or student.cfg.vocab_size) if teacher else None
-    softcaps = softcaps_of(student, teacher)
+    collect = objective.collects_layers
 
     def loss_fn(params, teacher_params, batch, step, valid_count):
-        s_out, t_out = forward_outputs(student, student_rules, teacher, params, teacher_params, batch, collect)
-        loss, metrics = objective(
-            distill,
-            total_steps,
-            step,
-            s_out,
-            t_out,
-            batch,
-            valid_count,
-            shared_vocab,
-            params.get("hidden_proj"),
-            softcaps=softcaps,
-        )
-        if s_out.router is not None:  # an MoE student: its router's load-balancing and z-loss terms
-            extra, router_metrics = router_terms(student.cfg.moe, s_out.router, batch, valid_count)
-            loss = loss + extra
-            metrics = dict(metrics, **router_metrics, loss=metrics["loss"] + extra * valid_count)
-        return loss, metrics
+        s_out, signal = forward_outputs(student, student_rules, teacher, params, teacher_params, batch, collect)
+        return objective.loss(step, s_out, signal, batch, valid_count, params.get("hidden_proj"))
 
     grad_fn = jax.grad(loss_fn, has_aux=True)
 
@@ -152,30 +121,14 @@ def make_distill_step(
     return distill_step
 
 
-def make_eval_step(student, student_rules, teacher: Teacher | None, chunk_size: int = 512) -> Callable:
-    """Held-out metrics at T=1 (sums + count): ce, teacher_ce, kl = KL(teacher‖student), agreement."""
-    # Forward KL at T=1 without T² (a measurement, not a training signal); the fused path never holds logits.
-    measure = DistillConfig(
-        terms=(LossTerm("forward_kl", 1.0, t2_scale=False),) if teacher else (LossTerm("ce", 1.0),),
-        temperature=1.0,
-        chunk_size=chunk_size,
-    )
-    shared_vocab = min(student.cfg.vocab_size, teacher.vocab_size or student.cfg.vocab_size) if teacher else None
+def make_eval_step(student, student_rules, teacher: Teacher | None, objective: Objective) -> Callable:
+    """Held-out metrics (sums + count) of `objective` (Objective.measurement: at T=1, KL(teacher‖student), ce,
+    teacher_ce, agreement)."""
 
     def eval_step(params, teacher_params, batch):
-        valid_count = jnp.maximum(batch["loss_mask"].astype(jnp.float32).sum(), 1.0)
-        s_out, t_out = forward_outputs(student, student_rules, teacher, {"model": params}, teacher_params, batch, False)
-        _, sums = objective(
-            measure,
-            1,
-            jnp.int32(0),
-            s_out,
-            t_out,
-            batch,
-            valid_count,
-            shared_vocab,
-            softcaps=softcaps_of(student, teacher),
+        s_out, signal = forward_outputs(
+            student, student_rules, teacher, {"model": params}, teacher_params, batch, False
         )
-        return dict(sums, count=valid_count)
+        return objective.eval_sums(s_out, signal, batch)
 
     return eval_step

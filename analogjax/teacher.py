@@ -1,10 +1,11 @@
 """The teacher room: where a teacher comes from, and the one teacher forward that everyone calls.
 
 A teacher is decided here once (`source_kind`), loaded here (`load_teacher`), and run here (`forward`): the distill
-step, the eval step, fidelity and the teacher-cache writer all call `forward`, which is also the one place its
-outputs are cut out of autodiff. Kinds:
+step, the eval step, fidelity and the teacher-cache writer all call `forward`, which returns the teacher's outputs
+in the one shape the objective reads (objective.TeacherSignal) and is the one place they are cut out of autodiff.
+Kinds:
 - `checkpoint`: an analogjax Orbax checkpoint (its params item), restored sharded under the teacher's own rules;
-- `hf`: a Hugging Face folder, read tensor by tensor onto the mesh (models/hf.py);
+- `hf`: a Hugging Face folder, read tensor by tensor onto the mesh (models/hf);
 - `gguf`: a llama.cpp GGUF file, dequantized tensor by tensor onto the mesh (models/gguf.py);
 - `cache`: a teacher cache (teacher_cache/): its outputs arrive with each batch, nothing of it is in memory;
 - `random`: neither path: a random init from train.seed + 1 (tests and benchmarks only);
@@ -16,14 +17,13 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from analogjax.errors import UserError
-from analogjax.models.transformer import softcap_logits
+from analogjax.objective import TeacherSignal, needs_teacher
 
 # A bring-your-own teacher: (params, tokens, segment_ids, positions) -> float32 logits [b, s, v].
 TeacherLogitsFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
@@ -38,8 +38,10 @@ class Teacher:
     features: Callable[..., tuple[Any, jax.Array]] | None = None  # (params, tok, seg, pos, collect) -> (Features, head)
     rules: tuple = ()  # its logical-axis rules (mesh.TEACHER_RULES for analogjax models)
     vocab_size: int | None = None
-    # A cached teacher (teacher_cache/): batch -> TopKTeacher | SampledTeacher read from arrays in the batch.
+    # A cached teacher (teacher_cache/): batch -> TopKTeacher | SampledTeacher read from arrays in the batch, and
+    # the cache's layout (teacher_cache.CacheLayout: top-k or sampled, k), which also sets the batch's fields.
     from_batch: Callable[[dict], Any] | None = None
+    cache_layout: Any = None
     # The final logit soft-cap its `features` path leaves to the caller (Gemma 2: 30; 0 = none). `logits` teachers
     # return capped logits themselves.
     final_softcap: float = 0.0
@@ -48,27 +50,12 @@ class Teacher:
     def is_cached(self) -> bool:
         return self.from_batch is not None
 
-
-class TeacherOutputs(NamedTuple):
-    """A live teacher's outputs on a [b, s] batch, constant (outside autodiff)."""
-
-    hidden_bsd: jax.Array | None  # final normed hidden states (analogjax models)
-    head_dv: jax.Array | None  # their LM head
-    logits_bsv: jax.Array | None  # a logits-only teacher's logits
-    layers_lbsd: jax.Array | None = None  # per-layer residual streams, when asked for
-
-    def logits(self, softcap: float = 0.0) -> jax.Array:
-        """Float32 [b, s, v] logits (materialised: for eval-sized batches); `softcap` is the teacher's final soft-cap
-        (Teacher.final_softcap), applied to logits built from hidden states."""
-        if self.logits_bsv is not None:
-            return self.logits_bsv.astype(jnp.float32)
-        out = jnp.einsum(
-            "bsd,dv->bsv",
-            self.hidden_bsd,
-            self.head_dv.astype(self.hidden_bsd.dtype),
-            preferred_element_type=jnp.float32,
-        )
-        return softcap_logits(out, softcap)
+    @property
+    def signal_kind(self) -> str:
+        """The kind of TeacherSignal `forward` returns: hidden, logits, topk or sampled."""
+        if self.is_cached:
+            return self.cache_layout.kind if self.cache_layout is not None else "topk"
+        return "hidden" if self.features is not None else "logits"
 
 
 def model_teacher(model, rules) -> Teacher:
@@ -88,21 +75,22 @@ def model_teacher(model, rules) -> Teacher:
     )
 
 
-def forward(teacher: Teacher, params, batch: dict[str, jax.Array], collect_layers: bool = False):
-    """The teacher's outputs for a batch: TeacherOutputs for a live teacher, the sparse teacher (TopKTeacher or
-    SampledTeacher) for a cached one. Never differentiated: the gradient stops here, once, for every caller."""
+def forward(teacher: Teacher, params, batch: dict[str, jax.Array], collect_layers: bool = False) -> TeacherSignal:
+    """The teacher's signal for a batch. Never differentiated: the gradient stops here, once, for every caller."""
     if teacher.from_batch is not None:
-        return jax.tree.map(jax.lax.stop_gradient, teacher.from_batch(batch))
+        return jax.lax.stop_gradient(TeacherSignal.from_rows(teacher.from_batch(batch)))
     tokens, seg, pos = batch["tokens"], batch["segment_ids"], batch["positions"]
     with nn.logical_axis_rules(list(teacher.rules)):
         if teacher.features is not None:
             feats, head = teacher.features(params, tokens, seg, pos, collect_layers)
-            out = TeacherOutputs(feats.hidden_bsd, head, None, feats.layers_lbsd)
+            signal = TeacherSignal.from_hidden(
+                feats.hidden_bsd, head, layers=feats.layers_lbsd, softcap=teacher.final_softcap
+            )
         elif teacher.logits is not None:
-            out = TeacherOutputs(None, None, teacher.logits(params, tokens, seg, pos))
+            signal = TeacherSignal.from_logits(teacher.logits(params, tokens, seg, pos))
         else:
             raise UserError("a Teacher needs `logits`, `features` or `from_batch`")
-    return jax.tree.map(jax.lax.stop_gradient, out)
+    return jax.lax.stop_gradient(signal)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -111,8 +99,6 @@ def forward(teacher: Teacher, params, batch: dict[str, jax.Array], collect_layer
 
 def source_kind(config) -> str:
     """How the config's teacher is given: none (a CE-only objective), cache, hf, gguf, checkpoint or random."""
-    from analogjax.objective import needs_teacher
-
     if not needs_teacher(config.distill):
         return "none"
     return live_source_kind(config) if not config.teacher.cache else "cache"
@@ -129,11 +115,13 @@ def live_source_kind(config) -> str:
     return "random"
 
 
-def load_teacher(config, mesh, *, live: bool = False) -> tuple[Teacher | None, Any]:
+def load_teacher(config, mesh, *, live: bool = False, abstract: bool = False) -> tuple[Teacher | None, Any]:
     """The config's teacher and its params (born sharded under the teacher's own rules).
 
     live=False: what a run of this config distills from (None for a CE-only objective, the cache for a cached
-    teacher). live=True: the teacher model itself whatever the objective (fidelity, writing a cache)."""
+    teacher). live=True: the teacher model itself whatever the objective (fidelity, writing a cache).
+    abstract=True: its params as sharded ShapeDtypeStructs, nothing read or allocated (compile-check; a cache's
+    layout is read, but it is not checked against this process count, which a pod plan's differs from)."""
     from analogjax import mesh as mesh_lib
     from analogjax.models.transformer import Transformer
 
@@ -143,10 +131,15 @@ def load_teacher(config, mesh, *, live: bool = False) -> tuple[Teacher | None, A
     if kind == "cache":  # distill from cached teacher outputs: nothing of the teacher is loaded
         from analogjax.teacher_cache.read import cached_teacher_source
 
-        from_batch, vocab_size = cached_teacher_source(config)
-        return Teacher(from_batch=from_batch, rules=mesh_lib.TEACHER_RULES, vocab_size=vocab_size), None
+        from_batch, vocab_size, layout = cached_teacher_source(config, check=not abstract)
+        cached = Teacher(
+            from_batch=from_batch, rules=mesh_lib.TEACHER_RULES, vocab_size=vocab_size, cache_layout=layout
+        )
+        return cached, None
     model = Transformer(config.teacher.model)
     teacher = model_teacher(model, mesh_lib.TEACHER_RULES)
+    if abstract:
+        return teacher, mesh_lib.abstract_sharded(model.init_boxed, mesh, mesh_lib.TEACHER_RULES)
     if kind == "hf":
         from analogjax.models import hf
 

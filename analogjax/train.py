@@ -22,7 +22,7 @@ from analogjax.run_dir import RUN_FILE
 from analogjax.runtime.flops import distill_flops_per_step, peak_flops_per_second
 from analogjax.runtime.metrics_log import MetricsLog, Progress, means
 from analogjax.runtime.preemption import PreemptionWatcher
-from analogjax.setup import Run, build, evaluate, init_state
+from analogjax.setup import Run, build, evaluate
 from analogjax.step import TrainState
 from analogjax.teacher import Teacher
 
@@ -390,10 +390,7 @@ def restore_or_init(run: Run, checkpointer: ckpt_lib.Checkpointer, data_iter) ->
             str(checkpointer.directory / str(latest)),
         )
         return checkpointer.restore(latest, run.abstract_state, None if "data" in changed else data_iter)
-    state = run.state
-    if state is None:
-        with jax.set_mesh(run.mesh):
-            state = init_state(run.config, run.mesh, run.student, run.tx, run.state_shardings)
+    state = run.state if run.state is not None else run.fresh_state()
     init_path = run.config.checkpoint.init_path
     if init_path:
         params = dict(state.params, model=ckpt_lib.restore_params(init_path, run.abstract_state.params["model"]))

@@ -1,8 +1,8 @@
 """Peak memory and time of distillation loss + gradient: fused (chunked, custom VJP) vs plain (full logits).
 
 Each case runs in its own subprocess so peak RSS belongs to that case alone (os.wait4 gives the child's own rusage).
-The teacher is a TeacherHead (its hidden states and lm_head), as in the distill step, so the plain path materialises
-[tokens, vocab] logits for both models. Objective: forward KL at T = 2 plus 0.5 · CE, float32 on CPU.
+The teacher is a hidden-state TeacherSignal (its hidden states and lm_head), as in the distill step, so the plain
+path materialises [tokens, vocab] logits for both models. Objective: forward KL at T = 2 plus 0.5 · CE, float32 on CPU.
 
 Reported per case (one JSON line each):
   peak_rss_mb      whole-process peak RSS (inputs, compiled program, runtime, the run itself)
@@ -53,13 +53,14 @@ def run_case(path: str, vocab: int, tokens: int, d_model: int, chunk_size: int, 
     import jax
     import jax.numpy as jnp
 
-    from analogjax.objective.fused import TeacherHead, fused_distill_loss, plain_distill_loss
+    from analogjax.objective.fused import fused_distill_loss, plain_distill_loss
+    from analogjax.objective.signal import TeacherSignal
 
     loss_fn = {"fused": fused_distill_loss, "plain": plain_distill_loss}[path]
     keys = jax.random.split(jax.random.key(0), 6)
     hidden = jax.random.normal(keys[0], (tokens, d_model), jnp.float32)
     head = jax.random.normal(keys[1], (d_model, vocab), jnp.float32) * d_model**-0.5
-    teacher = TeacherHead(
+    teacher = TeacherSignal.from_hidden(
         jax.random.normal(keys[2], (tokens, d_model), jnp.float32),
         jax.random.normal(keys[3], (d_model, vocab), jnp.float32) * d_model**-0.5,
     )

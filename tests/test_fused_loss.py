@@ -10,7 +10,8 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from analogjax.errors import UserError
-from analogjax.objective.fused import TeacherHead, chunk_layout, fused_distill_loss, named_kd_terms, plain_distill_loss
+from analogjax.objective.fused import chunk_layout, fused_distill_loss, named_kd_terms, plain_distill_loss
+from analogjax.objective.signal import TeacherSignal
 
 ALL_TERMS = (
     ("forward_kl", ()),
@@ -35,7 +36,9 @@ def make_inputs(n=N, d=D, dt=DT, student_vocab=V, teacher_vocab=V, seed=0, dtype
     keys = jax.random.split(jax.random.key(seed), 6)
     hidden = jax.random.normal(keys[0], (n, d), dtype)
     head = (0.6 * jax.random.normal(keys[1], (d, student_vocab))).astype(dtype)
-    teacher = TeacherHead(jax.random.normal(keys[2], (n, dt)), 0.8 * jax.random.normal(keys[3], (dt, teacher_vocab)))
+    teacher = TeacherSignal.from_hidden(
+        jax.random.normal(keys[2], (n, dt)), 0.8 * jax.random.normal(keys[3], (dt, teacher_vocab))
+    )
     targets = jax.random.randint(keys[4], (n,), 0, min(student_vocab, teacher_vocab) - 8)
     weights = (jax.random.uniform(keys[5], (n,)) > 0.25).astype(jnp.float32) * 1.5
     return hidden, head, teacher, targets, weights
@@ -102,10 +105,12 @@ def test_fused_equals_plain_sharded_for_every_divergence(mesh, form):
     hidden, targets, weights = shard(hidden, P("data", None)), shard(targets, P("data")), shard(weights, P("data"))
     head = shard(head, P(None, "tensor"))
     if form == "teacher_head":
-        teacher = TeacherHead(shard(teacher.hidden, P("data", None)), shard(teacher.head, P(None, "tensor")))
+        teacher = TeacherSignal.from_hidden(
+            shard(teacher.rows, P("data", None)), shard(teacher.head, P(None, "tensor"))
+        )
         vocab_size = None
     else:  # a bring-your-own teacher's logits; also exercise a padded vocabulary (the last 8 columns unused)
-        teacher = shard(teacher.hidden @ teacher.head, P("data", "tensor"))
+        teacher = TeacherSignal.from_logits(shard(teacher.rows @ teacher.head, P("data", "tensor")))
         vocab_size = V - 8
     temperature = jnp.float32(2.0)
     args = (hidden, head, teacher, targets, weights)
@@ -135,7 +140,9 @@ def test_fused_equals_plain_under_fsdp():
     args = (
         shard(hidden, P(batch, None)),
         shard(head, P("fsdp", "tensor")),
-        TeacherHead(shard(teacher.hidden, P(batch, None)), shard(teacher.head, P(("fsdp", "data"), "tensor"))),
+        TeacherSignal.from_hidden(
+            shard(teacher.rows, P(batch, None)), shard(teacher.head, P(("fsdp", "data"), "tensor"))
+        ),
         shard(targets, P(batch)),
         shard(weights, P(batch)),
         jnp.array([1.0, 0.5]),
@@ -157,7 +164,7 @@ def test_padded_vocabularies_equal_the_shared_real_vocabulary():
         hidden, head, teacher, targets, weights = make_inputs(
             n=20, student_vocab=student_vocab, teacher_vocab=teacher_vocab, seed=3
         )
-        cut_teacher = TeacherHead(teacher.hidden, teacher.head[:, :real])
+        cut_teacher = TeacherSignal.from_hidden(teacher.rows, teacher.head[:, :real])
         kd_weights = jnp.linspace(0.5, 1.5, len(terms))
         (reference_loss, reference_metrics), (reference_dh, reference_dw) = loss_and_grads(plain_distill_loss, terms)(
             hidden, head[:, :real], cut_teacher, targets, weights, kd_weights, 1.5
@@ -221,7 +228,7 @@ def test_metrics_match_numpy_definitions():
         )
     )(hidden, head, teacher, targets, weights)
     s = np.asarray(hidden, np.float64) @ np.asarray(head, np.float64)
-    t = np.asarray(teacher.hidden, np.float64) @ np.asarray(teacher.head, np.float64)
+    t = np.asarray(teacher.rows, np.float64) @ np.asarray(teacher.head, np.float64)
     w, y = np.asarray(weights, np.float64), np.asarray(targets)
 
     def log_softmax(x):
@@ -253,7 +260,7 @@ def test_teacher_gets_no_gradient_and_ce_only_needs_no_teacher():
             lambda th: loss_fn(
                 hidden,
                 head,
-                TeacherHead(th, teacher.head),
+                TeacherSignal.from_hidden(th, teacher.head),
                 targets,
                 weights,
                 kd_terms=(("tvd", ()),),
@@ -262,7 +269,7 @@ def test_teacher_gets_no_gradient_and_ce_only_needs_no_teacher():
                 temperature=1.0,
                 chunk_size=4,
             )["loss"]
-        )(teacher.hidden)
+        )(teacher.rows)
         assert np.all(np.asarray(teacher_grad) == 0)
     ce_only = [
         loss_and_grads(fn, ())(hidden, head, None, targets, weights, jnp.zeros(0), 1.0)
@@ -310,19 +317,22 @@ def test_final_softcaps_fused_equals_plain_and_capped_logits():
         temperature=2.0,
         chunk_size=8,
     )
-    caps = (3.0, 5.0)
+    caps = (3.0, 5.0)  # (student, teacher): the teacher's cap travels in its signal
 
-    def loss(fn, h, w, **extra):
-        return fn(h, w, TeacherHead(t_hidden, t_head), targets, weights, **kw, **extra)["loss"]
+    def loss(fn, h, w, caps=(0.0, 0.0)):
+        teacher = TeacherSignal.from_hidden(t_hidden, t_head, softcap=caps[1])
+        return fn(h, w, teacher, targets, weights, **kw, student_softcap=caps[0])["loss"]
 
-    fused = jax.value_and_grad(lambda h, w: loss(fused_distill_loss, h, w, softcaps=caps), argnums=(0, 1))
-    plain = jax.value_and_grad(lambda h, w: loss(plain_distill_loss, h, w, softcaps=caps), argnums=(0, 1))
+    fused = jax.value_and_grad(lambda h, w: loss(fused_distill_loss, h, w, caps), argnums=(0, 1))
+    plain = jax.value_and_grad(lambda h, w: loss(plain_distill_loss, h, w, caps), argnums=(0, 1))
     (fv, fg), (pv, pg) = fused(hidden, head), plain(hidden, head)
     np.testing.assert_allclose(fv, pv, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), fg, pg)
     # Reference: identity-head student (hidden = its capped logits) against the teacher's capped logits.
     capped_student = jnp.tanh(hidden @ head / caps[0]) * caps[0]
     capped_teacher = jnp.tanh(t_hidden @ t_head / caps[1]) * caps[1]
-    reference = plain_distill_loss(capped_student, jnp.eye(v), capped_teacher, targets, weights, **kw)["loss"]
+    reference = plain_distill_loss(
+        capped_student, jnp.eye(v), TeacherSignal.from_logits(capped_teacher), targets, weights, **kw
+    )["loss"]
     np.testing.assert_allclose(fv, reference, rtol=1e-5)
     assert not np.isclose(float(fv), float(loss(plain_distill_loss, hidden, head)), rtol=1e-3)

@@ -224,14 +224,18 @@ def test_cross_entropy_pick_and_argmax():
 
 
 def test_registry_and_parameter_validation():
+    from analogjax.objective import terms
+
     expected = {"forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "soft_ce"}
     assert set(losses.DIVERGENCES) == expected
+    # The registry lists exactly the public divergences (plus labels and hidden-state terms), one record each.
+    assert {k for k, t in terms.TERMS.items() if t.family == terms.DIVERGENCE} == expected
     with pytest.raises(UserError, match="unknown divergence"):
-        losses.resolve_term("kl", ())
+        terms.resolve("kl", (), "logits")
     with pytest.raises(UserError, match="takes parameters"):
-        losses.resolve_term("forward_kl", (("beta", 0.5),))
+        terms.resolve("forward_kl", (("beta", 0.5),), "logits")
     with pytest.raises(UserError, match=r"\[0, 1\]"):
-        losses.resolve_term("jsd", (("beta", 1.5),))
+        terms.resolve("jsd", (("beta", 1.5),), "logits")
     with pytest.raises(UserError, match="static"):
         jax.jit(lambda b: losses.jsd(jnp.zeros((1, 3)), jnp.zeros((1, 3)), beta=b))(0.5)
 

@@ -504,9 +504,9 @@ def test_release_refuses_to_guess_a_tokenizer(tmp_path):
 
 
 def _fake_report():
-    from analogjax import fidelity
+    from analogjax.fidelity import metrics
 
-    return {"overall": {key: 0.5 for key, _, _ in fidelity._TABLE} | {"tokens": 64}, "by_source": {}}
+    return {"overall": {key: 0.5 for key, _, _ in metrics._TABLE} | {"tokens": 64}, "by_source": {}}
 
 
 def test_card_says_what_teacher_signal_the_run_used_and_counts_only_teacher_work_done(tmp_path):

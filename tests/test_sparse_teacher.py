@@ -11,8 +11,12 @@ from jax.sharding import PartitionSpec as P
 
 from analogjax import losses
 from analogjax.errors import UserError
-from analogjax.objective import sparse
+from analogjax.objective import sparse, terms
 from analogjax.objective.fused import fused_distill_loss, plain_distill_loss
+from analogjax.objective.signal import TeacherSignal
+
+# The top-k treatments, as the sparse module defines them (the registry reaches them by these names).
+TOPK_FUNCTIONS = {name: getattr(sparse, name) for name in terms.SPARSE_TERMS if name.startswith("topk")}
 
 
 def np_log_softmax(x, temperature=1.0):
@@ -71,7 +75,7 @@ def test_topk_treatments_match_float64_reference(temperature):
         return {
             name: jax.value_and_grad(lambda s_: fn(s_, top, temperature=temperature).sum())(s)[1:]
             + (fn(s, top, temperature=temperature),)
-            for name, fn in sparse.TOPK_DIVERGENCES.items()
+            for name, fn in TOPK_FUNCTIONS.items()
         }
 
     for name, (grad, value) in values_and_grads(student, top).items():
@@ -166,12 +170,12 @@ def test_sparse_teachers_in_the_fused_path_sharded(kind):
     teacher_logits = 2.0 * jax.random.normal(keys[0], (tokens, vocab))
     if kind == "topk":
         teacher = sparse.top_k_teacher(teacher_logits, 8, temperature=1.5)
-        terms = tuple((name, ()) for name in sparse.TOPK_DIVERGENCES)
+        terms = tuple((name, ()) for name in TOPK_FUNCTIONS)
     else:
         teacher = sparse.SampledTeacher(*sparse.sample_teacher_tokens(teacher_logits, 6, keys[1], 1.5))
         terms = (("sampled_kd", ()),)
     shard = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))  # noqa: E731
-    teacher = jax.tree.map(lambda x: shard(x, P("data")), teacher)
+    teacher = TeacherSignal.from_rows(jax.tree.map(lambda x: shard(x, P("data")), teacher))
     hidden = shard(jax.random.normal(keys[2], (tokens, width)), P("data", None))
     head = shard(0.5 * jax.random.normal(keys[3], (width, vocab)), P(None, "tensor"))
     targets = shard(jax.random.randint(keys[4], (tokens,), 0, vocab), P("data"))
@@ -213,8 +217,10 @@ def test_sparse_teachers_in_the_fused_path_sharded(kind):
 
 def test_sparse_term_validation():
     student, teacher = random_pair(6)
-    top = sparse.top_k_teacher(teacher, 3)
-    sampled = sparse.SampledTeacher(*sparse.sample_teacher_tokens(teacher, 2, jax.random.key(0)))
+    top = TeacherSignal.from_rows(sparse.top_k_teacher(teacher, 3))
+    sampled = TeacherSignal.from_rows(
+        sparse.SampledTeacher(*sparse.sample_teacher_tokens(teacher, 2, jax.random.key(0)))
+    )
     head = jnp.eye(13)
     common = dict(kd_weights=jnp.ones(1), ce_weight=0.0, temperature=1.0)
     with pytest.raises(UserError, match="does not apply"):
@@ -226,4 +232,4 @@ def test_sparse_term_validation():
             student, head, sampled, jnp.zeros(5, jnp.int32), jnp.ones(5), kd_terms=(("topk_gathered", ()),), **common
         )
     with pytest.raises(UserError, match="no parameters"):
-        sparse.resolve_sparse_term("topk_gathered", (("alpha", 0.1),), top)
+        terms.resolve("topk_gathered", (("alpha", 0.1),), "topk")

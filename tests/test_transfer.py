@@ -11,15 +11,14 @@ import yaml
 from analogjax import cli
 from analogjax.errors import UserError
 from analogjax.fidelity import concepts, transfer
+from analogjax.runtime.batch_sums import add_sums
 
 
 def _moments(x, y, w=None, chunks=1):
     total = {}
     w = np.ones(len(x), np.float32) if w is None else w
     for part in np.array_split(np.arange(len(x)), chunks):
-        total = transfer.accumulate(
-            total, transfer.moments(jnp.asarray(x[part]), jnp.asarray(y[part]), jnp.asarray(w[part]))
-        )
+        total = add_sums(total, transfer.moments(jnp.asarray(x[part]), jnp.asarray(y[part]), jnp.asarray(w[part])))
     return total
 
 

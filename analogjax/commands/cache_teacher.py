@@ -11,7 +11,6 @@ import json
 
 from analogjax.cli import add_config_arguments
 from analogjax.commands import add_job_arguments, join_job
-from analogjax.config import load_config
 
 
 def add_arguments(parser) -> None:
@@ -36,6 +35,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from analogjax.config import load_config
+
     config = load_config(args.config, args.overrides)
     join_job(args)
     from analogjax.teacher_cache import CacheLayout, build_cache  # heavy imports only once the config is good

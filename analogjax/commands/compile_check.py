@@ -9,7 +9,6 @@ from __future__ import annotations
 import sys
 
 from analogjax.errors import UserError
-from analogjax.runtime.compile_check import compile_plan, parse_topology, report
 
 
 def add_arguments(parser) -> None:
@@ -25,6 +24,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from analogjax.config import load_config
+    from analogjax.runtime.compile_check import compile_plan, parse_topology, report
 
     config = load_config(args.config, args.overrides)
     name = args.topology or config.topology

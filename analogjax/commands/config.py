@@ -17,7 +17,6 @@ import sys
 from typing import Any
 
 from analogjax.cli import add_config_arguments
-from analogjax.config import Config, from_dict, read_layers, to_yaml
 
 
 def add_arguments(parser) -> None:
@@ -35,6 +34,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from analogjax.config import Config, from_dict, read_layers, to_yaml
+
     given_by_file, given_by_set, merged = read_layers(args.config, args.overrides)
     if args.demo:
         from analogjax.recipes.demo import DemoConfig

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from analogjax.cli import add_config_arguments
 from analogjax.commands import add_job_arguments, join_job
-from analogjax.recipes.demo import TEACHERS, WHEEL
+from analogjax.recipes import demo_teacher
 
 
 def add_arguments(parser) -> None:
@@ -13,9 +13,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--workdir", default="runs/demo", help="where every phase writes (default: runs/demo)")
     parser.add_argument(
         "--teacher",
-        choices=sorted(TEACHERS),
+        choices=sorted(demo_teacher.NAMES),
         default="smollm2",
-        help=f"smollm2: SmolLM2-135M-Instruct from the {WHEEL} wheel (default); self: a small "
+        help=f"smollm2: SmolLM2-135M-Instruct from the {demo_teacher.WHEEL} wheel (default); self: a small "
         "teacher pretrained by the demo, nothing installed beyond analogjax",
     )
     parser.add_argument("--no-progress", action="store_true")

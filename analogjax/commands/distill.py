@@ -7,7 +7,6 @@ from pathlib import Path
 
 from analogjax.cli import add_config_arguments
 from analogjax.commands import add_job_arguments, join_job
-from analogjax.config import load_config
 from analogjax.runtime import distributed
 
 
@@ -19,6 +18,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from analogjax.config import load_config
+
     config = load_config(args.config, args.overrides)
     join_job(args)
     workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)

@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from analogjax.commands import add_job_arguments, join_job
 from analogjax.errors import UserError
+
+if TYPE_CHECKING:  # transformers is optional at run time
+    from transformers import PreTrainedTokenizerBase
 
 
 def add_arguments(parser) -> None:
@@ -38,6 +42,7 @@ class _HFText:
 
     def __init__(self, path: Path, chat: bool):
         self.chat = chat
+        self._tok: PreTrainedTokenizerBase | None  # None: transformers is absent, so tokenizers' file is used raw
         try:
             import transformers
 
@@ -74,7 +79,8 @@ class _HFText:
     def decode(self, ids: list[int]) -> str:
         if self._tok is None:
             return self._raw.decode(ids, skip_special_tokens=True)
-        return self._tok.decode(ids, skip_special_tokens=True)
+        # decode is typed str | list[str] (a list of id lists decodes to a list); one id list decodes to one str.
+        return cast(str, self._tok.decode(ids, skip_special_tokens=True))
 
 
 class _RunText:

@@ -150,7 +150,7 @@ def expand_source_path(path: str, *, key: str) -> tuple[str, list[str], dict | N
 
 def format_from_paths(paths: list[str], key: str) -> str:
     """The one format the files' extensions name; `key` names the format option in messages."""
-    found = {EXTENSION_FORMATS.get(extension(p)) for p in paths} - {None}
+    found = {fmt for p in paths if (fmt := EXTENSION_FORMATS.get(extension(p))) is not None}
     if any(looks_like_zarr(p) for p in paths if is_dir(p)):
         found.add("zarr")
     if len(found) == 1:

@@ -22,7 +22,14 @@ from analogjax.data.packing import ROW_KEYS, PackedRowsIterDataset
 from analogjax.data.sources import DocumentSource, heldout_mask, open_source
 from analogjax.data.spec import DataConfig, resolved_cache_dir, source_names, validate
 from analogjax.data.stdlib_corpus import cache_tokens, stdlib_source
-from analogjax.data.tokenize import check_specials, check_vocab, check_vocab_size, encode_document, tokenizer_for
+from analogjax.data.tokenize import (
+    AnyTokenizer,
+    check_specials,
+    check_vocab,
+    check_vocab_size,
+    encode_document,
+    tokenizer_for,
+)
 from analogjax.errors import UserError
 
 SPLITS = ("train", "heldout")
@@ -115,15 +122,16 @@ def make_batch_dataset(
     return batches
 
 
-def open_sources(data: DataConfig, *, vocab_size: int) -> tuple[object, list[DocumentSource]]:
+def open_sources(data: DataConfig, *, vocab_size: int) -> tuple[AnyTokenizer, list[DocumentSource]]:
     """The tokenizer and one DocumentSource per data.sources entry, checked against the model's vocab_size."""
     tokenizer = tokenizer_for(data)
     check_vocab(tokenizer, vocab_size)
     if tokenizer.kind != "none":
         check_specials(tokenizer, add_bos=data.add_bos, add_eos=data.add_eos)
-    sources = []
+    sources: list[DocumentSource] = []
     for i, (config, name) in enumerate(zip(data.sources, source_names(data))):
         key = f"data.sources[{i}]"
+        source: DocumentSource
         if config.path == "stdlib" or config.format == "stdlib":
             source = stdlib_source(name=name)
             if tokenizer.kind == "none":

@@ -14,7 +14,6 @@ import json
 import multiprocessing
 import os
 import queue
-import sys
 
 import numpy as np
 
@@ -23,6 +22,7 @@ from analogjax.data.sources import DocumentSource, open_source
 from analogjax.data.spec import SourceConfig
 from analogjax.data.tokenize import encode_documents, load_tokenizer
 from analogjax.errors import UserError
+from analogjax.runtime.metrics_log import Progress
 
 FORMATS = ("arrayrecord", "zarr")
 # Documents tokenized per call: the Rust tokenizer parallelises within a batch.
@@ -109,11 +109,8 @@ def _open_input(args) -> DocumentSource:
 
 
 def _run_tasks(tasks: list[dict], *, workers: int, total: int) -> list[dict]:
-    from tqdm import tqdm
-
-    progress = tqdm(
-        total=total, unit="doc", desc="prepare", file=sys.stderr, dynamic_ncols=True, disable=not sys.stderr.isatty()
-    )  # a terminal gets the bar; logs get the closing line
+    # A terminal gets the bar; logs get the command's closing line.
+    progress = Progress(total, desc="prepare", unit="doc", enabled=True)
     try:
         if workers == 1:
             return [_write_shard(task, progress.update) for task in tasks]

@@ -448,7 +448,7 @@ def open_source(
     raise UserError(f"{key}.format {fmt!r} cannot read {config.path}")
 
 
-def _open_prepared(root: str, metadata: dict, fmt: str, config: SourceConfig, *, key: str, name: str):
+def _open_prepared(root: str, metadata: dict, fmt: str, config: SourceConfig, *, key: str, name: str) -> DocumentSource:
     """Shards written by `analogjax prepare`: token ids of a known dtype, with the original document keys."""
     meta_path = paths.join(root, paths.METADATA_FILE)
     try:
@@ -463,7 +463,7 @@ def _open_prepared(root: str, metadata: dict, fmt: str, config: SourceConfig, *,
     if fmt == "arrayrecord":
         keys = [paths.join(root, s + ".keys.npy") for s in shards]
         stored = np.concatenate([_load_npy(k) for k in keys]) if keys and all(paths.exists(k) for k in keys) else None
-        source = ArrayRecordSource(
+        source: DocumentSource = ArrayRecordSource(
             name=name, files=files, rel_names=shards, tokens=True, dtype=dtype, stored_keys=stored
         )
     elif fmt == "zarr":

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Sequence
+from typing import NoReturn, TypeAlias
 
 import numpy as np
 
@@ -135,7 +136,7 @@ class PretokenizedVocabulary:
     pad_id = 0
     fingerprint = "none"
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str) -> NoReturn:
         raise UserError('data.tokenizer is "none" but a source holds text: name a tokenizer file or "bytes"')
 
     encode_array = encode
@@ -148,7 +149,12 @@ class PretokenizedVocabulary:
         return " ".join(str(int(i)) for i in ids)
 
 
-def load_tokenizer(spec: str):
+# Every tokenizer load_tokenizer can return; they share kind, vocab_size, bos/eos/pad ids, fingerprint, encode,
+# encode_array, encode_batch and decode.
+AnyTokenizer: TypeAlias = ByteTokenizer | HFTokenizer | SentencePieceTokenizer | PretokenizedVocabulary
+
+
+def load_tokenizer(spec: str) -> AnyTokenizer:
     """The tokenizer named by a data.tokenizer value."""
     if spec == "bytes":
         return ByteTokenizer()
@@ -163,7 +169,7 @@ def load_tokenizer(spec: str):
     return HFTokenizer(spec)
 
 
-def tokenizer_for(data):
+def tokenizer_for(data) -> AnyTokenizer:
     """The tokenizer of a DataConfig (for data.tokenizer "none", the one its prepared sources were made with)."""
     return load_tokenizer(resolve_tokenizer(data))
 

@@ -59,6 +59,8 @@ def write_tokenizer(spec: str, out: Path, max_length: int) -> dict[str, int | No
     from analogjax.data.tokenize import load_tokenizer
 
     ours = load_tokenizer(spec)
+    # id_to_token is Optional in the stubs; these ids come from the tokenizer's own vocabulary, so None is not expected.
+    names: dict[str, str | None]
     if spec == "bytes":
         byte_tokenizer_json().save(str(out / TOKENIZER_FILE))
         names = dict(zip(("pad_token", "bos_token", "eos_token"), BYTE_SPECIALS))

@@ -335,7 +335,8 @@ class _RowBuilder:
             if len(ids) - start >= 2:  # a row needs a next token to predict
                 self.rows.append((ids[start : start + self.seq_len], table[start : start + self.seq_len], fit))
 
-    def arrays(self):
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """LabelledRows' array fields, in their order."""
         r, s = len(self.rows), self.seq_len
         tokens = np.full((r, s), self.pad_id, np.int32)
         segment_ids = np.zeros((r, s), np.int32)

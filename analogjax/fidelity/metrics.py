@@ -25,6 +25,8 @@ import numpy as np
 
 from analogjax.errors import UserError
 from analogjax.objective import divergences as losses
+from analogjax.runtime import figures
+from analogjax.runtime.batch_sums import sum_over_batches
 
 N_BINS = 15
 TOP_K = 5
@@ -210,8 +212,8 @@ def make_fidelity_step(
         with nn.logical_axis_rules(list(student_rules)):
             feats = student.features(params, tokens, seg, pos, collect, applies_final_softcap=True)
             s_logits = head_logits(params, student.cfg, feats.hidden_bsd)  # soft-capped where the model caps
-        t_out = teacher_forward(teacher, teacher_params, batch, collect)
-        t_logits = t_out.logits(teacher.final_softcap)
+        signal = teacher_forward(teacher, teacher_params, batch, collect)
+        t_logits = signal.logits()  # soft-capped as the teacher caps
         # A padded vocabulary (same tokenizer) is compared on the shared real range only.
         s_logits, t_logits = s_logits[..., :shared_vocab], t_logits[..., :shared_vocab].astype(jnp.float32)
         sums = token_sums(
@@ -225,7 +227,7 @@ def make_fidelity_step(
             seq_len=seq_len,
         )
         if collect:
-            sums.update(cka_sums(feats.layers_lbsd, t_out.layers_lbsd, batch["loss_mask"], pairs))
+            sums.update(cka_sums(feats.layers_lbsd, signal.layers, batch["loss_mask"], pairs))
         return sums
 
     return step
@@ -256,18 +258,15 @@ def measure(config, student_params, teacher, teacher_params, mesh, batches: int)
     )
     batch_sharding = mesh_lib.batch_sharding(mesh)
     fn = jax.jit(step, out_shardings=mesh_lib.replicated(mesh))
-    total: dict[str, np.ndarray] = {}
+    heldout = heldout_batches(
+        config.data,
+        seed=config.train.seed,
+        vocab_size=config.model.vocab_size,
+        sharding=batch_sharding,
+        batches=batches,
+    )
     with jax.set_mesh(mesh):
-        for batch in heldout_batches(
-            config.data,
-            seed=config.train.seed,
-            vocab_size=config.model.vocab_size,
-            sharding=batch_sharding,
-            batches=batches,
-        ):
-            sums = jax.device_get(fn(student_params, teacher_params, batch))
-            for key, value in sums.items():
-                total[key] = total.get(key, 0.0) + np.asarray(value, np.float64)
+        total = sum_over_batches(fn, heldout, student_params, teacher_params)
     if not total or float(np.sum(total["count"])) == 0:
         raise UserError("the held-out split gave no valid tokens: raise data.heldout_fraction or add documents")
     report = finalize(total, names, pairs, matched, (ls, lt) if full_grid and pairs else None)
@@ -351,19 +350,13 @@ def write_report(
 
 
 def plot(report: dict[str, Any], out: Path, metrics_jsonl: str | Path | None = None) -> dict[str, Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, never a display
-    import matplotlib.pyplot as plt
+    plt = figures.pyplot()
+    from matplotlib.patches import Rectangle
 
     written = {}
 
     def save(fig, name):
-        path = out / f"{name}.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written[name] = path
+        written[name] = figures.save(fig, out / f"{name}.png")
 
     kl = [(i, v) for i, v in enumerate(report["kl_by_position"]) if v is not None]
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -394,7 +387,7 @@ def plot(report: dict[str, Any], out: Path, metrics_jsonl: str | Path | None = N
         image = ax.imshow(values, vmin=0, vmax=1, cmap="viridis", origin="lower", aspect="auto")
         for c in report.get("cka", []):
             ax.add_patch(
-                matplotlib.patches.Rectangle(
+                Rectangle(
                     (c["teacher_layer"] - 0.5, c["student_layer"] - 0.5),
                     1,
                     1,

@@ -52,6 +52,7 @@ from analogjax.fidelity.transfer_report import (  # noqa: F401 (the report's pub
     proxy_summary,
     write_report,
 )
+from analogjax.runtime.batch_sums import sum_over_batches
 
 MAP_RIDGE = 1e-3
 PROBE_SHRINKAGE = 0.1
@@ -75,16 +76,6 @@ def moments(x_nd, y_ne, w_n) -> dict[str, jax.Array]:
         "syy": yw.T @ y,
         "sxy": xw.T @ y,
     }
-
-
-def accumulate(total: dict, sums: dict) -> dict:
-    """total += sums, in float64 on the host (nested dicts of arrays)."""
-    for key, value in sums.items():
-        if isinstance(value, dict):
-            total[key] = accumulate(total.get(key, {}), value)
-        else:
-            total[key] = total.get(key, 0.0) + np.asarray(value, np.float64)
-    return total
 
 
 def reversed_moments(m: dict) -> dict:
@@ -207,8 +198,12 @@ def measure(
     if config.data.heldout_fraction <= 0:
         raise UserError("data.heldout_fraction is 0: transfer is measured on held-out documents only")
     ls, lt = config.model.n_layers, config.teacher.model.n_layers
-    pairs = tuple(tuple(int(v) for v in p) for p in pairs) if pairs else default_layer_pairs(ls, lt)
-    concept_pair = tuple(int(v) for v in concept_pair) if concept_pair else pairs[(len(pairs) - 1) // 2]
+    pairs = tuple((int(i), int(j)) for i, j in pairs) if pairs else default_layer_pairs(ls, lt)
+    if concept_pair:
+        ci, cj = concept_pair
+        concept_pair = (int(ci), int(cj))
+    else:
+        concept_pair = pairs[(len(pairs) - 1) // 2]
     for i, j in (*pairs, concept_pair):
         if not (0 <= i < ls and 0 <= j < lt):
             raise UserError(f"layer pair ({i}, {j}) is outside the analog's {ls} and the teacher's {lt} layers")
@@ -306,18 +301,19 @@ def _run(mesh, rows, measured, global_batch, fn, student_params, teacher_params,
         "eval": (real & ~rows.fit[:, None]).astype(np.float32),
         "labels": rows.labels[..., measured],
     }
-    total: dict = {}
-    with jax.set_mesh(mesh):
-        extra = () if fitted is None else (jax.device_put(fitted, mesh_lib.replicated(mesh)),)  # small: replicated
+
+    def batches():
         for start in range(0, len(rows.tokens), global_batch):
             batch = {}
             for key, value in fields.items():
                 chunk = value[start : start + global_batch]
                 fill = np.full((global_batch - len(chunk), *chunk.shape[1:]), -1 if key == "labels" else 0, chunk.dtype)
                 batch[key] = np.concatenate([chunk, fill])[first : first + local]  # a short last batch: empty rows
-            global_batch_arrays = to_global_batch(batch, mesh_lib.batch_sharding(mesh))
-            total = accumulate(total, jax.device_get(fn(student_params, teacher_params, *extra, global_batch_arrays)))
-    return total
+            yield to_global_batch(batch, mesh_lib.batch_sharding(mesh))
+
+    with jax.set_mesh(mesh):
+        extra = () if fitted is None else (jax.device_put(fitted, mesh_lib.replicated(mesh)),)  # small: replicated
+        return sum_over_batches(fn, batches(), student_params, teacher_params, *extra)
 
 
 def _layers(model, rules, params, batch):

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from analogjax.runtime import figures
+
 TRANSFERRED_AT = 0.5  # recovered at or above this is called "transferred" in words
 
 
@@ -122,11 +124,9 @@ def write_report(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path]
 
 
 def plot(report: dict[str, Any], out: Path) -> dict[str, Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, never a display
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    plt = figures.pyplot()
 
     written = {}
     labels = [f"{s['analog_layer']}↔{s['teacher_layer']}" for s in report["stitch"]]
@@ -141,7 +141,7 @@ def plot(report: dict[str, Any], out: Path) -> dict[str, Path]:
         xlabel="layer pair (analog↔teacher)", ylabel="explained variance", title="affine maps between residual streams"
     )
     ax.legend()
-    written["transfer_explained_variance"] = _save(fig, plt, out / "transfer_explained_variance.png")
+    written["transfer_explained_variance"] = figures.save(fig, out / "transfer_explained_variance.png")
     if report["probes"]:
         names = [p["concept"] for p in report["probes"]]
         xs = np.arange(len(names))
@@ -157,15 +157,8 @@ def plot(report: dict[str, Any], out: Path) -> dict[str, Path]:
         ax.set_xticks(xs, names, rotation=30, ha="right")
         ax.set(ylabel="recovered", title="what the analog's methods recover on the teacher")
         ax.legend()
-        written["transfer_recovered"] = _save(fig, plt, out / "transfer_recovered.png")
+        written["transfer_recovered"] = figures.save(fig, out / "transfer_recovered.png")
     return written
-
-
-def _save(fig, plt, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 def proxy_summary(report: dict[str, Any]) -> dict[str, float | None]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -258,7 +259,14 @@ def _batch_axes(mesh, batch: int) -> tuple[str, ...]:
 
 
 def cudnn_attention(
-    q_bshe, k_bske, v_bske, segment_ids_bs, *, scale: float, window=None, implementation: str = "cudnn"
+    q_bshe,
+    k_bske,
+    v_bske,
+    segment_ids_bs,
+    *,
+    scale: float,
+    window: int | None = None,
+    implementation: Literal["cudnn", "xla"] = "cudnn",
 ) -> jax.Array:
     """cuDNN flash attention through `jax.nn.dot_product_attention`: causal and the window inside the kernel,
     grouped-query natively. jax's API has no segment ids, so documents are separated by a boolean [b, 1, s, t]

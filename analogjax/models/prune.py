@@ -40,7 +40,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +50,9 @@ import numpy as np
 
 from analogjax.errors import UserError
 from analogjax.models.config import SIZE_FIELDS, ModelConfig
+from analogjax.runtime import figures
+from analogjax.runtime.batch_sums import sum_over_batches
+from analogjax.runtime.metrics_log import Progress
 
 IMPORTANCE_JSON = "importance.json"
 IMPORTANCE_NPZ = "importance.npz"
@@ -181,27 +183,16 @@ def gather_importance(
 ) -> dict[str, np.ndarray]:
     """Importance sums over an iterable of global batches (already on `mesh`), then the importances themselves:
     heads [L, h], kv_groups [L, k], neurons [L, f], channels [d], block [L] (BI), plus rows and tokens."""
-    from tqdm import tqdm
-
     from analogjax import mesh as mesh_lib
 
     fn = jax.jit(make_importance_step(cfg, mesh_lib.TEACHER_RULES), out_shardings=mesh_lib.replicated(mesh))
-    acc: dict[str, np.ndarray] = {}
-    bar = tqdm(
-        total=total,
-        desc="prune: importance",
-        unit="batch",
-        dynamic_ncols=True,
-        # A bar on a terminal only: logs and pipes get the command's own lines, not carriage-return redraws.
-        disable=not progress or jax.process_index() != 0 or not sys.stderr.isatty(),
-    )
-    with jax.set_mesh(mesh):
-        for batch in batches:
-            sums = fn(params, {k: batch[k] for k in ("tokens", "segment_ids", "positions")})
-            for key, value in sums.items():  # replicated: this process's first shard is the global total
-                acc[key] = acc.get(key, 0.0) + np.asarray(value.addressable_data(0), np.float64)
-            bar.update(1)
-    bar.close()
+    bar = Progress(total, desc="prune: importance", unit="batch", enabled=progress and jax.process_index() == 0)
+    inputs = ({k: batch[k] for k in ("tokens", "segment_ids", "positions")} for batch in bar.track(batches))
+    try:
+        with jax.set_mesh(mesh):
+            acc = sum_over_batches(fn, inputs, params)
+    finally:
+        bar.close()
     if not acc or acc["tokens"] == 0:
         raise UserError("prune: the calibration batches hold no tokens (check data.sources)")
     heads = np.sqrt(acc["heads_sq"])
@@ -333,7 +324,8 @@ def slice_params(params, teacher: ModelConfig, student: ModelConfig, keep: dict[
         return jax.tree_util.tree_map_with_path(cut, p, names)
 
     shapes = jax.eval_shape(cut_all, params)
-    if jax.tree.structure(shapes) != jax.tree.structure(target) or any(
+    # jaxlib ships no stub for its PyTreeDef, which mypy then sees as an unresolved type without a `!=`.
+    if jax.tree.structure(shapes) != jax.tree.structure(target) or any(  # type: ignore[operator]
         a.shape != b.shape for a, b in zip(jax.tree.leaves(shapes), jax.tree.leaves(target))
     ):
         raise UserError("prune: the cut teacher params do not match the student's parameter tree")
@@ -498,11 +490,7 @@ def importance_report(
 
 def plot_importance(importance, keep, path: Path) -> None:
     """The per-layer importance profile: block importance, head importance, neuron quantiles; channels sorted."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, never a display
-    import matplotlib.pyplot as plt
-
+    plt = figures.pyplot()
     n_layers = len(importance["block"])
     kept = np.zeros(n_layers, bool)
     kept[keep["layers"]] = True
@@ -528,6 +516,4 @@ def plot_importance(importance, keep, path: Path) -> None:
     ax.axvline(len(keep["channels"]) - 0.5, color="tab:red", linestyle="--", label="kept | dropped")
     ax.set(title="embedding channel importance (sorted)", xlabel="rank", yscale="log")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    figures.save(fig, path)

@@ -17,7 +17,7 @@ f ffn width, v vocabulary, l layers.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import flax.linen as nn
 import jax
@@ -496,7 +496,8 @@ class Transformer:
 
     def _features(self, params, tokens_bs, segment_ids_bs, positions_bs, collect_layers=False) -> Features:
         segment_ids_bs, positions_bs = _default_packing(tokens_bs, segment_ids_bs, positions_bs)
-        return Decoder(self.cfg, collect_layers).apply(params, tokens_bs, segment_ids_bs, positions_bs)
+        # flax types apply() as "output, or (output, mutated variables)"; no collection is mutable here.
+        return cast(Features, Decoder(self.cfg, collect_layers).apply(params, tokens_bs, segment_ids_bs, positions_bs))
 
     def head(self, params) -> jax.Array:
         return lm_head(params, self.cfg)

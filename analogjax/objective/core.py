@@ -1,12 +1,20 @@
-"""The distillation objective: config terms → weighted, scheduled, masked sums over the fused (or plain) loss.
+"""The objective: what one distill step minimises, decided once.
 
-loss = Σᵢ wᵢ(step)·termᵢ, every term (logit and hidden-state alike) divided by the *global* valid-token count (so the
-mean is exact across hosts and microbatches). Everything is returned as (sum, count) pairs too,
-so logged means stay exact when summed across steps or processes.
+`Objective.build(distill, teacher=..., student=..., total_steps=...)` reads the distill config exactly once: it checks
+the terms against the registry (terms.py), decides how each reads the teacher's signal (a live teacher's full logits,
+or a cache's top-k or sampled rows standing in for forward KL), fixes the shared vocabulary and the soft-caps, and
+says what the step must ask the teacher for (`needs_teacher`, `collects_layers`). The step then calls `loss`; the
+eval step calls `eval_sums` of `Objective.measurement(...)`. An on-policy run builds a second Objective from the
+on-policy terms (`on_policy=True`); nothing else re-reads the config.
+
+loss = Σᵢ wᵢ(step)·termᵢ (+ an MoE student's router terms), every term divided by the *global* valid-token count, so
+the mean is exact across hosts and microbatches. Metrics are (sum, count) pairs, so logged means stay exact when
+summed across steps or processes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, NamedTuple
 
@@ -17,53 +25,47 @@ from analogjax.config import DistillConfig, LossTerm
 from analogjax.errors import UserError, check_choice
 from analogjax.mesh import BATCH_AXES
 from analogjax.models import moe as moe_lib
-from analogjax.objective.divergences import DIVERGENCES
-from analogjax.objective.fused import TeacherHead, fused_distill_loss, plain_distill_loss
+from analogjax.objective import terms as registry
+from analogjax.objective.fused import fused_distill_loss, plain_distill_loss
 from analogjax.objective.hidden import hidden_loss
-from analogjax.objective.sparse import SampledTeacher, TopKTeacher
+from analogjax.objective.signal import TeacherSignal
 
-HIDDEN_KINDS = {"hidden_mse": "mse", "hidden_cosine": "cosine"}
-SCHEDULES = ("constant", "linear", "cosine")
-T2_BY_DEFAULT = ("forward_kl", "soft_ce")  # the Hinton family: gradient ∝ 1/T² without the factor
+
+class StudentOutputs(NamedTuple):
+    """What the student's forward hands the objective (tokens flattened)."""
+
+    hidden_nd: jax.Array  # final normed hidden states
+    head_dv: jax.Array  # LM head
+    layers: Any = None  # per-layer residual streams [l, b, s, d] for hidden-state terms
+    router: Any = None  # an MoE student's RouterStats (models/moe.py), stacked over its MoE layers
 
 
 def check_distill(cfg: DistillConfig) -> None:
-    """Names the offending key; called when the run is built (the loss registry lives here, not in config)."""
-    _check_terms(cfg.terms, "distill.terms", cfg.layer_map)
-    _check_terms(cfg.on_policy.terms, "distill.on_policy.terms", cfg.layer_map)
+    """The distill section against the registry, naming the offending key (no teacher or model needed)."""
+    registry.check_terms(cfg.terms, "distill.terms", cfg.layer_map)
+    registry.check_terms(cfg.on_policy.terms, "distill.on_policy.terms", cfg.layer_map, on_policy=True)
     if cfg.temperature <= 0 or (cfg.final_temperature is not None and cfg.final_temperature <= 0):
         raise UserError("distill.temperature must be positive")
-    check_choice("distill.temperature_schedule", cfg.temperature_schedule, SCHEDULES)
+    check_choice("distill.temperature_schedule", cfg.temperature_schedule, registry.SCHEDULES)
+    check_choice("distill.topk_treatment", cfg.topk_treatment, registry.TOPK_TREATMENTS)
     if cfg.chunk_size <= 0:
         raise UserError("distill.chunk_size must be positive")
 
 
-def _check_terms(terms, where: str, layer_map) -> None:
-    known = set(DIVERGENCES) | {"ce"} | set(HIDDEN_KINDS)
-    if not terms:
-        raise UserError(f"{where}: at least one loss term is needed")
-    for i, term in enumerate(terms):
-        key = f"{where}[{i}]"
-        if term.kind not in known:
-            raise UserError(f"{key}.kind: unknown loss term {term.kind!r} (known: {', '.join(sorted(known))})")
-        check_choice(f"{key}.schedule", term.schedule, SCHEDULES)
-        if term.kind in HIDDEN_KINDS and not layer_map:
-            raise UserError(f"{key}: {term.kind} needs distill.layer_map (student layer, teacher layer) pairs")
-        if term.kind == "jsd" and not 0.0 <= term.beta <= 1.0:
-            raise UserError(f"{key}.beta must lie in [0, 1], got {term.beta}")
-        if term.kind.startswith("skew") and not 0.0 <= term.alpha < 1.0:
-            raise UserError(f"{key}.alpha must lie in [0, 1), got {term.alpha}")
-
-
 def needs_teacher(cfg: DistillConfig) -> bool:
-    return any(t.kind != "ce" for t in cfg.terms) or cfg.on_policy.enabled
+    """Whether a run of this distill section needs a teacher at all (a CE-only objective does not)."""
+    return registry.needs_teacher(cfg.terms) or cfg.on_policy.enabled
 
 
-def needs_layers(cfg: DistillConfig) -> bool:
-    """Whether a step of this objective collects per-layer residual streams (and the run trains projections); the
-    on-policy terms count too, since their steps share the state."""
-    terms = cfg.terms + (cfg.on_policy.terms if cfg.on_policy.enabled else ())
-    return any(t.kind in HIDDEN_KINDS for t in terms)
+def check_vocab(student_vocab: int, teacher_vocab: int) -> None:
+    """Same tokenizer, padded differently (e.g. 152064 vs 151936) is fine: the shared real range is used.
+    Anything else means different tokenizers, which token-level distillation cannot bridge."""
+    small, large = sorted((student_vocab, teacher_vocab))
+    if small != large and (large % 64 != 0 or large - small >= 1024):
+        raise UserError(
+            f"model.vocab_size ({student_vocab}) and teacher.model.vocab_size ({teacher_vocab}) differ "
+            "by more than padding: teacher and student must share a tokenizer"
+        )
 
 
 def scheduled(start: float, end: float | None, kind: str, step: jax.Array, total_steps: int) -> jax.Array:
@@ -76,28 +78,6 @@ def scheduled(start: float, end: float | None, kind: str, step: jax.Array, total
     return jnp.float32(start) + (end - start) * frac
 
 
-def _t2(term: LossTerm) -> bool:
-    return term.kind in T2_BY_DEFAULT if term.t2_scale is None else term.t2_scale
-
-
-def _params(term: LossTerm) -> tuple:
-    if term.kind == "jsd":
-        return (("beta", term.beta),)
-    if term.kind.startswith("skew"):
-        return (("alpha", term.alpha),)
-    return ()
-
-
-def _kd_kind(cfg: DistillConfig, kind: str, teacher) -> str:
-    """A sparse (cached) teacher stands in for forward KL (teacher_cache.check_run refuses other divergences): it
-    becomes the configured top-k treatment, or the unbiased sampled estimate (same gradient as forward KL)."""
-    if isinstance(teacher, TopKTeacher):
-        return f"topk_{cfg.topk_treatment}"
-    if isinstance(teacher, SampledTeacher):
-        return "sampled_kd"
-    return kind
-
-
 def global_chunk(per_shard: int) -> int:
     """`distill.chunk_size` counts tokens per batch shard; the fused loss chunks the global token axis, whose chunks
     split over the data and fsdp axes. Scaling by their size keeps each device's [chunk, vocab] block the same on
@@ -108,17 +88,181 @@ def global_chunk(per_shard: int) -> int:
     return per_shard * math.prod(mesh.shape.get(axis, 1) for axis in BATCH_AXES)
 
 
-class Outputs(NamedTuple):
-    """What the student (or teacher) forward hands the objective."""
-
-    hidden_nd: jax.Array  # final normed hidden states, tokens flattened
-    head_dv: jax.Array | None  # LM head; None when the teacher is a logits-only function
-    logits_nv: jax.Array | None  # a bring-your-own teacher's logits
-    layers: Any = None  # per-layer residual streams [l, b, s, d] for hidden-state terms
-    router: Any = None  # an MoE student's RouterStats (models/moe.py), stacked over its MoE layers
+class _Divergence(NamedTuple):
+    position: int  # among the config's terms (names the metric term_{position}_{kind})
+    kind: str  # the config's kind
+    loss_kind: str  # what the fused loss computes: the kind itself, or its sparse stand-in for a cached teacher
+    params: tuple[tuple[str, float], ...]
+    t2: bool
 
 
-def router_terms(moe, stats, batch: dict[str, jax.Array], valid_count: jax.Array):
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """One objective, resolved: its terms, how it reads the teacher, and the loss and eval sums it computes."""
+
+    terms: tuple[LossTerm, ...]
+    signal: str | None  # the teacher signal kind it reads ("hidden", "logits", "topk", "sampled"); None = no teacher
+    temperature: float
+    final_temperature: float | None
+    temperature_schedule: str
+    layer_map: tuple[tuple[int, int], ...]
+    fused: bool
+    chunk_size: int
+    total_steps: int
+    vocab_size: int | None  # the vocabulary both models really share (padding excluded); None without a teacher
+    student_softcap: float
+    router: Any = None  # the student's MoEConfig when its router terms join the loss
+    divergences: tuple[_Divergence, ...] = ()
+
+    @classmethod
+    def build(
+        cls,
+        distill: DistillConfig,
+        *,
+        teacher: Any,
+        student: Any,
+        total_steps: int,
+        on_policy: bool = False,
+    ) -> Objective:
+        """The run's objective from its distill section (`on_policy`: the on-policy terms), for `teacher` (a
+        teacher.Teacher or None) and the `student` ModelConfig. Every refusal names its config key."""
+        check_distill(distill)
+        terms = distill.on_policy.terms if on_policy else distill.terms
+        where = "distill.on_policy.terms" if on_policy else "distill.terms"
+        signal = teacher.signal_kind if teacher is not None else None
+        if registry.needs_teacher(terms) and teacher is None:
+            raise UserError(f"{where}: the divergence and hidden-state terms need a teacher")
+        if signal in registry.SPARSE_SIGNALS:
+            registry.check_sparse(terms, where)
+        vocab_size = None
+        if teacher is not None:
+            if teacher.vocab_size is not None:
+                check_vocab(student.vocab_size, teacher.vocab_size)
+            vocab_size = min(student.vocab_size, teacher.vocab_size or student.vocab_size)
+        divergences = []
+        for i, term in enumerate(terms):
+            found = registry.TERMS[term.kind]
+            if found.family != registry.DIVERGENCE:
+                continue
+            loss_kind, params = term.kind, found.parameters(term, f"{where}[{i}]")
+            if signal in registry.SPARSE_SIGNALS:  # the cache's estimate of forward KL stands in
+                loss_kind, params = registry.sparse_kind(signal, distill.topk_treatment), ()
+            divergences.append(_Divergence(i, term.kind, loss_kind, params, registry.t2_scaled(term)))
+        return cls(
+            terms=tuple(terms),
+            signal=signal,
+            temperature=distill.temperature,
+            final_temperature=distill.final_temperature,
+            temperature_schedule=distill.temperature_schedule,
+            layer_map=tuple(distill.layer_map),
+            fused=distill.fused,
+            chunk_size=distill.chunk_size,
+            total_steps=total_steps,
+            vocab_size=vocab_size,
+            student_softcap=student.final_softcap,
+            router=student.moe if student.moe.enabled else None,
+            divergences=tuple(divergences),
+        )
+
+    @classmethod
+    def measurement(cls, *, teacher: Any, student: Any, chunk_size: int) -> Objective:
+        """What held-out evaluation sums: forward KL at T=1 without T² (a measurement, not a training signal) against
+        a live teacher, or CE alone without one. Router terms are training terms and stay out."""
+        kind = "forward_kl" if teacher is not None else "ce"
+        distill = DistillConfig(terms=(LossTerm(kind, 1.0, t2_scale=False),), temperature=1.0, chunk_size=chunk_size)
+        measured = cls.build(distill, teacher=teacher, student=student, total_steps=1)
+        return dataclasses.replace(measured, router=None)
+
+    # ---- what the step asks of the teacher and of the state ----
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.signal is not None
+
+    @property
+    def collects_layers(self) -> bool:
+        """Whether the step collects per-layer residual streams (hidden-state terms, trained projections)."""
+        return any(registry.TERMS[t.kind].family == registry.HIDDEN for t in self.terms)
+
+    @property
+    def kd_terms(self) -> tuple[tuple[str, tuple[tuple[str, float], ...]], ...]:
+        """The divergences as the fused loss takes them: (kind it computes, params)."""
+        return tuple((d.loss_kind, d.params) for d in self.divergences)
+
+    # ---- the loss ----
+
+    def loss(
+        self,
+        step: jax.Array,
+        student: StudentOutputs,
+        teacher: TeacherSignal | None,
+        batch: dict[str, jax.Array],
+        valid_count: jax.Array,
+        hidden_proj: Any = None,
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """(normalised loss, metric sums). `valid_count` is the global Σ loss_mask of the whole (all-microbatch)
+        batch; `teacher` is this (micro)batch's signal (None without a teacher)."""
+        temperature = scheduled(
+            self.temperature, self.final_temperature, self.temperature_schedule, step, self.total_steps
+        )
+        weights = [scheduled(t.weight, t.final_weight, t.schedule, step, self.total_steps) for t in self.terms]
+        ce_weight = sum(
+            (w for t, w in zip(self.terms, weights) if registry.TERMS[t.kind].family == registry.LABELS),
+            jnp.float32(0.0),
+        )
+        kd_weights = [weights[d.position] * (temperature**2 if d.t2 else 1.0) for d in self.divergences]
+        loss_fn = fused_distill_loss if self.fused else plain_distill_loss
+        sums = loss_fn(
+            student.hidden_nd,
+            student.head_dv,
+            teacher,
+            batch["targets"].reshape(-1),
+            batch["loss_mask"].reshape(-1).astype(jnp.float32),
+            kd_terms=self.kd_terms,
+            kd_weights=jnp.stack(kd_weights) if kd_weights else jnp.zeros((0,), jnp.float32),
+            ce_weight=ce_weight,
+            temperature=temperature,
+            vocab_size=self.vocab_size,
+            chunk_size=global_chunk(self.chunk_size),
+            student_softcap=self.student_softcap,  # Gemma 2's logits exist only capped
+        )
+        loss = sums["loss"] / valid_count
+        metrics: dict[str, jax.Array] = {k: sums[k] for k in ("ce", "teacher_ce", "kl", "agreement") if k in sums}
+        for j, d in enumerate(self.divergences):
+            metrics[f"term_{d.position}_{d.kind}"] = sums["kd_terms"][j]
+        for i, term in enumerate(self.terms):
+            measure = registry.TERMS[term.kind].hidden_measure
+            if measure is None:
+                continue
+            # hidden_loss returns Σ over valid tokens of the per-token loss (averaged over layer pairs) and Σ
+            # weights; dividing by the global valid count keeps it exact across microbatches and hosts.
+            assert teacher is not None
+            h_sum, _ = hidden_loss(
+                hidden_proj, student.layers, teacher.layers, batch["loss_mask"], self.layer_map, measure
+            )
+            loss = loss + weights[i] * h_sum / valid_count
+            metrics[f"term_{i}_{term.kind}"] = h_sum
+        tokens = batch["loss_mask"].astype(jnp.float32).sum()
+        if self.router is not None and student.router is not None:
+            extra, router_metrics = router_terms(self.router, student.router, tokens, valid_count)
+            loss = loss + extra
+            metrics.update(router_metrics)
+        metrics["loss"] = loss * valid_count
+        # Every metric is a sum over valid tokens: weigh by this (micro)batch's own count, so the sums over the
+        # microbatches of an accumulated step add up to temperature × the global count, like the other metrics.
+        metrics["temperature"] = temperature * tokens
+        return loss, metrics
+
+    def eval_sums(
+        self, student: StudentOutputs, teacher: TeacherSignal | None, batch: dict[str, jax.Array]
+    ) -> dict[str, jax.Array]:
+        """Metric sums of one held-out batch plus its `count` (the step is 0: nothing is scheduled)."""
+        valid_count = jnp.maximum(batch["loss_mask"].astype(jnp.float32).sum(), 1.0)
+        _, sums = self.loss(jnp.int32(0), student, teacher, batch, valid_count)
+        return dict(sums, count=valid_count)
+
+
+def router_terms(moe, stats, tokens: jax.Array, valid_count: jax.Array):
     """An MoE student's router terms: (loss to add, metric sums).
 
     loss: aux_loss_weight · (Switch/GShard load balancing E·Σᵢ fᵢ·Pᵢ) + z_loss_weight · (router z-loss), each the
@@ -127,72 +271,7 @@ def router_terms(moe, stats, batch: dict[str, jax.Array], valid_count: jax.Array
     Metrics (sums weighed by the microbatch's token count, like `temperature`): moe_balance, moe_z, and the expert
     load: moe_load_max / moe_load_min (the most and least loaded expert's share × E; 1 = balanced) and
     moe_load_entropy (entropy of the load / log E; 1 = uniform)."""
-    tokens = batch["loss_mask"].astype(jnp.float32).sum()
     balance, z = moe_lib.load_balancing_loss(stats), moe_lib.z_loss(stats)
     extra = tokens / valid_count * (moe.aux_loss_weight * balance + moe.z_loss_weight * z)
     metrics = {"moe_balance": balance, "moe_z": z, **moe_lib.load_metrics(stats)}
     return extra, {name: jax.lax.stop_gradient(value) * tokens for name, value in metrics.items()}
-
-
-def objective(
-    cfg: DistillConfig,
-    total_steps: int,
-    step: jax.Array,
-    student: Outputs,
-    teacher: Outputs | None,
-    batch: dict[str, jax.Array],
-    valid_count: jax.Array,
-    vocab_size: int | None,
-    hidden_proj: Any = None,
-    softcaps: tuple[float, float] = (0.0, 0.0),
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """(normalised loss, metric sums). `valid_count` is the global Σ loss_mask of the whole (all-microbatch) batch."""
-    temperature = scheduled(cfg.temperature, cfg.final_temperature, cfg.temperature_schedule, step, total_steps)
-    weights = [scheduled(t.weight, t.final_weight, t.schedule, step, total_steps) for t in cfg.terms]
-    kd = [i for i, t in enumerate(cfg.terms) if t.kind in DIVERGENCES]
-    ce_weight = sum((w for t, w in zip(cfg.terms, weights) if t.kind == "ce"), jnp.float32(0.0))
-    kd_weights = [weights[i] * (temperature**2 if _t2(cfg.terms[i]) else 1.0) for i in kd]
-
-    if teacher is None:  # pretraining or a CE-only baseline: the same loss, teacher-free
-        teacher_arg = None
-    elif isinstance(teacher, (TopKTeacher, SampledTeacher)):  # a cached teacher (teacher_cache.py)
-        teacher_arg = teacher
-    elif teacher.head_dv is not None:  # teacher outputs arrive constant (teacher.forward stops their gradient)
-        teacher_arg = TeacherHead(teacher.hidden_nd, teacher.head_dv)
-    else:
-        teacher_arg = teacher.logits_nv
-    loss_fn = fused_distill_loss if cfg.fused else plain_distill_loss
-    sums = loss_fn(
-        student.hidden_nd,
-        student.head_dv,
-        teacher_arg,
-        batch["targets"].reshape(-1),
-        batch["loss_mask"].reshape(-1).astype(jnp.float32),
-        kd_terms=tuple((_kd_kind(cfg, cfg.terms[i].kind, teacher_arg), _params(cfg.terms[i])) for i in kd),
-        kd_weights=jnp.stack(kd_weights) if kd else jnp.zeros((0,), jnp.float32),
-        ce_weight=ce_weight,
-        temperature=temperature,
-        vocab_size=vocab_size,
-        chunk_size=global_chunk(cfg.chunk_size),
-        softcaps=softcaps,  # (student, teacher) final logit soft-caps: Gemma 2's logits exist only capped
-    )
-    loss = sums["loss"] / valid_count
-    metrics = {name: sums[name] for name in ("ce", "teacher_ce", "kl", "agreement") if name in sums}
-    for j, i in enumerate(kd):
-        metrics[f"term_{i}_{cfg.terms[i].kind}"] = sums["kd_terms"][j]
-
-    for i, term in enumerate(cfg.terms):
-        if term.kind not in HIDDEN_KINDS:
-            continue
-        # hidden_loss returns Σ over valid tokens of the per-token loss (averaged over layer pairs) and Σ weights;
-        # dividing by the global valid count keeps it exact across microbatches and hosts, like the logit terms.
-        h_sum, _ = hidden_loss(
-            hidden_proj, student.layers, teacher.layers, batch["loss_mask"], cfg.layer_map, HIDDEN_KINDS[term.kind]
-        )
-        loss = loss + weights[i] * h_sum / valid_count
-        metrics[f"term_{i}_{term.kind}"] = h_sum
-    metrics["loss"] = loss * valid_count
-    # Every metric is a sum over valid tokens: weigh by this (micro)batch's own count, so the sums over the
-    # microbatches of an accumulated step add up to temperature × the global count, like the other metrics.
-    metrics["temperature"] = temperature * batch["loss_mask"].astype(jnp.float32).sum()
-    return loss, metrics

@@ -13,7 +13,8 @@ Conventions shared by every function here:
   infinite value is not meaningful. JSD, skew KL (alpha in (0, 1]) and TVD stay finite in every case.
 
 Each divergence is written on log-probabilities (`*_from_log_probs`) so that a caller computing several terms on the
-same logits (the fused loss) normalises once; the public functions wrap them.
+same logits (the fused loss) normalises once; the public functions wrap them. Which of them the objective offers, with
+which parameters, is decided by the term registry (objective/terms.py), the one list of term kinds.
 """
 
 from __future__ import annotations
@@ -124,17 +125,6 @@ def soft_ce_from_log_probs(log_p, log_q):
     return -jnp.sum(jnp.where(present, p * jnp.where(present, log_q, 0.0), 0.0), axis=-1)
 
 
-DIVERGENCES_FROM_LOG_PROBS: dict[str, Callable[..., jax.Array]] = {
-    "forward_kl": forward_kl_from_log_probs,
-    "reverse_kl": reverse_kl_from_log_probs,
-    "jsd": jsd_from_log_probs,
-    "skew_kl": skew_kl_from_log_probs,
-    "skew_reverse_kl": skew_reverse_kl_from_log_probs,
-    "tvd": tvd_from_log_probs,
-    "soft_ce": soft_ce_from_log_probs,
-}
-
-
 # ---- the public per-token divergences on logits ----
 
 
@@ -201,18 +191,3 @@ def argmax_last(values: jax.Array) -> jax.Array:
     columns = jax.lax.broadcasted_iota(jnp.int32, values.shape, values.ndim - 1)
     is_max = values == jnp.max(values, axis=-1, keepdims=True)
     return jnp.min(jnp.where(is_max, columns, values.shape[-1]), axis=-1)
-
-
-def resolve_term(name: str, params) -> Callable[[jax.Array, jax.Array], jax.Array]:
-    """A (name, params) kd term as a function of (log_p, log_q); UserError for unknown names or parameters."""
-    if name not in DIVERGENCES_FROM_LOG_PROBS:
-        raise UserError(f"unknown divergence {name!r}; choose one of {sorted(DIVERGENCES_FROM_LOG_PROBS)}")
-    fn = DIVERGENCES_FROM_LOG_PROBS[name]
-    params = dict(params)
-    allowed = {"jsd": {"beta"}, "skew_kl": {"alpha"}, "skew_reverse_kl": {"alpha"}}.get(name, set())
-    unknown = set(params) - allowed
-    if unknown:
-        raise UserError(f"divergence {name!r} takes parameters {sorted(allowed) or 'none'}, got {sorted(unknown)}")
-    for key, value in params.items():  # validate now, not at trace time deep inside a scan
-        _check_unit_interval(f"{name} {key}", value)
-    return lambda log_p, log_q: fn(log_p, log_q, **params)

@@ -14,11 +14,11 @@ Both return *sums* (the caller divides by the global Σ weights):
   kd_terms    [n_terms] Σ_t w_t div_i(t) at the given temperature
   ce          Σ w · student hard-label cross-entropy at T = 1
   weight      Σ w
-and, for teachers with full logits (TeacherHead or a logits array):
+and, for live teachers (full logits: a hidden-state + head signal or a logits one):
   teacher_ce  Σ w · teacher cross-entropy at T = 1
   kl          Σ w · KL(teacher‖student) at T = 1 (a diagnostic, independent of the kd terms)
   agreement   Σ w · [argmax student == argmax teacher]
-A TopKTeacher also gives `agreement` (its top-1 id); sparse teachers give no teacher_ce or kl (they need full logits).
+A top-k signal also gives `agreement` (its top-1 id); sparse teachers give no teacher_ce or kl (they need full logits).
 teacher=None is allowed with no kd terms (a CE-only baseline).
 
 Sharding: everything is plain jnp under jit, so GSPMD partitions it. With student_head [D, V] sharded over `tensor` on
@@ -48,19 +48,15 @@ import jax.numpy as jnp
 
 from analogjax.errors import UserError
 from analogjax.objective import divergences as losses
-from analogjax.objective.sparse import SampledTeacher, TopKTeacher, resolve_sparse_term
-
-
-class TeacherHead(NamedTuple):
-    hidden: jax.Array  # [N, Dt] the teacher's final-normed hidden states
-    head: jax.Array  # [Dt, Vt] the teacher's lm_head
+from analogjax.objective.signal import TeacherSignal
+from analogjax.objective.terms import resolve
 
 
 @dataclasses.dataclass(frozen=True)
 class _Spec:
     """Everything static about one objective: resolved kd terms and how to read the teacher."""
 
-    teacher_kind: str  # "dense" (logits or TeacherHead), "topk", "sampled", "none"
+    teacher_kind: str  # "dense" (a live signal: hidden + head, or logits), "topk", "sampled", "none"
     terms: tuple[Callable[..., jax.Array], ...]
     vocab_size: int | None
     temperature_is_one: bool
@@ -78,7 +74,7 @@ class _Coefficients(NamedTuple):
 
 def _prepare(
     student_head,
-    teacher,
+    teacher: TeacherSignal | None,
     targets,
     weights,
     kd_terms,
@@ -86,22 +82,21 @@ def _prepare(
     ce_weight,
     temperature,
     vocab_size,
-    softcaps=(0.0, 0.0),
+    student_softcap=0.0,
 ):
-    """Validate the static structure and split the teacher into row-aligned arrays and an optional head."""
-    if teacher is None:  # CE only (pretraining or a baseline): the same loss without a teacher
-        kind, teacher_rows, teacher_head = "none", None, None
-    elif isinstance(teacher, TeacherHead):
-        kind, teacher_rows, teacher_head = "dense", teacher.hidden, teacher.head
-    elif isinstance(teacher, TopKTeacher):
-        kind, teacher_rows, teacher_head = "topk", teacher, None
-    elif isinstance(teacher, SampledTeacher):
-        kind, teacher_rows, teacher_head = "sampled", teacher, None
-    else:
-        kind, teacher_rows, teacher_head = "dense", teacher, None
+    """Validate the static structure and split the teacher's signal into row-aligned arrays and an optional head."""
     kd_terms = tuple(kd_terms)
+    teacher_softcap = 0.0
+    terms: tuple[Callable[..., jax.Array], ...]
+    if teacher is None:  # CE only (pretraining or a baseline): the same loss without a teacher
+        if kd_terms:
+            raise UserError(f"kd terms {[name for name, _ in kd_terms]} need a teacher")
+        kind, teacher_rows, teacher_head, terms = "none", None, None, ()
+    else:
+        terms = tuple(resolve(name, params, teacher.kind) for name, params in kd_terms)
+        kind = "dense" if teacher.is_live else teacher.kind
+        teacher_rows, teacher_head, teacher_softcap = teacher.token_rows(), teacher.head, teacher.softcap
     if kind == "dense":
-        terms = tuple(losses.resolve_term(name, params) for name, params in kd_terms)
         teacher_width = (teacher_head if teacher_head is not None else teacher_rows).shape[-1]
         student_width = student_head.shape[-1]
         if vocab_size is None and teacher_width != student_width:
@@ -111,17 +106,11 @@ def _prepare(
             )
         if vocab_size is not None and vocab_size > min(teacher_width, student_width):
             raise UserError(f"vocab_size {vocab_size} exceeds a model's vocabulary ({teacher_width}, {student_width})")
-    elif kind == "none":
-        if kd_terms:
-            raise UserError(f"kd terms {[name for name, _ in kd_terms]} need a teacher")
-        terms = ()
-    else:
-        terms = tuple(resolve_sparse_term(name, params, teacher) for name, params in kd_terms)
     kd_weights = jnp.asarray(kd_weights, jnp.float32).reshape(-1)
     if kd_weights.shape[0] != len(terms):
         raise UserError(f"kd_weights has {kd_weights.shape[0]} entries for {len(terms)} kd terms")
     temperature_is_one = isinstance(temperature, (int, float)) and float(temperature) == 1.0
-    spec = _Spec(kind, terms, vocab_size, temperature_is_one, float(softcaps[0]), float(softcaps[1]))
+    spec = _Spec(kind, terms, vocab_size, temperature_is_one, float(student_softcap), float(teacher_softcap))
     coefficients = _Coefficients(kd_weights, jnp.asarray(ce_weight, jnp.float32), jnp.asarray(temperature, jnp.float32))
     rows = (jnp.asarray(targets, jnp.int32), jnp.asarray(weights, jnp.float32), teacher_rows)
     return spec, rows, teacher_head, coefficients
@@ -212,12 +201,21 @@ def plain_distill_loss(
     temperature,
     vocab_size=None,
     chunk_size=512,
-    softcaps=(0.0, 0.0),
+    student_softcap=0.0,
 ) -> dict[str, jax.Array]:
     """The fused objective on materialised [N, V] logits with plain autodiff (chunk_size is accepted and unused)."""
     del chunk_size
     spec, (targets, weights, teacher_rows), teacher_head, coefficients = _prepare(
-        student_head, teacher, targets, weights, kd_terms, kd_weights, ce_weight, temperature, vocab_size, softcaps
+        student_head,
+        teacher,
+        targets,
+        weights,
+        kd_terms,
+        kd_weights,
+        ce_weight,
+        temperature,
+        vocab_size,
+        student_softcap,
     )
     logits = _student_logits(student_hidden, student_head)
     loss, metrics = _objective(spec, logits, targets, weights, teacher_rows, teacher_head, coefficients)
@@ -274,19 +272,29 @@ def fused_distill_loss(
     temperature,
     vocab_size=None,
     chunk_size=512,
-    softcaps=(0.0, 0.0),
+    student_softcap=0.0,
 ) -> dict[str, jax.Array]:
     """Chunked distillation loss; equal to plain_distill_loss in value and gradient. See the module docstring.
 
-    student_hidden [N, D] (final-normed, any float dtype); student_head [D, V]; teacher: TeacherHead, teacher logits
-    [N, Vt], TopKTeacher or SampledTeacher; targets [N] int32; weights [N] float32 (0 = ignore). kd_terms is a static
-    tuple of (name, params_tuple); kd_weights [n_terms], ce_weight and temperature may be traced. vocab_size: use
-    columns [0, vocab_size) of both models when their vocabularies differ only by padding. chunk_size counts tokens
-    across all data shards. softcaps: (student, teacher) final logit soft-caps (0 = none; a TeacherHead's logits are
-    capped here, a logits teacher's by the teacher itself).
+    student_hidden [N, D] (final-normed, any float dtype); student_head [D, V]; teacher: a TeacherSignal (hidden +
+    head, logits, top-k or sampled rows; its tokens, flattened, are the N rows) or None; targets [N] int32; weights
+    [N] float32 (0 = ignore). kd_terms is a static tuple of (name, params_tuple) resolved by the term registry for
+    the signal's kind; kd_weights [n_terms], ce_weight and temperature may be traced. vocab_size: use columns
+    [0, vocab_size) of both models when their vocabularies differ only by padding. chunk_size counts tokens across
+    all data shards. student_softcap: the student's final logit soft-cap (0 = none); the teacher's travels in its
+    signal (logits built from its hidden states are capped here, a logits teacher caps its own).
     """
     spec, rows, teacher_head, coefficients = _prepare(
-        student_head, teacher, targets, weights, kd_terms, kd_weights, ce_weight, temperature, vocab_size, softcaps
+        student_head,
+        teacher,
+        targets,
+        weights,
+        kd_terms,
+        kd_weights,
+        ce_weight,
+        temperature,
+        vocab_size,
+        student_softcap,
     )
     num_tokens = student_hidden.shape[0]
     n_chunks, chunk, padded = chunk_layout(num_tokens, chunk_size)
@@ -370,4 +378,4 @@ def named_kd_terms(kd_terms) -> tuple[str, ...]:
     return tuple(names)
 
 
-__all__ = ["TeacherHead", "fused_distill_loss", "plain_distill_loss", "chunk_layout", "named_kd_terms"]
+__all__ = ["fused_distill_loss", "plain_distill_loss", "chunk_layout", "named_kd_terms"]

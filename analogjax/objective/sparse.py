@@ -24,7 +24,6 @@ weights are deliberately not renormalised per token: self-normalisation would bi
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -161,23 +160,3 @@ def sampled_kd(student_logits, teacher: SampledTeacher, *, temperature=1.0):
     log_q_at_ids = _gather(losses.log_softmax(student_logits, temperature), teacher.ids)
     weights = teacher.weights.astype(log_q_at_ids.dtype)
     return -jnp.sum(jnp.where(weights != 0, weights * log_q_at_ids, 0.0), axis=-1)
-
-
-TOPK_DIVERGENCES: dict[str, Callable[..., jax.Array]] = {
-    "topk_renormalized": topk_renormalized,
-    "topk_gathered": topk_gathered,
-    "topk_tail_bucket": topk_tail_bucket,
-}
-SAMPLED_DIVERGENCES: dict[str, Callable[..., jax.Array]] = {"sampled_kd": sampled_kd}
-
-
-def resolve_sparse_term(name: str, params, teacher) -> Callable[..., jax.Array]:
-    """A kd term for a sparse teacher as fn(student_logits, teacher, temperature); UserError when it does not fit."""
-    table = TOPK_DIVERGENCES if isinstance(teacher, TopKTeacher) else SAMPLED_DIVERGENCES
-    if name not in table:
-        kind = type(teacher).__name__
-        raise UserError(f"kd term {name!r} does not apply to a {kind}; choose one of {sorted(table)}")
-    if tuple(params):
-        raise UserError(f"kd term {name!r} takes no parameters, got {dict(params)}")
-    fn = table[name]
-    return lambda student_logits, teacher_rows, temperature: fn(student_logits, teacher_rows, temperature=temperature)

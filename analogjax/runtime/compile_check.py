@@ -1,7 +1,7 @@
 """`analogjax compile-check --config FILE --topology v5p-256`: will this run fit that pod, and how fast could it go?
 
-The real distill step (the one train.py jits: `make_distill_step` with the shardings of `abstract_state`, the teacher
-under its own rules) is compiled ahead of time for a TPU topology described by libtpu (pip install analogjax[tpu]);
+The real distill step (the one `setup.build` jits for training, built by `setup.build` itself with the teacher under
+its own rules) is compiled ahead of time for a TPU topology described by libtpu (pip install analogjax[tpu]);
 no TPU is needed, nothing is allocated. The mesh is built from the topology's devices by `mesh.make_mesh`, exactly
 as a run on that pod builds it from `jax.devices()`.
 
@@ -212,51 +212,25 @@ class Plan:
 
 
 def compile_plan(config, topology: Topology) -> Plan:
-    """Compile `config`'s distill step for `topology` and read XLA's memory and cost analyses."""
+    """Compile `config`'s distill step for `topology` and read XLA's memory and cost analyses. The run is built by
+    `setup.build` itself (abstract: nothing read or allocated), so this compiles exactly the program training runs,
+    after exactly the checks a run makes."""
     import jax
 
-    from analogjax import mesh as mesh_lib
     from analogjax.data.batch import abstract_batch
-    from analogjax.models.transformer import Transformer
-    from analogjax.objective import check_distill, needs_teacher
     from analogjax.runtime.flops import distill_flops_per_step, forward_flops_per_token
-    from analogjax.setup import abstract_state, build_mesh, check_vocab, jit_distill_step
-    from analogjax.step import make_optimizer
-    from analogjax.teacher import model_teacher
+    from analogjax.setup import build, build_mesh
+    from analogjax.teacher_cache import cache_batch_fields
 
-    check_distill(config.distill)
     mesh = build_mesh(config, devices=topology_devices(topology))
-    student = Transformer(config.model)
-    tx = make_optimizer(config.optim, config.train.steps)
-    state, shardings = abstract_state(config, mesh, student, tx)
-    teacher, teacher_params, cache_fields = None, {}, {}
-    if needs_teacher(config.distill) and config.teacher.cache:
-        # A cached teacher's step reads the cache's fields from the batch: compile exactly that program.
-        from analogjax.teacher import Teacher
-        from analogjax.teacher_cache import CacheLayout, cache_batch_fields, read_provenance, sparse_teacher_from_batch
-
-        saved = read_provenance(config.teacher.cache)
-        if saved is None:
-            raise UserError(
-                f"teacher.cache: {config.teacher.cache} holds no teacher cache (its layout sets the "
-                "batch compile-check compiles); run cache-teacher first"
-            )
-        cache_fields = cache_batch_fields(CacheLayout(**saved["layout"]))
-        teacher = Teacher(
-            from_batch=sparse_teacher_from_batch, rules=mesh_lib.TEACHER_RULES, vocab_size=saved["vocab_size"]
-        )
-    elif needs_teacher(config.distill):
-        teacher_model = Transformer(config.teacher.model)
-        teacher = model_teacher(teacher_model, mesh_lib.TEACHER_RULES)
-        check_vocab(config.model.vocab_size, teacher.vocab_size)
-        teacher_params = mesh_lib.abstract_sharded(teacher_model.init_boxed, mesh, mesh_lib.TEACHER_RULES)
-    teacher_shardings = jax.tree.map(lambda a: a.sharding, teacher_params)
-    batch_sharding = mesh_lib.batch_sharding(mesh)
-    # The batch training feeds, from the one schema (data/batch.py), so this compiles the program training runs.
-    batch = abstract_batch(config.data.global_batch, config.data.seq_len, batch_sharding, cache_fields)
-    step_fn = jit_distill_step(config, student, teacher, tx, shardings, teacher_shardings, batch_sharding, mesh)
+    run = build(config, mesh=mesh, init=False, abstract=True)
+    teacher = run.teacher
+    # A cached teacher's step reads the cache's fields from the batch: the batch training feeds, from the one schema
+    # (data/batch.py), with the fields of the cache's own layout.
+    cache_fields = cache_batch_fields(teacher.cache_layout) if teacher is not None and teacher.is_cached else {}
+    batch = abstract_batch(config.data.global_batch, config.data.seq_len, run.batch_sharding, cache_fields)
     with jax.set_mesh(mesh):
-        compiled = step_fn.lower(state, teacher_params, batch).compile()
+        compiled = run.step_fn.lower(run.abstract_state, run.teacher_params, batch).compile()
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax returned one dict per program

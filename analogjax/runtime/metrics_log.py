@@ -1,18 +1,24 @@
 """Where metrics go: WORKDIR/metrics.jsonl (one object per logged step), TensorBoard, and the user's screen (a
-progress bar on a terminal, plain lines otherwise). Process 0 only."""
+progress bar on a terminal, plain lines otherwise). Process 0 only.
+
+Progress is every command's progress display (distill, prune, cache-teacher, prepare); prepare runs without JAX, so
+this module imports JAX only where MetricsLog needs it."""
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-import jax
+T = TypeVar("T")
 
 
 class MetricsLog:
     def __init__(self, workdir: str | Path, filename: str = "metrics.jsonl", tensorboard: bool = True):
+        import jax
+
         self.enabled = jax.process_index() == 0
         self.path = Path(workdir) / filename
         self._tb = None
@@ -53,12 +59,22 @@ PER_STEP = ("grad_norm", "nonfinite")  # already per-step values, not sums over 
 
 
 class Progress:
-    """A tqdm bar when stderr is a terminal; otherwise (CI logs, files, pipes) one plain line per logged record, so
-    a log never fills with carriage-return redraws."""
+    """A tqdm bar when stderr is a terminal; otherwise (CI logs, files, pipes) no redraws at all: one plain line per
+    `note`d record, and nothing for `update` and `show` (the command prints its own closing line), so a log never
+    fills with carriage-return redraws. `enabled=False` (--no-progress, or not process 0) shows nothing."""
 
     _SHOWN = ("loss", "kl", "ce", "tokens_per_s", "eval_ce", "eval_kl")
 
-    def __init__(self, total: int, initial: int, desc: str, *, enabled: bool, stream=None):
+    def __init__(
+        self,
+        total: int | None,
+        initial: int = 0,
+        desc: str = "",
+        *,
+        enabled: bool,
+        unit: str = "it",
+        stream=None,
+    ):
         self.stream = stream or sys.stderr
         self.enabled = enabled
         self.total, self.desc = total, desc
@@ -66,11 +82,22 @@ class Progress:
         if enabled and self.stream.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, file=self.stream)
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, file=self.stream)
 
-    def update(self) -> None:
+    def update(self, n: int = 1) -> None:
         if self.bar is not None:
-            self.bar.update(1)
+            self.bar.update(n)
+
+    def track(self, items: Iterable[T]) -> Iterator[T]:
+        """The items, the bar advancing by one as each is finished with (when the next one is asked for)."""
+        for item in items:
+            yield item
+            self.update()
+
+    def show(self, **values: str) -> None:
+        """Values beside the bar (a terminal only: they are not worth a line of their own in a log)."""
+        if self.bar is not None:
+            self.bar.set_postfix(values)
 
     def note(self, step: int, record: dict[str, Any]) -> None:
         """A logged record: the bar's postfix on a terminal, a line otherwise."""
@@ -78,7 +105,7 @@ class Progress:
             return
         shown = {k: record[k] for k in self._SHOWN if isinstance(record.get(k), (int, float))}
         if self.bar is not None:
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items() if k in ("loss", "tokens_per_s")})
+            self.show(**{k: f"{v:.4g}" for k, v in shown.items() if k in ("loss", "tokens_per_s")})
             return
         values = " ".join(f"{k} {v:.4g}" for k, v in shown.items())
         print(f"{self.desc} step {step}/{self.total} {values}", file=self.stream, flush=True)

@@ -3,7 +3,6 @@
 
 from analogjax.teacher_cache.format import (
     BATCH_KEYS,
-    TREATMENTS,
     CacheLayout,
     cache_batch_fields,
     check_run,
@@ -18,7 +17,6 @@ __all__ = [
     "BATCH_KEYS",
     "CacheLayout",
     "CacheReader",
-    "TREATMENTS",
     "build_cache",
     "cache_batch_fields",
     "cached_teacher_source",

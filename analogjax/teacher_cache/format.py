@@ -28,7 +28,7 @@ import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import jax.numpy as jnp
 import numpy as np
@@ -46,7 +46,6 @@ CODECS: dict[str, dict | None] = {
     "zstd": {"id": "blosc", "cname": "zstd", "clevel": 5, "shuffle": 1},
 }
 # distill.topk_treatment → the sparse_teacher divergence a forward_kl (or soft_ce) term becomes with a top-k cache.
-TREATMENTS = {"tail_bucket": "topk_tail_bucket", "gathered": "topk_gathered", "renormalized": "topk_renormalized"}
 # Fields added to a batch, per kind: batch key → (array name in the cache).
 BATCH_KEYS = {
     "topk": {"teacher_values": "values", "teacher_indices": "indices", "teacher_lse": "lse"},
@@ -197,7 +196,6 @@ def check_run(saved: dict, config: Config, process_count: int, path: str) -> Non
         )
     kind = saved["layout"]["kind"]
     distill = config.distill
-    check_choice("distill.topk_treatment", distill.topk_treatment, TREATMENTS)
     # Raw top-k logits do not depend on the temperature; the logsumexp and the samples do.
     temperature_matters = kind == "sampled" or distill.topk_treatment == "tail_bucket"
     if temperature_matters and (
@@ -208,12 +206,6 @@ def check_run(saved: dict, config: Config, process_count: int, path: str) -> Non
             f"distill.temperature {distill.temperature} (final {distill.final_temperature}); a {kind} "
             f"cache{' with the tail_bucket treatment' if kind == 'topk' else ''} needs the same fixed one"
         )
-    for i, term in enumerate(distill.terms):
-        if term.kind not in ("ce", "forward_kl", "soft_ce"):
-            raise UserError(
-                f"distill.terms[{i}].kind: {term.kind} needs the teacher's full outputs; a teacher cache "
-                "supports forward_kl (or soft_ce) and ce"
-            )
 
 
 def read_provenance(path: str | Path) -> dict | None:
@@ -269,11 +261,11 @@ class _Store:
         steps, batch, seq = meta["steps"], meta["global_batch"], meta["seq_len"]
         processes, rows = meta["packing"]["process_count"], meta["packing"]["rows_per_process"]
         mode = dict(create=True, open=True) if create else dict(open=True)
-        self.fields = {}
+        opening = {}  # every field's open starts before any is waited on
         for name, (dtype, per_token) in layout.fields().items():
             spec = _spec(path, name, (steps, batch, seq, *per_token), (1, rows, seq, *per_token), dtype, layout.codec)
-            self.fields[name] = ts.open(spec, **mode)
-        self.fields = {name: future.result() for name, future in self.fields.items()}
+            opening[name] = ts.open(spec, **mode)
+        self.fields = {name: future.result() for name, future in opening.items()}
         self.row_hash = ts.open(_spec(path, "row_hash", (steps, batch), (1, rows), "uint32", "raw"), **mode).result()
         # One file per marker: processes never rewrite each other's chunks.
         self.done = ts.open(_spec(path, "done", (steps, processes), (1, 1), "uint8", "raw"), **mode).result()
@@ -281,13 +273,16 @@ class _Store:
 
     def finished_steps(self) -> np.ndarray:
         """[steps] bool: every process's part of the step is on disk."""
-        return self.done.read().result().astype(bool).all(axis=1)
+        # numpy types all(axis=...) as "a bool or an array"; over axis 1 of a 2-d array it is an array.
+        return cast(np.ndarray, self.done.read().result().astype(bool).all(axis=1))
 
 
 def data_bytes_per_token(path: str | Path) -> float:
     """Bytes on disk of the per-token fields (chunk files, compression included) per cached token."""
     path = Path(path)
     meta = read_provenance(path)
+    if meta is None:
+        raise UserError(f"{path} holds no teacher cache")
     tokens = meta["steps"] * meta["global_batch"] * meta["seq_len"]
     total = sum(
         f.stat().st_size

@@ -10,7 +10,7 @@ import numpy as np
 from analogjax.config import Config
 from analogjax.errors import UserError
 from analogjax.objective.sparse import SampledTeacher, TopKTeacher
-from analogjax.teacher_cache.format import BATCH_KEYS, _Store, check_run, read_provenance, row_hashes
+from analogjax.teacher_cache.format import BATCH_KEYS, CacheLayout, _Store, check_run, read_provenance, row_hashes
 
 
 def sparse_teacher_from_batch(batch: dict[str, jax.Array]) -> TopKTeacher | SampledTeacher:
@@ -24,14 +24,16 @@ def sparse_teacher_from_batch(batch: dict[str, jax.Array]) -> TopKTeacher | Samp
     return SampledTeacher(flat(batch["teacher_ids"]), flat(batch["teacher_weights"]))
 
 
-def cached_teacher_source(config: Config):
-    """(batch -> sparse teacher, shared vocabulary) of the config's teacher.cache, checked against the run: what
-    teacher.load_teacher wraps as a cached Teacher (nothing of the teacher is in memory)."""
+def cached_teacher_source(config: Config, *, check: bool = True):
+    """(batch -> sparse teacher, shared vocabulary, CacheLayout) of the config's teacher.cache, checked against the
+    run unless `check` is false: what teacher.load_teacher wraps as a cached Teacher (nothing of the teacher is in
+    memory)."""
     saved = read_provenance(config.teacher.cache)
     if saved is None:
         raise UserError(f"teacher.cache: {config.teacher.cache} holds no teacher cache (run cache-teacher first)")
-    check_run(saved, config, jax.process_count(), config.teacher.cache)
-    return sparse_teacher_from_batch, saved["vocab_size"]
+    if check:
+        check_run(saved, config, jax.process_count(), config.teacher.cache)
+    return sparse_teacher_from_batch, saved["vocab_size"], CacheLayout(**saved["layout"])
 
 
 class CacheReader:

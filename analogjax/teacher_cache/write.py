@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -16,6 +15,7 @@ from analogjax.config import Config
 from analogjax.errors import UserError
 from analogjax.models.transformer import softcap_logits
 from analogjax.objective.sparse import sample_teacher_tokens
+from analogjax.runtime.metrics_log import Progress
 from analogjax.teacher import forward as teacher_forward
 from analogjax.teacher_cache.format import (
     PROVENANCE_FILE,
@@ -59,8 +59,9 @@ def make_teacher_outputs(
     base_key = jax.random.key(seed)
 
     def outputs(params, batch, step, row_offset):
-        out = teacher_forward(teacher, params, batch)
-        hidden, head, logits_bsv = out.hidden_bsd, out.head_dv, out.logits_bsv
+        signal = teacher_forward(teacher, params, batch)
+        hidden, head = (signal.rows, signal.head) if signal.kind == "hidden" else (None, None)
+        logits_bsv = signal.rows if signal.kind == "logits" else None
         b, s = batch["tokens"].shape
         c = _seq_chunk(b, s, chunk_tokens)
         step_key = jax.random.fold_in(base_key, step)
@@ -116,8 +117,6 @@ def write_cache(
     Steps already finished by every process are skipped (their batches are still drawn, to stay aligned).
     `stop_after` stops after writing that many steps (a job cut short, for tests). Returns a summary.
     """
-    from tqdm import tqdm
-
     from analogjax import mesh as mesh_lib
     from analogjax.data import to_global_batch
 
@@ -156,14 +155,7 @@ def write_cache(
     rows = store.rows
     row_offset = process_index * rows
     steps, seq_len = config.train.steps, config.data.seq_len
-    bar = tqdm(
-        total=steps,
-        initial=int(finished.sum()),
-        desc="cache-teacher",
-        dynamic_ncols=True,
-        # A bar on a terminal only: logs and pipes get the summary line, not carriage-return redraws.
-        disable=not progress or process_index != 0 or not sys.stderr.isatty(),
-    )
+    bar = Progress(steps, int(finished.sum()), "cache-teacher", enabled=progress and process_index == 0)
     written, skipped = [], 0
     # Throughput counts the steps after the first written one: the first includes compiling the teacher.
     timed_start, timed_tokens, pending = None, 0, None
@@ -184,7 +176,7 @@ def write_cache(
             timed_start = time.perf_counter()
         else:
             timed_tokens += hashes.size * seq_len * process_count
-            bar.set_postfix(tok_s=f"{timed_tokens / (time.perf_counter() - timed_start):.0f}")
+            bar.show(tok_s=f"{timed_tokens / (time.perf_counter() - timed_start):.0f}")
 
     with jax.set_mesh(mesh):
         for step, local_batch in zip(range(steps), batches):
