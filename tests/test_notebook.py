@@ -9,21 +9,15 @@ import pytest
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
+from test_demo import TOY_SETS  # noqa: E402
+
 from analogjax.data.spec import DataConfig, resolved_cache_dir  # noqa: E402
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "colab_demo.ipynb"
 
+# The toy demo's settings (the notebook's demo then reuses the programs test_demo compiles, or the other way round).
 TINY = [
-    "teacher_steps=3",
-    "tokenizer_vocab=0",
-    "run.model.vocab_size=512",
-    "run.teacher.model.vocab_size=512",
-    "run.data.global_batch=8",
-    "run.data.seq_len=32",
-    "run.train.steps=3",
-    "run.train.log_every=1",
-    "run.train.eval_batches=1",
-    "run.optim.warmup_steps=0",
+    *TOY_SETS,
     # Reuse the tokenized-corpus cache the other tests fill instead of one inside the workdir.
     f"run.data.cache_dir={resolved_cache_dir(DataConfig())}",
 ]

@@ -90,7 +90,7 @@ def test_step_matches_explicit_reference():
     # Compiled as one program (op by op, most of this test's time went to compiling each op on its own).
     loss, grads = jax.jit(jax.value_and_grad(reference_loss))(params0)
     np.testing.assert_allclose(got["loss"] / got["count"], loss, rtol=1e-5)
-    np.testing.assert_allclose(got["grad_norm"], optax.tree.norm(grads), rtol=1e-5)
+    np.testing.assert_allclose(got["grad_norm"], jax.jit(optax.tree.norm)(grads), rtol=1e-5)
     tx = make_optimizer(config.optim, config.train.steps)
     updates, _ = jax.jit(lambda g, p: tx.update(g, tx.init(p), p))(grads, params0)
     want_params = optax.apply_updates(params0, updates)
