@@ -17,28 +17,30 @@ from analogjax.recipes.demo import DemoConfig, SelfDemoConfig, load_demo_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The toy demo's settings. test_notebook runs the notebook's demo with these same settings, on one device as here,
-# so whichever of the two runs second finds its programs compiled (the tests share one compilation cache).
+# The toy demo's settings, shared with test_notebook (the notebook's demo) and test_release (its demo run): the three
+# demos then compile the same programs, so whichever runs first compiles them for the others (one compilation cache
+# for the session), on the 8 devices every test process sees.
 TOY_SETS = [
-    "teacher_steps=6",
-    "run.train.steps=6",
+    "teacher_steps=3",
+    "run.train.steps=3",
     "tokenizer_vocab=0",
     "run.model.vocab_size=259",
     "run.teacher.model.vocab_size=259",
-    "run.data.seq_len=32",
+    "run.teacher.model.d_model=32",
+    "run.teacher.model.d_ff=64",
+    "run.model.d_model=16",
+    "run.model.d_ff=32",
     "run.data.global_batch=8",
-    "run.train.eval_batches=2",
-    "run.train.log_every=3",
+    "run.data.seq_len=32",
+    "run.train.eval_batches=1",
+    "run.train.log_every=1",
     "transfer_batches=1",
 ]
 TOY = [arg for item in TOY_SETS for arg in ("--set", item)]
 
 
 def test_toy_demo_writes_summary_and_table(tmp_path):
-    # One device: the demo's sharded paths are exercised on 8 devices in-process (test_release, test_gguf).
-    proc = analogjax(
-        "demo", "--teacher", "self", "--workdir", str(tmp_path), "--no-progress", *TOY, devices=1, timeout=600
-    )
+    proc = analogjax("demo", "--teacher", "self", "--workdir", str(tmp_path), "--no-progress", *TOY, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     for name in ("teacher", "analog", "baseline"):
