@@ -33,29 +33,30 @@ import jax  # noqa: E402
 jax.config.update("jax_enable_x64", False)
 
 
-# The slowest files, slowest first (measured on 2 CPU cores). Under `-n 2 --dist loadfile` pytest-xdist hands whole
-# files to its two workers in collection order: the long files start first and the many short ones fill in at the
-# end, so both workers finish together. (A file not named here only runs after these; its order is otherwise kept.)
+# The slowest files, slowest first (CPU seconds measured on 2 cores). Under `-n 2 --dist loadfile` pytest-xdist hands
+# whole files to its two workers in collection order: the long files start first and the many short ones fill in at
+# the end, so both workers finish together. (A file not named here runs after these, in its usual order.) The
+# notebook, test_release and test_demo run one toy demo: the notebook, first, compiles what the other two reuse.
 SLOWEST_FIRST = (
-    "test_checkpoint_resume.py",
-    "test_step.py",
     "test_bad_input.py",
+    "test_step.py",
     "test_prune.py",
-    "test_model.py",
-    "test_context_parallel.py",
-    "test_library_api.py",
-    "test_notebook.py",
-    "test_release.py",
-    "test_gguf.py",
-    "test_moe.py",
-    "test_hf_moe.py",
     "test_distributed.py",
-    "test_demo.py",
+    "test_notebook.py",
     "test_cli.py",
+    "test_model.py",
+    "test_gguf.py",
+    "test_checkpoint_resume.py",
+    "test_moe.py",
+    "test_context_parallel.py",
+    "test_hf_moe.py",
+    "test_library_api.py",
+    "test_release.py",
     "test_checkpoint.py",
     "test_on_policy.py",
     "test_hf.py",
     "test_teacher_cache.py",
+    "test_demo.py",
 )
 
 
