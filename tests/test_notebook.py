@@ -9,21 +9,15 @@ import pytest
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
+from test_demo import TOY_SETS  # noqa: E402
+
 from analogjax.data.spec import DataConfig, resolved_cache_dir  # noqa: E402
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "colab_demo.ipynb"
 
+# The toy demo's settings: the notebook's demo compiles the programs test_demo's and test_release's demos compile.
 TINY = [
-    "teacher_steps=3",
-    "tokenizer_vocab=0",
-    "run.model.vocab_size=512",
-    "run.teacher.model.vocab_size=512",
-    "run.data.global_batch=8",
-    "run.data.seq_len=32",
-    "run.train.steps=3",
-    "run.train.log_every=1",
-    "run.train.eval_batches=1",
-    "run.optim.warmup_steps=0",
+    *TOY_SETS,
     # Reuse the tokenized-corpus cache the other tests fill instead of one inside the workdir.
     f"run.data.cache_dir={resolved_cache_dir(DataConfig())}",
 ]
@@ -33,9 +27,7 @@ def test_notebook_executes_on_cpu(tmp_path, monkeypatch):
     workdir = tmp_path / "demo"
     monkeypatch.setenv("ANALOGJAX_DEMO_WORKDIR", str(workdir))
     monkeypatch.setenv("ANALOGJAX_DEMO_SET", " ".join(TINY))
-    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    # One CPU device is enough here; the 8 fake devices of the test process would only slow the demo down.
-    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # the kernel and its demo inherit the test process's 8 fake devices
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     nbclient.NotebookClient(
         notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}

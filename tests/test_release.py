@@ -11,27 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_demo import TOY_SETS
 
 from analogjax import cli
 from analogjax.errors import UserError
 
-DEMO = [
-    "teacher_steps=3",
-    "run.train.steps=3",
-    "tokenizer_vocab=0",
-    "run.model.vocab_size=259",
-    "run.teacher.model.vocab_size=259",
-    "run.teacher.model.d_model=32",
-    "run.teacher.model.d_ff=64",
-    "run.model.d_model=16",
-    "run.model.d_ff=32",
-    "run.data.global_batch=8",
-    "run.data.seq_len=32",
-    "run.train.eval_batches=1",
-    "run.train.log_every=1",
-    "run.data.heldout_fraction=0.2",
-    "run.teacher.pretraining_flops=1e12",
-]
+# The toy demo's settings (its programs are compiled once for this demo, test_demo's and the notebook's).
+DEMO = [*TOY_SETS, "run.data.heldout_fraction=0.2", "run.teacher.pretraining_flops=1e12"]
 
 
 @pytest.fixture(scope="module")

@@ -67,10 +67,14 @@ def test_step_matches_explicit_reference():
     """loss = alpha·T²·KL(p_T‖q_T) + (1−alpha)·CE, masked, over the global valid count; grads and Adam update."""
     config = TINY
     batch = packed_batch(8, 32, 512, seed=1)
-    run, got_state, got = _one_step(config, mesh_lib.make_mesh(2, 1, 4), batch)
+    run = build(config, mesh=mesh_lib.make_mesh(2, 1, 4))
+    params0 = jax.device_get(run.state.params)  # before the step, which donates the state
+    with jax.set_mesh(run.mesh):
+        got_state, got = jax.device_get(
+            run.step_fn(run.state, run.teacher_params, jax.device_put(batch, run.batch_sharding))
+        )
     t = config.distill.temperature
     student, teacher = run.student, run.teacher.logits
-    params0 = jax.device_get(build(config, mesh=_single_device_mesh()).state.params)
     t_params = jax.device_get(run.teacher_params)
     b = {k: jnp.asarray(v) for k, v in batch.items()}
 
@@ -83,11 +87,12 @@ def test_step_matches_explicit_reference():
         per_token = 0.5 * t**2 * kl + 0.5 * ce
         return jnp.sum(per_token * b["loss_mask"]) / jnp.sum(b["loss_mask"])
 
-    loss, grads = jax.value_and_grad(reference_loss)(params0)
+    # Compiled as one program (op by op, most of this test's time went to compiling each op on its own).
+    loss, grads = jax.jit(jax.value_and_grad(reference_loss))(params0)
     np.testing.assert_allclose(got["loss"] / got["count"], loss, rtol=1e-5)
-    np.testing.assert_allclose(got["grad_norm"], optax.tree.norm(grads), rtol=1e-5)
+    np.testing.assert_allclose(got["grad_norm"], jax.jit(optax.tree.norm)(grads), rtol=1e-5)
     tx = make_optimizer(config.optim, config.train.steps)
-    updates, _ = tx.update(grads, tx.init(params0), params0)
+    updates, _ = jax.jit(lambda g, p: tx.update(g, tx.init(p), p))(grads, params0)
     want_params = optax.apply_updates(params0, updates)
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=ADAM_ATOL), got_state.params, want_params
@@ -167,8 +172,12 @@ def test_soft_capped_teacher_and_student_distill_with_their_capped_logits():
     from analogjax.models.transformer import Transformer
 
     tokens, seg, pos = (jnp.asarray(batch[k]) for k in ("tokens", "segment_ids", "positions"))
-    s = np.asarray(Transformer(config.model)(jax.device_get(state.params["model"]), tokens, seg, pos), np.float64)
-    t = np.asarray(Transformer(config.teacher.model)(jax.device_get(run.teacher_params), tokens, seg, pos), np.float64)
+    s = np.asarray(
+        jax.jit(Transformer(config.model))(jax.device_get(state.params["model"]), tokens, seg, pos), np.float64
+    )
+    t = np.asarray(
+        jax.jit(Transformer(config.teacher.model))(jax.device_get(run.teacher_params), tokens, seg, pos), np.float64
+    )
     assert np.abs(s).max() <= 1.5 + 1e-6 and np.abs(t).max() <= 2.0 + 1e-6  # the models cap their own logits
 
     def log_softmax(x):
