@@ -98,7 +98,7 @@ def test_moe_block_matches_per_token_reference(name):
     cfg = _cfg(CASES[name])
     params = _params(cfg)
     x = _inputs()
-    y, stats = moe_lib.MoE(cfg).apply({"params": params}, jnp.asarray(x, jnp.float32))
+    y, stats = jax.jit(moe_lib.MoE(cfg).apply)({"params": params}, jnp.asarray(x, jnp.float32))
     want, chosen = reference(cfg, params, x)
     # The cases the reference is built to contain: tied experts both chosen somewhere, and an idle expert.
     counts = np.bincount(chosen.reshape(-1), minlength=E)
@@ -142,7 +142,7 @@ def test_moe_gradients_match_dense_reference(name):
     def ref(p):
         return jnp.sum(_dense_reference(cfg, p, x) * probe)
 
-    got, want = jax.grad(ours)(params), jax.grad(ref)(params)
+    got, want = jax.jit(jax.grad(ours))(params), jax.jit(jax.grad(ref))(params)
     for path, g in jax.tree_util.tree_leaves_with_path(got):
         w = _leaf(want, path)
         assert np.abs(np.asarray(w)).max() > 0 or "expert_bias" in jax.tree_util.keystr(path)
