@@ -68,3 +68,22 @@ def test_prepare_and_its_workers_import_no_jax(tmp_path):
     assert processes >= 3, "expected the parent and two workers to report their imports"
     assert "analogjax.data.prepare" in modules
     assert not _heavy(modules), _heavy(modules)
+
+
+def test_reading_and_refusing_a_config_imports_no_jax(tmp_path):
+    """`analogjax config` resolves and checks a config (the objective's terms included, by the term registry)
+    without JAX; so a refused config costs no JAX start-up either."""
+    config = tmp_path / "c.yaml"
+    config.write_text("train: {steps: 3}\ndistill: {terms: [{kind: jsd, beta: 0.3}, {kind: ce}]}\n")
+    modules, _ = _imported(_run("config", "--config", str(config), cwd=tmp_path).stderr)
+    assert "analogjax.config" in modules and not _heavy(modules), _heavy(modules)
+    for bad, message in (("train.steps=x", "error: train.steps"), ("distill.terms=[{kind: kl}]", "unknown loss term")):
+        proc = subprocess.run(
+            [sys.executable, "-X", "importtime", "-m", "analogjax", "config", "--config", str(config), "--set", bad],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=120,
+        )
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+        assert not _heavy(_imported(proc.stderr)[0])

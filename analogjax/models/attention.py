@@ -25,6 +25,7 @@ from jax.sharding import PartitionSpec as P
 from analogjax.errors import UserError
 from analogjax.mesh import BATCH_AXES
 from analogjax.models import flash_gpu
+from analogjax.models.config import KERNELS
 
 
 def allowed(q_pos_bs, k_pos_bt, q_seg_bs, k_seg_bt, window=None) -> jax.Array:
@@ -82,7 +83,6 @@ def attend(
 #   no soft-cap and no float32. `auto` takes pallas_gpu where cuDNN cannot (soft-cap, float32); set
 #   `model.attention: pallas_gpu` for long context. Once measured on a GPU, pallas_gpu should become the default.
 # - cpu: xla (`attend`), [b, k, g, s, t] float32 scores: the reference, fastest on CPU at the lengths CPUs run.
-KERNELS = ("auto", "xla", "splash", "cudnn", "pallas_gpu")
 # What `auto` tries on each platform, in order, before xla (jax's platform names; the abstract mesh says "cuda"
 # where a backend says "gpu").
 AUTO_KERNEL = {"tpu": ("splash",), "gpu": ("cudnn", "pallas_gpu"), "cuda": ("cudnn", "pallas_gpu")}

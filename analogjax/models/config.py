@@ -12,7 +12,10 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from analogjax.errors import UserError, check_choice
-from analogjax.models.attention import KERNELS
+
+# The attention kernels `model.attention` may name (models/attention.py says what each is and when `auto` takes it).
+# Listed here, not there, so that reading a config imports no JAX (`analogjax config`, a refused config).
+KERNELS = ("auto", "xla", "splash", "cudnn", "pallas_gpu")
 
 FULL, SLIDING = "full", "sliding"  # the two attention kinds a layer can have
 

@@ -22,13 +22,14 @@ import jax
 import jax.numpy as jnp
 
 from analogjax.config import DistillConfig, LossTerm
-from analogjax.errors import UserError, check_choice
+from analogjax.errors import UserError
 from analogjax.mesh import BATCH_AXES
 from analogjax.models import moe as moe_lib
 from analogjax.objective import terms as registry
 from analogjax.objective.fused import fused_distill_loss, plain_distill_loss
 from analogjax.objective.hidden import hidden_loss
 from analogjax.objective.signal import TeacherSignal
+from analogjax.objective.terms import check_distill, needs_teacher  # noqa: F401 (the objective's config checks)
 
 
 class StudentOutputs(NamedTuple):
@@ -38,23 +39,6 @@ class StudentOutputs(NamedTuple):
     head_dv: jax.Array  # LM head
     layers: Any = None  # per-layer residual streams [l, b, s, d] for hidden-state terms
     router: Any = None  # an MoE student's RouterStats (models/moe.py), stacked over its MoE layers
-
-
-def check_distill(cfg: DistillConfig) -> None:
-    """The distill section against the registry, naming the offending key (no teacher or model needed)."""
-    registry.check_terms(cfg.terms, "distill.terms", cfg.layer_map)
-    registry.check_terms(cfg.on_policy.terms, "distill.on_policy.terms", cfg.layer_map, on_policy=True)
-    if cfg.temperature <= 0 or (cfg.final_temperature is not None and cfg.final_temperature <= 0):
-        raise UserError("distill.temperature must be positive")
-    check_choice("distill.temperature_schedule", cfg.temperature_schedule, registry.SCHEDULES)
-    check_choice("distill.topk_treatment", cfg.topk_treatment, registry.TOPK_TREATMENTS)
-    if cfg.chunk_size <= 0:
-        raise UserError("distill.chunk_size must be positive")
-
-
-def needs_teacher(cfg: DistillConfig) -> bool:
-    """Whether a run of this distill section needs a teacher at all (a CE-only objective does not)."""
-    return registry.needs_teacher(cfg.terms) or cfg.on_policy.enabled
 
 
 def check_vocab(student_vocab: int, teacher_vocab: int) -> None:
@@ -130,7 +114,7 @@ class Objective:
         terms = distill.on_policy.terms if on_policy else distill.terms
         where = "distill.on_policy.terms" if on_policy else "distill.terms"
         signal = teacher.signal_kind if teacher is not None else None
-        if registry.needs_teacher(terms) and teacher is None:
+        if registry.any_needs_teacher(terms) and teacher is None:
             raise UserError(f"{where}: the divergence and hidden-state terms need a teacher")
         if signal in registry.SPARSE_SIGNALS:
             registry.check_sparse(terms, where)

@@ -206,8 +206,26 @@ def check_sparse(terms: Sequence[Any], where: str) -> None:
             )
 
 
-def needs_teacher(terms: Sequence[Any]) -> bool:
+def any_needs_teacher(terms: Sequence[Any]) -> bool:
     return any(TERMS[t.kind].needs_teacher for t in terms if t.kind in TERMS)
+
+
+def check_distill(cfg: Any) -> None:
+    """The distill section (config.DistillConfig) against the registry, naming the offending key: what a run checks
+    before anything is loaded, and what `analogjax config` checks (no teacher, model or JAX needed)."""
+    check_terms(cfg.terms, "distill.terms", cfg.layer_map)
+    check_terms(cfg.on_policy.terms, "distill.on_policy.terms", cfg.layer_map, on_policy=True)
+    if cfg.temperature <= 0 or (cfg.final_temperature is not None and cfg.final_temperature <= 0):
+        raise UserError("distill.temperature must be positive")
+    check_choice("distill.temperature_schedule", cfg.temperature_schedule, SCHEDULES)
+    check_choice("distill.topk_treatment", cfg.topk_treatment, TOPK_TREATMENTS)
+    if cfg.chunk_size <= 0:
+        raise UserError("distill.chunk_size must be positive")
+
+
+def needs_teacher(cfg: Any) -> bool:
+    """Whether a run of this distill section needs a teacher at all (a CE-only objective does not)."""
+    return any_needs_teacher(cfg.terms) or cfg.on_policy.enabled
 
 
 def t2_scaled(loss_term: Any) -> bool:
