@@ -54,7 +54,9 @@ class Teacher:
     def signal_kind(self) -> str:
         """The kind of TeacherSignal `forward` returns: hidden, logits, topk or sampled."""
         if self.is_cached:
-            return self.cache_layout.kind if self.cache_layout is not None else "topk"
+            if self.cache_layout is None:
+                raise UserError("a cached Teacher (from_batch) needs its cache_layout: top-k and sampled rows differ")
+            return self.cache_layout.kind
         return "hidden" if self.features is not None else "logits"
 
 

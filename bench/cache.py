@@ -157,7 +157,12 @@ def measure(repeats: int, steps: int, overrides: list[str], layouts: list[str]) 
             )
             print(json.dumps(lines[-1]), flush=True)
 
-            teacher = Teacher(from_batch=sparse_teacher_from_batch, rules=mesh_lib.TEACHER_RULES, vocab_size=vocab)
+            teacher = Teacher(
+                from_batch=sparse_teacher_from_batch,
+                rules=mesh_lib.TEACHER_RULES,
+                vocab_size=vocab,
+                cache_layout=layout,
+            )
             cached = build(cached_config, teacher=teacher, teacher_params=None, mesh=live.mesh)
             step_s, memory = _time_steps(cached, jax.device_put(batch, cached.batch_sharding), repeats)
             lines.append(
