@@ -54,12 +54,6 @@ class Run:
     def state_shardings(self) -> Any:
         return jax.tree.map(lambda a: a.sharding, self.abstract_state)
 
-    @property
-    def trains_projections(self) -> bool:
-        """Whether the state holds hidden-state projections: either objective has hidden-state terms (the on-policy
-        steps share the state)."""
-        return any(o is not None and o.collects_layers for o in (self.objective, self.on_policy_objective))
-
     def fresh_state(self) -> TrainState:
         """A freshly initialised state, born sharded (what a run starts from without a checkpoint)."""
         with jax.set_mesh(self.mesh):
@@ -187,6 +181,7 @@ def build(
             config.distill, teacher=teacher, student=config.model, total_steps=config.train.steps, on_policy=True
         )
     tx = make_optimizer(config.optim, config.train.steps)
+    # The state holds hidden-state projections when either objective trains them (on-policy steps share the state).
     with_proj = any(o is not None and o.collects_layers for o in (objective, on_policy_objective))
     abstract_st, shardings = abstract_state(config, mesh, student, tx, with_proj)
     batch_sh = mesh_lib.batch_sharding(mesh)
