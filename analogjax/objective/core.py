@@ -29,7 +29,6 @@ from analogjax.objective import terms as registry
 from analogjax.objective.fused import fused_distill_loss, plain_distill_loss
 from analogjax.objective.hidden import hidden_loss
 from analogjax.objective.signal import TeacherSignal
-from analogjax.objective.terms import check_distill, needs_teacher  # noqa: F401 (the objective's config checks)
 
 
 class StudentOutputs(NamedTuple):
@@ -110,7 +109,7 @@ class Objective:
     ) -> Objective:
         """The run's objective from its distill section (`on_policy`: the on-policy terms), for `teacher` (a
         teacher.Teacher or None) and the `student` ModelConfig. Every refusal names its config key."""
-        check_distill(distill)
+        registry.check_distill(distill)
         terms = distill.on_policy.terms if on_policy else distill.terms
         where = "distill.on_policy.terms" if on_policy else "distill.terms"
         signal = teacher.signal_kind if teacher is not None else None
