@@ -223,10 +223,19 @@ class TrainConfig:
     # A non-finite loss or gradient: halt (stop with an error; the bad state is never saved) or skip (the jitted
     # step keeps the previous params and optimizer state, the step counter moves on, the record says nonfinite=1).
     nonfinite: str = "halt"
+    # The fidelity curve: held-out KL, agreement and CE of the student at `curve_points` evenly spaced steps (the
+    # init, step 0, and the last step included; 0 = none), on the first `curve_batches` held-out batches, logged to
+    # metrics.jsonl with the tokens and FLOPs spent so far (analogjax.fidelity.curves reads and plots them).
+    curve_points: int = 10
+    curve_batches: int = 1
 
     def check(self, prefix: str) -> None:
-        _positive(self, prefix, "steps", "log_every", "eval_batches")
-        _non_negative(self, prefix, "eval_every")
+        _positive(self, prefix, "steps", "log_every", "eval_batches", "curve_batches")
+        _non_negative(self, prefix, "eval_every", "curve_points")
+        if self.curve_points == 1:
+            raise UserError(
+                f"{_join(prefix, 'curve_points')} must be 0 (no curve) or at least 2 (the init and the last step)"
+            )
         check_choice(_join(prefix, "nonfinite"), self.nonfinite, ("halt", "skip"))
 
 

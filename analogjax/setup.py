@@ -8,12 +8,14 @@ is the program a run executes. The objective is built here once (`Objective.buil
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
@@ -25,9 +27,16 @@ from analogjax.errors import UserError
 from analogjax.models.transformer import Transformer
 from analogjax.objective import Objective, check_distill, needs_teacher
 from analogjax.objective.hidden import init_projections, projection_logical_axes
-from analogjax.runtime.batch_sums import sum_over_batches
+from analogjax.runtime.batch_sums import rows_over_batches, sum_over_batches
 from analogjax.runtime.metrics_log import means
-from analogjax.step import TrainState, make_distill_step, make_eval_step, make_optimizer
+from analogjax.step import (
+    TrainState,
+    make_distill_step,
+    make_eval_rows_step,
+    make_eval_step,
+    make_optimizer,
+    rows_chunk_size,
+)
 from analogjax.teacher import Teacher, load_teacher
 
 
@@ -49,6 +58,11 @@ class Run:
     tx: Any  # the optimizer
     on_policy_objective: Objective | None = None  # distill.on_policy's terms, on the student's own samples
     on_policy_step_fn: Any = None  # jitted distill step minimising on_policy_objective (on_policy.py feeds it)
+    # What evaluation measures against: the run's teacher when it is live, else the `eval_teacher` given to build
+    # (held-out batches are not cached, so a cached run needs one for KL and agreement); None: held-out CE only.
+    eval_teacher: Teacher | None = None
+    eval_teacher_params: Any = None
+    eval_rows_fn: Any = None  # jitted eval-rows step (step.make_eval_rows_step): per-row sums of several students
 
     @property
     def state_shardings(self) -> Any:
@@ -160,11 +174,17 @@ def build(
     mesh=None,
     init: bool = True,
     abstract: bool = False,
+    eval_teacher: tuple[Teacher, Any] | None = None,
 ) -> Run:
     """Build a run. Pass `teacher` + `teacher_params` to bring your own teacher (else the config's is loaded),
     and `mesh` to use your own (else one is made from the config over all devices). With init=False no state is
     materialised (a resume then never holds a fresh state beside the restored one). abstract=True builds the same
-    run from shapes alone (compile-check): the config's teacher is not read, no state is made."""
+    run from shapes alone (compile-check): the config's teacher is not read, no state is made.
+
+    `eval_teacher=(Teacher, params)`: a live teacher that evaluation (held-out metrics, the fidelity curve,
+    `evaluate_rows`) measures against instead of the run's own: how a run distilled from a teacher cache, or a
+    CE-only baseline, reports KL and agreement. Without it, evaluation uses the run's teacher when live and measures
+    held-out CE only otherwise."""
     check_distill(config.distill)
     if mesh is None:
         mesh = build_mesh(config)
@@ -207,12 +227,32 @@ def build(
             donate_argnums=(0,),
         )
 
-    # Held-out batches are not cached: a cached teacher's run measures the student's held-out CE only.
-    eval_teacher = None if teacher is not None and teacher.is_cached else teacher
-    measured = Objective.measurement(teacher=eval_teacher, student=config.model, chunk_size=config.distill.chunk_size)
+    # Held-out batches are not cached: a cached teacher's run measures the student's held-out CE only, unless it is
+    # given a live eval_teacher.
+    if eval_teacher is not None:
+        measuring, measuring_params = eval_teacher
+        if measuring is None or measuring.is_cached:
+            raise UserError("eval_teacher must be a live teacher (a model or a logits function), not a teacher cache")
+        measuring_params = _on_mesh(measuring_params, mesh)
+    elif teacher is not None and not teacher.is_cached:
+        measuring, measuring_params = teacher, teacher_params
+    else:
+        measuring, measuring_params = None, None
+    measured = Objective.measurement(teacher=measuring, student=config.model, chunk_size=config.distill.chunk_size)
     eval_fn = jax.jit(
-        make_eval_step(student, mesh_lib.STUDENT_RULES, eval_teacher, measured),
-        in_shardings=(shardings.params["model"], teacher_sh, batch_sh),
+        make_eval_step(student, mesh_lib.STUDENT_RULES, measuring, measured),
+        in_shardings=(shardings.params["model"], jax.tree.map(lambda a: a.sharding, measuring_params), batch_sh),
+        out_shardings=mesh_lib.replicated(mesh),
+    )
+    # Per-row sums measure the rows side by side: a chunk size that keeps a chunk's logits as small as eval_fn's.
+    measured_rows = Objective.measurement(
+        teacher=measuring,
+        student=config.model,
+        chunk_size=rows_chunk_size(config.distill.chunk_size, config.data.global_batch),
+    )
+    # No in_shardings: the number of students varies; every input already lives on the mesh (evaluate_rows).
+    eval_rows_fn = jax.jit(
+        make_eval_rows_step(student, mesh_lib.STUDENT_RULES, measuring, measured_rows),
         out_shardings=mesh_lib.replicated(mesh),
     )
     run = Run(
@@ -230,6 +270,9 @@ def build(
         tx=tx,
         on_policy_objective=on_policy_objective,
         on_policy_step_fn=jit_step(on_policy_objective) if on_policy_objective is not None else None,
+        eval_teacher=measuring,
+        eval_teacher_params=measuring_params,
+        eval_rows_fn=eval_rows_fn,
     )
     if init and not abstract:
         run = dataclasses.replace(run, state=run.fresh_state())
@@ -252,8 +295,38 @@ def _on_mesh(teacher_params, mesh):
 
 
 def evaluate(run: Run, params, batches: int) -> dict[str, float]:
-    """Held-out metrics at T=1 of the run's student against the run's teacher."""
-    return heldout_metrics(run.config, run.eval_fn, params, run.teacher_params, run.batch_sharding, batches)
+    """Held-out metrics at T=1 of the run's student against its evaluation teacher (`Run.eval_teacher`): means
+    over the first `batches` held-out batches."""
+    return heldout_metrics(run.config, run.eval_fn, params, run.eval_teacher_params, run.batch_sharding, batches)
+
+
+def evaluate_rows(run: Run, params_by_name: Mapping[str, Any], batches: int) -> dict[str, dict[str, np.ndarray]]:
+    """Per-row held-out sums of several students of the run's shape, for intervals over held-out rows
+    (fidelity/intervals.py): {name: {key: float64 [rows]}}, the keys those of `evaluate` plus `count` (each row's
+    valid tokens): ce, and against a live evaluation teacher kl, teacher_ce, agreement, ... as sums over the row.
+
+    The rows are those of the first `batches` held-out batches, concatenated in the same order for every student,
+    so two students' arrays are paired row by row (`intervals.compare`). The teacher runs once per batch for all
+    students; the program compiles once per number of students. For each student, Σ over its rows / Σ count is
+    what `evaluate` reports."""
+    if not params_by_name:
+        return {}
+    names = list(params_by_name)
+    # Every student onto the run's student shardings (a no-op for states of this mesh): one program for them all.
+    shardings = jax.tree.map(lambda a: a.sharding, run.abstract_state.params["model"])
+    students = tuple(jax.device_put(params_by_name[name], shardings) for name in names)
+    heldout = heldout_batches(
+        run.config.data,
+        seed=run.config.train.seed,
+        vocab_size=run.config.model.vocab_size,
+        sharding=run.batch_sharding,
+        batches=batches,
+    )
+    with jax.set_mesh(run.mesh):
+        rows = rows_over_batches(run.eval_rows_fn, heldout, students, run.eval_teacher_params)
+    if rows is None:
+        raise UserError("the held-out split is empty: raise data.heldout_fraction or add documents")
+    return dict(zip(names, rows))
 
 
 def heldout_metrics(config: Config, eval_fn, params, teacher_params, batch_sharding, batches: int) -> dict[str, float]:

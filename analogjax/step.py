@@ -5,7 +5,8 @@ step (on the same sharded batch, its own sharding rules) and outside autodiff; i
 never part of the state and so never checkpointed with the student.
 
 Metrics come back as sums over valid tokens plus `count` (and a few per-step scalars), so the loop can average
-exactly over steps and hosts.
+exactly over steps and hosts. The eval-rows step returns the same sums per row (for intervals over held-out rows),
+for several students against one teacher forward.
 """
 
 from __future__ import annotations
@@ -132,3 +133,47 @@ def make_eval_step(student, student_rules, teacher: Teacher | None, objective: O
         return objective.eval_sums(s_out, signal, batch)
 
     return eval_step
+
+
+def make_eval_rows_step(student, student_rules, teacher: Teacher | None, objective: Objective) -> Callable:
+    """Per-row held-out sums of several students against one teacher forward:
+    (tuple of student params, teacher_params, batch) -> a tuple (one per student, in order) of {key: [rows]}.
+
+    Each row's sums are `objective.eval_sums` over that row's tokens alone (the eval step's sums split over the
+    batch's rows; `count` is the row's valid tokens, 0 for an empty row), so Σ over the rows is the eval step's
+    batch total. The teacher runs once per batch whatever the number of students; a jit of this step compiles once
+    per number of students. Build `objective` with `Objective.measurement(chunk_size=rows_chunk_size(...))`."""
+
+    def eval_rows(students, teacher_params, batch):
+        signal = None if teacher is None else teacher_forward(teacher, teacher_params, batch, False)
+        out = []
+        for params in students:
+            s_out, _ = forward_outputs(student, student_rules, None, {"model": params}, None, batch, False)
+            out.append(per_row_sums(objective, s_out, signal, batch))
+        return tuple(out)
+
+    return eval_rows
+
+
+def rows_chunk_size(chunk_size: int, global_batch: int) -> int:
+    """The measurement objective's chunk size for per-row sums: the rows are measured side by side (vmapped), each
+    in chunks, so a chunk of every row together holds about as many tokens per batch shard as `chunk_size` does in
+    the batched loss (the [tokens, vocab] logits of a chunk stay the same size)."""
+    return max(1, chunk_size // max(global_batch, 1))
+
+
+def per_row_sums(objective: Objective, s_out: StudentOutputs, signal, batch: dict[str, jax.Array]) -> dict:
+    """`objective.eval_sums` of each row of the batch (vmapped over rows): {key: [rows]}, `count` the row's valid
+    tokens. Only live teacher signals (hidden states or logits, [rows, seq, ...]) and no teacher are split here."""
+    rows, seq = batch["tokens"].shape[:2]
+    hidden = s_out.hidden_nd.reshape(rows, seq, -1)
+    if signal is not None and not signal.is_live:
+        raise ValueError("per-row sums need a live teacher's signal (a cache's rows are not split by row)")
+
+    def one_row(hidden_sd, teacher_rows, batch_row):
+        row_signal = None if signal is None else signal.replace(rows=teacher_rows, layers=None)
+        sums = objective.eval_sums(StudentOutputs(hidden_sd, s_out.head_dv), row_signal, batch_row)
+        return dict(sums, count=batch_row["loss_mask"].astype(jnp.float32).sum())
+
+    labels = {key: batch[key] for key in ("targets", "loss_mask")}  # what the measurement reads of a batch
+    return jax.vmap(one_row)(hidden, None if signal is None else signal.rows, labels)

@@ -18,6 +18,7 @@ from analogjax import checkpoint as ckpt_lib
 from analogjax.config import Config, differences, run_identity, to_dict, to_yaml
 from analogjax.data import make_batch_iterator, to_global_batch
 from analogjax.errors import UserError
+from analogjax.fidelity.curves import FidelityCurve, step_work
 from analogjax.run_dir import RUN_FILE
 from analogjax.runtime.flops import distill_flops_per_step, peak_flops_per_second
 from analogjax.runtime.metrics_log import MetricsLog, Progress, means
@@ -95,6 +96,7 @@ def run_training(
     teacher: Teacher | None = None,
     teacher_params: Any = None,
     progress: bool = True,
+    eval_teacher: tuple[Teacher, Any] | None = None,
 ) -> dict[str, Any]:
     """Train (distill, or pretrain when the objective needs no teacher) into `workdir`; returns final metrics.
 
@@ -102,6 +104,10 @@ def run_training(
     On SIGTERM or a preemption notice the run saves at the next step boundary and returns with `preempted=True`.
     A non-finite loss or gradient halts the run with a `NonFiniteError` (`train.nonfinite=halt`) or skips that
     update (`skip`); a non-finite state is never saved.
+
+    `eval_teacher=(teacher, params)`: a live teacher for evaluation (the final held-out metrics, `train.eval_every`,
+    the fidelity curve of `train.curve_points`), so that a run distilled from a teacher cache, or a CE-only baseline,
+    reports KL and agreement too (setup.build).
     """
     workdir = Path(workdir).absolute()
     claim = _guard_workdir(workdir, config)
@@ -115,7 +121,7 @@ def run_training(
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
-    run = build(config, teacher, teacher_params, init=False)
+    run = build(config, teacher, teacher_params, init=False, eval_teacher=eval_teacher)
     on_policy = None
     if cfg.distill.on_policy.enabled:  # its prompts too are checked before the workdir gets anything
         from analogjax.on_policy import OnPolicy, RolloutWindow
@@ -164,6 +170,12 @@ def run_training(
             rollouts=RolloutWindow(cfg.data.global_batch) if on_policy is not None else None,
         )
         late.last_saved = start if start in checkpointer.all_steps() else None
+        curve = None
+        if cfg.train.curve_points and has_heldout:
+            work = step_work(cfg, teacher=run.teacher is not None, on_policy=on_policy)
+            curve = FidelityCurve(run, log, start=start, logged=logged, work=work)
+        elif cfg.train.curve_points and jax.process_index() == 0:
+            print("note: no fidelity curve: data.heldout_fraction is 0 (no held-out documents)", file=sys.stderr)
         preempted = False
         with jax.set_mesh(run.mesh), PreemptionWatcher() as watcher:
             first_on_policy = True
@@ -187,6 +199,8 @@ def run_training(
                     claim = False
                 if step == start:
                     show_config(workdir, config)
+                    if curve is not None and curve.due(start):  # the curve's first point: the state trained from
+                        curve.measure(start, state.params["model"])
                 if rollout is None:
                     state, metrics = run.step_fn(state, run.teacher_params, batch)
                     work = None
@@ -214,11 +228,15 @@ def run_training(
                     has_heldout and cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < cfg.train.steps
                 )
                 save_now = stop or (checkpointer.should_save(done) and done < cfg.train.steps)
-                if save_now or evaluate_now:
+                curve_now = curve is not None and curve.due(done)
+                if save_now or evaluate_now or curve_now:
                     # Wait for this step: never evaluate or save a non-finite state, and write the step's records
                     # before its checkpoint, so a resume from it finds them (metrics.jsonl never loses a step).
                     late.settle()
                 ranked = late.record_of(done)
+                if curve_now:
+                    curve.measure(done, state.params["model"])
+                    late.restart_window(done)
                 if evaluate_now:
                     eval_record = {
                         f"eval_{k}": v for k, v in evaluate(run, state.params["model"], cfg.train.eval_batches).items()
@@ -254,7 +272,7 @@ def run_training(
     if preempted:
         watcher.announce(final_step)
     # A relaunch of a finished run trains nothing and must not log its final record twice.
-    elif not any(r.get("step") == final_step and "loss" not in r for r in logged):
+    elif not any(r.get("step") == final_step and "loss" not in r and "curve_ce" not in r for r in logged):
         log.write({"step": final_step, **{f"eval_{k}": v for k, v in heldout.items()}})
     log.close()
     return {

@@ -4,6 +4,8 @@ Held-out evaluation, fidelity, the transfer checks and pruning's importance all 
 returns per-batch sums (float32 on the device, replicated on the mesh, so every process reads the global value) and
 the host adds them across batches in float64, so a total does not depend on how the tokens were batched and does
 not lose precision as batches accumulate. Dividing by counts is the caller's business (metrics_log.means, ...).
+Per-row sums (for intervals over held-out rows, fidelity/intervals.py) are kept apart instead: `rows_over_batches`
+concatenates each batch's rows in batch order.
 """
 
 from __future__ import annotations
@@ -33,3 +35,13 @@ def add_sums(total: dict[str, Any], sums: dict[str, Any]) -> dict[str, Any]:
         else:
             total[key] = total.get(key, 0.0) + np.asarray(value, np.float64)
     return total
+
+
+def rows_over_batches(fn: Callable[..., Any], batches: Iterable[Any], *args: Any) -> Any:
+    """fn(*args, batch) for each of `batches`, a pytree of per-row arrays (leading axis: the batch's rows), with the
+    rows of all batches concatenated in batch order: the same pytree of float64 NumPy arrays, or None when there
+    are no batches. Each batch's rows are fetched before the next batch is dispatched, as in `sum_over_batches`."""
+    parts = [jax.tree.map(lambda x: np.asarray(x, np.float64), jax.device_get(fn(*args, batch))) for batch in batches]
+    if not parts:
+        return None
+    return jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *parts)
