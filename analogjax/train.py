@@ -172,8 +172,8 @@ def run_training(
         late.last_saved = start if start in checkpointer.all_steps() else None
         curve = None
         if cfg.train.curve_points and has_heldout:
-            work = step_work(cfg, teacher=run.teacher is not None, on_policy=on_policy)
-            curve = FidelityCurve(run, log, start=start, logged=logged, work=work)
+            spent = step_work(cfg, teacher=run.teacher is not None, on_policy=on_policy)
+            curve = FidelityCurve(run, log, start=start, logged=logged, work=spent)
         elif cfg.train.curve_points and jax.process_index() == 0:
             print("note: no fidelity curve: data.heldout_fraction is 0 (no held-out documents)", file=sys.stderr)
         preempted = False

@@ -54,7 +54,8 @@ def step_work(config, *, teacher: bool, on_policy=None) -> StepWork:
     and backward; an on-policy step adds the sampling forward) and the teacher's forward FLOPs over the same tokens
     when the run distills from one (`teacher`). A run distilled from a teacher cache counts the teacher's forward
     too: the cache was written by running the teacher over exactly these tokens, once, and that cost belongs to the
-    budget of the analog. `on_policy`: the run's on_policy.OnPolicy, whose steps train on sampled rows."""
+    budget of the analog. The teacher's FLOPs are those of `teacher.model` in the config (what a bring-your-own
+    teacher is not described by). `on_policy`: the run's on_policy.OnPolicy, whose steps train on sampled rows."""
     seq = config.data.seq_len
     tokens = config.data.global_batch * seq
     teacher_model = config.teacher.model
