@@ -231,6 +231,49 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class ReleaseGate:
+    """One condition a release must meet (analogjax.release.gates): a capability ceiling `{task, max_accuracy}`, a
+    task fidelity floor `{task, min_agreement}`, or a bound on any figure of the fidelity report
+    `{measure: overall.forward_kl, max: 0.5}` (a dotted path into fidelity.json: overall.*, by_source.NAME.*,
+    transfer.*, tasks.TASK.*)."""
+
+    task: str = ""  # an entry of release.tasks (its name, or the task name inside a task file)
+    max_accuracy: float | None = None
+    min_agreement: float | None = None
+    measure: str = ""
+    max: float | None = None
+    min: float | None = None
+
+    def check(self, prefix: str) -> None:
+        task_bounds = [k for k in ("max_accuracy", "min_agreement") if getattr(self, k) is not None]
+        measure_bounds = [k for k in ("max", "min") if getattr(self, k) is not None]
+        if bool(self.task) == bool(self.measure):
+            raise UserError(f"{prefix}: a gate names a task or a measure (exactly one)")
+        if self.task and (len(task_bounds) != 1 or measure_bounds):
+            raise UserError(f"{prefix}: a task gate has one bound, max_accuracy or min_agreement")
+        if self.measure and (len(measure_bounds) != 1 or task_bounds):
+            raise UserError(f"{prefix}: a measure gate has one bound, max or min")
+
+    @property
+    def name(self) -> str:
+        """How errors, the card and --override-gate name it: TASK.max_accuracy, MEASURE.max, ..."""
+        bound = next(k for k in ("max_accuracy", "min_agreement", "max", "min") if getattr(self, k) is not None)
+        return f"{self.task or self.measure}.{bound}"
+
+
+@dataclass(frozen=True)
+class GateOverride:
+    """A gate released past anyway, and why (the card's release statement says so)."""
+
+    gate: str  # a gate's name: size_cap, TASK.max_accuracy, MEASURE.min, ...
+    reason: str
+
+    def check(self, prefix: str) -> None:
+        if not self.reason.strip():
+            raise UserError(f"{_join(prefix, 'reason')}: an override needs its reason")
+
+
+@dataclass(frozen=True)
 class ReleaseConfig:
     """What `analogjax release` discloses, as it should appear publicly. An empty field takes what the artefacts
     themselves say (a HF teacher's config.json `_name_or_path` when it is a Hub id, its README metadata, a GGUF's
@@ -250,8 +293,25 @@ class ReleaseConfig:
     # Print local paths (teacher folder, data, cache, init checkpoint) in the card's provenance.
     allow_local_paths: bool = False
     prompt: str = "The"  # the prompt of the card's "How to load" snippet
+    # The release gate (analogjax.release.gates). lm-eval tasks (names, or local task YAML files) run for the analog
+    # and the teacher on the same examples; their accuracies and per-example agreement join the fidelity report.
+    tasks: tuple[str, ...] = ()
+    task_limit: int = 0  # examples per task (0 = all)
+    # The analog's parameters as a fraction of the teacher's (total; the card shows active beside it for MoE): the
+    # range the release policy allows (arXiv 2510.14053: 0.5%-5%).
+    size_cap: tuple[float, float] = (0.005, 0.05)
+    gates: tuple[ReleaseGate, ...] = ()
+    overrides: tuple[GateOverride, ...] = ()  # gates released past, each with its reason (or --override-gate)
 
     def check(self, prefix: str) -> None:
+        low, high = self.size_cap
+        if not (0 < low <= 1 and 0 < high <= 1):
+            raise UserError(
+                f"{_join(prefix, 'size_cap')}: fractions of the teacher in (0, 1], got {list(self.size_cap)}"
+            )
+        if low > high:
+            raise UserError(f"{_join(prefix, 'size_cap')}: [low, high] is reversed: {list(self.size_cap)}")
+        _non_negative(self, prefix, "task_limit")
         for value in self.language:
             if not value or not value.replace("-", "").isalnum():
                 raise UserError(f"{_join(prefix, 'language')}: {value!r} is not a language code (e.g. en, fr)")

@@ -339,9 +339,11 @@ def model_card(
     disclosed: Disclosure,
     tokenizer: Any = None,
     cache_provenance: dict | None = None,
+    statement: str = "",
 ) -> str:
     """README.md of the bundle. `tokenizer`: the analogjax tokenizer shipped in the bundle (None: weights only);
-    `plots`: PNG names under fidelity/; `cache_provenance`: the teacher cache's, for a cached run."""
+    `plots`: PNG names under fidelity/; `cache_provenance`: the teacher cache's, for a cached run; `statement`: the
+    release statement (analogjax.release.gates.release_statement), the card's first section."""
     from analogjax import fidelity
     from analogjax.config import fingerprint
     from analogjax.models.hf.convert import architecture_for
@@ -399,6 +401,7 @@ def model_card(
         f"**{student_params / teacher_params:.2%}** of the teacher's size."
         + (f" Released by {disclosed.lab}." if disclosed.lab else ""),
         "",
+        *([statement] if statement else []),
         "## How to load",
         "",
         "```python",
@@ -447,6 +450,16 @@ def model_card(
     if report.get("cka"):
         cka = ", ".join(f"{c['student_layer']}↔{c['teacher_layer']}: {c['cka']:.3f}" for c in report["cka"])
         lines += [f"Linear CKA of matched layers (analog↔teacher): {cka}.", ""]
+    if report.get("tasks"):
+        from analogjax.release.gates import tasks_table
+
+        lines += [
+            "Tasks (lm-evaluation-harness), the analog and the teacher on the same examples; agreement: the same "
+            "choice (or the same greedy answer) on an example.",
+            "",
+            tasks_table(report["tasks"]),
+            "",
+        ]
     lines += [f"![{Path(name).stem}](fidelity/{name})" for name in plots]
     lines += ["", "Full numbers: [fidelity/fidelity.json](fidelity/fidelity.json).", ""]
     if report.get("transfer"):
