@@ -253,6 +253,9 @@ class ReleaseGate:
             raise UserError(f"{prefix}: a task gate has one bound, max_accuracy or min_agreement")
         if self.measure and (len(measure_bounds) != 1 or task_bounds):
             raise UserError(f"{prefix}: a measure gate has one bound, max or min")
+        for key in task_bounds:
+            if not 0 <= getattr(self, key) <= 1:
+                raise UserError(f"{_join(prefix, key)}: a fraction in [0, 1], got {getattr(self, key)}")
 
     @property
     def name(self) -> str:
