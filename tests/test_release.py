@@ -109,7 +109,9 @@ def test_release_bundle(demo_run, tmp_path, capsys):
     assert gates["tiny_choice.min_agreement"]["passed"] and gates["overall.forward_kl.max"]["passed"]
     statement = card.split("## Release statement", 1)[1].split("\n## ", 1)[0]
     assert card.index("## Release statement") < card.index("## How to load")
-    assert "| size_cap |" in statement and "released by override" in statement and "the ceiling is a test's" in statement
+    assert (
+        "| size_cap |" in statement and "released by override" in statement and "the ceiling is a test's" in statement
+    )
     assert "by task, least agreement first: tiny_choice" in statement and "by data source" in statement
     assert "| tiny_choice |" in card.split("## Fidelity to the teacher")[1]
     # Never overwrite: one error line, exit 2.
@@ -133,7 +135,10 @@ def test_bad_release_gates_are_refused_before_any_model_is_loaded(demo_run, tmp_
     cases = [
         (["--set", "release.size_cap=[0.05, 0.005]"], "release.size_cap: [low, high] is reversed"),
         (["--set", "release.size_cap=[0, 0.05]"], "release.size_cap: fractions of the teacher in (0, 1]"),
-        (["--set", "release.gates=[{task: tiny_choice, max_acc: 0.5}]"], "unknown config key: release.gates[0].max_acc"),
+        (
+            ["--set", "release.gates=[{task: tiny_choice, max_acc: 0.5}]"],
+            "unknown config key: release.gates[0].max_acc",
+        ),
         (["--set", "release.gates=[{task: tiny_choice, max_accuracy: 0.5}]"], "release.gates[0].task: 'tiny_choice'"),
         (["--set", tiny, "--set", "release.gates=[{task: mmlu, max_accuracy: 0.5}]"], "release.gates[0].task: 'mmlu'"),
         (["--set", "release.gates=[{measure: overal.kl, max: 1}]"], "release.gates[0].measure: 'overal.kl'"),

@@ -106,6 +106,10 @@ class AnalogLM(TemplateLM):
     # -------------------------------------------------------------------------------------------------------------
     # Scoring
 
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """TemplateLM's context/continuation split, without its progress bar (the batches here are few)."""
+        return super().loglikelihood(requests, disable_tqdm=True)
+
     def token_logprobs(self, rows: Sequence[tuple[list[int], list[int]]]) -> list[tuple[np.ndarray, np.ndarray]]:
         """For each (inputs, targets) pair of equal length: per-target log-probabilities and argmax hits, computed
         in batches of `self.rows` rows bucketed by length (one compile per bucket)."""

@@ -43,6 +43,28 @@ class LoadedTasks:
         return [name for name, _ in self.entries.values()]
 
 
+@contextlib.contextmanager
+def quiet():
+    """lm-eval and Hugging Face datasets without their progress bars and INFO/WARNING logs: what a user sees is what
+    analogjax says. lm-eval's per-task request loop offers no switch for its bar, so its module's tqdm is replaced
+    for the duration."""
+    import functools
+    import logging
+
+    import datasets
+    import lm_eval.api.task as task_module
+
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    original = task_module.tqdm
+    task_module.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        task_module.tqdm = original
+
+
 def _task_manager(include_path: str | None, need_catalogue: bool):
     from lm_eval.tasks import TaskManager
 
@@ -66,12 +88,8 @@ def load_tasks(entries: Sequence[str], *, include_path: str | None = None, key: 
     found: dict[str, tuple[str, list[str]]] = {}
     for entry in entries:
         try:
-            if is_task_file(entry):
-                path = Path(entry).absolute()
-                with contextlib.chdir(path.parent):  # relative data_files are the file's neighbours
-                    one = manager.load([str(path)])
-            else:
-                one = manager.load([entry])
+            with quiet():
+                one = _load_one(manager, entry)
         except UserError:
             raise
         except Exception as e:  # lm-eval raises KeyError, ValueError, yaml and datasets errors alike
@@ -85,6 +103,14 @@ def load_tasks(entries: Sequence[str], *, include_path: str | None = None, key: 
         name = entry if not is_task_file(entry) else (next(iter(one.get("groups", {})), None) or leaves[0])
         found[entry] = (str(name), leaves)
     return LoadedTasks(loaded, found)
+
+
+def _load_one(manager, entry: str) -> dict:
+    if is_task_file(entry):
+        path = Path(entry).absolute()
+        with contextlib.chdir(path.parent):  # relative data_files are the file's neighbours
+            return manager.load([str(path)])
+    return manager.load([entry])
 
 
 def _all_local(names: Sequence[str], include_path: str | None) -> bool:
@@ -108,12 +134,10 @@ def prepare(tasks: LoadedTasks) -> dict:
 def run_tasks(lm, tasks: LoadedTasks, *, limit: int | None = None) -> dict[str, Any]:
     """lm-eval's evaluate() of `lm` on `tasks` with per-example samples (no bootstrap: the release computes its own
     intervals)."""
-    import logging
-
     from lm_eval.evaluator import evaluate
 
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task INFO lines are not analogjax's output
-    results = evaluate(lm=lm, task_dict=prepare(tasks), limit=limit or None, bootstrap_iters=0, log_samples=True)
+    with quiet():
+        results = evaluate(lm=lm, task_dict=prepare(tasks), limit=limit or None, bootstrap_iters=0, log_samples=True)
     if results is None:
         raise RuntimeError("lm-eval returned no results")
     return results
