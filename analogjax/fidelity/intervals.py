@@ -133,3 +133,23 @@ def format_interval(value: float, interval: list[float] | None, digits: int = 3)
     if not interval or not all(np.isfinite(interval)):
         return f"{value:.{digits}f}"
     return f"{value:.{digits}f} [{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]"
+
+
+# How tables name the measures of comparison entries (fidelity/metrics.py's; others are named as they are).
+MEASURE_NAMES = {
+    "forward_kl": "KL(teacher‖model)",
+    "top1_agreement": "top-1 agreement",
+    "student_nll": "held-out CE",
+}
+
+
+def comparison_markdown(entries: list[dict[str, Any]], analog: str = "analog", other: str = "baseline") -> str:
+    """Comparison entries (`compare`) as a Markdown table: each measure, both figures with their 95% intervals, and
+    which is better beyond noise."""
+    lines = [f"| measure | {analog} | {other} | better (95%, paired) |", "|---|---:|---:|---|"]
+    for e in entries:
+        lines.append(
+            f"| {MEASURE_NAMES.get(e['measure'], e['measure'])} | {format_interval(e['analog'], e['analog_ci95'])} | "
+            f"{format_interval(e['baseline'], e['baseline_ci95'])} | {e['better']} |"
+        )
+    return "\n".join(lines)
