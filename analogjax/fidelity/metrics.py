@@ -317,7 +317,9 @@ def measure_models(
             raise UserError("the held-out split gave no valid tokens: raise data.heldout_fraction or add documents")
         report = finalize(total, names, pairs, matched, (ls, lt) if full_grid and pairs else None)
         report["batches"] = batches
-        report["rows"] = {key: np.concatenate(parts) for key, parts in rows[name].items()}
+        per_row = {key: np.concatenate(parts) for key, parts in rows[name].items()}
+        filled = per_row["count"] > 0  # a short held-out split pads its last batch with empty rows: not rows at all
+        report["rows"] = {key: value[filled] for key, value in per_row.items()}
         report["ci95"] = {
             figure: intervals.ci95(statistic, report["rows"]) for figure, (statistic, _) in ROW_FIGURES.items()
         }

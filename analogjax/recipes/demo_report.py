@@ -78,3 +78,50 @@ def format_table(summary: dict) -> str:
     if summary.get("released"):
         lines.append(f"released: {label(summary['released'])}")
     return "\n".join(lines)
+
+
+# The rows' workdirs that hold their training records, in order: the recipe's analog trained in two phases.
+ROW_PHASES = {"analog": ("analog/distill", "analog/on_policy"), "analog_distill": ("analog/distill",)}
+
+
+def row_curves(workdir, row: str) -> list[dict[str, Any]]:
+    """A row's fidelity-curve records (train.curve_points) from its metrics.jsonl, tokens counted over its phases."""
+    import json
+    from pathlib import Path
+
+    records: list[dict[str, Any]] = []
+    offset = {"tokens": 0.0, "flops_student": 0.0, "flops_teacher": 0.0}
+    for phase in ROW_PHASES.get(row, (row,)):
+        path = Path(workdir) / phase / "metrics.jsonl"
+        if not path.is_file():
+            continue
+        points = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        points = [p for p in points if "curve_kl" in p or "curve_ce" in p]
+        for p in points:
+            records.append({**p, **{k: p.get(k, 0.0) + v for k, v in offset.items()}})
+        if points:
+            offset = {k: records[-1].get(k, 0.0) for k in offset}
+    return records
+
+
+def plot_rows(workdir, summary: dict, out) -> Any:
+    """One figure of every row's held-out KL and agreement against tokens seen (top) and against model FLOPs,
+    teacher + student (bottom); returns its path."""
+    from analogjax.runtime import figures
+
+    plt = figures.pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    for row in summary.get("rows", []):
+        points = [p for p in row_curves(workdir, row) if "curve_kl" in p]
+        if not points:
+            continue
+        flops = [p["flops_student"] + p["flops_teacher"] for p in points]
+        for col, key in enumerate(("curve_kl", "curve_agreement")):
+            axes[0][col].plot([p["tokens"] for p in points], [p[key] for p in points], marker=".", label=label(row))
+            axes[1][col].plot(flops, [p[key] for p in points], marker=".", label=label(row))
+    for col, name in enumerate(("KL(teacher‖model), nats/token", "top-1 agreement with the teacher")):
+        axes[0][col].set(xlabel="tokens seen", ylabel=name)
+        axes[1][col].set(xlabel="model FLOPs (teacher + student)", ylabel=name, xscale="log")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("Held-out fidelity during training (a fixed evaluation set)")
+    return figures.save(fig, out)
