@@ -41,7 +41,7 @@ demo-self: $(BIN)/.installed-demo
 # The linters first (rules in pyproject.toml), then the docs (mkdocs.yml; --strict: a docstring that breaks the
 # reference is an error; never --quiet, which hides the warnings --strict counts): a style, type or doc error fails
 # the run as a failing test does.
-test: $(BIN)/.installed-test
+test: $(BIN)/.installed-test $(BIN)/.teacher
 	$(BIN)/ruff check analogjax tests bench launch
 	$(BIN)/ruff format --check analogjax tests bench launch
 	$(BIN)/mypy

@@ -325,6 +325,46 @@ class ReleaseConfig:
 
 
 @dataclass(frozen=True)
+class RecipeConfig:
+    """The recipe labs use for small models, run by `analogjax distill` as phases, in order, each in its own
+    sub-directory of the workdir and each resumable (recipes/analog.py):
+
+    prune      (prune_batches > 0) the teacher pruned to `model`'s shape (importance over that many calibration
+               batches) → WORKDIR/pruned_init, where the distillation starts (Minitron, Sheared-LLaMA);
+    cache      (cache_k > 0) the teacher's top-k logits (+ logsumexp) over every batch the distillation reads,
+               computed once → WORKDIR/teacher_cache; the distillation reads it instead of running the teacher;
+    distill    the run the rest of the config describes (`distill`, `optim`, `train`) → WORKDIR/distill;
+    on_policy  (on_policy_steps > 0) the distilled analog continued on its own samples, scored token by token by the
+               live teacher (GKD, Qwen3's strong-to-weak distillation) → WORKDIR/on_policy.
+
+    With every count 0 (the default) there is no recipe: `analogjax distill` trains in WORKDIR itself, as it always
+    has. WORKDIR/recipe.json names the phases; evaluation, export and release of WORKDIR read the last one.
+    """
+
+    prune_batches: int = 0
+    cache_k: int = 0
+    on_policy_steps: int = 0
+    # The on-policy phase's sampling and objective (every one of its steps is on-policy unless fraction says less).
+    on_policy: OnPolicyConfig = field(default_factory=lambda: OnPolicyConfig(fraction=1.0))
+    # Below where the distillation's schedule ended pays: a continuation at the distillation's peak rate undoes it.
+    on_policy_learning_rate: float = 3e-4
+    on_policy_warmup_steps: int = 2
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.prune_batches or self.cache_k or self.on_policy_steps)
+
+    def check(self, prefix: str) -> None:
+        _non_negative(self, prefix, "prune_batches", "cache_k", "on_policy_steps", "on_policy_warmup_steps")
+        _positive(self, prefix, "on_policy_learning_rate")
+        if self.on_policy_steps and not self.on_policy.enabled:
+            raise UserError(
+                f"{_join(prefix, 'on_policy.fraction')} is 0: the on-policy phase needs on-policy steps "
+                f"(or {_join(prefix, 'on_policy_steps')}: 0)"
+            )
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=lambda: PRESETS["tiny"])
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -335,6 +375,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     release: ReleaseConfig = field(default_factory=ReleaseConfig)
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
     topology: str | None = None  # target TPU topology for `compile-check`, e.g. v5p-256
 
     def check(self, prefix: str) -> None:

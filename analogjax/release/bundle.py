@@ -118,6 +118,8 @@ def write_release(
     transfer: bool = True,
     transfer_report: dict | None = None,
     user_concepts: Sequence = (),
+    fidelity_report: dict | None = None,
+    comparison: Sequence[dict] | None = None,
     override_gates: Sequence[tuple[str, str]] = (),
 ) -> Path:
     """HF folder + fidelity/ + README.md model card for the run in `run_dir` (workdir or checkpoints dir).
@@ -125,7 +127,11 @@ def write_release(
     `release_overrides`: "key=value" settings of the `release` config section over the run's own (e.g.
     "teacher_name=org/model"). Refuses a bundle in which a local path, host or user name appears, unless the
     section's allow_local_paths says the lab wants them. The transfer checks (analogjax.fidelity.transfer) go into the
-    fidelity report and the card unless `transfer` is false; `transfer_report` passes one already measured.
+    fidelity report and the card unless `transfer` is false; `transfer_report` passes one already measured, and
+    `fidelity_report` a fidelity report already measured on this run's student (metrics.measure_models: the teacher
+    is then not run again). `comparison`: entries judging the analog against a control beyond noise (the demo's),
+    shown in the card and kept in fidelity.json. A recipe's workdir (recipe.json) is released as its final phase,
+    and the card lists the recipe's phases.
 
     The release gate (analogjax.release.gates) decides whether anything is written: release.tasks run for the analog
     and the teacher (fidelity.json `tasks`), then the size cap and release.gates are judged; a failing gate not
@@ -172,6 +178,8 @@ def write_release(
             teacher_params=teacher_params,
             source_names=None if disclosed.local_paths else model_card.public_source_names(config.data),
             transfer_report=transfer_report if transfer else None,
+            measured=fidelity_report,
+            comparison=comparison,
         )
         if tasks is not None:
             report["tasks"] = measure_tasks(student, teacher_params, tasks, codec, limit=release.task_limit)
@@ -185,6 +193,7 @@ def write_release(
         shutil.rmtree(staging, ignore_errors=True)
     if jax.process_index() != 0:
         return out
+    recipe = recipe_record(run_dir)
     card = model_card.model_card(
         config,
         step,
@@ -193,6 +202,8 @@ def write_release(
         disclosed=disclosed,
         tokenizer=load_tokenizer(spec) if spec else None,
         cache_provenance=cache_provenance(config),
+        recipe=recipe,
+        phase_ledger=_recipe_ledger(run_dir, recipe),
         statement=gates.release_statement(size, results, report),
     )
     (out / "README.md").write_text(card)
@@ -274,3 +285,27 @@ def cache_provenance(config) -> dict | None:
     from analogjax.teacher_cache.format import read_provenance
 
     return read_provenance(config.teacher.cache)
+
+
+def recipe_record(run_dir: str | Path) -> dict | None:
+    """recipe.json of a recipe's workdir (its phases, steps and settings), None for a plain run."""
+    import json
+
+    from analogjax.run_dir import RECIPE_FILE
+
+    path = Path(run_dir) / RECIPE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _recipe_ledger(run_dir: str | Path, recipe: dict | None) -> dict | None:
+    """The compute of a recipe's training phases together (each phase's own config, steps and cache)."""
+    if recipe is None:
+        return None
+    from analogjax.release import model_card
+
+    ledgers = []
+    for phase in recipe["phases"]:
+        if phase in recipe.get("steps", {}):  # the training phases (pruning and the cache are not runs)
+            config, _, _, step = run_config(Path(run_dir) / phase)
+            ledgers.append(model_card.compute_ledger(config, step, cache_provenance(config)))
+    return model_card.recipe_ledger(ledgers)

@@ -1,0 +1,167 @@
+"""95% intervals of fidelity and transfer figures, and comparisons of two models judged beyond noise.
+
+Every figure analogjax reports is a function of sums over held-out rows (a row: one packed window of held-out
+documents): a mean KL is Σ kl / Σ tokens, an explained variance 1 − Σ sse / (Σ ‖y‖² − ‖Σ y‖² / n), a probe's
+accuracy Σ correct / Σ labelled. The interval is a percentile bootstrap over rows: each draw resamples the rows with
+replacement (multinomial counts), re-adds the per-row sums and recomputes the figure. Rows, not tokens, are the unit
+because tokens of one row are not independent.
+
+Two models measured on the same rows are compared *paired*: each draw resamples the rows once and recomputes both
+figures, so the difference's interval removes what the rows share (some rows are hard for every model). A
+comparison says "analog" or "baseline" only when the 95% interval of the difference excludes zero; otherwise "not
+distinguishable". Fixed seed: the same sums give the same intervals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+DRAWS = 2000
+LEVEL = 0.95
+# Below this many rows a bootstrap cannot estimate noise (one row resamples to itself): no interval, and no verdict.
+MIN_ROWS = 5
+
+# A figure from summed arrays: each array has a leading axis of draws (or none, for the point estimate).
+Statistic = Callable[[Mapping[str, np.ndarray]], np.ndarray]
+
+
+def row_weights(rows: int, draws: int = DRAWS, seed: int = 0) -> np.ndarray:
+    """[draws, rows] bootstrap counts: how often each row is drawn in each resample (each resample has `rows`)."""
+    if rows <= 0:
+        raise ValueError("a bootstrap needs at least one row")
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(rows, np.full(rows, 1.0 / rows), size=draws).astype(np.float64)
+
+
+def resampled_sums(per_row: Mapping[str, Any], weights: np.ndarray) -> dict[str, np.ndarray]:
+    """Σ over rows of each per-row array ([rows, ...]) under each resample: arrays of shape [draws, ...]."""
+    out = {}
+    for key, value in per_row.items():
+        value = np.asarray(value, np.float64)
+        out[key] = np.tensordot(weights, value, axes=(1, 0))
+    return out
+
+
+def _rows_of(per_row: Mapping[str, Any]) -> int:
+    counts = {np.asarray(v).shape[0] for v in per_row.values()}
+    if len(counts) != 1:
+        raise ValueError(f"per-row arrays disagree on the number of rows: {sorted(counts)}")
+    return counts.pop()
+
+
+def _bounds(values: np.ndarray, level: float = LEVEL) -> list[float | None]:
+    """[lo, hi] of the draws' central `level`; [None, None] when the draws say nothing (too few rows, none finite)."""
+    finite = values[np.isfinite(values)]
+    if finite.size < values.size / 2 or values.size == 0:
+        return [None, None]
+    tail = 100 * (1 - level) / 2
+    lo, hi = np.percentile(finite, [tail, 100 - tail])
+    return [float(lo), float(hi)]
+
+
+def point(statistic: Statistic, per_row: Mapping[str, Any]) -> float:
+    """The figure over all rows (the estimate the interval surrounds)."""
+    return float(statistic({k: np.asarray(v, np.float64).sum(0) for k, v in per_row.items()}))
+
+
+def ci95(statistic: Statistic, per_row: Mapping[str, Any], *, draws: int = DRAWS, seed: int = 0) -> list[float | None]:
+    """[lo, hi]: the percentile bootstrap 95% interval of statistic(Σ rows) over resampled rows ([None, None] with
+    fewer than MIN_ROWS rows)."""
+    rows = _rows_of(per_row)
+    if rows < MIN_ROWS:
+        return [None, None]
+    weights = row_weights(rows, draws, seed)
+    return _bounds(np.asarray(statistic(resampled_sums(per_row, weights)), np.float64))
+
+
+def compare(
+    measure: str,
+    statistic: Statistic,
+    analog: Mapping[str, Any],
+    baseline: Mapping[str, Any],
+    *,
+    higher_is_better: bool,
+    baseline_statistic: Statistic | None = None,
+    draws: int = DRAWS,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """One comparison entry of two models measured on the same rows (paired bootstrap): each one's figure and 95%
+    interval, the interval of analog − baseline, and which is better beyond noise. `baseline_statistic` defaults to
+    `statistic`. The per-row arrays of both models must have the same rows in the same order."""
+    rows = _rows_of(analog)
+    if _rows_of(baseline) != rows:
+        raise ValueError(f"{measure}: the two models were measured on different rows")
+    base_stat = baseline_statistic or statistic
+    if rows < MIN_ROWS:  # no noise estimate, so no verdict
+        a = b = np.full(1, np.nan)
+    else:
+        weights = row_weights(rows, draws, seed)
+        a = np.asarray(statistic(resampled_sums(analog, weights)), np.float64)
+        b = np.asarray(base_stat(resampled_sums(baseline, weights)), np.float64)
+    entry = judged(measure, point(statistic, analog), point(base_stat, baseline), a, b, higher_is_better)
+    entry["rows"] = rows
+    return entry
+
+
+def judged(
+    measure: str, analog: float, baseline: float, analog_draws, baseline_draws, higher_is_better: bool
+) -> dict[str, Any]:
+    """The comparison entry from two figures and their paired draws (same resamples, same order)."""
+    a, b = np.asarray(analog_draws, np.float64), np.asarray(baseline_draws, np.float64)
+    lo, hi = _bounds(a - b)
+    if lo is None or hi is None or lo <= 0 <= hi:
+        better = "not distinguishable"
+    else:
+        analog_ahead = lo > 0 if higher_is_better else hi < 0
+        better = "analog" if analog_ahead else "baseline"
+    return {
+        "measure": measure,
+        "analog": analog,
+        "baseline": baseline,
+        "analog_ci95": _bounds(a),
+        "baseline_ci95": _bounds(b),
+        "difference_ci95": [lo, hi],
+        "higher_is_better": higher_is_better,
+        "better": better,
+    }
+
+
+def ratio(numerator: str, denominator: str) -> Statistic:
+    """Σ numerator / Σ denominator (a mean per token, an accuracy)."""
+
+    def statistic(sums: Mapping[str, np.ndarray]) -> np.ndarray:
+        return np.asarray(sums[numerator]) / np.maximum(np.asarray(sums[denominator]), 1e-30)
+
+    return statistic
+
+
+def format_interval(value: float | None, interval: Sequence[float | None] | None, digits: int = 3) -> str:
+    """'0.234 [0.210, 0.258]' (the figure and its 95% interval) for tables and cards; the figure alone without one."""
+    if value is None:
+        return "-"
+    if not interval or any(bound is None for bound in interval):
+        return f"{value:.{digits}f} [no interval]"
+    return f"{value:.{digits}f} [{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]"
+
+
+# How tables name the measures of comparison entries (fidelity/metrics.py's; others are named as they are).
+MEASURE_NAMES = {
+    "forward_kl": "KL(teacher‖model)",
+    "top1_agreement": "top-1 agreement",
+    "student_nll": "held-out CE",
+}
+
+
+def comparison_markdown(entries: list[dict[str, Any]], analog: str = "analog", other: str = "baseline") -> str:
+    """Comparison entries (`compare`) as a Markdown table: each measure, both figures with their 95% intervals, and
+    which is better beyond noise."""
+    lines = [f"| measure | {analog} | {other} | better (95%, paired) |", "|---|---:|---:|---|"]
+    for e in entries:
+        lines.append(
+            f"| {MEASURE_NAMES.get(e['measure'], e['measure'])} | {format_interval(e['analog'], e['analog_ci95'])} | "
+            f"{format_interval(e['baseline'], e['baseline_ci95'])} | {e['better']} |"
+        )
+    return "\n".join(lines)
