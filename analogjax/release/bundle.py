@@ -187,7 +187,10 @@ def write_release(
         report["release_gate"] = {"size": size, "gates": [dataclasses.asdict(r) for r in results]}
         export_params(config, student.params, out, force, dtype, spec)
         if jax.process_index() == 0:
-            (staging / "fidelity.json").write_text(json.dumps(report, indent=2) + "\n")
+            written = staging / "fidelity.json"  # as measure_fidelity wrote it, with the gate's keys added
+            staged = json.loads(written.read_text())
+            staged.update({k: report[k] for k in ("tasks", "release_gate") if k in report})
+            written.write_text(json.dumps(staged, indent=2) + "\n")
             shutil.copytree(staging, out / "fidelity", dirs_exist_ok=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
