@@ -38,13 +38,21 @@ class TextCodec(Protocol):
     def decode(self, ids: Sequence[int]) -> str: ...
 
 
-def _score(model, params, tokens_bs, targets_bs, segment_ids_bs):
+def _score(cfg, params, tokens_bs, targets_bs, segment_ids_bs):
     """Per position: log p(target) under the log-softmax of the whole output layer, and whether it is the argmax."""
+    from analogjax.models.transformer import Transformer
+
     positions = jnp.where(segment_ids_bs > 0, jnp.arange(tokens_bs.shape[1], dtype=jnp.int32)[None, :], 0)
-    logits = model(params, tokens_bs, segment_ids_bs, positions).astype(jnp.float32)
+    logits = Transformer(cfg)(params, tokens_bs, segment_ids_bs, positions).astype(jnp.float32)
     logp = jax.nn.log_softmax(logits, axis=-1)
     picked = jnp.take_along_axis(logp, targets_bs[..., None], axis=-1)[..., 0]
     return picked, jnp.argmax(logits, axis=-1) == targets_bs
+
+
+@functools.lru_cache(maxsize=16)
+def _scorer(cfg):
+    """One jitted scorer per model shape, shared by every AnalogLM of that shape: it compiles once per bucket."""
+    return jax.jit(functools.partial(_score, cfg))
 
 
 class AnalogLM(TemplateLM):
@@ -73,7 +81,7 @@ class AnalogLM(TemplateLM):
         shards = int(np.prod([model.mesh.shape[a] for a in mesh_lib.BATCH_AXES if a in model.mesh.shape]))
         self.rows = -(-max(int(batch_size), 1) // shards) * shards
         self._batch_sharding = mesh_lib.batch_sharding(model.mesh)
-        self._scorer = jax.jit(functools.partial(_score, model.model.__call__))  # compiles once per length bucket
+        self._scorer = _scorer(model.config)
 
     # -------------------------------------------------------------------------------------------------------------
     # What TemplateLM asks of a model

@@ -102,6 +102,11 @@ def check_config(release, *, transfer: bool, overrides: Mapping[str, str]) -> No
     names = gate_names(release)
     if len(set(names)) != len(names):
         raise UserError(f"release.gates: {sorted({n for n in names if names.count(n) > 1})[0]} is given twice")
+    for i, override in enumerate(release.overrides):
+        if override.gate not in names:
+            raise UserError(
+                f"release.overrides[{i}].gate: {override.gate!r} is no gate of this release ({', '.join(names)})"
+            )
     for name in overrides:
         if name not in names:
             raise UserError(f"--override-gate {name}: no such gate (this release's gates: {', '.join(names)})")
