@@ -17,7 +17,14 @@ from analogjax import cli
 from analogjax.errors import UserError
 
 # The toy demo's settings (its programs are compiled once for this demo, test_demo's and the notebook's).
-DEMO = [*TOY_SETS, "run.data.heldout_fraction=0.2", "run.teacher.pretraining_flops=1e12"]
+DEMO = [
+    *TOY_SETS,
+    "run.data.heldout_fraction=0.2",
+    "run.teacher.pretraining_flops=1e12",
+    "samples=2",
+    "sample_prompt_tokens=4",
+    "sample_new_tokens=4",
+]
 TASKS = Path(__file__).parent / "tasks"  # local lm-eval tasks
 
 
