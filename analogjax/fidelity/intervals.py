@@ -67,9 +67,7 @@ def point(statistic: Statistic, per_row: Mapping[str, Any]) -> float:
     return float(statistic({k: np.asarray(v, np.float64).sum(0) for k, v in per_row.items()}))
 
 
-def ci95(
-    statistic: Statistic, per_row: Mapping[str, Any], *, draws: int = DRAWS, seed: int = 0
-) -> list[float | None]:
+def ci95(statistic: Statistic, per_row: Mapping[str, Any], *, draws: int = DRAWS, seed: int = 0) -> list[float | None]:
     """[lo, hi]: the percentile bootstrap 95% interval of statistic(Σ rows) over resampled rows ([None, None] with
     fewer than MIN_ROWS rows)."""
     rows = _rows_of(per_row)

@@ -34,10 +34,12 @@ from pathlib import Path
 from analogjax.config import (
     Config,
     DistillConfig,
+    GateOverride,
     LossTerm,
     OnPolicyConfig,
     OptimConfig,
     RecipeConfig,
+    ReleaseConfig,
     TeacherConfig,
     TrainConfig,
     load_config,
@@ -78,7 +80,17 @@ def _real_run() -> Config:
             on_policy=OnPolicyConfig(fraction=1.0, prompt_len=32, max_new_tokens=32),
             on_policy_learning_rate=3e-4,
         ),
+        release=ReleaseConfig(overrides=(GateOverride("size_cap", REAL_SIZE_REASON),)),
     )
+
+
+# Why the demo's analog is released above the policy's 5% cap (the card's release statement shows the measured ratio).
+REAL_SIZE_REASON = (
+    "SmolLM2-135M's analog shares its 49,152-token vocabulary: the tied embedding alone is above 5% of the teacher at "
+    "any width that still learns (d_model 256 here), so a 135M teacher has no useful analog under the cap; a "
+    "frontier teacher's embedding is a far smaller share"
+)
+SELF_SIZE_REASON = "a toy teacher of a few million parameters: the analog's embedding alone is above 5% of it"
 
 
 @dataclass(frozen=True)
@@ -136,6 +148,7 @@ def _self_run() -> Config:
             on_policy_steps=8,
             on_policy=OnPolicyConfig(fraction=1.0, prompt_len=32, max_new_tokens=32),
         ),
+        release=ReleaseConfig(overrides=(GateOverride("size_cap", SELF_SIZE_REASON),)),
     )
 
 
