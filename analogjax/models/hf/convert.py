@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 
 from analogjax.errors import UserError
 from analogjax.models.config import FULL, SLIDING, ModelConfig, MoEConfig, RopeScaling
+from analogjax.models.hf import llama4
 from analogjax.models.hf.families import (
     ARCHITECTURES,
     BY_ARCHITECTURE,
@@ -260,8 +261,12 @@ def config_from_hf_dict(hf: dict, where: str = "config.json") -> ModelConfig:
             attn_softcap=float(attn_cap or 0.0),
             final_softcap=float(hf.get("final_logit_softcapping") or 0.0) if family.final_softcap else 0.0,
             query_scalar=0.0 if query_scalar == e else query_scalar,
-            moe=_moe_from_hf(hf, family.moe, layers, refuse) if family.moe else MoEConfig(),
+            moe=_moe_from_hf(hf, family.moe, layers, refuse)
+            if family.moe and not family.llama4_layers
+            else MoEConfig(),
         )
+        if family.llama4_layers:
+            cfg = llama4.from_hf(cfg, hf, refuse)
     except KeyError as exc:
         raise UserError(f"{where}: missing key {exc.args[0]!r}") from None
     try:
@@ -414,7 +419,9 @@ def _hf_config_for(
         out["final_logit_softcapping"] = cfg.final_softcap or None
     if "attn_logit_softcapping" in family.keys:
         out["attn_logit_softcapping"] = cfg.attn_softcap or None
-    if family.moe:
+    if family.llama4_layers:
+        out.update(llama4.to_hf(cfg))
+    elif family.moe:
         out.update(_moe_to_hf(cfg, family.moe))
     # Token ids written always (null when unknown): some families default them outside a small vocabulary.
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):

@@ -18,7 +18,15 @@ import numpy as np
 from analogjax.errors import UserError
 from analogjax.models.config import ModelConfig
 from analogjax.models.hf.convert import model_config_from_hf, read_json
-from analogjax.models.hf.tensors import INDEX_FILE, WEIGHTS_FILE, TensorMap, get_param, set_param, tensor_maps
+from analogjax.models.hf.tensors import (
+    INDEX_FILE,
+    WEIGHTS_FILE,
+    TensorMap,
+    get_param,
+    rotate_half_order,
+    set_param,
+    tensor_maps,
+)
 from analogjax.models.model import Model
 
 
@@ -67,12 +75,12 @@ def _read_block(tensor_slice, tmap: TensorMap, ours_index: tuple[slice, ...]) ->
         split_index[split_dim] = ours_index[ours_dim]
     read, after = [], []  # slices on the HF tensor; then slices on each group's factors once reshaped
     pos = 0
-    for group in tmap.groups:
+    for g, group in enumerate(tmap.groups):
         parts = [split_index[pos + j].indices(n) for j, n in enumerate(group)]
         inner = math.prod(group[1:])
         # A contiguous range of the group's leading factor; trailing factors are cut after reshaping (they are
         # head_dim in practice, never sharded, so nothing is read twice).
-        offset = tmap.row_offset if pos == 0 else 0  # a fused tensor's row range starts further down
+        offset = tmap.row_offset if g == tmap.fused_axis else 0  # a fused tensor's range starts further along
         read.append(slice(offset + parts[0][0] * inner, offset + parts[0][1] * inner))
         after.append([slice(None)] + [slice(a, b) for a, b, _ in parts[1:]])
         pos += len(group)
@@ -81,7 +89,10 @@ def _read_block(tensor_slice, tmap: TensorMap, ours_index: tuple[slice, ...]) ->
     for group, r in zip(tmap.groups, read):
         shape += [(r.stop - r.start) // math.prod(group[1:]), *group[1:]]
     block = block.reshape(shape)[tuple(s for sl in after for s in sl)]
-    return np.transpose(block, tmap.perm).astype(np.float32)
+    block = np.transpose(block, tmap.perm)
+    if tmap.interleaved:  # head_dim is never sharded: the whole last dim is here to reorder
+        block = block[..., rotate_half_order(block.shape[-1])]
+    return block.astype(np.float32)
 
 
 def load_params(path: str | Path, model_cfg: ModelConfig, mesh, rules) -> dict:
