@@ -1,0 +1,188 @@
+"""Llama 4 text against transformers itself, from a tiny random Llama4ForCausalLM (float32): chunked layers (chunk 4,
+sequences of 12, so three chunks), NoPE layers with attention temperature tuning, L2 q/k norm, llama3 RoPE scaling on
+interleaved pairs, MoE on every 2nd layer with a shared expert and sigmoid routing whose weights scale the experts'
+inputs, experts stored fused. Import and export must give transformers' logits (1e-4 of the largest logit); cached
+decoding equals the full forward; the fused kernels' chunked masks equal the XLA reference (interpret mode).
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from analogjax import hf  # noqa: E402
+from analogjax import mesh as mesh_lib  # noqa: E402
+from analogjax.errors import UserError  # noqa: E402
+from analogjax.models import attention as att  # noqa: E402
+
+VOCAB, SEQ, CHUNK = 64, 12, 4
+CONFIG = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=24,
+    intermediate_size_mlp=40,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-6,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    num_local_experts=4,
+    num_experts_per_tok=2,
+    interleave_moe_layer_step=2,  # layers 1 and 3 MoE
+    no_rope_layer_interval=2,  # layers 1 and 3 NoPE (global), 0 and 2 chunked
+    attention_chunk_size=CHUNK,
+    floor_scale=2,  # the temperature changes every 2 positions, so a sequence of 12 sees it
+    attn_scale=0.5,
+    rope_parameters=dict(
+        rope_type="llama3",
+        rope_theta=10000.0,
+        factor=8.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=16,
+    ),
+)
+
+
+def _make(folder, **overrides):
+    torch.manual_seed(0)
+    config = transformers.Llama4TextConfig(**{**CONFIG, **overrides})
+    model = transformers.Llama4ForCausalLM(config).float().eval()
+    with torch.no_grad():  # fresh inits leave norms at 1 and routers near uniform: make every tensor matter
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    return model
+
+
+def _hf_logits(model, toks):
+    with torch.no_grad():
+        return model(torch.as_tensor(toks, dtype=torch.long)).logits.float().numpy()
+
+
+def _rel(ours, theirs):
+    return float(np.max(np.abs(np.asarray(ours) - theirs)) / np.max(np.abs(theirs)))
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("llama4") / "hf"
+    model = _make(folder)
+    analog = hf.load(folder, mesh=mesh_lib.make_mesh(2, 4, 1))
+    return folder, model, analog
+
+
+def test_llama4_import_and_export_match_transformers(imported, tmp_path):
+    folder, model, analog = imported
+    cfg = analog.config
+    assert cfg.layer_kinds == ("chunked", "full") * 2 and cfg.layer_nope == (False, True) * 2
+    assert cfg.attention_chunk == CHUNK and cfg.qk_l2_norm and cfg.attn_temperature_scale == 0.5
+    assert (cfg.moe.experts, cfg.moe.every, cfg.moe.router, cfg.moe.weights_on_input) == (4, 2, "sigmoid", True)
+    # Each device holds (and read) only its experts: a quarter of them, over fsdp.
+    stack = analog.params["params"]["moe_layers"]["moe"]["mlp"]["w_gate"]
+    assert stack.sharding.spec[1] == "fsdp" and {s.data.shape[1] for s in stack.addressable_shards} == {1}
+    toks = np.random.default_rng(0).integers(0, VOCAB, (2, SEQ)).astype(np.int32)
+    error = _rel(analog(toks), _hf_logits(model, toks))
+    print("llama4 import", error)
+    assert error < 1e-4
+    rng = np.random.default_rng(1)
+    params = jax.tree.map(
+        lambda x: np.asarray(x) + 0.05 * rng.standard_normal(x.shape).astype(np.float32), jax.device_get(analog.params)
+    )
+    hf.save_params(params, cfg, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["Llama4ForCausalLM"]
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    assert type(loaded).__name__ == "Llama4ForCausalLM"
+    error = _rel(analog.model(params, toks), _hf_logits(loaded, toks))
+    print("llama4 export", error)
+    assert error < 1e-4
+    assert hf.model_config_from_hf(tmp_path / "out") == cfg
+
+
+def test_llama4_cached_decoding_equals_the_full_forward(imported):
+    # Prefill 5 tokens, then one token at a time past two chunk boundaries: the chunk mask and the NoPE layers'
+    # temperature read positions from the cache, as the full forward reads them.
+    from analogjax.models import sampling
+    from analogjax.models.transformer import logits
+
+    _, _, analog = imported
+    cfg, params, model = analog.config, jax.device_get(analog.params), analog.model
+    toks = np.random.default_rng(2).integers(0, VOCAB, (1, SEQ)).astype(np.int32)
+    full = np.asarray(model(params, toks))
+    cache = sampling.init_cache(cfg, 1, SEQ)
+    pos = np.arange(SEQ, dtype=np.int32)[None]
+    step = jax.jit(model.decode)
+    hidden, cache = step(params, toks[:, :5], np.ones((1, 5), np.int32), pos[:, :5], cache)
+    got = [np.asarray(logits(params, cfg, hidden))]
+    cache["index"] = cache["index"] + 5
+    for i in range(5, SEQ):
+        hidden, cache = step(params, toks[:, i : i + 1], np.ones((1, 1), np.int32), pos[:, i : i + 1], cache)
+        cache["index"] = cache["index"] + 1
+        got.append(np.asarray(logits(params, cfg, hidden)))
+    np.testing.assert_allclose(np.concatenate(got, axis=1), full, atol=1e-4 * np.abs(full).max())
+
+
+def test_chunked_attention_in_the_fused_kernels_equals_the_xla_reference():
+    # Packed documents that start mid-chunk (chunks count from each document's start, by position) and padding;
+    # splash and pallas_gpu in interpret mode, the cuDNN call through jax's XLA implementation.
+    s, chunk = 128, 24
+    seg = np.ones((2, s), np.int32)
+    pos = np.tile(np.arange(s, dtype=np.int32), (2, 1))
+    seg[0, 50:110], pos[0, 50:110] = 2, np.arange(60)
+    seg[0, 110:], pos[0, 110:] = 0, 0
+    pos, seg = jnp.asarray(pos), jnp.asarray(seg)
+    keys = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(keys[0], (2, s, 4, 16))
+    k, v = (jax.random.normal(key, (2, s, 2, 16)) for key in keys[1:])
+    want = att.attend(q, k, v, pos, pos, seg, seg, scale=0.25, chunk=chunk)
+    real = np.asarray(seg != 0)[:, :, None, None]
+    runs = {
+        "splash": lambda: att.self_attention(
+            q, k, v, pos, seg, scale=0.25, kernel="splash", interpret=True, block=128, chunk=chunk
+        ),
+        "pallas_gpu": lambda: att.self_attention(
+            q, k, v, pos, seg, scale=0.25, kernel="pallas_gpu", interpret=True, block=64, chunk=chunk
+        ),
+        "cudnn": lambda: att.cudnn_attention(
+            q, k, v, att.chunk_segments(pos, seg, chunk), scale=0.25, implementation="xla"
+        ),
+    }
+    for name, run in runs.items():
+        np.testing.assert_allclose(np.asarray(run()) * real, np.asarray(want) * real, atol=2e-5, err_msg=name)
+    # The reference itself: a chunk is a wall (the last query of document 2 sees only its own chunk's keys).
+    allowed = np.asarray(att.allowed(pos, pos, seg, seg, chunk=chunk))
+    assert allowed[0, 109].nonzero()[0].tolist() == list(range(50 + 48, 110))
+
+
+def test_llama4_bad_input_is_refused_by_name(imported, tmp_path):
+    folder, _, _ = imported
+    config = json.loads((folder / "config.json").read_text())
+
+    def refused(match, **changes):
+        (tmp_path / "config.json").write_text(json.dumps({**config, **changes}))
+        with pytest.raises(UserError, match=match):
+            hf.model_config_from_hf(tmp_path)
+
+    refused("layer_types", layer_types=["chunked_attention", "sliding_attention"] * 2)
+    refused("MoE layers at", moe_layers=[0, 3])
+    refused("no_rope_layers", no_rope_layers=[1, 2, 1, 0])
+    refused("Llama4ForConditionalGeneration is not supported yet", architectures=["Llama4ForConditionalGeneration"])
+    # A chunk that does not divide each context shard's length.
+    from analogjax.config import load_config
+    from analogjax.setup import build_mesh
+
+    run = load_config(
+        None, [f"teacher.hf_path={folder}", "model.like_teacher.n_layers=2", "data.seq_len=24", "mesh.context=4"]
+    )
+    assert run.model.attention_chunk == CHUNK and run.model.layer_nope == (False, True)
+    with pytest.raises(UserError, match="attention_chunk"):
+        build_mesh(run)
