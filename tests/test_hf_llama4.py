@@ -73,16 +73,20 @@ def _rel(ours, theirs):
     return float(np.max(np.abs(np.asarray(ours) - theirs)) / np.max(np.abs(theirs)))
 
 
+TOKS = np.random.default_rng(0).integers(0, VOCAB, (2, SEQ)).astype(np.int32)
+
+
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory):
+    """(HF folder, the transformers model, our import of it on a data x fsdp mesh, our logits of TOKS)."""
     folder = tmp_path_factory.mktemp("llama4") / "hf"
     model = _make(folder)
     analog = hf.load(folder, mesh=mesh_lib.make_mesh(2, 4, 1))
-    return folder, model, analog
+    return folder, model, analog, np.asarray(analog(TOKS))
 
 
 def test_llama4_import_and_export_match_transformers(imported, tmp_path):
-    folder, model, analog = imported
+    folder, model, analog, ours = imported
     cfg = analog.config
     assert cfg.layer_kinds == ("chunked", "full") * 2 and cfg.layer_nope == (False, True) * 2
     assert cfg.attention_chunk == CHUNK and cfg.qk_l2_norm and cfg.attn_temperature_scale == 0.5
@@ -90,8 +94,8 @@ def test_llama4_import_and_export_match_transformers(imported, tmp_path):
     # Each device holds (and read) only its experts: a quarter of them, over fsdp.
     stack = analog.params["params"]["moe_layers"]["moe"]["mlp"]["w_gate"]
     assert stack.sharding.spec[1] == "fsdp" and {s.data.shape[1] for s in stack.addressable_shards} == {1}
-    toks = np.random.default_rng(0).integers(0, VOCAB, (2, SEQ)).astype(np.int32)
-    error = _rel(analog(toks), _hf_logits(model, toks))
+    toks = TOKS
+    error = _rel(ours, _hf_logits(model, toks))
     print("llama4 import", error)
     assert error < 1e-4
     rng = np.random.default_rng(1)
@@ -102,32 +106,41 @@ def test_llama4_import_and_export_match_transformers(imported, tmp_path):
     assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["Llama4ForCausalLM"]
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
     assert type(loaded).__name__ == "Llama4ForCausalLM"
-    error = _rel(analog.model(params, toks), _hf_logits(loaded, toks))
+    # The same shardings as the imported params: the import's compiled forward runs them.
+    imported_params, analog.params = (
+        analog.params,
+        jax.device_put(params, jax.tree.map(lambda x: x.sharding, analog.params)),
+    )
+    try:
+        error = _rel(analog(toks), _hf_logits(loaded, toks))
+    finally:
+        analog.params = imported_params
     print("llama4 export", error)
     assert error < 1e-4
     assert hf.model_config_from_hf(tmp_path / "out") == cfg
 
 
 def test_llama4_cached_decoding_equals_the_full_forward(imported):
-    # Prefill 5 tokens, then one token at a time past two chunk boundaries: the chunk mask and the NoPE layers'
-    # temperature read positions from the cache, as the full forward reads them.
+    # One token at a time through three chunks: the chunk mask and the NoPE layers' temperature read positions
+    # from the cache, as the full forward reads them.
     from analogjax.models import sampling
     from analogjax.models.transformer import logits
 
-    _, _, analog = imported
-    cfg, params, model = analog.config, jax.device_get(analog.params), analog.model
-    toks = np.random.default_rng(2).integers(0, VOCAB, (1, SEQ)).astype(np.int32)
-    full = np.asarray(model(params, toks))
-    cache = sampling.init_cache(cfg, 1, SEQ)
-    pos = np.arange(SEQ, dtype=np.int32)[None]
-    step = jax.jit(model.decode)
-    hidden, cache = step(params, toks[:, :5], np.ones((1, 5), np.int32), pos[:, :5], cache)
-    got = [np.asarray(logits(params, cfg, hidden))]
-    cache["index"] = cache["index"] + 5
-    for i in range(5, SEQ):
-        hidden, cache = step(params, toks[:, i : i + 1], np.ones((1, 1), np.int32), pos[:, i : i + 1], cache)
-        cache["index"] = cache["index"] + 1
-        got.append(np.asarray(logits(params, cfg, hidden)))
+    _, _, analog, full = imported
+    cfg = analog.config
+    params = jax.device_get(analog.params)
+    cache = sampling.init_cache(cfg, 2, SEQ)
+    pos = np.tile(np.arange(SEQ, dtype=np.int32), (2, 1))
+
+    @jax.jit
+    def step(cache, tok, pos):
+        hidden, cache = analog.model.decode(params, tok, jnp.ones_like(tok), pos, cache)
+        return logits(params, cfg, hidden), {**cache, "index": cache["index"] + 1}
+
+    got = []
+    for i in range(SEQ):
+        out, cache = step(cache, TOKS[:, i : i + 1], pos[:, i : i + 1])
+        got.append(np.asarray(out))
     np.testing.assert_allclose(np.concatenate(got, axis=1), full, atol=1e-4 * np.abs(full).max())
 
 
@@ -135,14 +148,14 @@ def test_chunked_attention_in_the_fused_kernels_equals_the_xla_reference():
     # Packed documents that start mid-chunk (chunks count from each document's start, by position) and padding;
     # splash and pallas_gpu in interpret mode, the cuDNN call through jax's XLA implementation.
     s, chunk = 128, 24
-    seg = np.ones((2, s), np.int32)
-    pos = np.tile(np.arange(s, dtype=np.int32), (2, 1))
+    seg = np.ones((1, s), np.int32)
+    pos = np.arange(s, dtype=np.int32)[None].copy()
     seg[0, 50:110], pos[0, 50:110] = 2, np.arange(60)
     seg[0, 110:], pos[0, 110:] = 0, 0
     pos, seg = jnp.asarray(pos), jnp.asarray(seg)
     keys = jax.random.split(jax.random.key(0), 3)
-    q = jax.random.normal(keys[0], (2, s, 4, 16))
-    k, v = (jax.random.normal(key, (2, s, 2, 16)) for key in keys[1:])
+    q = jax.random.normal(keys[0], (1, s, 2, 16))
+    k, v = (jax.random.normal(key, (1, s, 1, 16)) for key in keys[1:])
     want = att.attend(q, k, v, pos, pos, seg, seg, scale=0.25, chunk=chunk)
     real = np.asarray(seg != 0)[:, :, None, None]
     runs = {
@@ -164,7 +177,7 @@ def test_chunked_attention_in_the_fused_kernels_equals_the_xla_reference():
 
 
 def test_llama4_bad_input_is_refused_by_name(imported, tmp_path):
-    folder, _, _ = imported
+    folder = imported[0]
     config = json.loads((folder / "config.json").read_text())
 
     def refused(match, **changes):
