@@ -188,7 +188,11 @@ def test_llama4_bad_input_is_refused_by_name(imported, tmp_path):
     refused("layer_types", layer_types=["chunked_attention", "sliding_attention"] * 2)
     refused("MoE layers at", moe_layers=[0, 3])
     refused("no_rope_layers", no_rope_layers=[1, 2, 1, 0])
-    refused("Llama4ForConditionalGeneration is not supported yet", architectures=["Llama4ForConditionalGeneration"])
+    (tmp_path / "config.json").write_text(
+        json.dumps({"architectures": ["Llama4ForConditionalGeneration"], "text_config": config, "audio_config": {}})
+    )
+    with pytest.raises(UserError, match="Llama4ForConditionalGeneration with config field 'audio_config'"):
+        hf.model_config_from_hf(tmp_path)
     # A chunk that does not divide each context shard's length.
     from analogjax.config import load_config
     from analogjax.setup import build_mesh
@@ -199,3 +203,31 @@ def test_llama4_bad_input_is_refused_by_name(imported, tmp_path):
     assert run.model.attention_chunk == CHUNK and run.model.layer_nope == (False, True)
     with pytest.raises(UserError, match="attention_chunk"):
         build_mesh(run)
+
+
+def test_llama4_conditional_generation_is_read_for_its_text_model(imported, tmp_path):
+    # A Llama4ForConditionalGeneration folder (tiny vision tower) whose language model holds the text model's
+    # weights: we read the text model's config and params from it.
+    folder, model, analog, _ = imported
+    vision = dict(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        vision_output_dim=16,
+        image_size=28,
+        patch_size=14,
+        projector_input_dim=16,
+        projector_output_dim=16,
+    )
+    both = transformers.Llama4ForConditionalGeneration(
+        transformers.Llama4Config(text_config=CONFIG, vision_config=vision)
+    ).eval()
+    both.language_model.load_state_dict(model.state_dict())
+    both.save_pretrained(tmp_path / "cg")
+    # Its forward on text is its language model's on the embedded ids (transformers 5.24's own text-only call then
+    # fails building its output: MoeCausalLMOutputWithPast has no image_outputs), so the language model is run.
+    np.testing.assert_allclose(_hf_logits(both.language_model, TOKS), _hf_logits(model, TOKS), rtol=0, atol=1e-6)
+    assert hf.model_config_from_hf(tmp_path / "cg") == analog.config
+    params = hf.load_params(tmp_path / "cg", analog.config, analog.mesh, analog.rules)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), jax.device_get(analog.params))

@@ -23,6 +23,7 @@ from analogjax.models.hf.families import (
     BY_ARCHITECTURE,
     BY_MODEL_TYPE,
     NOT_YET,
+    WRAPPERS,
     Family,
     MoEFamily,
     implied_architecture,
@@ -178,8 +179,36 @@ def _layer_kinds(hf: dict, family: Family, layers: int, refuse: Refuse) -> tuple
     return [SLIDING if k == "sliding_attention" else FULL for k in kinds], window
 
 
+def _text_model(hf: dict, where: str) -> dict:
+    """A multimodal config.json (families.WRAPPERS) as its text model's, its own keys under the refusal rule; any
+    other config.json as it is."""
+    outer = (hf.get("architectures") or [None])[0]
+    wrapper = WRAPPERS.get(outer)
+    if wrapper is None:
+        return hf
+    for key in hf:
+        if key not in wrapper.keys | _INERT | {"text_config"}:
+            raise UserError(
+                f"{where}: {outer} with config field {key!r} is not supported by the analogjax decoder "
+                "(not read by its text-model reader; refused rather than ignored)"
+            )
+    text = hf.get("text_config")
+    if not isinstance(text, dict):
+        raise UserError(f"{where}: {outer} without a text_config")
+    if bool(hf.get("tie_word_embeddings", False)) != bool(text.get("tie_word_embeddings", False)):
+        raise UserError(f"{where}: {outer} whose tie_word_embeddings differs from its text_config's")
+    return {**text, "architectures": [wrapper.text_architecture]}
+
+
+def tensor_prefix(hf: dict) -> str:
+    """What a config.json's architecture puts before its text model's tensor names ("" but for WRAPPERS)."""
+    wrapper = WRAPPERS.get((hf.get("architectures") or [None])[0])
+    return wrapper.tensor_prefix if wrapper else ""
+
+
 def config_from_hf_dict(hf: dict, where: str = "config.json") -> ModelConfig:
     """The ModelConfig a transformers config.json describes, under the refusal rule in the module docstring."""
+    hf = _text_model(hf, where)
     arch, family = _family(hf, where)
 
     def refuse(feature: str) -> NoReturn:

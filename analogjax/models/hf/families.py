@@ -254,8 +254,26 @@ NOT_YET = {
     "DeepseekV3ForCausalLM": "multi-head latent attention and group-limited sigmoid routing are not implemented",
     "DeepseekV2ForCausalLM": "multi-head latent attention and group-limited routing are not implemented",
     "GptOssForCausalLM": "gpt-oss's attention sinks, clamped SwiGLU and expert biases are not implemented",
-    "Llama4ForConditionalGeneration": "Llama 4's vision tower is not implemented (a Llama4ForCausalLM folder, its "
-    "text model alone, is read)",
+}
+
+
+@dataclass(frozen=True)
+class Wrapper:
+    """A multimodal architecture read for its text model alone (text in, logits out: with no image in the input its
+    transformers class runs the language model and nothing else). Its config.json nests the text model's under
+    `text_config`; its tensors carry `tensor_prefix`. Export writes the text architecture."""
+
+    text_architecture: str
+    tensor_prefix: str
+    keys: frozenset[str]  # its own config.json keys besides text_config: none changes text-only logits
+
+
+WRAPPERS = {
+    "Llama4ForConditionalGeneration": Wrapper(
+        "Llama4ForCausalLM",
+        "language_model.",
+        frozenset({"vision_config", "boi_token_index", "eoi_token_index", "image_token_index", "tie_word_embeddings"}),
+    ),
 }
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from analogjax.errors import UserError
 from analogjax.models.config import ModelConfig
-from analogjax.models.hf.convert import model_config_from_hf, read_json
+from analogjax.models.hf.convert import CONFIG_FILE, model_config_from_hf, read_json, tensor_prefix
 from analogjax.models.hf.tensors import (
     INDEX_FILE,
     WEIGHTS_FILE,
@@ -33,8 +33,9 @@ from analogjax.models.model import Model
 class _SafetensorFiles:
     """Which file holds which tensor (single file or a sharded index), with open handles kept per file."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, prefix: str = ""):
         self.folder = folder
+        self.prefix = prefix  # before every name (a multimodal folder's text model: convert.tensor_prefix)
         self._handles: dict[Path, Any] = {}
         index = folder / INDEX_FILE
         if index.is_file():
@@ -60,6 +61,7 @@ class _SafetensorFiles:
         return self._handles[file]
 
     def slice(self, name: str):
+        name = self.prefix + name
         if name not in self.where:
             raise UserError(f"{self.folder}: tensor {name} is missing from the safetensors files")
         return self._open(self.where[name]).get_slice(name)
@@ -100,7 +102,9 @@ def load_params(path: str | Path, model_cfg: ModelConfig, mesh, rules) -> dict:
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"teacher.hf_path: Hugging Face model folder not found: {path}")
-    return params_from_tensors(_SafetensorFiles(path), model_cfg, mesh, rules, f"{path}: config.json")
+    config = path / CONFIG_FILE
+    prefix = tensor_prefix(read_json(config)) if config.is_file() else ""
+    return params_from_tensors(_SafetensorFiles(path, prefix), model_cfg, mesh, rules, f"{path}: config.json")
 
 
 def params_from_tensors(files, model_cfg: ModelConfig, mesh, rules, source: str) -> dict:
