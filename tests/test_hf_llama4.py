@@ -5,6 +5,7 @@ inputs, experts stored fused. Import and export must give transformers' logits (
 decoding equals the full forward; the fused kernels' chunked masks equal the XLA reference (interpret mode).
 """
 
+import dataclasses
 import json
 
 import jax
@@ -118,6 +119,12 @@ def test_llama4_import_and_export_match_transformers(imported, tmp_path):
     print("llama4 export", error)
     assert error < 1e-4
     assert hf.model_config_from_hf(tmp_path / "out") == cfg
+    # FLOPs: active experts only (moe tests), and a chunked layer's scores over its chunk, not the whole row.
+    from analogjax.runtime.flops import forward_flops_per_token
+
+    unchunked = dataclasses.replace(cfg, layer_pattern=(), attention_chunk=0)
+    saved = 2 * 2 * 2 * (SEQ - CHUNK) * cfg.n_heads * cfg.dim_per_head  # two chunked layers, q·k and probs·v
+    assert forward_flops_per_token(unchunked, SEQ) - forward_flops_per_token(cfg, SEQ) == saved
 
 
 def test_llama4_cached_decoding_equals_the_full_forward(imported):
@@ -193,6 +200,11 @@ def test_llama4_bad_input_is_refused_by_name(imported, tmp_path):
     )
     with pytest.raises(UserError, match="Llama4ForConditionalGeneration with config field 'audio_config'"):
         hf.model_config_from_hf(tmp_path)
+    # Pruning has no rule for experts: refused before any work.
+    from analogjax.models import prune
+
+    with pytest.raises(UserError, match="mixture of experts"):
+        prune.check_target(imported[2].config, imported[2].config)
     # A chunk that does not divide each context shard's length.
     from analogjax.config import load_config
     from analogjax.setup import build_mesh

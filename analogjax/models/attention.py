@@ -111,6 +111,7 @@ def attend(
 #   no soft-cap and no float32. `auto` takes pallas_gpu where cuDNN cannot (soft-cap, float32); set
 #   `model.attention: pallas_gpu` for long context. Once measured on a GPU, pallas_gpu should become the default.
 # - cpu: xla (`attend`), [b, k, g, s, t] float32 scores: the reference, fastest on CPU at the lengths CPUs run.
+# Llama 4's chunked layers run on every kernel as finer segment ids (`chunk_segments`), exactly, packed or not.
 # What `auto` tries on each platform, in order, before xla (jax's platform names; the abstract mesh says "cuda"
 # where a backend says "gpu").
 AUTO_KERNEL = {"tpu": ("splash",), "gpu": ("cudnn", "pallas_gpu"), "cuda": ("cudnn", "pallas_gpu")}

@@ -409,10 +409,10 @@ def _moe_stacks(cfg: ModelConfig, collect_layers: bool, x_bsd, segment_ids_bs, p
         )
     else:
         # MoEGroup takes (kv, cache_meta) before its per-layer rows: both None here, broadcast.
-        rows = () if per_layer is None else (None, None, group_rows)
+        group_args: tuple = () if per_layer is None else (None, None, group_rows)
         group_axes = axes if per_layer is None else (nn.broadcast,) * 4 + (0,)
         x_bsd, (out, stats) = _scan(MoEGroup, cfg, groups, "moe_layers", collect_layers, in_axes=group_axes)(
-            x_bsd, segment_ids_bs, positions_bs, *rows
+            x_bsd, segment_ids_bs, positions_bs, *group_args
         )
         out = None if out is None else out.reshape((-1,) + out.shape[2:])
     collected.append(out)

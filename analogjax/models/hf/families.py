@@ -9,7 +9,8 @@ never on a family's name.
 
 Adding a family is adding a record here (and blocks in models/ if it needs new math); `implied_architecture` names
 the family a ModelConfig exports as when its `hf_architecture` is empty, so a family reachable only by name (Phi-3)
-needs nothing there.
+needs nothing there. A multimodal architecture whose text model is one of these families is a `Wrapper`: read for
+its language model alone.
 """
 
 from __future__ import annotations
