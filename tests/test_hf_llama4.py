@@ -213,6 +213,8 @@ def test_llama4_bad_input_is_refused_by_name(imported, tmp_path):
         None, [f"teacher.hf_path={folder}", "model.like_teacher.n_layers=2", "data.seq_len=24", "mesh.context=4"]
     )
     assert run.model.attention_chunk == CHUNK and run.model.layer_nope == (False, True)
+    # The like_teacher analog is a Llama 4 (it exports as one); its mesh is what is refused.
+    assert hf.architecture_for(dataclasses.replace(run.model, d_ff=48))[0] == "Llama4ForCausalLM"
     with pytest.raises(UserError, match="attention_chunk"):
         build_mesh(run)
 

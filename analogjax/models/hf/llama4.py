@@ -66,11 +66,11 @@ def from_hf(cfg: ModelConfig, hf: dict, refuse: Refuse) -> ModelConfig:
         qk_l2_norm=bool(hf.get("use_qk_norm", True)) and not all(nope),
         attn_temperature_scale=scale,
         attn_temperature_floor=int(floor) if scale else 8192,
-        moe=_moe_from_hf(hf, layers, d_ff, refuse),
+        moe=_moe_from_hf(hf, layers, refuse),
     )
 
 
-def _moe_from_hf(hf: dict, layers: int, d_ff: int, refuse: Refuse) -> MoEConfig:
+def _moe_from_hf(hf: dict, layers: int, refuse: Refuse) -> MoEConfig:
     step = int(hf.get("interleave_moe_layer_step", 1))
     listed = hf.get("moe_layers")
     moe_layers = set(listed if listed is not None else range(step - 1, layers, step) if step > 0 else [])
@@ -85,7 +85,9 @@ def _moe_from_hf(hf: dict, layers: int, d_ff: int, refuse: Refuse) -> MoEConfig:
     moe = MoEConfig(
         experts=int(hf.get("num_local_experts", 16)),
         top_k=int(hf.get("num_experts_per_tok", 1)),
-        expert_d_ff=0 if width == d_ff else width,
+        # Always spelled out (never 0, "the dense width"): an analog that changes d_ff keeps its experts' width,
+        # which its shared expert shares, and so stays a Llama 4.
+        expert_d_ff=width,
         shared_d_ff=width,
         router="sigmoid",
         norm_topk=False,
