@@ -119,31 +119,31 @@ def llama4_scales(cfg: ModelConfig, q_bshe, k_bske, positions_bs, nope):
     1 + scale · log1p(floor((position + 1) / floor)) on the queries (when attn_temperature_scale). `nope` is a Python
     bool (every layer alike) or a traced one (this layer's row of the scanned data): then both are computed and one
     is kept per layer."""
-    ones = None
 
-    def l2(x):
+    def l2(x):  # None: no factor
+        if not cfg.qk_l2_norm:
+            return None
         x32 = x.astype(jnp.float32)
         return jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.norm_eps)
 
     def temperature():
-        pos = positions_bs.astype(jnp.float32)
-        floor = jnp.floor((pos + 1.0) / cfg.attn_temperature_floor)
+        if not cfg.attn_temperature_scale:
+            return None
+        floor = jnp.floor((positions_bs.astype(jnp.float32) + 1.0) / cfg.attn_temperature_floor)
         return (jnp.log1p(floor) * cfg.attn_temperature_scale + 1.0)[:, :, None, None]
 
-    q_rope = l2(q_bshe) if cfg.qk_l2_norm else ones
-    k_rope = l2(k_bske) if cfg.qk_l2_norm else ones
-    q_nope = temperature() if cfg.attn_temperature_scale else ones
-    if isinstance(nope, bool):
-        q_factor, k_factor = (q_nope, None) if nope else (q_rope, k_rope)
-    else:
+    def pick(on_nope, on_rope):  # this layer's factor (None: leave as is)
+        if isinstance(nope, bool):
+            return on_nope if nope else on_rope
+        if on_nope is None and on_rope is None:
+            return None
         one = jnp.ones((), jnp.float32)
-        q_factor = jnp.where(nope, one if q_nope is None else q_nope, one if q_rope is None else q_rope)
-        k_factor = None if k_rope is None else jnp.where(nope, one, k_rope)
+        return jnp.where(nope, one if on_nope is None else on_nope, one if on_rope is None else on_rope)
 
     def scaled(x, factor):
         return x if factor is None else (x.astype(jnp.float32) * factor).astype(x.dtype)
 
-    return scaled(q_bshe, q_factor), scaled(k_bske, k_factor)
+    return scaled(q_bshe, pick(temperature(), l2(q_bshe))), scaled(k_bske, pick(None, l2(k_bske)))
 
 
 class Attention(nn.Module):

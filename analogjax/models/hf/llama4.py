@@ -78,10 +78,13 @@ def _moe_from_hf(hf: dict, layers: int, refuse: Refuse) -> MoEConfig:
     if not any(sparse):
         return MoEConfig()
     width = int(hf.get("intermediate_size", 8192))
-    first = sparse.index(True)
-    later = [i for i in range(first + 1, layers) if sparse[i]]
-    every = later[0] - first if later else layers - first
-    first_dense = first - (every - 1)
+    if step > 0 and sparse == [(i + 1) % step == 0 for i in range(layers)]:
+        every, first_dense = step, 0  # the step's own layout (one MoE layer in 2 could also read as prefix 1)
+    else:
+        first = sparse.index(True)
+        later = [i for i in range(first + 1, layers) if sparse[i]]
+        every = later[0] - first if later else layers - first
+        first_dense = first - (every - 1)
     moe = MoEConfig(
         experts=int(hf.get("num_local_experts", 16)),
         top_k=int(hf.get("num_experts_per_tok", 1)),
