@@ -38,6 +38,10 @@ COMMANDS = {
     "config": ("analogjax.commands.config", "print the fully resolved config a run would use (--explain: sources)"),
     "generate": ("analogjax.commands.generate", "continue prompts with a run's student or a HF model (sampling)"),
     "prune": ("analogjax.commands.prune", "start an analog from its teacher: prune by activation importance"),
+    "check": (
+        "analogjax.commands.check",
+        "verify a workdir's checkpoints, a teacher cache or prepared shards: intact, damaged, what a resume uses",
+    ),
 }
 
 
