@@ -360,18 +360,24 @@ def newest_intact_step(directory: str | Path, *, set_aside: bool = False, item: 
     `item`: verify that item of each step only (a reader of the params need not read the optimizer state)."""
     directory = Path(directory)
     steps = committed_steps(directory)
+    skipped: list[tuple[int, checksums.Verdict]] = []
     for step in reversed(steps):
         verdict = step_verdict(directory / str(step), item)
-        if verdict.status != "damaged":
-            return step
-        kind = "incomplete" if verdict.problems[0].startswith("incomplete") else "damaged"
-        aside = _set_aside(directory, step) if set_aside else None
-        print(
-            f"warning: skipping {kind} checkpoint {directory / str(step)} ({verdict.describe()})"
-            + (f"; moved to {aside}" if aside else "")
-            + "; resuming from an earlier one",
-            file=sys.stderr,
-        )
+        if verdict.status == "damaged":
+            skipped.append((step, verdict))
+            continue
+        # Only now that a step to resume from is known are the damaged ones moved: a directory with none intact
+        # stays as it is (and is refused below), so a relaunch cannot start afresh over it.
+        for bad, bad_verdict in skipped:
+            kind = "incomplete" if bad_verdict.problems[0].startswith("incomplete") else "damaged"
+            aside = _set_aside(directory, bad) if set_aside else None
+            print(
+                f"warning: skipping {kind} checkpoint {directory / str(bad)} ({bad_verdict.describe()})"
+                + (f"; moved to {aside}" if aside else "")
+                + f"; using checkpoint {step}",
+                file=sys.stderr,
+            )
+        return step
     if steps:
         raise UserError(
             f"{directory}: every checkpoint ({', '.join(map(str, steps))}) is damaged; nothing to resume from "
