@@ -35,18 +35,18 @@ STALE_AFTER_S = 300.0
 
 class WorkdirLock:
     """The writer lock of one workdir. `acquire` takes it (or raises a UserError naming the holder); `release`
-    gives it back and removes the file (and the workdir, if the lock created it and it is still empty)."""
+    gives it back and removes the file (and the folders the lock created, if still empty)."""
 
     def __init__(self, workdir: str | os.PathLike):
         self.workdir = Path(workdir)
         self.path = self.workdir / LOCK_FILE
         self._fd: int | None = None
-        self._created_workdir = False
+        self._created: list[Path] = []  # folders the lock created, deepest first: removed again if left empty
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
 
     def acquire(self) -> None:
-        self._created_workdir = not self.workdir.exists()
+        self._created = [p for p in (self.workdir, *self.workdir.parents) if not p.exists()]
         self.workdir.mkdir(parents=True, exist_ok=True)
         fd = self._lock_file()
         try:
@@ -112,9 +112,11 @@ class WorkdirLock:
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
         self._fd = None
-        if self._created_workdir:
-            with contextlib.suppress(OSError):  # not empty: the run wrote something, which stays
-                self.workdir.rmdir()
+        for folder in self._created:  # a refused run leaves no folder behind; one that wrote something keeps it
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
     def __enter__(self) -> WorkdirLock:
         self.acquire()
