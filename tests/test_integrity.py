@@ -218,3 +218,5 @@ def test_damaged_prepared_shard_refused_naming_the_document(tmp_path, capsys):
             source[index]
     assert cli.main(["check", str(out)]) == 1
     assert "shard-00001-of-00002.zarr: damaged" in capsys.readouterr().out
+    assert cli.main(["check", str(tmp_path / "corpus.jsonl")]) == 2  # none of the four things check knows
+    assert "is neither a run's workdir" in capsys.readouterr().err
