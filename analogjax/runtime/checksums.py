@@ -17,7 +17,6 @@ gigabytes per second with the GIL released, so hashing runs alongside the traini
 from __future__ import annotations
 
 import json
-import os
 import re
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -33,10 +32,15 @@ _PROCESS = re.compile(r"process_(\d+)")
 _HASH_THREADS = 4
 
 
+def _as_path(path) -> Path:
+    """pathlib-like paths (etils.epath's, for object storage, too) are used as they are; strings become Paths."""
+    return path if hasattr(path, "rglob") else Path(path)
+
+
 def file_crc32(path: Path) -> tuple[int, int]:
     """(size in bytes, crc32) of a file, read in blocks."""
     crc, size = 0, 0
-    with open(path, "rb") as f:
+    with _as_path(path).open("rb") as f:
         while block := f.read(_BLOCK):
             crc = zlib.crc32(block, crc)
             size += len(block)
@@ -69,7 +73,7 @@ def _files(directory: Path) -> list[str]:
 def write_manifest(directory: str | Path, process_index: int = 0, process_count: int = 1) -> Path:
     """Record size and crc32 of every file this process wrote under `directory`; returns the manifest's path.
     Written atomically (a temporary name, then a rename): a manifest is whole or absent."""
-    directory = Path(directory)
+    directory = _as_path(directory)
     mine = [rel for rel in _files(directory) if _owner(rel) == process_index]
     with ThreadPoolExecutor(_HASH_THREADS) as pool:
         sums = list(pool.map(lambda rel: file_crc32(directory / rel), mine))
@@ -81,7 +85,7 @@ def write_manifest(directory: str | Path, process_index: int = 0, process_count:
     target = directory / _manifest_name(process_index, process_count)
     tmp = directory / f".{target.name}.tmp"
     tmp.write_text(json.dumps(manifest, sort_keys=True, separators=(",", ":")))
-    os.replace(tmp, target)
+    tmp.replace(target)
     return target
 
 
@@ -106,7 +110,7 @@ class Verdict:
 def verify_directory(directory: str | Path, under: str | None = None) -> Verdict:
     """Check every file listed in `directory`'s manifests against its recorded size and crc32 (only those in the
     subfolder `under`, if given: a reader of one item need not read the others)."""
-    directory = Path(directory)
+    directory = _as_path(directory)
     manifests = sorted(directory.glob(f"{MANIFEST_PREFIX}process_*-of-*.json"))
     if not manifests:
         return Verdict("unverified", ["no checksums recorded"])
