@@ -2,16 +2,18 @@
 
 A dying disk, a partial copy of a workdir or a preempted rsync leaves files cut short, zero-filled or with a flipped
 bit; a reader that trusts them fails deep inside a library (or, for a flipped bit, not at all). Each writer records
-crc32 checksums beside what it writes and each reader verifies them first:
+checksums beside what it writes and each reader verifies them first:
 
-- a directory of files (a checkpoint step): `write_manifest` lists every file with its size and crc32 in
+- a directory of files (a checkpoint step): `write_manifest` lists every file with its size and XXH3-64 in
   `checksums.process_<p>-of-<n>.json`, one per process, each covering the files that process wrote (those whose path
   names `process_<p>`; process 0 also covers the shared ones), so processes never write one file together and no
   host reads another host's files back. `verify_directory` checks them all.
 - arrays (teacher-cache chunks, prepared shards' documents): `array_crc32` of the bytes as stored, compared on read.
 
-crc32, not a cryptographic hash: it guards against damage, not against an adversary, and zlib computes it at
-gigabytes per second with the GIL released, so hashing runs alongside the training step on other cores.
+Non-cryptographic hashes: they guard against damage, not against an adversary. Checkpoint files, the bulk of what
+is hashed (each save, on the writer thread), use XXH3-64, several times faster than zlib's crc32 (measured 6.6x on
+the development host), so recording a step's checksums costs a small fraction of a training step; the small arrays
+use crc32 (zlib, no dependency), whose 32 bits fit the cache's checksum array.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import xxhash
 
 MANIFEST_PREFIX = "checksums."
-ALGORITHM = "crc32"
-_BLOCK = 4 << 20  # bytes read per call: large enough that crc32 runs without the GIL, small enough to stay cheap
+ALGORITHM = "crc32"  # arrays (cache chunks, documents) and small side files
+FILE_ALGORITHM = "xxh3_64"  # the files of a checkpoint step
+_BLOCK = 4 << 20  # bytes read per call: large enough that hashing runs without the GIL, small enough to stay cheap
 _PROCESS = re.compile(r"process_(\d+)")
 _HASH_THREADS = 4
 
@@ -45,6 +49,16 @@ def file_crc32(path: Path) -> tuple[int, int]:
             crc = zlib.crc32(block, crc)
             size += len(block)
     return size, crc
+
+
+def file_xxh3(path: Path) -> tuple[int, int]:
+    """(size in bytes, XXH3-64) of a file, read in blocks."""
+    digest, size = xxhash.xxh3_64(), 0
+    with _as_path(path).open("rb") as f:
+        while block := f.read(_BLOCK):
+            digest.update(block)
+            size += len(block)
+    return size, digest.intdigest()
 
 
 def array_crc32(array: np.ndarray) -> int:
@@ -71,14 +85,14 @@ def _files(directory: Path) -> list[str]:
 
 
 def write_manifest(directory: str | Path, process_index: int = 0, process_count: int = 1) -> Path:
-    """Record size and crc32 of every file this process wrote under `directory`; returns the manifest's path.
+    """Record size and XXH3-64 of every file this process wrote under `directory`; returns the manifest's path.
     Written atomically (a temporary name, then a rename): a manifest is whole or absent."""
     directory = _as_path(directory)
     mine = [rel for rel in _files(directory) if _owner(rel) == process_index]
     with ThreadPoolExecutor(_HASH_THREADS) as pool:
-        sums = list(pool.map(lambda rel: file_crc32(directory / rel), mine))
+        sums = list(pool.map(lambda rel: file_xxh3(directory / rel), mine))
     manifest = {
-        "algorithm": ALGORITHM,
+        "algorithm": FILE_ALGORITHM,
         "process_count": process_count,
         "files": {rel: [size, crc] for rel, (size, crc) in zip(mine, sums)},
     }
@@ -108,7 +122,7 @@ class Verdict:
 
 
 def verify_directory(directory: str | Path, under: str | None = None) -> Verdict:
-    """Check every file listed in `directory`'s manifests against its recorded size and crc32 (only those in the
+    """Check every file listed in `directory`'s manifests against its recorded size and hash (only those in the
     subfolder `under`, if given: a reader of one item need not read the others)."""
     directory = _as_path(directory)
     manifests = sorted(directory.glob(f"{MANIFEST_PREFIX}process_*-of-*.json"))
@@ -120,6 +134,8 @@ def verify_directory(directory: str | Path, under: str | None = None) -> Verdict
     for manifest in manifests:
         try:
             content = json.loads(manifest.read_text())
+            if content["algorithm"] != FILE_ALGORITHM:
+                raise ValueError(content["algorithm"])
             expected.update(content["files"])
             counts.add(int(content["process_count"]))
         except (OSError, ValueError, KeyError, TypeError):
@@ -138,7 +154,7 @@ def verify_directory(directory: str | Path, under: str | None = None) -> Verdict
         actual_size = path.stat().st_size
         if actual_size != size:
             return f"{rel} has {actual_size} bytes, {size} were written"
-        if file_crc32(path)[1] != crc:
+        if file_xxh3(path)[1] != crc:
             return f"{rel} has other contents than were written (checksum mismatch)"
         return None
 
