@@ -42,6 +42,10 @@ COMMANDS = {
         "analogjax.commands.evaluate_tasks",
         "lm-evaluation-harness tasks for a run, a HF folder or bundle, or a GGUF file (lm-eval's results JSON)",
     ),
+    "check": (
+        "analogjax.commands.check",
+        "verify a workdir's checkpoints, a teacher cache or prepared shards: intact, damaged, what a resume uses",
+    ),
 }
 
 

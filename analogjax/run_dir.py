@@ -61,12 +61,14 @@ def run_config(path: str | Path):
     """(Config, checkpoint dir, workdir, step) of a finished run: the config it was trained with, resolved."""
     import orbax.checkpoint as ocp
 
+    from analogjax.checkpoint import newest_intact_step
     from analogjax.config import Config, from_dict
 
     ckpt_dir, workdir = resolve_run(path)
+    # The newest step whose params verify (a damaged newer one is named in a warning and skipped).
+    step = newest_intact_step(ckpt_dir, item="params")
     manager = _manager(ckpt_dir)
     try:
-        step = manager.latest_step()
         if step is None:
             raise UserError(f"no complete checkpoint in {ckpt_dir}")
         if workdir is not None and (workdir / RUN_FILE).is_file():
