@@ -143,14 +143,23 @@ def run_recipe(
     here); `clock` times the phases (the demo's own clock, so its table lists them)."""
     import jax
 
-    from analogjax.setup import build_mesh
-    from analogjax.teacher import load_teacher
-
     check(config)
-    clock = clock or PhaseClock()
     workdir = Path(workdir).absolute()
     if workdir.exists() and not workdir.is_dir():
         raise UserError(f"--workdir {workdir} exists and is not a directory")
+    from analogjax.runtime.workdir_lock import hold_for_job
+
+    # One recipe per workdir: its phases (each a run holding its own sub-directory's lock) are this job's alone.
+    with hold_for_job(workdir, jax.process_index(), jax.process_count()):
+        return _run_phases(config, workdir, progress, teacher, clock or PhaseClock())
+
+
+def _run_phases(config: Config, workdir: Path, progress: bool, teacher, clock: PhaseClock) -> dict[str, Any]:
+    import jax
+
+    from analogjax.setup import build_mesh
+    from analogjax.teacher import load_teacher
+
     names = phase_names(config)
     configs = phase_configs(config, workdir)
     mesh = build_mesh(config)
