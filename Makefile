@@ -1,5 +1,5 @@
-# Two front doors, each doing its own set-up: `make demo` (the package alone) and `make test` (with the test and docs
-# extras). `make docs` builds the API reference alone.
+# Two front doors, each doing its own set-up: `make demo` (the package alone) and `make test` (with the test, docs and
+# eval extras). `make docs` builds the API reference alone.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -18,7 +18,7 @@ $(BIN)/.installed-demo: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(BIN)/.installed-test: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e '.[test,docs]'
+	$(BIN)/python -m pip install -q -e '.[test,docs,eval]'
 	touch $@
 
 # The docs alone need only mkdocs and mkdocstrings (griffe reads the sources; JAX is never imported).
@@ -41,7 +41,7 @@ demo-self: $(BIN)/.installed-demo
 # The linters first (rules in pyproject.toml), then the docs (mkdocs.yml; --strict: a docstring that breaks the
 # reference is an error; never --quiet, which hides the warnings --strict counts): a style, type or doc error fails
 # the run as a failing test does.
-test: $(BIN)/.installed-test
+test: $(BIN)/.installed-test $(BIN)/.teacher
 	$(BIN)/ruff check analogjax tests bench launch
 	$(BIN)/ruff format --check analogjax tests bench launch
 	$(BIN)/mypy

@@ -22,8 +22,16 @@ file writes use cycles the step leaves idle instead of delaying it (on a CPU-onl
 busy). A multi-process run uses Orbax's own async save (see `Checkpointer.__init__` for why): `save` returns once
 Orbax has copied the device buffers to host memory, and the files are written in Orbax's background threads.
 Orbax writes each step into `<step>.orbax-checkpoint-tmp-*` and renames it on commit, so a save cut short by a
-crash is never a step; it is deleted (with a warning) when the workdir is reopened. A step folder with an item
-missing (e.g. truncated by hand or by a broken copy) is skipped with a warning as well.
+crash is never a step; it is deleted (with a warning) when the workdir is reopened.
+
+Verified: once a step is committed, the checksums of its files are recorded beside them (runtime/checksums.py; in a
+multi-process run each process records its own files, once the step is committed, on a background thread), and a
+workdir reopened for training verifies its newest step before anything reads it. A damaged or incomplete step (a
+file cut short, zero-filled, a flipped bit, an item missing: a dying disk, a partial copy) is skipped with one
+warning line naming it and what was wrong, set aside in `checkpoints/damaged/` (never deleted), and the run resumes
+from the newest intact step; if every step is damaged, the run is refused. A step without checksums (written before
+they existed, or cut short between its commit and them) cannot be verified and is used as it is.
+`analogjax check WORKDIR` verifies every step without changing anything.
 """
 
 from __future__ import annotations
@@ -48,9 +56,11 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
 from analogjax.errors import UserError
+from analogjax.runtime import checksums
 
 ITEMS = ("params", "train", "data", "meta")
 TMP_MARKER = ".orbax-checkpoint-tmp"
+DAMAGED_DIR = "damaged"  # inside the checkpoint directory; Orbax takes only numbered folders for steps
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -78,6 +88,13 @@ class Checkpointer:
         self.every = every
         self.best_metric = best_metric
         _discard_partial_saves(self.directory)
+        # Before Orbax opens the directory (it reads every step's metadata): damaged newest steps are set aside.
+        self._resume_step = newest_intact_step(self.directory, set_aside=True)
+        if jax.process_count() > 1:  # every process has verified before process 0's moves change the directory
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("checkpoint_verified")
+        self._saved_since_open = False
         preserve = policies.LatestN(n=keep)
         if keep_best:
             best = policies.BestN(
@@ -118,6 +135,17 @@ class Checkpointer:
             else None
         )
         self._pending: Future | None = None
+        # Orbax's own async save (multi-process): a step's checksums are recorded once it is known committed, at the
+        # next save or wait, on this thread (low priority) so the training thread never reads files back.
+        self._checksummer = (
+            ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="checkpoint-checksums", initializer=_lowest_cpu_priority
+            )
+            if options.enable_async_checkpointing
+            else None
+        )
+        self._unrecorded: int | None = None
+        self._checksumming: Future | None = None
 
     def should_save(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
@@ -126,17 +154,11 @@ class Checkpointer:
         return sorted(self.manager.all_steps())
 
     def latest_step(self) -> int | None:
-        """The newest complete step (incomplete ones are skipped with a warning), or None."""
-        for step in reversed(self.all_steps()):
-            missing = _missing_files(self.directory / str(step))
-            if not missing:
-                return step
-            print(
-                f"warning: skipping incomplete checkpoint {self.directory / str(step)} (missing "
-                f"{', '.join(missing[:3])}); resuming from an earlier one",
-                file=sys.stderr,
-            )
-        return None
+        """The newest intact step, or None: the one verified when the directory was opened (damaged newer ones were
+        set aside with a warning then), or the newest this checkpointer saved since."""
+        if self._saved_since_open:
+            return max(self.all_steps(), default=None)
+        return self._resume_step
 
     def save(self, step: int, state, data_iterator, meta: dict[str, Any], metrics: dict[str, float] | None = None):
         """Save `state` as `step`. Asynchronous when configured: returns once the copy to host memory is started
@@ -155,6 +177,7 @@ class Checkpointer:
         data = None if data_iterator is None else _IteratorPosition(data_iterator)
         meta = dict(meta, step=step, saved_at=_now())
         ranked = {k: float(v) for k, v in (metrics or {}).items() if k == self.best_metric}
+        self._saved_since_open = True
         if self._writer is None:
             self._write(step, arrays, data, meta, ranked)
             return
@@ -169,7 +192,35 @@ class Checkpointer:
         )
         if data is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data)
+        if self._checksummer is not None:  # Orbax's async save: the previous step is committed once this one starts
+            self.manager.wait_until_finished()
+            self._record_unrecorded()
         self.manager.save(step, args=ocp.args.Composite(**items), metrics=ranked or None, force=True)
+        if self._checksummer is None:  # committed: the files are final
+            checksums.write_manifest(self.directory / str(step), jax.process_index(), jax.process_count())
+        else:
+            self._unrecorded = step
+
+    def _record_unrecorded(self) -> None:
+        """Start recording the checksums of the last committed step of Orbax's async save (after waiting for the
+        previous recording: one at a time). A step the keep policy has deleted meanwhile needs none."""
+        step, self._unrecorded = self._unrecorded, None
+        if step is None or self._checksummer is None:
+            return
+        self._finish_checksumming()
+
+        def record():
+            try:
+                checksums.write_manifest(self.directory / str(step), jax.process_index(), jax.process_count())
+            except FileNotFoundError:
+                pass
+
+        self._checksumming = self._checksummer.submit(record)
+
+    def _finish_checksumming(self) -> None:
+        pending, self._checksumming = self._checksumming, None
+        if pending is not None:
+            pending.result()
 
     def _finish_pending(self) -> None:
         pending, self._pending = self._pending, None
@@ -218,16 +269,19 @@ class Checkpointer:
         return json.loads((self.directory / str(step) / "meta" / "metadata").read_text())
 
     def wait(self) -> None:
-        """Block until every pending async save is committed (or raise its error)."""
+        """Block until every pending async save is committed with its checksums (or raise its error)."""
         self._finish_pending()
         self.manager.wait_until_finished()
+        self._record_unrecorded()
+        self._finish_checksumming()
 
     def close(self) -> None:
         try:
             self.wait()
         finally:
-            if self._writer is not None:
-                self._writer.shutdown()
+            for pool in (self._writer, self._checksummer):
+                if pool is not None:
+                    pool.shutdown()
             self.manager.close()
 
 
@@ -281,6 +335,70 @@ def _missing_files(step_dir: Path) -> list[str]:
         "meta/metadata",
     ]
     return [name for name in required if not (step_dir / name).exists()]
+
+
+def step_verdict(step_dir: Path, item: str | None = None) -> checksums.Verdict:
+    """Whether a committed step folder holds what was written: every item present, every file its checksum (of
+    one item only, if `item` is given)."""
+    missing = [name for name in _missing_files(step_dir) if item is None or name.startswith(f"{item}/")]
+    if missing:
+        return checksums.Verdict("damaged", [f"incomplete: {name} missing" for name in missing])
+    return checksums.verify_directory(step_dir, under=item)
+
+
+def committed_steps(directory: Path) -> list[int]:
+    """The step numbers of a checkpoint directory's committed step folders, oldest first."""
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def newest_intact_step(directory: str | Path, *, set_aside: bool = False, item: str | None = None) -> int | None:
+    """The newest step of a checkpoint directory that verifies (or has no checksums to verify), or None if it has
+    none. Each damaged step newer than it is reported in one warning line and, with `set_aside` (a run that will
+    write here), moved into `damaged/` for inspection. A directory whose every step is damaged is a UserError.
+    `item`: verify that item of each step only (a reader of the params need not read the optimizer state)."""
+    directory = Path(directory)
+    steps = committed_steps(directory)
+    skipped: list[tuple[int, checksums.Verdict]] = []
+    for step in reversed(steps):
+        verdict = step_verdict(directory / str(step), item)
+        if verdict.status == "damaged":
+            skipped.append((step, verdict))
+            continue
+        # Only now that a step to resume from is known are the damaged ones moved: a directory with none intact
+        # stays as it is (and is refused below), so a relaunch cannot start afresh over it.
+        for bad, bad_verdict in skipped:
+            kind = "incomplete" if bad_verdict.problems[0].startswith("incomplete") else "damaged"
+            aside = _set_aside(directory, bad) if set_aside else None
+            print(
+                f"warning: skipping {kind} checkpoint {directory / str(bad)} ({bad_verdict.describe()})"
+                + (f"; moved to {aside}" if aside else "")
+                + f"; using checkpoint {step}",
+                file=sys.stderr,
+            )
+        return step
+    if steps:
+        raise UserError(
+            f"{directory}: every checkpoint ({', '.join(map(str, steps))}) is damaged; nothing to resume from "
+            f"(`analogjax check {directory.parent if directory.name == 'checkpoints' else directory}` says what is "
+            "wrong; use another --workdir to start afresh)"
+        )
+    return None
+
+
+def _set_aside(directory: Path, step: int) -> Path | None:
+    """Move a damaged step into `damaged/` (process 0; a name not yet taken there). None where this process does
+    not move it."""
+    if jax.process_index() != 0:
+        return None
+    aside_dir = directory / DAMAGED_DIR
+    aside_dir.mkdir(exist_ok=True)
+    target, n = aside_dir / str(step), 1
+    while target.exists():
+        target, n = aside_dir / f"{step}.{n}", n + 1
+    (directory / str(step)).rename(target)
+    return target
 
 
 def _discard_partial_saves(directory: Path) -> None:
@@ -371,17 +489,21 @@ def restore_params(directory: str | Path, abstract_params, step: int | None = No
     directory = Path(directory).absolute()
     if not directory.is_dir():
         raise UserError(f"checkpoint directory not found: {directory}")
+    # Verified before Orbax opens the directory (it reads every step's metadata).
+    if step is None:
+        step = newest_intact_step(directory, item="params")
+    else:
+        verdict = step_verdict(directory / str(step), "params")
+        if verdict.status == "damaged":
+            raise UserError(f"{directory}: checkpoint {step} is damaged: {verdict.describe()}")
+    if step is None:
+        raise UserError(f"no complete checkpoint in {directory}")
     manager = ocp.CheckpointManager(
         directory,
         item_names=ITEMS,
         options=ocp.CheckpointManagerOptions(read_only=True, create=False, cleanup_tmp_directories=False),
     )
     try:
-        if step is None:
-            complete = [s for s in manager.all_steps() if not _missing_files(directory / str(s))]
-            step = max(complete, default=None)
-        if step is None:
-            raise UserError(f"no complete checkpoint in {directory}")
         where = f"{directory}: checkpoint {step} does not fit this model"
         _check_shapes(directory / str(step) / "params", abstract_params, where)
         try:

@@ -38,6 +38,14 @@ COMMANDS = {
     "config": ("analogjax.commands.config", "print the fully resolved config a run would use (--explain: sources)"),
     "generate": ("analogjax.commands.generate", "continue prompts with a run's student or a HF model (sampling)"),
     "prune": ("analogjax.commands.prune", "start an analog from its teacher: prune by activation importance"),
+    "evaluate-tasks": (
+        "analogjax.commands.evaluate_tasks",
+        "lm-evaluation-harness tasks for a run, a HF folder or bundle, or a GGUF file (lm-eval's results JSON)",
+    ),
+    "check": (
+        "analogjax.commands.check",
+        "verify a workdir's checkpoints, a teacher cache or prepared shards: intact, damaged, what a resume uses",
+    ),
 }
 
 

@@ -240,6 +240,52 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class ReleaseGate:
+    """One condition a release must meet (analogjax.release.gates): a capability ceiling `{task, max_accuracy}`, a
+    task fidelity floor `{task, min_agreement}`, or a bound on any figure of the fidelity report
+    `{measure: overall.forward_kl, max: 0.5}` (a dotted path into fidelity.json: overall.*, by_source.NAME.*,
+    transfer.*, tasks.TASK.*)."""
+
+    task: str = ""  # an entry of release.tasks (its name, or the task name inside a task file)
+    max_accuracy: float | None = None
+    min_agreement: float | None = None
+    measure: str = ""
+    max: float | None = None
+    min: float | None = None
+
+    def check(self, prefix: str) -> None:
+        task_bounds = [k for k in ("max_accuracy", "min_agreement") if getattr(self, k) is not None]
+        measure_bounds = [k for k in ("max", "min") if getattr(self, k) is not None]
+        if bool(self.task) == bool(self.measure):
+            raise UserError(f"{prefix}: a gate names a task or a measure (exactly one)")
+        if self.task and (len(task_bounds) != 1 or measure_bounds):
+            raise UserError(f"{prefix}: a task gate has one bound, max_accuracy or min_agreement")
+        if self.measure and (len(measure_bounds) != 1 or task_bounds):
+            raise UserError(f"{prefix}: a measure gate has one bound, max or min")
+        for key in task_bounds:
+            if not 0 <= getattr(self, key) <= 1:
+                raise UserError(f"{_join(prefix, key)}: a fraction in [0, 1], got {getattr(self, key)}")
+
+    @property
+    def name(self) -> str:
+        """How errors, the card and --override-gate name it: TASK.max_accuracy, MEASURE.max, ..."""
+        bound = next(k for k in ("max_accuracy", "min_agreement", "max", "min") if getattr(self, k) is not None)
+        return f"{self.task or self.measure}.{bound}"
+
+
+@dataclass(frozen=True)
+class GateOverride:
+    """A gate released past anyway, and why (the card's release statement says so)."""
+
+    gate: str  # a gate's name: size_cap, TASK.max_accuracy, MEASURE.min, ...
+    reason: str
+
+    def check(self, prefix: str) -> None:
+        if not self.reason.strip():
+            raise UserError(f"{_join(prefix, 'reason')}: an override needs its reason")
+
+
+@dataclass(frozen=True)
 class ReleaseConfig:
     """What `analogjax release` discloses, as it should appear publicly. An empty field takes what the artefacts
     themselves say (a HF teacher's config.json `_name_or_path` when it is a Hub id, its README metadata, a GGUF's
@@ -259,8 +305,25 @@ class ReleaseConfig:
     # Print local paths (teacher folder, data, cache, init checkpoint) in the card's provenance.
     allow_local_paths: bool = False
     prompt: str = "The"  # the prompt of the card's "How to load" snippet
+    # The release gate (analogjax.release.gates). lm-eval tasks (names, or local task YAML files) run for the analog
+    # and the teacher on the same examples; their accuracies and per-example agreement join the fidelity report.
+    tasks: tuple[str, ...] = ()
+    task_limit: int = 0  # examples per task (0 = all)
+    # The analog's parameters as a fraction of the teacher's (total; the card shows active beside it for MoE): the
+    # range the release policy allows (arXiv 2510.14053: 0.5%-5%).
+    size_cap: tuple[float, float] = (0.005, 0.05)
+    gates: tuple[ReleaseGate, ...] = ()
+    overrides: tuple[GateOverride, ...] = ()  # gates released past, each with its reason (or --override-gate)
 
     def check(self, prefix: str) -> None:
+        low, high = self.size_cap
+        if not (0 < low <= 1 and 0 < high <= 1):
+            raise UserError(
+                f"{_join(prefix, 'size_cap')}: fractions of the teacher in (0, 1], got {list(self.size_cap)}"
+            )
+        if low > high:
+            raise UserError(f"{_join(prefix, 'size_cap')}: [low, high] is reversed: {list(self.size_cap)}")
+        _non_negative(self, prefix, "task_limit")
         for value in self.language:
             if not value or not value.replace("-", "").isalnum():
                 raise UserError(f"{_join(prefix, 'language')}: {value!r} is not a language code (e.g. en, fr)")
@@ -268,6 +331,46 @@ class ReleaseConfig:
             raise UserError(f"{_join(prefix, 'prompt')} is empty: the card's snippet generates from it")
         if self.license and not all(ch.isalnum() or ch in "-._" for ch in self.license):
             raise UserError(f"{_join(prefix, 'license')}: {self.license!r} is not a Hub license id (e.g. apache-2.0)")
+
+
+@dataclass(frozen=True)
+class RecipeConfig:
+    """The recipe labs use for small models, run by `analogjax distill` as phases, in order, each in its own
+    sub-directory of the workdir and each resumable (recipes/analog.py):
+
+    prune      (prune_batches > 0) the teacher pruned to `model`'s shape (importance over that many calibration
+               batches) → WORKDIR/pruned_init, where the distillation starts (Minitron, Sheared-LLaMA);
+    cache      (cache_k > 0) the teacher's top-k logits (+ logsumexp) over every batch the distillation reads,
+               computed once → WORKDIR/teacher_cache; the distillation reads it instead of running the teacher;
+    distill    the run the rest of the config describes (`distill`, `optim`, `train`) → WORKDIR/distill;
+    on_policy  (on_policy_steps > 0) the distilled analog continued on its own samples, scored token by token by the
+               live teacher (GKD, Qwen3's strong-to-weak distillation) → WORKDIR/on_policy.
+
+    With every count 0 (the default) there is no recipe: `analogjax distill` trains in WORKDIR itself, as it always
+    has. WORKDIR/recipe.json names the phases; evaluation, export and release of WORKDIR read the last one.
+    """
+
+    prune_batches: int = 0
+    cache_k: int = 0
+    on_policy_steps: int = 0
+    # The on-policy phase's sampling and objective (every one of its steps is on-policy unless fraction says less).
+    on_policy: OnPolicyConfig = field(default_factory=lambda: OnPolicyConfig(fraction=1.0))
+    # Below where the distillation's schedule ended pays: a continuation at the distillation's peak rate undoes it.
+    on_policy_learning_rate: float = 3e-4
+    on_policy_warmup_steps: int = 2
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.prune_batches or self.cache_k or self.on_policy_steps)
+
+    def check(self, prefix: str) -> None:
+        _non_negative(self, prefix, "prune_batches", "cache_k", "on_policy_steps", "on_policy_warmup_steps")
+        _positive(self, prefix, "on_policy_learning_rate")
+        if self.on_policy_steps and not self.on_policy.enabled:
+            raise UserError(
+                f"{_join(prefix, 'on_policy.fraction')} is 0: the on-policy phase needs on-policy steps "
+                f"(or {_join(prefix, 'on_policy_steps')}: 0)"
+            )
 
 
 @dataclass(frozen=True)
@@ -281,6 +384,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     release: ReleaseConfig = field(default_factory=ReleaseConfig)
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
     topology: str | None = None  # target TPU topology for `compile-check`, e.g. v5p-256
 
     def check(self, prefix: str) -> None:

@@ -156,6 +156,18 @@ def check_context(seq_len: int, mesh: Mesh) -> None:
         raise UserError(f"data.seq_len ({seq_len}) must be divisible by mesh.context ({context})")
 
 
+def check_chunks(seq_len: int, mesh: Mesh, chunk: int, key: str) -> None:
+    """With the sequence split over `context`, every shard holds whole attention chunks (Llama 4's chunked layers,
+    `chunk` 0 = none): a shard's queries then never share a chunk with another shard's, the layout a chunk-local
+    attention without the key/value gather needs."""
+    context = mesh.shape.get("context", 1)
+    if chunk and context > 1 and (seq_len // context) % chunk:
+        raise UserError(
+            f"{key} ({chunk}) must divide the sequence length per context shard (data.seq_len {seq_len} / "
+            f"mesh.context {context} = {seq_len // context})"
+        )
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """[batch, seq] arrays: rows split over data and fsdp."""
     return NamedSharding(mesh, P(BATCH_AXES))

@@ -16,6 +16,7 @@ from analogjax.errors import UserError
 
 RUN_FILE = "run.json"  # written by train._claim_workdir
 CHECKPOINTS = "checkpoints"
+RECIPE_FILE = "recipe.json"  # a recipe's workdir (recipes/analog.py): its phases, and which one is its output
 
 
 class Student(NamedTuple):
@@ -29,16 +30,23 @@ class Student(NamedTuple):
 
 
 def resolve_run(path: str | Path) -> tuple[Path, Path | None]:
-    """(checkpoint directory, workdir or None) for a run's workdir or its checkpoints directory."""
-    path = Path(path).absolute()
-    if not path.is_dir():
-        raise UserError(f"--checkpoint: no such directory {path}")
-    if (path / CHECKPOINTS).is_dir():
-        return path / CHECKPOINTS, path
-    if any(p.name.isdigit() for p in path.iterdir()):
-        parent = path.parent
-        return path, parent if (parent / RUN_FILE).is_file() else None
-    raise UserError(f"--checkpoint: {path} is neither a run's workdir (with {CHECKPOINTS}/) nor a checkpoint directory")
+    """(checkpoint directory, workdir or None) for a run's workdir or its checkpoints directory (a recipe's workdir:
+    its final phase's)."""
+    folder = Path(path).absolute()
+    if not folder.is_dir():
+        raise UserError(f"--checkpoint: no such directory {folder}")
+    if (folder / RECIPE_FILE).is_file():  # a recipe's workdir: its output is its final phase's run
+        folder = folder / str(json.loads((folder / RECIPE_FILE).read_text())["final"])
+        if not (folder / CHECKPOINTS).is_dir():
+            raise UserError(f"--checkpoint: the recipe's final phase {folder} has no checkpoints yet (not finished)")
+    if (folder / CHECKPOINTS).is_dir():
+        return folder / CHECKPOINTS, folder
+    if any(p.name.isdigit() for p in folder.iterdir()):
+        parent = folder.parent
+        return folder, parent if (parent / RUN_FILE).is_file() else None
+    raise UserError(
+        f"--checkpoint: {folder} is neither a run's workdir (with {CHECKPOINTS}/) nor a checkpoint directory"
+    )
 
 
 def _manager(ckpt_dir: Path):
@@ -53,12 +61,14 @@ def run_config(path: str | Path):
     """(Config, checkpoint dir, workdir, step) of a finished run: the config it was trained with, resolved."""
     import orbax.checkpoint as ocp
 
+    from analogjax.checkpoint import newest_intact_step
     from analogjax.config import Config, from_dict
 
     ckpt_dir, workdir = resolve_run(path)
+    # The newest step whose params verify (a damaged newer one is named in a warning and skipped).
+    step = newest_intact_step(ckpt_dir, item="params")
     manager = _manager(ckpt_dir)
     try:
-        step = manager.latest_step()
         if step is None:
             raise UserError(f"no complete checkpoint in {ckpt_dir}")
         if workdir is not None and (workdir / RUN_FILE).is_file():

@@ -104,6 +104,11 @@ def check_mesh(config: Config, mesh) -> None:
     mesh_lib.check_context(config.data.seq_len, mesh)
     mesh_lib.check_experts(config.model.moe.experts, mesh, "model.moe.experts")
     mesh_lib.check_experts(config.teacher.model.moe.experts, mesh, "teacher.model.moe.experts")
+    for key, model in (("model", config.model), ("teacher.model", config.teacher.model)):
+        chunked = "chunked" in model.layer_kinds
+        mesh_lib.check_chunks(
+            config.data.seq_len, mesh, model.attention_chunk if chunked else 0, f"{key}.attention_chunk"
+        )
 
 
 def _init_student_boxed(config: Config, student: Transformer, with_proj: bool):

@@ -23,6 +23,7 @@ from analogjax.run_dir import RUN_FILE
 from analogjax.runtime.flops import distill_flops_per_step, peak_flops_per_second
 from analogjax.runtime.metrics_log import MetricsLog, Progress, means
 from analogjax.runtime.preemption import PreemptionWatcher
+from analogjax.runtime.workdir_lock import hold_for_job
 from analogjax.setup import Run, build, evaluate
 from analogjax.step import TrainState
 from analogjax.teacher import Teacher
@@ -111,6 +112,14 @@ def run_training(
     """
     workdir = Path(workdir).absolute()
     claim = _guard_workdir(workdir, config)
+    # One writer per workdir: a second run here is refused before it loads anything (runtime/workdir_lock.py).
+    with hold_for_job(workdir, jax.process_index(), jax.process_count()):
+        return _run_locked(config, workdir, claim, teacher=teacher, teacher_params=teacher_params, progress=progress)
+
+
+def _run_locked(
+    config: Config, workdir: Path, claim: bool, *, teacher: Teacher | None, teacher_params: Any, progress: bool
+) -> dict[str, Any]:
     cfg = config
     # The data first: a missing or unusable corpus or tokenizer is reported before a model is built.
     data_iter = make_batch_iterator(

@@ -9,6 +9,11 @@ BENCH_OVERRIDES). Each figure is one JSON line:
                    WINDOW steps that follow it and the save's commit, against the WINDOW plain steps just before
                    it (pairing cancels the machine's drift); median over trials.
                    stall_fraction = stall_s / step_s (goal: <= 0.10)
+  stall_without_checksums_s
+                   the same, with the checksums of each step's files (runtime/checksums.py) not recorded: trials
+                   alternate with stall_s's, so the machine's drift falls on both alike; the difference is their cost
+  checksum_s       recording one step's checksums (hashing its files), on the writer thread
+  verify_s         verifying one step against them, as a resume does before restoring
   restore_s        restoring the latest checkpoint onto the abstract sharded state, arrays ready on device
 
     python bench/checkpoint.py [--trials 25] [--dir /tmp/ckpt-bench] [--set key=value ...]
@@ -42,6 +47,7 @@ def measure(trials: int, directory: Path, overrides: list[str]) -> list[dict]:
 
     from analogjax import checkpoint as ckpt_lib
     from analogjax.config import load_config
+    from analogjax.runtime import checksums
     from analogjax.setup import build
 
     config = load_config(None, BENCH_OVERRIDES + overrides)
@@ -71,22 +77,28 @@ def measure(trials: int, directory: Path, overrides: list[str]) -> list[dict]:
             state, dt = step(state)
             plain.append(dt)
         step_s = statistics.median(plain)
-        blocking, stalls = [], []
-        for trial in range(1, trials + 1):
+        blocking, stalls, unchecked_stalls = [], [], []
+        record_checksums = checksums.write_manifest
+        for trial in range(1, 2 * trials + 1):
+            with_checksums = trial % 2 == 1
+            # The bench's one switch: the checkpointer looks the function up on the module at each save.
+            checksums.write_manifest = record_checksums if with_checksums else (lambda *args: None)  # type: ignore
             t0 = time.perf_counter()
             for _ in range(WINDOW):
                 state, _ = step(state)
             reference = time.perf_counter() - t0
             t0 = time.perf_counter()
             checkpointer.save(trial, state, None, meta)
-            blocking.append(time.perf_counter() - t0)
+            if with_checksums:
+                blocking.append(time.perf_counter() - t0)
             # What the loop does next: donate `state` into the next steps while the files are being written.
             for _ in range(WINDOW):
                 state, _ = step(state)
             checkpointer.wait()  # a save still unfinished after the window counts in full
-            stalls.append(time.perf_counter() - t0 - reference)
+            (stalls if with_checksums else unchecked_stalls).append(time.perf_counter() - t0 - reference)
+        checksums.write_manifest = record_checksums
         total = []
-        for trial in range(trials + 1, 2 * trials + 1):
+        for trial in range(2 * trials + 1, 3 * trials + 1):
             state, _ = step(state)  # a fresh state each time, as in training
             t0 = time.perf_counter()
             checkpointer.save(trial, state, None, meta)
@@ -94,18 +106,29 @@ def measure(trials: int, directory: Path, overrides: list[str]) -> list[dict]:
             total.append(time.perf_counter() - t0)
         checkpointer.close()
 
-    size = _dir_bytes(directory / str(2 * trials))
+    last = 3 * trials
+    size = _dir_bytes(directory / str(last))
+    hashing, verifying = [], []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        checksums.write_manifest(directory / str(last))
+        hashing.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        assert checksums.verify_directory(directory / str(last)).intact
+        verifying.append(time.perf_counter() - t0)
     abstract = run.abstract_state
     restores = []
     for _ in range(3):
         reader = ckpt_lib.Checkpointer(directory, keep=2)
         t0 = time.perf_counter()
-        restored = reader.restore(2 * trials, abstract, None)
+        restored = reader.restore(last, abstract, None)
         jax.block_until_ready(restored)
         restores.append(time.perf_counter() - t0)
         reader.close()
     stall_s = statistics.median(stalls)
     quartiles = statistics.quantiles(stalls, n=4)
+    unchecked_s = statistics.median(unchecked_stalls)
+    unchecked_quartiles = statistics.quantiles(unchecked_stalls, n=4)
     return [
         dict(common, figure="step_s", value=round(step_s, 4)),
         dict(common, figure="save_blocking_s", value=round(statistics.median(blocking), 4), bytes=size),
@@ -120,6 +143,17 @@ def measure(trials: int, directory: Path, overrides: list[str]) -> list[dict]:
             trials=trials,
             window_steps=WINDOW,
         ),
+        dict(
+            common,
+            figure="stall_without_checksums_s",
+            value=round(unchecked_s, 4),
+            stall_fraction=round(unchecked_s / step_s, 3),
+            stall_p25=round(unchecked_quartiles[0], 4),
+            stall_p75=round(unchecked_quartiles[2], 4),
+            trials=trials,
+        ),
+        dict(common, figure="checksum_s", value=round(statistics.median(hashing), 4), bytes=size),
+        dict(common, figure="verify_s", value=round(statistics.median(verifying), 4), bytes=size),
         dict(common, figure="restore_s", value=round(statistics.median(restores), 4), bytes=size),
     ]
 

@@ -34,30 +34,70 @@ TOY_SETS = [
     "run.data.seq_len=32",
     "run.train.eval_batches=1",
     "run.train.log_every=1",
-    "transfer_batches=1",
+    "run.recipe.prune_batches=1",
+    "run.recipe.cache_k=8",
+    "run.recipe.on_policy_steps=1",
+    "run.recipe.on_policy.prompt_len=8",
+    "run.recipe.on_policy.max_new_tokens=8",
+    "transfer_fit_batches=1",
+    "transfer_eval_batches=1",
+    # A toy analog is far above the release policy's size cap (0.5%-5% of the teacher): released by override.
+    "run.release.overrides=[{gate: size_cap, reason: a toy analog for the tests}]",
 ]
 TOY = [arg for item in TOY_SETS for arg in ("--set", item)]
 
 
 def test_toy_demo_writes_summary_and_table(tmp_path):
+    # As a killed prune leaves it: the recipe prunes again instead of reading it.
+    (tmp_path / "analog" / "pruned_init.partial").mkdir(parents=True)
+    (tmp_path / "analog" / "pruned_init.partial" / "half-written").write_text("")
     proc = analogjax("demo", "--teacher", "self", "--workdir", str(tmp_path), "--no-progress", *TOY, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
-    for name in ("teacher", "analog", "baseline"):
-        assert summary[name]["params"] > 0 and summary[name]["heldout_ce"] > 0
-    for name in ("analog", "baseline"):
-        assert summary[name]["kl_teacher"] >= 0 and 0 <= summary[name]["agreement"] <= 1
-    assert summary["analog"]["params"] < summary["teacher"]["params"]
+    rows = ["analog", "analog_distill", "analog_random", "baseline"]
+    assert summary["rows"] == rows and summary["released"] == "analog"
+    assert summary["teacher"]["params"] > 0 and summary["teacher"]["heldout_ce"] > 0
+    for name in rows:
+        s = summary[name]
+        assert s["params"] < summary["teacher"]["params"] and s["heldout_ce"] > 0
+        assert s["kl_teacher"] >= 0 and 0 <= s["agreement"] <= 1
+        for key in ("heldout_ce", "kl_teacher", "agreement"):  # each figure inside its own 95% interval
+            lo, hi = s[f"{key}_ci95"]
+            assert lo <= s[key] + 1e-9 and s[key] <= hi + 1e-9, (name, key)
     assert summary["wall_seconds"] > 0
-    assert set(summary["phase_seconds"]) == {"teacher", "analog", "baseline", "evaluate", "transfer", "release"}
+    assert set(summary["phase_seconds"]) == {
+        "teacher",
+        "pruned_init",
+        "teacher_cache",
+        "distill",
+        "on_policy",
+        "analog_random",
+        "baseline",
+        "evaluate",
+        "transfer",
+        "release",
+    }
+    # The recipe ran as phases in the analog's workdir; the release holds its final phase.
+    recipe = json.loads((tmp_path / "analog" / "recipe.json").read_text())
+    assert recipe["phases"] == ["pruned_init", "teacher_cache", "distill", "on_policy"]
+    assert recipe["final"] == "on_policy"
+    assert not (tmp_path / "analog" / "pruned_init.partial").exists() and "pruning again" in proc.stderr
+    # The comparison: every measure judged, with both intervals; the controls likewise.
+    measures = {e["measure"] for e in summary["comparison"]}
+    assert {"forward_kl", "top1_agreement"} <= measures, measures
+    for entry in summary["comparison"] + [e for c in summary["controls"].values() for e in c]:
+        assert entry["better"] in ("analog", "baseline", "not distinguishable")
+        assert len(entry["analog_ci95"]) == 2 and len(entry["baseline_ci95"]) == 2
+    assert set(summary["controls"]) == {"analog_distill", "analog_random"}
     assert "wall time" in proc.stdout and "release bundle" in proc.stdout.splitlines()[-1]
-    # Transfer checks for analog and baseline: in summary.json, compared in the printed table, in the card.
+    assert "better proxy" in proc.stdout and "released: analog" in proc.stdout
+    # Transfer checks for analog and baseline: in summary.json and in the card.
     for name in ("analog", "baseline"):
         assert {"layer_pairs", "stitch", "probes", "steering"} <= set(summary[name]["transfer"])
-    assert "better proxy" in proc.stdout
-    assert "Do findings on this analog hold on the teacher?" in (tmp_path / "release" / "README.md").read_text()
-    assert "analog" in proc.stdout and "kl_teacher" in proc.stdout
-    for phase in ("teacher", "analog", "baseline"):
+    card = (tmp_path / "release" / "README.md").read_text()
+    assert "Do findings on this analog hold on the teacher?" in card and "Against a same-size baseline" in card
+    assert "pruned to this shape" in card  # the recipe's phases
+    for phase in ("teacher", "analog/distill", "analog/on_policy", "analog_random", "baseline"):
         assert (tmp_path / phase / "metrics.jsonl").exists()
     # The demo ends with the release bundle: a HF folder, its model card and the fidelity report.
     bundle = tmp_path / "release"
@@ -72,7 +112,8 @@ def test_toy_demo_writes_summary_and_table(tmp_path):
     ):
         assert (bundle / name).exists(), name
     fidelity = json.loads((bundle / "fidelity" / "fidelity.json").read_text())
-    assert abs(fidelity["overall"]["forward_kl"] - summary["analog"]["kl_teacher"]) < 1e-3
+    assert fidelity["overall"]["forward_kl"] == summary["analog"]["kl_teacher"]  # measured once, not again
+    assert fidelity["comparison"] == summary["comparison"]
 
 
 def test_demo_yamls_are_the_embedded_defaults():

@@ -266,6 +266,7 @@ def test_real_demo_path_on_a_tiny_gguf(tmp_path, bpe, hf_llama):
         "run.train.steps=3",
         "run.train.log_every=1",
         "run.train.eval_batches=1",
+        "run.release.overrides=[{gate: size_cap, reason: a toy analog}]",
         "prune_batches=1",
         "samples=2",
         "sample_prompt_tokens=4",

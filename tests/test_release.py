@@ -17,7 +17,15 @@ from analogjax import cli
 from analogjax.errors import UserError
 
 # The toy demo's settings (its programs are compiled once for this demo, test_demo's and the notebook's).
-DEMO = [*TOY_SETS, "run.data.heldout_fraction=0.2", "run.teacher.pretraining_flops=1e12"]
+DEMO = [
+    *TOY_SETS,
+    "run.data.heldout_fraction=0.2",
+    "run.teacher.pretraining_flops=1e12",
+    "samples=2",
+    "sample_prompt_tokens=4",
+    "sample_new_tokens=4",
+]
+TASKS = Path(__file__).parent / "tasks"  # local lm-eval tasks
 
 
 @pytest.fixture(scope="module")
@@ -54,14 +62,42 @@ def demo_run(tmp_path_factory):
 
 
 def test_release_bundle(demo_run, tmp_path, capsys):
+    pytest.importorskip("lm_eval")
     out = tmp_path / "release"
-    assert cli.main(["release", "--checkpoint", str(demo_run / "analog"), "--out", str(out)]) == 0
+    # The release gate: the size cap (the demo's own override dropped), a ceiling on a local lm-eval task that any
+    # model crosses (tests/tasks/tiny_choice.yaml), and two gates that pass.
+    gated = [
+        "release",
+        "--checkpoint",
+        str(demo_run / "analog"),
+        "--out",
+        str(out),
+        "--set",
+        f"release.tasks=[{TASKS / 'tiny_choice.yaml'}]",
+        "--set",
+        "release.gates=[{task: tiny_choice, max_accuracy: 0.1}, {task: tiny_choice, min_agreement: 0},"
+        " {measure: overall.forward_kl, max: 1000}]",
+        "--set",
+        "release.overrides=[]",
+    ]
+    capsys.readouterr()
+    assert cli.main([*gated, "--no-transfer"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split()[3] for line in err] == ["size_cap", "tiny_choice.max_accuracy"], err
+    assert all(line.startswith("error: release gate") and "bound" in line for line in err)
+    assert "% of the teacher's parameters, bound 0.50% – 5.00%" in err[0] and "bound ≤ 0.1" in err[1]
+    assert not out.exists()  # refused: nothing written
+    overrides = ["--override-gate", "size_cap", "--reason", "a toy analog"]
+    overrides += ["--override-gate", "tiny_choice.max_accuracy", "--reason", "the ceiling is a test's"]
+    assert cli.main([*gated, *overrides]) == 0
     names = {p.name for p in out.iterdir()}
     assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "README.md"} <= names
     card = (out / "README.md").read_text()
     for heading in ("## Provenance", "## Recipe", "## Compute", "## Fidelity to the teacher"):
         assert heading in card
-    assert "forward_kl × 0.7" in card and "768 tokens seen" in card and "distillation / teacher pretraining" in card
+    assert "forward_kl × 0.7" in card and "distillation / teacher pretraining" in card
+    # The release of a recipe's workdir is its final phase, and the card counts every training phase.
+    assert "256 tokens seen in its last phase; 1,024 over the recipe" in card, card
     report = json.loads((out / "fidelity" / "fidelity.json").read_text())
     overall = report["overall"]
     assert overall["tokens"] > 0 and overall["forward_kl"] > 0 and 0 <= overall["top1_agreement"] <= 1
@@ -72,11 +108,58 @@ def test_release_bundle(demo_run, tmp_path, capsys):
     # The same held-out KL as the demo's own measurement of the analog (same batches, same teacher).
     summary = json.loads((demo_run / "summary.json").read_text())
     assert overall["forward_kl"] == pytest.approx(summary["analog"]["kl_teacher"], rel=1e-4)
+    # Task fidelity (both models on the same 7 examples) and the release statement, the card's first section.
+    task = report["tasks"]["tiny_choice"]
+    assert task["n"] == 7 and task["analog_accuracy"] >= 1 / 7 and 0 <= task["teacher_accuracy"] <= 1
+    low, high = task["agreement_ci95"]
+    assert 1 / 7 <= task["agreement"] <= 1 and low <= task["agreement"] <= high
+    gates = {g["name"]: g for g in report["release_gate"]["gates"]}
+    assert not gates["size_cap"]["passed"] and gates["size_cap"]["override"] == "a toy analog"
+    assert gates["tiny_choice.min_agreement"]["passed"] and gates["overall.forward_kl.max"]["passed"]
+    statement = card.split("## Release statement", 1)[1].split("\n## ", 1)[0]
+    assert card.index("## Release statement") < card.index("## How to load")
+    assert (
+        "| size_cap |" in statement and "released by override" in statement and "the ceiling is a test's" in statement
+    )
+    assert "by task, least agreement first: tiny_choice" in statement and "by data source" in statement
+    assert "| tiny_choice |" in card.split("## Fidelity to the teacher")[1]
     # Never overwrite: one error line, exit 2.
     capsys.readouterr()
     assert cli.main(["release", "--checkpoint", str(demo_run / "analog"), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "not empty" in err and err.count("\n") == 1
+
+
+def test_bad_release_gates_are_refused_before_any_model_is_loaded(demo_run, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("lm_eval")
+    from analogjax.release import bundle
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad input was refused")
+
+    monkeypatch.setattr(bundle, "load_student", no_load)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("task: broken\ndataset_path: json\ndataset_kwargs: {data_files: {test: missing.jsonl}}\n")
+    tiny = f"release.tasks=[{TASKS / 'tiny_choice.yaml'}]"
+    cases = [
+        (["--set", "release.size_cap=[0.05, 0.005]"], "release.size_cap: [low, high] is reversed"),
+        (["--set", "release.size_cap=[0, 0.05]"], "release.size_cap: fractions of the teacher in (0, 1]"),
+        (
+            ["--set", "release.gates=[{task: tiny_choice, max_acc: 0.5}]"],
+            "unknown config key: release.gates[0].max_acc",
+        ),
+        (["--set", "release.gates=[{task: tiny_choice, max_accuracy: 0.5}]"], "release.gates[0].task: 'tiny_choice'"),
+        (["--set", tiny, "--set", "release.gates=[{task: mmlu, max_accuracy: 0.5}]"], "release.gates[0].task: 'mmlu'"),
+        (["--set", "release.gates=[{measure: overal.kl, max: 1}]"], "release.gates[0].measure: 'overal.kl'"),
+        (["--set", f"release.tasks=[{broken}]"], f"release.tasks: cannot build task file {str(broken)!r}"),
+        (["--override-gate", "size", "--reason", "r"], "--override-gate size: no such gate"),
+    ]
+    for extra, message in cases:
+        args = ["release", "--checkpoint", str(demo_run / "analog"), "--out", str(tmp_path / "o"), *extra]
+        capsys.readouterr()
+        assert cli.main(args) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, (extra, err)
 
 
 def test_export_from_checkpoints_dir_and_eval_of_baseline(demo_run, tmp_path, capsys):
@@ -99,7 +182,8 @@ def test_export_from_checkpoints_dir_and_eval_of_baseline(demo_run, tmp_path, ca
     config = tmp_path / "analog.yaml"
     import yaml
 
-    config.write_text(yaml.safe_dump(json.loads((demo_run / "analog" / "run.json").read_text())["config"]))
+    final = demo_run / "analog" / "on_policy"  # the recipe's last phase
+    config.write_text(yaml.safe_dump(json.loads((final / "run.json").read_text())["config"]))
     capsys.readouterr()
     assert (
         cli.main(
@@ -282,6 +366,10 @@ def prepared_release(tmp_path_factory):
         "release.lab=Tiny Lab",
         "--set",
         "release.data_description=a synthetic corpus of Greek letter names",
+        "--override-gate",
+        "size_cap",
+        "--reason",
+        "a toy analog for the tests",
         cwd=root,
     )
     return root

@@ -265,3 +265,43 @@ def test_changed_corpus_contents_refused_row_by_row(cli_cache, tmp_path):
     altered["tokens"][3, 5] += 1
     with pytest.raises(UserError, match="row 3 holds other tokens"):
         reader.add_to(0, altered)
+
+
+def test_damaged_chunks_refused_naming_the_step_and_rewritten(cli_cache, tmp_path, capsys):
+    """A chunk cut short, one zero-filled, one with a flipped byte: each read is refused naming its step and the
+    command that rewrites it; `analogjax check` lists them; cache-teacher rewrites them as they were."""
+    directory, config_file, _ = cli_cache
+    copy = tmp_path / "cache"
+    shutil.copytree(directory / "cache", copy)
+    want = read_arrays(copy)
+    for name, chunk, how in [
+        ("values", "0.0.0.0", "truncate"),
+        ("indices", "1.0.0.0", "zero"),
+        ("lse", "1.0.0", "flip"),
+    ]:
+        data = bytearray((copy / name / chunk).read_bytes())
+        data = {"truncate": data[: len(data) // 2], "zero": bytearray(len(data))}.get(how, data)
+        if how == "flip":
+            data[len(data) // 2] ^= 1
+        (copy / name / chunk).write_bytes(bytes(data))
+    config = load_config(config_file, [f"teacher.cache={copy}"])
+    reader = CacheReader(config)
+    stream = make_batch_iterator(config.data, split="train", seed=config.train.seed, vocab_size=512)
+    with pytest.raises(
+        UserError, match=f"teacher cache {copy}: step 0 is damaged: a chunk is unreadable.*cache-teacher"
+    ):
+        reader.add_to(0, next(stream))
+    with pytest.raises(UserError, match=f"step 1 is damaged: indices, lse chunks changed.*--out {copy}"):
+        reader.add_to(1, next(stream))
+    stream.close()
+    assert cli.main(["check", str(copy)]) == 1
+    assert "0 step(s) intact, 2 damaged" in capsys.readouterr().out
+
+    assert (
+        cli.main(["cache-teacher", "--config", str(config_file), "--out", str(copy), "--k", "8", "--no-progress"]) == 0
+    )
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["written_steps"] == 2
+    got = read_arrays(copy)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    assert cli.main(["check", str(copy)]) == 0

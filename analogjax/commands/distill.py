@@ -1,4 +1,5 @@
-"""`analogjax distill --config FILE [--set k=v ...] [--workdir DIR]`."""
+"""`analogjax distill --config FILE [--set k=v ...] [--workdir DIR]`: one run, or the config's recipe of phases
+(prune → cache → distill → on-policy, `recipe:`; recipes/analog.py)."""
 
 from __future__ import annotations
 
@@ -21,20 +22,29 @@ def run(args) -> int:
     from analogjax.config import load_config
 
     config = load_config(args.config, args.overrides)
+    if config.recipe.enabled:  # refused before the job joins or anything loads
+        from analogjax.recipes import analog
+
+        analog.check(config)
     join_job(args)
     workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
-    from analogjax.train import run_training  # heavy imports only once the config is known to be good
+    # heavy imports only once the config is known to be good
+    if config.recipe.enabled:
+        from analogjax.recipes.analog import run_recipe
 
-    result = run_training(config, workdir, progress=not args.no_progress)
+        result = run_recipe(config, workdir, progress=not args.no_progress)
+    else:
+        from analogjax.train import run_training
+
+        result = run_training(config, workdir, progress=not args.no_progress)
     if not distributed.is_main():  # one report per job, from process 0
         return 0
-    print(
-        json.dumps(
-            {
-                "step": result["step"],
-                "workdir": str(workdir),
-                **{f"heldout_{k}": round(v, 5) for k, v in result["heldout"].items()},
-            }
-        )
-    )
+    report = {
+        "step": result["step"],
+        "workdir": str(workdir),
+        **{f"heldout_{k}": round(v, 5) for k, v in result["heldout"].items()},
+    }
+    if "phases" in result:
+        report["phases"] = result["phases"]
+    print(json.dumps(report))
     return 0

@@ -4,6 +4,10 @@ card for a finished run.
 What the card discloses comes from the run's `release` config section, overridden here with --set (teacher_name,
 data_description, lab, license, language, base_model_public, allow_local_paths, prompt); no local path, host or user
 name reaches the bundle unless release.allow_local_paths is true.
+
+The release gate (analogjax.release.gates): release.tasks (lm-eval) run for the analog and the teacher, then the size
+cap (release.size_cap) and release.gates are judged; a failing gate refuses the release (one `error:` line per gate,
+exit 2, nothing written) unless `--override-gate NAME --reason TEXT` releases past it, which the card then states.
 """
 
 from __future__ import annotations
@@ -25,6 +29,22 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--concepts", default=None, help="JSONL of your own concepts for the transfer checks")
     parser.add_argument("--no-transfer", action="store_true", help="leave the transfer checks out of the release")
+    parser.add_argument(
+        "--override-gate",
+        dest="override_gates",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="release although this gate fails (size_cap, TASK.max_accuracy, ...); each needs its --reason",
+    )
+    parser.add_argument(
+        "--reason",
+        dest="reasons",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="why the matching --override-gate is released past (the card's release statement prints it)",
+    )
     add_job_arguments(parser)
 
 
@@ -33,6 +53,10 @@ def run(args) -> int:
 
     if args.concepts and args.no_transfer:
         raise UserError("--concepts is for the transfer checks, which --no-transfer leaves out")
+    if len(args.override_gates) != len(args.reasons):
+        raise UserError(
+            f"--override-gate and --reason come in pairs: {len(args.override_gates)} gates, {len(args.reasons)} reasons"
+        )
     join_job(args)
     from analogjax.fidelity.concepts import read_user_concepts
     from analogjax.release import write_release
@@ -50,6 +74,7 @@ def run(args) -> int:
         release_overrides=args.overrides,
         transfer=not args.no_transfer,
         user_concepts=user,
+        override_gates=list(zip(args.override_gates, args.reasons)),
     )
     print(f"wrote {out}")
     return 0

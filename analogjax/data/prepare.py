@@ -5,6 +5,10 @@ The input is any source the pipeline reads (JSONL, Parquet, ArrayRecord, text fi
 "stdlib"). Documents are cut into contiguous ranges, one shard each, written in parallel by worker processes.
 The output directory holds the shards, each document's identity key (so the held-out split is unchanged by
 preparing) and analogjax_data.json, which lets `path: <output>` be used as a source with format auto.
+
+Verified: each shard has a `<shard>.crc32.npy` beside it, the crc32 of every document's token bytes as stored, which
+the reader checks for each document it reads; analogjax_data.json records the crc32 of that file and of the keys
+file, checked when the shards are opened. `analogjax check DIR` verifies every document (`verify_shards`).
 """
 
 from __future__ import annotations
@@ -14,14 +18,16 @@ import json
 import multiprocessing
 import os
 import queue
+from pathlib import Path
 
 import numpy as np
 
 from analogjax.data.paths import METADATA_FILE
-from analogjax.data.sources import DocumentSource, open_source
+from analogjax.data.sources import CRC_SUFFIX, DocumentSource, open_source
 from analogjax.data.spec import SourceConfig
 from analogjax.data.tokenize import encode_documents, load_tokenizer
 from analogjax.errors import UserError
+from analogjax.runtime.checksums import ALGORITHM, array_crc32, file_crc32
 from analogjax.runtime.metrics_log import Progress
 
 FORMATS = ("arrayrecord", "zarr")
@@ -90,9 +96,15 @@ def prepare_corpus(args: argparse.Namespace) -> dict:
         "documents": documents,
         "tokens": tokens,
         "shards": [
-            {"path": os.path.basename(t["path"]), "documents": r["documents"], "tokens": r["tokens"]}
+            {
+                "path": os.path.basename(t["path"]),
+                "documents": r["documents"],
+                "tokens": r["tokens"],
+                "files": r["files"],
+            }
             for t, r in zip(tasks, results)
         ],
+        "checksums": {"algorithm": ALGORITHM, "documents": f"<shard>{CRC_SUFFIX}"},
     }
     with open(os.path.join(args.output, METADATA_FILE), "w") as f:
         json.dump(metadata, f, indent=2)
@@ -154,6 +166,7 @@ def _write_shard(task: dict, report) -> dict:
     tokenizer = load_tokenizer(task["tokenizer_spec"])
     writer = _ArrayRecordShard(task["path"]) if task["format"] == "arrayrecord" else _ZarrShard(task["path"], dtype)
     documents = tokens = 0
+    crcs: list[int] = []
     for batch_start in range(task["start"], task["stop"], _ENCODE_BATCH):
         indices = range(batch_start, min(batch_start + _ENCODE_BATCH, task["stop"]))
         values = [source[i] for i in indices]
@@ -169,12 +182,51 @@ def _write_shard(task: dict, report) -> dict:
                     f"{source.where(index)}: token id {int(ids.max())} is outside the tokenizer's "
                     f"vocabulary [0, {task['vocab_size']})"
                 )
-            writer.add(ids.astype(dtype))
+            stored = ids.astype(dtype.newbyteorder("<"))
+            writer.add(stored)
+            crcs.append(array_crc32(stored))
             documents += 1
             tokens += len(ids)
         report(len(indices))
     writer.close(task["keys"])
-    return {"documents": documents, "tokens": tokens}
+    np.save(task["path"] + CRC_SUFFIX, np.asarray(crcs, np.uint32))
+    # The side files are read whole when the shards are opened: their own checksums are checked then.
+    side = [task["path"] + CRC_SUFFIX] + ([task["path"] + ".keys.npy"] if task["format"] == "arrayrecord" else [])
+    files = {os.path.basename(f): file_crc32(Path(f))[1] for f in side}
+    return {"documents": documents, "tokens": tokens, "files": files}
+
+
+def verify_shards(root: str) -> tuple[list[str], bool]:
+    """Read every document of prepared shards and check it against its checksum: (report lines, all intact)."""
+    with open(os.path.join(root, METADATA_FILE)) as f:
+        metadata = json.load(f)
+    lines = [f"prepared shards in {root}: {len(metadata.get('shards', []))} shard(s)"]
+    if "checksums" not in metadata:
+        return lines + ["  unverified: prepared before checksums (nothing to verify against)"], False
+    try:
+        source: DocumentSource = open_source(SourceConfig(path=root), key="check", name="check")
+    except UserError as exc:
+        return lines + [f"  damaged: {exc}"], False
+    damaged: dict[str, list[str]] = {}
+    for index in range(len(source)):
+        try:
+            source[index]
+        except UserError as exc:
+            shard = source.rel_names[source.locate(index)[0]]
+            damaged.setdefault(shard, []).append(str(exc))
+    for shard in (s["path"] for s in metadata["shards"]):
+        problems = damaged.get(shard)
+        if problems:
+            more = f" (and {len(problems) - 1} more damaged documents)" if len(problems) > 1 else ""
+            lines.append(f"  {shard}: damaged: {problems[0]}{more}")
+        else:
+            lines.append(f"  {shard}: intact")
+    if damaged:
+        lines.append(
+            f"  prepare the corpus again (`analogjax prepare --input {metadata.get('input')} ...` into a new"
+            " --output) to replace the damaged shards"
+        )
+    return lines, not damaged
 
 
 class _ArrayRecordShard:

@@ -17,6 +17,7 @@ import io
 import json
 import os
 import threading
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -24,6 +25,9 @@ import numpy as np
 from analogjax.data import paths, token_index
 from analogjax.data.spec import SourceConfig
 from analogjax.errors import UserError
+from analogjax.runtime.checksums import array_crc32
+
+CRC_SUFFIX = ".crc32.npy"  # prepared shards: one crc32 per document beside each shard (data/prepare.py)
 
 NUMPY_DTYPES = {"uint16": np.uint16, "uint32": np.uint32, "int32": np.int32}
 # Text files bigger than this become several documents, cut at line ends, so that no single read or
@@ -47,6 +51,9 @@ class DocumentSource:
         # The vocabulary size the shards were written for, when their metadata says (prepared shards).
         self.vocab_size_hint: int | None = None
         self._stored_keys: np.ndarray | None = None
+        # crc32 of each document's token bytes as stored (prepared shards); checked on every read.
+        self.document_crcs: np.ndarray | None = None
+        self.rewrite_hint = ""
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -68,11 +75,19 @@ class DocumentSource:
     def __getitem__(self, index: int):
         f, r = self.locate(index)
         try:
-            return self._read(f, r)
+            value = self._read(f, r)
         except UserError:
             raise
         except Exception as e:  # corrupt shards surface as many exception types; all become one clear line
-            raise UserError(f"{self.where(index)}: cannot read ({type(e).__name__}: {e})") from None
+            raise UserError(f"{self.where(index)}: cannot read ({type(e).__name__}: {e}){self.rewrite_hint}") from None
+        if self.document_crcs is not None:
+            stored = np.asarray(value)
+            if array_crc32(stored.astype(stored.dtype.newbyteorder("<"))) != self.document_crcs[int(index)]:
+                raise UserError(
+                    f"{self.where(index)}: damaged: the document's tokens differ from what was written "
+                    f"(checksum mismatch){self.rewrite_hint}"
+                )
+        return value
 
     def _read(self, file_index: int, record: int):
         raise NotImplementedError
@@ -460,9 +475,19 @@ def _open_prepared(root: str, metadata: dict, fmt: str, config: SourceConfig, *,
     if dtype not in NUMPY_DTYPES:
         raise UserError(f"{meta_path}: unknown dtype {dtype!r}")
     files = [paths.join(root, s) for s in shards]
+    hint = (
+        f"; prepare the corpus again (`analogjax prepare --input {metadata.get('input')} ...` into a new --output)"
+        if "checksums" in metadata
+        else ""
+    )
+    recorded = {name: crc for entry in metadata["shards"] for name, crc in entry.get("files", {}).items()}
+
+    def load(path: str) -> np.ndarray:
+        return _load_npy(path, recorded.get(path.rsplit("/", 1)[-1]), hint)
+
     if fmt == "arrayrecord":
         keys = [paths.join(root, s + ".keys.npy") for s in shards]
-        stored = np.concatenate([_load_npy(k) for k in keys]) if keys and all(paths.exists(k) for k in keys) else None
+        stored = np.concatenate([load(k) for k in keys]) if keys and all(paths.exists(k) for k in keys) else None
         source: DocumentSource = ArrayRecordSource(
             name=name, files=files, rel_names=shards, tokens=True, dtype=dtype, stored_keys=stored
         )
@@ -471,6 +496,13 @@ def _open_prepared(root: str, metadata: dict, fmt: str, config: SourceConfig, *,
     else:
         raise UserError(f"{key}.format is {fmt} but {meta_path} describes {metadata.get('format')} shards")
     source.vocab_size_hint = vocab_size
+    if "checksums" in metadata:  # prepared with checksums: every document is verified as it is read
+        source.document_crcs = np.concatenate([load(f + CRC_SUFFIX) for f in files]).astype(np.uint32)
+        if len(source.document_crcs) != len(source):
+            raise UserError(
+                f"{root}: damaged: {len(source.document_crcs)} document checksums for {len(source)} documents{hint}"
+            )
+        source.rewrite_hint = hint
     return source
 
 
@@ -549,8 +581,15 @@ def _read_range(source: DocumentSource, file_index: int, offset: int, length: in
         os.close(fd)
 
 
-def _load_npy(path: str) -> np.ndarray:
-    return np.load(io.BytesIO(paths.read_bytes(path)))
+def _load_npy(path: str, crc: int | None = None, hint: str = "") -> np.ndarray:
+    """A .npy file; checked against its recorded crc32 first, if given."""
+    data = paths.read_bytes(path)
+    if crc is not None and zlib.crc32(data) != crc:
+        raise UserError(f"{path}: damaged: its contents differ from what was written (checksum mismatch){hint}")
+    try:
+        return np.load(io.BytesIO(data))
+    except (ValueError, OSError, EOFError) as e:
+        raise UserError(f"{path}: cannot read ({type(e).__name__}: {e}){hint}") from None
 
 
 def _arrow_path(path: str):

@@ -14,13 +14,15 @@ distinguishable". Fixed seed: the same sums give the same intervals.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 DRAWS = 2000
 LEVEL = 0.95
+# Below this many rows a bootstrap cannot estimate noise (one row resamples to itself): no interval, and no verdict.
+MIN_ROWS = 5
 
 # A figure from summed arrays: each array has a leading axis of draws (or none, for the point estimate).
 Statistic = Callable[[Mapping[str, np.ndarray]], np.ndarray]
@@ -50,10 +52,11 @@ def _rows_of(per_row: Mapping[str, Any]) -> int:
     return counts.pop()
 
 
-def _bounds(values: np.ndarray, level: float = LEVEL) -> list[float]:
+def _bounds(values: np.ndarray, level: float = LEVEL) -> list[float | None]:
+    """[lo, hi] of the draws' central `level`; [None, None] when the draws say nothing (too few rows, none finite)."""
     finite = values[np.isfinite(values)]
-    if not finite.size:
-        return [float("nan"), float("nan")]
+    if finite.size < values.size / 2 or values.size == 0:
+        return [None, None]
     tail = 100 * (1 - level) / 2
     lo, hi = np.percentile(finite, [tail, 100 - tail])
     return [float(lo), float(hi)]
@@ -64,9 +67,13 @@ def point(statistic: Statistic, per_row: Mapping[str, Any]) -> float:
     return float(statistic({k: np.asarray(v, np.float64).sum(0) for k, v in per_row.items()}))
 
 
-def ci95(statistic: Statistic, per_row: Mapping[str, Any], *, draws: int = DRAWS, seed: int = 0) -> list[float]:
-    """[lo, hi]: the percentile bootstrap 95% interval of statistic(Σ rows) over resampled rows."""
-    weights = row_weights(_rows_of(per_row), draws, seed)
+def ci95(statistic: Statistic, per_row: Mapping[str, Any], *, draws: int = DRAWS, seed: int = 0) -> list[float | None]:
+    """[lo, hi]: the percentile bootstrap 95% interval of statistic(Σ rows) over resampled rows ([None, None] with
+    fewer than MIN_ROWS rows)."""
+    rows = _rows_of(per_row)
+    if rows < MIN_ROWS:
+        return [None, None]
+    weights = row_weights(rows, draws, seed)
     return _bounds(np.asarray(statistic(resampled_sums(per_row, weights)), np.float64))
 
 
@@ -87,11 +94,16 @@ def compare(
     rows = _rows_of(analog)
     if _rows_of(baseline) != rows:
         raise ValueError(f"{measure}: the two models were measured on different rows")
-    weights = row_weights(rows, draws, seed)
     base_stat = baseline_statistic or statistic
-    a = np.asarray(statistic(resampled_sums(analog, weights)), np.float64)
-    b = np.asarray(base_stat(resampled_sums(baseline, weights)), np.float64)
-    return judged(measure, point(statistic, analog), point(base_stat, baseline), a, b, higher_is_better)
+    if rows < MIN_ROWS:  # no noise estimate, so no verdict
+        a = b = np.full(1, np.nan)
+    else:
+        weights = row_weights(rows, draws, seed)
+        a = np.asarray(statistic(resampled_sums(analog, weights)), np.float64)
+        b = np.asarray(base_stat(resampled_sums(baseline, weights)), np.float64)
+    entry = judged(measure, point(statistic, analog), point(base_stat, baseline), a, b, higher_is_better)
+    entry["rows"] = rows
+    return entry
 
 
 def judged(
@@ -100,7 +112,7 @@ def judged(
     """The comparison entry from two figures and their paired draws (same resamples, same order)."""
     a, b = np.asarray(analog_draws, np.float64), np.asarray(baseline_draws, np.float64)
     lo, hi = _bounds(a - b)
-    if not np.isfinite(lo) or lo <= 0 <= hi:
+    if lo is None or hi is None or lo <= 0 <= hi:
         better = "not distinguishable"
     else:
         analog_ahead = lo > 0 if higher_is_better else hi < 0
@@ -126,10 +138,30 @@ def ratio(numerator: str, denominator: str) -> Statistic:
     return statistic
 
 
-def format_interval(value: float, interval: list[float] | None, digits: int = 3) -> str:
-    """'0.234 [0.210, 0.258]' (the figure and its 95% interval) for tables and cards."""
+def format_interval(value: float | None, interval: Sequence[float | None] | None, digits: int = 3) -> str:
+    """'0.234 [0.210, 0.258]' (the figure and its 95% interval) for tables and cards; the figure alone without one."""
     if value is None:
         return "-"
-    if not interval or not all(np.isfinite(interval)):
-        return f"{value:.{digits}f}"
+    if not interval or any(bound is None for bound in interval):
+        return f"{value:.{digits}f} [no interval]"
     return f"{value:.{digits}f} [{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]"
+
+
+# How tables name the measures of comparison entries (fidelity/metrics.py's; others are named as they are).
+MEASURE_NAMES = {
+    "forward_kl": "KL(teacher‖model)",
+    "top1_agreement": "top-1 agreement",
+    "student_nll": "held-out CE",
+}
+
+
+def comparison_markdown(entries: list[dict[str, Any]], analog: str = "analog", other: str = "baseline") -> str:
+    """Comparison entries (`compare`) as a Markdown table: each measure, both figures with their 95% intervals, and
+    which is better beyond noise."""
+    lines = [f"| measure | {analog} | {other} | better (95%, paired) |", "|---|---:|---:|---|"]
+    for e in entries:
+        lines.append(
+            f"| {MEASURE_NAMES.get(e['measure'], e['measure'])} | {format_interval(e['analog'], e['analog_ci95'])} | "
+            f"{format_interval(e['baseline'], e['baseline_ci95'])} | {e['better']} |"
+        )
+    return "\n".join(lines)

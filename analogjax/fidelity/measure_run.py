@@ -6,6 +6,7 @@ read through analogjax.run_dir.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,23 +36,31 @@ def measure_fidelity(
     teacher_params=None,
     source_names: dict[str, str] | None = None,
     transfer_report: dict | None = None,
+    measured: dict | None = None,
+    comparison: Sequence[dict] | None = None,
 ) -> dict[str, Any]:
     """Measure `student` against its teacher and write the fidelity report (fidelity.json/.md, plots) to `out_dir`;
     `source_names` renames its per-source columns (a release publishes the names the lab chose, not those derived
-    from paths); `transfer_report` joins the report under `transfer`."""
+    from paths); `transfer_report` joins the report under `transfer`, `comparison` under `comparison`. `measured`:
+    this student's report already measured (metrics.measure_models), written instead of measuring again."""
     from analogjax.fidelity import metrics
 
     config = student.config
-    if teacher is None:
-        teacher, teacher_params = live_teacher(config, student.mesh)
-    report = metrics.measure(
-        config, student.params, teacher, teacher_params, student.mesh, batches or config.train.eval_batches
-    )
+    if measured is not None:
+        report = dict(measured)
+    else:
+        if teacher is None:
+            teacher, teacher_params = live_teacher(config, student.mesh)
+        report = metrics.measure(
+            config, student.params, teacher, teacher_params, student.mesh, batches or config.train.eval_batches
+        )
     report["step"] = student.step
     if source_names:
         report["by_source"] = {source_names[name]: v for name, v in report["by_source"].items()}
     if transfer_report is not None:
         report["transfer"] = transfer_report
+    if comparison:
+        report["comparison"] = list(comparison)
     jsonl = student.workdir / "metrics.jsonl" if student.workdir is not None else None
     metrics.write_report(report, out_dir, metrics_jsonl=jsonl)
     return report

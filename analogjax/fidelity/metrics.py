@@ -24,9 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from analogjax.errors import UserError
+from analogjax.fidelity import intervals
 from analogjax.objective import divergences as losses
 from analogjax.runtime import figures
-from analogjax.runtime.batch_sums import sum_over_batches
+from analogjax.runtime.batch_sums import add_sums
 
 N_BINS = 15
 TOP_K = 5
@@ -52,9 +53,19 @@ _SCALARS = (
 
 
 def token_sums(
-    student_logits, teacher_logits, targets, loss_mask, source_ids, positions, *, n_sources: int, seq_len: int
+    student_logits,
+    teacher_logits,
+    targets,
+    loss_mask,
+    source_ids,
+    positions,
+    *,
+    n_sources: int,
+    seq_len: int,
+    rows: bool = False,
 ) -> dict[str, jax.Array]:
-    """Sums over the valid tokens of one batch, per source ([n_sources] or [n_sources, N_BINS]) and per position."""
+    """Sums over the valid tokens of one batch, per source ([n_sources] or [n_sources, N_BINS]) and per position;
+    rows=True adds `rows`, per-row sums ([b]) of the figures whose intervals a report gives."""
     log_q = losses.log_softmax(student_logits)
     log_p = losses.log_softmax(teacher_logits)
     w = loss_mask.astype(jnp.float32)
@@ -75,7 +86,9 @@ def token_sums(
         "teacher_correct": (t_top == targets).astype(jnp.float32),
     }
     by_source = (source_ids[..., None] == jnp.arange(n_sources)).astype(jnp.float32) * w[..., None]  # b s S
-    sums = {k: jnp.einsum("bs,bsS->S", jnp.where(w > 0, v, 0.0), by_source) for k, v in per_token.items()}
+    sums: dict[str, Any] = {
+        k: jnp.einsum("bs,bsS->S", jnp.where(w > 0, v, 0.0), by_source) for k, v in per_token.items()
+    }
     for model, log_probs, correct in (
         ("student", log_q, per_token["student_correct"]),
         ("teacher", log_p, per_token["teacher_correct"]),
@@ -86,6 +99,13 @@ def token_sums(
         sums[f"{model}_bin_count"] = jnp.einsum("bsS,bsB->SB", by_source, in_bin)
         sums[f"{model}_bin_confidence"] = jnp.einsum("bsS,bsB->SB", by_source, in_bin * confidence[..., None])
         sums[f"{model}_bin_correct"] = jnp.einsum("bsS,bsB->SB", by_source, in_bin * correct[..., None])
+    # Per-row sums of what the intervals need (a row is one packed window of held-out documents: the bootstrap's
+    # unit, as tokens within a row are not independent).
+    if rows:
+        sums["rows"] = {
+            k: jnp.sum(jnp.where(w > 0, per_token[k], 0.0) * w, axis=-1)
+            for k in ("count", "forward_kl", "top1_agree", "student_nll", "teacher_nll")
+        }
     at_position = (jnp.clip(positions, 0, seq_len - 1)[..., None] == jnp.arange(seq_len)).astype(jnp.float32)
     sums["position_count"] = jnp.einsum("bs,bsP->P", w, at_position)
     sums["position_forward_kl"] = jnp.einsum(
@@ -200,41 +220,57 @@ def finalize(
 def make_fidelity_step(
     student, student_rules, teacher, *, n_sources: int, seq_len: int, pairs: Sequence[tuple[int, int]] = ()
 ):
-    """A pure function (params, teacher_params, batch) -> sums; full [b, s, v] logits (an eval-sized batch)."""
+    """A pure function (params_by_name, teacher_params, batch) -> {name: sums}: every student (all of `student`'s
+    shape) against one teacher forward per batch; full [b, s, v] logits (an eval-sized batch). Each student's sums
+    hold `rows`: per-row sums of the figures whose intervals the report gives (fidelity/intervals.py)."""
     from analogjax.models.transformer import logits as head_logits
     from analogjax.teacher import forward as teacher_forward
 
     collect = bool(pairs) and teacher.features is not None
     shared_vocab = min(student.cfg.vocab_size, teacher.vocab_size or student.cfg.vocab_size)
 
-    def step(params, teacher_params, batch):
+    def step(params_by_name, teacher_params, batch):
         tokens, seg, pos = batch["tokens"], batch["segment_ids"], batch["positions"]
-        with nn.logical_axis_rules(list(student_rules)):
-            feats = student.features(params, tokens, seg, pos, collect, applies_final_softcap=True)
-            s_logits = head_logits(params, student.cfg, feats.hidden_bsd)  # soft-capped where the model caps
+        # The teacher once per batch, shared by every student measured on it.
         signal = teacher_forward(teacher, teacher_params, batch, collect)
-        t_logits = signal.logits()  # soft-capped as the teacher caps
-        # A padded vocabulary (same tokenizer) is compared on the shared real range only.
-        s_logits, t_logits = s_logits[..., :shared_vocab], t_logits[..., :shared_vocab].astype(jnp.float32)
-        sums = token_sums(
-            s_logits,
-            t_logits,
-            batch["targets"],
-            batch["loss_mask"],
-            batch["source_ids"],
-            pos,
-            n_sources=n_sources,
-            seq_len=seq_len,
-        )
-        if collect:
-            sums.update(cka_sums(feats.layers_lbsd, signal.layers, batch["loss_mask"], pairs))
-        return sums
+        t_logits = signal.logits()[..., :shared_vocab].astype(jnp.float32)  # soft-capped as the teacher caps
+        out = {}
+        for name, params in params_by_name.items():
+            with nn.logical_axis_rules(list(student_rules)):
+                feats = student.features(params, tokens, seg, pos, collect, applies_final_softcap=True)
+                s_logits = head_logits(params, student.cfg, feats.hidden_bsd)  # soft-capped where the model caps
+            # A padded vocabulary (same tokenizer) is compared on the shared real range only.
+            sums = token_sums(
+                s_logits[..., :shared_vocab],
+                t_logits,
+                batch["targets"],
+                batch["loss_mask"],
+                batch["source_ids"],
+                pos,
+                n_sources=n_sources,
+                seq_len=seq_len,
+                rows=True,
+            )
+            if collect:
+                sums.update(cka_sums(feats.layers_lbsd, signal.layers, batch["loss_mask"], pairs))
+            out[name] = sums
+        return out
 
     return step
 
 
 def measure(config, student_params, teacher, teacher_params, mesh, batches: int) -> dict[str, Any]:
     """Fidelity of `student_params` (config.model) against the teacher on `batches` held-out batches of config.data."""
+    return measure_models(config, {"analog": student_params}, teacher, teacher_params, mesh, batches)["analog"]
+
+
+def measure_models(
+    config, params_by_name: dict[str, Any], teacher, teacher_params, mesh, batches: int
+) -> dict[str, dict[str, Any]]:
+    """The fidelity report of each student (every one of config.model's shape) against the teacher, on the same
+    `batches` held-out batches of config.data, the teacher's forward computed once per batch for all of them. Each
+    report's `ci95` gives 95% intervals of the headline figures (bootstrap over held-out rows), and `rows` the
+    per-row sums they come from, for paired comparisons of two reports (`comparison`)."""
     from analogjax import mesh as mesh_lib
     from analogjax.data import heldout_batches
     from analogjax.data.spec import source_names
@@ -265,13 +301,47 @@ def measure(config, student_params, teacher, teacher_params, mesh, batches: int)
         sharding=batch_sharding,
         batches=batches,
     )
+    totals: dict[str, dict] = {name: {} for name in params_by_name}
+    rows: dict[str, dict[str, list]] = {name: {} for name in params_by_name}
     with jax.set_mesh(mesh):
-        total = sum_over_batches(fn, heldout, student_params, teacher_params)
-    if not total or float(np.sum(total["count"])) == 0:
-        raise UserError("the held-out split gave no valid tokens: raise data.heldout_fraction or add documents")
-    report = finalize(total, names, pairs, matched, (ls, lt) if full_grid and pairs else None)
-    report["batches"] = batches
-    return report
+        for batch in heldout:
+            got = jax.device_get(fn(params_by_name, teacher_params, batch))
+            for name, sums in got.items():
+                per_row = sums.pop("rows")
+                add_sums(totals[name], sums)
+                for key, value in per_row.items():
+                    rows[name].setdefault(key, []).append(np.asarray(value, np.float64))
+    reports = {}
+    for name, total in totals.items():
+        if not total or float(np.sum(total["count"])) == 0:
+            raise UserError("the held-out split gave no valid tokens: raise data.heldout_fraction or add documents")
+        report = finalize(total, names, pairs, matched, (ls, lt) if full_grid and pairs else None)
+        report["batches"] = batches
+        per_row = {key: np.concatenate(parts) for key, parts in rows[name].items()}
+        filled = per_row["count"] > 0  # a short held-out split pads its last batch with empty rows: not rows at all
+        report["rows"] = {key: value[filled] for key, value in per_row.items()}
+        report["ci95"] = {
+            figure: intervals.ci95(statistic, report["rows"]) for figure, (statistic, _) in ROW_FIGURES.items()
+        }
+        reports[name] = report
+    return reports
+
+
+# The figures whose 95% intervals a report gives, from its per-row sums: (statistic, higher is better).
+ROW_FIGURES = {
+    "forward_kl": (intervals.ratio("forward_kl", "count"), False),
+    "top1_agreement": (intervals.ratio("top1_agree", "count"), True),
+    "student_nll": (intervals.ratio("student_nll", "count"), False),
+}
+
+
+def comparison(analog: dict[str, Any], baseline: dict[str, Any]) -> list[dict[str, Any]]:
+    """Paired comparisons (same held-out rows) of two fidelity reports of measure_models: KL(teacher‖model), top-1
+    agreement and the model's own held-out CE, each judged beyond noise (intervals.compare)."""
+    return [
+        intervals.compare(measure, statistic, analog["rows"], baseline["rows"], higher_is_better=higher_is_better)
+        for measure, (statistic, higher_is_better) in ROW_FIGURES.items()
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -316,7 +386,8 @@ def write_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = {"json": out / "fidelity.json"}
-    written["json"].write_text(json.dumps(report, indent=2) + "\n")
+    # Per-row sums (measure_models) serve intervals and comparisons, not readers.
+    written["json"].write_text(json.dumps({k: v for k, v in report.items() if k != "rows"}, indent=2) + "\n")
     written.update(plot(report, out, metrics_jsonl))
     lines = [
         f"# {title}",

@@ -28,22 +28,50 @@ from analogjax.models import flash_gpu
 from analogjax.models.config import KERNELS
 
 
-def allowed(q_pos_bs, k_pos_bt, q_seg_bs, k_seg_bt, window=None) -> jax.Array:
+def allowed(q_pos_bs, k_pos_bt, q_seg_bs, k_seg_bt, window=None, chunk=None) -> jax.Array:
     """[b, s, t] boolean: key t is visible from query s.
 
     Causal by position, same document, never from or onto padding; with `window` (a Python int or a traced scalar;
     None = unlimited) a query at position i sees keys at positions (i - window, i], as transformers' sliding
-    window counts (the query itself is one of the `window` keys).
+    window counts (the query itself is one of the `window` keys); with `chunk` (Llama 4's chunked layers; int or
+    traced, None = off) only keys of its own chunk, position // chunk equal, as transformers' chunked mask.
     """
     delta = q_pos_bs[:, :, None] - k_pos_bt[:, None, :]
     ok = (delta >= 0) & (q_seg_bs[:, :, None] == k_seg_bt[:, None, :]) & (q_seg_bs != 0)[:, :, None]
     if window is not None:
         ok = ok & (delta < window)
+    if chunk is not None:
+        ok = ok & (q_pos_bs[:, :, None] // chunk == k_pos_bt[:, None, :] // chunk)
     return ok
 
 
+def chunk_segments(positions_bs, segment_ids_bs, chunk) -> jax.Array:
+    """Segment ids that also cut every document at its chunk boundaries (position // chunk changes): causal
+    attention within these segments IS chunked attention, since a (document, chunk) pair is one contiguous run of a
+    packed row. This is how the fused kernels, which know segment ids but not positions, do Llama 4's chunked
+    layers exactly, packed documents included (chunks count from each document's start, as positions do). They
+    skip only the blocks the causal mask rules out, not those other chunks do: memory stays O(seq), FLOPs are those
+    of full causal attention. Padding (segment 0) stays 0."""
+    block = positions_bs // chunk
+    starts = (segment_ids_bs[:, 1:] != segment_ids_bs[:, :-1]) | (block[:, 1:] != block[:, :-1])
+    first = jnp.ones_like(starts[:, :1])
+    ids = jnp.cumsum(jnp.concatenate([first, starts], axis=1), axis=1, dtype=jnp.int32)
+    return jnp.where(segment_ids_bs != 0, ids, 0)
+
+
 def attend(
-    q_bshe, k_btke, v_btke, q_pos_bs, k_pos_bt, q_seg_bs, k_seg_bt, *, scale: float, window=None, softcap: float = 0.0
+    q_bshe,
+    k_btke,
+    v_btke,
+    q_pos_bs,
+    k_pos_bt,
+    q_seg_bs,
+    k_seg_bt,
+    *,
+    scale: float,
+    window=None,
+    softcap: float = 0.0,
+    chunk=None,
 ) -> jax.Array:
     """softmax(mask(softcap(q·k · scale))) · v, grouped-query, scores and softmax in float32 → [b, s, h, e].
 
@@ -56,7 +84,7 @@ def attend(
     scores = jnp.einsum("bskge,btke->bkgst", q, k_btke, preferred_element_type=jnp.float32) * scale
     if softcap:
         scores = jnp.tanh(scores / softcap) * softcap
-    mask = allowed(q_pos_bs, k_pos_bt, q_seg_bs, k_seg_bt, window)[:, None, None]
+    mask = allowed(q_pos_bs, k_pos_bt, q_seg_bs, k_seg_bt, window, chunk)[:, None, None]
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_btke.dtype)
     return jnp.einsum("bkgst,btke->bskge", probs, v_btke).reshape(b, s, h, e)
@@ -83,6 +111,7 @@ def attend(
 #   no soft-cap and no float32. `auto` takes pallas_gpu where cuDNN cannot (soft-cap, float32); set
 #   `model.attention: pallas_gpu` for long context. Once measured on a GPU, pallas_gpu should become the default.
 # - cpu: xla (`attend`), [b, k, g, s, t] float32 scores: the reference, fastest on CPU at the lengths CPUs run.
+# Llama 4's chunked layers run on every kernel as finer segment ids (`chunk_segments`), exactly, packed or not.
 # What `auto` tries on each platform, in order, before xla (jax's platform names; the abstract mesh says "cuda"
 # where a backend says "gpu").
 AUTO_KERNEL = {"tpu": ("splash",), "gpu": ("cudnn", "pallas_gpu"), "cuda": ("cudnn", "pallas_gpu")}
@@ -180,11 +209,13 @@ def self_attention(
     kernel: str = "auto",
     interpret: bool = False,
     block: int = SPLASH_BLOCK,
+    chunk=None,
 ) -> jax.Array:
     """Causal self-attention of one packed sequence with the chosen kernel → [b, s, h, e] (see the note above on
     positions vs indices). `interpret` runs a Pallas kernel (splash, pallas_gpu) in interpret mode (tests on CPU; it
     skips the platform check). Under a mesh with a `context` axis the queries stay split over the sequence and the
-    keys and values are all-gathered (mesh.py says why)."""
+    keys and values are all-gathered (mesh.py says why). `chunk` (Llama 4's chunked layers): every kernel takes it
+    as finer segment ids (`chunk_segments`); xla masks by position directly."""
     mesh = jax.sharding.get_abstract_mesh()
     context = 1 if mesh.empty else mesh.shape.get("context", 1)
     pallas = {"splash": "tpu", "pallas_gpu": "gpu"}
@@ -206,7 +237,10 @@ def self_attention(
             scale=scale,
             window=window,
             softcap=softcap,
+            chunk=chunk,
         )
+    if chunk is not None:
+        segment_ids_bs = chunk_segments(positions_bs, segment_ids_bs, chunk)
     if kernel == "cudnn":
         return cudnn_attention(q_bshe, k_bske, v_bske, segment_ids_bs, scale=scale, window=window)
     if kernel == "pallas_gpu":

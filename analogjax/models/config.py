@@ -17,7 +17,9 @@ from analogjax.errors import UserError, check_choice
 # Listed here, not there, so that reading a config imports no JAX (`analogjax config`, a refused config).
 KERNELS = ("auto", "xla", "splash", "cudnn", "pallas_gpu")
 
-FULL, SLIDING = "full", "sliding"  # the two attention kinds a layer can have
+FULL, SLIDING = "full", "sliding"  # the attention kinds a layer can have (and CHUNKED below)
+# Llama 4's local layers: a query sees only the earlier keys of its own chunk (equal position // attention_chunk).
+CHUNKED = "chunked"
 
 
 @dataclass(frozen=True)
@@ -46,8 +48,9 @@ class RopeScaling:
             raise UserError(f"{prefix}.factor must be positive, got {self.factor}")
         if self.kind in ("llama3", "yarn") and self.original_max_positions <= 0:
             raise UserError(f"{prefix}.original_max_positions must be positive for {self.kind} scaling")
-        if self.kind == "llama3" and self.high_freq_factor <= self.low_freq_factor:
-            raise UserError(f"{prefix}.high_freq_factor must exceed low_freq_factor")
+        # Equal factors leave no smoothed band (Llama 4 Scout's config: both 1.0); transformers computes them alike.
+        if self.kind == "llama3" and self.high_freq_factor < self.low_freq_factor:
+            raise UserError(f"{prefix}.high_freq_factor must not be below low_freq_factor")
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,9 @@ class MoEConfig:
     norm_topk: bool = True
     routed_scale: float = 1.0
     expert_bias: bool = False
+    # Llama 4: each chosen expert's routing weight scales the token going into the expert, expert(w·x), rather
+    # than its output, w·expert(x) (SwiGLU is not linear, so the two differ).
+    weights_on_input: bool = False
     first_dense_layers: int = 0
     every: int = 1
     # How experts spread over fsdp meet their tokens (models/moe.py): exchange_tokens (each device keeps its E/fsdp
@@ -180,6 +186,20 @@ class ModelConfig:
     # do). Empty: the architecture the other fields imply (hf.architecture_for).
     hf_architecture: str = ""
     moe: MoEConfig = field(default_factory=MoEConfig)  # mixture-of-experts layers (experts 0: dense)
+    # --- Llama 4 ---
+    # Chunked local attention on the layers layer_pattern marks "chunked" (every layer when layer_pattern is empty
+    # and sliding_window is 0): a query at position i sees the keys at positions j <= i with j // attention_chunk
+    # == i // attention_chunk. 0 = none.
+    attention_chunk: int = 0
+    # NoPE layers, repeated cyclically over the layers like layer_pattern: true = no rotary embedding on that layer
+    # (Llama 4's global layers). Empty: every layer rotates.
+    nope_pattern: tuple[bool, ...] = ()
+    # Llama 4's q/k norm: on RoPE layers only, queries and keys divided by their RMS over the head dim, no weight.
+    qk_l2_norm: bool = False
+    # Llama 4's attention temperature tuning, on NoPE layers only: queries times
+    # 1 + attn_temperature_scale · log1p(floor((position + 1) / attn_temperature_floor)). 0 = off.
+    attn_temperature_scale: float = 0.0
+    attn_temperature_floor: int = 8192
 
     @property
     def kv_heads(self) -> int:
@@ -191,16 +211,23 @@ class ModelConfig:
 
     @property
     def layer_kinds(self) -> tuple[str, ...]:
-        """Each layer's attention kind (FULL or SLIDING)."""
+        """Each layer's attention kind (FULL, SLIDING or CHUNKED)."""
         if self.layer_pattern:
             return tuple(self.layer_pattern[i % len(self.layer_pattern)] for i in range(self.n_layers))
-        return ((SLIDING if self.sliding_window else FULL),) * self.n_layers
+        return ((SLIDING if self.sliding_window else CHUNKED if self.attention_chunk else FULL),) * self.n_layers
+
+    @property
+    def layer_nope(self) -> tuple[bool, ...]:
+        """Each layer: true where it has no rotary embedding (nope_pattern, repeated)."""
+        if not self.nope_pattern:
+            return (False,) * self.n_layers
+        return tuple(bool(self.nope_pattern[i % len(self.nope_pattern)]) for i in range(self.n_layers))
 
     @property
     def uniform_layers(self) -> bool:
         """True when every layer attends alike (same window, same RoPE): no per-layer data enters the scan."""
         kinds = set(self.layer_kinds)
-        return len(kinds) == 1 and not (kinds == {SLIDING} and self.local_rope_theta)
+        return len(kinds) == 1 and not (kinds == {SLIDING} and self.local_rope_theta) and len(set(self.layer_nope)) == 1
 
     @classmethod
     def from_preset_dict(cls, raw: dict, prefix: str) -> dict:
@@ -232,18 +259,25 @@ class ModelConfig:
         for name, allowed in choices.items():
             check_choice(f"{prefix}.{name}", getattr(self, name), allowed)
         for i, kind in enumerate(self.layer_pattern):
-            check_choice(f"{prefix}.layer_pattern[{i}]", kind, (FULL, SLIDING))
-        for name in ("sliding_window", "local_rope_theta", "attn_softcap", "final_softcap", "query_scalar"):
+            check_choice(f"{prefix}.layer_pattern[{i}]", kind, (FULL, SLIDING, CHUNKED))
+        for name in (
+            "sliding_window",
+            "local_rope_theta",
+            "attn_softcap",
+            "final_softcap",
+            "query_scalar",
+            "attention_chunk",
+            "attn_temperature_scale",
+        ):
             if getattr(self, name) < 0:
                 raise UserError(f"{prefix}.{name} must not be negative, got {getattr(self, name)}")
         if SLIDING in self.layer_kinds and not self.sliding_window:
             raise UserError(f"{prefix}.layer_pattern has sliding layers but {prefix}.sliding_window is 0")
+        if CHUNKED in self.layer_kinds and not self.attention_chunk:
+            raise UserError(f"{prefix}.layer_pattern has chunked layers but {prefix}.attention_chunk is 0")
+        if self.attn_temperature_scale and self.attn_temperature_floor <= 0:
+            raise UserError(f"{prefix}.attn_temperature_floor must be positive, got {self.attn_temperature_floor}")
         self.moe.validate(f"{prefix}.moe", self.n_layers)
-        if self.moe.enabled and not self.uniform_layers:
-            raise UserError(
-                f"{prefix}.moe: MoE layers with per-layer attention kinds ({prefix}.layer_pattern, "
-                f"{prefix}.local_rope_theta) are not supported yet"
-            )
 
     @property
     def expert_d_ff(self) -> int:

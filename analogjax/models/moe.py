@@ -102,12 +102,15 @@ def route(cfg: ModelConfig, logits_tx: jax.Array, bias_x: jax.Array | None):
     return chosen_tk, weights_tk * moe.routed_scale, probs
 
 
-def routed_experts(x_td, chosen_tk, weights_tk, w_gate_xdf, w_up_xdf, w_down_xfd, activation, first_expert=0):
+def routed_experts(
+    x_td, chosen_tk, weights_tk, w_gate_xdf, w_up_xdf, w_down_xfd, activation, first_expert=0, weights_on_input=False
+):
     """Dropless routed SwiGLU experts on a flat token list: sort by expert, grouped matmuls, unsort, combine.
 
     The weights hold experts first_expert .. first_expert + x - 1 (all of them unless expert-parallel); assignments
     to other experts sort last, outside every group, and add nothing: the result is this device's share of each
-    token's output. Pure and local (no collectives): the shard_maps below call it per device."""
+    token's output. Pure and local (no collectives): the shard_maps below call it per device. `weights_on_input`
+    (Llama 4): each routing weight scales the token entering its expert instead of the expert's output."""
     n_tokens, k = chosen_tk.shape
     n_local = w_gate_xdf.shape[0]
     local = chosen_tk.reshape(-1) - first_expert
@@ -116,6 +119,9 @@ def routed_experts(x_td, chosen_tk, weights_tk, w_gate_xdf, w_up_xdf, w_down_xfd
     order = jnp.argsort(key, stable=True)  # assignments grouped by expert
     sizes = jnp.bincount(key, length=n_local + 1)[:n_local].astype(jnp.int32)  # no token: an empty group
     xs = jnp.take(x_td, order // k, axis=0)
+    if weights_on_input:  # as transformers' Llama 4: (x · weight) in the compute dtype, then the expert
+        xs = (xs * jnp.take(weights_tk.reshape(-1), order).astype(xs.dtype)[:, None]).astype(xs.dtype)
+        weights_tk = jnp.ones_like(weights_tk)
     ys = _grouped_swiglu(xs, sizes, w_gate_xdf, w_up_xdf, w_down_xfd, activation)
     y_tkd = jnp.take(ys, jnp.argsort(order), axis=0).reshape(n_tokens, k, -1)
     weights = jnp.where(mine.reshape(n_tokens, k), weights_tk.astype(jnp.float32), 0.0)
@@ -191,13 +197,14 @@ def _sharded_experts(cfg: ModelConfig, x_bsd, chosen_bsk, weights_bsk, w_gate, w
     """The routed experts per device when a mesh with the batch axes is in context (module doc), else on all tokens.
     Returns float32 [b, s, d]."""
     act = lambda g: _act(cfg, g)
+    on_input = cfg.moe.weights_on_input
 
     def flat(x, chosen, weights):
         b, s, d = x.shape
         return x.reshape(b * s, d), chosen.reshape(b * s, -1), weights.reshape(b * s, -1)
 
     def local(x, chosen, weights, wg, wu, wd):
-        return routed_experts(*flat(x, chosen, weights), wg, wu, wd, act).reshape(x.shape)
+        return routed_experts(*flat(x, chosen, weights), wg, wu, wd, act, weights_on_input=on_input).reshape(x.shape)
 
     mesh = jax.sharding.get_abstract_mesh()
     names = () if mesh.empty else tuple(mesh.axis_names)
@@ -226,7 +233,10 @@ def _sharded_experts(cfg: ModelConfig, x_bsd, chosen_bsk, weights_bsk, w_gate, w
         sources = tuple(jax.lax.all_gather(a, "fsdp") for a in (x_td, chosen_tk, weights_tk))
         # One source device at a time, recomputed in the backward pass: the sorted buffers stay t * k rows.
         partial = jax.lax.map(
-            jax.checkpoint(lambda src: routed_experts(*src, wg, wu, wd, act, first_expert=first)), sources
+            jax.checkpoint(
+                lambda src: routed_experts(*src, wg, wu, wd, act, first_expert=first, weights_on_input=on_input)
+            ),
+            sources,
         )
         y = jax.lax.psum_scatter(partial, "fsdp", scatter_dimension=0)  # each token's sum, back to its device
         y = jax.lax.psum(y, tensor) if tensor else y

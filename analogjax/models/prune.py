@@ -83,6 +83,11 @@ def check_target(teacher: ModelConfig, student: ModelConfig) -> None:
                 f"{getattr(teacher, f.name)!r}: a pruned student keeps the teacher's family, vocabulary "
                 "and tokenizer (use model.like_teacher with size fields only)"
             )
+    if teacher.moe.enabled:
+        raise UserError(
+            f"prune: the teacher is a mixture of experts (model.moe.experts={teacher.moe.experts}); pruning has no "
+            "rule for cutting experts or routers yet"
+        )
     if student.dim_per_head != teacher.dim_per_head:
         raise UserError(
             f"model: head dim {student.dim_per_head} differs from the teacher's {teacher.dim_per_head}: "
@@ -259,11 +264,19 @@ def choose_layers(block: np.ndarray, teacher_kinds, student_kinds) -> np.ndarray
     return np.asarray(kept[::-1], np.int32)
 
 
+def _layer_signature(cfg: ModelConfig) -> tuple:
+    """What a kept teacher layer must share with the student layer it becomes: the attention kind, and whether it
+    has RoPE (Llama 4's NoPE layers) where the model has NoPE layers."""
+    if not any(cfg.layer_nope):
+        return cfg.layer_kinds
+    return tuple(f"{kind}+nope" if nope else kind for kind, nope in zip(cfg.layer_kinds, cfg.layer_nope))
+
+
 def choose(importance: dict[str, np.ndarray], teacher: ModelConfig, student: ModelConfig) -> dict[str, np.ndarray]:
     """Kept indices: channels [d_s], layers [L_s], and per kept layer heads [L_s, h_s], kv_groups [L_s, k_s],
     neurons [L_s, f_s] (teacher indices, ascending)."""
     check_target(teacher, student)
-    layers = choose_layers(importance["block"], teacher.layer_kinds, student.layer_kinds)
+    layers = choose_layers(importance["block"], _layer_signature(teacher), _layer_signature(student))
     group_t, group_s = teacher.n_heads // teacher.kv_heads, student.n_heads // student.kv_heads
     heads, groups = [], []
     for layer in layers:

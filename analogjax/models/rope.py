@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from analogjax.models.config import FULL, SLIDING, ModelConfig, RopeScaling
+from analogjax.models.config import CHUNKED, FULL, SLIDING, ModelConfig, RopeScaling
 
 
 def _base_inv_freq(head_dim: int, theta: float) -> np.ndarray:
@@ -34,10 +34,11 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> tu
         low_wavelen, high_wavelen = old_len / scaling.low_freq_factor, old_len / scaling.high_freq_factor
         wavelen = (2 * math.pi / inv_freq).astype(np.float32)
         scaled = np.where(wavelen > low_wavelen, inv_freq / np.float32(factor), inv_freq).astype(np.float32)
-        smooth = (
-            (old_len / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
-        ).astype(np.float32)
-        smoothed = ((1 - smooth) * scaled / np.float32(factor) + smooth * scaled).astype(np.float32)
+        with np.errstate(divide="ignore", invalid="ignore"):  # equal factors: no medium band, smooth unused
+            smooth = (
+                (old_len / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+            ).astype(np.float32)
+            smoothed = ((1 - smooth) * scaled / np.float32(factor) + smooth * scaled).astype(np.float32)
         medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
         return np.where(medium, smoothed, scaled).astype(np.float32), 1.0
     if kind == "yarn":
@@ -75,17 +76,20 @@ def _yarn(dim: int, base: float, s: RopeScaling) -> tuple[np.ndarray, float]:
 
 
 def layer_rope(cfg: ModelConfig, kind: str) -> tuple[np.ndarray, float]:
-    """The (inverse frequencies, attention factor) of a layer of attention kind FULL or SLIDING."""
+    """The (inverse frequencies, attention factor) of a layer of attention kind FULL, SLIDING or CHUNKED."""
     if kind == SLIDING and cfg.local_rope_theta:
         return _base_inv_freq(cfg.dim_per_head, cfg.local_rope_theta), 1.0
     return inverse_frequencies(cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling)
 
 
 def per_layer(cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
-    """([layers, head_dim // 2] inverse frequencies, [layers] attention factors), one row per layer."""
-    by_kind = {kind: layer_rope(cfg, kind) for kind in (FULL, SLIDING)}
-    kinds = cfg.layer_kinds
-    return (np.stack([by_kind[k][0] for k in kinds]), np.asarray([by_kind[k][1] for k in kinds], np.float32))
+    """([layers, head_dim // 2] inverse frequencies, [layers] attention factors), one row per layer. A NoPE layer
+    (Llama 4) gets zero frequencies and factor 1: every angle 0, so `apply` leaves its queries and keys exactly as
+    they are."""
+    by_kind = {kind: layer_rope(cfg, kind) for kind in (FULL, SLIDING, CHUNKED)}
+    nope = (np.zeros(cfg.dim_per_head // 2, np.float32), 1.0)
+    rows = [nope if no_rope else by_kind[k] for k, no_rope in zip(cfg.layer_kinds, cfg.layer_nope)]
+    return (np.stack([r[0] for r in rows]), np.asarray([r[1] for r in rows], np.float32))
 
 
 def apply(x_bshe: jax.Array, positions_bs: jax.Array, inv_freq, attention_factor=1.0) -> jax.Array:

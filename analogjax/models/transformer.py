@@ -27,7 +27,7 @@ import numpy as np
 from analogjax.errors import UserError
 from analogjax.models import rope as rope_lib
 from analogjax.models.attention import allowed, attend, self_attention
-from analogjax.models.config import SLIDING, ModelConfig, RopeScaling
+from analogjax.models.config import CHUNKED, SLIDING, ModelConfig, RopeScaling
 from analogjax.models.moe import MoE, RouterStats
 
 _init = nn.initializers.normal(stddev=0.02)
@@ -83,18 +83,67 @@ _NO_WINDOW = 2**30
 
 def layer_data(cfg: ModelConfig) -> dict[str, np.ndarray] | None:
     """Per-layer attention data for the scan ([layers, ...] arrays), or None when every layer attends alike (then
-    each block reads the one window and RoPE from the config as constants, and the scan carries nothing extra)."""
+    each block reads the one window and RoPE from the config as constants, and the scan carries nothing extra).
+    "window" and "chunk" are there only when some layer slides or is chunked (a kernel can then keep its one
+    static mask); "nope" (Llama 4's layers without RoPE) only when some layer has none."""
     if cfg.uniform_layers:
         return None
     inv_freq, factor = rope_lib.per_layer(cfg)
-    window = [cfg.sliding_window if kind == SLIDING else _NO_WINDOW for kind in cfg.layer_kinds]
-    return {"inv_freq": inv_freq, "rope_factor": factor, "window": np.asarray(window, np.int32)}
+    kinds = cfg.layer_kinds
+    data = {"inv_freq": inv_freq, "rope_factor": factor}
+    if SLIDING in kinds:
+        data["window"] = np.asarray([cfg.sliding_window if k == SLIDING else _NO_WINDOW for k in kinds], np.int32)
+    if CHUNKED in kinds:
+        data["chunk"] = np.asarray([cfg.attention_chunk if k == CHUNKED else _NO_WINDOW for k in kinds], np.int32)
+    if any(cfg.layer_nope):
+        data["nope"] = np.asarray(cfg.layer_nope, bool)
+    return data
 
 
-def _static_layer(cfg: ModelConfig) -> tuple[np.ndarray, float, int | None]:
+def _static_layer(cfg: ModelConfig) -> dict:
+    """The one layer kind of a model whose layers all attend alike, as compile-time constants."""
     kind = cfg.layer_kinds[0]
     inv_freq, factor = rope_lib.layer_rope(cfg, kind)
-    return inv_freq, factor, (cfg.sliding_window if kind == SLIDING else None)
+    return {
+        "inv_freq": None if cfg.layer_nope[0] else inv_freq,
+        "rope_factor": factor,
+        "window": cfg.sliding_window if kind == SLIDING else None,
+        "chunk": cfg.attention_chunk if kind == CHUNKED else None,
+        "nope": cfg.layer_nope[0],
+    }
+
+
+def llama4_scales(cfg: ModelConfig, q_bshe, k_bske, positions_bs, nope):
+    """Llama 4's query/key scaling after RoPE: on RoPE layers (`nope` false) the parameter-free L2 norm
+    (x / RMS(x) over the head dim, float32, when qk_l2_norm); on NoPE layers the attention temperature
+    1 + scale · log1p(floor((position + 1) / floor)) on the queries (when attn_temperature_scale). `nope` is a Python
+    bool (every layer alike) or a traced one (this layer's row of the scanned data): then both are computed and one
+    is kept per layer."""
+
+    def l2(x):  # None: no factor
+        if not cfg.qk_l2_norm:
+            return None
+        x32 = x.astype(jnp.float32)
+        return jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.norm_eps)
+
+    def temperature():
+        if not cfg.attn_temperature_scale:
+            return None
+        floor = jnp.floor((positions_bs.astype(jnp.float32) + 1.0) / cfg.attn_temperature_floor)
+        return (jnp.log1p(floor) * cfg.attn_temperature_scale + 1.0)[:, :, None, None]
+
+    def pick(on_nope, on_rope):  # this layer's factor (None: leave as is)
+        if isinstance(nope, bool):
+            return on_nope if nope else on_rope
+        if on_nope is None and on_rope is None:
+            return None
+        one = jnp.ones((), jnp.float32)
+        return jnp.where(nope, one if on_nope is None else on_nope, one if on_rope is None else on_rope)
+
+    def scaled(x, factor):
+        return x if factor is None else (x.astype(jnp.float32) * factor).astype(x.dtype)
+
+    return scaled(q_bshe, pick(temperature(), l2(q_bshe))), scaled(k_bske, pick(None, l2(k_bske)))
 
 
 class Attention(nn.Module):
@@ -126,12 +175,15 @@ class Attention(nn.Module):
             k_axes = "head_dim" if per_head else ("kv_heads", "head_dim")
             q = RMSNorm(cfg.norm_eps, cfg.norm_offset, q_axes, name="q_norm")(q)
             kk = RMSNorm(cfg.norm_eps, cfg.norm_offset, k_axes, name="k_norm")(kk)
-        if layer is None:  # every layer alike: window and frequencies are compile-time constants
-            inv_freq, factor, window = _static_layer(cfg)
-        else:  # this layer's row of the scanned per-layer data
-            inv_freq, factor, window = layer["inv_freq"], layer["rope_factor"], layer["window"]
-        q = rope_lib.apply(q, positions_bs, inv_freq, factor)
-        kk = rope_lib.apply(kk, positions_bs, inv_freq, factor)
+        # every layer alike: window, chunk and frequencies are compile-time constants; else this layer's row of the
+        # scanned per-layer data (a key absent there is None on every layer)
+        this = _static_layer(cfg) if layer is None else layer
+        inv_freq, factor, window, chunk = this["inv_freq"], this["rope_factor"], this.get("window"), this.get("chunk")
+        if inv_freq is not None:  # None: a NoPE model's layers (per-layer NoPE rows have zero frequencies)
+            q = rope_lib.apply(q, positions_bs, inv_freq, factor)
+            kk = rope_lib.apply(kk, positions_bs, inv_freq, factor)
+        if cfg.qk_l2_norm or cfg.attn_temperature_scale:
+            q, kk = llama4_scales(cfg, q, kk, positions_bs, this.get("nope", False))
         scale = (cfg.query_scalar or e) ** -0.5
         if cache is None:
             out = self_attention(
@@ -144,6 +196,7 @@ class Attention(nn.Module):
                 window=window,
                 softcap=cfg.attn_softcap,
                 kernel=cfg.attention,
+                chunk=chunk,
             )
         else:  # decoding: a few new queries against the cache, on the XLA core (scores are [new, cache] only)
             index = cache["index"]
@@ -159,6 +212,7 @@ class Attention(nn.Module):
                 scale=scale,
                 window=window,
                 softcap=cfg.attn_softcap,
+                chunk=chunk,
             )
         wo = self.param("wo", nn.with_logical_partitioning(_init, ("heads", "head_dim", "embed")), (h, e, d))
         self.sow("intermediates", "heads_out", out)  # per-head outputs, read only by prune.py (else a no-op)
@@ -254,26 +308,33 @@ class MoEGroup(nn.Module):
     collect_layers: bool = False
 
     @nn.compact
-    def __call__(self, x_bsd, segment_ids_bs, positions_bs, kv=None, cache_meta=None):
+    def __call__(self, x_bsd, segment_ids_bs, positions_bs, kv=None, cache_meta=None, layer=None):
         # kv ("k", "v" [every, b, t, k, e]: this group's layers' cache) and cache_meta: decoding, as Block; the
-        # group then returns (carry, its layers' written kv stacked [every, ...]).
+        # group then returns (carry, its layers' written kv stacked [every, ...]). layer: the group's rows of the
+        # per-layer data ([every, ...]; None when every layer attends alike).
         cfg, every = self.cfg, self.cfg.moe.every
+
+        def row(j):
+            return None if layer is None else jax.tree.map(lambda a: a[j], layer)
+
         if kv is not None:
             written = []
             for j in range(every):
                 layer_kv = jax.tree.map(lambda a, j=j: a[j], kv)
                 name, is_moe = ("moe", True) if j == every - 1 else (f"dense_{j}", False)
                 x_bsd, out = Block(cfg, moe=is_moe, name=name)(
-                    x_bsd, segment_ids_bs, positions_bs, None, layer_kv, cache_meta
+                    x_bsd, segment_ids_bs, positions_bs, row(j), layer_kv, cache_meta
                 )
                 written.append(out)
             return x_bsd, jax.tree.map(lambda *a: jnp.stack(a), *written)
         block = _block_class(cfg)
         outs = []
         for j in range(every - 1):
-            x_bsd, out = block(cfg, self.collect_layers, name=f"dense_{j}")(x_bsd, segment_ids_bs, positions_bs)
+            x_bsd, out = block(cfg, self.collect_layers, name=f"dense_{j}")(x_bsd, segment_ids_bs, positions_bs, row(j))
             outs.append(out)
-        x_bsd, (out, stats) = block(cfg, self.collect_layers, True, name="moe")(x_bsd, segment_ids_bs, positions_bs)
+        x_bsd, (out, stats) = block(cfg, self.collect_layers, True, name="moe")(
+            x_bsd, segment_ids_bs, positions_bs, row(every - 1)
+        )
         return x_bsd, ((jnp.stack(outs + [out]) if self.collect_layers else None), stats)
 
 
@@ -314,23 +375,44 @@ def _scan(module, cfg: ModelConfig, length: int, name: str, *args, in_axes=(nn.b
     )(cfg, *args, name=name)
 
 
-def _moe_stacks(cfg: ModelConfig, collect_layers: bool, x_bsd, segment_ids_bs, positions_bs):
-    """An MoE model's blocks: a scanned dense prefix (`layers`, as a dense model's), then the scanned MoE groups
-    (`moe_layers`). Returns (x, every block's output or None, RouterStats stacked over the MoE layers)."""
+def _split_layers(cfg: ModelConfig, per_layer: dict | None):
+    """Per-layer data ([n_layers, ...]) as the MoE stacks scan it: (the dense prefix's rows, the groups' rows
+    ([groups, every, ...] when every > 1)); (None, None) when every layer attends alike."""
+    if per_layer is None:
+        return None, None
     prefix, groups = moe_layout(cfg)
+    every = cfg.moe.every
+    rest = jax.tree.map(lambda a: a[prefix:], per_layer)
+    if every > 1:
+        rest = jax.tree.map(lambda a: a.reshape((groups, every) + a.shape[1:]), rest)
+    return jax.tree.map(lambda a: a[:prefix], per_layer), rest
+
+
+def _moe_stacks(cfg: ModelConfig, collect_layers: bool, x_bsd, segment_ids_bs, positions_bs, per_layer=None):
+    """An MoE model's blocks: a scanned dense prefix (`layers`, as a dense model's), then the scanned MoE groups
+    (`moe_layers`), each scanning its rows of the per-layer data when layers differ (Llama 4). Returns (x, every
+    block's output or None, RouterStats stacked over the MoE layers)."""
+    prefix, groups = moe_layout(cfg)
+    prefix_rows, group_rows = _split_layers(cfg, per_layer)
+    rows = () if per_layer is None else (prefix_rows,)
+    axes = (nn.broadcast, nn.broadcast) + (() if per_layer is None else (0,))
     collected = []
     if prefix:
-        x_bsd, out = _scan(_block_class(cfg), cfg, prefix, "layers", collect_layers)(
-            x_bsd, segment_ids_bs, positions_bs
+        x_bsd, out = _scan(_block_class(cfg), cfg, prefix, "layers", collect_layers, in_axes=axes)(
+            x_bsd, segment_ids_bs, positions_bs, *rows
         )
         collected.append(out)
     if cfg.moe.every == 1:
-        x_bsd, (out, stats) = _scan(_block_class(cfg), cfg, groups, "moe_layers", collect_layers, True)(
-            x_bsd, segment_ids_bs, positions_bs
+        rows = () if per_layer is None else (group_rows,)
+        x_bsd, (out, stats) = _scan(_block_class(cfg), cfg, groups, "moe_layers", collect_layers, True, in_axes=axes)(
+            x_bsd, segment_ids_bs, positions_bs, *rows
         )
     else:
-        x_bsd, (out, stats) = _scan(MoEGroup, cfg, groups, "moe_layers", collect_layers)(
-            x_bsd, segment_ids_bs, positions_bs
+        # MoEGroup takes (kv, cache_meta) before its per-layer rows: both None here, broadcast.
+        group_args: tuple = () if per_layer is None else (None, None, group_rows)
+        group_axes = axes if per_layer is None else (nn.broadcast,) * 4 + (0,)
+        x_bsd, (out, stats) = _scan(MoEGroup, cfg, groups, "moe_layers", collect_layers, in_axes=group_axes)(
+            x_bsd, segment_ids_bs, positions_bs, *group_args
         )
         out = None if out is None else out.reshape((-1,) + out.shape[2:])
     collected.append(out)
@@ -338,33 +420,34 @@ def _moe_stacks(cfg: ModelConfig, collect_layers: bool, x_bsd, segment_ids_bs, p
     return x_bsd, layers, stats
 
 
-# Inputs after the carry of a cached scan over Blocks: segment ids, positions, per-layer data (none: MoE models
-# have uniform layers), this layer's kv (scanned), the cache's positions/segment ids/index.
-_CACHED_BLOCK_AXES = (nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast)
-
-
-def _moe_stacks_cached(cfg: ModelConfig, x_bsd, segment_ids_bs, positions_bs, kv, meta):
+def _moe_stacks_cached(cfg: ModelConfig, x_bsd, segment_ids_bs, positions_bs, kv, meta, per_layer=None):
     """`_moe_stacks` with a KV cache: the cache's [n_layers, ...] keys and values (sampling.init_cache's layout, in
     layer order) split into the dense prefix's and the MoE groups' ([groups, every, ...]) slices, each scanned with
-    its stack; the written slices are joined back into [n_layers, ...]. Returns (x, written kv)."""
+    its stack (and its rows of the per-layer data); the written slices are joined back into [n_layers, ...].
+    Returns (x, written kv)."""
     prefix, groups = moe_layout(cfg)
     every = cfg.moe.every
+    prefix_rows, group_rows = _split_layers(cfg, per_layer)
+    # Inputs after the carry of a cached scan over Blocks: segment ids, positions, per-layer data (scanned when
+    # layers differ), this layer's kv (scanned), the cache's positions/segment ids/index.
+    rows_axis = nn.broadcast if per_layer is None else 0
+    block_axes = (nn.broadcast, nn.broadcast, rows_axis, 0, nn.broadcast)
     written = []
     if prefix:
-        x_bsd, out = _scan(Block, cfg, prefix, "layers", in_axes=_CACHED_BLOCK_AXES)(
-            x_bsd, segment_ids_bs, positions_bs, None, jax.tree.map(lambda a: a[:prefix], kv), meta
+        x_bsd, out = _scan(Block, cfg, prefix, "layers", in_axes=block_axes)(
+            x_bsd, segment_ids_bs, positions_bs, prefix_rows, jax.tree.map(lambda a: a[:prefix], kv), meta
         )
         written.append(out)
     rest = jax.tree.map(lambda a: a[prefix:], kv)
     if every == 1:
-        x_bsd, out = _scan(Block, cfg, groups, "moe_layers", False, True, in_axes=_CACHED_BLOCK_AXES)(
-            x_bsd, segment_ids_bs, positions_bs, None, rest, meta
+        x_bsd, out = _scan(Block, cfg, groups, "moe_layers", False, True, in_axes=block_axes)(
+            x_bsd, segment_ids_bs, positions_bs, group_rows, rest, meta
         )
     else:
         grouped = jax.tree.map(lambda a: a.reshape((groups, every) + a.shape[1:]), rest)
-        x_bsd, out = _scan(MoEGroup, cfg, groups, "moe_layers", in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast))(
-            x_bsd, segment_ids_bs, positions_bs, grouped, meta
-        )
+        x_bsd, out = _scan(
+            MoEGroup, cfg, groups, "moe_layers", in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, rows_axis)
+        )(x_bsd, segment_ids_bs, positions_bs, grouped, meta, group_rows)
         out = jax.tree.map(lambda a: a.reshape((groups * every,) + a.shape[2:]), out)
     written.append(out)
     return x_bsd, jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *written)
@@ -388,7 +471,9 @@ class Decoder(nn.Module):
         extra = () if per_layer is None else (jax.tree.map(jnp.asarray, per_layer),)
         if cache is None:
             if cfg.moe.enabled:
-                x_bsd, layers, stats = _moe_stacks(cfg, self.collect_layers, x_bsd, segment_ids_bs, positions_bs)
+                x_bsd, layers, stats = _moe_stacks(
+                    cfg, self.collect_layers, x_bsd, segment_ids_bs, positions_bs, *extra
+                )
                 return self._finish(x_bsd, layers, stats)
             # Layers that differ (window, RoPE base) get their own row of `per_layer` as a scanned input.
             in_axes = (nn.broadcast, nn.broadcast) + (() if per_layer is None else (0,))
@@ -405,7 +490,7 @@ class Decoder(nn.Module):
         }
         kv = {"k": cache["k"], "v": cache["v"]}
         if cfg.moe.enabled:
-            x_bsd, kv = _moe_stacks_cached(cfg, x_bsd, segment_ids_bs, positions_bs, kv, meta)
+            x_bsd, kv = _moe_stacks_cached(cfg, x_bsd, segment_ids_bs, positions_bs, kv, meta, *extra)
         else:
             in_axes = (nn.broadcast, nn.broadcast, nn.broadcast if per_layer is None else 0, 0, nn.broadcast)
             x_bsd, kv = _scan(Block, cfg, cfg.n_layers, "layers", in_axes=in_axes)(

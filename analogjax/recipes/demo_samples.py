@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from analogjax.fidelity import intervals
+
 
 def heldout_prompts(config, count: int, prompt_tokens: int) -> list[list[int]]:
     """The first `prompt_tokens` tokens of the first `count` held-out documents long enough to have them."""
@@ -38,8 +40,9 @@ def heldout_prompts(config, count: int, prompt_tokens: int) -> list[list[int]]:
     return prompts
 
 
-def teacher_logprob(teacher_model, prompts: list[list[int]], completions: list[list[int]]) -> float:
-    """Mean log-probability the teacher gives the completion tokens (after their prompts), per token."""
+def teacher_logprob(teacher_model, prompts: list[list[int]], completions: list[list[int]]) -> dict[str, list[float]]:
+    """Per prompt, the teacher's summed log-probability of the completion tokens (after the prompt) and their count:
+    {"sum": [...], "count": [...]} (a model's figure is Σ sum / Σ count; prompts are the bootstrap's rows)."""
     width = max(len(p) + len(c) for p, c in zip(prompts, completions))
     tokens = np.zeros((len(prompts), width), np.int32)
     segments = np.zeros_like(tokens)
@@ -56,24 +59,36 @@ def teacher_logprob(teacher_model, prompts: list[list[int]], completions: list[l
     logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
     targets = np.concatenate([tokens[:, 1:], np.zeros((tokens.shape[0], 1), np.int32)], axis=1)
     picked = np.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    return float((picked * scored).sum() / max(scored.sum(), 1.0))
+    return {"sum": (picked * scored).sum(-1).tolist(), "count": scored.sum(-1).tolist()}
+
+
+LOGPROB = intervals.ratio("sum", "count")  # the teacher's mean log-prob per completion token
 
 
 def continuations(
     models: dict[str, Any], tokenizer, prompts: list[list[int]], max_new_tokens: int, eos_ids=()
 ) -> dict[str, Any]:
-    """Greedy continuations by every model (name → Model) and the teacher's log-prob of each model's own text.
-    models["teacher"] scores them all."""
+    """Greedy continuations by every model (name → Model) and the teacher's log-prob of each model's own text, with
+    its 95% interval over prompts. models["teacher"] scores them all."""
     from analogjax.models.sampling import generate
 
     out: dict[str, Any] = {"prompts": [tokenizer.decode(p) for p in prompts], "models": {}}
     for name, model in models.items():
         completions = generate(model, prompts, max_new_tokens=max_new_tokens, eos_ids=eos_ids)
+        rows = teacher_logprob(models["teacher"], prompts, completions)
         out["models"][name] = {
             "completions": [tokenizer.decode(c) for c in completions],
-            "teacher_logprob": teacher_logprob(models["teacher"], prompts, completions),
+            "teacher_logprob": intervals.point(LOGPROB, rows),
+            "teacher_logprob_ci95": intervals.ci95(LOGPROB, rows),
+            "teacher_logprob_rows": rows,
         }
     return out
+
+
+def comparison(samples: dict[str, Any], analog: str, baseline: str) -> dict[str, Any]:
+    """The paired comparison (same prompts) of two models' teacher log-prob of their own continuations."""
+    a, b = samples["models"][analog]["teacher_logprob_rows"], samples["models"][baseline]["teacher_logprob_rows"]
+    return intervals.compare("teacher log-prob of own greedy continuations", LOGPROB, a, b, higher_is_better=True)
 
 
 def markdown(samples: dict[str, Any]) -> str:
@@ -87,7 +102,10 @@ def markdown(samples: dict[str, Any]) -> str:
     ]
     names = list(samples["models"])
     lines += ["| model | teacher log-prob |", "|---|---|"]
-    lines += [f"| {n} | {samples['models'][n]['teacher_logprob']:.3f} |" for n in names]
+    lines += [
+        f"| {n} | {intervals.format_interval(m['teacher_logprob'], m.get('teacher_logprob_ci95'))} |"
+        for n, m in samples["models"].items()
+    ]
     for i, prompt in enumerate(samples["prompts"]):
         lines += ["", f"### Prompt {i + 1}", "", "```", prompt, "```", ""]
         for name in names:

@@ -118,47 +118,85 @@ def write_release(
     transfer: bool = True,
     transfer_report: dict | None = None,
     user_concepts: Sequence = (),
+    fidelity_report: dict | None = None,
+    comparison: Sequence[dict] | None = None,
+    override_gates: Sequence[tuple[str, str]] = (),
 ) -> Path:
     """HF folder + fidelity/ + README.md model card for the run in `run_dir` (workdir or checkpoints dir).
 
     `release_overrides`: "key=value" settings of the `release` config section over the run's own (e.g.
     "teacher_name=org/model"). Refuses a bundle in which a local path, host or user name appears, unless the
     section's allow_local_paths says the lab wants them. The transfer checks (analogjax.fidelity.transfer) go into the
-    fidelity report and the card unless `transfer` is false; `transfer_report` passes one already measured."""
+    fidelity report and the card unless `transfer` is false; `transfer_report` passes one already measured, and
+    `fidelity_report` a fidelity report already measured on this run's student (metrics.measure_models: the teacher
+    is then not run again). `comparison`: entries judging the analog against a control beyond noise (the demo's),
+    shown in the card and kept in fidelity.json. A recipe's workdir (recipe.json) is released as its final phase,
+    and the card lists the recipe's phases.
+
+    The release gate (analogjax.release.gates) decides whether anything is written: release.tasks run for the analog
+    and the teacher (fidelity.json `tasks`), then the size cap and release.gates are judged; a failing gate not
+    overridden (release.overrides, or `override_gates`: (gate name, reason) pairs) refuses the release with one
+    `error:` line per gate and nothing written. The card opens with the release statement."""
+    import dataclasses
     import getpass
+    import json
+    import shutil
     import socket
+    import tempfile
 
     import jax
 
     from analogjax.data.tokenize import load_tokenizer
     from analogjax.fidelity.measure_run import live_teacher, measure_fidelity, measure_transfer
     from analogjax.models.hf.write import check_out_dir
-    from analogjax.release import model_card
+    from analogjax.release import gates, model_card
 
     out = check_out_dir(out_dir, force)
     run_cfg = with_release_overrides(run_config(run_dir)[0], release_overrides)
     disclosed = model_card.disclosure(run_cfg)  # a bad release section is refused before any work
     spec = bundle_tokenizer(run_cfg, tokenizer=tokenizer, weights_only=weights_only)
+    release = run_cfg.release
+    overrides = gates.overrides_of(release, override_gates)
+    gates.check_config(release, transfer=transfer, overrides=overrides)
+    tasks, codec, task_names = _release_tasks(run_cfg)  # built by lm-eval before any model is loaded
+    size = gates.size_figures(run_cfg)
     student = load_student(run_dir, run_cfg)  # restored once, for the export and the fidelity report both
     config, workdir, step = student.config, student.workdir, student.step
-    export_params(config, student.params, out, force, dtype, spec)
-    if teacher is None:  # loaded once for fidelity and transfer
+    if teacher is None:  # loaded once for fidelity, transfer and tasks
         teacher, teacher_params = live_teacher(config, student.mesh)
     if transfer and transfer_report is None:
         transfer_report = measure_transfer(
             student, teacher, teacher_params, batches=batches, user_concepts=user_concepts
         )
-    report = measure_fidelity(
-        student,
-        out / "fidelity",
-        batches=batches,
-        teacher=teacher,
-        teacher_params=teacher_params,
-        source_names=None if disclosed.local_paths else model_card.public_source_names(config.data),
-        transfer_report=transfer_report if transfer else None,
-    )
+    staging = Path(tempfile.mkdtemp(prefix="analogjax-release-"))  # the report waits here until the gates pass
+    try:
+        report = measure_fidelity(
+            student,
+            staging,
+            batches=batches,
+            teacher=teacher,
+            teacher_params=teacher_params,
+            source_names=None if disclosed.local_paths else model_card.public_source_names(config.data),
+            transfer_report=transfer_report if transfer else None,
+            measured=fidelity_report,
+            comparison=comparison,
+        )
+        if tasks is not None:
+            report["tasks"] = measure_tasks(student, teacher_params, tasks, codec, limit=release.task_limit)
+        results = gates.judge(release, size, report, overrides, task_names)  # GateRefusal: nothing is written
+        report["release_gate"] = {"size": size, "gates": [dataclasses.asdict(r) for r in results]}
+        export_params(config, student.params, out, force, dtype, spec)
+        if jax.process_index() == 0:
+            written = staging / "fidelity.json"  # as measure_fidelity wrote it, with the gate's keys added
+            staged = json.loads(written.read_text())
+            staged.update({k: report[k] for k in ("tasks", "release_gate") if k in report})
+            written.write_text(json.dumps(staged, indent=2) + "\n")
+            shutil.copytree(staging, out / "fidelity", dirs_exist_ok=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     if jax.process_index() != 0:
         return out
+    recipe = recipe_record(run_dir)
     card = model_card.model_card(
         config,
         step,
@@ -167,6 +205,9 @@ def write_release(
         disclosed=disclosed,
         tokenizer=load_tokenizer(spec) if spec else None,
         cache_provenance=cache_provenance(config),
+        recipe=recipe,
+        phase_ledger=_recipe_ledger(run_dir, recipe),
+        statement=gates.release_statement(size, results, report),
     )
     (out / "README.md").write_text(card)
     if not disclosed.local_paths:
@@ -178,6 +219,46 @@ def write_release(
                 "choose to disclose (release.allow_local_paths); rename it or opt in"
             )
     return out
+
+
+def _release_tasks(config):
+    """(lm-eval tasks, the text codec both models read them with, entry -> task name) for release.tasks; (None,
+    None, {}) when it names none (lm-eval is then never imported)."""
+    from analogjax.release import gates
+
+    if not config.release.tasks:
+        return None, None, {}
+    from analogjax.evals import require_lm_eval
+
+    require_lm_eval("release.tasks")
+    from analogjax.evals.load import RunCodec
+    from analogjax.evals.tasks import load_tasks
+
+    codec = RunCodec.for_data(config.data)
+    tasks = load_tasks(config.release.tasks, key="release.tasks")
+    names = {entry: name for entry, (name, _) in tasks.entries.items()}
+    gates.check_task_gates(config.release, names)
+    return tasks, codec, names
+
+
+def measure_tasks(student, teacher_params, tasks, codec, *, limit: int = 0) -> dict:
+    """release.tasks for the analog and the teacher on the same examples (analogjax.evals.tasks.task_fidelity),
+    both read with the run's tokenizer at the run's sequence length."""
+    from analogjax import mesh as mesh_lib
+    from analogjax.evals.lm import AnalogLM
+    from analogjax.evals.tasks import task_fidelity
+    from analogjax.models.model import Model
+
+    config = student.config
+    analog = Model(config.model, student.params, mesh=student.mesh, rules=mesh_lib.STUDENT_RULES)
+    teacher = Model(config.teacher.model, teacher_params, mesh=student.mesh, rules=mesh_lib.TEACHER_RULES)
+    context = config.data.seq_len
+    return task_fidelity(
+        AnalogLM(analog, codec, max_length=context, name="analog"),
+        AnalogLM(teacher, codec, max_length=context, name="teacher"),
+        tasks,
+        limit=limit or None,
+    )
 
 
 def with_release_overrides(config, overrides: Sequence[str]):
@@ -207,3 +288,27 @@ def cache_provenance(config) -> dict | None:
     from analogjax.teacher_cache.format import read_provenance
 
     return read_provenance(config.teacher.cache)
+
+
+def recipe_record(run_dir: str | Path) -> dict | None:
+    """recipe.json of a recipe's workdir (its phases, steps and settings), None for a plain run."""
+    import json
+
+    from analogjax.run_dir import RECIPE_FILE
+
+    path = Path(run_dir) / RECIPE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _recipe_ledger(run_dir: str | Path, recipe: dict | None) -> dict | None:
+    """The compute of a recipe's training phases together (each phase's own config, steps and cache)."""
+    if recipe is None:
+        return None
+    from analogjax.release import model_card
+
+    ledgers = []
+    for phase in recipe["phases"]:
+        if phase in recipe.get("steps", {}):  # the training phases (pruning and the cache are not runs)
+            config, _, _, step = run_config(Path(run_dir) / phase)
+            ledgers.append(model_card.compute_ledger(config, step, cache_provenance(config)))
+    return model_card.recipe_ledger(ledgers)

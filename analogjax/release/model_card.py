@@ -229,7 +229,7 @@ def compute_ledger(config, step: int, cache_provenance: dict | None = None) -> d
     student = 3 * forward_flops_per_token(config.model, config.data.seq_len) * tokens
     teacher_live = (
         forward_flops_per_token(config.teacher.model, config.data.seq_len) * tokens
-        if kind in ("hf", "checkpoint", "random")
+        if kind in ("hf", "gguf", "checkpoint", "random")
         else 0.0
     )
     cache_tokens = cache_flops = None
@@ -254,10 +254,30 @@ def compute_ledger(config, step: int, cache_provenance: dict | None = None) -> d
     }
 
 
+def recipe_ledger(ledgers: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The ledger of a recipe: its training phases' ledgers (compute_ledger of each) added up."""
+    total: dict[str, Any] = {"teacher_kind": "recipe", "phases": len(ledgers)}
+    for key in ("tokens", "student_flops", "teacher_flops", "total_flops"):
+        total[key] = sum(ledger[key] for ledger in ledgers)
+    cached = [ledger for ledger in ledgers if ledger["cache_flops"] is not None]
+    total["cache_tokens"] = sum(ledger["cache_tokens"] for ledger in cached) if cached else None
+    total["cache_flops"] = sum(ledger["cache_flops"] for ledger in cached) if cached else None
+    pretraining = ledgers[-1]["teacher_pretraining_flops"]
+    total["teacher_pretraining_flops"] = pretraining
+    total["fraction_of_teacher_pretraining"] = total["total_flops"] / pretraining if pretraining else None
+    return total
+
+
 def _compute_rows(ledger: dict[str, Any]) -> list[str]:
     kind = ledger["teacher_kind"]
     rows = ["| | FLOPs |", "|---|---:|", f"| analog training (3 × forward) | {ledger['student_flops']:.3e} |"]
-    if kind == "none":
+    if kind == "recipe":  # the recipe's training phases: a cached distillation and a live on-policy phase
+        rows.append(f"| teacher forward passes in training (live phases) | {ledger['teacher_flops']:.3e} |")
+        if ledger["cache_flops"] is not None:
+            rows.append(
+                f"| teacher cache, written once ({ledger['cache_tokens']:,} tokens) | {ledger['cache_flops']:.3e} |"
+            )
+    elif kind == "none":
         rows.append("| teacher forward passes | 0 (labels only: the teacher never ran) |")
     elif kind == "cache":
         rows.append("| teacher forward passes in training | 0 (the teacher's outputs came from a cache) |")
@@ -339,9 +359,15 @@ def model_card(
     disclosed: Disclosure,
     tokenizer: Any = None,
     cache_provenance: dict | None = None,
+    recipe: dict | None = None,
+    phase_ledger: dict | None = None,
+    statement: str = "",
 ) -> str:
     """README.md of the bundle. `tokenizer`: the analogjax tokenizer shipped in the bundle (None: weights only);
-    `plots`: PNG names under fidelity/; `cache_provenance`: the teacher cache's, for a cached run."""
+    `plots`: PNG names under fidelity/; `cache_provenance`: the teacher cache's, for a cached run; `recipe`: the
+    recipe.json of a recipe's workdir (its phases); `phase_ledger`: the compute of all its training phases
+    (recipe_ledger), in place of the last phase's alone; `statement`: the release statement
+    (analogjax.release.gates.release_statement), the card's first section."""
     from analogjax import fidelity
     from analogjax.config import fingerprint
     from analogjax.models.hf.convert import architecture_for
@@ -349,7 +375,7 @@ def model_card(
     from analogjax.runtime.flops import param_count
     from analogjax.teacher import describe_signal, source_kind
 
-    ledger = compute_ledger(config, step, cache_provenance)
+    ledger = phase_ledger or compute_ledger(config, step, cache_provenance)
     student_params, teacher_params = param_count(config.model), param_count(config.teacher.model)
     d = config.distill
     terms = ", ".join(
@@ -399,6 +425,7 @@ def model_card(
         f"**{student_params / teacher_params:.2%}** of the teacher's size."
         + (f" Released by {disclosed.lab}." if disclosed.lab else ""),
         "",
+        *([statement] if statement else []),
         "## How to load",
         "",
         "```python",
@@ -425,9 +452,11 @@ def model_card(
         f"- teacher signal: {signal}",
         (
             f"- steps: {step:,} × {config.data.global_batch} sequences × {config.data.seq_len} tokens = "
-            f"{ledger['tokens']:,} tokens seen"
+            f"{step * config.data.global_batch * config.data.seq_len:,} tokens seen"
+            + (f" in its last phase; {ledger['tokens']:,} over the recipe" if recipe else "")
         ),
         f"- student initialisation: {init}",
+        *([f"- recipe: {recipe_phases(recipe)}"] if recipe else []),
         (
             f"- optimiser: AdamW, peak learning rate {config.optim.learning_rate:g}, {config.optim.warmup_steps} "
             f"warm-up steps, cosine to {config.optim.min_lr_ratio:g}×"
@@ -444,9 +473,43 @@ def model_card(
         fidelity.markdown_table(report),
         "",
     ]
+    if report.get("ci95"):
+        from analogjax.fidelity.intervals import format_interval
+
+        o, ci = report["overall"], report["ci95"]
+        rows = len(next(iter(report["rows"].values()))) if report.get("rows") else None
+        lines += [
+            f"95% intervals (percentile bootstrap over {rows or 'the'} held-out rows): "
+            f"KL(teacher‖analog) {format_interval(o['forward_kl'], ci['forward_kl'])}, "
+            f"top-1 agreement {format_interval(o['top1_agreement'], ci['top1_agreement'])}.",
+            "",
+        ]
+    if report.get("comparison"):
+        from analogjax.fidelity.intervals import comparison_markdown
+
+        lines += [
+            "### Against a same-size baseline",
+            "",
+            "The same shape trained on the same tokens with cross-entropy alone, measured on the same held-out rows, "
+            "prompts and directions. `better` names a model only when the paired 95% interval of the difference "
+            "excludes zero.",
+            "",
+            comparison_markdown(report["comparison"]),
+            "",
+        ]
     if report.get("cka"):
         cka = ", ".join(f"{c['student_layer']}↔{c['teacher_layer']}: {c['cka']:.3f}" for c in report["cka"])
         lines += [f"Linear CKA of matched layers (analog↔teacher): {cka}.", ""]
+    if report.get("tasks"):
+        from analogjax.release.gates import tasks_table
+
+        lines += [
+            "Tasks (lm-evaluation-harness), the analog and the teacher on the same examples; agreement: the same "
+            "choice (or the same greedy answer) on an example.",
+            "",
+            tasks_table(report["tasks"]),
+            "",
+        ]
     lines += [f"![{Path(name).stem}](fidelity/{name})" for name in plots]
     lines += ["", "Full numbers: [fidelity/fidelity.json](fidelity/fidelity.json).", ""]
     if report.get("transfer"):
@@ -461,3 +524,16 @@ def model_card(
             "",
         ]
     return "\n".join(lines)
+
+
+def recipe_phases(recipe: dict) -> str:
+    """The phases of a recipe (recipe.json) in words, in order; this card's other Recipe lines are its last phase's."""
+    settings, steps = recipe.get("recipe", {}), recipe.get("steps", {})
+    words = {
+        "pruned_init": f"the teacher pruned to this shape ({settings.get('prune_batches')} calibration batches)",
+        "teacher_cache": f"the teacher's top-{settings.get('cache_k')} logits cached once",
+        "distill": f"distilled {steps.get('distill', '?')} steps"
+        + (" from the cache" if settings.get("cache_k") else " from the live teacher"),
+        "on_policy": f"continued {steps.get('on_policy', '?')} steps on its own samples scored by the live teacher",
+    }
+    return " → ".join(words.get(name, name) for name in recipe.get("phases", []))

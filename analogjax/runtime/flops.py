@@ -11,7 +11,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from analogjax.models.config import ModelConfig
+from analogjax.models.config import CHUNKED, ModelConfig
 
 # Dense bf16 peaks per chip (vendor figures), for MFU on accelerators. CPUs are measured instead.
 PEAK_FLOPS = {
@@ -43,9 +43,11 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     experts the token uses, the shared expert): the FLOPs the token causes, whatever the dispatch costs."""
     d, h, k, e = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
     projections = 2 * d * h * e * 2 + 2 * d * k * e * 2  # q and o; k and v
-    scores = 2 * 2 * seq_len * h * e  # q·k and probs·v over the full row (no causal discount)
+    # q·k and probs·v over the full row (no causal discount); a chunked layer's row is its chunk (Llama 4)
+    keys = [min(seq_len, cfg.attention_chunk) if kind == CHUNKED else seq_len for kind in cfg.layer_kinds]
+    scores = sum(2 * 2 * t * h * e for t in keys)
     ffn = sum(2 * _ffn_params(cfg, i, active=True) for i in range(cfg.n_layers))  # gate, up, down (, router)
-    return cfg.n_layers * (projections + scores) + ffn + 2 * d * cfg.vocab_size
+    return cfg.n_layers * projections + scores + ffn + 2 * d * cfg.vocab_size
 
 
 def distill_flops_per_step(student: ModelConfig, teacher: ModelConfig | None, tokens: int, seq_len: int) -> float:

@@ -12,8 +12,13 @@ r − p·R of process p's local batch (R = global_batch / process_count), exactl
 
 A step counts as written only when every process's `done` marker for it is set, and a process sets its marker only
 after its data is on disk: a killed job leaves at worst unmarked chunks, which a restart (skipping marked steps)
-writes again, and which a reader refuses to use. `row_hash` (crc32 of each row's tokens and segment ids) lets the
-reader prove, row by row, that a run's batches are the cached ones. `provenance.json` beside the arrays records
+writes again, and which a reader refuses to use. Each chunk's crc32 is recorded before its marker, in the `checksum`
+array [steps, processes, fields] (one small chunk per step and process, like `done`, so processes never write one
+file together; provenance.json's `checksums` entry says which fields it covers, in order). A reader verifies every
+chunk it reads and refuses a damaged one naming the step; cache-teacher rewrites damaged chunks of finished steps as
+it completes unfinished ones. (Caches written before checksums have no such entry and are read unverified.)
+`row_hash` (crc32 of each row's tokens and segment ids) lets the reader prove, row by row, that a run's batches are
+the cached ones. `provenance.json` beside the arrays records
 what the cache was computed from; a run whose tokenizer, corpus, seed, sequence length, packing or batch differ is
 refused with a `UserError` naming the difference.
 """
@@ -35,6 +40,7 @@ import numpy as np
 
 from analogjax.config import Config, fingerprint, to_dict
 from analogjax.errors import UserError, check_choice
+from analogjax.runtime.checksums import ALGORITHM, array_crc32
 
 FORMAT_VERSION = 1
 PROVENANCE_FILE = "provenance.json"
@@ -160,7 +166,16 @@ def provenance(config: Config, layout: CacheLayout, process_count: int) -> dict[
         "steps": config.train.steps,
         "temperature": config.distill.temperature,
         "vocab_size": shared_vocab(config),
+        "checksums": {"algorithm": ALGORITHM, "array": CHECKSUM_ARRAY, "fields": checksummed_fields(layout)},
     }
+
+
+CHECKSUM_ARRAY = "checksum"
+
+
+def checksummed_fields(layout: CacheLayout) -> list[str]:
+    """The arrays whose chunks the checksum array covers, in the order of its last axis."""
+    return [*sorted(layout.fields()), "row_hash"]
 
 
 # What a difference in each provenance entry means to the user, in the order they are checked.
@@ -270,6 +285,42 @@ class _Store:
         # One file per marker: processes never rewrite each other's chunks.
         self.done = ts.open(_spec(path, "done", (steps, processes), (1, 1), "uint8", "raw"), **mode).result()
         self.rows = rows
+        # Caches written before checksums have none: they are read unverified.
+        self.checksummed = meta["checksums"]["fields"] if "checksums" in meta else None
+        self.checksum = None
+        if self.checksummed is not None:
+            shape = (steps, processes, len(self.checksummed))
+            spec = _spec(path, CHECKSUM_ARRAY, shape, (1, 1, len(self.checksummed)), "uint32", "raw")
+            self.checksum = ts.open(spec, **mode).result()
+
+    def arrays(self) -> dict[str, Any]:
+        """Every per-chunk array by name: the fields and row_hash."""
+        return {**self.fields, "row_hash": self.row_hash}
+
+    def checksums_of(self, chunks: dict[str, np.ndarray]) -> np.ndarray:
+        """The checksum row of one step's chunks of one process ({array name: its rows})."""
+        assert self.checksummed is not None
+        return np.array([array_crc32(chunks[name]) for name in self.checksummed], np.uint32)
+
+    def damage(self, step: int, process: int, chunks: dict[str, np.ndarray] | None = None) -> str | None:
+        """What is wrong with process `process`'s chunks of `step` (read now unless given), or None if they hold
+        what was written (or the cache has no checksums)."""
+        if self.checksum is None:
+            return None
+        region = np.s_[step, process * self.rows : (process + 1) * self.rows]
+        try:
+            if chunks is None:
+                chunks = {name: array[region].read().result() for name, array in self.arrays().items()}
+            recorded = self.checksum[step, process].read().result()
+        except Exception as exc:  # a chunk cut short or not decodable: tensorstore's many errors, one line
+            return f"a chunk is unreadable ({str(exc).splitlines()[0][:200]})"
+        actual = self.checksums_of(chunks)
+        bad = [name for name, a, b in zip(self.checksummed, actual, recorded) if a != b]
+        return (
+            f"{', '.join(bad)} chunk{'s' if len(bad) > 1 else ''} changed since written (checksum mismatch)"
+            if bad
+            else None
+        )
 
     def finished_steps(self) -> np.ndarray:
         """[steps] bool: every process's part of the step is on disk."""

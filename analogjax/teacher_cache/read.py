@@ -70,7 +70,14 @@ class CacheReader:
         reads = self._prefetched[1] if self._prefetched and self._prefetched[0] == step else self._start(step)
         if step + 1 < self.store.done.shape[0]:
             self._prefetched = (step + 1, self._start(step + 1))
-        arrays = {key: future.result() for key, future in reads.items()}
+        try:
+            arrays = {key: future.result() for key, future in reads.items()}
+        except Exception as exc:  # a chunk cut short or not decodable: tensorstore's many errors, one line
+            raise self.damaged(step, f"a chunk is unreadable ({str(exc).splitlines()[0][:200]})") from None
+        chunks = {name: arrays[key] for key, name in self.keys.items()}
+        problem = self.store.damage(step, self.process_index, {**chunks, "row_hash": arrays["row_hash"]})
+        if problem:
+            raise self.damaged(step, problem)
         cached_hash = arrays.pop("row_hash")
         mismatch = np.flatnonzero(cached_hash != row_hashes(batch))
         if mismatch.size:
@@ -80,6 +87,17 @@ class CacheReader:
                 "batch: the corpus files changed since the cache was written; rebuild the cache"
             )
         return {**batch, **{key: np.asarray(value) for key, value in arrays.items()}}
+
+    def damaged(self, step: int, problem: str) -> UserError:
+        return damaged_cache_error(self.path, step, problem)
+
+
+def damaged_cache_error(path: str | Path, step: int, problem: str) -> UserError:
+    """The one line a damaged cache step gets: where, what, and the command that rewrites it."""
+    return UserError(
+        f"teacher cache {path}: step {step} is damaged: {problem}; run `analogjax cache-teacher` again with this "
+        f"run's config (and --out {path} if it is not teacher.cache) to rewrite it"
+    )
 
 
 def read_arrays(path: str | Path) -> dict[str, np.ndarray]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -125,6 +126,8 @@ def write_cache(
     layout.check(vocab)
     meta = provenance(config, layout, process_count)
     saved = read_provenance(path)
+    if saved is not None and "checksums" not in saved:  # written before checksums: completed without them
+        meta.pop("checksums")
     if saved is None:
         path.mkdir(parents=True, exist_ok=True)
         _write_json_atomically(path / PROVENANCE_FILE, meta)
@@ -139,6 +142,12 @@ def write_cache(
 
         multihost_utils.sync_global_devices("teacher_cache_provenance")
     store = _Store(path, meta, create=True)
+    # Damaged chunks of finished steps lose their marker: the steps are then written again like unfinished ones.
+    damaged = _unmark_damaged(store, process_index) if saved is not None else []
+    if jax.process_count() > 1:  # every process has unmarked its damaged chunks before anyone reads the markers
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("teacher_cache_verified")
     finished = store.finished_steps()
     sharding = mesh_lib.batch_sharding(mesh)
     outputs_fn = jax.jit(
@@ -166,6 +175,8 @@ def write_cache(
         region = np.s_[step, row_offset : row_offset + rows]
         writes = [store.fields[name][region].write(value) for name, value in local.items()]
         writes.append(store.row_hash[region].write(hashes))
+        if store.checksum is not None:
+            writes.append(store.checksum[step, process_index].write(store.checksums_of({**local, "row_hash": hashes})))
         for w in writes:
             w.result()
         # Data first, marker after: a reader or a restart never takes a half-written step for a finished one.
@@ -205,10 +216,28 @@ def write_cache(
         "path": str(path),
         "written_steps": written,
         "skipped_steps": skipped,
+        "rewritten_damaged_steps": [step for step in damaged if step in written],
         "complete": complete,
         "tokens_per_s": timed_tokens / elapsed if timed_tokens else None,
         "bytes_per_token": layout.bytes_per_token(),
     }
+
+
+def _unmark_damaged(store: _Store, process_index: int) -> list[int]:
+    """Verify this process's chunks of every finished step; clear the marker of each damaged one (with a warning
+    line). Returns the damaged steps."""
+    done = store.done.read().result()
+    damaged = []
+    for step in np.flatnonzero(done[:, process_index]):
+        problem = store.damage(int(step), process_index)
+        if problem:
+            print(
+                f"warning: teacher cache {store.path}: step {step} is damaged ({problem}); rewriting it",
+                file=sys.stderr,
+            )
+            store.done[int(step), process_index].write(np.uint8(0)).result()
+            damaged.append(int(step))
+    return damaged
 
 
 def build_cache(

@@ -8,11 +8,14 @@ Covered, exactly (logits equal to transformers' in float32): Llama 2/3/3.x (RoPE
 Mistral (sliding window), Qwen2/2.5 (q/k/v biases, yarn, sliding layers), Qwen3 (q/k norms), Gemma (embedding
 scale, norm offset, tanh-GELU), Gemma 2 (sandwich norms, attention and final soft-caps, query_pre_attn_scalar,
 alternating sliding/full layers), Gemma 3 text (q/k norms, 5:1 pattern, local and global RoPE bases and scaling),
-Phi-3 (fused qkv and gate/up projections, sliding window), OLMo 2 (post-norms, q/k norms over all heads), and the
-mixture-of-experts families Mixtral, Qwen2-MoE (shared expert), Qwen3-MoE and OLMoE.
+Phi-3 (fused qkv and gate/up projections, sliding window), OLMo 2 (post-norms, q/k norms over all heads), the
+mixture-of-experts families Mixtral, Qwen2-MoE (shared expert), Qwen3-MoE and OLMoE, and Llama 4 text
+(Llama4ForCausalLM, and Llama4ForConditionalGeneration's language model: chunked and NoPE layers, temperature
+tuning, L2 q/k norm, interleaved RoPE pairs, input-weighted sigmoid MoE with a shared expert, fused experts).
 
 The modules, one job each:
-- families.py: one record per HF architecture (its config keys, conventions, tensor spellings, MoE routing).
+- families.py: one record per HF architecture (its config keys, conventions, tensor spellings, MoE routing);
+  llama4.py: Llama 4's per-layer config keys.
 - convert.py (+ rope.py): config.json ⇄ ModelConfig both ways, under the refusal rule (nothing read is ignored).
 - tensors.py: the one tensor table, which HF tensor holds each of our params and how its axes move.
 - read.py: import (safetensors, sharded reads, `HFModel`, `load`); write.py: export (`save`, `save_params`).

@@ -17,11 +17,13 @@ from typing import Any, NoReturn
 
 from analogjax.errors import UserError
 from analogjax.models.config import FULL, SLIDING, ModelConfig, MoEConfig, RopeScaling
+from analogjax.models.hf import llama4
 from analogjax.models.hf.families import (
     ARCHITECTURES,
     BY_ARCHITECTURE,
     BY_MODEL_TYPE,
     NOT_YET,
+    WRAPPERS,
     Family,
     MoEFamily,
     implied_architecture,
@@ -177,8 +179,36 @@ def _layer_kinds(hf: dict, family: Family, layers: int, refuse: Refuse) -> tuple
     return [SLIDING if k == "sliding_attention" else FULL for k in kinds], window
 
 
+def _text_model(hf: dict, where: str) -> dict:
+    """A multimodal config.json (families.WRAPPERS) as its text model's, its own keys under the refusal rule; any
+    other config.json as it is."""
+    outer = (hf.get("architectures") or [None])[0]
+    wrapper = WRAPPERS.get(outer)
+    if wrapper is None:
+        return hf
+    for key in hf:
+        if key not in wrapper.keys | _INERT | {"text_config"}:
+            raise UserError(
+                f"{where}: {outer} with config field {key!r} is not supported by the analogjax decoder "
+                "(not read by its text-model reader; refused rather than ignored)"
+            )
+    text = hf.get("text_config")
+    if not isinstance(text, dict):
+        raise UserError(f"{where}: {outer} without a text_config")
+    if bool(hf.get("tie_word_embeddings", False)) != bool(text.get("tie_word_embeddings", False)):
+        raise UserError(f"{where}: {outer} whose tie_word_embeddings differs from its text_config's")
+    return {**text, "architectures": [wrapper.text_architecture]}
+
+
+def tensor_prefix(hf: dict) -> str:
+    """What a config.json's architecture puts before its text model's tensor names ("" but for WRAPPERS)."""
+    wrapper = WRAPPERS.get((hf.get("architectures") or [None])[0])
+    return wrapper.tensor_prefix if wrapper else ""
+
+
 def config_from_hf_dict(hf: dict, where: str = "config.json") -> ModelConfig:
     """The ModelConfig a transformers config.json describes, under the refusal rule in the module docstring."""
+    hf = _text_model(hf, where)
     arch, family = _family(hf, where)
 
     def refuse(feature: str) -> NoReturn:
@@ -260,8 +290,12 @@ def config_from_hf_dict(hf: dict, where: str = "config.json") -> ModelConfig:
             attn_softcap=float(attn_cap or 0.0),
             final_softcap=float(hf.get("final_logit_softcapping") or 0.0) if family.final_softcap else 0.0,
             query_scalar=0.0 if query_scalar == e else query_scalar,
-            moe=_moe_from_hf(hf, family.moe, layers, refuse) if family.moe else MoEConfig(),
+            moe=_moe_from_hf(hf, family.moe, layers, refuse)
+            if family.moe and not family.llama4_layers
+            else MoEConfig(),
         )
+        if family.llama4_layers:
+            cfg = llama4.from_hf(cfg, hf, refuse)
     except KeyError as exc:
         raise UserError(f"{where}: missing key {exc.args[0]!r}") from None
     try:
@@ -414,7 +448,9 @@ def _hf_config_for(
         out["final_logit_softcapping"] = cfg.final_softcap or None
     if "attn_logit_softcapping" in family.keys:
         out["attn_logit_softcapping"] = cfg.attn_softcap or None
-    if family.moe:
+    if family.llama4_layers:
+        out.update(llama4.to_hf(cfg))
+    elif family.moe:
         out.update(_moe_to_hf(cfg, family.moe))
     # Token ids written always (null when unknown): some families default them outside a small vocabulary.
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):

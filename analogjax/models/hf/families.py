@@ -9,7 +9,8 @@ never on a family's name.
 
 Adding a family is adding a record here (and blocks in models/ if it needs new math); `implied_architecture` names
 the family a ModelConfig exports as when its `hf_architecture` is empty, so a family reachable only by name (Phi-3)
-needs nothing there.
+needs nothing there. A multimodal architecture whose text model is one of these families is a `Wrapper`: read for
+its language model alone.
 """
 
 from __future__ import annotations
@@ -18,6 +19,26 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from analogjax.models.config import ModelConfig
+
+# Llama 4 text's config.json keys besides the common ones (hf/llama4.py reads and writes them).
+LLAMA4_KEYS = frozenset(
+    {
+        "intermediate_size_mlp",
+        "num_local_experts",
+        "num_experts_per_tok",
+        "moe_layers",
+        "interleave_moe_layer_step",
+        "router_jitter_noise",
+        "use_qk_norm",
+        "no_rope_layers",
+        "no_rope_layer_interval",
+        "attention_chunk_size",
+        "layer_types",
+        "attn_temperature_tuning",
+        "floor_scale",
+        "attn_scale",
+    }
+)
 
 # How a family's config.json says which layers slide.
 #   uniform: its window (if it reads one) on every layer (Llama, Mistral, Phi-3, Mixtral).
@@ -41,7 +62,9 @@ class MoEFamily:
     shared_expert: bool = False  # one gated shared expert beside the routed ones, which must be there (Qwen2-MoE)
     norm_topk: bool | None = None  # top-k weights renormalised always (Mixtral); None: config.json's norm_topk_prob
     block: str = "mlp."  # the experts' module under each layer
+    router: str = "gate"  # the router's module under `block` (Llama 4: router)
     expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # gate, up, down
+    fused_experts: bool = False  # Llama 4: every expert in experts.gate_up_proj and experts.down_proj (tensors.py)
     pinned: Pinned = ()  # written after the MoE fields
 
 
@@ -80,6 +103,13 @@ class Family:
     ignored_by_hf: Pinned = ()  # (key, why): keys its class accepts but never applies, so a set value is refused
     pinned: Pinned = (("attention_bias", False),)  # written right after the shape fields
     moe: MoEFamily | None = None
+    # Llama 4 text.
+    default_rope_theta: float = 10000.0  # when config.json gives none
+    mlp_block: str = "mlp."  # the dense feed-forward's module under each layer (Llama 4: feed_forward.)
+    interleaved_rope: bool = False  # RoPE on interleaved pairs (Llama 4's complex RoPE; tensors.py reorders q/k)
+    # Llama 4's per-layer keys (chunked and NoPE layers, temperature tuning, L2 q/k norm, its MoE layers), read and
+    # written by hf/llama4.py in place of the generic layer-window and MoE readers.
+    llama4_layers: bool = False
 
 
 _WINDOWED = frozenset({"sliding_window", "layer_types"})
@@ -201,6 +231,19 @@ FAMILIES: tuple[Family, ...] = (
         qk_norm_scope="all_heads",
         moe=MoEFamily(pinned=(("clip_qkv", None),)),
     ),
+    # Llama 4 text: chunked and NoPE layers, L2 q/k norm, interleaved MoE with a shared expert (hf/llama4.py).
+    Family(
+        "Llama4ForCausalLM",
+        "llama4_text",
+        LLAMA4_KEYS,
+        default_head_dim=128,
+        default_norm_eps=1e-5,
+        default_rope_theta=500000.0,
+        mlp_block="feed_forward.",
+        interleaved_rope=True,
+        llama4_layers=True,
+        moe=MoEFamily(experts_key="num_local_experts", block="feed_forward.", router="router", fused_experts=True),
+    ),
 )
 BY_ARCHITECTURE = {family.architecture: family for family in FAMILIES}
 BY_MODEL_TYPE = {family.model_type: family for family in FAMILIES}
@@ -212,8 +255,26 @@ NOT_YET = {
     "DeepseekV3ForCausalLM": "multi-head latent attention and group-limited sigmoid routing are not implemented",
     "DeepseekV2ForCausalLM": "multi-head latent attention and group-limited routing are not implemented",
     "GptOssForCausalLM": "gpt-oss's attention sinks, clamped SwiGLU and expert biases are not implemented",
-    "Llama4ForCausalLM": "Llama 4's chunked attention and interleaved MoE are not implemented",
-    "Llama4ForConditionalGeneration": "Llama 4's chunked attention and interleaved MoE are not implemented",
+}
+
+
+@dataclass(frozen=True)
+class Wrapper:
+    """A multimodal architecture read for its text model alone (text in, logits out: with no image in the input its
+    transformers class runs the language model and nothing else). Its config.json nests the text model's under
+    `text_config`; its tensors carry `tensor_prefix`. Export writes the text architecture."""
+
+    text_architecture: str
+    tensor_prefix: str
+    keys: frozenset[str]  # its own config.json keys besides text_config: none changes text-only logits
+
+
+WRAPPERS = {
+    "Llama4ForConditionalGeneration": Wrapper(
+        "Llama4ForCausalLM",
+        "language_model.",
+        frozenset({"vision_config", "boi_token_index", "eoi_token_index", "image_token_index", "tie_word_embeddings"}),
+    ),
 }
 
 
@@ -222,6 +283,8 @@ def implied_architecture(cfg: ModelConfig) -> str:
     conventions its fields use (convert.architecture_for then checks that family carries every field exactly)."""
     if cfg.hf_architecture:
         return cfg.hf_architecture
+    if cfg.attention_chunk or any(cfg.nope_pattern) or cfg.qk_l2_norm or cfg.moe.weights_on_input:
+        return "Llama4ForCausalLM"
     if cfg.moe.enabled:
         if cfg.moe.shared_d_ff:
             return "Qwen2MoeForCausalLM"

@@ -17,16 +17,25 @@ import numpy as np
 
 from analogjax.errors import UserError
 from analogjax.models.config import ModelConfig
-from analogjax.models.hf.convert import model_config_from_hf, read_json
-from analogjax.models.hf.tensors import INDEX_FILE, WEIGHTS_FILE, TensorMap, get_param, set_param, tensor_maps
+from analogjax.models.hf.convert import CONFIG_FILE, model_config_from_hf, read_json, tensor_prefix
+from analogjax.models.hf.tensors import (
+    INDEX_FILE,
+    WEIGHTS_FILE,
+    TensorMap,
+    get_param,
+    rotate_half_order,
+    set_param,
+    tensor_maps,
+)
 from analogjax.models.model import Model
 
 
 class _SafetensorFiles:
     """Which file holds which tensor (single file or a sharded index), with open handles kept per file."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, prefix: str = ""):
         self.folder = folder
+        self.prefix = prefix  # before every name (a multimodal folder's text model: convert.tensor_prefix)
         self._handles: dict[Path, Any] = {}
         index = folder / INDEX_FILE
         if index.is_file():
@@ -52,6 +61,7 @@ class _SafetensorFiles:
         return self._handles[file]
 
     def slice(self, name: str):
+        name = self.prefix + name
         if name not in self.where:
             raise UserError(f"{self.folder}: tensor {name} is missing from the safetensors files")
         return self._open(self.where[name]).get_slice(name)
@@ -67,12 +77,12 @@ def _read_block(tensor_slice, tmap: TensorMap, ours_index: tuple[slice, ...]) ->
         split_index[split_dim] = ours_index[ours_dim]
     read, after = [], []  # slices on the HF tensor; then slices on each group's factors once reshaped
     pos = 0
-    for group in tmap.groups:
+    for g, group in enumerate(tmap.groups):
         parts = [split_index[pos + j].indices(n) for j, n in enumerate(group)]
         inner = math.prod(group[1:])
         # A contiguous range of the group's leading factor; trailing factors are cut after reshaping (they are
         # head_dim in practice, never sharded, so nothing is read twice).
-        offset = tmap.row_offset if pos == 0 else 0  # a fused tensor's row range starts further down
+        offset = tmap.row_offset if g == tmap.fused_axis else 0  # a fused tensor's range starts further along
         read.append(slice(offset + parts[0][0] * inner, offset + parts[0][1] * inner))
         after.append([slice(None)] + [slice(a, b) for a, b, _ in parts[1:]])
         pos += len(group)
@@ -81,7 +91,10 @@ def _read_block(tensor_slice, tmap: TensorMap, ours_index: tuple[slice, ...]) ->
     for group, r in zip(tmap.groups, read):
         shape += [(r.stop - r.start) // math.prod(group[1:]), *group[1:]]
     block = block.reshape(shape)[tuple(s for sl in after for s in sl)]
-    return np.transpose(block, tmap.perm).astype(np.float32)
+    block = np.transpose(block, tmap.perm)
+    if tmap.interleaved:  # head_dim is never sharded: the whole last dim is here to reorder
+        block = block[..., rotate_half_order(block.shape[-1])]
+    return block.astype(np.float32)
 
 
 def load_params(path: str | Path, model_cfg: ModelConfig, mesh, rules) -> dict:
@@ -89,7 +102,9 @@ def load_params(path: str | Path, model_cfg: ModelConfig, mesh, rules) -> dict:
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"teacher.hf_path: Hugging Face model folder not found: {path}")
-    return params_from_tensors(_SafetensorFiles(path), model_cfg, mesh, rules, f"{path}: config.json")
+    config = path / CONFIG_FILE
+    prefix = tensor_prefix(read_json(config)) if config.is_file() else ""
+    return params_from_tensors(_SafetensorFiles(path, prefix), model_cfg, mesh, rules, f"{path}: config.json")
 
 
 def params_from_tensors(files, model_cfg: ModelConfig, mesh, rules, source: str) -> dict:

@@ -99,7 +99,7 @@ def rope_from_hf(hf: dict, family: Family, refuse: Refuse) -> tuple[Any, RopeSca
         local_theta = float(local_theta_value or hf.get("rope_local_base_freq") or 10000.0)
     else:
         theta, scaling = _from_dictionary(rope, hf, family, refuse)
-        theta = theta or hf.get("rope_theta") or 10000.0
+        theta = theta or hf.get("rope_theta") or family.default_rope_theta
     if float(hf.get("partial_rotary_factor", 1.0) or 1.0) != 1.0:
         refuse(f"partial_rotary_factor {hf['partial_rotary_factor']}")
     return theta, scaling, local_theta

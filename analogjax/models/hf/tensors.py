@@ -7,6 +7,10 @@ Layout facts this rests on:
 - Gemma's RMSNorm scales by (1 + weight): that is our `norm_offset=1` with scale = weight, so norms copy as they are.
 - Phi-3's fused qkv_proj rows are [q; k; v] and gate_up_proj rows [gate; up]: each of ours is a row range.
 - Gemma 2/3's `post_attention_layernorm` is the norm *after* attention (ours attn_post_norm), not Llama's pre-MLP norm.
+- Llama 4 rotates interleaved pairs (x[2i], x[2i+1]) (complex RoPE): its q/k rows are reordered within each head to
+  rotate-half halves on import (evens, then odds) and back on export, as gguf.py undoes llama.cpp's reordering.
+  q·k is unchanged by one reordering of both, and so is its L2 q/k norm. Its experts are stored fused:
+  experts.gate_up_proj [experts, d, 2f] ([gate | up] on the last dim, in-by-out) and experts.down_proj [experts, f, d].
 """
 
 from __future__ import annotations
@@ -49,6 +53,10 @@ class TensorMap:
     layer_count: int = 0
     # Expert weights: one HF tensor per expert ("{j}"), stacked on our axis after the layers' (0: not per expert).
     experts: int = 0
+    # The HF tensor's dim that a fused tensor is fused along (Llama 4's gate_up_proj: its last).
+    fused_axis: int = 0
+    # Our last dim (head_dim) is in rotate-half order, the HF tensor's in interleaved pairs (Llama 4's q and k).
+    interleaved: bool = False
 
     @property
     def hf_shape(self) -> tuple[int, ...]:
@@ -57,7 +65,11 @@ class TensorMap:
     @property
     def file_shape(self) -> tuple[int, ...]:
         """The shape of the whole HF tensor (the fused one, for a row range)."""
-        return ((self.fused_rows,) + self.hf_shape[1:]) if self.fused_rows else self.hf_shape
+        if not self.fused_rows:
+            return self.hf_shape
+        shape = list(self.hf_shape)
+        shape[self.fused_axis] = self.fused_rows
+        return tuple(shape)
 
     @property
     def split_shape(self) -> tuple[int, ...]:
@@ -78,7 +90,14 @@ class TensorMap:
 
     def to_hf(self, ours_layer: np.ndarray) -> np.ndarray:
         """Our per-layer array → the HF tensor (its rows, for a fused one)."""
+        if self.interleaved:
+            ours_layer = ours_layer[..., np.argsort(rotate_half_order(ours_layer.shape[-1]))]
         return np.transpose(ours_layer, np.argsort(self.perm)).reshape(self.hf_shape)
+
+
+def rotate_half_order(head_dim: int) -> np.ndarray:
+    """Indices into an interleaved-pairs head dim giving rotate-half order: ours[..., m] = hf[..., order[m]]."""
+    return np.concatenate([np.arange(0, head_dim, 2), np.arange(1, head_dim, 2)])
 
 
 def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
@@ -96,6 +115,7 @@ def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
         TensorMap(("embedding",), "model.embed_tokens.weight", ((v,), (d,)), (0, 1), False),
         TensorMap(("final_norm", "scale"), "model.norm.weight", ((d,),), (0,), False),
     ]
+    mlp = family.mlp_block if family is not None else "mlp."
     maps += {
         "pre": [norm("attn_norm", "input_layernorm"), norm("mlp_norm", "post_attention_layernorm")],
         "sandwich": [
@@ -117,9 +137,15 @@ def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
             TensorMap(("layers", "attn", "wv"), qkv, ((k, e), (d,)), (2, 0, 1), True, (h + k) * e, rows),
         ]
     else:
+        interleaved = family is not None and family.interleaved_rope
         maps += [
             TensorMap(
-                ("layers", "attn", f"w{n}"), layer + f"self_attn.{n}_proj.weight", ((heads, e), (d,)), (2, 0, 1), True
+                ("layers", "attn", f"w{n}"),
+                layer + f"self_attn.{n}_proj.weight",
+                ((heads, e), (d,)),
+                (2, 0, 1),
+                True,
+                interleaved=interleaved and n != "v",
             )
             for n, heads in (("q", h), ("k", k), ("v", k))
         ]
@@ -132,10 +158,10 @@ def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
         ]
     else:
         maps += [
-            TensorMap(("layers", "mlp", "w_gate"), layer + "mlp.gate_proj.weight", ((f,), (d,)), (1, 0), True),
-            TensorMap(("layers", "mlp", "w_up"), layer + "mlp.up_proj.weight", ((f,), (d,)), (1, 0), True),
+            TensorMap(("layers", "mlp", "w_gate"), layer + mlp + "gate_proj.weight", ((f,), (d,)), (1, 0), True),
+            TensorMap(("layers", "mlp", "w_up"), layer + mlp + "up_proj.weight", ((f,), (d,)), (1, 0), True),
         ]
-    maps.append(TensorMap(("layers", "mlp", "w_down"), layer + "mlp.down_proj.weight", ((d,), (f,)), (1, 0), True))
+    maps.append(TensorMap(("layers", "mlp", "w_down"), layer + mlp + "down_proj.weight", ((d,), (f,)), (1, 0), True))
     if cfg.qkv_bias:
         for name, heads in (("q", h), ("k", k), ("v", k)):
             maps.append(
@@ -176,16 +202,27 @@ def _moe_maps(cfg: ModelConfig, dense_maps: list[TensorMap]) -> list[TensorMap]:
     # A dense family's name on an MoE config (refused on export by architecture_for) reads as the common spelling.
     spelling = family.moe if family is not None and family.moe else MoEFamily()
     block, names = layer + spelling.block, spelling.expert_names
-    moe_rows = [
-        TensorMap(("mlp", "router"), block + "gate.weight", ((n,), (d,)), (1, 0), True),
-        TensorMap(("mlp", "w_gate"), block + f"experts.{{j}}.{names[0]}.weight", ((f,), (d,)), (1, 0), True, experts=n),
-        TensorMap(("mlp", "w_up"), block + f"experts.{{j}}.{names[1]}.weight", ((f,), (d,)), (1, 0), True, experts=n),
-        TensorMap(("mlp", "w_down"), block + f"experts.{{j}}.{names[2]}.weight", ((d,), (f,)), (1, 0), True, experts=n),
-    ]
+    moe_rows = [TensorMap(("mlp", "router"), block + f"{spelling.router}.weight", ((n,), (d,)), (1, 0), True)]
+    if spelling.fused_experts:  # Llama 4: [experts, d, 2f] and [experts, f, d], in-by-out, every expert in one
+        gate_up, down = block + "experts.gate_up_proj", block + "experts.down_proj"
+        moe_rows += [
+            TensorMap(("mlp", "w_gate"), gate_up, ((n,), (d,), (f,)), (0, 1, 2), True, 0, 2 * f, fused_axis=2),
+            TensorMap(("mlp", "w_up"), gate_up, ((n,), (d,), (f,)), (0, 1, 2), True, f, 2 * f, fused_axis=2),
+            TensorMap(("mlp", "w_down"), down, ((n,), (f,), (d,)), (0, 1, 2), True),
+        ]
+    else:
+        moe_rows += [
+            TensorMap(("mlp", w), block + f"experts.{{j}}.{name}.weight", shape, (1, 0), True, experts=n)
+            for w, name, shape in (
+                ("w_gate", names[0], ((f,), (d,))),
+                ("w_up", names[1], ((f,), (d,))),
+                ("w_down", names[2], ((d,), (f,))),
+            )
+        ]
     if moe.shared_d_ff:
         g = moe.shared_d_ff
         moe_rows += [
-            TensorMap(("mlp", "shared", w), layer + f"mlp.shared_expert.{p}.weight", shape, (1, 0), True)
+            TensorMap(("mlp", "shared", w), block + f"shared_expert.{p}.weight", shape, (1, 0), True)
             for w, p, shape in (
                 ("w_gate", "gate_proj", ((g,), (d,))),
                 ("w_up", "up_proj", ((g,), (d,))),

@@ -101,6 +101,7 @@ def save_params(
     architecture_for(model_cfg)  # refuses, before any work, a model no HF architecture expresses exactly
     tensors: dict[str, np.ndarray] = {}
     row_ranges: dict[str, list[tuple[int, np.ndarray]]] = {}  # fused tensors, assembled from their row ranges
+    fused_axis: dict[str, int] = {}
     for tmap in tensor_maps(model_cfg):
         try:
             value = _host(get_param(tree, tmap.ours))
@@ -119,11 +120,12 @@ def save_params(
         for name, layer in zip(names, layers):
             if tmap.fused_rows:
                 row_ranges.setdefault(name, []).append((tmap.row_offset, tmap.to_hf(layer)))
+                fused_axis[name] = tmap.fused_axis
             else:
                 tensors[name] = np.ascontiguousarray(tmap.to_hf(layer).astype(np_dtype))
     for name, parts in row_ranges.items():
         tensors[name] = np.ascontiguousarray(
-            np.concatenate([p for _, p in sorted(parts, key=lambda x: x[0])]).astype(np_dtype)
+            np.concatenate([p for _, p in sorted(parts, key=lambda x: x[0])], axis=fused_axis[name]).astype(np_dtype)
         )
     if jax.process_index() != 0:
         return Path(out_dir)
