@@ -114,11 +114,26 @@ def run_training(
     claim = _guard_workdir(workdir, config)
     # One writer per workdir: a second run here is refused before it loads anything (runtime/workdir_lock.py).
     with hold_for_job(workdir, jax.process_index(), jax.process_count()):
-        return _run_locked(config, workdir, claim, teacher=teacher, teacher_params=teacher_params, progress=progress)
+        return _run_locked(
+            config,
+            workdir,
+            claim,
+            teacher=teacher,
+            teacher_params=teacher_params,
+            progress=progress,
+            eval_teacher=eval_teacher,
+        )
 
 
 def _run_locked(
-    config: Config, workdir: Path, claim: bool, *, teacher: Teacher | None, teacher_params: Any, progress: bool
+    config: Config,
+    workdir: Path,
+    claim: bool,
+    *,
+    teacher: Teacher | None,
+    teacher_params: Any,
+    progress: bool,
+    eval_teacher: tuple[Teacher, Any] | None,
 ) -> dict[str, Any]:
     cfg = config
     # The data first: a missing or unusable corpus or tokenizer is reported before a model is built.
