@@ -195,6 +195,8 @@ def _run_phases(config: Config, workdir: Path, progress: bool, teacher, clock: P
             teacher=own[0] if own else None,
             teacher_params=own[1] if own else None,
             progress=progress,
+            # A cached phase is measured (held-out KL, agreement, its fidelity curve) against the live teacher.
+            eval_teacher=None if own else (live, live_params),
         )
         clock.stop()
         if results[name]["preempted"]:

@@ -231,7 +231,8 @@ def _train_rows(clock: PhaseClock, configs: dict[str, Config], workdir: Path, li
         if name == "analog":
             continue
         clock.start(name, f"{config.train.steps} steps, {ROW_TEXT[name]}")
-        results[name] = run_training(config, workdir / name, progress=progress)
+        # Cached and CE-only rows alike are measured against the live teacher (final figures, fidelity curve).
+        results[name] = run_training(config, workdir / name, progress=progress, eval_teacher=teacher)
         clock.stop()
     return results
 
@@ -347,6 +348,12 @@ def _release(clock: PhaseClock, workdir: Path, live, report: dict, transfers: di
         fidelity_report=report,
         comparison=summary.get("comparison"),
     )
+    if summary.get("curves") and jax.process_index() == 0:  # the rows' fidelity curves, in the card too
+        import shutil
+
+        shutil.copy(summary["curves"]["figure"], bundle / "fidelity" / "curves.png")
+        card = bundle / "README.md"
+        card.write_text(card.read_text().rstrip() + "\n\n" + demo_report.curves_markdown(summary))
     if samples is not None and jax.process_index() == 0:
         text = demo_samples.markdown(samples)  # samples.md beside the card, and the same section at the card's end
         (bundle / "samples.md").write_text(text)
@@ -374,6 +381,8 @@ def _measure_and_release(clock, demo, workdir: Path, live, results: dict, summar
         for name in results
         if name not in ("analog", "baseline")
     }
+    if jax.process_index() == 0:
+        summary["curves"] = demo_report.curves(workdir, list(results), workdir / "curves.png")
     bundle = _release(clock, workdir, live, reports["analog"], transfers, summary, samples)
     summary["tokens_per_run"] = config.train.steps * config.data.global_batch * config.data.seq_len
     summary["phase_seconds"] = clock.seconds

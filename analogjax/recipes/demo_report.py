@@ -3,6 +3,7 @@ with a control, every measure judged beyond noise (fidelity/intervals.py)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from analogjax.fidelity.intervals import MEASURE_NAMES, format_interval
@@ -82,46 +83,47 @@ def format_table(summary: dict) -> str:
 
 # The rows' workdirs that hold their training records, in order: the recipe's analog trained in two phases.
 ROW_PHASES = {"analog": ("analog/distill", "analog/on_policy"), "analog_distill": ("analog/distill",)}
+_WORK = ("tokens", "flops_student", "flops_teacher")
 
 
-def row_curves(workdir, row: str) -> list[dict[str, Any]]:
-    """A row's fidelity-curve records (train.curve_points) from its metrics.jsonl, tokens counted over its phases."""
-    import json
-    from pathlib import Path
+def row_curve(workdir: Path, row: str) -> list[dict[str, Any]]:
+    """A row's fidelity-curve points (fidelity/curves.py) over its phases, each later phase's tokens and FLOPs
+    counted after the earlier ones'."""
+    from analogjax.fidelity.curves import read_curves
 
-    records: list[dict[str, Any]] = []
-    offset = {"tokens": 0.0, "flops_student": 0.0, "flops_teacher": 0.0}
+    points: list[dict[str, Any]] = []
+    spent = dict.fromkeys(_WORK, 0.0)
     for phase in ROW_PHASES.get(row, (row,)):
-        path = Path(workdir) / phase / "metrics.jsonl"
-        if not path.is_file():
+        if not (Path(workdir) / phase / "metrics.jsonl").is_file():
             continue
-        points = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        points = [p for p in points if "curve_kl" in p or "curve_ce" in p]
-        for p in points:
-            records.append({**p, **{k: p.get(k, 0.0) + v for k, v in offset.items()}})
+        got = read_curves(Path(workdir) / phase)
+        if points and got and got[0]["step"] == 0:  # a later phase's start is the earlier phase's end
+            got = got[1:]
+        points += [{**p, **{k: p.get(k, 0.0) + spent[k] for k in _WORK}} for p in got]
         if points:
-            offset = {k: records[-1].get(k, 0.0) for k in offset}
-    return records
+            spent = {k: points[-1].get(k, 0.0) for k in _WORK}
+    return points
 
 
-def plot_rows(workdir, summary: dict, out) -> Any:
-    """One figure of every row's held-out KL and agreement against tokens seen (top) and against model FLOPs,
-    teacher + student (bottom); returns its path."""
-    from analogjax.runtime import figures
+def curves(workdir: Path, rows: list[str], out: Path) -> dict[str, Any]:
+    """Every row's fidelity curve on one figure (against tokens seen, and against teacher + student FLOPs):
+    {"figure": path, "rows": {row: points}} for summary.json."""
+    from analogjax.fidelity.curves import plot_curves
 
-    plt = figures.pyplot()
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
-    for row in summary.get("rows", []):
-        points = [p for p in row_curves(workdir, row) if "curve_kl" in p]
-        if not points:
-            continue
-        flops = [p["flops_student"] + p["flops_teacher"] for p in points]
-        for col, key in enumerate(("curve_kl", "curve_agreement")):
-            axes[0][col].plot([p["tokens"] for p in points], [p[key] for p in points], marker=".", label=label(row))
-            axes[1][col].plot(flops, [p[key] for p in points], marker=".", label=label(row))
-    for col, name in enumerate(("KL(teacher‖model), nats/token", "top-1 agreement with the teacher")):
-        axes[0][col].set(xlabel="tokens seen", ylabel=name)
-        axes[1][col].set(xlabel="model FLOPs (teacher + student)", ylabel=name, xscale="log")
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle("Held-out fidelity during training (a fixed evaluation set)")
-    return figures.save(fig, out)
+    by_row = {label(row): row_curve(workdir, row) for row in rows}
+    figure = plot_curves(by_row, out, title="Held-out fidelity to the teacher during training")
+    return {"figure": str(figure), "rows": by_row}
+
+
+def curves_markdown(summary: dict) -> str:
+    """The card's section on the curves: where each row stood at each point."""
+    lines = [
+        "## Fidelity during training",
+        "",
+        "Held-out KL(teacher‖model) and top-1 agreement on a fixed evaluation batch during training, for the analog "
+        "and every control row, against the tokens and model FLOPs (teacher + student) spent. The analog's curve "
+        "runs through its recipe's phases in order.",
+        "",
+        "![fidelity curves](fidelity/curves.png)",
+    ]
+    return "\n".join(lines) + "\n"
