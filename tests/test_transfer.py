@@ -250,8 +250,10 @@ def test_transfer_command_report(tiny_run, tmp_path, capsys):
                 str(tiny_run / "concepts.jsonl"),
                 "--out",
                 str(out),
-                "--batches",
+                "--fit-batches",
                 "2",
+                "--eval-batches",
+                "1",
             ]
         )
         == 0
@@ -282,9 +284,74 @@ def test_transfer_command_report(tiny_run, tmp_path, capsys):
         assert set(s) >= {"concept", "native", "transferred", "random", "recovered"}
         assert s["transferred"] == pytest.approx(s["native"], rel=0.05, abs=1e-6)
     assert line["probe_recovered"].keys() == names
+    # Separate budgets: 2 batches of 8 fit rows, 1 of 8 eval rows (the user concepts' texts add rows of their own).
+    assert report["fit_rows"] >= 16 and report["eval_rows"] >= 8
+    _assert_intervals_hold_their_figures(report)
     assert (out / "transfer.md").is_file() and (out / "transfer_explained_variance.png").is_file()
     assert "| concept | chance |" in (out / "transfer.md").read_text()
     assert "transferred to the teacher" in transfer.card_paragraph(report)
+
+
+def _assert_intervals_hold_their_figures(report):
+    rows = [report, *report["stitch"], *report["probes"], *report["steering"]]
+    checked = 0
+    for row in rows:
+        for key, interval in row.items():
+            if key.endswith("_ci95") and interval is not None:
+                value = row[key[: -len("_ci95")]]
+                lo, hi = interval
+                assert lo - 1e-9 <= value <= hi + 1e-9, (key, value, interval)
+                checked += 1
+    assert checked >= 4 * len(report["stitch"]) + 4 * len(report["probes"])
+
+
+def test_several_models_in_one_pass_match_one_at_a_time_and_compare_paired(tiny_run):
+    """measure_models (teacher forwards shared) gives each model the report measure() gives it alone; the paired
+    comparison of the self-distilled analog (its own teacher: maps are the identity) against a random init says
+    analog on stitching."""
+    import jax
+
+    from analogjax import mesh as mesh_lib
+    from analogjax.config import load_config
+    from analogjax.fidelity.measure_run import live_teacher
+    from analogjax.models.transformer import Transformer
+    from analogjax.run_dir import load_student
+
+    config = load_config(str(tiny_run / "self.yaml"), [])
+    student = load_student(str(tiny_run / "run"), config)
+    teacher, teacher_params = live_teacher(config, student.mesh)
+    random_init, _ = mesh_lib.init_sharded(
+        Transformer(config.model).init_boxed, jax.random.key(7), student.mesh, mesh_lib.STUDENT_RULES
+    )
+    models = {"analog": student.params, "baseline": random_init}
+    # The CLI test's rows, concepts and budgets: the compiled steps are reused, not compiled again.
+    budgets = {
+        "fit_batches": 2,
+        "eval_batches": 1,
+        "user_concepts": concepts.read_user_concepts(tiny_run / "concepts.jsonl"),
+    }
+    reports = transfer.measure_models(config, models, teacher, teacher_params, student.mesh, **budgets)
+    alone = transfer.measure(config, random_init, teacher, teacher_params, student.mesh, **budgets)
+    assert json.dumps(alone, sort_keys=True) == json.dumps(reports["baseline"], sort_keys=True)
+    assert reports["analog"]["fit_rows"] >= 16 and reports["analog"]["eval_rows"] >= 8
+    _assert_intervals_hold_their_figures(reports["baseline"])
+    entries = reports.comparison("analog", "baseline")
+    assert [e["measure"].split(" (")[0] for e in entries] == [
+        "stitch explained variance analog→teacher",
+        "stitch explained variance teacher→analog",
+        "stitched KL(teacher‖stitched)",
+        "probe recovered",
+        "steering recovered",
+    ]
+    for e in entries:
+        assert set(e) >= {"analog", "baseline", "analog_ci95", "baseline_ci95", "difference_ci95", "better"}
+        if e["analog"] is not None:
+            assert e["analog_ci95"][0] <= e["analog"] <= e["analog_ci95"][1]
+    assert [e["better"] for e in entries[:3]] == ["analog"] * 3
+    assert entries[0]["higher_is_better"] and not entries[2]["higher_is_better"]
+    table = transfer.comparison_table(reports)
+    assert "difference [95% interval]" in table and "stitched KL" in table
+    assert transfer.comparison_table(entries) == table
 
 
 def test_eval_includes_transfer(tiny_run, tmp_path, capsys):
@@ -306,6 +373,8 @@ def test_eval_includes_transfer(tiny_run, tmp_path, capsys):
         (["--pairs", "0:5"], "layer pair (0, 5) is outside"),
         (["--pairs", "0-1"], "--pairs: '0-1' is not an analog:teacher layer pair"),
         (["--pairs", "0:0,1:1", "--concept-pair", "0:1"], "is not one of the layer pairs"),
+        (["--fit-batches", "400", "--eval-batches", "1"], "transfer fit_batches (--fit-batches): 400 batch(es)"),
+        (["--fit-batches", "0"], "--fit-batches must be positive"),
     ],
 )
 def test_bad_layer_pairs_are_one_error_line(tiny_run, tmp_path, capsys, args, fragment):
