@@ -230,19 +230,7 @@ def measure_models(
     if concept_pair not in pairs:
         raise UserError(f"the concepts' layer pair {concept_pair} is not one of the layer pairs {list(pairs)}")
     gb = config.data.global_batch
-    if fit_batches is None and eval_batches is None:
-        rows = concepts_lib.labelled_rows(
-            config.data, config.model.vocab_size, rows=int(batches or 0) * gb, user=user_concepts
-        )
-    else:
-        half = -(-int(batches or 0) // 2)
-        rows = concepts_lib.labelled_rows(
-            config.data,
-            config.model.vocab_size,
-            fit_rows=int(fit_batches or half) * gb,
-            eval_rows=int(eval_batches or half) * gb,
-            user=user_concepts,
-        )
+    rows = _labelled_rows(config, batches, fit_batches, eval_batches, user_concepts)
     if rows.fit.all() or not rows.fit.any():
         raise UserError(
             f"the held-out split gave {sum(rows.documents.values())} document(s): the checks need at least "
@@ -305,6 +293,34 @@ def measure_models(
         reports.rows[name] = rows_of
         reports[name] = _report(stats[name], rows_of, {**info, **fitted[name][1]}, layout, rows, markers, skipped)
     return reports
+
+
+def check_budgets(config, *, fit_batches: int, eval_batches: int, user_concepts=()) -> None:
+    """The UserError measure_models would raise for held-out documents too few for `fit_batches` and `eval_batches`,
+    raised without any model (for a recipe that checks its inputs before its first phase; it tokenizes the held-out
+    documents the budgets need once)."""
+    for flag, value in (("--fit-batches", fit_batches), ("--eval-batches", eval_batches)):
+        if value <= 0:
+            raise UserError(f"transfer {flag.lstrip('-').replace('-', '_')} ({flag}) must be positive, not {value}")
+    _labelled_rows(config, None, fit_batches, eval_batches, user_concepts)
+
+
+def _labelled_rows(config, batches, fit_batches, eval_batches, user_concepts):
+    gb = config.data.global_batch
+    if fit_batches is None and eval_batches is None:
+        rows = concepts_lib.labelled_rows(
+            config.data, config.model.vocab_size, rows=int(batches or 0) * gb, user=user_concepts
+        )
+    else:
+        half = -(-int(batches or 0) // 2)
+        rows = concepts_lib.labelled_rows(
+            config.data,
+            config.model.vocab_size,
+            fit_rows=int(fit_batches or half) * gb,
+            eval_rows=int(eval_batches or half) * gb,
+            user=user_concepts,
+        )
+    return rows
 
 
 def _batch_axes():
