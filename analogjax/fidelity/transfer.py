@@ -121,17 +121,22 @@ def steered_mass(rest_fn, h_bsd, directions_kd, markers_cv, chunk: int | None = 
 
 def steering_sums(rest_fn, h_bsd, directions_kd, concept_k, markers_cv, outside_bsc):
     """Σ over positions outside each direction's concept of (marker probability steered − unsteered), and the
-    count. rest_fn: residual after the steered layer → logits [b, s, v]; all directions in one batched forward."""
+    count. rest_fn: residual after the steered layer → logits [b, s, v]; all directions in one batched forward (one
+    compiled program, also when called outside jit)."""
 
     def rest(h, rows):
         return rest_fn(h)
 
-    zero = jnp.zeros_like(directions_kd[:1])
-    mass = steered_mass(rest, h_bsd, jnp.concatenate([zero, directions_kd]), markers_cv)  # b 1+k s C
-    diff = jnp.take(mass[:, 1:] - mass[:, :1], concept_k, axis=-1)  # b k s k'
-    diff = jnp.diagonal(diff, axis1=1, axis2=3)  # b s k: each direction's own concept
-    outside = jnp.take(outside_bsc, concept_k, axis=-1)
-    return jnp.sum(diff * outside, (0, 1)), outside.sum((0, 1))
+    @jax.jit
+    def sums(h_bsd, directions_kd, concept_k, markers_cv, outside_bsc):
+        zero = jnp.zeros_like(directions_kd[:1])
+        mass = steered_mass(rest, h_bsd, jnp.concatenate([zero, directions_kd]), markers_cv)  # b 1+k s C
+        diff = jnp.take(mass[:, 1:] - mass[:, :1], concept_k, axis=-1)  # b k s k'
+        diff = jnp.diagonal(diff, axis1=1, axis2=3)  # b s k: each direction's own concept
+        outside = jnp.take(outside_bsc, concept_k, axis=-1)
+        return jnp.sum(diff * outside, (0, 1)), outside.sum((0, 1))
+
+    return sums(h_bsd, directions_kd, concept_k, markers_cv, outside_bsc)
 
 
 # ----------------------------------------------------------------------------------------------------------------
