@@ -63,7 +63,7 @@ import numpy as np
 
 from analogjax.errors import UserError
 from analogjax.fidelity import concepts as concepts_lib
-from analogjax.fidelity import transfer_rows
+from analogjax.fidelity import intervals, transfer_rows
 from analogjax.fidelity.transfer_fit import (  # noqa: F401 (the closed-form fits, public here too)
     MAP_RIDGE,
     PROBE_SHRINKAGE,
@@ -206,6 +206,7 @@ def measure_models(
     measurements (a missing one: half of `batches`, rounded up); or `batches` alone, as before (that many batches of
     rows, documents alternating fit and eval). Held-out documents too few for a budget: a UserError naming it, before
     any model runs. Returns {name: report} (a `Measured`, whose `rows` feed `comparison`)."""
+    from analogjax import mesh as mesh_lib
     from analogjax.fidelity import default_layer_pairs
 
     if teacher is None or teacher.features is None:
@@ -246,7 +247,7 @@ def measure_models(
     groups = _groups(rows.labels[..., measured])
     layout = _Layout(pairs, concept_pair, measured, groups)
     vocab = min(config.model.vocab_size, config.teacher.model.vocab_size)  # a padded vocabulary: the shared range
-    batch_devices = int(np.prod([mesh.shape[a] for a in _batch_axes()]))
+    batch_devices = int(np.prod([mesh.shape[a] for a in mesh_lib.BATCH_AXES]))
     per_direction = max(gb // max(batch_devices, 1), 1) * config.data.seq_len * config.teacher.model.vocab_size
     chunk = max(1, STEER_CHUNK_ELEMENTS // per_direction)
     shape = (config.model, config.teacher.model, pairs, concept_pair, tuple(int(c) for c in measured), groups, mesh)
@@ -270,8 +271,6 @@ def measure_models(
     teacher_step, student_step = _jitted("teacher_eval", *shape, vocab, chunk), _jitted("eval", *shape, vocab, chunk)
     shared_rows: list[Any] = []
     model_rows: dict[str, list[Any]] = {name: [] for name in students}
-    from analogjax import mesh as mesh_lib
-
     with jax.set_mesh(mesh):
         # Small (maps, probes, directions, markers): replicated.
         on_device = jax.device_put((shared_fit, {n: f for n, (f, _) in fitted.items()}), mesh_lib.replicated(mesh))
@@ -326,12 +325,6 @@ def _labelled_rows(config, batches, fit_batches, eval_batches, user_concepts):
             user=user_concepts,
         )
     return rows
-
-
-def _batch_axes():
-    from analogjax import mesh as mesh_lib
-
-    return mesh_lib.BATCH_AXES
 
 
 def _part(rows, keep):
@@ -691,14 +684,7 @@ def _report(stats, rows_of: TransferRows, info, layout, rows, markers, skipped) 
             "random_directions": "one set shared by every concept (and every model measured together)",
             "marker_tokens": concepts_lib.MARKERS,
             "token_label": "a token is positive when any of its characters is inside the concept",
-            "intervals": f"95% percentile bootstrap over the {rows_of.rows} eval rows ({intervals_draws()} "
+            "intervals": f"95% percentile bootstrap over the {rows_of.rows} eval rows ({intervals.DRAWS} "
             "resamples); steering's also resample the random directions",
         },
     }
-
-
-def intervals_draws() -> int:
-    """Bootstrap resamples behind every interval (analogjax.fidelity.intervals.DRAWS)."""
-    from analogjax.fidelity import intervals
-
-    return intervals.DRAWS
