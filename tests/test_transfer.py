@@ -250,8 +250,10 @@ def test_transfer_command_report(tiny_run, tmp_path, capsys):
                 str(tiny_run / "concepts.jsonl"),
                 "--out",
                 str(out),
-                "--batches",
+                "--fit-batches",
                 "2",
+                "--eval-batches",
+                "1",
             ]
         )
         == 0
@@ -282,9 +284,79 @@ def test_transfer_command_report(tiny_run, tmp_path, capsys):
         assert set(s) >= {"concept", "native", "transferred", "random", "recovered"}
         assert s["transferred"] == pytest.approx(s["native"], rel=0.05, abs=1e-6)
     assert line["probe_recovered"].keys() == names
+    # Separate budgets: 2 batches of 8 fit rows, 1 of 8 eval rows (the user concepts' texts add rows of their own).
+    assert report["fit_rows"] >= 16 and report["eval_rows"] >= 8
+    _assert_intervals_hold_their_figures(report)
     assert (out / "transfer.md").is_file() and (out / "transfer_explained_variance.png").is_file()
     assert "| concept | chance |" in (out / "transfer.md").read_text()
     assert "transferred to the teacher" in transfer.card_paragraph(report)
+    _several_models_in_one_pass(tiny_run, report)
+
+
+def _several_models_in_one_pass(tiny_run, alone):
+    """measure_models (the teacher's forwards shared) gives a model the report measure() gave it alone (the CLI's,
+    `alone`); the paired comparison of the self-distilled analog (its own teacher: the maps are the identity) against
+    a perturbed copy says analog on stitching. Same rows, concepts and budgets as the CLI: no step compiles again."""
+    import jax
+
+    from analogjax.config import load_config
+    from analogjax.fidelity.measure_run import live_teacher
+    from analogjax.run_dir import load_student
+
+    config = load_config(str(tiny_run / "self.yaml"), [])
+    student = load_student(str(tiny_run / "run"), config)
+    teacher, teacher_params = live_teacher(config, student.mesh)
+    rng = np.random.default_rng(7)  # NumPy noise: eager JAX ops would each compile
+
+    def noisy(a):
+        host = np.asarray(a)
+        return jax.device_put(
+            (host + 0.5 * host.std() * rng.standard_normal(host.shape)).astype(host.dtype), a.sharding
+        )
+
+    perturbed = jax.tree.map(noisy, student.params)
+    reports = transfer.measure_models(
+        config,
+        {"analog": student.params, "baseline": perturbed},
+        teacher,
+        teacher_params,
+        student.mesh,
+        fit_batches=2,
+        eval_batches=1,
+        user_concepts=concepts.read_user_concepts(tiny_run / "concepts.jsonl"),
+    )
+    assert json.dumps(json.loads(json.dumps(reports["analog"])), sort_keys=True) == json.dumps(alone, sort_keys=True)
+    _assert_intervals_hold_their_figures(reports["baseline"])
+    entries = reports.comparison("analog", "baseline")
+    assert [e["measure"].split(" (")[0] for e in entries] == [
+        "stitch explained variance analog→teacher",
+        "stitch explained variance teacher→analog",
+        "stitched KL(teacher‖stitched)",
+        "probe recovered",
+        "steering recovered",
+    ]
+    for e in entries:
+        assert set(e) >= {"analog", "baseline", "analog_ci95", "baseline_ci95", "difference_ci95", "better"}
+        if e["analog"] is not None:
+            assert e["analog_ci95"][0] <= e["analog"] <= e["analog_ci95"][1]
+    assert [e["better"] for e in entries[:3]] == ["analog"] * 3
+    assert entries[0]["higher_is_better"] and not entries[2]["higher_is_better"]
+    table = transfer.comparison_table(reports)
+    assert "difference [95% interval]" in table and "stitched KL" in table
+    assert transfer.comparison_table(entries) == table
+
+
+def _assert_intervals_hold_their_figures(report):
+    rows = [report, *report["stitch"], *report["probes"], *report["steering"]]
+    checked = 0
+    for row in rows:
+        for key, interval in row.items():
+            if key.endswith("_ci95") and interval is not None:
+                value = row[key[: -len("_ci95")]]
+                lo, hi = interval
+                assert lo - 1e-9 <= value <= hi + 1e-9, (key, value, interval)
+                checked += 1
+    assert checked >= 4 * len(report["stitch"]) + 4 * len(report["probes"])
 
 
 def test_eval_includes_transfer(tiny_run, tmp_path, capsys):
@@ -306,6 +378,8 @@ def test_eval_includes_transfer(tiny_run, tmp_path, capsys):
         (["--pairs", "0:5"], "layer pair (0, 5) is outside"),
         (["--pairs", "0-1"], "--pairs: '0-1' is not an analog:teacher layer pair"),
         (["--pairs", "0:0,1:1", "--concept-pair", "0:1"], "is not one of the layer pairs"),
+        (["--fit-batches", "400", "--eval-batches", "1"], "transfer fit_batches (--fit-batches): 400 batch(es)"),
+        (["--fit-batches", "0"], "--fit-batches must be positive"),
     ],
 )
 def test_bad_layer_pairs_are_one_error_line(tiny_run, tmp_path, capsys, args, fragment):

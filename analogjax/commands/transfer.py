@@ -27,7 +27,24 @@ def add_arguments(parser) -> None:
         '"spans": [[start, end], ...]} per line (character offsets, end exclusive)',
     )
     parser.add_argument("--out", default=None, help="report folder (default: <workdir>/transfer)")
-    parser.add_argument("--batches", type=int, default=None, help="held-out batches (default: train.eval_batches)")
+    parser.add_argument(
+        "--batches",
+        type=int,
+        default=None,
+        help="held-out batches, about half of them fitting the maps and probes (default: train.eval_batches)",
+    )
+    parser.add_argument(
+        "--fit-batches",
+        type=int,
+        default=None,
+        help="held-out batches of fit documents for the maps and probes (default: half of --batches, rounded up)",
+    )
+    parser.add_argument(
+        "--eval-batches",
+        type=int,
+        default=None,
+        help="held-out batches of eval documents measured (stitching, probes, steering; default: half of --batches)",
+    )
     parser.add_argument(
         "--pairs",
         default=None,
@@ -64,8 +81,9 @@ def run(args) -> int:
     from analogjax.run_dir import check_same_model, resolve_run, run_config
 
     config = load_config(args.config, args.overrides)
-    if args.batches is not None and args.batches <= 0:
-        raise UserError("--batches must be positive")
+    for flag in ("batches", "fit_batches", "eval_batches"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            raise UserError(f"--{flag.replace('_', '-')} must be positive")
     pairs = parse_pairs(args.pairs, "--pairs") if args.pairs else None
     concept_pair = parse_pairs(args.concept_pair, "--concept-pair") if args.concept_pair else None
     if concept_pair is not None and len(concept_pair) != 1:
@@ -82,6 +100,8 @@ def run(args) -> int:
         ckpt_dir,
         step,
         batches=args.batches,
+        fit_batches=args.fit_batches,
+        eval_batches=args.eval_batches,
         user_concepts=user,
         pairs=pairs,
         concept_pair=concept_pair[0] if concept_pair else None,

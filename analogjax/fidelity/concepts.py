@@ -270,22 +270,57 @@ def heldout_texts(data, vocab_size: int):
     return tokenizer, sum(len(ids) for ids in heldout), documents()
 
 
-def labelled_rows(data, vocab_size: int, *, rows: int, user: Sequence[UserConcept] = ()) -> LabelledRows:
-    """`rows` rows of held-out documents (document k in the fit part when k is even, else the eval part) labelled
-    with the built-in concepts, then one row per chunk of each user concept text (a concept's texts alternate fit,
-    eval, fit, ... in file order) labelled with that concept only."""
+def labelled_rows(
+    data,
+    vocab_size: int,
+    *,
+    rows: int | None = None,
+    fit_rows: int | None = None,
+    eval_rows: int | None = None,
+    user: Sequence[UserConcept] = (),
+) -> LabelledRows:
+    """Rows of held-out documents (document k in the fit part when k is even, else the eval part) labelled with the
+    built-in concepts, then one row per chunk of each user concept text (a concept's texts alternate fit, eval, fit,
+    ... in file order) labelled with that concept only.
+
+    Either `rows` in all (each part gets what its documents give, about half), or `fit_rows` and `eval_rows`, a
+    budget per part: documents are read until both parts are full (no further document is tokenized), and a part
+    the held-out documents cannot fill is a UserError naming its budget."""
+    split = fit_rows is not None or eval_rows is not None
+    if split and (fit_rows is None or eval_rows is None or rows is not None):
+        raise ValueError("labelled_rows takes rows, or fit_rows and eval_rows")
+    if not split and rows is None:
+        raise ValueError("labelled_rows needs rows, or fit_rows and eval_rows")
     tokenizer, count, documents = heldout_texts(data, vocab_size)
-    # Few held-out documents: take more rows from each, so the rows asked for are still filled.
-    per_document = max(MAX_ROWS_PER_DOCUMENT, -(-rows // max(count, 1)))
+    if split:
+        wanted = {"fit": int(fit_rows or 0), "eval": int(eval_rows or 0)}
+        # Few held-out documents: take more rows from each, so the rows asked for are still filled.
+        per_document = {
+            part: max(MAX_ROWS_PER_DOCUMENT, -(-n // max((count + (part == "fit")) // 2, 1)))
+            for part, n in wanted.items()
+        }
+    else:
+        total = int(rows or 0)
+        per_document = dict.fromkeys(("fit", "eval"), max(MAX_ROWS_PER_DOCUMENT, -(-total // max(count, 1))))
     user_names = tuple(dict.fromkeys(u.concept for u in user))
     names = BUILTIN_CONCEPTS + user_names
     column = {name: c for c, name in enumerate(names)}
     builder = _RowBuilder(data, tokenizer, len(names))
     reason = None
     counts = {"fit": 0, "eval": 0}
+    filled = {"fit": 0, "eval": 0}
     for k, (text, ids) in enumerate(documents):
-        if len(builder.rows) >= rows:
-            break
+        part = "fit" if k % 2 == 0 else "eval"
+        if split:
+            if all(filled[p] >= wanted[p] for p in filled):
+                break
+            room = wanted[part] - filled[part]
+            if room <= 0:
+                continue  # this part is full: its documents are not even tokenized
+        else:
+            room = total - len(builder.rows)
+            if room <= 0:
+                break
         labels = {}
         if text is not None:
             try:
@@ -295,16 +330,26 @@ def labelled_rows(data, vocab_size: int, *, rows: int, user: Sequence[UserConcep
                 ids, reason = tokenizer.encode_array(text), str(e)
         else:
             reason = "the held-out documents are token ids without their text"
-        part = "fit" if k % 2 == 0 else "eval"
         counts[part] += 1
+        before = len(builder.rows)
         builder.add(
             ids,
             {column[n]: v for n, v in labels.items()},
             fit=part == "fit",
-            limit=min(per_document, rows - len(builder.rows)),
+            limit=min(per_document[part], room),
         )
+        filled[part] += len(builder.rows) - before
     if not builder.rows:
         raise UserError("the held-out split gave no documents: raise data.heldout_fraction or add documents")
+    if split:
+        for part, flag in (("fit", "fit_batches (--fit-batches)"), ("eval", "eval_batches (--eval-batches)")):
+            if filled[part] < wanted[part]:
+                raise UserError(
+                    f"transfer {flag}: {wanted[part] // data.global_batch} batch(es) of {data.global_batch} rows "
+                    f"ask for {wanted[part]} rows of the {part} half of the held-out documents, which "
+                    f"gave {filled[part]} ({count} held-out documents in all): raise data.heldout_fraction, "
+                    f"add documents or ask for fewer {part} batches"
+                )
     seen: dict[str, int] = {}
     for concept in user:
         ids, offsets = encode_with_offsets(tokenizer, concept.text)

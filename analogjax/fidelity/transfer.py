@@ -14,22 +14,40 @@ Three measurements, after Chen, Merullo, Stolfo & Pavlick (arXiv 2506.06609) and
    recovered = (transferred − chance) / (native − chance).
 3. Steering, at the same pair: per concept the analog's difference of means (positive − negative tokens) carried by
    the analog → teacher map's linear part; the teacher's own difference of means (native); RANDOM_DRAWS Gaussian
-   directions. Each is scaled to STEER_SCALE × the teacher layer's mean residual norm (the same norm for all: half
-   the typical residual is a clear push that leaves the stream dominated by the text itself) and added to the
-   teacher's residual after block j at every position. Effect = the mean increase of the teacher's next-token
-   probability of the concept's concepts.MARKERS marker tokens (those whose rate right after concept tokens most
-   exceeds their rate after other tokens, counted on fit rows) over eval positions outside the concept;
-   recovered = (transferred − random) / (native − random).
-   Recovered is null ("cannot be judged") where the teacher's own method beats its baseline by no more than the noise:
-   two standard errors of an accuracy at chance (probes), the spread of the random directions' effects (steering).
+   directions, one set shared by every concept (a random direction's effect on a concept's markers does not depend
+   on which concept is measured, and one forward gives the marker mass of every concept). Each is scaled to
+   STEER_SCALE × the teacher layer's mean residual norm (the same norm for all: half the typical residual is a
+   clear push that leaves the stream dominated by the text itself) and added to the teacher's residual after block
+   j at every position. Effect = the mean increase of the teacher's next-token probability of the concept's
+   concepts.MARKERS marker tokens (those whose rate right after concept tokens most exceeds their rate after other
+   tokens, counted on fit rows) over eval positions outside the concept; recovered = (transferred − random) /
+   (native − random), random = the mean effect of the random directions.
+
+Every figure carries a 95% interval (`*_ci95`, analogjax.fidelity.intervals): the eval pass returns per-row sums
+(one row: one chunk of one eval document), and a percentile bootstrap resamples the rows. Steering's random baseline
+has a second source of noise, the random directions themselves: each bootstrap draw also resamples the
+RANDOM_DRAWS directions with replacement (independently of the rows; analogjax.fidelity.transfer_rows), so its
+interval, and those of recovered, hold both the spread over text and the spread over random directions. Recovered is
+null ("cannot be judged") where the teacher's own method does not beat its baseline beyond noise: by more than two
+standard errors of an accuracy at chance (probes) or the spread of the random directions' effects (steering), and
+with a 95% interval of native − baseline above zero.
+
+Budgets: the maps and probes are fitted on `fit_batches` global batches of fit rows, the eval pass (stitched
+forwards, steering: the expensive part) runs on `eval_batches` batches of eval rows; `batches` alone is the older
+form (that many batches of rows, about half of them fit rows). Several models of one shape are measured in one pass
+(`measure_models`): each batch's teacher forward, the native and random steering directions and the native probes
+are computed once and shared; per model only its own forward, stitched forwards and carried directions run. A
+concept's steering directions run as one batched forward (stacked on the batch axis, STEER_CHUNK_ELEMENTS logits
+at a time), not one after another.
 
 Data route: the packed held-out batches carry token ids only, and the concepts need character offsets, so the
 checks tokenize the held-out documents' text themselves (concepts.labelled_rows: one document chunk per row, the
 same tokenizer and specials as the pipeline) and split them by document: held-out document k is a fit document when
-k is even, an eval document when odd. Every process builds the same rows and feeds its share of each global batch;
-moments are summed by the jitted step over the whole global batch (a replicated output), so the maps are the same
-on one host or many. All statistics are sums (float32 per batch on the device, float64 across batches on the host):
-memory does not grow with the number of tokens.
+k is even, an eval document when odd; tokenizing stops once both budgets are filled. Every process builds the same
+rows and feeds its share of each global batch; moments and per-row sums are computed by jitted steps over the whole
+global batch (a replicated output), so the results are the same on one host or many. The fit pass sums its
+statistics over batches (float32 per batch on the device, float64 across batches on the host: memory does not grow
+with the fit tokens); the eval pass keeps one small vector of sums per eval row.
 """
 
 from __future__ import annotations
@@ -45,6 +63,18 @@ import numpy as np
 
 from analogjax.errors import UserError
 from analogjax.fidelity import concepts as concepts_lib
+from analogjax.fidelity import intervals, transfer_rows
+from analogjax.fidelity.transfer_fit import (  # noqa: F401 (the closed-form fits, public here too)
+    MAP_RIDGE,
+    PROBE_SHRINKAGE,
+    concept_moments,
+    difference_of_means,
+    explained_variance,
+    fit_affine,
+    fit_probe,
+    moments,
+    reversed_moments,
+)
 from analogjax.fidelity.transfer_report import (  # noqa: F401 (the report's public names, here with the measurement)
     card_paragraph,
     comparison_table,
@@ -52,126 +82,76 @@ from analogjax.fidelity.transfer_report import (  # noqa: F401 (the report's pub
     proxy_summary,
     write_report,
 )
-from analogjax.runtime.batch_sums import sum_over_batches
+from analogjax.fidelity.transfer_rows import (  # noqa: F401 (public here too)
+    RANDOM_DRAWS,
+    TransferRows,
+    comparison,
+    recovered,
+)
+from analogjax.runtime.batch_sums import add_sums
 
-MAP_RIDGE = 1e-3
-PROBE_SHRINKAGE = 0.1
 STEER_SCALE = 0.5
-RANDOM_DRAWS = 4
+# Steered logits materialised at once (rows × positions × vocabulary per chunk of directions): ~0.5 GiB of float32.
+STEER_CHUNK_ELEMENTS = 2**27
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Sufficient statistics and closed-form fits (float64 numpy on the host)
+def steered_mass(rest_fn, h_bsd, directions_kd, markers_cv, chunk: int | None = None):
+    """[b, k, s, C]: the marker mass of every concept (markers_cv: one 0/1 row per concept) after adding each
+    direction to the residual `h_bsd` at every position. The directions run stacked on the batch axis, `chunk` at a
+    time (all at once by default). rest_fn(h, rows): residual [rows·b, s, d] → logits, where `rows` says how many
+    copies of the batch h stacks (b-major: copy r of batch row i is row i·rows + r), for the caller's segment ids
+    and positions."""
+    b, s, d = h_bsd.shape
+    k = directions_kd.shape[0]
+    chunk = max(1, min(chunk or k, k))
+    n_chunks = -(-k // chunk)
+    chunk = -(-k // n_chunks)  # as even as can be: the padded directions are wasted forwards
+    pad = n_chunks * chunk - k
+    dirs = jnp.concatenate([directions_kd, jnp.zeros((pad, d), directions_kd.dtype)]).reshape(n_chunks, chunk, d)
 
+    def one(dirs_cd):
+        h = (h_bsd[:, None] + dirs_cd[None, :, None, :].astype(h_bsd.dtype)).reshape(b * chunk, s, d)
+        logits = rest_fn(h, chunk).astype(jnp.float32)
+        probs = jnp.exp(logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True))
+        return (probs @ markers_cv.T).reshape(b, chunk, s, -1)
 
-def moments(x_nd, y_ne, w_n) -> dict[str, jax.Array]:
-    """Weighted raw moments of paired rows: n, Σx, Σy, XᵀX, YᵀY, XᵀY (what both maps and their scores need)."""
-    x, y, w = x_nd.astype(jnp.float32), y_ne.astype(jnp.float32), w_n.astype(jnp.float32)
-    xw, yw = x * w[:, None], y * w[:, None]
-    return {
-        "n": jnp.sum(w),
-        "sx": jnp.sum(xw, 0),
-        "sy": jnp.sum(yw, 0),
-        "sxx": xw.T @ x,
-        "syy": yw.T @ y,
-        "sxy": xw.T @ y,
-    }
-
-
-def reversed_moments(m: dict) -> dict:
-    """The moments with x and y swapped (for the teacher → analog map)."""
-    return {
-        "n": m["n"],
-        "sx": m["sy"],
-        "sy": m["sx"],
-        "sxx": m["syy"],
-        "syy": m["sxx"],
-        "sxy": np.swapaxes(m["sxy"], -1, -2),
-    }
-
-
-def fit_affine(m: dict, ridge: float = MAP_RIDGE) -> tuple[np.ndarray, np.ndarray]:
-    """Ridge regression y ≈ x W + b from moments (centred; λ = ridge × mean input variance; b not penalised)."""
-    n = float(m["n"])
-    mx, my = m["sx"] / n, m["sy"] / n
-    cxx = m["sxx"] / n - np.outer(mx, mx)
-    cxy = m["sxy"] / n - np.outer(mx, my)
-    lam = ridge * max(np.trace(cxx) / len(cxx), 1e-12)
-    weight = np.linalg.solve(cxx + lam * np.eye(len(cxx)), cxy)
-    return weight, my - mx @ weight
-
-
-def explained_variance(m: dict, weight: np.ndarray, bias: np.ndarray) -> float:
-    """1 − Σ‖y − (xW + b)‖² / Σ‖y − ȳ‖² over the tokens of `m` (about their mean ȳ), from moments alone."""
-    n = float(m["n"])
-    b_aug = np.vstack([weight, bias[None]])  # [x, 1] B = x W + b
-    sxx_aug = np.block([[m["sxx"], m["sx"][:, None]], [m["sx"][None], np.array([[n]])]])
-    sxy_aug = np.vstack([m["sxy"], m["sy"][None]])
-    sse = np.trace(m["syy"]) - 2 * np.sum(b_aug * sxy_aug) + np.sum(b_aug * (sxx_aug @ b_aug))
-    sst = np.trace(m["syy"]) - m["sy"] @ m["sy"] / n
-    return float(1 - sse / sst) if sst > 0 else float("nan")
-
-
-def concept_moments(x_nd, group_ng, positive_nc) -> dict[str, jax.Array]:
-    """Per labelled set g (concepts sharing which tokens are labelled): n, Σx, XᵀX; per concept c: positives, Σx."""
-    x = x_nd.astype(jnp.float32)
-    return {
-        "n": group_ng.sum(0),
-        "sx": group_ng.T @ x,
-        "sxx": jnp.einsum("ng,nd,ne->gde", group_ng, x, x),
-        "npos": positive_nc.sum(0),
-        "sxpos": positive_nc.T @ x,
-    }
-
-
-def fit_probe(n, sx, sxx, npos, sxpos, shrinkage: float = PROBE_SHRINKAGE) -> tuple[np.ndarray, np.ndarray]:
-    """Linear discriminant analysis as an affine score x·w + b > 0: two Gaussian classes with one covariance and
-    their priors, so the threshold is Bayes-optimal however rare the concept (a least-squares ±1 classifier
-    calls nearly every token negative when 5% are positive). The within-class covariance (total minus between-
-    class, from the same moments) is shrunk towards its diagonal by `shrinkage`."""
-    nneg = n - npos
-    mu1, mu0 = sxpos / npos, (sx - sxpos) / nneg
-    mu = sx / n
-    diff = mu1 - mu0
-    within = sxx / n - np.outer(mu, mu) - (npos / n) * (nneg / n) * np.outer(diff, diff)
-    diag = np.diag(np.diag(within))
-    floor = 1e-9 * max(np.trace(within) / len(mu), 1e-30)
-    w = np.linalg.solve((1 - shrinkage) * within + shrinkage * diag + floor * np.eye(len(mu)), diff)
-    return w, -w @ (mu1 + mu0) / 2 + np.log(npos / nneg)
-
-
-def difference_of_means(n, sx, npos, sxpos) -> np.ndarray:
-    """mean(x | positive) − mean(x | negative)."""
-    return sxpos / npos - (sx - sxpos) / (n - npos)
-
-
-def recovered(value: float, baseline: float, native: float, noise: float = 0.0) -> float | None:
-    """(value − baseline) / (native − baseline); None when the native method beats the baseline by no more than
-    `noise` (the ratio of two noisy small numbers says nothing)."""
-    gap = native - baseline
-    return float((value - baseline) / gap) if gap > max(noise, 1e-12) else None
+    out = one(dirs[0])[None] if n_chunks == 1 else jax.lax.map(one, dirs)  # [n, b, chunk, s, C]
+    return jnp.moveaxis(out, 0, 1).reshape(b, n_chunks * chunk, s, -1)[:, :k]
 
 
 def steering_sums(rest_fn, h_bsd, directions_kd, concept_k, markers_cv, outside_bsc):
     """Σ over positions outside each direction's concept of (marker probability steered − unsteered), and the
-    count. rest_fn: residual after the steered layer → logits [b, s, v]; directions run one after another."""
+    count. rest_fn: residual after the steered layer → logits [b, s, v]; all directions in one batched forward (one
+    compiled program, also when called outside jit)."""
 
-    def mass(h):
-        return jax.nn.softmax(rest_fn(h).astype(jnp.float32), axis=-1) @ markers_cv.T  # b s C
+    def rest(h, rows):
+        return rest_fn(h)
 
-    base = mass(h_bsd)
+    @jax.jit
+    def sums(h_bsd, directions_kd, concept_k, markers_cv, outside_bsc):
+        zero = jnp.zeros_like(directions_kd[:1])
+        mass = steered_mass(rest, h_bsd, jnp.concatenate([zero, directions_kd]), markers_cv)  # b 1+k s C
+        diff = jnp.take(mass[:, 1:] - mass[:, :1], concept_k, axis=-1)  # b k s k'
+        diff = jnp.diagonal(diff, axis1=1, axis2=3)  # b s k: each direction's own concept
+        outside = jnp.take(outside_bsc, concept_k, axis=-1)
+        return jnp.sum(diff * outside, (0, 1)), outside.sum((0, 1))
 
-    def one(args):
-        direction, c = args
-        diff = jnp.take(mass(h_bsd + direction.astype(h_bsd.dtype)) - base, c, axis=-1)
-        return jnp.sum(diff * jnp.take(outside_bsc, c, axis=-1))
-
-    effect = jax.lax.map(one, (directions_kd, concept_k))
-    return effect, jnp.take(outside_bsc.sum((0, 1)), concept_k)
+    return sums(h_bsd, directions_kd, concept_k, markers_cv, outside_bsc)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The whole check: analog params + teacher → the report object
+
+
+class Measured(dict):
+    """{name: transfer report} of `measure_models`, with each model's per-row sums in `rows` (TransferRows: the
+    same eval rows in the same order for every model), for `comparison`."""
+
+    rows: dict[str, TransferRows]
+
+    def comparison(self, analog: str = "analog", baseline: str = "baseline") -> list[dict[str, Any]]:
+        """The paired comparison entries of two of the measured models (transfer_rows.comparison)."""
+        return comparison(self.rows[analog], self.rows[baseline])
 
 
 def measure(
@@ -181,13 +161,52 @@ def measure(
     teacher_params,
     mesh,
     *,
-    batches: int,
+    batches: int | None = None,
+    fit_batches: int | None = None,
+    eval_batches: int | None = None,
     user_concepts: Sequence[concepts_lib.UserConcept] = (),
     pairs: Sequence[tuple[int, int]] | None = None,
     concept_pair: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
-    """Stitching, probe and steering transfer of `student_params` (config.model) to the teacher, on `batches` global
-    batches of held-out rows (plus the user concepts' texts). Returns the `transfer` report object."""
+    """Stitching, probe and steering transfer of `student_params` (config.model) to the teacher (the one-model
+    form of `measure_models`; the same budgets). Returns the `transfer` report object."""
+    return measure_models(
+        config,
+        {"analog": student_params},
+        teacher,
+        teacher_params,
+        mesh,
+        batches=batches,
+        fit_batches=fit_batches,
+        eval_batches=eval_batches,
+        user_concepts=user_concepts,
+        pairs=pairs,
+        concept_pair=concept_pair,
+    )["analog"]
+
+
+def measure_models(
+    config,
+    students,
+    teacher,
+    teacher_params,
+    mesh,
+    *,
+    batches: int | None = None,
+    fit_batches: int | None = None,
+    eval_batches: int | None = None,
+    user_concepts: Sequence[concepts_lib.UserConcept] = (),
+    pairs: Sequence[tuple[int, int]] | None = None,
+    concept_pair: tuple[int, int] | None = None,
+) -> Measured:
+    """The transfer reports of several analogs of config.model's shape ({name: params}) against one teacher, on the
+    same rows, layer pairs and steering directions; the teacher's forwards are computed once per batch and shared.
+
+    Budgets: `fit_batches` global batches of fit rows for the maps and probes and `eval_batches` of eval rows for the
+    measurements (a missing one: half of `batches`, rounded up); or `batches` alone, as before (that many batches of
+    rows, documents alternating fit and eval). Held-out documents too few for a budget: a UserError naming it, before
+    any model runs. Returns {name: report} (a `Measured`, whose `rows` feed `comparison`)."""
+    from analogjax import mesh as mesh_lib
     from analogjax.fidelity import default_layer_pairs
 
     if teacher is None or teacher.features is None:
@@ -195,8 +214,15 @@ def measure(
             "transfer checks read the teacher's residual stream: they need an analogjax model teacher "
             "(teacher.hf_path, teacher.checkpoint or a random init), not a logits-only or cached one"
         )
+    if not students:
+        raise ValueError("measure_models needs at least one model")
     if config.data.heldout_fraction <= 0:
         raise UserError("data.heldout_fraction is 0: transfer is measured on held-out documents only")
+    for flag, value in (("--batches", batches), ("--fit-batches", fit_batches), ("--eval-batches", eval_batches)):
+        if value is not None and value <= 0:
+            raise UserError(f"transfer {flag.lstrip('-').replace('-', '_')} ({flag}) must be positive, not {value}")
+    if batches is None and (fit_batches is None or eval_batches is None):
+        raise UserError("transfer needs batches, or fit_batches and eval_batches (--fit-batches, --eval-batches)")
     ls, lt = config.model.n_layers, config.teacher.model.n_layers
     pairs = tuple((int(i), int(j)) for i, j in pairs) if pairs else default_layer_pairs(ls, lt)
     if concept_pair:
@@ -209,9 +235,8 @@ def measure(
             raise UserError(f"layer pair ({i}, {j}) is outside the analog's {ls} and the teacher's {lt} layers")
     if concept_pair not in pairs:
         raise UserError(f"the concepts' layer pair {concept_pair} is not one of the layer pairs {list(pairs)}")
-    rows = concepts_lib.labelled_rows(
-        config.data, config.model.vocab_size, rows=batches * config.data.global_batch, user=user_concepts
-    )
+    gb = config.data.global_batch
+    rows = _labelled_rows(config, batches, fit_batches, eval_batches, user_concepts)
     if rows.fit.all() or not rows.fit.any():
         raise UserError(
             f"the held-out split gave {sum(rows.documents.values())} document(s): the checks need at least "
@@ -219,37 +244,112 @@ def measure(
         )
     user_names = {u.concept for u in user_concepts}
     measured, markers, skipped = concepts_lib.measurable(rows, user_names)
-    shape = (config.model, config.teacher.model, pairs, concept_pair, tuple(int(c) for c in measured))
     groups = _groups(rows.labels[..., measured])
     layout = _Layout(pairs, concept_pair, measured, groups)
-    stats = _run(
-        mesh,
-        rows,
-        measured,
-        config.data.global_batch,
-        _jitted("stats", *shape, groups, mesh),
-        student_params,
-        teacher_params,
-    )
-    fitted, info = _fit(stats, layout, markers, config)
-    # Everything the second pass measures is on eval rows: measuring on fit rows too would double its cost for nothing.
-    eval_rows = rows._replace(
+    vocab = min(config.model.vocab_size, config.teacher.model.vocab_size)  # a padded vocabulary: the shared range
+    batch_devices = int(np.prod([mesh.shape[a] for a in mesh_lib.BATCH_AXES]))
+    per_direction = max(gb // max(batch_devices, 1), 1) * config.data.seq_len * config.teacher.model.vocab_size
+    chunk = max(1, STEER_CHUNK_ELEMENTS // per_direction)
+    shape = (config.model, config.teacher.model, pairs, concept_pair, tuple(int(c) for c in measured), groups, mesh)
+    fit_rows, eval_rows = _part(rows, rows.fit), _part(rows, ~rows.fit)
+
+    # Fit pass: the teacher's layers once per batch, each model's moments against them.
+    shared: dict[str, Any] = {}
+    stats: dict[str, dict[str, Any]] = {name: {} for name in students}
+    teacher_step, student_step = _jitted("teacher_stats", *shape, vocab, chunk), _jitted("stats", *shape, vocab, chunk)
+    with jax.set_mesh(mesh):
+        for batch in _batches(mesh, fit_rows, measured, gb):
+            held, sums = teacher_step(teacher_params, batch)
+            outs = {name: student_step(params, held, batch) for name, params in students.items()}
+            shared = add_sums(shared, jax.device_get(sums))
+            for name, out in outs.items():
+                stats[name] = add_sums(stats[name], jax.device_get(out))
+    shared_fit, info = _fit_shared(shared, layout, markers, config)
+    fitted = {name: _fit_student(stats[name], shared, info, layout) for name in students}
+
+    # Eval pass: per-row sums; the teacher's forward, native and random directions once per batch.
+    teacher_step, student_step = _jitted("teacher_eval", *shape, vocab, chunk), _jitted("eval", *shape, vocab, chunk)
+    shared_rows: list[Any] = []
+    model_rows: dict[str, list[Any]] = {name: [] for name in students}
+    with jax.set_mesh(mesh):
+        # Small (maps, probes, directions, markers): replicated.
+        on_device = jax.device_put((shared_fit, {n: f for n, (f, _) in fitted.items()}), mesh_lib.replicated(mesh))
+        for batch in _batches(mesh, eval_rows, measured, gb):
+            held, per_row = teacher_step(teacher_params, on_device[0], batch)
+            outs = {
+                name: student_step(params, teacher_params, on_device[0], on_device[1][name], held, batch)
+                for name, params in students.items()
+            }
+            shared_rows.append(jax.device_get(per_row))
+            for name, out in outs.items():
+                model_rows[name].append(jax.device_get(out))
+    real = len(eval_rows.tokens)
+    teacher_rows = _concatenate(shared_rows, real)
+    reports = Measured()
+    reports.rows = {}
+    for name in students:
+        rows_of = transfer_rows.TransferRows.from_sums(
+            layout.pairs,
+            layout.concept_pair,
+            [rows.concepts[c] for c in layout.measured],
+            {**teacher_rows, **_concatenate(model_rows[name], real)},
+        )
+        reports.rows[name] = rows_of
+        reports[name] = _report(stats[name], rows_of, {**info, **fitted[name][1]}, layout, rows, markers, skipped)
+    return reports
+
+
+def check_budgets(config, *, fit_batches: int, eval_batches: int, user_concepts=()) -> None:
+    """The UserError measure_models would raise for held-out documents too few for `fit_batches` and `eval_batches`,
+    raised without any model (for a recipe that checks its inputs before its first phase; it tokenizes the held-out
+    documents the budgets need once)."""
+    for flag, value in (("--fit-batches", fit_batches), ("--eval-batches", eval_batches)):
+        if value <= 0:
+            raise UserError(f"transfer {flag.lstrip('-').replace('-', '_')} ({flag}) must be positive, not {value}")
+    _labelled_rows(config, None, fit_batches, eval_batches, user_concepts)
+
+
+def _labelled_rows(config, batches, fit_batches, eval_batches, user_concepts):
+    gb = config.data.global_batch
+    if fit_batches is None and eval_batches is None:
+        rows = concepts_lib.labelled_rows(
+            config.data, config.model.vocab_size, rows=int(batches or 0) * gb, user=user_concepts
+        )
+    else:
+        half = -(-int(batches or 0) // 2)
+        rows = concepts_lib.labelled_rows(
+            config.data,
+            config.model.vocab_size,
+            fit_rows=int(fit_batches or half) * gb,
+            eval_rows=int(eval_batches or half) * gb,
+            user=user_concepts,
+        )
+    return rows
+
+
+def _part(rows, keep):
+    return rows._replace(
         **{
-            f: getattr(rows, f)[~rows.fit]
+            f: getattr(rows, f)[keep]
             for f in ("tokens", "segment_ids", "positions", "targets", "loss_mask", "fit", "labels")
         }
     )
-    sums = _run(
-        mesh,
-        eval_rows,
-        measured,
-        config.data.global_batch,
-        _jitted("eval", *shape, groups, mesh),
-        student_params,
-        teacher_params,
-        fitted,
-    )
-    return _report(stats, sums, info, layout, rows, markers, skipped)
+
+
+def _concatenate(batches: list[Any], real: int) -> dict[str, np.ndarray]:
+    """Per-row outputs of each batch → one float64 array per key (nested keys joined by '/'), padding rows dropped."""
+    out: dict[str, list[np.ndarray]] = {}
+
+    def walk(prefix, tree):
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                walk(f"{prefix}{key}/", value)
+            else:
+                out.setdefault(prefix + key, []).append(np.asarray(value, np.float64))
+
+    for batch in batches:
+        walk("", batch)
+    return {k: np.concatenate(v)[:real] for k, v in out.items()}
 
 
 class _Layout:
@@ -269,51 +369,50 @@ def _groups(labels_rsc) -> tuple[int, ...]:
     )
 
 
-@functools.lru_cache(maxsize=8)
-def _jitted(kind: str, student_cfg, teacher_cfg, pairs, concept_pair, measured, groups, mesh):
-    """The jitted stats or eval step of one shape: a second model of the same shape measured on the same rows (the
-    demo's baseline after its analog) reuses the compiled programs instead of compiling them again."""
+@functools.lru_cache(maxsize=16)
+def _jitted(kind: str, student_cfg, teacher_cfg, pairs, concept_pair, measured, groups, mesh, vocab, chunk):
+    """A jitted step of one shape: later calls for models of the same shape (the demo's baseline after its analog, a
+    second measurement) reuse the compiled programs instead of compiling them again. Sums and per-row outputs are
+    replicated (every process reads the global value); what the teacher step hands to the model steps stays on the
+    devices, split over the batch like the batch itself."""
     from analogjax import mesh as mesh_lib
     from analogjax.models.transformer import Transformer
 
     models = (Transformer(student_cfg), Transformer(teacher_cfg))
     layout = _Layout(pairs, concept_pair, measured, groups)
-    step = (_stats_step if kind == "stats" else _eval_step)(models, layout)
-    return jax.jit(step, out_shardings=mesh_lib.replicated(mesh))
+    make = {"teacher_stats": _teacher_stats_step, "stats": _stats_step, "teacher_eval": _teacher_eval_step}
+    step = make.get(kind, _eval_step)(models, layout, vocab, chunk)
+    replicated = mesh_lib.replicated(mesh)
+    if kind.startswith("teacher"):
+        return jax.jit(step, out_shardings=(mesh_lib.batch_sharding(mesh), replicated))
+    return jax.jit(step, out_shardings=replicated)
 
 
-def _run(mesh, rows, measured, global_batch, fn, student_params, teacher_params, fitted=None) -> dict:
-    """Sum the jitted step `fn` over the rows in global batches; every process builds the same rows and feeds its
-    share."""
+def _batches(mesh, rows, measured, global_batch):
+    """Global batches of the rows (a short last batch is filled with empty rows); every process builds the same
+    rows and feeds its share."""
     from analogjax import mesh as mesh_lib
     from analogjax.data.global_batch import to_global_batch
 
     local = global_batch // jax.process_count()
     first = jax.process_index() * local
-    real = rows.segment_ids > 0
+    real = (rows.segment_ids > 0).astype(np.float32)
     fields = {
         "tokens": rows.tokens,
         "segment_ids": rows.segment_ids,
         "positions": rows.positions,
         "targets": rows.targets,
         "loss_mask": rows.loss_mask,
-        "fit": (real & rows.fit[:, None]).astype(np.float32),
-        "eval": (real & ~rows.fit[:, None]).astype(np.float32),
+        "real": real,
         "labels": rows.labels[..., measured],
     }
-
-    def batches():
-        for start in range(0, len(rows.tokens), global_batch):
-            batch = {}
-            for key, value in fields.items():
-                chunk = value[start : start + global_batch]
-                fill = np.full((global_batch - len(chunk), *chunk.shape[1:]), -1 if key == "labels" else 0, chunk.dtype)
-                batch[key] = np.concatenate([chunk, fill])[first : first + local]  # a short last batch: empty rows
-            yield to_global_batch(batch, mesh_lib.batch_sharding(mesh))
-
-    with jax.set_mesh(mesh):
-        extra = () if fitted is None else (jax.device_put(fitted, mesh_lib.replicated(mesh)),)  # small: replicated
-        return sum_over_batches(fn, batches(), student_params, teacher_params, *extra)
+    for start in range(0, len(rows.tokens), global_batch):
+        batch = {}
+        for key, value in fields.items():
+            chunk = value[start : start + global_batch]
+            fill = np.full((global_batch - len(chunk), *chunk.shape[1:]), -1 if key == "labels" else 0, chunk.dtype)
+            batch[key] = np.concatenate([chunk, fill])[first : first + local]
+        yield to_global_batch(batch, mesh_lib.batch_sharding(mesh))
 
 
 def _layers(model, rules, params, batch):
@@ -321,216 +420,260 @@ def _layers(model, rules, params, batch):
         return model.features(params, batch["tokens"], batch["segment_ids"], batch["positions"], True)
 
 
-def _stats_step(models, layout):
+def _teacher_stats_step(models, layout, vocab, chunk):
     from analogjax import mesh as mesh_lib
 
-    student, big = models
+    big = models[1]
 
-    def step(sp, tp, batch):
-        xs = _layers(student, mesh_lib.STUDENT_RULES, sp, batch).layers_lbsd
+    def step(tp, batch):
         ys = _layers(big, mesh_lib.TEACHER_RULES, tp, batch).layers_lbsd
-        xs, ys = xs.reshape(xs.shape[0], -1, xs.shape[-1]), ys.reshape(ys.shape[0], -1, ys.shape[-1])
-        fit, ev = batch["fit"].reshape(-1), batch["eval"].reshape(-1)
-        out = {
-            part: jax.tree.map(lambda *a: jnp.stack(a), *[moments(xs[i], ys[j], w) for i, j in layout.pairs])
-            for part, w in (("fit", fit), ("eval", ev))
+        w = batch["real"].reshape(-1)
+        flat = ys.reshape(ys.shape[0], -1, ys.shape[-1])
+        sums = {
+            "n": jnp.sum(w),
+            "norm": jnp.stack(
+                [jnp.sum(jnp.linalg.norm(flat[j].astype(jnp.float32), axis=-1) * w) for _, j in layout.pairs]
+            ),
         }
-        out["norm"] = jnp.stack(
-            [jnp.sum(jnp.linalg.norm(ys[j].astype(jnp.float32), axis=-1) * fit) for _, j in layout.pairs]
-        )
         if layout.measured:
             labels = batch["labels"].reshape(-1, len(layout.measured))
-            group = (labels[:, layout.group_reps] >= 0) * fit[:, None]
-            positive = (labels == 1) * fit[:, None]
-            i, j = layout.concept_pair
-            out["analog"] = concept_moments(xs[i], group, positive)
-            out["teacher"] = concept_moments(ys[j], group, positive)
+            group = (labels[:, layout.group_reps] >= 0) * w[:, None]
+            sums["teacher"] = concept_moments(flat[layout.concept_pair[1]], group, (labels == 1) * w[:, None])
+        return {"y": jnp.stack([ys[j] for _, j in layout.pairs], axis=1)}, sums  # y: [b, P, s, d]
+
+    return step
+
+
+def _stats_step(models, layout, vocab, chunk):
+    from analogjax import mesh as mesh_lib
+
+    student = models[0]
+
+    def step(sp, held, batch):
+        xs = _layers(student, mesh_lib.STUDENT_RULES, sp, batch).layers_lbsd
+        xs = xs.reshape(xs.shape[0], -1, xs.shape[-1])
+        ys = jnp.moveaxis(held["y"], 1, 0)
+        ys = ys.reshape(ys.shape[0], -1, ys.shape[-1])
+        w = batch["real"].reshape(-1)
+        out = {
+            "fit": jax.tree.map(
+                lambda *a: jnp.stack(a), *[moments(xs[i], ys[p], w) for p, (i, _) in enumerate(layout.pairs)]
+            )
+        }
+        if layout.measured:
+            labels = batch["labels"].reshape(-1, len(layout.measured))
+            group = (labels[:, layout.group_reps] >= 0) * w[:, None]
+            out["analog"] = concept_moments(xs[layout.concept_pair[0]], group, (labels == 1) * w[:, None])
         return out
 
     return step
 
 
-def _fit(stats, layout, markers, config):
-    """Maps per pair; probes and steering directions at the concepts' pair (float32 arrays for the device)."""
-    at = [{k: v[p] for k, v in stats["fit"].items()} for p in range(len(layout.pairs))]
-    maps = [fit_affine(m) for m in at]
-    back = [fit_affine(reversed_moments(m)) for m in at]
-    fitted = {"w": np.stack([w for w, _ in maps]), "b": np.stack([b for _, b in maps])}
+def _fit_shared(shared, layout, markers, config):
+    """What every model shares: the steering norm, the teacher's native probes, the native and random steering
+    directions (the unsteered stream first, as a zero direction) and the concepts' marker tokens."""
     pc = layout.pairs.index(layout.concept_pair)
-    norm = STEER_SCALE * float(stats["norm"][pc] / stats["fit"]["n"][pc])
-    info = {"maps": maps, "back": back, "norm": norm}
+    norm = STEER_SCALE * float(shared["norm"][pc] / shared["n"])
+    info: dict[str, Any] = {"norm": norm, "native_norms": []}
+    fitted: dict[str, np.ndarray] = {}
     if not layout.measured:
-        return {k: v.astype(np.float32) for k, v in fitted.items()}, info
-    a, t = stats["analog"], stats["teacher"]
-    rng = np.random.default_rng(config.train.seed)
-    probes = {"analog": [], "native": [], "transferred": []}
-    directions = []
+        return fitted, info
+    t = shared["teacher"]
+    native_probes, native_dirs = [], []
     for k, g in enumerate(layout.group_of):
-        wa, ba = fit_probe(a["n"][g], a["sx"][g], a["sxx"][g], a["npos"][k], a["sxpos"][k])
-        probes["analog"].append((wa, ba))
-        probes["native"].append(fit_probe(t["n"][g], t["sx"][g], t["sxx"][g], t["npos"][k], t["sxpos"][k]))
-        probes["transferred"].append((back[pc][0] @ wa, back[pc][1] @ wa + ba))  # the analog probe on ŷ → x̂
+        native_probes.append(fit_probe(t["n"][g], t["sx"][g], t["sxx"][g], t["npos"][k], t["sxpos"][k]))
         native = difference_of_means(t["n"][g], t["sx"][g], t["npos"][k], t["sxpos"][k])
-        carried = difference_of_means(a["n"][g], a["sx"][g], a["npos"][k], a["sxpos"][k]) @ maps[pc][0]
-        directions += [native, carried, *rng.standard_normal((RANDOM_DRAWS, len(native)))]
-        info.setdefault("native_norms", []).append(float(np.linalg.norm(native)))
-    for name, fits in probes.items():
-        fitted[f"{name}_w"] = np.stack([w for w, _ in fits])
-        fitted[f"{name}_b"] = np.asarray([b for _, b in fits])
-    directions = np.stack(directions)
-    fitted["directions"] = directions * norm / np.maximum(np.linalg.norm(directions, axis=1, keepdims=True), 1e-30)
-    fitted = {k: v.astype(np.float32) for k, v in fitted.items()}
-    fitted["concept_k"] = np.repeat(np.arange(len(layout.measured), dtype=np.int32), 2 + RANDOM_DRAWS)
+        native_dirs.append(native)
+        info["native_norms"].append(float(np.linalg.norm(native)))
+    dt = len(native_dirs[0])
+    randoms = np.random.default_rng(config.train.seed).standard_normal((RANDOM_DRAWS, dt))
+    fitted["native_w"] = np.stack([w for w, _ in native_probes])
+    fitted["native_b"] = np.asarray([b for _, b in native_probes])
+    fitted["directions"] = np.concatenate([np.zeros((1, dt)), _scaled(np.stack([*native_dirs, *randoms]), norm)])
     vocab = config.teacher.model.vocab_size
     fitted["markers"] = np.zeros((len(layout.measured), vocab), np.float32)
     for k, tokens in enumerate(markers):
         fitted["markers"][k, [t for t in tokens if t < vocab]] = 1.0
-    return fitted, info
+    return {k: v.astype(np.float32) for k, v in fitted.items()}, info
 
 
-def _eval_step(models, layout):
+def _scaled(directions, norm):
+    return directions * norm / np.maximum(np.linalg.norm(directions, axis=1, keepdims=True), 1e-30)
+
+
+def _fit_student(stats, shared, info, layout):
+    """One model's maps per pair, its probes and carried directions at the concepts' pair (float32 arrays for the
+    device), and the float64 maps for its report."""
+    at = [{k: v[p] for k, v in stats["fit"].items()} for p in range(len(layout.pairs))]
+    maps = [fit_affine(m) for m in at]
+    back = [fit_affine(reversed_moments(m)) for m in at]
+    fitted = {
+        "w": np.stack([w for w, _ in maps]),
+        "b": np.stack([b for _, b in maps]),
+        "back_w": np.stack([w for w, _ in back]),
+        "back_b": np.stack([b for _, b in back]),
+    }
+    if layout.measured:
+        pc = layout.pairs.index(layout.concept_pair)
+        a = stats["analog"]
+        analog, transferred, carried = [], [], []
+        for k, g in enumerate(layout.group_of):
+            wa, ba = fit_probe(a["n"][g], a["sx"][g], a["sxx"][g], a["npos"][k], a["sxpos"][k])
+            analog.append((wa, ba))
+            transferred.append((back[pc][0] @ wa, back[pc][1] @ wa + ba))  # the analog probe on ŷ → x̂
+            carried.append(difference_of_means(a["n"][g], a["sx"][g], a["npos"][k], a["sxpos"][k]) @ maps[pc][0])
+        for name, fits in (("analog", analog), ("transferred", transferred)):
+            fitted[f"{name}_w"] = np.stack([w for w, _ in fits])
+            fitted[f"{name}_b"] = np.asarray([b for _, b in fits])
+        fitted["carried"] = _scaled(np.stack(carried), info["norm"])
+    return {k: v.astype(np.float32) for k, v in fitted.items()}, {"maps": maps, "back": back}
+
+
+def _teacher_from(big, tp, first, h, seg, pos):
+    """The teacher's blocks first.. on a residual stream, then its final norm and head: logits."""
+    from analogjax import mesh as mesh_lib
+    from analogjax.models.transformer import logits as head_logits
+
+    with nn.logical_axis_rules(list(mesh_lib.TEACHER_RULES)):
+        for layer in range(first, big.cfg.n_layers):
+            h = big.block(tp, layer, h, seg, pos)
+        return head_logits(tp, big.cfg, big.finish(tp, h))
+
+
+def _steer_rest(big, tp, first, batch):
+    """rest_fn for steered_mass: the teacher after layer first − 1, on `rows` stacked copies of the batch."""
+    seg, pos = batch["segment_ids"], batch["positions"]
+
+    def rest(h, rows):
+        return _teacher_from(big, tp, first, h, jnp.repeat(seg, rows, axis=0), jnp.repeat(pos, rows, axis=0))
+
+    return rest
+
+
+def _teacher_eval_step(models, layout, vocab, chunk):
+    from analogjax import mesh as mesh_lib
+    from analogjax.models.transformer import logits as head_logits
+    from analogjax.objective import divergences as losses
+
+    big = models[1]
+
+    def step(tp, fitted, batch):
+        ft = _layers(big, mesh_lib.TEACHER_RULES, tp, batch)
+        with nn.logical_axis_rules(list(mesh_lib.TEACHER_RULES)):
+            log_t = losses.log_softmax(head_logits(tp, big.cfg, ft.hidden_bsd)[..., :vocab])
+        w = batch["loss_mask"] * batch["real"]
+        held = {"y": jnp.stack([ft.layers_lbsd[j] for _, j in layout.pairs], axis=1), "log_t": log_t}
+        per_row = {
+            "n": batch["real"].sum(1),
+            "tokens": w.sum(1),
+            "teacher_ce": jnp.sum(-losses.pick(log_t, batch["targets"]) * w, 1),
+        }
+        if layout.measured:
+            j = layout.concept_pair[1]
+            labels = batch["labels"]
+            labelled, truth = (labels >= 0) * batch["real"][..., None], labels == 1
+            y = ft.layers_lbsd[j].astype(jnp.float32)
+            scores = y @ fitted["native_w"].T + fitted["native_b"]
+            c = len(layout.measured)
+            per_row["probe"] = {
+                "labelled": labelled.sum(1),
+                "positive": (truth * labelled).sum(1),
+                "native": jnp.sum(((scores > 0) == truth) * labelled, 1),
+            }
+            outside = (labels == 0) * batch["real"][..., None]  # b s C
+            mass = steered_mass(
+                _steer_rest(big, tp, j + 1, batch), ft.layers_lbsd[j], fitted["directions"], fitted["markers"], chunk
+            )  # b 1+C+D s C: the unsteered stream first
+            held["base"] = mass[:, 0]
+            effect = jnp.sum((mass[:, 1:] - mass[:, :1]) * outside[:, None], 2)  # b C+D C
+            per_row["steering"] = {
+                "count": outside.sum(1),
+                "native": jnp.diagonal(effect[:, :c], axis1=1, axis2=2),  # each concept's own direction
+                "random": effect[:, c:],  # b D C: every random direction on every concept
+            }
+        return held, per_row
+
+    return step
+
+
+def _eval_step(models, layout, vocab, chunk):
     from analogjax import mesh as mesh_lib
     from analogjax.models.transformer import logits as head_logits
     from analogjax.objective import divergences as losses
 
     student, big = models
-    vocab = min(student.cfg.vocab_size, big.cfg.vocab_size)  # a padded vocabulary: the shared real range
 
-    def step(sp, tp, fitted, batch):
+    def step(sp, tp, shared, fitted, held, batch):
         seg, pos = batch["segment_ids"], batch["positions"]
         fs = _layers(student, mesh_lib.STUDENT_RULES, sp, batch)
-        ft = _layers(big, mesh_lib.TEACHER_RULES, tp, batch)
         with nn.logical_axis_rules(list(mesh_lib.STUDENT_RULES)):
             log_s = losses.log_softmax(head_logits(sp, student.cfg, fs.hidden_bsd)[..., :vocab])
-        with nn.logical_axis_rules(list(mesh_lib.TEACHER_RULES)):
-            log_t = losses.log_softmax(head_logits(tp, big.cfg, ft.hidden_bsd)[..., :vocab])
-        w = batch["loss_mask"] * batch["eval"]
+        log_t, real = held["log_t"], batch["real"]
+        w = batch["loss_mask"] * real
 
         def nll(log_q):
-            return jnp.sum(-losses.pick(log_q, batch["targets"]) * w)
+            return jnp.sum(-losses.pick(log_q, batch["targets"]) * w, 1)
 
-        def teacher_from(first, h):  # the teacher's blocks first.. on a residual stream, then norm and head
-            with nn.logical_axis_rules(list(mesh_lib.TEACHER_RULES)):
-                for layer in range(first, big.cfg.n_layers):
-                    h = big.block(tp, layer, h, seg, pos)
-                return head_logits(tp, big.cfg, big.finish(tp, h))
-
-        out = {
-            "tokens": jnp.sum(w),
-            "teacher_ce": nll(log_t),
-            "analog_ce": nll(log_s),
-            "stitched_ce": [],
-            "stitched_kl": [],
+        out: dict[str, Any] = {"analog_ce": nll(log_s)}
+        stitch: dict[str, list] = {
+            k: [] for k in ("ce", "kl", "fwd_sse", "fwd_sy", "fwd_syy", "back_sse", "back_sy", "back_syy")
         }
         for p, (i, j) in enumerate(layout.pairs):
-            mapped = fs.layers_lbsd[i].astype(jnp.float32) @ fitted["w"][p] + fitted["b"][p]
-            log_q = losses.log_softmax(teacher_from(j + 1, mapped.astype(ft.layers_lbsd.dtype))[..., :vocab])
-            out["stitched_ce"].append(nll(log_q))
-            out["stitched_kl"].append(jnp.sum(losses.forward_kl_from_log_probs(log_t, log_q) * w))
-        out["stitched_ce"], out["stitched_kl"] = jnp.stack(out["stitched_ce"]), jnp.stack(out["stitched_kl"])
+            x, y = fs.layers_lbsd[i].astype(jnp.float32), held["y"][:, p].astype(jnp.float32)
+            mapped = x @ fitted["w"][p] + fitted["b"][p]
+            log_q = losses.log_softmax(
+                _teacher_from(big, tp, j + 1, mapped.astype(held["y"].dtype), seg, pos)[..., :vocab]
+            )
+            stitch["ce"].append(nll(log_q))
+            stitch["kl"].append(jnp.sum(losses.forward_kl_from_log_probs(log_t, log_q) * w, 1))
+            back = y @ fitted["back_w"][p] + fitted["back_b"][p]
+            for name, target, guess in (("fwd", y, mapped), ("back", x, back)):
+                stitch[f"{name}_sse"].append(jnp.sum(jnp.sum((target - guess) ** 2, -1) * real, 1))
+                stitch[f"{name}_sy"].append(jnp.sum(target * real[..., None], 1))
+                stitch[f"{name}_syy"].append(jnp.sum(jnp.sum(target**2, -1) * real, 1))
+        for key, values in stitch.items():
+            out[f"stitched_{key}" if key in ("ce", "kl") else key] = jnp.stack(values, axis=1)  # b P [...]
         if layout.measured:
             i, j = layout.concept_pair
-            labels, ev = batch["labels"], batch["eval"][..., None]
-            labelled, truth = (labels >= 0) * ev, labels == 1
-            x, y = fs.layers_lbsd[i].astype(jnp.float32), ft.layers_lbsd[j].astype(jnp.float32)
+            labels = batch["labels"]
+            labelled, truth = (labels >= 0) * real[..., None], labels == 1
+            x = fs.layers_lbsd[i].astype(jnp.float32)
+            y = held["y"][:, layout.pairs.index(layout.concept_pair)]
 
             def correct(feats, name):
                 scores = feats @ fitted[f"{name}_w"].T + fitted[f"{name}_b"]
-                return jnp.sum(((scores > 0) == truth) * labelled, (0, 1))
+                return jnp.sum(((scores > 0) == truth) * labelled, 1)
 
             out["probe"] = {
-                "labelled": labelled.sum((0, 1)),
-                "positive": (truth * labelled).sum((0, 1)),
                 "analog": correct(x, "analog"),
-                "native": correct(y, "native"),
-                "transferred": correct(y, "transferred"),
+                "transferred": correct(y.astype(jnp.float32), "transferred"),
             }
-            out["steer_effect"], out["steer_count"] = steering_sums(
-                lambda h: teacher_from(j + 1, h),
-                ft.layers_lbsd[j],
-                fitted["directions"],
-                fitted["concept_k"],
-                fitted["markers"],
-                (labels == 0) * ev,
-            )
+            mass = steered_mass(_steer_rest(big, tp, j + 1, batch), y, fitted["carried"], shared["markers"], chunk)
+            outside = (labels == 0) * real[..., None]
+            own = jnp.diagonal(mass, axis1=1, axis2=3)  # b s C: each carried direction on its own concept
+            out["steering"] = {"transferred": jnp.sum((own - held["base"]) * outside, 1)}
         return out
 
     return step
 
 
-def _report(stats, sums, info, layout, rows, markers, skipped) -> dict[str, Any]:
-    tokens = float(sums["tokens"])
-    stitch = []
-    for p, (i, j) in enumerate(layout.pairs):
-        ev = {k: v[p] for k, v in stats["eval"].items()}
-        back = explained_variance(reversed_moments(ev), *info["back"][p])
-        stitch.append(
-            {
-                "analog_layer": i,
-                "teacher_layer": j,
-                "explained_variance": explained_variance(ev, *info["maps"][p]),
-                "teacher_to_analog_explained_variance": back,
-                "stitched_ce": float(sums["stitched_ce"][p] / tokens),
-                "stitched_kl": float(sums["stitched_kl"][p] / tokens),
-            }
-        )
-    probes, steering = [], []
-    i, j = layout.concept_pair
-    for k, c in enumerate(layout.measured):
-        name = rows.concepts[c]
-        pr = {key: float(v[k]) for key, v in sums["probe"].items()}
-        rate = pr["positive"] / pr["labelled"]
-        chance = max(rate, 1 - rate)
-        acc = {key: pr[key] / pr["labelled"] for key in ("analog", "native", "transferred")}
-        probes.append(
-            {
-                "concept": name,
-                "analog_layer": i,
-                "teacher_layer": j,
-                "eval_tokens": int(pr["labelled"]),
-                "positive_rate": rate,
-                "chance": chance,
-                "analog": acc["analog"],
-                "teacher_native": acc["native"],
-                "transferred": acc["transferred"],
-                # Noise: two standard errors of an accuracy at chance over these tokens.
-                "recovered": recovered(
-                    acc["transferred"], chance, acc["native"], 2 * np.sqrt(chance * (1 - chance) / pr["labelled"])
-                ),
-            }
-        )
-        span = slice(k * (2 + RANDOM_DRAWS), (k + 1) * (2 + RANDOM_DRAWS))
-        effect = sums["steer_effect"][span] / np.maximum(sums["steer_count"][span], 1)
-        random = float(np.mean(effect[2:]))
-        steering.append(
-            {
-                "concept": name,
-                "analog_layer": i,
-                "teacher_layer": j,
-                "markers": markers[k],
-                "teacher_difference_of_means_norm": info["native_norms"][k],
-                "native": float(effect[0]),
-                "transferred": float(effect[1]),
-                "random": random,
-                "random_draws": [float(e) for e in effect[2:]],
-                # Noise: the spread of one random direction's effect.
-                "recovered": recovered(float(effect[1]), random, float(effect[0]), float(np.std(effect[2:]))),
-            }
-        )
-    fit_tokens = int(stats["fit"]["n"][0])
+def _report(stats, rows_of: TransferRows, info, layout, rows, markers, skipped) -> dict[str, Any]:
+    """One model's report object: the figures with their intervals (transfer_rows.figures) and what they were
+    measured on and how."""
+    figures = transfer_rows.figures(rows_of)
+    for k, steer in enumerate(figures["steering"]):
+        steer["markers"] = markers[k]
+        steer["teacher_difference_of_means_norm"] = info["native_norms"][k]
     return {
         "layer_pairs": [list(p) for p in layout.pairs],
         "concept_layer_pair": list(layout.concept_pair),
         "split": "held-out documents alternate fit, eval (document k fits when k is even); user concept texts "
         "alternate likewise per concept",
         "documents": rows.documents,
-        "fit_tokens": fit_tokens,
-        "eval_tokens": int(stats["eval"]["n"][0]),
-        "teacher_ce": float(sums["teacher_ce"] / tokens),
-        "analog_ce": float(sums["analog_ce"] / tokens),
-        "stitch": stitch,
-        "probes": probes,
-        "steering": steering,
+        "fit_tokens": int(stats["fit"]["n"][0]),
+        "eval_tokens": int(rows_of.sums["n"].sum()),
+        "fit_rows": int(rows.fit.sum()),
+        **figures,
         "skipped": skipped,
         "method": {
             "map": f"ridge regression, lambda = {MAP_RIDGE:g} x mean input variance",
@@ -538,7 +681,10 @@ def _report(stats, sums, info, layout, rows, markers, skipped) -> dict[str, Any]
             "steering_norm": info["norm"],
             "steering_scale": STEER_SCALE,
             "random_draws": RANDOM_DRAWS,
+            "random_directions": "one set shared by every concept (and every model measured together)",
             "marker_tokens": concepts_lib.MARKERS,
             "token_label": "a token is positive when any of its characters is inside the concept",
+            "intervals": f"95% percentile bootstrap over the {rows_of.rows} eval rows ({intervals.DRAWS} "
+            "resamples); steering's also resample the random directions",
         },
     }

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from analogjax.fidelity.intervals import format_interval
 from analogjax.runtime import figures
 
 TRANSFERRED_AT = 0.5  # recovered at or above this is called "transferred" in words
@@ -16,19 +17,37 @@ def _num(value, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def _ci(row: dict[str, Any], key: str, digits: int = 3) -> str:
+    """A figure with its 95% interval where the report has one (reports written before intervals have none)."""
+    value = row.get(key)
+    return "n/a" if value is None else format_interval(value, row.get(f"{key}_ci95"), digits)
+
+
+def _sci(row: dict[str, Any], key: str) -> str:
+    """A small effect (probability mass) with its interval, in scientific notation."""
+    value, interval = row.get(key), row.get(f"{key}_ci95")
+    if value is None:
+        return "n/a"
+    return f"{value:.2e}" + (f" [{interval[0]:.2e}, {interval[1]:.2e}]" if interval else "")
+
+
 def markdown_table(report: dict[str, Any]) -> str:
-    """Three tables: stitching per layer pair, probes per concept, steering per concept (plus skipped concepts)."""
+    """Three tables: stitching per layer pair, probes per concept, steering per concept (plus skipped concepts); each
+    figure with its 95% interval in brackets where the report has one."""
+    interval_note = (
+        f" Brackets: 95% intervals, {report['method']['intervals']}." if "intervals" in report["method"] else ""
+    )
     lines = [
         f"Stitching (held-out tokens: {report['fit_tokens']:,} to fit, {report['eval_tokens']:,} to measure; "
-        f"teacher CE {report['teacher_ce']:.3f}, analog CE {report['analog_ce']:.3f} nats/token):",
+        f"teacher CE {_ci(report, 'teacher_ce')}, analog CE {_ci(report, 'analog_ce')} nats/token).{interval_note}",
         "",
         "| analog layer | teacher layer | explained variance (analog→teacher) | (teacher→analog) "
         "| stitched CE | KL(teacher‖stitched) |",
         "|---:|---:|---:|---:|---:|---:|",
     ]
     lines += [
-        f"| {s['analog_layer']} | {s['teacher_layer']} | {s['explained_variance']:.3f} | "
-        f"{s['teacher_to_analog_explained_variance']:.3f} | {s['stitched_ce']:.3f} | {s['stitched_kl']:.4f} |"
+        f"| {s['analog_layer']} | {s['teacher_layer']} | {_ci(s, 'explained_variance')} | "
+        f"{_ci(s, 'teacher_to_analog_explained_variance')} | {_ci(s, 'stitched_ce')} | {_ci(s, 'stitched_kl', 4)} |"
         for s in report["stitch"]
     ]
     i, j = report["concept_layer_pair"]
@@ -41,8 +60,8 @@ def markdown_table(report: dict[str, Any]) -> str:
             "|---|---:|---:|---:|---:|---:|",
         ]
         lines += [
-            f"| {p['concept']} | {p['chance']:.3f} | {p['analog']:.3f} | {p['teacher_native']:.3f} | "
-            f"{p['transferred']:.3f} | {_num(p['recovered'], 2)} |"
+            f"| {p['concept']} | {p['chance']:.3f} | {_ci(p, 'analog')} | {_ci(p, 'teacher_native')} | "
+            f"{_ci(p, 'transferred')} | {_ci(p, 'recovered', 2)} |"
             for p in report["probes"]
         ]
         lines += [
@@ -54,8 +73,8 @@ def markdown_table(report: dict[str, Any]) -> str:
             "|---|---:|---:|---:|---:|",
         ]
         lines += [
-            f"| {s['concept']} | {s['native']:.2e} | {s['transferred']:.2e} | {s['random']:.2e} | "
-            f"{_num(s['recovered'], 2)} |"
+            f"| {s['concept']} | {_sci(s, 'native')} | {_sci(s, 'transferred')} | {_sci(s, 'random')} | "
+            f"{_ci(s, 'recovered', 2)} |"
             for s in report["steering"]
         ]
     if report["skipped"]:
@@ -132,10 +151,18 @@ def plot(report: dict[str, Any], out: Path) -> dict[str, Path]:
     labels = [f"{s['analog_layer']}↔{s['teacher_layer']}" for s in report["stitch"]]
     xs = np.arange(len(labels))
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar(xs - 0.2, [s["explained_variance"] for s in report["stitch"]], 0.4, label="analog → teacher")
-    ax.bar(
-        xs + 0.2, [s["teacher_to_analog_explained_variance"] for s in report["stitch"]], 0.4, label="teacher → analog"
-    )
+    for offset, key, label in (
+        (-0.2, "explained_variance", "analog → teacher"),
+        (0.2, "teacher_to_analog_explained_variance", "teacher → analog"),
+    ):
+        ax.bar(
+            xs + offset,
+            [s[key] for s in report["stitch"]],
+            0.4,
+            label=label,
+            yerr=_error_bars(report["stitch"], key),
+            capsize=3,
+        )
     ax.set_xticks(xs, labels)
     ax.set(
         xlabel="layer pair (analog↔teacher)", ylabel="explained variance", title="affine maps between residual streams"
@@ -150,8 +177,8 @@ def plot(report: dict[str, Any], out: Path) -> dict[str, Path]:
             return [np.nan if r["recovered"] is None else r["recovered"] for r in rows]
 
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.bar(xs - 0.2, values(report["probes"]), 0.4, label="probe")
-        ax.bar(xs + 0.2, values(report["steering"]), 0.4, label="steering")
+        for offset, rows, label in ((-0.2, report["probes"], "probe"), (0.2, report["steering"], "steering")):
+            ax.bar(xs + offset, values(rows), 0.4, label=label, yerr=_error_bars(rows, "recovered"), capsize=3)
         ax.axhline(1.0, color="grey", linewidth=0.8)
         ax.axhline(0.0, color="black", linewidth=0.8)
         ax.set_xticks(xs, names, rotation=30, ha="right")
@@ -159,6 +186,19 @@ def plot(report: dict[str, Any], out: Path) -> dict[str, Path]:
         ax.legend()
         written["transfer_recovered"] = figures.save(fig, out / "transfer_recovered.png")
     return written
+
+
+def _error_bars(rows: list[dict[str, Any]], key: str):
+    """[2, n] distances from each figure to its 95% interval's ends (0 where a figure has none), or None."""
+    if not any(r.get(f"{key}_ci95") for r in rows):
+        return None
+    out = [
+        [0.0, 0.0]
+        if not r.get(f"{key}_ci95") or r[key] is None
+        else [r[key] - r[f"{key}_ci95"][0], r[f"{key}_ci95"][1] - r[key]]
+        for r in rows
+    ]
+    return [[max(lo, 0.0) for lo, _ in out], [max(hi, 0.0) for _, hi in out]]
 
 
 def proxy_summary(report: dict[str, Any]) -> dict[str, float | None]:
@@ -177,9 +217,36 @@ def proxy_summary(report: dict[str, Any]) -> dict[str, float | None]:
     }
 
 
-def comparison_table(reports: dict[str, dict[str, Any]]) -> str:
-    """Which model is the better proxy of the teacher (e.g. {"analog": ..., "baseline": ...}): a row per model
-    and, per measure, the better one (higher explained variance and recovered, lower stitched KL)."""
+def comparison_table(comparison) -> str:
+    """Which model is the better proxy of the teacher. Given comparison entries (transfer_rows.comparison, or
+    measure_models' result for "analog" against "baseline"): one line per measure, each model's figure with its 95%
+    interval, the interval of the difference and the verdict beyond noise. Given plain {name: report} (reports made
+    without per-row sums): a row per model and, per measure, the larger or smaller figure (no noise estimate)."""
+    rows = getattr(comparison, "rows", None)
+    if isinstance(comparison, dict) and rows is not None and {"analog", "baseline"} <= set(rows):
+        from analogjax.fidelity.transfer_rows import comparison as paired
+
+        comparison = paired(rows["analog"], rows["baseline"])
+    if isinstance(comparison, dict):
+        return _plain_table(comparison)
+    width = max([len(e["measure"]) for e in comparison] + [7])
+    lines = [
+        f"{'measure':<{width}}  {'analog [95% interval]':>28}  {'baseline [95% interval]':>28}  "
+        f"{'difference [95% interval]':>28}  better"
+    ]
+    for e in comparison:
+        digits = 4 if "KL" in e["measure"] else 3
+        cells = [
+            "n/a" if e[key] is None else format_interval(e[key], e[f"{key}_ci95"], digits)
+            for key in ("analog", "baseline")
+        ]
+        diff = e["difference_ci95"]
+        cells.append("n/a" if diff is None else f"[{diff[0]:.{digits}f}, {diff[1]:.{digits}f}]")
+        lines.append(f"{e['measure']:<{width}}  " + "  ".join(f"{c:>28}" for c in cells) + f"  {e['better']}")
+    return "\n".join(lines)
+
+
+def _plain_table(reports: dict[str, dict[str, Any]]) -> str:
     summaries = {name: proxy_summary(r) for name, r in reports.items()}
     measures = (
         ("explained_variance", "explained var.", max),
