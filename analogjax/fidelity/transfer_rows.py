@@ -174,7 +174,7 @@ class TransferRows:
     def _only(self, *prefixes: str) -> dict[str, np.ndarray]:
         return {k: v for k, v in self.sums.items() if k in ("n", "tokens") or k.startswith(prefixes)}
 
-    def figure(self, statistic: intervals.Statistic, *prefixes: str) -> tuple[float, list[float]]:
+    def figure(self, statistic: intervals.Statistic, *prefixes: str) -> tuple[float, list[float | None]]:
         """(point, [lo, hi]) of a statistic of the sums whose keys start with `prefixes`."""
         sums = self._only(*prefixes)
         return intervals.point(statistic, sums), intervals.ci95(statistic, sums)
@@ -186,7 +186,7 @@ class TransferRows:
         chance, _ = self.figure(probe_statistic("chance", k), "probe/")
         gap, (lo, _) = self.figure(probe_statistic("native_gap", k), "probe/")
         noise = 2 * np.sqrt(chance * (1 - chance) / max(labelled, 1.0))
-        return bool(gap > max(noise, 1e-12) and lo > 0)
+        return bool(gap > max(noise, 1e-12) and lo is not None and lo > 0)  # no interval (too few rows): not judged
 
     def steering_judged(self, k: int) -> bool:
         """Whether concept k's native direction beats the random ones beyond noise: by more than the spread (standard
@@ -194,10 +194,10 @@ class TransferRows:
         count = max(float(self.sums["steering/count"][:, k].sum()), 1.0)
         spread = float(np.std(self.sums["steering/random"][:, :, k].sum(0) / count))
         gap, (lo, _) = self.figure(steering_statistic("native_gap", k), "steering/")
-        return bool(gap > max(spread, 1e-12) and lo > 0)
+        return bool(gap > max(spread, 1e-12) and lo is not None and lo > 0)
 
 
-def _with_interval(out: dict, key: str, figure: tuple[float, list[float]]) -> None:
+def _with_interval(out: dict, key: str, figure: tuple[float, list[float | None]]) -> None:
     out[key], out[f"{key}_ci95"] = figure
 
 

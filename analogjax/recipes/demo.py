@@ -270,37 +270,52 @@ def _evaluate(clock: PhaseClock, config: Config, live, results: dict, summary: d
 
 
 def _transfer(clock: PhaseClock, demo, config: Config, live, results: dict, summary: dict) -> dict:
-    """The transfer checks of the analog and the baseline on the same held-out rows, layer pairs and random
-    directions (a phase of its own), into `summary`; {} when switched off."""
+    """The transfer checks of the analog and the baseline on the same held-out rows, layer pairs and steering
+    directions, the teacher's forwards computed once for both (a phase of its own), into `summary`; {} when off."""
     if not demo.transfer_fit_batches:
         return {}
+    from analogjax.fidelity.transfer import measure_models
+
+    data = config.data
+    fit_tokens = demo.transfer_fit_batches * data.global_batch * data.seq_len
+    clock.start(
+        "transfer",
+        f"do the analog's and the baseline's findings hold on the teacher (stitching, probes, steering; maps and "
+        f"probes fitted on up to {fit_tokens:,} held-out tokens)",
+    )
+    transfers = measure_models(
+        config,
+        {name: results[name]["state"].params["model"] for name in ("analog", "baseline")},
+        live.teacher,
+        live.teacher_params,
+        live.mesh,
+        fit_batches=demo.transfer_fit_batches,
+        eval_batches=demo.transfer_eval_batches,
+        pairs=_transfer_pairs(config, demo.transfer_pairs),
+    )
+    for name in ("analog", "baseline"):
+        summary[name]["transfer"] = transfers[name]
+    clock.stop()
+    return transfers
+
+
+def _transfer_pairs(config: Config, count: int) -> tuple[tuple[int, int], ...]:
+    """`count` layer pairs evenly spaced over the equal-depth pairs."""
     import numpy as np
 
     from analogjax.fidelity import default_layer_pairs
-    from analogjax.fidelity.transfer import measure
 
-    clock.start(
-        "transfer", "do the analog's and the baseline's findings hold on the teacher (stitching, probes, steering)"
-    )
     every = default_layer_pairs(config.model.n_layers, config.teacher.model.n_layers)
-    picks = np.unique(np.linspace(0, len(every) - 1, min(demo.transfer_pairs, len(every))).round())
-    chosen = tuple(every[int(i)] for i in picks)
-    transfers = {
-        name: measure(
-            config,
-            results[name]["state"].params["model"],
-            live.teacher,
-            live.teacher_params,
-            live.mesh,
-            batches=demo.transfer_fit_batches,
-            pairs=chosen,
-        )
-        for name in ("analog", "baseline")
-    }
-    for name, report in transfers.items():
-        summary[name]["transfer"] = report
-    clock.stop()
-    return transfers
+    picks = np.unique(np.linspace(0, len(every) - 1, min(count, len(every))).round())
+    return tuple(every[int(i)] for i in picks)
+
+
+def _check_transfer_budget(demo, config: Config) -> None:
+    """Too few held-out documents for the transfer budgets: refused before any phase starts."""
+    if demo.transfer_fit_batches:
+        from analogjax.fidelity.transfer import check_budgets
+
+        check_budgets(config, fit_batches=demo.transfer_fit_batches, eval_batches=demo.transfer_eval_batches)
 
 
 def _samples(clock: PhaseClock, demo, config: Config, live, results: dict, summary: dict) -> dict | None:
@@ -447,6 +462,7 @@ def run_real(args) -> int:
     from analogjax.recipes.analog import check
 
     check(configs["analog"])  # before the teacher loads
+    _check_transfer_budget(demo, configs["analog"])
     live = build(configs["analog"], init=False)  # the teacher, loaded once: every phase and measurement shares it
     clock.stop()
     results = _train_rows(clock, configs, workdir, live, not args.no_progress)
@@ -503,6 +519,7 @@ def run_self(args) -> int:
     configs = self_row_configs(demo, workdir, tokenizer)
     teacher_run = configs.pop("teacher")
     check(configs["analog"])
+    _check_transfer_budget(demo, configs["analog"])
     clock.start("teacher", f"{teacher_run.train.steps} steps of pretraining")
     pretrained = run_training(teacher_run, workdir / "teacher", progress=not args.no_progress)
     clock.stop()

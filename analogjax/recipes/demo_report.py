@@ -26,12 +26,12 @@ def comparison(reports: dict, transfers: dict, samples: dict | None, analog: str
     directions): fidelity (KL, agreement, CE), the transfer checks when both were measured, and the teacher's
     log-prob of each one's greedy continuations when the demo made them."""
     from analogjax.fidelity import metrics
+    from analogjax.fidelity.transfer import Measured
 
     entries = metrics.comparison(reports[analog], reports[other])
-    if analog in transfers and other in transfers:
-        from analogjax.fidelity import transfer
-
-        entries += transfer.comparison(transfers[analog], transfers[other])
+    # transfer.measure_models' result holds each model's per-row sums: paired comparisons of the same eval rows.
+    if isinstance(transfers, Measured) and analog in transfers and other in transfers:
+        entries += transfers.comparison(analog, other)
     if samples is not None and analog in samples["models"] and other in samples["models"]:
         from analogjax.recipes import demo_samples
 
