@@ -103,11 +103,14 @@ class DemoConfig:
     # the pruned start trained on CE alone.
     random_init_row: bool = True
     pruned_ce_row: bool = True
-    # Transfer checks of analog and baseline: held-out batches that fit the maps and probes (16 x 4 x 128 = 8k tokens)
-    # and fewer that measure them (stitching and steering run the teacher once per direction); 0 fit batches = none.
-    transfer_fit_batches: int = 16
+    # Transfer checks of analog and baseline: held-out batches that fit the maps and probes (17 x 4 x 128: rows end at
+    # document ends, so 17 hold ~8.6k real tokens) and fewer that measure them (stitching and steering run the
+    # teacher once per direction); 0 fit batches = none.
+    transfer_fit_batches: int = 17
     transfer_eval_batches: int = 4
-    transfer_pairs: int = 2  # layer pairs stitched (evenly spaced over the equal-depth pairs)
+    # Layer pairs stitched, evenly spaced over the equal-depth pairs; the middle one carries probes and steering
+    # (3: a mid-depth pair; with 2 it would be the first, where the analog's stream is still near its embedding).
+    transfer_pairs: int = 3
     samples: int = 8  # held-out prompts continued by every model (0 = none)
     sample_prompt_tokens: int = 24
     sample_new_tokens: int = 24
