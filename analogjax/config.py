@@ -389,6 +389,8 @@ class Config:
 
     def check(self, prefix: str) -> None:
         validate_data(self.data, vocab_size=self.model.vocab_size)
+        if self.recipe.on_policy_steps:  # the recipe's on-policy window must fit a row: refused at load
+            self.recipe.on_policy.check_fits(self.data.seq_len, _join(prefix, "recipe.on_policy"), "data.seq_len")
 
     @classmethod
     def from_preset_dict(cls, raw: dict, prefix: str) -> dict:

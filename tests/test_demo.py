@@ -164,12 +164,15 @@ def test_default_token_cache_is_inside_the_test_session_tmp():
 @pytest.mark.parametrize(
     "sets, fragment",
     [
-        (["on_policy.prompt_len=200"], "at most run.data.seq_len (128)"),
-        (["on_policy.max_new_tokens=100"], "at most run.data.seq_len (128)"),
-        (["on_policy.fraction=0"], "needs on-policy steps"),
+        (["run.recipe.on_policy.prompt_len=200"], "at most data.seq_len (128)"),
+        (["run.recipe.on_policy.max_new_tokens=100"], "at most data.seq_len (128)"),
+        (["run.recipe.on_policy.fraction=0"], "needs on-policy steps"),
+        (["pruned_ce_row=true", "run.recipe.prune_batches=0"], "pruned_ce_row"),
+        (["transfer_pairs=0"], "transfer_pairs"),
     ],
 )
-def test_demo_on_policy_shapes_are_refused_before_any_phase(sets, fragment):
+def test_demo_recipe_shapes_are_refused_before_any_phase(sets, fragment):
     with pytest.raises(UserError, match=re.escape(fragment)):
         load_demo_config(None, sets)
-    load_demo_config(None, [*sets, "on_policy_steps=0"])  # no on-policy row: nothing to refuse
+    if sets[0].startswith("run.recipe.on_policy."):
+        load_demo_config(None, [*sets, "run.recipe.on_policy_steps=0"])  # no on-policy phase: nothing to refuse

@@ -92,8 +92,6 @@ def check(config: Config) -> None:
         from analogjax.models.prune import check_target
 
         check_target(config.teacher.model, config.model)
-    if recipe.on_policy_steps:
-        recipe.on_policy.check_fits(config.data.seq_len, "recipe.on_policy", "data.seq_len")
 
 
 def phase_configs(config: Config, workdir: Path) -> dict[str, Config]:
