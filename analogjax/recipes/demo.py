@@ -77,8 +77,13 @@ def _real_run() -> Config:
             prune_batches=4,
             cache_k=64,
             on_policy_steps=16,
-            on_policy=OnPolicyConfig(fraction=1.0, prompt_len=32, max_new_tokens=32),
-            on_policy_learning_rate=3e-4,
+            # Forward KL on the analog's samples at 1e-4: measured from the same distilled analog (held-out KL 3.000
+            # before), reverse KL at 3e-4 gave 3.305, forward KL at 3e-4 3.040, reverse KL at 1e-4 3.037, forward KL
+            # at 1e-4 2.968.
+            on_policy=OnPolicyConfig(
+                fraction=1.0, terms=(LossTerm("forward_kl", 1.0),), prompt_len=32, max_new_tokens=32
+            ),
+            on_policy_learning_rate=1e-4,
         ),
         release=ReleaseConfig(overrides=(GateOverride("size_cap", REAL_SIZE_REASON),)),
     )
