@@ -33,7 +33,6 @@ import functools
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import threading
@@ -48,10 +47,12 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
 from analogjax.errors import UserError
+from analogjax.runtime import storage
 
 ITEMS = ("params", "train", "data", "meta")
 TMP_MARKER = ".orbax-checkpoint-tmp"
 METRICS_FILE = "metrics.jsonl"
+COMMIT_MARKER = ocp.path.atomicity.COMMIT_SUCCESS_FILE  # how Orbax commits a step on object stores
 
 
 class NonFiniteError(UserError):
@@ -74,7 +75,7 @@ class Checkpointer:
         best_mode: str = "min",
         compression: bool = False,
     ):
-        self.directory = Path(directory).absolute()
+        self.directory = storage.location(directory)
         self.every = every
         self.best_metric = best_metric
         _discard_partial_saves(self.directory)
@@ -98,6 +99,8 @@ class Checkpointer:
             create=True,
             # Leftovers of a save cut short (tmp folders never renamed into a step) are deleted, never restored.
             cleanup_tmp_directories=True,
+            # On object stores a rename is a copy: a step is committed by a marker file written last instead.
+            temporary_path_class=_commit_marker_class(self.directory),
         )
         # Array items go through PyTreeCheckpointHandler so compression is a choice: zstd shrinks float weights
         # little and its CPU work competes with the training step on hosts whose cores the step uses.
@@ -269,7 +272,7 @@ def _lowest_cpu_priority() -> None:
             pass
 
 
-def _missing_files(step_dir: Path) -> list[str]:
+def _missing_files(step_dir: epath.Path) -> list[str]:
     """What a complete step folder lacks. Orbax writes these last-ish per item; a step missing any was cut or
     damaged after the fact (a finished save always has them all)."""
     required = [
@@ -280,17 +283,25 @@ def _missing_files(step_dir: Path) -> list[str]:
         "train/manifest.ocdbt",
         "meta/metadata",
     ]
+    if storage.is_remote(step_dir):  # committed by Orbax's marker there, not by a rename
+        required.append(COMMIT_MARKER)
     return [name for name in required if not (step_dir / name).exists()]
 
 
-def _discard_partial_saves(directory: Path) -> None:
+def _discard_partial_saves(directory: epath.Path) -> None:
     """Delete the temporary folders of saves that never committed (Orbax's own cleanup does not catch them all).
     Safe: a workdir has one run, and it has not started saving yet."""
     if jax.process_index() != 0 or not directory.is_dir():
         return
     for leftover in sorted(directory.glob(f"*{TMP_MARKER}*")):
         print(f"warning: discarding partially written checkpoint {leftover} (a save was interrupted)", file=sys.stderr)
-        shutil.rmtree(leftover, ignore_errors=True)
+        storage.remove_tree(leftover)
+
+
+def _commit_marker_class(directory: epath.Path):
+    """Orbax's way of committing a step without a rename (its default on gs://; s3:// needs it too), or None for
+    its default (a local rename)."""
+    return ocp.path.atomicity.CommitFileTemporaryPath if storage.is_remote(directory) else None
 
 
 def _now() -> str:
@@ -336,7 +347,7 @@ def provenance(mesh) -> dict[str, Any]:
 def trim_metrics(workdir: str | Path, step: int) -> list[dict[str, Any]]:
     """Drop metrics.jsonl records of steps after `step` (a resume from `step` logs them again); returns the records
     kept. The file is otherwise append-only; rewritten atomically so a crash here loses nothing."""
-    path = Path(workdir) / METRICS_FILE
+    path = storage.location(workdir) / METRICS_FILE
     if jax.process_index() != 0 or not path.exists():
         return []
     kept, records, dropped = [], [], 0
@@ -354,9 +365,7 @@ def trim_metrics(workdir: str | Path, step: int) -> list[dict[str, Any]]:
         else:
             dropped += 1
     if dropped:
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(path)
+        storage.write_atomic(path, "".join(line + "\n" for line in kept))
     return records
 
 
@@ -368,7 +377,7 @@ def restore_params(directory: str | Path, abstract_params, step: int | None = No
     deleted. Each array is read straight into its shards on its devices (no host ever holds it whole), whatever mesh
     wrote it.
     """
-    directory = Path(directory).absolute()
+    directory = storage.location(directory, "checkpoint directory")
     if not directory.is_dir():
         raise UserError(f"checkpoint directory not found: {directory}")
     manager = ocp.CheckpointManager(
@@ -393,7 +402,7 @@ def restore_params(directory: str | Path, abstract_params, step: int | None = No
     return restored["params"]
 
 
-def _check_shapes(item_dir: Path, abstract: Any, where: str) -> None:
+def _check_shapes(item_dir: epath.Path, abstract: Any, where: str) -> None:
     """Refuse a checkpoint item whose arrays differ from `abstract` in names or shapes, from its metadata alone and
     before any array is read. (Orbax reports a misfit only after it has started reading every array; the reads
     still in flight then call back into a closed event loop at exit and print tracebacks over the error.)"""

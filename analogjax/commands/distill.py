@@ -7,7 +7,7 @@ from pathlib import Path
 
 from analogjax.cli import add_config_arguments
 from analogjax.commands import add_job_arguments, join_job
-from analogjax.runtime import distributed
+from analogjax.runtime import distributed, storage
 
 
 def add_arguments(parser) -> None:
@@ -21,8 +21,9 @@ def run(args) -> int:
     from analogjax.config import load_config
 
     config = load_config(args.config, args.overrides)
+    workdir = args.workdir or str(Path("runs") / Path(args.config).stem)
+    storage.check_config_paths(config, ("--workdir", workdir))  # a missing bucket or credential: before anything
     join_job(args)
-    workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
     from analogjax.train import run_training  # heavy imports only once the config is known to be good
 
     result = run_training(config, workdir, progress=not args.no_progress)
@@ -32,7 +33,7 @@ def run(args) -> int:
         json.dumps(
             {
                 "step": result["step"],
-                "workdir": str(workdir),
+                "workdir": workdir,
                 **{f"heldout_{k}": round(v, 5) for k, v in result["heldout"].items()},
             }
         )
