@@ -369,7 +369,7 @@ def trim_metrics(workdir: str | Path, step: int) -> list[dict[str, Any]]:
     return records
 
 
-def restore_params(directory: str | Path, abstract_params, step: int | None = None) -> Any:
+def restore_params(directory: str | Path | epath.Path, abstract_params, step: int | None = None) -> Any:
     """The params item of an analogjax checkpoint directory (its latest complete step unless `step`), restored
     onto `abstract_params` (ShapeDtypeStructs with shardings).
 

@@ -12,7 +12,10 @@ import json
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from etils import epath
+
 from analogjax.errors import UserError
+from analogjax.runtime import storage
 
 RUN_FILE = "run.json"  # written by train._claim_workdir
 CHECKPOINTS = "checkpoints"
@@ -28,9 +31,9 @@ class Student(NamedTuple):
     params: Any
 
 
-def resolve_run(path: str | Path) -> tuple[Path, Path | None]:
+def resolve_run(path: str | Path | epath.Path) -> tuple[epath.Path, epath.Path | None]:
     """(checkpoint directory, workdir or None) for a run's workdir or its checkpoints directory."""
-    path = Path(path).absolute()
+    path = storage.location(path, "--checkpoint")
     if not path.is_dir():
         raise UserError(f"--checkpoint: no such directory {path}")
     if (path / CHECKPOINTS).is_dir():

@@ -20,10 +20,10 @@ from analogjax.config import Config, differences, run_identity, to_dict, to_yaml
 from analogjax.data import make_batch_iterator, to_global_batch
 from analogjax.errors import UserError
 from analogjax.run_dir import RUN_FILE
+from analogjax.runtime import storage
 from analogjax.runtime.flops import distill_flops_per_step, peak_flops_per_second
 from analogjax.runtime.metrics_log import MetricsLog, Progress, means
 from analogjax.runtime.preemption import PreemptionWatcher
-from analogjax.runtime import storage
 from analogjax.setup import Run, build, evaluate
 from analogjax.step import TrainState
 from analogjax.teacher import Teacher
@@ -90,7 +90,7 @@ def check_identity(saved: dict, identity: dict, allowed: bool, where: str) -> li
 
 def run_training(
     config: Config,
-    workdir: str | Path,
+    workdir: str | Path | epath.Path,
     *,
     teacher: Teacher | None = None,
     teacher_params: Any = None,

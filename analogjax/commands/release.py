@@ -36,20 +36,21 @@ def run(args) -> int:
     join_job(args)
     from analogjax.fidelity.concepts import read_user_concepts
     from analogjax.release import write_release
+    from analogjax.runtime import storage
 
     user = read_user_concepts(args.concepts) if args.concepts else ()
-
-    out = write_release(
-        args.checkpoint,
-        args.out,
-        batches=args.batches,
-        force=args.force,
-        dtype=args.dtype,
-        tokenizer=args.tokenizer,
-        weights_only=args.weights_only,
-        release_overrides=args.overrides,
-        transfer=not args.no_transfer,
-        user_concepts=user,
-    )
-    print(f"wrote {out}")
+    with storage.output_folder(args.out, force=args.force) as folder:  # a gs:// --out: staged, then uploaded
+        write_release(
+            args.checkpoint,
+            folder,
+            batches=args.batches,
+            force=args.force,
+            dtype=args.dtype,
+            tokenizer=args.tokenizer,
+            weights_only=args.weights_only,
+            release_overrides=args.overrides,
+            transfer=not args.no_transfer,
+            user_concepts=user,
+        )
+    print(f"wrote {args.out}")
     return 0

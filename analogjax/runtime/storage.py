@@ -197,27 +197,40 @@ def _walk(root: epath.Path) -> Iterator[epath.Path]:
             yield child
 
 
+# Uploaded last: a reader that finds them (transformers starts from config.json) finds the rest of the folder.
+_LAST = ("config.json", "README.md")
+
+
 def upload_tree(local: str | os.PathLike, remote: epath.Path) -> None:
-    """Copy every file under the local folder `local` to `remote`, each as one object write."""
+    """Copy every file under the local folder `local` to `remote`, each as one object write; config.json and
+    README.md last."""
     local = os.fspath(local)
-    for dirpath, _, filenames in os.walk(local):
-        for filename in sorted(filenames):
-            file = os.path.join(dirpath, filename)
-            target = remote / os.path.relpath(file, local)
-            with open(file, "rb") as src, target.open("wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 24)
+    files = [os.path.join(d, f) for d, _, names in os.walk(local) for f in names]
+    for file in sorted(files, key=lambda f: (os.path.basename(f) in _LAST, f)):
+        target = remote / os.path.relpath(file, local)
+        with open(file, "rb") as src, target.open("wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 24)
 
 
 @contextlib.contextmanager
-def staged(out: epath.Path) -> Iterator[epath.Path]:
-    """A local folder to write `out`'s files into: `out` itself when local; for a URL, a temporary folder whose files
-    are uploaded to `out` (one object each) when the block ends without an error."""
-    if not is_remote(out):
-        yield out
+def output_folder(out: str | os.PathLike, key: str = "--out", force: bool = False) -> Iterator[str]:
+    """Where a command writes its output folder `out` with libraries that write local files only (safetensors,
+    matplotlib): `out` itself when local; for a URL (first checked reachable, and empty unless `force`), a local
+    staging folder whose files are uploaded to `out` (see `upload_tree`) when the block ends without an error."""
+    text = os.fspath(out)
+    if not is_remote(text):
+        yield text
         return
-    with tempfile.TemporaryDirectory(prefix="analogjax-stage-") as folder:
-        yield epath.Path(folder)
-        upload_tree(folder, out)
+    check_reachable(text, key)
+    remote = location(text, key)
+    if remote.is_dir() and any(remote.iterdir()) and not force:
+        raise UserError(f"{key} {text} is not empty; choose another {key} or pass --force")
+    with tempfile.TemporaryDirectory(prefix="analogjax-out-") as folder:
+        yield folder
+        if any(os.scandir(folder)):  # the process that wrote the files (process 0 of a job) uploads them
+            if force:
+                remove_tree(remote)
+            upload_tree(folder, remote)
 
 
 class ObjectFile:
