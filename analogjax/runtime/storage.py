@@ -178,7 +178,7 @@ def local_copy(path: str | os.PathLike) -> str:
     for file in files:
         rel = file.name if file == source else str(file)[len(str(source)) + 1 :]
         local = target if file == source else os.path.join(target, rel)
-        if os.path.exists(local) and os.path.getsize(local) == file.stat().st_size:
+        if os.path.exists(local) and os.path.getsize(local) == file.stat().length:
             continue
         os.makedirs(os.path.dirname(local), exist_ok=True)
         tmp = f"{local}.{os.getpid()}.tmp"

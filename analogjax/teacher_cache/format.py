@@ -286,7 +286,7 @@ def data_bytes_per_token(path: str | Path | epath.Path) -> float:
         raise UserError(f"{path} holds no teacher cache")
     tokens = meta["steps"] * meta["global_batch"] * meta["seq_len"]
     total = sum(
-        f.stat().st_size
+        f.stat().length
         for name in CacheLayout(**meta["layout"]).fields()
         for f in (path / name).iterdir()
         if not f.name.startswith(".")
