@@ -213,17 +213,21 @@ def upload_tree(local: str | os.PathLike, remote: epath.Path) -> None:
 
 
 @contextlib.contextmanager
-def output_folder(out: str | os.PathLike, key: str = "--out", force: bool = False) -> Iterator[str]:
+def output_folder(
+    out: str | os.PathLike, key: str = "--out", force: bool = False, overwrite: bool = False
+) -> Iterator[str]:
     """Where a command writes its output folder `out` with libraries that write local files only (safetensors,
-    matplotlib): `out` itself when local; for a URL (first checked reachable, and empty unless `force`), a local
-    staging folder whose files are uploaded to `out` (see `upload_tree`) when the block ends without an error."""
+    matplotlib): `out` itself when local; for a URL (first checked reachable, and empty unless `force` or
+    `overwrite`), a local staging folder whose files are uploaded to `out` (see `upload_tree`) when the block ends
+    without an error. `force` empties `out` first; `overwrite` replaces only the files written again (a report
+    folder rewritten in place, as a local one is)."""
     text = os.fspath(out)
     if not is_remote(text):
         yield text
         return
     check_reachable(text, key)
     remote = location(text, key)
-    if remote.is_dir() and any(remote.iterdir()) and not force:
+    if not (force or overwrite) and remote.is_dir() and any(remote.iterdir()):
         raise UserError(f"{key} {text} is not empty; choose another {key} or pass --force")
     with tempfile.TemporaryDirectory(prefix="analogjax-out-") as folder:
         yield folder

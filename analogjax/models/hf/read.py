@@ -20,6 +20,7 @@ from analogjax.models.config import ModelConfig
 from analogjax.models.hf.convert import model_config_from_hf, read_json
 from analogjax.models.hf.tensors import INDEX_FILE, WEIGHTS_FILE, TensorMap, get_param, set_param, tensor_maps
 from analogjax.models.model import Model
+from analogjax.runtime import storage
 
 
 class _SafetensorFiles:
@@ -85,8 +86,9 @@ def _read_block(tensor_slice, tmap: TensorMap, ours_index: tuple[slice, ...]) ->
 
 
 def load_params(path: str | Path, model_cfg: ModelConfig, mesh, rules) -> dict:
-    """A HF folder's weights as analogjax params ({"params": ...}), each array born sharded under `rules`."""
-    path = Path(path)
+    """A HF folder's weights as analogjax params ({"params": ...}), each array born sharded under `rules`. A folder on
+    a bucket is read from a copy in the local cache (safetensors maps local files)."""
+    path = Path(storage.local_copy(path))
     if not path.is_dir():
         raise UserError(f"teacher.hf_path: Hugging Face model folder not found: {path}")
     return params_from_tensors(_SafetensorFiles(path), model_cfg, mesh, rules, f"{path}: config.json")
@@ -161,8 +163,8 @@ class HFModel(Model):
 
     @staticmethod
     def read_tokenizer(path) -> str | None:
-        file = Path(path) / "tokenizer.json"
-        return str(file) if file.is_file() else None
+        file = storage.location(path) / "tokenizer.json"
+        return storage.local_copy(file) if file.is_file() else None
 
 
 def load(path: str | Path, *, mesh=None, rules=None) -> HFModel:
