@@ -163,8 +163,11 @@ class HFModel(Model):
 
     @staticmethod
     def read_tokenizer(path) -> str | None:
-        file = storage.location(path) / "tokenizer.json"
-        return storage.local_copy(file) if file.is_file() else None
+        if storage.is_remote(path):  # tokenizers reads local files: a copy in the local cache
+            remote = storage.location(path) / "tokenizer.json"
+            return storage.local_copy(remote) if remote.is_file() else None
+        file = Path(path) / "tokenizer.json"
+        return str(file) if file.is_file() else None
 
 
 def load(path: str | Path, *, mesh=None, rules=None) -> HFModel:
