@@ -41,7 +41,6 @@ import functools
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import threading
@@ -56,12 +55,13 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
 from analogjax.errors import UserError
-from analogjax.runtime import checksums
+from analogjax.runtime import checksums, storage
 
 ITEMS = ("params", "train", "data", "meta")
 TMP_MARKER = ".orbax-checkpoint-tmp"
 DAMAGED_DIR = "damaged"  # inside the checkpoint directory; Orbax takes only numbered folders for steps
 METRICS_FILE = "metrics.jsonl"
+COMMIT_MARKER = ocp.path.atomicity.COMMIT_SUCCESS_FILE  # how Orbax commits a step on object stores
 
 
 class NonFiniteError(UserError):
@@ -84,7 +84,7 @@ class Checkpointer:
         best_mode: str = "min",
         compression: bool = False,
     ):
-        self.directory = Path(directory).absolute()
+        self.directory = storage.location(directory)
         self.every = every
         self.best_metric = best_metric
         _discard_partial_saves(self.directory)
@@ -115,6 +115,8 @@ class Checkpointer:
             create=True,
             # Leftovers of a save cut short (tmp folders never renamed into a step) are deleted, never restored.
             cleanup_tmp_directories=True,
+            # On object stores a rename is a copy: a step is committed by a marker file written last instead.
+            temporary_path_class=_commit_marker_class(self.directory),
         )
         # Array items go through PyTreeCheckpointHandler so compression is a choice: zstd shrinks float weights
         # little and its CPU work competes with the training step on hosts whose cores the step uses.
@@ -196,7 +198,7 @@ class Checkpointer:
             self.manager.wait_until_finished()
             self._record_unrecorded()
         self.manager.save(step, args=ocp.args.Composite(**items), metrics=ranked or None, force=True)
-        if self._checksummer is None:  # committed: the files are final
+        if self._checksummer is None and _records_checksums(self.directory):  # committed: the files are final
             checksums.write_manifest(self.directory / str(step), jax.process_index(), jax.process_count())
         else:
             self._unrecorded = step
@@ -205,7 +207,7 @@ class Checkpointer:
         """Start recording the checksums of the last committed step of Orbax's async save (after waiting for the
         previous recording: one at a time). A step the keep policy has deleted meanwhile needs none."""
         step, self._unrecorded = self._unrecorded, None
-        if step is None or self._checksummer is None:
+        if step is None or self._checksummer is None or not _records_checksums(self.directory):
             return
         self._finish_checksumming()
 
@@ -323,7 +325,7 @@ def _lowest_cpu_priority() -> None:
             pass
 
 
-def _missing_files(step_dir: Path) -> list[str]:
+def _missing_files(step_dir: epath.Path) -> list[str]:
     """What a complete step folder lacks. Orbax writes these last-ish per item; a step missing any was cut or
     damaged after the fact (a finished save always has them all)."""
     required = [
@@ -334,31 +336,50 @@ def _missing_files(step_dir: Path) -> list[str]:
         "train/manifest.ocdbt",
         "meta/metadata",
     ]
+    if storage.is_remote(step_dir):  # committed by Orbax's marker there, not by a rename
+        required.append(COMMIT_MARKER)
     return [name for name in required if not (step_dir / name).exists()]
 
 
-def step_verdict(step_dir: Path, item: str | None = None) -> checksums.Verdict:
+def step_verdict(step_dir: Path | epath.Path, item: str | None = None) -> checksums.Verdict:
     """Whether a committed step folder holds what was written: every item present, every file its checksum (of
-    one item only, if `item` is given)."""
-    missing = [name for name in _missing_files(step_dir) if item is None or name.startswith(f"{item}/")]
+    one item only, if `item` is given). On an object store, completeness only (see `_records_checksums`)."""
+    missing = [
+        name
+        for name in _missing_files(step_dir)
+        if item is None or name.startswith(f"{item}/") or name == COMMIT_MARKER
+    ]
     if missing:
         return checksums.Verdict("damaged", [f"incomplete: {name} missing" for name in missing])
-    return checksums.verify_directory(step_dir, under=item)
+    if not _records_checksums(step_dir):
+        return checksums.Verdict("unverified", ["on an object store: checked for completeness only"])
+    return checksums.verify_directory(Path(step_dir), under=item)
 
 
-def committed_steps(directory: Path) -> list[int]:
+def _records_checksums(directory: Path | epath.Path) -> bool:
+    """Whether steps under `directory` get checksum manifests. Not on gs:// or s3://: recording them would download
+    every file of every step right after uploading it, and verifying would download a whole step again before each
+    resume; the object store checks each object's integrity itself (GCS and S3 store a checksum per object and
+    verify uploads against it), and a step there is committed by Orbax's marker file, which `_missing_files`
+    requires, so a cut-short save is still caught."""
+    return not storage.is_remote(directory)
+
+
+def committed_steps(directory: Path | epath.Path) -> list[int]:
     """The step numbers of a checkpoint directory's committed step folders, oldest first."""
     if not directory.is_dir():
         return []
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
 
 
-def newest_intact_step(directory: str | Path, *, set_aside: bool = False, item: str | None = None) -> int | None:
+def newest_intact_step(
+    directory: str | Path | epath.Path, *, set_aside: bool = False, item: str | None = None
+) -> int | None:
     """The newest step of a checkpoint directory that verifies (or has no checksums to verify), or None if it has
     none. Each damaged step newer than it is reported in one warning line and, with `set_aside` (a run that will
     write here), moved into `damaged/` for inspection. A directory whose every step is damaged is a UserError.
     `item`: verify that item of each step only (a reader of the params need not read the optimizer state)."""
-    directory = Path(directory)
+    directory = storage.location(directory, "checkpoint directory")
     steps = committed_steps(directory)
     skipped: list[tuple[int, checksums.Verdict]] = []
     for step in reversed(steps):
@@ -387,7 +408,7 @@ def newest_intact_step(directory: str | Path, *, set_aside: bool = False, item: 
     return None
 
 
-def _set_aside(directory: Path, step: int) -> Path | None:
+def _set_aside(directory: epath.Path, step: int) -> epath.Path | None:
     """Move a damaged step into `damaged/` (process 0; a name not yet taken there). None where this process does
     not move it."""
     if jax.process_index() != 0:
@@ -401,14 +422,20 @@ def _set_aside(directory: Path, step: int) -> Path | None:
     return target
 
 
-def _discard_partial_saves(directory: Path) -> None:
+def _discard_partial_saves(directory: epath.Path) -> None:
     """Delete the temporary folders of saves that never committed (Orbax's own cleanup does not catch them all).
     Safe: a workdir has one run, and it has not started saving yet."""
     if jax.process_index() != 0 or not directory.is_dir():
         return
     for leftover in sorted(directory.glob(f"*{TMP_MARKER}*")):
         print(f"warning: discarding partially written checkpoint {leftover} (a save was interrupted)", file=sys.stderr)
-        shutil.rmtree(leftover, ignore_errors=True)
+        storage.remove_tree(leftover)
+
+
+def _commit_marker_class(directory: epath.Path):
+    """Orbax's way of committing a step without a rename (its default on gs://; s3:// needs it too), or None for
+    its default (a local rename)."""
+    return ocp.path.atomicity.CommitFileTemporaryPath if storage.is_remote(directory) else None
 
 
 def _now() -> str:
@@ -454,7 +481,7 @@ def provenance(mesh) -> dict[str, Any]:
 def trim_metrics(workdir: str | Path, step: int) -> list[dict[str, Any]]:
     """Drop metrics.jsonl records of steps after `step` (a resume from `step` logs them again); returns the records
     kept. The file is otherwise append-only; rewritten atomically so a crash here loses nothing."""
-    path = Path(workdir) / METRICS_FILE
+    path = storage.location(workdir) / METRICS_FILE
     if jax.process_index() != 0 or not path.exists():
         return []
     kept, records, dropped = [], [], 0
@@ -472,13 +499,11 @@ def trim_metrics(workdir: str | Path, step: int) -> list[dict[str, Any]]:
         else:
             dropped += 1
     if dropped:
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(path)
+        storage.write_atomic(path, "".join(line + "\n" for line in kept))
     return records
 
 
-def restore_params(directory: str | Path, abstract_params, step: int | None = None) -> Any:
+def restore_params(directory: str | Path | epath.Path, abstract_params, step: int | None = None) -> Any:
     """The params item of an analogjax checkpoint directory (its latest complete step unless `step`), restored
     onto `abstract_params` (ShapeDtypeStructs with shardings).
 
@@ -486,7 +511,7 @@ def restore_params(directory: str | Path, abstract_params, step: int | None = No
     deleted. Each array is read straight into its shards on its devices (no host ever holds it whole), whatever mesh
     wrote it.
     """
-    directory = Path(directory).absolute()
+    directory = storage.location(directory, "checkpoint directory")
     if not directory.is_dir():
         raise UserError(f"checkpoint directory not found: {directory}")
     # Verified before Orbax opens the directory (it reads every step's metadata).
@@ -515,7 +540,7 @@ def restore_params(directory: str | Path, abstract_params, step: int | None = No
     return restored["params"]
 
 
-def _check_shapes(item_dir: Path, abstract: Any, where: str) -> None:
+def _check_shapes(item_dir: epath.Path, abstract: Any, where: str) -> None:
     """Refuse a checkpoint item whose arrays differ from `abstract` in names or shapes, from its metadata alone and
     before any array is read. (Orbax reports a misfit only after it has started reading every array; the reads
     still in flight then call back into a closed event loop at exit and print tracebacks over the error.)"""

@@ -12,7 +12,10 @@ import json
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from etils import epath
+
 from analogjax.errors import UserError
+from analogjax.runtime import storage
 
 RUN_FILE = "run.json"  # written by train._claim_workdir
 CHECKPOINTS = "checkpoints"
@@ -29,10 +32,10 @@ class Student(NamedTuple):
     params: Any
 
 
-def resolve_run(path: str | Path) -> tuple[Path, Path | None]:
+def resolve_run(path: str | Path | epath.Path) -> tuple[epath.Path, epath.Path | None]:
     """(checkpoint directory, workdir or None) for a run's workdir or its checkpoints directory (a recipe's workdir:
     its final phase's)."""
-    folder = Path(path).absolute()
+    folder = storage.location(path, "--checkpoint")
     if not folder.is_dir():
         raise UserError(f"--checkpoint: no such directory {folder}")
     if (folder / RECIPE_FILE).is_file():  # a recipe's workdir: its output is its final phase's run

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+from etils import epath
 
 from analogjax import checkpoint as ckpt_lib
 from analogjax.config import Config, differences, run_identity, to_dict, to_yaml
@@ -20,6 +21,7 @@ from analogjax.data import make_batch_iterator, to_global_batch
 from analogjax.errors import UserError
 from analogjax.fidelity.curves import FidelityCurve, step_work
 from analogjax.run_dir import RUN_FILE
+from analogjax.runtime import storage
 from analogjax.runtime.flops import distill_flops_per_step, peak_flops_per_second
 from analogjax.runtime.metrics_log import MetricsLog, Progress, means
 from analogjax.runtime.preemption import PreemptionWatcher
@@ -31,7 +33,7 @@ from analogjax.teacher import Teacher
 CONFIG_FILE = "config.yaml"
 
 
-def _guard_workdir(workdir: Path, config: Config) -> bool:
+def _guard_workdir(workdir: epath.Path, config: Config) -> bool:
     """A workdir belongs to one run: refuse to resume (or overwrite) one made under another model or data config,
     unless `checkpoint.allow_config_change` says so. Returns whether run.json must be (re)written, which
     `_claim_workdir` does only once the run has been built, so a refused config never leaves a workdir behind."""
@@ -44,21 +46,19 @@ def _guard_workdir(workdir: Path, config: Config) -> bool:
     return bool(check_identity(saved, run_identity(config), config.checkpoint.allow_config_change, str(workdir)))
 
 
-def _claim_workdir(workdir: Path, config: Config) -> None:
+def _claim_workdir(workdir: epath.Path, config: Config) -> None:
     if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / RUN_FILE).write_text(
-            json.dumps({"identity": run_identity(config), "config": to_dict(config)}, indent=2)
+        storage.write_atomic(
+            workdir / RUN_FILE, json.dumps({"identity": run_identity(config), "config": to_dict(config)}, indent=2)
         )
 
 
-def show_config(workdir: Path, config: Config) -> None:
+def show_config(workdir: epath.Path, config: Config) -> None:
     """WORKDIR/config.yaml: the config this run runs, fully resolved (rewritten by each run of the workdir), and one
     line on stderr naming the values that differ from the defaults. Process 0 only."""
     if jax.process_index() != 0:
         return
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / CONFIG_FILE).write_text(to_yaml(config))
+    storage.write_atomic(workdir / CONFIG_FILE, to_yaml(config))
     # The few values a reader scans for: scalars shown in full, long values (source lists, loss terms) by name only,
     # and at most a dozen; config.yaml has the rest.
     diffs = differences(config)
@@ -92,7 +92,7 @@ def check_identity(saved: dict, identity: dict, allowed: bool, where: str) -> li
 
 def run_training(
     config: Config,
-    workdir: str | Path,
+    workdir: str | Path | epath.Path,
     *,
     teacher: Teacher | None = None,
     teacher_params: Any = None,
@@ -110,7 +110,7 @@ def run_training(
     the fidelity curve of `train.curve_points`), so that a run distilled from a teacher cache, or a CE-only baseline,
     reports KL and agreement too (setup.build).
     """
-    workdir = Path(workdir).absolute()
+    workdir = storage.location(workdir, "--workdir")
     claim = _guard_workdir(workdir, config)
     # One writer per workdir: a second run here is refused before it loads anything (runtime/workdir_lock.py).
     with hold_for_job(workdir, jax.process_index(), jax.process_count()):
@@ -270,6 +270,7 @@ def _run_locked(
                     ranked.update(eval_record)
                     late.restart_window(done)
                 if save_now:
+                    log.flush()  # the records up to this step are durable before its checkpoint is
                     # Returns once a copy of `state` to host memory is started: the next step may donate it.
                     checkpointer.save(done, state, data_iter, meta, metrics=ranked)
                     late.last_saved = done
@@ -280,6 +281,7 @@ def _run_locked(
             late.settle()
             final_step = int(jax.device_get(state.step))
             if late.last_saved != final_step:
+                log.flush()
                 checkpointer.save(final_step, state, data_iter, meta, metrics=late.record_of(final_step))
             heldout = (
                 evaluate(run, state.params["model"], cfg.train.eval_batches) if has_heldout and not preempted else {}

@@ -7,7 +7,7 @@
 What it does, each step a `gcloud` command (`--dry-run` prints them all and runs none):
   1. reuse the TPU VM if it exists and is READY; otherwise create it (or, with --queued, a queued resource, waited
      on until ACTIVE);
-  2. copy this checkout (without .git and runs/) to every worker and `pip install -e .[tpu]` there;
+  2. copy this checkout (without .git and runs/) to every worker and `pip install -e .[tpu,gcs]` there;
   3. run `analogjax distill` on all workers at once (`--worker=all`); JAX detects the pod, process 0 logs, and
      gcloud streams every worker's output here;
   4. on failure: if the slice was preempted, delete and recreate it, then go back to 2; otherwise relaunch on the
@@ -218,7 +218,7 @@ class Pod:
         )
         self.ssh_all(
             "set -e; rm -rf ~/analogjax && mkdir -p ~/analogjax && tar -xzf ~/analogjax.tar.gz -C "
-            "~/analogjax && python3 -m pip install --quiet -e ~/analogjax[tpu]"
+            "~/analogjax && python3 -m pip install --quiet -e ~/analogjax[tpu,gcs]"
         )
 
     def distill_command(self) -> str:

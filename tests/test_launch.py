@@ -49,7 +49,7 @@ def test_dry_run_prints_every_command_in_order():
     assert cmds[2].startswith(f"tar -czf /tmp/analogjax-code.tar.gz -C {REPO} <") and "git ls-files" in cmds[2]
     assert cmds[3].startswith("gcloud compute tpus tpu-vm scp /tmp/analogjax-code.tar.gz pod1:analogjax.tar.gz")
     assert "--worker=all" in cmds[3]
-    assert "pip install --quiet -e ~/analogjax[tpu]" in cmds[4] and "--worker=all" in cmds[4]
+    assert "pip install --quiet -e ~/analogjax[tpu,gcs]" in cmds[4] and "--worker=all" in cmds[4]
     run = cmds[5]
     assert run.startswith("gcloud compute tpus tpu-vm ssh pod1 --zone=us-east5-a --worker=all")
     assert (

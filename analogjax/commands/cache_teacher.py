@@ -36,8 +36,10 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from analogjax.config import load_config
+    from analogjax.runtime import storage
 
     config = load_config(args.config, args.overrides)
+    storage.check_config_paths(config, ("--out", args.out))  # a missing bucket or credential: before anything
     join_job(args)
     from analogjax.teacher_cache import CacheLayout, build_cache  # heavy imports only once the config is good
 

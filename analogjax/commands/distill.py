@@ -8,7 +8,8 @@ from pathlib import Path
 
 from analogjax.cli import add_config_arguments
 from analogjax.commands import add_job_arguments, join_job
-from analogjax.runtime import distributed
+from analogjax.errors import UserError
+from analogjax.runtime import distributed, storage
 
 
 def add_arguments(parser) -> None:
@@ -22,12 +23,15 @@ def run(args) -> int:
     from analogjax.config import load_config
 
     config = load_config(args.config, args.overrides)
+    workdir = args.workdir or str(Path("runs") / Path(args.config).stem)
     if config.recipe.enabled:  # refused before the job joins or anything loads
         from analogjax.recipes import analog
 
         analog.check(config)
+        if storage.is_remote(workdir):  # its phases' workdirs and recipe.json are local paths (recipes/analog.py)
+            raise UserError(f"--workdir {workdir}: a recipe (recipe.enabled) runs in a local workdir only")
+    storage.check_config_paths(config, ("--workdir", workdir))  # a missing bucket or credential: before anything
     join_job(args)
-    workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
     # heavy imports only once the config is known to be good
     if config.recipe.enabled:
         from analogjax.recipes.analog import run_recipe
@@ -41,7 +45,7 @@ def run(args) -> int:
         return 0
     report = {
         "step": result["step"],
-        "workdir": str(workdir),
+        "workdir": workdir,
         **{f"heldout_{k}": round(v, 5) for k, v in result["heldout"].items()},
     }
     if "phases" in result:

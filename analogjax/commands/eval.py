@@ -39,6 +39,7 @@ def run(args) -> int:
     from analogjax.fidelity.concepts import read_user_concepts
     from analogjax.fidelity.measure_run import fidelity_of_run
     from analogjax.run_dir import resolve_run
+    from analogjax.runtime import storage
 
     config = load_config(args.config, args.overrides)
     checkpoint = args.checkpoint or str(Path("runs") / Path(args.config).stem)
@@ -49,10 +50,11 @@ def run(args) -> int:
     user = read_user_concepts(args.concepts) if args.concepts else ()
     ckpt_dir, workdir = resolve_run(checkpoint)
     join_job(args)
-    out = Path(args.out) if args.out else (workdir or ckpt_dir.parent) / "fidelity"
-    report = fidelity_of_run(
-        checkpoint, out, config=config, batches=args.batches, transfer=not args.no_transfer, user_concepts=user
-    )
+    out = args.out or str((workdir or ckpt_dir.parent) / "fidelity")
+    with storage.output_folder(out, "--out", overwrite=True) as folder:  # a gs:// --out: staged, then uploaded
+        report = fidelity_of_run(
+            checkpoint, folder, config=config, batches=args.batches, transfer=not args.no_transfer, user_concepts=user
+        )
     print(
         json.dumps(
             {"out": str(out), **{k: round(v, 5) if isinstance(v, float) else v for k, v in report["overall"].items()}}

@@ -33,14 +33,16 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     join_job(args)
     from analogjax.release import export_run
+    from analogjax.runtime import storage
 
-    out = export_run(
-        args.checkpoint,
-        args.out,
-        force=args.force,
-        dtype=args.dtype,
-        tokenizer=args.tokenizer,
-        weights_only=args.weights_only,
-    )
-    print(f"wrote {out}")
+    with storage.output_folder(args.out, force=args.force) as folder:  # a gs:// --out: staged, then uploaded
+        export_run(
+            args.checkpoint,
+            folder,
+            force=args.force,
+            dtype=args.dtype,
+            tokenizer=args.tokenizer,
+            weights_only=args.weights_only,
+        )
+    print(f"wrote {args.out}")
     return 0

@@ -26,18 +26,19 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from pathlib import Path
-
     from analogjax.config import load_config
     from analogjax.errors import UserError
     from analogjax.models.prune import DEFAULT_BATCHES, check_target
+    from analogjax.runtime import storage
 
     config = load_config(args.config, args.overrides)
     batches = DEFAULT_BATCHES if args.batches is None else args.batches
     if batches <= 0:
         raise UserError("--batches must be positive")
-    if Path(args.out).exists():  # before any teacher is loaded
-        raise UserError(f"--out {Path(args.out).absolute()} exists: prune never overwrites; choose a new directory")
+    storage.check_config_paths(config, ("--out", args.out))  # before any teacher is loaded
+    out = storage.location(args.out, "--out")
+    if out.exists():
+        raise UserError(f"--out {out} exists: prune never overwrites; choose a new directory")
     check_target(config.teacher.model, config.model)
     join_job(args)
     from analogjax.models.prune import prune_to

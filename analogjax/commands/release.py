@@ -60,21 +60,22 @@ def run(args) -> int:
     join_job(args)
     from analogjax.fidelity.concepts import read_user_concepts
     from analogjax.release import write_release
+    from analogjax.runtime import storage
 
     user = read_user_concepts(args.concepts) if args.concepts else ()
-
-    out = write_release(
-        args.checkpoint,
-        args.out,
-        batches=args.batches,
-        force=args.force,
-        dtype=args.dtype,
-        tokenizer=args.tokenizer,
-        weights_only=args.weights_only,
-        release_overrides=args.overrides,
-        transfer=not args.no_transfer,
-        user_concepts=user,
-        override_gates=list(zip(args.override_gates, args.reasons)),
-    )
-    print(f"wrote {out}")
+    with storage.output_folder(args.out, force=args.force) as folder:  # a gs:// --out: staged, then uploaded
+        out = write_release(
+            args.checkpoint,
+            folder,
+            batches=args.batches,
+            force=args.force,
+            dtype=args.dtype,
+            tokenizer=args.tokenizer,
+            weights_only=args.weights_only,
+            release_overrides=args.overrides,
+            transfer=not args.no_transfer,
+            user_concepts=user,
+            override_gates=list(zip(args.override_gates, args.reasons)),
+        )
+    print(f"wrote {args.out if storage.is_remote(args.out) else out}")
     return 0

@@ -79,6 +79,7 @@ def run(args) -> int:
     from analogjax.fidelity.concepts import read_user_concepts
     from analogjax.fidelity.measure_run import transfer_of_run
     from analogjax.run_dir import check_same_model, resolve_run, run_config
+    from analogjax.runtime import storage
 
     config = load_config(args.config, args.overrides)
     for flag in ("batches", "fit_batches", "eval_batches"):
@@ -94,7 +95,7 @@ def run(args) -> int:
     join_job(args)
     run_cfg, ckpt_dir, workdir, step = run_config(checkpoint)
     check_same_model(config, run_cfg, ckpt_dir)
-    out = Path(args.out) if args.out else (workdir or ckpt_dir.parent) / "transfer"
+    out = args.out or str((workdir or ckpt_dir.parent) / "transfer")
     report = transfer_of_run(
         config,
         ckpt_dir,
@@ -108,7 +109,8 @@ def run(args) -> int:
     )
     from analogjax.fidelity.transfer import write_report
 
-    write_report(report, out)
+    with storage.output_folder(out, "--out", overwrite=True) as folder:  # a gs:// --out: staged, then uploaded
+        write_report(report, folder)
     print(
         json.dumps(
             {

@@ -14,11 +14,14 @@ file, checked when the shards are opened. `analogjax check DIR` verifies every d
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import multiprocessing
 import os
 import queue
-from pathlib import Path
+import shutil
+import tempfile
+import zlib
 
 import numpy as np
 
@@ -27,7 +30,8 @@ from analogjax.data.sources import CRC_SUFFIX, DocumentSource, open_source
 from analogjax.data.spec import SourceConfig
 from analogjax.data.tokenize import encode_documents, load_tokenizer
 from analogjax.errors import UserError
-from analogjax.runtime.checksums import ALGORITHM, array_crc32, file_crc32
+from analogjax.runtime import storage
+from analogjax.runtime.checksums import ALGORITHM, array_crc32
 from analogjax.runtime.metrics_log import Progress
 
 FORMATS = ("arrayrecord", "zarr")
@@ -44,6 +48,7 @@ def prepare_corpus(args: argparse.Namespace) -> dict:
         raise UserError(f"--workers must be positive (got {args.workers})")
     if args.shards < 0:
         raise UserError(f"--shards must be positive (got {args.shards})")
+    storage.check_reachable(args.output, "--output")
     tokenizer = load_tokenizer(args.tokenizer)
     if tokenizer.vocab_size is None:
         raise UserError('--tokenizer "none" cannot prepare a corpus: name a tokenizer file or "bytes"')
@@ -51,11 +56,13 @@ def prepare_corpus(args: argparse.Namespace) -> dict:
     if len(source) == 0:
         raise UserError(f"--input {args.input}: no documents (empty corpus)")
     source[0]  # a wrong --field or --input-format fails here, before any shard, folder or progress bar
-    if os.path.exists(args.output) and not os.path.isdir(args.output):
+    output = storage.location(args.output, "--output")
+    if output.exists() and not output.is_dir():
         raise UserError(f"--output {args.output} exists and is not a directory")
-    if os.path.isdir(args.output) and os.listdir(args.output):
+    if output.is_dir() and any(output.iterdir()):
         raise UserError(f"--output {args.output} is not empty: choose a new directory")
-    os.makedirs(args.output, exist_ok=True)
+    if not storage.is_remote(output):  # object stores have no folders
+        output.mkdir(parents=True, exist_ok=True)
 
     dtype = "uint16" if tokenizer.vocab_size <= 1 << 16 else "uint32"
     shard_count = min(args.shards or args.workers, len(source))
@@ -66,7 +73,7 @@ def prepare_corpus(args: argparse.Namespace) -> dict:
         dict(
             source=source,
             tokenizer_spec=args.tokenizer,
-            path=os.path.join(args.output, name),
+            path=str(output / name),
             start=int(a),
             stop=int(b),
             keys=keys[a:b],
@@ -97,7 +104,7 @@ def prepare_corpus(args: argparse.Namespace) -> dict:
         "tokens": tokens,
         "shards": [
             {
-                "path": os.path.basename(t["path"]),
+                "path": t["path"].rsplit("/", 1)[-1],
                 "documents": r["documents"],
                 "tokens": r["tokens"],
                 "files": r["files"],
@@ -106,8 +113,8 @@ def prepare_corpus(args: argparse.Namespace) -> dict:
         ],
         "checksums": {"algorithm": ALGORITHM, "documents": f"<shard>{CRC_SUFFIX}"},
     }
-    with open(os.path.join(args.output, METADATA_FILE), "w") as f:
-        json.dump(metadata, f, indent=2)
+    # Written last, in one piece: its presence makes the folder a prepared source.
+    storage.write_atomic(output / METADATA_FILE, json.dumps(metadata, indent=2))
     return metadata
 
 
@@ -189,17 +196,18 @@ def _write_shard(task: dict, report) -> dict:
             tokens += len(ids)
         report(len(indices))
     writer.close(task["keys"])
-    np.save(task["path"] + CRC_SUFFIX, np.asarray(crcs, np.uint32))
+    crc_file = io.BytesIO()
+    np.save(crc_file, np.asarray(crcs, np.uint32))
+    storage.location(task["path"] + CRC_SUFFIX).write_bytes(crc_file.getvalue())  # a local path or an object
     # The side files are read whole when the shards are opened: their own checksums are checked then.
     side = [task["path"] + CRC_SUFFIX] + ([task["path"] + ".keys.npy"] if task["format"] == "arrayrecord" else [])
-    files = {os.path.basename(f): file_crc32(Path(f))[1] for f in side}
+    files = {f.rsplit("/", 1)[-1]: zlib.crc32(storage.location(f).read_bytes()) for f in side}
     return {"documents": documents, "tokens": tokens, "files": files}
 
 
 def verify_shards(root: str) -> tuple[list[str], bool]:
     """Read every document of prepared shards and check it against its checksum: (report lines, all intact)."""
-    with open(os.path.join(root, METADATA_FILE)) as f:
-        metadata = json.load(f)
+    metadata = json.loads((storage.location(root) / METADATA_FILE).read_text())
     lines = [f"prepared shards in {root}: {len(metadata.get('shards', []))} shard(s)"]
     if "checksums" not in metadata:
         return lines + ["  unverified: prepared before checksums (nothing to verify against)"], False
@@ -230,21 +238,37 @@ def verify_shards(root: str) -> tuple[list[str], bool]:
 
 
 class _ArrayRecordShard:
-    """One record per document: its token ids as little-endian bytes; identity keys in a .keys.npy beside it."""
+    """One record per document: its token ids as little-endian bytes; identity keys in a .keys.npy beside it.
+    ArrayRecord writes local files: a shard bound for an object store is written to a local temporary file first
+    and uploaded whole when closed."""
 
     def __init__(self, path: str):
         from array_record.python import array_record_module
 
         self.path = path
+        self._local = _local_staging(path, ".array_record") if storage.is_remote(path) else path
         # group_size:1 makes every record individually addressable, which shuffled reading needs.
-        self._writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+        self._writer = array_record_module.ArrayRecordWriter(self._local, "group_size:1")
 
     def add(self, ids: np.ndarray) -> None:
         self._writer.write(ids.astype(ids.dtype.newbyteorder("<")).tobytes())
 
     def close(self, keys: np.ndarray) -> None:
         self._writer.close()
-        np.save(self.path + ".keys.npy", np.asarray(keys, np.uint64))
+        index = io.BytesIO()
+        np.save(index, np.asarray(keys, np.uint64))
+        if self._local != self.path:
+            with open(self._local, "rb") as src, storage.location(self.path).open("wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 24)
+            os.remove(self._local)
+        storage.location(self.path + ".keys.npy").write_bytes(index.getvalue())
+
+
+def _local_staging(path: str, suffix: str) -> str:
+    """A local temporary file for a shard bound for an object store (named after it, for a reader of `ls`)."""
+    fd, local = tempfile.mkstemp(prefix=path.rsplit("/", 1)[-1] + ".", suffix=suffix)
+    os.close(fd)
+    return local
 
 
 class _ZarrShard:
@@ -253,8 +277,11 @@ class _ZarrShard:
     def __init__(self, path: str, dtype: np.dtype):
         self.path = path
         self.dtype = dtype
-        os.makedirs(path, exist_ok=True)
-        self._staging_path = os.path.join(path, ".staging.bin")
+        if storage.is_remote(path):  # tokens are staged on the local disk, the arrays written to the bucket
+            self._staging_path = _local_staging(path, ".staging.bin")
+        else:
+            os.makedirs(path, exist_ok=True)
+            self._staging_path = os.path.join(path, ".staging.bin")
         self._staging = open(self._staging_path, "wb")
         self._lengths: list[int] = []
 
@@ -274,7 +301,7 @@ class _ZarrShard:
         offsets = np.concatenate([[0], np.cumsum(self._lengths, dtype=np.int64)]).astype(np.int64)
 
         def create(name, dtype, shape):
-            spec = {"driver": "zarr3", "kvstore": "file://" + os.path.abspath(os.path.join(self.path, name))}
+            spec = {"driver": "zarr3", "kvstore": storage.kvstore(f"{self.path.rstrip('/')}/{name}")}
             chunk = [max(1, min(shape[0], _ZARR_CHUNK))]
             return ts.open(
                 spec, create=True, dtype=dtype, shape=shape, chunk_layout=ts.ChunkLayout(chunk_shape=chunk)

@@ -543,6 +543,10 @@ def _open_zarr(spec: dict):
 def _array_record_reader(path: str):
     from array_record.python import array_record_module
 
+    from analogjax.runtime import storage
+
+    # ArrayRecord's reader opens local files only: a shard on a bucket is read from a copy in the local cache.
+    path = storage.local_copy(path)
     try:
         # Random access: no readahead, no background threads per reader.
         return array_record_module.ArrayRecordReader(path, "readahead_buffer_size:0,max_parallelism:0")

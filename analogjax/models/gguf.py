@@ -29,6 +29,7 @@ import numpy as np
 from analogjax.errors import UserError
 from analogjax.models.config import ModelConfig
 from analogjax.models.hf.read import HFModel, params_from_tensors
+from analogjax.runtime import storage
 
 ARCHITECTURES = ("llama",)
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
@@ -91,8 +92,9 @@ _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 
 def open_gguf(path: str | Path) -> GGUFFile:
     """A GGUFFile, shared between callers while the file is unchanged (parsing a 49k-token vocabulary's metadata
-    takes seconds, and config, tokenizer, weights and provenance all read it)."""
-    path = Path(path)
+    takes seconds, and config, tokenizer, weights and provenance all read it). A file on a bucket is read from a
+    copy in the local cache (the file is memory-mapped)."""
+    path = Path(storage.local_copy(path))
     if not path.is_file():
         raise UserError(f"GGUF file not found: {path}")
     stat = path.stat()

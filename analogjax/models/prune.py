@@ -38,6 +38,7 @@ teacher's values; a tied one is left alone (rescaling it would scale the logits 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 from pathlib import Path
@@ -50,7 +51,7 @@ import numpy as np
 
 from analogjax.errors import UserError
 from analogjax.models.config import SIZE_FIELDS, ModelConfig
-from analogjax.runtime import figures
+from analogjax.runtime import figures, storage
 from analogjax.runtime.batch_sums import sum_over_batches
 from analogjax.runtime.metrics_log import Progress
 
@@ -366,7 +367,7 @@ def prune_to(
     from analogjax.setup import build_mesh
     from analogjax.teacher import live_source_kind, load_teacher
 
-    out = Path(out_dir).absolute()
+    out = storage.location(out_dir, "--out")
     if out.exists():
         raise UserError(f"--out {out} exists: prune never overwrites; choose a new directory")
     if batches <= 0:
@@ -391,11 +392,13 @@ def prune_to(
     write_checkpoint(out, student_params, config, mesh, report)
     if jax.process_index() == 0:
         (out / IMPORTANCE_JSON).write_text(json.dumps(report, indent=1) + "\n")
+        arrays = io.BytesIO()  # numpy writes local files only; the bytes go wherever `out` is
         np.savez(
-            out / IMPORTANCE_NPZ,
+            arrays,
             **{k: v for k, v in importance.items() if isinstance(v, np.ndarray)},
             **{f"kept_{k}": v for k, v in keep.items()},
         )
+        (out / IMPORTANCE_NPZ).write_bytes(arrays.getvalue())
         plot_importance(importance, keep, out / IMPORTANCE_PLOT)
     return {
         "out": str(out),

@@ -19,6 +19,7 @@ use crc32 (zlib, no dependency), whose 32 bits fit the cache's checksum array.
 from __future__ import annotations
 
 import json
+import os
 import re
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -37,8 +38,10 @@ _HASH_THREADS = 4
 
 
 def _as_path(path) -> Path:
-    """pathlib-like paths (etils.epath's, for object storage, too) are used as they are; strings become Paths."""
-    return path if hasattr(path, "rglob") else Path(path)
+    """A local path (a string, or etils.epath's, whose local paths refuse a recursive glob) as a pathlib Path. An
+    object-store path is used as it is: files can be hashed there, but not whole directories (epath refuses `**`
+    on buckets; checkpoint.py records no manifests there)."""
+    return path if "://" in os.fspath(path) else Path(os.fspath(path))
 
 
 def file_crc32(path: Path) -> tuple[int, int]:

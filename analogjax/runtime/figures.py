@@ -5,8 +5,11 @@ matplotlib is imported on first use, not with this module: most commands draw no
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
+
+from etils import epath
 
 
 def pyplot() -> Any:
@@ -19,11 +22,21 @@ def pyplot() -> Any:
     return plt
 
 
-def save(fig: Any, path: str | Path) -> Path:
-    """Lay out, write and close `fig` (closed: a report draws many figures and pyplot keeps open ones alive)."""
+def save(fig: Any, path: str | os.PathLike) -> Path | epath.Path:
+    """Lay out, write and close `fig` (closed: a report draws many figures and pyplot keeps open ones alive). A
+    gs:// or s3:// `path` is written as one object."""
+    import io
+
     import matplotlib.pyplot as plt
 
+    from analogjax.runtime import storage
+
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    if storage.is_remote(path):
+        image = io.BytesIO()
+        fig.savefig(image, dpi=100, format="png")
+        storage.location(path).write_bytes(image.getvalue())
+    else:
+        fig.savefig(path, dpi=100)
     plt.close(fig)
-    return Path(path)
+    return storage.location(path) if storage.is_remote(path) else Path(path)

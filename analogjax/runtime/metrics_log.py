@@ -16,30 +16,53 @@ T = TypeVar("T")
 
 
 class MetricsLog:
+    """WORKDIR/metrics.jsonl (appended to; on an object store, rewritten whole: see storage.ObjectFile) and
+    WORKDIR/tensorboard. The workdir may be a local folder or a gs:// / s3:// URL."""
+
     def __init__(self, workdir: str | Path, filename: str = "metrics.jsonl", tensorboard: bool = True):
         import jax
 
+        from analogjax.runtime import storage
+
         self.enabled = jax.process_index() == 0
-        self.path = Path(workdir) / filename
+        root = storage.location(workdir)
+        self.path = root / filename
         self._tb = None
+        self._object: storage.ObjectFile | None = None
         if self.enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if storage.is_remote(root):
+                self._object = storage.ObjectFile(self.path)
+                storage.register_tensorboard_writers()
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
             if tensorboard:
                 from tensorboardX import SummaryWriter
 
-                self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+                self._tb = SummaryWriter(str(root / "tensorboard"))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        if self._object is not None:
+            self._object.write(line.encode())
+        else:
+            with self.path.open("a") as f:
+                f.write(line)
         if self._tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self._tb.add_scalar(key, value, record["step"])
 
+    def flush(self) -> None:
+        """Make every record written so far durable (on an object store, writes are batched: call before a
+        checkpoint, so a resume from it finds its steps' records)."""
+        if self._object is not None:
+            self._object.flush()
+
     def close(self) -> None:
+        if self._object is not None:
+            self._object.close()
         if self._tb is not None:
             self._tb.close()
 

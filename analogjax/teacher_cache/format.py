@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -37,9 +36,11 @@ from typing import Any, cast
 
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from analogjax.config import Config, fingerprint, to_dict
 from analogjax.errors import UserError, check_choice
+from analogjax.runtime import storage
 from analogjax.runtime.checksums import ALGORITHM, array_crc32
 
 FORMAT_VERSION = 1
@@ -116,9 +117,11 @@ def _hash_file_sample(digest, path: Path) -> None:
 
 def path_hash(path: str) -> str:
     """A hash of a file or directory tree: relative names, sizes, and contents (head and tail of large files)."""
+    if storage.is_remote(path):
+        return f"path:{path}"  # remote (gs://): the name is all we vouch for (hashing would read the teacher)
     root = Path(path)
     if not root.exists():
-        return f"path:{path}"  # remote (gs://) or missing: the name is all we can vouch for
+        return f"path:{path}"  # missing: the name is all we can vouch for
     digest = hashlib.sha256()
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
     for file in files:
@@ -224,24 +227,22 @@ def check_run(saved: dict, config: Config, process_count: int, path: str) -> Non
 
 
 def read_provenance(path: str | Path) -> dict | None:
-    file = Path(path) / PROVENANCE_FILE
+    file = storage.location(path, "teacher.cache") / PROVENANCE_FILE
     return json.loads(file.read_text()) if file.is_file() else None
 
 
-def _write_json_atomically(file: Path, value: dict) -> None:
-    tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value, indent=2, sort_keys=True))
-    os.replace(tmp, file)
+def _write_json_atomically(file: epath.Path, value: dict) -> None:
+    storage.write_atomic(file, json.dumps(value, indent=2, sort_keys=True))
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Storage
 
 
-def _spec(path: Path, name: str, shape, chunks, dtype: str, codec: str | None) -> dict:
+def _spec(path: epath.Path, name: str, shape, chunks, dtype: str, codec: str | None) -> dict:
     return {
         "driver": "zarr",
-        "kvstore": {"driver": "file", "path": str(path / name)},
+        "kvstore": storage.kvstore(path / name),
         "metadata": {
             "shape": list(shape),
             "chunks": list(chunks),
@@ -268,7 +269,7 @@ def row_hashes(batch: dict[str, np.ndarray]) -> np.ndarray:
 class _Store:
     """The cache's arrays: one per field, plus row_hash [steps, B] and done [steps, processes]."""
 
-    def __init__(self, path: Path, meta: dict, *, create: bool):
+    def __init__(self, path: epath.Path, meta: dict, *, create: bool):
         import tensorstore as ts
 
         self.path = path
@@ -328,15 +329,15 @@ class _Store:
         return cast(np.ndarray, self.done.read().result().astype(bool).all(axis=1))
 
 
-def data_bytes_per_token(path: str | Path) -> float:
+def data_bytes_per_token(path: str | Path | epath.Path) -> float:
     """Bytes on disk of the per-token fields (chunk files, compression included) per cached token."""
-    path = Path(path)
+    path = storage.location(path, "teacher.cache")
     meta = read_provenance(path)
     if meta is None:
         raise UserError(f"{path} holds no teacher cache")
     tokens = meta["steps"] * meta["global_batch"] * meta["seq_len"]
     total = sum(
-        f.stat().st_size
+        f.stat().length
         for name in CacheLayout(**meta["layout"]).fields()
         for f in (path / name).iterdir()
         if not f.name.startswith(".")

@@ -10,6 +10,7 @@ import numpy as np
 from analogjax.config import Config
 from analogjax.errors import UserError
 from analogjax.objective.sparse import SampledTeacher, TopKTeacher
+from analogjax.runtime import storage
 from analogjax.teacher_cache.format import BATCH_KEYS, CacheLayout, _Store, check_run, read_provenance, row_hashes
 
 
@@ -41,7 +42,7 @@ class CacheReader:
 
     def __init__(self, config: Config, *, process_index: int | None = None, process_count: int | None = None):
         path = config.teacher.cache
-        self.path = Path(path)
+        self.path = storage.location(path, "teacher.cache")
         saved = read_provenance(self.path)
         if saved is None:
             raise UserError(f"teacher.cache: {path} holds no teacher cache (run cache-teacher first)")
@@ -102,7 +103,7 @@ def damaged_cache_error(path: str | Path, step: int, problem: str) -> UserError:
 
 def read_arrays(path: str | Path) -> dict[str, np.ndarray]:
     """Every array of a cache, whole (for tests and inspection of small caches)."""
-    path = Path(path)
+    path = storage.location(path, "teacher.cache")
     store = _Store(path, read_provenance(path), create=False)
     arrays = {name: array.read().result() for name, array in store.fields.items()}
     return {**arrays, "row_hash": store.row_hash.read().result(), "done": store.done.read().result()}

@@ -11,11 +11,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from analogjax.config import Config
 from analogjax.errors import UserError
 from analogjax.models.transformer import softcap_logits
 from analogjax.objective.sparse import sample_teacher_tokens
+from analogjax.runtime import storage
 from analogjax.runtime.metrics_log import Progress
 from analogjax.teacher import forward as teacher_forward
 from analogjax.teacher_cache.format import (
@@ -101,7 +103,7 @@ def make_teacher_outputs(
 
 def write_cache(
     config: Config,
-    path: str | Path,
+    path: str | Path | epath.Path,
     layout: CacheLayout,
     batches: Iterable[dict[str, np.ndarray]],
     *,
@@ -121,7 +123,7 @@ def write_cache(
     from analogjax import mesh as mesh_lib
     from analogjax.data import to_global_batch
 
-    path = Path(path)
+    path = storage.location(path, "teacher.cache")
     vocab = shared_vocab(config)
     layout.check(vocab)
     meta = provenance(config, layout, process_count)
@@ -129,7 +131,8 @@ def write_cache(
     if saved is not None and "checksums" not in saved:  # written before checksums: completed without them
         meta.pop("checksums")
     if saved is None:
-        path.mkdir(parents=True, exist_ok=True)
+        if not storage.is_remote(path):  # object stores have no folders (and a mkdir there could create a bucket)
+            path.mkdir(parents=True, exist_ok=True)
         _write_json_atomically(path / PROVENANCE_FILE, meta)
     elif saved != meta:
         different = _differences(saved, meta, meta)

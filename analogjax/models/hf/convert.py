@@ -29,6 +29,7 @@ from analogjax.models.hf.families import (
     implied_architecture,
 )
 from analogjax.models.hf.rope import Refuse, rope_from_hf, rope_to_hf
+from analogjax.runtime import storage
 
 CONFIG_FILE = "config.json"
 
@@ -123,11 +124,12 @@ def read_json(path: Path) -> dict:
 
 
 def model_config_from_hf(path: str | Path) -> ModelConfig:
-    """The ModelConfig of a HF folder's config.json; UserError for architectures or fields we do not implement."""
-    path = Path(path)
-    if not path.is_dir():
+    """The ModelConfig of a HF folder's config.json (local or on a bucket); UserError for architectures or fields we
+    do not implement."""
+    folder = storage.location(path, "teacher.hf_path")
+    if not folder.is_dir():
         raise UserError(f"Hugging Face model folder not found: {path}")
-    return config_from_hf_dict(read_json(path / CONFIG_FILE), str(path))
+    return config_from_hf_dict(read_json(folder / CONFIG_FILE), str(path))
 
 
 def _family(hf: dict, where: str) -> tuple[str, Family]:

@@ -28,6 +28,7 @@ from analogjax.models.hf.tensors import (
     tensor_maps,
 )
 from analogjax.models.model import Model
+from analogjax.runtime import storage
 
 
 class _SafetensorFiles:
@@ -98,8 +99,9 @@ def _read_block(tensor_slice, tmap: TensorMap, ours_index: tuple[slice, ...]) ->
 
 
 def load_params(path: str | Path, model_cfg: ModelConfig, mesh, rules) -> dict:
-    """A HF folder's weights as analogjax params ({"params": ...}), each array born sharded under `rules`."""
-    path = Path(path)
+    """A HF folder's weights as analogjax params ({"params": ...}), each array born sharded under `rules`. A folder on
+    a bucket is read from a copy in the local cache (safetensors maps local files)."""
+    path = Path(storage.local_copy(path))
     if not path.is_dir():
         raise UserError(f"teacher.hf_path: Hugging Face model folder not found: {path}")
     config = path / CONFIG_FILE
@@ -176,6 +178,9 @@ class HFModel(Model):
 
     @staticmethod
     def read_tokenizer(path) -> str | None:
+        if storage.is_remote(path):  # tokenizers reads local files: a copy in the local cache
+            remote = storage.location(path) / "tokenizer.json"
+            return storage.local_copy(remote) if remote.is_file() else None
         file = Path(path) / "tokenizer.json"
         return str(file) if file.is_file() else None
 
