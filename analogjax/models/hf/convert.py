@@ -2,8 +2,9 @@
 
 The refusal rule, so nothing that changes the forward pass is ignored: every key of config.json must be either
 read (in `_READ` for every family or in its family's `keys`; its value is implemented exactly or refused with a
-UserError naming key and value), or listed in `_INERT` (bookkeeping that cannot change the logits: token ids,
-dtype, caching, initialisation, dropout, which eval never applies). Any other key is refused by name. A RoPE
+UserError naming key and value), or inert (`inert`: bookkeeping that cannot change the logits: transformers' private
+keys with a leading underscore, special-token ids, dtype, caching and output switches, generation defaults,
+initialisation, dropout, which eval never applies). Any other key is refused by name. A RoPE
 dictionary is held to the same rule (rope.py's `_ROPE_KEYS`). Export is checked the same way: the config.json it
 would write is read back with these rules and must give the model config being exported (`architecture_for`).
 """
@@ -104,7 +105,43 @@ _INERT = {
     # MoE training-only knobs (an eval forward never reads them)
     "router_aux_loss_coef",
     "output_router_logits",
+    # Runtime and generation switches older transformers wrote into config.json (the forward's logits never read
+    # them: they choose what a call returns or how `generate` samples).
+    "return_dict_in_generate",
+    "output_scores",
+    "output_logits",
+    "pruned_heads",
+    "torch_compile",
+    "min_length",
+    "do_sample",
+    "early_stopping",
+    "num_beams",
+    "num_beam_groups",
+    "diversity_penalty",
+    "temperature",
+    "top_k",
+    "top_p",
+    "typical_p",
+    "repetition_penalty",
+    "length_penalty",
+    "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size",
+    "bad_words_ids",
+    "num_return_sequences",
+    "remove_invalid_values",
+    "exponential_decay_length_penalty",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+    "cross_attention_hidden_size",
 }
+
+
+def inert(key: str) -> bool:
+    """A config.json key that cannot change the logits: listed in `_INERT`, transformers' own bookkeeping (a leading
+    underscore: `_name_or_path`, `_model_name_or_path`, `_commit_hash`...; a family that reads one lists it in its
+    record, which is checked first), or a special-token id (`unk_token_id`, `mask_token_id`, ...: tokenizer facts
+    that no decoder forward reads)."""
+    return key in _INERT or key.startswith("_") or key.endswith(("_token_id", "_token_ids"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -184,9 +221,9 @@ def config_from_hf_dict(hf: dict, where: str = "config.json") -> ModelConfig:
     def refuse(feature: str) -> NoReturn:
         raise UserError(f"{where}: {arch} with {feature} is not supported by the analogjax decoder")
 
-    known = _READ | family.keys | _INERT
+    known = _READ | family.keys
     for key in hf:
-        if key not in known:
+        if key not in known and not inert(key):
             reader = family.model_type
             refuse(f"config field {key!r} (not read by analogjax's {reader} reader; refused rather than ignored)")
     if hf.get("attention_bias"):
