@@ -60,7 +60,10 @@ class MoEConfig:
     their weights renormalised to sum 1 when `norm_topk`, then times `routed_scale`. `expert_bias` adds a learned
     per-expert bias to the scores used for *selection only* (DeepSeek-V3's e_score_correction_bias); the weights
     use the unbiased scores. Shared experts (one SwiGLU of width shared_d_ff, always on) are added to the routed
-    output, times sigmoid(x·w) when `shared_gate` (Qwen2-MoE).
+    output, times sigmoid(x·w) when `shared_gate` (Qwen2-MoE). gpt-oss: `router_bias` adds a learned per-expert bias
+    to the router logits (selection and weights alike; its softmax over the chosen top-k logits is the softmax over
+    all of them renormalised over the chosen: norm_topk), and `expert_biases` gives every expert's gate, up and down
+    projections a bias.
     """
 
     experts: int = 0
@@ -82,6 +85,8 @@ class MoEConfig:
     # α·E·Σᵢ fᵢ·Pᵢ and the ST-MoE router z-loss mean(logsumexp(logits)²), averaged over the MoE layers.
     aux_loss_weight: float = 0.0
     z_loss_weight: float = 0.0
+    router_bias: bool = False  # gpt-oss: a learned bias on the router logits
+    expert_biases: bool = False  # gpt-oss: biases on each expert's gate, up and down projections
 
     @property
     def enabled(self) -> bool:
@@ -148,7 +153,8 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
-    activation: str = "silu"  # silu (Llama, Qwen, Mistral) | gelu_tanh (Gemma)
+    # silu (Llama, Qwen, Mistral) | gelu_tanh (Gemma) | clamped_swiglu (gpt-oss: swiglu_alpha, swiglu_limit below)
+    activation: str = "silu"
     qkv_bias: bool = False  # Qwen2
     qk_norm: bool = False  # Qwen3, Gemma 3, OLMo 2: RMSNorm on queries and keys before RoPE
     embed_scale: bool = False  # Gemma: embeddings times sqrt(d_model)
@@ -180,6 +186,12 @@ class ModelConfig:
     # do). Empty: the architecture the other fields imply (hf.architecture_for).
     hf_architecture: str = ""
     moe: MoEConfig = field(default_factory=MoEConfig)  # mixture-of-experts layers (experts 0: dense)
+    # gpt-oss. Attention sinks: one learned logit per query head in every softmax denominator, attending to nothing.
+    attn_sinks: bool = False
+    attn_out_bias: bool = False  # a bias on the attention output projection (gpt-oss's attention_bias: q, k, v, o)
+    # activation clamped_swiglu: (clip(up, ±limit) + 1) · g · sigmoid(alpha · g), g = min(gate, limit)
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
 
     @property
     def kv_heads(self) -> int:
@@ -222,7 +234,7 @@ class ModelConfig:
         if self.dim_per_head % 2:
             raise UserError(f"{prefix}.head_dim must be even for rotary embeddings, got {self.dim_per_head}")
         choices = {
-            "activation": ("silu", "gelu_tanh"),
+            "activation": ("silu", "gelu_tanh", "clamped_swiglu"),
             "dtype": ("float32", "bfloat16"),
             "remat": ("none", "block"),
             "attention": KERNELS,
@@ -239,10 +251,10 @@ class ModelConfig:
         if SLIDING in self.layer_kinds and not self.sliding_window:
             raise UserError(f"{prefix}.layer_pattern has sliding layers but {prefix}.sliding_window is 0")
         self.moe.validate(f"{prefix}.moe", self.n_layers)
-        if self.moe.enabled and not self.uniform_layers:
+        if self.activation == "clamped_swiglu" and (self.swiglu_alpha <= 0 or self.swiglu_limit <= 0):
             raise UserError(
-                f"{prefix}.moe: MoE layers with per-layer attention kinds ({prefix}.layer_pattern, "
-                f"{prefix}.local_rope_theta) are not supported yet"
+                f"{prefix}.swiglu_alpha and {prefix}.swiglu_limit must be positive for activation clamped_swiglu, "
+                f"got {self.swiglu_alpha} and {self.swiglu_limit}"
             )
 
     @property

@@ -28,7 +28,7 @@ from analogjax.errors import UserError
 from analogjax.models import rope as rope_lib
 from analogjax.models.attention import allowed, attend, self_attention
 from analogjax.models.config import SLIDING, ModelConfig, RopeScaling
-from analogjax.models.moe import MoE, RouterStats
+from analogjax.models.moe import MoE, RouterStats, glu
 
 _init = nn.initializers.normal(stddev=0.02)
 
@@ -133,6 +133,9 @@ class Attention(nn.Module):
         q = rope_lib.apply(q, positions_bs, inv_freq, factor)
         kk = rope_lib.apply(kk, positions_bs, inv_freq, factor)
         scale = (cfg.query_scalar or e) ** -0.5
+        sinks = (
+            self.param("sinks", nn.with_logical_partitioning(_init, ("heads",)), (h,)) if cfg.attn_sinks else None
+        )
         if cache is None:
             out = self_attention(
                 q,
@@ -144,6 +147,7 @@ class Attention(nn.Module):
                 window=window,
                 softcap=cfg.attn_softcap,
                 kernel=cfg.attention,
+                sinks_h=sinks,
             )
         else:  # decoding: a few new queries against the cache, on the XLA core (scores are [new, cache] only)
             index = cache["index"]
@@ -159,10 +163,15 @@ class Attention(nn.Module):
                 scale=scale,
                 window=window,
                 softcap=cfg.attn_softcap,
+                sinks_h=sinks,
             )
         wo = self.param("wo", nn.with_logical_partitioning(_init, ("heads", "head_dim", "embed")), (h, e, d))
         self.sow("intermediates", "heads_out", out)  # per-head outputs, read only by prune.py (else a no-op)
         y = jnp.einsum("bshe,hed->bsd", out, wo.astype(dtype))
+        if cfg.attn_out_bias:
+            y = y + self.param("wo_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), (d,)).astype(
+                dtype
+            )
         return y if cache is None else (y, written)
 
 
@@ -184,9 +193,9 @@ class MLP(nn.Module):
         w_gate = self.param("w_gate", nn.with_logical_partitioning(_init, ("embed", "mlp")), shape_in)
         w_up = self.param("w_up", nn.with_logical_partitioning(_init, ("embed", "mlp")), shape_in)
         w_down = self.param("w_down", nn.with_logical_partitioning(_init, ("mlp", "embed")), shape_out)
-        gate = x_bsd @ w_gate.astype(dtype)
-        act = jax.nn.silu(gate) if cfg.activation == "silu" else jax.nn.gelu(gate, approximate=True)
-        hidden_bsf = nn.with_logical_constraint(act * (x_bsd @ w_up.astype(dtype)), ("batch", "length", "act_mlp"))
+        hidden_bsf = nn.with_logical_constraint(
+            glu(cfg, x_bsd @ w_gate.astype(dtype), x_bsd @ w_up.astype(dtype)), ("batch", "length", "act_mlp")
+        )
         self.sow("intermediates", "hidden", hidden_bsf)  # FFN activations, read only by prune.py (else a no-op)
         return hidden_bsf @ w_down.astype(dtype)
 
@@ -254,26 +263,35 @@ class MoEGroup(nn.Module):
     collect_layers: bool = False
 
     @nn.compact
-    def __call__(self, x_bsd, segment_ids_bs, positions_bs, kv=None, cache_meta=None):
+    def __call__(self, x_bsd, segment_ids_bs, positions_bs, kv=None, cache_meta=None, layer=None):
         # kv ("k", "v" [every, b, t, k, e]: this group's layers' cache) and cache_meta: decoding, as Block; the
-        # group then returns (carry, its layers' written kv stacked [every, ...]).
+        # group then returns (carry, its layers' written kv stacked [every, ...]). layer: the group's rows of the
+        # per-layer attention data ([every, ...]; None when every layer attends alike).
         cfg, every = self.cfg, self.cfg.moe.every
+
+        def row(j):
+            return None if layer is None else jax.tree.map(lambda a: a[j], layer)
+
         if kv is not None:
             written = []
             for j in range(every):
                 layer_kv = jax.tree.map(lambda a, j=j: a[j], kv)
                 name, is_moe = ("moe", True) if j == every - 1 else (f"dense_{j}", False)
                 x_bsd, out = Block(cfg, moe=is_moe, name=name)(
-                    x_bsd, segment_ids_bs, positions_bs, None, layer_kv, cache_meta
+                    x_bsd, segment_ids_bs, positions_bs, row(j), layer_kv, cache_meta
                 )
                 written.append(out)
             return x_bsd, jax.tree.map(lambda *a: jnp.stack(a), *written)
         block = _block_class(cfg)
         outs = []
         for j in range(every - 1):
-            x_bsd, out = block(cfg, self.collect_layers, name=f"dense_{j}")(x_bsd, segment_ids_bs, positions_bs)
+            x_bsd, out = block(cfg, self.collect_layers, name=f"dense_{j}")(
+                x_bsd, segment_ids_bs, positions_bs, row(j)
+            )
             outs.append(out)
-        x_bsd, (out, stats) = block(cfg, self.collect_layers, True, name="moe")(x_bsd, segment_ids_bs, positions_bs)
+        x_bsd, (out, stats) = block(cfg, self.collect_layers, True, name="moe")(
+            x_bsd, segment_ids_bs, positions_bs, row(every - 1)
+        )
         return x_bsd, ((jnp.stack(outs + [out]) if self.collect_layers else None), stats)
 
 
@@ -314,57 +332,86 @@ def _scan(module, cfg: ModelConfig, length: int, name: str, *args, in_axes=(nn.b
     )(cfg, *args, name=name)
 
 
-def _moe_stacks(cfg: ModelConfig, collect_layers: bool, x_bsd, segment_ids_bs, positions_bs):
-    """An MoE model's blocks: a scanned dense prefix (`layers`, as a dense model's), then the scanned MoE groups
-    (`moe_layers`). Returns (x, every block's output or None, RouterStats stacked over the MoE layers)."""
+def _split_layer_data(cfg: ModelConfig, per_layer):
+    """Per-layer attention data ([n_layers, ...] or None) cut as the MoE stacks are: (the dense prefix's [prefix,
+    ...], the MoE groups' [groups, ...] or, for every > 1, [groups, every, ...]), with the scan in_axes of each."""
+    if per_layer is None:
+        return (None, nn.broadcast), (None, nn.broadcast)
     prefix, groups = moe_layout(cfg)
+    head = jax.tree.map(lambda a: a[:prefix], per_layer)
+    rest = jax.tree.map(lambda a: a[prefix:].reshape((groups, cfg.moe.every) + a.shape[1:]), per_layer)
+    if cfg.moe.every == 1:
+        rest = jax.tree.map(lambda a: a[:, 0], rest)
+    return (head, 0), (rest, 0)
+
+
+def _moe_stacks(cfg: ModelConfig, collect_layers: bool, x_bsd, segment_ids_bs, positions_bs, per_layer=None):
+    """An MoE model's blocks: a scanned dense prefix (`layers`, as a dense model's), then the scanned MoE groups
+    (`moe_layers`); `per_layer`: each layer's attention data (layer_data), or None. Returns (x, every block's output
+    or None, RouterStats stacked over the MoE layers)."""
+    prefix, groups = moe_layout(cfg)
+    (head, head_axis), (rest, rest_axis) = _split_layer_data(cfg, per_layer)
     collected = []
     if prefix:
-        x_bsd, out = _scan(_block_class(cfg), cfg, prefix, "layers", collect_layers)(
-            x_bsd, segment_ids_bs, positions_bs
-        )
+        x_bsd, out = _scan(
+            _block_class(cfg), cfg, prefix, "layers", collect_layers, in_axes=(nn.broadcast, nn.broadcast, head_axis)
+        )(x_bsd, segment_ids_bs, positions_bs, head)
         collected.append(out)
     if cfg.moe.every == 1:
-        x_bsd, (out, stats) = _scan(_block_class(cfg), cfg, groups, "moe_layers", collect_layers, True)(
-            x_bsd, segment_ids_bs, positions_bs
-        )
+        x_bsd, (out, stats) = _scan(
+            _block_class(cfg),
+            cfg,
+            groups,
+            "moe_layers",
+            collect_layers,
+            True,
+            in_axes=(nn.broadcast, nn.broadcast, rest_axis),
+        )(x_bsd, segment_ids_bs, positions_bs, rest)
     else:
-        x_bsd, (out, stats) = _scan(MoEGroup, cfg, groups, "moe_layers", collect_layers)(
-            x_bsd, segment_ids_bs, positions_bs
-        )
+        x_bsd, (out, stats) = _scan(
+            MoEGroup,
+            cfg,
+            groups,
+            "moe_layers",
+            collect_layers,
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, rest_axis),
+        )(x_bsd, segment_ids_bs, positions_bs, None, None, rest)
         out = None if out is None else out.reshape((-1,) + out.shape[2:])
     collected.append(out)
     layers = jnp.concatenate(collected, axis=0) if collect_layers else None
     return x_bsd, layers, stats
 
 
-# Inputs after the carry of a cached scan over Blocks: segment ids, positions, per-layer data (none: MoE models
-# have uniform layers), this layer's kv (scanned), the cache's positions/segment ids/index.
-_CACHED_BLOCK_AXES = (nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast)
+def _cached_block_axes(layer_axis):
+    # Inputs after the carry of a cached scan over Blocks: segment ids, positions, per-layer data (scanned, or None
+    # broadcast when every layer attends alike), this layer's kv (scanned), the cache's positions/segment ids/index.
+    return (nn.broadcast, nn.broadcast, layer_axis, 0, nn.broadcast)
 
 
-def _moe_stacks_cached(cfg: ModelConfig, x_bsd, segment_ids_bs, positions_bs, kv, meta):
+def _moe_stacks_cached(cfg: ModelConfig, x_bsd, segment_ids_bs, positions_bs, kv, meta, per_layer=None):
     """`_moe_stacks` with a KV cache: the cache's [n_layers, ...] keys and values (sampling.init_cache's layout, in
     layer order) split into the dense prefix's and the MoE groups' ([groups, every, ...]) slices, each scanned with
-    its stack; the written slices are joined back into [n_layers, ...]. Returns (x, written kv)."""
+    its stack (and its rows of `per_layer`); the written slices are joined back into [n_layers, ...]. Returns (x,
+    written kv)."""
     prefix, groups = moe_layout(cfg)
     every = cfg.moe.every
+    (head, head_axis), (layers_rest, rest_axis) = _split_layer_data(cfg, per_layer)
     written = []
     if prefix:
-        x_bsd, out = _scan(Block, cfg, prefix, "layers", in_axes=_CACHED_BLOCK_AXES)(
-            x_bsd, segment_ids_bs, positions_bs, None, jax.tree.map(lambda a: a[:prefix], kv), meta
+        x_bsd, out = _scan(Block, cfg, prefix, "layers", in_axes=_cached_block_axes(head_axis))(
+            x_bsd, segment_ids_bs, positions_bs, head, jax.tree.map(lambda a: a[:prefix], kv), meta
         )
         written.append(out)
     rest = jax.tree.map(lambda a: a[prefix:], kv)
     if every == 1:
-        x_bsd, out = _scan(Block, cfg, groups, "moe_layers", False, True, in_axes=_CACHED_BLOCK_AXES)(
-            x_bsd, segment_ids_bs, positions_bs, None, rest, meta
+        x_bsd, out = _scan(Block, cfg, groups, "moe_layers", False, True, in_axes=_cached_block_axes(rest_axis))(
+            x_bsd, segment_ids_bs, positions_bs, layers_rest, rest, meta
         )
     else:
         grouped = jax.tree.map(lambda a: a.reshape((groups, every) + a.shape[1:]), rest)
-        x_bsd, out = _scan(MoEGroup, cfg, groups, "moe_layers", in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast))(
-            x_bsd, segment_ids_bs, positions_bs, grouped, meta
-        )
+        x_bsd, out = _scan(
+            MoEGroup, cfg, groups, "moe_layers", in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, rest_axis)
+        )(x_bsd, segment_ids_bs, positions_bs, grouped, meta, layers_rest)
         out = jax.tree.map(lambda a: a.reshape((groups * every,) + a.shape[2:]), out)
     written.append(out)
     return x_bsd, jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *written)
@@ -388,7 +435,9 @@ class Decoder(nn.Module):
         extra = () if per_layer is None else (jax.tree.map(jnp.asarray, per_layer),)
         if cache is None:
             if cfg.moe.enabled:
-                x_bsd, layers, stats = _moe_stacks(cfg, self.collect_layers, x_bsd, segment_ids_bs, positions_bs)
+                x_bsd, layers, stats = _moe_stacks(
+                    cfg, self.collect_layers, x_bsd, segment_ids_bs, positions_bs, *extra
+                )
                 return self._finish(x_bsd, layers, stats)
             # Layers that differ (window, RoPE base) get their own row of `per_layer` as a scanned input.
             in_axes = (nn.broadcast, nn.broadcast) + (() if per_layer is None else (0,))
@@ -405,7 +454,7 @@ class Decoder(nn.Module):
         }
         kv = {"k": cache["k"], "v": cache["v"]}
         if cfg.moe.enabled:
-            x_bsd, kv = _moe_stacks_cached(cfg, x_bsd, segment_ids_bs, positions_bs, kv, meta)
+            x_bsd, kv = _moe_stacks_cached(cfg, x_bsd, segment_ids_bs, positions_bs, kv, meta, *extra)
         else:
             in_axes = (nn.broadcast, nn.broadcast, nn.broadcast if per_layer is None else 0, 0, nn.broadcast)
             x_bsd, kv = _scan(Block, cfg, cfg.n_layers, "layers", in_axes=in_axes)(

@@ -43,6 +43,11 @@ class MoEFamily:
     block: str = "mlp."  # the experts' module under each layer
     expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # gate, up, down
     pinned: Pinned = ()  # written after the MoE fields
+    router: str = "gate"  # the router's module under `block`
+    # gpt-oss: every expert in one tensor per projection, [experts, in, out] (experts.gate_up_proj with gate and up
+    # interleaved column by column, experts.down_proj), with their biases; the router has a bias too. Released
+    # checkpoints store the two weights as MXFP4 blocks and scales (mxfp4.py).
+    fused_experts: bool = False
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,13 @@ class Family:
     ignored_by_hf: Pinned = ()  # (key, why): keys its class accepts but never applies, so a set value is refused
     pinned: Pinned = (("attention_bias", False),)  # written right after the shape fields
     moe: MoEFamily | None = None
+    # gpt-oss. attention_bias (default true) puts biases on q, k, v and o; elsewhere a true one is refused.
+    biased_attention: bool = False
+    attn_sinks: bool = False  # a learned sink logit per query head (self_attn.sinks)
+    # The feed-forward's activation whatever hidden_act says ("": read hidden_act). gpt-oss: clamped_swiglu with
+    # config.json's swiglu_alpha / swiglu_limit (its experts never read hidden_act).
+    fixed_activation: str = ""
+    rope_required: bool = False  # its transformers default RoPE is not plain (gpt-oss: YaRN): refuse a config without
 
 
 _WINDOWED = frozenset({"sliding_window", "layer_types"})
@@ -201,6 +213,32 @@ FAMILIES: tuple[Family, ...] = (
         qk_norm_scope="all_heads",
         moe=MoEFamily(pinned=(("clip_qkv", None),)),
     ),
+    Family(
+        "GptOssForCausalLM",
+        "gpt_oss",
+        _WINDOWED
+        | {
+            "num_local_experts",
+            "num_experts_per_tok",
+            "swiglu_alpha",
+            "swiglu_limit",
+            "quantization_config",  # MXFP4 experts, dequantized at import (convert.py checks the method)
+            # Written by the released checkpoints and read by no transformers code (num_experts_per_tok and
+            # rope_scaling's original_max_position_embeddings carry what they say).
+            "experts_per_token",
+            "initial_context_length",
+        },
+        layer_windows="pattern",
+        sliding_period=2,
+        default_head_dim=64,
+        default_norm_eps=1e-5,
+        biased_attention=True,
+        attn_sinks=True,
+        fixed_activation="clamped_swiglu",
+        rope_required=True,
+        pinned=(),
+        moe=MoEFamily(experts_key="num_local_experts", norm_topk=True, router="router", fused_experts=True),
+    ),
 )
 BY_ARCHITECTURE = {family.architecture: family for family in FAMILIES}
 BY_MODEL_TYPE = {family.model_type: family for family in FAMILIES}
@@ -211,7 +249,6 @@ ARCHITECTURES = {family.architecture: family.model_type for family in FAMILIES}
 NOT_YET = {
     "DeepseekV3ForCausalLM": "multi-head latent attention and group-limited sigmoid routing are not implemented",
     "DeepseekV2ForCausalLM": "multi-head latent attention and group-limited routing are not implemented",
-    "GptOssForCausalLM": "gpt-oss's attention sinks, clamped SwiGLU and expert biases are not implemented",
     "Llama4ForCausalLM": "Llama 4's chunked attention and interleaved MoE are not implemented",
     "Llama4ForConditionalGeneration": "Llama 4's chunked attention and interleaved MoE are not implemented",
 }
@@ -222,6 +259,8 @@ def implied_architecture(cfg: ModelConfig) -> str:
     conventions its fields use (convert.architecture_for then checks that family carries every field exactly)."""
     if cfg.hf_architecture:
         return cfg.hf_architecture
+    if cfg.attn_sinks or cfg.activation == "clamped_swiglu":
+        return "GptOssForCausalLM"
     if cfg.moe.enabled:
         if cfg.moe.shared_d_ff:
             return "Qwen2MoeForCausalLM"

@@ -7,6 +7,8 @@ Layout facts this rests on:
 - Gemma's RMSNorm scales by (1 + weight): that is our `norm_offset=1` with scale = weight, so norms copy as they are.
 - Phi-3's fused qkv_proj rows are [q; k; v] and gate_up_proj rows [gate; up]: each of ours is a row range.
 - Gemma 2/3's `post_attention_layernorm` is the norm *after* attention (ours attn_post_norm), not Llama's pre-MLP norm.
+- gpt-oss keeps all experts of a layer in one tensor per projection, already [experts, in, out] as ours, with gate
+  and up interleaved column by column in gate_up_proj (gate = [..., 0::2], up = [..., 1::2]): `interleave`.
 """
 
 from __future__ import annotations
@@ -49,6 +51,10 @@ class TensorMap:
     layer_count: int = 0
     # Expert weights: one HF tensor per expert ("{j}"), stacked on our axis after the layers' (0: not per expert).
     experts: int = 0
+    # The HF tensor's last dim interleaves `interleave` tensors element by element and ours is the `lane`-th
+    # (gpt-oss's gate_up_proj: gate lane 0, up lane 1); 0: not interleaved. The last group is one factor then.
+    interleave: int = 0
+    lane: int = 0
 
     @property
     def hf_shape(self) -> tuple[int, ...]:
@@ -56,7 +62,9 @@ class TensorMap:
 
     @property
     def file_shape(self) -> tuple[int, ...]:
-        """The shape of the whole HF tensor (the fused one, for a row range)."""
+        """The shape of the whole HF tensor (the fused one, for a row range or an interleaved lane)."""
+        if self.interleave:
+            return self.hf_shape[:-1] + (self.hf_shape[-1] * self.interleave,)
         return ((self.fused_rows,) + self.hf_shape[1:]) if self.fused_rows else self.hf_shape
 
     @property
@@ -124,6 +132,10 @@ def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
             for n, heads in (("q", h), ("k", k), ("v", k))
         ]
     maps.append(TensorMap(("layers", "attn", "wo"), layer + "self_attn.o_proj.weight", ((d,), (h, e)), (1, 2, 0), True))
+    if cfg.attn_out_bias:
+        maps.append(TensorMap(("layers", "attn", "wo_bias"), layer + "self_attn.o_proj.bias", ((d,),), (0,), True))
+    if cfg.attn_sinks:
+        maps.append(TensorMap(("layers", "attn", "sinks"), layer + "self_attn.sinks", ((h,),), (0,), True))
     if fused:
         gate_up = layer + "mlp.gate_up_proj.weight"
         maps += [
@@ -176,12 +188,33 @@ def _moe_maps(cfg: ModelConfig, dense_maps: list[TensorMap]) -> list[TensorMap]:
     # A dense family's name on an MoE config (refused on export by architecture_for) reads as the common spelling.
     spelling = family.moe if family is not None and family.moe else MoEFamily()
     block, names = layer + spelling.block, spelling.expert_names
-    moe_rows = [
-        TensorMap(("mlp", "router"), block + "gate.weight", ((n,), (d,)), (1, 0), True),
-        TensorMap(("mlp", "w_gate"), block + f"experts.{{j}}.{names[0]}.weight", ((f,), (d,)), (1, 0), True, experts=n),
-        TensorMap(("mlp", "w_up"), block + f"experts.{{j}}.{names[1]}.weight", ((f,), (d,)), (1, 0), True, experts=n),
-        TensorMap(("mlp", "w_down"), block + f"experts.{{j}}.{names[2]}.weight", ((d,), (f,)), (1, 0), True, experts=n),
-    ]
+    moe_rows = [TensorMap(("mlp", "router"), block + f"{spelling.router}.weight", ((n,), (d,)), (1, 0), True)]
+    if moe.router_bias:
+        moe_rows.append(TensorMap(("mlp", "router_bias"), block + f"{spelling.router}.bias", ((n,),), (0,), True))
+    if spelling.fused_experts:  # gpt-oss: one [experts, in, out] tensor per projection (module docstring)
+        gate_up, down = block + "experts.gate_up_proj", block + "experts.down_proj"
+        moe_rows += [
+            TensorMap(("mlp", "w_gate"), gate_up, ((n,), (d,), (f,)), (0, 1, 2), True, interleave=2, lane=0),
+            TensorMap(("mlp", "w_up"), gate_up, ((n,), (d,), (f,)), (0, 1, 2), True, interleave=2, lane=1),
+            TensorMap(("mlp", "w_down"), down, ((n,), (f,), (d,)), (0, 1, 2), True),
+        ]
+        if moe.expert_biases:
+            moe_rows += [
+                TensorMap(("mlp", "b_gate"), gate_up + "_bias", ((n,), (f,)), (0, 1), True, interleave=2, lane=0),
+                TensorMap(("mlp", "b_up"), gate_up + "_bias", ((n,), (f,)), (0, 1), True, interleave=2, lane=1),
+                TensorMap(("mlp", "b_down"), down + "_bias", ((n,), (d,)), (0, 1), True),
+            ]
+    else:
+        moe_rows += [
+            TensorMap(
+                ("mlp", w), block + f"experts.{{j}}.{name}.weight", shape, (1, 0), True, experts=n
+            )
+            for w, name, shape in (
+                ("w_gate", names[0], ((f,), (d,))),
+                ("w_up", names[1], ((f,), (d,))),
+                ("w_down", names[2], ((d,), (f,))),
+            )
+        ]
     if moe.shared_d_ff:
         g = moe.shared_d_ff
         moe_rows += [
