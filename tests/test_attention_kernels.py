@@ -140,6 +140,9 @@ def test_kernel_choice_per_backend():
     assert choose("splash", "tpu", window=4096, softcap=50.0, seq_len=8192) == "splash"
     assert choose("cudnn", "gpu", window=4096) == "cudnn"  # still there when asked for
     assert choose("xla", "tpu") == "xla" and choose("xla", "gpu") == "xla"
+    # Attention sinks (gpt-oss): splash and pallas_gpu take them, cuDNN cannot, so auto passes it by.
+    assert choose("auto", "tpu", sinks=True, seq_len=8192) == "splash"
+    assert choose("auto", "gpu", sinks=True, seq_len=8192) == "pallas_gpu"
     # Inside a trace without a mesh the platform is the default backend's (cpu here).
     assert att.trace_platform() == "cpu"
 
@@ -158,6 +161,7 @@ def test_kernel_choice_per_backend():
         ("splash", "tpu", {"window": jnp.asarray(8)}, "windows differ per layer"),
         ("splash", "tpu", {"seq_len": 200}, "multiple of 128"),
         ("flash", "tpu", {}, "must be one of"),
+        ("cudnn", "gpu", {"sinks": True}, "no attention sinks"),
     ],
 )
 def test_kernel_refusals(requested, platform, kwargs, message):
@@ -224,3 +228,44 @@ def test_pallas_gpu_bfloat16_multi_query_matches_float32_reference():
         assert got.dtype == jnp.bfloat16, name
         scale = float(jnp.max(jnp.abs(want)))
         np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), atol=1e-2 * scale, err_msg=name)
+
+
+@pytest.mark.parametrize("kernel", ["splash", "pallas_gpu"])
+def test_kernels_with_attention_sinks_equal_xla_forward_and_gradient(kernel):
+    # gpt-oss's sinks: one logit per query head in every row's softmax denominator. Packed documents, padding,
+    # grouped-query heads and a window; the gradient reaches the sinks too. The XLA core (attend) is itself checked
+    # against transformers' eager gpt-oss attention in test_hf_gpt_oss.py.
+    s = 128
+    seg = np.concatenate([np.ones(70), np.full(40, 2), np.zeros(18)]).astype(np.int32)[None]  # two docs, padding
+    pos = np.concatenate([np.arange(70), np.arange(40), np.zeros(18)]).astype(np.int32)[None]
+    pos, seg = jnp.asarray(pos), jnp.asarray(seg)
+    q, k, v = (x[:1, :s] for x in _qkv())
+    sinks = jnp.asarray([0.5, -1.0, 2.0, 0.0])
+    real = (seg != 0)[:, :, None, None].astype(jnp.float32)
+    weights = jax.random.normal(jax.random.key(1), q.shape) * real
+
+    def run(kernel_name):
+        def loss(q, k, v, sinks):
+            out = att.self_attention(
+                q,
+                k,
+                v,
+                pos,
+                seg,
+                scale=E**-0.5,
+                window=48,
+                kernel=kernel_name,
+                interpret=True,
+                block=128,
+                sinks_h=sinks,
+            )
+            return jnp.sum(out * weights), out
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(q, k, v, sinks)
+
+    (_, want), grads_want = run("xla")
+    (_, got), grads_got = run(kernel)
+    np.testing.assert_allclose(np.asarray(got * real), np.asarray(want * real), atol=2e-4, rtol=2e-4)
+    for name, g_got, g_want in zip(("q", "k", "v", "sinks"), grads_got, grads_want):
+        np.testing.assert_allclose(np.asarray(g_got), np.asarray(g_want), atol=2e-4, rtol=2e-4, err_msg=name)
+    assert np.abs(np.asarray(grads_want[3])).min() > 0  # every head's sink matters

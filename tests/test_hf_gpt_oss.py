@@ -3,7 +3,7 @@ full layers (sequences longer than the window), biases on q/k/v/o, the router an
 YaRN without truncation, and expert weights stored as MXFP4 blocks and scales.
 
 Import must give transformers' logits (max error under 1e-4 of the largest logit) with the experts spread over
-fsdp; greedy decoding with the KV cache must equal transformers' `generate`; a gpt-oss-shaped analog
+fsdp; decoding with the KV cache must give transformers' logits at every position; a gpt-oss-shaped analog
 (`model.like_teacher`) must export as GptOssForCausalLM (float32 experts, not MXFP4) and load in transformers with
 equal logits. MXFP4 dequantization is checked against transformers' own routine on random blocks.
 """
@@ -27,7 +27,7 @@ from analogjax.config import load_config  # noqa: E402
 from analogjax.errors import UserError  # noqa: E402
 from analogjax.models import sampling  # noqa: E402
 from analogjax.models.hf import mxfp4  # noqa: E402
-from analogjax.models.transformer import Transformer  # noqa: E402
+from analogjax.models.transformer import Transformer, logits  # noqa: E402
 
 VOCAB, SEQ, WINDOW = 64, 12, 4
 CONFIG = dict(
@@ -104,20 +104,7 @@ def _rel(ours, theirs):
     return float(np.max(np.abs(np.asarray(ours) - theirs)) / np.max(np.abs(theirs)))
 
 
-def _random_params(cfg, seed=1):
-    """Every tensor of `cfg` random (norm scales around 1), drawn on the host from an abstract init."""
-    boxed = jax.eval_shape(Transformer(cfg).init_boxed, jax.random.key(0))
-    shapes = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, boxed, is_leaf=lambda x: hasattr(x, "unbox"))
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        identity = 1.0 if path[-1].key == "scale" else 0.0
-        return np.asarray(identity + 0.1 * rng.standard_normal(leaf.shape), np.float32)
-
-    return jax.tree_util.tree_map_with_path(draw, shapes)
-
-
-def test_gpt_oss_import_generate_and_analog_export_match_transformers(tmp_path):
+def test_gpt_oss_import_decode_and_export_match_transformers(tmp_path):
     reference = _make_mxfp4_checkpoint(tmp_path / "teacher")
     analog = hf.load(tmp_path / "teacher", mesh=mesh_lib.make_mesh(2, 4, 1))
     cfg = analog.config
@@ -127,39 +114,44 @@ def test_gpt_oss_import_generate_and_analog_export_match_transformers(tmp_path):
     stack = analog.params["params"]["moe_layers"]["mlp"]["w_gate"]  # each device read only its expert
     assert stack.sharding.spec[1] == "fsdp" and {s.data.shape[1] for s in stack.addressable_shards} == {1}
     toks = np.random.default_rng(0).integers(0, VOCAB, (2, SEQ)).astype(np.int32)
-    error = _rel(analog(toks), _hf_logits(reference, toks))
+    want = _hf_logits(reference, toks)
+    error = _rel(analog(toks), want)  # the experts exchanged over fsdp (biases, router bias) as in training
     print("gpt-oss import (MXFP4 experts)", error)
     assert error < 1e-4
 
-    # Greedy decoding with the KV cache (sinks, windows) equals transformers' generate, past the window.
-    prompts = [[5, 17, 33, 9, 40], [20, 3]]
-    ours = sampling.generate(analog, prompts, max_new_tokens=8)
-    for prompt, completion in zip(prompts, ours):
-        with torch.no_grad():
-            theirs = reference.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=8, eos_token_id=None)
-        assert completion == theirs[0, len(prompt) :].tolist()
+    # Decoding with the KV cache (sinks, the window, per-layer kinds in the MoE stack), one token at a time from
+    # the first, gives transformers' logits at every position, past the window.
+    host = jax.device_get(analog.params)
+    model = Transformer(cfg)
+    step = jax.jit(lambda p, *a: model.decode(p, *a))
+    cache = sampling.init_cache(cfg, 2, SEQ)
+    for i in range(SEQ):
+        cache = {**cache, "index": jnp.full((2,), i, jnp.int32)}
+        hidden, cache = step(host, toks[:, i : i + 1], np.ones((2, 1), np.int32), np.full((2, 1), i, np.int32), cache)
+        assert _rel(logits(host, cfg, hidden)[:, 0], want[:, i]) < 1e-4, i
 
-    # A gpt-oss-shaped analog (like_teacher) exports as GptOssForCausalLM and loads with equal logits.
+    # A gpt-oss-shaped analog exports as GptOssForCausalLM (float32 experts, not MXFP4) and loads in transformers
+    # with equal logits: the teacher's shape with new values (the compiled forward reused), and a smaller one made
+    # by model.like_teacher.
+    rng = np.random.default_rng(1)
+    analog.params = jax.tree.map(
+        lambda a: jax.device_put(np.asarray(a) + 0.05 * rng.standard_normal(a.shape).astype(np.float32), a.sharding),
+        analog.params,
+    )
+    hf.save(analog, tmp_path / "analog", max_positions=256)
+    assert json.loads((tmp_path / "analog" / "config.json").read_text())["architectures"] == ["GptOssForCausalLM"]
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "analog", dtype=torch.float32).eval()
+    error = _rel(analog(toks), _hf_logits(loaded, toks))
+    print("gpt-oss analog export", error)
+    assert error < 1e-4
+    assert hf.model_config_from_hf(tmp_path / "analog") == cfg
+    sizes = ("d_model=16", "n_heads=2", "n_kv_heads=1", "d_ff=32")
     config = load_config(
-        None,
-        [
-            f"teacher.hf_path={tmp_path / 'teacher'}",
-            "model.like_teacher.d_model=16",
-            "model.like_teacher.n_heads=2",
-            "model.like_teacher.n_kv_heads=1",
-            "model.like_teacher.d_ff=32",
-        ],
+        None, [f"teacher.hf_path={tmp_path / 'teacher'}", *(f"model.like_teacher.{size}" for size in sizes)]
     )
     student = config.model
     assert student.attn_sinks and student.moe == cfg.moe and student.layer_pattern == cfg.layer_pattern
-    params = _random_params(student)
-    hf.save_params(params, student, tmp_path / "analog")
-    assert json.loads((tmp_path / "analog" / "config.json").read_text())["architectures"] == ["GptOssForCausalLM"]
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "analog", dtype=torch.float32).eval()
-    error = _rel(Transformer(student)(params, jnp.asarray(toks)), _hf_logits(loaded, toks))
-    print("gpt-oss analog export", error)
-    assert error < 1e-4
-    assert hf.model_config_from_hf(tmp_path / "analog") == student
+    assert hf.architecture_for(student) == ("GptOssForCausalLM", "gpt_oss")
 
 
 def test_mxfp4_dequantization_equals_transformers_and_bad_blocks_are_refused(tmp_path):
