@@ -8,6 +8,7 @@ fsdp; decoding with the KV cache must give transformers' logits at every positio
 equal logits. MXFP4 dequantization is checked against transformers' own routine on random blocks.
 """
 
+import dataclasses
 import json
 
 import jax
@@ -21,13 +22,16 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors  # noqa: E402
 
-from analogjax import hf  # noqa: E402
+from analogjax import cli, hf  # noqa: E402
 from analogjax import mesh as mesh_lib  # noqa: E402
 from analogjax.config import load_config  # noqa: E402
 from analogjax.errors import UserError  # noqa: E402
 from analogjax.models import sampling  # noqa: E402
+from analogjax.models.config import MoEConfig  # noqa: E402
 from analogjax.models.hf import mxfp4  # noqa: E402
+from analogjax.models.prune import check_target  # noqa: E402
 from analogjax.models.transformer import Transformer, logits  # noqa: E402
+from analogjax.runtime.flops import param_count  # noqa: E402
 
 VOCAB, SEQ, WINDOW = 64, 12, 4
 CONFIG = dict(
@@ -104,13 +108,14 @@ def _rel(ours, theirs):
     return float(np.max(np.abs(np.asarray(ours) - theirs)) / np.max(np.abs(theirs)))
 
 
-def test_gpt_oss_import_decode_and_export_match_transformers(tmp_path):
+def test_gpt_oss_import_decode_and_export_match_transformers(tmp_path, capsys):
     reference = _make_mxfp4_checkpoint(tmp_path / "teacher")
     analog = hf.load(tmp_path / "teacher", mesh=mesh_lib.make_mesh(2, 4, 1))
     cfg = analog.config
     assert cfg.attn_sinks and cfg.attn_out_bias and cfg.qkv_bias and cfg.activation == "clamped_swiglu"
     assert cfg.layer_kinds == ("sliding", "full") and cfg.sliding_window == WINDOW < SEQ
     assert cfg.moe.router_bias and cfg.moe.expert_biases and not cfg.rope_scaling.truncate
+    assert param_count(cfg) == sum(x.size for x in jax.tree.leaves(analog.params))  # biases and sinks counted
     stack = analog.params["params"]["moe_layers"]["mlp"]["w_gate"]  # each device read only its expert
     assert stack.sharding.spec[1] == "fsdp" and {s.data.shape[1] for s in stack.addressable_shards} == {1}
     toks = np.random.default_rng(0).integers(0, VOCAB, (2, SEQ)).astype(np.int32)
@@ -152,6 +157,17 @@ def test_gpt_oss_import_decode_and_export_match_transformers(tmp_path):
     student = config.model
     assert student.attn_sinks and student.moe == cfg.moe and student.layer_pattern == cfg.layer_pattern
     assert hf.architecture_for(student) == ("GptOssForCausalLM", "gpt_oss")
+
+    # Pruning has no cut for experts or sinks: `analogjax prune` refuses before any work, one error line.
+    (tmp_path / "prune.yaml").write_text(
+        f"teacher: {{hf_path: {tmp_path / 'teacher'}}}\nmodel: {{like_teacher: {{d_model: 16}}}}\n"
+        "data: {global_batch: 8, seq_len: 32}\n"
+    )
+    assert cli.main(["prune", "--config", str(tmp_path / "prune.yaml"), "--out", str(tmp_path / "pruned")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "mixture of experts" in errors[0] and not (tmp_path / "pruned").exists()
+    with pytest.raises(UserError, match="attention sinks"):
+        check_target(dataclasses.replace(cfg, moe=MoEConfig()), dataclasses.replace(cfg, moe=MoEConfig()))
 
 
 def test_mxfp4_dequantization_equals_transformers_and_bad_blocks_are_refused(tmp_path):

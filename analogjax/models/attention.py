@@ -206,9 +206,9 @@ def self_attention(
     sinks_h=None,
 ) -> jax.Array:
     """Causal self-attention of one packed sequence with the chosen kernel → [b, s, h, e] (see the note above on
-    positions vs indices; `sinks_h`: `attend`'s attention sinks). `interpret` runs a Pallas kernel (splash, pallas_gpu) in interpret mode (tests on CPU; it
-    skips the platform check). Under a mesh with a `context` axis the queries stay split over the sequence and the
-    keys and values are all-gathered (mesh.py says why)."""
+    positions vs indices; `sinks_h`: `attend`'s attention sinks). `interpret` runs a Pallas kernel (splash,
+    pallas_gpu) in interpret mode (tests on CPU; it skips the platform check). Under a mesh with a `context` axis the
+    queries stay split over the sequence and the keys and values are all-gathered (mesh.py says why)."""
     mesh = jax.sharding.get_abstract_mesh()
     context = 1 if mesh.empty else mesh.shape.get("context", 1)
     pallas = {"splash": "tpu", "pallas_gpu": "gpu"}
@@ -334,9 +334,10 @@ def splash_attention(
     sinks_h=None,
 ) -> jax.Array:
     """Pallas splash attention (TPU): block-sparse over the causal / local mask, segment ids in the kernel, soft-cap
-    and attention sinks (`sinks_h`, one logit per query head) in the kernel, grouped-query as one MQA kernel per kv head (keys never repeated). Under a mesh it runs inside
-    shard_map over batch, kv heads and the `context` axis (a Pallas call is not partitioned by GSPMD): each context
-    shard computes its own queries' rows against all keys, with a mask offset by where its queries start."""
+    and attention sinks (`sinks_h`, one logit per query head) in the kernel, grouped-query as one MQA kernel per kv
+    head (keys never repeated). Under a mesh it runs inside shard_map over batch, kv heads and the `context` axis (a
+    Pallas call is not partitioned by GSPMD): each context shard computes its own queries' rows against all keys,
+    with a mask offset by where its queries start."""
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
     s, h = q_bshe.shape[1], q_bshe.shape[2]

@@ -133,9 +133,7 @@ class Attention(nn.Module):
         q = rope_lib.apply(q, positions_bs, inv_freq, factor)
         kk = rope_lib.apply(kk, positions_bs, inv_freq, factor)
         scale = (cfg.query_scalar or e) ** -0.5
-        sinks = (
-            self.param("sinks", nn.with_logical_partitioning(_init, ("heads",)), (h,)) if cfg.attn_sinks else None
-        )
+        sinks = self.param("sinks", nn.with_logical_partitioning(_init, ("heads",)), (h,)) if cfg.attn_sinks else None
         if cache is None:
             out = self_attention(
                 q,
@@ -285,9 +283,7 @@ class MoEGroup(nn.Module):
         block = _block_class(cfg)
         outs = []
         for j in range(every - 1):
-            x_bsd, out = block(cfg, self.collect_layers, name=f"dense_{j}")(
-                x_bsd, segment_ids_bs, positions_bs, row(j)
-            )
+            x_bsd, out = block(cfg, self.collect_layers, name=f"dense_{j}")(x_bsd, segment_ids_bs, positions_bs, row(j))
             outs.append(out)
         x_bsd, (out, stats) = block(cfg, self.collect_layers, True, name="moe")(
             x_bsd, segment_ids_bs, positions_bs, row(every - 1)

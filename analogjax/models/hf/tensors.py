@@ -206,9 +206,7 @@ def _moe_maps(cfg: ModelConfig, dense_maps: list[TensorMap]) -> list[TensorMap]:
             ]
     else:
         moe_rows += [
-            TensorMap(
-                ("mlp", w), block + f"experts.{{j}}.{name}.weight", shape, (1, 0), True, experts=n
-            )
+            TensorMap(("mlp", w), block + f"experts.{{j}}.{name}.weight", shape, (1, 0), True, experts=n)
             for w, name, shape in (
                 ("w_gate", names[0], ((f,), (d,))),
                 ("w_up", names[1], ((f,), (d,))),
