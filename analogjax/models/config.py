@@ -363,6 +363,30 @@ PRESETS: dict[str, ModelConfig] = {
         remat="block",
         moe=MoEConfig(experts=128, top_k=8, expert_d_ff=1536),
     ),
+    # gpt-oss-120b (openai/gpt-oss-120b config.json; shapes only): 36 layers alternating a 128-token window and full
+    # attention, attention sinks, biases on q/k/v/o, the router and the experts, 128 experts top-4 with the clamped
+    # SwiGLU, YaRN x32 from 4k. param_count: 116.8B total, 5.7B active (embedding and unembedding included).
+    "gpt-oss-120b": _preset(
+        preset="gpt-oss-120b",
+        vocab_size=201088,
+        d_model=2880,
+        n_layers=36,
+        n_heads=64,
+        n_kv_heads=8,
+        head_dim=64,
+        d_ff=2880,
+        rope_theta=150000.0,
+        rope_scaling=RopeScaling(kind="yarn", factor=32.0, original_max_positions=4096, truncate=False),
+        sliding_window=128,
+        layer_pattern=(SLIDING, FULL),
+        qkv_bias=True,
+        attn_out_bias=True,
+        attn_sinks=True,
+        activation="clamped_swiglu",
+        dtype="bfloat16",
+        remat="block",
+        moe=MoEConfig(experts=128, top_k=4, router_bias=True, expert_biases=True),
+    ),
 }
 
 # The fields `like_teacher` may override: size only. Everything else (family, norms, RoPE, attention pattern,
