@@ -365,7 +365,8 @@ PRESETS: dict[str, ModelConfig] = {
     ),
     # gpt-oss-120b (openai/gpt-oss-120b config.json; shapes only): 36 layers alternating a 128-token window and full
     # attention, attention sinks, biases on q/k/v/o, the router and the experts, 128 experts top-4 with the clamped
-    # SwiGLU, YaRN x32 from 4k. param_count: 116.8B total, 5.7B active (embedding and unembedding included).
+    # SwiGLU, YaRN x32 from 4k. param_count: 116.8B total, 5.7B active (OpenAI's 5.1B leaves out the embedding
+    # table).
     "gpt-oss-120b": _preset(
         preset="gpt-oss-120b",
         vocab_size=201088,
