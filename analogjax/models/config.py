@@ -63,7 +63,10 @@ class MoEConfig:
     their weights renormalised to sum 1 when `norm_topk`, then times `routed_scale`. `expert_bias` adds a learned
     per-expert bias to the scores used for *selection only* (DeepSeek-V3's e_score_correction_bias); the weights
     use the unbiased scores. Shared experts (one SwiGLU of width shared_d_ff, always on) are added to the routed
-    output, times sigmoid(x·w) when `shared_gate` (Qwen2-MoE).
+    output, times sigmoid(x·w) when `shared_gate` (Qwen2-MoE). gpt-oss: `router_bias` adds a learned per-expert bias
+    to the router logits (selection and weights alike; its softmax over the chosen top-k logits is the softmax over
+    all of them renormalised over the chosen: norm_topk), and `expert_biases` gives every expert's gate, up and down
+    projections a bias.
     """
 
     experts: int = 0
@@ -88,6 +91,8 @@ class MoEConfig:
     # α·E·Σᵢ fᵢ·Pᵢ and the ST-MoE router z-loss mean(logsumexp(logits)²), averaged over the MoE layers.
     aux_loss_weight: float = 0.0
     z_loss_weight: float = 0.0
+    router_bias: bool = False  # gpt-oss: a learned bias on the router logits
+    expert_biases: bool = False  # gpt-oss: biases on each expert's gate, up and down projections
 
     @property
     def enabled(self) -> bool:
@@ -154,7 +159,8 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
-    activation: str = "silu"  # silu (Llama, Qwen, Mistral) | gelu_tanh (Gemma)
+    # silu (Llama, Qwen, Mistral) | gelu_tanh (Gemma) | clamped_swiglu (gpt-oss: swiglu_alpha, swiglu_limit below)
+    activation: str = "silu"
     qkv_bias: bool = False  # Qwen2
     qk_norm: bool = False  # Qwen3, Gemma 3, OLMo 2: RMSNorm on queries and keys before RoPE
     embed_scale: bool = False  # Gemma: embeddings times sqrt(d_model)
@@ -200,6 +206,13 @@ class ModelConfig:
     # 1 + attn_temperature_scale · log1p(floor((position + 1) / attn_temperature_floor)). 0 = off.
     attn_temperature_scale: float = 0.0
     attn_temperature_floor: int = 8192
+    # --- gpt-oss ---
+    # Attention sinks: one learned logit per query head in every softmax denominator, attending to nothing.
+    attn_sinks: bool = False
+    attn_out_bias: bool = False  # a bias on the attention output projection (gpt-oss's attention_bias: q, k, v, o)
+    # activation clamped_swiglu: (clip(up, ±limit) + 1) · g · sigmoid(alpha · g), g = min(gate, limit)
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
 
     @property
     def kv_heads(self) -> int:
@@ -249,7 +262,7 @@ class ModelConfig:
         if self.dim_per_head % 2:
             raise UserError(f"{prefix}.head_dim must be even for rotary embeddings, got {self.dim_per_head}")
         choices = {
-            "activation": ("silu", "gelu_tanh"),
+            "activation": ("silu", "gelu_tanh", "clamped_swiglu"),
             "dtype": ("float32", "bfloat16"),
             "remat": ("none", "block"),
             "attention": KERNELS,
@@ -278,6 +291,11 @@ class ModelConfig:
         if self.attn_temperature_scale and self.attn_temperature_floor <= 0:
             raise UserError(f"{prefix}.attn_temperature_floor must be positive, got {self.attn_temperature_floor}")
         self.moe.validate(f"{prefix}.moe", self.n_layers)
+        if self.activation == "clamped_swiglu" and (self.swiglu_alpha <= 0 or self.swiglu_limit <= 0):
+            raise UserError(
+                f"{prefix}.swiglu_alpha and {prefix}.swiglu_limit must be positive for activation clamped_swiglu, "
+                f"got {self.swiglu_alpha} and {self.swiglu_limit}"
+            )
 
     @property
     def expert_d_ff(self) -> int:
@@ -384,6 +402,31 @@ PRESETS: dict[str, ModelConfig] = {
         dtype="bfloat16",
         remat="block",
         moe=MoEConfig(experts=128, top_k=8, expert_d_ff=1536),
+    ),
+    # gpt-oss-120b (openai/gpt-oss-120b config.json; shapes only): 36 layers alternating a 128-token window and full
+    # attention, attention sinks, biases on q/k/v/o, the router and the experts, 128 experts top-4 with the clamped
+    # SwiGLU, YaRN x32 from 4k. param_count: 116.8B total, 5.7B active (OpenAI's 5.1B leaves out the embedding
+    # table).
+    "gpt-oss-120b": _preset(
+        preset="gpt-oss-120b",
+        vocab_size=201088,
+        d_model=2880,
+        n_layers=36,
+        n_heads=64,
+        n_kv_heads=8,
+        head_dim=64,
+        d_ff=2880,
+        rope_theta=150000.0,
+        rope_scaling=RopeScaling(kind="yarn", factor=32.0, original_max_positions=4096, truncate=False),
+        sliding_window=128,
+        layer_pattern=(SLIDING, FULL),
+        qkv_bias=True,
+        attn_out_bias=True,
+        attn_sinks=True,
+        activation="clamped_swiglu",
+        dtype="bfloat16",
+        remat="block",
+        moe=MoEConfig(experts=128, top_k=4, router_bias=True, expert_biases=True),
     ),
 }
 

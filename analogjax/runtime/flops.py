@@ -29,13 +29,15 @@ PEAK_FLOPS = {
 
 
 def _ffn_params(cfg: ModelConfig, layer: int, active: bool) -> int:
-    """Feed-forward weights of one layer: dense SwiGLU; or (MoE) the router, the experts (all of them, or the
-    top_k a token uses when `active`), the shared expert and its gate."""
+    """Feed-forward weights of one layer: dense SwiGLU; or (MoE) the router (and its bias), the experts (all of
+    them, or the top_k a token uses when `active`; with their biases, gpt-oss), the shared expert and its gate."""
     d, moe = cfg.d_model, cfg.moe
     if not moe.is_moe_layer(layer):
         return 3 * d * cfg.d_ff
     used = moe.top_k if active else moe.experts
-    return d * moe.experts + used * 3 * d * cfg.expert_d_ff + 3 * d * moe.shared_d_ff + (d if moe.shared_gate else 0)
+    expert = 3 * d * cfg.expert_d_ff + ((2 * cfg.expert_d_ff + d) if moe.expert_biases else 0)
+    router = (d + 1) * moe.experts if moe.router_bias else d * moe.experts
+    return router + used * expert + 3 * d * moe.shared_d_ff + (d if moe.shared_gate else 0)
 
 
 def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -65,6 +67,7 @@ def param_count(cfg: ModelConfig, active: bool = False) -> int:
         block += (h + 2 * k) * e
     if cfg.qk_norm:
         block += 2 * e
+    block += (d if cfg.attn_out_bias else 0) + (h if cfg.attn_sinks else 0)  # gpt-oss
     head = 0 if cfg.tie_embeddings else d * cfg.vocab_size
     ffn = sum(_ffn_params(cfg, i, active) for i in range(cfg.n_layers))
     return cfg.n_layers * block + ffn + cfg.vocab_size * d + d + head

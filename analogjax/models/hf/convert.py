@@ -2,8 +2,9 @@
 
 The refusal rule, so nothing that changes the forward pass is ignored: every key of config.json must be either
 read (in `_READ` for every family or in its family's `keys`; its value is implemented exactly or refused with a
-UserError naming key and value), or listed in `_INERT` (bookkeeping that cannot change the logits: token ids,
-dtype, caching, initialisation, dropout, which eval never applies). Any other key is refused by name. A RoPE
+UserError naming key and value), or inert (`inert`: bookkeeping that cannot change the logits: transformers' private
+keys with a leading underscore, special-token ids, dtype, caching and output switches, generation defaults,
+initialisation, dropout, which eval never applies). Any other key is refused by name. A RoPE
 dictionary is held to the same rule (rope.py's `_ROPE_KEYS`). Export is checked the same way: the config.json it
 would write is read back with these rules and must give the model config being exported (`architecture_for`).
 """
@@ -106,7 +107,43 @@ _INERT = {
     # MoE training-only knobs (an eval forward never reads them)
     "router_aux_loss_coef",
     "output_router_logits",
+    # Runtime and generation switches older transformers wrote into config.json (the forward's logits never read
+    # them: they choose what a call returns or how `generate` samples).
+    "return_dict_in_generate",
+    "output_scores",
+    "output_logits",
+    "pruned_heads",
+    "torch_compile",
+    "min_length",
+    "do_sample",
+    "early_stopping",
+    "num_beams",
+    "num_beam_groups",
+    "diversity_penalty",
+    "temperature",
+    "top_k",
+    "top_p",
+    "typical_p",
+    "repetition_penalty",
+    "length_penalty",
+    "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size",
+    "bad_words_ids",
+    "num_return_sequences",
+    "remove_invalid_values",
+    "exponential_decay_length_penalty",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+    "cross_attention_hidden_size",
 }
+
+
+def inert(key: str) -> bool:
+    """A config.json key that cannot change the logits: listed in `_INERT`, transformers' own bookkeeping (a leading
+    underscore: `_name_or_path`, `_model_name_or_path`, `_commit_hash`...; a family that reads one lists it in its
+    record, which is checked first), or a special-token id (`unk_token_id`, `mask_token_id`, ...: tokenizer facts
+    that no decoder forward reads)."""
+    return key in _INERT or key.startswith("_") or key.endswith(("_token_id", "_token_ids"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -214,16 +251,20 @@ def config_from_hf_dict(hf: dict, where: str = "config.json") -> ModelConfig:
     def refuse(feature: str) -> NoReturn:
         raise UserError(f"{where}: {arch} with {feature} is not supported by the analogjax decoder")
 
-    known = _READ | family.keys | _INERT
+    known = _READ | family.keys
     for key in hf:
-        if key not in known:
+        if key not in known and not inert(key):
             reader = family.model_type
             refuse(f"config field {key!r} (not read by analogjax's {reader} reader; refused rather than ignored)")
-    if hf.get("attention_bias"):
+    attention_bias = bool(hf.get("attention_bias", True)) if family.biased_attention else False
+    if hf.get("attention_bias") and not family.biased_attention:
         # (a family whose q/k/v projections always have biases is told only the key's name)
         refuse(
             "attention_bias" if family.qkv_bias == "fixed" else "attention_bias (biases on the attention projections)"
         )
+    _check_quantization(hf.get("quantization_config"), refuse)
+    if family.rope_required and not (hf.get("rope_parameters") or hf.get("rope_scaling")):
+        refuse("no rope_parameters (its transformers class then applies its own default scaling; write it out)")
     if family.qkv_bias == "keyed" and not hf.get("qkv_bias", True):
         refuse("qkv_bias false")
     if hf.get("clip_qkv") is not None:
@@ -235,8 +276,12 @@ def config_from_hf_dict(hf: dict, where: str = "config.json") -> ModelConfig:
     act_name = hf.get("hidden_activation") or hf.get("hidden_act") or family.default_activation
     if family.gelu_is_tanh and act_name == "gelu":
         act_name = "gelu_pytorch_tanh"  # what transformers itself runs for Gemma's legacy "gelu"
-    if act_name not in _ACTIVATIONS:
+    if family.fixed_activation:
+        act_name = family.fixed_activation  # hidden_act is read by no module of this family
+    elif act_name not in _ACTIVATIONS:
         refuse(f"activation {act_name!r}")
+    if "experts_per_token" in hf and hf["experts_per_token"] != hf.get("num_experts_per_tok"):
+        refuse(f"experts_per_token {hf['experts_per_token']} != num_experts_per_tok {hf.get('num_experts_per_tok')}")
     try:
         heads, layers = int(hf["num_attention_heads"]), int(hf["num_hidden_layers"])
         head_dim = int(hf.get("head_dim") or 0) or family.default_head_dim
@@ -276,8 +321,12 @@ def config_from_hf_dict(hf: dict, where: str = "config.json") -> ModelConfig:
             rope_theta=float(theta),
             norm_eps=float(hf.get("rms_norm_eps", family.default_norm_eps)),
             tie_embeddings=bool(hf.get("tie_word_embeddings", family.default_tie)),
-            activation=_ACTIVATIONS[act_name],
-            qkv_bias=bool(family.qkv_bias),
+            activation=_ACTIVATIONS.get(act_name, act_name),
+            qkv_bias=bool(family.qkv_bias) or attention_bias,
+            attn_out_bias=attention_bias,
+            attn_sinks=family.attn_sinks,
+            swiglu_alpha=float(hf.get("swiglu_alpha", 1.702)),
+            swiglu_limit=float(hf.get("swiglu_limit", 7.0)),
             qk_norm=family.qk_norm,
             embed_scale=family.embed_scale,
             norm_offset=family.norm_offset,
@@ -306,8 +355,23 @@ def config_from_hf_dict(hf: dict, where: str = "config.json") -> ModelConfig:
     return cfg if implied_architecture(cfg) == arch else dataclasses.replace(cfg, hf_architecture=arch)
 
 
+def _check_quantization(quantization: Any, refuse: Refuse) -> None:
+    """A quantization_config is read only where its family lists it (gpt-oss), and only MXFP4, whose expert
+    weights read.py dequantizes exactly as transformers does (mxfp4.py); every key of it is one we know."""
+    if quantization is None:
+        return
+    if not isinstance(quantization, dict) or quantization.get("quant_method") != "mxfp4":
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
+        refuse(f"quantization_config quant_method {method!r} (only mxfp4 expert weights are dequantized at import)")
+    # modules_to_not_convert: the modules stored unquantized (read as they are); dequantize: whether transformers
+    # dequantizes at load (import always does).
+    for key in quantization:
+        if key not in ("quant_method", "modules_to_not_convert", "dequantize"):
+            refuse(f"quantization_config key {key!r}")
+
+
 def _moe_from_hf(hf: dict, family: MoEFamily, layers: int, refuse: Refuse) -> MoEConfig:
-    """The MoE layers of Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE (softmax routers, all of them)."""
+    """The MoE layers of Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss (softmax routers, all of them)."""
     # transformers 5 names Qwen3-MoE's count num_local_experts in config.json (num_experts is its alias)
     key = family.experts_key
     experts = int(hf[key] if key in hf else hf["num_local_experts"])
@@ -345,6 +409,8 @@ def _moe_from_hf(hf: dict, family: MoEFamily, layers: int, refuse: Refuse) -> Mo
         norm_topk=family.norm_topk if family.norm_topk is not None else bool(hf.get("norm_topk_prob", False)),
         first_dense_layers=first_dense,
         every=every,
+        router_bias=family.biases,
+        expert_biases=family.biases,
     )
 
 
@@ -448,6 +514,10 @@ def _hf_config_for(
         out["final_logit_softcapping"] = cfg.final_softcap or None
     if "attn_logit_softcapping" in family.keys:
         out["attn_logit_softcapping"] = cfg.attn_softcap or None
+    if family.biased_attention:
+        out["attention_bias"] = cfg.attn_out_bias
+    if family.fixed_activation == "clamped_swiglu":
+        out.update(swiglu_alpha=cfg.swiglu_alpha, swiglu_limit=cfg.swiglu_limit)
     if family.llama4_layers:
         out.update(llama4.to_hf(cfg))
     elif family.moe:

@@ -64,7 +64,13 @@ class MoEFamily:
     block: str = "mlp."  # the experts' module under each layer
     router: str = "gate"  # the router's module under `block` (Llama 4: router)
     expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # gate, up, down
-    fused_experts: bool = False  # Llama 4: every expert in experts.gate_up_proj and experts.down_proj (tensors.py)
+    # Every expert in one tensor per projection, [experts, in, out]: experts.gate_up_proj ([gate | up] on the last
+    # dim) and experts.down_proj (Llama 4, gpt-oss; tensors.py).
+    fused_experts: bool = False
+    # gpt-oss: gate and up interleaved column by column in experts.gate_up_proj. Released checkpoints store the two
+    # weights as MXFP4 blocks and scales (mxfp4.py).
+    interleaved_gate_up: bool = False
+    biases: bool = False  # gpt-oss: biases on the router and on every expert's gate, up and down projections
     pinned: Pinned = ()  # written after the MoE fields
 
 
@@ -110,6 +116,13 @@ class Family:
     # Llama 4's per-layer keys (chunked and NoPE layers, temperature tuning, L2 q/k norm, its MoE layers), read and
     # written by hf/llama4.py in place of the generic layer-window and MoE readers.
     llama4_layers: bool = False
+    # gpt-oss. attention_bias (default true) puts biases on q, k, v and o; elsewhere a true one is refused.
+    biased_attention: bool = False
+    attn_sinks: bool = False  # a learned sink logit per query head (self_attn.sinks)
+    # The feed-forward's activation whatever hidden_act says ("": read hidden_act). gpt-oss: clamped_swiglu with
+    # config.json's swiglu_alpha / swiglu_limit (its experts never read hidden_act).
+    fixed_activation: str = ""
+    rope_required: bool = False  # its transformers default RoPE is not plain (gpt-oss: YaRN): refuse a config without
 
 
 _WINDOWED = frozenset({"sliding_window", "layer_types"})
@@ -244,6 +257,39 @@ FAMILIES: tuple[Family, ...] = (
         llama4_layers=True,
         moe=MoEFamily(experts_key="num_local_experts", block="feed_forward.", router="router", fused_experts=True),
     ),
+    Family(
+        "GptOssForCausalLM",
+        "gpt_oss",
+        _WINDOWED
+        | {
+            "num_local_experts",
+            "num_experts_per_tok",
+            "swiglu_alpha",
+            "swiglu_limit",
+            "quantization_config",  # MXFP4 experts, dequantized at import (convert.py checks the method)
+            # Written by the released checkpoints and read by no transformers code (num_experts_per_tok and
+            # rope_scaling's original_max_position_embeddings carry what they say).
+            "experts_per_token",
+            "initial_context_length",
+        },
+        layer_windows="pattern",
+        sliding_period=2,
+        default_head_dim=64,
+        default_norm_eps=1e-5,
+        biased_attention=True,
+        attn_sinks=True,
+        fixed_activation="clamped_swiglu",
+        rope_required=True,
+        pinned=(),
+        moe=MoEFamily(
+            experts_key="num_local_experts",
+            norm_topk=True,
+            router="router",
+            fused_experts=True,
+            interleaved_gate_up=True,
+            biases=True,
+        ),
+    ),
 )
 BY_ARCHITECTURE = {family.architecture: family for family in FAMILIES}
 BY_MODEL_TYPE = {family.model_type: family for family in FAMILIES}
@@ -254,7 +300,6 @@ ARCHITECTURES = {family.architecture: family.model_type for family in FAMILIES}
 NOT_YET = {
     "DeepseekV3ForCausalLM": "multi-head latent attention and group-limited sigmoid routing are not implemented",
     "DeepseekV2ForCausalLM": "multi-head latent attention and group-limited routing are not implemented",
-    "GptOssForCausalLM": "gpt-oss's attention sinks, clamped SwiGLU and expert biases are not implemented",
 }
 
 
@@ -285,6 +330,8 @@ def implied_architecture(cfg: ModelConfig) -> str:
         return cfg.hf_architecture
     if cfg.attention_chunk or any(cfg.nope_pattern) or cfg.qk_l2_norm or cfg.moe.weights_on_input:
         return "Llama4ForCausalLM"
+    if cfg.attn_sinks or cfg.activation == "clamped_swiglu":
+        return "GptOssForCausalLM"
     if cfg.moe.enabled:
         if cfg.moe.shared_d_ff:
             return "Qwen2MoeForCausalLM"

@@ -9,8 +9,11 @@ Layout facts this rests on:
 - Gemma 2/3's `post_attention_layernorm` is the norm *after* attention (ours attn_post_norm), not Llama's pre-MLP norm.
 - Llama 4 rotates interleaved pairs (x[2i], x[2i+1]) (complex RoPE): its q/k rows are reordered within each head to
   rotate-half halves on import (evens, then odds) and back on export, as gguf.py undoes llama.cpp's reordering.
-  q·k is unchanged by one reordering of both, and so is its L2 q/k norm. Its experts are stored fused:
-  experts.gate_up_proj [experts, d, 2f] ([gate | up] on the last dim, in-by-out) and experts.down_proj [experts, f, d].
+  q·k is unchanged by one reordering of both, and so is its L2 q/k norm.
+- Llama 4 and gpt-oss keep all experts of a layer in one tensor per projection, already [experts, in, out] as ours:
+  experts.gate_up_proj [experts, d, 2f] and experts.down_proj [experts, f, d]. Llama 4's gate_up_proj is
+  [gate | up] on the last dim (`fused_axis`); gpt-oss's interleaves gate and up column by column (gate =
+  [..., 0::2], up = [..., 1::2]): `interleave`.
 """
 
 from __future__ import annotations
@@ -57,6 +60,10 @@ class TensorMap:
     fused_axis: int = 0
     # Our last dim (head_dim) is in rotate-half order, the HF tensor's in interleaved pairs (Llama 4's q and k).
     interleaved: bool = False
+    # The HF tensor's last dim interleaves `interleave` tensors element by element and ours is the `lane`-th
+    # (gpt-oss's gate_up_proj: gate lane 0, up lane 1); 0: not interleaved. The last group is one factor then.
+    interleave: int = 0
+    lane: int = 0
 
     @property
     def hf_shape(self) -> tuple[int, ...]:
@@ -64,7 +71,9 @@ class TensorMap:
 
     @property
     def file_shape(self) -> tuple[int, ...]:
-        """The shape of the whole HF tensor (the fused one, for a row range)."""
+        """The shape of the whole HF tensor (the fused one, for a row range or an interleaved lane)."""
+        if self.interleave:
+            return self.hf_shape[:-1] + (self.hf_shape[-1] * self.interleave,)
         if not self.fused_rows:
             return self.hf_shape
         shape = list(self.hf_shape)
@@ -150,6 +159,10 @@ def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
             for n, heads in (("q", h), ("k", k), ("v", k))
         ]
     maps.append(TensorMap(("layers", "attn", "wo"), layer + "self_attn.o_proj.weight", ((d,), (h, e)), (1, 2, 0), True))
+    if cfg.attn_out_bias:
+        maps.append(TensorMap(("layers", "attn", "wo_bias"), layer + "self_attn.o_proj.bias", ((d,),), (0,), True))
+    if cfg.attn_sinks:
+        maps.append(TensorMap(("layers", "attn", "sinks"), layer + "self_attn.sinks", ((h,),), (0,), True))
     if fused:
         gate_up = layer + "mlp.gate_up_proj.weight"
         maps += [
@@ -203,13 +216,29 @@ def _moe_maps(cfg: ModelConfig, dense_maps: list[TensorMap]) -> list[TensorMap]:
     spelling = family.moe if family is not None and family.moe else MoEFamily()
     block, names = layer + spelling.block, spelling.expert_names
     moe_rows = [TensorMap(("mlp", "router"), block + f"{spelling.router}.weight", ((n,), (d,)), (1, 0), True)]
-    if spelling.fused_experts:  # Llama 4: [experts, d, 2f] and [experts, f, d], in-by-out, every expert in one
+    if moe.router_bias:
+        moe_rows.append(TensorMap(("mlp", "router_bias"), block + f"{spelling.router}.bias", ((n,),), (0,), True))
+    if spelling.fused_experts:  # [experts, in, out], every expert in one tensor per projection (module docstring)
         gate_up, down = block + "experts.gate_up_proj", block + "experts.down_proj"
-        moe_rows += [
-            TensorMap(("mlp", "w_gate"), gate_up, ((n,), (d,), (f,)), (0, 1, 2), True, 0, 2 * f, fused_axis=2),
-            TensorMap(("mlp", "w_up"), gate_up, ((n,), (d,), (f,)), (0, 1, 2), True, f, 2 * f, fused_axis=2),
-            TensorMap(("mlp", "w_down"), down, ((n,), (f,), (d,)), (0, 1, 2), True),
-        ]
+
+        def gate_and_up(kind: str, hf: str, groups: tuple, perm: tuple) -> list[TensorMap]:
+            # our {kind}_gate and {kind}_up out of gate_up_proj (kind "w") or its bias (kind "b")
+            if spelling.interleaved_gate_up:  # gpt-oss: column by column
+                return [
+                    TensorMap(("mlp", f"{kind}_{w}"), hf, groups, perm, True, interleave=2, lane=lane)
+                    for lane, w in enumerate(("gate", "up"))
+                ]
+            axis = len(groups) - 1  # Llama 4: [gate | up] on the last dim
+            return [
+                TensorMap(("mlp", f"{kind}_{w}"), hf, groups, perm, True, offset, 2 * f, fused_axis=axis)
+                for offset, w in ((0, "gate"), (f, "up"))
+            ]
+
+        moe_rows += gate_and_up("w", gate_up, ((n,), (d,), (f,)), (0, 1, 2))
+        moe_rows.append(TensorMap(("mlp", "w_down"), down, ((n,), (f,), (d,)), (0, 1, 2), True))
+        if moe.expert_biases:
+            moe_rows += gate_and_up("b", gate_up + "_bias", ((n,), (f,)), (0, 1))
+            moe_rows.append(TensorMap(("mlp", "b_down"), down + "_bias", ((n,), (d,)), (0, 1), True))
     else:
         moe_rows += [
             TensorMap(("mlp", w), block + f"experts.{{j}}.{name}.weight", shape, (1, 0), True, experts=n)
