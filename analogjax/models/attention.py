@@ -59,7 +59,7 @@ def attend(
     mask = allowed(q_pos_bs, k_pos_bt, q_seg_bs, k_seg_bt, window)[:, None, None]
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_btke.dtype)
-    return jnp.einsum("bkgst,btke->bskge", probs, v_btke).reshape(b, s, h, e)
+    return jnp.einsum("bkgst,btke->bskge", probs, v_btke).reshape(b, s, h, v_btke.shape[-1])
 
 
 # --- the kernel dispatcher -------------------------------------------------------------------------------------------
@@ -98,9 +98,16 @@ def trace_platform() -> str:
     return device.platform if device is not None else jax.default_backend()
 
 
-def unsupported(kernel: str, *, window, softcap: float, dtype, seq_len: int) -> str:
-    """Why `kernel` cannot compute this attention ('' when it can)."""
+def unsupported(
+    kernel: str, *, window, softcap: float, dtype, seq_len: int, head_dims: tuple[int, int] = (0, 0)
+) -> str:
+    """Why `kernel` cannot compute this attention ('' when it can). head_dims: (query/key, value) head dims."""
     static_window = window is None or isinstance(window, int)
+    if kernel != "xla" and head_dims[0] != head_dims[1]:
+        return (
+            f"{kernel} needs the value head dim to equal the query/key head dim, but this model's are "
+            f"{head_dims[1]} and {head_dims[0]} (multi-head latent attention); use model.attention=xla or auto"
+        )
     if kernel == "splash":
         if not static_window:
             return (
@@ -145,6 +152,7 @@ def choose_kernel(
     dtype=jnp.bfloat16,
     seq_len: int = 128,
     key: str = "model.attention",
+    head_dims: tuple[int, int] = (0, 0),
 ) -> str:
     """Resolve `requested` (one of KERNELS) for `platform`. `auto` takes the platform's fused kernel when it can do
     this attention, else xla (correct everywhere); an explicit kernel the platform lacks, or one that cannot do the
@@ -153,7 +161,9 @@ def choose_kernel(
         raise UserError(f"{key} must be one of {', '.join(KERNELS)}, got {requested!r}")
     if requested == "auto":
         for kernel in AUTO_KERNEL.get(platform, ()):
-            if not unsupported(kernel, window=window, softcap=softcap, dtype=dtype, seq_len=seq_len):
+            if not unsupported(
+                kernel, window=window, softcap=softcap, dtype=dtype, seq_len=seq_len, head_dims=head_dims
+            ):
                 return kernel
         return "xla"
     if requested != "xla" and platform not in _KERNEL_PLATFORMS[requested]:
@@ -161,7 +171,7 @@ def choose_kernel(
             f"{key}={requested} needs a {' or '.join(_KERNEL_PLATFORMS[requested])} backend, but this "
             f"program runs on {platform}; use auto or xla"
         )
-    why = unsupported(requested, window=window, softcap=softcap, dtype=dtype, seq_len=seq_len)
+    why = unsupported(requested, window=window, softcap=softcap, dtype=dtype, seq_len=seq_len, head_dims=head_dims)
     if why:
         raise UserError(f"{key}={requested}: {why}")
     return requested
@@ -191,7 +201,13 @@ def self_attention(
     platform = pallas[kernel] if interpret and kernel in pallas else trace_platform()
     # Splash tiles each context shard's queries: the length that must divide into tiles is the shard's.
     kernel = choose_kernel(
-        kernel, platform, window=window, softcap=softcap, dtype=q_bshe.dtype, seq_len=q_bshe.shape[1] // context
+        kernel,
+        platform,
+        window=window,
+        softcap=softcap,
+        dtype=q_bshe.dtype,
+        seq_len=q_bshe.shape[1] // context,
+        head_dims=(q_bshe.shape[-1], v_bske.shape[-1]),
     )
     k_bske, v_bske = gather_context(k_bske), gather_context(v_bske)
     if kernel == "xla":

@@ -35,7 +35,14 @@ def _ffn_params(cfg: ModelConfig, layer: int, active: bool) -> int:
     if not moe.is_moe_layer(layer):
         return 3 * d * cfg.d_ff
     used = moe.top_k if active else moe.experts
-    return d * moe.experts + used * 3 * d * cfg.expert_d_ff + 3 * d * moe.shared_d_ff + (d if moe.shared_gate else 0)
+    bias = moe.experts if moe.expert_bias else 0
+    return (
+        d * moe.experts
+        + bias
+        + used * 3 * d * cfg.expert_d_ff
+        + 3 * d * moe.shared_d_ff
+        + (d if moe.shared_gate else 0)
+    )
 
 
 def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -44,6 +51,10 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     d, h, k, e = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
     projections = 2 * d * h * e * 2 + 2 * d * k * e * 2  # q and o; k and v
     scores = 2 * 2 * seq_len * h * e  # q·k and probs·v over the full row (no causal discount)
+    if cfg.mla.enabled:  # latent attention: its own projections and head dims (models/mla.py)
+        from analogjax.models.mla import attention_flops_per_token
+
+        projections, scores = 0, int(attention_flops_per_token(cfg, seq_len))
     ffn = sum(2 * _ffn_params(cfg, i, active=True) for i in range(cfg.n_layers))  # gate, up, down (, router)
     return cfg.n_layers * (projections + scores) + ffn + 2 * d * cfg.vocab_size
 
@@ -59,6 +70,10 @@ def param_count(cfg: ModelConfig, active: bool = False) -> int:
     """All parameters; with `active`, those one token uses (an MoE layer's top_k experts, not all of them)."""
     d, h, k, e = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
     block = d * h * e * 2 + d * k * e * 2 + 2 * d
+    if cfg.mla.enabled:
+        from analogjax.models.mla import attention_params
+
+        block = attention_params(cfg) + 2 * d
     if cfg.qkv_bias:
         block += (h + 2 * k) * e
     if cfg.qk_norm:
