@@ -81,7 +81,8 @@ def _act(cfg: ModelConfig, gate):
 def route(cfg: ModelConfig, logits_tx: jax.Array, bias_x: jax.Array | None):
     """Router logits (float32) → (chosen experts [t, k], their weights [t, k], probabilities [t, x]).
 
-    Selection takes the top_k of the scores (plus the expert bias when given: selection only, as DeepSeek-V3);
+    Selection takes the top_k of the scores (plus the expert bias when given: selection only, as DeepSeek-V3;
+    among the topk_group best of n_group groups when moe.n_group > 1, `limit_to_groups`);
     ties go to the lower expert index (lax.top_k, as torch.topk does on CPU). The weights are the unbiased scores,
     renormalised to sum 1 when norm_topk, times routed_scale. `probabilities` are what the load-balancing term
     averages: the softmax, or the sigmoid scores normalised per token."""

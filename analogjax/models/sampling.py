@@ -44,8 +44,9 @@ class Sampling(NamedTuple):
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
-    """An empty KV cache: keys and values [layers, b, length, k, e] in the compute dtype; every slot empty
-    (segment id 0), written slots get their token's position and segment id."""
+    """An empty KV cache: keys and values [layers, b, length, k, e] in the compute dtype (latent attention: its
+    latent [layers, b, length, kv_lora_rank] and rotary key [layers, b, length, qk_rope_head_dim] instead,
+    models/mla.py); every slot empty (segment id 0), written slots get their token's position and segment id."""
     dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
     shape = (cfg.n_layers, batch, length, cfg.kv_heads, cfg.dim_per_head)
     if cfg.mla.enabled:  # latent attention caches the compressed latent and the shared rotary key (models/mla.py)

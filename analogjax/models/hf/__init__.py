@@ -9,7 +9,10 @@ Mistral (sliding window), Qwen2/2.5 (q/k/v biases, yarn, sliding layers), Qwen3 
 scale, norm offset, tanh-GELU), Gemma 2 (sandwich norms, attention and final soft-caps, query_pre_attn_scalar,
 alternating sliding/full layers), Gemma 3 text (q/k norms, 5:1 pattern, local and global RoPE bases and scaling),
 Phi-3 (fused qkv and gate/up projections, sliding window), OLMo 2 (post-norms, q/k norms over all heads), and the
-mixture-of-experts families Mixtral, Qwen2-MoE (shared expert), Qwen3-MoE and OLMoE.
+mixture-of-experts families Mixtral, Qwen2-MoE (shared expert), Qwen3-MoE and OLMoE, DeepSeek-V3 (multi-head latent
+attention, models/mla.py; sigmoid group-limited routing with a selection bias, shared experts, dense first layers;
+Kimi K2's config.json reads as this family, families.py says where) and GLM-4.5 (partial rotary, q/k norms, q/k/v
+biases, the same routing).
 
 The modules, one job each:
 - families.py: one record per HF architecture (its config keys, conventions, tensor spellings, MoE routing).
