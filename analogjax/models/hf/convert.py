@@ -280,7 +280,7 @@ def config_from_hf_dict(hf: dict, where: str = "config.json") -> ModelConfig:
 def _mla_from_hf(hf: dict, refuse: Refuse) -> MLAConfig:
     """DeepSeek-V3's latent attention keys; the values transformers derives from them must agree."""
     mla = MLAConfig(
-        q_lora_rank=int(hf.get("q_lora_rank") or 0),
+        q_lora_rank=int(hf["q_lora_rank"] or 0),  # null: no query latent (absent: transformers' 1536, so required)
         kv_lora_rank=int(hf["kv_lora_rank"]),
         qk_nope_head_dim=int(hf["qk_nope_head_dim"]),
         qk_rope_head_dim=int(hf["qk_rope_head_dim"]),
@@ -308,18 +308,20 @@ def _sigmoid_moe_from_hf(hf: dict, layers: int, refuse: Refuse) -> MoEConfig:
     if int(hf.get("num_local_experts", experts)) != experts:
         refuse(f"num_local_experts {hf['num_local_experts']} != n_routed_experts {experts}")
     width = int(hf["moe_intermediate_size"])
+    # Required rather than defaulted: DeepSeek-V3's and GLM-4.5's transformers classes default these differently
+    # (first_k_dense_replace 3 vs 1, n_group 8 vs 1, ...), and every released config.json writes them.
     return MoEConfig(
         experts=experts,
         top_k=int(hf["num_experts_per_tok"]),
         expert_d_ff=width,
-        shared_d_ff=width * int(hf.get("n_shared_experts") or 0),
+        shared_d_ff=width * int(hf["n_shared_experts"] or 0),
         router="sigmoid",
-        norm_topk=bool(hf.get("norm_topk_prob", True)),
-        routed_scale=float(hf.get("routed_scaling_factor", 1.0)),
+        norm_topk=bool(hf["norm_topk_prob"]),
+        routed_scale=float(hf["routed_scaling_factor"]),
         expert_bias=True,
-        first_dense_layers=min(int(hf.get("first_k_dense_replace") or 0), layers),
-        n_group=int(hf.get("n_group") or 1),
-        topk_group=int(hf.get("topk_group") or 1),
+        first_dense_layers=int(hf["first_k_dense_replace"] or 0),
+        n_group=int(hf["n_group"] or 1),
+        topk_group=int(hf["topk_group"] or 1),
     )
 
 
