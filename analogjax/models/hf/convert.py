@@ -481,7 +481,6 @@ def _hf_config_for(
             qk_rope_head_dim=mla.qk_rope_head_dim,
             v_head_dim=mla.v_head_dim,
             rope_interleave=mla.rope_interleave,
-            num_nextn_predict_layers=0,
         )
     if family.qk_norm_key:
         out[family.qk_norm_key] = cfg.qk_norm
@@ -511,6 +510,7 @@ def _moe_to_hf(cfg: ModelConfig, family: MoEFamily) -> dict[str, Any]:
             "topk_group": moe.topk_group,
             "first_k_dense_replace": moe.first_dense_layers,
             "norm_topk_prob": moe.norm_topk,
+            "num_nextn_predict_layers": 0,  # no multi-token-prediction layers: transformers builds none
         }
     out: dict[str, Any] = {"num_experts_per_tok": moe.top_k}
     if not family.expert_width_key:  # experts only, of the model's ffn width
