@@ -95,7 +95,7 @@ def attend(
         sink = sinks_h.astype(jnp.float32).reshape(1, k, h // k, 1, 1)
         log_total = jnp.logaddexp(jax.nn.logsumexp(scores, axis=-1, keepdims=True), sink)
         probs = jnp.exp(scores - log_total).astype(v_btke.dtype)
-    return jnp.einsum("bkgst,btke->bskge", probs, v_btke).reshape(b, s, h, e)
+    return jnp.einsum("bkgst,btke->bskge", probs, v_btke).reshape(b, s, h, v_btke.shape[-1])
 
 
 # --- the kernel dispatcher -------------------------------------------------------------------------------------------
@@ -137,9 +137,24 @@ def trace_platform() -> str:
     return device.platform if device is not None else jax.default_backend()
 
 
-def unsupported(kernel: str, *, window, softcap: float, dtype, seq_len: int, sinks: bool = False) -> str:
-    """Why `kernel` cannot compute this attention ('' when it can); `sinks`: the model has attention sinks."""
+def unsupported(
+    kernel: str,
+    *,
+    window,
+    softcap: float,
+    dtype,
+    seq_len: int,
+    sinks: bool = False,
+    head_dims: tuple[int, int] = (0, 0),
+) -> str:
+    """Why `kernel` cannot compute this attention ('' when it can); `sinks`: the model has attention sinks;
+    head_dims: (query/key, value) head dims."""
     static_window = window is None or isinstance(window, int)
+    if kernel != "xla" and head_dims[0] != head_dims[1]:
+        return (
+            f"{kernel} needs the value head dim to equal the query/key head dim, but this model's are "
+            f"{head_dims[1]} and {head_dims[0]} (multi-head latent attention); use model.attention=xla or auto"
+        )
     if kernel == "splash":
         if not static_window:
             return (
@@ -187,6 +202,7 @@ def choose_kernel(
     seq_len: int = 128,
     key: str = "model.attention",
     sinks: bool = False,
+    head_dims: tuple[int, int] = (0, 0),
 ) -> str:
     """Resolve `requested` (one of KERNELS) for `platform`. `auto` takes the platform's fused kernel when it can do
     this attention, else xla (correct everywhere); an explicit kernel the platform lacks, or one that cannot do the
@@ -195,7 +211,15 @@ def choose_kernel(
         raise UserError(f"{key} must be one of {', '.join(KERNELS)}, got {requested!r}")
     if requested == "auto":
         for kernel in AUTO_KERNEL.get(platform, ()):
-            if not unsupported(kernel, window=window, softcap=softcap, dtype=dtype, seq_len=seq_len, sinks=sinks):
+            if not unsupported(
+                kernel,
+                window=window,
+                softcap=softcap,
+                dtype=dtype,
+                seq_len=seq_len,
+                sinks=sinks,
+                head_dims=head_dims,
+            ):
                 return kernel
         return "xla"
     if requested != "xla" and platform not in _KERNEL_PLATFORMS[requested]:
@@ -203,7 +227,9 @@ def choose_kernel(
             f"{key}={requested} needs a {' or '.join(_KERNEL_PLATFORMS[requested])} backend, but this "
             f"program runs on {platform}; use auto or xla"
         )
-    why = unsupported(requested, window=window, softcap=softcap, dtype=dtype, seq_len=seq_len, sinks=sinks)
+    why = unsupported(
+        requested, window=window, softcap=softcap, dtype=dtype, seq_len=seq_len, sinks=sinks, head_dims=head_dims
+    )
     if why:
         raise UserError(f"{key}={requested}: {why}")
     return requested
@@ -244,6 +270,7 @@ def self_attention(
         dtype=q_bshe.dtype,
         seq_len=q_bshe.shape[1] // context,
         sinks=sinks_h is not None,
+        head_dims=(q_bshe.shape[-1], v_bske.shape[-1]),
     )
     k_bske, v_bske = gather_context(k_bske), gather_context(v_bske)
     if kernel == "xla":

@@ -88,7 +88,8 @@ def glu(cfg: ModelConfig, gate, up):
 def route(cfg: ModelConfig, logits_tx: jax.Array, bias_x: jax.Array | None):
     """Router logits (float32) → (chosen experts [t, k], their weights [t, k], probabilities [t, x]).
 
-    Selection takes the top_k of the scores (plus the expert bias when given: selection only, as DeepSeek-V3);
+    Selection takes the top_k of the scores (plus the expert bias when given: selection only, as DeepSeek-V3;
+    among the topk_group best of n_group groups when moe.n_group > 1, `limit_to_groups`);
     ties go to the lower expert index (lax.top_k, as torch.topk does on CPU). The weights are the unbiased scores,
     renormalised to sum 1 when norm_topk, times routed_scale. `probabilities` are what the load-balancing term
     averages: the softmax, or the sigmoid scores normalised per token."""
@@ -100,13 +101,28 @@ def route(cfg: ModelConfig, logits_tx: jax.Array, bias_x: jax.Array | None):
         scores = jax.nn.sigmoid(logits_tx)
         probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
     select = scores if bias_x is None else scores + jax.lax.stop_gradient(bias_x)
-    _, chosen_tk = jax.lax.top_k(jax.lax.stop_gradient(select), moe.top_k)
+    select = jax.lax.stop_gradient(select)
+    if moe.n_group > 1:
+        select = limit_to_groups(select, moe.n_group, moe.topk_group)
+    _, chosen_tk = jax.lax.top_k(select, moe.top_k)
     weights_tk = jnp.take_along_axis(scores, chosen_tk, axis=-1)
     if moe.norm_topk:
         weights_tk = weights_tk / (
             jnp.sum(weights_tk, axis=-1, keepdims=True) + (1e-20 if moe.router == "sigmoid" else 0.0)
         )
     return chosen_tk, weights_tk * moe.routed_scale, probs
+
+
+def limit_to_groups(select_tx: jax.Array, n_group: int, topk_group: int) -> jax.Array:
+    """Selection scores with every expert outside the topk_group best groups set to -inf (DeepSeek-V3's group-
+    limited routing): the experts split into n_group contiguous groups, each ranked by the sum of its two best
+    scores (ties to the lower group, as lax.top_k)."""
+    *lead, n = select_tx.shape
+    grouped = select_tx.reshape(*lead, n_group, n // n_group)
+    group_scores = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)  # [..., groups]
+    _, best = jax.lax.top_k(group_scores, topk_group)
+    keep = jnp.sum(jax.nn.one_hot(best, n_group, dtype=jnp.int32), axis=-2) > 0  # [..., groups]
+    return jnp.where(keep[..., None], grouped, -jnp.inf).reshape(select_tx.shape)
 
 
 def routed_experts(

@@ -75,7 +75,13 @@ _WIDTH_NORMS = ("attn_norm", "mlp_norm", "attn_post_norm", "mlp_post_norm")
 def check_target(teacher: ModelConfig, student: ModelConfig) -> None:
     """Refuse a student that is not a smaller copy of the teacher: another family, vocabulary or head size, any
     dimension larger than the teacher's, or query heads that do not fill whole KV groups of the teacher; and, before
-    any calibration, teachers with parts pruning cannot cut yet (experts, attention sinks)."""
+    any calibration, teachers with parts pruning cannot cut yet (latent attention, experts, attention sinks)."""
+    if teacher.mla.enabled:
+        raise UserError(
+            "teacher.model.mla: pruning a multi-head latent attention teacher (DeepSeek-V3, Kimi K2) is not "
+            "supported: cutting heads and width out of its latent projections (wq_b, wkv_b) and latent ranks is "
+            "not implemented; distil into a like_teacher analog from a fresh init instead"
+        )
     if teacher.moe.enabled:
         raise UserError(
             f"prune: the teacher is a mixture of experts (model.moe.experts={teacher.moe.experts}); pruning cuts "

@@ -28,6 +28,7 @@ from analogjax.errors import UserError
 from analogjax.models import rope as rope_lib
 from analogjax.models.attention import allowed, attend, self_attention
 from analogjax.models.config import CHUNKED, SLIDING, ModelConfig, RopeScaling
+from analogjax.models.mla import LatentAttention
 from analogjax.models.moe import MoE, RouterStats, glu
 
 _init = nn.initializers.normal(stddev=0.02)
@@ -276,7 +277,7 @@ class Block(nn.Module):
                 y = RMSNorm(cfg.norm_eps, cfg.norm_offset, name=f"{name}_post_norm")(y)
             return x + y
 
-        attn = Attention(cfg, name="attn")
+        attn = (LatentAttention if cfg.mla.enabled else Attention)(cfg, name="attn")
         written = {}
 
         def attention(y):
@@ -495,7 +496,7 @@ class Decoder(nn.Module):
             "segment_ids": write_slots(cache["segment_ids"], segment_ids_bs, index),
             "index": index,
         }
-        kv = {"k": cache["k"], "v": cache["v"]}
+        kv = {name: cache[name] for name in cache if name not in meta}  # k, v (MLA: latent, k_rope)
         if cfg.moe.enabled:
             x_bsd, kv = _moe_stacks_cached(cfg, x_bsd, segment_ids_bs, positions_bs, kv, meta, *extra)
         else:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from analogjax.errors import UserError
-from analogjax.models.config import FULL, SLIDING, ModelConfig, MoEConfig, RopeScaling
+from analogjax.models.config import FULL, SLIDING, MLAConfig, ModelConfig, MoEConfig, RopeScaling
 from analogjax.models.hf import llama4
 from analogjax.models.hf.families import (
     ARCHITECTURES,
@@ -29,7 +29,7 @@ from analogjax.models.hf.families import (
     MoEFamily,
     implied_architecture,
 )
-from analogjax.models.hf.rope import Refuse, rope_from_hf, rope_to_hf
+from analogjax.models.hf.rope import Refuse, rope_from_hf, rope_to_hf, rotary_fraction_from_hf
 
 CONFIG_FILE = "config.json"
 
@@ -256,8 +256,9 @@ def config_from_hf_dict(hf: dict, where: str = "config.json") -> ModelConfig:
         if key not in known and not inert(key):
             reader = family.model_type
             refuse(f"config field {key!r} (not read by analogjax's {reader} reader; refused rather than ignored)")
+    # attention_bias: gpt-oss's biases on q, k, v and o (default true); GLM-4.5's on q, k and v only.
     attention_bias = bool(hf.get("attention_bias", True)) if family.biased_attention else False
-    if hf.get("attention_bias") and not family.biased_attention:
+    if hf.get("attention_bias") and not (family.biased_attention or family.attention_bias_is_qkv):
         # (a family whose q/k/v projections always have biases is told only the key's name)
         refuse(
             "attention_bias" if family.qkv_bias == "fixed" else "attention_bias (biases on the attention projections)"
@@ -310,24 +311,29 @@ def config_from_hf_dict(hf: dict, where: str = "config.json") -> ModelConfig:
                 refuse(f"{key} ({why})")
         query_scalar = float(hf.get("query_pre_attn_scalar") or 256) if family.query_scalar else 0.0
         e = head_dim or int(hf["hidden_size"]) // heads
+        mla = _mla_from_hf(hf, refuse) if family.mla else MLAConfig()
+        if mla.enabled:
+            head_dim = 0  # config.json's head_dim is the rotary part's (checked in _mla_from_hf); MLA sets its own
         cfg = ModelConfig(
             vocab_size=int(hf["vocab_size"]),
             d_model=int(hf["hidden_size"]),
             n_layers=layers,
             n_heads=heads,
-            n_kv_heads=int(hf.get("num_key_value_heads") or heads),
+            n_kv_heads=0 if mla.enabled else int(hf.get("num_key_value_heads") or heads),
             head_dim=head_dim,
             d_ff=int(hf["intermediate_size"]),
             rope_theta=float(theta),
             norm_eps=float(hf.get("rms_norm_eps", family.default_norm_eps)),
             tie_embeddings=bool(hf.get("tie_word_embeddings", family.default_tie)),
             activation=_ACTIVATIONS.get(act_name, act_name),
-            qkv_bias=bool(family.qkv_bias) or attention_bias,
+            qkv_bias=bool(family.qkv_bias)
+            or attention_bias
+            or (family.attention_bias_is_qkv and bool(hf.get("attention_bias"))),
             attn_out_bias=attention_bias,
             attn_sinks=family.attn_sinks,
             swiglu_alpha=float(hf.get("swiglu_alpha", 1.702)),
             swiglu_limit=float(hf.get("swiglu_limit", 7.0)),
-            qk_norm=family.qk_norm,
+            qk_norm=family.qk_norm or bool(family.qk_norm_key and hf.get(family.qk_norm_key)),
             embed_scale=family.embed_scale,
             norm_offset=family.norm_offset,
             norm_placement=family.norm_placement,
@@ -342,6 +348,8 @@ def config_from_hf_dict(hf: dict, where: str = "config.json") -> ModelConfig:
             moe=_moe_from_hf(hf, family.moe, layers, refuse)
             if family.moe and not family.llama4_layers
             else MoEConfig(),
+            rotary_fraction=rotary_fraction_from_hf(hf, family),
+            mla=mla,
         )
         if family.llama4_layers:
             cfg = llama4.from_hf(cfg, hf, refuse)
@@ -370,8 +378,59 @@ def _check_quantization(quantization: Any, refuse: Refuse) -> None:
             refuse(f"quantization_config key {key!r}")
 
 
+def _mla_from_hf(hf: dict, refuse: Refuse) -> MLAConfig:
+    """DeepSeek-V3's latent attention keys; the values transformers derives from them must agree."""
+    mla = MLAConfig(
+        q_lora_rank=int(hf["q_lora_rank"] or 0),  # null: no query latent (absent: transformers' 1536, so required)
+        kv_lora_rank=int(hf["kv_lora_rank"]),
+        qk_nope_head_dim=int(hf["qk_nope_head_dim"]),
+        qk_rope_head_dim=int(hf["qk_rope_head_dim"]),
+        v_head_dim=int(hf["v_head_dim"]),
+        rope_interleave=bool(hf.get("rope_interleave", True)),
+    )
+    if not mla.enabled:
+        refuse(f"kv_lora_rank {hf['kv_lora_rank']}")
+    derived = {"head_dim": mla.qk_rope_head_dim, "qk_head_dim": mla.qk_head_dim}
+    for key, value in derived.items():
+        if hf.get(key) is not None and int(hf[key]) != value:
+            refuse(f"{key} {hf[key]} (transformers derives {value} from the MLA dims)")
+    if int(hf.get("num_key_value_heads") or hf["num_attention_heads"]) != int(hf["num_attention_heads"]):
+        refuse(f"num_key_value_heads {hf['num_key_value_heads']} != num_attention_heads (MLA expands every head)")
+    return mla
+
+
+def _sigmoid_moe_from_hf(hf: dict, layers: int, refuse: Refuse) -> MoEConfig:
+    """DeepSeek-V3 / Kimi K2 / GLM-4.5 routing (families.MoEFamily.sigmoid_groups)."""
+    original = {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "moe_layer_freq": 1}
+    for key, value in original.items():
+        if key in hf and hf[key] != value:
+            refuse(f"{key} {hf[key]!r} (only {value!r}, what transformers computes, is implemented)")
+    experts = int(hf["n_routed_experts"])
+    if int(hf.get("num_local_experts", experts)) != experts:
+        refuse(f"num_local_experts {hf['num_local_experts']} != n_routed_experts {experts}")
+    width = int(hf["moe_intermediate_size"])
+    # Required rather than defaulted: DeepSeek-V3's and GLM-4.5's transformers classes default these differently
+    # (first_k_dense_replace 3 vs 1, n_group 8 vs 1, ...), and every released config.json writes them.
+    return MoEConfig(
+        experts=experts,
+        top_k=int(hf["num_experts_per_tok"]),
+        expert_d_ff=width,
+        shared_d_ff=width * int(hf["n_shared_experts"] or 0),
+        router="sigmoid",
+        norm_topk=bool(hf["norm_topk_prob"]),
+        routed_scale=float(hf["routed_scaling_factor"]),
+        expert_bias=True,
+        first_dense_layers=int(hf["first_k_dense_replace"] or 0),
+        n_group=int(hf["n_group"] or 1),
+        topk_group=int(hf["topk_group"] or 1),
+    )
+
+
 def _moe_from_hf(hf: dict, family: MoEFamily, layers: int, refuse: Refuse) -> MoEConfig:
-    """The MoE layers of Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss (softmax routers, all of them)."""
+    """The MoE layers of Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss (softmax routers), or sigmoid-routed ones
+    (DeepSeek-V3, Kimi K2, GLM-4.5)."""
+    if family.sigmoid_groups:
+        return _sigmoid_moe_from_hf(hf, layers, refuse)
     # transformers 5 names Qwen3-MoE's count num_local_experts in config.json (num_experts is its alias)
     key = family.experts_key
     experts = int(hf[key] if key in hf else hf["num_local_experts"])
@@ -522,6 +581,23 @@ def _hf_config_for(
         out.update(llama4.to_hf(cfg))
     elif family.moe:
         out.update(_moe_to_hf(cfg, family.moe))
+    if family.mla:
+        mla = cfg.mla
+        out.update(
+            head_dim=mla.qk_rope_head_dim,
+            q_lora_rank=mla.q_lora_rank or None,
+            kv_lora_rank=mla.kv_lora_rank,
+            qk_nope_head_dim=mla.qk_nope_head_dim,
+            qk_rope_head_dim=mla.qk_rope_head_dim,
+            v_head_dim=mla.v_head_dim,
+            rope_interleave=mla.rope_interleave,
+        )
+    if family.qk_norm_key:
+        out[family.qk_norm_key] = cfg.qk_norm
+    if family.attention_bias_is_qkv:
+        out["attention_bias"] = cfg.qkv_bias
+    if family.rotary_fraction_default:
+        out["rope_parameters"]["partial_rotary_factor"] = cfg.rotary_fraction
     # Token ids written always (null when unknown): some families default them outside a small vocabulary.
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         value = special_ids.get(key)
@@ -532,6 +608,20 @@ def _hf_config_for(
 def _moe_to_hf(cfg: ModelConfig, family: MoEFamily) -> dict[str, Any]:
     """The MoE fields of config.json (architecture_for's round trip refuses what a family cannot carry)."""
     moe = cfg.moe
+    if family.sigmoid_groups:
+        return {
+            "n_routed_experts": moe.experts,
+            "num_experts_per_tok": moe.top_k,
+            "moe_intermediate_size": cfg.expert_d_ff,
+            # whole shared experts of the routed width; a remainder reads back differently and is refused
+            "n_shared_experts": moe.shared_d_ff // cfg.expert_d_ff,
+            "routed_scaling_factor": moe.routed_scale,
+            "n_group": moe.n_group,
+            "topk_group": moe.topk_group,
+            "first_k_dense_replace": moe.first_dense_layers,
+            "norm_topk_prob": moe.norm_topk,
+            "num_nextn_predict_layers": 0,  # no multi-token-prediction layers: transformers builds none
+        }
     out: dict[str, Any] = {"num_experts_per_tok": moe.top_k}
     if not family.expert_width_key:  # experts only, of the model's ffn width
         out["intermediate_size"] = cfg.expert_d_ff

@@ -138,7 +138,9 @@ def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
             norm("mlp_post_norm", "post_feedforward_layernorm"),
         ],
     }[cfg.norm_placement]
-    if fused:
+    if cfg.mla.enabled:
+        maps += _mla_maps(cfg)
+    elif fused:
         qkv, rows = layer + "self_attn.qkv_proj.weight", (h + 2 * k) * e
         maps += [
             TensorMap(("layers", "attn", "wq"), qkv, ((h, e), (d,)), (2, 0, 1), True, 0, rows),
@@ -158,7 +160,10 @@ def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
             )
             for n, heads in (("q", h), ("k", k), ("v", k))
         ]
-    maps.append(TensorMap(("layers", "attn", "wo"), layer + "self_attn.o_proj.weight", ((d,), (h, e)), (1, 2, 0), True))
+    if not cfg.mla.enabled:  # latent attention's o_proj is among _mla_maps' rows
+        maps.append(
+            TensorMap(("layers", "attn", "wo"), layer + "self_attn.o_proj.weight", ((d,), (h, e)), (1, 2, 0), True)
+        )
     if cfg.attn_out_bias:
         maps.append(TensorMap(("layers", "attn", "wo_bias"), layer + "self_attn.o_proj.bias", ((d,),), (0,), True))
     if cfg.attn_sinks:
@@ -201,6 +206,33 @@ def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
     if not cfg.tie_embeddings:
         maps.append(TensorMap(("lm_head",), "lm_head.weight", ((v,), (d,)), (1, 0), False))
     return _moe_maps(cfg, maps) if cfg.moe.enabled else maps
+
+
+def _mla_maps(cfg: ModelConfig) -> list[TensorMap]:
+    """Latent attention's rows (models/mla.py): kv_a_proj_with_mqa's rows are [latent; shared rotary key], each
+    of ours a row range; kv_b_proj's rows are per head [k_nope; v], kept whole as our wkv_b [c, h, n + v]."""
+    mla, d, h = cfg.mla, cfg.d_model, cfg.n_heads
+    c, r, q = mla.kv_lora_rank, mla.qk_rope_head_dim, mla.q_lora_rank
+    attn = "model.layers.{i}.self_attn."
+
+    def row(ours, hf, groups, perm, offset=0, fused=0):
+        return TensorMap(("layers", "attn") + ours, attn + hf, groups, perm, True, offset, fused)
+
+    if q:
+        rows = [
+            row(("wq_a",), "q_a_proj.weight", ((q,), (d,)), (1, 0)),
+            row(("q_a_norm", "scale"), "q_a_layernorm.weight", ((q,),), (0,)),
+            row(("wq_b",), "q_b_proj.weight", ((h, mla.qk_head_dim), (q,)), (2, 0, 1)),
+        ]
+    else:
+        rows = [row(("wq",), "q_proj.weight", ((h, mla.qk_head_dim), (d,)), (2, 0, 1))]
+    return rows + [
+        row(("wkv_a",), "kv_a_proj_with_mqa.weight", ((c,), (d,)), (1, 0), 0, c + r),
+        row(("wk_rope",), "kv_a_proj_with_mqa.weight", ((r,), (d,)), (1, 0), c, c + r),
+        row(("kv_a_norm", "scale"), "kv_a_layernorm.weight", ((c,),), (0,)),
+        row(("wkv_b",), "kv_b_proj.weight", ((h, mla.qk_nope_head_dim + mla.v_head_dim), (c,)), (2, 0, 1)),
+        row(("wo",), "o_proj.weight", ((d,), (h, mla.v_head_dim)), (1, 2, 0)),
+    ]
 
 
 def _moe_maps(cfg: ModelConfig, dense_maps: list[TensorMap]) -> list[TensorMap]:
@@ -248,10 +280,14 @@ def _moe_maps(cfg: ModelConfig, dense_maps: list[TensorMap]) -> list[TensorMap]:
                 ("w_down", names[2], ((d,), (f,))),
             )
         ]
+    if moe.expert_bias:  # DeepSeek-V3's selection-only bias
+        moe_rows.append(
+            TensorMap(("mlp", "expert_bias"), block + f"{spelling.router}.e_score_correction_bias", ((n,),), (0,), True)
+        )
     if moe.shared_d_ff:
         g = moe.shared_d_ff
         moe_rows += [
-            TensorMap(("mlp", "shared", w), block + f"shared_expert.{p}.weight", shape, (1, 0), True)
+            TensorMap(("mlp", "shared", w), block + f"{spelling.shared_block}.{p}.weight", shape, (1, 0), True)
             for w, p, shape in (
                 ("w_gate", "gate_proj", ((g,), (d,))),
                 ("w_up", "up_proj", ((g,), (d,))),
