@@ -70,6 +70,8 @@ STUDENT_RULES = (
         ("norm", None),
         ("layers", None),
         ("teacher_embed", None),
+        ("latent", "fsdp"),  # MLA's low-rank dims (models/mla.py): a width like embed's
+        ("latent_norm", None),
     )
 )
 
@@ -89,6 +91,9 @@ TEACHER_RULES = (
         ("head_dim", None),
         ("norm", None),
         ("layers", None),
+        ("latent", ("fsdp", "data")),
+        ("latent", "data"),
+        ("latent_norm", None),
     )
 )
 

@@ -23,6 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 TOKENS, D, F, EXPERTS, TOP_K = 2048, 512, 768, 8, 2
 
 
+def _swiglu(gate, up):
+    import jax
+
+    return jax.nn.silu(gate) * up
+
+
 def main() -> None:
     import jax
     import jax.numpy as jnp
@@ -44,7 +50,7 @@ def main() -> None:
             flat = chosen.reshape(-1)
             order = jnp.argsort(flat, stable=True)
             sizes = jnp.bincount(flat, length=EXPERTS).astype(jnp.int32)
-            ys = grouped(jnp.take(x, order // TOP_K, axis=0), sizes, wg, wu, wd, jax.nn.silu)
+            ys = grouped(jnp.take(x, order // TOP_K, axis=0), sizes, wg, wu, wd, _swiglu)
             y = jnp.take(ys, jnp.argsort(order), axis=0).reshape(TOKENS, TOP_K, -1)
             return jnp.einsum("tkd,tk->td", y, weights)
 

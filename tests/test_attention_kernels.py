@@ -33,45 +33,80 @@ def _qkv(b=2, s=S, dtype=jnp.float32):
     return q, k, v
 
 
-def _compare(kernel_fn, window, softcap, atol):
-    """Forward and gradient of `kernel_fn` equal attend's on every real (non-padding) query."""
+# gpt-oss's attention sinks, one logit per query head (h = 4): the cases below that pass them check the sinks'
+# gradient too. `attend`'s sinks are checked against transformers' eager gpt-oss attention in test_hf_gpt_oss.py.
+SINKS = jnp.asarray([0.5, -1.0, 2.0, 0.0])
+
+
+def _compare(kernel_fn, window, softcap, atol, sinks=None):
+    """Forward and gradient of `kernel_fn` equal attend's on every real (non-padding) query (and, with `sinks`,
+    the sinks' gradient)."""
     pos, seg = _packed()
     q, k, v = _qkv()
     assert att.index_masking_agrees(pos, seg)
     real = (seg != 0)[:, :, None, None].astype(jnp.float32)
     weights = jax.random.normal(jax.random.key(1), q.shape) * real
     scale = E**-0.5
+    inputs = (q, k, v) if sinks is None else (q, k, v, sinks)
+    argnums = tuple(range(len(inputs)))
 
-    def reference(q, k, v):
-        return att.attend(q, k, v, pos, pos, seg, seg, scale=scale, window=window, softcap=softcap)
+    def reference(q, k, v, sinks=None):
+        return att.attend(q, k, v, pos, pos, seg, seg, scale=scale, window=window, softcap=softcap, sinks_h=sinks)
+
+    def kernel(q, k, v, sinks=None):
+        if sinks is None:
+            return kernel_fn(q, k, v, pos, seg, scale, window, softcap)
+        return kernel_fn(q, k, v, pos, seg, scale, window, softcap, sinks)
 
     def loss(fn):
-        return lambda q, k, v: jnp.sum(fn(q, k, v) * weights)
+        return lambda *a: jnp.sum(fn(*a) * weights)
 
-    want, got = reference(q, k, v), kernel_fn(q, k, v, pos, seg, scale, window, softcap)
+    want, got = reference(*inputs), kernel(*inputs)
     np.testing.assert_allclose(np.asarray(got * real), np.asarray(want * real), atol=atol, rtol=atol)
-    grads_want = jax.grad(loss(reference), argnums=(0, 1, 2))(q, k, v)
-    grads_got = jax.grad(loss(lambda q, k, v: kernel_fn(q, k, v, pos, seg, scale, window, softcap)), argnums=(0, 1, 2))(
-        q, k, v
-    )
-    for name, g_got, g_want in zip("qkv", grads_got, grads_want):
+    grads_want = jax.grad(loss(reference), argnums=argnums)(*inputs)
+    grads_got = jax.grad(loss(kernel), argnums=argnums)(*inputs)
+    for name, g_got, g_want in zip(("q", "k", "v", "sinks"), grads_got, grads_want):
         np.testing.assert_allclose(np.asarray(g_got), np.asarray(g_want), atol=atol, rtol=atol, err_msg=name)
 
 
-def _splash(q, k, v, pos, seg, scale, window, softcap):
+def _splash(q, k, v, pos, seg, scale, window, softcap, sinks=None):
     return att.self_attention(
-        q, k, v, pos, seg, scale=scale, window=window, softcap=softcap, kernel="splash", interpret=True, block=128
+        q,
+        k,
+        v,
+        pos,
+        seg,
+        scale=scale,
+        window=window,
+        softcap=softcap,
+        kernel="splash",
+        interpret=True,
+        block=128,
+        sinks_h=sinks,
     )
 
 
-@pytest.mark.parametrize("window,softcap", [(None, 0.0), (48, 20.0)], ids=["causal-packed-gqa", "window-softcap"])
-def test_splash_interpret_equals_xla_forward_and_gradient(window, softcap):
-    _compare(jax.jit(_splash, static_argnums=(5, 6, 7)), window, softcap, atol=2e-4)
+@pytest.mark.parametrize(
+    "window,softcap,sinks", [(None, 0.0, None), (48, 20.0, SINKS)], ids=["causal-packed-gqa", "window-softcap-sinks"]
+)
+def test_splash_interpret_equals_xla_forward_and_gradient(window, softcap, sinks):
+    _compare(jax.jit(_splash, static_argnums=(5, 6, 7)), window, softcap, atol=2e-4, sinks=sinks)
 
 
-def _pallas_gpu(q, k, v, pos, seg, scale, window, softcap):
+def _pallas_gpu(q, k, v, pos, seg, scale, window, softcap, sinks=None):
     return att.self_attention(
-        q, k, v, pos, seg, scale=scale, window=window, softcap=softcap, kernel="pallas_gpu", interpret=True, block=64
+        q,
+        k,
+        v,
+        pos,
+        seg,
+        scale=scale,
+        window=window,
+        softcap=softcap,
+        kernel="pallas_gpu",
+        interpret=True,
+        block=64,
+        sinks_h=sinks,
     )
 
 
@@ -81,13 +116,14 @@ def test_pallas_gpu_interpret_equals_xla_forward_and_gradient():
     _compare(jax.jit(_pallas_gpu, static_argnums=(5, 6, 7)), None, 0.0, atol=2e-4)
 
 
-def test_pallas_gpu_under_a_context_mesh_with_window_and_softcap_equals_xla():
-    # A window (48) shorter than a block and a soft-cap, under data x context x tensor: each context shard's
-    # queries start at an offset (the kernels' q_offset), kv heads split over tensor.
+def test_pallas_gpu_under_a_context_mesh_with_window_softcap_and_sinks_equals_xla():
+    # A window (48) shorter than a block, a soft-cap and sinks (applied through the kernel's log-sum-exp), under
+    # data x context x tensor: each context shard's queries start at an offset (the kernels' q_offset), kv heads
+    # and their query heads' sinks split over tensor.
     from analogjax import mesh as mesh_lib
 
     with jax.set_mesh(mesh_lib.make_mesh(2, 1, 2, context=2)):
-        _compare(jax.jit(_pallas_gpu, static_argnums=(5, 6, 7)), 48, 20.0, atol=2e-4)
+        _compare(jax.jit(_pallas_gpu, static_argnums=(5, 6, 7)), 48, 20.0, atol=2e-4, sinks=SINKS)
 
 
 def _square_arrays(kernel):
@@ -140,6 +176,9 @@ def test_kernel_choice_per_backend():
     assert choose("splash", "tpu", window=4096, softcap=50.0, seq_len=8192) == "splash"
     assert choose("cudnn", "gpu", window=4096) == "cudnn"  # still there when asked for
     assert choose("xla", "tpu") == "xla" and choose("xla", "gpu") == "xla"
+    # Attention sinks (gpt-oss): splash and pallas_gpu take them, cuDNN cannot, so auto passes it by.
+    assert choose("auto", "tpu", sinks=True, seq_len=8192) == "splash"
+    assert choose("auto", "gpu", sinks=True, seq_len=8192) == "pallas_gpu"
     # Inside a trace without a mesh the platform is the default backend's (cpu here).
     assert att.trace_platform() == "cpu"
 
@@ -158,6 +197,7 @@ def test_kernel_choice_per_backend():
         ("splash", "tpu", {"window": jnp.asarray(8)}, "windows differ per layer"),
         ("splash", "tpu", {"seq_len": 200}, "multiple of 128"),
         ("flash", "tpu", {}, "must be one of"),
+        ("cudnn", "gpu", {"sinks": True}, "no attention sinks"),
     ],
 )
 def test_kernel_refusals(requested, platform, kwargs, message):
@@ -195,7 +235,7 @@ def test_splash_under_a_context_mesh_equals_xla():
 
     mesh = mesh_lib.make_mesh(2, 1, 2, context=2)
     with jax.set_mesh(mesh):
-        _compare(jax.jit(_splash, static_argnums=(5, 6, 7)), 48, 20.0, atol=2e-4)
+        _compare(jax.jit(_splash, static_argnums=(5, 6, 7)), 48, 20.0, atol=2e-4, sinks=SINKS)
 
 
 def test_pallas_gpu_bfloat16_multi_query_matches_float32_reference():

@@ -17,6 +17,7 @@ from analogjax import hf  # noqa: E402
 from analogjax import mesh as mesh_lib  # noqa: E402
 from analogjax.errors import UserError  # noqa: E402
 from analogjax.models.config import ModelConfig  # noqa: E402
+from analogjax.models.hf.families import FAMILIES  # noqa: E402
 from analogjax.models.transformer import Transformer  # noqa: E402
 
 VOCAB = 96
@@ -170,3 +171,47 @@ def test_bad_inputs_are_user_errors(tmp_path):
     # export never overwrites a non-empty folder
     with pytest.raises(UserError, match="not empty"):
         hf.save_params({}, wrong, tmp_path / "m")
+
+
+# Keys that cannot change the logits (issue 27, item 5): transformers' own bookkeeping (a leading underscore),
+# special-token ids, and the runtime switches older transformers wrote into config.json.
+BOOKKEEPING = dict(
+    _model_name_or_path="HuggingFaceTB/SmolLM2-135M",
+    unk_token_id=0,
+    sep_token_id=4,
+    cls_token_id=5,
+    mask_token_id=6,
+    pad_token_id=7,
+)
+RUNTIME_SWITCHES = dict(
+    use_cache=False,
+    output_attentions=False,
+    output_hidden_states=False,
+    return_dict=True,
+    torch_dtype="bfloat16",
+    dtype="bfloat16",
+    output_scores=False,
+    num_beams=1,
+    _commit_hash="0" * 40,
+)
+
+# Shapes a family's transformers defaults leave unusable, as its released config.json writes them: Glm4MoeConfig
+# defaults to 96 heads over hidden_size 4096 with no head_dim (GLM-4.5 writes head_dim 128).
+INCOHERENT_DEFAULTS = {"glm4_moe": {"head_dim": 128}}
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.model_type)
+def test_bookkeeping_keys_of_every_family_are_accepted(family, tmp_path):
+    # Each family's save_pretrained output under the pinned transformers, with the bookkeeping keys present (config
+    # level only: whether they change logits is settled by transformers never reading them in a forward).
+    transformers.AutoConfig.for_model(
+        family.model_type, **BOOKKEEPING, **INCOHERENT_DEFAULTS.get(family.model_type, {})
+    ).save_pretrained(tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert {"_model_name_or_path", "unk_token_id"} <= set(written)
+    (tmp_path / "config.json").write_text(json.dumps({**written, **RUNTIME_SWITCHES}))
+    cfg = hf.model_config_from_hf(tmp_path)
+    assert cfg == hf.config_from_hf_dict({k: v for k, v in written.items() if k not in BOOKKEEPING})
+    # A key that is neither read nor inert is still refused by name.
+    with pytest.raises(UserError, match="config field 'token_mixer'"):
+        hf.config_from_hf_dict({**written, "token_mixer": "conv"})

@@ -264,6 +264,10 @@ def test_expert_parallel_block_with_an_idle_device():
         np.testing.assert_allclose(np.asarray(grad[name]), w, atol=1e-5 * np.abs(w).max(), err_msg=name)
 
 
+def _swiglu(gate, up):
+    return jax.nn.silu(gate) * up
+
+
 def test_blocked_grouped_matmul_equals_ragged_dot():
     """The CPU form of the grouped SwiGLU against jax.lax.ragged_dot (the TPU/GPU form): empty groups, a group
     larger than a block, and rows past the last group (other devices' assignments), which must give 0."""
@@ -274,12 +278,12 @@ def test_blocked_grouped_matmul_equals_ragged_dot():
     wd = jax.random.normal(keys[3], (n, F, D))
     sizes = jnp.asarray([0, 17, 3, 0, 9], jnp.int32)  # 29 of the 40 rows in groups
     assert moe_lib.block_rows(rows, n) == 8  # so expert 1's 17 rows span three blocks
-    got = moe_lib._blocked_swiglu(xs, sizes, wg, wu, wd, jax.nn.silu)
-    want = moe_lib._ragged_swiglu(xs, sizes, wg, wu, wd, jax.nn.silu)
+    got = moe_lib._blocked_swiglu(xs, sizes, wg, wu, wd, _swiglu)
+    want = moe_lib._ragged_swiglu(xs, sizes, wg, wu, wd, _swiglu)
     assert np.abs(np.asarray(want[:29])).min(axis=1).max() > 0 and np.all(np.asarray(want[29:]) == 0)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-4)
     grads = [
-        jax.grad(lambda w, f=f: jnp.sum(f(xs, sizes, wg, w, wd, jax.nn.silu) ** 2))(wu)
+        jax.grad(lambda w, f=f: jnp.sum(f(xs, sizes, wg, w, wd, _swiglu) ** 2))(wu)
         for f in (moe_lib._blocked_swiglu, moe_lib._ragged_swiglu)
     ]
     np.testing.assert_allclose(np.asarray(grads[0]), np.asarray(grads[1]), rtol=1e-4, atol=1e-3)

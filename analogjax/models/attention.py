@@ -72,11 +72,14 @@ def attend(
     window=None,
     softcap: float = 0.0,
     chunk=None,
+    sinks_h=None,
 ) -> jax.Array:
     """softmax(mask(softcap(q·k · scale))) · v, grouped-query, scores and softmax in float32 → [b, s, h, e].
 
-    `softcap` > 0 maps scores to softcap·tanh(scores / softcap) before masking (Gemma 2). Keys are never repeated
-    for grouped-query attention: the g query heads of one kv head are a separate axis of the einsum.
+    `softcap` > 0 maps scores to softcap·tanh(scores / softcap) before masking (Gemma 2). `sinks_h` (gpt-oss): one
+    learned logit per query head that joins every row's softmax denominator and attends to nothing (the
+    probabilities of a row then sum to less than 1). Keys are never repeated for grouped-query attention: the g
+    query heads of one kv head are a separate axis of the einsum.
     """
     b, s, h, e = q_bshe.shape
     k = k_btke.shape[2]
@@ -86,8 +89,13 @@ def attend(
         scores = jnp.tanh(scores / softcap) * softcap
     mask = allowed(q_pos_bs, k_pos_bt, q_seg_bs, k_seg_bt, window, chunk)[:, None, None]
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_btke.dtype)
-    return jnp.einsum("bkgst,btke->bskge", probs, v_btke).reshape(b, s, h, e)
+    if sinks_h is None:
+        probs = jax.nn.softmax(scores, axis=-1).astype(v_btke.dtype)
+    else:
+        sink = sinks_h.astype(jnp.float32).reshape(1, k, h // k, 1, 1)
+        log_total = jnp.logaddexp(jax.nn.logsumexp(scores, axis=-1, keepdims=True), sink)
+        probs = jnp.exp(scores - log_total).astype(v_btke.dtype)
+    return jnp.einsum("bkgst,btke->bskge", probs, v_btke).reshape(b, s, h, v_btke.shape[-1])
 
 
 # --- the kernel dispatcher -------------------------------------------------------------------------------------------
@@ -102,13 +110,15 @@ def attend(
 
 #
 # Per backend, and what each holds in memory besides O(seq) activations:
-# - tpu: splash (Pallas, block-sparse): segment ids, causal/window and soft-cap in the kernel; nothing [s, t].
+# - tpu: splash (Pallas, block-sparse): segment ids, causal/window, soft-cap and attention sinks in the kernel;
+#   nothing [s, t].
 # - gpu: pallas_gpu (models/flash_gpu.py, Pallas on Triton): segment ids, causal/window, soft-cap and grouped-query
 #   heads in the kernel; nothing [s, t]: the kernel for long packed context on GPUs. It has been checked in
 #   interpret mode only (no GPU lent so far), so `auto` prefers cuDNN through jax.nn.dot_product_attention, JAX's own
 #   maintained kernel, whose API has no segment ids: packed documents need a dense boolean [b, 1, s, t] mask that jax
 #   turns into a bias of the query dtype (2 bytes per score: 32 MiB per row at 4k tokens, 2 GiB at 32k), and it has
-#   no soft-cap and no float32. `auto` takes pallas_gpu where cuDNN cannot (soft-cap, float32); set
+#   no soft-cap, no attention sinks and no float32. `auto` takes pallas_gpu where cuDNN cannot (soft-cap, sinks,
+#   float32: pallas_gpu applies sinks to its output through the log-sum-exp it keeps, `pallas_gpu_attention`); set
 #   `model.attention: pallas_gpu` for long context. Once measured on a GPU, pallas_gpu should become the default.
 # - cpu: xla (`attend`), [b, k, g, s, t] float32 scores: the reference, fastest on CPU at the lengths CPUs run.
 # Llama 4's chunked layers run on every kernel as finer segment ids (`chunk_segments`), exactly, packed or not.
@@ -127,9 +137,24 @@ def trace_platform() -> str:
     return device.platform if device is not None else jax.default_backend()
 
 
-def unsupported(kernel: str, *, window, softcap: float, dtype, seq_len: int) -> str:
-    """Why `kernel` cannot compute this attention ('' when it can)."""
+def unsupported(
+    kernel: str,
+    *,
+    window,
+    softcap: float,
+    dtype,
+    seq_len: int,
+    sinks: bool = False,
+    head_dims: tuple[int, int] = (0, 0),
+) -> str:
+    """Why `kernel` cannot compute this attention ('' when it can); `sinks`: the model has attention sinks;
+    head_dims: (query/key, value) head dims."""
     static_window = window is None or isinstance(window, int)
+    if kernel != "xla" and head_dims[0] != head_dims[1]:
+        return (
+            f"{kernel} needs the value head dim to equal the query/key head dim, but this model's are "
+            f"{head_dims[1]} and {head_dims[0]} (multi-head latent attention); use model.attention=xla or auto"
+        )
     if kernel == "splash":
         if not static_window:
             return (
@@ -156,6 +181,8 @@ def unsupported(kernel: str, *, window, softcap: float, dtype, seq_len: int) -> 
         if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
             return f"pallas_gpu runs bfloat16/float16/float32, the model computes in {jnp.dtype(dtype).name}"
     if kernel == "cudnn":
+        if sinks:
+            return "cuDNN flash attention (jax.nn.dot_product_attention) has no attention sinks (gpt-oss)"
         if softcap:
             return "cuDNN flash attention (jax.nn.dot_product_attention) has no attention-logit soft-cap"
         if not static_window:
@@ -174,15 +201,25 @@ def choose_kernel(
     dtype=jnp.bfloat16,
     seq_len: int = 128,
     key: str = "model.attention",
+    sinks: bool = False,
+    head_dims: tuple[int, int] = (0, 0),
 ) -> str:
     """Resolve `requested` (one of KERNELS) for `platform`. `auto` takes the platform's fused kernel when it can do
     this attention, else xla (correct everywhere); an explicit kernel the platform lacks, or one that cannot do the
-    window / soft-cap / dtype asked for, is a UserError (never a silent fallback)."""
+    window / soft-cap / sinks / dtype asked for, is a UserError (never a silent fallback)."""
     if requested not in KERNELS:
         raise UserError(f"{key} must be one of {', '.join(KERNELS)}, got {requested!r}")
     if requested == "auto":
         for kernel in AUTO_KERNEL.get(platform, ()):
-            if not unsupported(kernel, window=window, softcap=softcap, dtype=dtype, seq_len=seq_len):
+            if not unsupported(
+                kernel,
+                window=window,
+                softcap=softcap,
+                dtype=dtype,
+                seq_len=seq_len,
+                sinks=sinks,
+                head_dims=head_dims,
+            ):
                 return kernel
         return "xla"
     if requested != "xla" and platform not in _KERNEL_PLATFORMS[requested]:
@@ -190,7 +227,9 @@ def choose_kernel(
             f"{key}={requested} needs a {' or '.join(_KERNEL_PLATFORMS[requested])} backend, but this "
             f"program runs on {platform}; use auto or xla"
         )
-    why = unsupported(requested, window=window, softcap=softcap, dtype=dtype, seq_len=seq_len)
+    why = unsupported(
+        requested, window=window, softcap=softcap, dtype=dtype, seq_len=seq_len, sinks=sinks, head_dims=head_dims
+    )
     if why:
         raise UserError(f"{key}={requested}: {why}")
     return requested
@@ -210,19 +249,28 @@ def self_attention(
     interpret: bool = False,
     block: int = SPLASH_BLOCK,
     chunk=None,
+    sinks_h=None,
 ) -> jax.Array:
     """Causal self-attention of one packed sequence with the chosen kernel → [b, s, h, e] (see the note above on
-    positions vs indices). `interpret` runs a Pallas kernel (splash, pallas_gpu) in interpret mode (tests on CPU; it
-    skips the platform check). Under a mesh with a `context` axis the queries stay split over the sequence and the
-    keys and values are all-gathered (mesh.py says why). `chunk` (Llama 4's chunked layers): every kernel takes it
-    as finer segment ids (`chunk_segments`); xla masks by position directly."""
+    positions vs indices; `sinks_h`: `attend`'s attention sinks). `interpret` runs a Pallas kernel (splash,
+    pallas_gpu) in interpret mode (tests on CPU; it skips the platform check). Under a mesh with a `context` axis the
+    queries stay split over the sequence and the keys and values are all-gathered (mesh.py says why). `chunk` (Llama
+    4's chunked layers): every kernel takes it as finer segment ids (`chunk_segments`); xla masks by position
+    directly."""
     mesh = jax.sharding.get_abstract_mesh()
     context = 1 if mesh.empty else mesh.shape.get("context", 1)
     pallas = {"splash": "tpu", "pallas_gpu": "gpu"}
     platform = pallas[kernel] if interpret and kernel in pallas else trace_platform()
     # Splash tiles each context shard's queries: the length that must divide into tiles is the shard's.
     kernel = choose_kernel(
-        kernel, platform, window=window, softcap=softcap, dtype=q_bshe.dtype, seq_len=q_bshe.shape[1] // context
+        kernel,
+        platform,
+        window=window,
+        softcap=softcap,
+        dtype=q_bshe.dtype,
+        seq_len=q_bshe.shape[1] // context,
+        sinks=sinks_h is not None,
+        head_dims=(q_bshe.shape[-1], v_bske.shape[-1]),
     )
     k_bske, v_bske = gather_context(k_bske), gather_context(v_bske)
     if kernel == "xla":
@@ -238,6 +286,7 @@ def self_attention(
             window=window,
             softcap=softcap,
             chunk=chunk,
+            sinks_h=sinks_h,
         )
     if chunk is not None:
         segment_ids_bs = chunk_segments(positions_bs, segment_ids_bs, chunk)
@@ -254,6 +303,7 @@ def self_attention(
             softcap=softcap,
             interpret=interpret,
             block=min(block, flash_gpu.BLOCK),
+            sinks_h=sinks_h,
         )
     return splash_attention(
         q_bshe,
@@ -265,6 +315,7 @@ def self_attention(
         softcap=softcap,
         interpret=interpret,
         block=block,
+        sinks_h=sinks_h,
     )
 
 
@@ -332,11 +383,13 @@ def splash_attention(
     softcap: float = 0.0,
     interpret: bool = False,
     block: int = SPLASH_BLOCK,
+    sinks_h=None,
 ) -> jax.Array:
     """Pallas splash attention (TPU): block-sparse over the causal / local mask, segment ids in the kernel, soft-cap
-    in the kernel, grouped-query as one MQA kernel per kv head (keys never repeated). Under a mesh it runs inside
-    shard_map over batch, kv heads and the `context` axis (a Pallas call is not partitioned by GSPMD): each context
-    shard computes its own queries' rows against all keys, with a mask offset by where its queries start."""
+    and attention sinks (`sinks_h`, one logit per query head) in the kernel, grouped-query as one MQA kernel per kv
+    head (keys never repeated). Under a mesh it runs inside shard_map over batch, kv heads and the `context` axis (a
+    Pallas call is not partitioned by GSPMD): each context shard computes its own queries' rows against all keys,
+    with a mask offset by where its queries start."""
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
     s, h = q_bshe.shape[1], q_bshe.shape[2]
@@ -370,19 +423,22 @@ def splash_attention(
         )
 
     local = functools.partial(_splash_local, scale=scale, g=g)
-    return _on_shards(kernel_at, q_bshe, k_bske, v_bske, segment_ids_bs, local)
+    return _on_shards(kernel_at, q_bshe, k_bske, v_bske, segment_ids_bs, local, sinks_h)
 
 
-def _splash_local(kernel, q, kk, v, q_seg, kv_seg, *, scale: float, g: int):
+def _splash_local(kernel, q, kk, v, q_seg, kv_seg, sinks_h=None, *, scale: float, g: int):
     """One shard of splash: [b, s, h, e] → [b, k, g, s, e], one MQA kernel per (row, kv head); the scale goes into
-    the queries (splash scores plain q·k)."""
+    the queries (splash scores plain q·k; a sink is a plain logit, compared with the scaled scores)."""
     bl, sl, _, e = q.shape
 
     def one_row(q_kgse, k_kse, v_kse, q_seg_s, kv_seg_s):
         from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
         ids = splash.SegmentIds(q=q_seg_s, kv=kv_seg_s)
-        return jax.vmap(kernel, in_axes=(0, 0, 0, None))(q_kgse, k_kse, v_kse, ids)
+        if sinks_h is None:
+            return jax.vmap(kernel, in_axes=(0, 0, 0, None))(q_kgse, k_kse, v_kse, ids)
+        sinks_kg = sinks_h.astype(jnp.float32).reshape(-1, g)
+        return jax.vmap(kernel, in_axes=(0, 0, 0, None, 0))(q_kgse, k_kse, v_kse, ids, sinks_kg)
 
     q_bkgse = (q * jnp.asarray(scale, q.dtype)).reshape(bl, sl, -1, g, e).transpose(0, 2, 3, 1, 4)
     out = jax.vmap(one_row)(q_bkgse, kk.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), q_seg, kv_seg)
@@ -400,24 +456,35 @@ def pallas_gpu_attention(
     softcap: float = 0.0,
     interpret: bool = False,
     block: int = flash_gpu.BLOCK,
+    sinks_h=None,
 ) -> jax.Array:
     """models/flash_gpu.py's kernel (GPU; `interpret` on CPU): segment ids, causal/window, soft-cap and grouped-query
     heads in the kernel, O(seq) memory. Under a mesh it runs inside shard_map like splash, each context shard's
-    queries offset by where they start."""
+    queries offset by where they start.
+
+    Attention sinks (`sinks_h`) act on the kernel's output: a sink adds exp(sink) to a row's softmax denominator
+    Z = exp(lse), so the row's output is the kernel's times Z / (Z + exp(sink)) = sigmoid(lse - sink); the kernel
+    returns lse with its gradient (flash_gpu.flash_attention_lse), so the sinks and the keys train through it."""
 
     def kernel_at(offset):
-        def run(q, kk, v, q_seg, kv_seg):
-            return flash_gpu.flash_attention(q, kk, v, q_seg, kv_seg, scale, window, softcap, offset, block, interpret)
+        def run(q, kk, v, q_seg, kv_seg, sinks=None):
+            args = (q, kk, v, q_seg, kv_seg, scale, window, softcap, offset, block, interpret)
+            if sinks is None:
+                return flash_gpu.flash_attention(*args)
+            out_bshe, lse_bhs = flash_gpu.flash_attention_lse(*args)
+            keep_bsh = jax.nn.sigmoid(lse_bhs - sinks.astype(jnp.float32)[None, :, None]).transpose(0, 2, 1)
+            return (out_bshe.astype(jnp.float32) * keep_bsh[..., None]).astype(out_bshe.dtype)
 
         return run
 
-    return _on_shards(kernel_at, q_bshe, k_bske, v_bske, segment_ids_bs, lambda run, *args: run(*args))
+    return _on_shards(kernel_at, q_bshe, k_bske, v_bske, segment_ids_bs, lambda run, *args: run(*args), sinks_h)
 
 
-def _on_shards(kernel_at, q_bshe, k_bske, v_bske, segment_ids_bs, local):
-    """Run `local(kernel_at(q_offset), q, k, v, q_seg, kv_seg)` on every shard. A Pallas call is not partitioned by
-    GSPMD, so under a mesh this is a shard_map over batch, kv heads and the `context` axis: each context shard
-    computes its own queries' rows against all keys, with the kernel built for where its queries start."""
+def _on_shards(kernel_at, q_bshe, k_bske, v_bske, segment_ids_bs, local, sinks_h=None):
+    """Run `local(kernel_at(q_offset), q, k, v, q_seg, kv_seg[, sinks])` on every shard. A Pallas call is not
+    partitioned by GSPMD, so under a mesh this is a shard_map over batch, kv heads and the `context` axis: each
+    context shard computes its own queries' rows against all keys, with the kernel built for where its queries
+    start. Attention sinks [h] are split over heads as the queries are."""
     b, s = q_bshe.shape[:2]
     k = k_bske.shape[2]
     mesh = jax.sharding.get_abstract_mesh()
@@ -431,16 +498,22 @@ def _on_shards(kernel_at, q_bshe, k_bske, v_bske, segment_ids_bs, local):
         branches = [functools.partial(local, kernel) for kernel in kernels]
         return jax.lax.switch(jax.lax.axis_index("context"), branches, *args)
 
+    sinks = () if sinks_h is None else (sinks_h,)
     if not sharded:
-        return per_shard(q_bshe, k_bske, v_bske, segment_ids_bs, segment_ids_bs)
+        return per_shard(q_bshe, k_bske, v_bske, segment_ids_bs, segment_ids_bs, *sinks)
     batch_axes = _batch_axes(mesh, b)
     head_axis = "tensor" if k % mesh.shape["tensor"] == 0 else None
     length_axis = "context" if context > 1 else None
     q_spec, kv_spec = P(tuple(batch_axes), length_axis, head_axis, None), P(tuple(batch_axes), None, head_axis, None)
     seg_q, seg_kv = P(tuple(batch_axes), length_axis), P(tuple(batch_axes), None)
+    sinks_spec = () if sinks_h is None else (P(head_axis),)
     return jax.shard_map(
-        per_shard, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_q, seg_kv), out_specs=q_spec, check_vma=False
-    )(q_bshe, k_bske, v_bske, segment_ids_bs, segment_ids_bs)
+        per_shard,
+        mesh=mesh,
+        in_specs=(q_spec, kv_spec, kv_spec, seg_q, seg_kv, *sinks_spec),
+        out_specs=q_spec,
+        check_vma=False,
+    )(q_bshe, k_bske, v_bske, segment_ids_bs, segment_ids_bs, *sinks)
 
 
 def index_masking_agrees(positions_bs, segment_ids_bs) -> bool:

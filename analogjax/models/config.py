@@ -63,7 +63,10 @@ class MoEConfig:
     their weights renormalised to sum 1 when `norm_topk`, then times `routed_scale`. `expert_bias` adds a learned
     per-expert bias to the scores used for *selection only* (DeepSeek-V3's e_score_correction_bias); the weights
     use the unbiased scores. Shared experts (one SwiGLU of width shared_d_ff, always on) are added to the routed
-    output, times sigmoid(x·w) when `shared_gate` (Qwen2-MoE).
+    output, times sigmoid(x·w) when `shared_gate` (Qwen2-MoE). gpt-oss: `router_bias` adds a learned per-expert bias
+    to the router logits (selection and weights alike; its softmax over the chosen top-k logits is the softmax over
+    all of them renormalised over the chosen: norm_topk), and `expert_biases` gives every expert's gate, up and down
+    projections a bias.
     """
 
     experts: int = 0
@@ -80,6 +83,11 @@ class MoEConfig:
     weights_on_input: bool = False
     first_dense_layers: int = 0
     every: int = 1
+    # Group-limited selection (DeepSeek-V3, GLM-4.5; sigmoid routers): the experts split into n_group equal groups,
+    # each group ranked by the sum of its two best selection scores, and only the topk_group best groups' experts
+    # may be chosen. 1 and 1: no limit (the default).
+    n_group: int = 1
+    topk_group: int = 1
     # How experts spread over fsdp meet their tokens (models/moe.py): exchange_tokens (each device keeps its E/fsdp
     # experts; the fsdp group's tokens are all-gathered and the outputs reduce-scattered back) or gather_weights
     # (each device runs every expert on its own tokens, the expert weights all-gathered layer by layer).
@@ -88,6 +96,8 @@ class MoEConfig:
     # α·E·Σᵢ fᵢ·Pᵢ and the ST-MoE router z-loss mean(logsumexp(logits)²), averaged over the MoE layers.
     aux_loss_weight: float = 0.0
     z_loss_weight: float = 0.0
+    router_bias: bool = False  # gpt-oss: a learned bias on the router logits
+    expert_biases: bool = False  # gpt-oss: biases on each expert's gate, up and down projections
 
     @property
     def enabled(self) -> bool:
@@ -119,6 +129,7 @@ class MoEConfig:
             raise UserError(f"{prefix}.shared_gate needs a shared expert ({prefix}.shared_d_ff > 0)")
         if self.every < 1:
             raise UserError(f"{prefix}.every must be at least 1, got {self.every}")
+        self._validate_groups(prefix)
         if self.first_dense_layers >= n_layers:
             raise UserError(
                 f"{prefix}.first_dense_layers ({self.first_dense_layers}) leaves no MoE layer of {n_layers}"
@@ -129,6 +140,72 @@ class MoEConfig:
             raise UserError(
                 f"{prefix}.every ({self.every}) must divide the layers after {prefix}.first_dense_layers "
                 f"({n_layers - self.first_dense_layers})"
+            )
+
+    def _validate_groups(self, prefix: str) -> None:
+        if self.n_group < 1 or self.experts % self.n_group:
+            raise UserError(
+                f"{prefix}.n_group ({self.n_group}) must be positive and divide {prefix}.experts ({self.experts})"
+            )
+        if not 1 <= self.topk_group <= self.n_group:
+            raise UserError(
+                f"{prefix}.topk_group ({self.topk_group}) must be between 1 and {prefix}.n_group ({self.n_group})"
+            )
+        if self.n_group > 1:
+            if self.router != "sigmoid":
+                raise UserError(f"{prefix}.n_group > 1 (group-limited routing) needs {prefix}.router: sigmoid")
+            per_group = self.experts // self.n_group
+            if per_group < 2:
+                raise UserError(
+                    f"{prefix}.n_group ({self.n_group}) leaves fewer than 2 experts per group (groups rank by their "
+                    "two best experts)"
+                )
+            if self.top_k > self.topk_group * per_group:
+                raise UserError(
+                    f"{prefix}.top_k ({self.top_k}) exceeds the {self.topk_group * per_group} experts of "
+                    f"{prefix}.topk_group ({self.topk_group}) groups"
+                )
+
+
+@dataclass(frozen=True)
+class MLAConfig:
+    """Multi-head latent attention (models/mla.py: DeepSeek-V2/V3, Kimi K2). kv_lora_rank 0: off (the default).
+
+    Queries: x·W_q, or, with q_lora_rank > 0, RMSNorm(x·W_dq)·W_uq. Keys and values come from one latent
+    c = RMSNorm(x·W_dkv) of kv_lora_rank dims: per head k = [c·W_uk (qk_nope_head_dim) | k_rope] and v = c·W_uv
+    (v_head_dim), where k_rope (qk_rope_head_dim) is one rotary key x·W_kr shared by every head. Only the last
+    qk_rope_head_dim dims of each query and key rotate; `rope_interleave` rotates them as interleaved pairs
+    (transformers' rope_interleave, DeepSeek's released layout) rather than as halves. Decoding caches c and k_rope.
+    """
+
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def validate(self, prefix: str) -> None:
+        """Checked by ModelConfig.check."""
+        for name in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{prefix}.{name} must not be negative, got {getattr(self, name)}")
+        if not self.enabled:
+            return
+        for name in ("qk_rope_head_dim", "v_head_dim"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"{prefix}.{name} must be positive with {prefix}.kv_lora_rank > 0")
+        if self.qk_rope_head_dim % 2:
+            raise UserError(
+                f"{prefix}.qk_rope_head_dim must be even for rotary embeddings, got {self.qk_rope_head_dim}"
             )
 
 
@@ -154,7 +231,8 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
-    activation: str = "silu"  # silu (Llama, Qwen, Mistral) | gelu_tanh (Gemma)
+    # silu (Llama, Qwen, Mistral) | gelu_tanh (Gemma) | clamped_swiglu (gpt-oss: swiglu_alpha, swiglu_limit below)
+    activation: str = "silu"
     qkv_bias: bool = False  # Qwen2
     qk_norm: bool = False  # Qwen3, Gemma 3, OLMo 2: RMSNorm on queries and keys before RoPE
     embed_scale: bool = False  # Gemma: embeddings times sqrt(d_model)
@@ -200,6 +278,18 @@ class ModelConfig:
     # 1 + attn_temperature_scale · log1p(floor((position + 1) / attn_temperature_floor)). 0 = off.
     attn_temperature_scale: float = 0.0
     attn_temperature_floor: int = 8192
+    # --- gpt-oss ---
+    # Attention sinks: one learned logit per query head in every softmax denominator, attending to nothing.
+    attn_sinks: bool = False
+    attn_out_bias: bool = False  # a bias on the attention output projection (gpt-oss's attention_bias: q, k, v, o)
+    # activation clamped_swiglu: (clip(up, ±limit) + 1) · g · sigmoid(alpha · g), g = min(gate, limit)
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    # --- DeepSeek-V3, Kimi K2, GLM-4.5 ---
+    # Share of each head's dims that rotate (the first ones; the rest carry no position): GLM-4.5's
+    # partial_rotary_factor 0.5. 1: all of them.
+    rotary_fraction: float = 1.0
+    mla: MLAConfig = field(default_factory=MLAConfig)  # multi-head latent attention (kv_lora_rank 0: off)
 
     @property
     def kv_heads(self) -> int:
@@ -208,6 +298,13 @@ class ModelConfig:
     @property
     def dim_per_head(self) -> int:
         return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def rope_dim(self) -> int:
+        """How many dims of each query and key head rotate."""
+        if self.mla.enabled:
+            return self.mla.qk_rope_head_dim
+        return int(self.dim_per_head * self.rotary_fraction)
 
     @property
     def layer_kinds(self) -> tuple[str, ...]:
@@ -242,14 +339,19 @@ class ModelConfig:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff"):
             if getattr(self, name) <= 0:
                 raise UserError(f"{prefix}.{name} must be positive, got {getattr(self, name)}")
-        if self.head_dim == 0 and self.d_model % self.n_heads:
+        if self.head_dim == 0 and self.d_model % self.n_heads and not self.mla.enabled:
             raise UserError(f"{prefix}.n_heads ({self.n_heads}) must divide {prefix}.d_model ({self.d_model})")
         if self.n_heads % self.kv_heads:
             raise UserError(f"{prefix}.n_kv_heads ({self.kv_heads}) must divide {prefix}.n_heads ({self.n_heads})")
-        if self.dim_per_head % 2:
-            raise UserError(f"{prefix}.head_dim must be even for rotary embeddings, got {self.dim_per_head}")
+        if not 0 < self.rotary_fraction <= 1:
+            raise UserError(f"{prefix}.rotary_fraction must be in (0, 1], got {self.rotary_fraction}")
+        if self.rope_dim % 2 or not self.rope_dim:
+            raise UserError(
+                f"{prefix}.head_dim must give an even, non-zero count of rotary dims, got {self.rope_dim} "
+                f"(head_dim {self.dim_per_head} x rotary_fraction {self.rotary_fraction})"
+            )
         choices = {
-            "activation": ("silu", "gelu_tanh"),
+            "activation": ("silu", "gelu_tanh", "clamped_swiglu"),
             "dtype": ("float32", "bfloat16"),
             "remat": ("none", "block"),
             "attention": KERNELS,
@@ -278,6 +380,39 @@ class ModelConfig:
         if self.attn_temperature_scale and self.attn_temperature_floor <= 0:
             raise UserError(f"{prefix}.attn_temperature_floor must be positive, got {self.attn_temperature_floor}")
         self.moe.validate(f"{prefix}.moe", self.n_layers)
+        self.mla.validate(f"{prefix}.mla")
+        if self.mla.enabled:
+            self._check_mla(prefix)
+        if self.activation == "clamped_swiglu" and (self.swiglu_alpha <= 0 or self.swiglu_limit <= 0):
+            raise UserError(
+                f"{prefix}.swiglu_alpha and {prefix}.swiglu_limit must be positive for activation clamped_swiglu, "
+                f"got {self.swiglu_alpha} and {self.swiglu_limit}"
+            )
+
+    def _check_mla(self, prefix: str) -> None:
+        """What latent attention does not combine with (each refused by name rather than ignored)."""
+        if self.kv_heads != self.n_heads:
+            raise UserError(f"{prefix}.mla: every head has its own keys and values; {prefix}.n_kv_heads must be 0")
+        combos = {
+            "qkv_bias": self.qkv_bias,
+            "qk_norm": self.qk_norm,
+            "sliding_window": self.sliding_window,
+            "layer_pattern": self.layer_pattern,
+            "attn_softcap": self.attn_softcap,
+            "query_scalar": self.query_scalar,
+            "head_dim": self.head_dim,
+            "attention_chunk": self.attention_chunk,
+            "nope_pattern": any(self.nope_pattern),
+            "qk_l2_norm": self.qk_l2_norm,
+            "attn_temperature_scale": self.attn_temperature_scale,
+            "attn_sinks": self.attn_sinks,
+            "attn_out_bias": self.attn_out_bias,
+        }
+        for name, value in combos.items():
+            if value:
+                raise UserError(f"{prefix}.{name}: not supported with latent attention ({prefix}.mla)")
+        if self.rotary_fraction != 1.0:
+            raise UserError(f"{prefix}.rotary_fraction: latent attention sets its rotary dims by mla.qk_rope_head_dim")
 
     @property
     def expert_d_ff(self) -> int:
@@ -384,6 +519,105 @@ PRESETS: dict[str, ModelConfig] = {
         dtype="bfloat16",
         remat="block",
         moe=MoEConfig(experts=128, top_k=8, expert_d_ff=1536),
+    ),
+    # gpt-oss-120b (openai/gpt-oss-120b config.json; shapes only): 36 layers alternating a 128-token window and full
+    # attention, attention sinks, biases on q/k/v/o, the router and the experts, 128 experts top-4 with the clamped
+    # SwiGLU, YaRN x32 from 4k. param_count: 116.8B total, 5.7B active (OpenAI's 5.1B leaves out the embedding
+    # table).
+    "gpt-oss-120b": _preset(
+        preset="gpt-oss-120b",
+        vocab_size=201088,
+        d_model=2880,
+        n_layers=36,
+        n_heads=64,
+        n_kv_heads=8,
+        head_dim=64,
+        d_ff=2880,
+        rope_theta=150000.0,
+        rope_scaling=RopeScaling(kind="yarn", factor=32.0, original_max_positions=4096, truncate=False),
+        sliding_window=128,
+        layer_pattern=(SLIDING, FULL),
+        qkv_bias=True,
+        attn_out_bias=True,
+        attn_sinks=True,
+        activation="clamped_swiglu",
+        dtype="bfloat16",
+        remat="block",
+        moe=MoEConfig(experts=128, top_k=4, router_bias=True, expert_biases=True),
+    ),
+    # DeepSeek-V3 (671B total / 37B active without its multi-token-prediction layer) and Kimi K2 (1.04T / 32B): one
+    # block (multi-head latent attention, sigmoid group-limited routing over 256 / 384 experts, one shared expert,
+    # dense first layers), YaRN-scaled RoPE; public config.json values, shapes only.
+    "deepseek-v3-671b": _preset(
+        preset="deepseek-v3-671b",
+        vocab_size=129280,
+        d_model=7168,
+        n_layers=61,
+        n_heads=128,
+        d_ff=18432,
+        norm_eps=1e-6,
+        rope_scaling=RopeScaling(kind="yarn", factor=40.0, original_max_positions=4096, mscale=1.0, mscale_all_dim=1.0),
+        dtype="bfloat16",
+        remat="block",
+        mla=MLAConfig(
+            q_lora_rank=1536,
+            kv_lora_rank=512,
+            qk_nope_head_dim=128,
+            qk_rope_head_dim=64,
+            v_head_dim=128,
+            rope_interleave=True,
+        ),
+        moe=MoEConfig(
+            experts=256,
+            top_k=8,
+            expert_d_ff=2048,
+            shared_d_ff=2048,
+            router="sigmoid",
+            expert_bias=True,
+            routed_scale=2.5,
+            first_dense_layers=3,
+            n_group=8,
+            topk_group=4,
+        ),
+    ),
+    "kimi-k2-1t": _preset(
+        preset="kimi-k2-1t",
+        vocab_size=163840,
+        d_model=7168,
+        n_layers=61,
+        n_heads=64,
+        d_ff=18432,
+        rope_theta=50000.0,
+        norm_eps=1e-6,
+        rope_scaling=RopeScaling(
+            kind="yarn",
+            factor=32.0,
+            original_max_positions=4096,
+            beta_fast=1.0,
+            beta_slow=1.0,
+            mscale=1.0,
+            mscale_all_dim=1.0,
+        ),
+        dtype="bfloat16",
+        remat="block",
+        mla=MLAConfig(
+            q_lora_rank=1536,
+            kv_lora_rank=512,
+            qk_nope_head_dim=128,
+            qk_rope_head_dim=64,
+            v_head_dim=128,
+            rope_interleave=True,
+        ),
+        moe=MoEConfig(
+            experts=384,
+            top_k=8,
+            expert_d_ff=2048,
+            shared_d_ff=2048,
+            router="sigmoid",
+            expert_bias=True,
+            routed_scale=2.827,
+            first_dense_layers=1,
+        ),
     ),
 }
 

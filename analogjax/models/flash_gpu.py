@@ -238,29 +238,39 @@ def _forward(q, k, v, q_seg, k_seg, scale, window, softcap, q_offset, block, int
     )(q, k, v, q_seg, k_seg)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
 def flash_attention(q, k, v, q_seg, k_seg, scale, window, softcap, q_offset, block, interpret):
     """Causal attention of queries q [b, s, h, e] (global indices q_offset..q_offset+s-1) against keys/values
     [b, t, k, e] (indices 0..t-1), packed documents by segment ids q_seg [b, s] / k_seg [b, t], keys within `window`
     (a Python int or None), scores soft-capped at `softcap` (0 = off) → [b, s, h, e]. s and t must divide into
     tiles of `block` (see `block_for`)."""
-    return _forward(q, k, v, q_seg, k_seg, scale, window, softcap, q_offset, block, interpret)[0]
+    return flash_attention_lse(q, k, v, q_seg, k_seg, scale, window, softcap, q_offset, block, interpret)[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
+def flash_attention_lse(q, k, v, q_seg, k_seg, scale, window, softcap, q_offset, block, interpret):
+    """`flash_attention` and each row's log-sum-exp of its scores (float32 [b, h, s]), both differentiable: what
+    attention sinks need (attention.pallas_gpu_attention). A cotangent on lse adds dlse·p to each row's score
+    gradients, which the backward kernels take by shifting their D_i = Σ dO·O by -dlse."""
+    return _forward(q, k, v, q_seg, k_seg, scale, window, softcap, q_offset, block, interpret)
 
 
 def _fwd(q, k, v, q_seg, k_seg, scale, window, softcap, q_offset, block, interpret):
     out, lse = _forward(q, k, v, q_seg, k_seg, scale, window, softcap, q_offset, block, interpret)
-    return out, (q, k, v, q_seg, k_seg, out, lse)
+    return (out, lse), (q, k, v, q_seg, k_seg, out, lse)
 
 
-def _bwd(scale, window, softcap, q_offset, block, interpret, residuals, d_out):
+def _bwd(scale, window, softcap, q_offset, block, interpret, residuals, cotangents):
     from jax.experimental import pallas as pl
 
     q, k, v, q_seg, k_seg, out, lse = residuals
+    d_out, d_lse = cotangents
     b, s, h, e = q.shape
     t, kv_heads = k.shape[1], k.shape[2]
     cfg, sp = _setup(q, k, scale, window, softcap, q_offset, block)
-    # D_i = Σ_e dO·O per query row (the softmax's Jacobian term), [b, h, s] float32: plain XLA, O(seq).
+    # D_i = Σ_e dO·O per query row (the softmax's Jacobian term), [b, h, s] float32: plain XLA, O(seq); minus the
+    # lse cotangent (d lse / d score = p, so it enters ds = p·(dO·v - D) with the opposite sign of D).
     delta = jnp.einsum("bshe,bshe->bhs", d_out.astype(jnp.float32), out.astype(jnp.float32))
+    delta = delta - d_lse.astype(jnp.float32)
     inputs = (q, k, v, d_out, lse, delta, q_seg, k_seg)
     per_q_head = jax.ShapeDtypeStruct((b, t, h, e), jnp.float32)
     dk, dv = pl.pallas_call(
@@ -309,4 +319,4 @@ def _bwd(scale, window, softcap, q_offset, block, interpret, residuals, d_out):
     return dq, per_kv_head(dk), per_kv_head(dv), None, None
 
 
-flash_attention.defvjp(_fwd, _bwd)
+flash_attention_lse.defvjp(_fwd, _bwd)

@@ -74,14 +74,22 @@ def _dtype(cfg: ModelConfig):
     return jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
 
 
-def _act(cfg: ModelConfig, gate):
-    return jax.nn.silu(gate) if cfg.activation == "silu" else jax.nn.gelu(gate, approximate=True)
+def glu(cfg: ModelConfig, gate, up):
+    """The gated hidden activation of a SwiGLU-style feed-forward: act(gate) · up (silu, gelu_tanh), or gpt-oss's
+    clamped form (up + 1) · g · sigmoid(alpha · g) with g = min(gate, limit) and up clipped to ±limit."""
+    if cfg.activation == "clamped_swiglu":
+        limit = cfg.swiglu_limit
+        g = jnp.minimum(gate, limit)
+        return (jnp.clip(up, -limit, limit) + 1) * (g * jax.nn.sigmoid(g * cfg.swiglu_alpha))
+    act = jax.nn.silu(gate) if cfg.activation == "silu" else jax.nn.gelu(gate, approximate=True)
+    return act * up
 
 
 def route(cfg: ModelConfig, logits_tx: jax.Array, bias_x: jax.Array | None):
     """Router logits (float32) → (chosen experts [t, k], their weights [t, k], probabilities [t, x]).
 
-    Selection takes the top_k of the scores (plus the expert bias when given: selection only, as DeepSeek-V3);
+    Selection takes the top_k of the scores (plus the expert bias when given: selection only, as DeepSeek-V3;
+    among the topk_group best of n_group groups when moe.n_group > 1, `limit_to_groups`);
     ties go to the lower expert index (lax.top_k, as torch.topk does on CPU). The weights are the unbiased scores,
     renormalised to sum 1 when norm_topk, times routed_scale. `probabilities` are what the load-balancing term
     averages: the softmax, or the sigmoid scores normalised per token."""
@@ -93,7 +101,10 @@ def route(cfg: ModelConfig, logits_tx: jax.Array, bias_x: jax.Array | None):
         scores = jax.nn.sigmoid(logits_tx)
         probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
     select = scores if bias_x is None else scores + jax.lax.stop_gradient(bias_x)
-    _, chosen_tk = jax.lax.top_k(jax.lax.stop_gradient(select), moe.top_k)
+    select = jax.lax.stop_gradient(select)
+    if moe.n_group > 1:
+        select = limit_to_groups(select, moe.n_group, moe.topk_group)
+    _, chosen_tk = jax.lax.top_k(select, moe.top_k)
     weights_tk = jnp.take_along_axis(scores, chosen_tk, axis=-1)
     if moe.norm_topk:
         weights_tk = weights_tk / (
@@ -102,12 +113,36 @@ def route(cfg: ModelConfig, logits_tx: jax.Array, bias_x: jax.Array | None):
     return chosen_tk, weights_tk * moe.routed_scale, probs
 
 
+def limit_to_groups(select_tx: jax.Array, n_group: int, topk_group: int) -> jax.Array:
+    """Selection scores with every expert outside the topk_group best groups set to -inf (DeepSeek-V3's group-
+    limited routing): the experts split into n_group contiguous groups, each ranked by the sum of its two best
+    scores (ties to the lower group, as lax.top_k)."""
+    *lead, n = select_tx.shape
+    grouped = select_tx.reshape(*lead, n_group, n // n_group)
+    group_scores = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)  # [..., groups]
+    _, best = jax.lax.top_k(group_scores, topk_group)
+    keep = jnp.sum(jax.nn.one_hot(best, n_group, dtype=jnp.int32), axis=-2) > 0  # [..., groups]
+    return jnp.where(keep[..., None], grouped, -jnp.inf).reshape(select_tx.shape)
+
+
 def routed_experts(
-    x_td, chosen_tk, weights_tk, w_gate_xdf, w_up_xdf, w_down_xfd, activation, first_expert=0, weights_on_input=False
+    x_td,
+    chosen_tk,
+    weights_tk,
+    w_gate_xdf,
+    w_up_xdf,
+    w_down_xfd,
+    gated,
+    first_expert=0,
+    b_gate_xf=None,
+    b_up_xf=None,
+    weights_on_input=False,
 ):
     """Dropless routed SwiGLU experts on a flat token list: sort by expert, grouped matmuls, unsort, combine.
 
-    The weights hold experts first_expert .. first_expert + x - 1 (all of them unless expert-parallel); assignments
+    `gated(gate, up)` is the hidden activation (`glu`); b_gate_xf, b_up_xf: per-expert biases of the gate and up
+    projections (gpt-oss; the down projection's bias is added by the caller, once per token, not per device). The
+    weights hold experts first_expert .. first_expert + x - 1 (all of them unless expert-parallel); assignments
     to other experts sort last, outside every group, and add nothing: the result is this device's share of each
     token's output. Pure and local (no collectives): the shard_maps below call it per device. `weights_on_input`
     (Llama 4): each routing weight scales the token entering its expert instead of the expert's output."""
@@ -122,26 +157,32 @@ def routed_experts(
     if weights_on_input:  # as transformers' Llama 4: (x · weight) in the compute dtype, then the expert
         xs = (xs * jnp.take(weights_tk.reshape(-1), order).astype(xs.dtype)[:, None]).astype(xs.dtype)
         weights_tk = jnp.ones_like(weights_tk)
-    ys = _grouped_swiglu(xs, sizes, w_gate_xdf, w_up_xdf, w_down_xfd, activation)
+    biases = None if b_gate_xf is None else (b_gate_xf, b_up_xf)
+    ys = _grouped_swiglu(xs, sizes, w_gate_xdf, w_up_xdf, w_down_xfd, gated, biases)
     y_tkd = jnp.take(ys, jnp.argsort(order), axis=0).reshape(n_tokens, k, -1)
     weights = jnp.where(mine.reshape(n_tokens, k), weights_tk.astype(jnp.float32), 0.0)
     return jnp.einsum("tkd,tk->td", y_tkd.astype(jnp.float32), weights)
 
 
-def _grouped_swiglu(xs_rd, sizes_x, w_gate_xdf, w_up_xdf, w_down_xfd, activation):
+def _grouped_swiglu(xs_rd, sizes_x, w_gate_xdf, w_up_xdf, w_down_xfd, gated, biases=None):
     """Rows sorted by expert (group sizes `sizes_x`; rows past their sum belong to no group and give 0) → each row
-    through its expert's SwiGLU. ragged_dot where the backend has a grouped kernel, blocks on CPU (module doc)."""
+    through its expert's SwiGLU. ragged_dot where the backend has a grouped kernel, blocks on CPU (module doc).
+    `biases`: (gate [x, f], up [x, f]) per-expert biases, or None."""
     operands = (xs_rd, sizes_x, w_gate_xdf, w_up_xdf, w_down_xfd)
     return jax.lax.platform_dependent(
         *operands,
-        cpu=lambda *a: _blocked_swiglu(*a, activation),
-        default=lambda *a: _ragged_swiglu(*a, activation),
+        cpu=lambda *a: _blocked_swiglu(*a, gated, biases),
+        default=lambda *a: _ragged_swiglu(*a, gated, biases),
     )
 
 
-def _ragged_swiglu(xs_rd, sizes_x, w_gate_xdf, w_up_xdf, w_down_xfd, activation):
-    hidden = activation(jax.lax.ragged_dot(xs_rd, w_gate_xdf, sizes_x)) * jax.lax.ragged_dot(xs_rd, w_up_xdf, sizes_x)
-    return jax.lax.ragged_dot(hidden, w_down_xfd, sizes_x)
+def _ragged_swiglu(xs_rd, sizes_x, w_gate_xdf, w_up_xdf, w_down_xfd, gated, biases=None):
+    gate, up = jax.lax.ragged_dot(xs_rd, w_gate_xdf, sizes_x), jax.lax.ragged_dot(xs_rd, w_up_xdf, sizes_x)
+    if biases is not None:  # each row's expert's bias (rows in no group take the last one's; their output is unused)
+        expert_r = jnp.searchsorted(jnp.cumsum(sizes_x), jnp.arange(xs_rd.shape[0]), side="right")
+        expert_r = jnp.minimum(expert_r, sizes_x.shape[0] - 1)
+        gate, up = gate + biases[0][expert_r].astype(gate.dtype), up + biases[1][expert_r].astype(up.dtype)
+    return jax.lax.ragged_dot(gated(gate, up), w_down_xfd, sizes_x)
 
 
 def block_rows(rows: int, n_experts: int) -> int:
@@ -153,7 +194,7 @@ def block_rows(rows: int, n_experts: int) -> int:
     return int(min(256, max(8, 1 << (target.bit_length() - 1))))
 
 
-def _blocked_swiglu(xs_rd, sizes_x, w_gate_xdf, w_up_xdf, w_down_xfd, activation):
+def _blocked_swiglu(xs_rd, sizes_x, w_gate_xdf, w_up_xdf, w_down_xfd, gated, biases=None):
     """`_ragged_swiglu` as fixed-size blocks: each expert's rows start at a block boundary, every block belongs to
     one expert, and a loop over the blocks (lax.map) runs each through its expert's weights, read in place.
 
@@ -183,8 +224,10 @@ def _blocked_swiglu(xs_rd, sizes_x, w_gate_xdf, w_up_xdf, w_down_xfd, activation
         x_bd, expert, used = args
 
         def swiglu(x_bd):
-            hidden = activation(x_bd @ w_gate_xdf[expert]) * (x_bd @ w_up_xdf[expert])
-            return (hidden @ w_down_xfd[expert]).astype(out_dtype)
+            gate, up = x_bd @ w_gate_xdf[expert], x_bd @ w_up_xdf[expert]
+            if biases is not None:
+                gate, up = gate + biases[0][expert].astype(gate.dtype), up + biases[1][expert].astype(up.dtype)
+            return (gated(gate, up) @ w_down_xfd[expert]).astype(out_dtype)
 
         empty = lambda x_bd: jnp.zeros((block, w_down_xfd.shape[-1]), out_dtype)
         return jax.lax.cond(used, swiglu, empty, x_bd)
@@ -193,18 +236,21 @@ def _blocked_swiglu(xs_rd, sizes_x, w_gate_xdf, w_up_xdf, w_down_xfd, activation
     return jnp.take(yb.reshape(n_blocks * block, -1), dest_r, axis=0, mode="fill", fill_value=0)
 
 
-def _sharded_experts(cfg: ModelConfig, x_bsd, chosen_bsk, weights_bsk, w_gate, w_up, w_down):
+def _sharded_experts(cfg: ModelConfig, x_bsd, chosen_bsk, weights_bsk, w_gate, w_up, w_down, b_gate=None, b_up=None):
     """The routed experts per device when a mesh with the batch axes is in context (module doc), else on all tokens.
-    Returns float32 [b, s, d]."""
-    act = lambda g: _act(cfg, g)
+    b_gate, b_up: the experts' gate and up biases [x, f] (gpt-oss), else None. Returns float32 [b, s, d]."""
+    gated = lambda gate, up: glu(cfg, gate, up)
     on_input = cfg.moe.weights_on_input
+    has_bias = b_gate is not None
+    biases = (b_gate, b_up) if has_bias else ()
 
     def flat(x, chosen, weights):
         b, s, d = x.shape
         return x.reshape(b * s, d), chosen.reshape(b * s, -1), weights.reshape(b * s, -1)
 
-    def local(x, chosen, weights, wg, wu, wd):
-        return routed_experts(*flat(x, chosen, weights), wg, wu, wd, act, weights_on_input=on_input).reshape(x.shape)
+    def local(x, chosen, weights, wg, wu, wd, *bias):
+        out = routed_experts(*flat(x, chosen, weights), wg, wu, wd, gated, 0, *bias, weights_on_input=on_input)
+        return out.reshape(x.shape)
 
     mesh = jax.sharding.get_abstract_mesh()
     names = () if mesh.empty else tuple(mesh.axis_names)
@@ -213,7 +259,7 @@ def _sharded_experts(cfg: ModelConfig, x_bsd, chosen_bsk, weights_bsk, w_gate, w
     for a in batch_axes:
         ways *= mesh.shape[a]
     if not batch_axes or x_bsd.shape[0] % ways:
-        return local(x_bsd, chosen_bsk, weights_bsk, w_gate, w_up, w_down)
+        return local(x_bsd, chosen_bsk, weights_bsk, w_gate, w_up, w_down, *biases)
     # Each expert's ffn width split over `tensor` (as the dense MLP's), partial outputs summed after the down
     # projection; replicated when tensor does not divide it. The sequence stays split over `context`.
     tensor = "tensor" if "tensor" in names and cfg.expert_d_ff % mesh.shape["tensor"] == 0 else None
@@ -222,11 +268,11 @@ def _sharded_experts(cfg: ModelConfig, x_bsd, chosen_bsk, weights_bsk, w_gate, w
     exchange = cfg.moe.dispatch == "exchange_tokens" and fsdp > 1 and cfg.moe.experts % fsdp == 0
     experts = "fsdp" if exchange else None
 
-    def gather_weights_body(x, chosen, weights, wg, wu, wd):
-        y = local(x, chosen, weights, wg, wu, wd)
+    def gather_weights_body(x, chosen, weights, wg, wu, wd, *bias):
+        y = local(x, chosen, weights, wg, wu, wd, *bias)
         return jax.lax.psum(y, tensor) if tensor else y
 
-    def exchange_tokens_body(x, chosen, weights, wg, wu, wd):
+    def exchange_tokens_body(x, chosen, weights, wg, wu, wd, *bias):
         x_td, chosen_tk, weights_tk = flat(x, chosen, weights)
         first = jax.lax.axis_index("fsdp") * wg.shape[0]
         # [fsdp, t, ...]: every token of the fsdp group, by the device that holds it.
@@ -234,7 +280,7 @@ def _sharded_experts(cfg: ModelConfig, x_bsd, chosen_bsk, weights_bsk, w_gate, w
         # One source device at a time, recomputed in the backward pass: the sorted buffers stay t * k rows.
         partial = jax.lax.map(
             jax.checkpoint(
-                lambda src: routed_experts(*src, wg, wu, wd, act, first_expert=first, weights_on_input=on_input)
+                lambda src: routed_experts(*src, wg, wu, wd, gated, first, *bias, weights_on_input=on_input)
             ),
             sources,
         )
@@ -243,12 +289,21 @@ def _sharded_experts(cfg: ModelConfig, x_bsd, chosen_bsk, weights_bsk, w_gate, w
         return y.reshape(x.shape)
 
     rows = P(batch_axes, context)
+    bias_specs = (P(experts, tensor), P(experts, tensor)) if has_bias else ()
     return jax.shard_map(
         exchange_tokens_body if exchange else gather_weights_body,
-        in_specs=(rows, rows, rows, P(experts, None, tensor), P(experts, None, tensor), P(experts, tensor, None)),
+        in_specs=(
+            rows,
+            rows,
+            rows,
+            P(experts, None, tensor),
+            P(experts, None, tensor),
+            P(experts, tensor, None),
+            *bias_specs,
+        ),
         out_specs=rows,
         check_vma=False,
-    )(x_bsd, chosen_bsk, weights_bsk, w_gate, w_up, w_down)
+    )(x_bsd, chosen_bsk, weights_bsk, w_gate, w_up, w_down, *biases)
 
 
 class MoE(nn.Module):
@@ -270,13 +325,37 @@ class MoE(nn.Module):
         w_gate = self.param("w_gate", nn.with_logical_partitioning(_init, ("expert", "embed", "mlp")), (n, d, f))
         w_up = self.param("w_up", nn.with_logical_partitioning(_init, ("expert", "embed", "mlp")), (n, d, f))
         w_down = self.param("w_down", nn.with_logical_partitioning(_init, ("expert", "mlp", "embed")), (n, f, d))
+        zeros = nn.initializers.zeros
+        expert_bias = {}
+        if moe.expert_biases:  # gpt-oss
+            for name, width, axis in (("b_gate", f, "mlp"), ("b_up", f, "mlp"), ("b_down", d, "embed")):
+                expert_bias[name] = self.param(name, nn.with_logical_partitioning(zeros, ("expert", axis)), (n, width))
 
         # The router in float32: top-k decisions should not flip with the compute dtype.
         logits_bsx = jnp.einsum("bsd,dx->bsx", x_bsd.astype(jnp.float32), router)
+        if moe.router_bias:  # gpt-oss: part of the logits (selection and weights), unlike DeepSeek's expert_bias
+            logits_bsx = logits_bsx + self.param(
+                "router_bias", nn.with_logical_partitioning(zeros, (None,)), (n,)
+            ).astype(jnp.float32)
         chosen, weights, probs = route(cfg, logits_bsx, bias)
-        y = _sharded_experts(
-            cfg, x_bsd.astype(dtype), chosen, weights, w_gate.astype(dtype), w_up.astype(dtype), w_down.astype(dtype)
+        in_biases = (
+            (expert_bias["b_gate"].astype(dtype), expert_bias["b_up"].astype(dtype)) if moe.expert_biases else ()
         )
+        y = _sharded_experts(
+            cfg,
+            x_bsd.astype(dtype),
+            chosen,
+            weights,
+            w_gate.astype(dtype),
+            w_up.astype(dtype),
+            w_down.astype(dtype),
+            *in_biases,
+        )
+        if moe.expert_biases:
+            # The down bias of each chosen expert, times its weight: one [tokens, x] · [x, d] product outside the
+            # shard_map, so a tensor-split expert does not add it once per shard.
+            combine_bsx = jnp.einsum("bskx,bsk->bsx", jax.nn.one_hot(chosen, n, dtype=jnp.float32), weights)
+            y = y + combine_bsx @ expert_bias["b_down"].astype(jnp.float32)
         if moe.shared_d_ff:
             shared = SharedExpert(cfg, name="shared")(x_bsd)
             if moe.shared_gate:
@@ -301,7 +380,7 @@ class SharedExpert(nn.Module):
         w_down = self.param("w_down", nn.with_logical_partitioning(_init, ("mlp", "embed")), (f, d))
         x = x_bsd.astype(dtype)
         hidden = nn.with_logical_constraint(
-            _act(cfg, x @ w_gate.astype(dtype)) * (x @ w_up.astype(dtype)), ("batch", "length", "act_mlp")
+            glu(cfg, x @ w_gate.astype(dtype), x @ w_up.astype(dtype)), ("batch", "length", "act_mlp")
         )
         return hidden @ w_down.astype(dtype)
 

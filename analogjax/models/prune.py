@@ -29,7 +29,8 @@ subset whose attention kinds are exactly the student's pattern. Query heads keep
 KV groups are the teacher's most important groups, each keeping its `n_heads / n_kv_heads` most important query
 heads. Every parameter is cut by its logical axis names (embed/norm: channels, heads, kv_heads, mlp: neurons,
 layers), which covers every family of models/hf/ (Llama, Mistral, Qwen2 biases, Qwen3 and OLMo 2 q/k norms,
-Gemma sandwich norms, Phi-3); an axis this module does not know (e.g. MoE experts) is refused. Head dim, vocabulary,
+Gemma sandwich norms, Phi-3); an axis this module does not know (e.g. MoE experts) is refused, and MoE teachers
+and attention sinks (gpt-oss) are refused before any calibration (`check_target`). Head dim, vocabulary,
 tokenizer and family stay the teacher's. Gemma's embedding scale sqrt(d_model) changes with width: an untied
 embedding is rescaled by sqrt(d_teacher / d_student) so the kept channels start the residual stream with the
 teacher's values; a tied one is left alone (rescaling it would scale the logits too).
@@ -74,7 +75,25 @@ _WIDTH_NORMS = ("attn_norm", "mlp_norm", "attn_post_norm", "mlp_post_norm")
 
 def check_target(teacher: ModelConfig, student: ModelConfig) -> None:
     """Refuse a student that is not a smaller copy of the teacher: another family, vocabulary or head size, any
-    dimension larger than the teacher's, or query heads that do not fill whole KV groups of the teacher."""
+    dimension larger than the teacher's, or query heads that do not fill whole KV groups of the teacher; and, before
+    any calibration, teachers with parts pruning cannot cut yet (latent attention, experts, attention sinks)."""
+    if teacher.mla.enabled:
+        raise UserError(
+            "teacher.model.mla: pruning a multi-head latent attention teacher (DeepSeek-V3, Kimi K2) is not "
+            "supported: cutting heads and width out of its latent projections (wq_b, wkv_b) and latent ranks is "
+            "not implemented; distil into a like_teacher analog from a fresh init instead"
+        )
+    if teacher.moe.enabled:
+        raise UserError(
+            f"prune: the teacher is a mixture of experts (model.moe.experts={teacher.moe.experts}); pruning cuts "
+            "heads, neurons, channels and layers, and has no importance or cut for experts yet: start the analog "
+            "from scratch instead"
+        )
+    if teacher.attn_sinks:
+        raise UserError(
+            "prune: the teacher has attention sinks (gpt-oss's model.attn_sinks); pruning does not rank or cut "
+            "heads together with their sink logits yet: start the analog from scratch instead"
+        )
     for f in dataclasses.fields(ModelConfig):
         if f.name in SIZE_FIELDS or f.name == "preset":
             continue
@@ -84,11 +103,6 @@ def check_target(teacher: ModelConfig, student: ModelConfig) -> None:
                 f"{getattr(teacher, f.name)!r}: a pruned student keeps the teacher's family, vocabulary "
                 "and tokenizer (use model.like_teacher with size fields only)"
             )
-    if teacher.moe.enabled:
-        raise UserError(
-            f"prune: the teacher is a mixture of experts (model.moe.experts={teacher.moe.experts}); pruning has no "
-            "rule for cutting experts or routers yet"
-        )
     if student.dim_per_head != teacher.dim_per_head:
         raise UserError(
             f"model: head dim {student.dim_per_head} differs from the teacher's {teacher.dim_per_head}: "

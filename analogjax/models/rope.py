@@ -78,8 +78,8 @@ def _yarn(dim: int, base: float, s: RopeScaling) -> tuple[np.ndarray, float]:
 def layer_rope(cfg: ModelConfig, kind: str) -> tuple[np.ndarray, float]:
     """The (inverse frequencies, attention factor) of a layer of attention kind FULL, SLIDING or CHUNKED."""
     if kind == SLIDING and cfg.local_rope_theta:
-        return _base_inv_freq(cfg.dim_per_head, cfg.local_rope_theta), 1.0
-    return inverse_frequencies(cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling)
+        return _base_inv_freq(cfg.rope_dim, cfg.local_rope_theta), 1.0
+    return inverse_frequencies(cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling)
 
 
 def per_layer(cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -87,18 +87,28 @@ def per_layer(cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
     (Llama 4) gets zero frequencies and factor 1: every angle 0, so `apply` leaves its queries and keys exactly as
     they are."""
     by_kind = {kind: layer_rope(cfg, kind) for kind in (FULL, SLIDING, CHUNKED)}
-    nope = (np.zeros(cfg.dim_per_head // 2, np.float32), 1.0)
+    nope = (np.zeros(cfg.rope_dim // 2, np.float32), 1.0)
     rows = [nope if no_rope else by_kind[k] for k, no_rope in zip(cfg.layer_kinds, cfg.layer_nope)]
     return (np.stack([r[0] for r in rows]), np.asarray([r[1] for r in rows], np.float32))
 
 
-def apply(x_bshe: jax.Array, positions_bs: jax.Array, inv_freq, attention_factor=1.0) -> jax.Array:
-    """Rotate-half RoPE (the Hugging Face Llama convention), in float32; cos and sin carry the attention factor."""
-    half = x_bshe.shape[-1] // 2
+def apply(
+    x_bshe: jax.Array, positions_bs: jax.Array, inv_freq, attention_factor=1.0, interleaved: bool = False
+) -> jax.Array:
+    """Rotate-half RoPE (the Hugging Face Llama convention), in float32; cos and sin carry the attention factor.
+
+    Only the first 2·len(inv_freq) dims rotate; the rest pass through (partial rotary, GLM-4.5). `interleaved`
+    rotates pairs (x0, x1), (x2, x3), ... instead of halves and returns them de-interleaved (all first members, then
+    all second ones), as transformers' apply_rotary_pos_emb_interleave does (DeepSeek's rope_interleave): queries and
+    keys both come out so, so their dot products are the interleaved rotation's."""
+    half = jnp.shape(inv_freq)[-1]
+    if 2 * half < x_bshe.shape[-1]:
+        rotated = apply(x_bshe[..., : 2 * half], positions_bs, inv_freq, attention_factor, interleaved)
+        return jnp.concatenate([rotated, x_bshe[..., 2 * half :]], axis=-1)
     angles = positions_bs.astype(jnp.float32)[:, :, None, None] * jnp.asarray(inv_freq, jnp.float32)  # b s 1 half
     sin, cos = jnp.sin(angles), jnp.cos(angles)
     if not (isinstance(attention_factor, float) and attention_factor == 1.0):
         sin, cos = sin * attention_factor, cos * attention_factor
     x = x_bshe.astype(jnp.float32)
-    x1, x2 = x[..., :half], x[..., half:]
+    x1, x2 = (x[..., 0::2], x[..., 1::2]) if interleaved else (x[..., :half], x[..., half:])
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_bshe.dtype)

@@ -44,13 +44,19 @@ class Sampling(NamedTuple):
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
-    """An empty KV cache: keys and values [layers, b, length, k, e] in the compute dtype; every slot empty
-    (segment id 0), written slots get their token's position and segment id."""
+    """An empty KV cache: keys and values [layers, b, length, k, e] in the compute dtype (latent attention: its
+    latent [layers, b, length, kv_lora_rank] and rotary key [layers, b, length, qk_rope_head_dim] instead,
+    models/mla.py); every slot empty (segment id 0), written slots get their token's position and segment id."""
     dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
     shape = (cfg.n_layers, batch, length, cfg.kv_heads, cfg.dim_per_head)
+    if cfg.mla.enabled:  # latent attention caches the compressed latent and the shared rotary key (models/mla.py)
+        from analogjax.models.mla import cache_shapes
+
+        kv = {name: jnp.zeros(s, dtype) for name, s in cache_shapes(cfg, batch, length).items()}
+    else:
+        kv = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
     return {
-        "k": jnp.zeros(shape, dtype),
-        "v": jnp.zeros(shape, dtype),
+        **kv,
         "positions": jnp.zeros((batch, length), jnp.int32),
         "segment_ids": jnp.zeros((batch, length), jnp.int32),
         "index": jnp.zeros((batch,), jnp.int32),
@@ -64,6 +70,8 @@ def _constrain(cache: dict) -> dict:
     names = {
         "k": (None, "batch", "length", None, None),
         "v": (None, "batch", "length", None, None),
+        "latent": (None, "batch", "length", None),
+        "k_rope": (None, "batch", "length", None),
         "positions": ("batch", "length"),
         "segment_ids": ("batch", "length"),
         "index": ("batch",),

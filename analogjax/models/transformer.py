@@ -28,7 +28,8 @@ from analogjax.errors import UserError
 from analogjax.models import rope as rope_lib
 from analogjax.models.attention import allowed, attend, self_attention
 from analogjax.models.config import CHUNKED, SLIDING, ModelConfig, RopeScaling
-from analogjax.models.moe import MoE, RouterStats
+from analogjax.models.mla import LatentAttention
+from analogjax.models.moe import MoE, RouterStats, glu
 
 _init = nn.initializers.normal(stddev=0.02)
 
@@ -185,6 +186,7 @@ class Attention(nn.Module):
         if cfg.qk_l2_norm or cfg.attn_temperature_scale:
             q, kk = llama4_scales(cfg, q, kk, positions_bs, this.get("nope", False))
         scale = (cfg.query_scalar or e) ** -0.5
+        sinks = self.param("sinks", nn.with_logical_partitioning(_init, ("heads",)), (h,)) if cfg.attn_sinks else None
         if cache is None:
             out = self_attention(
                 q,
@@ -197,6 +199,7 @@ class Attention(nn.Module):
                 softcap=cfg.attn_softcap,
                 kernel=cfg.attention,
                 chunk=chunk,
+                sinks_h=sinks,
             )
         else:  # decoding: a few new queries against the cache, on the XLA core (scores are [new, cache] only)
             index = cache["index"]
@@ -213,10 +216,15 @@ class Attention(nn.Module):
                 window=window,
                 softcap=cfg.attn_softcap,
                 chunk=chunk,
+                sinks_h=sinks,
             )
         wo = self.param("wo", nn.with_logical_partitioning(_init, ("heads", "head_dim", "embed")), (h, e, d))
         self.sow("intermediates", "heads_out", out)  # per-head outputs, read only by prune.py (else a no-op)
         y = jnp.einsum("bshe,hed->bsd", out, wo.astype(dtype))
+        if cfg.attn_out_bias:
+            y = y + self.param("wo_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), (d,)).astype(
+                dtype
+            )
         return y if cache is None else (y, written)
 
 
@@ -238,9 +246,9 @@ class MLP(nn.Module):
         w_gate = self.param("w_gate", nn.with_logical_partitioning(_init, ("embed", "mlp")), shape_in)
         w_up = self.param("w_up", nn.with_logical_partitioning(_init, ("embed", "mlp")), shape_in)
         w_down = self.param("w_down", nn.with_logical_partitioning(_init, ("mlp", "embed")), shape_out)
-        gate = x_bsd @ w_gate.astype(dtype)
-        act = jax.nn.silu(gate) if cfg.activation == "silu" else jax.nn.gelu(gate, approximate=True)
-        hidden_bsf = nn.with_logical_constraint(act * (x_bsd @ w_up.astype(dtype)), ("batch", "length", "act_mlp"))
+        hidden_bsf = nn.with_logical_constraint(
+            glu(cfg, x_bsd @ w_gate.astype(dtype), x_bsd @ w_up.astype(dtype)), ("batch", "length", "act_mlp")
+        )
         self.sow("intermediates", "hidden", hidden_bsf)  # FFN activations, read only by prune.py (else a no-op)
         return hidden_bsf @ w_down.astype(dtype)
 
@@ -269,7 +277,7 @@ class Block(nn.Module):
                 y = RMSNorm(cfg.norm_eps, cfg.norm_offset, name=f"{name}_post_norm")(y)
             return x + y
 
-        attn = Attention(cfg, name="attn")
+        attn = (LatentAttention if cfg.mla.enabled else Attention)(cfg, name="attn")
         written = {}
 
         def attention(y):
@@ -488,7 +496,7 @@ class Decoder(nn.Module):
             "segment_ids": write_slots(cache["segment_ids"], segment_ids_bs, index),
             "index": index,
         }
-        kv = {"k": cache["k"], "v": cache["v"]}
+        kv = {name: cache[name] for name in cache if name not in meta}  # k, v (MLA: latent, k_rope)
         if cfg.moe.enabled:
             x_bsd, kv = _moe_stacks_cached(cfg, x_bsd, segment_ids_bs, positions_bs, kv, meta, *extra)
         else:

@@ -283,7 +283,10 @@ def ici_bytes_per_chip(config, mesh_shape: dict[str, int], *, with_teacher: bool
 
     def kv_gathers(model) -> float:  # one layer's full-sequence keys and values for this chip's rows, all layers
         rows = config.data.global_batch / (data * fsdp)
-        per_layer = 2 * rows * config.data.seq_len * model.kv_heads / tensor * model.dim_per_head
+        width = 2 * model.kv_heads * model.dim_per_head  # keys and values per token
+        if model.mla.enabled:  # latent attention gathers its expanded keys and values (models/mla.py)
+            width = model.n_heads * (model.mla.qk_head_dim + model.mla.v_head_dim)
+        per_layer = rows * config.data.seq_len * width / tensor
         return per_layer * (2 if model.dtype == "bfloat16" else 4) * model.n_layers * share(context)
 
     def exchanged(model) -> tuple[float, float]:

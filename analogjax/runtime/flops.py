@@ -29,13 +29,16 @@ PEAK_FLOPS = {
 
 
 def _ffn_params(cfg: ModelConfig, layer: int, active: bool) -> int:
-    """Feed-forward weights of one layer: dense SwiGLU; or (MoE) the router, the experts (all of them, or the
-    top_k a token uses when `active`), the shared expert and its gate."""
+    """Feed-forward weights of one layer: dense SwiGLU; or (MoE) the router (and its bias), the experts (all of
+    them, or the top_k a token uses when `active`; with their biases, gpt-oss), the shared expert and its gate."""
     d, moe = cfg.d_model, cfg.moe
     if not moe.is_moe_layer(layer):
         return 3 * d * cfg.d_ff
     used = moe.top_k if active else moe.experts
-    return d * moe.experts + used * 3 * d * cfg.expert_d_ff + 3 * d * moe.shared_d_ff + (d if moe.shared_gate else 0)
+    expert = 3 * d * cfg.expert_d_ff + ((2 * cfg.expert_d_ff + d) if moe.expert_biases else 0)
+    router = d * moe.experts + (moe.experts if moe.router_bias else 0)  # weights (, gpt-oss's logit bias)
+    router += moe.experts if moe.expert_bias else 0  # DeepSeek-V3's selection bias
+    return router + used * expert + 3 * d * moe.shared_d_ff + (d if moe.shared_gate else 0)
 
 
 def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -46,6 +49,10 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     # q·k and probs·v over the full row (no causal discount); a chunked layer's row is its chunk (Llama 4)
     keys = [min(seq_len, cfg.attention_chunk) if kind == CHUNKED else seq_len for kind in cfg.layer_kinds]
     scores = sum(2 * 2 * t * h * e for t in keys)
+    if cfg.mla.enabled:  # latent attention: its own projections and head dims per layer, scores included (mla.py)
+        from analogjax.models.mla import attention_flops_per_token
+
+        projections, scores = int(attention_flops_per_token(cfg, seq_len)), 0
     ffn = sum(2 * _ffn_params(cfg, i, active=True) for i in range(cfg.n_layers))  # gate, up, down (, router)
     return cfg.n_layers * projections + scores + ffn + 2 * d * cfg.vocab_size
 
@@ -61,10 +68,15 @@ def param_count(cfg: ModelConfig, active: bool = False) -> int:
     """All parameters; with `active`, those one token uses (an MoE layer's top_k experts, not all of them)."""
     d, h, k, e = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
     block = d * h * e * 2 + d * k * e * 2 + 2 * d
+    if cfg.mla.enabled:
+        from analogjax.models.mla import attention_params
+
+        block = attention_params(cfg) + 2 * d
     if cfg.qkv_bias:
         block += (h + 2 * k) * e
     if cfg.qk_norm:
         block += 2 * e
+    block += (d if cfg.attn_out_bias else 0) + (h if cfg.attn_sinks else 0)  # gpt-oss
     head = 0 if cfg.tie_embeddings else d * cfg.vocab_size
     ffn = sum(_ffn_params(cfg, i, active) for i in range(cfg.n_layers))
     return cfg.n_layers * block + ffn + cfg.vocab_size * d + d + head

@@ -9,9 +9,14 @@ Mistral (sliding window), Qwen2/2.5 (q/k/v biases, yarn, sliding layers), Qwen3 
 scale, norm offset, tanh-GELU), Gemma 2 (sandwich norms, attention and final soft-caps, query_pre_attn_scalar,
 alternating sliding/full layers), Gemma 3 text (q/k norms, 5:1 pattern, local and global RoPE bases and scaling),
 Phi-3 (fused qkv and gate/up projections, sliding window), OLMo 2 (post-norms, q/k norms over all heads), the
-mixture-of-experts families Mixtral, Qwen2-MoE (shared expert), Qwen3-MoE and OLMoE, and Llama 4 text
-(Llama4ForCausalLM, and Llama4ForConditionalGeneration's language model: chunked and NoPE layers, temperature
-tuning, L2 q/k norm, interleaved RoPE pairs, input-weighted sigmoid MoE with a shared expert, fused experts).
+mixture-of-experts families Mixtral, Qwen2-MoE (shared expert), Qwen3-MoE, OLMoE and gpt-oss (attention sinks,
+alternating sliding/full layers, biases on q/k/v/o, the router and the experts, clamped SwiGLU, YaRN; its released
+MXFP4 expert weights are dequantized at import; export writes float32/bfloat16 experts, not MXFP4), Llama 4
+text (Llama4ForCausalLM, and Llama4ForConditionalGeneration's language model: chunked and NoPE layers, temperature
+tuning, L2 q/k norm, interleaved RoPE pairs, input-weighted sigmoid MoE with a shared expert, fused experts),
+DeepSeek-V3 (multi-head latent attention, models/mla.py; sigmoid group-limited routing with a selection bias, shared
+experts, dense first layers; Kimi K2's config.json reads as this family, families.py says where) and GLM-4.5
+(partial rotary, q/k norms, q/k/v biases, the same routing).
 
 The modules, one job each:
 - families.py: one record per HF architecture (its config keys, conventions, tensor spellings, MoE routing);
@@ -19,6 +24,7 @@ The modules, one job each:
 - convert.py (+ rope.py): config.json ⇄ ModelConfig both ways, under the refusal rule (nothing read is ignored).
 - tensors.py: the one tensor table, which HF tensor holds each of our params and how its axes move.
 - read.py: import (safetensors, sharded reads, `HFModel`, `load`); write.py: export (`save`, `save_params`).
+- mxfp4.py: MXFP4 blocks + scales → float32, as transformers dequantizes them (read slice by slice).
 """
 
 from analogjax.data.tokenizer_files import byte_tokenizer_json, write_tokenizer

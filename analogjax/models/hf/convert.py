@@ -2,8 +2,9 @@
 
 The refusal rule, so nothing that changes the forward pass is ignored: every key of config.json must be either
 read (in `_READ` for every family or in its family's `keys`; its value is implemented exactly or refused with a
-UserError naming key and value), or listed in `_INERT` (bookkeeping that cannot change the logits: token ids,
-dtype, caching, initialisation, dropout, which eval never applies). Any other key is refused by name. A RoPE
+UserError naming key and value), or inert (`inert`: bookkeeping that cannot change the logits: transformers' private
+keys with a leading underscore, special-token ids, dtype, caching and output switches, generation defaults,
+initialisation, dropout, which eval never applies). Any other key is refused by name. A RoPE
 dictionary is held to the same rule (rope.py's `_ROPE_KEYS`). Export is checked the same way: the config.json it
 would write is read back with these rules and must give the model config being exported (`architecture_for`).
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from analogjax.errors import UserError
-from analogjax.models.config import FULL, SLIDING, ModelConfig, MoEConfig, RopeScaling
+from analogjax.models.config import FULL, SLIDING, MLAConfig, ModelConfig, MoEConfig, RopeScaling
 from analogjax.models.hf import llama4
 from analogjax.models.hf.families import (
     ARCHITECTURES,
@@ -28,7 +29,7 @@ from analogjax.models.hf.families import (
     MoEFamily,
     implied_architecture,
 )
-from analogjax.models.hf.rope import Refuse, rope_from_hf, rope_to_hf
+from analogjax.models.hf.rope import Refuse, rope_from_hf, rope_to_hf, rotary_fraction_from_hf
 from analogjax.runtime import storage
 
 CONFIG_FILE = "config.json"
@@ -107,7 +108,43 @@ _INERT = {
     # MoE training-only knobs (an eval forward never reads them)
     "router_aux_loss_coef",
     "output_router_logits",
+    # Runtime and generation switches older transformers wrote into config.json (the forward's logits never read
+    # them: they choose what a call returns or how `generate` samples).
+    "return_dict_in_generate",
+    "output_scores",
+    "output_logits",
+    "pruned_heads",
+    "torch_compile",
+    "min_length",
+    "do_sample",
+    "early_stopping",
+    "num_beams",
+    "num_beam_groups",
+    "diversity_penalty",
+    "temperature",
+    "top_k",
+    "top_p",
+    "typical_p",
+    "repetition_penalty",
+    "length_penalty",
+    "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size",
+    "bad_words_ids",
+    "num_return_sequences",
+    "remove_invalid_values",
+    "exponential_decay_length_penalty",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+    "cross_attention_hidden_size",
 }
+
+
+def inert(key: str) -> bool:
+    """A config.json key that cannot change the logits: listed in `_INERT`, transformers' own bookkeeping (a leading
+    underscore: `_name_or_path`, `_model_name_or_path`, `_commit_hash`...; a family that reads one lists it in its
+    record, which is checked first), or a special-token id (`unk_token_id`, `mask_token_id`, ...: tokenizer facts
+    that no decoder forward reads)."""
+    return key in _INERT or key.startswith("_") or key.endswith(("_token_id", "_token_ids"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -216,16 +253,21 @@ def config_from_hf_dict(hf: dict, where: str = "config.json") -> ModelConfig:
     def refuse(feature: str) -> NoReturn:
         raise UserError(f"{where}: {arch} with {feature} is not supported by the analogjax decoder")
 
-    known = _READ | family.keys | _INERT
+    known = _READ | family.keys
     for key in hf:
-        if key not in known:
+        if key not in known and not inert(key):
             reader = family.model_type
             refuse(f"config field {key!r} (not read by analogjax's {reader} reader; refused rather than ignored)")
-    if hf.get("attention_bias"):
+    # attention_bias: gpt-oss's biases on q, k, v and o (default true); GLM-4.5's on q, k and v only.
+    attention_bias = bool(hf.get("attention_bias", True)) if family.biased_attention else False
+    if hf.get("attention_bias") and not (family.biased_attention or family.attention_bias_is_qkv):
         # (a family whose q/k/v projections always have biases is told only the key's name)
         refuse(
             "attention_bias" if family.qkv_bias == "fixed" else "attention_bias (biases on the attention projections)"
         )
+    _check_quantization(hf.get("quantization_config"), refuse)
+    if family.rope_required and not (hf.get("rope_parameters") or hf.get("rope_scaling")):
+        refuse("no rope_parameters (its transformers class then applies its own default scaling; write it out)")
     if family.qkv_bias == "keyed" and not hf.get("qkv_bias", True):
         refuse("qkv_bias false")
     if hf.get("clip_qkv") is not None:
@@ -237,8 +279,12 @@ def config_from_hf_dict(hf: dict, where: str = "config.json") -> ModelConfig:
     act_name = hf.get("hidden_activation") or hf.get("hidden_act") or family.default_activation
     if family.gelu_is_tanh and act_name == "gelu":
         act_name = "gelu_pytorch_tanh"  # what transformers itself runs for Gemma's legacy "gelu"
-    if act_name not in _ACTIVATIONS:
+    if family.fixed_activation:
+        act_name = family.fixed_activation  # hidden_act is read by no module of this family
+    elif act_name not in _ACTIVATIONS:
         refuse(f"activation {act_name!r}")
+    if "experts_per_token" in hf and hf["experts_per_token"] != hf.get("num_experts_per_tok"):
+        refuse(f"experts_per_token {hf['experts_per_token']} != num_experts_per_tok {hf.get('num_experts_per_tok')}")
     try:
         heads, layers = int(hf["num_attention_heads"]), int(hf["num_hidden_layers"])
         head_dim = int(hf.get("head_dim") or 0) or family.default_head_dim
@@ -267,20 +313,29 @@ def config_from_hf_dict(hf: dict, where: str = "config.json") -> ModelConfig:
                 refuse(f"{key} ({why})")
         query_scalar = float(hf.get("query_pre_attn_scalar") or 256) if family.query_scalar else 0.0
         e = head_dim or int(hf["hidden_size"]) // heads
+        mla = _mla_from_hf(hf, refuse) if family.mla else MLAConfig()
+        if mla.enabled:
+            head_dim = 0  # config.json's head_dim is the rotary part's (checked in _mla_from_hf); MLA sets its own
         cfg = ModelConfig(
             vocab_size=int(hf["vocab_size"]),
             d_model=int(hf["hidden_size"]),
             n_layers=layers,
             n_heads=heads,
-            n_kv_heads=int(hf.get("num_key_value_heads") or heads),
+            n_kv_heads=0 if mla.enabled else int(hf.get("num_key_value_heads") or heads),
             head_dim=head_dim,
             d_ff=int(hf["intermediate_size"]),
             rope_theta=float(theta),
             norm_eps=float(hf.get("rms_norm_eps", family.default_norm_eps)),
             tie_embeddings=bool(hf.get("tie_word_embeddings", family.default_tie)),
-            activation=_ACTIVATIONS[act_name],
-            qkv_bias=bool(family.qkv_bias),
-            qk_norm=family.qk_norm,
+            activation=_ACTIVATIONS.get(act_name, act_name),
+            qkv_bias=bool(family.qkv_bias)
+            or attention_bias
+            or (family.attention_bias_is_qkv and bool(hf.get("attention_bias"))),
+            attn_out_bias=attention_bias,
+            attn_sinks=family.attn_sinks,
+            swiglu_alpha=float(hf.get("swiglu_alpha", 1.702)),
+            swiglu_limit=float(hf.get("swiglu_limit", 7.0)),
+            qk_norm=family.qk_norm or bool(family.qk_norm_key and hf.get(family.qk_norm_key)),
             embed_scale=family.embed_scale,
             norm_offset=family.norm_offset,
             norm_placement=family.norm_placement,
@@ -295,6 +350,8 @@ def config_from_hf_dict(hf: dict, where: str = "config.json") -> ModelConfig:
             moe=_moe_from_hf(hf, family.moe, layers, refuse)
             if family.moe and not family.llama4_layers
             else MoEConfig(),
+            rotary_fraction=rotary_fraction_from_hf(hf, family),
+            mla=mla,
         )
         if family.llama4_layers:
             cfg = llama4.from_hf(cfg, hf, refuse)
@@ -308,8 +365,74 @@ def config_from_hf_dict(hf: dict, where: str = "config.json") -> ModelConfig:
     return cfg if implied_architecture(cfg) == arch else dataclasses.replace(cfg, hf_architecture=arch)
 
 
+def _check_quantization(quantization: Any, refuse: Refuse) -> None:
+    """A quantization_config is read only where its family lists it (gpt-oss), and only MXFP4, whose expert
+    weights read.py dequantizes exactly as transformers does (mxfp4.py); every key of it is one we know."""
+    if quantization is None:
+        return
+    if not isinstance(quantization, dict) or quantization.get("quant_method") != "mxfp4":
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
+        refuse(f"quantization_config quant_method {method!r} (only mxfp4 expert weights are dequantized at import)")
+    # modules_to_not_convert: the modules stored unquantized (read as they are); dequantize: whether transformers
+    # dequantizes at load (import always does).
+    for key in quantization:
+        if key not in ("quant_method", "modules_to_not_convert", "dequantize"):
+            refuse(f"quantization_config key {key!r}")
+
+
+def _mla_from_hf(hf: dict, refuse: Refuse) -> MLAConfig:
+    """DeepSeek-V3's latent attention keys; the values transformers derives from them must agree."""
+    mla = MLAConfig(
+        q_lora_rank=int(hf["q_lora_rank"] or 0),  # null: no query latent (absent: transformers' 1536, so required)
+        kv_lora_rank=int(hf["kv_lora_rank"]),
+        qk_nope_head_dim=int(hf["qk_nope_head_dim"]),
+        qk_rope_head_dim=int(hf["qk_rope_head_dim"]),
+        v_head_dim=int(hf["v_head_dim"]),
+        rope_interleave=bool(hf.get("rope_interleave", True)),
+    )
+    if not mla.enabled:
+        refuse(f"kv_lora_rank {hf['kv_lora_rank']}")
+    derived = {"head_dim": mla.qk_rope_head_dim, "qk_head_dim": mla.qk_head_dim}
+    for key, value in derived.items():
+        if hf.get(key) is not None and int(hf[key]) != value:
+            refuse(f"{key} {hf[key]} (transformers derives {value} from the MLA dims)")
+    if int(hf.get("num_key_value_heads") or hf["num_attention_heads"]) != int(hf["num_attention_heads"]):
+        refuse(f"num_key_value_heads {hf['num_key_value_heads']} != num_attention_heads (MLA expands every head)")
+    return mla
+
+
+def _sigmoid_moe_from_hf(hf: dict, layers: int, refuse: Refuse) -> MoEConfig:
+    """DeepSeek-V3 / Kimi K2 / GLM-4.5 routing (families.MoEFamily.sigmoid_groups)."""
+    original = {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "moe_layer_freq": 1}
+    for key, value in original.items():
+        if key in hf and hf[key] != value:
+            refuse(f"{key} {hf[key]!r} (only {value!r}, what transformers computes, is implemented)")
+    experts = int(hf["n_routed_experts"])
+    if int(hf.get("num_local_experts", experts)) != experts:
+        refuse(f"num_local_experts {hf['num_local_experts']} != n_routed_experts {experts}")
+    width = int(hf["moe_intermediate_size"])
+    # Required rather than defaulted: DeepSeek-V3's and GLM-4.5's transformers classes default these differently
+    # (first_k_dense_replace 3 vs 1, n_group 8 vs 1, ...), and every released config.json writes them.
+    return MoEConfig(
+        experts=experts,
+        top_k=int(hf["num_experts_per_tok"]),
+        expert_d_ff=width,
+        shared_d_ff=width * int(hf["n_shared_experts"] or 0),
+        router="sigmoid",
+        norm_topk=bool(hf["norm_topk_prob"]),
+        routed_scale=float(hf["routed_scaling_factor"]),
+        expert_bias=True,
+        first_dense_layers=int(hf["first_k_dense_replace"] or 0),
+        n_group=int(hf["n_group"] or 1),
+        topk_group=int(hf["topk_group"] or 1),
+    )
+
+
 def _moe_from_hf(hf: dict, family: MoEFamily, layers: int, refuse: Refuse) -> MoEConfig:
-    """The MoE layers of Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE (softmax routers, all of them)."""
+    """The MoE layers of Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss (softmax routers), or sigmoid-routed ones
+    (DeepSeek-V3, Kimi K2, GLM-4.5)."""
+    if family.sigmoid_groups:
+        return _sigmoid_moe_from_hf(hf, layers, refuse)
     # transformers 5 names Qwen3-MoE's count num_local_experts in config.json (num_experts is its alias)
     key = family.experts_key
     experts = int(hf[key] if key in hf else hf["num_local_experts"])
@@ -347,6 +470,8 @@ def _moe_from_hf(hf: dict, family: MoEFamily, layers: int, refuse: Refuse) -> Mo
         norm_topk=family.norm_topk if family.norm_topk is not None else bool(hf.get("norm_topk_prob", False)),
         first_dense_layers=first_dense,
         every=every,
+        router_bias=family.biases,
+        expert_biases=family.biases,
     )
 
 
@@ -450,10 +575,31 @@ def _hf_config_for(
         out["final_logit_softcapping"] = cfg.final_softcap or None
     if "attn_logit_softcapping" in family.keys:
         out["attn_logit_softcapping"] = cfg.attn_softcap or None
+    if family.biased_attention:
+        out["attention_bias"] = cfg.attn_out_bias
+    if family.fixed_activation == "clamped_swiglu":
+        out.update(swiglu_alpha=cfg.swiglu_alpha, swiglu_limit=cfg.swiglu_limit)
     if family.llama4_layers:
         out.update(llama4.to_hf(cfg))
     elif family.moe:
         out.update(_moe_to_hf(cfg, family.moe))
+    if family.mla:
+        mla = cfg.mla
+        out.update(
+            head_dim=mla.qk_rope_head_dim,
+            q_lora_rank=mla.q_lora_rank or None,
+            kv_lora_rank=mla.kv_lora_rank,
+            qk_nope_head_dim=mla.qk_nope_head_dim,
+            qk_rope_head_dim=mla.qk_rope_head_dim,
+            v_head_dim=mla.v_head_dim,
+            rope_interleave=mla.rope_interleave,
+        )
+    if family.qk_norm_key:
+        out[family.qk_norm_key] = cfg.qk_norm
+    if family.attention_bias_is_qkv:
+        out["attention_bias"] = cfg.qkv_bias
+    if family.rotary_fraction_default:
+        out["rope_parameters"]["partial_rotary_factor"] = cfg.rotary_fraction
     # Token ids written always (null when unknown): some families default them outside a small vocabulary.
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         value = special_ids.get(key)
@@ -464,6 +610,20 @@ def _hf_config_for(
 def _moe_to_hf(cfg: ModelConfig, family: MoEFamily) -> dict[str, Any]:
     """The MoE fields of config.json (architecture_for's round trip refuses what a family cannot carry)."""
     moe = cfg.moe
+    if family.sigmoid_groups:
+        return {
+            "n_routed_experts": moe.experts,
+            "num_experts_per_tok": moe.top_k,
+            "moe_intermediate_size": cfg.expert_d_ff,
+            # whole shared experts of the routed width; a remainder reads back differently and is refused
+            "n_shared_experts": moe.shared_d_ff // cfg.expert_d_ff,
+            "routed_scaling_factor": moe.routed_scale,
+            "n_group": moe.n_group,
+            "topk_group": moe.topk_group,
+            "first_k_dense_replace": moe.first_dense_layers,
+            "norm_topk_prob": moe.norm_topk,
+            "num_nextn_predict_layers": 0,  # no multi-token-prediction layers: transformers builds none
+        }
     out: dict[str, Any] = {"num_experts_per_tok": moe.top_k}
     if not family.expert_width_key:  # experts only, of the model's ffn width
         out["intermediate_size"] = cfg.expert_d_ff

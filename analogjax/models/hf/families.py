@@ -53,7 +53,7 @@ Pinned = tuple[tuple[str, Any], ...]
 
 @dataclass(frozen=True)
 class MoEFamily:
-    """How one family's config.json and tensors spell its mixture-of-experts layers (softmax routers, all)."""
+    """How one family's config.json and tensors spell its mixture-of-experts layers."""
 
     experts_key: str = "num_experts"  # config.json's expert count (transformers 5 may also write num_local_experts)
     # config.json's expert width; None: the experts are intermediate_size wide (the model's own d_ff).
@@ -64,8 +64,19 @@ class MoEFamily:
     block: str = "mlp."  # the experts' module under each layer
     router: str = "gate"  # the router's module under `block` (Llama 4: router)
     expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # gate, up, down
-    fused_experts: bool = False  # Llama 4: every expert in experts.gate_up_proj and experts.down_proj (tensors.py)
+    # Every expert in one tensor per projection, [experts, in, out]: experts.gate_up_proj ([gate | up] on the last
+    # dim) and experts.down_proj (Llama 4, gpt-oss; tensors.py).
+    fused_experts: bool = False
+    # gpt-oss: gate and up interleaved column by column in experts.gate_up_proj. Released checkpoints store the two
+    # weights as MXFP4 blocks and scales (mxfp4.py).
+    interleaved_gate_up: bool = False
+    biases: bool = False  # gpt-oss: biases on the router and on every expert's gate, up and down projections
     pinned: Pinned = ()  # written after the MoE fields
+    # DeepSeek-V3-style routing (DeepSeek-V3, Kimi K2, GLM-4.5): sigmoid scores, the selection-only bias
+    # gate.e_score_correction_bias, group-limited top-k (n_group, topk_group), routed_scaling_factor, norm_topk_prob,
+    # n_shared_experts always-on experts of the routed width, and first_k_dense_replace dense layers.
+    sigmoid_groups: bool = False
+    shared_block: str = "shared_expert"  # the shared expert's module under each layer's mlp
 
 
 @dataclass(frozen=True)
@@ -110,6 +121,21 @@ class Family:
     # Llama 4's per-layer keys (chunked and NoPE layers, temperature tuning, L2 q/k norm, its MoE layers), read and
     # written by hf/llama4.py in place of the generic layer-window and MoE readers.
     llama4_layers: bool = False
+    # gpt-oss. attention_bias (default true) puts biases on q, k, v and o; elsewhere a true one is refused.
+    biased_attention: bool = False
+    attn_sinks: bool = False  # a learned sink logit per query head (self_attn.sinks)
+    # The feed-forward's activation whatever hidden_act says ("": read hidden_act). gpt-oss: clamped_swiglu with
+    # config.json's swiglu_alpha / swiglu_limit (its experts never read hidden_act).
+    fixed_activation: str = ""
+    rope_required: bool = False  # its transformers default RoPE is not plain (gpt-oss: YaRN): refuse a config without
+    # Newer families' switches (GLM-4.5, DeepSeek-V3), each off for the families above.
+    qk_norm_key: str = ""  # config.json's key that switches the q/k norms on (GLM-4.5: use_qk_norm)
+    # attention_bias switches q/k/v biases (not o_proj's) on: GLM-4.5 (qkv_bias "" then means "as attention_bias")
+    attention_bias_is_qkv: bool = False
+    # partial_rotary_factor is read (the share of head dims that rotate), with this default when absent; 0: a
+    # value other than 1 is refused (the families above rotate every dim)
+    rotary_fraction_default: float = 0.0
+    mla: bool = False  # multi-head latent attention (models/mla.py), configured by the MLA keys below
 
 
 _WINDOWED = frozenset({"sliding_window", "layer_types"})
@@ -244,6 +270,99 @@ FAMILIES: tuple[Family, ...] = (
         llama4_layers=True,
         moe=MoEFamily(experts_key="num_local_experts", block="feed_forward.", router="router", fused_experts=True),
     ),
+    Family(
+        "GptOssForCausalLM",
+        "gpt_oss",
+        _WINDOWED
+        | {
+            "num_local_experts",
+            "num_experts_per_tok",
+            "swiglu_alpha",
+            "swiglu_limit",
+            "quantization_config",  # MXFP4 experts, dequantized at import (convert.py checks the method)
+            # Written by the released checkpoints and read by no transformers code (num_experts_per_tok and
+            # rope_scaling's original_max_position_embeddings carry what they say).
+            "experts_per_token",
+            "initial_context_length",
+        },
+        layer_windows="pattern",
+        sliding_period=2,
+        default_head_dim=64,
+        default_norm_eps=1e-5,
+        biased_attention=True,
+        attn_sinks=True,
+        fixed_activation="clamped_swiglu",
+        rope_required=True,
+        pinned=(),
+        moe=MoEFamily(
+            experts_key="num_local_experts",
+            norm_topk=True,
+            router="router",
+            fused_experts=True,
+            interleaved_gate_up=True,
+            biases=True,
+        ),
+    ),
+)
+# DeepSeek-V3's MLA and routing keys. Kimi K2's config.json (architectures DeepseekV3ForCausalLM, model_type kimi_k2,
+# its own copy of DeepSeek-V3's modeling code) is this block with other sizes (64 heads, 384 experts, one group, one
+# dense layer) plus the original DeepSeek keys scoring_func, topk_method, moe_layer_freq, ep_size, aux_loss_alpha,
+# seq_aux: it is read where those keys say what transformers computes (sigmoid, noaux_tc, every layer MoE after the
+# dense ones) and refused otherwise (convert.py); its fp8 quantization_config is refused by name like any other key.
+_MLA_KEYS = frozenset(
+    {"q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "qk_head_dim"}
+    | {"rope_interleave"}
+)
+_SIGMOID_MOE_KEYS = frozenset(
+    {
+        "n_routed_experts",
+        "num_local_experts",  # transformers' alias of n_routed_experts
+        "num_experts_per_tok",
+        "moe_intermediate_size",
+        "n_shared_experts",
+        "routed_scaling_factor",
+        "n_group",
+        "topk_group",
+        "first_k_dense_replace",
+        "norm_topk_prob",
+        # multi-token-prediction modules: extra layers (model.layers.<n_layers>.*) that transformers' forward
+        # never runs and analogjax never reads; they cannot change the logits
+        "num_nextn_predict_layers",
+        "num_mtp_layers",
+        # the original DeepSeek/Kimi spellings (checked in convert.py)
+        "scoring_func",
+        "topk_method",
+        "moe_layer_freq",
+        "ep_size",  # expert-parallel degree of their inference code: a runtime layout
+        "aux_loss_alpha",  # training-only
+        "seq_aux",  # training-only
+    }
+)
+_SIGMOID_MOE = MoEFamily(
+    experts_key="n_routed_experts",
+    expert_width_key="moe_intermediate_size",
+    sigmoid_groups=True,
+    shared_block="shared_experts",
+)
+FAMILIES += (
+    Family(
+        "DeepseekV3ForCausalLM",
+        "deepseek_v3",
+        _MLA_KEYS | _SIGMOID_MOE_KEYS,
+        mla=True,
+        moe=_SIGMOID_MOE,
+    ),
+    Family(
+        "Glm4MoeForCausalLM",
+        "glm4_moe",
+        _SIGMOID_MOE_KEYS | {"use_qk_norm", "partial_rotary_factor"},
+        qk_norm_key="use_qk_norm",
+        attention_bias_is_qkv=True,
+        rotary_fraction_default=0.5,  # Glm4MoeConfig's default when config.json has none
+        default_norm_eps=1e-5,
+        pinned=(),
+        moe=_SIGMOID_MOE,
+    ),
 )
 BY_ARCHITECTURE = {family.architecture: family for family in FAMILIES}
 BY_MODEL_TYPE = {family.model_type: family for family in FAMILIES}
@@ -252,9 +371,7 @@ ARCHITECTURES = {family.architecture: family.model_type for family in FAMILIES}
 
 # Architectures that are wanted but not built yet: refused by name, with what is missing.
 NOT_YET = {
-    "DeepseekV3ForCausalLM": "multi-head latent attention and group-limited sigmoid routing are not implemented",
     "DeepseekV2ForCausalLM": "multi-head latent attention and group-limited routing are not implemented",
-    "GptOssForCausalLM": "gpt-oss's attention sinks, clamped SwiGLU and expert biases are not implemented",
 }
 
 
@@ -284,7 +401,13 @@ def implied_architecture(cfg: ModelConfig) -> str:
     if cfg.hf_architecture:
         return cfg.hf_architecture
     if cfg.attention_chunk or any(cfg.nope_pattern) or cfg.qk_l2_norm or cfg.moe.weights_on_input:
-        return "Llama4ForCausalLM"
+        return "Llama4ForCausalLM"  # before the sigmoid router below: Llama 4's is one too
+    if cfg.attn_sinks or cfg.activation == "clamped_swiglu":
+        return "GptOssForCausalLM"
+    if cfg.mla.enabled:
+        return "DeepseekV3ForCausalLM"
+    if cfg.moe.enabled and cfg.moe.router == "sigmoid":
+        return "Glm4MoeForCausalLM"
     if cfg.moe.enabled:
         if cfg.moe.shared_d_ff:
             return "Qwen2MoeForCausalLM"

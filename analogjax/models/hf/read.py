@@ -2,7 +2,8 @@
 
 Each device's shard is cut out of the safetensors files with `get_slice`, so no host ever holds a whole model (a
 stacked [layers, ...] shard reads only the layers it covers). The tensor table (tensors.py) says where each of our
-params lives in the HF files; other file formats (GGUF) hand `params_from_tensors` their own tensor source.
+params lives in the HF files; other file formats (GGUF) hand `params_from_tensors` their own tensor source. A tensor
+stored as MXFP4 blocks and scales (gpt-oss's experts) reads as its dequantized self (mxfp4.py), slice by slice.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 
 from analogjax.errors import UserError
 from analogjax.models.config import ModelConfig
+from analogjax.models.hf import mxfp4
 from analogjax.models.hf.convert import CONFIG_FILE, model_config_from_hf, read_json, tensor_prefix
 from analogjax.models.hf.tensors import (
     INDEX_FILE,
@@ -62,8 +64,16 @@ class _SafetensorFiles:
         return self._handles[file]
 
     def slice(self, name: str):
-        name = self.prefix + name
+        return self._slice(self.prefix + name)
+
+    def _slice(self, name: str):  # `name` as the files spell it (prefix included)
         if name not in self.where:
+            quantized = (name + "_blocks", name + "_scales")
+            if all(part in self.where for part in quantized):
+                try:
+                    return mxfp4.QuantizedSlice(name, *(self._slice(part) for part in quantized))
+                except UserError as exc:
+                    raise UserError(f"{self.folder}: {exc}") from None
             raise UserError(f"{self.folder}: tensor {name} is missing from the safetensors files")
         return self._open(self.where[name]).get_slice(name)
 
@@ -78,6 +88,7 @@ def _read_block(tensor_slice, tmap: TensorMap, ours_index: tuple[slice, ...]) ->
         split_index[split_dim] = ours_index[ours_dim]
     read, after = [], []  # slices on the HF tensor; then slices on each group's factors once reshaped
     pos = 0
+    lanes = tmap.interleave or 1  # an interleaved last dim holds `lanes` values per one of ours
     for g, group in enumerate(tmap.groups):
         parts = [split_index[pos + j].indices(n) for j, n in enumerate(group)]
         inner = math.prod(group[1:])
@@ -87,7 +98,10 @@ def _read_block(tensor_slice, tmap: TensorMap, ours_index: tuple[slice, ...]) ->
         read.append(slice(offset + parts[0][0] * inner, offset + parts[0][1] * inner))
         after.append([slice(None)] + [slice(a, b) for a, b, _ in parts[1:]])
         pos += len(group)
-    block = np.asarray(tensor_slice[tuple(read)])
+    on_file = read[:-1] + [slice(read[-1].start * lanes, read[-1].stop * lanes)]
+    block = np.asarray(tensor_slice[tuple(on_file)])
+    if tmap.interleave:
+        block = block[..., tmap.lane :: lanes]
     shape = []
     for group, r in zip(tmap.groups, read):
         shape += [(r.stop - r.start) // math.prod(group[1:]), *group[1:]]

@@ -39,7 +39,7 @@ def _from_dictionary(params: dict, hf: dict, family: Family, refuse: Refuse) -> 
         if key not in _ROPE_KEYS:
             refuse(f"RoPE parameter {key!r}")
     kind = params.get("rope_type", params.get("type")) or "default"
-    if float(params.get("partial_rotary_factor", 1.0) or 1.0) != 1.0:
+    if float(params.get("partial_rotary_factor", 1.0) or 1.0) != 1.0 and not family.rotary_fraction_default:
         refuse(f"partial_rotary_factor {params['partial_rotary_factor']}")
     theta = params.get("rope_theta")
     if kind == "default":
@@ -100,9 +100,19 @@ def rope_from_hf(hf: dict, family: Family, refuse: Refuse) -> tuple[Any, RopeSca
     else:
         theta, scaling = _from_dictionary(rope, hf, family, refuse)
         theta = theta or hf.get("rope_theta") or family.default_rope_theta
-    if float(hf.get("partial_rotary_factor", 1.0) or 1.0) != 1.0:
+    if float(hf.get("partial_rotary_factor", 1.0) or 1.0) != 1.0 and not family.rotary_fraction_default:
         refuse(f"partial_rotary_factor {hf['partial_rotary_factor']}")
     return theta, scaling, local_theta
+
+
+def rotary_fraction_from_hf(hf: dict, family: Family) -> float:
+    """The share of head dims that rotate: partial_rotary_factor (in the RoPE dictionary or beside it) where the
+    family reads it (GLM-4.5), else 1 (rope_from_hf refuses any other value)."""
+    if not family.rotary_fraction_default:
+        return 1.0
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    value = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
+    return float(value if value is not None else family.rotary_fraction_default)
 
 
 def rope_to_hf(theta: float, scaling: RopeScaling) -> dict[str, Any]:

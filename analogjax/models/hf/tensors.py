@@ -9,8 +9,11 @@ Layout facts this rests on:
 - Gemma 2/3's `post_attention_layernorm` is the norm *after* attention (ours attn_post_norm), not Llama's pre-MLP norm.
 - Llama 4 rotates interleaved pairs (x[2i], x[2i+1]) (complex RoPE): its q/k rows are reordered within each head to
   rotate-half halves on import (evens, then odds) and back on export, as gguf.py undoes llama.cpp's reordering.
-  q·k is unchanged by one reordering of both, and so is its L2 q/k norm. Its experts are stored fused:
-  experts.gate_up_proj [experts, d, 2f] ([gate | up] on the last dim, in-by-out) and experts.down_proj [experts, f, d].
+  q·k is unchanged by one reordering of both, and so is its L2 q/k norm.
+- Llama 4 and gpt-oss keep all experts of a layer in one tensor per projection, already [experts, in, out] as ours:
+  experts.gate_up_proj [experts, d, 2f] and experts.down_proj [experts, f, d]. Llama 4's gate_up_proj is
+  [gate | up] on the last dim (`fused_axis`); gpt-oss's interleaves gate and up column by column (gate =
+  [..., 0::2], up = [..., 1::2]): `interleave`.
 """
 
 from __future__ import annotations
@@ -57,6 +60,10 @@ class TensorMap:
     fused_axis: int = 0
     # Our last dim (head_dim) is in rotate-half order, the HF tensor's in interleaved pairs (Llama 4's q and k).
     interleaved: bool = False
+    # The HF tensor's last dim interleaves `interleave` tensors element by element and ours is the `lane`-th
+    # (gpt-oss's gate_up_proj: gate lane 0, up lane 1); 0: not interleaved. The last group is one factor then.
+    interleave: int = 0
+    lane: int = 0
 
     @property
     def hf_shape(self) -> tuple[int, ...]:
@@ -64,7 +71,9 @@ class TensorMap:
 
     @property
     def file_shape(self) -> tuple[int, ...]:
-        """The shape of the whole HF tensor (the fused one, for a row range)."""
+        """The shape of the whole HF tensor (the fused one, for a row range or an interleaved lane)."""
+        if self.interleave:
+            return self.hf_shape[:-1] + (self.hf_shape[-1] * self.interleave,)
         if not self.fused_rows:
             return self.hf_shape
         shape = list(self.hf_shape)
@@ -129,7 +138,9 @@ def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
             norm("mlp_post_norm", "post_feedforward_layernorm"),
         ],
     }[cfg.norm_placement]
-    if fused:
+    if cfg.mla.enabled:
+        maps += _mla_maps(cfg)
+    elif fused:
         qkv, rows = layer + "self_attn.qkv_proj.weight", (h + 2 * k) * e
         maps += [
             TensorMap(("layers", "attn", "wq"), qkv, ((h, e), (d,)), (2, 0, 1), True, 0, rows),
@@ -149,7 +160,14 @@ def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
             )
             for n, heads in (("q", h), ("k", k), ("v", k))
         ]
-    maps.append(TensorMap(("layers", "attn", "wo"), layer + "self_attn.o_proj.weight", ((d,), (h, e)), (1, 2, 0), True))
+    if not cfg.mla.enabled:  # latent attention's o_proj is among _mla_maps' rows
+        maps.append(
+            TensorMap(("layers", "attn", "wo"), layer + "self_attn.o_proj.weight", ((d,), (h, e)), (1, 2, 0), True)
+        )
+    if cfg.attn_out_bias:
+        maps.append(TensorMap(("layers", "attn", "wo_bias"), layer + "self_attn.o_proj.bias", ((d,),), (0,), True))
+    if cfg.attn_sinks:
+        maps.append(TensorMap(("layers", "attn", "sinks"), layer + "self_attn.sinks", ((h,),), (0,), True))
     if fused:
         gate_up = layer + "mlp.gate_up_proj.weight"
         maps += [
@@ -190,6 +208,33 @@ def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
     return _moe_maps(cfg, maps) if cfg.moe.enabled else maps
 
 
+def _mla_maps(cfg: ModelConfig) -> list[TensorMap]:
+    """Latent attention's rows (models/mla.py): kv_a_proj_with_mqa's rows are [latent; shared rotary key], each
+    of ours a row range; kv_b_proj's rows are per head [k_nope; v], kept whole as our wkv_b [c, h, n + v]."""
+    mla, d, h = cfg.mla, cfg.d_model, cfg.n_heads
+    c, r, q = mla.kv_lora_rank, mla.qk_rope_head_dim, mla.q_lora_rank
+    attn = "model.layers.{i}.self_attn."
+
+    def row(ours, hf, groups, perm, offset=0, fused=0):
+        return TensorMap(("layers", "attn") + ours, attn + hf, groups, perm, True, offset, fused)
+
+    if q:
+        rows = [
+            row(("wq_a",), "q_a_proj.weight", ((q,), (d,)), (1, 0)),
+            row(("q_a_norm", "scale"), "q_a_layernorm.weight", ((q,),), (0,)),
+            row(("wq_b",), "q_b_proj.weight", ((h, mla.qk_head_dim), (q,)), (2, 0, 1)),
+        ]
+    else:
+        rows = [row(("wq",), "q_proj.weight", ((h, mla.qk_head_dim), (d,)), (2, 0, 1))]
+    return rows + [
+        row(("wkv_a",), "kv_a_proj_with_mqa.weight", ((c,), (d,)), (1, 0), 0, c + r),
+        row(("wk_rope",), "kv_a_proj_with_mqa.weight", ((r,), (d,)), (1, 0), c, c + r),
+        row(("kv_a_norm", "scale"), "kv_a_layernorm.weight", ((c,),), (0,)),
+        row(("wkv_b",), "kv_b_proj.weight", ((h, mla.qk_nope_head_dim + mla.v_head_dim), (c,)), (2, 0, 1)),
+        row(("wo",), "o_proj.weight", ((d,), (h, mla.v_head_dim)), (1, 2, 0)),
+    ]
+
+
 def _moe_maps(cfg: ModelConfig, dense_maps: list[TensorMap]) -> list[TensorMap]:
     """An MoE model's table: each stack (dense prefix, MoE groups: transformer.layer_location) gets the attention
     and norm rows with its own HF layer numbers; MoE layers get router, per-expert and shared-expert rows."""
@@ -203,13 +248,29 @@ def _moe_maps(cfg: ModelConfig, dense_maps: list[TensorMap]) -> list[TensorMap]:
     spelling = family.moe if family is not None and family.moe else MoEFamily()
     block, names = layer + spelling.block, spelling.expert_names
     moe_rows = [TensorMap(("mlp", "router"), block + f"{spelling.router}.weight", ((n,), (d,)), (1, 0), True)]
-    if spelling.fused_experts:  # Llama 4: [experts, d, 2f] and [experts, f, d], in-by-out, every expert in one
+    if moe.router_bias:
+        moe_rows.append(TensorMap(("mlp", "router_bias"), block + f"{spelling.router}.bias", ((n,),), (0,), True))
+    if spelling.fused_experts:  # [experts, in, out], every expert in one tensor per projection (module docstring)
         gate_up, down = block + "experts.gate_up_proj", block + "experts.down_proj"
-        moe_rows += [
-            TensorMap(("mlp", "w_gate"), gate_up, ((n,), (d,), (f,)), (0, 1, 2), True, 0, 2 * f, fused_axis=2),
-            TensorMap(("mlp", "w_up"), gate_up, ((n,), (d,), (f,)), (0, 1, 2), True, f, 2 * f, fused_axis=2),
-            TensorMap(("mlp", "w_down"), down, ((n,), (f,), (d,)), (0, 1, 2), True),
-        ]
+
+        def gate_and_up(kind: str, hf: str, groups: tuple, perm: tuple) -> list[TensorMap]:
+            # our {kind}_gate and {kind}_up out of gate_up_proj (kind "w") or its bias (kind "b")
+            if spelling.interleaved_gate_up:  # gpt-oss: column by column
+                return [
+                    TensorMap(("mlp", f"{kind}_{w}"), hf, groups, perm, True, interleave=2, lane=lane)
+                    for lane, w in enumerate(("gate", "up"))
+                ]
+            axis = len(groups) - 1  # Llama 4: [gate | up] on the last dim
+            return [
+                TensorMap(("mlp", f"{kind}_{w}"), hf, groups, perm, True, offset, 2 * f, fused_axis=axis)
+                for offset, w in ((0, "gate"), (f, "up"))
+            ]
+
+        moe_rows += gate_and_up("w", gate_up, ((n,), (d,), (f,)), (0, 1, 2))
+        moe_rows.append(TensorMap(("mlp", "w_down"), down, ((n,), (f,), (d,)), (0, 1, 2), True))
+        if moe.expert_biases:
+            moe_rows += gate_and_up("b", gate_up + "_bias", ((n,), (f,)), (0, 1))
+            moe_rows.append(TensorMap(("mlp", "b_down"), down + "_bias", ((n,), (d,)), (0, 1), True))
     else:
         moe_rows += [
             TensorMap(("mlp", w), block + f"experts.{{j}}.{name}.weight", shape, (1, 0), True, experts=n)
@@ -219,10 +280,14 @@ def _moe_maps(cfg: ModelConfig, dense_maps: list[TensorMap]) -> list[TensorMap]:
                 ("w_down", names[2], ((d,), (f,))),
             )
         ]
+    if moe.expert_bias:  # DeepSeek-V3's selection-only bias
+        moe_rows.append(
+            TensorMap(("mlp", "expert_bias"), block + f"{spelling.router}.e_score_correction_bias", ((n,),), (0,), True)
+        )
     if moe.shared_d_ff:
         g = moe.shared_d_ff
         moe_rows += [
-            TensorMap(("mlp", "shared", w), block + f"shared_expert.{p}.weight", shape, (1, 0), True)
+            TensorMap(("mlp", "shared", w), block + f"{spelling.shared_block}.{p}.weight", shape, (1, 0), True)
             for w, p, shape in (
                 ("w_gate", "gate_proj", ((g,), (d,))),
                 ("w_up", "up_proj", ((g,), (d,))),

@@ -102,6 +102,7 @@ def save_params(
     tensors: dict[str, np.ndarray] = {}
     row_ranges: dict[str, list[tuple[int, np.ndarray]]] = {}  # fused tensors, assembled from their row ranges
     fused_axis: dict[str, int] = {}
+    lanes: dict[str, dict[int, np.ndarray]] = {}  # interleaved tensors (gpt-oss's gate_up_proj), by lane
     for tmap in tensor_maps(model_cfg):
         try:
             value = _host(get_param(tree, tmap.ours))
@@ -118,7 +119,9 @@ def save_params(
             names = [name for per_layer in names for name in per_layer]
             layers = [expert for layer in layers for expert in layer]
         for name, layer in zip(names, layers):
-            if tmap.fused_rows:
+            if tmap.interleave:
+                lanes.setdefault(name, {})[tmap.lane] = tmap.to_hf(layer)
+            elif tmap.fused_rows:
                 row_ranges.setdefault(name, []).append((tmap.row_offset, tmap.to_hf(layer)))
                 fused_axis[name] = tmap.fused_axis
             else:
@@ -127,6 +130,9 @@ def save_params(
         tensors[name] = np.ascontiguousarray(
             np.concatenate([p for _, p in sorted(parts, key=lambda x: x[0])], axis=fused_axis[name]).astype(np_dtype)
         )
+    for name, by_lane in lanes.items():
+        stacked = np.stack([by_lane[lane] for lane in sorted(by_lane)], axis=-1)  # [..., n, lanes]
+        tensors[name] = np.ascontiguousarray(stacked.reshape(stacked.shape[:-2] + (-1,)).astype(np_dtype))
     if jax.process_index() != 0:
         return Path(out_dir)
     out = prepare_out_dir(out_dir, force)
