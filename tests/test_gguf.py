@@ -251,7 +251,7 @@ def test_real_demo_path_on_a_tiny_gguf(tmp_path, bpe, hf_llama):
     corpus.write_text("".join(json.dumps({"text": TEXTS[i % 3] * (1 + i % 4)}) + "\n" for i in range(200)))
     sets = [
         f"gguf_path={path}",
-        "cache_k=8",
+        "run.recipe.cache_k=8",
         f"run.data.sources=[{{path: {corpus}}}]",
         "run.data.heldout_fraction=0.2",
         f"run.model.vocab_size={len(bpe[0])}",
@@ -267,13 +267,16 @@ def test_real_demo_path_on_a_tiny_gguf(tmp_path, bpe, hf_llama):
         "run.train.log_every=1",
         "run.train.eval_batches=1",
         "run.release.overrides=[{gate: size_cap, reason: a toy analog}]",
-        "prune_batches=1",
+        "run.recipe.prune_batches=1",
         "samples=2",
         "sample_prompt_tokens=4",
         "sample_new_tokens=3",
-        "on_policy_steps=2",
-        "on_policy.prompt_len=8",
-        "on_policy.max_new_tokens=8",
+        "run.recipe.on_policy_steps=2",
+        "run.recipe.on_policy.prompt_len=8",
+        "run.recipe.on_policy.max_new_tokens=8",
+        "transfer_fit_batches=1",
+        "transfer_eval_batches=1",
+        "transfer_pairs=1",
     ]
     args = ["demo", "--workdir", str(tmp_path / "demo"), "--no-progress"]
     for item in sets:
@@ -282,32 +285,29 @@ def test_real_demo_path_on_a_tiny_gguf(tmp_path, bpe, hf_llama):
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert set(summary["phase_seconds"]) == {
         "teacher",
+        "pruned_init",
         "teacher_cache",
-        "prune",
-        "analog",
-        "pruned",
-        "baseline",
+        "distill",
         "on_policy",
+        "analog_random",
+        "pruned_ce",
+        "baseline",
         "evaluate",
         "transfer",
         "samples",
         "release",
     }
-    for name in ("analog", "on_policy", "pruned", "baseline"):
+    rows = ["analog", "analog_distill", "analog_random", "pruned_ce", "baseline"]
+    assert summary["rows"] == rows
+    for name in rows:
         assert summary[name]["kl_teacher"] > 0 and 0 <= summary[name]["agreement"] <= 1
         assert summary[name]["teacher_logprob_own_samples"] < 0
-    # The on-policy row continued the analog on its own 8-token samples, scored by the live teacher.
-    trained = summary["on_policy"]["training"]
+    # The analog's on-policy phase continued it on its own 8-token samples, scored by the live teacher.
+    trained = summary["analog"]["on_policy_training"]
     assert 1 <= trained["completion_len"] <= 8 and trained["teacher_logp"] < 0
-    # The pruned start is the teacher cut down: it is checkpoint.init_path of its row, with its importance report.
-    assert (tmp_path / "demo" / "pruned_init" / "importance.json").is_file()
-    assert len(summary["samples"]["prompts"]) == 2 and set(summary["samples"]["models"]) == {
-        "teacher",
-        "analog",
-        "on_policy",
-        "pruned",
-        "baseline",
-    }
+    # The pruned start is the teacher cut down: the recipe's first phase, with its importance report.
+    assert (tmp_path / "demo" / "analog" / "pruned_init" / "importance.json").is_file()
+    assert len(summary["samples"]["prompts"]) == 2 and set(summary["samples"]["models"]) == {"teacher", *rows}
     card = (tmp_path / "demo" / "release" / "README.md").read_text()
     assert gguf_lib.gguf_provenance(path)["sha256"] in card and "teacher cache" in card
     assert "## Samples" in card and (tmp_path / "demo" / "release" / "samples.md").is_file()

@@ -262,6 +262,7 @@ def _evaluate(clock: PhaseClock, config: Config, live, results: dict, summary: d
     )
     for name, report in reports.items():
         overall, ci = report["overall"], report["ci95"]
+        figures = {k: results[name]["train"][k] for k in ON_POLICY_FIGURES if k in results[name].get("train", {})}
         summary[name] = {
             "params": param_count(config.model),
             "heldout_ce": math.log(overall["student_ppl"]),
@@ -272,9 +273,14 @@ def _evaluate(clock: PhaseClock, config: Config, live, results: dict, summary: d
             "agreement_ci95": ci["top1_agreement"],
             "heldout_tokens": overall["tokens"],
         }
+        if figures:  # a row whose last phase was on-policy: that phase's own figures, from its last logged step
+            summary[name]["on_policy_training"] = figures
     summary["teacher"]["heldout_ce"] = math.log(reports[rows[0]]["overall"]["teacher_ppl"])
     clock.stop()
     return reports
+
+
+ON_POLICY_FIGURES = ("completion_len", "teacher_logp", "student_logp", "rollout_tokens_per_s", "sampling_share")
 
 
 def _transfer(clock: PhaseClock, demo, config: Config, live, results: dict, summary: dict) -> dict:
