@@ -198,8 +198,6 @@ def _run_locked(
         if cfg.train.curve_points and has_heldout:
             spent = step_work(cfg, teacher=run.teacher is not None, on_policy=on_policy)
             curve = FidelityCurve(run, log, start=start, logged=logged, work=spent)
-        elif cfg.train.curve_points and jax.process_index() == 0:
-            print("note: no fidelity curve: data.heldout_fraction is 0 (no held-out documents)", file=sys.stderr)
         preempted = False
         with jax.set_mesh(run.mesh), PreemptionWatcher() as watcher:
             first_on_policy = True
@@ -223,6 +221,12 @@ def _run_locked(
                     claim = False
                 if step == start:
                     show_config(workdir, config)
+                    # Said once the data has produced a batch: a refused run's only line is its error.
+                    if cfg.train.curve_points and not has_heldout and jax.process_index() == 0:
+                        print(
+                            "note: no fidelity curve: data.heldout_fraction is 0 (no held-out documents)",
+                            file=sys.stderr,
+                        )
                     if curve is not None and curve.due(start):  # the curve's first point: the state trained from
                         curve.measure(start, state.params["model"])
                 if rollout is None:

@@ -28,7 +28,8 @@ def _sci(row: dict[str, Any], key: str) -> str:
     value, interval = row.get(key), row.get(f"{key}_ci95")
     if value is None:
         return "n/a"
-    return f"{value:.2e}" + (f" [{interval[0]:.2e}, {interval[1]:.2e}]" if interval else "")
+    bounded = bool(interval) and None not in interval  # too few rows give [None, None]
+    return f"{value:.2e}" + (f" [{interval[0]:.2e}, {interval[1]:.2e}]" if bounded else "")
 
 
 def markdown_table(report: dict[str, Any]) -> str:
@@ -190,14 +191,14 @@ def plot(report: dict[str, Any], out: Path) -> dict[str, Path]:
 
 def _error_bars(rows: list[dict[str, Any]], key: str):
     """[2, n] distances from each figure to its 95% interval's ends (0 where a figure has none), or None."""
-    if not any(r.get(f"{key}_ci95") for r in rows):
+
+    def bounded(r) -> bool:  # a figure with both ends of an interval (too few rows give [None, None])
+        ci = r.get(f"{key}_ci95")
+        return r[key] is not None and bool(ci) and None not in ci
+
+    if not any(bounded(r) for r in rows):
         return None
-    out = [
-        [0.0, 0.0]
-        if not r.get(f"{key}_ci95") or r[key] is None
-        else [r[key] - r[f"{key}_ci95"][0], r[f"{key}_ci95"][1] - r[key]]
-        for r in rows
-    ]
+    out = [[r[key] - r[f"{key}_ci95"][0], r[f"{key}_ci95"][1] - r[key]] if bounded(r) else [0.0, 0.0] for r in rows]
     return [[max(lo, 0.0) for lo, _ in out], [max(hi, 0.0) for _, hi in out]]
 
 
@@ -241,7 +242,7 @@ def comparison_table(comparison) -> str:
             for key in ("analog", "baseline")
         ]
         diff = e["difference_ci95"]
-        cells.append("n/a" if diff is None else f"[{diff[0]:.{digits}f}, {diff[1]:.{digits}f}]")
+        cells.append("n/a" if not diff or None in diff else f"[{diff[0]:.{digits}f}, {diff[1]:.{digits}f}]")
         lines.append(f"{e['measure']:<{width}}  " + "  ".join(f"{c:>28}" for c in cells) + f"  {e['better']}")
     return "\n".join(lines)
 
