@@ -28,8 +28,9 @@ def _sci(row: dict[str, Any], key: str) -> str:
     value, interval = row.get(key), row.get(f"{key}_ci95")
     if value is None:
         return "n/a"
-    bounded = bool(interval) and None not in interval  # too few rows give [None, None]
-    return f"{value:.2e}" + (f" [{interval[0]:.2e}, {interval[1]:.2e}]" if bounded else "")
+    if not interval or None in interval:  # none, or too few rows to estimate one ([None, None])
+        return f"{value:.2e}"
+    return f"{value:.2e} [{interval[0]:.2e}, {interval[1]:.2e}]"
 
 
 def markdown_table(report: dict[str, Any]) -> str:
