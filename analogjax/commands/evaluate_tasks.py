@@ -34,9 +34,9 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from analogjax.evals import require_lm_eval
+    from analogjax.evals import require_lm_harness
 
-    require_lm_eval("evaluate-tasks")
+    require_lm_harness("evaluate-tasks")
     if args.limit is not None and args.limit <= 0:
         raise UserError(f"--limit must be positive, got {args.limit}")
     out = Path(args.out or "results.json")

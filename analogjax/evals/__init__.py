@@ -16,10 +16,10 @@ from typing import Any
 
 from analogjax.errors import UserError
 
-__all__ = ["AnalogLM", "load_lm", "require_lm_eval"]
+__all__ = ["AnalogLM", "load_lm", "require_lm_harness"]
 
 
-def require_lm_eval(key: str) -> None:
+def require_lm_harness(key: str) -> None:
     """UserError naming `key` where lm-eval is not installed."""
     try:
         import lm_eval  # noqa: F401
@@ -29,7 +29,7 @@ def require_lm_eval(key: str) -> None:
 
 def __getattr__(name: str) -> Any:
     if name == "AnalogLM":
-        require_lm_eval("analogjax.evals.AnalogLM")
+        require_lm_harness("analogjax.evals.AnalogLM")
         from analogjax.evals.lm import AnalogLM
 
         return AnalogLM

@@ -228,9 +228,9 @@ def _release_tasks(config):
 
     if not config.release.tasks:
         return None, None, {}
-    from analogjax.evals import require_lm_eval
+    from analogjax.evals import require_lm_harness
 
-    require_lm_eval("release.tasks")
+    require_lm_harness("release.tasks")
     from analogjax.evals.load import RunCodec
     from analogjax.evals.tasks import load_tasks
 
