@@ -61,7 +61,8 @@ def test_async_save_survives_donation_and_restores_onto_another_mesh(tmp_path):
         assert jax.tree.leaves(state.params)[0].is_deleted(), "the step no longer donates: this test needs it to"
         checkpointer.close()
 
-    loader = build(config, mesh=mesh_lib.make_mesh(1, 2, 4))
+    # init=False, as a resume builds: the restore target is the abstract state (no fresh state compiled and made).
+    loader = build(config, mesh=mesh_lib.make_mesh(1, 2, 4), init=False)
     restored = ckpt_lib.Checkpointer(tmp_path).restore(1, _abstract(loader), None)
     _assert_bitwise(jax.device_get(restored), want)
     assert jax.tree.map(lambda a: a.sharding, restored) == loader.state_shardings

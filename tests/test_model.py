@@ -61,11 +61,17 @@ def reference_forward(p, cfg, tokens, segment_ids, positions):
 
 
 def _params(cfg, seed=0):
-    params = nn.unbox(Transformer(cfg).init_boxed(jax.random.key(seed)))
-    # Non-trivial norm scales, so the reference checks they are applied.
-    return jax.tree_util.tree_map_with_path(
-        lambda path, x: x + 0.1 * jax.random.normal(jax.random.key(1), x.shape) if "scale" in str(path) else x, params
-    )
+    # One jitted program (eagerly, Flax's init and the noise compiled op by op: most of these tests' time).
+    @jax.jit
+    def init(rng):
+        params = nn.unbox(Transformer(cfg).init_boxed(rng))
+        # Non-trivial norm scales, so the reference checks they are applied.
+        return jax.tree_util.tree_map_with_path(
+            lambda path, x: x + 0.1 * jax.random.normal(jax.random.key(1), x.shape) if "scale" in str(path) else x,
+            params,
+        )
+
+    return init(jax.random.key(seed))
 
 
 def test_decoder_layer_matches_float64_reference():
@@ -74,7 +80,7 @@ def test_decoder_layer_matches_float64_reference():
     tokens = rng.integers(0, CFG.vocab_size, (2, 12)).astype(np.int32)
     segment_ids = np.array([[1] * 12, [1] * 5 + [2] * 7], np.int32)
     positions = np.array([list(range(12)), list(range(5)) + list(range(7))], np.int32)
-    got = Transformer(CFG)(params, jnp.asarray(tokens), jnp.asarray(segment_ids), jnp.asarray(positions))
+    got = jax.jit(Transformer(CFG))(params, jnp.asarray(tokens), jnp.asarray(segment_ids), jnp.asarray(positions))
     want = reference_forward(params, CFG, tokens, segment_ids, positions)
     np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5)
 
@@ -84,13 +90,13 @@ def test_two_layers_match_reference():
     params = _params(cfg, seed=3)
     tokens = np.arange(10, dtype=np.int32)[None] % cfg.vocab_size
     seg, pos = np.ones_like(tokens), np.arange(10, dtype=np.int32)[None]
-    got = Transformer(cfg)(params, jnp.asarray(tokens), jnp.asarray(seg), jnp.asarray(pos))
+    got = jax.jit(Transformer(cfg))(params, jnp.asarray(tokens), jnp.asarray(seg), jnp.asarray(pos))
     np.testing.assert_allclose(np.asarray(got), reference_forward(params, cfg, tokens, seg, pos), rtol=2e-5, atol=2e-5)
 
 
 def test_packed_documents_never_attend_across():
     """Doc B's logits are the same whether doc A before it is one text or another, and equal doc B alone."""
-    model, params = Transformer(CFG), _params(CFG)
+    model, params = jax.jit(Transformer(CFG)), _params(CFG)
     rng = np.random.default_rng(1)
     doc_a1, doc_a2, doc_b = (rng.integers(0, CFG.vocab_size, n).astype(np.int32) for n in (6, 6, 9))
     seg = jnp.asarray([[1] * 6 + [2] * 9])
@@ -104,7 +110,7 @@ def test_packed_documents_never_attend_across():
 
 
 def test_padding_does_not_change_real_tokens():
-    model, params = Transformer(CFG), _params(CFG)
+    model, params = jax.jit(Transformer(CFG)), _params(CFG)
     tokens = jnp.asarray([[5, 6, 7, 8, 0, 0]])
     seg = jnp.asarray([[1, 1, 1, 1, 0, 0]])
     pos = jnp.asarray([[0, 1, 2, 3, 0, 0]])
@@ -117,9 +123,9 @@ def test_padding_does_not_change_real_tokens():
 def test_features_return_every_layer_and_tied_head():
     cfg = dataclasses.replace(CFG, n_layers=3, tie_embeddings=True)
     model = Transformer(cfg)
-    params = nn.unbox(model.init_boxed(jax.random.key(0)))
+    params = jax.jit(lambda r: nn.unbox(model.init_boxed(r)))(jax.random.key(0))
     assert "lm_head" not in params["params"]
-    feats = model.features(params, jnp.zeros((2, 5), jnp.int32), collect_layers=True)
+    feats = jax.jit(lambda p, t: model.features(p, t, collect_layers=True))(params, jnp.zeros((2, 5), jnp.int32))
     assert feats.layers_lbsd.shape == (3, 2, 5, cfg.d_model)
     assert feats.hidden_bsd.dtype == jnp.float32
     np.testing.assert_array_equal(model.head(params), params["params"]["embedding"].T)
@@ -130,15 +136,15 @@ def test_remat_and_bfloat16_agree_with_float32():
     params = _params(CFG)
 
     def loss(cfg):
-        return jax.value_and_grad(lambda p: Transformer(cfg)(p, tokens).mean())(params)
+        return jax.jit(jax.value_and_grad(lambda p: Transformer(cfg)(p, tokens).mean()))(params)
 
     base_val, base_grad = loss(CFG)
     remat_val, remat_grad = loss(dataclasses.replace(CFG, remat="block"))
     np.testing.assert_allclose(remat_val, base_val, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), remat_grad, base_grad)
-    bf16 = Transformer(dataclasses.replace(CFG, dtype="bfloat16"))(params, tokens)
+    bf16 = jax.jit(Transformer(dataclasses.replace(CFG, dtype="bfloat16")))(params, tokens)
     assert bf16.dtype == jnp.float32
-    np.testing.assert_allclose(bf16, Transformer(CFG)(params, tokens), atol=5e-2)
+    np.testing.assert_allclose(bf16, jax.jit(Transformer(CFG))(params, tokens), atol=5e-2)
 
 
 @pytest.mark.parametrize(
@@ -167,13 +173,20 @@ def test_forward_in_pieces_equals_features():
         vocab_size=97, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=64, embed_scale=True, norm_offset=1.0
     )
     model = Transformer(cfg)
-    params = nn.unbox(model.init_boxed(jax.random.key(0)))
+    params = jax.jit(lambda r: nn.unbox(model.init_boxed(r)))(jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, 97)
     segments = jnp.array([[1] * 5 + [2] * 4, [1] * 9])
     positions = jnp.array([list(range(5)) + list(range(4)), list(range(9))])
-    feats = model.features(params, tokens, segments, positions, collect_layers=True)
-    x = model.embed(params, tokens)
+    feats = jax.jit(lambda *a: model.features(*a, collect_layers=True))(params, tokens, segments, positions)
+
+    @jax.jit  # the pieces compiled as one program (op by op they dominated this test's time)
+    def in_pieces(params, tokens, segments, positions):
+        xs = [model.embed(params, tokens)]
+        for layer in range(cfg.n_layers):
+            xs.append(model.block(params, layer, xs[-1], segments, positions))
+        return xs[1:], model.finish(params, xs[-1])
+
+    layers, hidden = in_pieces(params, tokens, segments, positions)
     for layer in range(cfg.n_layers):
-        x = model.block(params, layer, x, segments, positions)
-        np.testing.assert_allclose(x, feats.layers_lbsd[layer], atol=1e-5)
-    np.testing.assert_allclose(model.finish(params, x), feats.hidden_bsd, atol=1e-5)
+        np.testing.assert_allclose(layers[layer], feats.layers_lbsd[layer], atol=1e-5)
+    np.testing.assert_allclose(hidden, feats.hidden_bsd, atol=1e-5)

@@ -39,7 +39,7 @@ def _cfg(moe: MoEConfig, **kw) -> ModelConfig:
 
 def _params(cfg: ModelConfig, seed: int = 0) -> dict:
     x = jnp.zeros((1, 4, D))
-    params = nn.unbox(moe_lib.MoE(cfg).init(jax.random.key(seed), x))["params"]
+    params = jax.jit(lambda r: nn.unbox(moe_lib.MoE(cfg).init(r, x))["params"])(jax.random.key(seed))
     router = np.array(params["router"])
     router[:, 1] = router[:, 0]  # experts 0 and 1 always tie
     router[:, E - 1] = 0.0
@@ -278,12 +278,13 @@ def test_blocked_grouped_matmul_equals_ragged_dot():
     wd = jax.random.normal(keys[3], (n, F, D))
     sizes = jnp.asarray([0, 17, 3, 0, 9], jnp.int32)  # 29 of the 40 rows in groups
     assert moe_lib.block_rows(rows, n) == 8  # so expert 1's 17 rows span three blocks
-    got = moe_lib._blocked_swiglu(xs, sizes, wg, wu, wd, _swiglu)
-    want = moe_lib._ragged_swiglu(xs, sizes, wg, wu, wd, _swiglu)
+    # Jitted (op by op, compiling each op was most of this test's time).
+    got = jax.jit(moe_lib._blocked_swiglu, static_argnums=5)(xs, sizes, wg, wu, wd, _swiglu)
+    want = jax.jit(moe_lib._ragged_swiglu, static_argnums=5)(xs, sizes, wg, wu, wd, _swiglu)
     assert np.abs(np.asarray(want[:29])).min(axis=1).max() > 0 and np.all(np.asarray(want[29:]) == 0)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-4)
     grads = [
-        jax.grad(lambda w, f=f: jnp.sum(f(xs, sizes, wg, w, wd, _swiglu) ** 2))(wu)
+        jax.jit(jax.grad(lambda w, f=f: jnp.sum(f(xs, sizes, wg, w, wd, _swiglu) ** 2)))(wu)
         for f in (moe_lib._blocked_swiglu, moe_lib._ragged_swiglu)
     ]
     np.testing.assert_allclose(np.asarray(grads[0]), np.asarray(grads[1]), rtol=1e-4, atol=1e-3)
@@ -307,7 +308,8 @@ def test_bad_moe_config_refused():
 
 
 def test_dense_param_tree_unchanged():
-    params = nn.unbox(Transformer(ModelConfig()).init_boxed(jax.random.key(0)))["params"]
+    # The tree's structure is the check: abstract shapes (eval_shape), not an initialised default-sized model.
+    params = nn.unbox(jax.eval_shape(Transformer(ModelConfig()).init_boxed, jax.random.key(0)))["params"]
     assert sorted(params) == ["embedding", "final_norm", "layers", "lm_head"]
     assert sorted(params["layers"]["mlp"]) == ["w_down", "w_gate", "w_up"]
 
@@ -430,17 +432,24 @@ def test_moe_every_nth_layer_with_dense_prefix_scans_like_its_blocks():
     cfg = ModelConfig(vocab_size=64, d_model=16, d_ff=32, n_layers=5, n_heads=2, moe=moe)
     cfg.check("model")
     model = Transformer(cfg)
-    params = nn.unbox(model.init_boxed(jax.random.key(0)))
+    params = jax.jit(lambda r: nn.unbox(model.init_boxed(r)))(jax.random.key(0))
     assert sorted(params["params"]["moe_layers"]) == ["dense_0", "moe"]
     assert [moe.is_moe_layer(i) for i in range(5)] == [False, False, True, False, True]
     tokens = jax.random.randint(jax.random.key(1), (2, 6), 0, 64)
-    feats = model.features(params, tokens, collect_layers=True)
+    feats = jax.jit(lambda p, t: model.features(p, t, collect_layers=True))(params, tokens)
     assert feats.layers_lbsd.shape[0] == 5 and feats.router.load_x.shape == (2, 4)
-    x = model.embed(params, tokens)
+
+    @jax.jit  # block by block as one program (op by op, compiling each op was most of this test's time)
+    def in_pieces(params, tokens):
+        xs = [model.embed(params, tokens)]
+        for i in range(5):
+            xs.append(model.block(params, i, xs[-1]))
+        return xs[1:], model.finish(params, xs[-1])
+
+    layers, hidden = in_pieces(params, tokens)
     for i in range(5):
-        x = model.block(params, i, x)
-        np.testing.assert_allclose(np.asarray(x), np.asarray(feats.layers_lbsd[i]), atol=1e-5)
-    np.testing.assert_allclose(np.asarray(model.finish(params, x)), np.asarray(feats.hidden_bsd), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(layers[i]), np.asarray(feats.layers_lbsd[i]), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(hidden), np.asarray(feats.hidden_bsd), atol=1e-5)
 
 
 def test_setting_one_moe_key_keeps_the_rest_of_the_presets_moe():

@@ -34,28 +34,42 @@ TINY = load_config(
 ADAM_ATOL = 1e-4
 
 
-def _one_step(config: Config, mesh, batch):
-    run = build(config, mesh=mesh)
+@functools.cache
+def _tiny_run(shape):
+    """TINY built once per mesh shape for the tests that step it (building traces the teacher's and the student's
+    init and the step: seconds each time even when the programs are cached). Steps run on a copy of its state."""
+    mesh = mesh_lib.make_mesh(*shape, devices=jax.devices()[: int(np.prod(shape))])
+    return build(TINY, mesh=mesh)
+
+
+def _one_step(config: Config, mesh, batch, run=None):
+    """One step from a fresh state: of `run` (built from `config` on `mesh`) when given, else of a new build."""
+    if run is None:
+        run = build(config, mesh=mesh)
+        state = run.state
+    else:  # the step donates the state: step a copy, the shared run keeps its fresh one
+        state = jax.tree.map(jnp.copy, run.state)
     with jax.set_mesh(run.mesh):
-        state, metrics = run.step_fn(run.state, run.teacher_params, jax.device_put(batch, run.batch_sharding))
+        state, metrics = run.step_fn(state, run.teacher_params, jax.device_put(batch, run.batch_sharding))
     return run, jax.device_get(state), jax.device_get(metrics)
 
 
-def _single_device_mesh():
-    return mesh_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+def _tiny_step(shape, batch):
+    run = _tiny_run(shape)
+    return _one_step(TINY, run.mesh, batch, run)
 
 
 @functools.cache
 def _single_device_step():
     """The one-device reference of the sharded-step cases, computed once for all of them."""
-    return _one_step(TINY, _single_device_mesh(), packed_batch(8, 32, 512))
+    return _tiny_step((1, 1, 1), packed_batch(8, 32, 512))
 
 
 @pytest.mark.parametrize("shape", [(2, 1, 4), (2, 2, 2), (1, 8, 1)])
 def test_sharded_step_equals_single_device(shape):
     batch = packed_batch(8, 32, 512)
     _, want_state, want = _single_device_step()
-    _, got_state, got = _one_step(TINY, mesh_lib.make_mesh(*shape), batch)
+    _, got_state, got = _tiny_step(shape, batch)
     for key in ("loss", "kl", "ce", "teacher_ce", "agreement", "count", "grad_norm"):
         np.testing.assert_allclose(got[key], want[key], rtol=2e-5, err_msg=key)
     jax.tree.map(
@@ -67,12 +81,9 @@ def test_step_matches_explicit_reference():
     """loss = alpha·T²·KL(p_T‖q_T) + (1−alpha)·CE, masked, over the global valid count; grads and Adam update."""
     config = TINY
     batch = packed_batch(8, 32, 512, seed=1)
-    run = build(config, mesh=mesh_lib.make_mesh(2, 1, 4))
-    params0 = jax.device_get(run.state.params)  # before the step, which donates the state
-    with jax.set_mesh(run.mesh):
-        got_state, got = jax.device_get(
-            run.step_fn(run.state, run.teacher_params, jax.device_put(batch, run.batch_sharding))
-        )
+    run = _tiny_run((2, 1, 4))
+    params0 = jax.device_get(run.state.params)
+    _, got_state, got = _one_step(config, run.mesh, batch, run)
     t = config.distill.temperature
     student, teacher = run.student, run.teacher.logits
     t_params = jax.device_get(run.teacher_params)
@@ -102,7 +113,7 @@ def test_step_matches_explicit_reference():
 def test_gradient_accumulation_equals_full_batch():
     batch = packed_batch(8, 32, 512, seed=2)
     mesh = mesh_lib.make_mesh(2, 1, 4)
-    _, full_state, full = _one_step(TINY, mesh, batch)
+    _, full_state, full = _tiny_step((2, 1, 4), batch)
     accum = dataclasses.replace(TINY, optim=dataclasses.replace(TINY.optim, grad_accum=2))
     _, acc_state, acc = _one_step(accum, mesh, batch)
     np.testing.assert_allclose(acc["loss"], full["loss"], rtol=1e-5)
@@ -130,7 +141,7 @@ def test_golden_first_step():
     If this fails after an intended change to init, the model or the loss, check the other step tests first (they
     compare against independent references); then update the numbers here and say why in the commit.
     """
-    _, _, m = _one_step(TINY, mesh_lib.make_mesh(2, 2, 2), packed_batch(8, 32, 512, seed=7))
+    _, _, m = _tiny_step((2, 2, 2), packed_batch(8, 32, 512, seed=7))
     per_token = {k: float(m[k] / m["count"]) for k in ("loss", "kl", "ce", "teacher_ce")}
     np.testing.assert_allclose(per_token["ce"], GOLDEN["ce"], rtol=1e-4)
     np.testing.assert_allclose(per_token["teacher_ce"], GOLDEN["teacher_ce"], rtol=1e-4)
