@@ -25,6 +25,11 @@ from analogjax.models.config import ModelConfig
 
 # Prompt lengths round up to a power of two, at least this: one compile serves many prompt lengths.
 MIN_BUCKET = 16
+# Decode length buckets (`decode_blocks`): at most this many static blocks, each at least MIN_BLOCK steps long, and
+# UNROLL decode steps per while_loop iteration where a block's length allows it.
+MAX_BLOCKS = 8
+MIN_BLOCK = 16
+UNROLL = 2
 
 
 class Sampling(NamedTuple):
@@ -150,15 +155,13 @@ def sample(
     count = jnp.ones((b,), jnp.int32)
     done = is_eos(token) | (count >= limit_b)
 
-    def cond(state):
-        step, _, _, done, _, _ = state
-        return (step < max_new_tokens) & ~jnp.all(done)
-
-    def body(state):
+    def step_once(state, span):
         step, token, out, done, count, cache = state
-        where = lengths_b + step - 1  # the fed token's position, and its slot
+        where = lengths_b + step - 1  # the fed token's position, and its slot (< p + step <= span)
         cache = _constrain({**cache, "index": where})
-        hidden, cache = model.decode(params, token[:, None], jnp.ones((b, 1), jnp.int32), where[:, None], cache)
+        hidden, cache = model.decode(
+            params, token[:, None], jnp.ones((b, 1), jnp.int32), where[:, None], cache, span=span
+        )
         new = next_token(logits_of(hidden), jax.random.fold_in(rng, step), options)
         new = jnp.where(done, pad_id, new)
         out = jax.lax.dynamic_update_slice_in_dim(out, new[:, None], step, axis=1)
@@ -167,8 +170,33 @@ def sample(
         return step + 1, new, out, done, count, cache
 
     state = (jnp.int32(1), token, out, done, count, cache)
-    _, _, out, _, count, _ = jax.lax.while_loop(cond, body, state)
+    for first, last in decode_blocks(p, max_new_tokens):
+        # steps [first, last) write slots < p + last - 1, so they read the cache's first p + last - 1 slots only
+        span = p + last - 1
+        per_iteration = UNROLL if (last - first) % UNROLL == 0 else 1
+
+        def cond(state, last=last):
+            step, _, _, done, _, _ = state
+            return (step < last) & ~jnp.all(done)
+
+        def body(state, span=span, per_iteration=per_iteration):
+            for _ in range(per_iteration):  # several tokens per loop iteration (rows already done write pad_id)
+                state = step_once(state, span)
+            return state
+
+        state = jax.lax.while_loop(cond, body, state)
+    _, _, out, _, count, _ = state
     return out, count
+
+
+def decode_blocks(prompt_width: int, max_new_tokens: int) -> list[tuple[int, int]]:
+    """The decode steps 1 .. max_new_tokens - 1 cut into at most MAX_BLOCKS static blocks [first, last) of at least
+    MIN_BLOCK steps (the last block may be shorter); each block compiles its own loop reading p + last - 1 slots."""
+    steps = max_new_tokens - 1
+    if steps <= 0:
+        return []
+    size = max(MIN_BLOCK, -(-steps // MAX_BLOCKS))
+    return [(first, min(first + size, max_new_tokens)) for first in range(1, max_new_tokens, size)]
 
 
 def bucket(length: int) -> int:
