@@ -6,6 +6,24 @@ len_i + j at position len_i + j, overwriting padding. Masking by positions and s
 padding invisible and keeps sliding windows exact. The cache is [layers, b, t, k, e] keys and values, scanned over
 layers inside the same decoder as training (transformer.Decoder with `cache`), so new families work unchanged.
 
+Decode reads only what is filled, and writes in place. Before, each step scanned the layers with every layer's
+[b, p + N, k, e] cache slice as a scan input and its written copy as a scan output: every step read and rewrote the
+whole cache (filled or not) and attended over all p + N slots. Now (transformer.Decoder with `span`):
+- the whole cache stack rides in the layer scan's carry, and a layer writes its new keys and values as a scatter of
+  the new slots into its row of the stack (transformer.write_layer); inside the decode while_loop the carry is one
+  buffer, so no copy of the cache is made per step (the compiled HLO shows the scatters on the carried stacks, no
+  copy or transpose of a [layers, b, p + N, ...] array);
+- the N - 1 decode steps are cut into at most MAX_BLOCKS static length blocks (`decode_blocks`); in a block that
+  ends at step `last` every token's slot is < p + last - 1, so attention reads a static slice of the first
+  p + last - 1 slots of its layer (transformer.layer_slots) and nothing past it; positions and segment ids are sliced
+  alike, so masks, sliding windows, chunks and sinks see exactly the keys they saw before (the slots past the span
+  are empty, segment 0, masked anyway): greedy outputs are unchanged. Each block is its own while_loop, so the
+  decoder is compiled once per block: few blocks (at least MIN_BLOCK steps each) bound compile time, while the
+  average span stays within half a block of the filled length;
+- the loop body runs UNROLL decode steps per iteration where a block's length divides, halving the loop's
+  condition checks and per-iteration dispatch; a row already done keeps writing pad_id, as before.
+Latent attention (models/mla.py) caches latents in the same layout and follows the same protocol.
+
 `sample(...)` is a pure, jittable function (the on-policy step can call it inside its own jit); `generate(...)`
 wraps it: it pads the batch to the mesh, buckets the prompt length, and jits once per (shape, options).
 """
