@@ -109,11 +109,7 @@ def measure(preset: str, batch: int, prompt_len: int, new_tokens: int, repeats: 
     per_slot = kv_bytes / total
     steps = range(1, new_tokens)  # step s feeds token s - 1 and attends over p + s slots
     filled_bytes = weight_bytes + per_slot * statistics.mean(prompt_len + s for s in steps)
-    spans = [
-        prompt_len + last - 1
-        for first, last in sampling.decode_blocks(prompt_len, new_tokens)
-        for _ in range(first, last)
-    ]
+    spans = [prompt_len + last - 1 for first, last in sampling.decode_blocks(new_tokens) for _ in range(first, last)]
     span_bytes = weight_bytes + per_slot * statistics.mean(spans)
     return {
         "bench": "generate",

@@ -353,8 +353,8 @@ def test_decode_length_blocks_and_unrolling_leave_greedy_outputs_unchanged(monke
     # Short blocks (2 steps, unrolled 2 per loop iteration, then a 1-step block) read fewer cache slots than one
     # block does; with a sliding window, mixed prompt lengths and an EOS stopping rows mid-iteration, every token
     # must equal the single-block loop's (cut at the EOS).
-    assert sampling.decode_blocks(16, 8) == [(1, 8)]
-    assert sampling.decode_blocks(16, 1) == []
+    assert sampling.decode_blocks(8) == [(1, 8)]
+    assert sampling.decode_blocks(1) == []
     cfg = FAMILIES["gemma2"]
     params = _params(cfg)
     prompt = np.array([[5, 6, 7, 0, 0], [1, 2, 3, 4, 5], [9, 0, 0, 0, 0]], np.int32)
@@ -369,7 +369,7 @@ def test_decode_length_blocks_and_unrolling_leave_greedy_outputs_unchanged(monke
     eos = int(whole[0, 3])
     monkeypatch.setattr(sampling, "MIN_BLOCK", 2)
     monkeypatch.setattr(sampling, "MAX_BLOCKS", 4)
-    assert sampling.decode_blocks(5, 8) == [(1, 3), (3, 5), (5, 7), (7, 8)]
+    assert sampling.decode_blocks(8) == [(1, 3), (3, 5), (5, 7), (7, 8)]
     got, got_count = run((eos,))
     for row, want in enumerate(whole):
         n = int(np.argmax(want == eos)) + 1 if (want == eos).any() else 8

@@ -175,7 +175,7 @@ def sample(
 
     def step_once(state, span):
         step, token, out, done, count, cache = state
-        where = lengths_b + step - 1  # the fed token's position, and its slot (< p + step <= span)
+        where = lengths_b + step - 1  # the fed token's position, and its slot (<= p + step - 1 < span)
         cache = _constrain({**cache, "index": where})
         hidden, cache = model.decode(
             params, token[:, None], jnp.ones((b, 1), jnp.int32), where[:, None], cache, span=span
@@ -188,14 +188,14 @@ def sample(
         return step + 1, new, out, done, count, cache
 
     state = (jnp.int32(1), token, out, done, count, cache)
-    for first, last in decode_blocks(p, max_new_tokens):
-        # steps [first, last) write slots < p + last - 1, so they read the cache's first p + last - 1 slots only
-        span = p + last - 1
-        per_iteration = UNROLL if (last - first) % UNROLL == 0 else 1
+    for first, end in decode_blocks(max_new_tokens):
+        # steps [first, end) write slots < p + end - 1, so they read the cache's first p + end - 1 slots only
+        span = p + end - 1
+        per_iteration = UNROLL if (end - first) % UNROLL == 0 else 1
 
-        def cond(state, last=last):
+        def cond(state, end=end):
             step, _, _, done, _, _ = state
-            return (step < last) & ~jnp.all(done)
+            return (step < end) & ~jnp.all(done)
 
         def body(state, span=span, per_iteration=per_iteration):
             for _ in range(per_iteration):  # several tokens per loop iteration (rows already done write pad_id)
@@ -207,7 +207,7 @@ def sample(
     return out, count
 
 
-def decode_blocks(prompt_width: int, max_new_tokens: int) -> list[tuple[int, int]]:
+def decode_blocks(max_new_tokens: int) -> list[tuple[int, int]]:
     """The decode steps 1 .. max_new_tokens - 1 cut into at most MAX_BLOCKS static blocks [first, last) of at least
     MIN_BLOCK steps (the last block may be shorter); each block compiles its own loop reading p + last - 1 slots."""
     steps = max_new_tokens - 1
