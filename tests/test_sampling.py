@@ -369,6 +369,7 @@ def test_decode_length_blocks_and_unrolling_leave_greedy_outputs_unchanged(monke
     eos = int(whole[0, 3])
     monkeypatch.setattr(sampling, "MIN_BLOCK", 2)
     monkeypatch.setattr(sampling, "MAX_BLOCKS", 4)
+    monkeypatch.setattr(sampling, "UNROLL", 2)
     assert sampling.decode_blocks(8) == [(1, 3), (3, 5), (5, 7), (7, 8)]
     got, got_count = run((eos,))
     for row, want in enumerate(whole):

@@ -20,8 +20,9 @@ whole cache (filled or not) and attended over all p + N slots. Now (transformer.
   are empty, segment 0, masked anyway): greedy outputs are unchanged. Each block is its own while_loop, so the
   decoder is compiled once per block: few blocks (at least MIN_BLOCK steps each) bound compile time, while the
   average span stays within half a block of the filled length;
-- the loop body runs UNROLL decode steps per iteration where a block's length divides, halving the loop's
-  condition checks and per-iteration dispatch; a row already done keeps writing pad_id, as before.
+- the loop body can run UNROLL decode steps per iteration where a block's length divides (fewer condition checks
+  and dispatches per token; a row already done keeps writing pad_id, as before). It is 1 by default: on the CPU it
+  gained nothing measurable and each unrolled step is another decoder copy to compile.
 Latent attention (models/mla.py) caches latents in the same layout and follows the same protocol.
 
 `sample(...)` is a pure, jittable function (the on-policy step can call it inside its own jit); `generate(...)`
@@ -44,10 +45,14 @@ from analogjax.models.config import ModelConfig
 # Prompt lengths round up to a power of two, at least this: one compile serves many prompt lengths.
 MIN_BUCKET = 16
 # Decode length buckets (`decode_blocks`): at most this many static blocks, each at least MIN_BLOCK steps long, and
-# UNROLL decode steps per while_loop iteration where a block's length allows it.
-MAX_BLOCKS = 8
+# UNROLL decode steps per while_loop iteration where a block's length allows it. Each block and each unrolled step is
+# one more copy of the decoder to compile: at 128 new tokens 8 blocks x 2 unrolled took 3x the compile time of one
+# loop, while 1, 2 or 4 unrolled steps decoded within 1% of each other on the CPU (BENCHMARKS.md, Generate), so
+# UNROLL stays 1 until an accelerator shows a gain; 4 blocks read on average within 1/8 of the new tokens of what
+# is filled.
+MAX_BLOCKS = 4
 MIN_BLOCK = 16
-UNROLL = 2
+UNROLL = 1
 
 
 class Sampling(NamedTuple):
