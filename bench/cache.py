@@ -7,6 +7,11 @@ One JSON line per measurement:
   (arguments + temporaries + outputs from XLA's memory analysis; the device's peak_bytes_in_use where it reports one).
 - write (per layout): teacher forward + zarr write tokens/s, nominal and on-disk bytes per token.
 - read (per layout): seconds to read one step's rows back and add them to the batch (CacheReader.add_to).
+- split (per cached layout): the cached step's time split by timing jitted pieces alone at the same shapes and
+  state: `student_fwd_bwd_s` (the student's body forward + backward, to its final normed hidden states),
+  `loss_fwd_bwd_s` (the objective on those hidden states and the head: CE plus the sparse KD over the k cached
+  entries, fused over token chunks, forward + backward), `optimizer_s` (the optimizer update), `rest_s` (the step
+  minus the three: the step's own glue, metrics, and whatever the pieces share when fused); `*_share` of the step.
 
     python bench/cache.py [--repeats 5] [--steps 2] [--set key=value ...]
 """
@@ -57,6 +62,66 @@ def _time_steps(run, batch, repeats: int) -> tuple[float, dict]:
     if "peak_bytes_in_use" in stats:
         memory["device_peak_bytes_in_use"] = stats["peak_bytes_in_use"]
     return statistics.median(times), memory
+
+
+def _median_time(fn, repeats: int) -> float:
+    import jax
+
+    jax.block_until_ready(fn())  # compile
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def split_step(run, batch, repeats: int, step_s: float) -> dict:
+    """The cached step's time in pieces (see the module docstring), each piece jitted alone at the step's shapes."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from analogjax import mesh as mesh_lib
+    from analogjax.step import forward_outputs
+
+    state = run.fresh_state()  # the timed steps donated run.state
+    params = state.params
+    valid = jnp.maximum(batch["loss_mask"].astype(jnp.float32).sum(), 1.0)
+
+    def body(p):
+        s_out, _ = forward_outputs(run.student, mesh_lib.STUDENT_RULES, None, p, None, batch, False)
+        return s_out
+
+    with jax.set_mesh(run.mesh):
+        s_out, signal = jax.jit(
+            lambda p, tp, bt: forward_outputs(run.student, mesh_lib.STUDENT_RULES, run.teacher, p, tp, bt, False)
+        )(params, run.teacher_params, batch)
+        probe = jax.random.normal(jax.random.key(1), s_out.hidden_nd.shape, s_out.hidden_nd.dtype)
+        # the body's backward from a fixed cotangent on the hidden states (the head's gradient is the loss piece's)
+        body_grad = jax.jit(jax.grad(lambda p: jnp.vdot(body(p).hidden_nd, probe)))
+        body_s = _median_time(lambda: body_grad(params), repeats)
+
+        def loss(hidden, head):
+            outputs = s_out._replace(hidden_nd=hidden, head_dv=head)
+            return run.objective.loss(state.step, outputs, signal, batch, valid, params.get("hidden_proj"))[0]
+
+        loss_grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+        loss_s = _median_time(lambda: loss_grad(s_out.hidden_nd, s_out.head_dv), repeats)
+        grads = jax.tree.map(jnp.ones_like, params)
+
+        def update(g, opt_state, p):
+            updates, opt_state = run.tx.update(g, opt_state, p)
+            return optax.apply_updates(p, updates), opt_state
+
+        update_jit = jax.jit(update)
+        optimizer_s = _median_time(lambda: update_jit(grads, state.opt_state, params), repeats)
+    rest_s = step_s - body_s - loss_s - optimizer_s
+    pieces = {"student_fwd_bwd": body_s, "loss_fwd_bwd": loss_s, "optimizer": optimizer_s, "rest": rest_s}
+    return {
+        **{f"{name}_s": round(value, 4) for name, value in pieces.items()},
+        **{f"{name}_share": round(value / step_s, 3) for name, value in pieces.items()},
+    }
 
 
 def measure(repeats: int, steps: int, overrides: list[str], layouts: list[str]) -> list[dict]:
@@ -178,7 +243,20 @@ def measure(repeats: int, steps: int, overrides: list[str], layouts: list[str]) 
                 }
             )
             print(json.dumps(lines[-1]), flush=True)
-            del cached, batch
+            device_batch = jax.device_put(batch, cached.batch_sharding)
+            lines.append(
+                {
+                    **common,
+                    "measure": "split",
+                    "layout": name,
+                    "treatment": treatment or "sampled_kd",
+                    "step_s": round(step_s, 4),
+                    "live_over_cached": round(lines[0]["step_s"] / step_s, 2),
+                    **split_step(cached, device_batch, repeats, step_s),
+                }
+            )
+            print(json.dumps(lines[-1]), flush=True)
+            del cached, batch, device_batch
     return lines
 
 

@@ -1,11 +1,15 @@
 """Decode throughput of the sampler at bench/step.py's teacher and student shapes, against the memory roofline.
 
 A decode step reads every weight once (the LM head included; of an untied embedding table only b rows) and the
-whole KV cache (the step attends over all its slots, masked). Its roofline time is those bytes over the memory
-bandwidth measured in the same process (a large array copy: read + write bytes over the time). Decode time per
-step is (time of prefill + N decode steps - time of the prefill alone, same cache) / (N - 1), medians of repeats.
-Prints one JSON line per model: decode_tokens_per_s (batch x steps / s), decode_step_s, bytes_per_step,
-bandwidth_bytes_per_s, roofline_fraction. Then one line comparing, at bench/step.py's teacher and student with rows of
+KV cache. Two rooflines: `bytes_per_step` counts the whole cache (p + N slots: what a step read before decode
+read only the filled part; kept for comparison), `filled_bytes_per_step` counts only the slots filled at that step
+(p + s at step s, averaged over the steps): the least a step must read. `span_bytes_per_step` is what the sampler's
+length blocks actually read (sampling.decode_blocks: each block reads up to its last slot). Roofline time is bytes
+over the memory bandwidth measured in the same process (a large array copy: read + write bytes over the time).
+Decode time per step is (time of prefill + N decode steps - time of the prefill alone, same cache) / (N - 1),
+medians of repeats. Prints one JSON line per model: decode_tokens_per_s (batch x steps / s), decode_step_s,
+bytes_per_step, filled_bytes_per_step, span_bytes_per_step, bandwidth_bytes_per_s, roofline_fraction,
+filled_roofline_fraction. Then one line comparing, at bench/step.py's teacher and student with rows of
 prompt-len + on-policy-new-tokens, the off-policy distill step with the on-policy step (sampling plus the same step on
 the samples): both medians, their ratio and sampling's share of the on-policy step.
 
@@ -100,8 +104,13 @@ def measure(preset: str, batch: int, prompt_len: int, new_tokens: int, repeats: 
         table = params["params"]["embedding"]
         weight_bytes -= table.size * table.dtype.itemsize - batch * cfg.d_model * table.dtype.itemsize
     cache = sampling.init_cache(cfg, batch, total)
-    kv_bytes = cache["k"].nbytes + cache["v"].nbytes
+    kv_bytes = sum(cache[name].nbytes for name in ("k", "v", "latent", "k_rope") if name in cache)
     bytes_per_step = weight_bytes + kv_bytes
+    per_slot = kv_bytes / total
+    steps = range(1, new_tokens)  # step s feeds token s - 1 and attends over p + s slots
+    filled_bytes = weight_bytes + per_slot * statistics.mean(prompt_len + s for s in steps)
+    spans = [prompt_len + last - 1 for first, last in sampling.decode_blocks(new_tokens) for _ in range(first, last)]
+    span_bytes = weight_bytes + per_slot * statistics.mean(spans)
     return {
         "bench": "generate",
         "model": preset,
@@ -118,6 +127,10 @@ def measure(preset: str, batch: int, prompt_len: int, new_tokens: int, repeats: 
         "bandwidth_bytes_per_s": round(bandwidth),
         "roofline_step_s": round(bytes_per_step / bandwidth, 6),
         "roofline_fraction": round(bytes_per_step / bandwidth / step_s, 3),
+        "filled_bytes_per_step": int(filled_bytes),
+        "span_bytes_per_step": int(span_bytes),
+        "filled_roofline_step_s": round(filled_bytes / bandwidth, 6),
+        "filled_roofline_fraction": round(filled_bytes / bandwidth / step_s, 3),
         "repeats": repeats,
         "devices": len(jax.devices()),
         "backend": jax.default_backend(),

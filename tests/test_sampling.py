@@ -347,3 +347,32 @@ def test_cli_generates_json_and_refuses_bad_options(tmp_path, capsys):
     ):
         rc, out, err = _cli(capsys, "--hf", str(tmp_path), "--prompt", "hi", *bad)
         assert rc == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, (bad, err)
+
+
+def test_decode_length_blocks_and_unrolling_leave_greedy_outputs_unchanged(monkeypatch):
+    # Short blocks (2 steps, unrolled 2 per loop iteration, then a 1-step block) read fewer cache slots than one
+    # block does; with a sliding window, mixed prompt lengths and an EOS stopping rows mid-iteration, every token
+    # must equal the single-block loop's (cut at the EOS).
+    assert sampling.decode_blocks(8) == [(1, 8)]
+    assert sampling.decode_blocks(1) == []
+    cfg = FAMILIES["gemma2"]
+    params = _params(cfg)
+    prompt = np.array([[5, 6, 7, 0, 0], [1, 2, 3, 4, 5], [9, 0, 0, 0, 0]], np.int32)
+    lengths = np.array([3, 5, 1], np.int32)
+
+    def run(eos):
+        fn = jax.jit(functools.partial(sampling.sample, cfg, max_new_tokens=8, eos_ids=eos))
+        return [np.asarray(a) for a in fn(params, prompt, lengths, jax.random.key(0))]
+
+    whole, count = run(())
+    assert (count == 8).all()
+    eos = int(whole[0, 3])
+    monkeypatch.setattr(sampling, "MIN_BLOCK", 2)
+    monkeypatch.setattr(sampling, "MAX_BLOCKS", 4)
+    monkeypatch.setattr(sampling, "UNROLL", 2)
+    assert sampling.decode_blocks(8) == [(1, 3), (3, 5), (5, 7), (7, 8)]
+    got, got_count = run((eos,))
+    for row, want in enumerate(whole):
+        n = int(np.argmax(want == eos)) + 1 if (want == eos).any() else 8
+        assert got_count[row] == n
+        np.testing.assert_array_equal(got[row], np.where(np.arange(8) < n, want, 0))

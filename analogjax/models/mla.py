@@ -62,7 +62,7 @@ class LatentAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x_bsd, segment_ids_bs, positions_bs, layer=None, cache=None):
-        from analogjax.models.transformer import RMSNorm, write_slots  # transformer imports this module
+        from analogjax.models.transformer import RMSNorm, layer_slots, write_layer  # transformer imports this
 
         cfg, mla = self.cfg, self.cfg.mla
         h, d = cfg.n_heads, cfg.d_model
@@ -100,18 +100,19 @@ class LatentAttention(nn.Module):
                 q_bshe, k_bshe, kv_bshe[..., n:], positions_bs, segment_ids_bs, scale=scale, kernel=cfg.attention
             )
         else:  # decoding: the cache holds latents; attend in latent space (one shared "kv head" of c + r dims)
-            index = cache["index"]
+            index, row, span = cache["index"], cache["layer"], cache["positions"].shape[1]
             written = {
-                "latent": write_slots(cache["latent"], latent_bsc, index),
-                "k_rope": write_slots(cache["k_rope"], k_rope_bsr, index),
+                "latent": write_layer(cache["latent"], latent_bsc, row, index),
+                "k_rope": write_layer(cache["k_rope"], k_rope_bsr, row, index),
             }
+            latent_btc = layer_slots(written["latent"], row, span)
             q_latent_bshc = jnp.einsum("bshn,chn->bshc", q_bshe[..., :n], w_ukv[..., :n])
             q_abs = jnp.concatenate([q_latent_bshc, q_rope.astype(q_latent_bshc.dtype)], axis=-1)
-            keys = jnp.concatenate([written["latent"], written["k_rope"]], axis=-1)[:, :, None]
+            keys = jnp.concatenate([latent_btc, layer_slots(written["k_rope"], row, span)], axis=-1)[:, :, None]
             out_latent = attend(
                 q_abs,
                 keys,
-                written["latent"][:, :, None],
+                latent_btc[:, :, None],
                 positions_bs,
                 cache["positions"],
                 segment_ids_bs,

@@ -6,6 +6,25 @@ len_i + j at position len_i + j, overwriting padding. Masking by positions and s
 padding invisible and keeps sliding windows exact. The cache is [layers, b, t, k, e] keys and values, scanned over
 layers inside the same decoder as training (transformer.Decoder with `cache`), so new families work unchanged.
 
+Decode reads only what is filled, and writes in place. Before, each step scanned the layers with every layer's
+[b, p + N, k, e] cache slice as a scan input and its written copy as a scan output: every step read and rewrote the
+whole cache (filled or not) and attended over all p + N slots. Now (transformer.Decoder with `span`):
+- the whole cache stack rides in the layer scan's carry, and a layer writes its new keys and values as a scatter of
+  the new slots into its row of the stack (transformer.write_layer); inside the decode while_loop the carry is one
+  buffer, so no copy of the cache is made per step (the compiled HLO shows the scatters on the carried stacks, no
+  copy or transpose of a [layers, b, p + N, ...] array);
+- the N - 1 decode steps are cut into at most MAX_BLOCKS static length blocks (`decode_blocks`); in a block that
+  ends at step `last` every token's slot is < p + last - 1, so attention reads a static slice of the first
+  p + last - 1 slots of its layer (transformer.layer_slots) and nothing past it; positions and segment ids are sliced
+  alike, so masks, sliding windows, chunks and sinks see exactly the keys they saw before (the slots past the span
+  are empty, segment 0, masked anyway): greedy outputs are unchanged. Each block is its own while_loop, so the
+  decoder is compiled once per block: few blocks (at least MIN_BLOCK steps each) bound compile time, while the
+  average span stays within half a block of the filled length;
+- the loop body can run UNROLL decode steps per iteration where a block's length divides (fewer condition checks
+  and dispatches per token; a row already done keeps writing pad_id, as before). It is 1 by default: on the CPU it
+  gained nothing measurable and each unrolled step is another decoder copy to compile.
+Latent attention (models/mla.py) caches latents in the same layout and follows the same protocol.
+
 `sample(...)` is a pure, jittable function (the on-policy step can call it inside its own jit); `generate(...)`
 wraps it: it pads the batch to the mesh, buckets the prompt length, and jits once per (shape, options).
 """
@@ -25,6 +44,15 @@ from analogjax.models.config import ModelConfig
 
 # Prompt lengths round up to a power of two, at least this: one compile serves many prompt lengths.
 MIN_BUCKET = 16
+# Decode length buckets (`decode_blocks`): at most this many static blocks, each at least MIN_BLOCK steps long, and
+# UNROLL decode steps per while_loop iteration where a block's length allows it. Each block and each unrolled step is
+# one more copy of the decoder to compile: at 128 new tokens 8 blocks x 2 unrolled took 3x the compile time of one
+# loop, while 1, 2 or 4 unrolled steps decoded within 1% of each other on the CPU (BENCHMARKS.md, Generate), so
+# UNROLL stays 1 until an accelerator shows a gain; 4 blocks read on average within 1/8 of the new tokens of what
+# is filled.
+MAX_BLOCKS = 4
+MIN_BLOCK = 16
+UNROLL = 1
 
 
 class Sampling(NamedTuple):
@@ -150,15 +178,13 @@ def sample(
     count = jnp.ones((b,), jnp.int32)
     done = is_eos(token) | (count >= limit_b)
 
-    def cond(state):
-        step, _, _, done, _, _ = state
-        return (step < max_new_tokens) & ~jnp.all(done)
-
-    def body(state):
+    def step_once(state, span):
         step, token, out, done, count, cache = state
-        where = lengths_b + step - 1  # the fed token's position, and its slot
+        where = lengths_b + step - 1  # the fed token's position, and its slot (<= p + step - 1 < span)
         cache = _constrain({**cache, "index": where})
-        hidden, cache = model.decode(params, token[:, None], jnp.ones((b, 1), jnp.int32), where[:, None], cache)
+        hidden, cache = model.decode(
+            params, token[:, None], jnp.ones((b, 1), jnp.int32), where[:, None], cache, span=span
+        )
         new = next_token(logits_of(hidden), jax.random.fold_in(rng, step), options)
         new = jnp.where(done, pad_id, new)
         out = jax.lax.dynamic_update_slice_in_dim(out, new[:, None], step, axis=1)
@@ -167,8 +193,33 @@ def sample(
         return step + 1, new, out, done, count, cache
 
     state = (jnp.int32(1), token, out, done, count, cache)
-    _, _, out, _, count, _ = jax.lax.while_loop(cond, body, state)
+    for first, end in decode_blocks(max_new_tokens):
+        # steps [first, end) write slots < p + end - 1, so they read the cache's first p + end - 1 slots only
+        span = p + end - 1
+        per_iteration = UNROLL if (end - first) % UNROLL == 0 else 1
+
+        def cond(state, end=end):
+            step, _, _, done, _, _ = state
+            return (step < end) & ~jnp.all(done)
+
+        def body(state, span=span, per_iteration=per_iteration):
+            for _ in range(per_iteration):  # several tokens per loop iteration (rows already done write pad_id)
+                state = step_once(state, span)
+            return state
+
+        state = jax.lax.while_loop(cond, body, state)
+    _, _, out, _, count, _ = state
     return out, count
+
+
+def decode_blocks(max_new_tokens: int) -> list[tuple[int, int]]:
+    """The decode steps 1 .. max_new_tokens - 1 cut into at most MAX_BLOCKS static blocks [first, last) of at least
+    MIN_BLOCK steps (the last block may be shorter); each block compiles its own loop reading p + last - 1 slots."""
+    steps = max_new_tokens - 1
+    if steps <= 0:
+        return []
+    size = max(MIN_BLOCK, -(-steps // MAX_BLOCKS))
+    return [(first, min(first + size, max_new_tokens)) for first in range(1, max_new_tokens, size)]
 
 
 def bucket(length: int) -> int:

@@ -152,9 +152,11 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x_bsd, segment_ids_bs, positions_bs, layer=None, cache=None):
-        """With `cache` (this layer's "k", "v" [b, t, k, e] plus the decoder's "positions", "segment_ids" [b, t]
-        already holding the new tokens, and "index" [b], the slot where each row's new tokens go), the new keys and
-        values are written into the cache and the queries attend to all of it; returns (out, {"k", "v"})."""
+        """With `cache` (decoding): every layer's "k", "v" [layers, b, t, k, e], this layer's row "layer", the
+        decoder's "positions", "segment_ids" [b, span] (the first `span` slots, already holding the new tokens)
+        and "index" [b] (the slot where each row's new tokens go): the queries attend to this layer's first span
+        slots with the new keys and values in them, which are also written into the stacks (in place); returns
+        (out, {"k", "v"} stacks)."""
         cfg = self.cfg
         h, k, e, d = cfg.n_heads, cfg.kv_heads, cfg.dim_per_head, cfg.d_model
         dtype = _dtype(cfg)
@@ -202,12 +204,13 @@ class Attention(nn.Module):
                 sinks_h=sinks,
             )
         else:  # decoding: a few new queries against the cache, on the XLA core (scores are [new, cache] only)
-            index = cache["index"]
-            written = {"k": write_slots(cache["k"], kk, index), "v": write_slots(cache["v"], v, index)}
+            index, row = cache["index"], cache["layer"]
+            span = cache["positions"].shape[1]
+            written = {"k": write_layer(cache["k"], kk, row, index), "v": write_layer(cache["v"], v, row, index)}
             out = attend(
                 q,
-                written["k"],
-                written["v"],
+                layer_slots(written["k"], row, span),
+                layer_slots(written["v"], row, span),
                 positions_bs,
                 cache["positions"],
                 segment_ids_bs,
@@ -226,6 +229,23 @@ class Attention(nn.Module):
                 dtype
             )
         return y if cache is None else (y, written)
+
+
+def layer_slots(stack_lbt, row, span: int) -> jax.Array:
+    """Layer `row`'s first `span` slots of a decode cache stack [layers, b, t, ...] -> [b, span, ...]: a static-size
+    slice of the stack (the empty tail past `span` is never read)."""
+    start = (row,) + (0,) * (stack_lbt.ndim - 1)
+    return jax.lax.dynamic_slice(stack_lbt, start, (1, stack_lbt.shape[1], span) + stack_lbt.shape[3:])[0]
+
+
+def write_layer(stack_lbt, new_bs, row, index_b):
+    """Row i of `new_bs` [b, s, ...] written into layer `row`'s batch row i at slots index_b[i], ... of a decode
+    cache stack [layers, b, t, ...]: a scatter of the new slots only, in place when the stack is a loop carry."""
+    b, s = new_bs.shape[:2]
+    slots_bs = index_b[:, None] + jnp.arange(s)[None, :]
+    return stack_lbt.at[row, jnp.arange(b)[:, None], slots_bs].set(
+        new_bs.astype(stack_lbt.dtype), indices_are_sorted=True, unique_indices=True
+    )
 
 
 def write_slots(cache_bt, new_bs, index_b):
@@ -264,9 +284,13 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x_bsd, segment_ids_bs, positions_bs, layer=None, kv=None, cache_meta=None):
-        # kv (this layer's cache keys and values) and cache_meta (positions, segment ids, write index): decoding
-        # with a KV cache; the block then returns (carry, this layer's written kv).
+        # Decoding with a KV cache (cache_meta: positions, segment ids [b, span], write index): the carry is
+        # (x, every layer's cache stacks) and kv is this layer's row in them; the block writes its new keys and
+        # values into the stacks and returns ((x, stacks), None).
         cfg = self.cfg
+        stacks = None
+        if cache_meta is not None:
+            x_bsd, stacks = x_bsd
         x_bsd = nn.with_logical_constraint(x_bsd, ("batch", "length", "act_embed"))
 
         def residual(name, sublayer, x):
@@ -283,7 +307,7 @@ class Block(nn.Module):
         def attention(y):
             if kv is None:
                 return attn(y, segment_ids_bs, positions_bs, layer)
-            out, new_kv = attn(y, segment_ids_bs, positions_bs, layer, {**kv, **cache_meta})
+            out, new_kv = attn(y, segment_ids_bs, positions_bs, layer, {**stacks, **cache_meta, "layer": kv})
             written.update(new_kv)
             return out
 
@@ -294,11 +318,11 @@ class Block(nn.Module):
             moe, stats = MoE(cfg, name="mlp"), []
             x_bsd = residual("mlp", lambda y: _keep(stats, moe(y, segment_ids_bs > 0)), x_bsd)
             if kv is not None:
-                return x_bsd, written
+                return (x_bsd, written), None
             return x_bsd, ((x_bsd if self.collect_layers else None), stats[0])
         x_bsd = residual("mlp", MLP(cfg, name="mlp"), x_bsd)
         if kv is not None:
-            return x_bsd, written
+            return (x_bsd, written), None
         return x_bsd, (x_bsd if self.collect_layers else None)
 
 
@@ -317,24 +341,21 @@ class MoEGroup(nn.Module):
 
     @nn.compact
     def __call__(self, x_bsd, segment_ids_bs, positions_bs, kv=None, cache_meta=None, layer=None):
-        # kv ("k", "v" [every, b, t, k, e]: this group's layers' cache) and cache_meta: decoding, as Block; the
-        # group then returns (carry, its layers' written kv stacked [every, ...]). layer: the group's rows of the
-        # per-layer data ([every, ...]; None when every layer attends alike).
+        # kv (this group's layers' rows [every] in the cache stacks) and cache_meta: decoding, as Block (the carry
+        # is (x, stacks); returns ((x, stacks), None)). layer: the group's rows of the per-layer data ([every, ...];
+        # None when every layer attends alike).
         cfg, every = self.cfg, self.cfg.moe.every
 
         def row(j):
             return None if layer is None else jax.tree.map(lambda a: a[j], layer)
 
         if kv is not None:
-            written = []
             for j in range(every):
-                layer_kv = jax.tree.map(lambda a, j=j: a[j], kv)
                 name, is_moe = ("moe", True) if j == every - 1 else (f"dense_{j}", False)
-                x_bsd, out = Block(cfg, moe=is_moe, name=name)(
-                    x_bsd, segment_ids_bs, positions_bs, row(j), layer_kv, cache_meta
+                x_bsd, _ = Block(cfg, moe=is_moe, name=name)(
+                    x_bsd, segment_ids_bs, positions_bs, row(j), kv[j], cache_meta
                 )
-                written.append(out)
-            return x_bsd, jax.tree.map(lambda *a: jnp.stack(a), *written)
+            return x_bsd, None
         block = _block_class(cfg)
         outs = []
         for j in range(every - 1):
@@ -429,36 +450,31 @@ def _moe_stacks(cfg: ModelConfig, collect_layers: bool, x_bsd, segment_ids_bs, p
 
 
 def _moe_stacks_cached(cfg: ModelConfig, x_bsd, segment_ids_bs, positions_bs, kv, meta, per_layer=None):
-    """`_moe_stacks` with a KV cache: the cache's [n_layers, ...] keys and values (sampling.init_cache's layout, in
-    layer order) split into the dense prefix's and the MoE groups' ([groups, every, ...]) slices, each scanned with
-    its stack (and its rows of the per-layer data); the written slices are joined back into [n_layers, ...].
-    Returns (x, written kv)."""
+    """`_moe_stacks` with a KV cache: the cache's [n_layers, ...] stacks (sampling.init_cache's layout, in layer
+    order) ride in the scans' carry; the dense prefix scans its layer rows, the MoE groups theirs ([groups, every]),
+    each with its rows of the per-layer data. Returns (x, written stacks)."""
     prefix, groups = moe_layout(cfg)
     every = cfg.moe.every
     prefix_rows, group_rows = _split_layers(cfg, per_layer)
     # Inputs after the carry of a cached scan over Blocks: segment ids, positions, per-layer data (scanned when
-    # layers differ), this layer's kv (scanned), the cache's positions/segment ids/index.
+    # layers differ), this layer's row in the stacks (scanned), the cache's positions/segment ids/index.
     rows_axis = nn.broadcast if per_layer is None else 0
     block_axes = (nn.broadcast, nn.broadcast, rows_axis, 0, nn.broadcast)
-    written = []
+    carry = (x_bsd, kv)
     if prefix:
-        x_bsd, out = _scan(Block, cfg, prefix, "layers", in_axes=block_axes)(
-            x_bsd, segment_ids_bs, positions_bs, prefix_rows, jax.tree.map(lambda a: a[:prefix], kv), meta
+        carry, _ = _scan(Block, cfg, prefix, "layers", in_axes=block_axes)(
+            carry, segment_ids_bs, positions_bs, prefix_rows, jnp.arange(prefix), meta
         )
-        written.append(out)
-    rest = jax.tree.map(lambda a: a[prefix:], kv)
+    rows = jnp.arange(prefix, cfg.n_layers)
     if every == 1:
-        x_bsd, out = _scan(Block, cfg, groups, "moe_layers", False, True, in_axes=block_axes)(
-            x_bsd, segment_ids_bs, positions_bs, group_rows, rest, meta
+        carry, _ = _scan(Block, cfg, groups, "moe_layers", False, True, in_axes=block_axes)(
+            carry, segment_ids_bs, positions_bs, group_rows, rows, meta
         )
     else:
-        grouped = jax.tree.map(lambda a: a.reshape((groups, every) + a.shape[1:]), rest)
-        x_bsd, out = _scan(
+        carry, _ = _scan(
             MoEGroup, cfg, groups, "moe_layers", in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, rows_axis)
-        )(x_bsd, segment_ids_bs, positions_bs, grouped, meta, group_rows)
-        out = jax.tree.map(lambda a: a.reshape((groups * every,) + a.shape[2:]), out)
-    written.append(out)
-    return x_bsd, jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *written)
+        )(carry, segment_ids_bs, positions_bs, rows.reshape(groups, every), meta, group_rows)
+    return carry
 
 
 class Decoder(nn.Module):
@@ -468,8 +484,10 @@ class Decoder(nn.Module):
     collect_layers: bool = False
 
     @nn.compact
-    def __call__(self, tokens_bs, segment_ids_bs, positions_bs, cache=None):
-        """-> Features; with a KV cache (sampling.init_cache) -> (Features, the cache with these tokens written)."""
+    def __call__(self, tokens_bs, segment_ids_bs, positions_bs, cache=None, span=None):
+        """-> Features; with a KV cache (sampling.init_cache) -> (Features, the cache with these tokens written).
+        `span` (a Python int, decoding only; None = the whole cache): attention reads only the cache's first `span`
+        slots, which must hold every slot written so far and the new tokens' (models/sampling.py)."""
         cfg = self.cfg
         embedding = self.param(
             "embedding", nn.with_logical_partitioning(_init, ("vocab", "embed")), (cfg.vocab_size, cfg.d_model)
@@ -489,20 +507,23 @@ class Decoder(nn.Module):
                 x_bsd, segment_ids_bs, positions_bs, *extra
             )
             return self._finish(x_bsd, layers, None)
-        # Decoding: the same scanned stacks, with each layer's cache slice scanned in and its written slice out.
+        # Decoding: the same scanned stacks; the whole cache rides in the scan's carry and each layer writes its
+        # new keys and values into its row in place (no per-step copy of the cache), reading its first `span` slots.
         index = cache["index"]
         meta = {
             "positions": write_slots(cache["positions"], positions_bs, index),
             "segment_ids": write_slots(cache["segment_ids"], segment_ids_bs, index),
             "index": index,
         }
+        span = cache["positions"].shape[1] if span is None else span
+        seen = {**meta, "positions": meta["positions"][:, :span], "segment_ids": meta["segment_ids"][:, :span]}
         kv = {name: cache[name] for name in cache if name not in meta}  # k, v (MLA: latent, k_rope)
         if cfg.moe.enabled:
-            x_bsd, kv = _moe_stacks_cached(cfg, x_bsd, segment_ids_bs, positions_bs, kv, meta, *extra)
+            x_bsd, kv = _moe_stacks_cached(cfg, x_bsd, segment_ids_bs, positions_bs, kv, seen, *extra)
         else:
             in_axes = (nn.broadcast, nn.broadcast, nn.broadcast if per_layer is None else 0, 0, nn.broadcast)
-            x_bsd, kv = _scan(Block, cfg, cfg.n_layers, "layers", in_axes=in_axes)(
-                x_bsd, segment_ids_bs, positions_bs, extra[0] if extra else None, kv, meta
+            (x_bsd, kv), _ = _scan(Block, cfg, cfg.n_layers, "layers", in_axes=in_axes)(
+                (x_bsd, kv), segment_ids_bs, positions_bs, extra[0] if extra else None, jnp.arange(cfg.n_layers), seen
             )
         return self._finish(x_bsd, None, None), {**meta, **kv}
 
@@ -595,10 +616,11 @@ class Transformer:
     def head(self, params) -> jax.Array:
         return lm_head(params, self.cfg)
 
-    def decode(self, params, tokens_bs, segment_ids_bs, positions_bs, cache) -> tuple[jax.Array, dict]:
+    def decode(self, params, tokens_bs, segment_ids_bs, positions_bs, cache, span=None) -> tuple[jax.Array, dict]:
         """KV-cached forward (prefill or one decode step; analogjax/models/sampling.py): (final normed hidden states,
-        float32 [b, s, d], the cache with these tokens written at cache["index"]). Logits: `logits(...)`."""
-        features, cache = Decoder(self.cfg).apply(params, tokens_bs, segment_ids_bs, positions_bs, cache)
+        float32 [b, s, d], the cache with these tokens written at cache["index"]). Logits: `logits(...)`. `span`:
+        attend over the cache's first `span` slots only (a Python int; Decoder)."""
+        features, cache = Decoder(self.cfg).apply(params, tokens_bs, segment_ids_bs, positions_bs, cache, span)
         return features.hidden_bsd, cache
 
     # The forward in pieces, for analyses that read or replace the residual stream between blocks (stitching,
