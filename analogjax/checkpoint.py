@@ -414,11 +414,10 @@ def _set_aside(directory: epath.Path, step: int) -> epath.Path | None:
     if jax.process_index() != 0:
         return None
     aside_dir = directory / DAMAGED_DIR
-    aside_dir.mkdir(exist_ok=True)
     target, n = aside_dir / str(step), 1
     while target.exists():
         target, n = aside_dir / f"{step}.{n}", n + 1
-    (directory / str(step)).rename(target)
+    storage.move_tree(directory / str(step), target)
     return target
 
 

@@ -134,6 +134,33 @@ def test_resume_from_saved_state_gives_the_identical_remaining_sequence(tmp_path
             np.testing.assert_array_equal(got[key], want[key])
 
 
+def test_row_window_shuffle_breaks_up_long_documents_keeps_the_rows_and_resumes(tmp_path):
+    # Documents of ~100-200 tokens: 7-13 rows each, so unshuffled batches of 4 rows mostly hold one document.
+    _write_corpus(tmp_path / "c.bin", 24, length=lambda d: 100 + (d * 37) % 101)
+    source = SourceConfig(path=str(tmp_path / "c.bin"), dtype="uint16")
+
+    def rows(batches):
+        return [row.tobytes() for b in batches for row in np.concatenate([b["tokens"], b["segment_ids"]], 1)]
+
+    def one_doc_batches(batches):  # every row's tokens (minus the odd first token) from a single document
+        return sum(len({int(t) // 4 for t in b["tokens"][b["loss_mask"] > 0]}) == 1 for b in batches)
+
+    plain = list(make_batch_iterator(_config(source), split="train", seed=2, vocab_size=VOCAB, num_epochs=1))
+    data = _config(source, shuffle_rows=32)
+    shuffled = list(make_batch_iterator(data, split="train", seed=2, vocab_size=VOCAB, num_epochs=1))
+    assert sorted(rows(shuffled)) == sorted(rows(plain))  # the same rows, a permutation within windows
+    assert one_doc_batches(plain) > len(plain) // 2 and one_doc_batches(shuffled) < len(shuffled) // 4
+
+    it = make_batch_iterator(data, split="train", seed=2, vocab_size=VOCAB)
+    for _ in range(11):  # mid-window: 44 rows consumed of windows of 32
+        next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    rest = [next(it) for _ in range(20)]
+    fresh = make_batch_iterator(data, split="train", seed=2, vocab_size=VOCAB)
+    fresh.set_state(state)
+    assert rows(next(fresh) for _ in range(20)) == rows(rest)
+
+
 def test_resume_through_orbax_with_grains_checkpoint_handler(tmp_path):
     import grain
     import orbax.checkpoint as ocp

@@ -185,6 +185,16 @@ def test_distill_on_gs_killed_and_resumed_bitwise_then_exported(gcs, tmp_path, m
         logits = model(torch.tensor([[1, 2, 3, 4]])).logits
     assert torch.isfinite(logits).all()
 
+    # An incomplete newest step on the bucket (checked for completeness there, step_verdict says why) is set
+    # aside into damaged/ (a prefix has no rename: copied, then deleted), file for file, and the one before it
+    # is what a resume uses.
+    newest = epath.Path(remote, "checkpoints", str(STEPS))
+    (newest / "params" / "_METADATA").unlink()
+    files = sorted(str(p.relative_to(newest)) for p in storage.files_under(newest))
+    assert ckpt_lib.newest_intact_step(epath.Path(remote, "checkpoints"), set_aside=True) == STEPS - 4
+    aside = epath.Path(remote, "checkpoints", "damaged", str(STEPS))
+    assert sorted(str(p.relative_to(aside)) for p in storage.files_under(aside)) == files and not newest.exists()
+
 
 def test_teacher_cache_and_prepared_shards_on_gs(gcs, tmp_path, monkeypatch):
     from analogjax.data import make_batch_iterator

@@ -3,8 +3,9 @@
 Per source: the document ids of the split -> shuffled per epoch from the seed (train) -> this process's
 share (ids process_index, process_index + process_count, ...: disjoint, together the whole epoch) ->
 repeated -> read and tokenized in threads -> packed into rows. Training rows from several sources are mixed
-by weight (so weights are shares of rows, hence of tokens); held-out documents of all sources are read in a
-fixed order and packed together. Rows are stacked into [global_batch // process_count, seq_len] batches.
+by weight (so weights are shares of rows, hence of tokens), then shuffled within windows of data.shuffle_rows
+rows when set (a long document's rows no longer fill consecutive batches); held-out documents of all sources
+are read in a fixed order and packed together. Rows are stacked into [global_batch // process_count, seq_len] batches.
 
 Every step is a Grain transformation, so the iterator's `get_state()` is a small JSON-able dict and
 `set_state()` resumes at exactly the next batch.
@@ -92,6 +93,12 @@ def make_batch_dataset(
             streams.append(packed(MapOfRefs([source_id], [ids]), shuffle_seed=source_seed(seed, source_id)))
         weights = [s.weight for s in data.sources]
         rows = streams[0] if len(streams) == 1 else grain.IterDataset.mix(streams, weights)
+        if data.shuffle_rows > 1:
+            # After the mix, so a window holds every source's rows; checkpointable (the state is the window's
+            # start in the parent, replayed on restore), and the same seed in every process like source_seed.
+            rows = grain.experimental.WindowShuffleIterDataset(
+                rows, window_size=data.shuffle_rows, seed=source_seed(seed, len(sources))
+            )
     else:
         if sum(len(ids) for ids in split_ids) < process_count:
             raise UserError(

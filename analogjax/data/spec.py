@@ -62,6 +62,11 @@ class DataConfig:
     worker_count: int = 0
     # Threads per source that read and tokenize documents ahead of packing.
     read_threads: int = 2
+    # Training rows shuffled within windows of this many packed rows per process (0 = off: rows follow the
+    # shuffled documents in order). Packing keeps a document's rows together, so a long document (a 200 KB
+    # source file is ~500 rows of 128 tokens) otherwise fills every batch for many consecutive steps; the
+    # window breaks that run at the cost of window x seq_len tokens held per process and read before step 1.
+    shuffle_rows: int = 0
     # Where tokenized corpora are cached (the stdlib corpus); "" = $XDG_CACHE_HOME/analogjax or ~/.cache/analogjax.
     cache_dir: str = ""
 
@@ -112,6 +117,8 @@ def validate(data: DataConfig, *, vocab_size: int | None = None, process_count: 
         raise UserError(f"data.worker_count must be >= 0 (got {data.worker_count})")
     if data.read_threads < 0:
         raise UserError(f"data.read_threads must be >= 0 (got {data.read_threads})")
+    if data.shuffle_rows < 0:
+        raise UserError(f"data.shuffle_rows must be >= 0 (got {data.shuffle_rows})")
     if not data.tokenizer:
         raise UserError('data.tokenizer must be a tokenizer file, "bytes" or "none"')
     if vocab_size is not None and vocab_size <= 0:

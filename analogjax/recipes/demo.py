@@ -69,7 +69,8 @@ def _real_run() -> Config:
             tie_embeddings=True,
         ),
         # teacher.model: the shape is read from the GGUF file; only its dtype and remat are taken from here.
-        data=DataConfig(global_batch=4, seq_len=128, add_bos=False, add_eos=True),
+        # shuffle_rows: a 200 KB stdlib file is ~500 rows, which would otherwise fill the batches of 125 steps.
+        data=DataConfig(global_batch=4, seq_len=128, add_bos=False, add_eos=True, shuffle_rows=1024),
         distill=DistillConfig(terms=(LossTerm("forward_kl", 0.9), LossTerm("ce", 0.1)), temperature=1.0),
         optim=OptimConfig(learning_rate=5e-3, warmup_steps=8),
         train=TrainConfig(steps=80, log_every=10, eval_batches=8),

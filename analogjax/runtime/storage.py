@@ -91,6 +91,20 @@ def remove_tree(path: epath.Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def move_tree(source: epath.Path, target: epath.Path) -> None:
+    """Move a folder to `target` (which must not exist). Local: one rename. Object store: a prefix has no rename
+    and no empty folders to rename into, so every object is copied, then the source deleted: an interruption
+    leaves both copies, never neither."""
+    if not is_remote(source):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        source.rename(target)
+        return
+    for file in files_under(source):
+        with file.open("rb") as src, (target / os.path.relpath(os.fspath(file), os.fspath(source))).open("wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 24)
+    source.rmtree(missing_ok=True)
+
+
 def check_reachable(path: str | os.PathLike, key: str) -> None:
     """Before any work: an object-store location's bucket exists and this machine's credentials reach it. One
     UserError naming the URL and what is missing; a local path passes."""
@@ -174,7 +188,7 @@ def local_copy(path: str | os.PathLike) -> str:
         raise UserError(f"{text}: no such file or folder")
     name = source.name or "root"
     target = os.path.join(_cache_root(), hashlib.sha256(text.encode()).hexdigest()[:16], name)
-    files = [source] if not source.is_dir() else [p for p in _walk(source)]
+    files = [source] if not source.is_dir() else [p for p in files_under(source)]
     for file in files:
         rel = file.name if file == source else str(file)[len(str(source)) + 1 :]
         local = target if file == source else os.path.join(target, rel)
@@ -188,11 +202,11 @@ def local_copy(path: str | os.PathLike) -> str:
     return target
 
 
-def _walk(root: epath.Path) -> Iterator[epath.Path]:
+def files_under(root: epath.Path) -> Iterator[epath.Path]:
     """Every file under `root` (epath's rglob refuses '**' on buckets: one listing per folder instead)."""
     for child in sorted(root.iterdir()):
         if child.is_dir():
-            yield from _walk(child)
+            yield from files_under(child)
         else:
             yield child
 
