@@ -251,3 +251,43 @@ def test_missing_bucket_or_credentials_is_one_error_before_any_step(gcs, tmp_pat
     err = capsys.readouterr().err
     assert err.startswith("error:") and "no Google Cloud credentials" in err and f"{gcs}/p" in err, err
     assert not (tmp_path / "gs:").exists()
+
+
+def test_two_process_job_on_gs_then_a_one_process_relaunch_restores(gcs, tmp_path, monkeypatch, capsys):
+    """launch/local.py's rehearsal (2 processes x 4 devices) with a gs:// workdir: each process writes its own shards
+    and data position to the bucket, process 0 alone the metrics and run metadata; a relaunch with 1 process x 8
+    devices restores the 2-process checkpoint and continues it."""
+    import yaml
+    from test_distributed import _start_job, _tails
+
+    monkeypatch.chdir(tmp_path)  # the job's processes start here: nothing may land in ./gs:/
+    config = yaml.safe_load(_corpus_and_config(tmp_path).read_text())
+    for steps, name in ((8, "job.yaml"), (12, "relaunch.yaml")):
+        config["train"]["steps"] = steps
+        (tmp_path / name).write_text(yaml.safe_dump(config))
+    remote, logs = f"{gcs}/runs/two-hosts", tmp_path / "logs"
+    logs.mkdir()
+
+    procs = _start_job(remote, tmp_path / "job.yaml", logs, "job")  # type: ignore[arg-type]
+    try:
+        codes = [p.wait(timeout=TIMEOUT_S) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert codes == [0, 0], _tails(logs)
+    root = epath.Path(remote)
+    assert _committed(root) == [4, 8]
+    step = root / "checkpoints" / "8"
+    for item in ("params", "train"):
+        assert {"ocdbt.process_0", "ocdbt.process_1"} <= {p.name for p in (step / item).iterdir()}, item
+    assert {p.name for p in (step / "data").iterdir()} >= {"process_0-of-2.json", "process_1-of-2.json"}
+    assert sorted(_records(remote)) == list(range(1, 9))  # one writer: every step logged once
+    assert {"metrics.jsonl", "config.yaml", "run.json", "tensorboard"} <= {p.name for p in root.iterdir()}
+    assert not (tmp_path / "gs:").exists()
+
+    capsys.readouterr()
+    assert cli.main(["distill", "--config", str(tmp_path / "relaunch.yaml"), "--workdir", remote, "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "holds no data position for 1 process(es)" in err, err
+    assert sorted(_records(remote)) == list(range(1, 13))  # resumed at step 9, not started over
+    assert _committed(root) == [8, 12]

@@ -93,6 +93,15 @@ def make_batch_dataset(
             streams.append(packed(MapOfRefs([source_id], [ids]), shuffle_seed=source_seed(seed, source_id)))
         weights = [s.weight for s in data.sources]
         rows = streams[0] if len(streams) == 1 else grain.IterDataset.mix(streams, weights)
+        describe = [f"data.sources[{i}] ({s.path})" for i, s in enumerate(data.sources)]
+        rows = rows.map_with_index(
+            FirstBatchCheck(
+                source_descriptions=describe,
+                rows_per_batch=rows_per_batch,
+                seq_len=data.seq_len,
+                worker_count=data.worker_count,
+            )
+        )
         if data.shuffle_rows > 1:
             # After the mix, so a window holds every source's rows; checkpointable (the state is the window's
             # start in the parent, replayed on restore), and the same seed in every process like source_seed.
@@ -110,16 +119,7 @@ def make_batch_dataset(
     batches = rows.batch(
         rows_per_batch, drop_remainder=False, batch_fn=BatchStacker(rows_per_batch, data.seq_len, tokenizer.pad_id)
     )
-    describe = [f"data.sources[{i}] ({s.path})" for i, s in enumerate(data.sources)]
-    batches = batches.map_with_index(
-        BatchFinisher(
-            check_first_batch=split == "train",
-            source_descriptions=describe,
-            rows_per_batch=rows_per_batch,
-            seq_len=data.seq_len,
-            worker_count=data.worker_count,
-        )
-    )
+    batches = batches.map(finish_batch)
     if data.worker_count > 0:
         _use_default_absl_flags()
         batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.worker_count))
@@ -260,26 +260,31 @@ class BatchStacker:
         return batch
 
 
-class BatchFinisher:
-    """Adds loss_mask, drops the bookkeeping, and refuses a corpus that cannot fill one batch in one epoch."""
+class FirstBatchCheck:
+    """Refuses a corpus that cannot fill one batch in one epoch: the first batch's rows (counted before any row
+    shuffle, which may mix epochs on purpose) must all come from the first epoch of their source's documents."""
 
-    def __init__(self, *, check_first_batch, source_descriptions, rows_per_batch, seq_len, worker_count):
-        self.check_first_batch = check_first_batch
+    def __init__(self, *, source_descriptions, rows_per_batch, seq_len, worker_count):
         self.source_descriptions = source_descriptions
         self.rows_per_batch = rows_per_batch
         self.seq_len = seq_len
         self.worker_count = worker_count
 
-    def __call__(self, index: int, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        epochs = batch.pop("epoch")
-        if self.check_first_batch and index == 0 and epochs.max() > 0:
+    def __call__(self, index: int, row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if index < self.rows_per_batch and int(row["epoch"]) > 0:
             # The first batch already needed documents of a second epoch: training would repeat them within a step.
-            source_id = int(batch["source_ids"][int(np.argmax(epochs > 0)), 0])
+            source_id = int(row["source_ids"][0])
             share = f" per worker ({self.worker_count} data workers)" if self.worker_count > 1 else ""
             raise UserError(
                 f"{self.source_descriptions[source_id]}: corpus too small for one batch: one epoch of its "
                 f"training documents{share} does not fill its share of a {self.rows_per_batch} x {self.seq_len} "
                 "batch: add documents or lower data.global_batch / data.seq_len"
             )
-        batch["loss_mask"] = batch["segment_ids"] > 0
-        return {key: batch[key].astype(dtype, copy=False) for key, dtype in BATCH_FIELDS.items()}
+        return row
+
+
+def finish_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Adds loss_mask and drops the bookkeeping."""
+    batch.pop("epoch")
+    batch["loss_mask"] = batch["segment_ids"] > 0
+    return {key: batch[key].astype(dtype, copy=False) for key, dtype in BATCH_FIELDS.items()}
