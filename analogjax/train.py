@@ -98,6 +98,7 @@ def run_training(
     teacher_params: Any = None,
     progress: bool = True,
     eval_teacher: tuple[Teacher, Any] | None = None,
+    final_eval: bool = True,
 ) -> dict[str, Any]:
     """Train (distill, or pretrain when the objective needs no teacher) into `workdir`; returns final metrics.
 
@@ -108,7 +109,9 @@ def run_training(
 
     `eval_teacher=(teacher, params)`: a live teacher for evaluation (the final held-out metrics, `train.eval_every`,
     the fidelity curve of `train.curve_points`), so that a run distilled from a teacher cache, or a CE-only baseline,
-    reports KL and agreement too (setup.build).
+    reports KL and agreement too (setup.build). `final_eval=False` skips the final held-out measurement (`heldout`
+    is then empty) for a caller that measures the returned state itself (the demo evaluates all its rows with the
+    teacher's forward computed once per batch).
     """
     workdir = storage.location(workdir, "--workdir")
     claim = _guard_workdir(workdir, config)
@@ -122,6 +125,7 @@ def run_training(
             teacher_params=teacher_params,
             progress=progress,
             eval_teacher=eval_teacher,
+            final_eval=final_eval,
         )
 
 
@@ -134,6 +138,7 @@ def _run_locked(
     teacher_params: Any,
     progress: bool,
     eval_teacher: tuple[Teacher, Any] | None,
+    final_eval: bool,
 ) -> dict[str, Any]:
     cfg = config
     # The data first: a missing or unusable corpus or tokenizer is reported before a model is built.
@@ -287,9 +292,8 @@ def _run_locked(
             if late.last_saved != final_step:
                 log.flush()
                 checkpointer.save(final_step, state, data_iter, meta, metrics=late.record_of(final_step))
-            heldout = (
-                evaluate(run, state.params["model"], cfg.train.eval_batches) if has_heldout and not preempted else {}
-            )
+            measure = final_eval and has_heldout and not preempted
+            heldout = evaluate(run, state.params["model"], cfg.train.eval_batches) if measure else {}
     finally:
         # Always let async saves finish (or fail loudly) before the interpreter shuts down; then stop the data
         # workers now (left to Grain's exit-time finalizers after an error, they print tracebacks over it).

@@ -28,6 +28,7 @@ def tiny_sets(gguf_path: Path, corpus: Path, vocab: int) -> list[str]:
     measure on (one transfer pair, two samples, two on-policy steps)."""
     return [
         f"gguf_path={gguf_path}",
+        "pruned_ce_row=true",
         f"run.data.sources=[{{path: {corpus}}}]",
         "run.data.heldout_fraction=0.2",
         f"run.model.vocab_size={vocab}",

@@ -133,12 +133,19 @@ def final_phase(workdir: Path) -> Path | None:
 
 
 def run_recipe(
-    config: Config, workdir: str | Path, *, progress: bool = True, teacher=None, clock: PhaseClock | None = None
+    config: Config,
+    workdir: str | Path,
+    *,
+    progress: bool = True,
+    teacher=None,
+    clock: PhaseClock | None = None,
+    final_eval: bool = True,
 ) -> dict[str, Any]:
     """Run (or resume) every phase of config.recipe in `workdir`; returns the final training phase's result, with
     `phases` (name → directory), `phase_results` (training phases' results) and `phase_seconds` added. `teacher`:
     (Teacher, params) of the live teacher when the caller holds it already (else the config's is loaded once,
-    here); `clock` times the phases (the demo's own clock, so its table lists them)."""
+    here); `clock` times the phases (the demo's own clock, so its table lists them); `final_eval=False`: no phase
+    measures its final held-out figures (run_training's, for a caller that measures the states itself)."""
     import jax
 
     check(config)
@@ -149,10 +156,12 @@ def run_recipe(
 
     # One recipe per workdir: its phases (each a run holding its own sub-directory's lock) are this job's alone.
     with hold_for_job(workdir, jax.process_index(), jax.process_count()):
-        return _run_phases(config, workdir, progress, teacher, clock or PhaseClock())
+        return _run_phases(config, workdir, progress, teacher, clock or PhaseClock(), final_eval)
 
 
-def _run_phases(config: Config, workdir: Path, progress: bool, teacher, clock: PhaseClock) -> dict[str, Any]:
+def _run_phases(
+    config: Config, workdir: Path, progress: bool, teacher, clock: PhaseClock, final_eval: bool
+) -> dict[str, Any]:
     import jax
 
     from analogjax.setup import build_mesh
@@ -195,6 +204,7 @@ def _run_phases(config: Config, workdir: Path, progress: bool, teacher, clock: P
             progress=progress,
             # A cached phase is measured (held-out KL, agreement, its fidelity curve) against the live teacher.
             eval_teacher=None if own else (live, live_params),
+            final_eval=final_eval,
         )
         clock.stop()
         if results[name]["preempted"]:
