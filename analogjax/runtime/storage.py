@@ -91,6 +91,12 @@ def remove_tree(path: epath.Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _copy_file(source: epath.Path, target: epath.Path) -> None:
+    """Stream one file (local or an object) to `target` in 16 MiB pieces: one object write on a bucket."""
+    with source.open("rb") as src, target.open("wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 24)
+
+
 def move_tree(source: epath.Path, target: epath.Path) -> None:
     """Move a folder to `target` (which must not exist). Local: one rename. Object store: a prefix has no rename
     and no empty folders to rename into, so every object is copied, then the source deleted: an interruption
@@ -100,8 +106,7 @@ def move_tree(source: epath.Path, target: epath.Path) -> None:
         source.rename(target)
         return
     for file in files_under(source):
-        with file.open("rb") as src, (target / os.path.relpath(os.fspath(file), os.fspath(source))).open("wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 24)
+        _copy_file(file, target / os.path.relpath(os.fspath(file), os.fspath(source)))
     source.rmtree(missing_ok=True)
 
 
@@ -188,7 +193,7 @@ def local_copy(path: str | os.PathLike) -> str:
         raise UserError(f"{text}: no such file or folder")
     name = source.name or "root"
     target = os.path.join(_cache_root(), hashlib.sha256(text.encode()).hexdigest()[:16], name)
-    files = [source] if not source.is_dir() else [p for p in files_under(source)]
+    files = [source] if not source.is_dir() else list(files_under(source))
     for file in files:
         rel = file.name if file == source else str(file)[len(str(source)) + 1 :]
         local = target if file == source else os.path.join(target, rel)
@@ -196,8 +201,7 @@ def local_copy(path: str | os.PathLike) -> str:
             continue
         os.makedirs(os.path.dirname(local), exist_ok=True)
         tmp = f"{local}.{os.getpid()}.tmp"
-        with file.open("rb") as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 24)
+        _copy_file(file, epath.Path(tmp))
         os.replace(tmp, local)
     return target
 
@@ -221,9 +225,7 @@ def upload_tree(local: str | os.PathLike, remote: epath.Path) -> None:
     local = os.fspath(local)
     files = [os.path.join(d, f) for d, _, names in os.walk(local) for f in names]
     for file in sorted(files, key=lambda f: (os.path.basename(f) in _LAST, f)):
-        target = remote / os.path.relpath(file, local)
-        with open(file, "rb") as src, target.open("wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 24)
+        _copy_file(epath.Path(file), remote / os.path.relpath(file, local))
 
 
 @contextlib.contextmanager
