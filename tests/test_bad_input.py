@@ -10,7 +10,6 @@ command run in parallel, and one test per command reports every failing case at 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from subprocess_env import cpu_env
 
 from analogjax.config import load_config
 
@@ -107,13 +107,7 @@ def _run_case(case: Case, shared: Path, cases_dir: Path) -> str | None:
     cwd = cases_dir / case.name
     cwd.mkdir(parents=True)
     args = [a.replace("{shared}", str(shared)) for a in case.args]
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS="--xla_force_host_platform_device_count=8",
-        XDG_CACHE_HOME=str(cwd / ".cache"),
-        PYTHONPATH=str(Path(__file__).resolve().parent.parent),
-    )
+    env = cpu_env(XDG_CACHE_HOME=str(cwd / ".cache"), PYTHONPATH=str(Path(__file__).resolve().parent.parent))
     proc = subprocess.run(
         [sys.executable, "-m", "analogjax", *args],
         capture_output=True,

@@ -6,7 +6,6 @@ losses in metrics.jsonl and its final params and optimizer state must be bitwise
 """
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from subprocess_env import cpu_env
 
 from analogjax import checkpoint as ckpt_lib
 from analogjax import mesh as mesh_lib
@@ -46,7 +46,7 @@ checkpoint: {{every: 2, keep: 2}}
 
 
 def _launch(config: Path, workdir: Path, *extra: str) -> subprocess.Popen:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = cpu_env()
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir.parent / f"{workdir.name}.{time.monotonic_ns()}"
     proc = subprocess.Popen(

@@ -1,7 +1,6 @@
 """The CLI as a user runs it: a real subprocess, and every mistake a single `error:` line with exit status 2."""
 
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -9,6 +8,7 @@ import types
 from pathlib import Path
 
 import pytest
+from subprocess_env import cpu_env
 
 from analogjax import cli
 from analogjax.config import load_config
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def analogjax(*args, cwd=None, devices=8, timeout=300):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    env = cpu_env(devices)
     return subprocess.run(
         [sys.executable, "-m", "analogjax", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout
     )

@@ -107,7 +107,7 @@ def test_launcher_returns_the_first_failure():
 def _start_job(workdir: Path, config_path: Path, logs: Path, tag: str) -> list[subprocess.Popen]:
     launcher = _local_launcher()
     port = launcher.free_port()
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = dict(os.environ)  # the launcher sets the device count, and keeps the session's other XLA flags
     procs = []
     for pid in range(2):
         penv = launcher.process_env(env, process_id=pid, processes=2, devices=4, port=port, heartbeat=HEARTBEAT_S)

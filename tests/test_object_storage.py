@@ -10,7 +10,6 @@ by transformers from a local copy. A teacher cache and prepared shards go to gs:
 """
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -23,6 +22,7 @@ import jax
 import numpy as np
 import pytest
 from etils import epath
+from subprocess_env import cpu_env
 
 from analogjax import checkpoint as ckpt_lib
 from analogjax import cli
@@ -133,7 +133,7 @@ def test_distill_on_gs_killed_and_resumed_bitwise_then_exported(gcs, tmp_path, m
 
     assert cli.main(["distill", "--config", str(config), "--workdir", str(local), "--no-progress"]) == 0
 
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = cpu_env()
     killed = subprocess.Popen(
         [sys.executable, "-m", "analogjax", "distill", "--config", str(config), "--workdir", remote, "--no-progress"],
         stdout=subprocess.DEVNULL,

@@ -4,7 +4,6 @@ random one, and the command's refusals."""
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from subprocess_env import cpu_env
 
 from analogjax import mesh as mesh_lib
 from analogjax.data import to_global_batch
@@ -260,7 +260,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _cli(*args):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = cpu_env()
     return subprocess.run(
         [sys.executable, "-m", "analogjax", "prune", *args],
         capture_output=True,
