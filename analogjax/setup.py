@@ -8,6 +8,7 @@ is the program a run executes. The objective is built here once (`Objective.buil
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,7 @@ from analogjax.objective.hidden import init_projections, projection_logical_axes
 from analogjax.runtime.batch_sums import rows_over_batches, sum_over_batches
 from analogjax.runtime.metrics_log import means
 from analogjax.step import (
+    HeldoutEval,
     TrainState,
     make_distill_step,
     make_eval_rows_step,
@@ -37,7 +39,7 @@ from analogjax.step import (
     make_optimizer,
     rows_chunk_size,
 )
-from analogjax.teacher import Teacher, load_teacher
+from analogjax.teacher import Teacher, forward_rows, keeps_rows, load_teacher
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,7 +54,7 @@ class Run:
     objective: Objective  # what step_fn minimises
     state: TrainState | None  # None when built with init=False: restore_or_init makes or restores it
     step_fn: Any  # jitted distill step
-    eval_fn: Any  # jitted eval step
+    eval_fn: HeldoutEval  # the eval step (its teacher rows and the student's sums, each jitted)
     batch_sharding: Any
     abstract_state: TrainState  # ShapeDtypeStructs with shardings: the init and the restore target
     tx: Any  # the optimizer
@@ -244,10 +246,25 @@ def build(
     else:
         measuring, measuring_params = None, None
     measured = Objective.measurement(teacher=measuring, student=config.model, chunk_size=config.distill.chunk_size)
-    eval_fn = jax.jit(
-        make_eval_step(student, mesh_lib.STUDENT_RULES, measuring, measured),
-        in_shardings=(shardings.params["model"], jax.tree.map(lambda a: a.sharding, measuring_params), batch_sh),
-        out_shardings=mesh_lib.replicated(mesh),
+    measuring_sh = jax.tree.map(lambda a: a.sharding, measuring_params)
+    # The teacher's rows ([b, s, d] hidden or [b, s, v] logits) stay split over the batch's rows, as the batch is.
+    teacher_rows_fn = None
+    if keeps_rows(measuring):
+        teacher_rows_fn = jax.jit(
+            functools.partial(forward_rows, measuring), in_shardings=(measuring_sh, batch_sh), out_shardings=batch_sh
+        )
+    eval_fn = HeldoutEval(
+        teacher_rows_fn,
+        jax.jit(
+            make_eval_step(student, mesh_lib.STUDENT_RULES, measuring, measured),
+            in_shardings=(
+                shardings.params["model"],
+                measuring_sh,
+                None if teacher_rows_fn is None else batch_sh,
+                batch_sh,
+            ),
+            out_shardings=mesh_lib.replicated(mesh),
+        ),
     )
     # Per-row sums measure the rows side by side: a chunk size that keeps a chunk's logits as small as eval_fn's.
     measured_rows = Objective.measurement(

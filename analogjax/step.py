@@ -12,6 +12,7 @@ for several students against one teacher forward.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import flax.linen as nn
@@ -22,7 +23,7 @@ from flax import struct
 
 from analogjax.config import OptimConfig
 from analogjax.objective import Objective, StudentOutputs
-from analogjax.teacher import Teacher
+from analogjax.teacher import Teacher, signal_of_rows
 from analogjax.teacher import forward as teacher_forward
 
 
@@ -124,15 +125,34 @@ def make_distill_step(
 
 def make_eval_step(student, student_rules, teacher: Teacher | None, objective: Objective) -> Callable:
     """Held-out metrics (sums + count) of `objective` (Objective.measurement: at T=1, KL(teacher‖student), ce,
-    teacher_ce, agreement)."""
+    teacher_ce, agreement): (params, teacher_params, teacher_rows, batch) -> sums. `teacher_rows`: the batch's
+    teacher.forward_rows, computed by a program of its own (HeldoutEval) so a caller measuring the same batch again
+    keeps them; None runs the teacher's whole forward here (a teacher that does not keep rows)."""
 
-    def eval_step(params, teacher_params, batch):
-        s_out, signal = forward_outputs(
-            student, student_rules, teacher, {"model": params}, teacher_params, batch, False
-        )
+    def eval_step(params, teacher_params, teacher_rows, batch):
+        inline = teacher if teacher_rows is None else None  # no rows kept: the teacher's whole forward runs here
+        s_out, signal = forward_outputs(student, student_rules, inline, {"model": params}, teacher_params, batch, False)
+        if inline is None and teacher is not None:
+            signal = signal_of_rows(teacher, teacher_params, teacher_rows)
         return objective.eval_sums(s_out, signal, batch)
 
     return eval_step
+
+
+@dataclass(frozen=True)
+class HeldoutEval:
+    """The eval step as two jitted programs: the teacher's rows of a batch (its trunk, the costly part), and the
+    student's sums against them. Called like one step, (params, teacher_params, batch) -> sums; `rows` alone gives
+    what a caller measuring the same batch at many points keeps (fidelity curves) for `sums`."""
+
+    teacher_rows: Callable | None  # (teacher_params, batch) -> rows; None: no teacher, or one that keeps no rows
+    sums: Callable  # (params, teacher_params, rows, batch) -> sums (make_eval_step)
+
+    def rows(self, teacher_params, batch):
+        return None if self.teacher_rows is None else self.teacher_rows(teacher_params, batch)
+
+    def __call__(self, params, teacher_params, batch):
+        return self.sums(params, teacher_params, self.rows(teacher_params, batch), batch)
 
 
 def make_eval_rows_step(student, student_rules, teacher: Teacher | None, objective: Objective) -> Callable:

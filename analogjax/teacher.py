@@ -36,6 +36,9 @@ class Teacher:
 
     logits: TeacherLogitsFn | None = None
     features: Callable[..., tuple[Any, jax.Array]] | None = None  # (params, tok, seg, pos, collect) -> (Features, head)
+    # params -> the head `features` returns, without the forward: what lets a caller keep a batch's teacher rows
+    # (forward_rows) and rebuild the signal later (signal_of_rows). None: `features` alone (always run whole).
+    head: Callable[[Any], jax.Array] | None = None
     rules: tuple = ()  # its logical-axis rules (mesh.TEACHER_RULES for analogjax models)
     vocab_size: int | None = None
     # A cached teacher (teacher_cache/): batch -> TopKTeacher | SampledTeacher read from arrays in the batch, and
@@ -71,6 +74,7 @@ def model_teacher(model, rules) -> Teacher:
     return Teacher(
         logits=model,
         features=features,
+        head=model.head,
         rules=tuple(rules),
         vocab_size=model.cfg.vocab_size,
         final_softcap=model.cfg.final_softcap,
@@ -93,6 +97,30 @@ def forward(teacher: Teacher, params, batch: dict[str, jax.Array], collect_layer
         else:
             raise UserError("a Teacher needs `logits`, `features` or `from_batch`")
     return jax.lax.stop_gradient(signal)
+
+
+def keeps_rows(teacher: Teacher | None) -> bool:
+    """Whether a live teacher's forward can be kept as rows and its signal rebuilt from them (forward_rows,
+    signal_of_rows): a logits teacher, or a features teacher that gives its head."""
+    return teacher is not None and not teacher.is_cached and (teacher.features is None or teacher.head is not None)
+
+
+def forward_rows(teacher: Teacher, params, batch: dict[str, jax.Array]) -> jax.Array:
+    """The part of a live teacher's signal that depends on the batch: its final hidden states [b, s, d] (a features
+    teacher) or its logits [b, s, v]. Held across calls by whoever measures the same batch again (fidelity curves),
+    it skips the teacher's trunk: signal_of_rows rebuilds the signal from it."""
+    return forward(teacher, params, batch).rows
+
+
+def signal_of_rows(teacher: Teacher, params, rows: jax.Array) -> TeacherSignal:
+    """The TeacherSignal `forward` returns for the batch whose `rows` forward_rows gave (without layers)."""
+    if teacher.features is not None:
+        if teacher.head is None:
+            raise UserError("a features Teacher kept as rows needs its `head` (params -> [d, v])")
+        with nn.logical_axis_rules(list(teacher.rules)):
+            head = teacher.head(params)
+        return jax.lax.stop_gradient(TeacherSignal.from_hidden(rows, head, softcap=teacher.final_softcap))
+    return TeacherSignal.from_logits(rows)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -61,6 +61,13 @@ def test_curves_rows_and_eval_teacher(tmp_path):
     np.testing.assert_allclose(rows["scaled"]["kl"].sum() / rows["scaled"]["count"].sum(), scaled["kl"], rtol=2e-5)
     assert not np.array_equal(rows["final"]["kl"], rows["scaled"]["kl"])
 
+    # The curve keeps the teacher's rows of its batch and runs the student against them: its last point is what the
+    # per-row step (the teacher's forward inline) measures on that batch.
+    inline = evaluate_rows(run, {"final": final}, config.train.curve_batches)["final"]
+    for key in ("kl", "agreement", "ce", "teacher_ce"):
+        want = inline[key].sum() / inline["count"].sum()
+        np.testing.assert_allclose(points[-1][f"curve_{key}"], want, rtol=2e-5, err_msg=key)
+
     # A CE-only run measures against a live teacher it is given for evaluation (the run's: the same eval program).
     ce_only = load_config(ROOT / "configs/tiny.yaml", ["train.steps=10", "distill.terms=[{kind: ce, weight: 1.0}]"])
     measured = build(ce_only, mesh=run.mesh, init=False, eval_teacher=(run.teacher, run.teacher_params))

@@ -3,7 +3,8 @@
 While a run trains (train.py), it measures held-out KL(teacher‖student), top-1 agreement and CE at
 `train.curve_points` evenly spaced steps (step 0, the init, and the last step included) on the first
 `train.curve_batches` held-out batches. It uses the run's compiled eval step (the same batch shape as every held-out
-evaluation, so nothing compiles per point), holds those batches for the whole run, and touches neither the training
+evaluation, so nothing compiles per point), holds those batches and the teacher's rows of them (its final hidden
+states: the teacher's trunk runs once per run, not once per point) for the whole run, and touches neither the training
 RNG nor the data position, so a run with a curve trains bitwise as one without. Each point is one record of
 metrics.jsonl:
 
@@ -95,6 +96,7 @@ class FidelityCurve:
         self._due = {s for s in curve_steps(cfg.steps, cfg.curve_points) if s > start or s == start == 0}
         self._logged = {record.get("step") for record in logged if MARK in record}
         self._batches: list | None = None
+        self._teacher_rows: list = []
         self._spent_through, self._spent = 0, (0, 0.0, 0.0)
 
     def due(self, step: int) -> bool:
@@ -116,13 +118,21 @@ class FidelityCurve:
             )
             if not self._batches:
                 raise UserError("the held-out split is empty: raise data.heldout_fraction or add documents")
+            # The teacher's rows of each batch, computed once: a point runs the student alone (and the teacher's
+            # head over the kept rows), not the teacher's trunk again.
+            self._teacher_rows = [run.eval_fn.rows(run.eval_teacher_params, batch) for batch in self._batches]
             if run.eval_teacher is None and jax.process_index() == 0:
                 print(
                     "note: the fidelity curve holds held-out CE only: evaluation has no live teacher (a cached or "
                     "CE-only run; pass eval_teacher to run_training for KL and agreement)",
                     file=sys.stderr,
                 )
-        measured = means(sum_over_batches(run.eval_fn, self._batches, params, run.eval_teacher_params))
+        measured = means(
+            sum_over_batches(
+                lambda batch_rows: run.eval_fn.sums(params, run.eval_teacher_params, *batch_rows),
+                zip(self._teacher_rows, self._batches),
+            )
+        )
         tokens, flops_student, flops_teacher = self._spent_until(step)
         point = {
             "step": step,
