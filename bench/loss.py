@@ -18,6 +18,7 @@ subprocess per case per round, cycling through the cases) so a shared machine's 
 
   python bench/loss.py            # vocab 32k and 128k, 2048 tokens, d_model 1024 (a few minutes on 2 cores)
   python bench/loss.py --quick    # small smoke run
+  python bench/loss.py --fit-budget-mb 8192    # the most tokens XLA plans within 8 GiB, vocab 131k and 262k
 """
 
 from __future__ import annotations
@@ -49,23 +50,14 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def run_case(path: str, vocab: int, tokens: int, d_model: int, chunk_size: int, repeats: int) -> dict:
+def _loss_and_grad(path: str, chunk_size: int):
+    """The jitted loss + gradient (w.r.t. the student's hidden states and head) of one case."""
     import jax
     import jax.numpy as jnp
 
     from analogjax.objective.fused import fused_distill_loss, plain_distill_loss
-    from analogjax.objective.signal import TeacherSignal
 
     loss_fn = {"fused": fused_distill_loss, "plain": plain_distill_loss}[path]
-    keys = jax.random.split(jax.random.key(0), 6)
-    hidden = jax.random.normal(keys[0], (tokens, d_model), jnp.float32)
-    head = jax.random.normal(keys[1], (d_model, vocab), jnp.float32) * d_model**-0.5
-    teacher = TeacherSignal.from_hidden(
-        jax.random.normal(keys[2], (tokens, d_model), jnp.float32),
-        jax.random.normal(keys[3], (d_model, vocab), jnp.float32) * d_model**-0.5,
-    )
-    targets = jax.random.randint(keys[4], (tokens,), 0, vocab)
-    weights = (jax.random.uniform(keys[5], (tokens,)) > 0.1).astype(jnp.float32)
 
     # Everything is an argument: a closed-over teacher would be a compile-time constant that XLA folds.
     def objective(hidden_, head_, teacher_, targets_, weights_):
@@ -83,8 +75,70 @@ def run_case(path: str, vocab: int, tokens: int, d_model: int, chunk_size: int, 
         )
         return out["loss"], out["kl"]
 
-    step = jax.jit(jax.value_and_grad(objective, argnums=(0, 1), has_aux=True))
-    arguments = (hidden, head, teacher, targets, weights)
+    return jax.jit(jax.value_and_grad(objective, argnums=(0, 1), has_aux=True))
+
+
+def _arguments(vocab: int, tokens: int, d_model: int, abstract: bool = False) -> tuple:
+    """(student hidden, student head, teacher signal, targets, weights); shapes only when `abstract`."""
+    import jax
+    import jax.numpy as jnp
+
+    from analogjax.objective.signal import TeacherSignal
+
+    if abstract:
+        f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
+        teacher = TeacherSignal.from_hidden(f32(tokens, d_model), f32(d_model, vocab))
+        return (
+            f32(tokens, d_model),
+            f32(d_model, vocab),
+            teacher,
+            jax.ShapeDtypeStruct((tokens,), jnp.int32),
+            f32(tokens),
+        )
+    keys = jax.random.split(jax.random.key(0), 6)
+    hidden = jax.random.normal(keys[0], (tokens, d_model), jnp.float32)
+    head = jax.random.normal(keys[1], (d_model, vocab), jnp.float32) * d_model**-0.5
+    teacher = TeacherSignal.from_hidden(
+        jax.random.normal(keys[2], (tokens, d_model), jnp.float32),
+        jax.random.normal(keys[3], (d_model, vocab), jnp.float32) * d_model**-0.5,
+    )
+    targets = jax.random.randint(keys[4], (tokens,), 0, vocab)
+    weights = (jax.random.uniform(keys[5], (tokens,)) > 0.1).astype(jnp.float32)
+    return hidden, head, teacher, targets, weights
+
+
+def largest_fit(path: str, vocab: int, d_model: int, chunk_size: int, budget_mb: float, most: int = 2**20) -> dict:
+    """The most tokens (a power of two from 128 up to `most`) whose loss + gradient XLA plans within `budget_mb`:
+    the compiled program's arguments, outputs and temporaries (memory_analysis, compile only: nothing runs, so the
+    figure is XLA's plan, not the allocator's). The inputs are counted: they are what a step holds for the loss."""
+    step = _loss_and_grad(path, chunk_size)
+    fits, tokens, planned = None, 128, None
+    while tokens <= most:
+        analysis = step.lower(*_arguments(vocab, tokens, d_model, abstract=True)).compile().memory_analysis()
+        total = analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes
+        if total > budget_mb * 2**20:
+            break
+        fits, planned = tokens, total
+        tokens *= 2
+    return {
+        "bench": "loss_fit",
+        "path": path,
+        "vocab": vocab,
+        "d_model": d_model,
+        "chunk_size": chunk_size if path == "fused" else None,
+        "budget_mb": budget_mb,
+        "largest_tokens": fits,
+        "planned_mb": round(planned / 2**20, 1) if planned is not None else None,
+        "search_capped": fits == most,
+    }
+
+
+def run_case(path: str, vocab: int, tokens: int, d_model: int, chunk_size: int, repeats: int) -> dict:
+    import jax
+
+    step = _loss_and_grad(path, chunk_size)
+    arguments = _arguments(vocab, tokens, d_model)
+    hidden, head, teacher, targets, weights = arguments
     compiled = step.lower(*arguments).compile()
     analysis = compiled.memory_analysis()
     jax.block_until_ready((hidden, head, teacher, targets, weights))
@@ -169,10 +223,30 @@ def main() -> None:
     parser.add_argument("--chunk-sizes", type=int, nargs="*", default=[512, 256, 128], help="fused chunk sizes")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per round, after one warm-up")
     parser.add_argument("--rounds", type=int, default=2, help="passes over the cases (each a fresh subprocess)")
+    parser.add_argument(
+        "--fit-budget-mb",
+        type=float,
+        help="instead of timing: for each vocabulary, the most tokens whose loss + gradient XLA plans within this "
+        "many MiB, plain and fused at the first --chunk-sizes (compile only)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(run_case(**json.loads(args.child))), flush=True)
+        return
+    if args.fit_budget_mb:
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        for vocab in args.vocab or [131072, 262144]:
+            fits = {
+                path: largest_fit(path, vocab, args.d_model, args.chunk_sizes[0], args.fit_budget_mb)
+                for path in ("plain", "fused")
+            }
+            for line in fits.values():
+                print(json.dumps(line), flush=True)
+            plain, fused = fits["plain"]["largest_tokens"], fits["fused"]["largest_tokens"]
+            if plain and fused:
+                ratio = {"bench": "loss_fit_summary", "vocab": vocab, "fused_over_plain_tokens": fused / plain}
+                print(json.dumps({**ratio, "search_capped": fits["fused"]["search_capped"]}), flush=True)
         return
     if args.quick:
         vocabs, tokens, d_model, repeats, chunk_sizes = args.vocab or [4096], 256, 128, 1, [64]
