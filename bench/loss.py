@@ -138,10 +138,9 @@ def run_case(path: str, vocab: int, tokens: int, d_model: int, chunk_size: int, 
 
     step = _loss_and_grad(path, chunk_size)
     arguments = _arguments(vocab, tokens, d_model)
-    hidden, head, teacher, targets, weights = arguments
     compiled = step.lower(*arguments).compile()
     analysis = compiled.memory_analysis()
-    jax.block_until_ready((hidden, head, teacher, targets, weights))
+    jax.block_until_ready(arguments)
     inputs_kb = _read_status_kb("VmRSS")
     peak_reset = _reset_peak_rss()
 
