@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable
 
 from analogjax.errors import UserError
+from analogjax.runtime.xla_flags import add_cpu_flags
 
 # name → (module, help). Modules provide add_arguments(parser) and run(args) -> int; imported only when used, so
 # `analogjax --help` stays fast and one command's heavy imports never slow another.
@@ -119,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     is a bug and keeps its traceback, so it is deliberately not caught here."""
     argv = sys.argv[1:] if argv is None else argv
     skip_absent_tpu()
+    add_cpu_flags()  # before any command starts a JAX backend (analogjax/runtime/xla_flags.py says why)
     quiet_libraries()
     try:
         parser = build_parser()

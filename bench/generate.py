@@ -28,6 +28,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from analogjax.runtime.xla_flags import add_cpu_flags  # noqa: E402
+
+add_cpu_flags()  # the XLA settings the CLI runs with, before JAX starts a backend
+
 
 def measured_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
     """Bytes/s of an elementwise pass over a large float32 array (each byte read once and written once)."""

@@ -230,6 +230,9 @@ def main() -> None:
     )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    from analogjax.runtime.xla_flags import add_cpu_flags
+
+    add_cpu_flags()  # the XLA settings the CLI runs with (children inherit them), before JAX starts a backend
     if args.child:
         print(json.dumps(run_case(**json.loads(args.child))), flush=True)
         return

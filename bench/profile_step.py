@@ -34,6 +34,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from analogjax.runtime.xla_flags import add_cpu_flags  # noqa: E402
+
+add_cpu_flags()  # the XLA settings the CLI runs with, before JAX starts a backend
+
 CLASSES = ("loss", "attention", "matmul", "optimizer", "other")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*[^=]*?\b([\w\-]+)\(")
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")

@@ -18,6 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from analogjax.runtime.xla_flags import add_cpu_flags  # noqa: E402
+
+add_cpu_flags()  # the XLA settings the CLI runs with, before JAX starts a backend
+
 BENCH_OVERRIDES = [
     "model.preset=bench-student",
     "teacher.model.preset=bench-teacher",

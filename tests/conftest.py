@@ -10,6 +10,8 @@ import os
 import shutil
 import tempfile
 
+from analogjax.runtime.xla_flags import add_cpu_flags
+
 # pytest-xdist workers inherit the controller's environment: they reuse its root (so a program one worker compiled
 # is a cache hit in the other), and only the process that made the root removes it.
 _CACHE_ROOT = os.environ.get("ANALOGJAX_TEST_CACHE_ROOT", "")
@@ -29,7 +31,7 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
 # CPU compile is LLVM optimising machine code. The tests run the same HLO programs with LLVM's cheapest settings (the
 # suite: 1,038 s -> 825 s on 2 cores). Results may differ from an optimised build in the last bits (vectorised sums),
 # so every analogjax process a test starts gets these same flags (subprocess_env.cpu_env): comparisons across
-# processes stay bit for bit. Benchmarks and the demo keep XLA's defaults.
+# processes stay bit for bit. Benchmarks and the demo keep XLA's default optimisation.
 _TEST_XLA_FLAGS = (
     "--xla_force_host_platform_device_count=8",
     "--xla_backend_optimization_level=0",
@@ -37,6 +39,7 @@ _TEST_XLA_FLAGS = (
 )
 _FLAGS_GIVEN = os.environ.get("XLA_FLAGS", "").split()  # an xdist worker inherits the controller's: added once
 os.environ["XLA_FLAGS"] = " ".join([*_FLAGS_GIVEN, *(f for f in _TEST_XLA_FLAGS if f not in _FLAGS_GIVEN)])
+add_cpu_flags()  # and the settings every analogjax CLI process adds for itself, so tests run what users run
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402

@@ -24,7 +24,7 @@ ALL_TERMS = (
     ("soft_ce", ()),
 )
 N, D, DT, V = 48, 16, 12, 400  # V/4 = 100 matches no other dimension, so vocab-sized collectives are recognisable
-CHUNK = 8  # below D, so d head is accumulated in two row blocks by the inner loop
+CHUNK = 8  # below D, so d head is accumulated in two column blocks by the inner loop
 
 
 def relative_error(actual, expected):
