@@ -25,9 +25,14 @@ CPU_FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {
 
 
 def _jaxlib_version() -> str:
-    from jaxlib import version  # no backend starts on import
+    """The installed jaxlib's version from its package metadata: importing jaxlib would cost every command (`--help`,
+    a refused config) the start-up it otherwise never pays."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    return version.__version__
+    try:
+        return version("jaxlib")
+    except PackageNotFoundError:
+        return ""
 
 
 def add_cpu_flags(environ: MutableMapping[str, str] = os.environ, jaxlib_version: str | None = None) -> list[str]:
