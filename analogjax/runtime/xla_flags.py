@@ -6,7 +6,10 @@ On CPU, XLA 0.10 hands reductions to the YNNPACK library, which takes its input 
 the target pick), where XLA's own loop fusion computes the reduced values in the pass that produces them. Measured
 on 2 cores, one run each (docs: BENCHMARKS.md, "The fused loss on CPU"): the fused loss + gradient at the demo's
 shape (512 tokens, d_model 256, 49,152-token vocabulary) 0.55 s → 0.49 s; its whole distill step 0.72 s → 0.63 s;
-bench/step.py's dims unchanged (MFU 0.583 → 0.585). YNNPACK keeps the dots, where it is the fast path.
+bench/step.py's dims unchanged (MFU 0.583 → 0.585). YNNPACK keeps the dots, where it is the fast path. The cost:
+XLA's own full reductions are slower on CPU, most visibly the optimizer's global gradient norm (the demo student's
+15.7M-entry gradient: 3-4 ms → 38-46 ms per step, written as a row, column or dot reduction alike), which the
+loss's gain more than pays for at every shape measured.
 
 Only these flags are added, each only when XLA_FLAGS does not already set it (a user's choice wins), and only for
 the jaxlib releases whose XLA knows it: an unknown flag in XLA_FLAGS aborts every JAX process, so an upgraded
