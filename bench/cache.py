@@ -30,11 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from analogjax.runtime.xla_flags import add_cpu_flags  # noqa: E402
-
-add_cpu_flags()  # the XLA settings the CLI runs with, before JAX starts a backend
-
-# bench/step.py: the same model, the same batch, the same timing
+# bench/step.py: the same model, the same batch, the same timing (importing it adds the CLI's XLA settings)
 from step import BENCH_OVERRIDES, synthetic_batch, time_steps  # noqa: E402
 
 # name → (layout kwargs, treatment the cached step uses)

@@ -33,11 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from analogjax.runtime.xla_flags import add_cpu_flags  # noqa: E402
-
-add_cpu_flags()  # the XLA settings the CLI runs with, before JAX starts a backend
-
-from step import BENCH_OVERRIDES, synthetic_batch  # noqa: E402  (bench/step.py: same model, same batch)
+from step import BENCH_OVERRIDES, synthetic_batch  # noqa: E402  (bench/step.py: same model, same batch, same XLA flags)
 
 WINDOW = 2  # steps after a save in which its cost is looked for: the background write ends within them here
 
