@@ -56,3 +56,14 @@ def test_recipe_settings_reach_the_phase_configs(tmp_path):
     assert on_policy.checkpoint.init_path == str(tmp_path / "distill" / "checkpoints")
     assert on_policy.train.steps == 1 and on_policy.optim.learning_rate == config.recipe.on_policy_learning_rate
     assert not distill.recipe.enabled and not on_policy.recipe.enabled  # each phase's config.yaml reruns it alone
+
+
+def test_the_on_policy_phase_keeps_the_distillations_curve_spacing():
+    from analogjax.recipes.analog import continued_curve_points
+
+    # The demo: 80 distillation steps at 10 points (a point every ~9 steps); 8 on-policy steps get start, middle, end.
+    assert continued_curve_points(10, 80, 8) == 3
+    assert continued_curve_points(10, 80, 40) == 6  # 4.5 gaps rounded up
+    assert continued_curve_points(10, 80, 200) == 10  # never more points than the distillation's
+    assert continued_curve_points(10, 80, 1) == 3  # curve_steps keeps the distinct steps (0 and 1)
+    assert continued_curve_points(0, 80, 8) == 0  # no curve stays no curve

@@ -376,3 +376,23 @@ def test_decode_length_blocks_and_unrolling_leave_greedy_outputs_unchanged(monke
         n = int(np.argmax(want == eos)) + 1 if (want == eos).any() else 8
         assert got_count[row] == n
         np.testing.assert_array_equal(got[row], np.where(np.arange(8) < n, want, 0))
+
+
+def test_demo_teacher_logprob_is_the_float64_log_softmax_of_each_completion():
+    from analogjax.recipes.demo_samples import teacher_logprob
+
+    cfg = FAMILIES["gemma2"]
+    params = _params(cfg)
+    model = Model(cfg, params, mesh=mesh_lib.make_mesh(-1, 1, 1), rules=mesh_lib.STUDENT_RULES)
+    prompts, completions = [[5, 6, 7], [1, 2, 3, 4, 5]], [[8, 9], [10, 11, 12, 13]]
+    got = teacher_logprob(model, prompts, completions)
+    full = jax.jit(Transformer(cfg).__call__)
+    for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+        row = prompt + completion
+        logits = np.asarray(full(params, np.array([row], np.int32)), np.float64)[0]
+        log_probs = logits - logits.max(-1, keepdims=True)
+        log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+        # position t's logits score token t + 1: the completion's tokens only, never the prompt's
+        want = sum(log_probs[t - 1, row[t]] for t in range(len(prompt), len(row)))
+        assert got["count"][i] == len(completion)
+        np.testing.assert_allclose(got["sum"][i], want, rtol=1e-5, atol=1e-5)

@@ -119,9 +119,25 @@ def phase_configs(config: Config, workdir: Path) -> dict[str, Config]:
                 learning_rate=recipe.on_policy_learning_rate,
                 warmup_steps=min(recipe.on_policy_warmup_steps, steps - 1),
             ),
-            train=dataclasses.replace(config.train, steps=steps, log_every=min(config.train.log_every, steps)),
+            train=dataclasses.replace(
+                config.train,
+                steps=steps,
+                log_every=min(config.train.log_every, steps),
+                curve_points=continued_curve_points(config.train.curve_points, config.train.steps, steps),
+            ),
         )
     return configs
+
+
+def continued_curve_points(points: int, distill_steps: int, steps: int) -> int:
+    """Curve points of a phase of `steps` steps continuing a distillation of `distill_steps` steps measured at
+    `points` points: about the same spacing in steps (a point costs a held-out forward of the student and the
+    teacher's head, as much as a step or more: a short phase measured at every step would spend as long measuring
+    as training), never fewer than its start, middle and end; 0 stays 0 (no curve)."""
+    if points <= 0:
+        return 0
+    spaced = -(-(points - 1) * steps // max(distill_steps, 1)) + 1  # gaps rounded up, plus the start
+    return min(points, max(3, spaced))
 
 
 def final_phase(workdir: Path) -> Path | None:

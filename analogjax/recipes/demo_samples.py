@@ -54,12 +54,19 @@ def teacher_logprob(teacher_model, prompts: list[list[int]], completions: list[l
         segments[i, : len(row)] = 1
         positions[i, : len(row)] = np.arange(len(row))
         scored[i, len(p) - 1 : len(row) - 1] = 1.0  # logits at position t score token t + 1
-    logits = np.asarray(teacher_model(tokens, jnp.asarray(segments), jnp.asarray(positions)), np.float64)
-    logp = logits - logits.max(-1, keepdims=True)
-    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    logits = teacher_model(tokens, jnp.asarray(segments), jnp.asarray(positions))
     targets = np.concatenate([tokens[:, 1:], np.zeros((tokens.shape[0], 1), np.int32)], axis=1)
-    picked = np.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    # Picked on the device: only [prompts, width] log-probs come back, never the [prompts, width, vocab] logits.
+    picked = np.asarray(_picked_log_probs(logits, jnp.asarray(targets)), np.float64)
     return {"sum": (picked * scored).sum(-1).tolist(), "count": scored.sum(-1).tolist()}
+
+
+@jax.jit
+def _picked_log_probs(logits_bsv, targets_bs):
+    """log softmax(logits)[target] per position, in float32 (the log-sum-exp's error is far below the figure's
+    interval)."""
+    log_probs = jax.nn.log_softmax(logits_bsv.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(log_probs, targets_bs[..., None], axis=-1)[..., 0]
 
 
 LOGPROB = intervals.ratio("sum", "count")  # the teacher's mean log-prob per completion token

@@ -82,11 +82,9 @@ def teacher_metadata(teacher) -> dict[str, Any]:
 
 
 def _gguf_metadata(path: str) -> dict[str, Any]:
-    try:
-        from gguf import GGUFReader
-    except ImportError:
-        raise UserError(f"{path} is a GGUF teacher but the gguf package is not installed (pip install gguf)") from None
-    fields = GGUFReader(path).fields
+    from analogjax.models.gguf import open_gguf
+
+    fields = open_gguf(path).reader.fields  # the file the teacher was loaded from, parsed once per process
 
     def value(key: str):
         field = fields.get(key)
