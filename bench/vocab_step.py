@@ -88,7 +88,7 @@ def run_hand_rolled(vocab: int, repeats: int) -> dict:
     opt_state = tx.init(s_params)
 
     def full_logits(model, cfg, params):
-        hidden = model.apply(params, *args).hidden
+        hidden = model.apply(params, *args).hidden_bsd
         p = params["params"]
         head = p["embedding"].T if cfg.tie_embeddings else p["lm_head"]
         return hidden @ head  # [batch, seq, vocab], float32
