@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -371,6 +372,13 @@ class RecipeConfig:
             raise UserError(
                 f"{_join(prefix, 'on_policy.fraction')} is 0: the on-policy phase needs on-policy steps "
                 f"(or {_join(prefix, 'on_policy_steps')}: 0)"
+            )
+        # Step s is on-policy when floor((s + 1)·fraction) > floor(s·fraction): floor(steps·fraction) of them.
+        if self.on_policy_steps and math.floor(self.on_policy_steps * self.on_policy.fraction) == 0:
+            raise UserError(
+                f"{_join(prefix, 'on_policy_steps')}: {self.on_policy_steps} steps at "
+                f"{_join(prefix, 'on_policy.fraction')} {self.on_policy.fraction} hold no step on the analog's own "
+                "samples; raise either"
             )
 
 

@@ -25,7 +25,7 @@ NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "colab_demo.ip
 
 def tiny_sets(gguf_path: Path, corpus: Path, vocab: int) -> list[str]:
     """The real demo at toy size: a 1-layer analog of the GGUF teacher's family, 3 steps of 8 x 32, every row and
-    measure on (one transfer pair, two samples, two on-policy steps)."""
+    measure on (one transfer pair, two samples, four on-policy-phase steps)."""
     return [
         f"gguf_path={gguf_path}",
         "pruned_ce_row=true",
@@ -45,7 +45,7 @@ def tiny_sets(gguf_path: Path, corpus: Path, vocab: int) -> list[str]:
         "run.train.eval_batches=1",
         "run.recipe.prune_batches=1",
         "run.recipe.cache_k=8",
-        "run.recipe.on_policy_steps=2",
+        "run.recipe.on_policy_steps=4",  # the demo's fraction (a quarter): step 3, the last, on its own samples
         "run.recipe.on_policy.prompt_len=8",
         "run.recipe.on_policy.max_new_tokens=8",
         "samples=2",

@@ -28,6 +28,8 @@ def _distill(tmp_path, *sets):
             "larger than the teacher",
         ),
         (("recipe.on_policy_steps=1", "recipe.on_policy.fraction=0"), "recipe.on_policy.fraction"),
+        # a phase too short for its fraction would hold no on-policy step at all
+        (("recipe.on_policy_steps=3", "recipe.on_policy.fraction=0.25"), "recipe.on_policy_steps"),
         (("recipe.on_policy_steps=1", "recipe.on_policy.prompt_len=64"), "recipe.on_policy"),
         (("recipe.cache_k=-1",), "recipe.cache_k"),
         (("recipe.cache_k=8", "distill.terms=[{{kind: ce, weight: 1.0}}]"), "recipe.cache_k"),
@@ -61,7 +63,7 @@ def test_recipe_settings_reach_the_phase_configs(tmp_path):
 def test_the_on_policy_phase_keeps_the_distillations_curve_spacing():
     from analogjax.recipes.analog import continued_curve_points
 
-    # The demo: 80 distillation steps at 10 points (a point every ~9 steps); 8 on-policy steps get start, middle, end.
+    # 80 distillation steps at 10 points (a point every ~9 steps): 8 more steps get start, middle and end.
     assert continued_curve_points(10, 80, 8) == 3
     assert continued_curve_points(10, 80, 40) == 6  # 4.5 gaps rounded up
     assert continued_curve_points(10, 80, 200) == 10  # never more points than the distillation's
