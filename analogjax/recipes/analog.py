@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import sys
 import time
@@ -208,7 +209,10 @@ def _run_phases(
     results = {}
     for name in (n for n in names if n in configs):
         cfg = configs[name]
-        clock.start(name, _TRAINING[name].format(steps=cfg.train.steps, on_policy=config.recipe.on_policy))
+        steps = cfg.train.steps
+        on_samples = math.floor(steps * config.recipe.on_policy.fraction)  # OnPolicyConfig's rule, summed
+        which = f"{steps} steps" if on_samples == steps else f"{steps} steps, {on_samples} of them"
+        clock.start(name, _TRAINING[name].format(steps=steps, which=which, on_policy=config.recipe.on_policy))
         # The on-policy phase scores samples with the live teacher; the distillation reads the cache when there is
         # one. Both are measured against the live teacher (held-out KL and agreement, curves).
         own = (live, live_params) if not configs[name].teacher.cache else None
@@ -236,7 +240,7 @@ def _run_phases(
 
 _TRAINING = {
     DISTILL: "{steps} steps of distillation",
-    ON_POLICY: "{steps} steps on the analog's own samples ({on_policy.prompt_len}-token prompts, "
+    ON_POLICY: "{which} on the analog's own samples ({on_policy.prompt_len}-token prompts, "
     "{on_policy.max_new_tokens} new tokens at T={on_policy.temperature}), scored by the live teacher",
 }
 
