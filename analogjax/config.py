@@ -373,7 +373,8 @@ class RecipeConfig:
                 f"{_join(prefix, 'on_policy.fraction')} is 0: the on-policy phase needs on-policy steps "
                 f"(or {_join(prefix, 'on_policy_steps')}: 0)"
             )
-        # Step s is on-policy when floor((s + 1)·fraction) > floor(s·fraction): floor(steps·fraction) of them.
+        # on_policy.is_on_policy: step s is on-policy when floor((s + 1)·fraction) > floor(s·fraction), so a phase
+        # of n steps holds floor(n·fraction) of them.
         if self.on_policy_steps and math.floor(self.on_policy_steps * self.on_policy.fraction) == 0:
             raise UserError(
                 f"{_join(prefix, 'on_policy_steps')}: {self.on_policy_steps} steps at "

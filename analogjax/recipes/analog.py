@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shutil
 import sys
 import time
@@ -204,13 +203,14 @@ def _run_phases(
         _prune(config, workdir, mesh, live_params, progress, clock)
     if CACHE in names:
         _cache(configs[DISTILL], config.recipe.cache_k, workdir, mesh, (live, live_params), progress, clock)
+    from analogjax.on_policy import on_policy_index
     from analogjax.train import run_training
 
     results = {}
     for name in (n for n in names if n in configs):
         cfg = configs[name]
         steps = cfg.train.steps
-        on_samples = math.floor(steps * config.recipe.on_policy.fraction)  # OnPolicyConfig's rule, summed
+        on_samples = on_policy_index(steps, config.recipe.on_policy.fraction)  # the on-policy steps before `steps`
         which = f"{steps} steps" if on_samples == steps else f"{steps} steps, {on_samples} of them"
         clock.start(name, _TRAINING[name].format(steps=steps, which=which, on_policy=config.recipe.on_policy))
         # The on-policy phase scores samples with the live teacher; the distillation reads the cache when there is
