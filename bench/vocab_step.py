@@ -27,7 +27,7 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
+import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -109,16 +109,21 @@ def run_hand_rolled(vocab: int, repeats: int) -> dict:
     step = jax.jit(step, donate_argnums=(0, 1))
     jax.block_until_ready((s_params, t_params, opt_state))
     inputs = _rss_mb()
-    for _ in range(2):  # compile + one warm step
-        s_params, opt_state, loss = step(s_params, opt_state, t_params)
-    jax.block_until_ready(loss)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        s_params, opt_state, loss = step(s_params, opt_state, t_params)
-        jax.block_until_ready(loss)
-        times.append(time.perf_counter() - t0)
+    # Timed exactly as the library's step: bench/step.py's time_steps, on a one-device mesh (nothing to shard).
+    run = types.SimpleNamespace(
+        state=(s_params, opt_state),
+        teacher_params=t_params,
+        mesh=jax.make_mesh((1,), ("data",)),
+        step_fn=lambda state, teacher_params, _batch: _split(step(*state, teacher_params)),
+    )
+    times, _ = time_steps(run, batch, repeats)
     return {"tokens": config.data.global_batch * config.data.seq_len, "times": times, "inputs_rss_mb": inputs}
+
+
+def _split(out):
+    """(params, opt_state, loss) -> ((params, opt_state), loss): time_steps' (state, metrics)."""
+    params, opt_state, loss = out
+    return (params, opt_state), loss
 
 
 def one_case(case: str, vocab: int, repeats: int) -> dict:
