@@ -61,7 +61,12 @@ def measure_step(repeats: int = 10, overrides: list[str] | None = None) -> dict:
         synthetic_batch(config.data.global_batch, config.data.seq_len, config.model.vocab_size), run.batch_sharding
     )
     tokens = config.data.global_batch * config.data.seq_len
-    flops = distill_flops_per_step(config.model, config.teacher.model, tokens, config.data.seq_len)
+    # The teacher's forward counts only when the step runs it: a CE-only objective builds no teacher, and a cached
+    # one reads its rows (counting it there would inflate the MFU by the teacher's share).
+    live_teacher = run.teacher is not None and not run.teacher.is_cached
+    flops = distill_flops_per_step(
+        config.model, config.teacher.model if live_teacher else None, tokens, config.data.seq_len
+    )
     # Each timed step is paired with a matmul-peak measurement taken right after it: on a shared machine the load
     # drifts, and the ratio of two figures measured moments apart is far steadier than either figure alone.
     times, peaks = time_steps(run, batch, repeats, after_each=lambda: measured_matmul_peak(repeats=3))
