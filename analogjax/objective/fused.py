@@ -168,8 +168,11 @@ def _objective(spec: _Spec, student_logits, targets, weights, teacher_rows, teac
         metrics["kl"] = _weighted_sum(weights, losses.kl_from_log_probs(log_p1, log_q1))
         metrics["agreement"] = _weighted_sum(weights, agree.astype(jnp.float32))
     else:
-        per_term = [term(student_logits, teacher_rows, temperature) for term in spec.terms]
-        student_ce = losses.cross_entropy(student_logits, targets)
+        # One log-softmax serves the sparse terms and, at T = 1, the CE as well (XLA does not merge a second one).
+        log_q = losses.log_softmax(student_logits, temperature)
+        per_term = [term(log_q, teacher_rows, temperature) for term in spec.terms]
+        log_q1 = log_q if spec.temperature_is_one else losses.log_softmax(student_logits)
+        student_ce = -losses.pick(log_q1, targets)
         if spec.teacher_kind == "topk":
             teacher_top1 = losses.pick(teacher_rows.indices, losses.argmax_last(teacher_rows.values))
             agree = losses.argmax_last(student_logits) == teacher_top1

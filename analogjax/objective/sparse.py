@@ -59,16 +59,16 @@ def _teacher_log_probs_over_k(teacher: TopKTeacher, temperature) -> jax.Array:
     return losses.log_softmax(teacher.values, temperature)
 
 
-def topk_renormalized(student_logits, teacher: TopKTeacher, *, temperature=1.0):
+def topk_renormalized_from_log_probs(log_q, teacher: TopKTeacher, *, temperature=1.0):
+    """`topk_renormalized` from the student's log-probabilities at `temperature` (log_softmax(logits / T)): the
+    k-way softmax of log q at the ids equals that of the logits / T (a row's shift cancels)."""
     log_p = _teacher_log_probs_over_k(teacher, temperature)
-    student_at_k = _gather(student_logits, teacher.indices)
-    return losses.kl_from_log_probs(log_p, losses.log_softmax(student_at_k, temperature))
+    return losses.kl_from_log_probs(log_p, losses.log_softmax(_gather(log_q, teacher.indices)))
 
 
-def topk_gathered(student_logits, teacher: TopKTeacher, *, temperature=1.0):
+def topk_gathered_from_log_probs(log_q, teacher: TopKTeacher, *, temperature=1.0):
     log_p = _teacher_log_probs_over_k(teacher, temperature)
-    log_q_at_k = _gather(losses.log_softmax(student_logits, temperature), teacher.indices)
-    return losses.kl_from_log_probs(log_p, log_q_at_k)
+    return losses.kl_from_log_probs(log_p, _gather(log_q, teacher.indices))
 
 
 _TAIL_RESOLUTION = math.log(16 * float(jnp.finfo(jnp.float32).eps))  # ≈ log 1.9e-6
@@ -101,7 +101,8 @@ def _membership_mask(shape, ids: jax.Array) -> jax.Array:
     return jnp.zeros((flat_ids.shape[0], shape[-1]), bool).at[rows, flat_ids].set(True).reshape(shape)
 
 
-def topk_tail_bucket(student_logits, teacher: TopKTeacher, *, temperature=1.0):
+def topk_tail_bucket_from_log_probs(log_q, teacher: TopKTeacher, *, temperature=1.0):
+    """`topk_tail_bucket` from the student's log-probabilities at `temperature` (log_softmax(logits / T))."""
     if teacher.lse is None:
         raise UserError("topk_tail_bucket needs the teacher's full-vocabulary logsumexp (TopKTeacher.lse)")
     log_p_k = teacher.values.astype(jnp.float32) / temperature - teacher.lse[..., None]
@@ -109,7 +110,6 @@ def topk_tail_bucket(student_logits, teacher: TopKTeacher, *, temperature=1.0):
     # 1 − Σ p_k is only known to float32 rounding of Σ p_k ≈ 1 (a few ulps); a smaller tail is noise, and noise
     # against a student with no tail at all (k = V, or a masked vocabulary) would read as an infinite divergence.
     log_p_tail = jnp.where(log_p_tail < _TAIL_RESOLUTION, -jnp.inf, log_p_tail)
-    log_q = losses.log_softmax(student_logits, temperature)
     log_q_k = _gather(log_q, teacher.indices)
     # The student's tail is a logsumexp over the ids *not* in the top-k (a scatter-built mask), not log(1 − Σ q_k):
     # the subtraction loses everything once the student's tail drops below float32 epsilon.
@@ -155,8 +155,34 @@ def sample_teacher_tokens(
     return ids, weights.astype(jnp.float32)
 
 
-def sampled_kd(student_logits, teacher: SampledTeacher, *, temperature=1.0):
-    """−Σ_j w_j log q(id_j): unbiased for the soft CE −Σ p log q; expected gradient = forward KL's gradient."""
-    log_q_at_ids = _gather(losses.log_softmax(student_logits, temperature), teacher.ids)
+def sampled_kd_from_log_probs(log_q, teacher: SampledTeacher, *, temperature=1.0):
+    """−Σ_j w_j log q(id_j): unbiased for the soft CE −Σ p log q; expected gradient = forward KL's gradient.
+    `log_q`: the student's log-probabilities at `temperature`."""
+    del temperature  # already in log_q
+    log_q_at_ids = _gather(log_q, teacher.ids)
     weights = teacher.weights.astype(log_q_at_ids.dtype)
     return -jnp.sum(jnp.where(weights != 0, weights * log_q_at_ids, 0.0), axis=-1)
+
+
+# The same treatments on student logits [..., V]: log_softmax(logits / T) first. The fused loss calls the
+# `*_from_log_probs` forms above with the one log-softmax it shares with the CE and the metrics.
+
+
+def _on_logits(from_log_probs, student_logits, teacher, temperature):
+    return from_log_probs(losses.log_softmax(student_logits, temperature), teacher, temperature=temperature)
+
+
+def topk_renormalized(student_logits, teacher: TopKTeacher, *, temperature=1.0):
+    return _on_logits(topk_renormalized_from_log_probs, student_logits, teacher, temperature)
+
+
+def topk_gathered(student_logits, teacher: TopKTeacher, *, temperature=1.0):
+    return _on_logits(topk_gathered_from_log_probs, student_logits, teacher, temperature)
+
+
+def topk_tail_bucket(student_logits, teacher: TopKTeacher, *, temperature=1.0):
+    return _on_logits(topk_tail_bucket_from_log_probs, student_logits, teacher, temperature)
+
+
+def sampled_kd(student_logits, teacher: SampledTeacher, *, temperature=1.0):
+    return _on_logits(sampled_kd_from_log_probs, student_logits, teacher, temperature)

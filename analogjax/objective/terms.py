@@ -85,12 +85,12 @@ def _log_prob_fn(name: str) -> Callable[..., Any]:
 
 
 def _sparse_fn(name: str) -> Callable[..., Any]:
-    def per_token(student_logits, rows, temperature):
+    def per_token(log_q, rows, temperature):
         from analogjax.objective import sparse
 
-        return getattr(sparse, name)(student_logits, rows, temperature=temperature)
+        return getattr(sparse, f"{name}_from_log_probs")(log_q, rows, temperature=temperature)
 
-    per_token.__name__ = name
+    per_token.__name__ = f"{name}_from_log_probs"
     return per_token
 
 
@@ -152,7 +152,8 @@ def sparse_kind(signal: str, topk_treatment: str) -> str:
 
 def resolve(kind: str, params: Sequence[tuple[str, float]], signal: str) -> Callable[..., Any]:
     """A divergence as the fused loss calls it for a teacher signal of kind `signal`: fn(log_p, log_q) for live
-    signals, fn(student_logits, rows, temperature) for sparse ones. UserError when it does not apply."""
+    signals, fn(log_q, rows, temperature) for sparse ones (log_q: the student's log-softmax at the temperature, which
+    the fused loss shares with its CE). UserError when it does not apply."""
     given = dict(params)
     if signal in SPARSE_SIGNALS:
         table = {k: t for k, t in SPARSE_TERMS.items() if k.startswith("topk") == (signal == "topk")}
