@@ -168,7 +168,7 @@ def _objective(spec: _Spec, student_logits, targets, weights, teacher_rows, teac
         metrics["kl"] = _weighted_sum(weights, losses.kl_from_log_probs(log_p1, log_q1))
         metrics["agreement"] = _weighted_sum(weights, agree.astype(jnp.float32))
     else:
-        # One log-softmax serves the sparse terms and, at T = 1, the CE as well (XLA does not merge a second one).
+        # One log-softmax serves the sparse terms and, at T = 1, the CE as well, as in the live branch above.
         log_q = losses.log_softmax(student_logits, temperature)
         per_term = [term(log_q, teacher_rows, temperature) for term in spec.terms]
         log_q1 = log_q if spec.temperature_is_one else losses.log_softmax(student_logits)
