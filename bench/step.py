@@ -2,7 +2,9 @@
 
 Teacher d_model 512, 8 layers, 8 heads, ffn 1536; student 256, 4, 4, 768; vocab 8192; batch 8; seq 256; float32.
 Prints one JSON line: tokens_per_s, step_s (median after warm-up), flops_per_step, mfu (median over steps of
-model FLOPs / step time / a float32 matmul peak measured right after that step), matmul_peak_flops (median).
+model FLOPs / step time / a matmul peak in the step's compute dtype measured right after that step),
+matmul_peak_flops (median); on a known accelerator also mfu_vs_vendor_bf16 (against the chip's datasheet dense-bf16
+peak, analogjax.runtime.flops.PEAK_FLOPS).
 
     python bench/step.py [--repeats 10] [--set key=value ...]
 """
@@ -52,7 +54,7 @@ def measure_step(repeats: int = 10, overrides: list[str] | None = None) -> dict:
     import jax
 
     from analogjax.config import load_config
-    from analogjax.runtime.flops import distill_flops_per_step, measured_matmul_peak
+    from analogjax.runtime.flops import distill_flops_per_step, measured_matmul_peak, vendor_peak_flops
     from analogjax.setup import build
 
     config = load_config(None, BENCH_OVERRIDES + list(overrides or []))
@@ -68,22 +70,38 @@ def measure_step(repeats: int = 10, overrides: list[str] | None = None) -> dict:
         config.model, config.teacher.model if live_teacher else None, tokens, config.data.seq_len
     )
     # Each timed step is paired with a matmul-peak measurement taken right after it: on a shared machine the load
-    # drifts, and the ratio of two figures measured moments apart is far steadier than either figure alone.
-    times, peaks = time_steps(run, batch, repeats, after_each=lambda: measured_matmul_peak(repeats=3))
+    # drifts, and the ratio of two figures measured moments apart is far steadier than either figure alone. The peak
+    # is measured in the step's compute dtype. On a CPU 2048² is steady; an accelerator needs 8192² for one product to
+    # outlast its dispatch (2048² reads under half of a GPU's peak).
+    on_cpu = jax.default_backend() == "cpu"
+    peak_dtype = jax.numpy.dtype(config.model.dtype)
+    peak_n = 2048 if on_cpu else 8192
+    times, peaks = time_steps(
+        run, batch, repeats, after_each=lambda: measured_matmul_peak(peak_dtype, n=peak_n, repeats=3)
+    )
     mfus = [flops / t / p for t, p in zip(times, peaks)]
     step_s = statistics.median(times)
-    return {
+    line = {
         "bench": "step",
+        "dtype": config.model.dtype,
+        "batch": config.data.global_batch,
+        "seq_len": config.data.seq_len,
         "tokens_per_s": round(tokens / step_s, 1),
         "step_s": round(step_s, 4),
         "flops_per_step": flops,
         "mfu": round(statistics.median(mfus), 3),
         "matmul_peak_flops": round(statistics.median(peaks)),
+        "matmul_peak_dtype": peak_dtype.name,
         "repeats": repeats,
         "fused_loss": config.distill.fused,
         "devices": len(jax.devices()),
         "backend": jax.default_backend(),
+        "device_kind": jax.devices()[0].device_kind,
     }
+    vendor = vendor_peak_flops()
+    if vendor is not None:  # the accelerator's datasheet dense-bf16 peak, the figure MFU is usually quoted against
+        line |= {"vendor_bf16_peak_flops": vendor, "mfu_vs_vendor_bf16": round(flops / step_s / vendor, 4)}
+    return line
 
 
 def time_steps(run, batch, repeats: int, after_each=None) -> tuple[list[float], list]:

@@ -44,27 +44,37 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _config(vocab: int):
+def _device_bytes(key: str) -> int | None:
+    """The accelerator allocator's figure (`bytes_in_use`, `peak_bytes_in_use`); None where the backend keeps none
+    (the CPU's resident set is the measure there)."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get(key)
+
+
+def _config(vocab: int, overrides: list[str]):
     from analogjax.config import load_config
 
-    return load_config(None, BENCH_OVERRIDES + [f"model.vocab_size={vocab}", f"teacher.model.vocab_size={vocab}"])
+    vocabs = [f"model.vocab_size={vocab}", f"teacher.model.vocab_size={vocab}"]
+    return load_config(None, BENCH_OVERRIDES + vocabs + overrides)
 
 
-def run_analogjax(vocab: int, repeats: int) -> dict:
+def run_analogjax(vocab: int, repeats: int, overrides: list[str]) -> dict:
     import jax
 
     from analogjax.setup import build
 
-    config = _config(vocab)
+    config = _config(vocab, overrides)
     run = build(config)
     batch = jax.device_put(synthetic_batch(config.data.global_batch, config.data.seq_len, vocab), run.batch_sharding)
     jax.block_until_ready((run.state, run.teacher_params, batch))
-    inputs = _rss_mb()
+    inputs, device_inputs = _rss_mb(), _device_bytes("bytes_in_use")
     times, _ = time_steps(run, batch, repeats)
-    return {"tokens": config.data.global_batch * config.data.seq_len, "times": times, "inputs_rss_mb": inputs}
+    return {"config": config, "times": times, "inputs_rss_mb": inputs, "device_inputs_bytes": device_inputs}
 
 
-def run_hand_rolled(vocab: int, repeats: int) -> dict:
+def run_hand_rolled(vocab: int, repeats: int, overrides: list[str]) -> dict:
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
@@ -72,7 +82,7 @@ def run_hand_rolled(vocab: int, repeats: int) -> dict:
 
     from analogjax.models.transformer import Decoder
 
-    config = _config(vocab)
+    config = _config(vocab, overrides)
     batch = {
         k: jnp.asarray(v) for k, v in synthetic_batch(config.data.global_batch, config.data.seq_len, vocab).items()
     }
@@ -108,7 +118,7 @@ def run_hand_rolled(vocab: int, repeats: int) -> dict:
 
     step = jax.jit(step, donate_argnums=(0, 1))
     jax.block_until_ready((s_params, t_params, opt_state))
-    inputs = _rss_mb()
+    inputs, device_inputs = _rss_mb(), _device_bytes("bytes_in_use")
     # Timed exactly as the library's step: bench/step.py's time_steps, on a one-device mesh (nothing to shard).
     run = types.SimpleNamespace(
         state=(s_params, opt_state),
@@ -117,7 +127,7 @@ def run_hand_rolled(vocab: int, repeats: int) -> dict:
         step_fn=lambda state, teacher_params, _batch: _split(step(*state, teacher_params)),
     )
     times, _ = time_steps(run, batch, repeats)
-    return {"tokens": config.data.global_batch * config.data.seq_len, "times": times, "inputs_rss_mb": inputs}
+    return {"config": config, "times": times, "inputs_rss_mb": inputs, "device_inputs_bytes": device_inputs}
 
 
 def _split(out):
@@ -126,16 +136,19 @@ def _split(out):
     return (params, opt_state), loss
 
 
-def one_case(case: str, vocab: int, repeats: int) -> dict:
+def one_case(case: str, vocab: int, repeats: int, overrides: list[str]) -> dict:
     import jax
 
-    got = (run_analogjax if case == "analogjax" else run_hand_rolled)(vocab, repeats)
+    got = (run_analogjax if case == "analogjax" else run_hand_rolled)(vocab, repeats, overrides)
     step_s = statistics.median(got["times"])
-    return {
+    data = got["config"].data
+    line = {
         "bench": "vocab_step",
         "case": case,
         "vocab": vocab,
-        "tokens_per_s": round(got["tokens"] / step_s, 1),
+        "batch": data.global_batch,
+        "seq_len": data.seq_len,
+        "tokens_per_s": round(data.global_batch * data.seq_len / step_s, 1),
         "step_s": round(step_s, 4),
         "times_s": [round(t, 4) for t in got["times"]],
         "inputs_rss_mb": round(got["inputs_rss_mb"], 1),
@@ -144,21 +157,27 @@ def one_case(case: str, vocab: int, repeats: int) -> dict:
         "devices": len(jax.devices()),
         "backend": jax.default_backend(),
     }
+    peak = _device_bytes("peak_bytes_in_use")
+    if peak is not None:  # an accelerator: its own allocator's peak is the memory that matters
+        line |= {"device_inputs_bytes": got["device_inputs_bytes"], "device_peak_bytes": peak}
+    return line
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vocab", type=int, nargs="+", default=[131072])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="config key=value (both cases)")
     parser.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)  # one case, in this process (the children)
     args = parser.parse_args()
     if args.case:
-        print(json.dumps(one_case(args.case, args.vocab[0], args.repeats)), flush=True)
+        print(json.dumps(one_case(args.case, args.vocab[0], args.repeats, args.overrides)), flush=True)
         return
     for vocab in args.vocab:
         lines = {}
         for case in CASES:
             command = [sys.executable, __file__, "--case", case, "--vocab", str(vocab), "--repeats", str(args.repeats)]
+            command += [f"--set={override}" for override in args.overrides]
             out = subprocess.run(command, capture_output=True, text=True)
             if out.returncode != 0:
                 sys.exit(f"error: the {case} case at vocab {vocab} failed:\n{out.stderr[-2000:]}")
@@ -166,22 +185,20 @@ def main() -> None:
             print(json.dumps(line), flush=True)
             lines[case] = line
         ours, theirs = lines["analogjax"], lines["hand_rolled"]
-        print(
-            json.dumps(
-                {
-                    "bench": "vocab_step_summary",
-                    "vocab": vocab,
-                    "tokens_per_s_ratio": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 3),
-                    "peak_rss_ratio": round(ours["peak_rss_mb"] / theirs["peak_rss_mb"], 3),
-                    "working_rss_ratio": round(
-                        (ours["peak_rss_mb"] - ours["inputs_rss_mb"])
-                        / max(theirs["peak_rss_mb"] - theirs["inputs_rss_mb"], 1e-9),
-                        3,
-                    ),
-                }
+        summary = {
+            "bench": "vocab_step_summary",
+            "vocab": vocab,
+            "tokens_per_s_ratio": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 3),
+            "peak_rss_ratio": round(ours["peak_rss_mb"] / theirs["peak_rss_mb"], 3),
+            "working_rss_ratio": round(
+                (ours["peak_rss_mb"] - ours["inputs_rss_mb"])
+                / max(theirs["peak_rss_mb"] - theirs["inputs_rss_mb"], 1e-9),
+                3,
             ),
-            flush=True,
-        )
+        }
+        if "device_peak_bytes" in ours and "device_peak_bytes" in theirs:
+            summary["device_peak_ratio"] = round(ours["device_peak_bytes"] / theirs["device_peak_bytes"], 3)
+        print(json.dumps(summary), flush=True)
 
 
 if __name__ == "__main__":

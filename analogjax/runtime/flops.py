@@ -97,12 +97,15 @@ def measured_matmul_peak(dtype=jnp.float32, n: int = 2048, repeats: int = 5) -> 
     return 2 * n**3 / times[len(times) // 2]
 
 
-def peak_flops_per_second(dtype=jnp.float32) -> float:
-    """All devices' peak: vendor figures for known accelerators, a measured matmul for anything else (CPUs)."""
+def vendor_peak_flops() -> float | None:
+    """All devices' datasheet dense-bf16 peak (PEAK_FLOPS) where the chip is known; None otherwise (CPUs)."""
     devices = jax.devices()
     kind = devices[0].device_kind
-    for name, peak in PEAK_FLOPS.items():
-        if kind.startswith(name):
-            return peak * len(devices)
+    return next((peak * len(devices) for name, peak in PEAK_FLOPS.items() if kind.startswith(name)), None)
+
+
+def peak_flops_per_second(dtype=jnp.float32) -> float:
+    """All devices' peak: vendor figures for known accelerators, a measured matmul for anything else (CPUs)."""
+    vendor = vendor_peak_flops()
     # Fake CPU devices share the same cores: one measured matmul is the whole machine's peak.
-    return measured_matmul_peak(dtype)
+    return vendor if vendor is not None else measured_matmul_peak(dtype)

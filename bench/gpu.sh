@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The accelerator check, one script for a short lease: bench/step.py (float32 and bfloat16, at its own dims and at a
+# batch an accelerator can fill), bench/generate.py (float32 and bfloat16) and bench/gpu_attention.py. Each JSON line
+# goes to stdout and to $OUT/gpu.jsonl (./gpu.jsonl without OUT); a benchmark that fails or outlasts LIMIT seconds
+# is named on stderr and the next one runs.
+#
+#   OUT=/tmp/gpu bash bench/gpu.sh            # PYTHON=python3 by default; LIMIT=150 seconds per benchmark
+set -u
+out=${OUT:-.}
+py=${PYTHON:-python3}
+limit=${LIMIT:-150}
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+lines="$out/gpu.jsonl"
+
+bench() {
+  echo "# $*" >&2
+  local start=$SECONDS
+  timeout "$limit" "$py" "$@" | tee -a "$lines"
+  echo "# rc=${PIPESTATUS[0]} in $((SECONDS - start)) s" >&2
+}
+
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv,noheader || true
+"$py" -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__, jax.devices())'
+
+bf16=(--set model.dtype=bfloat16 --set teacher.model.dtype=bfloat16)
+large=(--set data.global_batch=64 --set data.seq_len=1024)
+bench bench/step.py --repeats 10
+bench bench/step.py --repeats 10 "${bf16[@]}"
+bench bench/step.py --repeats 10 "${large[@]}"
+bench bench/step.py --repeats 10 "${large[@]}" "${bf16[@]}"
+bench bench/generate.py
+bench bench/generate.py --dtype bfloat16 --on-policy-new-tokens 0
+bench bench/generate.py --dtype bfloat16 --batch 64 --on-policy-new-tokens 0
+bench bench/gpu_attention.py
