@@ -39,7 +39,7 @@ from analogjax.step import (
     make_optimizer,
     rows_chunk_size,
 )
-from analogjax.teacher import Teacher, forward_rows, keeps_rows, load_teacher
+from analogjax.teacher import Teacher, forward_rows, keeps_rows, load_teacher, runs_live
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -241,7 +241,7 @@ def build(
         if measuring is None or measuring.is_cached:
             raise UserError("eval_teacher must be a live teacher (a model or a logits function), not a teacher cache")
         measuring_params = _on_mesh(measuring_params, mesh)
-    elif teacher is not None and not teacher.is_cached:
+    elif runs_live(teacher):
         measuring, measuring_params = teacher, teacher_params
     else:
         measuring, measuring_params = None, None

@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import flax.linen as nn
 import jax
@@ -99,10 +99,15 @@ def forward(teacher: Teacher, params, batch: dict[str, jax.Array], collect_layer
     return jax.lax.stop_gradient(signal)
 
 
+def runs_live(teacher: Teacher | None) -> TypeGuard[Teacher]:
+    """Whether the step runs this teacher's forward (it exists and is not read from a cache): what its FLOPs count."""
+    return teacher is not None and not teacher.is_cached
+
+
 def keeps_rows(teacher: Teacher | None) -> bool:
     """Whether a live teacher's forward can be kept as rows and its signal rebuilt from them (forward_rows,
     signal_of_rows): a logits teacher, or a features teacher that gives its head."""
-    return teacher is not None and not teacher.is_cached and (teacher.features is None or teacher.head is not None)
+    return runs_live(teacher) and (teacher.features is None or teacher.head is not None)
 
 
 def forward_rows(teacher: Teacher, params, batch: dict[str, jax.Array]) -> jax.Array:

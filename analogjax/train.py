@@ -28,7 +28,7 @@ from analogjax.runtime.preemption import PreemptionWatcher
 from analogjax.runtime.workdir_lock import hold_for_job
 from analogjax.setup import Run, build, evaluate
 from analogjax.step import TrainState
-from analogjax.teacher import Teacher
+from analogjax.teacher import Teacher, runs_live
 
 CONFIG_FILE = "config.yaml"
 
@@ -183,7 +183,6 @@ def _run_locked(
         log = MetricsLog(workdir)
         meta = {"config": to_dict(cfg), "identity": run_identity(cfg), "provenance": ckpt_lib.provenance(run.mesh)}
         tokens_per_step = cfg.data.global_batch * cfg.data.seq_len
-        live_teacher = run.teacher is not None and not run.teacher.is_cached
         progress_out = Progress(
             cfg.train.steps, start, "distill" if run.teacher else "train", enabled=progress and jax.process_index() == 0
         )
@@ -192,7 +191,7 @@ def _run_locked(
             progress_out,
             tokens_per_step=tokens_per_step,
             flops_per_step=distill_flops_per_step(
-                cfg.model, cfg.teacher.model if live_teacher else None, tokens_per_step, cfg.data.seq_len
+                cfg.model, cfg.teacher.model if runs_live(run.teacher) else None, tokens_per_step, cfg.data.seq_len
             ),
             peak=peak_flops_per_second(),
             nonfinite=cfg.train.nonfinite,

@@ -56,6 +56,7 @@ def measure_step(repeats: int = 10, overrides: list[str] | None = None) -> dict:
     from analogjax.config import load_config
     from analogjax.runtime.flops import distill_flops_per_step, measured_matmul_peak, vendor_peak_flops
     from analogjax.setup import build
+    from analogjax.teacher import runs_live
 
     config = load_config(None, BENCH_OVERRIDES + list(overrides or []))
     run = build(config)
@@ -65,9 +66,8 @@ def measure_step(repeats: int = 10, overrides: list[str] | None = None) -> dict:
     tokens = config.data.global_batch * config.data.seq_len
     # The teacher's forward counts only when the step runs it: a CE-only objective builds no teacher, and a cached
     # one reads its rows (counting it there would inflate the MFU by the teacher's share).
-    live_teacher = run.teacher is not None and not run.teacher.is_cached
     flops = distill_flops_per_step(
-        config.model, config.teacher.model if live_teacher else None, tokens, config.data.seq_len
+        config.model, config.teacher.model if runs_live(run.teacher) else None, tokens, config.data.seq_len
     )
     # Each timed step is paired with a matmul-peak measurement taken right after it: on a shared machine the load
     # drifts, and the ratio of two figures measured moments apart is far steadier than either figure alone. The peak

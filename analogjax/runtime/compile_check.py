@@ -220,6 +220,7 @@ def compile_plan(config, topology: Topology) -> Plan:
     from analogjax.data.batch import abstract_batch
     from analogjax.runtime.flops import distill_flops_per_step, forward_flops_per_token
     from analogjax.setup import build, build_mesh
+    from analogjax.teacher import runs_live
     from analogjax.teacher_cache import cache_batch_fields
 
     mesh = build_mesh(config, devices=topology_devices(topology))
@@ -235,7 +236,7 @@ def compile_plan(config, topology: Topology) -> Plan:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax returned one dict per program
     tokens = config.data.global_batch * config.data.seq_len
-    live = teacher is not None and not teacher.is_cached
+    live = runs_live(teacher)
     return Plan(
         topology=topology,
         mesh_shape=dict(mesh.shape),
