@@ -100,7 +100,8 @@ def measure(preset: str, batch: int, prompt_len: int, new_tokens: int, repeats: 
         whole_s = _timed(lambda: run(params, tokens, lens, jax.random.key(0)), repeats)
         prefill_s = _timed(lambda: prefill(params, tokens, lens), repeats)
     step_s = (whole_s - prefill_s) / (new_tokens - 1)
-    # An accelerator's copy of 512 MB lasts ~0.2 ms, near its dispatch cost: 4 GB reads its bandwidth steadily.
+    # On an accelerator a pass over 512 MB lasts ~0.25 ms, where a dispatch's tens of µs would under-read the
+    # bandwidth by 10-20%; 4 GB (~2 ms) reads it steadily.
     bandwidth = measured_bandwidth(512 if jax.default_backend() == "cpu" else 4096)
 
     leaves = jax.tree.leaves(params)
