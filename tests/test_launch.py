@@ -152,7 +152,9 @@ def test_gives_up_after_max_restarts(tmp_path):
     assert done.returncode == 1 and "giving up after 2 failures" in done.stderr
 
 
-SHELL_SCRIPTS = sorted([*(REPO / "launch").glob("*.sh"), *(REPO / "launch").glob("*.sbatch")])
+SHELL_SCRIPTS = sorted(
+    [*(REPO / "launch").glob("*.sh"), *(REPO / "launch").glob("*.sbatch"), *(REPO / "bench").glob("*.sh")]
+)
 
 
 @pytest.mark.skipif(
