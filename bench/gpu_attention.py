@@ -1,8 +1,10 @@
 """Packed-batch attention on one GPU: forward + gradient time and working memory of each kernel (pallas_gpu,
 cudnn, xla) at several sequence lengths, and its largest difference from the XLA path where XLA fits. One JSON line
 per (seq_len, kernel): `temp_bytes` are the compiled program's temporaries (the kernel's own), `process_peak_bytes`
-the allocator's peak so far (every earlier case included). Rows hold several documents (segment ids), as the data
-pipeline packs them, so cudnn pays its dense [b, 1, s, s] document mask and pallas_gpu does not.
+the allocator's peak so far (every earlier case included); `max_abs_diff_vs_xla` and `max_abs_grad_diff_vs_xla`
+compare the output and d q, d k, d v with XLA's (`max_abs_grad_xla`: the gradients' own size). Rows hold several
+documents (segment ids), as the data pipeline packs them, so cudnn pays its dense [b, 1, s, s] document mask and
+pallas_gpu does not.
 
   python bench/gpu_attention.py                                  # 4096, 8192, 32768; heads 32 over 8 kv heads
   python bench/gpu_attention.py --seq 8192 --kernels pallas_gpu --window 4096
@@ -76,12 +78,22 @@ def case(seq_len: int, kernel: str, args, reference) -> dict:
     line |= {"ran": True, "fwd_bwd_ms": round(seconds * 1e3, 3), "temp_bytes": temp_bytes}
     line["process_peak_bytes"] = stats.get("peak_bytes_in_use")
     if kernel == "xla":
-        reference[seq_len] = out
+        reference[seq_len] = (out, grads)
     elif seq_len in reference:
-        real = (seg != 0)[:, :, None, None]
-        diff = jnp.abs(out.astype(jnp.float32) - reference[seq_len].astype(jnp.float32))
-        line["max_abs_diff_vs_xla"] = float(jnp.max(jnp.where(real, diff, 0.0)))
+        ref_out, ref_grads = reference[seq_len]
+        line["max_abs_diff_vs_xla"] = _max_abs_diff(out, ref_out, seg)
+        # The backward kernels are separate programs: d q, d k and d v against XLA's autodiff, and the size of XLA's
+        # own gradients to read the difference against.
+        line["max_abs_grad_diff_vs_xla"] = max(_max_abs_diff(g, r, seg) for g, r in zip(grads, ref_grads))
+        line["max_abs_grad_xla"] = max(_max_abs_diff(r, jnp.zeros_like(r), seg) for r in ref_grads)
     return line
+
+
+def _max_abs_diff(x, y, seg) -> float:
+    """Largest |x - y| over the rows of real tokens (padding rows are never read by a loss)."""
+    real = (seg != 0)[:, :, None, None]
+    diff = jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32))
+    return float(jnp.max(jnp.where(real, diff, 0.0)))
 
 
 def main(argv=None) -> int:

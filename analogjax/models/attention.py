@@ -113,13 +113,16 @@ def attend(
 # - tpu: splash (Pallas, block-sparse): segment ids, causal/window, soft-cap and attention sinks in the kernel;
 #   nothing [s, t].
 # - gpu: pallas_gpu (models/flash_gpu.py, Pallas on Triton): segment ids, causal/window, soft-cap and grouped-query
-#   heads in the kernel; nothing [s, t]: the kernel for long packed context on GPUs. It has been checked in
-#   interpret mode only (no GPU lent so far), so `auto` prefers cuDNN through jax.nn.dot_product_attention, JAX's own
-#   maintained kernel, whose API has no segment ids: packed documents need a dense boolean [b, 1, s, t] mask that jax
-#   turns into a bias of the query dtype (2 bytes per score: 32 MiB per row at 4k tokens, 2 GiB at 32k), and it has
-#   no soft-cap, no attention sinks and no float32. `auto` takes pallas_gpu where cuDNN cannot (soft-cap, sinks,
-#   float32: pallas_gpu applies sinks to its output through the log-sum-exp it keeps, `pallas_gpu_attention`); set
-#   `model.attention: pallas_gpu` for long context. Once measured on a GPU, pallas_gpu should become the default.
+#   heads in the kernel; nothing [s, t]: the kernel for long packed context on GPUs. On one H200 (BENCHMARKS.md,
+#   2026-12-04) its forward + gradient ran at 1.27-1.36x cuDNN's speed (bfloat16, 4k-32k tokens, 4 documents a row)
+#   with outputs within bfloat16 rounding of XLA's; its gradients have been compared with XLA's in interpret mode
+#   only (bench/gpu_attention.py compares them on the next GPU), so `auto` still prefers cuDNN through
+#   jax.nn.dot_product_attention, JAX's own maintained kernel, whose API has no segment ids: packed documents need a
+#   dense boolean [b, 1, s, t] mask that jax turns into a bias of the query dtype (2 bytes per score: 32 MiB per row
+#   at 4k tokens, 2 GiB at 32k), and it has no soft-cap, no attention sinks and no float32. `auto` takes pallas_gpu
+#   where cuDNN cannot (soft-cap, sinks, float32: pallas_gpu applies sinks to its output through the log-sum-exp it
+#   keeps, `pallas_gpu_attention`); set `model.attention: pallas_gpu` for long context. Once its gradients match on a
+#   GPU, pallas_gpu should become the default.
 # - cpu: xla (`attend`), [b, k, g, s, t] float32 scores: the reference, fastest on CPU at the lengths CPUs run.
 # Llama 4's chunked layers run on every kernel as finer segment ids (`chunk_segments`), exactly, packed or not.
 # What `auto` tries on each platform, in order, before xla (jax's platform names; the abstract mesh says "cuda"

@@ -241,8 +241,8 @@ class ModelConfig:
     remat: str = "none"  # none | block (recompute each block's activations in the backward pass)
     # Attention kernel (models/attention.py): auto (TPU: splash, GPU: cudnn then pallas_gpu, CPU: xla; the next one
     # where a kernel cannot do this model's windows/soft-cap/dtype/length) | xla (materialises [s, s] scores) | splash |
-    # pallas_gpu (segment-aware Pallas flash attention for long packed context, models/flash_gpu.py; not yet run on a
-    # GPU) | cudnn (a dense [s, s] document mask).
+    # pallas_gpu (segment-aware Pallas flash attention for long packed context, models/flash_gpu.py; timed on one
+    # H200, BENCHMARKS.md) | cudnn (a dense [s, s] document mask).
     attention: str = "auto"
     # --- architecture options of newer families; every default is the plain Llama decoder ---
     # Where the block's RMSNorms sit. pre: x + f(norm(x)) (Llama). sandwich: x + post_norm(f(norm(x))) (Gemma 2/3).
