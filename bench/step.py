@@ -74,9 +74,8 @@ def measure_step(repeats: int = 10, overrides: list[str] | None = None) -> dict:
     # drifts, and the ratio of two figures measured moments apart is far steadier than either figure alone. The peak
     # is measured in the step's compute dtype. On a CPU 2048² is steady; on an H200 a 2048² product lasts ~25 µs, the
     # order of one dispatch, so an accelerator measures 8192² (~1.4 ms).
-    on_cpu = jax.default_backend() == "cpu"
     peak_dtype = jnp.dtype(config.model.dtype)
-    peak_n = 2048 if on_cpu else 8192
+    peak_n = 2048 if jax.default_backend() == "cpu" else 8192
     times, peaks = time_steps(
         run, batch, repeats, after_each=lambda: measured_matmul_peak(peak_dtype, n=peak_n, repeats=3)
     )
