@@ -166,7 +166,9 @@ class DistillConfig:
     final_temperature: float | None = None
     layer_map: tuple[tuple[int, int], ...] = ()  # (student layer, teacher layer) pairs for hidden_* terms
     fused: bool = True  # chunked loss that never holds [tokens, vocab] logits
-    chunk_size: int = 256  # tokens per batch shard in each chunk of the fused loss ([chunk, vocab] per device)
+    # Tokens per batch shard in each chunk of the fused loss ([chunk, vocab] per device). 256 is the 2-core CPU's best;
+    # on one H200 at a 128k vocabulary 1,024-4,096 ran 8-11% faster for 2-4x the loss's memory (BENCHMARKS.md).
+    chunk_size: int = 256
     # With a top-k teacher cache, forward_kl becomes: tail_bucket (exact at k = vocab), gathered or renormalized.
     topk_treatment: str = "tail_bucket"
     on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The accelerator check, one script for a short lease: bench/gpu_attention.py, bench/step.py (float32 and bfloat16, at
 # its own dims and at a batch an accelerator can fill; an 8B teacher and a 1B student in bfloat16), bench/generate.py
-# (float32 and bfloat16), bench/vocab_step.py at 131,072 tokens and bench/cache.py: about 6 minutes on an H200 by the
-# 2026-12-04 lease's timings, plus the 8B case's (not yet run). Each JSON line goes to stdout and to $OUT/gpu.jsonl
+# (float32 and bfloat16), bench/vocab_step.py at 131,072 tokens and bench/cache.py: about 7 minutes on an H200 by the
+# 2026-12-04 leases' timings. Each JSON line goes to stdout and to $OUT/gpu.jsonl
 # (./gpu.jsonl without OUT); a benchmark that fails or outlasts LIMIT seconds is named on stderr and the next one runs.
 #
 #   OUT=/tmp/gpu bash bench/gpu.sh            # PYTHON=python3 by default; LIMIT=150 seconds per benchmark
@@ -30,7 +30,7 @@ large=(--set data.global_batch=64 --set data.seq_len=1024)
 # bench models are sized for 2 CPU cores and leave a GPU bound by its small kernels (BENCHMARKS.md).
 frontier=(--set model.preset=llama3-1b --set teacher.model.preset=llama3-8b)
 frontier+=(--set data.global_batch=4 --set data.seq_len=2048)
-# What the 2026-12-04 lease left open first (the kernels' gradients, the accelerator-sized step), then the rest.
+# The kernels' gradients and the accelerator-sized step first (what decided the GPU defaults), then the rest.
 bench bench/gpu_attention.py
 bench bench/step.py --repeats 5 "${frontier[@]}" "${bf16[@]}"
 bench bench/step.py --repeats 10

@@ -162,13 +162,13 @@ def test_cudnn_call_plumbing_equals_xla_path(window):
 def test_kernel_choice_per_backend():
     choose = att.choose_kernel
     assert choose("auto", "tpu") == "splash"
-    # GPUs get cuDNN (JAX's own kernel), and the segment-aware Pallas kernel where cuDNN cannot (soft-cap, float32).
-    assert choose("auto", "gpu") == "cudnn" and choose("auto", "cuda") == "cudnn"
+    # GPUs get the segment-aware Pallas kernel (measured faster than cuDNN on an H200), cuDNN where it cannot run.
+    assert choose("auto", "gpu") == "pallas_gpu" and choose("auto", "cuda") == "pallas_gpu"
     assert choose("auto", "gpu", window=4096, softcap=50.0, dtype=jnp.float32, seq_len=8192) == "pallas_gpu"
     assert choose("auto", "gpu", softcap=50.0, seq_len=8192) == "pallas_gpu"
     assert choose("pallas_gpu", "gpu", window=4096, seq_len=8192) == "pallas_gpu"
     assert choose("auto", "cpu") == "xla"
-    # auto never picks a kernel that cannot do the layer: cuDNN, then pallas_gpu, then XLA.
+    # auto never picks a kernel that cannot do the layer: pallas_gpu, then cuDNN, then XLA.
     assert choose("auto", "gpu", seq_len=100) == "cudnn"
     assert choose("auto", "gpu", seq_len=100, dtype=jnp.float32) == "xla"
     assert choose("auto", "gpu", window=jnp.asarray(4096)) == "xla"  # per-layer (traced) windows

@@ -7,7 +7,7 @@ ids (packed documents never see each other; segment 0 is padding and sees nothin
 
 Kernels (`self_attention`, chosen per backend by `choose_kernel`; the dispatcher's note below gives the memory of
 each): xla (`attend`, CPU), splash (TPU), pallas_gpu (GPU: models/flash_gpu.py, segment ids in the kernel, so packed
-batches never hold an [s, t] array) and cudnn (GPU, `auto`'s first choice there: its documents are a dense mask).
+batches never hold an [s, t] array; `auto`'s first choice there) and cudnn (GPU: its documents are a dense mask).
 
 Shapes: b batch, s query length, t key length, h query heads, k kv heads, g = h / k queries per kv head, e head dim.
 """
@@ -113,21 +113,20 @@ def attend(
 # - tpu: splash (Pallas, block-sparse): segment ids, causal/window, soft-cap and attention sinks in the kernel;
 #   nothing [s, t].
 # - gpu: pallas_gpu (models/flash_gpu.py, Pallas on Triton): segment ids, causal/window, soft-cap and grouped-query
-#   heads in the kernel; nothing [s, t]: the kernel for long packed context on GPUs. On one H200 (BENCHMARKS.md,
-#   2026-12-04) its forward + gradient ran at 1.27-1.36x cuDNN's speed (bfloat16, 4k-32k tokens, 4 documents a row)
-#   with outputs within bfloat16 rounding of XLA's; its gradients have been compared with XLA's in interpret mode
-#   only (bench/gpu_attention.py compares them on the next GPU), so `auto` still prefers cuDNN through
-#   jax.nn.dot_product_attention, JAX's own maintained kernel, whose API has no segment ids: packed documents need a
-#   dense boolean [b, 1, s, t] mask that jax turns into a bias of the query dtype (2 bytes per score: 32 MiB per row
-#   at 4k tokens, 2 GiB at 32k), and it has no soft-cap, no attention sinks and no float32. `auto` takes pallas_gpu
-#   where cuDNN cannot (soft-cap, sinks, float32: pallas_gpu applies sinks to its output through the log-sum-exp it
-#   keeps, `pallas_gpu_attention`); set `model.attention: pallas_gpu` for long context. Once its gradients match on a
-#   GPU, pallas_gpu should become the default.
+#   heads in the kernel; nothing [s, t]. `auto`'s first choice on GPUs, measured on one H200 (BENCHMARKS.md,
+#   2026-12-04, bfloat16, 4 documents a row): forward + gradient at 1.26-1.36x cuDNN's speed from 4k to 32k tokens
+#   with 0.39-0.83x its compiled temporaries, outputs and d q / d k / d v within bfloat16 rounding of XLA's exactly as
+#   cuDNN's are (largest differences 0.0156 and 0.25 against gradients of ~65); an 8B-teacher / 1B-student step at
+#   4 x 2,048 single-document rows ran within 1.5% of cuDNN's (one run each).
+# - gpu: cudnn, jax.nn.dot_product_attention (JAX's own maintained kernel), whose API has no segment ids: packed
+#   documents need a dense boolean [b, 1, s, t] mask that jax turns into a bias of the query dtype (2 bytes per
+#   score: 32 MiB per row at 4k tokens, 2 GiB at 32k), and it has no soft-cap, no attention sinks and no float32.
+#   `auto` falls back to it where pallas_gpu cannot run (a length that is neither a multiple of 64 nor a power of two).
 # - cpu: xla (`attend`), [b, k, g, s, t] float32 scores: the reference, fastest on CPU at the lengths CPUs run.
 # Llama 4's chunked layers run on every kernel as finer segment ids (`chunk_segments`), exactly, packed or not.
 # What `auto` tries on each platform, in order, before xla (jax's platform names; the abstract mesh says "cuda"
 # where a backend says "gpu").
-AUTO_KERNEL = {"tpu": ("splash",), "gpu": ("cudnn", "pallas_gpu"), "cuda": ("cudnn", "pallas_gpu")}
+AUTO_KERNEL = {"tpu": ("splash",), "gpu": ("pallas_gpu", "cudnn"), "cuda": ("pallas_gpu", "cudnn")}
 _KERNEL_PLATFORMS = {"splash": ("tpu",), "cudnn": ("gpu", "cuda"), "pallas_gpu": ("gpu", "cuda")}
 # Splash tiles: queries and keys in blocks of at most this many tokens (the sequence must divide into them).
 SPLASH_BLOCK = 512

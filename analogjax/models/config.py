@@ -239,10 +239,10 @@ class ModelConfig:
     norm_offset: float = 0.0  # Gemma: RMSNorm scales by (offset + weight), offset 1
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
     remat: str = "none"  # none | block (recompute each block's activations in the backward pass)
-    # Attention kernel (models/attention.py): auto (TPU: splash, GPU: cudnn then pallas_gpu, CPU: xla; the next one
+    # Attention kernel (models/attention.py): auto (TPU: splash, GPU: pallas_gpu then cudnn, CPU: xla; the next one
     # where a kernel cannot do this model's windows/soft-cap/dtype/length) | xla (materialises [s, s] scores) | splash |
-    # pallas_gpu (segment-aware Pallas flash attention for long packed context, models/flash_gpu.py; timed on one
-    # H200, BENCHMARKS.md) | cudnn (a dense [s, s] document mask).
+    # pallas_gpu (segment-aware Pallas flash attention, models/flash_gpu.py; measured on one H200, BENCHMARKS.md) |
+    # cudnn (a dense [s, s] document mask).
     attention: str = "auto"
     # --- architecture options of newer families; every default is the plain Llama decoder ---
     # Where the block's RMSNorms sit. pre: x + f(norm(x)) (Llama). sandwich: x + post_norm(f(norm(x))) (Gemma 2/3).
