@@ -1,5 +1,3 @@
-import sys
+from analogjax.cli import console_main
 
-from analogjax.cli import main
-
-sys.exit(main())
+console_main()

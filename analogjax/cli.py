@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable
 
 from analogjax.errors import UserError
+from analogjax.runtime.huge_pages import reexec_with_huge_pages
 from analogjax.runtime.xla_flags import add_cpu_flags
 
 # name → (module, help). Modules provide add_arguments(parser) and run(args) -> int; imported only when used, so
@@ -113,6 +114,14 @@ class QuietOnUserError:
     def __call__(self, args: threading.ExceptHookArgs) -> None:
         if not isinstance(args.exc_value, UserError):
             self.default_hook(args)
+
+
+def console_main() -> None:
+    """The `analogjax` command's process entry (and `python -m analogjax`): huge pages for the host allocator (a
+    re-execution where the environment lacks them; analogjax/runtime/huge_pages.py says why), then `main`. Library
+    callers and tests call `main` itself, which never replaces the process."""
+    reexec_with_huge_pages()
+    sys.exit(main())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -230,8 +230,10 @@ def main() -> None:
     )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    from analogjax.runtime.huge_pages import reexec_with_huge_pages
     from analogjax.runtime.xla_flags import add_cpu_flags
 
+    reexec_with_huge_pages()  # the host allocator the CLI runs with (children inherit it)
     add_cpu_flags()  # the XLA settings the CLI runs with (children inherit them), before JAX starts a backend
     if args.child:
         print(json.dumps(run_case(**json.loads(args.child))), flush=True)

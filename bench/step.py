@@ -20,8 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from analogjax.runtime.huge_pages import reexec_with_huge_pages  # noqa: E402
 from analogjax.runtime.xla_flags import add_cpu_flags  # noqa: E402
 
+reexec_with_huge_pages()  # the host allocator the CLI runs with (a re-execution where it is not yet set)
 add_cpu_flags()  # the XLA settings the CLI runs with, before JAX starts a backend
 
 BENCH_OVERRIDES = [
