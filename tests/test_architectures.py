@@ -220,6 +220,8 @@ def test_the_window_matters_and_each_block_applies_its_own():
     assert not np.allclose(model(params, toks), full, atol=1e-3)
     feats = model.features(params, toks, collect_layers=True)
     x = model.embed(params, toks)
+    # the stack scanned with each layer's own window and RoPE as scanned data (what steering runs)
+    np.testing.assert_allclose(model.blocks(params, 0, x), feats.layers_lbsd[-1], atol=1e-5)
     for layer in range(base.n_layers):
         x = model.block(params, layer, x)
         np.testing.assert_allclose(x, feats.layers_lbsd[layer], atol=1e-5)

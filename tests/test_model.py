@@ -190,3 +190,8 @@ def test_forward_in_pieces_equals_features():
     for layer in range(cfg.n_layers):
         np.testing.assert_allclose(layers[layer], feats.layers_lbsd[layer], atol=1e-5)
     np.testing.assert_allclose(hidden, feats.hidden_bsd, atol=1e-5)
+    # the rest of the stack as one scan (what steering runs after its layer) from the embedding and from layer 1
+    rest = jax.jit(model.blocks, static_argnums=1)
+    x0 = model.embed(params, tokens)
+    np.testing.assert_allclose(rest(params, 0, x0, segments, positions), feats.layers_lbsd[-1], atol=1e-5)
+    np.testing.assert_allclose(rest(params, 1, layers[0], segments, positions), feats.layers_lbsd[-1], atol=1e-5)

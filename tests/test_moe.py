@@ -450,6 +450,19 @@ def test_moe_every_nth_layer_with_dense_prefix_scans_like_its_blocks():
     for i in range(5):
         np.testing.assert_allclose(np.asarray(layers[i]), np.asarray(feats.layers_lbsd[i]), atol=1e-5)
     np.testing.assert_allclose(np.asarray(hidden), np.asarray(feats.hidden_bsd), atol=1e-5)
+    rest = jax.jit(model.blocks, static_argnums=1)  # every=2 alternates stacks: runs of one layer each
+    np.testing.assert_allclose(np.asarray(rest(params, 1, layers[0])), np.asarray(feats.layers_lbsd[4]), atol=1e-5)
+    # every=1: the MoE layers are one stack, run as one scan after the dense prefix
+    cfg1 = ModelConfig(**{**cfg.__dict__, "moe": MoEConfig(experts=4, top_k=2, first_dense_layers=2, every=1)})
+    model1 = Transformer(cfg1)
+    params1 = jax.jit(lambda r: nn.unbox(model1.init_boxed(r)))(jax.random.key(2))
+    feats1 = jax.jit(lambda p, t: model1.features(p, t, collect_layers=True))(params1, tokens)
+    x1 = model1.embed(params1, tokens)
+    for first in (0, 1, 3):
+        got = jax.jit(model1.blocks, static_argnums=1)(
+            params1, first, x1 if first == 0 else feats1.layers_lbsd[first - 1]
+        )
+        np.testing.assert_allclose(np.asarray(got), np.asarray(feats1.layers_lbsd[4]), atol=1e-5)
 
 
 def test_setting_one_moe_key_keeps_the_rest_of_the_presets_moe():

@@ -535,9 +535,7 @@ def _teacher_from(big, tp, first, h, seg, pos):
     from analogjax.models.transformer import logits as head_logits
 
     with nn.logical_axis_rules(list(mesh_lib.TEACHER_RULES)):
-        for layer in range(first, big.cfg.n_layers):
-            h = big.block(tp, layer, h, seg, pos)
-        return head_logits(tp, big.cfg, big.finish(tp, h))
+        return head_logits(tp, big.cfg, big.finish(tp, big.blocks(tp, first, h, seg, pos)))
 
 
 def _steer_rest(big, tp, first, batch):

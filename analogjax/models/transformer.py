@@ -624,8 +624,8 @@ class Transformer:
         return features.hidden_bsd, cache
 
     # The forward in pieces, for analyses that read or replace the residual stream between blocks (stitching,
-    # steering, pruning importance): embed → block(0) → … → block(n-1) → finish equals `features`. Each block
-    # runs unscanned on its slice of the stacked params; fine for analysis, the training forward stays scanned.
+    # steering, pruning importance): embed → block(0) → … → block(n-1) → finish equals `features`. `block` runs
+    # one layer unscanned on its slice of the stacked params; `blocks` runs the rest of the stack scanned.
     def embed(self, params, tokens_bs) -> jax.Array:
         """Token ids → the residual stream entering block 0."""
         return embed_tokens(self.cfg, _tree(params)["embedding"], tokens_bs)
@@ -644,6 +644,46 @@ class Transformer:
             {"params": layer_params}, x_bsd, segment_ids_bs, positions_bs, this_layer
         )
         return out
+
+    def blocks(self, params, first: int, x_bsd, segment_ids_bs=None, positions_bs=None) -> jax.Array:
+        """Blocks `first`.. to the last applied to the residual stream: the same as calling `block` for each, but
+        consecutive layers of one stack run as a scan over their slice of it, so compile time does not grow with the
+        depth (a 61-layer teacher compiles one block, not 61)."""
+        segment_ids_bs, positions_bs = _default_packing(x_bsd[..., 0], segment_ids_bs, positions_bs)
+        layer = first
+        while layer < self.cfg.n_layers:
+            path, start, is_moe = layer_location(self.cfg, layer)
+            end = layer + 1  # this stack's run: the next layers stored at the next indices of the same stack
+            while end < self.cfg.n_layers and layer_location(self.cfg, end) == (path, start + end - layer, is_moe):
+                end += 1
+            if end - layer == 1:
+                x_bsd = self.block(params, layer, x_bsd, segment_ids_bs, positions_bs)
+            else:
+                x_bsd = self._scanned_run(
+                    params, path, is_moe, (start, layer, end - layer), x_bsd, segment_ids_bs, positions_bs
+                )
+            layer = end
+        return x_bsd
+
+    def _scanned_run(self, params, path, is_moe: bool, run: tuple[int, int, int], x_bsd, segment_ids_bs, positions_bs):
+        """`count` layers from model layer `layer`, stored at `start`.. of the stack at `path`, as one scan."""
+        start, layer, count = run
+        stacked = _tree(params)
+        for key in path:
+            stacked = stacked[key]
+        run_params = jax.tree.map(lambda a: a[start : start + count], stacked)
+        per_layer = layer_data(self.cfg)
+        run_data = (
+            None if per_layer is None else {k: jnp.asarray(v[layer : layer + count]) for k, v in per_layer.items()}
+        )
+        block = Block(self.cfg, moe=is_moe)
+
+        def body(x, inputs):
+            layer_params, this_layer = inputs
+            out, _ = block.apply({"params": layer_params}, x, segment_ids_bs, positions_bs, this_layer)
+            return out, None
+
+        return jax.lax.scan(body, x_bsd, (run_params, run_data))[0]
 
     def finish(self, params, x_bsd) -> jax.Array:
         """The residual stream after the last block → final normed hidden states (float32; `head` gives logits)."""
