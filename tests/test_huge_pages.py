@@ -56,3 +56,23 @@ def test_an_entry_point_re_executes_itself_once():
     else:
         assert len(starts) == 2 and {s.split()[1] for s in starts} == {runs[0].split()[1]}  # exec keeps the pid
         assert f"{TUNABLE}=1" in runs[0]
+
+
+def test_a_process_that_cannot_re_execute_runs_on(monkeypatch):
+    """execv failing (no permission, a vanished interpreter) leaves the process running with its environment as it
+    was, never half-changed."""
+    from analogjax.runtime import huge_pages
+
+    def refuse(*_):
+        raise PermissionError("not here")
+
+    monkeypatch.setattr(huge_pages.sys, "platform", "linux")
+    monkeypatch.setattr(huge_pages, "glibc_version", lambda: (2, 36))
+    monkeypatch.setattr(huge_pages, "thp_mode", lambda: "madvise")
+    monkeypatch.setattr(huge_pages.os, "execv", refuse)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    huge_pages.reexec_with_huge_pages()
+    assert "GLIBC_TUNABLES" not in os.environ
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    huge_pages.reexec_with_huge_pages()
+    assert os.environ["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2"

@@ -59,15 +59,22 @@ def tunables_with_huge_pages(environ: Mapping[str, str], glibc: tuple[int, ...],
 def reexec_with_huge_pages() -> None:
     """Re-execute this process (same interpreter and command line) with huge pages for malloc where that changes
     anything; otherwise return. Call first thing in a process's entry point, never from a library function."""
-    if sys.platform != "linux":
+    if sys.platform != "linux" or not sys.executable:  # an embedded interpreter has no executable to run again
         return
     tunables = tunables_with_huge_pages(os.environ, glibc_version(), thp_mode())
     if tunables is None:
         return
+    given = os.environ.get("GLIBC_TUNABLES")
     os.environ["GLIBC_TUNABLES"] = tunables
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+    try:
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+    except OSError:  # not re-executable here: run on with 4 KiB pages (slower, same results)
+        if given is None:
+            del os.environ["GLIBC_TUNABLES"]
+        else:
+            os.environ["GLIBC_TUNABLES"] = given
 
 
 __all__ = ["reexec_with_huge_pages", "tunables_with_huge_pages", "thp_mode", "glibc_version"]
