@@ -634,16 +634,7 @@ class Transformer:
         """Block `layer` (0-based) applied to the residual stream `x_bsd`, with that layer's own attention kind."""
         segment_ids_bs, positions_bs = _default_packing(x_bsd[..., 0], segment_ids_bs, positions_bs)
         path, index, is_moe = layer_location(self.cfg, layer)
-        stacked = _tree(params)
-        for key in path:
-            stacked = stacked[key]
-        layer_params = jax.tree.map(lambda a: a[index], stacked)
-        per_layer = layer_data(self.cfg)
-        this_layer = None if per_layer is None else {k: jnp.asarray(v[layer]) for k, v in per_layer.items()}
-        out, _ = Block(self.cfg, moe=is_moe).apply(
-            {"params": layer_params}, x_bsd, segment_ids_bs, positions_bs, this_layer
-        )
-        return out
+        return self._run(params, path, is_moe, (index, layer, 1), x_bsd, segment_ids_bs, positions_bs)
 
     def blocks(self, params, first: int, x_bsd, segment_ids_bs=None, positions_bs=None) -> jax.Array:
         """Blocks `first`.. to the last applied to the residual stream: the same as calling `block` for each, but
@@ -656,34 +647,31 @@ class Transformer:
             end = layer + 1  # this stack's run: the next layers stored at the next indices of the same stack
             while end < self.cfg.n_layers and layer_location(self.cfg, end) == (path, start + end - layer, is_moe):
                 end += 1
-            if end - layer == 1:
-                x_bsd = self.block(params, layer, x_bsd, segment_ids_bs, positions_bs)
-            else:
-                x_bsd = self._scanned_run(
-                    params, path, is_moe, (start, layer, end - layer), x_bsd, segment_ids_bs, positions_bs
-                )
+            x_bsd = self._run(params, path, is_moe, (start, layer, end - layer), x_bsd, segment_ids_bs, positions_bs)
             layer = end
         return x_bsd
 
-    def _scanned_run(self, params, path, is_moe: bool, run: tuple[int, int, int], x_bsd, segment_ids_bs, positions_bs):
-        """`count` layers from model layer `layer`, stored at `start`.. of the stack at `path`, as one scan."""
+    def _run(self, params, path, is_moe: bool, run: tuple[int, int, int], x_bsd, segment_ids_bs, positions_bs):
+        """`count` layers from model layer `layer`, stored at `start`.. of the stack at `path`: one unscanned, more
+        as a scan over their slices of the stacked params and of the per-layer attention data."""
         start, layer, count = run
         stacked = _tree(params)
         for key in path:
             stacked = stacked[key]
-        run_params = jax.tree.map(lambda a: a[start : start + count], stacked)
         per_layer = layer_data(self.cfg)
-        run_data = (
-            None if per_layer is None else {k: jnp.asarray(v[layer : layer + count]) for k, v in per_layer.items()}
+        rows = (
+            jax.tree.map(lambda a: a[start : start + count], stacked),
+            None if per_layer is None else {k: jnp.asarray(v[layer : layer + count]) for k, v in per_layer.items()},
         )
         block = Block(self.cfg, moe=is_moe)
 
         def body(x, inputs):
-            layer_params, this_layer = inputs
-            out, _ = block.apply({"params": layer_params}, x, segment_ids_bs, positions_bs, this_layer)
+            out, _ = block.apply({"params": inputs[0]}, x, segment_ids_bs, positions_bs, inputs[1])
             return out, None
 
-        return jax.lax.scan(body, x_bsd, (run_params, run_data))[0]
+        if count == 1:
+            return body(x_bsd, jax.tree.map(lambda a: a[0], rows))[0]
+        return jax.lax.scan(body, x_bsd, rows)[0]
 
     def finish(self, params, x_bsd) -> jax.Array:
         """The residual stream after the last block → final normed hidden states (float32; `head` gives logits)."""
