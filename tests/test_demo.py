@@ -113,6 +113,7 @@ def test_default_token_cache_is_inside_the_test_session_tmp():
         (["run.recipe.on_policy.fraction=0"], "needs on-policy steps"),
         (["pruned_ce_row=true", "run.recipe.prune_batches=0"], "pruned_ce_row"),
         (["transfer_pairs=0"], "transfer_pairs"),
+        (["transfer_intervention_batches=0"], "transfer_intervention_batches"),
     ],
 )
 def test_demo_recipe_shapes_are_refused_before_any_phase(sets, fragment):

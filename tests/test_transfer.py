@@ -380,6 +380,11 @@ def test_eval_includes_transfer(tiny_run, tmp_path, capsys):
         (["--pairs", "0:0,1:1", "--concept-pair", "0:1"], "is not one of the layer pairs"),
         (["--fit-batches", "400", "--eval-batches", "1"], "transfer fit_batches (--fit-batches): 400 batch(es)"),
         (["--fit-batches", "0"], "--fit-batches must be positive"),
+        (["--intervention-batches", "0"], "--intervention-batches must be positive"),
+        (
+            ["--fit-batches", "1", "--eval-batches", "1", "--intervention-batches", "2"],
+            "(--intervention-batches, 2) must not exceed the eval batches (1)",
+        ),
     ],
 )
 def test_bad_layer_pairs_are_one_error_line(tiny_run, tmp_path, capsys, args, fragment):
@@ -452,3 +457,61 @@ def test_unmeasurable_builtin_concepts_are_skipped_with_the_reason_and_user_ones
     reasons = {s["concept"]: s["reason"] for s in skipped}
     assert reasons["python_string"] == "no held-out document parses as Python"
     assert reasons["python_comment"] == "no positive tokens in the fit part of its texts"
+
+
+def test_interventions_run_on_the_leading_eval_batches_only(tiny_run):
+    """intervention_batches: explained variance, probes and CE measured on every eval row (the same figures as a run
+    intervening everywhere), stitched KL and steering on the leading rows only (the same figures as the full run's
+    sums cut to those rows); more intervention batches than eval batches is refused."""
+    from analogjax.config import load_config
+    from analogjax.fidelity.measure_run import live_teacher
+    from analogjax.fidelity.transfer_rows import TransferRows, figures
+    from analogjax.run_dir import load_student
+
+    config = load_config(str(tiny_run / "self.yaml"), [])
+    student = load_student(str(tiny_run / "run"), config)
+    teacher, teacher_params = live_teacher(config, student.mesh)
+    user = concepts.read_user_concepts(tiny_run / "concepts.jsonl")
+
+    def measured(**budget):
+        return transfer.measure_models(
+            config,
+            {"analog": student.params},
+            teacher,
+            teacher_params,
+            student.mesh,
+            fit_batches=2,
+            user_concepts=user,
+            **budget,
+        )
+
+    full, part = measured(eval_batches=2), measured(eval_batches=2, intervention_batches=1)
+    a, b = full["analog"], part["analog"]
+    gb = config.data.global_batch
+    assert (a["eval_rows"], a["intervention_rows"]) == (b["eval_rows"], a["eval_rows"]) and b["intervention_rows"] == gb
+    assert b["eval_rows"] > gb and a["eval_tokens"] == b["eval_tokens"] > b["intervention_tokens"] > 0
+    for key in ("teacher_ce", "analog_ce", "probes"):
+        assert b[key] == a[key], key
+    for sa, sb in zip(a["stitch"], b["stitch"]):
+        for key in ("explained_variance", "teacher_to_analog_explained_variance"):
+            assert (sb[key], sb[f"{key}_ci95"]) == (sa[key], sa[f"{key}_ci95"])
+    # The interventions' figures: those of the full run's per-row sums cut to the leading rows.
+    rows = full.rows["analog"]
+    cut = TransferRows.from_sums(
+        rows.pairs,
+        rows.concept_pair,
+        rows.concepts,
+        {k: v[:gb] if k.startswith(("stitched_", "steering/")) else v for k, v in rows.sums.items()},
+    )
+    expected = figures(cut)
+    for se, sb in zip(expected["stitch"], b["stitch"]):
+        for key in ("stitched_kl", "stitched_ce"):
+            assert sb[key] == pytest.approx(se[key], rel=1e-12) and sb[f"{key}_ci95"] == se[f"{key}_ci95"]
+    for se, sb in zip(expected["steering"], b["steering"]):
+        for key in ("native", "transferred", "random", "recovered"):
+            assert (sb[key], sb[f"{key}_ci95"]) == (se[key], se[f"{key}_ci95"]), key
+    _assert_intervals_hold_their_figures(b)
+    assert f"of which {b['intervention_tokens']:,} also for stitched" in transfer.card_paragraph(b)
+    assert "of which" not in transfer.card_paragraph(a)
+    with pytest.raises(UserError, match="intervention_batches.*must not exceed the eval batches"):
+        measured(eval_batches=2, intervention_batches=3)

@@ -46,6 +46,13 @@ def add_arguments(parser) -> None:
         help="held-out batches of eval documents measured (stitching, probes, steering; default: half of --batches)",
     )
     parser.add_argument(
+        "--intervention-batches",
+        type=int,
+        default=None,
+        help="of the eval batches, how many (the first) also run the interventions: stitched forwards and steering, "
+        "~10x a plain forward each; the rest measure explained variance, probes and CE only (default: all)",
+    )
+    parser.add_argument(
         "--pairs",
         default=None,
         metavar="I:J,...",
@@ -82,7 +89,7 @@ def run(args) -> int:
     from analogjax.runtime import storage
 
     config = load_config(args.config, args.overrides)
-    for flag in ("batches", "fit_batches", "eval_batches"):
+    for flag in ("batches", "fit_batches", "eval_batches", "intervention_batches"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise UserError(f"--{flag.replace('_', '-')} must be positive")
     pairs = parse_pairs(args.pairs, "--pairs") if args.pairs else None
@@ -103,6 +110,7 @@ def run(args) -> int:
         batches=args.batches,
         fit_batches=args.fit_batches,
         eval_batches=args.eval_batches,
+        intervention_batches=args.intervention_batches,
         user_concepts=user,
         pairs=pairs,
         concept_pair=concept_pair[0] if concept_pair else None,

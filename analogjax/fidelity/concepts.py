@@ -270,6 +270,23 @@ def heldout_texts(data, vocab_size: int):
     return tokenizer, sum(len(ids) for ids in heldout), documents()
 
 
+def rows_for_budgets(config, batches, fit_batches, eval_batches, user: Sequence[UserConcept] = ()) -> LabelledRows:
+    """The labelled rows a transfer check's budgets need (global batches of config.data): `fit_batches` and
+    `eval_batches`, a missing one half of `batches` rounded up, or `batches` alone (documents alternating fit and
+    eval)."""
+    gb = config.data.global_batch
+    if fit_batches is None and eval_batches is None:
+        return labelled_rows(config.data, config.model.vocab_size, rows=int(batches or 0) * gb, user=user)
+    half = -(-int(batches or 0) // 2)
+    return labelled_rows(
+        config.data,
+        config.model.vocab_size,
+        fit_rows=int(fit_batches or half) * gb,
+        eval_rows=int(eval_batches or half) * gb,
+        user=user,
+    )
+
+
 def labelled_rows(
     data,
     vocab_size: int,

@@ -32,9 +32,12 @@ null ("cannot be judged") where the teacher's own method does not beat its basel
 standard errors of an accuracy at chance (probes) or the spread of the random directions' effects (steering), and
 with a 95% interval of native − baseline above zero.
 
-Budgets: the maps and probes are fitted on `fit_batches` global batches of fit rows, the eval pass (stitched
-forwards, steering: the expensive part) runs on `eval_batches` batches of eval rows; `batches` alone is the older
-form (that many batches of rows, about half of them fit rows). Several models of one shape are measured in one pass
+Budgets: the maps and probes are fitted on `fit_batches` global batches of fit rows, the eval pass runs on
+`eval_batches` batches of eval rows, and its interventions (stitched forwards and steering: the teacher's upper
+layers once per pair and direction, the expensive part) on the first `intervention_batches` of them (default: all).
+Explained variance, probe accuracies and CE need plain forwards only, so they are measured on every eval row, the
+stitched CE and KL and steering on the intervention rows; `batches` alone is the older form (that many batches of
+rows, about half of them fit rows). Several models of one shape are measured in one pass
 (`measure_models`): each batch's teacher forward, the native and random steering directions and the native probes
 are computed once and shared; per model only its own forward, stitched forwards and carried directions run. A
 concept's steering directions run as one batched forward (stacked on the batch axis, STEER_CHUNK_ELEMENTS logits
@@ -164,6 +167,7 @@ def measure(
     batches: int | None = None,
     fit_batches: int | None = None,
     eval_batches: int | None = None,
+    intervention_batches: int | None = None,
     user_concepts: Sequence[concepts_lib.UserConcept] = (),
     pairs: Sequence[tuple[int, int]] | None = None,
     concept_pair: tuple[int, int] | None = None,
@@ -179,6 +183,7 @@ def measure(
         batches=batches,
         fit_batches=fit_batches,
         eval_batches=eval_batches,
+        intervention_batches=intervention_batches,
         user_concepts=user_concepts,
         pairs=pairs,
         concept_pair=concept_pair,
@@ -195,6 +200,7 @@ def measure_models(
     batches: int | None = None,
     fit_batches: int | None = None,
     eval_batches: int | None = None,
+    intervention_batches: int | None = None,
     user_concepts: Sequence[concepts_lib.UserConcept] = (),
     pairs: Sequence[tuple[int, int]] | None = None,
     concept_pair: tuple[int, int] | None = None,
@@ -204,8 +210,11 @@ def measure_models(
 
     Budgets: `fit_batches` global batches of fit rows for the maps and probes and `eval_batches` of eval rows for the
     measurements (a missing one: half of `batches`, rounded up); or `batches` alone, as before (that many batches of
-    rows, documents alternating fit and eval). Held-out documents too few for a budget: a UserError naming it, before
-    any model runs. Returns {name: report} (a `Measured`, whose `rows` feed `comparison`)."""
+    rows, documents alternating fit and eval). `intervention_batches`: how many of the eval batches (the first ones)
+    also run the interventions, stitched forwards and steering (None: all); the rest measure what needs no
+    intervention (explained variance, probes, CE) at the cost of plain forwards. Held-out documents too few for a
+    budget: a UserError naming it, before any model runs. Returns {name: report} (a `Measured`, whose `rows` feed
+    `comparison`)."""
     from analogjax import mesh as mesh_lib
     from analogjax.fidelity import default_layer_pairs
 
@@ -218,11 +227,22 @@ def measure_models(
         raise ValueError("measure_models needs at least one model")
     if config.data.heldout_fraction <= 0:
         raise UserError("data.heldout_fraction is 0: transfer is measured on held-out documents only")
-    for flag, value in (("--batches", batches), ("--fit-batches", fit_batches), ("--eval-batches", eval_batches)):
+    for flag, value in (
+        ("--batches", batches),
+        ("--fit-batches", fit_batches),
+        ("--eval-batches", eval_batches),
+        ("--intervention-batches", intervention_batches),
+    ):
         if value is not None and value <= 0:
             raise UserError(f"transfer {flag.lstrip('-').replace('-', '_')} ({flag}) must be positive, not {value}")
     if batches is None and (fit_batches is None or eval_batches is None):
         raise UserError("transfer needs batches, or fit_batches and eval_batches (--fit-batches, --eval-batches)")
+    eval_count = eval_batches if eval_batches is not None else -(-int(batches or 0) // 2)
+    if intervention_batches is not None and intervention_batches > eval_count:
+        raise UserError(
+            f"transfer intervention_batches (--intervention-batches, {intervention_batches}) must not exceed the "
+            f"eval batches ({eval_count}): they are the first of them"
+        )
     ls, lt = config.model.n_layers, config.teacher.model.n_layers
     pairs = tuple((int(i), int(j)) for i, j in pairs) if pairs else default_layer_pairs(ls, lt)
     if concept_pair:
@@ -236,7 +256,7 @@ def measure_models(
     if concept_pair not in pairs:
         raise UserError(f"the concepts' layer pair {concept_pair} is not one of the layer pairs {list(pairs)}")
     gb = config.data.global_batch
-    rows = _labelled_rows(config, batches, fit_batches, eval_batches, user_concepts)
+    rows = concepts_lib.rows_for_budgets(config, batches, fit_batches, eval_batches, user_concepts)
     if rows.fit.all() or not rows.fit.any():
         raise UserError(
             f"the held-out split gave {sum(rows.documents.values())} document(s): the checks need at least "
@@ -268,13 +288,21 @@ def measure_models(
     fitted = {name: _fit_student(stats[name], shared, info, layout) for name in students}
 
     # Eval pass: per-row sums; the teacher's forward, native and random directions once per batch.
-    teacher_step, student_step = _jitted("teacher_eval", *shape, vocab, chunk), _jitted("eval", *shape, vocab, chunk)
+    # The first `intervention_batches` batches also run the interventions (the teacher's upper layers once per
+    # stitched pair and steering direction: ~10x a plain forward); the rest only what plain forwards measure. The
+    # interventions' per-row sums thus cover the leading eval rows (TransferRows slices the shared counts to them).
+    steps = {
+        heavy: (_jitted(f"teacher_eval{heavy}", *shape, vocab, chunk), _jitted(f"eval{heavy}", *shape, vocab, chunk))
+        for heavy in ("", "_plain")
+    }
+    heavy_batches = intervention_batches if intervention_batches is not None else len(eval_rows.tokens)
     shared_rows: list[Any] = []
     model_rows: dict[str, list[Any]] = {name: [] for name in students}
     with jax.set_mesh(mesh):
         # Small (maps, probes, directions, markers): replicated.
         on_device = jax.device_put((shared_fit, {n: f for n, (f, _) in fitted.items()}), mesh_lib.replicated(mesh))
-        for batch in _batches(mesh, eval_rows, measured, gb):
+        for index, batch in enumerate(_batches(mesh, eval_rows, measured, gb)):
+            teacher_step, student_step = steps["" if index < heavy_batches else "_plain"]
             held, per_row = teacher_step(teacher_params, on_device[0], batch)
             outs = {
                 name: student_step(params, teacher_params, on_device[0], on_device[1][name], held, batch)
@@ -284,7 +312,7 @@ def measure_models(
             for name, out in outs.items():
                 model_rows[name].append(jax.device_get(out))
     real = len(eval_rows.tokens)
-    teacher_rows = _concatenate(shared_rows, real)
+    teacher_rows = transfer_rows.per_row_arrays(shared_rows, real)
     reports = Measured()
     reports.rows = {}
     for name in students:
@@ -292,7 +320,7 @@ def measure_models(
             layout.pairs,
             layout.concept_pair,
             [rows.concepts[c] for c in layout.measured],
-            {**teacher_rows, **_concatenate(model_rows[name], real)},
+            {**teacher_rows, **transfer_rows.per_row_arrays(model_rows[name], real)},
         )
         reports.rows[name] = rows_of
         reports[name] = _report(stats[name], rows_of, {**info, **fitted[name][1]}, layout, rows, markers, skipped)
@@ -306,25 +334,7 @@ def check_budgets(config, *, fit_batches: int, eval_batches: int, user_concepts=
     for flag, value in (("--fit-batches", fit_batches), ("--eval-batches", eval_batches)):
         if value <= 0:
             raise UserError(f"transfer {flag.lstrip('-').replace('-', '_')} ({flag}) must be positive, not {value}")
-    _labelled_rows(config, None, fit_batches, eval_batches, user_concepts)
-
-
-def _labelled_rows(config, batches, fit_batches, eval_batches, user_concepts):
-    gb = config.data.global_batch
-    if fit_batches is None and eval_batches is None:
-        rows = concepts_lib.labelled_rows(
-            config.data, config.model.vocab_size, rows=int(batches or 0) * gb, user=user_concepts
-        )
-    else:
-        half = -(-int(batches or 0) // 2)
-        rows = concepts_lib.labelled_rows(
-            config.data,
-            config.model.vocab_size,
-            fit_rows=int(fit_batches or half) * gb,
-            eval_rows=int(eval_batches or half) * gb,
-            user=user_concepts,
-        )
-    return rows
+    concepts_lib.rows_for_budgets(config, None, fit_batches, eval_batches, user_concepts)
 
 
 def _part(rows, keep):
@@ -334,22 +344,6 @@ def _part(rows, keep):
             for f in ("tokens", "segment_ids", "positions", "targets", "loss_mask", "fit", "labels")
         }
     )
-
-
-def _concatenate(batches: list[Any], real: int) -> dict[str, np.ndarray]:
-    """Per-row outputs of each batch → one float64 array per key (nested keys joined by '/'), padding rows dropped."""
-    out: dict[str, list[np.ndarray]] = {}
-
-    def walk(prefix, tree):
-        for key, value in tree.items():
-            if isinstance(value, dict):
-                walk(f"{prefix}{key}/", value)
-            else:
-                out.setdefault(prefix + key, []).append(np.asarray(value, np.float64))
-
-    for batch in batches:
-        walk("", batch)
-    return {k: np.concatenate(v)[:real] for k, v in out.items()}
 
 
 class _Layout:
@@ -380,8 +374,11 @@ def _jitted(kind: str, student_cfg, teacher_cfg, pairs, concept_pair, measured, 
 
     models = (Transformer(student_cfg), Transformer(teacher_cfg))
     layout = _Layout(pairs, concept_pair, measured, groups)
-    make = {"teacher_stats": _teacher_stats_step, "stats": _stats_step, "teacher_eval": _teacher_eval_step}
-    step = make.get(kind, _eval_step)(models, layout, vocab, chunk)
+    if kind in ("teacher_stats", "stats"):
+        step = (_teacher_stats_step if kind == "teacher_stats" else _stats_step)(models, layout, vocab, chunk)
+    else:  # "_plain": an eval step without the interventions (stitched forwards, steering)
+        make = _teacher_eval_step if kind.startswith("teacher") else _eval_step
+        step = make(models, layout, vocab, chunk, interventions=not kind.endswith("_plain"))
     replicated = mesh_lib.replicated(mesh)
     if kind.startswith("teacher"):
         return jax.jit(step, out_shardings=(mesh_lib.batch_sharding(mesh), replicated))
@@ -548,7 +545,7 @@ def _steer_rest(big, tp, first, batch):
     return rest
 
 
-def _teacher_eval_step(models, layout, vocab, chunk):
+def _teacher_eval_step(models, layout, vocab, chunk, interventions=True):
     from analogjax import mesh as mesh_lib
     from analogjax.models.transformer import logits as head_logits
     from analogjax.objective import divergences as losses
@@ -578,6 +575,8 @@ def _teacher_eval_step(models, layout, vocab, chunk):
                 "positive": (truth * labelled).sum(1),
                 "native": jnp.sum(((scores > 0) == truth) * labelled, 1),
             }
+            if not interventions:
+                return held, per_row
             outside = (labels == 0) * batch["real"][..., None]  # b s C
             mass = steered_mass(
                 _steer_rest(big, tp, j + 1, batch), ft.layers_lbsd[j], fitted["directions"], fitted["markers"], chunk
@@ -594,7 +593,7 @@ def _teacher_eval_step(models, layout, vocab, chunk):
     return step
 
 
-def _eval_step(models, layout, vocab, chunk):
+def _eval_step(models, layout, vocab, chunk, interventions=True):
     from analogjax import mesh as mesh_lib
     from analogjax.models.transformer import logits as head_logits
     from analogjax.objective import divergences as losses
@@ -619,18 +618,20 @@ def _eval_step(models, layout, vocab, chunk):
         for p, (i, j) in enumerate(layout.pairs):
             x, y = fs.layers_lbsd[i].astype(jnp.float32), held["y"][:, p].astype(jnp.float32)
             mapped = x @ fitted["w"][p] + fitted["b"][p]
-            log_q = losses.log_softmax(
-                _teacher_from(big, tp, j + 1, mapped.astype(held["y"].dtype), seg, pos)[..., :vocab]
-            )
-            stitch["ce"].append(nll(log_q))
-            stitch["kl"].append(jnp.sum(losses.forward_kl_from_log_probs(log_t, log_q) * w, 1))
+            if interventions:
+                log_q = losses.log_softmax(
+                    _teacher_from(big, tp, j + 1, mapped.astype(held["y"].dtype), seg, pos)[..., :vocab]
+                )
+                stitch["ce"].append(nll(log_q))
+                stitch["kl"].append(jnp.sum(losses.forward_kl_from_log_probs(log_t, log_q) * w, 1))
             back = y @ fitted["back_w"][p] + fitted["back_b"][p]
             for name, target, guess in (("fwd", y, mapped), ("back", x, back)):
                 stitch[f"{name}_sse"].append(jnp.sum(jnp.sum((target - guess) ** 2, -1) * real, 1))
                 stitch[f"{name}_sy"].append(jnp.sum(target * real[..., None], 1))
                 stitch[f"{name}_syy"].append(jnp.sum(jnp.sum(target**2, -1) * real, 1))
         for key, values in stitch.items():
-            out[f"stitched_{key}" if key in ("ce", "kl") else key] = jnp.stack(values, axis=1)  # b P [...]
+            if values:  # stitched CE and KL: only where the interventions run
+                out[f"stitched_{key}" if key in ("ce", "kl") else key] = jnp.stack(values, axis=1)  # b P [...]
         if layout.measured:
             i, j = layout.concept_pair
             labels = batch["labels"]
@@ -646,6 +647,8 @@ def _eval_step(models, layout, vocab, chunk):
                 "analog": correct(x, "analog"),
                 "transferred": correct(y.astype(jnp.float32), "transferred"),
             }
+            if not interventions:
+                return out
             mass = steered_mass(_steer_rest(big, tp, j + 1, batch), y, fitted["carried"], shared["markers"], chunk)
             outside = (labels == 0) * real[..., None]
             own = jnp.diagonal(mass, axis1=1, axis2=3)  # b s C: each carried direction on its own concept
@@ -670,6 +673,7 @@ def _report(stats, rows_of: TransferRows, info, layout, rows, markers, skipped) 
         "documents": rows.documents,
         "fit_tokens": int(stats["fit"]["n"][0]),
         "eval_tokens": int(rows_of.sums["n"].sum()),
+        "intervention_tokens": int(rows_of.sums["n"][: rows_of.intervention_rows].sum()),  # stitched KL, steering
         "fit_rows": int(rows.fit.sum()),
         **figures,
         "skipped": skipped,
@@ -683,6 +687,7 @@ def _report(stats, rows_of: TransferRows, info, layout, rows, markers, skipped) 
             "marker_tokens": concepts_lib.MARKERS,
             "token_label": "a token is positive when any of its characters is inside the concept",
             "intervals": f"95% percentile bootstrap over the {rows_of.rows} eval rows ({intervals.DRAWS} "
-            "resamples); steering's also resample the random directions",
+            f"resamples; stitched CE and KL and steering over the first {rows_of.intervention_rows}, which ran the "
+            "interventions); steering's also resample the random directions",
         },
     }

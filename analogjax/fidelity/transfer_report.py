@@ -23,6 +23,14 @@ def _ci(row: dict[str, Any], key: str, digits: int = 3) -> str:
     return "n/a" if value is None else format_interval(value, row.get(f"{key}_ci95"), digits)
 
 
+def _intervened(report: dict[str, Any]) -> str:
+    """Where the stitched forwards and steering ran on fewer eval tokens than the rest: how many (else nothing)."""
+    tokens = report.get("intervention_tokens")
+    if tokens is None or tokens == report["eval_tokens"]:
+        return ""
+    return f", of which {tokens:,} also for stitched CE and KL and steering"
+
+
 def _sci(row: dict[str, Any], key: str) -> str:
     """A small effect (probability mass) with its interval, in scientific notation."""
     value, interval = row.get(key), row.get(f"{key}_ci95")
@@ -40,7 +48,8 @@ def markdown_table(report: dict[str, Any]) -> str:
         f" Brackets: 95% intervals, {report['method']['intervals']}." if "intervals" in report["method"] else ""
     )
     lines = [
-        f"Stitching (held-out tokens: {report['fit_tokens']:,} to fit, {report['eval_tokens']:,} to measure; "
+        f"Stitching (held-out tokens: {report['fit_tokens']:,} to fit, {report['eval_tokens']:,} to measure"
+        f"{_intervened(report)}; "
         f"teacher CE {_ci(report, 'teacher_ce')}, analog CE {_ci(report, 'analog_ce')} nats/token).{interval_note}",
         "",
         "| analog layer | teacher layer | explained variance (analog→teacher) | (teacher→analog) "
@@ -91,7 +100,8 @@ def card_paragraph(report: dict[str, Any]) -> str:
     best = min(stitch, key=lambda s: s["stitched_ce"])
     words = [
         f"Transfer checks on held-out text ({report['fit_tokens']:,} tokens to fit the maps and probes, "
-        f"{report['eval_tokens']:,} others to measure them): an affine map from the analog's residual stream "
+        f"{report['eval_tokens']:,} others to measure them{_intervened(report)}): an affine map from the analog's "
+        "residual stream "
         f"explains {min(ev):.0%}–{max(ev):.0%} of the teacher's at the matched layers. "
         f"The best stitched model (the analog up to its layer {best['analog_layer']}, mapped, then the "
         f"teacher after its layer {best['teacher_layer']}) reaches a next-token loss of "

@@ -150,6 +150,23 @@ def _mean_over(statistics: Sequence[intervals.Statistic]) -> intervals.Statistic
 # One model's rows
 
 
+def per_row_arrays(batches: list[Any], real: int) -> dict[str, np.ndarray]:
+    """The eval pass's per-row outputs of each batch → one float64 array per key (nested keys joined by '/'), the
+    padding rows past the `real` ones dropped. A key only some (leading) batches hold covers only their rows."""
+    out: dict[str, list[np.ndarray]] = {}
+
+    def walk(prefix, tree):
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                walk(f"{prefix}{key}/", value)
+            else:
+                out.setdefault(prefix + key, []).append(np.asarray(value, np.float64))
+
+    for batch in batches:
+        walk("", batch)
+    return {k: np.concatenate(v)[:real] for k, v in out.items()}
+
+
 @dataclass(frozen=True)
 class TransferRows:
     """One model's per-row sums of the transfer checks' eval pass (arrays with a leading axis of eval rows, the same
@@ -171,8 +188,17 @@ class TransferRows:
         """The number of eval rows."""
         return int(len(self.sums["n"]))
 
+    @property
+    def intervention_rows(self) -> int:
+        """The leading eval rows that also ran the interventions (stitched forwards, steering)."""
+        return int(len(self.sums.get("stitched_kl", self.sums["n"])))
+
     def _only(self, *prefixes: str) -> dict[str, np.ndarray]:
-        return {k: v for k, v in self.sums.items() if k in ("n", "tokens") or k.startswith(prefixes)}
+        """The sums whose keys start with `prefixes`, with the token counts of the rows they cover (the interventions'
+        sums cover only the leading rows, measure_models' `intervention_batches`)."""
+        picked = {k: v for k, v in self.sums.items() if k.startswith(prefixes) and k not in ("n", "tokens")}
+        covered = min((len(v) for v in picked.values()), default=self.rows)
+        return {"n": self.sums["n"][:covered], "tokens": self.sums["tokens"][:covered], **picked}
 
     def figure(self, statistic: intervals.Statistic, *prefixes: str) -> tuple[float, list[float | None]]:
         """(point, [lo, hi]) of a statistic of the sums whose keys start with `prefixes`."""
@@ -204,7 +230,7 @@ def _with_interval(out: dict, key: str, figure: tuple[float, list[float | None]]
 def figures(rows: TransferRows) -> dict[str, Any]:
     """The report's figures, each with its `*_ci95`: teacher and analog CE, `stitch` per layer pair, `probes` and
     `steering` per concept (recovered and its interval null where the native method is not beyond noise)."""
-    out: dict[str, Any] = {"eval_rows": rows.rows}
+    out: dict[str, Any] = {"eval_rows": rows.rows, "intervention_rows": rows.intervention_rows}
     _with_interval(out, "teacher_ce", rows.figure(per_token("teacher_ce"), "teacher_ce"))
     _with_interval(out, "analog_ce", rows.figure(per_token("analog_ce"), "analog_ce"))
     out["stitch"] = []
