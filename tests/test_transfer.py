@@ -487,9 +487,13 @@ def test_interventions_run_on_the_leading_eval_batches_only(tiny_run):
 
     full, part = measured(eval_batches=2), measured(eval_batches=2, intervention_batches=1)
     a, b = full["analog"], part["analog"]
-    gb = config.data.global_batch
-    assert (a["eval_rows"], a["intervention_rows"]) == (b["eval_rows"], a["eval_rows"]) and b["intervention_rows"] == gb
-    assert b["eval_rows"] > gb and a["eval_tokens"] == b["eval_tokens"] > b["intervention_tokens"] > 0
+    gb, heavy = config.data.global_batch, b["intervention_rows"]
+    assert (a["eval_rows"], a["intervention_rows"]) == (b["eval_rows"], a["eval_rows"])
+    # One held-out batch, and the user concept's texts (run first): their rows are the only ones labelling it.
+    assert gb < heavy < b["eval_rows"] and heavy % gb == 0
+    assert a["eval_tokens"] == b["eval_tokens"] > b["intervention_tokens"] > 0
+    user = [s for s in b["steering"] if s["concept"] == "assignment"]
+    assert user and user[0]["recovered"] is not None
     for key in ("teacher_ce", "analog_ce", "probes"):
         assert b[key] == a[key], key
     for sa, sb in zip(a["stitch"], b["stitch"]):
@@ -501,7 +505,7 @@ def test_interventions_run_on_the_leading_eval_batches_only(tiny_run):
         rows.pairs,
         rows.concept_pair,
         rows.concepts,
-        {k: v[:gb] if k.startswith(("stitched_", "steering/")) else v for k, v in rows.sums.items()},
+        {k: v[:heavy] if k.startswith(("stitched_", "steering/")) else v for k, v in rows.sums.items()},
     )
     expected = figures(cut)
     for se, sb in zip(expected["stitch"], b["stitch"]):

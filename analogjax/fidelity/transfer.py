@@ -34,14 +34,14 @@ with a 95% interval of native − baseline above zero.
 
 Budgets: the maps and probes are fitted on `fit_batches` global batches of fit rows, the eval pass runs on
 `eval_batches` batches of eval rows, and its interventions (stitched forwards and steering: the teacher's upper
-layers once per pair and direction, the expensive part) on the first `intervention_batches` of them (default: all).
-Explained variance, probe accuracies and CE need plain forwards only, so they are measured on every eval row, the
-stitched CE and KL and steering on the intervention rows; `batches` alone is the older form (that many batches of
-rows, about half of them fit rows). Several models of one shape are measured in one pass
-(`measure_models`): each batch's teacher forward, the native and random steering directions and the native probes
-are computed once and shared; per model only its own forward, stitched forwards and carried directions run. A
-concept's steering directions run as one batched forward (stacked on the batch axis, STEER_CHUNK_ELEMENTS logits
-at a time), not one after another.
+layers once per pair and direction, the expensive part) on `intervention_batches` of them (default: all) and on
+every row of a user concept's texts (those rows run first). Explained variance, probe accuracies and CE need plain
+forwards only, so they are measured on every eval row, the stitched CE and KL and steering on the intervention
+rows; `batches` alone is the older form (that many batches of rows, about half of them fit rows). Several models of
+one shape are measured in one pass (`measure_models`): each batch's teacher forward, the native and random
+steering directions and the native probes are computed once and shared; per model only its own forward, stitched
+forwards and carried directions run. A concept's steering directions run as one batched forward (stacked on the
+batch axis, STEER_CHUNK_ELEMENTS logits at a time), not one after another.
 
 Data route: the packed held-out batches carry token ids only, and the concepts need character offsets, so the
 checks tokenize the held-out documents' text themselves (concepts.labelled_rows: one document chunk per row, the
@@ -210,9 +210,10 @@ def measure_models(
 
     Budgets: `fit_batches` global batches of fit rows for the maps and probes and `eval_batches` of eval rows for the
     measurements (a missing one: half of `batches`, rounded up); or `batches` alone, as before (that many batches of
-    rows, documents alternating fit and eval). `intervention_batches`: how many of the eval batches (the first ones)
-    also run the interventions, stitched forwards and steering (None: all); the rest measure what needs no
-    intervention (explained variance, probes, CE) at the cost of plain forwards. Held-out documents too few for a
+    rows, documents alternating fit and eval). `intervention_batches`: how many of the eval batches of held-out rows
+    also run the interventions, stitched forwards and steering (None: all), besides every row of a user concept's
+    texts (the eval pass runs those first); the rest measure what needs no intervention (explained variance,
+    probes, CE) at the cost of plain forwards. Held-out documents too few for a
     budget: a UserError naming it, before any model runs. Returns {name: report} (a `Measured`, whose `rows` feed
     `comparison`)."""
     from analogjax import mesh as mesh_lib
@@ -272,6 +273,11 @@ def measure_models(
     chunk = max(1, STEER_CHUNK_ELEMENTS // per_direction)
     shape = (config.model, config.teacher.model, pairs, concept_pair, tuple(int(c) for c in measured), groups, mesh)
     fit_rows, eval_rows = _part(rows, rows.fit), _part(rows, ~rows.fit)
+    # Eval rows of user concepts' texts first: only they label those concepts, so they are always among the rows
+    # that run the interventions (the first ones), whatever intervention_batches leaves to the held-out rows.
+    user_columns = [c for c, name in enumerate(rows.concepts) if name in user_names]
+    own_text = np.any(eval_rows.labels[..., user_columns] >= 0, axis=(1, 2))
+    eval_rows = _part(eval_rows, np.concatenate([np.flatnonzero(own_text), np.flatnonzero(~own_text)]))
 
     # Fit pass: the teacher's layers once per batch, each model's moments against them.
     shared: dict[str, Any] = {}
@@ -295,7 +301,8 @@ def measure_models(
         heavy: (_jitted(f"teacher_eval{heavy}", *shape, vocab, chunk), _jitted(f"eval{heavy}", *shape, vocab, chunk))
         for heavy in ("", "_plain")
     }
-    heavy_batches = intervention_batches if intervention_batches is not None else len(eval_rows.tokens)
+    heavy_rows = int(own_text.sum()) + (intervention_batches or len(eval_rows.tokens)) * gb
+    heavy_batches = -(-heavy_rows // gb)
     shared_rows: list[Any] = []
     model_rows: dict[str, list[Any]] = {name: [] for name in students}
     with jax.set_mesh(mesh):
