@@ -514,6 +514,12 @@ def test_interventions_run_on_the_leading_eval_batches_only(tiny_run):
     for se, sb in zip(expected["steering"], b["steering"]):
         for key in ("native", "transferred", "random", "recovered"):
             assert (sb[key], sb[f"{key}_ci95"]) == (se[key], se[f"{key}_ci95"]), key
+    # The CE to set beside the stitched CE: on the same rows.
+    on_heavy = figures(rows.leading(heavy))
+    assert (b["teacher_ce_intervened"], b["analog_ce_intervened"]) == (on_heavy["teacher_ce"], on_heavy["analog_ce"])
+    assert "teacher_ce_intervened" not in a
+    assert f"teacher's {b['teacher_ce_intervened']:.3f}" in transfer.card_paragraph(b)
+    assert "on the tokens of the stitched CE" in transfer.markdown_table(b)
     _assert_intervals_hold_their_figures(b)
     assert f"of which {b['intervention_tokens']:,} also for stitched" in transfer.card_paragraph(b)
     assert "of which" not in transfer.card_paragraph(a)

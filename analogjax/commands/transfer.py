@@ -49,8 +49,9 @@ def add_arguments(parser) -> None:
         "--intervention-batches",
         type=int,
         default=None,
-        help="of the eval batches, how many (the first) also run the interventions: stitched forwards and steering, "
-        "~10x a plain forward each; the rest measure explained variance, probes and CE only (default: all)",
+        help="of the eval batches, how many also run the interventions: stitched forwards and steering, ~10x a "
+        "plain forward each (the rows of --concepts texts always do); the rest measure explained variance, probes "
+        "and CE only (default: all)",
     )
     parser.add_argument(
         "--pairs",

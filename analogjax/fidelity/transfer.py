@@ -66,7 +66,7 @@ import numpy as np
 
 from analogjax.errors import UserError
 from analogjax.fidelity import concepts as concepts_lib
-from analogjax.fidelity import intervals, transfer_rows
+from analogjax.fidelity import transfer_rows
 from analogjax.fidelity.transfer_fit import (  # noqa: F401 (the closed-form fits, public here too)
     MAP_RIDGE,
     PROBE_SHRINKAGE,
@@ -242,7 +242,7 @@ def measure_models(
     if intervention_batches is not None and intervention_batches > eval_count:
         raise UserError(
             f"transfer intervention_batches (--intervention-batches, {intervention_batches}) must not exceed the "
-            f"eval batches ({eval_count}): they are the first of them"
+            f"eval batches ({eval_count}): they are eval batches of held-out rows"
         )
     ls, lt = config.model.n_layers, config.teacher.model.n_layers
     pairs = tuple((int(i), int(j)) for i, j in pairs) if pairs else default_layer_pairs(ls, lt)
@@ -693,8 +693,6 @@ def _report(stats, rows_of: TransferRows, info, layout, rows, markers, skipped) 
             "random_directions": "one set shared by every concept (and every model measured together)",
             "marker_tokens": concepts_lib.MARKERS,
             "token_label": "a token is positive when any of its characters is inside the concept",
-            "intervals": f"95% percentile bootstrap over the {rows_of.rows} eval rows ({intervals.DRAWS} "
-            f"resamples; stitched CE and KL and steering over the first {rows_of.intervention_rows}, which ran the "
-            "interventions); steering's also resample the random directions",
+            "intervals": transfer_rows.interval_method(rows_of),
         },
     }

@@ -31,6 +31,16 @@ def _intervened(report: dict[str, Any]) -> str:
     return f", of which {tokens:,} also for stitched CE and KL and steering"
 
 
+def _ce_intervened(report: dict[str, Any]) -> str:
+    """The CE on the intervention rows (what the stitched CE compares with), where those are fewer than all."""
+    if "teacher_ce_intervened" not in report:
+        return ""
+    return (
+        f"; on the tokens of the stitched CE: teacher {_ci(report, 'teacher_ce_intervened')}, "
+        f"analog {_ci(report, 'analog_ce_intervened')}"
+    )
+
+
 def _sci(row: dict[str, Any], key: str) -> str:
     """A small effect (probability mass) with its interval, in scientific notation."""
     value, interval = row.get(key), row.get(f"{key}_ci95")
@@ -50,7 +60,8 @@ def markdown_table(report: dict[str, Any]) -> str:
     lines = [
         f"Stitching (held-out tokens: {report['fit_tokens']:,} to fit, {report['eval_tokens']:,} to measure"
         f"{_intervened(report)}; "
-        f"teacher CE {_ci(report, 'teacher_ce')}, analog CE {_ci(report, 'analog_ce')} nats/token).{interval_note}",
+        f"teacher CE {_ci(report, 'teacher_ce')}, analog CE {_ci(report, 'analog_ce')} nats/token"
+        f"{_ce_intervened(report)}).{interval_note}",
         "",
         "| analog layer | teacher layer | explained variance (analog→teacher) | (teacher→analog) "
         "| stitched CE | KL(teacher‖stitched) |",
@@ -106,7 +117,8 @@ def card_paragraph(report: dict[str, Any]) -> str:
         f"The best stitched model (the analog up to its layer {best['analog_layer']}, mapped, then the "
         f"teacher after its layer {best['teacher_layer']}) reaches a next-token loss of "
         f"{best['stitched_ce']:.3f} nats against the "
-        f"teacher's {report['teacher_ce']:.3f} and the analog's {report['analog_ce']:.3f}."
+        f"teacher's {report.get('teacher_ce_intervened', report['teacher_ce']):.3f} and the analog's "
+        f"{report.get('analog_ce_intervened', report['analog_ce']):.3f} on the same tokens."
     ]
     for rows, what, native, baseline in (
         (report["probes"], "Linear probes trained on the analog", "probe", "chance"),

@@ -6,7 +6,9 @@ figure is made of: tokens and CE sums; per layer pair the stitched model's CE an
 explained variance 1 − SSE / (Σ‖y‖² − ‖Σy‖² / n) is a function of row sums; per concept the labelled, positive and
 correctly classified tokens of each probe; and steering's marker-mass increases summed over positions outside the
 concept, for the native, the carried ("transferred") and each random direction. Intervals are percentile bootstraps
-over these rows (analogjax.fidelity.intervals).
+over these rows (analogjax.fidelity.intervals). The interventions' sums (stitched CE and KL, steering) may cover only
+the leading rows (measure_models' `intervention_batches`): their figures are taken on those rows, with the tokens
+counted there, and `teacher_ce_intervened` / `analog_ce_intervened` give the CE on the same rows to set beside them.
 
 Steering's random baseline is the mean effect of RANDOM_DRAWS random directions, and which directions were drawn is
 noise of its own: every bootstrap draw resamples the directions too (RANDOM_DRAWS of them with replacement, drawn
@@ -170,7 +172,8 @@ def per_row_arrays(batches: list[Any], real: int) -> dict[str, np.ndarray]:
 @dataclass(frozen=True)
 class TransferRows:
     """One model's per-row sums of the transfer checks' eval pass (arrays with a leading axis of eval rows, the same
-    rows in the same order for every model measured together), with what they were measured at."""
+    rows in the same order for every model measured together; the interventions' arrays cover the leading
+    `intervention_rows` of them), with what they were measured at."""
 
     pairs: tuple[tuple[int, int], ...]
     concept_pair: tuple[int, int]
@@ -192,6 +195,10 @@ class TransferRows:
     def intervention_rows(self) -> int:
         """The leading eval rows that also ran the interventions (stitched forwards, steering)."""
         return int(len(self.sums.get("stitched_kl", self.sums["n"])))
+
+    def leading(self, count: int) -> TransferRows:
+        """The same sums on the first `count` rows only."""
+        return TransferRows(self.pairs, self.concept_pair, self.concepts, {k: v[:count] for k, v in self.sums.items()})
 
     def _only(self, *prefixes: str) -> dict[str, np.ndarray]:
         """The sums whose keys start with `prefixes`, with the token counts of the rows they cover (the interventions'
@@ -223,6 +230,19 @@ class TransferRows:
         return bool(gap > max(spread, 1e-12) and lo is not None and lo > 0)
 
 
+def interval_method(rows: TransferRows) -> str:
+    """How the report's intervals were taken, in words."""
+    intervened = (
+        f"; stitched CE and KL and steering over the first {rows.intervention_rows}, which ran the interventions"
+        if rows.intervention_rows < rows.rows
+        else ""
+    )
+    return (
+        f"95% percentile bootstrap over the {rows.rows} eval rows ({intervals.DRAWS} resamples{intervened}); "
+        "steering's also resample the random directions"
+    )
+
+
 def _with_interval(out: dict, key: str, figure: tuple[float, list[float | None]]) -> None:
     out[key], out[f"{key}_ci95"] = figure
 
@@ -233,6 +253,10 @@ def figures(rows: TransferRows) -> dict[str, Any]:
     out: dict[str, Any] = {"eval_rows": rows.rows, "intervention_rows": rows.intervention_rows}
     _with_interval(out, "teacher_ce", rows.figure(per_token("teacher_ce"), "teacher_ce"))
     _with_interval(out, "analog_ce", rows.figure(per_token("analog_ce"), "analog_ce"))
+    if rows.intervention_rows < rows.rows:  # the CE on the rows the stitched CE was measured on, to compare with it
+        cut = rows.leading(rows.intervention_rows)
+        for key in ("teacher_ce", "analog_ce"):
+            _with_interval(out, f"{key}_intervened", cut.figure(per_token(key), key))
     out["stitch"] = []
     for p, (i, j) in enumerate(rows.pairs):
         entry: dict[str, Any] = {"analog_layer": i, "teacher_layer": j}
@@ -287,7 +311,7 @@ def comparison(analog: TransferRows, baseline: TransferRows) -> list[dict[str, A
         baseline.concepts,
     ):
         raise ValueError("the two models were measured at different layer pairs or concepts")
-    if analog.rows != baseline.rows:
+    if (analog.rows, analog.intervention_rows) != (baseline.rows, baseline.intervention_rows):
         raise ValueError("the two models were measured on different rows")
     i, j = analog.concept_pair
     entries = []
