@@ -213,9 +213,8 @@ def measure_models(
     rows, documents alternating fit and eval). `intervention_batches`: how many of the eval batches of held-out rows
     also run the interventions, stitched forwards and steering (None: all), besides every row of a user concept's
     texts (the eval pass runs those first); the rest measure what needs no intervention (explained variance,
-    probes, CE) at the cost of plain forwards. Held-out documents too few for a
-    budget: a UserError naming it, before any model runs. Returns {name: report} (a `Measured`, whose `rows` feed
-    `comparison`)."""
+    probes, CE) at the cost of plain forwards. Held-out documents too few for a budget: a UserError naming it,
+    before any model runs. Returns {name: report} (a `Measured`, whose `rows` feed `comparison`)."""
     from analogjax import mesh as mesh_lib
     from analogjax.fidelity import default_layer_pairs
 
@@ -294,9 +293,10 @@ def measure_models(
     fitted = {name: _fit_student(stats[name], shared, info, layout) for name in students}
 
     # Eval pass: per-row sums; the teacher's forward, native and random directions once per batch.
-    # The first `intervention_batches` batches also run the interventions (the teacher's upper layers once per
-    # stitched pair and steering direction: ~10x a plain forward); the rest only what plain forwards measure. The
-    # interventions' per-row sums thus cover the leading eval rows (TransferRows slices the shared counts to them).
+    # The leading batches (user concepts' rows, then `intervention_batches` of held-out rows; all when None) also run
+    # the interventions (the teacher's upper layers once per stitched pair and steering direction: ~10x a plain
+    # forward); the rest only what plain forwards measure. The interventions' per-row sums thus cover the leading
+    # eval rows (TransferRows slices the shared counts to them).
     steps = {
         heavy: (_jitted(f"teacher_eval{heavy}", *shape, vocab, chunk), _jitted(f"eval{heavy}", *shape, vocab, chunk))
         for heavy in ("", "_plain")
