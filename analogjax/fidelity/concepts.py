@@ -270,6 +270,11 @@ def heldout_texts(data, vocab_size: int):
     return tokenizer, sum(len(ids) for ids in heldout), documents()
 
 
+def part_batches(batches: int | None, part: int | None) -> int:
+    """A transfer check's fit or eval batches: `part` where given, else half of `batches` rounded up."""
+    return int(part) if part is not None else -(-int(batches or 0) // 2)
+
+
 def rows_for_budgets(config, batches, fit_batches, eval_batches, user: Sequence[UserConcept] = ()) -> LabelledRows:
     """The labelled rows a transfer check's budgets need (global batches of config.data): `fit_batches` and
     `eval_batches`, a missing one half of `batches` rounded up, or `batches` alone (documents alternating fit and
@@ -277,12 +282,11 @@ def rows_for_budgets(config, batches, fit_batches, eval_batches, user: Sequence[
     gb = config.data.global_batch
     if fit_batches is None and eval_batches is None:
         return labelled_rows(config.data, config.model.vocab_size, rows=int(batches or 0) * gb, user=user)
-    half = -(-int(batches or 0) // 2)
     return labelled_rows(
         config.data,
         config.model.vocab_size,
-        fit_rows=int(fit_batches or half) * gb,
-        eval_rows=int(eval_batches or half) * gb,
+        fit_rows=part_batches(batches, fit_batches) * gb,
+        eval_rows=part_batches(batches, eval_batches) * gb,
         user=user,
     )
 

@@ -237,7 +237,7 @@ def measure_models(
             raise UserError(f"transfer {flag.lstrip('-').replace('-', '_')} ({flag}) must be positive, not {value}")
     if batches is None and (fit_batches is None or eval_batches is None):
         raise UserError("transfer needs batches, or fit_batches and eval_batches (--fit-batches, --eval-batches)")
-    eval_count = eval_batches if eval_batches is not None else -(-int(batches or 0) // 2)
+    eval_count = concepts_lib.part_batches(batches, eval_batches)
     if intervention_batches is not None and intervention_batches > eval_count:
         raise UserError(
             f"transfer intervention_batches (--intervention-batches, {intervention_batches}) must not exceed the "
@@ -298,8 +298,8 @@ def measure_models(
     # forward); the rest only what plain forwards measure. The interventions' per-row sums thus cover the leading
     # eval rows (TransferRows slices the shared counts to them).
     steps = {
-        heavy: (_jitted(f"teacher_eval{heavy}", *shape, vocab, chunk), _jitted(f"eval{heavy}", *shape, vocab, chunk))
-        for heavy in ("", "_plain")
+        heavy: (_jitted("teacher_eval", *shape, vocab, chunk, heavy), _jitted("eval", *shape, vocab, chunk, heavy))
+        for heavy in (True, False)
     }
     heavy_rows = int(own_text.sum()) + (intervention_batches or len(eval_rows.tokens)) * gb
     heavy_batches = -(-heavy_rows // gb)
@@ -309,7 +309,7 @@ def measure_models(
         # Small (maps, probes, directions, markers): replicated.
         on_device = jax.device_put((shared_fit, {n: f for n, (f, _) in fitted.items()}), mesh_lib.replicated(mesh))
         for index, batch in enumerate(_batches(mesh, eval_rows, measured, gb)):
-            teacher_step, student_step = steps["" if index < heavy_batches else "_plain"]
+            teacher_step, student_step = steps[index < heavy_batches]
             held, per_row = teacher_step(teacher_params, on_device[0], batch)
             outs = {
                 name: student_step(params, teacher_params, on_device[0], on_device[1][name], held, batch)
@@ -371,7 +371,9 @@ def _groups(labels_rsc) -> tuple[int, ...]:
 
 
 @functools.lru_cache(maxsize=16)
-def _jitted(kind: str, student_cfg, teacher_cfg, pairs, concept_pair, measured, groups, mesh, vocab, chunk):
+def _jitted(
+    kind: str, student_cfg, teacher_cfg, pairs, concept_pair, measured, groups, mesh, vocab, chunk, interventions=True
+):
     """A jitted step of one shape: later calls for models of the same shape (the demo's baseline after its analog, a
     second measurement) reuse the compiled programs instead of compiling them again. Sums and per-row outputs are
     replicated (every process reads the global value); what the teacher step hands to the model steps stays on the
@@ -383,9 +385,9 @@ def _jitted(kind: str, student_cfg, teacher_cfg, pairs, concept_pair, measured, 
     layout = _Layout(pairs, concept_pair, measured, groups)
     if kind in ("teacher_stats", "stats"):
         step = (_teacher_stats_step if kind == "teacher_stats" else _stats_step)(models, layout, vocab, chunk)
-    else:  # "_plain": an eval step without the interventions (stitched forwards, steering)
-        make = _teacher_eval_step if kind.startswith("teacher") else _eval_step
-        step = make(models, layout, vocab, chunk, interventions=not kind.endswith("_plain"))
+    else:  # an eval step; without `interventions` it skips the stitched forwards and steering
+        make = _teacher_eval_step if kind == "teacher_eval" else _eval_step
+        step = make(models, layout, vocab, chunk, interventions=interventions)
     replicated = mesh_lib.replicated(mesh)
     if kind.startswith("teacher"):
         return jax.jit(step, out_shardings=(mesh_lib.batch_sharding(mesh), replicated))
