@@ -25,6 +25,7 @@ from analogjax import on_policy
 from analogjax.config import Config
 from analogjax.data import heldout_batches
 from analogjax.errors import UserError
+from analogjax.fidelity import intervals
 from analogjax.models.transformer import Transformer
 from analogjax.objective import Objective, check_distill, needs_teacher
 from analogjax.objective.hidden import init_projections, projection_logical_axes
@@ -323,9 +324,10 @@ def evaluate(run: Run, params, batches: int) -> dict[str, float]:
 
 
 def evaluate_rows(run: Run, params_by_name: Mapping[str, Any], batches: int) -> dict[str, dict[str, np.ndarray]]:
-    """Per-row held-out sums of several students of the run's shape, for intervals over held-out rows
+    """Per-row held-out sums of several students of the run's shape, for intervals over held-out documents
     (fidelity/intervals.py): {name: {key: float64 [rows]}}, the keys those of `evaluate` plus `count` (each row's
-    valid tokens): ce, and against a live evaluation teacher kl, teacher_ce, agreement, ... as sums over the row.
+    valid tokens): ce, and against a live evaluation teacher kl, teacher_ce, agreement, ... as sums over the row;
+    and intervals.DOCUMENT, the held-out document each row comes from (the bootstrap's unit).
 
     The rows are those of the first `batches` held-out batches, concatenated in the same order for every student,
     so two students' arrays are paired row by row (`intervals.compare`). The teacher runs once per batch for all
@@ -343,12 +345,21 @@ def evaluate_rows(run: Run, params_by_name: Mapping[str, Any], batches: int) -> 
         vocab_size=run.config.model.vocab_size,
         sharding=run.batch_sharding,
         batches=batches,
+        documents=True,
     )
+    documents: list[np.ndarray] = []
+
+    def batches_noting_documents():
+        for batch, labels in heldout:
+            documents.append(labels)
+            yield batch
+
     with jax.set_mesh(run.mesh):
-        rows = rows_over_batches(run.eval_rows_fn, heldout, students, run.eval_teacher_params)
+        rows = rows_over_batches(run.eval_rows_fn, batches_noting_documents(), students, run.eval_teacher_params)
     if rows is None:
         raise UserError("the held-out split is empty: raise data.heldout_fraction or add documents")
-    return dict(zip(names, rows))
+    labels = np.concatenate(documents).astype(np.float64)
+    return {name: {**per_row, intervals.DOCUMENT: labels} for name, per_row in zip(names, rows)}
 
 
 def heldout_metrics(config: Config, eval_fn, params, teacher_params, batch_sharding, batches: int) -> dict[str, float]:

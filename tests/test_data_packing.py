@@ -16,7 +16,7 @@ PAD = 7
 def _documents(lengths):
     # Document d holds d*1000, d*1000+1, ...: any token names its document, and every target is its input + 1.
     return [
-        {"tokens": (d * 1000 + np.arange(n)).astype(np.int32), "source": d % 3, "epoch": 0}
+        {"tokens": (d * 1000 + np.arange(n)).astype(np.int32), "source": d % 3, "epoch": 0, "document": d}
         for d, n in enumerate(lengths)
     ]
 
@@ -28,6 +28,13 @@ def _rows(documents, seq_len=SEQ_LEN):
 
 # Lengths 0 and 1 have no pairs; 40 and 100 exceed a row and must be split.
 LENGTHS = [5, 1, 40, 0, 3, 16, 17, 2, 100, 9, 30]
+
+
+def test_a_row_names_the_document_holding_most_of_it():
+    for row in _rows(_documents(LENGTHS)):
+        real = row["segment_ids"] > 0
+        owners, counts = np.unique(row["tokens"][real] // 1000, return_counts=True)
+        assert int(row["document"]) == int(owners[np.argmax(counts)])
 
 
 def test_rows_hold_whole_segments_of_one_document_each():

@@ -227,3 +227,53 @@ def test_worker_processes_deliver_the_epoch_and_resume(tmp_path):
         fresh.close()
     assert [b["tokens"].tolist() for b in again] == [b["tokens"].tolist() for b in rest]
     del it, fresh
+
+
+def test_heldout_rows_shuffled_in_windows_name_their_documents(tmp_path):
+    """With data.shuffle_rows the first held-out batches hold rows of many documents (not the first few documents'
+    rows in turn), the same rows whatever the run's seed and on every call, each labelled with its document; a split
+    smaller than the window is not filled with a second pass's duplicates before the first pass ends."""
+    import jax
+
+    from analogjax.data import heldout_batches
+
+    _write_corpus(tmp_path / "c.bin", 400, length=lambda d: 40 + (d * 13) % 50)
+    source = SourceConfig(path=str(tmp_path / "c.bin"), dtype="uint16")
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def read(seed, batches, **kw):
+        data = _config(source, heldout_fraction=0.2, **kw)
+        got = heldout_batches(data, seed=seed, vocab_size=VOCAB, sharding=sharding, batches=batches, documents=True)
+        return [({k: np.asarray(v) for k, v in b.items()}, d) for b, d in got]
+
+    ordered, shuffled = read(0, 4), read(0, 4, shuffle_rows=64)
+    for batches in (ordered, shuffled):
+        for batch, documents in batches:
+            real = batch["loss_mask"].sum(1) > 0
+            # Every document's tokens are 4d+1 then 4d+2: the label names the document most tokens of the row are from.
+            for row in np.flatnonzero(real):
+                tokens = batch["tokens"][row][batch["segment_ids"][row] > 0]
+                owners, counts = np.unique(tokens // 4, return_counts=True)
+                assert documents[row] == owners[np.argmax(counts)]  # source 0: the id is the document's index
+    distinct = [len({int(d) for _, ds in batches for d in ds}) for batches in (ordered, shuffled)]
+    assert distinct[1] >= 2 * distinct[0]
+    again = read(7, 4, shuffle_rows=64)
+    for (a, da), (b, db) in zip(shuffled, again):
+        np.testing.assert_array_equal(a["tokens"], b["tokens"])
+        np.testing.assert_array_equal(da, db)
+    # The whole split is ~90 rows; a 1,024-row window holds one pass only: its first rows are one pass's, each once.
+    data = _config(source, heldout_fraction=0.2)
+    one_pass = [b for b in make_batch_iterator(data, split="heldout", seed=0, vocab_size=VOCAB, num_epochs=1)]
+    want = sorted(tuple(b["tokens"][r]) for b in one_pass for r in range(4) if b["loss_mask"][r].sum() > 0)
+    whole = read(0, len(want) // 4 + 1, shuffle_rows=1024)
+    got = [tuple(b["tokens"][r]) for b, _ in whole for r in range(4) if b["loss_mask"][r].sum() > 0]
+    assert sorted(got[: len(want)]) == want
+    # Held-out documents cut to their first 20 tokens: 19 (input, next token) pairs of each, the rest never read.
+    cut = _config(source, heldout_fraction=0.2, heldout_document_tokens=20)
+    pairs = {}
+    for batch in make_batch_iterator(cut, split="heldout", seed=0, vocab_size=VOCAB, num_epochs=1):
+        for row in range(4):
+            for segment in np.unique(batch["segment_ids"][row][batch["segment_ids"][row] > 0]):
+                first = int(batch["tokens"][row][batch["segment_ids"][row] == segment][0])
+                pairs[first // 4] = pairs.get(first // 4, 0) + int(np.sum(batch["segment_ids"][row] == segment))
+    assert pairs and set(pairs.values()) == {19}

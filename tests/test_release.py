@@ -21,6 +21,9 @@ from analogjax.errors import UserError
 DEMO = [
     *TOY_SETS,
     "run.data.heldout_fraction=0.2",
+    # Held-out documents cut to one row's worth: the eval batch's 8 rows come from 8 documents, enough for intervals,
+    # which resample documents.
+    "run.data.heldout_document_tokens=32",
     "run.teacher.pretraining_flops=1e12",
     "samples=2",
     "sample_prompt_tokens=4",

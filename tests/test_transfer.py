@@ -10,7 +10,7 @@ import yaml
 
 from analogjax import cli
 from analogjax.errors import UserError
-from analogjax.fidelity import concepts, transfer
+from analogjax.fidelity import concepts, intervals, transfer
 from analogjax.runtime.batch_sums import add_sums
 
 
@@ -445,6 +445,7 @@ def test_unmeasurable_builtin_concepts_are_skipped_with_the_reason_and_user_ones
         np.ones((r, s), np.float32),
         np.array([True, False] * 2),
         labels,
+        np.arange(r),
         names,
         None,
         {"fit": 2, "eval": 2},
@@ -521,6 +522,14 @@ def test_interventions_run_on_the_leading_eval_batches_only(tiny_run):
     assert f"teacher's {b['teacher_ce_intervened']:.3f}" in transfer.card_paragraph(b)
     assert "on the tokens of the stitched CE" in transfer.markdown_table(b)
     _assert_intervals_hold_their_figures(b)
+    # Intervals resample documents; the held-out rows (after the user concept's, whose ids come after every held-out
+    # document's) follow round-robin over their documents: every document's first row before any second row.
+    documents = rows.sums[intervals.DOCUMENT]
+    held = [float(d) for d in documents[documents < documents[0]]]
+    firsts = [i for i, d in enumerate(held) if d not in held[:i]]
+    again = [i for i, d in enumerate(held) if d in held[:i]]
+    assert len(firsts) >= 3 and again and max(firsts) < min(again)
+    assert f"({intervals.units(rows.sums)} documents, each resampled with its rows" in b["method"]["intervals"]
     assert f"of which {b['intervention_tokens']:,} also for stitched" in transfer.card_paragraph(b)
     assert "of which" not in transfer.card_paragraph(a)
     with pytest.raises(UserError, match="intervention_batches.*must not exceed the eval batches"):

@@ -6,8 +6,9 @@ pair is ever dropped and rows are full except at the end of a finite stream. Eac
 row is its own segment (ids 1, 2, ... within the row; 0 is padding) with positions counting from 0: attention
 never crosses a segment, so a continued document starts afresh, as the model will see it.
 
-Row keys: tokens, targets, segment_ids, positions, source_ids (all int32 [seq_len]) and epoch (int32 scalar:
-the latest epoch of the documents in it, for the too-small-corpus check).
+Row keys: tokens, targets, segment_ids, positions, source_ids (all int32 [seq_len]), epoch (int32 scalar:
+the latest epoch of the documents in it, for the too-small-corpus check) and document (int64 scalar: the id of the
+document holding most of the row, for intervals that resample documents).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ ROW_KEYS = ("tokens", "targets", "segment_ids", "positions", "source_ids")
 
 
 class PackedRowsIterDataset(grain.IterDataset):
-    """Packs elements {"tokens": int32[n], "source": int, "epoch": int} into rows of seq_len pairs."""
+    """Packs elements {"tokens": int32[n], "source": int, "epoch": int, "document": int} into rows of seq_len
+    pairs."""
 
     def __init__(self, parent: grain.IterDataset, *, seq_len: int, pad_id: int):
         super().__init__(parent)
@@ -85,7 +87,7 @@ class PackedRowsIterator(grain.DatasetIterator):
             "positions": np.zeros(n, np.int32),
             "source_ids": np.zeros(n, np.int32),
         }
-        start, epoch = 0, 0
+        start, epoch, most = 0, 0, 0
         for segment, (document, used, take) in enumerate(pieces, start=1):
             ids = document["tokens"]
             end = start + take
@@ -95,6 +97,8 @@ class PackedRowsIterator(grain.DatasetIterator):
             row["positions"][start:end] = self._arange[:take]
             row["source_ids"][start:end] = document["source"]
             epoch = max(epoch, int(document["epoch"]))
+            if take > most:
+                most, row["document"] = take, np.asarray(document["document"], np.int64)
             start = end
         row["epoch"] = np.asarray(epoch, np.int32)
         return row

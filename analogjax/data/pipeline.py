@@ -4,8 +4,10 @@ Per source: the document ids of the split -> shuffled per epoch from the seed (t
 share (ids process_index, process_index + process_count, ...: disjoint, together the whole epoch) ->
 repeated -> read and tokenized in threads -> packed into rows. Training rows from several sources are mixed
 by weight (so weights are shares of rows, hence of tokens), then shuffled within windows of data.shuffle_rows
-rows when set (a long document's rows no longer fill consecutive batches); held-out documents of all sources
-are read in a fixed order and packed together. Rows are stacked into [global_batch // process_count, seq_len] batches.
+rows when set (a long document's rows no longer fill consecutive batches). Held-out documents of all sources
+are read in a fixed order (cut to data.heldout_document_tokens when set), packed together, and shuffled within
+windows of data.shuffle_rows with a fixed seed, so that an evaluation of a few batches reads many documents. Rows
+are stacked into [global_batch // process_count, seq_len] batches.
 
 Every step is a Grain transformation, so the iterator's `get_state()` is a small JSON-able dict and
 `set_state()` resumes at exactly the next batch.
@@ -34,6 +36,7 @@ from analogjax.data.tokenize import (
 from analogjax.errors import UserError
 
 SPLITS = ("train", "heldout")
+HELDOUT_SEED = 0x5EED0DD5  # the held-out rows' window shuffle (data.shuffle_rows), the same for every run
 # Documents read ahead per source: enough to keep the read threads busy, bounded because one document can be large.
 _READ_AHEAD = 64
 
@@ -54,8 +57,11 @@ def make_batch_dataset(
     process_index: int = 0,
     process_count: int = 1,
     num_epochs: int | None = None,
+    documents: bool = False,
 ) -> grain.IterDataset:
-    """The Grain dataset behind make_batch_iterator (for callers that want to add their own stages)."""
+    """The Grain dataset behind make_batch_iterator (for callers that want to add their own stages). With
+    `documents`, each batch also holds "documents": int64 [rows], the document each row mostly comes from (source id
+    × 2**40 + its id in the source; -1 for a padding row)."""
     validate(data, vocab_size=vocab_size, process_count=process_count)
     if split not in SPLITS:
         raise UserError(f"unknown data split {split!r} (expected one of {', '.join(SPLITS)})")
@@ -65,7 +71,12 @@ def make_batch_dataset(
         raise UserError(f"num_epochs must be positive or None (got {num_epochs})")
     tokenizer, sources = open_sources(data, vocab_size=vocab_size)
     reader_args = dict(
-        sources=sources, tokenizer=tokenizer, add_bos=data.add_bos, add_eos=data.add_eos, vocab_size=vocab_size
+        sources=sources,
+        tokenizer=tokenizer,
+        add_bos=data.add_bos,
+        add_eos=data.add_eos,
+        vocab_size=vocab_size,
+        max_tokens=data.heldout_document_tokens if split == "heldout" else 0,
     )
     rows_per_batch = data.global_batch // process_count
     read_options = grain.ReadOptions(
@@ -115,11 +126,16 @@ def make_batch_dataset(
                 f"processes: raise data.heldout_fraction (now {data.heldout_fraction}) or add documents"
             )
         rows = packed(MapOfRefs(range(len(sources)), split_ids), shuffle_seed=None)
+        if data.shuffle_rows > 1:
+            # As in training, so the first held-out batches hold rows of many documents rather than the first few
+            # documents' rows one after another (an evaluation of a few documents says little of the others). A
+            # fixed seed: every run, whatever its train.seed, is measured on the same rows.
+            rows = grain.experimental.WindowShuffleIterDataset(rows, window_size=data.shuffle_rows, seed=HELDOUT_SEED)
 
     batches = rows.batch(
         rows_per_batch, drop_remainder=False, batch_fn=BatchStacker(rows_per_batch, data.seq_len, tokenizer.pad_id)
     )
-    batches = batches.map(finish_batch)
+    batches = batches.map(finish_batch_with_documents if documents else finish_batch)
     if data.worker_count > 0:
         _use_default_absl_flags()
         batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.worker_count))
@@ -202,10 +218,16 @@ class MapOfRefs(Sequence):
         return int(self._sources[index]), int(self._documents[index])
 
 
-class DocumentReader:
-    """(index in the repeated stream, (source id, document id)) -> {"tokens": int32[n], "source", "epoch"}."""
+# Document labels (DocumentReader's "document"): source id × this + the document's id in its source.
+DOCUMENTS_PER_SOURCE = 2**40
 
-    def __init__(self, *, sources, tokenizer, add_bos, add_eos, vocab_size, epoch_length):
+
+class DocumentReader:
+    """(index in the repeated stream, (source id, document id)) -> {"tokens": int32[n], "source", "epoch",
+    "document"}."""
+
+    def __init__(self, *, sources, tokenizer, add_bos, add_eos, vocab_size, epoch_length, max_tokens=0):
+        self.max_tokens = max_tokens  # > 0: documents cut to their first max_tokens tokens
         self.sources = sources
         self.tokenizer = tokenizer
         self.add_bos = add_bos
@@ -237,7 +259,12 @@ class DocumentReader:
                         f"[0, {self.vocab_size})"
                     )
             tokens = tokens.astype(np.int32)
-        return {"tokens": tokens, "source": source_id, "epoch": index // self.epoch_length}
+        return {
+            "tokens": tokens[: self.max_tokens] if self.max_tokens else tokens,
+            "source": source_id,
+            "epoch": index // self.epoch_length,
+            "document": source_id * DOCUMENTS_PER_SOURCE + document,
+        }
 
 
 class BatchStacker:
@@ -251,10 +278,10 @@ class BatchStacker:
     def __call__(self, rows: Sequence[dict]) -> dict[str, np.ndarray]:
         missing = self.rows_per_batch - len(rows)
         batch = {}
-        for key in (*ROW_KEYS, "epoch"):
+        for key in (*ROW_KEYS, "epoch", "document"):
             stacked = np.stack([r[key] for r in rows])
             if missing:
-                fill = self.pad_id if key in ("tokens", "targets") else 0
+                fill = self.pad_id if key in ("tokens", "targets") else -1 if key == "document" else 0
                 stacked = np.concatenate([stacked, np.full((missing, *stacked.shape[1:]), fill, stacked.dtype)])
             batch[key] = stacked
         return batch
@@ -285,6 +312,10 @@ class FirstBatchCheck:
 
 def finish_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Adds loss_mask and drops the bookkeeping."""
-    batch.pop("epoch")
     batch["loss_mask"] = batch["segment_ids"] > 0
     return {key: batch[key].astype(dtype, copy=False) for key, dtype in BATCH_FIELDS.items()}
+
+
+def finish_batch_with_documents(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """finish_batch, keeping each row's document ("documents")."""
+    return finish_batch(batch) | {"documents": batch["document"].astype(np.int64)}

@@ -62,11 +62,17 @@ class DataConfig:
     worker_count: int = 0
     # Threads per source that read and tokenize documents ahead of packing.
     read_threads: int = 2
-    # Training rows shuffled within windows of this many packed rows per process (0 = off: rows follow the
-    # shuffled documents in order). Packing keeps a document's rows together, so a long document (a 200 KB
-    # source file is ~500 rows of 128 tokens) otherwise fills every batch for many consecutive steps; the
-    # window breaks that run at the cost of window x seq_len tokens held per process and read before step 1.
+    # Rows shuffled within windows of this many packed rows per process (0 = off: rows follow the documents in
+    # order). Packing keeps a document's rows together, so a long document (a 200 KB source file is ~500 rows of
+    # 128 tokens) otherwise fills every batch for many consecutive steps; the window breaks that run at the cost of
+    # window x seq_len tokens held per process and read before the first batch. Training rows are shuffled with
+    # train.seed; held-out rows with a fixed seed (every run is evaluated on the same rows), so that the first
+    # held-out batches come from many documents, not the first few.
     shuffle_rows: int = 0
+    # Held-out documents cut to their first this many tokens (0 = whole): a few long files (one held-out file can
+    # hold a third of the split's tokens) then cannot fill the evaluation's rows, and its intervals, which resample
+    # documents, rest on many of them. Training documents are never cut.
+    heldout_document_tokens: int = 0
     # Where tokenized corpora are cached (the stdlib corpus); "" = $XDG_CACHE_HOME/analogjax or ~/.cache/analogjax.
     cache_dir: str = ""
 
@@ -119,6 +125,11 @@ def validate(data: DataConfig, *, vocab_size: int | None = None, process_count: 
         raise UserError(f"data.read_threads must be >= 0 (got {data.read_threads})")
     if data.shuffle_rows < 0:
         raise UserError(f"data.shuffle_rows must be >= 0 (got {data.shuffle_rows})")
+    if data.heldout_document_tokens < 0 or data.heldout_document_tokens == 1:
+        raise UserError(
+            f"data.heldout_document_tokens must be 0 (whole documents) or at least 2, a token and the next one "
+            f"(got {data.heldout_document_tokens})"
+        )
     if not data.tokenizer:
         raise UserError('data.tokenizer must be a tokenizer file, "bytes" or "none"')
     if vocab_size is not None and vocab_size <= 0:

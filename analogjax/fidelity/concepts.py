@@ -240,6 +240,7 @@ class LabelledRows(NamedTuple):
     loss_mask: np.ndarray  # float32 [R, s]: 1 where a next token exists
     fit: np.ndarray  # bool [R]: the row's document is in the fit part (else the eval part)
     labels: np.ndarray  # int8 [R, s, C]
+    document: np.ndarray  # int64 [R]: the row's document (held-out document k is k; a user concept's text follows)
     concepts: tuple[str, ...]
     unlabelled_reason: str | None  # why the built-in concepts could not be labelled (no text, no offsets)
     documents: dict[str, int]  # held-out documents read, by part
@@ -268,6 +269,23 @@ def heldout_texts(data, vocab_size: int):
                     yield (value, None) if isinstance(value, str) else (None, np.asarray(value, np.int32))
 
     return tokenizer, sum(len(ids) for ids in heldout), documents()
+
+
+def select(rows: LabelledRows, keep) -> LabelledRows:
+    """The rows `keep` picks (a mask, or indices in the order wanted)."""
+    arrays = ("tokens", "segment_ids", "positions", "targets", "loss_mask", "fit", "labels", "document")
+    return rows._replace(**{f: getattr(rows, f)[keep] for f in arrays})
+
+
+def round_robin(document: np.ndarray) -> np.ndarray:
+    """The order taking rows round-robin over their documents: each document's first row (documents in order of
+    first appearance), then each one's second, ...; a document's rows keep their order."""
+    _, first, which = np.unique(np.asarray(document), return_index=True, return_inverse=True)
+    which = which.reshape(-1)
+    rank = np.zeros(len(which), np.int64)  # a row's place among its document's rows
+    for d in range(len(first)):
+        rank[which == d] = np.arange(np.count_nonzero(which == d))
+    return np.lexsort((first[which], rank))
 
 
 def part_batches(batches: int | None, part: int | None) -> int:
@@ -358,6 +376,7 @@ def labelled_rows(
             {column[n]: v for n, v in labels.items()},
             fit=part == "fit",
             limit=min(per_document[part], room),
+            document=k,
         )
         filled[part] += len(builder.rows) - before
     if not builder.rows:
@@ -372,11 +391,15 @@ def labelled_rows(
                     f"add documents or ask for fewer {part} batches"
                 )
     seen: dict[str, int] = {}
-    for concept in user:
+    for t, concept in enumerate(user):
         ids, offsets = encode_with_offsets(tokenizer, concept.text)
         k = seen[concept.concept] = seen.get(concept.concept, -1) + 1
         builder.add(
-            ids, {column[concept.concept]: labels_from_spans(offsets, concept.spans)}, fit=k % 2 == 0, limit=None
+            ids,
+            {column[concept.concept]: labels_from_spans(offsets, concept.spans)},
+            fit=k % 2 == 0,
+            limit=None,
+            document=count + t,
         )
     return LabelledRows(*builder.arrays(), concepts=names, unlabelled_reason=reason, documents=counts)
 
@@ -388,9 +411,11 @@ class _RowBuilder:
         self.tail = [tokenizer.eos_id] if data.add_eos else []
         self.pad_id = tokenizer.pad_id
         self.n_concepts = n_concepts
-        self.rows: list[tuple[np.ndarray, np.ndarray, bool]] = []
+        self.rows: list[tuple[np.ndarray, np.ndarray, bool, int]] = []
 
-    def add(self, ids: np.ndarray, labels: dict[int, np.ndarray], *, fit: bool, limit: int | None) -> None:
+    def add(
+        self, ids: np.ndarray, labels: dict[int, np.ndarray], *, fit: bool, limit: int | None, document: int
+    ) -> None:
         ids = np.concatenate(
             [np.asarray(self.head, np.int32), np.asarray(ids, np.int32), np.asarray(self.tail, np.int32)]
         )
@@ -399,23 +424,28 @@ class _RowBuilder:
             table[len(self.head) : len(ids) - len(self.tail), c] = values
         for start in range(0, len(ids), self.seq_len)[:limit]:
             if len(ids) - start >= 2:  # a row needs a next token to predict
-                self.rows.append((ids[start : start + self.seq_len], table[start : start + self.seq_len], fit))
+                self.rows.append(
+                    (ids[start : start + self.seq_len], table[start : start + self.seq_len], fit, document)
+                )
 
-    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def arrays(
+        self,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """LabelledRows' array fields, in their order."""
         r, s = len(self.rows), self.seq_len
         tokens = np.full((r, s), self.pad_id, np.int32)
         segment_ids = np.zeros((r, s), np.int32)
         labels = np.full((r, s, self.n_concepts), -1, np.int8)
-        for k, (ids, table, _) in enumerate(self.rows):
+        for k, (ids, table, _, _) in enumerate(self.rows):
             tokens[k, : len(ids)], segment_ids[k, : len(ids)], labels[k, : len(ids)] = ids, 1, table
         positions = np.where(segment_ids > 0, np.arange(s, dtype=np.int32), 0).astype(np.int32)
         targets = np.full_like(tokens, self.pad_id)
         targets[:, :-1] = tokens[:, 1:]
         loss_mask = np.zeros((r, s), np.float32)
         loss_mask[:, :-1] = segment_ids[:, 1:] > 0
-        fit = np.asarray([f for _, _, f in self.rows], bool)
-        return tokens, segment_ids, positions, targets, loss_mask, fit, labels
+        fit = np.asarray([f for _, _, f, _ in self.rows], bool)
+        document = np.asarray([d for _, _, _, d in self.rows], np.int64)
+        return tokens, segment_ids, positions, targets, loss_mask, fit, labels, document
 
 
 def marker_tokens(tokens_rs, targets_rs, mask_rs, labels_rs, k: int = MARKERS) -> list[int]:

@@ -2,12 +2,15 @@
 
 Every figure analogjax reports is a function of sums over held-out rows (a row: one packed window of held-out
 documents): a mean KL is Σ kl / Σ tokens, an explained variance 1 − Σ sse / (Σ ‖y‖² − ‖Σ y‖² / n), a probe's
-accuracy Σ correct / Σ labelled. The interval is a percentile bootstrap over rows: each draw resamples the rows with
-replacement (multinomial counts), re-adds the per-row sums and recomputes the figure. Rows, not tokens, are the unit
-because tokens of one row are not independent.
+accuracy Σ correct / Σ labelled. The interval is a percentile bootstrap: each draw resamples units with replacement
+(multinomial counts), re-adds their sums and recomputes the figure. The unit is the held-out *document* where the
+per-row arrays say which document each row comes from (the reserved key DOCUMENT): a document's rows are summed and
+move together, because rows cut from one document are no more independent than the tokens of one row (a long file
+gives many rows much alike; resampling them as if independent makes the interval too narrow). Without DOCUMENT each
+row is its own unit.
 
 Two models measured on the same rows are compared *paired*: each draw resamples the rows once and recomputes both
-figures, so the difference's interval removes what the rows share (some rows are hard for every model). A
+figures, so the difference's interval removes what the rows share (some documents are hard for every model). A
 comparison says "analog" or "baseline" only when the 95% interval of the difference excludes zero; otherwise "not
 distinguishable". Fixed seed: the same sums give the same intervals.
 """
@@ -21,8 +24,12 @@ import numpy as np
 
 DRAWS = 2000
 LEVEL = 0.95
-# Below this many rows a bootstrap cannot estimate noise (one row resamples to itself): no interval, and no verdict.
+# Below this many units (documents, or rows without DOCUMENT) a bootstrap cannot estimate noise (one unit resamples
+# to itself): no interval, and no verdict.
 MIN_ROWS = 5
+# The per-row key naming each row's held-out document (any number that is equal for rows of one document): not a
+# sum, but the bootstrap's unit.
+DOCUMENT = "document"
 
 # A figure from summed arrays: each array has a leading axis of draws (or none, for the point estimate).
 Statistic = Callable[[Mapping[str, np.ndarray]], np.ndarray]
@@ -52,6 +59,26 @@ def _rows_of(per_row: Mapping[str, Any]) -> int:
     return counts.pop()
 
 
+def by_unit(per_row: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The bootstrap's units: per-document sums of the per-row arrays ([documents, ...], documents in sorted order)
+    where per_row has DOCUMENT, else the per-row arrays themselves (without DOCUMENT either way)."""
+    _rows_of(per_row)
+    arrays = {k: np.asarray(v, np.float64) for k, v in per_row.items() if k != DOCUMENT}
+    if DOCUMENT not in per_row:
+        return arrays
+    ids, unit = np.unique(np.asarray(per_row[DOCUMENT]), return_inverse=True)
+    membership = np.zeros((len(ids), len(unit)))
+    membership[unit.reshape(-1), np.arange(len(unit))] = 1.0
+    return {k: np.tensordot(membership, v, axes=(1, 0)) for k, v in arrays.items()}
+
+
+def units(per_row: Mapping[str, Any]) -> int:
+    """How many units the bootstrap resamples: documents where per_row has DOCUMENT, else rows."""
+    if DOCUMENT in per_row:
+        return int(len(np.unique(np.asarray(per_row[DOCUMENT]))))
+    return _rows_of(per_row)
+
+
 def _bounds(values: np.ndarray, level: float = LEVEL) -> list[float | None]:
     """[lo, hi] of the draws' central `level`; [None, None] when the draws say nothing (too few rows, none finite)."""
     finite = values[np.isfinite(values)]
@@ -64,17 +91,18 @@ def _bounds(values: np.ndarray, level: float = LEVEL) -> list[float | None]:
 
 def point(statistic: Statistic, per_row: Mapping[str, Any]) -> float:
     """The figure over all rows (the estimate the interval surrounds)."""
-    return float(statistic({k: np.asarray(v, np.float64).sum(0) for k, v in per_row.items()}))
+    return float(statistic({k: np.asarray(v, np.float64).sum(0) for k, v in per_row.items() if k != DOCUMENT}))
 
 
 def ci95(statistic: Statistic, per_row: Mapping[str, Any], *, draws: int = DRAWS, seed: int = 0) -> list[float | None]:
-    """[lo, hi]: the percentile bootstrap 95% interval of statistic(Σ rows) over resampled rows ([None, None] with
-    fewer than MIN_ROWS rows)."""
-    rows = _rows_of(per_row)
-    if rows < MIN_ROWS:
+    """[lo, hi]: the percentile bootstrap 95% interval of statistic(Σ rows) over resampled units (documents where
+    per_row has DOCUMENT, else rows; [None, None] with fewer than MIN_ROWS units)."""
+    per_unit = by_unit(per_row)
+    count = _rows_of(per_unit)
+    if count < MIN_ROWS:
         return [None, None]
-    weights = row_weights(rows, draws, seed)
-    return _bounds(np.asarray(statistic(resampled_sums(per_row, weights)), np.float64))
+    weights = row_weights(count, draws, seed)
+    return _bounds(np.asarray(statistic(resampled_sums(per_unit, weights)), np.float64))
 
 
 def compare(
@@ -88,21 +116,30 @@ def compare(
     draws: int = DRAWS,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """One comparison entry of two models measured on the same rows (paired bootstrap): each one's figure and 95%
-    interval, the interval of analog − baseline, and which is better beyond noise. `baseline_statistic` defaults to
-    `statistic`. The per-row arrays of both models must have the same rows in the same order."""
+    """One comparison entry of two models measured on the same rows (paired bootstrap over the same units): each
+    one's figure and 95% interval, the interval of analog − baseline, and which is better beyond noise.
+    `baseline_statistic` defaults to `statistic`. The per-row arrays of both models must have the same rows in the
+    same order, and the same DOCUMENT labels where they have them."""
     rows = _rows_of(analog)
     if _rows_of(baseline) != rows:
         raise ValueError(f"{measure}: the two models were measured on different rows")
+    if (DOCUMENT in analog) != (DOCUMENT in baseline) or (
+        DOCUMENT in analog and not np.array_equal(np.asarray(analog[DOCUMENT]), np.asarray(baseline[DOCUMENT]))
+    ):
+        raise ValueError(f"{measure}: the two models' rows come from different documents")
     base_stat = baseline_statistic or statistic
-    if rows < MIN_ROWS:  # no noise estimate, so no verdict
+    a_units, b_units = by_unit(analog), by_unit(baseline)
+    count = _rows_of(a_units)
+    if count < MIN_ROWS:  # no noise estimate, so no verdict
         a = b = np.full(1, np.nan)
     else:
-        weights = row_weights(rows, draws, seed)
-        a = np.asarray(statistic(resampled_sums(analog, weights)), np.float64)
-        b = np.asarray(base_stat(resampled_sums(baseline, weights)), np.float64)
+        weights = row_weights(count, draws, seed)
+        a = np.asarray(statistic(resampled_sums(a_units, weights)), np.float64)
+        b = np.asarray(base_stat(resampled_sums(b_units, weights)), np.float64)
     entry = judged(measure, point(statistic, analog), point(base_stat, baseline), a, b, higher_is_better)
     entry["rows"] = rows
+    if DOCUMENT in analog:
+        entry["documents"] = count
     return entry
 
 
@@ -156,12 +193,12 @@ MEASURE_NAMES = {
 
 
 def comparison_markdown(entries: list[dict[str, Any]], analog: str = "analog", other: str = "baseline") -> str:
-    """Comparison entries (`compare`) as a Markdown table: each measure, both figures with their 95% intervals, and
-    which is better beyond noise."""
-    lines = [f"| measure | {analog} | {other} | better (95%, paired) |", "|---|---:|---:|---|"]
+    """Comparison entries (`compare`) as a Markdown table: each measure, both figures with their 95% intervals, the
+    held-out documents resampled, and which is better beyond noise."""
+    lines = [f"| measure | {analog} | {other} | documents | better (95%, paired) |", "|---|---:|---:|---:|---|"]
     for e in entries:
         lines.append(
             f"| {MEASURE_NAMES.get(e['measure'], e['measure'])} | {format_interval(e['analog'], e['analog_ci95'])} | "
-            f"{format_interval(e['baseline'], e['baseline_ci95'])} | {e['better']} |"
+            f"{format_interval(e['baseline'], e['baseline_ci95'])} | {e.get('documents', '-')} | {e['better']} |"
         )
     return "\n".join(lines)

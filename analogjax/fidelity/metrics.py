@@ -99,8 +99,9 @@ def token_sums(
         sums[f"{model}_bin_count"] = jnp.einsum("bsS,bsB->SB", by_source, in_bin)
         sums[f"{model}_bin_confidence"] = jnp.einsum("bsS,bsB->SB", by_source, in_bin * confidence[..., None])
         sums[f"{model}_bin_correct"] = jnp.einsum("bsS,bsB->SB", by_source, in_bin * correct[..., None])
-    # Per-row sums of what the intervals need (a row is one packed window of held-out documents: the bootstrap's
-    # unit, as tokens within a row are not independent).
+    # Per-row sums of what the intervals need (a row is one packed window of held-out documents; the bootstrap
+    # resamples the documents the rows come from, as neither the tokens of a row nor the rows of a document are
+    # independent).
     if rows:
         sums["rows"] = {
             k: jnp.sum(jnp.where(w > 0, per_token[k], 0.0) * w, axis=-1)
@@ -269,8 +270,9 @@ def measure_models(
 ) -> dict[str, dict[str, Any]]:
     """The fidelity report of each student (every one of config.model's shape) against the teacher, on the same
     `batches` held-out batches of config.data, the teacher's forward computed once per batch for all of them. Each
-    report's `ci95` gives 95% intervals of the headline figures (bootstrap over held-out rows), and `rows` the
-    per-row sums they come from, for paired comparisons of two reports (`comparison`)."""
+    report's `ci95` gives 95% intervals of the headline figures (bootstrap over the held-out documents the rows come
+    from), and `rows` the per-row sums they come from (with each row's document, intervals.DOCUMENT), for paired
+    comparisons of two reports (`comparison`)."""
     from analogjax import mesh as mesh_lib
     from analogjax.data import heldout_batches
     from analogjax.data.spec import source_names
@@ -300,14 +302,15 @@ def measure_models(
         vocab_size=config.model.vocab_size,
         sharding=batch_sharding,
         batches=batches,
+        documents=True,
     )
     totals: dict[str, dict] = {name: {} for name in params_by_name}
     rows: dict[str, dict[str, list]] = {name: {} for name in params_by_name}
     with jax.set_mesh(mesh):
-        for batch in heldout:
+        for batch, documents in heldout:
             got = jax.device_get(fn(params_by_name, teacher_params, batch))
             for name, sums in got.items():
-                per_row = sums.pop("rows")
+                per_row = sums.pop("rows") | {intervals.DOCUMENT: documents}
                 add_sums(totals[name], sums)
                 for key, value in per_row.items():
                     rows[name].setdefault(key, []).append(np.asarray(value, np.float64))
@@ -320,6 +323,7 @@ def measure_models(
         per_row = {key: np.concatenate(parts) for key, parts in rows[name].items()}
         filled = per_row["count"] > 0  # a short held-out split pads its last batch with empty rows: not rows at all
         report["rows"] = {key: value[filled] for key, value in per_row.items()}
+        report["documents"] = intervals.units(report["rows"])  # the held-out documents measured (the intervals' unit)
         report["ci95"] = {
             figure: intervals.ci95(statistic, report["rows"]) for figure, (statistic, _) in ROW_FIGURES.items()
         }
@@ -392,7 +396,9 @@ def write_report(
     lines = [
         f"# {title}",
         "",
-        f"Held-out documents ({report['overall']['tokens']:,} tokens), temperature 1. "
+        f"Held-out documents ({report['overall']['tokens']:,} tokens"
+        + (f" of {report['documents']} documents" if report.get("documents") else "")
+        + "), temperature 1. "
         "KL, JSD in nats per token; ECE over 15 equal-width confidence bins.",
         "",
         markdown_table(report),

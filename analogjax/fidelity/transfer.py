@@ -24,7 +24,8 @@ Three measurements, after Chen, Merullo, Stolfo & Pavlick (arXiv 2506.06609) and
    (native − random), random = the mean effect of the random directions.
 
 Every figure carries a 95% interval (`*_ci95`, analogjax.fidelity.intervals): the eval pass returns per-row sums
-(one row: one chunk of one eval document), and a percentile bootstrap resamples the rows. Steering's random baseline
+(one row: one chunk of one eval document), and a percentile bootstrap resamples the eval documents (a document's
+rows together: chunks of one document are not independent). Steering's random baseline
 has a second source of noise, the random directions themselves: each bootstrap draw also resamples the
 RANDOM_DRAWS directions with replacement (independently of the rows; analogjax.fidelity.transfer_rows), so its
 interval, and those of recovered, hold both the spread over text and the spread over random directions. Recovered is
@@ -35,10 +36,11 @@ with a 95% interval of native − baseline above zero.
 Budgets: the maps and probes are fitted on `fit_batches` global batches of fit rows, the eval pass runs on
 `eval_batches` batches of eval rows, and its interventions (stitched forwards and steering: the teacher's upper
 layers once per pair and direction, the expensive part) on `intervention_batches` of them (default: all) and on
-every row of a user concept's texts (those rows run first). Explained variance, probe accuracies and CE need plain
-forwards only, so they are measured on every eval row, the stitched CE and KL and steering on the intervention
-rows; `batches` alone is the older form (that many batches of rows, about half of them fit rows). Several models of
-one shape are measured in one pass (`measure_models`): each batch's teacher forward, the native and random
+every row of a user concept's texts (those rows run first; the held-out ones follow round-robin over their
+documents). Explained variance, probe accuracies and CE need plain forwards only, so they are measured on every eval
+row, the stitched CE and KL and steering on the intervention rows; `batches` alone is the older form (that many
+batches of rows, about half of them fit rows). Several models of one shape are measured in one pass
+(`measure_models`): each batch's teacher forward, the native and random
 steering directions and the native probes are computed once and shared; per model only its own forward, stitched
 forwards and carried directions run. A concept's steering directions run as one batched forward (stacked on the
 batch axis, STEER_CHUNK_ELEMENTS logits at a time), not one after another.
@@ -67,6 +69,7 @@ import numpy as np
 from analogjax.errors import UserError
 from analogjax.fidelity import concepts as concepts_lib
 from analogjax.fidelity import transfer_rows
+from analogjax.fidelity.intervals import DOCUMENT
 from analogjax.fidelity.transfer_fit import (  # noqa: F401 (the closed-form fits, public here too)
     MAP_RIDGE,
     PROBE_SHRINKAGE,
@@ -271,12 +274,15 @@ def measure_models(
     per_direction = max(gb // max(batch_devices, 1), 1) * config.data.seq_len * config.teacher.model.vocab_size
     chunk = max(1, STEER_CHUNK_ELEMENTS // per_direction)
     shape = (config.model, config.teacher.model, pairs, concept_pair, tuple(int(c) for c in measured), groups, mesh)
-    fit_rows, eval_rows = _part(rows, rows.fit), _part(rows, ~rows.fit)
+    fit_rows, eval_rows = concepts_lib.select(rows, rows.fit), concepts_lib.select(rows, ~rows.fit)
     # Eval rows of user concepts' texts first: only they label those concepts, so they are always among the rows
-    # that run the interventions (the first ones), whatever intervention_batches leaves to the held-out rows.
+    # that run the interventions (the first ones), whatever intervention_batches leaves to the held-out rows; these
+    # follow round-robin over their documents, so the rows that intervene come from as many documents as they can.
     user_columns = [c for c, name in enumerate(rows.concepts) if name in user_names]
     own_text = np.any(eval_rows.labels[..., user_columns] >= 0, axis=(1, 2))
-    eval_rows = _part(eval_rows, np.concatenate([np.flatnonzero(own_text), np.flatnonzero(~own_text)]))
+    held_out = np.flatnonzero(~own_text)
+    held_out = held_out[concepts_lib.round_robin(eval_rows.document[held_out])]
+    eval_rows = concepts_lib.select(eval_rows, np.concatenate([np.flatnonzero(own_text), held_out]))
 
     # Fit pass: the teacher's layers once per batch, each model's moments against them.
     shared: dict[str, Any] = {}
@@ -327,7 +333,7 @@ def measure_models(
             layout.pairs,
             layout.concept_pair,
             [rows.concepts[c] for c in layout.measured],
-            {**teacher_rows, **transfer_rows.per_row_arrays(model_rows[name], real)},
+            {**teacher_rows, **transfer_rows.per_row_arrays(model_rows[name], real), DOCUMENT: eval_rows.document},
         )
         reports.rows[name] = rows_of
         reports[name] = _report(stats[name], rows_of, {**info, **fitted[name][1]}, layout, rows, markers, skipped)
@@ -342,15 +348,6 @@ def check_budgets(config, *, fit_batches: int, eval_batches: int, user_concepts=
         if value <= 0:
             raise UserError(f"transfer {flag.lstrip('-').replace('-', '_')} ({flag}) must be positive, not {value}")
     concepts_lib.rows_for_budgets(config, None, fit_batches, eval_batches, user_concepts)
-
-
-def _part(rows, keep):
-    return rows._replace(
-        **{
-            f: getattr(rows, f)[keep]
-            for f in ("tokens", "segment_ids", "positions", "targets", "loss_mask", "fit", "labels")
-        }
-    )
 
 
 class _Layout:

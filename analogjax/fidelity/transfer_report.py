@@ -256,7 +256,7 @@ def comparison_table(comparison) -> str:
     width = max([len(e["measure"]) for e in comparison] + [7])
     lines = [
         f"{'measure':<{width}}  {'analog [95% interval]':>28}  {'baseline [95% interval]':>28}  "
-        f"{'difference [95% interval]':>28}  better"
+        f"{'difference [95% interval]':>28}  documents  better"
     ]
     for e in comparison:
         digits = 4 if "KL" in e["measure"] else 3
@@ -266,7 +266,10 @@ def comparison_table(comparison) -> str:
         ]
         diff = e["difference_ci95"]
         cells.append("n/a" if not diff or None in diff else f"[{diff[0]:.{digits}f}, {diff[1]:.{digits}f}]")
-        lines.append(f"{e['measure']:<{width}}  " + "  ".join(f"{c:>28}" for c in cells) + f"  {e['better']}")
+        documents = e.get("documents", "-")
+        lines.append(
+            f"{e['measure']:<{width}}  " + "  ".join(f"{c:>28}" for c in cells) + f"  {documents:>9}  {e['better']}"
+        )
     return "\n".join(lines)
 
 

@@ -6,16 +6,17 @@ figure is made of: tokens and CE sums; per layer pair the stitched model's CE an
 explained variance 1 − SSE / (Σ‖y‖² − ‖Σy‖² / n) is a function of row sums; per concept the labelled, positive and
 correctly classified tokens of each probe; and steering's marker-mass increases summed over positions outside the
 concept, for the native, the carried ("transferred") and each random direction. Intervals are percentile bootstraps
-over these rows (analogjax.fidelity.intervals). The interventions' sums (stitched CE and KL, steering) may cover only
-the leading rows (measure_models' `intervention_batches`): their figures are taken on those rows, with the tokens
-counted there, and `teacher_ce_intervened` / `analog_ce_intervened` give the CE on the same rows to set beside them.
+over the documents these rows come from (analogjax.fidelity.intervals; the per-row key intervals.DOCUMENT names each
+row's). The interventions' sums (stitched CE and KL, steering) may cover only the leading rows (measure_models'
+`intervention_batches`): their figures are taken on those rows, with the tokens counted there, and
+`teacher_ce_intervened` / `analog_ce_intervened` give the CE on the same rows to set beside them.
 
 Steering's random baseline is the mean effect of RANDOM_DRAWS random directions, and which directions were drawn is
 noise of its own: every bootstrap draw resamples the directions too (RANDOM_DRAWS of them with replacement, drawn
 independently of the rows with a fixed seed, the same for every model), so the baseline's interval, and those of
 recovered, hold the spread over text and over random directions together.
 
-Two models measured on the same rows are compared paired (intervals.compare): the same row resamples, and for
+Two models measured on the same rows are compared paired (intervals.compare): the same document resamples, and for
 steering the same direction resamples, for both.
 """
 
@@ -203,9 +204,10 @@ class TransferRows:
     def _only(self, *prefixes: str) -> dict[str, np.ndarray]:
         """The sums whose keys start with `prefixes`, with the token counts of the rows they cover (the interventions'
         sums cover only the leading rows, measure_models' `intervention_batches`)."""
-        picked = {k: v for k, v in self.sums.items() if k.startswith(prefixes) and k not in ("n", "tokens")}
+        shared = ("n", "tokens", intervals.DOCUMENT)
+        picked = {k: v for k, v in self.sums.items() if k.startswith(prefixes) and k not in shared}
         covered = min((len(v) for v in picked.values()), default=self.rows)
-        return {"n": self.sums["n"][:covered], "tokens": self.sums["tokens"][:covered], **picked}
+        return {k: self.sums[k][:covered] for k in shared if k in self.sums} | picked
 
     def figure(self, statistic: intervals.Statistic, *prefixes: str) -> tuple[float, list[float | None]]:
         """(point, [lo, hi]) of a statistic of the sums whose keys start with `prefixes`."""
@@ -232,15 +234,23 @@ class TransferRows:
 
 def interval_method(rows: TransferRows) -> str:
     """How the report's intervals were taken, in words."""
+    cut = rows.leading(rows.intervention_rows)
     intervened = (
-        f"; stitched CE and KL and steering over the first {rows.intervention_rows}, which ran the interventions"
+        f"; stitched CE and KL and steering over the first {rows.intervention_rows} rows ({_units(cut)}), which ran "
+        "the interventions"
         if rows.intervention_rows < rows.rows
         else ""
     )
     return (
-        f"95% percentile bootstrap over the {rows.rows} eval rows ({intervals.DRAWS} resamples{intervened}); "
-        "steering's also resample the random directions"
+        f"95% percentile bootstrap over the {rows.rows} eval rows ({_units(rows)}; {intervals.DRAWS} resamples"
+        f"{intervened}); steering's also resample the random directions"
     )
+
+
+def _units(rows: TransferRows) -> str:
+    if intervals.DOCUMENT not in rows.sums:
+        return "each row resampled alone"
+    return f"{intervals.units(rows.sums)} documents, each resampled with its rows"
 
 
 def _with_interval(out: dict, key: str, figure: tuple[float, list[float | None]]) -> None:

@@ -69,8 +69,12 @@ def _real_run() -> Config:
             tie_embeddings=True,
         ),
         # teacher.model: the shape is read from the GGUF file; only its dtype and remat are taken from here.
-        # shuffle_rows: a 200 KB stdlib file is ~500 rows, which would otherwise fill the batches of 125 steps.
-        data=DataConfig(global_batch=4, seq_len=128, add_bos=False, add_eos=True, shuffle_rows=1024),
+        # shuffle_rows: a 200 KB stdlib file is ~500 rows, which would otherwise fill the batches of 125 steps; held-out
+        # rows are shuffled too, and held-out files cut to 1,024 tokens (one holds 41% of the split's tokens), so the
+        # evaluation's rows come from many documents.
+        data=DataConfig(
+            global_batch=4, seq_len=128, add_bos=False, add_eos=True, shuffle_rows=1024, heldout_document_tokens=1024
+        ),
         # Forward KL alone, decaying to 30% of the peak rate: from the demo's pruned start and cache (held-out KL /
         # agreement, same 32 rows), forward KL 0.9 + data CE 0.1 decaying to 10%: 2.508 / 0.285; forward KL alone
         # 2.495 / 0.292; to 30%: 2.449 / 0.283; both 2.441 / 0.284; peak 8e-3: 2.565 / 0.274.
@@ -284,7 +288,7 @@ def _evaluate(clock: PhaseClock, config: Config, live, results: dict, summary: d
     figures (with 95% intervals) into `summary`; returns the fidelity reports by row."""
     import math
 
-    from analogjax.fidelity import metrics
+    from analogjax.fidelity import intervals, metrics
     from analogjax.runtime.flops import param_count
 
     rows = list(results)
@@ -309,7 +313,10 @@ def _evaluate(clock: PhaseClock, config: Config, live, results: dict, summary: d
         }
         if figures:  # a row whose last phase was on-policy: that phase's own figures, from its last logged step
             summary[name]["on_policy_training"] = figures
-    summary["teacher"]["heldout_ce"] = math.log(reports[rows[0]]["overall"]["teacher_ppl"])
+    first = reports[rows[0]]
+    summary["teacher"]["heldout_ce"] = math.log(first["overall"]["teacher_ppl"])
+    summary["teacher"]["heldout_ce_ci95"] = intervals.ci95(intervals.ratio("teacher_nll", "count"), first["rows"])
+    summary["heldout_documents"] = first["documents"]  # the documents the rows come from: the intervals' unit
     clock.stop()
     return reports
 
@@ -376,14 +383,16 @@ def _samples(clock: PhaseClock, demo, config: Config, live, results: dict, summa
     from analogjax.models.model import Model
 
     clock.start("samples", f"every model continues {demo.samples} held-out prompts, greedy")
-    prompts = demo_samples.heldout_prompts(config, demo.samples, demo.sample_prompt_tokens)
+    prompts, documents = demo_samples.heldout_prompts(config, demo.samples, demo.sample_prompt_tokens)
     if not prompts:
         raise UserError(f"no held-out document has {demo.sample_prompt_tokens} tokens to prompt with")
     tokenizer = load_tokenizer(config.data.tokenizer)
     models = {"teacher": Model(config.teacher.model, live.teacher_params, mesh=live.mesh, rules=mesh_lib.TEACHER_RULES)}
     models.update({name: results[name]["student"] for name in results})
     eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
-    samples = demo_samples.continuations(models, tokenizer, prompts, demo.sample_new_tokens, eos_ids=eos)
+    samples = demo_samples.continuations(
+        models, tokenizer, prompts, demo.sample_new_tokens, eos_ids=eos, documents=documents
+    )
     for name, got in samples["models"].items():
         summary.setdefault(name, {}).update(
             teacher_logprob_own_samples=got["teacher_logprob"],

@@ -23,8 +23,9 @@ def label(row: str) -> str:
 
 def comparison(reports: dict, transfers: dict, samples: dict | None, analog: str, other: str) -> list[dict[str, Any]]:
     """The paired comparisons of row `analog` with row `other` (both measured on the same held-out rows, prompts and
-    directions): fidelity (KL, agreement, CE), the transfer checks when both were measured, and the teacher's
-    log-prob of each one's greedy continuations when the demo made them."""
+    directions, each interval a bootstrap over the held-out documents they come from): fidelity (KL, agreement, CE),
+    the transfer checks when both were measured, and the teacher's log-prob of each one's greedy continuations when
+    the demo made them."""
     from analogjax.fidelity import metrics
     from analogjax.fidelity.transfer import Measured
 
@@ -43,15 +44,15 @@ def comparison_table(entries: list[dict[str, Any]], analog: str = "analog", othe
     """The comparison as a text table: each measure, both figures with their 95% intervals, which is better."""
     width = 40
     lines = [
-        f"Is the {label(analog)} a better proxy of the teacher than the {label(other)}? (95% intervals; "
-        "better = the paired interval of the difference excludes 0)",
-        f"{'measure':<{width}} {label(analog):>26} {label(other):>26}  better",
+        f"Is the {label(analog)} a better proxy of the teacher than the {label(other)}? (95% intervals, bootstrap "
+        "over held-out documents; better = the paired interval of the difference excludes 0)",
+        f"{'measure':<{width}} {label(analog):>26} {label(other):>26}  documents  better",
     ]
     for e in entries:
         name = MEASURE_NAMES.get(e["measure"], e["measure"])[:width]
         lines.append(
             f"{name:<{width}} {format_interval(e['analog'], e['analog_ci95']):>26} "
-            f"{format_interval(e['baseline'], e['baseline_ci95']):>26}  {e['better']}"
+            f"{format_interval(e['baseline'], e['baseline_ci95']):>26}  {e.get('documents', '-'):>9}  {e['better']}"
         )
     return "\n".join(lines)
 
@@ -74,6 +75,11 @@ def format_table(summary: dict) -> str:
             cell = format_interval(logp, s.get("teacher_logprob_own_samples_ci95")) if logp is not None else "-"
             line += f" {cell:>22}"
         lines.append(line)
+    if summary.get("heldout_documents"):
+        tokens = summary[rows[0]].get("heldout_tokens", 0)
+        lines.append(
+            f"held-out: {tokens:,} tokens of {summary['heldout_documents']} documents (intervals resample documents)"
+        )
     phases = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in summary.get("phase_seconds", {}).items())
     lines.append(f"wall time: {summary['wall_seconds']:.0f} s ({phases})")
     if summary.get("released"):

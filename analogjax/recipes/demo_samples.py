@@ -1,8 +1,10 @@
 """What each model of the demo writes: greedy continuations of held-out prompts, side by side, and the teacher's
 mean log-probability of each model's own continuation (how teacher-like its text is, as the teacher judges it).
 
-Prompts are the first `prompt_tokens` tokens of the first documents of the held-out split (documents no model
-trained on), so the continuations are not recitations of training rows.
+Prompts are the first `prompt_tokens` tokens of the held-out batches' rows (documents no model trained on; of a row
+holding pieces of several documents, the longest piece), so the continuations are not recitations of training rows.
+Each prompt keeps the held-out document it comes from: the interval of a model's figure resamples documents
+(intervals.DOCUMENT), as prompts cut from one document are not independent.
 """
 
 from __future__ import annotations
@@ -16,33 +18,43 @@ import numpy as np
 from analogjax.fidelity import intervals
 
 
-def heldout_prompts(config, count: int, prompt_tokens: int) -> list[list[int]]:
-    """The first `prompt_tokens` tokens of the first `count` held-out documents long enough to have them."""
+def heldout_prompts(config, count: int, prompt_tokens: int) -> tuple[list[list[int]], list[int]]:
+    """(prompts, documents): the first `prompt_tokens` tokens of the longest piece of each of the first `count` rows
+    of the held-out batches whose piece is that long, and the held-out document of each (the row's)."""
     from analogjax.data import heldout_batches
 
     prompts: list[list[int]] = []
+    documents: list[int] = []
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    for batch in heldout_batches(
+    for batch, labels in heldout_batches(
         config.data,
         seed=config.train.seed,
         vocab_size=config.model.vocab_size,
         sharding=sharding,
         batches=config.train.eval_batches,
+        documents=True,
     ):
-        tokens, segments, positions = (np.asarray(batch[k]) for k in ("tokens", "segment_ids", "positions"))
+        tokens, segments = np.asarray(batch["tokens"]), np.asarray(batch["segment_ids"])
         for row in range(tokens.shape[0]):
-            for start in np.flatnonzero((positions[row] == 0) & (segments[row] > 0)):
-                doc = tokens[row, start:][segments[row, start:] == segments[row, start]]
-                if len(doc) >= prompt_tokens:
-                    prompts.append(doc[:prompt_tokens].tolist())
-                if len(prompts) == count:
-                    return prompts
-    return prompts
+            ids, sizes = np.unique(segments[row][segments[row] > 0], return_counts=True)
+            if not len(ids):
+                continue
+            # The row's label names the document holding most of it: the longest piece (the first of equals).
+            piece = tokens[row][segments[row] == ids[np.argmax(sizes)]]
+            if len(piece) >= prompt_tokens:
+                prompts.append(piece[:prompt_tokens].tolist())
+                documents.append(int(labels[row]))
+            if len(prompts) == count:
+                return prompts, documents
+    return prompts, documents
 
 
-def teacher_logprob(teacher_model, prompts: list[list[int]], completions: list[list[int]]) -> dict[str, list[float]]:
+def teacher_logprob(
+    teacher_model, prompts: list[list[int]], completions: list[list[int]], documents=None
+) -> dict[str, list[float]]:
     """Per prompt, the teacher's summed log-probability of the completion tokens (after the prompt) and their count:
-    {"sum": [...], "count": [...]} (a model's figure is Σ sum / Σ count; prompts are the bootstrap's rows)."""
+    {"sum": [...], "count": [...]} (a model's figure is Σ sum / Σ count; prompts are the bootstrap's rows), and
+    with `documents` (one per prompt) intervals.DOCUMENT, so the bootstrap resamples documents."""
     width = max(len(p) + len(c) for p, c in zip(prompts, completions))
     tokens = np.zeros((len(prompts), width), np.int32)
     segments = np.zeros_like(tokens)
@@ -58,7 +70,10 @@ def teacher_logprob(teacher_model, prompts: list[list[int]], completions: list[l
     targets = np.concatenate([tokens[:, 1:], np.zeros((tokens.shape[0], 1), np.int32)], axis=1)
     # Picked on the device: only [prompts, width] log-probs come back, never the [prompts, width, vocab] logits.
     picked = np.asarray(_picked_log_probs(logits, jnp.asarray(targets)), np.float64)
-    return {"sum": (picked * scored).sum(-1).tolist(), "count": scored.sum(-1).tolist()}
+    out = {"sum": (picked * scored).sum(-1).tolist(), "count": scored.sum(-1).tolist()}
+    if documents is not None:
+        out[intervals.DOCUMENT] = [float(d) for d in documents]
+    return out
 
 
 @jax.jit
@@ -73,16 +88,17 @@ LOGPROB = intervals.ratio("sum", "count")  # the teacher's mean log-prob per com
 
 
 def continuations(
-    models: dict[str, Any], tokenizer, prompts: list[list[int]], max_new_tokens: int, eos_ids=()
+    models: dict[str, Any], tokenizer, prompts: list[list[int]], max_new_tokens: int, eos_ids=(), documents=None
 ) -> dict[str, Any]:
     """Greedy continuations by every model (name → Model) and the teacher's log-prob of each model's own text, with
-    its 95% interval over prompts. models["teacher"] scores them all."""
+    its 95% interval over prompts (over their `documents` where given: one per prompt). models["teacher"] scores
+    them all."""
     from analogjax.models.sampling import generate
 
     out: dict[str, Any] = {"prompts": [tokenizer.decode(p) for p in prompts], "models": {}}
     for name, model in models.items():
         completions = generate(model, prompts, max_new_tokens=max_new_tokens, eos_ids=eos_ids)
-        rows = teacher_logprob(models["teacher"], prompts, completions)
+        rows = teacher_logprob(models["teacher"], prompts, completions, documents)
         out["models"][name] = {
             "completions": [tokenizer.decode(c) for c in completions],
             "teacher_logprob": intervals.point(LOGPROB, rows),

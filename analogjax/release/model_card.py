@@ -475,9 +475,8 @@ def model_card(
         from analogjax.fidelity.intervals import format_interval
 
         o, ci = report["overall"], report["ci95"]
-        rows = len(next(iter(report["rows"].values()))) if report.get("rows") else None
         lines += [
-            f"95% intervals (percentile bootstrap over {rows or 'the'} held-out rows): "
+            f"95% intervals (percentile bootstrap over {_bootstrap_units(report.get('rows'))}): "
             f"KL(teacher‖analog) {format_interval(o['forward_kl'], ci['forward_kl'])}, "
             f"top-1 agreement {format_interval(o['top1_agreement'], ci['top1_agreement'])}.",
             "",
@@ -535,3 +534,15 @@ def recipe_phases(recipe: dict) -> str:
         "on_policy": f"continued {steps.get('on_policy', '?')} steps on its own samples scored by the live teacher",
     }
     return " → ".join(words.get(name, name) for name in recipe.get("phases", []))
+
+
+def _bootstrap_units(rows) -> str:
+    """What the fidelity intervals resampled, in words: the held-out documents (with how many rows), or rows."""
+    from analogjax.fidelity import intervals
+
+    if not rows:
+        return "the held-out rows"
+    count = len(next(iter(rows.values())))
+    if intervals.DOCUMENT not in rows:
+        return f"{count} held-out rows"
+    return f"the {intervals.units(rows)} held-out documents of its {count} rows, each document's rows together"
