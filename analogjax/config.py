@@ -646,9 +646,14 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+# Data keys that choose only which held-out rows evaluations read, never a training batch: a run resumes across them.
+EVALUATION_DATA_KEYS = ("heldout_shuffle_rows", "heldout_document_tokens")
+
+
 def run_identity(config: Config) -> dict[str, str]:
-    """What must match for a workdir's checkpoints to be resumed: the student's shape and the data it reads."""
-    return {"model": fingerprint(config.model), "data": fingerprint(config.data, config.train.seed)}
+    """What must match for a workdir's checkpoints to be resumed: the student's shape and the data it trains on."""
+    data = {k: v for k, v in to_dict(config.data).items() if k not in EVALUATION_DATA_KEYS}
+    return {"model": fingerprint(config.model), "data": fingerprint(data, config.train.seed)}
 
 
 # ----------------------------------------------------------------------------------------------------------------

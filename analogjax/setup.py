@@ -329,10 +329,10 @@ def evaluate_rows(run: Run, params_by_name: Mapping[str, Any], batches: int) -> 
     valid tokens): ce, and against a live evaluation teacher kl, teacher_ce, agreement, ... as sums over the row;
     and intervals.DOCUMENT, the held-out document each row comes from (the bootstrap's unit).
 
-    The rows are those of the first `batches` held-out batches, concatenated in the same order for every student,
-    so two students' arrays are paired row by row (`intervals.compare`). The teacher runs once per batch for all
-    students; the program compiles once per number of students. For each student, Σ over its rows / Σ count is
-    what `evaluate` reports."""
+    The rows are those of the first `batches` held-out batches (empty padding rows dropped), concatenated in the same
+    order for every student, so two students' arrays are paired row by row (`intervals.compare`). The teacher runs
+    once per batch for all students; the program compiles once per number of students. For each student, Σ over its
+    rows / Σ count is what `evaluate` reports."""
     if not params_by_name:
         return {}
     names = list(params_by_name)
@@ -359,7 +359,11 @@ def evaluate_rows(run: Run, params_by_name: Mapping[str, Any], batches: int) -> 
     if rows is None:
         raise UserError("the held-out split is empty: raise data.heldout_fraction or add documents")
     labels = np.concatenate(documents).astype(np.float64)
-    return {name: {**per_row, intervals.DOCUMENT: labels} for name, per_row in zip(names, rows)}
+    filled = rows[0]["count"] > 0  # a short held-out split pads its last batch with empty rows: not rows at all
+    return {
+        name: {key: value[filled] for key, value in {**per_row, intervals.DOCUMENT: labels}.items()}
+        for name, per_row in zip(names, rows)
+    }
 
 
 def heldout_metrics(config: Config, eval_fn, params, teacher_params, batch_sharding, batches: int) -> dict[str, float]:

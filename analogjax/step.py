@@ -5,7 +5,7 @@ step (on the same sharded batch, its own sharding rules) and outside autodiff; i
 never part of the state and so never checkpointed with the student.
 
 Metrics come back as sums over valid tokens plus `count` (and a few per-step scalars), so the loop can average
-exactly over steps and hosts. The eval-rows step returns the same sums per row (for intervals over held-out rows),
+exactly over steps and hosts. The eval-rows step returns the same sums per row (for intervals over held-out documents),
 for several students against one teacher forward.
 """
 

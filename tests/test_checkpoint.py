@@ -226,6 +226,12 @@ def test_workdir_of_another_model_or_data_is_refused_unless_allowed(tmp_path):
 
     guard_and_claim(load_config(None, TINY))
     guard_and_claim(load_config(None, TINY + ["train.steps=20"]))  # same model and data: a resume
+    # Which held-out rows evaluations read changes no training batch: a resume too (and the workdirs written before
+    # these keys existed keep their identity).
+    evaluation_only = ["data.heldout_shuffle_rows=64", "data.heldout_document_tokens=256"]
+    guard_and_claim(load_config(None, TINY + evaluation_only))
+    with pytest.raises(UserError, match="different data config"):
+        guard_and_claim(load_config(None, TINY + ["data.shuffle_rows=64"]))
     with pytest.raises(UserError, match="different model config.*allow_config_change"):
         guard_and_claim(load_config(None, TINY + ["model.d_ff=128"]))
     with pytest.raises(UserError, match="different data config"):

@@ -230,9 +230,10 @@ def test_worker_processes_deliver_the_epoch_and_resume(tmp_path):
 
 
 def test_heldout_rows_shuffled_in_windows_name_their_documents(tmp_path):
-    """With data.shuffle_rows the first held-out batches hold rows of many documents (not the first few documents'
-    rows in turn), the same rows whatever the run's seed and on every call, each labelled with its document; a split
-    smaller than the window is not filled with a second pass's duplicates before the first pass ends."""
+    """With data.heldout_shuffle_rows the first held-out batches hold rows of many documents (not the first few
+    documents' rows in turn), the same rows whatever the run's seed and on every call, each labelled with its
+    document; a split smaller than the window is not filled with a second pass's duplicates before the first pass
+    ends."""
     import jax
 
     from analogjax.data import heldout_batches
@@ -246,7 +247,7 @@ def test_heldout_rows_shuffled_in_windows_name_their_documents(tmp_path):
         got = heldout_batches(data, seed=seed, vocab_size=VOCAB, sharding=sharding, batches=batches, documents=True)
         return [({k: np.asarray(v) for k, v in b.items()}, d) for b, d in got]
 
-    ordered, shuffled = read(0, 4), read(0, 4, shuffle_rows=64)
+    ordered, shuffled = read(0, 4), read(0, 4, heldout_shuffle_rows=64)
     for batches in (ordered, shuffled):
         for batch, documents in batches:
             real = batch["loss_mask"].sum(1) > 0
@@ -257,7 +258,7 @@ def test_heldout_rows_shuffled_in_windows_name_their_documents(tmp_path):
                 assert documents[row] == owners[np.argmax(counts)]  # source 0: the id is the document's index
     distinct = [len({int(d) for _, ds in batches for d in ds}) for batches in (ordered, shuffled)]
     assert distinct[1] >= 2 * distinct[0]
-    again = read(7, 4, shuffle_rows=64)
+    again = read(7, 4, heldout_shuffle_rows=64)
     for (a, da), (b, db) in zip(shuffled, again):
         np.testing.assert_array_equal(a["tokens"], b["tokens"])
         np.testing.assert_array_equal(da, db)
@@ -265,7 +266,7 @@ def test_heldout_rows_shuffled_in_windows_name_their_documents(tmp_path):
     data = _config(source, heldout_fraction=0.2)
     one_pass = [b for b in make_batch_iterator(data, split="heldout", seed=0, vocab_size=VOCAB, num_epochs=1)]
     want = sorted(tuple(b["tokens"][r]) for b in one_pass for r in range(4) if b["loss_mask"][r].sum() > 0)
-    whole = read(0, len(want) // 4 + 1, shuffle_rows=1024)
+    whole = read(0, len(want) // 4 + 1, heldout_shuffle_rows=1024)
     got = [tuple(b["tokens"][r]) for b, _ in whole for r in range(4) if b["loss_mask"][r].sum() > 0]
     assert sorted(got[: len(want)]) == want
     # Held-out documents cut to their first 20 tokens: 19 (input, next token) pairs of each, the rest never read.

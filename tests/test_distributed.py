@@ -253,3 +253,77 @@ def test_two_processes_match_one_die_together_and_resume(tmp_path):
     assert [r["step"] for r in resumed] == [resumed_from + 1, resumed_from + 2]
     assert resumed_from + 2 <= max(reference), "raise the reference's step count"
     _assert_matches(resumed, reference)
+
+
+HELDOUT_SCRIPT = """
+import json, sys
+import jax, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from analogjax.data import DataConfig, SourceConfig, heldout_batches
+from analogjax.runtime import distributed
+
+distributed.initialize(distributed.cluster_from())
+fields = json.loads(sys.argv[1])
+data = DataConfig(sources=tuple(SourceConfig(**s) for s in fields.pop("sources")), **fields)
+sharding = NamedSharding(jax.make_mesh((8,), ("data",)), P("data"))
+got = []
+for batch, documents in heldout_batches(data, seed=0, vocab_size=4096, sharding=sharding, batches=5, documents=True):
+    got.append(documents.tolist())
+print("DOCUMENTS " + json.dumps(got), flush=True)
+"""
+
+
+def test_heldout_documents_of_a_global_batch_are_every_process_rows_in_order(tmp_path):
+    """heldout_batches(documents=True) on two processes: each process gets the labels of the whole global batch, its
+    rows being the processes' rows in process order (to_global_batch), as one process packing each share finds."""
+    from analogjax.data import DataConfig, SourceConfig, make_batch_dataset
+
+    corpus = tmp_path / "c.bin"
+    lengths = [20 + (d * 7) % 60 for d in range(300)]
+    np.concatenate([np.full(n, d % 4000 + 1) for d, n in enumerate(lengths)]).astype(np.uint16).tofile(corpus)
+    np.save(tmp_path / "c.offsets.npy", np.concatenate([[0], np.cumsum(lengths)]))
+    fields = dict(
+        sources=[{"path": str(corpus), "dtype": "uint16"}],
+        tokenizer="none",
+        global_batch=8,
+        seq_len=16,
+        heldout_fraction=0.3,
+        heldout_shuffle_rows=16,
+        read_threads=0,
+    )
+    launcher = _local_launcher()
+    port = launcher.free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", HELDOUT_SCRIPT, json.dumps(fields)],
+            env=launcher.process_env(dict(os.environ), process_id=pid, processes=2, devices=4, port=port, heartbeat=15),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for pid in range(2)
+    ]
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(outputs)
+    got = [json.loads(next(line for line in o.splitlines() if line.startswith("DOCUMENTS "))[10:]) for o in outputs]
+    data = DataConfig(
+        sources=(SourceConfig(path=str(corpus), dtype="uint16"),), **{k: v for k, v in fields.items() if k != "sources"}
+    )
+    shares = [
+        iter(
+            make_batch_dataset(
+                data,
+                split="heldout",
+                seed=0,
+                vocab_size=4096,
+                process_index=i,
+                process_count=2,
+                num_epochs=1,
+                documents=True,
+            )
+        )
+        for i in range(2)
+    ]
+    want = [np.concatenate([next(s)["documents"] for s in shares]).tolist() for _ in range(5)]
+    assert got[0] == got[1] == want
+    assert len({d for batch in want for d in batch}) > 8  # rows of many documents, not one after another

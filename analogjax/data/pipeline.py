@@ -6,8 +6,8 @@ repeated -> read and tokenized in threads -> packed into rows. Training rows fro
 by weight (so weights are shares of rows, hence of tokens), then shuffled within windows of data.shuffle_rows
 rows when set (a long document's rows no longer fill consecutive batches). Held-out documents of all sources
 are read in a fixed order (cut to data.heldout_document_tokens when set), packed together, and shuffled within
-windows of data.shuffle_rows with a fixed seed, so that an evaluation of a few batches reads many documents. Rows
-are stacked into [global_batch // process_count, seq_len] batches.
+windows of data.heldout_shuffle_rows with a fixed seed, so that an evaluation of a few batches reads many documents.
+Rows are stacked into [global_batch // process_count, seq_len] batches.
 
 Every step is a Grain transformation, so the iterator's `get_state()` is a small JSON-able dict and
 `set_state()` resumes at exactly the next batch.
@@ -36,7 +36,7 @@ from analogjax.data.tokenize import (
 from analogjax.errors import UserError
 
 SPLITS = ("train", "heldout")
-HELDOUT_SEED = 0x5EED0DD5  # the held-out rows' window shuffle (data.shuffle_rows), the same for every run
+HELDOUT_SEED = 0x5EED0DD5  # the held-out rows' window shuffle (data.heldout_shuffle_rows), the same for every run
 # Documents read ahead per source: enough to keep the read threads busy, bounded because one document can be large.
 _READ_AHEAD = 64
 
@@ -126,11 +126,13 @@ def make_batch_dataset(
                 f"processes: raise data.heldout_fraction (now {data.heldout_fraction}) or add documents"
             )
         rows = packed(MapOfRefs(range(len(sources)), split_ids), shuffle_seed=None)
-        if data.shuffle_rows > 1:
-            # As in training, so the first held-out batches hold rows of many documents rather than the first few
-            # documents' rows one after another (an evaluation of a few documents says little of the others). A
-            # fixed seed: every run, whatever its train.seed, is measured on the same rows.
-            rows = grain.experimental.WindowShuffleIterDataset(rows, window_size=data.shuffle_rows, seed=HELDOUT_SEED)
+        if data.heldout_shuffle_rows > 1:
+            # So the first held-out batches hold rows of many documents rather than the first few documents' rows
+            # one after another (an evaluation of a few documents says little of the others). A fixed seed: every
+            # run, whatever its train.seed, is measured on the same rows.
+            rows = grain.experimental.WindowShuffleIterDataset(
+                rows, window_size=data.heldout_shuffle_rows, seed=HELDOUT_SEED
+            )
 
     batches = rows.batch(
         rows_per_batch, drop_remainder=False, batch_fn=BatchStacker(rows_per_batch, data.seq_len, tokenizer.pad_id)

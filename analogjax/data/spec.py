@@ -62,16 +62,20 @@ class DataConfig:
     worker_count: int = 0
     # Threads per source that read and tokenize documents ahead of packing.
     read_threads: int = 2
-    # Rows shuffled within windows of this many packed rows per process (0 = off: rows follow the documents in
-    # order). Packing keeps a document's rows together, so a long document (a 200 KB source file is ~500 rows of
-    # 128 tokens) otherwise fills every batch for many consecutive steps; the window breaks that run at the cost of
-    # window x seq_len tokens held per process and read before the first batch. Training rows are shuffled with
-    # train.seed; held-out rows with a fixed seed (every run is evaluated on the same rows), so that the first
-    # held-out batches come from many documents, not the first few.
+    # Training rows shuffled within windows of this many packed rows per process (0 = off: rows follow the
+    # shuffled documents in order). Packing keeps a document's rows together, so a long document (a 200 KB
+    # source file is ~500 rows of 128 tokens) otherwise fills every batch for many consecutive steps; the
+    # window breaks that run at the cost of window x seq_len tokens held per process and read before step 1.
     shuffle_rows: int = 0
-    # Held-out documents cut to their first this many tokens (0 = whole): a few long files (one held-out file can
-    # hold a third of the split's tokens) then cannot fill the evaluation's rows, and its intervals, which resample
-    # documents, rest on many of them. Training documents are never cut.
+    # The held-out split as evaluations read it (fidelity, curves, samples; the transfer checks cut their own chunks
+    # from each held-out document); neither changes a training batch, so a run resumes across them: its rows shuffled
+    # within windows of this many rows (0 = off: the documents' rows in turn), with a fixed seed, so every run is
+    # measured on the same rows; and its documents cut to their first this many tokens (0 = whole; a cut document has no
+    # end-of-text token left to predict). Both let a few batches read many documents rather than the first few, and a
+    # few long files (one can hold a third of a split's tokens) not fill them: intervals resample documents
+    # (fidelity/intervals.py), so they rest on how many documents the rows come from. Each evaluation reads up to
+    # heldout_shuffle_rows x seq_len held-out tokens before its first batch.
+    heldout_shuffle_rows: int = 0
     heldout_document_tokens: int = 0
     # Where tokenized corpora are cached (the stdlib corpus); "" = $XDG_CACHE_HOME/analogjax or ~/.cache/analogjax.
     cache_dir: str = ""
@@ -125,6 +129,8 @@ def validate(data: DataConfig, *, vocab_size: int | None = None, process_count: 
         raise UserError(f"data.read_threads must be >= 0 (got {data.read_threads})")
     if data.shuffle_rows < 0:
         raise UserError(f"data.shuffle_rows must be >= 0 (got {data.shuffle_rows})")
+    if data.heldout_shuffle_rows < 0:
+        raise UserError(f"data.heldout_shuffle_rows must be >= 0 (got {data.heldout_shuffle_rows})")
     if data.heldout_document_tokens < 0 or data.heldout_document_tokens == 1:
         raise UserError(
             f"data.heldout_document_tokens must be 0 (whole documents) or at least 2, a token and the next one "

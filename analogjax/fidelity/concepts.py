@@ -240,7 +240,7 @@ class LabelledRows(NamedTuple):
     loss_mask: np.ndarray  # float32 [R, s]: 1 where a next token exists
     fit: np.ndarray  # bool [R]: the row's document is in the fit part (else the eval part)
     labels: np.ndarray  # int8 [R, s, C]
-    document: np.ndarray  # int64 [R]: the row's document (held-out document k is k; a user concept's text follows)
+    document_ids: np.ndarray  # int64 [R]: the row's document (held-out document k is k; user concept texts follow)
     concepts: tuple[str, ...]
     unlabelled_reason: str | None  # why the built-in concepts could not be labelled (no text, no offsets)
     documents: dict[str, int]  # held-out documents read, by part
@@ -273,7 +273,7 @@ def heldout_texts(data, vocab_size: int):
 
 def select(rows: LabelledRows, keep) -> LabelledRows:
     """The rows `keep` picks (a mask, or indices in the order wanted)."""
-    arrays = ("tokens", "segment_ids", "positions", "targets", "loss_mask", "fit", "labels", "document")
+    arrays = ("tokens", "segment_ids", "positions", "targets", "loss_mask", "fit", "labels", "document_ids")
     return rows._replace(**{f: getattr(rows, f)[keep] for f in arrays})
 
 
@@ -282,9 +282,10 @@ def round_robin(document: np.ndarray) -> np.ndarray:
     first appearance), then each one's second, ...; a document's rows keep their order."""
     _, first, which = np.unique(np.asarray(document), return_index=True, return_inverse=True)
     which = which.reshape(-1)
-    rank = np.zeros(len(which), np.int64)  # a row's place among its document's rows
-    for d in range(len(first)):
-        rank[which == d] = np.arange(np.count_nonzero(which == d))
+    by_document = np.argsort(which, kind="stable")
+    starts = np.searchsorted(which[by_document], which[by_document])  # where each row's document begins there
+    rank = np.empty(len(which), np.int64)  # a row's place among its document's rows
+    rank[by_document] = np.arange(len(which)) - starts
     return np.lexsort((first[which], rank))
 
 

@@ -9,7 +9,14 @@ move together, because rows cut from one document are no more independent than t
 gives many rows much alike; resampling them as if independent makes the interval too narrow). Without DOCUMENT each
 row is its own unit.
 
-Two models measured on the same rows are compared *paired*: each draw resamples the rows once and recomputes both
+A percentile bootstrap over few units is too narrow even so: its draws spread with (G − 1) / G of the variance, and
+their tails are those of a known variance, not of one estimated from G units. Each draw's distance from the point
+estimate is therefore stretched by √(G / (G − 1)) · t(G − 1) / z, the 97.5% quantiles of Student's t with G − 1
+degrees of freedom and of the normal (1.29 for 8 units, 1.10 for 19, towards 1 as G grows). With document effects
+simulated (tests/test_intervals.py) this brings the 95% intervals' coverage from 0.82-0.92 to 0.92-0.95 for 5 to 40
+documents.
+
+Two models measured on the same rows are compared *paired*: each draw resamples the units once and recomputes both
 figures, so the difference's interval removes what the rows share (some documents are hard for every model). A
 comparison says "analog" or "baseline" only when the 95% interval of the difference excludes zero; otherwise "not
 distinguishable". Fixed seed: the same sums give the same intervals.
@@ -26,7 +33,7 @@ DRAWS = 2000
 LEVEL = 0.95
 # Below this many units (documents, or rows without DOCUMENT) a bootstrap cannot estimate noise (one unit resamples
 # to itself): no interval, and no verdict.
-MIN_ROWS = 5
+MIN_UNITS = 5
 # The per-row key naming each row's held-out document (any number that is equal for rows of one document): not a
 # sum, but the bootstrap's unit.
 DOCUMENT = "document"
@@ -67,9 +74,10 @@ def by_unit(per_row: Mapping[str, Any]) -> dict[str, np.ndarray]:
     if DOCUMENT not in per_row:
         return arrays
     ids, unit = np.unique(np.asarray(per_row[DOCUMENT]), return_inverse=True)
-    membership = np.zeros((len(ids), len(unit)))
-    membership[unit.reshape(-1), np.arange(len(unit))] = 1.0
-    return {k: np.tensordot(membership, v, axes=(1, 0)) for k, v in arrays.items()}
+    out = {k: np.zeros((len(ids), *v.shape[1:])) for k, v in arrays.items()}
+    for k, v in arrays.items():
+        np.add.at(out[k], unit.reshape(-1), v)
+    return out
 
 
 def units(per_row: Mapping[str, Any]) -> int:
@@ -77,6 +85,16 @@ def units(per_row: Mapping[str, Any]) -> int:
     if DOCUMENT in per_row:
         return int(len(np.unique(np.asarray(per_row[DOCUMENT]))))
     return _rows_of(per_row)
+
+
+def widened(draws: np.ndarray, point_estimate: float, count: int) -> np.ndarray:
+    """Bootstrap draws over `count` units stretched about the point estimate by the small-sample factor
+    √(G/(G−1)) · t(G−1)/z (the module's docstring says why)."""
+    from scipy import stats  # here: scipy.stats takes ~0.3 s to import, and only intervals need it
+
+    tail = (1 + LEVEL) / 2
+    factor = np.sqrt(count / (count - 1)) * stats.t.ppf(tail, count - 1) / stats.norm.ppf(tail)
+    return point_estimate + (np.asarray(draws, np.float64) - point_estimate) * factor
 
 
 def _bounds(values: np.ndarray, level: float = LEVEL) -> list[float | None]:
@@ -96,13 +114,13 @@ def point(statistic: Statistic, per_row: Mapping[str, Any]) -> float:
 
 def ci95(statistic: Statistic, per_row: Mapping[str, Any], *, draws: int = DRAWS, seed: int = 0) -> list[float | None]:
     """[lo, hi]: the percentile bootstrap 95% interval of statistic(Σ rows) over resampled units (documents where
-    per_row has DOCUMENT, else rows; [None, None] with fewer than MIN_ROWS units)."""
+    per_row has DOCUMENT, else rows; widened for few units; [None, None] with fewer than MIN_UNITS units)."""
     per_unit = by_unit(per_row)
     count = _rows_of(per_unit)
-    if count < MIN_ROWS:
+    if count < MIN_UNITS:
         return [None, None]
     weights = row_weights(count, draws, seed)
-    return _bounds(np.asarray(statistic(resampled_sums(per_unit, weights)), np.float64))
+    return _bounds(widened(statistic(resampled_sums(per_unit, weights)), point(statistic, per_row), count))
 
 
 def compare(
@@ -116,7 +134,8 @@ def compare(
     draws: int = DRAWS,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """One comparison entry of two models measured on the same rows (paired bootstrap over the same units): each
+    """One comparison entry of two models measured on the same rows (paired bootstrap over the same units, each
+    model's draws widened for few units; the difference's draws are thus widened about its point estimate): each
     one's figure and 95% interval, the interval of analog − baseline, and which is better beyond noise.
     `baseline_statistic` defaults to `statistic`. The per-row arrays of both models must have the same rows in the
     same order, and the same DOCUMENT labels where they have them."""
@@ -130,13 +149,14 @@ def compare(
     base_stat = baseline_statistic or statistic
     a_units, b_units = by_unit(analog), by_unit(baseline)
     count = _rows_of(a_units)
-    if count < MIN_ROWS:  # no noise estimate, so no verdict
+    a_point, b_point = point(statistic, analog), point(base_stat, baseline)
+    if count < MIN_UNITS:  # no noise estimate, so no verdict
         a = b = np.full(1, np.nan)
     else:
         weights = row_weights(count, draws, seed)
-        a = np.asarray(statistic(resampled_sums(a_units, weights)), np.float64)
-        b = np.asarray(base_stat(resampled_sums(b_units, weights)), np.float64)
-    entry = judged(measure, point(statistic, analog), point(base_stat, baseline), a, b, higher_is_better)
+        a = widened(statistic(resampled_sums(a_units, weights)), a_point, count)
+        b = widened(base_stat(resampled_sums(b_units, weights)), b_point, count)
+    entry = judged(measure, a_point, b_point, a, b, higher_is_better)
     entry["rows"] = rows
     if DOCUMENT in analog:
         entry["documents"] = count

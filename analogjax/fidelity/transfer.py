@@ -281,7 +281,7 @@ def measure_models(
     user_columns = [c for c, name in enumerate(rows.concepts) if name in user_names]
     own_text = np.any(eval_rows.labels[..., user_columns] >= 0, axis=(1, 2))
     held_out = np.flatnonzero(~own_text)
-    held_out = held_out[concepts_lib.round_robin(eval_rows.document[held_out])]
+    held_out = held_out[concepts_lib.round_robin(eval_rows.document_ids[held_out])]
     eval_rows = concepts_lib.select(eval_rows, np.concatenate([np.flatnonzero(own_text), held_out]))
 
     # Fit pass: the teacher's layers once per batch, each model's moments against them.
@@ -333,7 +333,7 @@ def measure_models(
             layout.pairs,
             layout.concept_pair,
             [rows.concepts[c] for c in layout.measured],
-            {**teacher_rows, **transfer_rows.per_row_arrays(model_rows[name], real), DOCUMENT: eval_rows.document},
+            {**teacher_rows, **transfer_rows.per_row_arrays(model_rows[name], real), DOCUMENT: eval_rows.document_ids},
         )
         reports.rows[name] = rows_of
         reports[name] = _report(stats[name], rows_of, {**info, **fitted[name][1]}, layout, rows, markers, skipped)

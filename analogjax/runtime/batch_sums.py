@@ -4,7 +4,7 @@ Held-out evaluation, fidelity, the transfer checks and pruning's importance all 
 returns per-batch sums (float32 on the device, replicated on the mesh, so every process reads the global value) and
 the host adds them across batches in float64, so a total does not depend on how the tokens were batched and does
 not lose precision as batches accumulate. Dividing by counts is the caller's business (metrics_log.means, ...).
-Per-row sums (for intervals over held-out rows, fidelity/intervals.py) are kept apart instead: `rows_over_batches`
+Per-row sums (for intervals over held-out documents, fidelity/intervals.py) are kept apart instead: `rows_over_batches`
 concatenates each batch's rows in batch order.
 """
 
