@@ -268,8 +268,17 @@ def test_export_from_checkpoints_dir_and_eval_of_baseline(demo_run, tmp_path, ca
         )
         == 0
     )
-    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    got = capsys.readouterr()
+    line = json.loads(got.out.strip().splitlines()[-1])
     assert line["tokens"] > 0 and (tmp_path / "fid" / "fidelity.md").is_file()
+    assert line["documents"] >= 5 and "warning" not in got.err  # held-out documents cut to one row each
+    # Whole toy documents: the eval batch's rows come from too few documents for an interval, and the user is told.
+    whole = ["--set", "data.heldout_document_tokens=0", "--set", "data.heldout_shuffle_rows=0", "--no-transfer"]
+    args = ["eval", "--config", str(config), "--checkpoint", str(demo_run / "baseline"), "--out", str(tmp_path / "f2")]
+    assert cli.main(args + whole) == 0
+    got = capsys.readouterr()
+    assert json.loads(got.out.strip().splitlines()[-1])["documents"] < 5
+    assert "too few for 95% intervals" in got.err and "data.heldout_shuffle_rows" in got.err
 
 
 def test_bad_checkpoint_paths_are_one_error_line(tmp_path, capsys):

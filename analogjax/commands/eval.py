@@ -57,7 +57,11 @@ def run(args) -> int:
         )
     print(
         json.dumps(
-            {"out": str(out), **{k: round(v, 5) if isinstance(v, float) else v for k, v in report["overall"].items()}}
+            {
+                "out": str(out),
+                "documents": report.get("documents"),
+                **{k: round(v, 5) if isinstance(v, float) else v for k, v in report["overall"].items()},
+            }
         )
     )
     return 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -328,6 +329,14 @@ def measure_models(
             figure: intervals.ci95(statistic, report["rows"]) for figure, (statistic, _) in ROW_FIGURES.items()
         }
         reports[name] = report
+    documents = next(iter(reports.values()))["documents"]
+    if documents < intervals.MIN_UNITS and jax.process_index() == 0:
+        print(
+            f"warning: the held-out rows measured come from {documents} document(s), too few for 95% intervals (at "
+            f"least {intervals.MIN_UNITS}): spread them over more documents with data.heldout_shuffle_rows and "
+            "data.heldout_document_tokens, or measure more batches",
+            file=sys.stderr,
+        )
     return reports
 
 
