@@ -280,10 +280,12 @@ class BatchStacker:
     def __call__(self, rows: Sequence[dict]) -> dict[str, np.ndarray]:
         missing = self.rows_per_batch - len(rows)
         batch = {}
+        # A padding row: pad tokens, segment 0 (no pair), and document -1 (none).
+        fills = {"tokens": self.pad_id, "targets": self.pad_id, "document": -1}
         for key in (*ROW_KEYS, "epoch", "document"):
             stacked = np.stack([r[key] for r in rows])
             if missing:
-                fill = self.pad_id if key in ("tokens", "targets") else -1 if key == "document" else 0
+                fill = fills.get(key, 0)
                 stacked = np.concatenate([stacked, np.full((missing, *stacked.shape[1:]), fill, stacked.dtype)])
             batch[key] = stacked
         return batch
