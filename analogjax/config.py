@@ -653,6 +653,8 @@ EVALUATION_DATA_KEYS = ("heldout_shuffle_rows", "heldout_document_tokens")
 def run_identity(config: Config) -> dict[str, str]:
     """What must match for a workdir's checkpoints to be resumed: the student's shape and the data it trains on."""
     data = {k: v for k, v in to_dict(config.data).items() if k not in EVALUATION_DATA_KEYS}
+    if not config.data.epoch_steps:  # added later: at its default (no epochs) a workdir keeps the hash it had
+        del data["epoch_steps"]
     return {"model": fingerprint(config.model), "data": fingerprint(data, config.train.seed)}
 
 

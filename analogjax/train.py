@@ -200,7 +200,12 @@ def _run_locked(
         late.last_saved = start if start in checkpointer.all_steps() else None
         curve = None
         if cfg.train.curve_points and has_heldout:
-            spent = step_work(cfg, teacher=run.teacher is not None, on_policy=on_policy)
+            spent = step_work(
+                cfg,
+                teacher=run.teacher is not None,
+                on_policy=on_policy,
+                teacher_steps=None if cache_reader is None else cache_reader.distinct,
+            )
             curve = FidelityCurve(run, log, start=start, logged=logged, work=spent)
         preempted = False
         with jax.set_mesh(run.mesh), PreemptionWatcher() as watcher:

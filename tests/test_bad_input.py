@@ -196,6 +196,7 @@ def test_distill(shared, tmp_path):
         [
             Case("batch_not_divisible", distill("--set", "data.global_batch=12"), "data.global_batch"),
             Case("heldout_cut_negative", distill("--set", "data.heldout_document_tokens=-5"), "document_tokens"),
+            Case("epoch_steps_negative", distill("--set", "data.epoch_steps=-1"), "data.epoch_steps must be >= 0"),
             Case("mesh_too_large", distill("--set", "mesh.data=16"), "16 devices"),
             Case("corpus_missing", distill("--set", "data.sources=[{path: missing.jsonl}]"), "missing.jsonl"),
             Case("corpus_empty", distill("--set", "data.sources=[{path: {shared}/empty.jsonl}]"), "empty.jsonl"),

@@ -232,6 +232,8 @@ def test_workdir_of_another_model_or_data_is_refused_unless_allowed(tmp_path):
     guard_and_claim(load_config(None, TINY + evaluation_only))
     with pytest.raises(UserError, match="different data config"):
         guard_and_claim(load_config(None, TINY + ["data.shuffle_rows=64"]))
+    with pytest.raises(UserError, match="different data config"):  # epochs change which batch a step reads
+        guard_and_claim(load_config(None, TINY + ["data.epoch_steps=4"]))
     with pytest.raises(UserError, match="different model config.*allow_config_change"):
         guard_and_claim(load_config(None, TINY + ["model.d_ff=128"]))
     with pytest.raises(UserError, match="different data config"):

@@ -234,6 +234,35 @@ def test_mismatched_cache_is_refused(cli_cache, capsys, tmp_path, override, mess
     assert re.search(message, err), err
 
 
+def _losses(workdir) -> dict[int, float]:
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def test_epochs_over_the_cache_read_its_rows_again_and_resume_mid_epoch(cli_cache, capsys, tmp_path):
+    """data.epoch_steps=2 over the 2-step cache: 5 steps read batches 0 1 0 1 0 and their cached rows (a wrong
+    batch would fail the rows' hashes). A run resumed from step 3 (mid-epoch) logs the same losses to the bit."""
+    _, config_file, _ = cli_cache
+
+    def distill(workdir, *extra):
+        sets = ["train.steps=5", "data.epoch_steps=2", "checkpoint.every=1", "checkpoint.keep=10", *extra]
+        argv = ["distill", "--config", str(config_file), "--no-progress", "--workdir", str(workdir)]
+        return cli.main(argv + [arg for key in sets for arg in ("--set", key)])
+
+    assert distill(tmp_path / "whole") == 0
+    whole = _losses(tmp_path / "whole")
+    assert sorted(whole) == [1, 2, 3, 4, 5] and len(set(whole.values())) == 5  # every step trained
+    assert distill(tmp_path / "cut") == 0
+    for step in (4, 5):  # a run killed after step 3's checkpoint
+        shutil.rmtree(tmp_path / "cut" / "checkpoints" / str(step))
+    assert distill(tmp_path / "cut") == 0
+    assert _losses(tmp_path / "cut") == whole
+    # Three epochs of two steps need the cache's two steps; a third distinct step is refused, naming the key.
+    assert distill(tmp_path / "three", "data.epoch_steps=3") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "covers 2 steps but data.epoch_steps is 3" in err, err
+
+
 def test_other_tokenizer_packing_or_corpus_refused(cli_cache, tmp_path):
     directory, config_file, corpus = cli_cache
     copy = tmp_path / "cache"

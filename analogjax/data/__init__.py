@@ -18,6 +18,7 @@ _EXPORTS = {
     "DataConfig": "analogjax.data.spec",
     "SourceConfig": "analogjax.data.spec",
     "validate": "analogjax.data.spec",
+    "distinct_steps": "analogjax.data.spec",
     "check_vocab": "analogjax.data.tokenize",
     "tokenizer_for": "analogjax.data.tokenize",
     "train_bpe_tokenizer": "analogjax.data.tokenize",

@@ -44,8 +44,39 @@ _READ_AHEAD = 64
 def make_batch_iterator(data: DataConfig, **where) -> grain.DatasetIterator:
     """Batches of this process's share of a split: dicts of numpy [global_batch // process_count, seq_len] arrays
     under data.batch.BATCH_KEYS. `where` takes make_batch_dataset's keywords (split, seed, vocab_size, process_index,
-    process_count, num_epochs; num_epochs=None repeats forever). Checkpoint with get_state()/set_state()."""
-    return iter(make_batch_dataset(data, **where))
+    process_count, num_epochs; num_epochs=None repeats forever). Checkpoint with get_state()/set_state(). The train
+    split repeats its first data.epoch_steps batches when that is set (EpochIterator)."""
+    batches = iter(make_batch_dataset(data, **where))
+    if where.get("split") == "train" and data.epoch_steps:
+        return EpochIterator(batches, data.epoch_steps)
+    return batches
+
+
+class EpochIterator(grain.DatasetIterator):
+    """`batches` read again from their start after every `epoch_steps` batches (data.epoch_steps). The start is the
+    iterator's own state before its first batch, so every epoch reproduces the first batch for batch; the state
+    (JSON, as Grain's) holds the inner iterator's and how far into the epoch it is, so a resume lands mid-epoch."""
+
+    def __init__(self, batches: grain.DatasetIterator, epoch_steps: int):
+        super().__init__(batches)
+        self._start = batches.get_state()
+        self._epoch_steps = epoch_steps
+        self._position = 0
+
+    def __next__(self):
+        if self._position == self._epoch_steps:
+            self._parent.set_state(self._start)
+            self._position = 0
+        batch = next(self._parent)
+        self._position += 1
+        return batch
+
+    def get_state(self) -> dict:
+        return {"epoch_position": self._position, "batches": self._parent.get_state()}
+
+    def set_state(self, state: dict) -> None:
+        self._parent.set_state(state["batches"])
+        self._position = state["epoch_position"]
 
 
 def make_batch_dataset(

@@ -67,6 +67,13 @@ class DataConfig:
     # source file is ~500 rows of 128 tokens) otherwise fills every batch for many consecutive steps; the
     # window breaks that run at the cost of window x seq_len tokens held per process and read before step 1.
     shuffle_rows: int = 0
+    # Training batches repeat after this many (0 = never: the corpus streams on): batch n is batch n mod epoch_steps,
+    # so a run makes epochs over the corpus's first epoch_steps batches in the same order (not the corpus's own
+    # epochs, which a long run makes too). A teacher cache then covers epoch_steps steps rather than train.steps: the
+    # teacher's forward over a batch, most of the cost of cached distillation, is paid once and read every epoch (the
+    # demo's cache serves two). The position within the epoch is part of the data's checkpointed state: a run resumes
+    # mid-epoch exactly.
+    epoch_steps: int = 0
     # The held-out split as evaluations read it (fidelity, curves, samples; the transfer checks cut their own chunks
     # from each held-out document); neither changes a training batch, so a run resumes across them: its rows shuffled
     # within windows of this many rows (0 = off: the documents' rows in turn), with a fixed seed, so every run is
@@ -109,6 +116,11 @@ def resolved_cache_dir(data: DataConfig) -> str:
     return os.path.join(base, "analogjax")
 
 
+def distinct_steps(data: DataConfig, steps: int) -> int:
+    """How many different training batches a run of `steps` steps reads: its steps, or one epoch of them."""
+    return min(steps, data.epoch_steps) if data.epoch_steps else steps
+
+
 def validate(data: DataConfig, *, vocab_size: int | None = None, process_count: int = 1) -> None:
     """Raises UserError naming the first bad key of the data section."""
     if data.seq_len <= 0:
@@ -129,6 +141,8 @@ def validate(data: DataConfig, *, vocab_size: int | None = None, process_count: 
         raise UserError(f"data.read_threads must be >= 0 (got {data.read_threads})")
     if data.shuffle_rows < 0:
         raise UserError(f"data.shuffle_rows must be >= 0 (got {data.shuffle_rows})")
+    if data.epoch_steps < 0:
+        raise UserError(f"data.epoch_steps must be >= 0 (got {data.epoch_steps})")
     if data.heldout_shuffle_rows < 0:
         raise UserError(f"data.heldout_shuffle_rows must be >= 0 (got {data.heldout_shuffle_rows})")
     if data.heldout_document_tokens < 0 or data.heldout_document_tokens == 1:

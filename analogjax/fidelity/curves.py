@@ -50,13 +50,15 @@ def curve_steps(total_steps: int, points: int) -> list[int]:
     return sorted({(2 * i * total_steps + gaps) // (2 * gaps) for i in range(points)})  # rounded i·steps/gaps
 
 
-def step_work(config, *, teacher: bool, on_policy=None) -> StepWork:
+def step_work(config, *, teacher: bool, on_policy=None, teacher_steps: int | None = None) -> StepWork:
     """The work of each step of a run of `config`: its rows' tokens, the student's model FLOPs (3 forwards: forward
     and backward; an on-policy step adds the sampling forward) and the teacher's forward FLOPs over the same tokens
     when the run distills from one (`teacher`). A run distilled from a teacher cache counts the teacher's forward
     too: the cache was written by running the teacher over exactly these tokens, once, and that cost belongs to the
     budget of the analog. The teacher's FLOPs are those of `teacher.model` in the config (what a bring-your-own
-    teacher is not described by). `on_policy`: the run's on_policy.OnPolicy, whose steps train on sampled rows."""
+    teacher is not described by). `on_policy`: the run's on_policy.OnPolicy, whose steps train on sampled rows.
+    `teacher_steps`: the steps whose teacher forward was run, when later steps read it again (a cache read over
+    epochs, data.epoch_steps: the epochs after the first cost no teacher FLOPs)."""
     seq = config.data.seq_len
     tokens = config.data.global_batch * seq
     teacher_model = config.teacher.model
@@ -74,8 +76,12 @@ def step_work(config, *, teacher: bool, on_policy=None) -> StepWork:
             forward_flops_per_token(teacher_model, width) * rows_tokens if teacher else 0.0,
         )
 
+    reread = (usual[0], usual[1], 0.0)
+
     def work(step: int) -> tuple[int, float, float]:
-        return sampled if on_policy is not None and on_policy.covers(step) else usual
+        if on_policy is not None and on_policy.covers(step):
+            return sampled
+        return reread if teacher_steps is not None and step >= teacher_steps else usual
 
     return work
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from analogjax.config import Config, to_dict
+from analogjax.data.spec import distinct_steps
 from analogjax.errors import UserError
 from analogjax.run_dir import RECIPE_FILE
 
@@ -285,8 +286,9 @@ def _cache(config: Config, k: int, workdir: Path, mesh, teacher, progress: bool,
     from analogjax.teacher_cache import CacheLayout, build_cache
 
     data = config.data
-    tokens = config.train.steps * data.global_batch * data.seq_len
-    clock.start(CACHE, f"the teacher's top-{k} logits over {config.train.steps} batches ({tokens:,} tokens), once")
+    steps = distinct_steps(data, config.train.steps)  # an epoch's batches when the distillation makes epochs
+    tokens = steps * data.global_batch * data.seq_len
+    clock.start(CACHE, f"the teacher's top-{k} logits over {steps} batches ({tokens:,} tokens), once")
     cache = build_cache(
         config,
         CacheLayout(kind="topk", k=k),

@@ -75,6 +75,10 @@ def format_table(summary: dict) -> str:
             cell = format_interval(logp, s.get("teacher_logprob_own_samples_ci95")) if logp is not None else "-"
             line += f" {cell:>22}"
         lines.append(line)
+    if summary.get("tokens_per_run"):
+        trained, distinct = summary["tokens_per_run"], summary.get("distinct_tokens_per_run", 0)
+        epochs = f", epochs over the first {distinct:,} (data.epoch_steps)" if 0 < distinct < trained else ""
+        lines.append(f"training: {trained:,} tokens per row{epochs}")
     if summary.get("heldout_documents"):
         tokens = summary[rows[0]].get("heldout_tokens", 0)
         lines.append(

@@ -1,7 +1,7 @@
 """The offline teacher: its sparse outputs over a run's packed token stream, cached once in zarr through tensorstore.
 
 A cache holds, for every token of the batches a config's run consumes (train.steps batches of the same
-`make_batch_iterator(split="train", seed=train.seed)` stream), either
+`make_batch_iterator(split="train", seed=train.seed)` stream, or data.epoch_steps of them read every epoch), either
 - `topk`: the teacher's k largest logits (`values`, bfloat16 or float32), their ids (`indices`, int32) and the
   full-vocabulary logsumexp at the distillation temperature (`lse`, float32; the tail-bucket treatment needs it), or
 - `sampled`: s ids drawn from the teacher (`ids`, int32) with importance weights (`weights`, float32) for unbiased
@@ -39,6 +39,7 @@ import numpy as np
 from etils import epath
 
 from analogjax.config import Config, fingerprint, to_dict
+from analogjax.data.spec import distinct_steps
 from analogjax.errors import UserError, check_choice
 from analogjax.runtime import storage
 from analogjax.runtime.checksums import ALGORITHM, array_crc32
@@ -166,7 +167,7 @@ def provenance(config: Config, layout: CacheLayout, process_count: int) -> dict[
         "seq_len": data.seq_len,
         "global_batch": data.global_batch,
         "packing": {"process_count": process_count, "rows_per_process": data.global_batch // process_count},
-        "steps": config.train.steps,
+        "steps": distinct_steps(config.data, config.train.steps),
         "temperature": config.distill.temperature,
         "vocab_size": shared_vocab(config),
         "checksums": {"algorithm": ALGORITHM, "array": CHECKSUM_ARRAY, "fields": checksummed_fields(layout)},
@@ -207,10 +208,12 @@ def check_run(saved: dict, config: Config, process_count: int, path: str) -> Non
     expected = provenance(config, CacheLayout(**saved["layout"]), process_count)
     for key in _differences(saved, expected, _MISMATCH):
         raise UserError(f"teacher cache {path} does not match this run: different {_describe(key, saved, expected)}")
-    if saved["steps"] < config.train.steps:
+    steps = distinct_steps(config.data, config.train.steps)
+    if saved["steps"] < steps:
+        key = "data.epoch_steps" if steps == config.data.epoch_steps else "train.steps"
         raise UserError(
-            f"teacher cache {path} covers {saved['steps']} steps but train.steps is {config.train.steps}: "
-            "run cache-teacher with the longer train.steps"
+            f"teacher cache {path} covers {saved['steps']} steps but {key} is {steps}: run cache-teacher with the "
+            f"longer {key}, or make epochs over the cached steps (data.epoch_steps: {saved['steps']})"
         )
     kind = saved["layout"]["kind"]
     distill = config.distill

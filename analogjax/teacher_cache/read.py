@@ -8,6 +8,7 @@ import jax
 import numpy as np
 
 from analogjax.config import Config
+from analogjax.data.spec import distinct_steps
 from analogjax.errors import UserError
 from analogjax.objective.sparse import SampledTeacher, TopKTeacher
 from analogjax.runtime import storage
@@ -50,7 +51,9 @@ class CacheReader:
         process_count = jax.process_count() if process_count is None else process_count
         check_run(saved, config, process_count, path)
         self.store = _Store(self.path, saved, create=False)
-        unfinished = np.flatnonzero(~self.store.finished_steps()[: config.train.steps])
+        # A run making epochs (data.epoch_steps) reads batch `step mod epoch_steps` at `step`, and its cached rows.
+        self.distinct = distinct_steps(config.data, config.train.steps)
+        unfinished = np.flatnonzero(~self.store.finished_steps()[: self.distinct])
         if unfinished.size:
             raise UserError(
                 f"teacher cache {path} is incomplete: step {int(unfinished[0])} (and "
@@ -68,9 +71,10 @@ class CacheReader:
 
     def add_to(self, step: int, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """`batch` (this process's rows of step `step`) with the cached teacher arrays added."""
+        step %= self.distinct
         reads = self._prefetched[1] if self._prefetched and self._prefetched[0] == step else self._start(step)
-        if step + 1 < self.store.done.shape[0]:
-            self._prefetched = (step + 1, self._start(step + 1))
+        upcoming = (step + 1) % self.distinct
+        self._prefetched = (upcoming, self._start(upcoming))
         try:
             arrays = {key: future.result() for key, future in reads.items()}
         except Exception as exc:  # a chunk cut short or not decodable: tensorstore's many errors, one line

@@ -14,6 +14,7 @@ import numpy as np
 from etils import epath
 
 from analogjax.config import Config
+from analogjax.data.spec import distinct_steps
 from analogjax.errors import UserError
 from analogjax.models.transformer import softcap_logits
 from analogjax.objective.sparse import sample_teacher_tokens
@@ -166,7 +167,7 @@ def write_cache(
     )
     rows = store.rows
     row_offset = process_index * rows
-    steps, seq_len = config.train.steps, config.data.seq_len
+    steps, seq_len = distinct_steps(config.data, config.train.steps), config.data.seq_len
     bar = Progress(steps, int(finished.sum()), "cache-teacher", enabled=progress and process_index == 0)
     written, skipped = [], 0
     # Throughput counts the steps after the first written one: the first includes compiling the teacher.
