@@ -95,9 +95,13 @@ def test_notebook_runs_the_real_teacher_demo_on_cpu(tmp_path, monkeypatch):
     assert 1 <= trained["completion_len"] <= 8 and trained["teacher_logp"] < 0
     # The pruned start is the teacher cut down: the recipe's first phase, with its importance report.
     assert (workdir / "analog" / "pruned_init" / "importance.json").is_file()
+    # The demo's cache holds ids sampled from the teacher (recipe.cache_kind), as the card says.
+    cache = json.loads((workdir / "analog" / "teacher_cache" / "provenance.json").read_text())["layout"]
+    assert (cache["kind"], cache["k"]) == ("sampled", 8)
     assert len(summary["samples"]["prompts"]) == 2 and set(summary["samples"]["models"]) == {"teacher", *rows}
     card = (workdir / "release" / "README.md").read_text()
     assert gguf_lib.gguf_provenance(gguf_path)["sha256"] in card and "teacher cache" in card
+    assert "8 ids per token sampled from the teacher" in card
     assert "## Samples" in card and (workdir / "release" / "samples.md").is_file()
     # The transfer checks of analog and baseline, in summary.json and (the analog's) in the card.
     for name in ("analog", "baseline"):

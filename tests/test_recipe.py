@@ -32,6 +32,7 @@ def _distill(tmp_path, *sets):
         (("recipe.on_policy_steps=3", "recipe.on_policy.fraction=0.25"), "recipe.on_policy_steps"),
         (("recipe.on_policy_steps=1", "recipe.on_policy.prompt_len=64"), "recipe.on_policy"),
         (("recipe.cache_k=-1",), "recipe.cache_k"),
+        (("recipe.cache_k=8", "recipe.cache_kind=dense"), "recipe.cache_kind"),
         (("recipe.cache_k=8", "distill.terms=[{{kind: ce, weight: 1.0}}]"), "recipe.cache_k"),
     ],
 )

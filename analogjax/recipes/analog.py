@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from analogjax.config import Config, to_dict
+from analogjax.config import Config, RecipeConfig, to_dict
 from analogjax.data.spec import distinct_steps
 from analogjax.errors import UserError
 from analogjax.run_dir import RECIPE_FILE
@@ -203,7 +203,7 @@ def _run_phases(
     if PRUNED in names:
         _prune(config, workdir, mesh, live_params, progress, clock)
     if CACHE in names:
-        _cache(configs[DISTILL], config.recipe.cache_k, workdir, mesh, (live, live_params), progress, clock)
+        _cache(configs[DISTILL], config.recipe, workdir, mesh, (live, live_params), progress, clock)
     from analogjax.on_policy import on_policy_index
     from analogjax.train import run_training
 
@@ -281,17 +281,21 @@ def _prune(config: Config, workdir: Path, mesh, teacher_params, progress: bool, 
         multihost_utils.sync_global_devices("analogjax recipe: pruned start renamed")
 
 
-def _cache(config: Config, k: int, workdir: Path, mesh, teacher, progress: bool, clock: PhaseClock) -> None:
-    """The top-`k` cache of the teacher (Teacher, params) over the batches `config` (the distillation) reads."""
+def _cache(
+    config: Config, recipe: RecipeConfig, workdir: Path, mesh, teacher, progress: bool, clock: PhaseClock
+) -> None:
+    """The teacher cache (Teacher, params) of `recipe.cache_kind` over the batches `config` (the distillation) reads."""
     from analogjax.teacher_cache import CacheLayout, build_cache
 
-    data = config.data
+    data, k = config.data, recipe.cache_k
     steps = distinct_steps(data, config.train.steps)  # an epoch's batches when the distillation makes epochs
     tokens = steps * data.global_batch * data.seq_len
-    clock.start(CACHE, f"the teacher's top-{k} logits over {steps} batches ({tokens:,} tokens), once")
+    sampled = recipe.cache_kind == "sampled"
+    what = f"{k} ids per token sampled from the teacher" if sampled else f"the teacher's top-{k} logits"
+    clock.start(CACHE, f"{what} over {steps} batches ({tokens:,} tokens), once")
     cache = build_cache(
         config,
-        CacheLayout(kind="topk", k=k),
+        CacheLayout(kind=recipe.cache_kind, k=k),
         str(workdir / CACHE),
         mesh=mesh,
         teacher=teacher[0],

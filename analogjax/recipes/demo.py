@@ -98,7 +98,12 @@ def _real_run() -> Config:
         train=TrainConfig(steps=120, log_every=10, eval_batches=8),
         recipe=RecipeConfig(
             prune_batches=4,
-            cache_k=64,
+            # 256 ids sampled from the teacher per token (importance-weighted, unbiased forward KL): the 120-step
+            # distillation from the demo's pruned start, before on-policy (KL / agreement, 19 documents): top-64
+            # logits (tail bucket) 2.889 / 0.254, top-256 2.815 / 0.256, top-1024 2.754 / 0.252; sampled 64
+            # 2.783 / 0.263, 256 2.751 / 0.271 (kept; its cache is 2 KB a token), 1024 2.730 / 0.273.
+            cache_k=256,
+            cache_kind="sampled",
             on_policy_steps=16,
             # 16 steps (from the 60 x 2 distillation, 32 steps: 2.814 / 0.271; 16: 2.838 / 0.266, 26 s less), a
             # quarter of them on the analog's samples drawn at T=0.7 and the rest on data, all scored by

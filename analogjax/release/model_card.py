@@ -530,7 +530,11 @@ def recipe_phases(recipe: dict) -> str:
     settings, steps = recipe.get("recipe", {}), recipe.get("steps", {})
     words = {
         "pruned_init": f"the teacher pruned to this shape ({settings.get('prune_batches')} calibration batches)",
-        "teacher_cache": f"the teacher's top-{settings.get('cache_k')} logits cached once",
+        "teacher_cache": (
+            f"{settings.get('cache_k')} ids per token sampled from the teacher (importance-weighted) cached once"
+            if settings.get("cache_kind") == "sampled"
+            else f"the teacher's top-{settings.get('cache_k')} logits cached once"
+        ),
         "distill": f"distilled {steps.get('distill', '?')} steps"
         + (" from the cache" if settings.get("cache_k") else " from the live teacher"),
         "on_policy": f"continued {steps.get('on_policy', '?')} steps on its own samples scored by the live teacher",

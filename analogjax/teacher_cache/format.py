@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from analogjax.config import Config, fingerprint, to_dict
+from analogjax.config import CACHE_KINDS, Config, fingerprint, to_dict
 from analogjax.data.spec import distinct_steps
 from analogjax.errors import UserError, check_choice
 from analogjax.runtime import storage
@@ -46,7 +46,7 @@ from analogjax.runtime.checksums import ALGORITHM, array_crc32
 
 FORMAT_VERSION = 1
 PROVENANCE_FILE = "provenance.json"
-KINDS = ("topk", "sampled")
+KINDS = CACHE_KINDS
 VALUE_DTYPES = ("bfloat16", "float32")
 # zarr v2 compressors; "zstd" is blosc-zstd with byte shuffle (groups the high bytes of ids and values together).
 CODECS: dict[str, dict | None] = {
