@@ -93,7 +93,7 @@ def test_toy_demo_writes_summary_and_table(demo_run):
     # The recipe ran as phases in the analog's workdir; the release holds its final phase.
     recipe = json.loads((tmp_path / "analog" / "recipe.json").read_text())
     assert recipe["phases"] == ["pruned_init", "teacher_cache", "distill", "on_policy"]
-    assert recipe["final"] == "on_policy"
+    assert recipe["final"] == "on_policy" and recipe["distinct_steps"] == recipe["steps"]["distill"]  # no epochs
     assert not (tmp_path / "analog" / "pruned_init.partial").exists() and "pruning again" in stderr
     # The comparison: every measure judged, with both intervals; the controls likewise.
     measures = {e["measure"] for e in summary["comparison"]}
@@ -659,6 +659,19 @@ def _fake_report():
     from analogjax.fidelity import metrics
 
     return {"overall": {key: 0.5 for key, _, _ in metrics._TABLE} | {"tokens": 64}, "by_source": {}}
+
+
+def test_card_recipe_line_names_the_cache_and_the_epochs_over_it():
+    from analogjax.release.model_card import recipe_phases
+
+    phases = ["pruned_init", "teacher_cache", "distill"]
+    sampled = {"phases": phases, "recipe": {"prune_batches": 4, "cache_k": 256, "cache_kind": "sampled"}}
+    line = recipe_phases({**sampled, "steps": {"distill": 120}, "distinct_steps": 60})
+    assert "→ 256 ids per token sampled from the teacher (importance-weighted) cached once →" in line
+    assert line.endswith("distilled 120 steps from the cache (epochs over its first 60 batches)"), line
+    # a recipe.json written before cache kinds and epochs: top-k, every batch once
+    line = recipe_phases({"phases": phases, "recipe": {"prune_batches": 4, "cache_k": 64}, "steps": {"distill": 80}})
+    assert "the teacher's top-64 logits cached once" in line and line.endswith("distilled 80 steps from the cache")
 
 
 def test_card_says_what_teacher_signal_the_run_used_and_counts_only_teacher_work_done(tmp_path):

@@ -197,6 +197,8 @@ def _run_phases(
             "final": names[-1],
             "recipe": to_dict(config.recipe),
             "steps": {name: cfg.train.steps for name, cfg in configs.items()},
+            # the different batches the distillation reads (fewer than its steps when it makes epochs)
+            "distinct_steps": distinct_steps(configs[DISTILL].data, configs[DISTILL].train.steps),
         }
         (workdir / RECIPE_FILE).write_text(json.dumps(record, indent=1) + "\n")
 

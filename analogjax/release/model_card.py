@@ -528,6 +528,7 @@ def model_card(
 def recipe_phases(recipe: dict) -> str:
     """The phases of a recipe (recipe.json) in words, in order; this card's other Recipe lines are its last phase's."""
     settings, steps = recipe.get("recipe", {}), recipe.get("steps", {})
+    distinct = recipe.get("distinct_steps", steps.get("distill", 0))  # absent in recipes written before epochs
     words = {
         "pruned_init": f"the teacher pruned to this shape ({settings.get('prune_batches')} calibration batches)",
         "teacher_cache": (
@@ -536,7 +537,8 @@ def recipe_phases(recipe: dict) -> str:
             else f"the teacher's top-{settings.get('cache_k')} logits cached once"
         ),
         "distill": f"distilled {steps.get('distill', '?')} steps"
-        + (" from the cache" if settings.get("cache_k") else " from the live teacher"),
+        + (" from the cache" if settings.get("cache_k") else " from the live teacher")
+        + (f" (epochs over its first {distinct} batches)" if distinct < steps.get("distill", distinct) else ""),
         "on_policy": f"continued {steps.get('on_policy', '?')} steps on its own samples scored by the live teacher",
     }
     return " → ".join(words.get(name, name) for name in recipe.get("phases", []))
