@@ -93,6 +93,7 @@ class LossTerm:
 
 
 ON_POLICY_PROMPTS = ("auto", "field", "prefix")
+CACHE_KINDS = ("topk", "sampled")  # what a teacher cache holds per token (teacher_cache/format.py)
 
 
 @dataclass(frozen=True)
@@ -336,10 +337,6 @@ class ReleaseConfig:
             raise UserError(f"{_join(prefix, 'license')}: {self.license!r} is not a Hub license id (e.g. apache-2.0)")
 
 
-# What a teacher cache stores per token (teacher_cache/format.py): its k largest logits, or k ids sampled from it.
-CACHE_KINDS = ("topk", "sampled")
-
-
 @dataclass(frozen=True)
 class RecipeConfig:
     """The recipe labs use for small models, run by `analogjax distill` as phases, in order, each in its own
@@ -347,9 +344,8 @@ class RecipeConfig:
 
     prune      (prune_batches > 0) the teacher pruned to `model`'s shape (importance over that many calibration
                batches) → WORKDIR/pruned_init, where the distillation starts (Minitron, Sheared-LLaMA);
-    cache      (cache_k > 0) the teacher over every batch the distillation reads, computed once →
-               WORKDIR/teacher_cache, as its top-k logits (+ logsumexp) or k ids sampled from it with importance
-               weights (`cache_kind`); the distillation reads it instead of running the teacher;
+    cache      (cache_k > 0) the teacher's top-k logits (+ logsumexp), or k ids sampled from it (`cache_kind`),
+               over every batch the distillation reads, once → WORKDIR/teacher_cache, read instead of the teacher;
     distill    the run the rest of the config describes (`distill`, `optim`, `train`) → WORKDIR/distill;
     on_policy  (on_policy_steps > 0) the distilled analog continued on its own samples, scored token by token by the
                live teacher (GKD, Qwen3's strong-to-weak distillation) → WORKDIR/on_policy.
@@ -360,15 +356,11 @@ class RecipeConfig:
 
     prune_batches: int = 0
     cache_k: int = 0
-    # topk: the k largest logits (the distillation reads them with distill.topk_treatment); sampled: k ids drawn from
-    # the teacher per token, importance-weighted, an unbiased estimate of forward KL (Anshumann et al. 2025). The
-    # demo measured sampled k=256 closer to the teacher than top-64, 256 or 1024 (README).
-    cache_kind: str = "topk"
+    cache_kind: str = "topk"  # sampled: importance-weighted, unbiased forward KL (Anshumann et al. 2025); top-k is not
     on_policy_steps: int = 0
     # The on-policy phase's sampling and objective (every one of its steps is on-policy unless fraction says less).
     on_policy: OnPolicyConfig = field(default_factory=lambda: OnPolicyConfig(fraction=1.0))
-    # Well below the distillation's peak: its optimizer starts afresh, and the demo measured 3e-4 undoing part of the
-    # distillation (held-out KL 3.00 → 3.04–3.31) where 1e-4 kept or improved it.
+    # Below the distillation's peak (a fresh optimizer): the demo measured 3e-4 undoing part of it, 1e-4 not (README).
     on_policy_learning_rate: float = 1e-4
     on_policy_warmup_steps: int = 2
 
