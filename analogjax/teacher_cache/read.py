@@ -53,6 +53,7 @@ class CacheReader:
         self.store = _Store(self.path, saved, create=False)
         # A run making epochs (data.epoch_steps) reads batch `step mod epoch_steps` at `step`, and its cached rows.
         self.distinct = distinct_steps(config.data, config.train.steps)
+        self._wraps = self.distinct < config.train.steps  # after the last cached step comes step 0 again
         unfinished = np.flatnonzero(~self.store.finished_steps()[: self.distinct])
         if unfinished.size:
             raise UserError(
@@ -73,8 +74,9 @@ class CacheReader:
         """`batch` (this process's rows of step `step`) with the cached teacher arrays added."""
         step %= self.distinct
         reads = self._prefetched[1] if self._prefetched and self._prefetched[0] == step else self._start(step)
-        upcoming = (step + 1) % self.distinct
-        self._prefetched = (upcoming, self._start(upcoming))
+        if step + 1 < self.distinct or self._wraps:  # no read ahead past a run's last step
+            upcoming = (step + 1) % self.distinct
+            self._prefetched = (upcoming, self._start(upcoming))
         try:
             arrays = {key: future.result() for key, future in reads.items()}
         except Exception as exc:  # a chunk cut short or not decodable: tensorstore's many errors, one line
