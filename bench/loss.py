@@ -2,7 +2,8 @@
 
 Each case runs in its own subprocess so peak RSS belongs to that case alone (os.wait4 gives the child's own rusage).
 The teacher is a hidden-state TeacherSignal (its hidden states and lm_head), as in the distill step, so the plain
-path materialises [tokens, vocab] logits for both models. Objective: forward KL at T = 2 plus 0.5 · CE, float32 on CPU.
+path materialises [tokens, vocab] logits for both models. Objective: forward KL at T = 2 plus 0.5 · CE, on CPU, in
+float32 or (`--dtype bfloat16`) with bf16 hidden states (heads stay float32 master copies, as the step passes them).
 
 Reported per case (one JSON line each):
   peak_rss_mb      whole-process peak RSS (inputs, compiled program, runtime, the run itself)
@@ -78,8 +79,9 @@ def _loss_and_grad(path: str, chunk_size: int):
     return jax.jit(jax.value_and_grad(objective, argnums=(0, 1), has_aux=True))
 
 
-def _arguments(vocab: int, tokens: int, d_model: int, abstract: bool = False) -> tuple:
-    """(student hidden, student head, teacher signal, targets, weights); shapes only when `abstract`."""
+def _arguments(vocab: int, tokens: int, d_model: int, abstract: bool = False, dtype: str = "float32") -> tuple:
+    """(student hidden, student head, teacher signal, targets, weights); shapes only when `abstract`. Hidden states
+    are in the compute `dtype`, heads float32 (master parameters, as the train step passes them)."""
     import jax
     import jax.numpy as jnp
 
@@ -87,19 +89,20 @@ def _arguments(vocab: int, tokens: int, d_model: int, abstract: bool = False) ->
 
     if abstract:
         f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
-        teacher = TeacherSignal.from_hidden(f32(tokens, d_model), f32(d_model, vocab))
+        compute = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))  # noqa: E731
+        teacher = TeacherSignal.from_hidden(compute(tokens, d_model), f32(d_model, vocab))
         return (
-            f32(tokens, d_model),
+            compute(tokens, d_model),
             f32(d_model, vocab),
             teacher,
             jax.ShapeDtypeStruct((tokens,), jnp.int32),
             f32(tokens),
         )
     keys = jax.random.split(jax.random.key(0), 6)
-    hidden = jax.random.normal(keys[0], (tokens, d_model), jnp.float32)
+    hidden = jax.random.normal(keys[0], (tokens, d_model), jnp.float32).astype(dtype)
     head = jax.random.normal(keys[1], (d_model, vocab), jnp.float32) * d_model**-0.5
     teacher = TeacherSignal.from_hidden(
-        jax.random.normal(keys[2], (tokens, d_model), jnp.float32),
+        jax.random.normal(keys[2], (tokens, d_model), jnp.float32).astype(dtype),
         jax.random.normal(keys[3], (d_model, vocab), jnp.float32) * d_model**-0.5,
     )
     targets = jax.random.randint(keys[4], (tokens,), 0, vocab)
@@ -133,11 +136,13 @@ def largest_fit(path: str, vocab: int, d_model: int, chunk_size: int, budget_mb:
     }
 
 
-def run_case(path: str, vocab: int, tokens: int, d_model: int, chunk_size: int, repeats: int) -> dict:
+def run_case(
+    path: str, vocab: int, tokens: int, d_model: int, chunk_size: int, repeats: int, dtype: str = "float32"
+) -> dict:
     import jax
 
     step = _loss_and_grad(path, chunk_size)
-    arguments = _arguments(vocab, tokens, d_model)
+    arguments = _arguments(vocab, tokens, d_model, dtype=dtype)
     compiled = step.lower(*arguments).compile()
     analysis = compiled.memory_analysis()
     jax.block_until_ready(arguments)
@@ -160,7 +165,7 @@ def run_case(path: str, vocab: int, tokens: int, d_model: int, chunk_size: int, 
         "vocab": vocab,
         "tokens": tokens,
         "d_model": d_model,
-        "dtype": "float32",
+        "dtype": dtype,
         "chunk_size": chunk_size if path == "fused" else None,
         "time_s_median": round(statistics.median(times), 4),
         "times_s": [round(t, 4) for t in times],
@@ -228,6 +233,12 @@ def main() -> None:
         help="instead of timing: for each vocabulary, the most tokens whose loss + gradient XLA plans within this "
         "many MiB, plain and fused at the first --chunk-sizes (compile only)",
     )
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="compute dtype of the hidden states (the heads stay float32 master copies, as in the train step)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     from analogjax.runtime.huge_pages import reexec_with_huge_pages
@@ -264,7 +275,10 @@ def main() -> None:
         # Rounds cycle through the cases so that load from other jobs on a shared machine drifts over all of them
         # alike; each case's times from every round are pooled.
         rounds = [
-            [spawn(dict(case, vocab=vocab, tokens=tokens, d_model=d_model, repeats=repeats)) for case in cases]
+            [
+                spawn(dict(case, vocab=vocab, tokens=tokens, d_model=d_model, repeats=repeats, dtype=args.dtype))
+                for case in cases
+            ]
             for _ in range(args.rounds)
         ]
         for per_round in zip(*rounds):

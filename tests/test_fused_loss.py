@@ -215,6 +215,29 @@ def test_bfloat16_inputs_keep_dtypes_and_stay_close():
     assert relative_error(dh, plain_dh) < 1e-2 and relative_error(dw, plain_dw) < 1e-2  # bf16 rounding of grads
 
 
+def test_bfloat16_hidden_with_a_float32_master_head_runs_the_head_in_bfloat16():
+    # The train step's case: bf16 hidden states, the float32 parameter as head. The products must run in bf16 with
+    # float32 accumulation (as the model's own logits do), not promote the hidden states to float32.
+    hidden, head, teacher, targets, weights = make_inputs(n=64, seed=13, dtype=jnp.bfloat16)
+    head = head.astype(jnp.float32) + 1e-3  # a master copy with bits bf16 cannot hold
+    terms = (("forward_kl", ()),)
+    args = (hidden, head, teacher, targets, weights, jnp.ones(1), 1.0)
+    fused = loss_and_grads(fused_distill_loss, terms, chunk_size=16)
+    (loss, _), (dh, dw) = fused(*args)
+    assert dh.dtype == jnp.bfloat16 and dw.dtype == jnp.float32
+    # the same objective on a head rounded to bf16 first: the cast is the only difference from it
+    (rounded_loss, _), (_, rounded_dw) = fused(hidden, head.astype(jnp.bfloat16), *args[2:])
+    assert relative_error(loss, rounded_loss) < 1e-6
+    assert relative_error(dw, rounded_dw.astype(jnp.float32)) < 1e-2
+    (plain_loss, _), (_, plain_dw) = loss_and_grads(plain_distill_loss, terms)(*args)
+    assert relative_error(loss, plain_loss) < 1e-5 and relative_error(dw, plain_dw) < 1e-2
+    hlo = jax.jit(fused).lower(*args).as_text()
+    products = [line.split(":")[-1] for line in hlo.splitlines() if "dot_general" in line]
+    student_products = [p for p in products if "x12x" not in p]  # the teacher (D = 12) has float32 rows here
+    assert len(student_products) == 3, products  # logits, d hidden, d head
+    assert all("f32" not in p.split("->")[0] for p in student_products), student_products
+
+
 def test_metrics_match_numpy_definitions():
     hidden, head, teacher, targets, weights = make_inputs(n=24, student_vocab=32, teacher_vocab=32, seed=11)
     out = jax.jit(

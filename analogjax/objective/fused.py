@@ -153,7 +153,8 @@ def _objective(spec: _Spec, student_logits, targets, weights, teacher_rows, teac
         if teacher_head is None:
             teacher_logits = teacher_rows.astype(losses.compute_dtype(teacher_rows))
         else:
-            teacher_head = jax.lax.stop_gradient(teacher_head)
+            # in the rows' (compute) dtype, as TeacherSignal.logits and the teacher's own forward compute them
+            teacher_head = jax.lax.stop_gradient(teacher_head).astype(teacher_rows.dtype)
             teacher_logits = jnp.dot(teacher_rows, teacher_head, preferred_element_type=jnp.float32)
             teacher_logits = _softcap(teacher_logits, spec.teacher_softcap)  # a logits teacher applied its own
         teacher_logits = _mask_columns(_to_width(teacher_logits, student_logits.shape[-1]), spec.vocab_size)
@@ -189,12 +190,28 @@ def _softcap(logits: jax.Array, cap: float) -> jax.Array:
 
 
 def _student_logits(hidden, head):
-    return jnp.dot(hidden, head, preferred_element_type=jnp.float32)
+    """Float32 logits from products in the hidden states' (compute) dtype, as the model's own logits and the fused
+    path compute them; a float32 master head is cast, never the hidden states promoted."""
+    return jnp.dot(hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
 
 
 def _student_logits_vd(hidden, head_vd):
     """hidden [n, D] · head_vd [V, D]ᵀ: the same logits as `_student_logits` from the head's [V, D] layout."""
     return jnp.einsum("nd,vd->nv", hidden, head_vd, preferred_element_type=jnp.float32)
+
+
+def _head_gradient(d_logits, hidden):
+    """d head in its [V, D] layout for one chunk: d_logitsᵀ · hidden, accumulated in float32."""
+    if d_logits.dtype.itemsize >= 4:
+        return jnp.einsum("nv,nd->vd", d_logits, hidden, preferred_element_type=jnp.float32)
+    # Below 32 bits the same product carries a unit axis. XLA's CPU backend folds a transpose into a dot that
+    # contracts the rows of d logits, and YNNPACK (its fast bf16 dots) takes no such dot, so XLA upcast both operands
+    # and ran it in float32 (95 ms at [256 x 49,152]ᵀ x [256 x 256] on an AVX512-BF16 box, float32 itself 76 ms).
+    # Through the unit axis d logitsᵀ is written out once and the dot runs in bf16: 46 ms. Accelerators lay the
+    # operands out themselves; the axis costs them nothing.
+    d_logits_n1v = d_logits.reshape(d_logits.shape[0], 1, d_logits.shape[1])
+    d_head_1vd = jnp.einsum("nbv,nd->bvd", d_logits_n1v, hidden, preferred_element_type=jnp.float32)
+    return d_head_1vd.reshape(d_head_1vd.shape[1:])
 
 
 def plain_distill_loss(
@@ -317,7 +334,11 @@ def fused_distill_loss(
         # The products run on the head in its [V, D] embedding layout. On CPU (XLA's dots want row-major operands)
         # d head as [V, D] is a faster product than as [D, V] (measured ~1.3x at [256 x 256] x [256 x 49,152]), and
         # a tied head is the embedding itself: embed.T.T cancels, so neither the head nor its gradient is transposed.
-        head_vd = head.T
+        # All three products take operands in the hidden states' dtype (the compute dtype), as the model's own logits
+        # do, and accumulate in float32: a float32 master head is cast once per step and d logits before the two
+        # backward products. Mixed operands would promote to float32 (the bf16 head then ran at float32's rate, and
+        # trained on other logits than the model evaluates); in float32 the casts are no-ops.
+        head_vd = head.T.astype(hidden.dtype)
 
         def chunk_objective(logits, row_inputs_k):
             targets_k, weights_k, teacher_k = row_inputs_k
@@ -332,8 +353,8 @@ def fused_distill_loss(
                 return (loss_sum + loss, jax.tree.map(jnp.add, metric_sums, metrics), d_head), None
             loss, pullback, metrics = jax.vjp(lambda s: chunk_objective(s, row_inputs_k), logits, has_aux=True)
             (d_logits,) = pullback(jnp.ones((), loss.dtype))
-            # The matmul gradients use JAX's own transpose rules (same dtypes and precision as plain autodiff).
-            (d_hidden_k,) = jax.vjp(lambda h: _student_logits_vd(h, head_vd), hidden_k)[1](d_logits)
+            d_logits = d_logits.astype(hidden_k.dtype)
+            d_hidden_k = jnp.einsum("nv,vd->nd", d_logits, head_vd, preferred_element_type=jnp.float32)
 
             # d head is added in column blocks by a loop: the temporary is one [V, block] product like the chunk's
             # logits, not a second [V, D] array beside the accumulator (XLA's dot cannot accumulate in place, and
@@ -342,15 +363,13 @@ def fused_distill_loss(
             def add_block(b, d_head_):
                 start = b * head_block
                 hidden_cols = jax.lax.dynamic_slice_in_dim(hidden_k, start, head_block, axis=1)
-                head_cols = jax.lax.dynamic_slice_in_dim(head_vd, start, head_block, axis=1)
-                (d_block,) = jax.vjp(lambda w: _student_logits_vd(hidden_cols, w), head_cols)[1](d_logits)
+                d_block = _head_gradient(d_logits, hidden_cols)
                 current = jax.lax.dynamic_slice_in_dim(d_head_, start, head_block, axis=1)
-                return jax.lax.dynamic_update_slice_in_dim(d_head_, current + d_block.astype(jnp.float32), start, 1)
+                return jax.lax.dynamic_update_slice_in_dim(d_head_, current + d_block, start, 1)
 
             n_blocks = head_vd.shape[1] // head_block
             if n_blocks == 1:  # one product, added whole: add_block(0, ·)'s full-width slices measured ~5% slower
-                (d_block,) = jax.vjp(lambda w: _student_logits_vd(hidden_k, w), head_vd)[1](d_logits)
-                d_head = d_head + d_block.astype(jnp.float32)
+                d_head = d_head + _head_gradient(d_logits, hidden_k)
             else:
                 d_head = jax.lax.fori_loop(0, n_blocks, add_block, d_head)
             metric_sums = jax.tree.map(jnp.add, metric_sums, metrics)
