@@ -73,8 +73,12 @@ def attend(
     softcap: float = 0.0,
     chunk=None,
     sinks_h=None,
+    kv_heads_first: bool = False,
 ) -> jax.Array:
     """softmax(mask(softcap(q·k · scale))) · v, grouped-query, scores and softmax in float32 → [b, s, h, e].
+
+    Keys and values are [b, t, k, e], or [b, k, t, e] with `kv_heads_first` (the decode cache's layout: its batch
+    axes b, k already lead, so the two products read the cache as it lies, with no transposed copy per step).
 
     `softcap` > 0 maps scores to softcap·tanh(scores / softcap) before masking (Gemma 2). `sinks_h` (gpt-oss): one
     learned logit per query head that joins every row's softmax denominator and attends to nothing (the
@@ -82,9 +86,10 @@ def attend(
     query heads of one kv head are a separate axis of the einsum.
     """
     b, s, h, e = q_bshe.shape
-    k = k_btke.shape[2]
+    kv = "bkte" if kv_heads_first else "btke"
+    k = k_btke.shape[kv.index("k")]
     q = q_bshe.reshape(b, s, k, h // k, e)
-    scores = jnp.einsum("bskge,btke->bkgst", q, k_btke, preferred_element_type=jnp.float32) * scale
+    scores = jnp.einsum(f"bskge,{kv}->bkgst", q, k_btke, preferred_element_type=jnp.float32) * scale
     if softcap:
         scores = jnp.tanh(scores / softcap) * softcap
     mask = allowed(q_pos_bs, k_pos_bt, q_seg_bs, k_seg_bt, window, chunk)[:, None, None]
@@ -95,7 +100,7 @@ def attend(
         sink = sinks_h.astype(jnp.float32).reshape(1, k, h // k, 1, 1)
         log_total = jnp.logaddexp(jax.nn.logsumexp(scores, axis=-1, keepdims=True), sink)
         probs = jnp.exp(scores - log_total).astype(v_btke.dtype)
-    return jnp.einsum("bkgst,btke->bskge", probs, v_btke).reshape(b, s, h, v_btke.shape[-1])
+    return jnp.einsum(f"bkgst,{kv}->bskge", probs, v_btke).reshape(b, s, h, v_btke.shape[-1])
 
 
 # --- the kernel dispatcher -------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 Prompts of different lengths share one batch right-padded: row i's prompt fills slots [0, len_i) of its cache,
 padding carries segment id 0 (seen by nothing, models/attention.allowed), and row i's j-th new token goes to slot
 len_i + j at position len_i + j, overwriting padding. Masking by positions and segment ids, not by slot, makes the
-padding invisible and keeps sliding windows exact. The cache is [layers, b, t, k, e] keys and values, scanned over
+padding invisible and keeps sliding windows exact. The cache is [layers, b, k, t, e] keys and values, scanned over
 layers inside the same decoder as training (transformer.Decoder with `cache`), so new families work unchanged.
 
 Decode reads only what is filled, and writes in place. Before, each step scanned the layers with every layer's
@@ -20,6 +20,9 @@ whole cache (filled or not) and attended over all p + N slots. Now (transformer.
   are empty, segment 0, masked anyway): greedy outputs are unchanged. Each block is its own while_loop, so the
   decoder is compiled once per block: few blocks (at least MIN_BLOCK steps each) bound compile time, while the
   average span stays within half a block of the filled length;
+- keys and values lie heads before slots, [layers, b, k, t, e]: attention's two products batch over (b, k), so a
+  layer's span is read as it lies. With slots first, XLA's CPU dots took a transposed copy of each layer's span for
+  each product at every step, the largest cost of a decode step (BENCHMARKS.md, Generate);
 - the loop body can run UNROLL decode steps per iteration where a block's length divides (fewer condition checks
   and dispatches per token; a row already done keeps writing pad_id, as before). It is 1 by default: on the CPU it
   gained nothing measurable and each unrolled step is another decoder copy to compile.
@@ -72,11 +75,13 @@ class Sampling(NamedTuple):
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
-    """An empty KV cache: keys and values [layers, b, length, k, e] in the compute dtype (latent attention: its
+    """An empty KV cache: keys and values [layers, b, k, length, e] in the compute dtype (latent attention: its
     latent [layers, b, length, kv_lora_rank] and rotary key [layers, b, length, qk_rope_head_dim] instead,
     models/mla.py); every slot empty (segment id 0), written slots get their token's position and segment id."""
     dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
-    shape = (cfg.n_layers, batch, length, cfg.kv_heads, cfg.dim_per_head)
+    # Heads before slots: attention's products batch over (b, k), so a layer's slice is read as it lies; with slots
+    # first XLA copied it transposed, per layer and decode step (BENCHMARKS.md, Generate).
+    shape = (cfg.n_layers, batch, cfg.kv_heads, length, cfg.dim_per_head)
     if cfg.mla.enabled:  # latent attention caches the compressed latent and the shared rotary key (models/mla.py)
         from analogjax.models.mla import cache_shapes
 
@@ -96,8 +101,8 @@ def _constrain(cache: dict) -> dict:
     import flax.linen as nn
 
     names = {
-        "k": (None, "batch", "length", None, None),
-        "v": (None, "batch", "length", None, None),
+        "k": (None, "batch", None, "length", None),
+        "v": (None, "batch", None, "length", None),
         "latent": (None, "batch", "length", None),
         "k_rope": (None, "batch", "length", None),
         "positions": ("batch", "length"),

@@ -152,7 +152,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x_bsd, segment_ids_bs, positions_bs, layer=None, cache=None):
-        """With `cache` (decoding): every layer's "k", "v" [layers, b, t, k, e], this layer's row "layer", the
+        """With `cache` (decoding): every layer's "k", "v" [layers, b, k, t, e], this layer's row "layer", the
         decoder's "positions", "segment_ids" [b, span] (the first `span` slots, already holding the new tokens)
         and "index" [b] (the slot where each row's new tokens go): the queries attend to this layer's first span
         slots with the new keys and values in them, which are also written into the stacks (in place); returns
@@ -206,11 +206,12 @@ class Attention(nn.Module):
         else:  # decoding: a few new queries against the cache, on the XLA core (scores are [new, cache] only)
             index, row = cache["index"], cache["layer"]
             span = cache["positions"].shape[1]
-            written = {"k": write_layer(cache["k"], kk, row, index), "v": write_layer(cache["v"], v, row, index)}
+            # The stacks are [layers, b, k, t, e] (sampling.init_cache): slots on axis 3
+            written = {name: write_layer(cache[name], new, row, index, 3) for name, new in (("k", kk), ("v", v))}
             out = attend(
                 q,
-                layer_slots(written["k"], row, span),
-                layer_slots(written["v"], row, span),
+                layer_slots(written["k"], row, span, 3),
+                layer_slots(written["v"], row, span, 3),
                 positions_bs,
                 cache["positions"],
                 segment_ids_bs,
@@ -220,6 +221,7 @@ class Attention(nn.Module):
                 softcap=cfg.attn_softcap,
                 chunk=chunk,
                 sinks_h=sinks,
+                kv_heads_first=True,
             )
         wo = self.param("wo", nn.with_logical_partitioning(_init, ("heads", "head_dim", "embed")), (h, e, d))
         self.sow("intermediates", "heads_out", out)  # per-head outputs, read only by prune.py (else a no-op)
@@ -231,20 +233,23 @@ class Attention(nn.Module):
         return y if cache is None else (y, written)
 
 
-def layer_slots(stack_lbt, row, span: int) -> jax.Array:
-    """Layer `row`'s first `span` slots of a decode cache stack [layers, b, t, ...] -> [b, span, ...]: a static-size
+def layer_slots(stack, row, span: int, slot_axis: int = 2) -> jax.Array:
+    """Layer `row`'s first `span` slots of a decode cache stack [layers, b, ...] whose slots lie on `slot_axis`
+    (keys and values [layers, b, k, t, e]: 3; latents [layers, b, t, c]: 2), without the layer axis: a static-size
     slice of the stack (the empty tail past `span` is never read)."""
-    start = (row,) + (0,) * (stack_lbt.ndim - 1)
-    return jax.lax.dynamic_slice(stack_lbt, start, (1, stack_lbt.shape[1], span) + stack_lbt.shape[3:])[0]
+    sizes = (1,) + stack.shape[1:slot_axis] + (span,) + stack.shape[slot_axis + 1 :]
+    return jax.lax.dynamic_slice(stack, (row,) + (0,) * (stack.ndim - 1), sizes)[0]
 
 
-def write_layer(stack_lbt, new_bs, row, index_b):
+def write_layer(stack, new_bs, row, index_b, slot_axis: int = 2):
     """Row i of `new_bs` [b, s, ...] written into layer `row`'s batch row i at slots index_b[i], ... of a decode
-    cache stack [layers, b, t, ...]: a scatter of the new slots only, in place when the stack is a loop carry."""
+    cache stack [layers, b, ...] whose slots lie on `slot_axis` (2 or 3, as `layer_slots`): a scatter of the new
+    slots only, in place when the stack is a loop carry."""
     b, s = new_bs.shape[:2]
     slots_bs = index_b[:, None] + jnp.arange(s)[None, :]
-    return stack_lbt.at[row, jnp.arange(b)[:, None], slots_bs].set(
-        new_bs.astype(stack_lbt.dtype), indices_are_sorted=True, unique_indices=True
+    between = (slice(None),) * (slot_axis - 2)  # (numpy indexing: the [b, s] index axes lead what is written)
+    return stack.at[(row, jnp.arange(b)[:, None], *between, slots_bs)].set(
+        new_bs.astype(stack.dtype), indices_are_sorted=True, unique_indices=True
     )
 
 
