@@ -206,7 +206,6 @@ class Attention(nn.Module):
         else:  # decoding: a few new queries against the cache, on the XLA core (scores are [new, cache] only)
             index, row = cache["index"], cache["layer"]
             span = cache["positions"].shape[1]
-            # The stacks are [layers, b, k, t, e] (sampling.init_cache): slots on axis 3
             written = {name: write_layer(cache[name], new, row, index, 3) for name, new in (("k", kk), ("v", v))}
             out = attend(
                 q,
