@@ -153,9 +153,7 @@ def _objective(spec: _Spec, student_logits, targets, weights, teacher_rows, teac
         if teacher_head is None:
             teacher_logits = teacher_rows.astype(losses.compute_dtype(teacher_rows))
         else:
-            # in the rows' (compute) dtype, as TeacherSignal.logits and the teacher's own forward compute them
-            teacher_head = jax.lax.stop_gradient(teacher_head).astype(teacher_rows.dtype)
-            teacher_logits = jnp.dot(teacher_rows, teacher_head, preferred_element_type=jnp.float32)
+            teacher_logits = _logits(teacher_rows, jax.lax.stop_gradient(teacher_head))
             teacher_logits = _softcap(teacher_logits, spec.teacher_softcap)  # a logits teacher applied its own
         teacher_logits = _mask_columns(_to_width(teacher_logits, student_logits.shape[-1]), spec.vocab_size)
         log_q = losses.log_softmax(student_logits, temperature)
@@ -189,14 +187,14 @@ def _softcap(logits: jax.Array, cap: float) -> jax.Array:
     return jnp.tanh(logits / cap) * cap if cap else logits
 
 
-def _student_logits(hidden, head):
-    """Float32 logits from products in the hidden states' (compute) dtype, as the model's own logits and the fused
-    path compute them; a float32 master head is cast, never the hidden states promoted."""
+def _logits(hidden, head):
+    """Float32 logits from products in the hidden states' (compute) dtype, as the models' own logits and the fused
+    path compute them (student and live teacher): a float32 master head is cast, never the hidden states promoted."""
     return jnp.dot(hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
 
 
 def _student_logits_vd(hidden, head_vd):
-    """hidden [n, D] · head_vd [V, D]ᵀ: the same logits as `_student_logits` from the head's [V, D] layout."""
+    """hidden [n, D] · head_vd [V, D]ᵀ: the same logits as `_logits` from the head's [V, D] layout."""
     return jnp.einsum("nd,vd->nv", hidden, head_vd, preferred_element_type=jnp.float32)
 
 
@@ -243,7 +241,7 @@ def plain_distill_loss(
         vocab_size,
         student_softcap,
     )
-    logits = _student_logits(student_hidden, student_head)
+    logits = _logits(student_hidden, student_head)
     loss, metrics = _objective(spec, logits, targets, weights, teacher_rows, teacher_head, coefficients)
     return {"loss": loss, **metrics}
 
