@@ -30,6 +30,7 @@ from analogjax.models.attention import allowed, attend, self_attention
 from analogjax.models.config import CHUNKED, SLIDING, ModelConfig, RopeScaling
 from analogjax.models.mla import LatentAttention
 from analogjax.models.moe import MoE, RouterStats, glu
+from analogjax.models.projection import project
 
 _init = nn.initializers.normal(stddev=0.02)
 
@@ -270,11 +271,10 @@ class MLP(nn.Module):
         w_gate = self.param("w_gate", nn.with_logical_partitioning(_init, ("embed", "mlp")), shape_in)
         w_up = self.param("w_up", nn.with_logical_partitioning(_init, ("embed", "mlp")), shape_in)
         w_down = self.param("w_down", nn.with_logical_partitioning(_init, ("mlp", "embed")), shape_out)
-        hidden_bsf = nn.with_logical_constraint(
-            glu(cfg, x_bsd @ w_gate.astype(dtype), x_bsd @ w_up.astype(dtype)), ("batch", "length", "act_mlp")
-        )
+        gate, up = project(x_bsd, w_gate.astype(dtype)), project(x_bsd, w_up.astype(dtype))  # models/projection.py
+        hidden_bsf = nn.with_logical_constraint(glu(cfg, gate, up), ("batch", "length", "act_mlp"))
         self.sow("intermediates", "hidden", hidden_bsf)  # FFN activations, read only by prune.py (else a no-op)
-        return hidden_bsf @ w_down.astype(dtype)
+        return project(hidden_bsf, w_down.astype(dtype))
 
 
 class Block(nn.Module):

@@ -1,0 +1,57 @@
+"""The models' dense projections, with a weight gradient that XLA's CPU backend runs as a fast product.
+
+`project(x, w, n_in)` contracts x's last `n_in` axes with w's first `n_in` (x [..., d] · w [d, f]; the attention
+projections' [b, s, d] · [d, h, e] and [b, s, h, e] · [h, e, d]). Its forward is the product autodiff would see. Its
+backward differs in how the weight gradient is laid out, not in what it computes:
+
+- Autodiff writes d w = Σ_tokens x ⊗ g as one dot that contracts the token rows of both operands. XLA's CPU dots
+  (YNNPACK) take no dot contracting its left operand's rows, so XLA wrote g out transposed, fused into the
+  elementwise pass that produces it (the SiLU gate's backward: 49 and 38 ms a step at bench/step.py's student, with
+  strided writes), and ran the product on its slower fallback.
+- Here the tokens are flattened to one axis and x carries a unit axis, [n, 1, d]: XLA then writes xᵀ out once (the
+  smaller operand, a plain transpose) and the product runs in YNNPACK (BENCHMARKS.md, Step: the cached step).
+
+The weight gradient accumulates in float32 and is returned in w's dtype (bf16 compute: as accurate as autodiff's
+bf16 product or more). Accelerators lay operands out themselves; the reshapes and the unit axis cost them nothing.
+Only reverse mode is defined (a `custom_vjp`): nothing in analogjax takes forward-mode derivatives of a model.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+def _contract(x, w, n_in: int):
+    axes_x = tuple(range(x.ndim - n_in, x.ndim))
+    return jax.lax.dot_general(x, w, ((axes_x, tuple(range(n_in))), ((), ())))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def project(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
+    """x's last n_in axes · w's first n_in axes → x.shape[:-n_in] + w.shape[n_in:], in the operands' dtype."""
+    return _contract(x, w, n_in)
+
+
+def _forward(x, w, n_in):
+    return _contract(x, w, n_in), (x, w)
+
+
+def _backward(n_in, residuals, g):
+    x, w = residuals
+    n_out = w.ndim - n_in
+    # d x: g's output axes against w's output axes (w's minor axes: a row-major product)
+    g_axes = tuple(range(g.ndim - n_out, g.ndim))
+    dx = jax.lax.dot_general(g, w, ((g_axes, tuple(range(n_in, w.ndim))), ((), ())))
+    # d w: tokens flattened, x with a unit axis (see the module docstring)
+    d_in, d_out = math.prod(w.shape[:n_in]), math.prod(w.shape[n_in:])
+    x_n1i = x.reshape(-1, 1, d_in)
+    g_no = g.reshape(-1, d_out)
+    dw = jnp.einsum("nbi,no->bio", x_n1i, g_no, preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), dw.reshape(w.shape).astype(w.dtype)
+
+
+project.defvjp(_forward, _backward)
