@@ -1,19 +1,21 @@
 """The models' dense projections, with a weight gradient that XLA's CPU backend runs as a fast product.
 
-`project(x, w, n_in)` contracts x's last `n_in` axes with w's first `n_in` (x [..., d] · w [d, f]; the attention
-projections' [b, s, d] · [d, h, e] and [b, s, h, e] · [h, e, d]). Its forward is the product autodiff would see. Its
-backward differs in how the weight gradient is laid out, not in what it computes:
+`project(x, w, n_in)` contracts x's last `n_in` axes with w's first `n_in` (x [..., d] · w [d, f], or [b, s, h, e] ·
+[h, e, d] with n_in 2). Its forward is the product autodiff would see. Its backward differs in how the weight gradient
+is laid out, not in what it computes:
 
 - Autodiff writes d w = Σ_tokens x ⊗ g as one dot that contracts the token rows of both operands. XLA's CPU dots
   (YNNPACK) take no dot contracting its left operand's rows, so XLA wrote g out transposed, fused into the
   elementwise pass that produces it (the SiLU gate's backward: 49 and 38 ms a step at bench/step.py's student, with
   strided writes), and ran the product on its slower fallback.
 - Here the tokens are flattened to one axis and x carries a unit axis, [n, 1, d]: XLA then writes xᵀ out once (the
-  smaller operand, a plain transpose) and the product runs in YNNPACK (BENCHMARKS.md, Step: the cached step).
+  smaller operand, a plain transpose) and the product runs in YNNPACK (BENCHMARKS.md, Teacher cache: the feed-forward's weight gradient).
 
-The weight gradient accumulates in float32 and is returned in w's dtype (bf16 compute: as accurate as autodiff's
-bf16 product or more). Accelerators lay operands out themselves; the reshapes and the unit axis cost them nothing.
-Only reverse mode is defined (a `custom_vjp`): nothing in analogjax takes forward-mode derivatives of a model.
+The feed-forward (transformer.MLP) projects through it. The attention projections do not: their weight gradients
+were YNNPACK products already, and through `project` they measured no faster. The weight gradient accumulates in
+float32 and is returned in w's dtype (bf16 compute: as accurate as autodiff's bf16 product or more). Accelerators
+lay operands out themselves; the reshapes and the unit axis cost them nothing. Only reverse mode is defined (a
+`custom_vjp`): nothing in analogjax takes forward-mode derivatives of a model.
 """
 
 from __future__ import annotations
