@@ -9,7 +9,8 @@ is laid out, not in what it computes:
   elementwise pass that produces it (the SiLU gate's backward: 49 and 38 ms a step at bench/step.py's student, with
   strided writes), and ran the product on its slower fallback.
 - Here the tokens are flattened to one axis and x carries a unit axis, [n, 1, d]: XLA then writes xᵀ out once (the
-  smaller operand, a plain transpose) and the product runs in YNNPACK (BENCHMARKS.md, Teacher cache: the feed-forward's weight gradient).
+  smaller operand, a plain transpose) and the product runs in YNNPACK (BENCHMARKS.md, Teacher cache: the
+  feed-forward's weight gradient).
 
 The feed-forward (transformer.MLP) projects through it. The attention projections do not: their weight gradients
 were YNNPACK products already, and through `project` they measured no faster. The weight gradient accumulates in
