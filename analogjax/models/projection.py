@@ -28,6 +28,14 @@ import jax
 import jax.numpy as jnp
 
 
+def outer_sum(a_ni: jax.Array, b_no: jax.Array) -> jax.Array:
+    """Σ_n a_n ⊗ b_n → [i, o] in float32: the weight gradient's product (and the fused loss's head gradient), with
+    a unit axis on `a` so that XLA's CPU backend writes aᵀ out once and runs a product YNNPACK takes (module doc)."""
+    a_n1i = a_ni.reshape(a_ni.shape[0], 1, a_ni.shape[1])
+    out_1io = jnp.einsum("nbi,no->bio", a_n1i, b_no, preferred_element_type=jnp.float32)
+    return out_1io.reshape(out_1io.shape[1:])
+
+
 def _contract(x, w, n_in: int):
     axes_x = tuple(range(x.ndim - n_in, x.ndim))
     return jax.lax.dot_general(x, w, ((axes_x, tuple(range(n_in))), ((), ())))
@@ -50,10 +58,7 @@ def _backward(n_in, residuals, g):
     g_axes = tuple(range(g.ndim - n_out, g.ndim))
     dx = jax.lax.dot_general(g, w, ((g_axes, tuple(range(n_in, w.ndim))), ((), ())))
     # d w: tokens flattened, x with a unit axis (see the module docstring)
-    d_in, d_out = math.prod(w.shape[:n_in]), math.prod(w.shape[n_in:])
-    x_n1i = x.reshape(-1, 1, d_in)
-    g_no = g.reshape(-1, d_out)
-    dw = jnp.einsum("nbi,no->bio", x_n1i, g_no, preferred_element_type=jnp.float32)
+    dw = outer_sum(x.reshape(-1, math.prod(w.shape[:n_in])), g.reshape(-1, math.prod(w.shape[n_in:])))
     return dx.astype(x.dtype), dw.reshape(w.shape).astype(w.dtype)
 
 

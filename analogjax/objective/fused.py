@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 
 from analogjax.errors import UserError
+from analogjax.models.projection import outer_sum
 from analogjax.objective import divergences as losses
 from analogjax.objective.signal import TeacherSignal
 from analogjax.objective.terms import resolve
@@ -207,9 +208,7 @@ def _head_gradient(d_logits, hidden):
     # and ran it in float32 (95 ms at [256 x 49,152]ᵀ x [256 x 256] on an AVX512-BF16 box, float32 itself 76 ms).
     # Through the unit axis d logitsᵀ is written out once and the dot runs in bf16: 46 ms. Accelerators lay the
     # operands out themselves; the axis costs them nothing.
-    d_logits_n1v = d_logits.reshape(d_logits.shape[0], 1, d_logits.shape[1])
-    d_head_1vd = jnp.einsum("nbv,nd->bvd", d_logits_n1v, hidden, preferred_element_type=jnp.float32)
-    return d_head_1vd.reshape(d_head_1vd.shape[1:])
+    return outer_sum(d_logits, hidden)
 
 
 def plain_distill_loss(
