@@ -24,6 +24,7 @@ import jax
 
 from analogjax.errors import UserError
 from analogjax.objective import TeacherSignal, needs_teacher
+from analogjax.runtime import compute_dtype
 
 # A bring-your-own teacher: (params, tokens, segment_ids, positions) -> float32 logits [b, s, v].
 TeacherLogitsFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
@@ -69,7 +70,9 @@ def model_teacher(model, rules) -> Teacher:
     def features(params, tokens, segment_ids, positions, collect_layers):
         # Every consumer of a Teacher's features caps the logits it builds with Teacher.final_softcap.
         feats = model.features(params, tokens, segment_ids, positions, collect_layers, applies_final_softcap=True)
-        return feats, model.head(params)
+        # its logits from products in the compute dtype, as the model's own (step.forward_outputs: the student's)
+        hidden_bsd = feats.hidden_bsd.astype(compute_dtype.of(model.cfg.dtype))
+        return feats._replace(hidden_bsd=hidden_bsd), model.head(params)
 
     return Teacher(
         logits=model,

@@ -52,6 +52,25 @@ def test_bfloat16_gradients_keep_dtypes_and_accumulate_in_float32():
     np.testing.assert_allclose(np.asarray(dx, np.float64), ref_dx, rtol=2**-6, atol=5e-2)
 
 
+def test_bfloat16_products_take_float32_results():
+    # XLA's CPU backend runs a bf16 product fast (YNNPACK) only with a float32 result: the forward, d x and d w
+    # must each be such a product, and return in the operands' dtype.
+    x = jnp.ones((2, 8, 16), jnp.bfloat16)
+    w = jnp.ones((16, 4, 8), jnp.bfloat16)
+
+    def loss(x, w):
+        y = project(x, w)
+        assert y.dtype == jnp.bfloat16
+        return jnp.sum(y.astype(jnp.float32) ** 2)
+
+    text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).as_text()
+    products = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
+    assert len(products) == 3, products
+    for line in products:
+        operands, result = line.rsplit("->", 1)
+        assert operands.count("bf16") == 2 and "xf32>" in result, line
+
+
 def test_the_models_feed_forward_weight_gradients_contract_no_left_operand_rows():
     # XLA's CPU dots (YNNPACK) take no dot that contracts its left operand's rows; autodiff's weight gradient of
     # x @ w was such a dot, with its other operand written out transposed (models/projection.py). The compiled

@@ -1,6 +1,7 @@
 """The sampler: KV-cached decoding equals the full forward, greedy equals transformers' `generate`, sampling draws
 from the filtered distribution, and bad options are one `error:` line."""
 
+import dataclasses
 import functools
 import json
 import types
@@ -148,6 +149,27 @@ def test_packed_prefill_keeps_documents_apart(family):
     np.testing.assert_allclose(got[0], alone[0], atol=2e-5, rtol=1e-5)
     unpacked = np.asarray(jax.jit(model.__call__)(params, toks[:, 4:]))[0]  # the second document by itself
     np.testing.assert_allclose(got[0, 4:], unpacked, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["windowed_qknorm", "moe_prefix"])
+def test_bfloat16_models_prefill_as_their_full_forward_and_generate(family):
+    # bf16 compute runs its products with float32 results (models/projection.py). XLA's CPU fallback dot has no
+    # bf16 x bf16 -> float32 (a decode-time crash once, in the cache-layout attention product), so the decode
+    # programs run here, not only the training ones.
+    cfg = dataclasses.replace(FAMILIES[family], dtype="bfloat16")
+    params = _params(cfg)
+    model = Transformer(cfg)
+    toks = np.random.default_rng(2).integers(0, VOCAB, (2, 6)).astype(np.int32)
+    segments, positions = np.ones((2, 6), np.int32), np.broadcast_to(np.arange(6, dtype=np.int32), (2, 6))
+    hidden, _ = jax.jit(model.decode)(params, toks, segments, positions, sampling.init_cache(cfg, 2, 8))
+    got = np.asarray(logits(params, cfg, hidden))
+    full = np.asarray(jax.jit(model.__call__)(params, toks))
+    f32 = np.asarray(jax.jit(Transformer(dataclasses.replace(cfg, dtype="float32")).__call__)(params, toks))
+    np.testing.assert_allclose(got, full, atol=0.05)  # two bf16 programs: their own roundings
+    np.testing.assert_allclose(full, f32, atol=0.05)  # bf16 activations against float32 ones
+    served = Model(cfg, params, mesh=mesh_lib.make_mesh(-1, 1, 1), rules=mesh_lib.STUDENT_RULES)
+    out = sampling.generate(served, [[5, 6, 7], [1, 2, 3, 4, 5]], max_new_tokens=4, temperature=0.7)
+    assert [len(c) for c in out] == [4, 4] and all(0 <= t < VOCAB for c in out for t in c)
 
 
 def test_generate_greedy_equals_argmax_of_the_full_forward_on_a_sharded_mesh():

@@ -13,7 +13,7 @@ from synthetic import packed_batch
 from analogjax import mesh as mesh_lib
 from analogjax.config import Config, DistillConfig, LossTerm, load_config
 from analogjax.setup import build
-from analogjax.step import make_optimizer
+from analogjax.step import forward_outputs, make_optimizer
 
 TINY = load_config(
     None,
@@ -108,6 +108,40 @@ def test_step_matches_explicit_reference():
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=ADAM_ATOL), got_state.params, want_params
     )
+
+
+def test_bfloat16_step_takes_the_models_own_bfloat16_logits():
+    """bf16 compute: the step's loss is the one of the models' own logits (products in bf16, float32 sums), the
+    hidden states cast to the compute dtype before the loss's head products, as `logits` casts them."""
+    bf16_teacher = dataclasses.replace(TINY.teacher, model=dataclasses.replace(TINY.teacher.model, dtype="bfloat16"))
+    config = dataclasses.replace(TINY, model=dataclasses.replace(TINY.model, dtype="bfloat16"), teacher=bf16_teacher)
+    batch = packed_batch(8, 32, 512, seed=1)
+    run = build(config, mesh=mesh_lib.make_mesh(2, 1, 4))
+    params0, t_params = jax.device_get(run.state.params), jax.device_get(run.teacher_params)
+    _, _, got = _one_step(config, run.mesh, batch, run)
+    b = {k: jnp.asarray(v) for k, v in batch.items()}
+
+    @jax.jit
+    def reference_loss(params, t_params):
+        s_logits = run.student(params["model"], b["tokens"], b["segment_ids"], b["positions"])
+        t_logits = run.teacher.logits(t_params, b["tokens"], b["segment_ids"], b["positions"])
+        log_p, log_q = jax.nn.log_softmax(t_logits), jax.nn.log_softmax(s_logits)
+        kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), -1)
+        ce = -jnp.take_along_axis(log_q, b["targets"][..., None], -1)[..., 0]
+        mask = b["loss_mask"] / jnp.sum(b["loss_mask"])
+        return jnp.sum((0.5 * kl + 0.5 * ce) * mask), jnp.sum(kl * mask)
+
+    want_loss, want_kl = reference_loss(params0, t_params)
+    np.testing.assert_allclose(got["loss"] / got["count"], want_loss, rtol=2e-5)
+    np.testing.assert_allclose(got["kl"] / got["count"], want_kl, rtol=2e-4)
+    # what the loss's head products take: the hidden states of both models in bf16 (their float32 features cast)
+    with jax.set_mesh(run.mesh):
+        student_out, signal = jax.eval_shape(
+            lambda p, t: forward_outputs(run.student, mesh_lib.STUDENT_RULES, run.teacher, p, t, b, False),
+            params0,
+            t_params,
+        )
+    assert student_out.hidden_nd.dtype == jnp.bfloat16 and signal.rows.dtype == jnp.bfloat16
 
 
 def test_gradient_accumulation_equals_full_batch():

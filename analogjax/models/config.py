@@ -237,7 +237,7 @@ class ModelConfig:
     qk_norm: bool = False  # Qwen3, Gemma 3, OLMo 2: RMSNorm on queries and keys before RoPE
     embed_scale: bool = False  # Gemma: embeddings times sqrt(d_model)
     norm_offset: float = 0.0  # Gemma: RMSNorm scales by (offset + weight), offset 1
-    dtype: str = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16 | auto (runtime/compute_dtype.py); params stay float32
     remat: str = "none"  # none | block (recompute each block's activations in the backward pass)
     # Attention kernel (models/attention.py): auto (TPU: splash, GPU: pallas_gpu then cudnn, CPU: xla; the next one
     # where a kernel cannot do this model's windows/soft-cap/dtype/length) | xla (materialises [s, s] scores) | splash |
@@ -352,7 +352,7 @@ class ModelConfig:
             )
         choices = {
             "activation": ("silu", "gelu_tanh", "clamped_swiglu"),
-            "dtype": ("float32", "bfloat16"),
+            "dtype": ("float32", "bfloat16", "auto"),
             "remat": ("none", "block"),
             "attention": KERNELS,
             "norm_placement": ("pre", "sandwich", "post"),

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from analogjax.models import rope as rope_lib
 from analogjax.models.attention import attend, self_attention
 from analogjax.models.config import FULL, ModelConfig
+from analogjax.runtime import compute_dtype
 
 _init = nn.initializers.normal(stddev=0.02)
 LATENT_NORM_EPS = 1e-6  # transformers' DeepseekV3RMSNorm default, used for q_a_layernorm and kv_a_layernorm
@@ -67,7 +68,7 @@ class LatentAttention(nn.Module):
         cfg, mla = self.cfg, self.cfg.mla
         h, d = cfg.n_heads, cfg.d_model
         n, r, v, c = mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.v_head_dim, mla.kv_lora_rank
-        dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
+        dtype = compute_dtype.of(cfg.dtype)
 
         def weight(name, names, shape):
             return self.param(name, nn.with_logical_partitioning(_init, names), shape).astype(dtype)

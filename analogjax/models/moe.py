@@ -52,6 +52,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from analogjax.models.config import ModelConfig
+from analogjax.runtime import compute_dtype
 
 _init = nn.initializers.normal(stddev=0.02)
 _BATCH_AXES = ("data", "fsdp")  # mesh.BATCH_AXES (not imported: models stay free of the mesh module)
@@ -71,7 +72,7 @@ class RouterStats(NamedTuple):
 
 
 def _dtype(cfg: ModelConfig):
-    return jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
+    return compute_dtype.of(cfg.dtype)
 
 
 def glu(cfg: ModelConfig, gate, up):

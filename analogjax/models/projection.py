@@ -1,4 +1,4 @@
-"""The models' dense projections, with a weight gradient that XLA's CPU backend runs as a fast product.
+"""The models' dense projections as products XLA's CPU backend runs fast (weight gradient layout, float32 results).
 
 `project(x, w, n_in)` contracts x's last `n_in` axes with w's first `n_in` (x [..., d] · w [d, f], or [b, s, h, e] ·
 [h, e, d] with n_in 2). Its forward is the product autodiff would see. Its backward differs in how the weight gradient
@@ -12,11 +12,18 @@ is laid out, not in what it computes:
   smaller operand, a plain transpose) and the product runs in YNNPACK (BENCHMARKS.md, Teacher cache: the
   feed-forward's weight gradient).
 
-The feed-forward (transformer.MLP) projects through it. The attention projections do not: their weight gradients
-were YNNPACK products already, and through `project` they measured no faster. The weight gradient accumulates in
-float32 and is returned in w's dtype (bf16 compute: as accurate as autodiff's bf16 product or more). Accelerators
-lay operands out themselves; the reshapes and the unit axis cost them nothing. Only reverse mode is defined (a
-`custom_vjp`): nothing in analogjax takes forward-mode derivatives of a model.
+Every product here (the forward, d x and d w) takes a float32 result, returned in the operands' dtype. For bf16
+operands that is what XLA's CPU backend runs fast: YNNPACK's bf16 products with float32 results ran 2-2.5x its
+float32 rate on an AVX512-BF16 CPU (EPYC, 2 cores: 350-400 against 157-190 GFLOP/s), while a bf16 result took a
+slower path (135-180). Its fallback dot has no bf16 x bf16 -> float32 at all, so only products YNNPACK takes (these
+plain contractions) ask for one: tests/test_sampling.py runs bf16 decoding for that reason.
+
+The feed-forward (transformer.MLP) and the attention's q, k, v and output projections go through it (in float32 the
+attention's weight gradients were YNNPACK products already and measured no faster; in bf16 the float32 results
+are what counts). The weight gradient accumulates in float32 and is returned in w's dtype (bf16 compute: as accurate
+as autodiff's bf16 product or more). Accelerators accumulate in float32 and lay operands out themselves; the
+reshapes, the unit axis and the float32 result cost them nothing (TPU) or one converting pass (GPU, unmeasured
+here). Only reverse mode is defined (a `custom_vjp`): nothing in analogjax takes forward-mode derivatives of a model.
 """
 
 from __future__ import annotations
@@ -37,8 +44,10 @@ def outer_sum(a_ni: jax.Array, b_no: jax.Array) -> jax.Array:
 
 
 def _contract(x, w, n_in: int):
+    # a float32 result, then the operands' dtype: XLA's CPU backend runs bf16 products fast only so (module doc)
     axes_x = tuple(range(x.ndim - n_in, x.ndim))
-    return jax.lax.dot_general(x, w, ((axes_x, tuple(range(n_in))), ((), ())))
+    out = jax.lax.dot_general(x, w, ((axes_x, tuple(range(n_in))), ((), ())), preferred_element_type=jnp.float32)
+    return out.astype(jnp.result_type(x, w))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -56,7 +65,7 @@ def _backward(n_in, residuals, g):
     n_out = w.ndim - n_in
     # d x: g's output axes against w's output axes (w's minor axes: a row-major product)
     g_axes = tuple(range(g.ndim - n_out, g.ndim))
-    dx = jax.lax.dot_general(g, w, ((g_axes, tuple(range(n_in, w.ndim))), ((), ())))
+    dx = jax.lax.dot_general(g, w, ((g_axes, tuple(range(n_in, w.ndim))), ((), ())), preferred_element_type=jnp.float32)
     # d w: tokens flattened, x with a unit axis (see the module docstring)
     dw = outer_sum(x.reshape(-1, math.prod(w.shape[:n_in])), g.reshape(-1, math.prod(w.shape[n_in:])))
     return dx.astype(x.dtype), dw.reshape(w.shape).astype(w.dtype)

@@ -44,6 +44,7 @@ import numpy as np
 
 from analogjax.errors import UserError
 from analogjax.models.config import ModelConfig
+from analogjax.runtime import compute_dtype
 
 # Prompt lengths round up to a power of two, at least this: one compile serves many prompt lengths.
 MIN_BUCKET = 16
@@ -78,7 +79,7 @@ def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
     """An empty KV cache: keys and values [layers, b, k, length, e] in the compute dtype (latent attention: its
     latent [layers, b, length, kv_lora_rank] and rotary key [layers, b, length, qk_rope_head_dim] instead,
     models/mla.py); every slot empty (segment id 0), written slots get their token's position and segment id."""
-    dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
+    dtype = compute_dtype.of(cfg.dtype)
     # Heads before slots: attention's products batch over (b, k), so a layer's slice is read as it lies; with slots
     # first XLA copied it transposed, per layer and decode step (BENCHMARKS.md, Generate).
     shape = (cfg.n_layers, batch, cfg.kv_heads, length, cfg.dim_per_head)

@@ -31,12 +31,9 @@ from analogjax.models.config import CHUNKED, SLIDING, ModelConfig, RopeScaling
 from analogjax.models.mla import LatentAttention
 from analogjax.models.moe import MoE, RouterStats, glu
 from analogjax.models.projection import project
+from analogjax.runtime import compute_dtype
 
 _init = nn.initializers.normal(stddev=0.02)
-
-
-def _dtype(cfg: ModelConfig):
-    return jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
 
 
 class Features(NamedTuple):
@@ -160,11 +157,11 @@ class Attention(nn.Module):
         (out, {"k", "v"} stacks)."""
         cfg = self.cfg
         h, k, e, d = cfg.n_heads, cfg.kv_heads, cfg.dim_per_head, cfg.d_model
-        dtype = _dtype(cfg)
+        dtype = compute_dtype.of(cfg.dtype)
 
         def proj(name, heads, axis):
             w = self.param(name, nn.with_logical_partitioning(_init, ("embed", axis, "head_dim")), (d, heads, e))
-            y = jnp.einsum("bsd,dhe->bshe", x_bsd, w.astype(dtype))
+            y = project(x_bsd, w.astype(dtype))
             if cfg.qkv_bias:
                 bias = self.param(
                     name + "_bias", nn.with_logical_partitioning(nn.initializers.zeros, (axis, "head_dim")), (heads, e)
@@ -225,7 +222,7 @@ class Attention(nn.Module):
             )
         wo = self.param("wo", nn.with_logical_partitioning(_init, ("heads", "head_dim", "embed")), (h, e, d))
         self.sow("intermediates", "heads_out", out)  # per-head outputs, read only by prune.py (else a no-op)
-        y = jnp.einsum("bshe,hed->bsd", out, wo.astype(dtype))
+        y = project(out, wo.astype(dtype), 2)
         if cfg.attn_out_bias:
             y = y + self.param("wo_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), (d,)).astype(
                 dtype
@@ -266,7 +263,7 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x_bsd):
         cfg = self.cfg
-        dtype = _dtype(cfg)
+        dtype = compute_dtype.of(cfg.dtype)
         shape_in, shape_out = (cfg.d_model, cfg.d_ff), (cfg.d_ff, cfg.d_model)
         w_gate = self.param("w_gate", nn.with_logical_partitioning(_init, ("embed", "mlp")), shape_in)
         w_up = self.param("w_up", nn.with_logical_partitioning(_init, ("embed", "mlp")), shape_in)
@@ -543,7 +540,7 @@ class Decoder(nn.Module):
 
 def embed_tokens(cfg: ModelConfig, embedding_vd: jax.Array, tokens_bs: jax.Array) -> jax.Array:
     """The residual stream's start: embedding rows of `tokens_bs` (scaled for Gemma), in the compute dtype."""
-    dtype = _dtype(cfg)
+    dtype = compute_dtype.of(cfg.dtype)
     # FSDP-gather the table's width before the lookup (as for any weight); gathering from the fsdp-sharded
     # table instead leaves the rows split over fsdp, which GSPMD can only undo by full rematerialisation.
     table = nn.with_logical_constraint(embedding_vd, ("vocab", None))
@@ -566,7 +563,10 @@ def logits(params: dict, cfg: ModelConfig, hidden_bsd: jax.Array) -> jax.Array:
     where the family caps them (Gemma 2)."""
     head = lm_head(params, cfg)
     out = jnp.einsum(
-        "bsd,dv->bsv", hidden_bsd.astype(_dtype(cfg)), head.astype(_dtype(cfg)), preferred_element_type=jnp.float32
+        "bsd,dv->bsv",
+        hidden_bsd.astype(compute_dtype.of(cfg.dtype)),
+        head.astype(compute_dtype.of(cfg.dtype)),
+        preferred_element_type=jnp.float32,
     )
     return nn.with_logical_constraint(softcap_logits(out, cfg.final_softcap), ("batch", "length", "act_vocab"))
 

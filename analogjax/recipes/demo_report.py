@@ -79,6 +79,9 @@ def format_table(summary: dict) -> str:
         trained, distinct = summary["tokens_per_run"], summary.get("distinct_tokens_per_run", 0)
         epochs = f", epochs over the first {distinct:,} (data.epoch_steps)" if 0 < distinct < trained else ""
         lines.append(f"training: {trained:,} tokens per row{epochs}")
+    if summary.get("compute_dtype"):
+        dtypes = summary["compute_dtype"]
+        lines.append(f"compute: analogs {dtypes['analog']}, teacher {dtypes['teacher']}")
     if summary.get("heldout_documents"):
         tokens = summary[rows[0]].get("heldout_tokens", 0)
         lines.append(

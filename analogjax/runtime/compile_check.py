@@ -14,6 +14,7 @@ The last line printed is one JSON object (the record benchmarks and tests read).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -218,11 +219,18 @@ def compile_plan(config, topology: Topology) -> Plan:
     import jax
 
     from analogjax.data.batch import abstract_batch
+    from analogjax.runtime import compute_dtype
     from analogjax.runtime.flops import distill_flops_per_step, forward_flops_per_token
     from analogjax.setup import build, build_mesh
     from analogjax.teacher import runs_live
     from analogjax.teacher_cache import cache_batch_fields
 
+    # `dtype: auto` would resolve by the machine tracing the step (this CPU); the plan's chips run bf16
+    def on_chip(model):
+        return dataclasses.replace(model, dtype=compute_dtype.resolve(model.dtype, backend="tpu"))
+
+    teacher_config = dataclasses.replace(config.teacher, model=on_chip(config.teacher.model))
+    config = dataclasses.replace(config, model=on_chip(config.model), teacher=teacher_config)
     mesh = build_mesh(config, devices=topology_devices(topology))
     run = build(config, mesh=mesh, init=False, abstract=True)
     teacher = run.teacher
