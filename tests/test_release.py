@@ -86,6 +86,9 @@ def test_toy_demo_writes_summary_and_table(demo_run):
             lo, hi = s[f"{key}_ci95"]
             assert lo <= s[key] + 1e-9 and s[key] <= hi + 1e-9, (name, key)
     assert summary["wall_seconds"] > 0
+    # the self demo's models compute in float32 (its config names no dtype); `auto` is the real-teacher demo's
+    assert summary["compute_dtype"] == {"analog": "float32", "teacher": "float32"}
+    assert "compute: float32 for every model" in stdout
     assert set(summary["phase_seconds"]) == set(
         "teacher pruned_init teacher_cache distill on_policy analog_random baseline"
         " evaluate transfer samples release".split()

@@ -21,9 +21,10 @@ plain contractions) ask for one: tests/test_sampling.py runs bf16 decoding for t
 The feed-forward (transformer.MLP) and the attention's q, k, v and output projections go through it (in float32 the
 attention's weight gradients were YNNPACK products already and measured no faster; in bf16 the float32 results
 are what counts). The weight gradient accumulates in float32 and is returned in w's dtype (bf16 compute: as accurate
-as autodiff's bf16 product or more). Accelerators accumulate in float32 and lay operands out themselves; the
-reshapes, the unit axis and the float32 result cost them nothing (TPU) or one converting pass (GPU, unmeasured
-here). Only reverse mode is defined (a `custom_vjp`): nothing in analogjax takes forward-mode derivatives of a model.
+as autodiff's bf16 product or more). Accelerators sum in float32 inside a product whatever its result type and lay
+operands out themselves: there the forward and d x ask for the operands' dtype (no float32 result to write and
+convert), and the reshapes and the unit axis cost nothing. Only reverse mode is defined (a `custom_vjp`): nothing
+in analogjax takes forward-mode derivatives of a model.
 """
 
 from __future__ import annotations
@@ -43,10 +44,16 @@ def outer_sum(a_ni: jax.Array, b_no: jax.Array) -> jax.Array:
     return out_1io.reshape(out_1io.shape[1:])
 
 
+def _result_type():
+    """What the forward and d x products ask for: float32 on CPU (the fast bf16 path, module doc). Accelerators sum in
+    float32 inside the product whatever its result type: there the operands' dtype, no float32 result to convert."""
+    return jnp.float32 if jax.default_backend() == "cpu" else None
+
+
 def _contract(x, w, n_in: int):
     # a float32 result, then the operands' dtype: XLA's CPU backend runs bf16 products fast only so (module doc)
     axes_x = tuple(range(x.ndim - n_in, x.ndim))
-    out = jax.lax.dot_general(x, w, ((axes_x, tuple(range(n_in))), ((), ())), preferred_element_type=jnp.float32)
+    out = jax.lax.dot_general(x, w, ((axes_x, tuple(range(n_in))), ((), ())), preferred_element_type=_result_type())
     return out.astype(jnp.result_type(x, w))
 
 
@@ -65,7 +72,9 @@ def _backward(n_in, residuals, g):
     n_out = w.ndim - n_in
     # d x: g's output axes against w's output axes (w's minor axes: a row-major product)
     g_axes = tuple(range(g.ndim - n_out, g.ndim))
-    dx = jax.lax.dot_general(g, w, ((g_axes, tuple(range(n_in, w.ndim))), ((), ())), preferred_element_type=jnp.float32)
+    dx = jax.lax.dot_general(
+        g, w, ((g_axes, tuple(range(n_in, w.ndim))), ((), ())), preferred_element_type=_result_type()
+    )
     # d w: tokens flattened, x with a unit axis (see the module docstring)
     dw = outer_sum(x.reshape(-1, math.prod(w.shape[:n_in])), g.reshape(-1, math.prod(w.shape[n_in:])))
     return dx.astype(x.dtype), dw.reshape(w.shape).astype(w.dtype)

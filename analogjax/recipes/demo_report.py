@@ -80,8 +80,9 @@ def format_table(summary: dict) -> str:
         epochs = f", epochs over the first {distinct:,} (data.epoch_steps)" if 0 < distinct < trained else ""
         lines.append(f"training: {trained:,} tokens per row{epochs}")
     if summary.get("compute_dtype"):
-        dtypes = summary["compute_dtype"]
-        lines.append(f"compute: analogs {dtypes['analog']}, teacher {dtypes['teacher']}")
+        analog, teacher = summary["compute_dtype"]["analog"], summary["compute_dtype"]["teacher"]
+        same = analog == teacher
+        lines.append(f"compute: {analog} for every model" if same else f"compute: analogs {analog}, teacher {teacher}")
     if summary.get("heldout_documents"):
         tokens = summary[rows[0]].get("heldout_tokens", 0)
         lines.append(

@@ -1,4 +1,5 @@
-"""Running on real machines: joining a multi-host job (`distributed`), preemption (`preemption`), what a run logs and
+"""Running on real machines: the compute dtype a machine runs fastest (`compute_dtype`: `model.dtype: auto`),
+joining a multi-host job (`distributed`), preemption (`preemption`), what a run logs and
 shows (`metrics_log`: metrics.jsonl, TensorBoard, every command's progress display), summing a jitted reducer over
 batches (`batch_sums`), report figures (`figures`), what a step costs (`flops`), whether a run fits a TPU slice
 before it is launched (`compile_check`), checksums that prove what is read back is what was written (`checksums`),

@@ -86,9 +86,10 @@ def measured_matmul_peak(dtype=jnp.float32, n: int = 2048, repeats: int = 5) -> 
     """FLOP/s of a large square matmul on the default device, median of `repeats` after warm-up. 2048 is large
     enough to be steady on CPUs (1024 under-reads after idle), small enough to take ~40 ms."""
     a = jnp.ones((n, n), dtype)
-    # float32 results, as the models' products take them (models/projection.py): XLA's CPU backend runs a bf16
-    # product fast only so (a bf16 result: 135-180 against 342-400 GFLOP/s on an AVX512-BF16 CPU)
-    mm = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+    # On CPU a float32 result, as the models' products take it there (models/projection.py): XLA's CPU backend runs
+    # a bf16 product fast only so (a bf16 result: 135-180 against 342-400 GFLOP/s on an AVX512-BF16 CPU)
+    result = jnp.float32 if jax.default_backend() == "cpu" else None
+    mm = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=result))
     mm(a, a).block_until_ready()
     times = []
     for _ in range(repeats):
