@@ -52,7 +52,7 @@ def test_bfloat16_gradients_keep_dtypes_and_accumulate_in_float32():
     np.testing.assert_allclose(np.asarray(dx, np.float64), ref_dx, rtol=2**-6, atol=5e-2)
 
 
-def test_bfloat16_products_take_float32_results():
+def test_bfloat16_products_take_float32_results_on_cpu(monkeypatch):
     # XLA's CPU backend runs a bf16 product fast (YNNPACK) only with a float32 result: the forward, d x and d w
     # must each be such a product, and return in the operands' dtype.
     x = jnp.ones((2, 8, 16), jnp.bfloat16)
@@ -63,12 +63,16 @@ def test_bfloat16_products_take_float32_results():
         assert y.dtype == jnp.bfloat16
         return jnp.sum(y.astype(jnp.float32) ** 2)
 
-    text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).as_text()
-    products = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
-    assert len(products) == 3, products
-    for line in products:
-        operands, result = line.rsplit("->", 1)
-        assert operands.count("bf16") == 2 and "xf32>" in result, line
+    def products():
+        text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).as_text()
+        found = [line.rsplit("->", 1) for line in text.splitlines() if "stablehlo.dot_general" in line]
+        assert len(found) == 3 and all(operands.count("bf16") == 2 for operands, _ in found), found
+        return [result for _, result in found]
+
+    assert all("xf32>" in result for result in products())
+    # Accelerators sum in float32 inside any product: the forward and d x ask for bf16 there, d w stays float32
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert sorted("xf32>" in result for result in products()) == [False, False, True]
 
 
 def test_the_models_feed_forward_weight_gradients_contract_no_left_operand_rows():

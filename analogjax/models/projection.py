@@ -12,8 +12,8 @@ is laid out, not in what it computes:
   smaller operand, a plain transpose) and the product runs in YNNPACK (BENCHMARKS.md, Teacher cache: the
   feed-forward's weight gradient).
 
-Every product here (the forward, d x and d w) takes a float32 result, returned in the operands' dtype. For bf16
-operands that is what XLA's CPU backend runs fast: YNNPACK's bf16 products with float32 results ran 2-2.5x its
+On CPU every product here (the forward, d x and d w) takes a float32 result, returned in the operands' dtype. For
+bf16 operands that is what XLA's CPU backend runs fast: YNNPACK's bf16 products with float32 results ran 2-2.5x its
 float32 rate on an AVX512-BF16 CPU (EPYC, 2 cores: 350-400 against 157-190 GFLOP/s), while a bf16 result took a
 slower path (135-180). Its fallback dot has no bf16 x bf16 -> float32 at all, so only products YNNPACK takes (these
 plain contractions) ask for one: tests/test_sampling.py runs bf16 decoding for that reason.

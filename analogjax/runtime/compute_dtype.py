@@ -24,7 +24,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-NAMES = ("float32", "bfloat16", "auto")
 _CPU_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # x86 flags; "bf16" is Arm's Features entry
 
 
@@ -70,4 +69,4 @@ def describe(name: str) -> str:
     return f"{resolved} (auto: {why}, {platform.machine()})"
 
 
-__all__ = ["NAMES", "cpu_runs_bf16_products", "describe", "of", "resolve"]
+__all__ = ["cpu_runs_bf16_products", "describe", "of", "resolve"]
