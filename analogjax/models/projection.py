@@ -35,6 +35,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from analogjax.runtime import compute_dtype
+
 
 def outer_sum(a_ni: jax.Array, b_no: jax.Array) -> jax.Array:
     """Σ_n a_n ⊗ b_n → [i, o] in float32: the weight gradient's product (and the fused loss's head gradient), with
@@ -44,16 +46,12 @@ def outer_sum(a_ni: jax.Array, b_no: jax.Array) -> jax.Array:
     return out_1io.reshape(out_1io.shape[1:])
 
 
-def _result_type():
-    """What the forward and d x products ask for: float32 on CPU (the fast bf16 path, module doc). Accelerators sum in
-    float32 inside the product whatever its result type: there the operands' dtype, no float32 result to convert."""
-    return jnp.float32 if jax.default_backend() == "cpu" else None
-
-
 def _contract(x, w, n_in: int):
-    # a float32 result, then the operands' dtype: XLA's CPU backend runs bf16 products fast only so (module doc)
+    # on CPU a float32 result, then the operands' dtype: XLA's CPU backend runs bf16 products fast only so
     axes_x = tuple(range(x.ndim - n_in, x.ndim))
-    out = jax.lax.dot_general(x, w, ((axes_x, tuple(range(n_in))), ((), ())), preferred_element_type=_result_type())
+    out = jax.lax.dot_general(
+        x, w, ((axes_x, tuple(range(n_in))), ((), ())), preferred_element_type=compute_dtype.product_result()
+    )
     return out.astype(jnp.result_type(x, w))
 
 
@@ -73,7 +71,7 @@ def _backward(n_in, residuals, g):
     # d x: g's output axes against w's output axes (w's minor axes: a row-major product)
     g_axes = tuple(range(g.ndim - n_out, g.ndim))
     dx = jax.lax.dot_general(
-        g, w, ((g_axes, tuple(range(n_in, w.ndim))), ((), ())), preferred_element_type=_result_type()
+        g, w, ((g_axes, tuple(range(n_in, w.ndim))), ((), ())), preferred_element_type=compute_dtype.product_result()
     )
     # d w: tokens flattened, x with a unit axis (see the module docstring)
     dw = outer_sum(x.reshape(-1, math.prod(w.shape[:n_in])), g.reshape(-1, math.prod(w.shape[n_in:])))

@@ -562,12 +562,8 @@ def logits(params: dict, cfg: ModelConfig, hidden_bsd: jax.Array) -> jax.Array:
     """Float32 logits from final hidden states (materialises [b, s, v]: for eval and small models), soft-capped
     where the family caps them (Gemma 2)."""
     head = lm_head(params, cfg)
-    out = jnp.einsum(
-        "bsd,dv->bsv",
-        hidden_bsd.astype(compute_dtype.of(cfg.dtype)),
-        head.astype(compute_dtype.of(cfg.dtype)),
-        preferred_element_type=jnp.float32,
-    )
+    dtype = compute_dtype.of(cfg.dtype)
+    out = jnp.einsum("bsd,dv->bsv", hidden_bsd.astype(dtype), head.astype(dtype), preferred_element_type=jnp.float32)
     return nn.with_logical_constraint(softcap_logits(out, cfg.final_softcap), ("batch", "length", "act_vocab"))
 
 

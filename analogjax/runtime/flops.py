@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from analogjax.models.config import CHUNKED, ModelConfig
+from analogjax.runtime import compute_dtype
 
 # Dense bf16 peaks per chip (vendor figures), for MFU on accelerators. CPUs are measured instead.
 PEAK_FLOPS = {
@@ -86,9 +87,8 @@ def measured_matmul_peak(dtype=jnp.float32, n: int = 2048, repeats: int = 5) -> 
     """FLOP/s of a large square matmul on the default device, median of `repeats` after warm-up. 2048 is large
     enough to be steady on CPUs (1024 under-reads after idle), small enough to take ~40 ms."""
     a = jnp.ones((n, n), dtype)
-    # On CPU a float32 result, as the models' products take it there (models/projection.py): XLA's CPU backend runs
-    # a bf16 product fast only so (a bf16 result: 135-180 against 342-400 GFLOP/s on an AVX512-BF16 CPU)
-    result = jnp.float32 if jax.default_backend() == "cpu" else None
+    # the result dtype the models' products ask for (models/projection.py): on CPU the fast bf16 path's
+    result = compute_dtype.product_result()
     mm = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=result))
     mm(a, a).block_until_ready()
     times = []
