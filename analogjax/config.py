@@ -93,6 +93,7 @@ class LossTerm:
 
 
 ON_POLICY_PROMPTS = ("auto", "field", "prefix")
+OPTIMIZERS = ("adamw", "muon")  # optim.name (analogjax/optimizer.py)
 CACHE_KINDS = ("topk", "sampled")  # what a teacher cache holds per token (teacher_cache/format.py)
 
 
@@ -177,6 +178,9 @@ class DistillConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
+    # adamw, or muon: Muon for the blocks' weight matrices, AdamW for embeddings, heads, norms and biases
+    # (analogjax/optimizer.py says which parameters each takes)
+    name: str = "adamw"
     learning_rate: float = 3e-3
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio at train.steps
@@ -186,9 +190,11 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # global-norm clipping; 0 disables
     grad_accum: int = 1  # microbatches per step
+    muon_lr_scale: float = 1.0  # name: muon: the matrices' peak rate is learning_rate x this (same schedule)
 
     def check(self, prefix: str) -> None:
-        _positive(self, prefix, "learning_rate", "grad_accum")
+        check_choice(_join(prefix, "name"), self.name, OPTIMIZERS)
+        _positive(self, prefix, "learning_rate", "grad_accum", "muon_lr_scale")
         _non_negative(self, prefix, "warmup_steps", "weight_decay", "grad_clip", "min_lr_ratio")
 
 

@@ -17,7 +17,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import PartitionSpec as P
 
 from analogjax import mesh as mesh_lib
@@ -29,6 +28,7 @@ from analogjax.fidelity import intervals
 from analogjax.models.transformer import Transformer
 from analogjax.objective import Objective, check_distill, needs_teacher
 from analogjax.objective.hidden import init_projections, projection_logical_axes
+from analogjax.optimizer import make_optimizer, state_shardings
 from analogjax.runtime.batch_sums import rows_over_batches, sum_over_batches
 from analogjax.runtime.metrics_log import means
 from analogjax.step import (
@@ -37,7 +37,6 @@ from analogjax.step import (
     make_distill_step,
     make_eval_rows_step,
     make_eval_step,
-    make_optimizer,
     rows_chunk_size,
 )
 from analogjax.teacher import Teacher, forward_rows, keeps_rows, load_teacher, runs_live
@@ -134,20 +133,19 @@ def _init_student_boxed(config: Config, student: Transformer, with_proj: bool):
     return init
 
 
+def logical_specs(config: Config, student: Transformer, with_proj: bool):
+    """The state's params as a tree of logical PartitionSpecs (what Muon reads to choose its matrices)."""
+    boxed = jax.eval_shape(_init_student_boxed(config, student, with_proj), jax.random.key(0))
+    return nn.get_partition_spec(boxed)
+
+
 def abstract_state(config: Config, mesh, student: Transformer, tx, with_proj: bool) -> tuple[TrainState, Any]:
     """The sharded abstract train state: the init target and the restore target alike."""
     init_boxed = _init_student_boxed(config, student, with_proj)
     abstract_params = mesh_lib.abstract_sharded(init_boxed, mesh, mesh_lib.STUDENT_RULES)
     # Optimizer moments are shaped like the params and take the params' shardings; counters are replicated.
     rep = mesh_lib.replicated(mesh)
-    param_shardings = jax.tree.map(lambda a: a.sharding, abstract_params)
-    abstract_opt = optax.tree_map_params(
-        tx,
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        jax.eval_shape(tx.init, abstract_params),
-        param_shardings,
-        transform_non_params=lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
-    )
+    abstract_opt = state_shardings(tx, abstract_params, rep)
     state = TrainState(
         step=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
         params=abstract_params,
@@ -208,9 +206,9 @@ def build(
         on_policy_objective = Objective.build(
             config.distill, teacher=teacher, student=config.model, total_steps=config.train.steps, on_policy=True
         )
-    tx = make_optimizer(config.optim, config.train.steps)
     # The state holds hidden-state projections when either objective trains them (on-policy steps share the state).
     with_proj = any(o is not None and o.collects_layers for o in (objective, on_policy_objective))
+    tx = make_optimizer(config.optim, config.train.steps, logical_specs(config, student, with_proj))
     abstract_st, shardings = abstract_state(config, mesh, student, tx, with_proj)
     batch_sh = mesh_lib.batch_sharding(mesh)
     teacher_params = _on_mesh(teacher_params, mesh)

@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from analogjax.config import OptimConfig
 from analogjax.objective import Objective, StudentOutputs
 from analogjax.runtime import compute_dtype
 from analogjax.teacher import Teacher, signal_of_rows
@@ -33,19 +32,6 @@ class TrainState(struct.PyTreeNode):
     params: Any  # {"model": student params, "hidden_proj": projections for hidden-state terms (if any)}
     opt_state: Any
     rng: jax.Array  # uint32[2] raw key data: checkpointable as a plain array
-
-
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=cfg.learning_rate,
-        warmup_steps=min(cfg.warmup_steps, max(total_steps - 1, 0)),
-        decay_steps=max(total_steps, cfg.warmup_steps + 1),
-        end_value=cfg.learning_rate * cfg.min_lr_ratio,
-    )
-    chain = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
-    chain.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay))
-    return optax.chain(*chain)
 
 
 def forward_outputs(student, student_rules, teacher: Teacher | None, params, teacher_params, batch, collect_layers):

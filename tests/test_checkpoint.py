@@ -45,8 +45,9 @@ def _assert_bitwise(a, b):
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
 
 
-def test_async_save_survives_donation_and_restores_onto_another_mesh(tmp_path):
-    config = load_config(None, TINY + CE_ONLY)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])  # Muon's state holds optax's MaskedNodes
+def test_async_save_survives_donation_and_restores_onto_another_mesh(tmp_path, optimizer):
+    config = load_config(None, TINY + CE_ONLY + [f"optim.name={optimizer}"])
     saver = build(config, mesh=mesh_lib.make_mesh(8, 1, 1))
     batch = jax.device_put(packed_batch(8, 32, 512), saver.batch_sharding)
     with jax.set_mesh(saver.mesh):

@@ -12,8 +12,9 @@ from synthetic import packed_batch
 
 from analogjax import mesh as mesh_lib
 from analogjax.config import Config, DistillConfig, LossTerm, load_config
+from analogjax.optimizer import make_optimizer
 from analogjax.setup import build
-from analogjax.step import forward_outputs, make_optimizer
+from analogjax.step import forward_outputs
 
 TINY = load_config(
     None,

@@ -455,10 +455,7 @@ def model_card(
         ),
         f"- student initialisation: {init}",
         *([f"- recipe: {recipe_phases(recipe)}"] if recipe else []),
-        (
-            f"- optimiser: AdamW, peak learning rate {config.optim.learning_rate:g}, {config.optim.warmup_steps} "
-            f"warm-up steps, cosine to {config.optim.min_lr_ratio:g}×"
-        ),
+        f"- optimiser: {_optimiser(config.optim)}",
         "",
         "## Compute",
         "",
@@ -554,3 +551,16 @@ def _bootstrap_units(rows) -> str:
     if intervals.DOCUMENT not in rows:
         return f"{count} held-out rows"
     return f"the {intervals.units(rows)} held-out documents of its {count} rows, each document's rows together"
+
+
+def _optimiser(optim) -> str:
+    schedule = (
+        f"peak learning rate {optim.learning_rate:g}, {optim.warmup_steps} warm-up steps, cosine to "
+        f"{optim.min_lr_ratio:g}×"
+    )
+    if optim.name == "muon":
+        return (
+            f"Muon for the blocks' weight matrices (at {optim.muon_lr_scale:g}× the rate), AdamW for embeddings, "
+            f"norms and biases; {schedule}"
+        )
+    return f"AdamW, {schedule}"
