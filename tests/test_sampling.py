@@ -418,3 +418,7 @@ def test_demo_teacher_logprob_is_the_float64_log_softmax_of_each_completion():
         want = sum(log_probs[t - 1, row[t]] for t in range(len(prompt), len(row)))
         assert got["count"][i] == len(completion)
         np.testing.assert_allclose(got["sum"][i], want, rtol=1e-5, atol=1e-5)
+    # Padded to a wider width (one compiled shape for every model's continuations): the same figures.
+    padded = teacher_logprob(model, prompts, completions, width=16)
+    assert padded["count"] == got["count"]
+    np.testing.assert_allclose(padded["sum"], got["sum"], rtol=1e-5, atol=1e-5)

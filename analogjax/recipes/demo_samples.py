@@ -50,12 +50,13 @@ def heldout_prompts(config, count: int, prompt_tokens: int) -> tuple[list[list[i
 
 
 def teacher_logprob(
-    teacher_model, prompts: list[list[int]], completions: list[list[int]], documents=None
+    teacher_model, prompts: list[list[int]], completions: list[list[int]], documents=None, width: int = 0
 ) -> dict[str, list[float]]:
     """Per prompt, the teacher's summed log-probability of the completion tokens (after the prompt) and their count:
     {"sum": [...], "count": [...]} (a model's figure is Σ sum / Σ count; a prompt is a row of the bootstrap), and
-    with `documents` (one per prompt) intervals.DOCUMENT, so the bootstrap resamples documents."""
-    width = max(len(p) + len(c) for p, c in zip(prompts, completions))
+    with `documents` (one per prompt) intervals.DOCUMENT, so the bootstrap resamples documents. Rows are padded to
+    at least `width` tokens: one width for every model's continuations is one compiled teacher forward."""
+    width = max([width] + [len(p) + len(c) for p, c in zip(prompts, completions)])
     tokens = np.zeros((len(prompts), width), np.int32)
     segments = np.zeros_like(tokens)
     positions = np.zeros_like(tokens)
@@ -96,9 +97,11 @@ def continuations(
     from analogjax.models.sampling import generate
 
     out: dict[str, Any] = {"prompts": [tokenizer.decode(p) for p in prompts], "models": {}}
+    # Continuations that stop early (end of text) would give each model its own width, and the teacher a compile each
+    width = max(len(p) for p in prompts) + max_new_tokens
     for name, model in models.items():
         completions = generate(model, prompts, max_new_tokens=max_new_tokens, eos_ids=eos_ids)
-        rows = teacher_logprob(models["teacher"], prompts, completions, documents)
+        rows = teacher_logprob(models["teacher"], prompts, completions, documents, width)
         out["models"][name] = {
             "completions": [tokenizer.decode(c) for c in completions],
             "teacher_logprob": intervals.point(LOGPROB, rows),
