@@ -93,7 +93,6 @@ class LossTerm:
 
 
 ON_POLICY_PROMPTS = ("auto", "field", "prefix")
-OPTIMIZERS = ("adamw", "muon")  # optim.name (analogjax/optimizer.py)
 CACHE_KINDS = ("topk", "sampled")  # what a teacher cache holds per token (teacher_cache/format.py)
 
 
@@ -178,9 +177,7 @@ class DistillConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    # adamw, or muon: Muon for the blocks' weight matrices, AdamW for embeddings, heads, norms and biases
-    # (analogjax/optimizer.py says which parameters each takes)
-    name: str = "adamw"
+    name: str = "adamw"  # or muon: Muon for the blocks' matrices, AdamW for the rest (objective/optimizer.py)
     learning_rate: float = 3e-3
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio at train.steps
@@ -193,7 +190,7 @@ class OptimConfig:
     muon_lr_scale: float = 1.0  # name: muon: the matrices' peak rate is learning_rate x this (same schedule)
 
     def check(self, prefix: str) -> None:
-        check_choice(_join(prefix, "name"), self.name, OPTIMIZERS)
+        check_choice(_join(prefix, "name"), self.name, ("adamw", "muon"))
         _positive(self, prefix, "learning_rate", "grad_accum", "muon_lr_scale")
         _non_negative(self, prefix, "warmup_steps", "weight_decay", "grad_clip", "min_lr_ratio")
 
@@ -233,9 +230,8 @@ class TrainConfig:
     # A non-finite loss or gradient: halt (stop with an error; the bad state is never saved) or skip (the jitted
     # step keeps the previous params and optimizer state, the step counter moves on, the record says nonfinite=1).
     nonfinite: str = "halt"
-    # The fidelity curve: held-out KL, agreement and CE of the student at `curve_points` evenly spaced steps (the
-    # init, step 0, and the last step included; 0 = none), on the first `curve_batches` held-out batches, logged to
-    # metrics.jsonl with the tokens and FLOPs spent so far (analogjax.fidelity.curves reads and plots them).
+    # The fidelity curve: held-out KL, agreement and CE at `curve_points` evenly spaced steps (the init and the last
+    # step included; 0 = none) on the first `curve_batches` held-out batches, in metrics.jsonl (fidelity/curves.py).
     curve_points: int = 10
     curve_batches: int = 1
 
@@ -305,12 +301,10 @@ class ReleaseConfig:
     data_description: str = ""  # the training data in words (default: counts and weights only, no paths)
     lab: str = ""  # who releases the analog (default: unnamed)
     # A Hub license id (apache-2.0, mit, llama3.1, other, ...). Default: the teacher's license when its README states
-    # one, since an analog is derived from the teacher's outputs and only the lab may relax the teacher's terms;
-    # else "other" with a line asking the lab to choose. A permissive default would grant rights nobody chose.
+    # one (an analog derives from its outputs; only the lab may relax its terms), else "other", asking the lab.
     license: str = ""
     language: tuple[str, ...] = ()  # ISO 639 codes (default: the teacher README's)
-    # Name the teacher as base_model in the card's metadata: a public Hub id, so the Hub links the analog to it.
-    # Off by default: a private teacher's name would be published as a link.
+    # Name the teacher as base_model in the card's metadata (a public Hub id; off: a private name would be linked).
     base_model_public: bool = False
     # Print local paths (teacher folder, data, cache, init checkpoint) in the card's provenance.
     allow_local_paths: bool = False

@@ -28,7 +28,7 @@ from analogjax.fidelity import intervals
 from analogjax.models.transformer import Transformer
 from analogjax.objective import Objective, check_distill, needs_teacher
 from analogjax.objective.hidden import init_projections, projection_logical_axes
-from analogjax.optimizer import make_optimizer, state_shardings
+from analogjax.objective.optimizer import make_optimizer, state_shardings
 from analogjax.runtime.batch_sums import rows_over_batches, sum_over_batches
 from analogjax.runtime.metrics_log import means
 from analogjax.step import (

@@ -14,7 +14,7 @@ from optax.contrib import MuonDimensionNumbers as Dims
 from analogjax.config import OptimConfig, load_config
 from analogjax.errors import UserError
 from analogjax.models.transformer import Transformer
-from analogjax.optimizer import CONSISTENT_RMS, make_optimizer, muon_views
+from analogjax.objective.optimizer import CONSISTENT_RMS, make_optimizer, muon_views
 
 
 def _specs(preset: str, layers: int = 2):

@@ -12,7 +12,7 @@ from synthetic import packed_batch
 
 from analogjax import mesh as mesh_lib
 from analogjax.config import Config, DistillConfig, LossTerm, load_config
-from analogjax.optimizer import make_optimizer
+from analogjax.objective.optimizer import make_optimizer
 from analogjax.setup import build
 from analogjax.step import forward_outputs
 

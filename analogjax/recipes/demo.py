@@ -97,11 +97,11 @@ def _real_run() -> Config:
         # own choice (0, 1, 24, 29), 80 steps: 0, 1, 28, 29 3.317; 0, 27-29 3.448; 0, 10, 20, 29 3.576; 6 layers
         # with d_ff 384 (the same size) 3.221.
         distill=DistillConfig(terms=(LossTerm("forward_kl", 1.0),), temperature=1.0),
-        # Muon for the blocks' weight matrices at twice AdamW's rate (optimizer.py), AdamW for the embedding and norms:
-        # the same 120 distillation steps from the pruned start and cache, before on-policy (KL / agreement, 19
-        # documents): AdamW 2.740 / 0.268; Muon at the same rate 2.668 / 0.281, at twice 2.588 / 0.289 (kept), at four
-        # times 2.613 / 0.293. Each step takes ~0.1 s more on 2 CPU cores (the Newton-Schulz products); AdamW over
-        # 180 steps, about the same time, reached 2.660 / 0.279.
+        # Muon for the blocks' weight matrices at twice AdamW's rate (objective/optimizer.py), AdamW for the embedding
+        # and norms: the same 120 distillation steps from the pruned start and cache, before on-policy (KL /
+        # agreement, 19 documents): AdamW 2.740 / 0.268; Muon at the same rate 2.668 / 0.281, at twice 2.588 / 0.289
+        # (kept), at four times 2.613 / 0.293. Each step takes ~0.1 s more on 2 CPU cores (the Newton-Schulz
+        # products); AdamW over 180 steps, about the same time, reached 2.660 / 0.279.
         optim=OptimConfig(name="muon", learning_rate=5e-3, warmup_steps=8, min_lr_ratio=0.3, muon_lr_scale=2.0),
         # 6 fidelity-curve points a run (the default 10): each costs ~0.5 s against the live teacher on 2 cores
         train=TrainConfig(steps=120, log_every=10, eval_batches=8, curve_points=6),
