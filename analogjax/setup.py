@@ -208,7 +208,9 @@ def build(
         )
     # The state holds hidden-state projections when either objective trains them (on-policy steps share the state).
     with_proj = any(o is not None and o.collects_layers for o in (objective, on_policy_objective))
-    tx = make_optimizer(config.optim, config.train.steps, logical_specs(config, student, with_proj))
+    # Muon chooses its matrices by the params' logical axis names; AdamW needs none (no second trace of the init)
+    specs = logical_specs(config, student, with_proj) if config.optim.name == "muon" else None
+    tx = make_optimizer(config.optim, config.train.steps, specs)
     abstract_st, shardings = abstract_state(config, mesh, student, tx, with_proj)
     batch_sh = mesh_lib.batch_sharding(mesh)
     teacher_params = _on_mesh(teacher_params, mesh)
