@@ -534,3 +534,29 @@ def test_interventions_run_on_the_leading_eval_batches_only(tiny_run):
     assert "of which" not in transfer.card_paragraph(a)
     with pytest.raises(UserError, match="intervention_batches.*must not exceed the eval batches"):
         measured(eval_batches=2, intervention_batches=3)
+
+
+def test_each_rows_first_token_the_attention_sink_is_in_no_statistic(tiny_run):
+    """The first token of each row is the attention sink (massive activations, arXiv 2402.17762): the maps, probes,
+    differences of means, steering norm and every measure leave it out, so the fit and eval token counts are the
+    rows' real tokens less one per row; the self-distilled analog (its own teacher) still stitches exactly, the
+    stitched forward keeping the teacher's own state at the sink."""
+    from analogjax.config import load_config
+    from analogjax.fidelity.measure_run import live_teacher
+    from analogjax.run_dir import load_student
+
+    config = load_config(str(tiny_run / "self.yaml"), [])
+    student = load_student(str(tiny_run / "run"), config)
+    teacher, teacher_params = live_teacher(config, student.mesh)
+    report = transfer.measure_models(
+        config, {"analog": student.params}, teacher, teacher_params, student.mesh, fit_batches=2, eval_batches=1
+    )["analog"]
+    rows = concepts.rows_for_budgets(config, None, 2, 1)
+    real = rows.segment_ids > 0
+    assert (real[:, 0]).all() and (rows.positions[:, 0] == 0).all()
+    for part, mask in (("fit", rows.fit), ("eval", ~rows.fit)):
+        held = real[mask]
+        assert report[f"{part}_rows"] == len(held)
+        assert report[f"{part}_tokens"] == held.sum() - len(held), part
+    for s in report["stitch"]:
+        assert s["stitched_kl"] < 1e-3 and s["explained_variance"] > 0.99

@@ -3,7 +3,8 @@
 Output level (T = 1, per data source): forward and reverse KL and JSD (analogjax.losses), top-1 agreement,
 top-5 overlap, both perplexities and their gap, and the expected calibration error of both models (15 equal-width
 bins of top-1 confidence against next-token correctness, as in Stanton et al. 2021 / Guo et al. 2017).
-Representation level: linear CKA (Kornblith et al. 2019) of the residual streams of matched layer pairs.
+Representation level: linear CKA (Kornblith et al. 2019) of the residual streams of matched layer pairs, over every
+token but each document's first, the attention sink, whose outsized norm would decide it alone (transfer.py: SINK).
 
 Every metric is accumulated as sums and counts over batches (float64 on the host) and divided once at the end,
 so the result is exact whatever the batching. CKA accumulates raw moments (n, Σx, Σy, XᵀX, YᵀY, YᵀX) and centres
@@ -253,8 +254,8 @@ def make_fidelity_step(
                 seq_len=seq_len,
                 rows=True,
             )
-            if collect:
-                sums.update(cka_sums(feats.layers_lbsd, signal.layers, batch["loss_mask"], pairs))
+            if collect:  # without each segment's first token, the attention sink (module docstring)
+                sums.update(cka_sums(feats.layers_lbsd, signal.layers, batch["loss_mask"] * (pos > 0), pairs))
             out[name] = sums
         return out
 

@@ -40,10 +40,15 @@ every row of a user concept's texts (those rows run first; the held-out ones fol
 documents). Explained variance, probe accuracies and CE need plain forwards only, so they are measured on every eval
 row, the stitched CE and KL and steering on the intervention rows; `batches` alone is the older form (that many
 batches of rows, about half of them fit rows). Several models of one shape are measured in one pass
-(`measure_models`): each batch's teacher forward, the native and random
-steering directions and the native probes are computed once and shared; per model only its own forward, stitched
-forwards and carried directions run. A concept's steering directions run as one batched forward (stacked on the
-batch axis, STEER_CHUNK_ELEMENTS logits at a time), not one after another.
+(`measure_models`): each batch's teacher forward, the native and random steering directions and the native probes
+are computed once and shared; per model only its own forward, stitched forwards and carried directions run. A
+concept's steering directions run as one batched forward (stacked on the batch axis, STEER_CHUNK_ELEMENTS logits at
+a time), not one after another.
+
+SINK: each segment's first token is in no statistic or measure: its residual is the attention sink (Sun et al.,
+arXiv 2402.17762, "massive activations"; at SmolLM2-135M's layer 22, ~75x the median norm and 97% of the variance),
+which would decide the maps, explained variances, differences of means and steering norm alone. Stitched forwards
+keep the teacher's own state there (a function of the first token alone), which no map of the other tokens gives.
 
 Data route: the packed held-out batches carry token ids only, and the concepts need character offsets, so the
 checks tokenize the held-out documents' text themselves (concepts.labelled_rows: one document chunk per row, the
@@ -145,8 +150,7 @@ def steering_sums(rest_fn, h_bsd, directions_kd, concept_k, markers_cv, outside_
     return sums(h_bsd, directions_kd, concept_k, markers_cv, outside_bsc)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The whole check: analog params + teacher → the report object
+# The whole check: analog params + teacher → the report object ---------------------------------------------------
 
 
 class Measured(dict):
@@ -399,7 +403,7 @@ def _batches(mesh, rows, measured, global_batch):
 
     local = global_batch // jax.process_count()
     first = jax.process_index() * local
-    real = (rows.segment_ids > 0).astype(np.float32)
+    real = ((rows.segment_ids > 0) & (rows.positions > 0)).astype(np.float32)  # a segment's first token: SINK
     fields = {
         "tokens": rows.tokens,
         "segment_ids": rows.segment_ids,
@@ -624,10 +628,9 @@ def _eval_step(models, layout, vocab, chunk, interventions=True):
         for p, (i, j) in enumerate(layout.pairs):
             x, y = fs.layers_lbsd[i].astype(jnp.float32), held["y"][:, p].astype(jnp.float32)
             mapped = x @ fitted["w"][p] + fitted["b"][p]
-            if interventions:
-                log_q = losses.log_softmax(
-                    _teacher_from(big, tp, j + 1, mapped.astype(held["y"].dtype), seg, pos)[..., :vocab]
-                )
+            if interventions:  # the sink keeps the teacher's own state: a function of the first token alone
+                stitched = jnp.where((pos == 0)[..., None], y, mapped).astype(held["y"].dtype)
+                log_q = losses.log_softmax(_teacher_from(big, tp, j + 1, stitched, seg, pos)[..., :vocab])
                 stitch["ce"].append(nll(log_q))
                 stitch["kl"].append(jnp.sum(losses.forward_kl_from_log_probs(log_t, log_q) * w, 1))
             back = y @ fitted["back_w"][p] + fitted["back_b"][p]
