@@ -677,8 +677,7 @@ def _report(stats, rows_of: TransferRows, info, layout, rows, markers, skipped) 
     return {
         "layer_pairs": [list(p) for p in layout.pairs],
         "concept_layer_pair": list(layout.concept_pair),
-        "split": "held-out documents alternate fit, eval (document k fits when k is even); user concept texts "
-        "alternate likewise per concept",
+        "split": "held-out documents alternate fit, eval (document k fits when k is even); user texts per concept",
         "documents": rows.documents,
         "fit_tokens": int(stats["fit"]["n"][0]),
         "eval_tokens": int(rows_of.sums["n"].sum()),
@@ -695,6 +694,7 @@ def _report(stats, rows_of: TransferRows, info, layout, rows, markers, skipped) 
             "random_directions": "one set shared by every concept (and every model measured together)",
             "marker_tokens": concepts_lib.MARKERS,
             "token_label": "a token is positive when any of its characters is inside the concept",
+            "tokens": "all but each segment's first (the attention sink); stitched, the teacher's own state there",
             "intervals": transfer_rows.interval_method(rows_of),
         },
     }

@@ -61,7 +61,7 @@ def markdown_table(report: dict[str, Any]) -> str:
         f"Stitching (held-out tokens: {report['fit_tokens']:,} to fit, {report['eval_tokens']:,} to measure"
         f"{_intervened(report)}; "
         f"teacher CE {_ci(report, 'teacher_ce')}, analog CE {_ci(report, 'analog_ce')} nats/token"
-        f"{_ce_intervened(report)}).{interval_note}",
+        f"{_ce_intervened(report)}; each segment's first token, the attention sink, left out).{interval_note}",
         "",
         "| analog layer | teacher layer | explained variance (analog→teacher) | (teacher→analog) "
         "| stitched CE | KL(teacher‖stitched) |",

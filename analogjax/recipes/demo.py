@@ -140,10 +140,10 @@ def _real_run() -> Config:
             on_policy=OnPolicyConfig(
                 fraction=0.25, terms=(LossTerm("forward_kl", 1.0),), temperature=0.5, prompt_len=32, max_new_tokens=32
             ),
-            # 1e-3, the rate the distillation ends at (30% of its Muon peak): from the 5 x 560 distillation (2.558 /
-            # 0.296), 16 steps at 1e-4 2.534 / 0.300, 3e-4 2.512 / 0.302, 6e-4 2.499 / 0.303, 1e-3 2.495 / 0.303
-            # (kept), 1.5e-3 2.504 / 0.300; at 1e-3, 24 steps 2.491 / 0.304, half the steps on its samples 2.511 /
-            # 0.303, none 2.506 / 0.308.
+            # 1e-3, near the rate the distillation ends at (1.5e-3; Muon's matrices at twice both): from the 5 x 560
+            # distillation (2.558 / 0.296), 16 steps at 1e-4 2.534 / 0.300, 3e-4 2.512 / 0.302, 6e-4 2.499 / 0.303,
+            # 1e-3 2.495 / 0.303 (kept), 1.5e-3 2.504 / 0.300; at 1e-3, 24 steps 2.491 / 0.304, half the steps on
+            # its samples 2.511 / 0.303, none 2.506 / 0.308.
             on_policy_learning_rate=1e-3,
         ),
         release=ReleaseConfig(overrides=(GateOverride("size_cap", REAL_SIZE_REASON),)),
