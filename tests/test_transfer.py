@@ -560,3 +560,35 @@ def test_each_rows_first_token_the_attention_sink_is_in_no_statistic(tiny_run):
         assert report[f"{part}_tokens"] == held.sum() - len(held), part
     for s in report["stitch"]:
         assert s["stitched_kl"] < 1e-3 and s["explained_variance"] > 0.99
+
+
+def test_fidelity_of_several_students_in_one_pass_is_each_ones_alone(tiny_run):
+    """fidelity.measure_models (one teacher step per batch, then one compiled student step per student) gives each
+    student the report it gets measured alone; the self-distilled analog (its own teacher) reads KL 0 and CKA 1."""
+    import jax
+
+    from analogjax.config import load_config
+    from analogjax.fidelity import metrics
+    from analogjax.fidelity.measure_run import live_teacher
+    from analogjax.run_dir import load_student
+
+    config = load_config(str(tiny_run / "self.yaml"), [])
+    student = load_student(str(tiny_run / "run"), config)
+    teacher, teacher_params = live_teacher(config, student.mesh)
+    rng = np.random.default_rng(3)
+    perturbed = jax.tree.map(
+        lambda a: jax.device_put(
+            (np.asarray(a) + 0.3 * np.asarray(a).std() * rng.standard_normal(a.shape)).astype(a.dtype), a.sharding
+        ),
+        student.params,
+    )
+    both = metrics.measure_models(
+        config, {"analog": student.params, "other": perturbed}, teacher, teacher_params, student.mesh, 2
+    )
+    for name, params in (("analog", student.params), ("other", perturbed)):
+        alone = metrics.measure(config, params, teacher, teacher_params, student.mesh, 2)
+        assert both[name]["overall"] == pytest.approx(alone["overall"], rel=1e-6, abs=1e-9), name
+        assert [c["cka"] for c in both[name]["cka"]] == pytest.approx([c["cka"] for c in alone["cka"]], rel=1e-6)
+    assert both["analog"]["overall"]["forward_kl"] == pytest.approx(0.0, abs=1e-4)
+    assert [c["cka"] for c in both["analog"]["cka"]] == pytest.approx([1.0] * len(both["analog"]["cka"]), abs=1e-4)
+    assert both["other"]["overall"]["forward_kl"] > 1e-3
