@@ -297,7 +297,6 @@ def _several_models_in_one_pass(tiny_run, alone):
     """measure_models (the teacher's forwards shared) gives a model the report measure() gave it alone (the CLI's,
     `alone`); the paired comparison of the self-distilled analog (its own teacher: the maps are the identity) against
     a perturbed copy says analog on stitching. Same rows, concepts and budgets as the CLI: no step compiles again."""
-    import jax
 
     from analogjax.config import load_config
     from analogjax.fidelity.measure_run import live_teacher
@@ -306,15 +305,7 @@ def _several_models_in_one_pass(tiny_run, alone):
     config = load_config(str(tiny_run / "self.yaml"), [])
     student = load_student(str(tiny_run / "run"), config)
     teacher, teacher_params = live_teacher(config, student.mesh)
-    rng = np.random.default_rng(7)  # NumPy noise: eager JAX ops would each compile
-
-    def noisy(a):
-        host = np.asarray(a)
-        return jax.device_put(
-            (host + 0.5 * host.std() * rng.standard_normal(host.shape)).astype(host.dtype), a.sharding
-        )
-
-    perturbed = jax.tree.map(noisy, student.params)
+    perturbed = _perturbed(student.params, 0.5, seed=7)
     reports = transfer.measure_models(
         config,
         {"analog": student.params, "baseline": perturbed},
@@ -344,6 +335,21 @@ def _several_models_in_one_pass(tiny_run, alone):
     table = transfer.comparison_table(reports)
     assert "difference [95% interval]" in table and "stitched KL" in table
     assert transfer.comparison_table(entries) == table
+
+
+def _perturbed(params, scale: float, seed: int):
+    """Each leaf plus Gaussian noise of `scale` x its std, in its sharding (NumPy noise: eager JAX ops would each
+    compile)."""
+    import jax
+
+    rng = np.random.default_rng(seed)
+
+    def noisy(a):
+        host = np.asarray(a)
+        noise = scale * host.std() * rng.standard_normal(host.shape)
+        return jax.device_put((host + noise).astype(host.dtype), a.sharding)
+
+    return jax.tree.map(noisy, params)
 
 
 def _assert_intervals_hold_their_figures(report):
@@ -565,7 +571,6 @@ def test_each_rows_first_token_the_attention_sink_is_in_no_statistic(tiny_run):
 def test_fidelity_of_several_students_in_one_pass_is_each_ones_alone(tiny_run):
     """fidelity.measure_models (one teacher step per batch, then one compiled student step per student) gives each
     student the report it gets measured alone; the self-distilled analog (its own teacher) reads KL 0 and CKA 1."""
-    import jax
 
     from analogjax.config import load_config
     from analogjax.fidelity import metrics
@@ -575,13 +580,7 @@ def test_fidelity_of_several_students_in_one_pass_is_each_ones_alone(tiny_run):
     config = load_config(str(tiny_run / "self.yaml"), [])
     student = load_student(str(tiny_run / "run"), config)
     teacher, teacher_params = live_teacher(config, student.mesh)
-    rng = np.random.default_rng(3)
-    perturbed = jax.tree.map(
-        lambda a: jax.device_put(
-            (np.asarray(a) + 0.3 * np.asarray(a).std() * rng.standard_normal(a.shape)).astype(a.dtype), a.sharding
-        ),
-        student.params,
-    )
+    perturbed = _perturbed(student.params, 0.3, seed=3)
     both = metrics.measure_models(
         config, {"analog": student.params, "other": perturbed}, teacher, teacher_params, student.mesh, 2
     )

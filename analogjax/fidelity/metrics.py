@@ -264,22 +264,6 @@ def make_fidelity_steps(
     return teacher_step, student_step
 
 
-def make_fidelity_step(
-    student, student_rules, teacher, *, n_sources: int, seq_len: int, pairs: Sequence[tuple[int, int]] = ()
-):
-    """A pure function (params_by_name, teacher_params, batch) -> {name: sums}: every student (all of `student`'s
-    shape) against one teacher forward per batch (make_fidelity_steps, in one function)."""
-    teacher_step, student_step = make_fidelity_steps(
-        student, student_rules, teacher, n_sources=n_sources, seq_len=seq_len, pairs=pairs
-    )
-
-    def step(params_by_name, teacher_params, batch):
-        held = teacher_step(teacher_params, batch)
-        return {name: student_step(params, held, batch) for name, params in params_by_name.items()}
-
-    return step
-
-
 def measure(config, student_params, teacher, teacher_params, mesh, batches: int) -> dict[str, Any]:
     """Fidelity of `student_params` (config.model) against the teacher on `batches` held-out batches of config.data."""
     return measure_models(config, {"analog": student_params}, teacher, teacher_params, mesh, batches)["analog"]

@@ -14,9 +14,9 @@ names (the same names the mesh rules shard by):
   and attention sinks. With Muon, optax gives them AdamW with Nesterov momentum, as Muon's own momentum.
 Updates are scaled to AdamW's RMS (0.2 · sqrt(max(fan_in, fan_out)), Liu et al.), so one learning rate, schedule
 and weight decay serve both; `optim.muon_lr_scale` multiplies the rate for the matrices Muon takes. Measured on the
-demo (recipes/demo.py): the same 120 distillation steps from the pruned start, held-out KL / agreement 2.740 / 0.268
-with AdamW, 2.588 / 0.289 with Muon at twice AdamW's rate (each step 0.1 s slower on 2 CPU cores: the
-Newton-Schulz products do not grow with the batch).
+demo's 4-layer analog (recipes/demo.py): the same 120 distillation steps from its pruned start, held-out KL /
+agreement 2.740 / 0.268 with AdamW, 2.588 / 0.289 with Muon at twice AdamW's rate (each step 0.1 s slower on 2 CPU
+cores: the Newton-Schulz products do not grow with the batch).
 """
 
 from __future__ import annotations
